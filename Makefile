@@ -1,0 +1,41 @@
+# vchat top-level entry points. `make demo` and `make test` work on a fresh Debian
+# machine as root: each installs what is missing (tools/install-deps.sh), then builds.
+JOBS      ?= $(shell nproc)
+BUILD     ?= build
+BUILD_CUDA?= build-cuda
+NVCC      := $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
+
+.PHONY: all deps build build-cuda test bench demo clean
+
+all: build
+
+deps:
+	bash tools/install-deps.sh
+
+build: deps
+	cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release
+	cmake --build $(BUILD) -j $(JOBS)
+
+# The CUDA variant (cuBLAS, NCCL, sm_90) must always compile, even with no GPU here.
+build-cuda: deps
+ifneq ($(NVCC),)
+	cmake -S . -B $(BUILD_CUDA) -DCMAKE_BUILD_TYPE=Release -DVCHAT_CUDA=ON -DCMAKE_CUDA_COMPILER=$(NVCC)
+	cmake --build $(BUILD_CUDA) -j $(JOBS)
+else
+	@echo "build-cuda: no nvcc found (expected /usr/local/cuda/bin/nvcc); the CUDA variant was NOT built" >&2
+	@exit 1
+endif
+
+test: build build-cuda
+	cd $(BUILD) && ctest --output-on-failure -j $(JOBS) --timeout 900
+
+bench: build
+	bash bench/run_step_bench.sh
+
+# Trains the tiny model end to end on the synthetic source (the data issue replaces this
+# with the full prep → shards → mpirun pipeline).
+demo: build
+	$(BUILD)/vchat-train --config inputs/train/demo.ini
+
+clean:
+	rm -rf $(BUILD) $(BUILD_CUDA)

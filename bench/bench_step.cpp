@@ -1,0 +1,74 @@
+// One training step of a model config on CPU: vchat's time, with the batch written out so
+// bench/torch_step.py times the same model and batch in PyTorch in the same run.
+//   vchat-bench-step --model inputs/models/small.json --batch 2 --seq-len 512 --threads 2
+//                    --batch-out /tmp/batch.safetensors
+#include <cblas.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <boost/program_options.hpp>
+#include <chrono>
+#include <cstdio>
+#include <iostream>
+
+#include "io/safetensors.h"
+#include "model/visualchat.h"
+#include "train/adamw.h"
+#include "train/synthetic.h"
+
+using namespace vchat;
+namespace po = boost::program_options;
+
+int main(int argc, char** argv) {
+  std::string model_file = "inputs/models/small.json", train = "default", attention = "mmca", batch_out;
+  int64_t batch = 2, seq = 512, images = 4, warmup = 1, iters = 3;
+  int threads = 2;
+  po::options_description o("vchat-bench-step");
+  o.add_options()("model", po::value(&model_file))("train", po::value(&train))("attention", po::value(&attention))(
+      "batch", po::value(&batch))("seq-len", po::value(&seq))("images", po::value(&images))(
+      "threads", po::value(&threads))("warmup", po::value(&warmup))("iters", po::value(&iters))(
+      "batch-out", po::value(&batch_out));
+  po::variables_map vm;
+  try {
+    po::store(po::parse_command_line(argc, argv, o), vm);
+    po::notify(vm);
+  } catch (const std::exception& e) {
+    std::cerr << "vchat-bench-step: " << e.what() << "\n" << o;
+    return 2;
+  }
+  omp_set_num_threads(threads);
+  openblas_set_num_threads(threads);
+  const ModelConfig cfg = ModelConfig::load(model_file);
+  ModelOptions opt;
+  opt.train = parse_train_set(train);
+  opt.attention = parse_attention(attention);
+  VisualChatModel model(cfg, opt);
+  init_params(model.params(), 0);
+  AdamW adam(model.params().trainable(), AdamWConfig{});
+  SyntheticSpec spec{batch, seq, images, 3};
+  SyntheticBatches data(cfg, spec, 1);
+  Batch b = data.next();
+  if (!batch_out.empty()) {
+    TensorFile f;
+    f.tensors = {{"input.tokens", b.tokens}, {"input.modality", b.modality}, {"input.targets", b.targets},
+                 {"input.pixels", b.pixels}};
+    f.metadata = {{"config", cfg.to_json()}, {"train", train}, {"attention", attention}};
+    save_safetensors(batch_out, f);
+  }
+  std::vector<double> ms;
+  for (int64_t i = 0; i < warmup + iters; ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    model.params().zero_grads();
+    model.forward_backward(b, true);
+    adam.step(1e-4f);
+    const double t = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    if (i >= warmup) ms.push_back(t);
+  }
+  std::sort(ms.begin(), ms.end());
+  std::printf("# model=%s train=%s attention=%s batch=%lld seq=%lld images=%lld tokens=%lld threads=%d\n",
+              cfg.name.c_str(), train.c_str(), attention.c_str(), (long long)batch, (long long)seq,
+              (long long)b.n_images(), (long long)b.non_pad_count(), threads);
+  std::printf("vchat_step_ms median=%.2f min=%.2f iters=%lld threads=%d\n", ms[ms.size() / 2], ms[0],
+              (long long)iters, threads);
+  return 0;
+}

@@ -1,0 +1,131 @@
+// Device memory for Tensors, host<->device copies, and backend start-up.
+//
+// The allocator is a thin layer over the driver's stream-ordered pool (cudaMallocAsync /
+// cudaFreeAsync on the legacy default stream) rather than a hand-written arena: the pool
+// already caches freed blocks, and because frees are ordered on the stream, a block freed
+// while a kernel still reads it is not handed out again until that kernel is done, which a
+// naive free-list would get wrong.
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+
+#include "cuda/cuda_backend.h"
+#include "cuda/cuda_check.h"
+
+namespace vchat::cuda {
+
+namespace {
+
+// Returns freed memory to the stream's pool. Runs inside ~Buffer, so it must not throw;
+// a failure here (typically the runtime already unloading at process exit) only leaks.
+void release_device_memory(void* p, int device) noexcept {
+  int current = -1;
+  if (cudaGetDevice(&current) == cudaSuccess && current != device) (void)cudaSetDevice(device);
+  if (cudaFreeAsync(p, /*stream=*/0) != cudaSuccess) (void)cudaGetLastError();  // don't poison later checks
+}
+
+class CudaAllocator final : public Allocator {
+ public:
+  std::shared_ptr<Buffer> allocate(size_t bytes) override {
+    const int device = bind_device();
+    const size_t request = bytes ? bytes : 1;  // a real pointer even for empty tensors, like the CPU side
+    void* p = nullptr;
+    cudaError_t err = cudaMallocAsync(&p, request, /*stream=*/0);
+    if (err == cudaErrorMemoryAllocation) {
+      // The pool keeps freed blocks for reuse (see init_backend); on a miss that may be
+      // what is in the way, so wait for pending frees, give the cache back and retry once.
+      (void)cudaGetLastError();
+      cudaMemPool_t pool;
+      CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool, device));
+      CUDA_CHECK(cudaDeviceSynchronize());
+      CUDA_CHECK(cudaMemPoolTrimTo(pool, 0));
+      err = cudaMallocAsync(&p, request, /*stream=*/0);
+    }
+    if (err != cudaSuccess) {
+      (void)cudaGetLastError();
+      throw std::runtime_error("CUDA allocation of " + std::to_string(bytes) + " bytes on device " +
+                               std::to_string(device) + " failed: " + cudaGetErrorString(err));
+    }
+    auto buf = std::make_shared<Buffer>();
+    buf->ptr = p;
+    buf->bytes = bytes;
+    buf->device = Device::cuda;
+    buf->release = [device](void* q) { release_device_memory(q, device); };
+    return buf;
+  }
+};
+
+cudaMemcpyKind copy_kind(Device dst, Device src) {
+  if (src == Device::cpu) return dst == Device::cpu ? cudaMemcpyHostToHost : cudaMemcpyHostToDevice;
+  return dst == Device::cpu ? cudaMemcpyDeviceToHost : cudaMemcpyDeviceToDevice;
+}
+
+// cudaMemcpy on the legacy default stream waits for queued kernels before reading device
+// memory and is complete (or staged) on return, so callers may reuse the host side at once.
+void cuda_memcpy(void* dst, Device dd, const void* src, Device sd, size_t bytes) {
+  if (bytes == 0) return;
+  bind_device();
+  CUDA_CHECK(cudaMemcpy(dst, src, bytes, copy_kind(dd, sd)));
+}
+
+// The process-wide backend binding. Like the core's allocator registry it is written once
+// at start-up and only read afterwards; the ordinal is atomic because bind_device() reads
+// it from any thread.
+struct Backend {
+  std::mutex init_mutex;
+  std::atomic<int> ordinal{-1};
+  CudaAllocator allocator;  // stateless; must outlive every device Buffer, hence static
+};
+Backend& backend() {
+  static Backend b;
+  return b;
+}
+
+}  // namespace
+
+int device_count() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  return n;
+}
+
+void init_backend(int device_ordinal) {
+  Backend& b = backend();
+  std::lock_guard<std::mutex> lock(b.init_mutex);
+  const int bound = b.ordinal.load();
+  if (bound == device_ordinal) return;
+  if (bound >= 0)
+    throw std::logic_error("vchat::cuda::init_backend(" + std::to_string(device_ordinal) +
+                           "): backend already bound to device " + std::to_string(bound));
+  const int count = device_count();
+  if (device_ordinal < 0 || device_ordinal >= count)
+    throw std::runtime_error("vchat::cuda::init_backend: device " + std::to_string(device_ordinal) + " requested but " +
+                             std::to_string(count) + " CUDA device(s) visible");
+  CUDA_CHECK(cudaSetDevice(device_ordinal));
+  // By default the pool hands unused memory back to the driver at every synchronization
+  // (each device->host copy is one), which would make the cache useless; keep it instead.
+  cudaMemPool_t pool;
+  CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool, device_ordinal));
+  uint64_t keep_all = UINT64_MAX;
+  CUDA_CHECK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep_all));
+  register_allocator(Device::cuda, &b.allocator);
+  register_memcpy(&cuda_memcpy);
+  b.ordinal.store(device_ordinal);  // last: bind_device() succeeds only once all of the above holds
+}
+
+int bind_device() {
+  const int device = backend().ordinal.load();
+  if (device < 0) throw std::logic_error("CUDA backend used before vchat::cuda::init_backend()");
+  int current = -1;
+  CUDA_CHECK(cudaGetDevice(&current));
+  if (current != device) CUDA_CHECK(cudaSetDevice(device));
+  return device;
+}
+
+}  // namespace vchat::cuda

@@ -1,0 +1,111 @@
+#include "io/safetensors.h"
+
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <stdexcept>
+#include <vector>
+
+namespace vchat {
+
+using nlohmann::json;
+
+static const char* st_dtype(DType t) {
+  switch (t) {
+    case DType::f32: return "F32";
+    case DType::i32: return "I32";
+    case DType::u8: return "U8";
+    case DType::bf16: return "BF16";
+  }
+  return "?";
+}
+
+void save_safetensors(const std::string& path, const TensorFile& f) {
+  json header = json::object();
+  size_t offset = 0;
+  std::vector<const Tensor*> order;
+  for (const auto& [name, t] : f.tensors) {
+    if (t.device() != Device::cpu || !t.is_contiguous())
+      throw std::runtime_error(path + ": tensor '" + name + "' must be a contiguous host tensor to save");
+    header[name] = {{"dtype", st_dtype(t.dtype())}, {"shape", t.shape()}, {"data_offsets", {offset, offset + t.nbytes()}}};
+    offset += t.nbytes();
+    order.push_back(&t);
+  }
+  if (!f.metadata.empty()) header["__metadata__"] = f.metadata;
+  std::string h = header.dump();
+  h.append((8 - h.size() % 8) % 8, ' ');  // keep the data 8-byte aligned
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    if (!out) throw std::runtime_error(tmp + ": cannot open for writing");
+    uint64_t n = h.size();
+    out.write(reinterpret_cast<const char*>(&n), 8);
+    out.write(h.data(), h.size());
+    for (const Tensor* t : order) out.write(static_cast<const char*>(t->raw()), t->nbytes());
+    if (!out) throw std::runtime_error(tmp + ": write failed (disk full?)");
+  }
+  std::filesystem::rename(tmp, path);
+}
+
+TensorFile load_safetensors(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw std::runtime_error(path + ": cannot open");
+  in.seekg(0, std::ios::end);
+  const uint64_t file_size = static_cast<uint64_t>(in.tellg());
+  in.seekg(0);
+  uint64_t n = 0;
+  if (file_size < 8 || !in.read(reinterpret_cast<char*>(&n), 8) || n > file_size - 8)
+    throw std::runtime_error(path + ": not a safetensors file (bad header length)");
+  std::string h(n, '\0');
+  in.read(h.data(), n);
+  json header;
+  try {
+    header = json::parse(h);
+  } catch (const json::exception& e) {
+    throw std::runtime_error(path + ": corrupt safetensors header: " + e.what());
+  }
+  const uint64_t data_start = 8 + n, data_size = file_size - data_start;
+  TensorFile f;
+  for (auto& [name, meta] : header.items()) {
+    if (name == "__metadata__") {
+      for (auto& [k, v] : meta.items()) f.metadata[k] = v.get<std::string>();
+      continue;
+    }
+    const std::string dt = meta.at("dtype").get<std::string>();
+    Shape shape = meta.at("shape").get<Shape>();
+    const auto off = meta.at("data_offsets").get<std::vector<uint64_t>>();
+    if (off.size() != 2 || off[0] > off[1] || off[1] > data_size)
+      throw std::runtime_error(path + ": tensor '" + name + "' has data offsets outside the file (truncated?)");
+    int64_t numel = 1;
+    for (auto d : shape) numel *= d;
+    const uint64_t bytes = off[1] - off[0];
+    in.seekg(static_cast<std::streamoff>(data_start + off[0]));
+    std::vector<char> raw(bytes);
+    in.read(raw.data(), static_cast<std::streamsize>(bytes));
+    auto expect = [&](size_t es) {
+      if (bytes != numel * es)
+        throw std::runtime_error(path + ": tensor '" + name + "' has " + std::to_string(bytes) + " bytes for shape " +
+                                 shape_str(shape) + " of " + dt);
+    };
+    Tensor t;
+    if (dt == "F32" || dt == "I32" || dt == "U8") {
+      const DType d = dt == "F32" ? DType::f32 : dt == "I32" ? DType::i32 : DType::u8;
+      expect(dtype_size(d));
+      t = Tensor::empty(shape, d);
+      std::memcpy(t.raw(), raw.data(), bytes);
+    } else if (dt == "F64") {
+      expect(8);
+      t = Tensor::empty(shape, DType::f32);
+      const double* src = reinterpret_cast<const double*>(raw.data());
+      for (int64_t i = 0; i < numel; ++i) t.data<float>()[i] = static_cast<float>(src[i]);
+    } else {
+      throw std::runtime_error(path + ": tensor '" + name + "' has unsupported dtype " + dt);
+    }
+    f.tensors[name] = t;
+  }
+  return f;
+}
+
+}  // namespace vchat

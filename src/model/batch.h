@@ -1,0 +1,22 @@
+// One micro-batch as the model consumes it (docs/MODEL.md "Inputs"). The data path
+// (synthetic now, HDF5 shards later) builds these; the image sentinel is already expanded
+// to the encoder's tokens-per-image positions.
+#pragma once
+#include "tensor.h"
+
+namespace vchat {
+
+struct Batch {
+  Tensor tokens;    // i32 [B, L]; 0 at pad, ignored at image positions
+  Tensor modality;  // u8  [B, L]; ops::kPad / kText / kImage
+  Tensor targets;   // i32 [B, L]; next-token id where supervised, else -1
+  Tensor pixels;    // f32 [N_img, 3, S, S]; images in (b, l) scan order of their positions
+
+  int64_t batch_size() const { return tokens.size(0); }
+  int64_t seq_len() const { return tokens.size(1); }
+  int64_t n_images() const { return pixels.defined() ? pixels.size(0) : 0; }
+  int64_t supervised_count() const;  // targets >= 0
+  int64_t non_pad_count() const;     // tokens that are text or image
+};
+
+}  // namespace vchat

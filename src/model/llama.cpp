@@ -1,0 +1,113 @@
+#include "model/llama.h"
+
+#include "ops.h"
+
+namespace vchat {
+
+LlamaAttention::LlamaAttention(ParamStore& s, const std::string& p, const LlmConfig& cfg)
+    : q_(s, p + ".q_proj", cfg.hidden, cfg.n_heads * cfg.head_dim(), false),
+      k_(s, p + ".k_proj", cfg.hidden, cfg.n_kv_heads * cfg.head_dim(), false),
+      v_(s, p + ".v_proj", cfg.hidden, cfg.n_kv_heads * cfg.head_dim(), false),
+      o_(s, p + ".o_proj", cfg.n_heads * cfg.head_dim(), cfg.hidden, false),
+      n_heads_(cfg.n_heads),
+      n_kv_(cfg.n_kv_heads),
+      hd_(cfg.head_dim()),
+      theta_(cfg.rope_theta) {}
+
+void LlamaAttention::add_lora(ParamStore& s, int64_t rank, float alpha) {
+  for (Linear* l : {&q_, &k_, &v_, &o_}) l->add_lora(s, rank, alpha);
+}
+
+Tensor LlamaAttention::forward(const Tensor& x, const Tensor& modality, ops::AttnMode mode, int64_t B, int64_t L,
+                               AttentionCache& c) const {
+  c.qr = q_.forward(x, c.q).reshape({B, L, n_heads_, hd_});
+  c.kr = k_.forward(x, c.k).reshape({B, L, n_kv_, hd_});
+  c.vv = v_.forward(x, c.v).reshape({B, L, n_kv_, hd_});
+  ops::rope_(c.qr, theta_, false);
+  ops::rope_(c.kr, theta_, false);
+  c.probs = Tensor::empty({B, n_heads_, L, L}, x.dtype(), x.device());
+  Tensor att = Tensor::empty(c.qr.shape(), x.dtype(), x.device());
+  ops::attention_fwd(mode, c.qr, c.kr, c.vv, modality, att, c.probs);
+  return o_.forward(att.reshape({B * L, n_heads_ * hd_}), c.o);
+}
+
+void LlamaAttention::backward(const Tensor& dy, const Tensor& modality, ops::AttnMode mode, AttentionCache& c,
+                              const Tensor& dx) const {
+  Tensor datt = Tensor::empty(c.o.x.shape(), dy.dtype(), dy.device());
+  o_.backward(dy, c.o, datt);
+  Tensor dq = Tensor::empty(c.qr.shape(), dy.dtype(), dy.device());
+  Tensor dk = Tensor::empty(c.kr.shape(), dy.dtype(), dy.device());
+  Tensor dv = Tensor::empty(c.vv.shape(), dy.dtype(), dy.device());
+  ops::attention_bwd(mode, datt.reshape(c.qr.shape()), c.qr, c.kr, c.vv, modality, c.probs, dq, dk, dv);
+  c.probs = Tensor();  // the largest activation: release it as soon as possible
+  ops::rope_(dq, theta_, true);
+  ops::rope_(dk, theta_, true);
+  const int64_t rows = dx.size(0);
+  q_.backward(dq.reshape({rows, n_heads_ * hd_}), c.q, dx);
+  k_.backward(dk.reshape({rows, n_kv_ * hd_}), c.k, dx, 1.f);
+  v_.backward(dv.reshape({rows, n_kv_ * hd_}), c.v, dx, 1.f);
+}
+
+LlamaMLP::LlamaMLP(ParamStore& s, const std::string& p, const LlmConfig& cfg)
+    : gate_(s, p + ".gate_proj", cfg.hidden, cfg.intermediate, false),
+      up_(s, p + ".up_proj", cfg.hidden, cfg.intermediate, false),
+      down_(s, p + ".down_proj", cfg.intermediate, cfg.hidden, false) {}
+
+void LlamaMLP::add_lora(ParamStore& s, int64_t rank, float alpha) {
+  for (Linear* l : {&gate_, &up_, &down_}) l->add_lora(s, rank, alpha);
+}
+
+Tensor LlamaMLP::forward(const Tensor& x, MlpCache& c) const {
+  c.g = gate_.forward(x, c.gate);
+  c.u = up_.forward(x, c.up);
+  Tensor a = Tensor::empty(c.g.shape(), x.dtype(), x.device());
+  ops::swiglu_fwd(c.g, c.u, a);
+  return down_.forward(a, c.down);
+}
+
+void LlamaMLP::backward(const Tensor& dy, MlpCache& c, const Tensor& dx) const {
+  Tensor da = Tensor::empty(c.g.shape(), dy.dtype(), dy.device());
+  down_.backward(dy, c.down, da);
+  Tensor dg = Tensor::empty(c.g.shape(), dy.dtype(), dy.device());
+  ops::swiglu_bwd(da, c.g, c.u, dg, da);  // du overwrites da in place: da is not read after
+  gate_.backward(dg, c.gate, dx);
+  up_.backward(da, c.up, dx, 1.f);
+}
+
+LlamaBlock::LlamaBlock(ParamStore& s, const std::string& p, const LlmConfig& cfg)
+    : norm1_(s, p + ".input_layernorm", cfg.hidden, cfg.rms_eps),
+      norm2_(s, p + ".post_attention_layernorm", cfg.hidden, cfg.rms_eps),
+      attn_(s, p + ".self_attn", cfg),
+      mlp_(s, p + ".mlp", cfg) {}
+
+void LlamaBlock::add_lora(ParamStore& s, int64_t rank, float alpha) {
+  attn_.add_lora(s, rank, alpha);
+  mlp_.add_lora(s, rank, alpha);
+}
+
+Tensor LlamaBlock::forward(const Tensor& x, const Tensor& modality, ops::AttnMode mode, int64_t B, int64_t L,
+                           LlamaBlockCache& c) const {
+  Tensor h = attn_.forward(norm1_.forward(x, c.norm1), modality, mode, B, L, c.attn);
+  ops::add(h, x, h);
+  Tensor y = mlp_.forward(norm2_.forward(h, c.norm2), c.mlp);
+  ops::add(y, h, y);
+  return y;
+}
+
+Tensor LlamaBlock::backward(const Tensor& dy, const Tensor& modality, ops::AttnMode mode, LlamaBlockCache& c) const {
+  Tensor tmp = Tensor::empty(dy.shape(), dy.dtype(), dy.device());
+  // y = h + mlp(norm2(h)):  dh = dy + norm2ᵀ(mlpᵀ(dy))
+  mlp_.backward(dy, c.mlp, tmp);
+  Tensor dh = Tensor::empty(dy.shape(), dy.dtype(), dy.device());
+  norm2_.backward(tmp, c.norm2, dh);
+  ops::add(dh, dy, dh);
+  // h = x + attn(norm1(x)):  dx = dh + norm1ᵀ(attnᵀ(dh))
+  attn_.backward(dh, modality, mode, c.attn, tmp);
+  Tensor dx = Tensor::empty(dy.shape(), dy.dtype(), dy.device());
+  norm1_.backward(tmp, c.norm1, dx);
+  ops::add(dx, dh, dx);
+  c = LlamaBlockCache();  // activations of this micro-batch are no longer needed
+  return dx;
+}
+
+}  // namespace vchat

@@ -1,0 +1,75 @@
+// LLaMA-2 decoder layer: RMSNorm → GQA attention (rotary, MMCA or causal) → residual →
+// RMSNorm → SwiGLU MLP → residual. Forward saves what backward needs in a per-micro-batch
+// cache owned by the caller, so a pipeline stage can keep several micro-batches in flight.
+#pragma once
+#include <string>
+
+#include "model/config.h"
+#include "model/linear.h"
+#include "model/norm.h"
+
+namespace vchat {
+
+struct AttentionCache {
+  LinearCache q, k, v, o;
+  Tensor qr, kr, vv;  // q, k after rotary and v, as [B, L, heads, hd]
+  Tensor probs;       // [B, H, L, L]
+};
+
+class LlamaAttention {
+ public:
+  LlamaAttention() = default;
+  LlamaAttention(ParamStore& store, const std::string& prefix, const LlmConfig& cfg);
+  void add_lora(ParamStore& store, int64_t rank, float alpha);
+  // x [B*L, H] → [B*L, H]
+  Tensor forward(const Tensor& x, const Tensor& modality, ops::AttnMode mode, int64_t B, int64_t L,
+                 AttentionCache& c) const;
+  void backward(const Tensor& dy, const Tensor& modality, ops::AttnMode mode, AttentionCache& c,
+                const Tensor& dx) const;
+
+ private:
+  Linear q_, k_, v_, o_;
+  int64_t n_heads_ = 0, n_kv_ = 0, hd_ = 0;
+  double theta_ = 10000.0;
+};
+
+struct MlpCache {
+  LinearCache gate, up, down;
+  Tensor g, u;
+};
+
+class LlamaMLP {
+ public:
+  LlamaMLP() = default;
+  LlamaMLP(ParamStore& store, const std::string& prefix, const LlmConfig& cfg);
+  void add_lora(ParamStore& store, int64_t rank, float alpha);
+  Tensor forward(const Tensor& x, MlpCache& c) const;
+  void backward(const Tensor& dy, MlpCache& c, const Tensor& dx) const;
+
+ private:
+  Linear gate_, up_, down_;
+};
+
+struct LlamaBlockCache {
+  NormCache norm1, norm2;
+  AttentionCache attn;
+  MlpCache mlp;
+};
+
+class LlamaBlock {
+ public:
+  LlamaBlock() = default;
+  LlamaBlock(ParamStore& store, const std::string& prefix, const LlmConfig& cfg);
+  void add_lora(ParamStore& store, int64_t rank, float alpha);
+  Tensor forward(const Tensor& x, const Tensor& modality, ops::AttnMode mode, int64_t B, int64_t L,
+                 LlamaBlockCache& c) const;
+  // dy is the gradient of the block output; returns the gradient of its input.
+  Tensor backward(const Tensor& dy, const Tensor& modality, ops::AttnMode mode, LlamaBlockCache& c) const;
+
+ private:
+  RMSNorm norm1_, norm2_;
+  LlamaAttention attn_;
+  LlamaMLP mlp_;
+};
+
+}  // namespace vchat

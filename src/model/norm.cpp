@@ -1,0 +1,41 @@
+#include "model/norm.h"
+
+#include "ops.h"
+
+namespace vchat {
+
+static Tensor per_row(const Tensor& x) { return Tensor::empty({x.numel() / x.size(-1)}, DType::f32, x.device()); }
+
+RMSNorm::RMSNorm(ParamStore& store, const std::string& name, int64_t dim, float eps)
+    : w_(&store.add(name + ".weight", {dim})), eps_(eps) {}
+
+Tensor RMSNorm::forward(const Tensor& x, NormCache& c) const {
+  Tensor y = Tensor::empty(x.shape(), x.dtype(), x.device());
+  c.x = x;
+  c.rstd = per_row(x);
+  ops::rmsnorm_fwd(x, w_->value, eps_, y, c.rstd);
+  return y;
+}
+
+void RMSNorm::backward(const Tensor& dy, const NormCache& c, const Tensor& dx) const {
+  ops::rmsnorm_bwd(dy, c.x, w_->value, c.rstd, dx, w_->trainable ? w_->grad : Tensor());
+}
+
+LayerNorm::LayerNorm(ParamStore& store, const std::string& name, int64_t dim, float eps)
+    : w_(&store.add(name + ".weight", {dim})), b_(&store.add(name + ".bias", {dim})), eps_(eps) {}
+
+Tensor LayerNorm::forward(const Tensor& x, NormCache& c) const {
+  Tensor y = Tensor::empty(x.shape(), x.dtype(), x.device());
+  c.x = x;
+  c.mean = per_row(x);
+  c.rstd = per_row(x);
+  ops::layernorm_fwd(x, w_->value, b_->value, eps_, y, c.mean, c.rstd);
+  return y;
+}
+
+void LayerNorm::backward(const Tensor& dy, const NormCache& c, const Tensor& dx) const {
+  ops::layernorm_bwd(dy, c.x, w_->value, c.mean, c.rstd, dx, w_->trainable ? w_->grad : Tensor(),
+                     b_->trainable ? b_->grad : Tensor());
+}
+
+}  // namespace vchat

@@ -1,0 +1,37 @@
+// Normalization layers: RMSNorm (LLaMA) and LayerNorm (CLIP, projection).
+#pragma once
+#include <string>
+
+#include "model/params.h"
+
+namespace vchat {
+
+struct NormCache {
+  Tensor x, mean, rstd;
+};
+
+class RMSNorm {
+ public:
+  RMSNorm() = default;
+  RMSNorm(ParamStore& store, const std::string& name, int64_t dim, float eps);
+  Tensor forward(const Tensor& x, NormCache& cache) const;
+  void backward(const Tensor& dy, const NormCache& cache, const Tensor& dx) const;  // dx overwritten
+
+ private:
+  Param* w_ = nullptr;
+  float eps_ = 1e-5f;
+};
+
+class LayerNorm {
+ public:
+  LayerNorm() = default;
+  LayerNorm(ParamStore& store, const std::string& name, int64_t dim, float eps);
+  Tensor forward(const Tensor& x, NormCache& cache) const;
+  void backward(const Tensor& dy, const NormCache& cache, const Tensor& dx) const;  // dx may be undefined
+
+ private:
+  Param *w_ = nullptr, *b_ = nullptr;
+  float eps_ = 1e-5f;
+};
+
+}  // namespace vchat

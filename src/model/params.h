@@ -1,0 +1,39 @@
+// Parameters by name. Every weight lives in one ParamStore; layers hold pointers into it.
+// Only trainable parameters own a gradient buffer, so frozen ones cost no gradient memory.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "tensor.h"
+
+namespace vchat {
+
+struct Param {
+  std::string name;
+  Tensor value;
+  Tensor grad;  // defined only while trainable
+  bool trainable = false;
+};
+
+class ParamStore {
+ public:
+  Param& add(const std::string& name, Shape shape);
+  Param* find(const std::string& name) const;
+  Param& at(const std::string& name) const;  // throws naming the parameter
+  const std::vector<std::unique_ptr<Param>>& all() const { return params_; }
+  std::vector<Param*> trainable() const;
+  void set_trainable(Param& p, bool on);  // allocates or drops the gradient
+  void zero_grads();
+  int64_t numel(bool trainable_only) const;
+
+ private:
+  std::vector<std::unique_ptr<Param>> params_;
+};
+
+// Deterministic initialisation from a seed (std 0.02 normal for matrices, ones for norm
+// scales, zeros for biases and LoRA B) so tests and benchmarks get the same model twice.
+void init_params(ParamStore& store, uint64_t seed);
+
+}  // namespace vchat

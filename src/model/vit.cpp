@@ -1,0 +1,114 @@
+#include "model/vit.h"
+
+#include "ops.h"
+
+namespace vchat {
+
+VitLayer::VitLayer(ParamStore& s, const std::string& p, const VisionConfig& cfg)
+    : ln1_(s, p + ".layer_norm1", cfg.width, cfg.ln_eps),
+      ln2_(s, p + ".layer_norm2", cfg.width, cfg.ln_eps),
+      q_(s, p + ".self_attn.q_proj", cfg.width, cfg.width, true),
+      k_(s, p + ".self_attn.k_proj", cfg.width, cfg.width, true),
+      v_(s, p + ".self_attn.v_proj", cfg.width, cfg.width, true),
+      o_(s, p + ".self_attn.out_proj", cfg.width, cfg.width, true),
+      fc1_(s, p + ".mlp.fc1", cfg.width, cfg.intermediate, true),
+      fc2_(s, p + ".mlp.fc2", cfg.intermediate, cfg.width, true),
+      heads_(cfg.n_heads),
+      hd_(cfg.width / cfg.n_heads),
+      act_(cfg.act) {}
+
+Tensor VitLayer::forward(const Tensor& x, int64_t n_img, int64_t T, VitLayerCache& c) const {
+  Tensor xn = ln1_.forward(x, c.ln1);
+  c.qh = q_.forward(xn, c.q).reshape({n_img, T, heads_, hd_});
+  c.kh = k_.forward(xn, c.k).reshape({n_img, T, heads_, hd_});
+  c.vh = v_.forward(xn, c.v).reshape({n_img, T, heads_, hd_});
+  c.probs = Tensor::empty({n_img, heads_, T, T}, x.dtype(), x.device());
+  Tensor att = Tensor::empty(c.qh.shape(), x.dtype(), x.device());
+  ops::attention_fwd(ops::AttnMode::full, c.qh, c.kh, c.vh, Tensor(), att, c.probs);
+  Tensor h = o_.forward(att.reshape({n_img * T, heads_ * hd_}), c.o);
+  ops::add(h, x, h);
+  c.pre_act = fc1_.forward(ln2_.forward(h, c.ln2), c.fc1);
+  Tensor a = Tensor::empty(c.pre_act.shape(), x.dtype(), x.device());
+  ops::gelu_fwd(act_, c.pre_act, a);
+  Tensor y = fc2_.forward(a, c.fc2);
+  ops::add(y, h, y);
+  return y;
+}
+
+Tensor VitLayer::backward(const Tensor& dy, VitLayerCache& c) const {
+  Tensor da = Tensor::empty(c.pre_act.shape(), dy.dtype(), dy.device());
+  fc2_.backward(dy, c.fc2, da);
+  ops::gelu_bwd(act_, da, c.pre_act, da);
+  Tensor tmp = Tensor::empty(dy.shape(), dy.dtype(), dy.device());
+  fc1_.backward(da, c.fc1, tmp);
+  Tensor dh = Tensor::empty(dy.shape(), dy.dtype(), dy.device());
+  ln2_.backward(tmp, c.ln2, dh);
+  ops::add(dh, dy, dh);
+  Tensor datt = Tensor::empty(c.qh.shape(), dy.dtype(), dy.device());
+  const int64_t rows = dy.size(0), W = heads_ * hd_;
+  o_.backward(dh, c.o, datt.reshape({rows, W}));
+  Tensor dq = Tensor::empty(c.qh.shape(), dy.dtype(), dy.device());
+  Tensor dk = Tensor::empty(c.kh.shape(), dy.dtype(), dy.device());
+  Tensor dv = Tensor::empty(c.vh.shape(), dy.dtype(), dy.device());
+  ops::attention_bwd(ops::AttnMode::full, datt, c.qh, c.kh, c.vh, Tensor(), c.probs, dq, dk, dv);
+  q_.backward(dq.reshape({rows, W}), c.q, tmp);
+  k_.backward(dk.reshape({rows, W}), c.k, tmp, 1.f);
+  v_.backward(dv.reshape({rows, W}), c.v, tmp, 1.f);
+  Tensor dx = Tensor::empty(dy.shape(), dy.dtype(), dy.device());
+  ln1_.backward(tmp, c.ln1, dx);
+  ops::add(dx, dh, dx);
+  c = VitLayerCache();
+  return dx;
+}
+
+VisionEncoder::VisionEncoder(ParamStore& s, const VisionConfig& cfg)
+    : cfg_(cfg),
+      patch_(s, "vit.embeddings.patch_embedding", 3 * cfg.patch_size * cfg.patch_size, cfg.width, false) {
+  cls_ = &s.add("vit.embeddings.class_embedding", {cfg.width});
+  pos_ = &s.add("vit.embeddings.position_embedding.weight", {cfg.n_positions(), cfg.width});
+  pre_ = LayerNorm(s, "vit.pre_layrnorm", cfg.width, cfg.ln_eps);
+  for (int64_t i = 0; i < cfg.layers_used(); ++i)
+    layers_.emplace_back(s, "vit.encoder.layers." + std::to_string(i), cfg);
+}
+
+Tensor VisionEncoder::forward(const Tensor& pixels, VisionCache& c) const {
+  const int64_t N = pixels.size(0), np = cfg_.grid() * cfg_.grid(), T = np + 1, W = cfg_.width;
+  c.n_img = N;
+  Tensor patches = Tensor::empty({N * np, 3 * cfg_.patch_size * cfg_.patch_size}, pixels.dtype(), pixels.device());
+  ops::patchify(pixels, cfg_.patch_size, patches);
+  Tensor pe = patch_.forward(patches, c.patch);
+  Tensor emb = Tensor::empty({N, T, W}, pixels.dtype(), pixels.device());
+  ops::vit_embed_fwd(pe, cls_->value, pos_->value, emb);
+  Tensor h = pre_.forward(emb.flatten_rows(), c.pre);
+  c.layers.resize(layers_.size());
+  for (size_t i = 0; i < layers_.size(); ++i) h = layers_[i].forward(h, N, T, c.layers[i]);
+  if (cfg_.keep_cls) return h;
+  // feature_select "patch": drop each image's CLS row.
+  std::vector<int32_t> rows;
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t t = 1; t < T; ++t) rows.push_back(static_cast<int32_t>(n * T + t));
+  Tensor out = Tensor::empty({N * np, W}, h.dtype(), h.device());
+  ops::gather_rows(h, Tensor::from_vector(rows, {N * np}), out);
+  return out;
+}
+
+void VisionEncoder::backward(const Tensor& dfeat, VisionCache& c) const {
+  const int64_t N = c.n_img, np = cfg_.grid() * cfg_.grid(), T = np + 1, W = cfg_.width;
+  Tensor dh = dfeat;
+  if (!cfg_.keep_cls) {
+    dh = Tensor::zeros({N * T, W}, dfeat.dtype(), dfeat.device());
+    std::vector<int32_t> rows;
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t t = 1; t < T; ++t) rows.push_back(static_cast<int32_t>(n * T + t));
+    ops::scatter_rows(dfeat, Tensor::from_vector(rows, {N * np}), dh);
+  }
+  for (size_t i = layers_.size(); i-- > 0;) dh = layers_[i].backward(dh, c.layers[i]);
+  Tensor demb = Tensor::empty({N * T, W}, dh.dtype(), dh.device());
+  pre_.backward(dh, c.pre, demb);
+  Tensor dpe = patch_.weight()->trainable ? Tensor::empty({N * np, W}, dh.dtype(), dh.device()) : Tensor();
+  ops::vit_embed_bwd(demb.reshape({N, T, W}), dpe, cls_->trainable ? cls_->grad : Tensor(),
+                     pos_->trainable ? pos_->grad : Tensor());
+  if (dpe.defined()) patch_.backward(dpe, c.patch, Tensor());
+}
+
+}  // namespace vchat

@@ -1,0 +1,99 @@
+// Every numerical op the model needs, dispatched on the tensors' device.
+// CPU implementations live in src/cpu/ (fp32; OpenBLAS sgemm, OpenMP loops); CUDA ones in
+// src/cuda/ behind the same calls. Conventions:
+//  - activations are contiguous row-major [rows, features]; Linear weights are [out, in];
+//  - "_bwd" functions OVERWRITE input gradients (dx) and ACCUMULATE weight gradients
+//    (dw += ...), so gradient accumulation over micro-batches needs no extra buffers;
+//  - an undefined Tensor (Tensor()) means "not wanted" (e.g. no bias, frozen weight).
+#pragma once
+#include <cstdint>
+
+#include "tensor.h"
+
+namespace vchat::ops {
+
+enum class AttnMode : uint8_t { causal, mmca, full };
+enum class Activation : uint8_t { quick_gelu, gelu };
+// Per-position modality of the token stream (DESIGN.md §3.2).
+enum Modality : uint8_t { kPad = 0, kText = 1, kImage = 2 };
+
+// C = alpha * op(A) @ op(B) + beta * C, all 2-D with unit column stride (row stride free).
+void gemm(const Tensor& A, bool trans_a, const Tensor& B, bool trans_b, const Tensor& C, float alpha = 1.f,
+          float beta = 0.f);
+
+// Linear: y = x W^T + b.  x [N, in], W [out, in], b [out] or undefined.
+void linear_fwd(const Tensor& x, const Tensor& W, const Tensor& b, const Tensor& y);
+// dx = dy W (beta=1 accumulates into dx instead).
+void linear_bwd_input(const Tensor& dy, const Tensor& W, const Tensor& dx, float beta = 0.f);
+// dW += dy^T x ; db += column sums of dy (db may be undefined).
+void linear_bwd_weight(const Tensor& dy, const Tensor& x, const Tensor& dW, const Tensor& db);
+
+// Elementwise.
+void add(const Tensor& a, const Tensor& b, const Tensor& out);  // out may alias a or b
+void axpy(float alpha, const Tensor& x, const Tensor& y);         // y += alpha * x
+void scale(const Tensor& x, float alpha);                         // x *= alpha
+void fill(const Tensor& x, float value);
+
+// RMSNorm over the last dim: y = x * w / sqrt(mean(x^2) + eps); rstd [N] saved for backward.
+void rmsnorm_fwd(const Tensor& x, const Tensor& w, float eps, const Tensor& y, const Tensor& rstd);
+void rmsnorm_bwd(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd, const Tensor& dx,
+                 const Tensor& dw);
+// LayerNorm over the last dim (biased variance); mean, rstd [N] saved for backward.
+void layernorm_fwd(const Tensor& x, const Tensor& w, const Tensor& b, float eps, const Tensor& y,
+                   const Tensor& mean, const Tensor& rstd);
+void layernorm_bwd(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& mean, const Tensor& rstd,
+                   const Tensor& dx, const Tensor& dw, const Tensor& db);
+
+// Rotary embedding, HF rotate-half, in place on x [B, L, H, hd], positions 0..L-1.
+// inverse=true applies the transposed rotation: that is the backward.
+void rope_(const Tensor& x, double theta, bool inverse);
+
+// SwiGLU: out = silu(gate) * up.
+void swiglu_fwd(const Tensor& gate, const Tensor& up, const Tensor& out);
+void swiglu_bwd(const Tensor& dout, const Tensor& gate, const Tensor& up, const Tensor& dgate, const Tensor& dup);
+// GELU family for the vision MLP.
+void gelu_fwd(Activation act, const Tensor& x, const Tensor& y);
+void gelu_bwd(Activation act, const Tensor& dy, const Tensor& x, const Tensor& dx);
+
+// Attention over q [B, L, H, hd], k/v [B, L, KV, hd] (GQA: head h reads kv head h/(H/KV)),
+// modality [B, L] u8 (unused for full). out [B, L, H, hd]; probs [B, H, L, L] keeps the
+// combined attention weights (text branch + image branch) for backward.
+void attention_fwd(AttnMode mode, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& modality,
+                   const Tensor& out, const Tensor& probs);
+void attention_bwd(AttnMode mode, const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
+                   const Tensor& modality, const Tensor& probs, const Tensor& dq, const Tensor& dk,
+                   const Tensor& dv);
+
+// Embedding: out[n] = table[ids[n]]; ids < 0 (image sentinel) give a zero row and no grad.
+void embedding_fwd(const Tensor& ids, const Tensor& table, const Tensor& out);
+void embedding_bwd(const Tensor& dout, const Tensor& ids, const Tensor& dtable);  // accumulates
+
+// Row scatter/gather: dst[index[m]] = src[m] (scatter) and dst[m] = src[index[m]] (gather).
+void scatter_rows(const Tensor& src, const Tensor& index, const Tensor& dst);
+void gather_rows(const Tensor& src, const Tensor& index, const Tensor& dst);
+
+// ViT patch extraction: pixels [N, 3, S, S] -> patches [N * (S/P)^2, 3*P*P], (c, kh, kw) order.
+void patchify(const Tensor& pixels, int64_t patch, const Tensor& patches);
+
+// ViT embeddings: out[n, 0] = cls + pos[0]; out[n, 1+p] = patch_emb[n*np + p] + pos[1+p].
+// out [N, np+1, W]. Backward accumulates dcls/dpos and writes dpatch_emb (each may be undefined).
+void vit_embed_fwd(const Tensor& patch_emb, const Tensor& cls, const Tensor& pos, const Tensor& out);
+void vit_embed_bwd(const Tensor& dout, const Tensor& dpatch_emb, const Tensor& dcls, const Tensor& dpos);
+
+// Masked cross-entropy. Rows with target < 0 carry no loss. Returns the summed loss over
+// supervised rows; lse [N] (log-sum-exp) is saved for backward.
+double cross_entropy_fwd(const Tensor& logits, const Tensor& targets, const Tensor& lse);
+// dlogits = (softmax(logits) - onehot(target)) * scale on supervised rows, 0 elsewhere.
+// dlogits may alias logits (saves a [N, V] buffer).
+void cross_entropy_bwd(const Tensor& logits, const Tensor& targets, const Tensor& lse, float scale,
+                       const Tensor& dlogits);
+
+// Optimizer pieces.
+double sum_squares(const Tensor& x);
+struct AdamWParams {
+  float lr, beta1, beta2, eps, weight_decay;
+  int64_t step;  // 1-based, for bias correction
+};
+void adamw_step(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v, const AdamWParams& p);
+
+}  // namespace vchat::ops

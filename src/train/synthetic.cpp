@@ -1,0 +1,67 @@
+#include "train/synthetic.h"
+
+#include <algorithm>
+#include <vector>
+
+#include "check.h"
+#include "ops.h"
+
+namespace vchat {
+
+SyntheticBatches::SyntheticBatches(const ModelConfig& cfg, const SyntheticSpec& spec, uint64_t seed)
+    : cfg_(cfg), spec_(spec), rng_(seed) {
+  VCHAT_CHECK(spec.seq_len > cfg.vision.tokens_per_image() + 8,
+              "--seq-len " << spec.seq_len << " cannot hold one image of " << cfg.vision.tokens_per_image()
+                           << " tokens plus text");
+}
+
+Batch SyntheticBatches::next() {
+  const int64_t B = spec_.batch_size, L = spec_.seq_len, T = cfg_.vision.tokens_per_image();
+  const int64_t V = cfg_.llm.vocab_size, S = cfg_.vision.image_size;
+  std::vector<int32_t> tokens(B * L, 0), targets(B * L, -1);
+  std::vector<uint8_t> modality(B * L, ops::kPad);
+  std::vector<uint8_t> supervised(B * L, 0);
+  int64_t n_images = 0;
+  auto uni = [&](int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng_); };
+
+  for (int64_t b = 0; b < B; ++b) {
+    int64_t pos = b * L, end = b * L + L - uni(0, L / 8);  // some pad at the end
+    auto text = [&](int64_t n, bool sup) {
+      for (int64_t i = 0; i < n && pos < end; ++i, ++pos) {
+        tokens[pos] = static_cast<int32_t>(uni(1, V - 1));
+        modality[pos] = ops::kText;
+        supervised[pos] = sup;
+      }
+    };
+    text(uni(1, 6), false);  // system prompt; sometimes text precedes every image
+    int64_t imgs_left = uni(1, spec_.max_images);
+    const int64_t rounds = uni(1, spec_.max_rounds);
+    for (int64_t r = 0; r < rounds && pos < end; ++r) {
+      const int64_t k = r == rounds - 1 ? imgs_left : uni(0, imgs_left);
+      for (int64_t i = 0; i < k && pos + T + 4 <= end; ++i, --imgs_left) {
+        text(2, false);  // "### Image k:"
+        for (int64_t t = 0; t < T; ++t, ++pos) modality[pos] = ops::kImage;
+        ++n_images;
+      }
+      text(uni(2, 8), false);  // question
+      text(uni(2, 8), true);   // answer + EOS
+    }
+  }
+  // Next-token targets: position i predicts token i+1 when i+1 is a supervised text token.
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t l = 0; l + 1 < L; ++l) {
+      const int64_t i = b * L + l;
+      if (supervised[i + 1] && modality[i] != ops::kPad) targets[i] = tokens[i + 1];
+    }
+  std::normal_distribution<float> g(0.f, 1.f);
+  std::vector<float> pix(n_images * 3 * S * S);
+  for (auto& p : pix) p = g(rng_);
+  Batch batch;
+  batch.tokens = Tensor::from_vector(tokens, {B, L});
+  batch.modality = Tensor::from_vector(modality, {B, L});
+  batch.targets = Tensor::from_vector(targets, {B, L});
+  batch.pixels = Tensor::from_vector(pix, {n_images, 3, S, S});
+  return batch;
+}
+
+}  // namespace vchat

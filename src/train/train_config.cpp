@@ -1,0 +1,94 @@
+#include "train/train_config.h"
+
+#include <boost/program_options.hpp>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+
+namespace vchat {
+
+namespace po = boost::program_options;
+
+namespace {
+template <class T>
+void require_positive(const char* opt, T v) {
+  if (v <= 0) throw ConfigError(std::string("--") + opt + "=" + std::to_string(v) + " must be positive");
+}
+}  // namespace
+
+bool parse_train_config(int argc, const char* const argv[], TrainConfig& c) {
+  std::string train = "default", attention = "mmca";
+  po::options_description general("vchat-train options");
+  // clang-format off
+  general.add_options()
+    ("help,h", "show this help")
+    ("config", po::value(&c.config_file), "INI file with any of these options (command line wins)")
+    ("model", po::value(&c.model_file)->default_value("inputs/models/tiny.json"), "model config JSON (inputs/models/)")
+    ("train", po::value(&train)->default_value("default"), "what trains: default (projection + embedding, the paper), lora, full")
+    ("lora-rank", po::value(&c.model_options.lora_rank)->default_value(8), "LoRA rank r")
+    ("lora-alpha", po::value(&c.model_options.lora_alpha)->default_value(16.f), "LoRA alpha (scale = alpha/r)")
+    ("attention", po::value(&attention)->default_value("mmca"), "mmca (multi-modal causal) or causal (baseline)")
+    ("steps", po::value(&c.steps)->default_value(10), "optimizer steps")
+    ("micro-batch-size", po::value(&c.data.batch_size)->default_value(2), "samples per micro-batch")
+    ("micro-batches", po::value(&c.micro_batches)->default_value(1), "micro-batches per step (gradient accumulation)")
+    ("seq-len", po::value(&c.data.seq_len)->default_value(256), "tokens per sample (image tokens included)")
+    ("max-images", po::value(&c.data.max_images)->default_value(3), "synthetic data: images per sample, at most")
+    ("max-rounds", po::value(&c.data.max_rounds)->default_value(3), "synthetic data: rounds per sample, at most")
+    ("fixed-batch", po::bool_switch(&c.fixed_batch), "reuse the first batch every step (overfitting check)")
+    ("lr", po::value(&c.lr.max_lr)->default_value(1e-3f), "peak learning rate")
+    ("min-lr", po::value(&c.lr.min_lr)->default_value(1e-5f), "learning rate at the end of the cosine")
+    ("warmup", po::value(&c.lr.warmup_steps)->default_value(0), "linear warmup steps")
+    ("weight-decay", po::value(&c.adamw.weight_decay)->default_value(0.f), "AdamW decoupled weight decay (matrices only)")
+    ("beta1", po::value(&c.adamw.beta1)->default_value(0.9f), "AdamW beta1")
+    ("beta2", po::value(&c.adamw.beta2)->default_value(0.95f), "AdamW beta2")
+    ("adam-eps", po::value(&c.adamw.eps)->default_value(1e-8f), "AdamW epsilon")
+    ("clip-grad", po::value(&c.adamw.clip_grad)->default_value(1.f), "clip by global grad norm (<= 0: off)")
+    ("seed", po::value(&c.seed)->default_value(1234), "seed for weights and synthetic data")
+    ("threads", po::value(&c.threads)->default_value(0), "CPU threads for OpenMP and OpenBLAS (0: library default)")
+    ("log-every", po::value(&c.log_every)->default_value(1), "print a step line every N steps")
+    ("metrics", po::value(&c.metrics_file), "append one JSON line per step to this file");
+  // clang-format on
+
+  po::variables_map vm;
+  try {
+    po::store(po::parse_command_line(argc, argv, general), vm);
+    if (vm.count("config")) {
+      const std::string path = vm["config"].as<std::string>();
+      std::ifstream f(path);
+      if (!f) throw ConfigError("--config '" + path + "': cannot open the INI file (no such file or not readable)");
+      po::store(po::parse_config_file(f, general), vm);
+    }
+    po::notify(vm);
+  } catch (const po::unknown_option& e) {
+    throw ConfigError("unknown option '" + e.get_option_name() + "' (see --help)");
+  } catch (const po::invalid_option_value& e) {
+    throw ConfigError(std::string(e.what()));
+  } catch (const po::error& e) {
+    throw ConfigError(std::string(e.what()) + " (see --help)");
+  }
+  if (vm.count("help")) {
+    std::cout << "usage: vchat-train [--config FILE.ini] [options]\n\n" << general << "\n";
+    return false;
+  }
+  c.model_options.train = parse_train_set(train);
+  c.model_options.attention = parse_attention(attention);
+  require_positive("steps", c.steps);
+  require_positive("micro-batch-size", c.data.batch_size);
+  require_positive("micro-batches", c.micro_batches);
+  require_positive("seq-len", c.data.seq_len);
+  require_positive("max-images", c.data.max_images);
+  require_positive("max-rounds", c.data.max_rounds);
+  require_positive("lora-rank", c.model_options.lora_rank);
+  require_positive("log-every", c.log_every);
+  if (c.data.max_images > 8) throw ConfigError("--max-images=" + std::to_string(c.data.max_images) + " exceeds the template's 8 images per sample");
+  if (c.threads < 0) throw ConfigError("--threads=" + std::to_string(c.threads) + " must be >= 0");
+  if (!(c.lr.max_lr > 0)) throw ConfigError("--lr=" + std::to_string(c.lr.max_lr) + " must be positive");
+  c.lr.total_steps = c.steps;
+  c.model = ModelConfig::load(c.model_file);
+  if (c.data.seq_len > c.model.llm.max_seq_len)
+    throw ConfigError("--seq-len=" + std::to_string(c.data.seq_len) + " exceeds llm.max_seq_len=" +
+                      std::to_string(c.model.llm.max_seq_len) + " of '" + c.model_file + "'");
+  return true;
+}
+
+}  // namespace vchat

@@ -1,0 +1,37 @@
+// vchat-train's options: Boost.ProgramOptions, command line over an INI config file.
+// Every option, its default and its meaning is in one place: train_config.cpp.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "model/config.h"
+#include "model/visualchat.h"
+#include "train/adamw.h"
+#include "train/lr_schedule.h"
+#include "train/synthetic.h"
+
+namespace vchat {
+
+struct TrainConfig {
+  std::string config_file;  // INI, may be empty
+  std::string model_file;
+  ModelConfig model;
+  ModelOptions model_options;
+  AdamWConfig adamw;
+  LrSchedule lr;
+  SyntheticSpec data;
+  int64_t steps = 10;
+  int64_t micro_batches = 1;  // gradient accumulation per step
+  uint64_t seed = 1234;
+  int threads = 0;            // 0 = leave OpenMP/OpenBLAS defaults
+  int64_t log_every = 1;
+  bool fixed_batch = false;   // reuse one batch every step (overfitting check)
+  std::string metrics_file;   // JSON lines, one per step; empty = none
+};
+
+// Parses argv. Returns false when --help was printed. Throws ConfigError (exit 2) naming
+// the option and value for anything wrong, including unknown options and missing files.
+bool parse_train_config(int argc, const char* const argv[], TrainConfig& out);
+
+}  // namespace vchat

@@ -1,0 +1,335 @@
+// Backward of every layer against central finite differences (test_util.h).
+#include <gtest/gtest.h>
+
+#include "model/linear.h"
+#include "model/llama.h"
+#include "model/norm.h"
+#include "model/projection.h"
+#include "model/visualchat.h"
+#include "model/vit.h"
+#include "ops.h"
+#include "test_util.h"
+
+using namespace vchat;
+using namespace vchat::test;
+
+namespace {
+
+// Every registered parameter trainable, values random (so biases, norms and LoRA B matter).
+void make_all_trainable(ParamStore& s, std::mt19937_64& rng, float stddev = 0.3f) {
+  for (auto& p : s.all()) {
+    s.set_trainable(*p, true);
+    const bool scale = p->name.find("norm") != std::string::npos || p->name.find("layrnorm") != std::string::npos;
+    fill_randn(p->value, rng, scale ? 0.1f : stddev, scale ? 1.f : 0.f);
+  }
+}
+
+std::vector<GradVar> param_vars(ParamStore& s) {
+  std::vector<GradVar> v;
+  for (auto& p : s.all()) {
+    Param* q = p.get();
+    v.push_back({q->name, q->value, [q] { return q->grad; }});
+  }
+  return v;
+}
+
+// A modality layout with text before the first image, image runs of different lengths,
+// text between them and pad at the end: the cases MMCA must get right.
+std::vector<uint8_t> mixed_layout(int64_t B, int64_t L, std::mt19937_64& rng) {
+  std::vector<uint8_t> m(B * L, ops::kPad);
+  for (int64_t b = 0; b < B; ++b) {
+    int64_t pos = 0;
+    const int64_t end = L - 1 - b;  // pad tail, longer for later samples
+    auto put = [&](uint8_t what, int64_t n) {
+      for (int64_t i = 0; i < n && pos < end; ++i) m[b * L + pos++] = what;
+    };
+    put(ops::kText, 2 + b);
+    put(ops::kImage, 3);
+    put(ops::kText, 2);
+    put(ops::kImage, 2 + (rng() % 3));
+    put(ops::kImage, 1);
+    put(ops::kText, L);
+  }
+  return m;
+}
+
+}  // namespace
+
+TEST(LayerGrad, LinearWithBias) {
+  std::mt19937_64 rng(1);
+  ParamStore s;
+  Linear lin(s, "lin", 7, 5, true);
+  make_all_trainable(s, rng);
+  Tensor x = randn({6, 7}, rng), dx = Tensor::empty({6, 7});
+  LinearCache c;
+  auto vars = param_vars(s);
+  vars.push_back({"x", x, [&] { return dx; }});
+  check_gradients([&] { return lin.forward(x, c); },
+                  [&](const Tensor& dy) {
+                    s.zero_grads();
+                    lin.backward(dy, c, dx);
+                  },
+                  vars, 11);
+}
+
+TEST(LayerGrad, LinearWithLoraAndFrozenBase) {
+  std::mt19937_64 rng(2);
+  ParamStore s;
+  Linear lin(s, "lin", 8, 6, false);
+  lin.add_lora(s, 3, 6.f);
+  make_all_trainable(s, rng);
+  s.set_trainable(s.at("lin.weight"), false);  // LoRA's usual setting: the base is frozen
+  Tensor x = randn({5, 8}, rng), dx = Tensor::empty({5, 8});
+  LinearCache c;
+  std::vector<GradVar> vars;
+  for (const char* n : {"lin.lora_A", "lin.lora_B"}) {
+    Param* p = &s.at(n);
+    vars.push_back({n, p->value, [p] { return p->grad; }});
+  }
+  vars.push_back({"x", x, [&] { return dx; }});
+  check_gradients([&] { return lin.forward(x, c); },
+                  [&](const Tensor& dy) {
+                    s.zero_grads();
+                    lin.backward(dy, c, dx);
+                  },
+                  vars, 12);
+  EXPECT_FALSE(s.at("lin.weight").grad.defined()) << "a frozen weight must own no gradient";
+}
+
+TEST(LayerGrad, RMSNorm) {
+  std::mt19937_64 rng(3);
+  ParamStore s;
+  RMSNorm n(s, "n", 16, 1e-5f);
+  make_all_trainable(s, rng);
+  Tensor x = randn({5, 16}, rng), dx = Tensor::empty({5, 16});
+  NormCache c;
+  auto vars = param_vars(s);
+  vars.push_back({"x", x, [&] { return dx; }});
+  check_gradients([&] { return n.forward(x, c); },
+                  [&](const Tensor& dy) {
+                    s.zero_grads();
+                    n.backward(dy, c, dx);
+                  },
+                  vars, 13);
+}
+
+TEST(LayerGrad, LayerNorm) {
+  std::mt19937_64 rng(4);
+  ParamStore s;
+  LayerNorm n(s, "n", 12, 1e-5f);
+  make_all_trainable(s, rng);
+  Tensor x = randn({7, 12}, rng), dx = Tensor::empty({7, 12});
+  NormCache c;
+  auto vars = param_vars(s);
+  vars.push_back({"x", x, [&] { return dx; }});
+  check_gradients([&] { return n.forward(x, c); },
+                  [&](const Tensor& dy) {
+                    s.zero_grads();
+                    n.backward(dy, c, dx);
+                  },
+                  vars, 14);
+}
+
+TEST(LayerGrad, RotaryIsOrthogonalAndItsInverseIsTheBackward) {
+  std::mt19937_64 rng(5);
+  Tensor x = randn({2, 9, 3, 8}, rng), dx;
+  check_gradients(
+      [&] {
+        Tensor y = x.clone();
+        ops::rope_(y, 10000.0, false);
+        return y;
+      },
+      [&](const Tensor& dy) {
+        dx = dy.clone();
+        ops::rope_(dx, 10000.0, true);
+      },
+      {{"x", x, [&] { return dx; }}}, 15);
+  // Position 0 is the identity; the inverse undoes the forward.
+  Tensor y = x.clone();
+  ops::rope_(y, 10000.0, false);
+  for (int64_t i = 0; i < 3 * 8; ++i) EXPECT_FLOAT_EQ(y.data<float>()[i], x.data<float>()[i]);
+  ops::rope_(y, 10000.0, true);
+  EXPECT_LT(rel_err(y.to_vector_f32(), x.to_vector_f32()), 1e-6);
+}
+
+TEST(LayerGrad, SwiGLU) {
+  std::mt19937_64 rng(6);
+  Tensor g = randn({4, 10}, rng, 2.f), u = randn({4, 10}, rng), dg = Tensor::empty({4, 10}), du = Tensor::empty({4, 10});
+  check_gradients(
+      [&] {
+        Tensor o = Tensor::empty({4, 10});
+        ops::swiglu_fwd(g, u, o);
+        return o;
+      },
+      [&](const Tensor& dy) { ops::swiglu_bwd(dy, g, u, dg, du); },
+      {{"gate", g, [&] { return dg; }}, {"up", u, [&] { return du; }}}, 16);
+}
+
+TEST(LayerGrad, GeluAndQuickGelu) {
+  for (auto act : {ops::Activation::gelu, ops::Activation::quick_gelu}) {
+    std::mt19937_64 rng(7);
+    Tensor x = randn({3, 11}, rng, 2.f), dx = Tensor::empty({3, 11});
+    check_gradients(
+        [&] {
+          Tensor y = Tensor::empty({3, 11});
+          ops::gelu_fwd(act, x, y);
+          return y;
+        },
+        [&](const Tensor& dy) { ops::gelu_bwd(act, dy, x, dx); }, {{"x", x, [&] { return dx; }}}, 17);
+  }
+}
+
+TEST(LayerGrad, AttentionEveryModeWithGqaAndMixedLayouts) {
+  for (auto mode : {ops::AttnMode::full, ops::AttnMode::causal, ops::AttnMode::mmca}) {
+    SCOPED_TRACE(static_cast<int>(mode));
+    std::mt19937_64 rng(8);
+    const int64_t B = 2, L = 16, H = 4, KV = 2, hd = 6;
+    Tensor q = randn({B, L, H, hd}, rng), k = randn({B, L, KV, hd}, rng), v = randn({B, L, KV, hd}, rng);
+    Tensor m = Tensor::from_vector(mixed_layout(B, L, rng), {B, L});
+    Tensor dq = Tensor::empty(q.shape()), dk = Tensor::empty(k.shape()), dv = Tensor::empty(v.shape());
+    Tensor probs = Tensor::empty({B, H, L, L});
+    check_gradients(
+        [&] {
+          Tensor o = Tensor::empty(q.shape());
+          ops::attention_fwd(mode, q, k, v, m, o, probs);
+          return o;
+        },
+        [&](const Tensor& dy) { ops::attention_bwd(mode, dy, q, k, v, m, probs, dq, dk, dv); },
+        {{"q", q, [&] { return dq; }}, {"k", k, [&] { return dk; }}, {"v", v, [&] { return dv; }}}, 18, 24);
+  }
+}
+
+TEST(LayerGrad, EmbeddingSkipsImageSentinels) {
+  std::mt19937_64 rng(9);
+  Tensor table = randn({10, 4}, rng), dtable = Tensor::zeros({10, 4});
+  Tensor ids = Tensor::from_vector(std::vector<int32_t>{3, -1, 3, 7, 0, -200}, {6});
+  check_gradients(
+      [&] {
+        Tensor o = Tensor::empty({6, 4});
+        ops::embedding_fwd(ids, table, o);
+        return o;
+      },
+      [&](const Tensor& dy) {
+        dtable.zero_();
+        ops::embedding_bwd(dy, ids, dtable);
+      },
+      {{"table", table, [&] { return dtable; }}}, 19, 20);
+  Tensor o = Tensor::empty({6, 4});
+  ops::embedding_fwd(ids, table, o);
+  for (int c = 0; c < 4; ++c) EXPECT_EQ(o.data<float>()[4 + c], 0.f) << "sentinel rows embed to zero";
+  Tensor bad = Tensor::from_vector(std::vector<int32_t>{10}, {1});
+  EXPECT_THROW(ops::embedding_fwd(bad, table, Tensor::empty({1, 4})), std::invalid_argument);
+}
+
+TEST(LayerGrad, MaskedCrossEntropy) {
+  std::mt19937_64 rng(10);
+  Tensor logits = randn({5, 9}, rng, 2.f), dl = Tensor::empty({5, 9}), lse = Tensor::empty({5});
+  Tensor t = Tensor::from_vector(std::vector<int32_t>{2, -1, 8, 0, -1}, {5});
+  // Scalar loss: wrap it as a [1] output so check_gradients' random weighting applies.
+  check_gradients(
+      [&] {
+        const double l = ops::cross_entropy_fwd(logits, t, lse);
+        return Tensor::from_vector(std::vector<float>{static_cast<float>(l / 3)}, {1});
+      },
+      [&](const Tensor& dy) { ops::cross_entropy_bwd(logits, t, lse, dy.data<float>()[0] / 3, dl); },
+      {{"logits", logits, [&] { return dl; }}}, 20, 20, 1e-2f, 1e-3, 1e-2);
+  for (int c = 0; c < 9; ++c) EXPECT_EQ(dl.data<float>()[9 + c], 0.f) << "unsupervised rows get no gradient";
+}
+
+TEST(LayerGrad, LlamaBlockBothAttentionModes) {
+  for (auto mode : {ops::AttnMode::causal, ops::AttnMode::mmca}) {
+    std::mt19937_64 rng(11);
+    LlmConfig cfg;
+    cfg.vocab_size = 16;
+    cfg.hidden = 16;
+    cfg.n_layers = 1;
+    cfg.n_heads = 4;
+    cfg.n_kv_heads = 2;
+    cfg.intermediate = 24;
+    ParamStore s;
+    LlamaBlock blk(s, "blk", cfg);
+    blk.add_lora(s, 2, 4.f);
+    make_all_trainable(s, rng);
+    const int64_t B = 2, L = 12;
+    Tensor x = randn({B * L, cfg.hidden}, rng);
+    Tensor m = Tensor::from_vector(mixed_layout(B, L, rng), {B, L});
+    LlamaBlockCache c;
+    Tensor dx;
+    auto vars = param_vars(s);
+    vars.push_back({"x", x, [&] { return dx; }});
+    check_gradients([&] { return blk.forward(x, m, mode, B, L, c); },
+                    [&](const Tensor& dy) {
+                      s.zero_grads();
+                      dx = blk.backward(dy, m, mode, c);
+                    },
+                    vars, 21, 6, /*h=*/3e-3f);  // softmax curvature: a smaller step keeps FD truncation low
+  }
+}
+
+TEST(LayerGrad, VitLayerProjectionAndEncoder) {
+  std::mt19937_64 rng(12);
+  VisionConfig cfg;
+  cfg.image_size = 8;
+  cfg.patch_size = 4;
+  cfg.width = 12;
+  cfg.n_layers = 2;
+  cfg.n_heads = 3;
+  cfg.intermediate = 20;
+  for (bool keep_cls : {true, false}) {
+    for (auto act : {ops::Activation::quick_gelu, ops::Activation::gelu}) {
+      cfg.keep_cls = keep_cls;
+      cfg.act = act;
+      ParamStore s;
+      VisionEncoder enc(s, cfg);
+      ProjectionConfig pc;
+      Projection proj(s, cfg.width, 10, pc);
+      make_all_trainable(s, rng, 0.2f);
+      Tensor pixels = randn({2, 3, 8, 8}, rng);
+      VisionCache vc;
+      ProjectionCache pcache;
+      check_gradients([&] { return proj.forward(enc.forward(pixels, vc), pcache); },
+                      [&](const Tensor& dy) {
+                        s.zero_grads();
+                        Tensor df = Tensor::empty({dy.size(0), cfg.width});
+                        proj.backward(dy, pcache, df);
+                        enc.backward(df, vc);
+                      },
+                      param_vars(s), 22, 5);
+    }
+  }
+}
+
+// The whole model: loss → lm_head → blocks → split into embedding rows and image rows →
+// projection → ViT, with every parameter trainable (ViT included).
+TEST(LayerGrad, WholeModelLossWithEverythingTrainable) {
+  ModelConfig cfg = ModelConfig::from_json_text(R"({"name":"g",
+    "llm":{"vocab_size":20,"hidden":16,"n_layers":2,"n_heads":4,"n_kv_heads":2,"intermediate":24},
+    "vision":{"image_size":8,"patch_size":4,"width":12,"n_layers":2,"n_heads":3,"intermediate":16,"feature_layer":-2}})",
+                                                "test");
+  ModelOptions opt;
+  opt.train = TrainSet::full;
+  VisualChatModel model(cfg, opt);
+  std::mt19937_64 rng(13);
+  make_all_trainable(model.params(), rng, 0.3f);
+  model.refresh_trainable();
+  // Two samples: text, image (5 tokens), text, image, text, pad.
+  const int64_t L = 20;
+  std::vector<uint8_t> m = {1, 1, 2, 2, 2, 2, 2, 1, 1, 1, 2, 2, 2, 2, 2, 1, 1, 1, 0, 0,
+                            1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 1, 1, 1, 1, 1, 1, 1, 1, 0};
+  std::vector<int32_t> tok(2 * L), tgt(2 * L, -1);
+  for (int64_t i = 0; i < 2 * L; ++i) tok[i] = m[i] == 1 ? static_cast<int32_t>(rng() % 20) : 0;
+  for (int64_t i = 0; i + 1 < 2 * L; ++i)
+    if (m[i] != 0 && m[i + 1] == 1 && (i + 1) % L != 0 && rng() % 2) tgt[i] = tok[i + 1];
+  Batch batch{Tensor::from_vector(tok, {2, L}), Tensor::from_vector(m, {2, L}), Tensor::from_vector(tgt, {2, L}),
+              randn({3, 3, 8, 8}, rng)};
+  check_gradients(
+      [&] {
+        const double l = model.forward_backward(batch, false).loss;
+        return Tensor::from_vector(std::vector<float>{static_cast<float>(l)}, {1});
+      },
+      [&](const Tensor& dy) {
+        model.params().zero_grads();
+        model.forward_backward(batch, true, dy.data<float>()[0]);
+      },
+      param_vars(model.params()), 23, 3, 1e-2f, 1e-3, 2e-2);
+}

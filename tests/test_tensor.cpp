@@ -1,0 +1,50 @@
+#include <gtest/gtest.h>
+
+#include "ops.h"
+#include "tensor.h"
+
+using namespace vchat;
+
+TEST(Tensor, ViewsShareStorageAndSliceWithStrides) {
+  Tensor t = Tensor::from_vector(std::vector<float>{0, 1, 2, 3, 4, 5}, {2, 3});
+  Tensor row = t[1];
+  EXPECT_EQ(row.shape(), Shape({3}));
+  EXPECT_FLOAT_EQ(row.data<float>()[0], 3.f);
+  Tensor col = t.slice(1, 1, 3);
+  EXPECT_EQ(col.shape(), Shape({2, 2}));
+  EXPECT_EQ(col.stride(0), 3);
+  EXPECT_FALSE(col.is_contiguous());
+  EXPECT_EQ(col.to_vector_f32(), std::vector<float>({1, 2, 4, 5}));
+  row.data<float>()[0] = 9.f;  // a view writes through
+  EXPECT_FLOAT_EQ(t.data<float>()[3], 9.f);
+}
+
+TEST(Tensor, ReshapeChecksElementCountAndDtype) {
+  Tensor t = Tensor::zeros({4, 6});
+  EXPECT_EQ(t.reshape({2, 12}).shape(), Shape({2, 12}));
+  EXPECT_THROW(t.reshape({5, 5}), std::invalid_argument);
+  EXPECT_THROW(t.data<int32_t>(), std::logic_error);  // same width as f32, still the wrong type
+}
+
+TEST(Tensor, CudaTensorsNeedTheCudaBackend) {
+#ifndef VCHAT_WITH_CUDA
+  EXPECT_THROW(Tensor::empty({2}, DType::f32, Device::cuda), std::runtime_error);
+#endif
+  EXPECT_THROW(ops::add(Tensor(), Tensor(), Tensor()), std::logic_error);
+}
+
+TEST(Ops, GemmAllTransposesMatchLoops) {
+  Tensor A = Tensor::from_vector(std::vector<float>{1, 2, 3, 4, 5, 6}, {2, 3});
+  Tensor B = Tensor::from_vector(std::vector<float>{1, 0, -1, 2, 0.5f, 1}, {3, 2});
+  Tensor C = Tensor::zeros({2, 2});
+  ops::gemm(A, false, B, false, C);
+  EXPECT_EQ(C.to_vector_f32(), std::vector<float>({1 * 1 + 2 * -1 + 3 * 0.5f, 0 + 4 + 3, 4 - 5 + 3, 0 + 10 + 6}));
+  Tensor Ct = Tensor::zeros({3, 3});
+  ops::gemm(A, true, A, false, Ct);  // AᵀA
+  EXPECT_FLOAT_EQ(Ct.data<float>()[0], 1 + 16);
+  EXPECT_FLOAT_EQ(Ct.data<float>()[4], 4 + 25);
+  Tensor Cn = Tensor::zeros({2, 2});
+  ops::gemm(A, false, A, true, Cn, 2.f);  // 2 AAᵀ
+  EXPECT_FLOAT_EQ(Cn.data<float>()[1], 2 * (4 + 10 + 18));
+  EXPECT_THROW(ops::gemm(A, false, A, false, Cn), std::invalid_argument);
+}

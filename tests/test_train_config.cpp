@@ -1,0 +1,83 @@
+// vchat-train's configuration errors: message names the option and value, exit code 2.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+
+namespace {
+
+struct RunResult {
+  int code;
+  std::string output;
+};
+
+RunResult run_train(const std::string& args) {
+  const std::string cmd = std::string("cd ") + VCHAT_SOURCE_DIR + " && " + VCHAT_TRAIN_BIN + " " + args + " 2>&1";
+  FILE* p = popen(cmd.c_str(), "r");
+  std::string out;
+  char buf[4096];
+  while (size_t n = fread(buf, 1, sizeof buf, p)) out.append(buf, n);
+  const int status = pclose(p);
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
+}
+
+std::string write_tmp(const std::string& name, const std::string& text) {
+  const auto path = std::filesystem::temp_directory_path() / name;
+  std::ofstream(path) << text;
+  return path.string();
+}
+
+std::string model_json(int hidden, int heads, int kv) {
+  return R"({"name":"bad","llm":{"vocab_size":64,"hidden":)" + std::to_string(hidden) + R"(,"n_layers":1,"n_heads":)" +
+         std::to_string(heads) + R"(,"n_kv_heads":)" + std::to_string(kv) +
+         R"(,"intermediate":32},"vision":{"image_size":16,"patch_size":8,"width":16,"n_layers":1,"n_heads":2,"intermediate":16}})";
+}
+
+void expect_error(const RunResult& r, const std::string& needle) {
+  EXPECT_EQ(r.code, 2) << r.output;
+  EXPECT_NE(r.output.find(needle), std::string::npos) << "message should name '" << needle << "':\n" << r.output;
+  EXPECT_EQ(r.output.find("step "), std::string::npos) << "no training may start:\n" << r.output;
+}
+
+}  // namespace
+
+TEST(TrainConfigErrors, UnknownOption) { expect_error(run_train("--stepz 3"), "stepz"); }
+
+TEST(TrainConfigErrors, UnknownOptionInIniFile) {
+  const auto ini = write_tmp("vchat_bad.ini", "steps = 2\nlearning_rate = 0.1\n");
+  expect_error(run_train("--config " + ini), "learning_rate");
+}
+
+TEST(TrainConfigErrors, HeadsNotDividingHidden) {
+  const auto m = write_tmp("vchat_heads.json", model_json(64, 5, 5));
+  expect_error(run_train("--model " + m), "llm.n_heads=5");
+}
+
+TEST(TrainConfigErrors, KvHeadsNotDividingHeads) {
+  const auto m = write_tmp("vchat_kv.json", model_json(64, 4, 3));
+  expect_error(run_train("--model " + m), "llm.n_kv_heads=3");
+}
+
+TEST(TrainConfigErrors, MissingModelFile) {
+  expect_error(run_train("--model /nonexistent/model.json"), "/nonexistent/model.json");
+}
+
+TEST(TrainConfigErrors, MissingIniFile) { expect_error(run_train("--config /nonexistent/run.ini"), "/nonexistent/run.ini"); }
+
+TEST(TrainConfigErrors, BadChoiceAndBadNumber) {
+  expect_error(run_train("--train everything"), "--train=everything");
+  expect_error(run_train("--attention sparse"), "--attention=sparse");
+  expect_error(run_train("--steps 0"), "--steps=0");
+  expect_error(run_train("--steps many"), "many");
+}
+
+TEST(TrainRun, IniConfigWithCommandLineOverrideRuns) {
+  const auto ini = write_tmp("vchat_ok.ini", "steps = 50\nseq-len = 96\nmicro-batch-size = 1\n");
+  const RunResult r = run_train("--config " + ini + " --steps 2 --log-every 1");
+  EXPECT_EQ(r.code, 0) << r.output;
+  EXPECT_NE(r.output.find("step     2/2"), std::string::npos) << "command line must win over the INI:\n" << r.output;
+  EXPECT_EQ(r.output.find("step     3/"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("tok/s"), std::string::npos) << r.output;
+}

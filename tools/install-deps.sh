@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Installs every Debian package vchat needs, idempotently: packages already present are
+# skipped, so `make test` can call this on every run at the cost of one dpkg query.
+# The CUDA toolkit (nvcc, cuBLAS, NCCL) is not a Debian package at the version we need
+# (CUDA 13); it is expected under /usr/local/cuda and only checked for here.
+set -euo pipefail
+
+PACKAGES=(
+  build-essential cmake pkg-config git
+  libopenblas-dev                     # CPU GEMM (cblas_sgemm)
+  libopenmpi-dev openmpi-bin          # MPI launcher and the CPU communicator backend
+  libhdf5-dev                         # shards and checkpoints
+  libboost-program-options-dev        # command line + INI configs
+  nlohmann-json3-dev                  # manifests, model configs
+  libsentencepiece-dev sentencepiece  # tokenizer
+  libopencv-dev                       # image decoding in vchat-prep and vchat-chat
+  libgtest-dev googletest             # unit tests
+  python3 python3-torch python3-numpy # PyTorch reference for tests/ and bench/
+)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+    missing+=("$p")
+  fi
+done
+
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "[deps] installing: ${missing[*]}"
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "[deps] error: need root to apt-get install the packages above (or install them yourself)" >&2
+    exit 1
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}"
+else
+  echo "[deps] all Debian packages present"
+fi
+
+if command -v nvcc >/dev/null 2>&1 || [ -x /usr/local/cuda/bin/nvcc ]; then
+  echo "[deps] CUDA toolkit found: $( (command -v nvcc || echo /usr/local/cuda/bin/nvcc) )"
+else
+  echo "[deps] warning: CUDA toolkit (nvcc) not found; the CUDA variant will not be built" >&2
+fi
