@@ -45,7 +45,7 @@ int main(int argc, char** argv) {
   VisualChatModel model(cfg, opt);
   init_params(model.params(), 0);
   AdamW adam(model.params().trainable(), AdamWConfig{});
-  SyntheticSpec spec{batch, seq, images, 3};
+  SyntheticSpec spec{batch, seq, images, /*max_rounds=*/16};
   SyntheticBatches data(cfg, spec, 1);
   Batch b = data.next();
   if (!batch_out.empty()) {

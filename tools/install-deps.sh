@@ -7,7 +7,7 @@ set -euo pipefail
 
 PACKAGES=(
   build-essential cmake pkg-config git
-  libopenblas-dev                     # CPU GEMM (cblas_sgemm)
+  libopenblas-openmp-dev              # CPU GEMM (cblas_sgemm) on OpenMP threads, shared with our loops
   libopenmpi-dev openmpi-bin          # MPI launcher and the CPU communicator backend
   libhdf5-dev                         # shards and checkpoints
   libboost-program-options-dev        # command line + INI configs

@@ -35,16 +35,16 @@ Batch SyntheticBatches::next() {
     };
     text(uni(1, 6), false);  // system prompt; sometimes text precedes every image
     int64_t imgs_left = uni(1, spec_.max_images);
-    const int64_t rounds = uni(1, spec_.max_rounds);
-    for (int64_t r = 0; r < rounds && pos < end; ++r) {
-      const int64_t k = r == rounds - 1 ? imgs_left : uni(0, imgs_left);
+    // Rounds until the sample is full (as packed real data is) or max_rounds is reached.
+    for (int64_t r = 0; r < spec_.max_rounds && pos < end; ++r) {
+      const int64_t k = r == spec_.max_rounds - 1 ? imgs_left : uni(0, imgs_left);
       for (int64_t i = 0; i < k && pos + T + 4 <= end; ++i, --imgs_left) {
         text(2, false);  // "### Image k:"
         for (int64_t t = 0; t < T; ++t, ++pos) modality[pos] = ops::kImage;
         ++n_images;
       }
-      text(uni(2, 8), false);  // question
-      text(uni(2, 8), true);   // answer + EOS
+      text(uni(2, 24), false);  // question
+      text(uni(2, 40), true);   // answer + EOS
     }
   }
   // Next-token targets: position i predicts token i+1 when i+1 is a supervised text token.

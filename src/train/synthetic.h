@@ -13,7 +13,7 @@ namespace vchat {
 struct SyntheticSpec {
   int64_t batch_size = 2, seq_len = 128;
   int64_t max_images = 3;  // per sample, at most 8 per the template
-  int64_t max_rounds = 3;
+  int64_t max_rounds = 3;  // rounds stop earlier when the sample is full
 };
 
 class SyntheticBatches {
