@@ -40,32 +40,43 @@ std::string shape_str(const Shape& s) {
 namespace {
 // 64-byte aligned host memory with a size-keyed free list. A training step allocates the
 // same shapes every time; reusing blocks avoids an mmap/munmap and fresh page faults per
-// activation per step. Cached blocks are returned to the OS only at exit.
+// activation per step. A request takes the smallest cached block of at least its size and
+// at most twice it (shapes vary a little with the number of images per batch); the cache
+// holds at most kMaxCachedBytes, beyond which freed blocks go straight back to the OS.
 class CpuAllocator final : public Allocator {
  public:
   ~CpuAllocator() override {
     for (auto& kv : free_) std::free(kv.second);
   }
+  static constexpr size_t kMaxCachedBytes = size_t{4} << 30;
+
   std::shared_ptr<Buffer> allocate(size_t bytes) override {
-    size_t rounded = ((bytes ? bytes : 1) + 63) / 64 * 64;
+    size_t size = ((bytes ? bytes : 1) + 63) / 64 * 64;
     void* p = nullptr;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      auto it = free_.find(rounded);
-      if (it != free_.end()) {
+      auto it = free_.lower_bound(size);
+      if (it != free_.end() && it->first <= 2 * size) {
+        size = it->first;
         p = it->second;
+        cached_ -= size;
         free_.erase(it);
       }
     }
-    if (!p) p = std::aligned_alloc(64, rounded);
+    if (!p) p = std::aligned_alloc(64, size);
     if (!p) throw std::bad_alloc();
     auto b = std::make_shared<Buffer>();
     b->ptr = p;
     b->bytes = bytes;
     b->device = Device::cpu;
-    b->release = [this, rounded](void* q) {
+    b->release = [this, size](void* q) {
       std::lock_guard<std::mutex> lock(mu_);
-      free_.emplace(rounded, q);
+      if (cached_ + size > kMaxCachedBytes) {
+        std::free(q);
+        return;
+      }
+      cached_ += size;
+      free_.emplace(size, q);
     };
     return b;
   }
@@ -73,6 +84,7 @@ class CpuAllocator final : public Allocator {
  private:
   std::mutex mu_;
   std::multimap<size_t, void*> free_;
+  size_t cached_ = 0;
 };
 
 struct Registry {

@@ -26,11 +26,21 @@ TEST(Tensor, ReshapeChecksElementCountAndDtype) {
   EXPECT_THROW(t.data<int32_t>(), std::logic_error);  // same width as f32, still the wrong type
 }
 
-TEST(Tensor, CudaTensorsNeedTheCudaBackend) {
-#ifndef VCHAT_WITH_CUDA
+TEST(Tensor, CudaTensorsNeedARegisteredBackend) {
+  // No cuda::init_backend() ran in this process (CPU tests never call it, in either build).
   EXPECT_THROW(Tensor::empty({2}, DType::f32, Device::cuda), std::runtime_error);
-#endif
-  EXPECT_THROW(ops::add(Tensor(), Tensor(), Tensor()), std::logic_error);
+}
+
+TEST(Tensor, AllocatorReusesFreedBlocksOfSimilarSize) {
+  void* first;
+  {
+    Tensor a = Tensor::empty({1000});
+    first = a.raw();
+  }
+  Tensor b = Tensor::empty({900});  // fits the freed 4000-byte block (within 2x)
+  EXPECT_EQ(b.raw(), first);
+  Tensor c = Tensor::empty({100});  // a quarter of it: too wasteful, gets its own block
+  EXPECT_NE(c.raw(), first);
 }
 
 TEST(Ops, GemmAllTransposesMatchLoops) {

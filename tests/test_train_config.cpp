@@ -71,6 +71,10 @@ TEST(TrainConfigErrors, BadChoiceAndBadNumber) {
   expect_error(run_train("--attention sparse"), "--attention=sparse");
   expect_error(run_train("--steps 0"), "--steps=0");
   expect_error(run_train("--steps many"), "many");
+  expect_error(run_train("--beta2 1"), "--beta2=1");
+  expect_error(run_train("--min-lr 1 --lr 0.1"), "--min-lr=1");
+  expect_error(run_train("--seq-len 20"), "--seq-len=20");
+  expect_error(run_train("--max-images 9"), "--max-images=9");
 }
 
 TEST(TrainRun, IniConfigWithCommandLineOverrideRuns) {

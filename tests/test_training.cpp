@@ -2,6 +2,9 @@
 // what they say; frozen parameters get no gradient buffers.
 #include <gtest/gtest.h>
 
+#include <cblas.h>
+#include <omp.h>
+
 #include <cmath>
 
 #include "model/visualchat.h"
@@ -103,4 +106,111 @@ TEST(Training, AdamWMatchesTheUpdateRuleAndClipsByGlobalNorm) {
   EXPECT_NEAR(w.value.data<float>()[0], 1.f - 0.01f * (1.f + 0.1f * 1.f), 1e-6);
   EXPECT_NEAR(b.value.data<float>()[0], 1.f - 0.01f, 1e-6) << "no weight decay on vectors";
   EXPECT_NEAR(w.grad.data<float>()[0], 3.f / std::sqrt(68.f), 1e-6) << "gradients were clipped in place";
+}
+
+TEST(Training, LoraAdaptersActuallyLearn) {
+  Trainer t(tiny_config("lora"));
+  ParamStore& ps = t.model().params();
+  const std::string base = "llm.layers.1.mlp.down_proj.";
+  const auto a0 = ps.at(base + "lora_A").value.to_vector_f32(), b0 = ps.at(base + "lora_B").value.to_vector_f32();
+  t.step();  // B starts at 0, so A's first gradient is 0 and only B moves
+  EXPECT_NE(ps.at(base + "lora_B").value.to_vector_f32(), b0);
+  EXPECT_EQ(ps.at(base + "lora_A").value.to_vector_f32(), a0);
+  t.step();
+  EXPECT_NE(ps.at(base + "lora_A").value.to_vector_f32(), a0);
+}
+
+TEST(Training, AdamWOverSeveralStepsMatchesAScalarReference) {
+  ParamStore store;
+  Param& w = store.add("w", {1, 3});
+  store.set_trainable(w, true);
+  const std::vector<float> w0 = {0.5f, -1.f, 2.f};
+  for (int i = 0; i < 3; ++i) w.value.data<float>()[i] = w0[i];
+  AdamWConfig cfg;
+  cfg.beta1 = 0.8f;
+  cfg.beta2 = 0.9f;
+  cfg.eps = 1e-3f;
+  cfg.weight_decay = 0.05f;
+  cfg.clip_grad = 0.f;
+  AdamW opt(store.trainable(), cfg);
+  double ref[3] = {w0[0], w0[1], w0[2]}, m[3] = {0, 0, 0}, v[3] = {0, 0, 0};
+  for (int step = 1; step <= 4; ++step) {
+    for (int i = 0; i < 3; ++i) w.grad.data<float>()[i] = static_cast<float>(std::sin(step * 1.3 + i));
+    opt.step(0.1f);
+    for (int i = 0; i < 3; ++i) {
+      const double g = std::sin(step * 1.3 + i);
+      m[i] = 0.8 * m[i] + 0.2 * g;
+      v[i] = 0.9 * v[i] + 0.1 * g * g;
+      const double mh = m[i] / (1 - std::pow(0.8, step)), vh = v[i] / (1 - std::pow(0.9, step));
+      ref[i] -= 0.1 * (mh / (std::sqrt(vh) + 1e-3) + 0.05 * ref[i]);
+    }
+  }
+  for (int i = 0; i < 3; ++i) EXPECT_NEAR(w.value.data<float>()[i], ref[i], 1e-5) << i;
+}
+
+TEST(Training, NonFiniteGradientStopsBeforeTouchingParameters) {
+  ParamStore store;
+  Param& w = store.add("w", {2, 2});
+  store.set_trainable(w, true);
+  w.grad.data<float>()[1] = std::nanf("");
+  AdamW opt(store.trainable(), AdamWConfig{});
+  try {
+    opt.step(0.1f);
+    FAIL() << "expected an error";
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find("gradient norm is nan"), std::string::npos) << e.what();
+  }
+  for (int i = 0; i < 4; ++i) EXPECT_EQ(w.value.data<float>()[i], 0.f);
+}
+
+TEST(Training, BatchValidationNamesTheProblem) {
+  ModelConfig cfg = ModelConfig::load(std::string(VCHAT_SOURCE_DIR) + "/inputs/models/tiny.json");
+  SyntheticSpec spec;
+  spec.seq_len = 96;
+  Batch good = SyntheticBatches(cfg, spec, 3).next();
+  EXPECT_NO_THROW(good.validate(cfg.llm.vocab_size, cfg.vision.image_size));
+  auto expect_bad = [&](auto mutate, const std::string& needle) {
+    Batch b{good.tokens.clone(), good.modality.clone(), good.targets.clone(), good.pixels};
+    mutate(b);
+    try {
+      b.validate(cfg.llm.vocab_size, cfg.vision.image_size);
+      ADD_FAILURE() << "accepted a batch with " << needle;
+    } catch (const std::invalid_argument& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+  };
+  const int64_t last = good.tokens.numel() - 1;  // the synthetic layout always ends in pad
+  ASSERT_EQ(good.modality.data<uint8_t>()[last], ops::kPad);
+  expect_bad([&](Batch& b) { b.targets.data<int32_t>()[last] = 5; }, "carries a target");
+  expect_bad([&](Batch& b) { b.tokens.data<int32_t>()[0] = 999; }, "token id 999");
+  expect_bad([&](Batch& b) { b.modality.data<uint8_t>()[0] = 7; }, "modality 7");
+  expect_bad([&](Batch& b) { b.modality = Tensor::zeros({1, 4}, DType::u8); }, "modality must be");
+}
+
+// The OpenMP reductions (norm weight grads, bias grads, embedding grads, CE) must give the
+// same answer at any thread count: ctest runs single-threaded, so this test forces several.
+TEST(Training, MultiThreadedStepMatchesSingleThreaded) {
+  ModelConfig cfg = ModelConfig::load(std::string(VCHAT_SOURCE_DIR) + "/inputs/models/tiny.json");
+  ModelOptions opt;
+  opt.train = TrainSet::full;
+  SyntheticSpec spec;
+  spec.batch_size = 3;
+  spec.seq_len = 128;
+  const Batch batch = SyntheticBatches(cfg, spec, 5).next();
+  auto run = [&](int threads) {
+    omp_set_num_threads(threads);
+    openblas_set_num_threads(threads);
+    VisualChatModel m(cfg, opt);
+    init_params(m.params(), 1);
+    const double loss = m.forward_backward(batch, true).loss;
+    std::vector<std::vector<float>> g;
+    for (Param* p : m.params().trainable()) g.push_back(p->grad.to_vector_f32());
+    return std::make_pair(loss, g);
+  };
+  const auto one = run(1), four = run(4);
+  omp_set_num_threads(1);
+  openblas_set_num_threads(1);
+  EXPECT_NEAR(one.first, four.first, 1e-6 * std::fabs(one.first));
+  ASSERT_EQ(one.second.size(), four.second.size());
+  for (size_t i = 0; i < one.second.size(); ++i) EXPECT_LT(test::rel_err(four.second[i], one.second[i]), 1e-5) << i;
 }

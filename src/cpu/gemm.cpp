@@ -19,7 +19,12 @@ void gemm(const Tensor& A, bool ta, const Tensor& B, bool tb, const Tensor& C, f
                   << " -> C" << shape_str(C.shape()));
   if (m == 0 || n == 0) return;
   if (k == 0) {  // BLAS leaves C untouched for k = 0; the math says C = beta * C
-    scale(C, beta);
+    float* c = C.data<float>();
+    for (int64_t r = 0; r < m; ++r)
+      for (int64_t j = 0; j < n; ++j) {
+        float& x = c[r * C.stride(0) + j];
+        x = beta == 0.f ? 0.f : beta * x;  // beta = 0 must not keep NaN from fresh memory
+      }
     return;
   }
   cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, m, n, k, alpha,

@@ -48,18 +48,19 @@ void scatter_rows(const Tensor& src, const Tensor& index, const Tensor& dst) {
   VCHAT_CHECK(src.numel() == m * D && dst.size(-1) == D, "src " << shape_str(src.shape()) << " dst " << shape_str(dst.shape()));
   const int32_t* idx = index.data<int32_t>();
   const int64_t rows = dst.numel() / D;
+  for (int64_t r = 0; r < m; ++r) VCHAT_CHECK(idx[r] >= 0 && idx[r] < rows, "row index " << idx[r] << " outside [0, " << rows << ")");
   const float* s = src.data<float>();
   float* d = dst.data<float>();
 #pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < m; ++r) {
-    if (idx[r] >= 0 && idx[r] < rows) std::memcpy(d + static_cast<int64_t>(idx[r]) * D, s + r * D, D * sizeof(float));
-  }
+  for (int64_t r = 0; r < m; ++r) std::memcpy(d + static_cast<int64_t>(idx[r]) * D, s + r * D, D * sizeof(float));
 }
 
 void gather_rows(const Tensor& src, const Tensor& index, const Tensor& dst) {
   const int64_t m = index.numel(), D = src.size(-1);
   VCHAT_CHECK(dst.numel() == m * D, "dst " << shape_str(dst.shape()) << " for " << m << " rows");
   const int32_t* idx = index.data<int32_t>();
+  const int64_t rows = src.numel() / D;
+  for (int64_t r = 0; r < m; ++r) VCHAT_CHECK(idx[r] >= 0 && idx[r] < rows, "row index " << idx[r] << " outside [0, " << rows << ")");
   const float* s = src.data<float>();
   float* d = dst.data<float>();
 #pragma omp parallel for schedule(static)

@@ -49,6 +49,43 @@ void save_safetensors(const std::string& path, const TensorFile& f) {
   std::filesystem::rename(tmp, path);
 }
 
+static Tensor read_tensor(std::ifstream& in, const std::string& path, const std::string& name, const json& meta,
+                          uint64_t data_start, uint64_t data_size) {
+  const std::string dt = meta.at("dtype").get<std::string>();
+  const Shape shape = meta.at("shape").get<Shape>();
+  const auto off = meta.at("data_offsets").get<std::vector<uint64_t>>();
+  if (off.size() != 2 || off[0] > off[1] || off[1] > data_size)
+    throw std::runtime_error(path + ": tensor '" + name + "' has data offsets outside the file (truncated?)");
+  int64_t numel = 1;
+  for (auto d : shape)
+    if (d < 0 || __builtin_mul_overflow(numel, d, &numel))
+      throw std::runtime_error(path + ": tensor '" + name + "' has an invalid shape " + shape_str(shape));
+  const uint64_t bytes = off[1] - off[0];
+  DType type;
+  size_t width;
+  if (dt == "F32") type = DType::f32, width = 4;
+  else if (dt == "I32") type = DType::i32, width = 4;
+  else if (dt == "U8") type = DType::u8, width = 1;
+  else if (dt == "BF16") type = DType::bf16, width = 2;
+  else if (dt == "F64") type = DType::f32, width = 8;  // read as f32 (the PyTorch twin may write F64)
+  else throw std::runtime_error(path + ": tensor '" + name + "' has unsupported dtype " + dt);
+  if (bytes / width != static_cast<uint64_t>(numel) || bytes % width)
+    throw std::runtime_error(path + ": tensor '" + name + "' has " + std::to_string(bytes) + " bytes for shape " +
+                             shape_str(shape) + " of " + dt);
+  std::vector<char> raw(bytes);
+  in.seekg(static_cast<std::streamoff>(data_start + off[0]));
+  if (!in.read(raw.data(), static_cast<std::streamsize>(bytes)))
+    throw std::runtime_error(path + ": tensor '" + name + "': read failed (truncated file?)");
+  Tensor t = Tensor::empty(shape, type);
+  if (dt == "F64") {
+    const double* src = reinterpret_cast<const double*>(raw.data());
+    for (int64_t i = 0; i < numel; ++i) t.data<float>()[i] = static_cast<float>(src[i]);
+  } else if (bytes) {
+    std::memcpy(t.raw(), raw.data(), bytes);
+  }
+  return t;
+}
+
 TensorFile load_safetensors(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) throw std::runtime_error(path + ": cannot open");
@@ -59,51 +96,26 @@ TensorFile load_safetensors(const std::string& path) {
   if (file_size < 8 || !in.read(reinterpret_cast<char*>(&n), 8) || n > file_size - 8)
     throw std::runtime_error(path + ": not a safetensors file (bad header length)");
   std::string h(n, '\0');
-  in.read(h.data(), n);
+  in.read(h.data(), static_cast<std::streamsize>(n));
   json header;
   try {
     header = json::parse(h);
   } catch (const json::exception& e) {
     throw std::runtime_error(path + ": corrupt safetensors header: " + e.what());
   }
+  if (!header.is_object()) throw std::runtime_error(path + ": safetensors header is not a JSON object");
   const uint64_t data_start = 8 + n, data_size = file_size - data_start;
   TensorFile f;
   for (auto& [name, meta] : header.items()) {
-    if (name == "__metadata__") {
-      for (auto& [k, v] : meta.items()) f.metadata[k] = v.get<std::string>();
-      continue;
+    try {
+      if (name == "__metadata__") {
+        for (auto& [k, v] : meta.items()) f.metadata[k] = v.get<std::string>();
+        continue;
+      }
+      f.tensors[name] = read_tensor(in, path, name, meta, data_start, data_size);
+    } catch (const json::exception& e) {
+      throw std::runtime_error(path + ": malformed header entry '" + name + "': " + e.what());
     }
-    const std::string dt = meta.at("dtype").get<std::string>();
-    Shape shape = meta.at("shape").get<Shape>();
-    const auto off = meta.at("data_offsets").get<std::vector<uint64_t>>();
-    if (off.size() != 2 || off[0] > off[1] || off[1] > data_size)
-      throw std::runtime_error(path + ": tensor '" + name + "' has data offsets outside the file (truncated?)");
-    int64_t numel = 1;
-    for (auto d : shape) numel *= d;
-    const uint64_t bytes = off[1] - off[0];
-    in.seekg(static_cast<std::streamoff>(data_start + off[0]));
-    std::vector<char> raw(bytes);
-    in.read(raw.data(), static_cast<std::streamsize>(bytes));
-    auto expect = [&](size_t es) {
-      if (bytes != numel * es)
-        throw std::runtime_error(path + ": tensor '" + name + "' has " + std::to_string(bytes) + " bytes for shape " +
-                                 shape_str(shape) + " of " + dt);
-    };
-    Tensor t;
-    if (dt == "F32" || dt == "I32" || dt == "U8") {
-      const DType d = dt == "F32" ? DType::f32 : dt == "I32" ? DType::i32 : DType::u8;
-      expect(dtype_size(d));
-      t = Tensor::empty(shape, d);
-      std::memcpy(t.raw(), raw.data(), bytes);
-    } else if (dt == "F64") {
-      expect(8);
-      t = Tensor::empty(shape, DType::f32);
-      const double* src = reinterpret_cast<const double*>(raw.data());
-      for (int64_t i = 0; i < numel; ++i) t.data<float>()[i] = static_cast<float>(src[i]);
-    } else {
-      throw std::runtime_error(path + ": tensor '" + name + "' has unsupported dtype " + dt);
-    }
-    f.tensors[name] = t;
   }
   return f;
 }

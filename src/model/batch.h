@@ -17,6 +17,10 @@ struct Batch {
   int64_t n_images() const { return pixels.defined() ? pixels.size(0) : 0; }
   int64_t supervised_count() const;  // targets >= 0
   int64_t non_pad_count() const;     // tokens that are text or image
+  // Throws std::invalid_argument naming the first problem: shapes, modality values, token
+  // ids outside the vocabulary at text/pad positions, targets at pad positions or out of
+  // range, pixel shape. The data path calls it too, so a bad record is named early.
+  void validate(int64_t vocab_size, int64_t image_size) const;
 };
 
 }  // namespace vchat

@@ -94,6 +94,10 @@ void ModelConfig::validate(const std::string& origin) const {
                         {"vision.width", vision.width}, {"vision.n_layers", vision.n_layers},
                         {"vision.n_heads", vision.n_heads}, {"vision.intermediate", vision.intermediate}})
     if (val <= 0) fail(kv(k, val) + " must be positive");
+  if (!(llm.rms_eps > 0)) fail("llm.rms_eps=" + std::to_string(llm.rms_eps) + " must be positive");
+  if (!(vision.ln_eps > 0)) fail("vision.ln_eps=" + std::to_string(vision.ln_eps) + " must be positive");
+  if (!(projection.ln_eps > 0)) fail("projection.ln_eps=" + std::to_string(projection.ln_eps) + " must be positive");
+  if (!(llm.rope_theta > 0)) fail("llm.rope_theta=" + std::to_string(llm.rope_theta) + " must be positive");
   if (llm.hidden % llm.n_heads) fail(kv("llm.n_heads", llm.n_heads) + " does not divide " + kv("llm.hidden", llm.hidden));
   if (llm.n_heads % llm.n_kv_heads)
     fail(kv("llm.n_kv_heads", llm.n_kv_heads) + " does not divide " + kv("llm.n_heads", llm.n_heads));

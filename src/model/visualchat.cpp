@@ -69,6 +69,7 @@ struct VisualChatModel::Cache {
 
 MicroBatchResult VisualChatModel::forward_backward(const Batch& batch, bool backward, float grad_scale,
                                                    bool keep_logits) {
+  batch.validate(cfg_.llm.vocab_size, cfg_.vision.image_size);
   const int64_t B = batch.batch_size(), L = batch.seq_len(), N = B * L, H = cfg_.llm.hidden;
   const int64_t T_img = cfg_.vision.tokens_per_image();
   Cache c;
@@ -93,6 +94,7 @@ MicroBatchResult VisualChatModel::forward_backward(const Batch& batch, bool back
   ops::embedding_fwd(id_t, embed_->value, x);
   if (batch.n_images() > 0) {
     Tensor feats = vit_.forward(batch.pixels, c.vit);
+    if (!vit_trains_) c.vit = VisionCache();  // a frozen encoder's activations are dead now
     Tensor img = proj_.forward(feats, c.proj);
     ops::scatter_rows(img, img_idx, x);
   }

@@ -1,6 +1,8 @@
 #include "train/adamw.h"
 
 #include <cmath>
+#include <stdexcept>
+#include <string>
 
 namespace vchat {
 
@@ -17,6 +19,9 @@ double AdamW::grad_norm() const {
 
 double AdamW::step(float lr) {
   const double norm = grad_norm();
+  if (!std::isfinite(norm))  // checked before touching anything: parameters stay as they were
+    throw std::runtime_error("gradient norm is " + std::to_string(norm) + " at update " + std::to_string(step_ + 1) +
+                             ": training diverged; lower --lr, raise --warmup or check the data");
   if (cfg_.clip_grad > 0 && norm > cfg_.clip_grad) {
     const float k = static_cast<float>(cfg_.clip_grad / (norm + 1e-6));
     for (auto& s : slots_) ops::scale(s.p->grad, k);

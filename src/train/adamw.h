@@ -20,6 +20,7 @@ class AdamW {
   // Global L2 norm of all gradients (before clipping).
   double grad_norm() const;
   // Clips (if configured) and applies one update at learning rate lr. Returns the norm.
+  // A non-finite norm throws before any parameter changes.
   double step(float lr);
   int64_t steps_taken() const { return step_; }
 

@@ -10,7 +10,7 @@ namespace vchat {
 
 SyntheticBatches::SyntheticBatches(const ModelConfig& cfg, const SyntheticSpec& spec, uint64_t seed)
     : cfg_(cfg), spec_(spec), rng_(seed) {
-  VCHAT_CHECK(spec.seq_len > cfg.vision.tokens_per_image() + 8,
+  VCHAT_CHECK(spec.seq_len >= cfg.vision.tokens_per_image() + 16,
               "--seq-len " << spec.seq_len << " cannot hold one image of " << cfg.vision.tokens_per_image()
                            << " tokens plus text");
 }

@@ -4,6 +4,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <sstream>
 
 namespace vchat {
 
@@ -82,9 +83,25 @@ bool parse_train_config(int argc, const char* const argv[], TrainConfig& c) {
   require_positive("log-every", c.log_every);
   if (c.data.max_images > 8) throw ConfigError("--max-images=" + std::to_string(c.data.max_images) + " exceeds the template's 8 images per sample");
   if (c.threads < 0) throw ConfigError("--threads=" + std::to_string(c.threads) + " must be >= 0");
-  if (!(c.lr.max_lr > 0)) throw ConfigError("--lr=" + std::to_string(c.lr.max_lr) + " must be positive");
+  auto bad = [](const std::string& opt, double v, const char* why) {
+    std::ostringstream o;
+    o << "--" << opt << "=" << v << " " << why;
+    return ConfigError(o.str());
+  };
+  if (!(c.lr.max_lr > 0)) throw bad("lr", c.lr.max_lr, "must be positive");
+  if (!(c.lr.min_lr >= 0 && c.lr.min_lr <= c.lr.max_lr)) throw bad("min-lr", c.lr.min_lr, "must be in [0, --lr]");
+  if (c.lr.warmup_steps < 0) throw bad("warmup", c.lr.warmup_steps, "must be >= 0");
+  if (!(c.adamw.beta1 >= 0 && c.adamw.beta1 < 1)) throw bad("beta1", c.adamw.beta1, "must be in [0, 1)");
+  if (!(c.adamw.beta2 >= 0 && c.adamw.beta2 < 1)) throw bad("beta2", c.adamw.beta2, "must be in [0, 1)");
+  if (!(c.adamw.eps > 0)) throw bad("adam-eps", c.adamw.eps, "must be positive");
+  if (!(c.adamw.weight_decay >= 0)) throw bad("weight-decay", c.adamw.weight_decay, "must be >= 0");
+  if (!(c.model_options.lora_alpha > 0)) throw bad("lora-alpha", c.model_options.lora_alpha, "must be positive");
   c.lr.total_steps = c.steps;
   c.model = ModelConfig::load(c.model_file);
+  const int64_t t_img = c.model.vision.tokens_per_image();
+  if (c.data.seq_len < t_img + 16)
+    throw ConfigError("--seq-len=" + std::to_string(c.data.seq_len) + " cannot hold one image of " + std::to_string(t_img) +
+                      " tokens plus text (model '" + c.model_file + "'); use at least " + std::to_string(t_img + 16));
   if (c.data.seq_len > c.model.llm.max_seq_len)
     throw ConfigError("--seq-len=" + std::to_string(c.data.seq_len) + " exceeds llm.max_seq_len=" +
                       std::to_string(c.model.llm.max_seq_len) + " of '" + c.model_file + "'");
