@@ -32,10 +32,10 @@ test: build build-cuda
 bench: build
 	bash bench/run_step_bench.sh
 
-# Trains the tiny model end to end on the synthetic source (the data issue replaces this
-# with the full prep → shards → mpirun pipeline).
+# End to end on a small embedded default: synthetic visual task → tokenizer → shards →
+# tiny model trained on 2 MPI ranks → validation loss and held-out answer accuracy.
 demo: build
-	$(BUILD)/vchat-train --config inputs/train/demo.ini
+	bash tools/demo.sh $(BUILD)
 
 clean:
 	rm -rf $(BUILD) $(BUILD_CUDA)

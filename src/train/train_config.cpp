@@ -47,7 +47,13 @@ bool parse_train_config(int argc, const char* const argv[], TrainConfig& c) {
     ("seed", po::value(&c.seed)->default_value(1234), "seed for weights and synthetic data")
     ("threads", po::value(&c.threads)->default_value(0), "CPU threads for OpenMP and OpenBLAS (0: library default)")
     ("log-every", po::value(&c.log_every)->default_value(1), "print a step line every N steps")
-    ("metrics", po::value(&c.metrics_file), "append one JSON line per step to this file");
+    ("metrics", po::value(&c.metrics_file), "append one JSON line per step to this file")
+    ("data", po::value(&c.data_sources)->composing(), "prepared dataset name=path[:weight]; repeatable (blended by weight)")
+    ("global-batch", po::value(&c.global_batch)->default_value(0), "samples per step over all ranks (0: micro-batch-size x micro-batches x dp)")
+    ("val-fraction", po::value(&c.val_fraction)->default_value(0.0), "fraction of each dataset held out for validation")
+    ("val-every", po::value(&c.val_every)->default_value(0), "steps between validation passes (0: at the end only)")
+    ("tokenizer", po::value(&c.tokenizer), "sentencepiece model; its SHA-256 must match the shards'")
+    ("blank-images", po::bool_switch(&c.blank_images), "replace every image by the mean colour (ablation)");
   // clang-format on
 
   po::variables_map vm;
@@ -71,6 +77,11 @@ bool parse_train_config(int argc, const char* const argv[], TrainConfig& c) {
     std::cout << "usage: vchat-train [--config FILE.ini] [options]\n\n" << general << "\n";
     return false;
   }
+  auto bad = [](const std::string& opt, double v, const char* why) {
+    std::ostringstream o;
+    o << "--" << opt << "=" << v << " " << why;
+    return ConfigError(o.str());
+  };
   c.model_options.train = parse_train_set(train);
   c.model_options.attention = parse_attention(attention);
   require_positive("steps", c.steps);
@@ -82,12 +93,12 @@ bool parse_train_config(int argc, const char* const argv[], TrainConfig& c) {
   require_positive("lora-rank", c.model_options.lora_rank);
   require_positive("log-every", c.log_every);
   if (c.data.max_images > 8) throw ConfigError("--max-images=" + std::to_string(c.data.max_images) + " exceeds the template's 8 images per sample");
+  if (c.global_batch < 0) throw ConfigError("--global-batch=" + std::to_string(c.global_batch) + " must be >= 0");
+  if (!(c.val_fraction >= 0 && c.val_fraction < 1)) throw bad("val-fraction", c.val_fraction, "must be in [0, 1)");
+  if (c.val_every < 0) throw bad("val-every", c.val_every, "must be >= 0");
+  if (!c.tokenizer.empty() && !std::filesystem::exists(c.tokenizer))
+    throw ConfigError("--tokenizer '" + c.tokenizer + "': no such file");
   if (c.threads < 0) throw ConfigError("--threads=" + std::to_string(c.threads) + " must be >= 0");
-  auto bad = [](const std::string& opt, double v, const char* why) {
-    std::ostringstream o;
-    o << "--" << opt << "=" << v << " " << why;
-    return ConfigError(o.str());
-  };
   if (!(c.lr.max_lr > 0)) throw bad("lr", c.lr.max_lr, "must be positive");
   if (!(c.lr.min_lr >= 0 && c.lr.min_lr <= c.lr.max_lr)) throw bad("min-lr", c.lr.min_lr, "must be in [0, --lr]");
   if (c.lr.warmup_steps < 0) throw bad("warmup", c.lr.warmup_steps, "must be >= 0");

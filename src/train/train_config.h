@@ -20,7 +20,7 @@ struct TrainConfig {
   ModelOptions model_options;
   AdamWConfig adamw;
   LrSchedule lr;
-  SyntheticSpec data;
+  SyntheticSpec data;  // micro-batch shape (and the synthetic source's layout)
   int64_t steps = 10;
   int64_t micro_batches = 1;  // gradient accumulation per step
   uint64_t seed = 1234;
@@ -28,6 +28,14 @@ struct TrainConfig {
   int64_t log_every = 1;
   bool fixed_batch = false;   // reuse one batch every step (overfitting check)
   std::string metrics_file;   // JSON lines, one per step; empty = none
+
+  // Real data (docs/DATA.md). Without --data the synthetic source is used.
+  std::vector<std::string> data_sources;  // --data name=path[:weight], repeatable
+  int64_t global_batch = 0;       // samples per step over all DP ranks (0: micro-batch x micro-batches x dp)
+  double val_fraction = 0.0;
+  int64_t val_every = 0;          // steps between validation passes (0: only at the end)
+  std::string tokenizer;          // its SHA-256 must match the shards' (optional)
+  bool blank_images = false;      // ablation: every image replaced by the mean colour
 };
 
 // Parses argv. Returns false when --help was printed. Throws ConfigError (exit 2) naming

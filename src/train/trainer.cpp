@@ -3,52 +3,87 @@
 #include <cblas.h>
 #include <omp.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <nlohmann/json.hpp>
 
+#include "data/sha256.h"
 #include "model/params.h"
+#include "ops.h"
 
 namespace vchat {
 
-Trainer::Trainer(const TrainConfig& cfg) : cfg_(cfg), data_(cfg.model, cfg.data, cfg.seed + 1) {
+Trainer::Trainer(const TrainConfig& cfg, Comm* comm) : cfg_(cfg), comm_(comm) {
   if (cfg.threads > 0) {
     omp_set_num_threads(cfg.threads);
     openblas_set_num_threads(cfg.threads);
   }
+  // Same seed on every rank: identical initial weights without a broadcast.
   model_ = std::make_unique<VisualChatModel>(cfg.model, cfg.model_options);
   init_params(model_->params(), cfg.seed);
   opt_ = std::make_unique<AdamW>(model_->params().trainable(), cfg.adamw);
-  if (!cfg.metrics_file.empty()) {
+
+  if (cfg.data_sources.empty()) {
+    if (cfg.val_fraction > 0) throw ConfigError("--val-fraction needs --data");
+    // Each DP rank draws its own synthetic stream.
+    synthetic_ = std::make_unique<SyntheticBatches>(cfg.model, cfg.data, cfg.seed + 1 + (comm ? comm->rank() : 0));
+  } else {
+    data::LoaderConfig lc;
+    for (const std::string& s : cfg.data_sources) lc.sources.push_back(data::parse_data_source(s));
+    lc.seed = cfg.seed;
+    lc.micro_batch = cfg.data.batch_size;
+    lc.dp_rank = comm ? comm->rank() : 0;
+    lc.dp_size = dp_size();
+    lc.global_batch = cfg.global_batch ? cfg.global_batch : cfg.data.batch_size * cfg.micro_batches * dp_size();
+    lc.val_fraction = cfg.val_fraction;
+    if (!cfg.tokenizer.empty()) lc.tokenizer_sha256 = data::sha256_file(cfg.tokenizer);
+    lc.collate = {cfg.model.vision.tokens_per_image(), cfg.model.vision.image_size, cfg.data.seq_len, cfg.blank_images};
+    loader_ = std::make_unique<data::DataLoader>(lc);
+  }
+  if (!cfg.metrics_file.empty() && is_root()) {
     metrics_.open(cfg.metrics_file, std::ios::app);
     if (!metrics_) throw ConfigError("--metrics '" + cfg.metrics_file + "': cannot open for writing");
   }
+}
+
+std::vector<Batch> Trainer::next_batches() {
+  if (loader_) return loader_->next_step().micro;
+  if (fixed_) return *fixed_;
+  std::vector<Batch> batches;
+  for (int64_t m = 0; m < cfg_.micro_batches; ++m) batches.push_back(synthetic_->next());
+  if (cfg_.fixed_batch) fixed_ = batches;
+  return batches;
 }
 
 StepStats Trainer::step() {
   using clock = std::chrono::steady_clock;
   const auto t0 = clock::now();
   StepStats s;
-  const int64_t M = cfg_.micro_batches;
 
-  // 1. The micro-batches of this step.
-  std::vector<Batch> batches;
-  if (fixed_) {
-    batches = *fixed_;
-  } else {
-    for (int64_t m = 0; m < M; ++m) batches.push_back(data_.next());
-    if (cfg_.fixed_batch) fixed_ = batches;
-  }
+  // 1. This rank's micro-batches of the step.
+  const std::vector<Batch> batches = next_batches();
+  const int64_t M = static_cast<int64_t>(batches.size()), dp = dp_size();
 
-  // 2. Forward + backward each; the step loss is the mean of micro-batch means.
+  // 2. Forward + backward each. The step loss is the mean of micro-batch means over all
+  //    micro-batches of all DP ranks, so every gradient is scaled by 1/(M·dp) and summed.
   model_->params().zero_grads();
+  double sums[2] = {0, 0};  // loss, tokens
   for (const Batch& b : batches) {
-    const MicroBatchResult r = model_->forward_backward(b, /*backward=*/true, 1.f / static_cast<float>(M));
-    s.loss += r.loss / M;
-    s.tokens += b.non_pad_count();
+    const MicroBatchResult r = model_->forward_backward(b, /*backward=*/true, 1.f / static_cast<float>(M * dp));
+    sums[0] += r.loss / static_cast<double>(M * dp);
+    sums[1] += static_cast<double>(b.non_pad_count());
   }
 
-  // 3. Clip and update.
+  // 3. Data parallel: sum gradients (already scaled) and the step's loss over the group.
+  if (comm_ && dp > 1) {
+    for (Param* p : model_->params().trainable()) comm_->all_reduce(p->grad, ReduceOp::sum);
+    comm_->all_reduce_f64(sums, 2, ReduceOp::sum);
+  }
+  s.loss = sums[0];
+  s.tokens = static_cast<int64_t>(sums[1]);
+
+  // 4. Clip and update (identical on every rank: same gradients, same state).
   s.lr = cfg_.lr.at(step_);
   s.grad_norm = opt_->step(s.lr);
   s.step = ++step_;
@@ -56,17 +91,67 @@ StepStats Trainer::step() {
   return s;
 }
 
+EvalStats Trainer::evaluate() {
+  EvalStats e;
+  if (!loader_) return e;
+  double sums[4] = {0, 0, 0, 0};  // loss sum, tokens, answers, exact answers
+  for (const Batch& b : loader_->validation()) {
+    const MicroBatchResult r = model_->forward_backward(b, /*backward=*/false, 1.f, /*keep_logits=*/true);
+    sums[0] += r.loss * r.supervised;
+    sums[1] += r.supervised;
+    // Teacher-forced exact match: an answer span counts when every target is the argmax.
+    const int64_t N = r.logits.size(0), V = r.logits.size(1);
+    const float* lg = r.logits.data<float>();
+    const int32_t* tg = b.targets.data<int32_t>();
+    const int64_t L = b.seq_len();
+    for (int64_t row = 0; row * L < N; ++row) {
+      bool in_span = false, ok = true;
+      for (int64_t l = 0; l <= L; ++l) {  // l == L closes a span that runs to the row's end
+        const int64_t i = row * L + l;
+        if (l < L && tg[i] >= 0) {
+          const float* x = lg + i * V;
+          const bool hit = std::max_element(x, x + V) - x == tg[i];
+          ok = in_span ? ok && hit : hit;
+          in_span = true;
+        } else if (in_span) {
+          sums[2] += 1;
+          sums[3] += ok;
+          in_span = false;
+        }
+      }
+    }
+  }
+  if (comm_ && comm_->size() > 1) comm_->all_reduce_f64(sums, 4, ReduceOp::sum);
+  e.loss = sums[1] > 0 ? sums[0] / sums[1] : 0;
+  e.tokens = static_cast<int64_t>(sums[1]);
+  e.answers = static_cast<int64_t>(sums[2]);
+  e.answers_exact = static_cast<int64_t>(sums[3]);
+  return e;
+}
+
 void Trainer::run() {
   const ParamStore& ps = model_->params();
-  std::printf("vchat-train | model %s | train %s | attention %s | params %.2fM (trainable %.2fM) | threads %d\n",
-              cfg_.model.name.c_str(), train_set_name(cfg_.model_options.train),
-              cfg_.model_options.attention == ops::AttnMode::mmca ? "mmca" : "causal", ps.numel(false) / 1e6,
-              ps.numel(true) / 1e6, omp_get_max_threads());
+  if (is_root())
+    std::printf("vchat-train | model %s | train %s | attention %s | params %.2fM (trainable %.2fM) | dp %d | threads %d | data %s\n",
+                cfg_.model.name.c_str(), train_set_name(cfg_.model_options.train),
+                cfg_.model_options.attention == ops::AttnMode::mmca ? "mmca" : "causal", ps.numel(false) / 1e6,
+                ps.numel(true) / 1e6, dp_size(), omp_get_max_threads(),
+                loader_ ? (std::to_string(cfg_.data_sources.size()) + " dataset(s), " +
+                           std::to_string(loader_->validation_samples()) + " held out").c_str()
+                        : "synthetic");
+  auto report_eval = [&](const char* when) {
+    const EvalStats e = evaluate();
+    if (is_root())
+      std::printf("validation %s | step %lld | loss %.4f | answer accuracy %.4f (%lld/%lld, teacher-forced exact match)\n",
+                  when, static_cast<long long>(step_), e.loss, e.accuracy(), static_cast<long long>(e.answers_exact),
+                  static_cast<long long>(e.answers));
+    std::fflush(stdout);
+  };
   double elapsed = 0;
   for (int64_t i = 0; i < cfg_.steps; ++i) {
     const StepStats s = step();
     elapsed += s.seconds;
-    if (s.step % cfg_.log_every == 0 || s.step == cfg_.steps) {
+    if (is_root() && (s.step % cfg_.log_every == 0 || s.step == cfg_.steps)) {
       const double eta = elapsed / s.step * (cfg_.steps - s.step);
       std::printf("step %5lld/%lld | loss %.4f | lr %.3e | grad norm %.4f | %.0f tok/s | %.0f ms | eta %.0fs\n",
                   static_cast<long long>(s.step), static_cast<long long>(cfg_.steps), s.loss, s.lr, s.grad_norm,
@@ -78,7 +163,11 @@ void Trainer::run() {
                           {"grad_norm", s.grad_norm}, {"tokens", s.tokens}, {"seconds", s.seconds}};
       metrics_ << j.dump() << "\n" << std::flush;
     }
+    if (loader_ && loader_->validation_samples() > 0 && cfg_.val_every > 0 && s.step % cfg_.val_every == 0 &&
+        s.step != cfg_.steps)
+      report_eval("periodic");
   }
+  if (loader_ && loader_->validation_samples() > 0) report_eval("final");
 }
 
 }  // namespace vchat

@@ -1,11 +1,14 @@
-// The training loop on one rank: batches → forward/backward per micro-batch → clip →
-// AdamW → log. One step reads top to bottom in Trainer::step().
+// The training loop: batches → forward/backward per micro-batch → gradient all-reduce
+// over the data-parallel group → clip → AdamW → log. One step reads top to bottom in
+// Trainer::step(). Every rank runs the same loop (SPMD); rank 0 prints.
 #pragma once
 #include <fstream>
 #include <memory>
 #include <optional>
 
+#include "data/loader.h"
 #include "model/visualchat.h"
+#include "parallel/comm.h"
 #include "train/adamw.h"
 #include "train/synthetic.h"
 #include "train/train_config.h"
@@ -16,21 +19,38 @@ struct StepStats {
   int64_t step = 0;  // 1-based, after the update
   double loss = 0, grad_norm = 0, seconds = 0;
   float lr = 0;
-  int64_t tokens = 0;  // non-pad tokens processed
+  int64_t tokens = 0;  // non-pad tokens processed by all ranks
+};
+
+struct EvalStats {
+  double loss = 0;           // mean CE over all supervised validation tokens
+  int64_t tokens = 0;        // supervised tokens
+  int64_t answers = 0;       // answer spans (maximal runs of supervised targets)
+  int64_t answers_exact = 0; // spans whose every token is the argmax (teacher-forced)
+  double accuracy() const { return answers ? static_cast<double>(answers_exact) / answers : 0.0; }
 };
 
 class Trainer {
  public:
-  explicit Trainer(const TrainConfig& cfg);
+  // comm: the data-parallel group (nullptr = one rank).
+  Trainer(const TrainConfig& cfg, Comm* comm = nullptr);
   StepStats step();
-  void run();  // all steps, logging one line per step to stdout
+  EvalStats evaluate();  // on the held-out split of --data (all ranks; needs --val-fraction)
+  void run();            // all steps, one log line per step on rank 0, validation as configured
   VisualChatModel& model() { return *model_; }
+  data::DataLoader* loader() { return loader_.get(); }
 
  private:
+  std::vector<Batch> next_batches();
+  bool is_root() const { return !comm_ || comm_->rank() == 0; }
+  int dp_size() const { return comm_ ? comm_->size() : 1; }
+
   TrainConfig cfg_;
+  Comm* comm_;
   std::unique_ptr<VisualChatModel> model_;
   std::unique_ptr<AdamW> opt_;
-  SyntheticBatches data_;
+  std::unique_ptr<SyntheticBatches> synthetic_;
+  std::unique_ptr<data::DataLoader> loader_;
   std::optional<std::vector<Batch>> fixed_;
   int64_t step_ = 0;
   std::ofstream metrics_;
