@@ -30,6 +30,22 @@ class Comm {
   void all_reduce(const Tensor& t, ReduceOp op) { all_reduce(t.raw(), t.numel(), t.dtype(), op); }
 };
 
+// The one-rank group: every collective is the identity. For single-process tools and tests
+// that run library code written against Comm without MPI.
+class SelfComm final : public Comm {
+ public:
+  int rank() const override { return 0; }
+  int size() const override { return 1; }
+  const std::string& name() const override { return name_; }
+  void all_reduce(void*, int64_t, DType, ReduceOp) override {}
+  void all_reduce_f64(double*, int64_t, ReduceOp) override {}
+  void broadcast(void*, int64_t, int) override {}
+  void barrier() override {}
+
+ private:
+  std::string name_ = "self";
+};
+
 // MPI for the process: initialized once in main() and finalized when this goes out of
 // scope. Every other MPI object must die before it.
 class MpiSession {

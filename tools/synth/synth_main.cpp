@@ -172,7 +172,7 @@ struct Written {
   int64_t images = 0;
 };
 
-// Generates, draws and writes sample `index`'s images; returns its data.json entry.
+// Generates, draws and writes sample `index`'s images; returns its data.json entry and text.
 Written write_sample(const Options& o, int64_t index) {
   vchat::synth::Rng rng = vchat::synth::Rng::for_sample(o.seed, static_cast<uint64_t>(index));
   const Sample s = vchat::synth::make_sample(rng, o.image_size, o.max_images);
@@ -236,22 +236,22 @@ int run(const Options& o) {
   json << "[\n";
   for (int64_t begin = 0; begin < o.samples; begin += kBlock) {
     const int64_t end = std::min(o.samples, begin + kBlock);
-    std::vector<Written> lines(static_cast<size_t>(end - begin));
-    std::vector<std::string> errors(lines.size());
+    std::vector<Written> written(static_cast<size_t>(end - begin));
+    std::vector<std::string> errors(written.size());
 #pragma omp parallel for schedule(dynamic, 4)
     for (int64_t i = begin; i < end; ++i) {
       try {
-        lines[static_cast<size_t>(i - begin)] = write_sample(o, i);
+        written[static_cast<size_t>(i - begin)] = write_sample(o, i);
       } catch (const std::exception& e) {  // exceptions must not leave an OpenMP region
         errors[static_cast<size_t>(i - begin)] = e.what();
       }
     }
-    for (size_t k = 0; k < lines.size(); ++k) {
+    for (size_t k = 0; k < written.size(); ++k) {
       if (!errors[k].empty()) throw std::runtime_error("sample " + std::to_string(begin + static_cast<int64_t>(k)) + ": " + errors[k]);
-      kinds[static_cast<int>(lines[k].kind)]++;
-      images += lines[k].images;
-      corpus << lines[k].corpus;
-      json << "  " << lines[k].entry << (begin + static_cast<int64_t>(k) + 1 < o.samples ? ",\n" : "\n");
+      kinds[static_cast<int>(written[k].kind)]++;
+      images += written[k].images;
+      corpus << written[k].corpus;
+      json << "  " << written[k].entry << (begin + static_cast<int64_t>(k) + 1 < o.samples ? ",\n" : "\n");
     }
     const auto now = Clock::now();
     if (report && (now - last_report > std::chrono::seconds(2) || end == o.samples)) {
