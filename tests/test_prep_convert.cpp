@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 #include <opencv2/imgcodecs.hpp>
 #include <set>
+#include <sstream>
 
 #include "chat_template.h"
 #include "convert.h"
@@ -17,6 +18,7 @@
 #include "data/loader.h"
 #include "data/manifest.h"
 #include "image_prep.h"
+#include "inspect.h"
 #include "model/config.h"
 #include "sources.h"
 #include "tokenizer.h"
@@ -267,4 +269,47 @@ TEST_F(PrepConvert, ExistingOutputIsNeverOverwrittenWithoutTheFlag) {
   EXPECT_EQ(fs::last_write_time(dir_ / "out" / "manifest.json"), before);
   o.overwrite = true;
   EXPECT_EQ(convert(o, self).samples, 3);
+}
+
+TEST_F(PrepConvert, InspectRendersASampleAndDumpsItsImages) {
+  const auto in = write("llava.json", kLlava);
+  ConvertOptions o = options("llava", in, (dir_ / "img").string());
+  o.shard_samples = 10;  // one shard, record order: sample 1 is "two"
+  SelfComm self;
+  convert(o, self);
+  std::ostringstream out;
+  InspectOptions io;
+  io.dir = o.out;
+  io.sample = 1;
+  io.dump_image = (dir_ / "dump").string();
+  inspect(io, out);
+  const std::string text = out.str();
+  EXPECT_NE(text.find("samples   3"), std::string::npos) << text;
+  EXPECT_NE(text.find("2 image(s) [8x8x3, 8x8x3]"), std::string::npos) << text;
+  EXPECT_NE(text.find("### Image 2:\n<image>"), std::string::npos) << text;
+  EXPECT_NE(text.find("[[green</s>]]"), std::string::npos) << text;
+  EXPECT_NE(text.find("[[blue</s>]]"), std::string::npos) << text;
+  for (int k = 1; k <= 2; ++k) {
+    const cv::Mat m = cv::imread((dir_ / "dump" / ("sample1_image" + std::to_string(k) + ".png")).string());
+    ASSERT_FALSE(m.empty());
+    EXPECT_EQ(m.rows, kS);
+  }
+  // Image 1 of "two" is c1.png: pure green (BGR 0,255,0) padded with its own mean colour.
+  const cv::Mat m = cv::imread((dir_ / "dump" / "sample1_image1.png").string());
+  EXPECT_EQ(m.at<cv::Vec3b>(4, 4), cv::Vec3b(0, 255, 0));
+}
+
+TEST_F(PrepConvert, VerifyPassesAGoodDatasetAndFlagsADamagedShard) {
+  const auto in = write("llava.json", kLlava);
+  ConvertOptions o = options("llava", in, (dir_ / "img").string());
+  SelfComm self;
+  convert(o, self);
+  std::ostringstream ok;
+  EXPECT_EQ(verify(o.out, ok), 0) << ok.str();
+  const data::Manifest m = data::read_manifest(o.out);
+  const fs::path shard = fs::path(o.out) / m.shards[0].file;
+  fs::resize_file(shard, fs::file_size(shard) / 2);
+  std::ostringstream bad;
+  EXPECT_GT(verify(o.out, bad), 0);
+  EXPECT_NE(bad.str().find(m.shards[0].file), std::string::npos) << bad.str();
 }

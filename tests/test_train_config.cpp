@@ -6,6 +6,8 @@
 #include <filesystem>
 #include <fstream>
 
+#include "train/train_config.h"
+
 namespace {
 
 struct RunResult {
@@ -84,4 +86,21 @@ TEST(TrainRun, IniConfigWithCommandLineOverrideRuns) {
   EXPECT_NE(r.output.find("step     2/2"), std::string::npos) << "command line must win over the INI:\n" << r.output;
   EXPECT_EQ(r.output.find("step     3/"), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("tok/s"), std::string::npos) << r.output;
+}
+
+TEST(TrainConfigParse, DataSourcesComeFromTheCommandLineAndTheIniTogether) {
+  const auto ini = write_tmp("vchat_data.ini", "data = a=/data/a:0.7\ndata = b=/data/b:0.3\nglobal-batch = 16\n");
+  const std::string model = std::string(VCHAT_SOURCE_DIR) + "/inputs/models/tiny.json";
+  const char* argv[] = {"vchat-train", "--config", ini.c_str(), "--model", model.c_str(), "--data", "c=/data/c"};
+  vchat::TrainConfig c;
+  ASSERT_TRUE(vchat::parse_train_config(7, argv, c));
+  EXPECT_EQ(c.data_sources, (std::vector<std::string>{"c=/data/c", "a=/data/a:0.7", "b=/data/b:0.3"}));
+  EXPECT_EQ(c.global_batch, 16);
+}
+
+TEST(TrainConfigErrors, MissingDatasetDirectoryIsNamed) {
+  const RunResult r = run_train("--data x=/nonexistent/dataset:1 --steps 1");
+  EXPECT_NE(r.code, 0) << r.output;
+  EXPECT_NE(r.output.find("/nonexistent/dataset"), std::string::npos) << r.output;
+  EXPECT_EQ(r.output.find("step "), std::string::npos) << r.output;
 }
