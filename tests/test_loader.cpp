@@ -222,3 +222,28 @@ TEST(Loader, ErrorsNameTheDatasetAndReachTheCaller) {
   EXPECT_DOUBLE_EQ(d.weight, 0.25);
   EXPECT_DOUBLE_EQ(parse_data_source("x=/p").weight, 1.0);
 }
+
+TEST(Loader, AReadErrorOnThePrefetchThreadReachesTheCaller) {
+  // A private copy of dataset "a", damaged after the loader opened it: the next reads on
+  // the prefetch thread fail, and next_step() rethrows that error naming the file.
+  const fs::path src = loader_config(0, 1).sources[0].path;
+  const fs::path dir = fs::temp_directory_path() / ("vchat_loader_damaged_" + std::to_string(getpid()));
+  fs::remove_all(dir);
+  fs::copy(src, dir);
+  LoaderConfig c = loader_config(0, 1);
+  c.sources = {{"a", dir.string(), 1.0}};
+  c.val_fraction = 0;
+  c.prefetch_steps = 1;
+  DataLoader loader(c);
+  for (const auto& e : fs::directory_iterator(dir))
+    if (e.path().extension() == ".h5") fs::resize_file(e.path(), 4096);
+  try {
+    for (int i = 0; i < 50; ++i) loader.next_step();
+    FAIL() << "reads from a truncated shard succeeded";
+  } catch (const DataError& e) {
+    EXPECT_NE(std::string(e.what()).find(dir.string()), std::string::npos) << e.what();
+  } catch (const std::exception& e) {
+    FAIL() << "expected a DataError naming the shard, got: " << e.what();
+  }
+  fs::remove_all(dir);
+}

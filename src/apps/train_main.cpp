@@ -1,6 +1,8 @@
 // vchat-train: MPI up, parse options, build the trainer, run. Exit 2 for configuration
-// errors (every rank parses the same options, so all ranks stop together), 1 for run-time
-// failures (the failing rank aborts the job so no rank waits forever in a collective).
+// errors, 1 for run-time failures. Option parsing is identical on every rank, so all ranks
+// stop there together; any later error may hit one rank only, so in a multi-rank job that
+// rank prints and aborts the whole job (MPI_Abort) rather than leave the others waiting in
+// a collective or in MPI_Finalize.
 #include <cstdio>
 #include <exception>
 
@@ -23,7 +25,8 @@ int main(int argc, char** argv) {
     vchat::Trainer trainer(cfg, world.get());
     trainer.run();
   } catch (const vchat::ConfigError& e) {
-    if (root) std::fprintf(stderr, "vchat-train: error: %s\n", e.what());
+    std::fprintf(stderr, "vchat-train: error (rank %d): %s\n", mpi.rank(), e.what());
+    if (mpi.size() > 1) vchat::MpiSession::abort_job(2);
     return 2;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "vchat-train: fatal (rank %d): %s\n", mpi.rank(), e.what());

@@ -2,9 +2,10 @@
 // deterministic global order (data/blend.h), this DP rank's share of every global batch,
 // collated micro-batches, and HDF5 reads on one background thread with a bounded queue.
 //
-// Threading: HDF5 (Debian's serial build) is not thread-safe, so exactly one thread touches
-// it at a time: the constructor reads the validation split on the calling thread, then
-// the prefetch thread owns every reader until the loader is destroyed.
+// Threading: one thread touches the readers at a time: the constructor reads the
+// validation split on the calling thread, then the prefetch thread owns every reader until
+// the loader is destroyed (a single reader thread keeps the order simple and deterministic;
+// Debian's libhdf5 would allow more, see src/data/hdf5.h).
 #pragma once
 #include <condition_variable>
 #include <deque>

@@ -23,6 +23,33 @@ constexpr const char* kManifestName = "manifest.json";
 
 [[noreturn]] void fail(const std::string& file, const std::string& what) { throw DataError(file + ": " + what); }
 
+
+// Typed field access with messages that name the file and the field's path in the JSON.
+struct Fields {
+  const std::string& file;
+
+  const json& need(const json& obj, const std::string& key, const std::string& where) const {
+    if (!obj.is_object()) fail(file, "'" + where + "' must be an object");
+    const auto it = obj.find(key);
+    if (it == obj.end()) fail(file, "missing field '" + where + key + "'");
+    return *it;
+  }
+  int64_t count(const json& obj, const std::string& key, const std::string& where = "") const {
+    const json& v = need(obj, key, where);
+    if (!v.is_number_integer()) fail(file, "field '" + where + key + "' must be an integer, got " + v.dump());
+    const int64_t x = v.get<int64_t>();
+    if (x < 0) fail(file, "field '" + where + key + "' is " + std::to_string(x) + ", must be >= 0");
+    return x;
+  }
+  std::string text(const json& obj, const std::string& key, const std::string& where = "") const {
+    const json& v = need(obj, key, where);
+    if (!v.is_string()) fail(file, "field '" + where + key + "' must be a string, got " + v.dump());
+    return v.get<std::string>();
+  }
+};
+
+}  // namespace
+
 // Writes content to path via path.tmp: write, fsync, rename, fsync the directory.
 void write_file_atomic(const std::string& path, const std::string& content) {
   const std::string tmp = path + ".tmp";
@@ -54,32 +81,6 @@ void write_file_atomic(const std::string& path, const std::string& content) {
   const fs::path parent = fs::path(path).parent_path();
   fsync_path(parent.empty() ? std::string(".") : parent.string());
 }
-
-// Typed field access with messages that name the file and the field's path in the JSON.
-struct Fields {
-  const std::string& file;
-
-  const json& need(const json& obj, const std::string& key, const std::string& where) const {
-    if (!obj.is_object()) fail(file, "'" + where + "' must be an object");
-    const auto it = obj.find(key);
-    if (it == obj.end()) fail(file, "missing field '" + where + key + "'");
-    return *it;
-  }
-  int64_t count(const json& obj, const std::string& key, const std::string& where = "") const {
-    const json& v = need(obj, key, where);
-    if (!v.is_number_integer()) fail(file, "field '" + where + key + "' must be an integer, got " + v.dump());
-    const int64_t x = v.get<int64_t>();
-    if (x < 0) fail(file, "field '" + where + key + "' is " + std::to_string(x) + ", must be >= 0");
-    return x;
-  }
-  std::string text(const json& obj, const std::string& key, const std::string& where = "") const {
-    const json& v = need(obj, key, where);
-    if (!v.is_string()) fail(file, "field '" + where + key + "' must be a string, got " + v.dump());
-    return v.get<std::string>();
-  }
-};
-
-}  // namespace
 
 void write_manifest(const std::string& dir, const Manifest& m) {
   // ordered_json keeps docs/DATA.md's key order, which makes the file easy to read.

@@ -25,6 +25,10 @@ struct Manifest {
 
 // Writes dir/manifest.json atomically (tmp file, fsync, rename, fsync of dir): the manifest
 // is what marks a directory as a complete dataset, so it must never be seen half-written.
+// Writes content to path via path.tmp: write, fsync, rename, fsync the directory.
+// Throws DataError naming the file. Readers never see a partial file.
+void write_file_atomic(const std::string& path, const std::string& content);
+
 void write_manifest(const std::string& dir, const Manifest& m);
 
 // Reads and checks dir/manifest.json: required fields and their types, format_version,

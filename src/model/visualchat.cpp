@@ -68,7 +68,7 @@ struct VisualChatModel::Cache {
 };
 
 MicroBatchResult VisualChatModel::forward_backward(const Batch& batch, bool backward, float grad_scale,
-                                                   bool keep_logits) {
+                                                   bool keep_logits, int64_t loss_tokens) {
   batch.validate(cfg_.llm.vocab_size, cfg_.vision.image_size);
   const int64_t B = batch.batch_size(), L = batch.seq_len(), N = B * L, H = cfg_.llm.hidden;
   const int64_t T_img = cfg_.vision.tokens_per_image();
@@ -110,13 +110,14 @@ MicroBatchResult VisualChatModel::forward_backward(const Batch& batch, bool back
   const Tensor targets = batch.targets.reshape({N});
   MicroBatchResult r;
   r.supervised = batch.supervised_count();
-  const double loss_sum = ops::cross_entropy_fwd(logits, targets, lse);
-  r.loss = r.supervised ? loss_sum / r.supervised : 0.0;
+  r.loss_sum = ops::cross_entropy_fwd(logits, targets, lse);
+  r.loss = r.supervised ? r.loss_sum / r.supervised : 0.0;
   if (keep_logits) r.logits = logits.clone();
   if (!backward || r.supervised == 0) return r;
 
   // 5. Backward, in reverse. dlogits reuses the logits buffer.
-  ops::cross_entropy_bwd(logits, targets, lse, grad_scale / static_cast<float>(r.supervised), logits);
+  const int64_t denom = loss_tokens > 0 ? loss_tokens : r.supervised;
+  ops::cross_entropy_bwd(logits, targets, lse, grad_scale / static_cast<float>(denom), logits);
   Tensor dx = Tensor::empty({N, H});
   lm_head_.backward(logits, c.head, dx);
   logits = Tensor();

@@ -28,6 +28,7 @@ struct ModelOptions {
 
 struct MicroBatchResult {
   double loss = 0.0;         // mean CE over the micro-batch's supervised tokens
+  double loss_sum = 0.0;     // summed CE over them
   int64_t supervised = 0;    // tokens that carried loss
   Tensor logits;             // [B*L, V], only when asked for
 };
@@ -36,10 +37,13 @@ class VisualChatModel {
  public:
   VisualChatModel(const ModelConfig& cfg, const ModelOptions& opt);
 
-  // Forward, loss and (when backward) gradients of loss * grad_scale accumulated into
-  // the trainable parameters' grads. grad_scale = 1/M averages M micro-batches.
+  // Forward, loss and (when backward) the gradient of grad_scale · loss_sum / loss_tokens
+  // accumulated into the trainable parameters' grads. loss_tokens = 0 means this
+  // micro-batch's own supervised count (its mean loss); the trainer passes the supervised
+  // count of the whole global batch, so the step loss is the token mean over the global
+  // batch whatever the micro-batch and DP split (docs/DECISIONS.md).
   MicroBatchResult forward_backward(const Batch& batch, bool backward, float grad_scale = 1.f,
-                                    bool keep_logits = false);
+                                    bool keep_logits = false, int64_t loss_tokens = 0);
 
   ParamStore& params() { return params_; }
   const ParamStore& params() const { return params_; }

@@ -1,10 +1,15 @@
 // Comm: the collective/point-to-point interface every parallelism is written against
-// (DESIGN.md §5). Backends: MPI (CPU, any host buffers; comm_mpi.cpp) and, with the
-// parallelism issue, NCCL (device buffers). A Comm is one group: its rank and size are
-// within that group.
+// (DESIGN.md §5). Backends: MPI (CPU, any host buffers; comm_mpi.cpp) and NCCL (device
+// buffers; src/cuda/comm_nccl.h). A Comm is one group: its rank and size are within that
+// group, and groups of the tp × dp × pp grid are made with split().
+//
+// Every rank of a group must issue the same operations in the same order (as with MPI).
+// A Comm is used by one thread at a time.
 #pragma once
 #include <cstdint>
+#include <cstring>
 #include <memory>
+#include <stdexcept>
 #include <string>
 
 #include "tensor.h"
@@ -13,6 +18,25 @@ namespace vchat {
 
 enum class ReduceOp : uint8_t { sum, max };
 
+// Traffic moved by this rank through one communicator, in the NCCL-tests "bus bytes"
+// convention: the bytes each rank sends over its link when the operation runs as a ring,
+// so that numbers are comparable across group sizes and with the ZeRO paper's traffic
+// model (DESIGN.md §5). With n = size() and B the operation's buffer in bytes:
+//   all_reduce (and all_reduce_f64) of B           2(n-1)/n · B   (reduce-scatter + all-gather)
+//   reduce_scatter, total input B (= n × block)     (n-1)/n · B
+//   all_gather, total output B (= n × block)        (n-1)/n · B
+//   broadcast of B                                   (n-1)/n · B   (see below)
+//   send of B, recv of B                             B             (each side counts its message)
+//   barrier                                          0
+// Broadcast deviates from NCCL-tests (which counts B): (n-1)/n · B is the total the group
+// receives, (n-1)·B, averaged over its n ranks — a per-rank average, not the root's load.
+// A group of one moves nothing: every formula gives 0 when n = 1. `calls` counts operations
+// (one per call, however the backend slices it), barriers included; split() counts nothing.
+struct CommStats {
+  double bytes = 0;
+  int64_t calls = 0;
+};
+
 class Comm {
  public:
   virtual ~Comm() = default;
@@ -20,30 +44,106 @@ class Comm {
   virtual int size() const = 0;
   virtual const std::string& name() const = 0;  // the group's name, for messages
 
-  // In place over `count` elements of `dtype` (f32, bf16, i32).
+  // In place over `count` elements of `dtype` (f32, bf16, i32). bf16 is reduced in fp32
+  // and rounded back to bf16 at each step, so sums carry bf16 rounding.
   virtual void all_reduce(void* buf, int64_t count, DType dtype, ReduceOp op) = 0;
   virtual void all_reduce_f64(double* buf, int64_t count, ReduceOp op) = 0;  // scalars: losses, counts
   virtual void broadcast(void* buf, int64_t bytes, int root) = 0;
   virtual void barrier() = 0;
 
-  // Tensor conveniences (contiguous host tensors for the MPI backend).
+  // `send` holds size() blocks of `recv_count` elements; rank r receives into `recv` the
+  // reduction over all ranks of block r. In place is allowed when recv == send + rank() ·
+  // recv_count (the ZeRO gradient shard inside the flat buffer); the other blocks of `send`
+  // are then unspecified afterwards. Any other overlap is refused.
+  virtual void reduce_scatter(const void* send, void* recv, int64_t recv_count, DType dtype, ReduceOp op) = 0;
+  // `recv` gets size() blocks of `send_count` elements, block r from rank r. In place is
+  // allowed when send == recv + rank() · send_count (ZeRO-3 gathering a parameter around
+  // the local shard). Any dtype (only bytes move).
+  virtual void all_gather(const void* send, void* recv, int64_t send_count, DType dtype) = 0;
+  // Blocking point-to-point with another rank of this group (0 ≤ peer < size(), peer ≠
+  // rank()). Messages between two ranks arrive in order; recv must ask for exactly the
+  // bytes that were sent.
+  virtual void send(const void* buf, int64_t bytes, int peer) = 0;
+  virtual void recv(void* buf, int64_t bytes, int peer) = 0;
+
+  // Collective over this group: the ranks with the same `color` form a new group, ranked by
+  // (key, rank here). A negative color leaves the calling rank out (it gets nullptr). The
+  // new group inherits this one's timeout and starts with zero stats.
+  virtual std::unique_ptr<Comm> split(int color, int key, const std::string& name) const = 0;
+
+  // Tensor conveniences (contiguous tensors on the backend's device).
   void all_reduce(const Tensor& t, ReduceOp op) { all_reduce(t.raw(), t.numel(), t.dtype(), op); }
+
+  // Traffic since construction or the last reset_stats() (conventions above CommStats).
+  const CommStats& stats() const { return stats_; }
+  void reset_stats() { stats_ = CommStats{}; }
+
+  // An operation that has not completed `seconds` after it started aborts the whole job
+  // with one line naming the operation, the group and the rank, instead of hanging
+  // (DESIGN.md §5). 0 (the default) waits forever.
+  void set_timeout(double seconds) {
+    if (!(seconds >= 0)) throw std::invalid_argument("Comm::set_timeout: seconds must be >= 0");
+    timeout_s_ = seconds;
+  }
+  double timeout() const { return timeout_s_; }
+
+ protected:
+  // Backends call this once per operation with the bus bytes of the table above.
+  void record(double bytes) {
+    stats_.bytes += bytes;
+    ++stats_.calls;
+  }
+  // The table's formulas, shared by the backends. `bytes` is the operation's whole buffer.
+  double ring_all_reduce_bytes(double bytes) const { return size() > 1 ? 2.0 * (size() - 1) / size() * bytes : 0; }
+  double ring_share_bytes(double bytes) const { return size() > 1 ? double(size() - 1) / size() * bytes : 0; }
+
+ private:
+  CommStats stats_;
+  double timeout_s_ = 0;
 };
 
-// The one-rank group: every collective is the identity. For single-process tools and tests
-// that run library code written against Comm without MPI.
+// The one-rank group: every collective is the identity (reduce_scatter and all_gather copy
+// send to recv). For single-process tools and tests that run library code written against
+// Comm without MPI. It has no peers, so send and recv throw.
 class SelfComm final : public Comm {
  public:
+  explicit SelfComm(std::string name = "self") : name_(std::move(name)) {}
+  using Comm::all_reduce;  // keep the Tensor overload visible next to the override
   int rank() const override { return 0; }
   int size() const override { return 1; }
   const std::string& name() const override { return name_; }
-  void all_reduce(void*, int64_t, DType, ReduceOp) override {}
-  void all_reduce_f64(double*, int64_t, ReduceOp) override {}
-  void broadcast(void*, int64_t, int) override {}
-  void barrier() override {}
+  void all_reduce(void*, int64_t, DType, ReduceOp) override { record(0); }
+  void all_reduce_f64(double*, int64_t, ReduceOp) override { record(0); }
+  void broadcast(void*, int64_t, int root) override {
+    if (root != 0) throw std::invalid_argument("broadcast on group '" + name_ + "': root must be 0");
+    record(0);
+  }
+  void barrier() override { record(0); }
+  void reduce_scatter(const void* send, void* recv, int64_t recv_count, DType dtype, ReduceOp) override {
+    copy(send, recv, recv_count * static_cast<int64_t>(dtype_size(dtype)));
+  }
+  void all_gather(const void* send, void* recv, int64_t send_count, DType dtype) override {
+    copy(send, recv, send_count * static_cast<int64_t>(dtype_size(dtype)));
+  }
+  void send(const void*, int64_t, int peer) override { no_peer("send", peer); }
+  void recv(void*, int64_t, int peer) override { no_peer("recv", peer); }
+  std::unique_ptr<Comm> split(int color, int, const std::string& name) const override {
+    if (color < 0) return nullptr;
+    auto c = std::make_unique<SelfComm>(name);
+    c->set_timeout(timeout());
+    return c;
+  }
 
  private:
-  std::string name_ = "self";
+  void copy(const void* from, void* to, int64_t bytes) {
+    if (from != to && bytes > 0) std::memmove(to, from, static_cast<size_t>(bytes));
+    record(0);
+  }
+  [[noreturn]] void no_peer(const char* op, int peer) const {
+    throw std::invalid_argument(std::string(op) + " on group '" + name_ + "': peer " + std::to_string(peer) +
+                                " is not another rank of this one-rank group");
+  }
+  std::string name_;
 };
 
 // MPI for the process: initialized once in main() and finalized when this goes out of

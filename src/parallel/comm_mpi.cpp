@@ -1,15 +1,30 @@
-// The MPI backend of Comm: host buffers, blocking collectives on a duplicated communicator.
+// The MPI backend of Comm: host buffers on a communicator of its own (duplicated or split),
+// so library traffic never matches an application's messages.
+//
+// Every operation is issued non-blocking (MPI_I*) and completed by a polling loop of ours
+// instead of a blocking MPI call, for two reasons: a rank that waits too long can abort the
+// job with a message naming what hung (Comm::set_timeout), and a waiting rank backs off to
+// short sleeps instead of spinning the way MPI's own blocking waits do, which would take
+// the core that the late rank needs when ranks outnumber cores (tests, small machines).
 #include <mpi.h>
 
 #include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
+#include <thread>
+#include <vector>
 
 #include "parallel/comm.h"
 
 namespace vchat {
 
 namespace {
+
+using Clock = std::chrono::steady_clock;
 
 void check(int rc, const char* what, const std::string& group) {
   if (rc == MPI_SUCCESS) return;
@@ -19,7 +34,7 @@ void check(int rc, const char* what, const std::string& group) {
   throw std::runtime_error(std::string(what) + " on group '" + group + "' failed: " + std::string(msg, len));
 }
 
-// bf16 has no MPI type: it travels as 2-byte words and is summed by this user op in fp32.
+// bf16 has no MPI type: it travels as 2-byte words and is reduced by these user ops in fp32.
 float bf16_to_f32(uint16_t b) {
   uint32_t u = static_cast<uint32_t>(b) << 16;
   float f;
@@ -44,15 +59,63 @@ void bf16_max(void* in, void* inout, int* len, MPI_Datatype*) {
     if (bf16_to_f32(a[i]) > bf16_to_f32(b[i])) b[i] = a[i];
 }
 
-// MPI counts are int: large buffers go in slices.
-constexpr int64_t kMaxCount = int64_t{1} << 30;
+// MPI counts are int: larger buffers go in slices of at most this many elements (bytes for
+// untyped transfers). VCHAT_COMM_MPI_MAX_COUNT lowers it, so that tests can exercise the
+// sliced paths without multi-gigabyte buffers.
+int64_t max_count_from_env() {
+  constexpr int64_t kDefault = int64_t{1} << 30;
+  const char* env = std::getenv("VCHAT_COMM_MPI_MAX_COUNT");
+  if (!env || !*env) return kDefault;
+  const long long v = std::atoll(env);
+  return v > 0 ? std::min<int64_t>(v, kDefault) : kDefault;
+}
+
+bool overlaps(const void* a, int64_t a_bytes, const void* b, int64_t b_bytes) {
+  const auto pa = reinterpret_cast<uintptr_t>(a), pb = reinterpret_cast<uintptr_t>(b);
+  return a_bytes > 0 && b_bytes > 0 && pa < pb + static_cast<uintptr_t>(b_bytes) &&
+         pb < pa + static_cast<uintptr_t>(a_bytes);
+}
+
+// How a waiting rank polls. MPI_Test is also what drives progress of non-blocking
+// operations here, so polling must stay frequent while data flows: spin for the first
+// microseconds (small collectives complete with the latency of MPI's own wait), then
+// alternate a test with a sleep that doubles from 50 µs up to 1 ms. The sleep frees the core
+// for a rank that is still computing; 1 ms bounds the latency added to a late completion.
+class Backoff {
+ public:
+  void pause() {
+    const auto waited = Clock::now() - start_;
+    if (waited < std::chrono::microseconds(50)) return;  // spin
+    nap_ = std::min(nap_ == std::chrono::microseconds(0) ? std::chrono::microseconds(50) : nap_ * 2,
+                    std::chrono::microseconds(1000));
+    std::this_thread::sleep_for(nap_);
+  }
+
+ private:
+  Clock::time_point start_ = Clock::now();
+  std::chrono::microseconds nap_{0};
+};
+
+// One operation in flight: its requests (several when sliced) and when it started, which
+// is what its timeout counts from.
+struct Pending {
+  explicit Pending(const char* what, Clock::time_point started = Clock::now()) : op(what), start(started) {}
+  const char* op;
+  Clock::time_point start;
+  std::vector<MPI_Request> reqs;
+  MPI_Request* next() { return &reqs.emplace_back(MPI_REQUEST_NULL); }  // valid until the next call
+};
+
+constexpr int kP2pTag = 0;  // send/recv use the communicator alone: MPI keeps their order per peer
 
 class MpiComm final : public Comm {
  public:
-  MpiComm(MPI_Comm base, std::string name) : name_(std::move(name)) {
-    check(MPI_Comm_dup(base, &comm_), "MPI_Comm_dup", name_);
+  // Takes ownership of `comm`, a communicator made for this object alone (dup or split).
+  MpiComm(MPI_Comm comm, std::string name, int64_t max_count)
+      : name_(std::move(name)), comm_(comm), max_count_(max_count) {
     MPI_Comm_rank(comm_, &rank_);
     MPI_Comm_size(comm_, &size_);
+    MPI_Comm_rank(MPI_COMM_WORLD, &world_rank_);
     MPI_Op_create(&bf16_sum, 1, &bf16_sum_op_);
     MPI_Op_create(&bf16_max, 1, &bf16_max_op_);
   }
@@ -64,46 +127,232 @@ class MpiComm final : public Comm {
     MPI_Op_free(&bf16_max_op_);
     MPI_Comm_free(&comm_);
   }
+  MpiComm(const MpiComm&) = delete;
+  MpiComm& operator=(const MpiComm&) = delete;
+
   int rank() const override { return rank_; }
   int size() const override { return size_; }
   const std::string& name() const override { return name_; }
 
   void all_reduce(void* buf, int64_t count, DType dtype, ReduceOp op) override {
-    MPI_Datatype t;
-    MPI_Op o = op == ReduceOp::sum ? MPI_SUM : MPI_MAX;
-    switch (dtype) {
-      case DType::f32: t = MPI_FLOAT; break;
-      case DType::i32: t = MPI_INT32_T; break;
-      case DType::bf16:
-        t = MPI_UINT16_T;
-        o = op == ReduceOp::sum ? bf16_sum_op_ : bf16_max_op_;
-        break;
-      default: throw std::invalid_argument("all_reduce: unsupported dtype " + std::string(dtype_name(dtype)));
+    Pending p("all_reduce");
+    const auto [type, mop] = reduce_type(dtype, op, p.op);
+    const int64_t es = static_cast<int64_t>(dtype_size(dtype));
+    char* b = static_cast<char*>(buf);
+    for (int64_t done = 0; done < count; done += max_count_) {
+      const int n = slice(count, done);
+      check(MPI_Iallreduce(MPI_IN_PLACE, b + done * es, n, type, mop, comm_, p.next()), p.op, name_);
     }
-    char* p = static_cast<char*>(buf);
-    for (int64_t done = 0; done < count; done += kMaxCount) {
-      const int n = static_cast<int>(std::min(kMaxCount, count - done));
-      check(MPI_Allreduce(MPI_IN_PLACE, p + done * dtype_size(dtype), n, t, o, comm_), "all_reduce", name_);
-    }
+    complete(p);
+    record(ring_all_reduce_bytes(double(count) * es));
   }
+
   void all_reduce_f64(double* buf, int64_t count, ReduceOp op) override {
-    check(MPI_Allreduce(MPI_IN_PLACE, buf, static_cast<int>(count), MPI_DOUBLE, op == ReduceOp::sum ? MPI_SUM : MPI_MAX,
-                        comm_),
-          "all_reduce", name_);
-  }
-  void broadcast(void* buf, int64_t bytes, int root) override {
-    char* p = static_cast<char*>(buf);
-    for (int64_t done = 0; done < bytes; done += kMaxCount)
-      check(MPI_Bcast(p + done, static_cast<int>(std::min(kMaxCount, bytes - done)), MPI_BYTE, root, comm_), "broadcast",
+    Pending p("all_reduce_f64");
+    const MPI_Op mop = op == ReduceOp::sum ? MPI_SUM : MPI_MAX;
+    for (int64_t done = 0; done < count; done += max_count_)
+      check(MPI_Iallreduce(MPI_IN_PLACE, buf + done, slice(count, done), MPI_DOUBLE, mop, comm_, p.next()), p.op,
             name_);
+    complete(p);
+    record(ring_all_reduce_bytes(double(count) * sizeof(double)));
   }
-  void barrier() override { check(MPI_Barrier(comm_), "barrier", name_); }
+
+  void broadcast(void* buf, int64_t bytes, int root) override {
+    Pending p("broadcast");
+    check_rank(root, "root", p.op);
+    char* b = static_cast<char*>(buf);
+    for (int64_t done = 0; done < bytes; done += max_count_)
+      check(MPI_Ibcast(b + done, slice(bytes, done), MPI_BYTE, root, comm_, p.next()), p.op, name_);
+    complete(p);
+    record(ring_share_bytes(double(bytes)));
+  }
+
+  void barrier() override {
+    timed_barrier("barrier");
+    record(0);
+  }
+
+  void reduce_scatter(const void* send, void* recv, int64_t recv_count, DType dtype, ReduceOp op) override {
+    Pending p("reduce_scatter");
+    const auto [type, mop] = reduce_type(dtype, op, p.op);
+    const int64_t es = static_cast<int64_t>(dtype_size(dtype));
+    const int64_t block = recv_count * es;
+    const char* s = static_cast<const char*>(send);
+    char* r = static_cast<char*>(recv);
+    const bool in_place = block > 0 && r == s + rank_ * block;
+    if (!in_place && overlaps(s, size_ * block, r, block))
+      throw std::invalid_argument(std::string(p.op) + " on group '" + name_ +
+                                  "': recv overlaps send other than as send's own block");
+    if (recv_count <= max_count_) {
+      if (in_place) {
+        // MPI's in-place form reads the whole input from recvbuf and leaves the result at its
+        // start (block 0), so the result then moves to this rank's block.
+        check(MPI_Ireduce_scatter_block(MPI_IN_PLACE, const_cast<char*>(s), static_cast<int>(recv_count), type, mop,
+                                        comm_, p.next()),
+              p.op, name_);
+      } else {
+        check(MPI_Ireduce_scatter_block(s, r, static_cast<int>(recv_count), type, mop, comm_, p.next()), p.op,
+              name_);
+      }
+      complete(p);
+      if (in_place && rank_ != 0) std::memmove(r, s, static_cast<size_t>(block));
+    } else {
+      // Too large for one int count: every slice of every block is reduced to its owner.
+      // Slower than a ring, but only reached past 2^30 elements per rank.
+      for (int64_t done = 0; done < recv_count; done += max_count_) {
+        const int n = slice(recv_count, done);
+        for (int owner = 0; owner < size_; ++owner) {
+          const char* in = s + owner * block + done * es;
+          if (owner == rank_)
+            check(MPI_Ireduce(in_place ? MPI_IN_PLACE : in, r + done * es, n, type, mop, owner, comm_, p.next()),
+                  p.op, name_);
+          else
+            check(MPI_Ireduce(in, nullptr, n, type, mop, owner, comm_, p.next()), p.op, name_);
+        }
+      }
+      complete(p);
+    }
+    record(ring_share_bytes(double(size_) * block));
+  }
+
+  void all_gather(const void* send, void* recv, int64_t send_count, DType dtype) override {
+    Pending p("all_gather");
+    const int64_t block = send_count * static_cast<int64_t>(dtype_size(dtype));
+    const char* s = static_cast<const char*>(send);
+    char* r = static_cast<char*>(recv);
+    char* mine = r + rank_ * block;
+    const bool in_place = block > 0 && s == mine;
+    if (!in_place && overlaps(s, block, r, size_ * block))
+      throw std::invalid_argument(std::string(p.op) + " on group '" + name_ +
+                                  "': send overlaps recv other than as recv's own block");
+    // Only bytes move, so any dtype travels as MPI_BYTE.
+    if (block <= max_count_) {
+      check(MPI_Iallgather(in_place ? MPI_IN_PLACE : s, static_cast<int>(block), MPI_BYTE, r, static_cast<int>(block),
+                           MPI_BYTE, comm_, p.next()),
+            p.op, name_);
+    } else {
+      // Too large for one int count: every block is broadcast from its owner, in slices.
+      if (!in_place) std::memcpy(mine, s, static_cast<size_t>(block));
+      for (int64_t done = 0; done < block; done += max_count_) {
+        const int n = slice(block, done);
+        for (int owner = 0; owner < size_; ++owner)
+          check(MPI_Ibcast(r + owner * block + done, n, MPI_BYTE, owner, comm_, p.next()), p.op, name_);
+      }
+    }
+    complete(p);
+    record(ring_share_bytes(double(size_) * block));
+  }
+
+  void send(const void* buf, int64_t bytes, int peer) override {
+    Pending p("send");
+    check_peer(peer, p.op);
+    const char* b = static_cast<const char*>(buf);
+    for (int64_t done = 0; done < bytes; done += max_count_)
+      check(MPI_Isend(b + done, slice(bytes, done), MPI_BYTE, peer, kP2pTag, comm_, p.next()), p.op, name_);
+    complete(p);
+    record(size_ > 1 ? double(bytes) : 0);
+  }
+
+  void recv(void* buf, int64_t bytes, int peer) override {
+    const auto start = Clock::now();  // the timeout covers the whole message
+    check_peer(peer, "recv");
+    char* b = static_cast<char*>(buf);
+    // Slices are received one at a time and each checked: a shorter message than asked for
+    // would otherwise leave the tail silently stale, or, sliced, leave later receives
+    // waiting forever. (A longer one is a truncation error inside MPI.)
+    for (int64_t done = 0; done < bytes; done += max_count_) {
+      Pending p("recv", start);
+      const int want = slice(bytes, done);
+      check(MPI_Irecv(b + done, want, MPI_BYTE, peer, kP2pTag, comm_, p.next()), p.op, name_);
+      MPI_Status status;
+      complete(p, &status);
+      int got = 0;
+      MPI_Get_count(&status, MPI_BYTE, &got);
+      if (got != want)
+        throw std::runtime_error("recv on group '" + name_ + "' from rank " + std::to_string(peer) + ": expected " +
+                                 std::to_string(bytes) + " bytes, the message had fewer");
+    }
+    record(size_ > 1 ? double(bytes) : 0);
+  }
+
+  std::unique_ptr<Comm> split(int color, int key, const std::string& name) const override {
+    // MPI_Comm_split blocks and has no non-blocking form. Once a timed barrier completes,
+    // every rank has entered split(), so the split itself cannot wait on an absent rank.
+    timed_barrier("split");
+    MPI_Comm sub = MPI_COMM_NULL;
+    check(MPI_Comm_split(comm_, color < 0 ? MPI_UNDEFINED : color, key, &sub), "split", name_);
+    if (sub == MPI_COMM_NULL) return nullptr;
+    auto c = std::make_unique<MpiComm>(sub, name, max_count_);
+    c->set_timeout(timeout());
+    return c;
+  }
 
  private:
+  struct ReduceType {
+    MPI_Datatype type;
+    MPI_Op op;
+  };
+  ReduceType reduce_type(DType dtype, ReduceOp op, const char* what) const {
+    switch (dtype) {
+      case DType::f32: return {MPI_FLOAT, op == ReduceOp::sum ? MPI_SUM : MPI_MAX};
+      case DType::i32: return {MPI_INT32_T, op == ReduceOp::sum ? MPI_SUM : MPI_MAX};
+      case DType::bf16: return {MPI_UINT16_T, op == ReduceOp::sum ? bf16_sum_op_ : bf16_max_op_};
+      default:
+        throw std::invalid_argument(std::string(what) + " on group '" + name_ + "': unsupported dtype " +
+                                    dtype_name(dtype));
+    }
+  }
+
+  // The int count of the slice of a `total` that starts at `done`.
+  int slice(int64_t total, int64_t done) const { return static_cast<int>(std::min(max_count_, total - done)); }
+
+  void check_rank(int r, const char* role, const char* op) const {
+    if (r < 0 || r >= size_)
+      throw std::invalid_argument(std::string(op) + " on group '" + name_ + "': " + role + " " + std::to_string(r) +
+                                  " is not a rank of this group of " + std::to_string(size_));
+  }
+  void check_peer(int peer, const char* op) const {
+    check_rank(peer, "peer", op);
+    if (peer == rank_) throw std::invalid_argument(std::string(op) + " on group '" + name_ + "': peer is this rank");
+  }
+
+  void timed_barrier(const char* op) const {
+    Pending p(op);
+    check(MPI_Ibarrier(comm_, p.next()), p.op, name_);
+    complete(p);
+  }
+
+  // Completes every request of `p`, or aborts the job once it has run past the timeout.
+  void complete(Pending& p, MPI_Status* statuses = nullptr) const {
+    const double limit = timeout();
+    Backoff backoff;
+    for (;;) {
+      int done = 0;
+      check(MPI_Testall(static_cast<int>(p.reqs.size()), p.reqs.data(), &done,
+                        statuses ? statuses : MPI_STATUSES_IGNORE),
+            p.op, name_);
+      if (done) return;
+      if (limit > 0 && std::chrono::duration<double>(Clock::now() - p.start).count() > limit) abort_timeout(p.op);
+      backoff.pause();
+    }
+  }
+
+  [[noreturn]] void abort_timeout(const char* op) const {
+    // One line, written at once and flushed: the job is torn down right after.
+    std::fprintf(stderr,
+                 "vchat: comm timeout: %s on group '%s' (rank %d of %d, world rank %d) did not complete within %g s; "
+                 "aborting\n",
+                 op, name_.c_str(), rank_, size_, world_rank_, timeout());
+    std::fflush(stderr);
+    MPI_Abort(MPI_COMM_WORLD, 3);
+    std::abort();
+  }
+
   std::string name_;
   MPI_Comm comm_ = MPI_COMM_NULL;
+  int64_t max_count_;
   MPI_Op bf16_sum_op_ = MPI_OP_NULL, bf16_max_op_ = MPI_OP_NULL;
-  int rank_ = 0, size_ = 1;
+  int rank_ = 0, size_ = 1, world_rank_ = 0;
 };
 
 }  // namespace
@@ -114,7 +363,11 @@ MpiSession::MpiSession(int* argc, char*** argv) {
   MPI_Init_thread(argc, argv, MPI_THREAD_FUNNELED, &provided);
 }
 MpiSession::~MpiSession() { MPI_Finalize(); }
-std::unique_ptr<Comm> MpiSession::world() const { return std::make_unique<MpiComm>(MPI_COMM_WORLD, "world"); }
+std::unique_ptr<Comm> MpiSession::world() const {
+  MPI_Comm dup = MPI_COMM_NULL;
+  check(MPI_Comm_dup(MPI_COMM_WORLD, &dup), "MPI_Comm_dup", "world");
+  return std::make_unique<MpiComm>(dup, "world", max_count_from_env());
+}
 int MpiSession::rank() const {
   int r = 0;
   MPI_Comm_rank(MPI_COMM_WORLD, &r);

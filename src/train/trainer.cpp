@@ -63,27 +63,34 @@ StepStats Trainer::step() {
 
   // 1. This rank's micro-batches of the step.
   const std::vector<Batch> batches = next_batches();
-  const int64_t M = static_cast<int64_t>(batches.size()), dp = dp_size();
+  const int64_t dp = dp_size();
 
-  // 2. Forward + backward each. The step loss is the mean of micro-batch means over all
-  //    micro-batches of all DP ranks, so every gradient is scaled by 1/(M·dp) and summed.
-  model_->params().zero_grads();
-  double sums[2] = {0, 0};  // loss, tokens
+  // 2. The step loss is the mean CE over every supervised token of the global batch, so
+  //    each micro-batch's summed loss is divided by the global count (one scalar
+  //    all-reduce): the result does not depend on how samples fall into micro-batches/ranks.
+  double counts[2] = {0, 0};  // supervised tokens, non-pad tokens
   for (const Batch& b : batches) {
-    const MicroBatchResult r = model_->forward_backward(b, /*backward=*/true, 1.f / static_cast<float>(M * dp));
-    sums[0] += r.loss / static_cast<double>(M * dp);
-    sums[1] += static_cast<double>(b.non_pad_count());
+    counts[0] += static_cast<double>(b.supervised_count());
+    counts[1] += static_cast<double>(b.non_pad_count());
   }
+  if (comm_ && dp > 1) comm_->all_reduce_f64(counts, 2, ReduceOp::sum);
+  const int64_t global_supervised = std::max<int64_t>(1, static_cast<int64_t>(counts[0]));
 
-  // 3. Data parallel: sum gradients (already scaled) and the step's loss over the group.
+  // 3. Forward + backward each micro-batch; gradients accumulate.
+  model_->params().zero_grads();
+  double loss_sum = 0;
+  for (const Batch& b : batches)
+    loss_sum += model_->forward_backward(b, /*backward=*/true, 1.f, /*keep_logits=*/false, global_supervised).loss_sum;
+
+  // 4. Data parallel: sum the gradients (each already divided by the global count) and the loss.
   if (comm_ && dp > 1) {
     for (Param* p : model_->params().trainable()) comm_->all_reduce(p->grad, ReduceOp::sum);
-    comm_->all_reduce_f64(sums, 2, ReduceOp::sum);
+    comm_->all_reduce_f64(&loss_sum, 1, ReduceOp::sum);
   }
-  s.loss = sums[0];
-  s.tokens = static_cast<int64_t>(sums[1]);
+  s.loss = loss_sum / static_cast<double>(global_supervised);
+  s.tokens = static_cast<int64_t>(counts[1]);
 
-  // 4. Clip and update (identical on every rank: same gradients, same state).
+  // 5. Clip and update (identical on every rank: same gradients, same state).
   s.lr = cfg_.lr.at(step_);
   s.grad_norm = opt_->step(s.lr);
   s.step = ++step_;

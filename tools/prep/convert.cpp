@@ -96,24 +96,16 @@ ConvertReport convert(const ConvertOptions& opt, Comm& world) {
   if (opt.shard_samples <= 0) throw ConfigError("--shard-samples=" + std::to_string(opt.shard_samples) + " must be positive");
   if (opt.concat_max < 1) throw ConfigError("--concat-max=" + std::to_string(opt.concat_max) + " must be >= 1");
   if (opt.out.empty() || opt.name.empty()) throw ConfigError("--out and --name are required");
-  const ImageMode mode = parse_image_mode(opt.image_mode);
-
-  // 1. The output directory: never overwrite a dataset without --overwrite.
-  const fs::path out(opt.out), staging = out / ".staging";
-  bool exists = fs::exists(out) && !fs::is_empty(out);
-  if (exists && !opt.overwrite)
-    throw ConfigError("--out '" + opt.out + "' exists and is not empty; pass --overwrite to replace it");
-  world.barrier();
-  if (root) {
-    // Unpublish first: with the manifest gone, a half-replaced directory is not a dataset.
-    fs::remove(out / "manifest.json");
-    if (exists)
-      for (const auto& e : fs::directory_iterator(out)) fs::remove_all(e.path());
-    fs::create_directories(staging);
+  ImageMode mode;
+  try {
+    mode = parse_image_mode(opt.image_mode);
+  } catch (const DataError& e) {
+    throw ConfigError(e.what());
   }
-  world.barrier();
 
-  // 2. Read the source (every rank parses it: records are then split by index).
+  // 1. Read the inputs before touching the output: a bad source or tokenizer must leave an
+  //    existing dataset (and the output directory) exactly as it was. Every rank parses the
+  //    source; records are then split by index.
   const Tokenizer tok = Tokenizer::load(opt.tokenizer);
   std::vector<SourceItem> items;
   std::vector<std::string> source_files = {opt.input};
@@ -132,6 +124,21 @@ ConvertReport convert(const ConvertOptions& opt, Comm& world) {
     for (auto& c : concat_conversations(good, opt.concat_max, opt.seed)) items.push_back({std::move(c), std::nullopt});
   }
   const std::string source_hash = hash_sources(source_files);
+
+  // 2. The output directory: never overwrite a dataset without --overwrite.
+  const fs::path out(opt.out), staging = out / ".staging";
+  bool exists = fs::exists(out) && !fs::is_empty(out);
+  if (exists && !opt.overwrite)
+    throw ConfigError("--out '" + opt.out + "' exists and is not empty; pass --overwrite to replace it");
+  world.barrier();
+  if (root) {
+    // Unpublish first: with the manifest gone, a half-replaced directory is not a dataset.
+    fs::remove(out / "manifest.json");
+    if (exists)
+      for (const auto& e : fs::directory_iterator(out)) fs::remove_all(e.path());
+    fs::create_directories(staging);
+  }
+  world.barrier();
 
   // 3. This rank's records, converted in chunks on threads, written in record order.
   if (opt.threads > 0) omp_set_num_threads(opt.threads);
@@ -157,12 +164,22 @@ ConvertReport convert(const ConvertOptions& opt, Comm& world) {
     const size_t end = std::min(mine.size(), begin + chunk);
     std::vector<Converted> done(end - begin);
 #pragma omp parallel for schedule(dynamic, 1)
-    for (size_t i = begin; i < end; ++i) done[i - begin] = convert_record(*mine[i], tok, opt, mode);
+    for (size_t i = begin; i < end; ++i) {
+      // Nothing may escape an OpenMP loop: a record the template rejects becomes a record
+      // error; anything else (out of memory...) becomes this rank's fatal error.
+      try {
+        done[i - begin] = convert_record(*mine[i], tok, opt, mode);
+      } catch (const DataError& e) {
+        done[i - begin].error = RecordError{"malformed_record", e.what()};
+      } catch (const std::exception& e) {
+        done[i - begin].error = RecordError{"fatal", e.what()};
+      }
+    }
     for (size_t i = 0; i < done.size(); ++i) {
       ++rep.records;
       if (done[i].error) {
         const RecordError& e = *done[i].error;
-        if (opt.on_error == "fail") {
+        if (opt.on_error == "fail" || e.reason == "fatal") {
           fatal = e.message + " [" + e.reason + "] (use --on-error=skip to skip such records)";
           break;
         }
@@ -256,8 +273,7 @@ ConvertReport convert(const ConvertOptions& opt, Comm& world) {
     report["tokens"] = total.tokens;
     report["images"] = total.images;
     report["skipped_by_reason"] = total.skipped;
-    std::ofstream(out / "report.json.tmp") << report.dump(2) << "\n";
-    fs::rename(out / "report.json.tmp", out / "report.json");
+    data::write_file_atomic((out / "report.json").string(), report.dump(2) + "\n");
     data::write_manifest(out.string(), m);
   }
   world.barrier();

@@ -50,9 +50,9 @@ int run(const std::string& cmd, const std::vector<std::string>& args, MpiSession
         "vocab-size", po::value(&vocab)->default_value(8000), "vocabulary size");
     if (std::find(args.begin(), args.end(), "--help") != args.end()) return std::cout << d, 0;
     parse(d, args);
-    if (root) prep::train_tokenizer(corpus, out, vocab);
-    mpi.world()->barrier();
-    if (root) std::printf("[prep] tokenizer written to %s.model\n", out.c_str());
+    if (!root) return 0;  // one process trains; no collectives, so no rank waits on another
+    prep::train_tokenizer(corpus, out, vocab);
+    std::printf("[prep] tokenizer written to %s.model\n", out.c_str());
     return 0;
   }
   if (cmd == "convert") {
@@ -125,13 +125,21 @@ int main(int argc, char** argv) {
   std::string cmdline;
   for (int i = 0; i < argc; ++i) cmdline += (i ? " " : "") + std::string(argv[i]);
   const std::vector<std::string> args(argv + 2, argv + argc);
+  // ConfigError and DataError are raised by every rank together (options and sources are
+  // the same everywhere; convert() agrees on record failures before publishing), so rank 0
+  // speaks and all return. Anything else may be one rank's alone (a file system error while
+  // publishing): that rank prints and aborts the job so no rank waits forever.
   try {
     return run(argv[1], args, mpi, cmdline);
   } catch (const ConfigError& e) {
     if (mpi.rank() == 0) std::fprintf(stderr, "vchat-prep: error: %s\n", e.what());
     return 2;
+  } catch (const data::DataError& e) {
+    if (mpi.rank() == 0) std::fprintf(stderr, "vchat-prep: error: %s\n", e.what());
+    return 1;
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "vchat-prep: error: %s\n", e.what());
+    std::fprintf(stderr, "vchat-prep: error (rank %d): %s\n", mpi.rank(), e.what());
+    if (mpi.size() > 1) MpiSession::abort_job(1);
     return 1;
   }
 }

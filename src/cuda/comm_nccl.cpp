@@ -1,0 +1,292 @@
+// The NCCL backend of Comm: device buffers, one NCCL rank per process and GPU.
+//
+// Each operation is enqueued on the communicator's stream and then waited for by polling
+// cudaStreamQuery rather than cudaStreamSynchronize, so that a collective some rank never
+// joins aborts the job with a message naming it (Comm::set_timeout) instead of hanging in
+// the driver. The unique id is exchanged, and groups are split, over a host (MPI) Comm.
+#include "cuda/comm_nccl.h"
+
+#include <cuda_runtime.h>
+#include <mpi.h>
+#include <nccl.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <stdexcept>
+#include <thread>
+#include <type_traits>
+
+#include "cuda/cuda_backend.h"
+#include "cuda/cuda_check.h"
+
+namespace vchat::cuda {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// RAII for the raw handles. Deleters run in destructors, so they must not throw; a failure
+// there (typically the runtime tearing down at exit) can only leak.
+struct StreamDeleter {
+  void operator()(cudaStream_t s) const noexcept {
+    if (cudaStreamDestroy(s) != cudaSuccess) (void)cudaGetLastError();
+  }
+};
+struct NcclDeleter {
+  void operator()(ncclComm_t c) const noexcept { (void)ncclCommDestroy(c); }
+};
+struct DeviceDeleter {
+  void operator()(void* p) const noexcept {
+    if (cudaFree(p) != cudaSuccess) (void)cudaGetLastError();
+  }
+};
+using StreamPtr = std::unique_ptr<std::remove_pointer_t<cudaStream_t>, StreamDeleter>;
+using NcclPtr = std::unique_ptr<std::remove_pointer_t<ncclComm_t>, NcclDeleter>;
+using DevicePtr = std::unique_ptr<void, DeviceDeleter>;
+
+bool overlaps(const void* a, int64_t a_bytes, const void* b, int64_t b_bytes) {
+  const auto pa = reinterpret_cast<uintptr_t>(a), pb = reinterpret_cast<uintptr_t>(b);
+  return a_bytes > 0 && b_bytes > 0 && pa < pb + static_cast<uintptr_t>(b_bytes) &&
+         pb < pa + static_cast<uintptr_t>(a_bytes);
+}
+
+ncclRedOp_t nccl_op(ReduceOp op) { return op == ReduceOp::sum ? ncclSum : ncclMax; }
+
+// How the host waits for the stream. Unlike MPI, NCCL progresses on the GPU and in its own
+// proxy thread, so polling less often never slows the transfer, only the noticing of its
+// end. Spin for the first 100 µs (the small tensor-parallel all-reduces finish inside it),
+// then sleep from 20 µs doubling to 250 µs: a sleeping rank frees its core, and the added
+// latency stays small next to any operation long enough to reach it.
+class Backoff {
+ public:
+  void pause() {
+    if (Clock::now() - start_ < std::chrono::microseconds(100)) return;
+    nap_ = std::min(nap_ == std::chrono::microseconds(0) ? std::chrono::microseconds(20) : nap_ * 2,
+                    std::chrono::microseconds(250));
+    std::this_thread::sleep_for(nap_);
+  }
+
+ private:
+  Clock::time_point start_ = Clock::now();
+  std::chrono::microseconds nap_{0};
+};
+
+class NcclComm final : public Comm {
+ public:
+  // `host` spans the same ranks in the same order; NCCL ranks are its ranks.
+  NcclComm(std::unique_ptr<Comm> host, std::string name) : host_(std::move(host)), name_(std::move(name)) {
+    set_timeout(host_->timeout());
+    bind_device();
+    // A blocking stream (cudaStreamDefault, not cudaStreamNonBlocking) is implicitly ordered
+    // with the legacy default stream that every kernel, cuBLAS call, copy and stream-ordered
+    // free of the backend uses (cuda_backend.h): a collective starts only after the kernels
+    // that produced its input, and later default-stream work waits for it, with no events.
+    // A non-blocking stream could read a gradient before backward finished writing it.
+    cudaStream_t s = nullptr;
+    CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamDefault));
+    stream_.reset(s);
+    ncclUniqueId id{};
+    if (host_->rank() == 0) NCCL_CHECK(ncclGetUniqueId(&id));
+    host_->broadcast(&id, sizeof id, 0);
+    ncclComm_t c = nullptr;
+    NCCL_CHECK(ncclCommInitRank(&c, host_->size(), id, host_->rank()));
+    comm_.reset(c);
+  }
+  // The members' deleters run after this body: make the device current for them.
+  ~NcclComm() override {
+    try {
+      bind_device();
+    } catch (...) {  // nothing better to do in a destructor; the deleters still try
+    }
+  }
+  NcclComm(const NcclComm&) = delete;
+  NcclComm& operator=(const NcclComm&) = delete;
+
+  int rank() const override { return host_->rank(); }
+  int size() const override { return host_->size(); }
+  const std::string& name() const override { return name_; }
+
+  void all_reduce(void* buf, int64_t count, DType dtype, ReduceOp op) override {
+    const ncclDataType_t t = reduce_type(dtype, "all_reduce");
+    run("all_reduce", ring_all_reduce_bytes(double(count) * dtype_size(dtype)), [&] {
+      return ncclAllReduce(buf, buf, static_cast<size_t>(count), t, nccl_op(op), comm_.get(), stream_.get());
+    });
+  }
+
+  void all_reduce_f64(double* buf, int64_t count, ReduceOp op) override {
+    // The buffer is on the host: stage it through device scratch. The copy back is issued
+    // only after the reduction has completed, because a device-to-pageable copy blocks the
+    // host until it is done, which would put a hung collective beyond the timeout's reach.
+    const size_t bytes = static_cast<size_t>(count) * sizeof(double);
+    void* dev = scratch(bytes);
+    run("all_reduce_f64", ring_all_reduce_bytes(double(bytes)), [&] {
+      CUDA_CHECK(cudaMemcpyAsync(dev, buf, bytes, cudaMemcpyHostToDevice, stream_.get()));
+      return ncclAllReduce(dev, dev, static_cast<size_t>(count), ncclFloat64, nccl_op(op), comm_.get(),
+                           stream_.get());
+    });
+    CUDA_CHECK(cudaMemcpyAsync(buf, dev, bytes, cudaMemcpyDeviceToHost, stream_.get()));
+    CUDA_CHECK(cudaStreamSynchronize(stream_.get()));  // the stream is otherwise idle: immediate
+  }
+
+  void broadcast(void* buf, int64_t bytes, int root) override {
+    check_rank(root, "root", "broadcast");
+    run("broadcast", ring_share_bytes(double(bytes)), [&] {
+      return ncclBroadcast(buf, buf, static_cast<size_t>(bytes), ncclUint8, root, comm_.get(), stream_.get());
+    });
+  }
+
+  void barrier() override {
+    // NCCL has no barrier: a one-element all-reduce completes on no rank before all joined.
+    void* dev = scratch(sizeof(int32_t));
+    run("barrier", 0, [&] { return ncclAllReduce(dev, dev, 1, ncclInt32, ncclSum, comm_.get(), stream_.get()); });
+  }
+
+  void reduce_scatter(const void* send, void* recv, int64_t recv_count, DType dtype, ReduceOp op) override {
+    const ncclDataType_t t = reduce_type(dtype, "reduce_scatter");
+    const int64_t block = recv_count * static_cast<int64_t>(dtype_size(dtype));
+    const char* s = static_cast<const char*>(send);
+    // In place is NCCL's own convention: recv == send + rank · recv_count.
+    if (static_cast<const char*>(recv) != s + rank() * block && overlaps(s, size() * block, recv, block))
+      throw std::invalid_argument("reduce_scatter on group '" + name_ +
+                                  "': recv overlaps send other than as send's own block");
+    run("reduce_scatter", ring_share_bytes(double(size()) * block), [&] {
+      return ncclReduceScatter(send, recv, static_cast<size_t>(recv_count), t, nccl_op(op), comm_.get(),
+                               stream_.get());
+    });
+  }
+
+  void all_gather(const void* send, void* recv, int64_t send_count, DType dtype) override {
+    const int64_t block = send_count * static_cast<int64_t>(dtype_size(dtype));
+    char* r = static_cast<char*>(recv);
+    // In place is NCCL's own convention: send == recv + rank · send_count.
+    if (send != r + rank() * block && overlaps(send, block, r, size() * block))
+      throw std::invalid_argument("all_gather on group '" + name_ +
+                                  "': send overlaps recv other than as recv's own block");
+    run("all_gather", ring_share_bytes(double(size()) * block), [&] {
+      return ncclAllGather(send, recv, static_cast<size_t>(block), ncclUint8, comm_.get(), stream_.get());
+    });
+  }
+
+  void send(const void* buf, int64_t bytes, int peer) override {
+    check_peer(peer, "send");
+    run("send", double(bytes),
+        [&] { return ncclSend(buf, static_cast<size_t>(bytes), ncclUint8, peer, comm_.get(), stream_.get()); });
+  }
+  void recv(void* buf, int64_t bytes, int peer) override {
+    check_peer(peer, "recv");
+    run("recv", double(bytes),
+        [&] { return ncclRecv(buf, static_cast<size_t>(bytes), ncclUint8, peer, comm_.get(), stream_.get()); });
+  }
+
+  std::unique_ptr<Comm> split(int color, int key, const std::string& name) const override {
+    // Split the host group (timed, like every host collective), then bootstrap NCCL on the
+    // part; the host group carries this Comm's current timeout into the new one.
+    host_->set_timeout(timeout());
+    std::unique_ptr<Comm> sub = host_->split(color, key, name + ".host");
+    if (!sub) return nullptr;
+    return std::make_unique<NcclComm>(std::move(sub), name);
+  }
+
+ private:
+  ncclDataType_t reduce_type(DType dtype, const char* op) const {
+    switch (dtype) {
+      case DType::f32: return ncclFloat32;
+      case DType::bf16: return ncclBfloat16;
+      case DType::i32: return ncclInt32;
+      default:
+        throw std::invalid_argument(std::string(op) + " on group '" + name_ + "': unsupported dtype " +
+                                    dtype_name(dtype));
+    }
+  }
+
+  void check_rank(int r, const char* role, const char* op) const {
+    if (r < 0 || r >= size())
+      throw std::invalid_argument(std::string(op) + " on group '" + name_ + "': " + role + " " + std::to_string(r) +
+                                  " is not a rank of this group of " + std::to_string(size()));
+  }
+  void check_peer(int peer, const char* op) const {
+    check_rank(peer, "peer", op);
+    if (peer == rank()) throw std::invalid_argument(std::string(op) + " on group '" + name_ + "': peer is this rank");
+  }
+
+  // Device scratch of at least `bytes`, kept for later calls (scalar reductions, barriers).
+  void* scratch(size_t bytes) {
+    if (bytes > scratch_bytes_) {
+      bind_device();
+      void* p = nullptr;
+      CUDA_CHECK(cudaMalloc(&p, bytes));
+      scratch_.reset(p);
+      scratch_bytes_ = bytes;
+    }
+    return scratch_.get();
+  }
+
+  // Enqueues one operation with `issue` (returns the NCCL call's result), waits for it
+  // under the timeout and counts its bus bytes.
+  template <class Issue>
+  void run(const char* op, double bus_bytes, Issue&& issue) {
+    const auto start = Clock::now();
+    if (!comm_) throw std::runtime_error(std::string(op) + " on group '" + name_ + "': communicator was aborted");
+    bind_device();
+    NCCL_CHECK(issue());
+    wait(op, start);
+    record(bus_bytes);
+  }
+
+  void wait(const char* op, Clock::time_point start) {
+    const double limit = timeout();
+    Backoff backoff;
+    for (;;) {
+      const cudaError_t st = cudaStreamQuery(stream_.get());
+      if (st == cudaSuccess) return;
+      if (st != cudaErrorNotReady) CUDA_CHECK(st);
+      // A network or peer failure is reported here, not by the stream: the stream would
+      // just never drain. The communicator is unusable afterwards.
+      ncclResult_t async = ncclSuccess;
+      NCCL_CHECK(ncclCommGetAsyncError(comm_.get(), &async));
+      if (async != ncclSuccess && async != ncclInProgress) {
+        (void)ncclCommAbort(comm_.release());
+        throw std::runtime_error(std::string(op) + " on group '" + name_ + "' failed: " + ncclGetErrorString(async));
+      }
+      if (limit > 0 && std::chrono::duration<double>(Clock::now() - start).count() > limit) abort_timeout(op);
+      backoff.pause();
+    }
+  }
+
+  [[noreturn]] void abort_timeout(const char* op) {
+    int mpi_up = 0, finalized = 0, world_rank = -1;
+    MPI_Initialized(&mpi_up);
+    MPI_Finalized(&finalized);
+    if (mpi_up && !finalized) MPI_Comm_rank(MPI_COMM_WORLD, &world_rank);
+    std::fprintf(stderr,
+                 "vchat: comm timeout: %s on group '%s' (rank %d of %d, world rank %d) did not complete within %g s; "
+                 "aborting\n",
+                 op, name_.c_str(), rank(), size(), world_rank, timeout());
+    std::fflush(stderr);
+    // Stop the NCCL kernels and proxy first, so the GPU is not left spinning on a peer.
+    (void)ncclCommAbort(comm_.release());
+    if (mpi_up && !finalized) MPI_Abort(MPI_COMM_WORLD, 3);
+    std::abort();
+  }
+
+  std::unique_ptr<Comm> host_;  // same ranks; id exchange and split()
+  std::string name_;
+  StreamPtr stream_;
+  NcclPtr comm_;  // after stream_: destroyed before it
+  DevicePtr scratch_;
+  size_t scratch_bytes_ = 0;
+};
+
+}  // namespace
+
+std::unique_ptr<Comm> make_nccl_comm(const Comm& bootstrap, const std::string& name) {
+  // A private split, not `bootstrap` itself: it is const here (its stats stay the caller's),
+  // and the NCCL Comm keeps it to split its own groups later. Same ranks, same order.
+  std::unique_ptr<Comm> host = bootstrap.split(0, bootstrap.rank(), name + ".host");
+  return std::make_unique<NcclComm>(std::move(host), name);
+}
+
+}  // namespace vchat::cuda

@@ -1,0 +1,27 @@
+// The NCCL backend of Comm (DESIGN.md §5), callable from plain C++ (no CUDA headers here).
+// Only in the CUDA build (VCHAT_WITH_CUDA).
+#pragma once
+#include <memory>
+#include <string>
+
+#include "parallel/comm.h"
+
+namespace vchat::cuda {
+
+// A Comm over the same ranks as `bootstrap` (same rank numbers) whose operations run on
+// DEVICE buffers through NCCL: one rank per process and GPU, on the device chosen by
+// init_backend(), which must have been called (std::logic_error otherwise).
+//
+// `bootstrap` is a host communicator (MpiSession::world() or a split of it; not another
+// NCCL comm): collective over its ranks. Rank 0 makes the ncclUniqueId and it travels to the
+// others over a private split of `bootstrap`, which the new Comm keeps for its own split().
+// The new Comm starts with `bootstrap`'s timeout and zero stats.
+//
+// Every operation is issued on the Comm's own stream and has completed when the call
+// returns (so host code may reuse or read the buffers at once), except:
+//   all_reduce_f64 takes a HOST buffer (losses, counts), staged through the device;
+//   recv cannot detect a message shorter than asked for (NCCL does not report sizes).
+// Past the timeout the job is aborted with the same one-line message as the MPI backend.
+std::unique_ptr<Comm> make_nccl_comm(const Comm& bootstrap, const std::string& name);
+
+}  // namespace vchat::cuda

@@ -1,0 +1,446 @@
+// The MPI backend of Comm (and SelfComm) under mpirun: every operation × dtype × reduction
+// against values computed locally, block placement, in-place forms, point-to-point, split,
+// traffic accounting. Run with 2 and 4 ranks (tests/mpi/run.sh); with
+// VCHAT_COMM_MPI_MAX_COUNT set small, the same tests cover the sliced (>2^30) paths.
+//
+// Every rank runs every test. Only rank 0 prints gtest's report; other ranks print their
+// failures prefixed with their rank. The ranks AND their results at the end, so the job
+// fails (non-zero exit on every rank) if any rank failed.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <numeric>
+#include <vector>
+
+#include "parallel/comm.h"
+
+namespace vchat {
+namespace {
+
+// The process's MPI session, set once in main() before any test runs.
+const MpiSession* g_mpi = nullptr;
+
+// A fresh world communicator per test: stats start at zero and a test's timeout stays its
+// own. The timeout turns a test that leaves ranks out of step into an abort, not a hang.
+std::unique_ptr<Comm> world() {
+  auto w = g_mpi->world();
+  w->set_timeout(60);
+  return w;
+}
+
+// ---- host values of each dtype, as doubles ----
+
+uint16_t to_bf16(float f) {  // round to nearest even, as the backend does
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  u += 0x7FFF + ((u >> 16) & 1);
+  return static_cast<uint16_t>(u >> 16);
+}
+float from_bf16(uint16_t b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+void store(DType t, void* base, int64_t i, double v) {
+  switch (t) {
+    case DType::f32: static_cast<float*>(base)[i] = static_cast<float>(v); break;
+    case DType::bf16: static_cast<uint16_t*>(base)[i] = to_bf16(static_cast<float>(v)); break;
+    case DType::i32: static_cast<int32_t*>(base)[i] = static_cast<int32_t>(v); break;
+    case DType::u8: static_cast<uint8_t*>(base)[i] = static_cast<uint8_t>(v); break;
+  }
+}
+double load(DType t, const void* base, int64_t i) {
+  switch (t) {
+    case DType::f32: return static_cast<const float*>(base)[i];
+    case DType::bf16: return from_bf16(static_cast<const uint16_t*>(base)[i]);
+    case DType::i32: return static_cast<const int32_t*>(base)[i];
+    case DType::u8: return static_cast<const uint8_t*>(base)[i];
+  }
+  return 0;
+}
+double representable(DType t, double v) {  // v as stored in t
+  uint8_t tmp[4];
+  store(t, tmp, 0, v);
+  return load(t, tmp, 0);
+}
+
+// Distinct per rank and index. f32 and i32 sums are exact (small multiples of 1/4 and small
+// integers); bf16 values are not representable, so sums exercise rounding.
+double value(DType t, int rank, int64_t i) {
+  switch (t) {
+    case DType::f32: return 0.25 * ((i * 7 + rank * 13) % 41) - 5.0;
+    case DType::bf16: return 1.37 * (rank + 1) + 0.011 * (i % 97) - 2.0 * (i % 3);
+    case DType::i32: return static_cast<double>((i * 5 + rank * 11) % 23) - 9 * rank;
+    case DType::u8: return static_cast<double>((i * 3 + rank * 29) % 256);
+  }
+  return 0;
+}
+
+std::vector<uint8_t> buffer(DType t, int64_t count) { return std::vector<uint8_t>(count * dtype_size(t)); }
+
+// The expected reduction over ranks of inputs(q), and how far the backend may be from it:
+// exact except bf16 sums, where each of the n-1 additions rounds to bf16 (≤ 2^-9 of the
+// running magnitude, bounded by Σ|x|; 2^-8 leaves room for the final rounding).
+struct Expected {
+  double value, tolerance;
+};
+template <class Input>
+Expected reduce_over_ranks(DType t, ReduceOp op, int n, Input input) {
+  double acc = op == ReduceOp::sum ? 0.0 : -INFINITY, abs_sum = 0;
+  for (int q = 0; q < n; ++q) {
+    const double x = representable(t, input(q));
+    acc = op == ReduceOp::sum ? acc + x : std::max(acc, x);
+    abs_sum += std::fabs(x);
+  }
+  const bool rounds = t == DType::bf16 && op == ReduceOp::sum;
+  return {acc, rounds ? std::ldexp(abs_sum, -8) * (n - 1) : 0.0};
+}
+
+const char* op_name(ReduceOp op) { return op == ReduceOp::sum ? "sum" : "max"; }
+constexpr DType kReduceTypes[] = {DType::f32, DType::bf16, DType::i32};
+constexpr ReduceOp kOps[] = {ReduceOp::sum, ReduceOp::max};
+
+// Every rank must end with the same bytes (data-parallel replicas must not drift apart).
+void expect_same_on_all_ranks(Comm& c, const std::vector<uint8_t>& bytes) {
+  std::vector<uint8_t> all(bytes.size() * c.size());
+  c.all_gather(bytes.data(), all.data(), static_cast<int64_t>(bytes.size()), DType::u8);
+  for (int q = 0; q < c.size(); ++q)
+    EXPECT_EQ(0, std::memcmp(all.data() + q * bytes.size(), bytes.data(), bytes.size())) << "rank " << q << " differs";
+}
+
+// ---- collectives ----
+
+TEST(CommMpi, AllReduceEveryDtypeAndOp) {
+  auto w = world();
+  const int n = w->size(), r = w->rank();
+  for (DType t : kReduceTypes)
+    for (ReduceOp op : kOps)
+      for (int64_t count : {int64_t{0}, int64_t{1}, int64_t{1000}}) {
+        SCOPED_TRACE(std::string(dtype_name(t)) + " " + op_name(op) + " count " + std::to_string(count));
+        auto buf = buffer(t, count);
+        for (int64_t i = 0; i < count; ++i) store(t, buf.data(), i, value(t, r, i));
+        w->all_reduce(buf.data(), count, t, op);
+        for (int64_t i = 0; i < count; ++i) {
+          const Expected e = reduce_over_ranks(t, op, n, [&](int q) { return value(t, q, i); });
+          ASSERT_NEAR(load(t, buf.data(), i), e.value, e.tolerance) << "element " << i;
+        }
+        expect_same_on_all_ranks(*w, buf);
+      }
+}
+
+TEST(CommMpi, AllReduceTensorOverload) {
+  auto w = world();
+  Tensor x = Tensor::from_vector(std::vector<float>{1.0f * w->rank(), 2.0f}, {2});
+  w->all_reduce(x, ReduceOp::max);
+  EXPECT_EQ(x.to_vector_f32(), (std::vector<float>{float(w->size() - 1), 2.0f}));
+}
+
+TEST(CommMpi, AllReduceF64) {
+  auto w = world();
+  const int n = w->size(), r = w->rank();
+  std::vector<double> v = {0.1 * r, 1e300 * (r == 1), -1.0 - r};
+  std::vector<double> mx = v;
+  w->all_reduce_f64(v.data(), 3, ReduceOp::sum);
+  w->all_reduce_f64(mx.data(), 3, ReduceOp::max);
+  double s0 = 0;
+  for (int q = 0; q < n; ++q) s0 += 0.1 * q;
+  EXPECT_NEAR(v[0], s0, 1e-12);
+  EXPECT_EQ(v[1], 1e300);
+  EXPECT_EQ(v[2], -double(n) - n * (n - 1) / 2.0);
+  EXPECT_NEAR(mx[0], 0.1 * (n - 1), 1e-15);
+  EXPECT_EQ(mx[1], 1e300);
+  EXPECT_EQ(mx[2], -1.0);
+}
+
+TEST(CommMpi, ReduceScatterPlacesBlockRAtRankR) {
+  auto w = world();
+  const int n = w->size(), r = w->rank();
+  // Input element j of block b on rank q: value(q, b·1000 + j), so a wrong block shows.
+  for (DType t : kReduceTypes)
+    for (ReduceOp op : kOps)
+      for (bool in_place : {false, true}) {
+        SCOPED_TRACE(std::string(dtype_name(t)) + " " + op_name(op) + (in_place ? " in place" : ""));
+        const int64_t rc = 37;
+        auto send = buffer(t, n * rc);
+        for (int b = 0; b < n; ++b)
+          for (int64_t j = 0; j < rc; ++j) store(t, send.data(), b * rc + j, value(t, r, b * 1000 + j));
+        auto out = buffer(t, rc);
+        void* recv = in_place ? send.data() + r * rc * dtype_size(t) : out.data();
+        w->reduce_scatter(send.data(), recv, rc, t, op);
+        for (int64_t j = 0; j < rc; ++j) {
+          const Expected e = reduce_over_ranks(t, op, n, [&](int q) { return value(t, q, r * 1000 + j); });
+          ASSERT_NEAR(load(t, recv, j), e.value, e.tolerance) << "element " << j;
+        }
+      }
+}
+
+TEST(CommMpi, AllGatherPlacesRankRAtBlockR) {
+  auto w = world();
+  const int n = w->size(), r = w->rank();
+  for (DType t : {DType::f32, DType::bf16, DType::i32, DType::u8})
+    for (bool in_place : {false, true}) {
+      SCOPED_TRACE(std::string(dtype_name(t)) + (in_place ? " in place" : ""));
+      const int64_t sc = 53;
+      auto recv = buffer(t, n * sc);
+      auto own = buffer(t, sc);
+      void* send = in_place ? recv.data() + r * sc * dtype_size(t) : own.data();
+      for (int64_t j = 0; j < sc; ++j) store(t, send, j, value(t, r, j));
+      w->all_gather(send, recv.data(), sc, t);
+      for (int b = 0; b < n; ++b)
+        for (int64_t j = 0; j < sc; ++j)
+          ASSERT_EQ(load(t, recv.data(), b * sc + j), representable(t, value(t, b, j))) << "block " << b << " [" << j << "]";
+    }
+}
+
+TEST(CommMpi, BroadcastFromEveryRoot) {
+  auto w = world();
+  for (int root = 0; root < w->size(); ++root) {
+    std::vector<int32_t> v(1001);
+    for (size_t i = 0; i < v.size(); ++i) v[i] = w->rank() == root ? int32_t(i * 3 + root) : -1;
+    w->broadcast(v.data(), int64_t(v.size() * sizeof(int32_t)), root);
+    for (size_t i = 0; i < v.size(); ++i) ASSERT_EQ(v[i], int32_t(i * 3 + root)) << "root " << root;
+  }
+}
+
+TEST(CommMpi, BarrierCompletes) {
+  auto w = world();
+  for (int i = 0; i < 3; ++i) w->barrier();
+  EXPECT_EQ(w->stats().calls, 3);
+  EXPECT_EQ(w->stats().bytes, 0);
+}
+
+// ---- point to point ----
+
+TEST(CommMpi, SendRecvRing) {
+  auto w = world();
+  const int n = w->size(), r = w->rank();
+  // 64 KiB + 3: beyond MPI's eager limits (so a blocking send needs the matching receive)
+  // and not a multiple of any slice. A token ring (rank 0 sends first, every other rank
+  // receives first) cannot deadlock.
+  const size_t len = (1 << 16) + 3;
+  std::vector<uint8_t> out(len), in(len, 0);
+  for (size_t i = 0; i < len; ++i) out[i] = uint8_t(i * 7 + r);
+  const int next = (r + 1) % n, prev = (r + n - 1) % n;
+  if (r == 0) {
+    w->send(out.data(), len, next);
+    w->recv(in.data(), len, prev);
+  } else {
+    w->recv(in.data(), len, prev);
+    w->send(out.data(), len, next);
+  }
+  for (size_t i = 0; i < len; ++i) ASSERT_EQ(in[i], uint8_t(i * 7 + prev)) << i;
+}
+
+TEST(CommMpi, SendRecvKeepsOrderBetweenTwoRanks) {
+  auto w = world();
+  if (w->rank() > 1) return;  // ranks 0 and 1 only; the others have nothing to do
+  const int peer = 1 - w->rank();
+  for (int32_t k = 0; k < 5; ++k) {
+    int32_t msg = w->rank() == 0 ? k : -1;
+    if (w->rank() == 0) w->send(&msg, sizeof msg, peer);
+    else w->recv(&msg, sizeof msg, peer);
+    EXPECT_EQ(msg, k);
+  }
+}
+
+TEST(CommMpi, RecvOfMoreThanWasSentThrows) {
+  auto w = world();
+  if (w->rank() > 1) return;
+  int64_t small[1] = {42}, big[2] = {0, 0};
+  if (w->rank() == 0) w->send(small, sizeof small, 1);
+  else EXPECT_THROW(w->recv(big, sizeof big, 0), std::runtime_error);
+}
+
+// ---- groups ----
+
+TEST(CommMpi, SplitEvenOdd) {
+  auto w = world();
+  w->set_timeout(42);
+  const int n = w->size(), r = w->rank();
+  auto g = w->split(r % 2, r, r % 2 ? "odd" : "even");
+  ASSERT_TRUE(g);
+  EXPECT_EQ(g->name(), r % 2 ? "odd" : "even");
+  EXPECT_EQ(g->rank(), r / 2);
+  EXPECT_EQ(g->size(), r % 2 ? n / 2 : (n + 1) / 2);
+  EXPECT_EQ(g->timeout(), 42);
+  EXPECT_EQ(g->stats().calls, 0);
+  EXPECT_EQ(w->stats().calls, 0);  // splitting is not traffic
+
+  // Traffic stays inside the group: the sum over the group's world ranks.
+  int32_t x = r;
+  g->all_reduce(&x, 1, DType::i32, ReduceOp::sum);
+  int32_t want = 0;
+  for (int q = r % 2; q < n; q += 2) want += q;
+  EXPECT_EQ(x, want);
+
+  // Keys order the new ranks: descending world rank.
+  auto rev = w->split(0, -r, "reversed");
+  ASSERT_TRUE(rev);
+  EXPECT_EQ(rev->rank(), n - 1 - r);
+
+  // A negative color leaves a rank out; the others still form a group.
+  auto some = w->split(r == 0 ? -1 : 0, r, "all-but-0");
+  if (r == 0) {
+    EXPECT_FALSE(some);
+  } else {
+    ASSERT_TRUE(some);
+    EXPECT_EQ(some->size(), n - 1);
+    EXPECT_EQ(some->rank(), r - 1);
+    some->barrier();
+  }
+}
+
+// ---- traffic accounting (formulas in comm.h) ----
+
+TEST(CommMpi, StatsFollowTheRingFormulas) {
+  auto w = world();
+  const double n = w->size();
+  const int r = w->rank();
+  double want = 0;
+  int64_t calls = 0;
+  auto expect = [&](double bytes, const char* what) {
+    want += bytes;
+    ++calls;
+    EXPECT_DOUBLE_EQ(w->stats().bytes, want) << what;
+    EXPECT_EQ(w->stats().calls, calls) << what;
+  };
+
+  std::vector<float> f(1000, 1.0f);
+  w->all_reduce(f.data(), 1000, DType::f32, ReduceOp::sum);
+  expect(2 * (n - 1) / n * 4000, "all_reduce");
+
+  std::vector<double> d(3, 1.0);
+  w->all_reduce_f64(d.data(), 3, ReduceOp::max);
+  expect(2 * (n - 1) / n * 24, "all_reduce_f64");
+
+  std::vector<float> rs_in(w->size() * 10, 1.0f), rs_out(10);
+  w->reduce_scatter(rs_in.data(), rs_out.data(), 10, DType::f32, ReduceOp::sum);
+  expect((n - 1) / n * (n * 10 * 4), "reduce_scatter");
+
+  std::vector<uint16_t> ag_in(6), ag_out(w->size() * 6);
+  w->all_gather(ag_in.data(), ag_out.data(), 6, DType::bf16);
+  expect((n - 1) / n * (n * 6 * 2), "all_gather");
+
+  std::vector<char> b(100);
+  w->broadcast(b.data(), 100, 0);
+  expect((n - 1) / n * 100, "broadcast");
+
+  w->barrier();
+  expect(0, "barrier");
+
+  std::vector<char> msg(64);
+  if (r == 0) {
+    w->send(msg.data(), 64, 1);
+    expect(64, "send");
+  } else if (r == 1) {
+    w->recv(msg.data(), 64, 0);
+    expect(64, "recv");
+  }
+
+  w->reset_stats();
+  EXPECT_EQ(w->stats().bytes, 0);
+  EXPECT_EQ(w->stats().calls, 0);
+}
+
+// ---- refused arguments (refused identically on every rank, before any traffic) ----
+
+TEST(CommMpi, BadArgumentsAreRefused) {
+  auto w = world();
+  const int n = w->size(), r = w->rank();
+  char c = 0;
+  EXPECT_THROW(w->broadcast(&c, 1, n), std::invalid_argument);
+  EXPECT_THROW(w->broadcast(&c, 1, -1), std::invalid_argument);
+  EXPECT_THROW(w->send(&c, 1, r), std::invalid_argument);
+  EXPECT_THROW(w->recv(&c, 1, n), std::invalid_argument);
+  uint8_t u[8] = {};
+  EXPECT_THROW(w->all_reduce(u, 8, DType::u8, ReduceOp::sum), std::invalid_argument);
+  std::vector<float> buf(4 * n);
+  // recv overlapping send somewhere other than this rank's own block.
+  EXPECT_THROW(w->reduce_scatter(buf.data(), buf.data() + ((r + 1) % n) * 4 + 1, 4, DType::f32, ReduceOp::sum),
+               std::invalid_argument);
+  EXPECT_THROW(w->all_gather(buf.data() + 1, buf.data(), 4, DType::f32), std::invalid_argument);
+  EXPECT_THROW(w->set_timeout(-1), std::invalid_argument);
+  EXPECT_EQ(w->stats().calls, 0);
+  w->barrier();  // everybody is still in step
+}
+
+// ---- SelfComm: the one-rank group ----
+
+TEST(SelfComm, CollectivesAreIdentityCopies) {
+  SelfComm s;
+  EXPECT_EQ(s.name(), "self");
+  float x[3] = {1, 2, 3}, y[3] = {};
+  s.all_reduce(x, 3, DType::f32, ReduceOp::sum);
+  EXPECT_EQ(x[2], 3);
+  s.reduce_scatter(x, y, 3, DType::f32, ReduceOp::sum);
+  EXPECT_EQ(y[1], 2);
+  float z[3] = {};
+  s.all_gather(x, z, 3, DType::f32);
+  EXPECT_EQ(z[0], 1);
+  s.reduce_scatter(x, x, 3, DType::f32, ReduceOp::max);  // in place
+  EXPECT_EQ(x[0], 1);
+  s.broadcast(x, 12, 0);
+  s.barrier();
+  EXPECT_THROW(s.broadcast(x, 12, 1), std::invalid_argument);
+  EXPECT_THROW(s.send(x, 4, 0), std::invalid_argument);
+  EXPECT_THROW(s.recv(x, 4, 0), std::invalid_argument);
+  EXPECT_EQ(s.stats().bytes, 0);  // n = 1 moves nothing
+  EXPECT_EQ(s.stats().calls, 6);
+  s.set_timeout(5);
+  auto g = s.split(0, 0, "tp");
+  ASSERT_TRUE(g);
+  EXPECT_EQ(g->name(), "tp");
+  EXPECT_EQ(g->size(), 1);
+  EXPECT_EQ(g->timeout(), 5);
+  EXPECT_FALSE(s.split(-1, 0, "none"));
+}
+
+// Rank 0 prints gtest's report. The other ranks print only their failures, tagged.
+class RankFailurePrinter : public ::testing::EmptyTestEventListener {
+ public:
+  explicit RankFailurePrinter(int rank) : rank_(rank) {}
+  // The test's name is kept here: UnitTest::current_test_info() would take the lock that
+  // gtest already holds while it reports a part result (a self-deadlock).
+  void OnTestStart(const ::testing::TestInfo& info) override {
+    test_ = std::string(info.test_suite_name()) + "." + info.name();
+  }
+  void OnTestPartResult(const ::testing::TestPartResult& r) override {
+    if (!r.failed()) return;
+    std::fprintf(stderr, "[rank %d] FAILED %s at %s:%d\n%s\n", rank_, test_.c_str(),
+                 r.file_name() ? r.file_name() : "?", r.line_number(), r.message());
+  }
+
+ private:
+  int rank_;
+  std::string test_;
+};
+
+}  // namespace
+}  // namespace vchat
+
+int main(int argc, char** argv) {
+  vchat::MpiSession mpi(&argc, &argv);
+  ::testing::InitGoogleTest(&argc, argv);
+  if (mpi.rank() != 0) {
+    auto& listeners = ::testing::UnitTest::GetInstance()->listeners();
+    delete listeners.Release(listeners.default_result_printer());
+    listeners.Append(new vchat::RankFailurePrinter(mpi.rank()));
+  }
+  vchat::g_mpi = &mpi;
+  const bool failed_here = RUN_ALL_TESTS() != 0;
+  double failed_anywhere = failed_here ? 1 : 0;
+  {
+    auto w = mpi.world();  // dies before the session
+    w->set_timeout(60);
+    w->all_reduce_f64(&failed_anywhere, 1, vchat::ReduceOp::max);
+  }
+  if (mpi.rank() == 0)
+    std::printf("[rank 0] %d ranks: %s\n", mpi.size(), failed_anywhere > 0 ? "FAILED on some rank" : "all passed");
+  return failed_anywhere > 0 ? 1 : 0;
+}

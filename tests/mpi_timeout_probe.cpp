@@ -1,0 +1,25 @@
+// vchat_mpi_timeout_probe: a collective that one rank joins too late must abort the job
+// with one line naming the operation, the group and the rank, instead of hanging
+// (DESIGN.md §5). Run by tests/mpi/run.sh --expect-abort under 2 ranks.
+//
+// Rank 1 sleeps 3 s before joining an all_reduce whose timeout is 1 s; rank 0 must give up
+// after 1 s. Should the timeout not fire, every rank completes and prints "probe: no
+// timeout", which the test rejects.
+#include <chrono>
+#include <cstdio>
+#include <thread>
+
+#include "parallel/comm.h"
+
+int main(int argc, char** argv) {
+  vchat::MpiSession mpi(&argc, &argv);
+  auto world = mpi.world();
+  // A named sub-group, so the message is seen to name the group the operation ran on.
+  auto group = world->split(0, world->rank(), "probe-group");
+  group->set_timeout(1.0);
+  if (group->rank() == 1) std::this_thread::sleep_for(std::chrono::seconds(3));
+  float x = 1.0f;
+  group->all_reduce(&x, 1, vchat::DType::f32, vchat::ReduceOp::sum);
+  std::printf("probe: no timeout (rank %d, sum %g)\n", group->rank(), x);
+  return 0;
+}
