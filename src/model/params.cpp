@@ -1,5 +1,6 @@
 #include "model/params.h"
 
+#include <algorithm>
 #include <cmath>
 #include <random>
 #include <stdexcept>
@@ -49,6 +50,36 @@ int64_t ParamStore::numel(bool trainable_only) const {
   for (auto& p : params_)
     if (!trainable_only || p->trainable) n += p->value.numel();
   return n;
+}
+
+const ParamStore::Flat& ParamStore::flatten_trainable(int64_t align) {
+  const std::vector<Param*> t = trainable();
+  Flat f;
+  for (Param* p : t) {
+    f.offset.push_back(f.numel);
+    f.numel += p->value.numel();
+  }
+  align = std::max<int64_t>(1, align);
+  f.padded = (f.numel + align - 1) / align * align;
+  f.values = Tensor::zeros({f.padded});
+  f.grads = Tensor::zeros({f.padded});
+  for (size_t i = 0; i < t.size(); ++i) {
+    const int64_t n = t[i]->value.numel();
+    Tensor v = f.values.slice(0, f.offset[i], f.offset[i] + n).reshape(t[i]->value.shape());
+    v.copy_from(t[i]->value);
+    t[i]->value = v;
+  }
+  flat_ = f;
+  bind_flat_grads(f.grads);
+  return flat_;
+}
+
+void ParamStore::bind_flat_grads(const Tensor& grads) {
+  const std::vector<Param*> t = trainable();
+  for (size_t i = 0; i < t.size(); ++i)
+    t[i]->grad = grads.defined()
+                     ? grads.slice(0, flat_.offset[i], flat_.offset[i] + t[i]->value.numel()).reshape(t[i]->value.shape())
+                     : Tensor();
 }
 
 static bool ends_with(const std::string& s, const std::string& suffix) {

@@ -28,8 +28,22 @@ class ParamStore {
   void zero_grads();
   int64_t numel(bool trainable_only) const;
 
+  // Moves every trainable parameter (value and gradient) into two flat buffers, in
+  // registration order, padded with zeros to a multiple of `align` elements; each Param's
+  // value/grad becomes a view into them. ZeRO shards these buffers over the DP group.
+  struct Flat {
+    Tensor values, grads;        // [padded]
+    std::vector<int64_t> offset; // per trainable Param, in trainable() order
+    int64_t numel = 0, padded = 0;
+  };
+  const Flat& flatten_trainable(int64_t align);
+  const Flat* flat() const { return flat_.padded ? &flat_ : nullptr; }
+  // Re-points the trainable grads at `grads` (same layout) or at nothing (undefined).
+  void bind_flat_grads(const Tensor& grads);
+
  private:
   std::vector<std::unique_ptr<Param>> params_;
+  Flat flat_;
 };
 
 // Deterministic initialisation from a seed (std 0.02 normal for matrices, ones for norm

@@ -36,6 +36,8 @@ struct TrainConfig {
   int64_t val_every = 0;          // steps between validation passes (0: only at the end)
   std::string tokenizer;          // its SHA-256 must match the shards' (optional)
   bool blank_images = false;      // ablation: every image replaced by the mean colour
+  int zero_stage = 0;             // ZeRO over the data-parallel group: 0, 1, 2
+  std::string save_params;        // write the trained parameters here at the end (rank 0)
 };
 
 // Parses argv. Returns false when --help was printed. Throws ConfigError (exit 2) naming

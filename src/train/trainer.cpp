@@ -9,12 +9,13 @@
 #include <nlohmann/json.hpp>
 
 #include "data/sha256.h"
+#include "io/safetensors.h"
 #include "model/params.h"
 #include "ops.h"
 
 namespace vchat {
 
-Trainer::Trainer(const TrainConfig& cfg, Comm* comm) : cfg_(cfg), comm_(comm) {
+Trainer::Trainer(const TrainConfig& cfg, Comm* comm) : cfg_(cfg), comm_(comm ? comm : &self_) {
   if (cfg.threads > 0) {
     omp_set_num_threads(cfg.threads);
     openblas_set_num_threads(cfg.threads);
@@ -22,18 +23,18 @@ Trainer::Trainer(const TrainConfig& cfg, Comm* comm) : cfg_(cfg), comm_(comm) {
   // Same seed on every rank: identical initial weights without a broadcast.
   model_ = std::make_unique<VisualChatModel>(cfg.model, cfg.model_options);
   init_params(model_->params(), cfg.seed);
-  opt_ = std::make_unique<AdamW>(model_->params().trainable(), cfg.adamw);
+  opt_ = std::make_unique<ZeroOptimizer>(model_->params(), *comm_, cfg.zero_stage, cfg.adamw);
 
   if (cfg.data_sources.empty()) {
     if (cfg.val_fraction > 0) throw ConfigError("--val-fraction needs --data");
     // Each DP rank draws its own synthetic stream.
-    synthetic_ = std::make_unique<SyntheticBatches>(cfg.model, cfg.data, cfg.seed + 1 + (comm ? comm->rank() : 0));
+    synthetic_ = std::make_unique<SyntheticBatches>(cfg.model, cfg.data, cfg.seed + 1 + comm_->rank());
   } else {
     data::LoaderConfig lc;
     for (const std::string& s : cfg.data_sources) lc.sources.push_back(data::parse_data_source(s));
     lc.seed = cfg.seed;
     lc.micro_batch = cfg.data.batch_size;
-    lc.dp_rank = comm ? comm->rank() : 0;
+    lc.dp_rank = comm_->rank();
     lc.dp_size = dp_size();
     lc.global_batch = cfg.global_batch ? cfg.global_batch : cfg.data.batch_size * cfg.micro_batches * dp_size();
     lc.val_fraction = cfg.val_fraction;
@@ -73,26 +74,26 @@ StepStats Trainer::step() {
     counts[0] += static_cast<double>(b.supervised_count());
     counts[1] += static_cast<double>(b.non_pad_count());
   }
-  if (comm_ && dp > 1) comm_->all_reduce_f64(counts, 2, ReduceOp::sum);
+  comm_->reset_stats();
+  if (dp > 1) comm_->all_reduce_f64(counts, 2, ReduceOp::sum);
   const int64_t global_supervised = std::max<int64_t>(1, static_cast<int64_t>(counts[0]));
 
   // 3. Forward + backward each micro-batch; gradients accumulate.
-  model_->params().zero_grads();
+  opt_->zero_grads();
   double loss_sum = 0;
   for (const Batch& b : batches)
     loss_sum += model_->forward_backward(b, /*backward=*/true, 1.f, /*keep_logits=*/false, global_supervised).loss_sum;
 
-  // 4. Data parallel: sum the gradients (each already divided by the global count) and the loss.
-  if (comm_ && dp > 1) {
-    for (Param* p : model_->params().trainable()) comm_->all_reduce(p->grad, ReduceOp::sum);
-    comm_->all_reduce_f64(&loss_sum, 1, ReduceOp::sum);
-  }
+  if (dp > 1) comm_->all_reduce_f64(&loss_sum, 1, ReduceOp::sum);
   s.loss = loss_sum / static_cast<double>(global_supervised);
   s.tokens = static_cast<int64_t>(counts[1]);
 
-  // 5. Clip and update (identical on every rank: same gradients, same state).
+  // 4. ZeRO: reduce the gradients over the DP group (each is already divided by the global
+  //    count), clip by the global norm, update (this rank's shard for stages 1-2), gather.
   s.lr = cfg_.lr.at(step_);
   s.grad_norm = opt_->step(s.lr);
+  s.comm_seconds = opt_->last_comm_seconds();
+  s.comm_bytes = comm_->stats().bytes;
   s.step = ++step_;
   s.seconds = std::chrono::duration<double>(clock::now() - t0).count();
   return s;
@@ -128,12 +129,20 @@ EvalStats Trainer::evaluate() {
       }
     }
   }
-  if (comm_ && comm_->size() > 1) comm_->all_reduce_f64(sums, 4, ReduceOp::sum);
+  if (comm_->size() > 1) comm_->all_reduce_f64(sums, 4, ReduceOp::sum);
   e.loss = sums[1] > 0 ? sums[0] / sums[1] : 0;
   e.tokens = static_cast<int64_t>(sums[1]);
   e.answers = static_cast<int64_t>(sums[2]);
   e.answers_exact = static_cast<int64_t>(sums[3]);
   return e;
+}
+
+void Trainer::save_trainable(const std::string& path) const {
+  TensorFile f;
+  for (Param* p : model_->params().trainable()) f.tensors[p->name] = p->value.clone();
+  f.metadata = {{"step", std::to_string(step_)}, {"zero", std::to_string(opt_->stage())},
+                {"dp", std::to_string(comm_->size())}};
+  save_safetensors(path, f);
 }
 
 void Trainer::run() {
@@ -160,14 +169,20 @@ void Trainer::run() {
     elapsed += s.seconds;
     if (is_root() && (s.step % cfg_.log_every == 0 || s.step == cfg_.steps)) {
       const double eta = elapsed / s.step * (cfg_.steps - s.step);
-      std::printf("step %5lld/%lld | loss %.4f | lr %.3e | grad norm %.4f | %.0f tok/s | %.0f ms | eta %.0fs\n",
-                  static_cast<long long>(s.step), static_cast<long long>(cfg_.steps), s.loss, s.lr, s.grad_norm,
-                  s.tokens / s.seconds, s.seconds * 1e3, eta);
+      std::printf(
+          "step %5lld/%lld | loss %.4f | lr %.3e | grad norm %.4f | %.0f tok/s | %.0f ms (compute %.0f, comm %.0f) | eta %.0fs\n",
+          static_cast<long long>(s.step), static_cast<long long>(cfg_.steps), s.loss, s.lr, s.grad_norm,
+          s.tokens / s.seconds, s.seconds * 1e3, (s.seconds - s.comm_seconds) * 1e3, s.comm_seconds * 1e3, eta);
       std::fflush(stdout);
     }
     if (metrics_.is_open()) {
-      nlohmann::json j = {{"step", s.step}, {"loss", s.loss},       {"lr", s.lr},
-                          {"grad_norm", s.grad_norm}, {"tokens", s.tokens}, {"seconds", s.seconds}};
+      const ZeroMemory mem = opt_->memory();
+      nlohmann::json j = {{"step", s.step},          {"loss", s.loss},
+                          {"lr", s.lr},              {"grad_norm", s.grad_norm},
+                          {"tokens", s.tokens},      {"seconds", s.seconds},
+                          {"comm_seconds", s.comm_seconds}, {"comm_bytes", s.comm_bytes},
+                          {"trained_bytes", model_->params().numel(true) * 4},
+                          {"mem_params", mem.params}, {"mem_grads", mem.grads}, {"mem_optimizer", mem.optimizer}};
       metrics_ << j.dump() << "\n" << std::flush;
     }
     if (loader_ && loader_->validation_samples() > 0 && cfg_.val_every > 0 && s.step % cfg_.val_every == 0 &&
@@ -175,6 +190,7 @@ void Trainer::run() {
       report_eval("periodic");
   }
   if (loader_ && loader_->validation_samples() > 0) report_eval("final");
+  if (!cfg_.save_params.empty() && is_root()) save_trainable(cfg_.save_params);
 }
 
 }  // namespace vchat

@@ -9,6 +9,7 @@
 #include "data/loader.h"
 #include "model/visualchat.h"
 #include "parallel/comm.h"
+#include "parallel/zero.h"
 #include "train/adamw.h"
 #include "train/synthetic.h"
 #include "train/train_config.h"
@@ -20,6 +21,8 @@ struct StepStats {
   double loss = 0, grad_norm = 0, seconds = 0;
   float lr = 0;
   int64_t tokens = 0;  // non-pad tokens processed by all ranks
+  double comm_seconds = 0;  // of `seconds`, spent in data-parallel collectives
+  double comm_bytes = 0;    // this rank's DP traffic in the step (ring "bus bytes", comm.h)
 };
 
 struct EvalStats {
@@ -38,17 +41,21 @@ class Trainer {
   EvalStats evaluate();  // on the held-out split of --data (all ranks; needs --val-fraction)
   void run();            // all steps, one log line per step on rank 0, validation as configured
   VisualChatModel& model() { return *model_; }
+  ZeroOptimizer& optimizer() { return *opt_; }
+  // Writes the trainable parameters (full, after the last update) to a safetensors file.
+  void save_trainable(const std::string& path) const;
   data::DataLoader* loader() { return loader_.get(); }
 
  private:
   std::vector<Batch> next_batches();
-  bool is_root() const { return !comm_ || comm_->rank() == 0; }
-  int dp_size() const { return comm_ ? comm_->size() : 1; }
+  bool is_root() const { return comm_->rank() == 0; }
+  int dp_size() const { return comm_->size(); }
 
   TrainConfig cfg_;
   Comm* comm_;
   std::unique_ptr<VisualChatModel> model_;
-  std::unique_ptr<AdamW> opt_;
+  SelfComm self_;  // the DP group of a one-process run
+  std::unique_ptr<ZeroOptimizer> opt_;
   std::unique_ptr<SyntheticBatches> synthetic_;
   std::unique_ptr<data::DataLoader> loader_;
   std::optional<std::vector<Batch>> fixed_;
