@@ -120,3 +120,30 @@ TEST(DataParallel, ZeroStageThreeIsRefusedClearly) {
   EXPECT_EQ(rc, 2) << out;
   EXPECT_NE(out.find("--zero=3"), std::string::npos) << out;
 }
+
+// Every rank validates the grid and the model/grid fit before any work; rank 0 alone
+// speaks, every rank exits 2, nobody hangs.
+TEST(ParallelGrid, BadGridsStopEveryRankWithOneMessage) {
+  struct Case {
+    int ranks;
+    std::string args, needle;
+  };
+  const std::vector<Case> cases = {
+      {3, "--tp 2", "world size 3 is not divisible by --tp=2"},
+      {3, "--tp 3", "--tp=3 does not divide llm.n_heads=4"},
+      {4, "--pp 4", "--pp=4 exceeds llm.n_layers=2"},
+      {2, "--pp 2 --micro-batches 1", "--micro-batches=1 is fewer than --pp=2"},
+  };
+  for (const Case& c : cases) {
+    const std::string cmd = "cd " + std::string(VCHAT_SOURCE_DIR) + " && OMP_NUM_THREADS=1 mpirun --oversubscribe -np " +
+                            std::to_string(c.ranks) + (getuid() == 0 ? " --allow-run-as-root " : " ") + VCHAT_TRAIN_BIN +
+                            " --model inputs/models/tiny.json --steps 1 " + c.args;
+    int rc = 0;
+    const std::string out = sh(cmd, &rc);
+    EXPECT_EQ(rc, 2) << cmd << "\n" << out;
+    const size_t first = out.find(c.needle);
+    EXPECT_NE(first, std::string::npos) << out;
+    EXPECT_EQ(out.find(c.needle, first + 1), std::string::npos) << "one message, from rank 0:\n" << out;
+    EXPECT_EQ(out.find("step "), std::string::npos) << out;
+  }
+}

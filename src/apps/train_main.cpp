@@ -5,8 +5,11 @@
 // a collective or in MPI_Finalize.
 #include <cstdio>
 #include <exception>
+#include <memory>
+#include <string>
 
 #include "parallel/comm.h"
+#include "parallel/grid.h"
 #include "train/train_config.h"
 #include "train/trainer.h"
 
@@ -20,9 +23,26 @@ int main(int argc, char** argv) {
     if (root) std::fprintf(stderr, "vchat-train: error: %s\n", e.what());
     return 2;
   }
+  // The grid: checked identically by every rank before any work, so on a bad grid all
+  // ranks stop together and only rank 0 speaks.
+  auto world = mpi.world();
+  world->set_timeout(cfg.comm_timeout);
+  std::unique_ptr<vchat::Grid> grid;
   try {
-    auto world = mpi.world();
-    vchat::Trainer trainer(cfg, world.get());
+    const vchat::GridShape shape = vchat::infer_grid(world->size(), cfg.tp, cfg.pp);
+    vchat::validate_grid(shape, cfg.model, static_cast<int>(cfg.micro_batches));
+    if (shape.tp > 1 || shape.pp > 1)
+      throw vchat::ConfigError("--tp=" + std::to_string(shape.tp) + " --pp=" + std::to_string(shape.pp) +
+                               ": tensor and pipeline parallelism are not in this build yet; use --tp 1 --pp 1 "
+                               "(data parallelism with --zero 0/1/2 is)");
+    grid = std::make_unique<vchat::Grid>(*world, shape);
+  } catch (const vchat::ConfigError& e) {
+    if (root) std::fprintf(stderr, "vchat-train: error: %s\n", e.what());
+    return 2;
+  }
+  if (root) std::printf("vchat-train | %s\n", grid->describe().c_str());
+  try {
+    vchat::Trainer trainer(cfg, &grid->dp());
     trainer.run();
   } catch (const vchat::ConfigError& e) {
     std::fprintf(stderr, "vchat-train: error (rank %d): %s\n", mpi.rank(), e.what());

@@ -54,6 +54,9 @@ bool parse_train_config(int argc, const char* const argv[], TrainConfig& c) {
     ("val-every", po::value(&c.val_every)->default_value(0), "steps between validation passes (0: at the end only)")
     ("tokenizer", po::value(&c.tokenizer), "sentencepiece model; its SHA-256 must match the shards'")
     ("blank-images", po::bool_switch(&c.blank_images), "replace every image by the mean colour (ablation)")
+    ("tp", po::value(&c.tp)->default_value(1), "tensor-parallel ranks (world = tp x dp x pp)")
+    ("pp", po::value(&c.pp)->default_value(1), "pipeline stages")
+    ("comm-timeout", po::value(&c.comm_timeout)->default_value(600.0), "seconds before a stuck collective aborts the job, naming it (0: never)")
     ("zero", po::value(&c.zero_stage)->default_value(0), "ZeRO stage over the data-parallel ranks: 0, 1 (shard optimizer state), 2 (and gradients)")
     ("save-params", po::value(&c.save_params), "write the trained parameters to this safetensors file at the end");
   // clang-format on
@@ -102,6 +105,7 @@ bool parse_train_config(int argc, const char* const argv[], TrainConfig& c) {
     throw ConfigError("--tokenizer '" + c.tokenizer + "': no such file");
   if (c.zero_stage < 0 || c.zero_stage > 2)
     throw ConfigError("--zero=" + std::to_string(c.zero_stage) + " is not supported (0, 1 or 2; stage 3 is not implemented yet)");
+  if (!(c.comm_timeout >= 0)) throw bad("comm-timeout", c.comm_timeout, "must be >= 0");
   if (c.threads < 0) throw ConfigError("--threads=" + std::to_string(c.threads) + " must be >= 0");
   if (!(c.lr.max_lr > 0)) throw bad("lr", c.lr.max_lr, "must be positive");
   if (!(c.lr.min_lr >= 0 && c.lr.min_lr <= c.lr.max_lr)) throw bad("min-lr", c.lr.min_lr, "must be in [0, --lr]");
