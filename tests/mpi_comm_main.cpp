@@ -115,6 +115,9 @@ void expect_same_on_all_ranks(Comm& c, const std::vector<uint8_t>& bytes) {
 }
 
 // ---- collectives ----
+// Checks inside loops that go on to more collectives are EXPECTs that stop checking after
+// the first failure: an ASSERT would return on the failing rank only and leave the others
+// waiting in the next collective (until the 60 s timeout aborts the job).
 
 TEST(CommMpi, AllReduceEveryDtypeAndOp) {
   auto w = world();
@@ -128,7 +131,8 @@ TEST(CommMpi, AllReduceEveryDtypeAndOp) {
         w->all_reduce(buf.data(), count, t, op);
         for (int64_t i = 0; i < count; ++i) {
           const Expected e = reduce_over_ranks(t, op, n, [&](int q) { return value(t, q, i); });
-          ASSERT_NEAR(load(t, buf.data(), i), e.value, e.tolerance) << "element " << i;
+          EXPECT_NEAR(load(t, buf.data(), i), e.value, e.tolerance) << "element " << i;
+          if (HasFailure()) break;
         }
         expect_same_on_all_ranks(*w, buf);
       }
@@ -175,7 +179,8 @@ TEST(CommMpi, ReduceScatterPlacesBlockRAtRankR) {
         w->reduce_scatter(send.data(), recv, rc, t, op);
         for (int64_t j = 0; j < rc; ++j) {
           const Expected e = reduce_over_ranks(t, op, n, [&](int q) { return value(t, q, r * 1000 + j); });
-          ASSERT_NEAR(load(t, recv, j), e.value, e.tolerance) << "element " << j;
+          EXPECT_NEAR(load(t, recv, j), e.value, e.tolerance) << "element " << j;
+          if (HasFailure()) break;
         }
       }
 }
@@ -192,9 +197,9 @@ TEST(CommMpi, AllGatherPlacesRankRAtBlockR) {
       void* send = in_place ? recv.data() + r * sc * dtype_size(t) : own.data();
       for (int64_t j = 0; j < sc; ++j) store(t, send, j, value(t, r, j));
       w->all_gather(send, recv.data(), sc, t);
-      for (int b = 0; b < n; ++b)
-        for (int64_t j = 0; j < sc; ++j)
-          ASSERT_EQ(load(t, recv.data(), b * sc + j), representable(t, value(t, b, j))) << "block " << b << " [" << j << "]";
+      for (int b = 0; b < n && !HasFailure(); ++b)
+        for (int64_t j = 0; j < sc && !HasFailure(); ++j)
+          EXPECT_EQ(load(t, recv.data(), b * sc + j), representable(t, value(t, b, j))) << "block " << b << " [" << j << "]";
     }
 }
 
@@ -204,7 +209,7 @@ TEST(CommMpi, BroadcastFromEveryRoot) {
     std::vector<int32_t> v(1001);
     for (size_t i = 0; i < v.size(); ++i) v[i] = w->rank() == root ? int32_t(i * 3 + root) : -1;
     w->broadcast(v.data(), int64_t(v.size() * sizeof(int32_t)), root);
-    for (size_t i = 0; i < v.size(); ++i) ASSERT_EQ(v[i], int32_t(i * 3 + root)) << "root " << root;
+    for (size_t i = 0; i < v.size() && !HasFailure(); ++i) EXPECT_EQ(v[i], int32_t(i * 3 + root)) << "root " << root;
   }
 }
 
