@@ -42,7 +42,7 @@ Batch collate(const std::vector<Sample>& samples, const CollateSpec& spec) {
     n_images += fits.back().images;
   }
   const int64_t L = std::min(spec.seq_len, (longest + 7) / 8 * 8);
-  std::vector<int32_t> tokens(B * L, 0), targets(B * L, -1);
+  std::vector<int32_t> tokens(B * L, 0);
   std::vector<uint8_t> modality(B * L, ops::kPad), supervised(B * L, 0);
   std::vector<float> pixels(n_images * 3 * S * S);
   int64_t img = 0;
@@ -69,17 +69,7 @@ Batch collate(const std::vector<Sample>& samples, const CollateSpec& spec) {
       }
     }
   }
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t l = 0; l + 1 < L; ++l) {
-      const int64_t i = b * L + l;
-      if (supervised[i + 1] && modality[i] != ops::kPad) targets[i] = tokens[i + 1];
-    }
-  Batch batch;
-  batch.tokens = Tensor::from_vector(tokens, {B, L});
-  batch.modality = Tensor::from_vector(modality, {B, L});
-  batch.targets = Tensor::from_vector(targets, {B, L});
-  batch.pixels = Tensor::from_vector(pixels, {n_images, 3, S, S});
-  return batch;
+  return Batch::from_rows(B, L, tokens, modality, supervised, pixels, n_images, S);
 }
 
 }  // namespace vchat::data

@@ -19,6 +19,23 @@ int64_t Batch::non_pad_count() const {
   return n;
 }
 
+Batch Batch::from_rows(int64_t B, int64_t L, const std::vector<int32_t>& tokens, const std::vector<uint8_t>& modality,
+                       const std::vector<uint8_t>& supervised, const std::vector<float>& pixels, int64_t n_images,
+                       int64_t S) {
+  std::vector<int32_t> targets(B * L, -1);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t l = 0; l + 1 < L; ++l) {
+      const int64_t i = b * L + l;
+      if (supervised[i + 1] && modality[i] != ops::kPad) targets[i] = tokens[i + 1];
+    }
+  Batch batch;
+  batch.tokens = Tensor::from_vector(tokens, {B, L});
+  batch.modality = Tensor::from_vector(modality, {B, L});
+  batch.targets = Tensor::from_vector(targets, {B, L});
+  batch.pixels = Tensor::from_vector(pixels, {n_images, 3, S, S});
+  return batch;
+}
+
 void Batch::validate(int64_t V, int64_t S) const {
   VCHAT_CHECK(tokens.defined() && tokens.dim() == 2 && tokens.dtype() == DType::i32 && tokens.is_contiguous(),
               "tokens must be contiguous i32 [B, L]");

@@ -2,6 +2,8 @@
 // (synthetic now, HDF5 shards later) builds these; the image sentinel is already expanded
 // to the encoder's tokens-per-image positions.
 #pragma once
+#include <vector>
+
 #include "tensor.h"
 
 namespace vchat {
@@ -21,6 +23,11 @@ struct Batch {
   // ids outside the vocabulary at text/pad positions, targets at pad positions or out of
   // range, pixel shape. The data path calls it too, so a bad record is named early.
   void validate(int64_t vocab_size, int64_t image_size) const;
+  // Builds a batch from host rows [B*L]: targets are shifted here (position i predicts
+  // token i+1 where that token is supervised), the one place the data paths share.
+  static Batch from_rows(int64_t B, int64_t L, const std::vector<int32_t>& tokens,
+                         const std::vector<uint8_t>& modality, const std::vector<uint8_t>& supervised,
+                         const std::vector<float>& pixels, int64_t n_images, int64_t image_size);
 };
 
 }  // namespace vchat

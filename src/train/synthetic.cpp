@@ -18,7 +18,7 @@ SyntheticBatches::SyntheticBatches(const ModelConfig& cfg, const SyntheticSpec& 
 Batch SyntheticBatches::next() {
   const int64_t B = spec_.batch_size, L = spec_.seq_len, T = cfg_.vision.tokens_per_image();
   const int64_t V = cfg_.llm.vocab_size, S = cfg_.vision.image_size;
-  std::vector<int32_t> tokens(B * L, 0), targets(B * L, -1);
+  std::vector<int32_t> tokens(B * L, 0);
   std::vector<uint8_t> modality(B * L, ops::kPad);
   std::vector<uint8_t> supervised(B * L, 0);
   int64_t n_images = 0;
@@ -47,21 +47,10 @@ Batch SyntheticBatches::next() {
       text(uni(2, 40), true);   // answer + EOS
     }
   }
-  // Next-token targets: position i predicts token i+1 when i+1 is a supervised text token.
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t l = 0; l + 1 < L; ++l) {
-      const int64_t i = b * L + l;
-      if (supervised[i + 1] && modality[i] != ops::kPad) targets[i] = tokens[i + 1];
-    }
   std::normal_distribution<float> g(0.f, 1.f);
   std::vector<float> pix(n_images * 3 * S * S);
   for (auto& p : pix) p = g(rng_);
-  Batch batch;
-  batch.tokens = Tensor::from_vector(tokens, {B, L});
-  batch.modality = Tensor::from_vector(modality, {B, L});
-  batch.targets = Tensor::from_vector(targets, {B, L});
-  batch.pixels = Tensor::from_vector(pix, {n_images, 3, S, S});
-  return batch;
+  return Batch::from_rows(B, L, tokens, modality, supervised, pix, n_images, S);
 }
 
 }  // namespace vchat
