@@ -13,7 +13,7 @@
 
 #include "io/safetensors.h"
 #include "model/visualchat.h"
-#include "train/adamw.h"
+#include "parallel/zero.h"
 #include "train/synthetic.h"
 
 using namespace vchat;
@@ -44,7 +44,8 @@ int main(int argc, char** argv) {
   opt.attention = parse_attention(attention);
   VisualChatModel model(cfg, opt);
   init_params(model.params(), 0);
-  AdamW adam(model.params().trainable(), AdamWConfig{});
+  SelfComm self;
+  ZeroOptimizer adam(model.params(), self, 0, AdamWConfig{});
   SyntheticSpec spec{batch, seq, images, /*max_rounds=*/16};
   SyntheticBatches data(cfg, spec, 1);
   Batch b = data.next();
@@ -58,7 +59,7 @@ int main(int argc, char** argv) {
   std::vector<double> ms;
   for (int64_t i = 0; i < warmup + iters; ++i) {
     const auto t0 = std::chrono::steady_clock::now();
-    model.params().zero_grads();
+    adam.zero_grads();
     model.forward_backward(b, true);
     adam.step(1e-4f);
     const double t = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();

@@ -3,6 +3,8 @@
 // errors from the prefetch thread reaching the trainer.
 #include <gtest/gtest.h>
 
+#include <hdf5.h>
+
 #include <filesystem>
 #include <random>
 #include <unistd.h>
@@ -224,25 +226,44 @@ TEST(Loader, ErrorsNameTheDatasetAndReachTheCaller) {
 }
 
 TEST(Loader, AReadErrorOnThePrefetchThreadReachesTheCaller) {
-  // A dataset of 96 px images (~2.6 MB, more than HDF5's 1 MiB chunk cache), damaged after
-  // the loader opened it: later reads on the prefetch thread must go to the file and fail,
-  // and next_step() rethrows that error naming the file.
-  constexpr int S = 96;
-  const fs::path dir = make_dataset("damaged", 200, 200, 0, S);
+  // A dataset whose sample 1 is damaged inside the shard (its image sentinel overwritten,
+  // which only a read of that sample notices): opening succeeds, then the prefetch thread's
+  // read fails, and next_step() rethrows that error naming the file. Deterministic: the
+  // first epoch reads every sample.
+  const fs::path dir = make_dataset("damaged", 40, 40, 0);
+  fs::path shard;
+  for (const auto& e : fs::directory_iterator(dir))
+    if (e.path().extension() == ".h5") shard = e.path();
+  {
+    // Sample 0 is BOS, 1 text, answer, EOS (4 tokens); sample 1 is BOS, 2 text, then its
+    // image sentinel at global token 7.
+    const hid_t f = H5Fopen(shard.c_str(), H5F_ACC_RDWR, H5P_DEFAULT);
+    ASSERT_GE(f, 0);
+    const hid_t d = H5Dopen2(f, "tokens", H5P_DEFAULT);
+    const hid_t space = H5Dget_space(d);
+    const hsize_t at = 7, one = 1;
+    int32_t value = 0;
+    const hid_t mem = H5Screate_simple(1, &one, nullptr);
+    H5Sselect_hyperslab(space, H5S_SELECT_SET, &at, nullptr, &one, nullptr);
+    H5Dread(d, H5T_NATIVE_INT32, mem, space, H5P_DEFAULT, &value);
+    ASSERT_EQ(value, kImageSentinel);
+    value = 5;
+    ASSERT_GE(H5Dwrite(d, H5T_NATIVE_INT32, mem, space, H5P_DEFAULT, &value), 0);
+    H5Sclose(mem);
+    H5Sclose(space);
+    H5Dclose(d);
+    H5Fclose(f);
+  }
   LoaderConfig c = loader_config(0, 1);
   c.sources = {{"d", dir.string(), 1.0}};
   c.val_fraction = 0;
   c.prefetch_steps = 1;
-  c.tokenizer_sha256 = "feed";
-  c.collate.image_size = S;
   DataLoader loader(c);
-  for (const auto& e : fs::directory_iterator(dir))
-    if (e.path().extension() == ".h5") fs::resize_file(e.path(), 4096);
   try {
-    for (int i = 0; i < 50; ++i) loader.next_step();
-    FAIL() << "reads from a truncated shard succeeded";
+    for (int i = 0; i < 10; ++i) loader.next_step();  // 80 draws: all 40 samples at least once
+    FAIL() << "a damaged sample was read without error";
   } catch (const DataError& e) {
-    EXPECT_NE(std::string(e.what()).find(dir.string()), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find(shard.string()), std::string::npos) << e.what();
   } catch (const std::exception& e) {
     FAIL() << "expected a DataError naming the shard, got: " << e.what();
   }

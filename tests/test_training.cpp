@@ -10,6 +10,7 @@
 #include "model/visualchat.h"
 #include "ops.h"
 #include "test_util.h"
+#include "parallel/zero.h"
 #include "train/lr_schedule.h"
 #include "train/trainer.h"
 
@@ -94,12 +95,14 @@ TEST(Training, AdamWMatchesTheUpdateRuleAndClipsByGlobalNorm) {
   store.set_trainable(b, true);
   for (int i = 0; i < 4; ++i) w.value.data<float>()[i] = 1.f;
   for (int i = 0; i < 2; ++i) b.value.data<float>()[i] = 1.f;
-  for (int i = 0; i < 4; ++i) w.grad.data<float>()[i] = 3.f;  // global norm = sqrt(4*9 + 2*16) = sqrt(68)
-  for (int i = 0; i < 2; ++i) b.grad.data<float>()[i] = 4.f;
   AdamWConfig cfg;
   cfg.weight_decay = 0.1f;
   cfg.clip_grad = 1.f;
-  AdamW opt(store.trainable(), cfg);
+  SelfComm self;
+  ZeroOptimizer opt(store, self, 0, cfg);
+  opt.zero_grads();
+  for (int i = 0; i < 4; ++i) w.grad.data<float>()[i] = 3.f;  // global norm = sqrt(4*9 + 2*16) = sqrt(68)
+  for (int i = 0; i < 2; ++i) b.grad.data<float>()[i] = 4.f;
   const double norm = opt.step(0.01f);
   EXPECT_NEAR(norm, std::sqrt(68.0), 1e-6);
   // After clipping the step-1 Adam update is lr * sign(g) (m̂/√v̂ = ±1 up to eps) plus decay.
@@ -132,9 +135,11 @@ TEST(Training, AdamWOverSeveralStepsMatchesAScalarReference) {
   cfg.eps = 1e-3f;
   cfg.weight_decay = 0.05f;
   cfg.clip_grad = 0.f;
-  AdamW opt(store.trainable(), cfg);
+  SelfComm self;
+  ZeroOptimizer opt(store, self, 0, cfg);
   double ref[3] = {w0[0], w0[1], w0[2]}, m[3] = {0, 0, 0}, v[3] = {0, 0, 0};
   for (int step = 1; step <= 4; ++step) {
+    opt.zero_grads();
     for (int i = 0; i < 3; ++i) w.grad.data<float>()[i] = static_cast<float>(std::sin(step * 1.3 + i));
     opt.step(0.1f);
     for (int i = 0; i < 3; ++i) {
@@ -152,8 +157,10 @@ TEST(Training, NonFiniteGradientStopsBeforeTouchingParameters) {
   ParamStore store;
   Param& w = store.add("w", {2, 2});
   store.set_trainable(w, true);
+  SelfComm self;
+  ZeroOptimizer opt(store, self, 0, AdamWConfig{});
+  opt.zero_grads();
   w.grad.data<float>()[1] = std::nanf("");
-  AdamW opt(store.trainable(), AdamWConfig{});
   try {
     opt.step(0.1f);
     FAIL() << "expected an error";
