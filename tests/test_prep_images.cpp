@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "test_util.h"
 #include "data/sample.h"
 #include "image_prep.h"
 
@@ -22,18 +23,9 @@ namespace {
 
 namespace fs = std::filesystem;
 
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    std::string tmpl = (fs::temp_directory_path() / "vchat_img_XXXXXX").string();
-    if (!mkdtemp(tmpl.data())) throw std::runtime_error("mkdtemp failed");
-    path = tmpl;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::string file(const std::string& name) const { return (path / name).string(); }
+// A fresh temp directory per test (tests/test_util.h).
+struct TempDir : test::TempDir {
+  TempDir() : test::TempDir("vchat_img") {}
 };
 
 struct RGB {

@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "test_util.h"
 #include "chat_template.h"
 #include "data/sample.h"
 #include "tokenizer.h"
@@ -27,19 +28,9 @@ namespace fs = std::filesystem;
 using data::DataError;
 using data::kImageSentinel;
 
-// A fresh directory under /tmp, removed with its contents at scope exit.
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    std::string tmpl = (fs::temp_directory_path() / "vchat_tpl_XXXXXX").string();
-    if (!mkdtemp(tmpl.data())) throw std::runtime_error("mkdtemp failed");
-    path = tmpl;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::string file(const std::string& name) const { return (path / name).string(); }
+// A fresh temp directory per test (tests/test_util.h).
+struct TempDir : test::TempDir {
+  TempDir() : test::TempDir("vchat_tpl") {}
 };
 
 std::string read_bytes(const std::string& path) {

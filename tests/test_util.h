@@ -4,7 +4,11 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <stdlib.h>
+
 #include <cmath>
+#include <filesystem>
+#include <stdexcept>
 #include <functional>
 #include <random>
 #include <string>
@@ -13,6 +17,23 @@
 #include "tensor.h"
 
 namespace vchat::test {
+
+// A fresh directory under the temp dir, removed with its contents at scope exit.
+struct TempDir {
+  std::filesystem::path path;
+  explicit TempDir(const std::string& prefix = "vchat") {
+    std::string tmpl = (std::filesystem::temp_directory_path() / (prefix + "_XXXXXX")).string();
+    if (!mkdtemp(tmpl.data())) throw std::runtime_error("mkdtemp failed");
+    path = tmpl;
+  }
+  ~TempDir() {
+    std::error_code ec;
+    std::filesystem::remove_all(path, ec);
+  }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  std::string file(const std::string& name) const { return (path / name).string(); }
+};
 
 inline Tensor randn(Shape shape, std::mt19937_64& rng, float stddev = 1.f) {
   Tensor t = Tensor::empty(std::move(shape));
