@@ -30,9 +30,9 @@ std::string sh(const std::string& cmd, int* code = nullptr) {
 
 // One small prepared dataset for every run of this file (per process).
 const std::string& dataset_dir() {
+  static const test::TempDir tmp("vchat_dp");  // removed at exit
   static const std::string dir = [] {
-    const fs::path d = fs::temp_directory_path() / ("vchat_dp_" + std::to_string(getpid()));
-    fs::remove_all(d);
+    const fs::path d = tmp.path;
     const std::string bin = VCHAT_BIN_DIR;
     int rc = 0;
     std::string out = sh(bin + "/vchat-synth --out " + (d / "synth").string() + " --samples 120 --image-size 32 --seed 4", &rc);

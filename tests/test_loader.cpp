@@ -26,7 +26,7 @@ namespace {
 constexpr int kS = 4;  // image size of these tests
 
 // Sample i: BOS, i%5+1 text tokens, an image (for odd i), answer tokens supervised, EOS.
-Sample make_sample(int64_t i, int S = kS) {
+Sample make_sample(int64_t i) {
   Sample s;
   auto push = [&](int32_t t, uint8_t m) {
     s.tokens.push_back(t);
@@ -36,7 +36,7 @@ Sample make_sample(int64_t i, int S = kS) {
   for (int k = 0; k < i % 5 + 1; ++k) push(static_cast<int32_t>(10 + (i + k) % 50), 0);
   if (i % 2) {
     push(kImageSentinel, 0);
-    for (int p = 0; p < S * S * 3; ++p) s.pixels.push_back(static_cast<uint8_t>((i * 7 + p) % 256));
+    for (int p = 0; p < kS * kS * 3; ++p) s.pixels.push_back(static_cast<uint8_t>((i * 7 + p) % 256));
     s.n_images = 1;
   }
   push(static_cast<int32_t>(60 + i % 30), 1);
@@ -46,14 +46,14 @@ Sample make_sample(int64_t i, int S = kS) {
 
 // A prepared dataset of n samples in shards of `per_shard`, id offset `base` (so two
 // datasets have different contents).
-std::string make_dataset(const std::string& name, int64_t n, int64_t per_shard, int64_t base, int S = kS) {
+std::string make_dataset(const std::string& name, int64_t n, int64_t per_shard, int64_t base) {
   // Per process: ctest runs tests of this file in parallel processes.
   const fs::path dir = fs::temp_directory_path() / ("vchat_loader_" + name + "_" + std::to_string(getpid()));
   fs::remove_all(dir);
   fs::create_directories(dir);
   ShardAttrs a;
   a.tokenizer_sha256 = "feed";
-  a.image_size = S;
+  a.image_size = kS;
   a.image_mode = "pad";
   a.dataset = name;
   a.source_hash = "00";
@@ -61,11 +61,11 @@ std::string make_dataset(const std::string& name, int64_t n, int64_t per_shard, 
   m.format_version = kShardFormatVersion;
   m.dataset = name;
   m.tokenizer_sha256 = "feed";
-  m.image_size = S;
+  m.image_size = kS;
   m.image_mode = "pad";
   for (int64_t s0 = 0; s0 < n; s0 += per_shard) {
     ShardWriter w((dir / ("shard_00000_" + std::to_string(s0 / per_shard) + ".h5")).string(), a);
-    for (int64_t i = s0; i < std::min(n, s0 + per_shard); ++i) w.add(make_sample(base + i, S));
+    for (int64_t i = s0; i < std::min(n, s0 + per_shard); ++i) w.add(make_sample(base + i));
     m.shards.push_back(w.finish());
     m.samples += m.shards.back().samples;
     m.tokens += m.shards.back().tokens;

@@ -11,10 +11,14 @@
 
 namespace vchat {
 
-ZeroOptimizer::ZeroOptimizer(ParamStore& store, Comm& dp, int stage, const AdamWConfig& cfg)
-    : store_(store), dp_(dp), stage_(stage), cfg_(cfg) {
+void ZeroOptimizer::check_stage(int stage) {
   if (stage < 0 || stage > 2)
     throw ConfigError("--zero=" + std::to_string(stage) + " is not supported (0, 1 or 2; stage 3 is not implemented yet)");
+}
+
+ZeroOptimizer::ZeroOptimizer(ParamStore& store, Comm& dp, int stage, const AdamWConfig& cfg)
+    : store_(store), dp_(dp), stage_(stage), cfg_(cfg) {
+  check_stage(stage);
   const ParamStore::Flat& f = store.flatten_trainable(dp.size());
   grads_ = f.grads;
   const bool sharded = stage >= 1;

@@ -25,6 +25,8 @@ struct ZeroMemory {  // bytes held by this rank between steps
 class ZeroOptimizer {
  public:
   ZeroOptimizer(ParamStore& store, Comm& dp, int stage, const AdamWConfig& cfg);
+  // Throws ConfigError naming --zero for a stage this build does not have.
+  static void check_stage(int stage);
   // Call before each step's backward: gives the gradients a zeroed full buffer again.
   void zero_grads();
   // Reduces gradients over the DP group, clips by the global norm, updates with AdamW,

@@ -6,6 +6,8 @@
 #include <iostream>
 #include <sstream>
 
+#include "parallel/zero.h"
+
 namespace vchat {
 
 namespace po = boost::program_options;
@@ -103,8 +105,7 @@ bool parse_train_config(int argc, const char* const argv[], TrainConfig& c) {
   if (c.val_every < 0) throw bad("val-every", c.val_every, "must be >= 0");
   if (!c.tokenizer.empty() && !std::filesystem::exists(c.tokenizer))
     throw ConfigError("--tokenizer '" + c.tokenizer + "': no such file");
-  if (c.zero_stage < 0 || c.zero_stage > 2)
-    throw ConfigError("--zero=" + std::to_string(c.zero_stage) + " is not supported (0, 1 or 2; stage 3 is not implemented yet)");
+  ZeroOptimizer::check_stage(c.zero_stage);
   if (!(c.comm_timeout >= 0)) throw bad("comm-timeout", c.comm_timeout, "must be >= 0");
   if (c.threads < 0) throw ConfigError("--threads=" + std::to_string(c.threads) + " must be >= 0");
   if (!(c.lr.max_lr > 0)) throw bad("lr", c.lr.max_lr, "must be positive");

@@ -105,7 +105,7 @@ EvalStats Trainer::evaluate() {
   double sums[4] = {0, 0, 0, 0};  // loss sum, tokens, answers, exact answers
   for (const Batch& b : loader_->validation()) {
     const MicroBatchResult r = model_->forward_backward(b, /*backward=*/false, 1.f, /*keep_logits=*/true);
-    sums[0] += r.loss * r.supervised;
+    sums[0] += r.loss_sum;
     sums[1] += r.supervised;
     // Teacher-forced exact match: an answer span counts when every target is the argmax.
     const int64_t N = r.logits.size(0), V = r.logits.size(1);
