@@ -9,11 +9,14 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <numeric>
+#include <thread>
 #include <vector>
 
 #include "parallel/comm.h"
@@ -262,6 +265,122 @@ TEST(CommMpi, RecvOfMoreThanWasSentThrows) {
   else EXPECT_THROW(w->recv(big, sizeof big, 0), std::runtime_error);
 }
 
+// Bytes that say who sent them and where they sit in the message.
+uint8_t p2p_byte(int sender, size_t i) { return uint8_t(i * 7 + sender * 31); }
+
+TEST(CommMpi, SendRecvShiftsAroundTheRing) {
+  auto w = world();
+  const int n = w->size(), r = w->rank();
+  const int next = (r + 1) % n, prev = (r + n - 1) % n;
+  // Every rank sends before it receives, which only sendrecv allows without a deadlock.
+  // Sizes differ per rank (each receiver asks for its sender's), past MPI's eager limits
+  // and a multiple of no slice.
+  auto len = [](int rank) { return size_t{1 << 16} + 3 + 101 * size_t(rank); };
+  std::vector<uint8_t> out(len(r)), in(len(prev), 0);
+  for (size_t i = 0; i < out.size(); ++i) out[i] = p2p_byte(r, i);
+  w->sendrecv(out.data(), int64_t(out.size()), next, in.data(), int64_t(in.size()), prev);
+  for (size_t i = 0; i < in.size(); ++i) ASSERT_EQ(in[i], p2p_byte(prev, i)) << i;
+  EXPECT_EQ(w->stats().calls, 1);
+  EXPECT_DOUBLE_EQ(w->stats().bytes, double(out.size() + in.size()));
+}
+
+TEST(CommMpi, SendRecvExchangesBothWaysWithOnePeer) {
+  auto w = world();
+  const int n = w->size(), r = w->rank();
+  const int peer = r ^ 1;  // pairs (0,1), (2,3), …; a last odd rank has no pair
+  if (peer >= n) return;
+  // 4 MiB: rendezvous, so each send completes only once the peer's receive is posted. With
+  // a small slice size (the Sliced run), 4 MiB would be a quarter million messages: 64 KiB
+  // covers the same paths there.
+  const bool sliced = std::getenv("VCHAT_COMM_MPI_MAX_COUNT") != nullptr;
+  const size_t len = sliced ? size_t{1} << 16 : size_t{4} << 20;
+  std::vector<uint8_t> out(len), in(len, 0);
+  for (size_t i = 0; i < len; ++i) out[i] = p2p_byte(r, i);
+  for (int round = 0; round < 2; ++round) {  // twice: messages of consecutive calls stay apart
+    out[0] = uint8_t(round);
+    w->sendrecv(out.data(), int64_t(len), peer, in.data(), int64_t(len), peer);
+    EXPECT_EQ(in[0], uint8_t(round));
+    for (size_t i = 1; i < len; ++i) ASSERT_EQ(in[i], p2p_byte(peer, i)) << i;
+  }
+  EXPECT_EQ(w->stats().calls, 2);
+  EXPECT_DOUBLE_EQ(w->stats().bytes, 4.0 * len);
+}
+
+TEST(CommMpi, SendRecvOfMoreThanWasSentThrows) {
+  auto w = world();
+  if (w->rank() > 1) return;
+  const int peer = 1 - w->rank();
+  int64_t small[1] = {42}, big[2] = {0, 0};
+  // Rank 0 sends 8 bytes and expects 8; rank 1 sends 8 and expects 16.
+  if (w->rank() == 0) {
+    w->sendrecv(small, sizeof small, peer, big, sizeof small, peer);
+    EXPECT_EQ(big[0], 42);
+  } else {
+    EXPECT_THROW(w->sendrecv(small, sizeof small, peer, big, sizeof big, peer), std::runtime_error);
+  }
+}
+
+// ---- asynchronous all_gather ----
+
+// Fills this rank's block of an all_gather of `sc` f32 elements (`send`), and checks all
+// blocks of the result.
+void fill_block(float* send, int64_t sc, int rank) {
+  for (int64_t j = 0; j < sc; ++j) send[j] = float(value(DType::f32, rank, j));
+}
+void expect_gathered(const std::vector<float>& recv, int64_t sc, int n) {
+  for (int b = 0; b < n; ++b)
+    for (int64_t j = 0; j < sc; ++j)
+      ASSERT_EQ(recv[b * sc + j], float(value(DType::f32, b, j))) << "block " << b << " [" << j << "]";
+}
+
+TEST(CommMpi, AllGatherAsyncAroundACollectiveOnAnotherGroup) {
+  auto w = world();
+  const int n = w->size(), r = w->rank();
+  auto g = w->split(r % 2, r, "parity");
+  ASSERT_TRUE(g);
+  for (bool in_place : {false, true}) {
+    SCOPED_TRACE(in_place ? "in place" : "separate send");
+    // 16 KiB + 12 per block: beyond eager limits, and a multiple of no slice.
+    const int64_t sc = 4099;
+    std::vector<float> recv(n * sc, -1.0f), own(sc);
+    float* send = in_place ? recv.data() + r * sc : own.data();
+    fill_block(send, sc, r);
+    auto req = w->all_gather_async(send, recv.data(), sc, DType::f32);
+    // ZeRO-3's pattern: other traffic (here a different group's) while the gather runs.
+    int32_t x = r;
+    g->all_reduce(&x, 1, DType::i32, ReduceOp::sum);
+    int32_t want = 0;
+    for (int q = r % 2; q < n; q += 2) want += q;
+    EXPECT_EQ(x, want);
+    req->wait();
+    req->wait();  // a second wait is harmless
+    expect_gathered(recv, sc, n);
+  }
+  EXPECT_EQ(w->stats().calls, 2);
+  EXPECT_EQ(g->stats().calls, 2);
+}
+
+TEST(CommMpi, AllGatherAsyncTwoInFlightAndOneLeftToTheDestructor) {
+  auto w = world();
+  const int n = w->size(), r = w->rank();
+  const int64_t sc = 300;
+  std::vector<float> a(n * sc), b(n * sc), c(n * sc), own(sc);
+  fill_block(own.data(), sc, r);
+  {
+    auto first = w->all_gather_async(own.data(), a.data(), sc, DType::f32);
+    auto second = w->all_gather_async(own.data(), b.data(), sc, DType::f32);
+    second->wait();  // waited in the other order than started
+    first->wait();
+    auto third = w->all_gather_async(own.data(), c.data(), sc, DType::f32);
+  }  // third's destructor waits
+  expect_gathered(a, sc, n);
+  expect_gathered(b, sc, n);
+  expect_gathered(c, sc, n);
+  // Still in step: a blocking operation after them matches on every rank.
+  w->barrier();
+  EXPECT_EQ(w->stats().calls, 4);
+}
+
 // ---- groups ----
 
 TEST(CommMpi, SplitEvenOdd) {
@@ -348,9 +467,45 @@ TEST(CommMpi, StatsFollowTheRingFormulas) {
     expect(64, "recv");
   }
 
+  std::vector<char> in(48);
+  w->sendrecv(msg.data(), 48, (r + 1) % w->size(), in.data(), 48, (r + w->size() - 1) % w->size());
+  expect(96, "sendrecv");
+
+  // Counted at the start; the wait adds time only.
+  auto req = w->all_gather_async(ag_in.data(), ag_out.data(), 6, DType::bf16);
+  expect((n - 1) / n * (n * 6 * 2), "all_gather_async");
+  const double started = w->stats().seconds;
+  req->wait();
+  EXPECT_EQ(w->stats().calls, calls);
+  EXPECT_GE(w->stats().seconds, started);
+
+  EXPECT_GT(w->stats().seconds, 0);
   w->reset_stats();
   EXPECT_EQ(w->stats().bytes, 0);
   EXPECT_EQ(w->stats().calls, 0);
+  EXPECT_EQ(w->stats().seconds, 0);
+}
+
+TEST(CommMpi, SecondsAreTimeInsideOperations) {
+  auto w = world();
+  const int r = w->rank();
+  // Rank 0 joins the barrier 200 ms late: every other rank spends about that inside it.
+  if (r == 0) std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  w->barrier();
+  if (r != 0) {
+    EXPECT_GE(w->stats().seconds, 0.15);
+  }
+  w->barrier();  // rank 0's late arrival is over for everybody before the next part
+  w->reset_stats();
+
+  // Time between an async start and its wait is not the Comm's: all ranks sleep 300 ms
+  // there, and the gather itself takes far less.
+  std::vector<float> own(8), all(8 * w->size());
+  auto req = w->all_gather_async(own.data(), all.data(), 8, DType::f32);
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  req->wait();
+  EXPECT_GT(w->stats().seconds, 0);
+  EXPECT_LT(w->stats().seconds, 0.25);
 }
 
 // ---- refused arguments (refused identically on every rank, before any traffic) ----
@@ -370,6 +525,9 @@ TEST(CommMpi, BadArgumentsAreRefused) {
   EXPECT_THROW(w->reduce_scatter(buf.data(), buf.data() + ((r + 1) % n) * 4 + 1, 4, DType::f32, ReduceOp::sum),
                std::invalid_argument);
   EXPECT_THROW(w->all_gather(buf.data() + 1, buf.data(), 4, DType::f32), std::invalid_argument);
+  EXPECT_THROW(w->all_gather_async(buf.data() + 1, buf.data(), 4, DType::f32), std::invalid_argument);
+  EXPECT_THROW(w->sendrecv(&c, 1, r, &c, 1, (r + 1) % n), std::invalid_argument);
+  EXPECT_THROW(w->sendrecv(&c, 1, (r + 1) % n, &c, 1, -1), std::invalid_argument);
   EXPECT_THROW(w->set_timeout(-1), std::invalid_argument);
   EXPECT_EQ(w->stats().calls, 0);
   w->barrier();  // everybody is still in step
@@ -404,6 +562,27 @@ TEST(SelfComm, CollectivesAreIdentityCopies) {
   EXPECT_EQ(g->size(), 1);
   EXPECT_EQ(g->timeout(), 5);
   EXPECT_FALSE(s.split(-1, 0, "none"));
+}
+
+TEST(SelfComm, SendRecvThrowsAndAsyncGatherIsDoneAtOnce) {
+  SelfComm s;
+  char c = 0;
+  EXPECT_THROW(s.sendrecv(&c, 1, 0, &c, 1, 0), std::invalid_argument);
+  // 1 MiB, so that the copy takes measurable time.
+  std::vector<uint8_t> from(1 << 20), to(1 << 20, 0);
+  for (size_t i = 0; i < from.size(); ++i) from[i] = uint8_t(i * 13);
+  auto req = s.all_gather_async(from.data(), to.data(), int64_t(from.size()), DType::u8);
+  EXPECT_EQ(to, from);  // copied before the wait
+  req->wait();
+  req->wait();
+  auto in_place = s.all_gather_async(to.data(), to.data(), int64_t(to.size()), DType::u8);
+  in_place.reset();  // the destructor of a completed request has nothing to wait for
+  EXPECT_EQ(to, from);
+  EXPECT_EQ(s.stats().calls, 2);
+  EXPECT_EQ(s.stats().bytes, 0);
+  EXPECT_GT(s.stats().seconds, 0);
+  s.reset_stats();
+  EXPECT_EQ(s.stats().seconds, 0);
 }
 
 // Rank 0 prints gtest's report. The other ranks print only their failures, tagged.

@@ -94,6 +94,10 @@ class FakeComm final : public Comm {
   void all_gather(const void*, void*, int64_t, DType) override { unsupported("all_gather"); }
   void send(const void*, int64_t, int) override { unsupported("send"); }
   void recv(void*, int64_t, int) override { unsupported("recv"); }
+  void sendrecv(const void*, int64_t, int, void*, int64_t, int) override { unsupported("sendrecv"); }
+  std::unique_ptr<CommRequest> all_gather_async(const void*, void*, int64_t, DType) override {
+    unsupported("all_gather_async");
+  }
 
   std::unique_ptr<Comm> split(int color, int key, const std::string& name) const override {
     if (!world_) throw std::logic_error("FakeComm '" + name_ + "' cannot split");

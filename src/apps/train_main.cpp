@@ -30,11 +30,12 @@ int main(int argc, char** argv) {
   std::unique_ptr<vchat::Grid> grid;
   try {
     const vchat::GridShape shape = vchat::infer_grid(world->size(), cfg.tp, cfg.pp);
-    vchat::validate_grid(shape, cfg.model, static_cast<int>(cfg.micro_batches));
-    if (shape.tp > 1 || shape.pp > 1)
-      throw vchat::ConfigError("--tp=" + std::to_string(shape.tp) + " --pp=" + std::to_string(shape.pp) +
-                               ": tensor and pipeline parallelism are not in this build yet; use --tp 1 --pp 1 "
-                               "(data parallelism with --zero 0/1/2 is)");
+    // Micro-batches per step and replica: from --global-batch when given (the data path).
+    const int64_t per_step = cfg.data.batch_size * shape.dp;
+    const int64_t micro = cfg.global_batch > 0 && per_step > 0 && cfg.global_batch % per_step == 0
+                              ? cfg.global_batch / per_step
+                              : cfg.micro_batches;
+    vchat::validate_grid(shape, cfg.model, static_cast<int>(micro));
     grid = std::make_unique<vchat::Grid>(*world, shape);
   } catch (const vchat::ConfigError& e) {
     if (root) std::fprintf(stderr, "vchat-train: error: %s\n", e.what());
@@ -42,7 +43,7 @@ int main(int argc, char** argv) {
   }
   if (root) std::printf("vchat-train | %s\n", grid->describe().c_str());
   try {
-    vchat::Trainer trainer(cfg, &grid->dp());
+    vchat::Trainer trainer(cfg, grid.get());
     trainer.run();
   } catch (const vchat::ConfigError& e) {
     std::fprintf(stderr, "vchat-train: error (rank %d): %s\n", mpi.rank(), e.what());

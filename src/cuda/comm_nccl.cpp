@@ -38,6 +38,11 @@ struct StreamDeleter {
 struct NcclDeleter {
   void operator()(ncclComm_t c) const noexcept { (void)ncclCommDestroy(c); }
 };
+struct EventDeleter {
+  void operator()(cudaEvent_t e) const noexcept {
+    if (cudaEventDestroy(e) != cudaSuccess) (void)cudaGetLastError();
+  }
+};
 struct DeviceDeleter {
   void operator()(void* p) const noexcept {
     if (cudaFree(p) != cudaSuccess) (void)cudaGetLastError();
@@ -45,6 +50,7 @@ struct DeviceDeleter {
 };
 using StreamPtr = std::unique_ptr<std::remove_pointer_t<cudaStream_t>, StreamDeleter>;
 using NcclPtr = std::unique_ptr<std::remove_pointer_t<ncclComm_t>, NcclDeleter>;
+using EventPtr = std::unique_ptr<std::remove_pointer_t<cudaEvent_t>, EventDeleter>;
 using DevicePtr = std::unique_ptr<void, DeviceDeleter>;
 
 bool overlaps(const void* a, int64_t a_bytes, const void* b, int64_t b_bytes) {
@@ -110,6 +116,7 @@ class NcclComm final : public Comm {
   const std::string& name() const override { return name_; }
 
   void all_reduce(void* buf, int64_t count, DType dtype, ReduceOp op) override {
+    const OpTimer timer(*this);
     const ncclDataType_t t = reduce_type(dtype, "all_reduce");
     run("all_reduce", ring_all_reduce_bytes(double(count) * dtype_size(dtype)), [&] {
       return ncclAllReduce(buf, buf, static_cast<size_t>(count), t, nccl_op(op), comm_.get(), stream_.get());
@@ -117,6 +124,7 @@ class NcclComm final : public Comm {
   }
 
   void all_reduce_f64(double* buf, int64_t count, ReduceOp op) override {
+    const OpTimer timer(*this);
     // The buffer is on the host: stage it through device scratch. The copy back is issued
     // only after the reduction has completed, because a device-to-pageable copy blocks the
     // host until it is done, which would put a hung collective beyond the timeout's reach.
@@ -132,6 +140,7 @@ class NcclComm final : public Comm {
   }
 
   void broadcast(void* buf, int64_t bytes, int root) override {
+    const OpTimer timer(*this);
     check_rank(root, "root", "broadcast");
     run("broadcast", ring_share_bytes(double(bytes)), [&] {
       return ncclBroadcast(buf, buf, static_cast<size_t>(bytes), ncclUint8, root, comm_.get(), stream_.get());
@@ -139,12 +148,14 @@ class NcclComm final : public Comm {
   }
 
   void barrier() override {
+    const OpTimer timer(*this);
     // NCCL has no barrier: a one-element all-reduce completes on no rank before all joined.
     void* dev = scratch(sizeof(int32_t));
     run("barrier", 0, [&] { return ncclAllReduce(dev, dev, 1, ncclInt32, ncclSum, comm_.get(), stream_.get()); });
   }
 
   void reduce_scatter(const void* send, void* recv, int64_t recv_count, DType dtype, ReduceOp op) override {
+    const OpTimer timer(*this);
     const ncclDataType_t t = reduce_type(dtype, "reduce_scatter");
     const int64_t block = recv_count * static_cast<int64_t>(dtype_size(dtype));
     const char* s = static_cast<const char*>(send);
@@ -159,26 +170,62 @@ class NcclComm final : public Comm {
   }
 
   void all_gather(const void* send, void* recv, int64_t send_count, DType dtype) override {
-    const int64_t block = send_count * static_cast<int64_t>(dtype_size(dtype));
-    char* r = static_cast<char*>(recv);
-    // In place is NCCL's own convention: send == recv + rank · send_count.
-    if (send != r + rank() * block && overlaps(send, block, r, size() * block))
-      throw std::invalid_argument("all_gather on group '" + name_ +
-                                  "': send overlaps recv other than as recv's own block");
+    const OpTimer timer(*this);
+    const int64_t block = gather_block(send, recv, send_count, dtype, "all_gather");
     run("all_gather", ring_share_bytes(double(size()) * block), [&] {
       return ncclAllGather(send, recv, static_cast<size_t>(block), ncclUint8, comm_.get(), stream_.get());
     });
   }
 
+  // Enqueued on the Comm's stream like every operation, with an event behind it that the
+  // request's wait() polls (the stream itself may by then hold later operations).
+  std::unique_ptr<CommRequest> all_gather_async(const void* send, void* recv, int64_t send_count,
+                                                DType dtype) override {
+    const OpTimer timer(*this);
+    const auto start = Clock::now();
+    const char* op = "all_gather_async";
+    const int64_t block = gather_block(send, recv, send_count, dtype, op);
+    bind_device();
+    cudaEvent_t e = nullptr;  // made first: once the gather is enqueued, only its event can wait for it
+    CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+    EventPtr done(e);
+    issue(op, [&] {
+      return ncclAllGather(send, recv, static_cast<size_t>(block), ncclUint8, comm_.get(), stream_.get());
+    });
+    CUDA_CHECK(cudaEventRecord(done.get(), stream_.get()));
+    record(ring_share_bytes(double(size()) * block));
+    return std::make_unique<Request>(*this, op, start, std::move(done));
+  }
+
   void send(const void* buf, int64_t bytes, int peer) override {
+    const OpTimer timer(*this);
     check_peer(peer, "send");
     run("send", double(bytes),
         [&] { return ncclSend(buf, static_cast<size_t>(bytes), ncclUint8, peer, comm_.get(), stream_.get()); });
   }
   void recv(void* buf, int64_t bytes, int peer) override {
+    const OpTimer timer(*this);
     check_peer(peer, "recv");
     run("recv", double(bytes),
         [&] { return ncclRecv(buf, static_cast<size_t>(bytes), ncclUint8, peer, comm_.get(), stream_.get()); });
+  }
+
+  void sendrecv(const void* send_buf, int64_t send_bytes, int dest, void* recv_buf, int64_t recv_bytes,
+                int source) override {
+    const OpTimer timer(*this);
+    check_peer(dest, "sendrecv");
+    check_peer(source, "sendrecv");
+    // One NCCL group: both transfers are posted before either waits, so two ranks sending
+    // to each other do not deadlock.
+    run("sendrecv", double(send_bytes) + double(recv_bytes), [&] {
+      ncclResult_t rc = ncclGroupStart();
+      if (rc != ncclSuccess) return rc;
+      rc = ncclSend(send_buf, static_cast<size_t>(send_bytes), ncclUint8, dest, comm_.get(), stream_.get());
+      if (rc == ncclSuccess)
+        rc = ncclRecv(recv_buf, static_cast<size_t>(recv_bytes), ncclUint8, source, comm_.get(), stream_.get());
+      const ncclResult_t end = ncclGroupEnd();  // closes the group even after a failed call
+      return rc != ncclSuccess ? rc : end;
+    });
   }
 
   std::unique_ptr<Comm> split(int color, int key, const std::string& name) const override {
@@ -200,6 +247,51 @@ class NcclComm final : public Comm {
         throw std::invalid_argument(std::string(op) + " on group '" + name_ + "': unsupported dtype " +
                                     dtype_name(dtype));
     }
+  }
+
+  // An all_gather_async in flight: its event and start, for the timeout. It holds the
+  // Comm, so it must be waited for (or destroyed) before the Comm is.
+  class Request final : public CommRequest {
+   public:
+    Request(NcclComm& comm, const char* op, Clock::time_point start, EventPtr done)
+        : comm_(comm), op_(op), start_(start), done_(std::move(done)) {}
+    // A wait that throws leaves nothing in flight: the communicator was aborted (which
+    // stops its kernels) or the CUDA context is broken. The error is the caller's to see
+    // from wait(), or from the operation that found it first, so here it is dropped.
+    ~Request() override {
+      try {
+        wait();
+        bind_device();  // for the event's deleter
+      } catch (...) {
+      }
+    }
+    Request(const Request&) = delete;
+    Request& operator=(const Request&) = delete;
+    void wait() override {
+      if (waited_) return;
+      waited_ = true;  // first: a throw from the wait must not make the destructor retry
+      const OpTimer timer(comm_);
+      bind_device();
+      comm_.wait(op_, start_, done_.get());
+    }
+
+   private:
+    NcclComm& comm_;
+    const char* op_;
+    Clock::time_point start_;
+    EventPtr done_;
+    bool waited_ = false;
+  };
+
+  // The bytes of one block, after refusing overlaps other than the in-place one (NCCL's own
+  // convention: send == recv + rank · send_count).
+  int64_t gather_block(const void* send, void* recv, int64_t send_count, DType dtype, const char* op) const {
+    const int64_t block = send_count * static_cast<int64_t>(dtype_size(dtype));
+    char* r = static_cast<char*>(recv);
+    if (send != r + rank() * block && overlaps(send, block, r, size() * block))
+      throw std::invalid_argument(std::string(op) + " on group '" + name_ +
+                                  "': send overlaps recv other than as recv's own block");
+    return block;
   }
 
   void check_rank(int r, const char* role, const char* op) const {
@@ -224,23 +316,32 @@ class NcclComm final : public Comm {
     return scratch_.get();
   }
 
-  // Enqueues one operation with `issue` (returns the NCCL call's result), waits for it
+  // Enqueues one operation with `enqueue` (returns the NCCL call's result), waits for it
   // under the timeout and counts its bus bytes.
-  template <class Issue>
-  void run(const char* op, double bus_bytes, Issue&& issue) {
+  template <class Enqueue>
+  void run(const char* op, double bus_bytes, Enqueue&& enqueue) {
     const auto start = Clock::now();
-    if (!comm_) throw std::runtime_error(std::string(op) + " on group '" + name_ + "': communicator was aborted");
-    bind_device();
-    NCCL_CHECK(issue());
+    issue(op, enqueue);
     wait(op, start);
     record(bus_bytes);
   }
 
-  void wait(const char* op, Clock::time_point start) {
+  // Enqueues one operation with `enqueue` (returns the NCCL call's result) on the stream.
+  template <class Enqueue>
+  void issue(const char* op, Enqueue&& enqueue) {
+    if (!comm_) throw std::runtime_error(std::string(op) + " on group '" + name_ + "': communicator was aborted");
+    bind_device();
+    NCCL_CHECK(enqueue());
+  }
+
+  // Waits for everything on the stream, or only for the work before `until` when given
+  // (an asynchronous operation: later ones may have been enqueued behind it).
+  void wait(const char* op, Clock::time_point start, cudaEvent_t until = nullptr) {
+    if (!comm_) throw std::runtime_error(std::string(op) + " on group '" + name_ + "': communicator was aborted");
     const double limit = timeout();
     Backoff backoff;
     for (;;) {
-      const cudaError_t st = cudaStreamQuery(stream_.get());
+      const cudaError_t st = until ? cudaEventQuery(until) : cudaStreamQuery(stream_.get());
       if (st == cudaSuccess) return;
       if (st != cudaErrorNotReady) CUDA_CHECK(st);
       // A network or peer failure is reported here, not by the stream: the stream would

@@ -20,7 +20,13 @@ namespace vchat::cuda {
 // Every operation is issued on the Comm's own stream and has completed when the call
 // returns (so host code may reuse or read the buffers at once), except:
 //   all_reduce_f64 takes a HOST buffer (losses, counts), staged through the device;
-//   recv cannot detect a message shorter than asked for (NCCL does not report sizes).
+//   recv (and sendrecv's receive) cannot detect a message shorter than asked for (NCCL does
+//     not report sizes);
+//   all_gather_async returns once the gather is enqueued; its request's wait() polls an
+//     event recorded behind it. The request refers to the Comm: wait for it (or destroy it)
+//     before the Comm is destroyed. The Comm's stream is ordered with the default stream
+//     (comm_nccl.cpp), so kernels launched there after the start run only once the gather
+//     is done: the host is free meanwhile, but the device's compute does not overlap it.
 // Past the timeout the job is aborted with the same one-line message as the MPI backend.
 std::unique_ptr<Comm> make_nccl_comm(const Comm& bootstrap, const std::string& name);
 

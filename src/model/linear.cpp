@@ -2,20 +2,64 @@
 
 #include "check.h"
 #include "ops.h"
+#include "parallel/comm.h"
 
 namespace vchat {
 
-Linear::Linear(ParamStore& store, const std::string& name, int64_t in, int64_t out, bool bias)
-    : name_(name), in_(in), out_(out) {
-  w_ = &store.add(name + ".weight", {out, in});
-  if (bias) b_ = &store.add(name + ".bias", {out});
+TpLayout TpLayout::column_of(Comm* tp) {
+  TpLayout l;
+  l.kind = column;
+  l.index = tp ? tp->rank() : 0;
+  l.count = tp ? tp->size() : 1;
+  l.tp = tp;
+  return l;
+}
+
+TpLayout TpLayout::row_of(Comm* tp) {
+  TpLayout l = column_of(tp);
+  l.kind = row;
+  return l;
+}
+
+// A parameter split along `dim` per the layout (or whole when replicated).
+static Param& add_param(ParamStore& s, const std::string& name, Shape full, int dim, const TpLayout& l) {
+  if (l.count == 1 || dim < 0) return s.add(name, std::move(full));
+  return s.add_sharded(name, std::move(full), dim, l.index, l.count);
+}
+
+Linear::Linear(ParamStore& store, const std::string& name, int64_t in, int64_t out, bool bias, TpLayout layout)
+    : name_(name), full_in_(in), full_out_(out), layout_(layout) {
+  const bool col = layout.kind == TpLayout::column, row = layout.kind == TpLayout::row;
+  VCHAT_CHECK(!(row && bias), name << ": a row-parallel layer cannot have a bias");
+  in_ = row ? in / layout.count : in;
+  out_ = col ? out / layout.count : out;
+  w_ = &add_param(store, name + ".weight", {out, in}, col ? 0 : row ? 1 : -1, layout);
+  if (bias) b_ = &add_param(store, name + ".bias", {out}, col ? 0 : -1, layout);
+  for (Param* p : {w_, b_})
+    if (p && layout.replicas) {
+      p->grad_sum = layout.replicas;
+      p->counts_in_norm = layout.owner;
+    }
 }
 
 void Linear::add_lora(ParamStore& store, int64_t rank, float alpha) {
   VCHAT_CHECK(rank > 0, "LoRA rank must be positive, got " << rank);
-  lora_a_ = &store.add(name_ + ".lora_A", {rank, in_});
-  lora_b_ = &store.add(name_ + ".lora_B", {out_, rank});
+  const bool col = layout_.kind == TpLayout::column, row = layout_.kind == TpLayout::row;
+  lora_a_ = &add_param(store, name_ + ".lora_A", {rank, full_in_}, row ? 1 : -1, layout_);
+  lora_b_ = &add_param(store, name_ + ".lora_B", {full_out_, rank}, col ? 0 : -1, layout_);
   lora_scale_ = alpha / static_cast<float>(rank);
+  // The split half behaves like the base weight (replicated KV heads included); the
+  // replicated half sees only this rank's slice, so its gradient is partial over the group.
+  Param* split = col ? lora_b_ : row ? lora_a_ : nullptr;
+  Param* whole = col ? lora_a_ : row ? lora_b_ : nullptr;
+  if (split && layout_.replicas) {
+    split->grad_sum = layout_.replicas;
+    split->counts_in_norm = layout_.owner;
+  }
+  if (whole && layout_.tp && layout_.tp->size() > 1) {
+    whole->grad_sum = layout_.tp;
+    whole->counts_in_norm = layout_.tp->rank() == 0;
+  }
 }
 
 Tensor Linear::forward(const Tensor& x, LinearCache& cache) const {
@@ -25,9 +69,11 @@ Tensor Linear::forward(const Tensor& x, LinearCache& cache) const {
   cache.x = x;
   if (lora_a_) {
     cache.xa = Tensor::empty({x.size(0), lora_a_->value.size(0)}, x.dtype(), x.device());
-    ops::gemm(x, false, lora_a_->value, true, cache.xa);
+    ops::gemm(x, false, lora_a_->value, true, cache.xa);  // row-parallel: a partial sum, completed with y below
     ops::gemm(cache.xa, false, lora_b_->value, true, y, lora_scale_, 1.f);
   }
+  // Row-parallel: every rank holds a partial y (LoRA's included); "g" sums them.
+  if (layout_.kind == TpLayout::row && layout_.tp && layout_.tp->size() > 1) layout_.tp->all_reduce(y, ReduceOp::sum);
   return y;
 }
 

@@ -1,16 +1,37 @@
 #include "model/llama.h"
 
 #include "ops.h"
+#include "parallel/comm.h"
 
 namespace vchat {
 
-LlamaAttention::LlamaAttention(ParamStore& s, const std::string& p, const LlmConfig& cfg)
-    : q_(s, p + ".q_proj", cfg.hidden, cfg.n_heads * cfg.head_dim(), false),
-      k_(s, p + ".k_proj", cfg.hidden, cfg.n_kv_heads * cfg.head_dim(), false),
-      v_(s, p + ".v_proj", cfg.hidden, cfg.n_kv_heads * cfg.head_dim(), false),
-      o_(s, p + ".o_proj", cfg.n_heads * cfg.head_dim(), cfg.hidden, false),
-      n_heads_(cfg.n_heads),
-      n_kv_(cfg.n_kv_heads),
+int TensorParallel::rank() const { return tp ? tp->rank() : 0; }
+int TensorParallel::size() const { return tp ? tp->size() : 1; }
+void TensorParallel::all_reduce(const Tensor& t) const {
+  if (size() > 1) tp->all_reduce(t, ReduceOp::sum);
+}
+
+// K and V: split by whole heads when there are at least as many KV heads as ranks;
+// otherwise rank r holds KV head r·n_kv/tp, the one its query heads attend with (GQA
+// groups are contiguous), replicated on the tp/n_kv ranks that share it.
+static TpLayout kv_layout(const LlmConfig& cfg, const TensorParallel& tp) {
+  TpLayout l = TpLayout::column_of(tp.tp);
+  if (cfg.n_kv_heads >= tp.size()) return l;
+  l.index = tp.rank() * cfg.n_kv_heads / tp.size();
+  l.count = cfg.n_kv_heads;
+  l.replicas = tp.kv_replicas;
+  l.owner = !tp.kv_replicas || tp.kv_replicas->rank() == 0;
+  return l;
+}
+
+LlamaAttention::LlamaAttention(ParamStore& s, const std::string& p, const LlmConfig& cfg, const TensorParallel& tp)
+    : q_(s, p + ".q_proj", cfg.hidden, cfg.n_heads * cfg.head_dim(), false, TpLayout::column_of(tp.tp)),
+      k_(s, p + ".k_proj", cfg.hidden, cfg.n_kv_heads * cfg.head_dim(), false, kv_layout(cfg, tp)),
+      v_(s, p + ".v_proj", cfg.hidden, cfg.n_kv_heads * cfg.head_dim(), false, kv_layout(cfg, tp)),
+      o_(s, p + ".o_proj", cfg.n_heads * cfg.head_dim(), cfg.hidden, false, TpLayout::row_of(tp.tp)),
+      tp_(tp),
+      n_heads_(cfg.n_heads / tp.size()),
+      n_kv_(k_.out() / cfg.head_dim()),
       hd_(cfg.head_dim()),
       theta_(cfg.rope_theta) {}
 
@@ -46,12 +67,14 @@ void LlamaAttention::backward(const Tensor& dy, const Tensor& modality, ops::Att
   q_.backward(dq.reshape({rows, n_heads_ * hd_}), c.q, dx);
   k_.backward(dk.reshape({rows, n_kv_ * hd_}), c.k, dx, 1.f);
   v_.backward(dv.reshape({rows, n_kv_ * hd_}), c.v, dx, 1.f);
+  tp_.all_reduce(dx);  // f: q, k and v each saw the whole input; their dx are partial sums
 }
 
-LlamaMLP::LlamaMLP(ParamStore& s, const std::string& p, const LlmConfig& cfg)
-    : gate_(s, p + ".gate_proj", cfg.hidden, cfg.intermediate, false),
-      up_(s, p + ".up_proj", cfg.hidden, cfg.intermediate, false),
-      down_(s, p + ".down_proj", cfg.intermediate, cfg.hidden, false) {}
+LlamaMLP::LlamaMLP(ParamStore& s, const std::string& p, const LlmConfig& cfg, const TensorParallel& tp)
+    : gate_(s, p + ".gate_proj", cfg.hidden, cfg.intermediate, false, TpLayout::column_of(tp.tp)),
+      up_(s, p + ".up_proj", cfg.hidden, cfg.intermediate, false, TpLayout::column_of(tp.tp)),
+      down_(s, p + ".down_proj", cfg.intermediate, cfg.hidden, false, TpLayout::row_of(tp.tp)),
+      tp_(tp) {}
 
 void LlamaMLP::add_lora(ParamStore& s, int64_t rank, float alpha) {
   for (Linear* l : {&gate_, &up_, &down_}) l->add_lora(s, rank, alpha);
@@ -72,13 +95,14 @@ void LlamaMLP::backward(const Tensor& dy, MlpCache& c, const Tensor& dx) const {
   ops::swiglu_bwd(da, c.g, c.u, dg, da);  // du overwrites da in place: da is not read after
   gate_.backward(dg, c.gate, dx);
   up_.backward(da, c.up, dx, 1.f);
+  tp_.all_reduce(dx);  // f, as in attention
 }
 
-LlamaBlock::LlamaBlock(ParamStore& s, const std::string& p, const LlmConfig& cfg)
+LlamaBlock::LlamaBlock(ParamStore& s, const std::string& p, const LlmConfig& cfg, const TensorParallel& tp)
     : norm1_(s, p + ".input_layernorm", cfg.hidden, cfg.rms_eps),
       norm2_(s, p + ".post_attention_layernorm", cfg.hidden, cfg.rms_eps),
-      attn_(s, p + ".self_attn", cfg),
-      mlp_(s, p + ".mlp", cfg) {}
+      attn_(s, p + ".self_attn", cfg, tp),
+      mlp_(s, p + ".mlp", cfg, tp) {}
 
 void LlamaBlock::add_lora(ParamStore& s, int64_t rank, float alpha) {
   attn_.add_lora(s, rank, alpha);

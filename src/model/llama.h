@@ -10,6 +10,18 @@
 
 namespace vchat {
 
+// The tensor-parallel group as the decoder sees it (DESIGN.md §5).
+struct TensorParallel {
+  Comm* tp = nullptr;  // nullptr: one rank
+  // With fewer KV heads than ranks each KV head is replicated on tp / n_kv_heads ranks:
+  // the group of ranks sharing this rank's head (nullptr otherwise).
+  Comm* kv_replicas = nullptr;
+  int rank() const;
+  int size() const;
+  // f's backward / g's forward: sums a partial activation over the group (no-op at size 1).
+  void all_reduce(const Tensor& t) const;
+};
+
 struct AttentionCache {
   LinearCache q, k, v, o;
   Tensor qr, kr, vv;  // q, k after rotary and v, as [B, L, heads, hd]
@@ -19,7 +31,7 @@ struct AttentionCache {
 class LlamaAttention {
  public:
   LlamaAttention() = default;
-  LlamaAttention(ParamStore& store, const std::string& prefix, const LlmConfig& cfg);
+  LlamaAttention(ParamStore& store, const std::string& prefix, const LlmConfig& cfg, const TensorParallel& tp);
   void add_lora(ParamStore& store, int64_t rank, float alpha);
   // x [B*L, H] → [B*L, H]
   Tensor forward(const Tensor& x, const Tensor& modality, ops::AttnMode mode, int64_t B, int64_t L,
@@ -29,7 +41,8 @@ class LlamaAttention {
 
  private:
   Linear q_, k_, v_, o_;
-  int64_t n_heads_ = 0, n_kv_ = 0, hd_ = 0;
+  TensorParallel tp_;
+  int64_t n_heads_ = 0, n_kv_ = 0, hd_ = 0;  // heads held by this rank
   double theta_ = 10000.0;
 };
 
@@ -41,13 +54,14 @@ struct MlpCache {
 class LlamaMLP {
  public:
   LlamaMLP() = default;
-  LlamaMLP(ParamStore& store, const std::string& prefix, const LlmConfig& cfg);
+  LlamaMLP(ParamStore& store, const std::string& prefix, const LlmConfig& cfg, const TensorParallel& tp);
   void add_lora(ParamStore& store, int64_t rank, float alpha);
   Tensor forward(const Tensor& x, MlpCache& c) const;
   void backward(const Tensor& dy, MlpCache& c, const Tensor& dx) const;
 
  private:
   Linear gate_, up_, down_;
+  TensorParallel tp_;
 };
 
 struct LlamaBlockCache {
@@ -59,7 +73,7 @@ struct LlamaBlockCache {
 class LlamaBlock {
  public:
   LlamaBlock() = default;
-  LlamaBlock(ParamStore& store, const std::string& prefix, const LlmConfig& cfg);
+  LlamaBlock(ParamStore& store, const std::string& prefix, const LlmConfig& cfg, const TensorParallel& tp = {});
   void add_lora(ParamStore& store, int64_t rank, float alpha);
   Tensor forward(const Tensor& x, const Tensor& modality, ops::AttnMode mode, int64_t B, int64_t L,
                  LlamaBlockCache& c) const;

@@ -11,9 +11,22 @@ Param& ParamStore::add(const std::string& name, Shape shape) {
   if (find(name)) throw std::logic_error("parameter registered twice: " + name);
   auto p = std::make_unique<Param>();
   p->name = name;
+  p->shard.full = shape;
   p->value = Tensor::zeros(std::move(shape));
   params_.push_back(std::move(p));
   return *params_.back();
+}
+
+Param& ParamStore::add_sharded(const std::string& name, Shape full, int dim, int64_t index, int64_t count) {
+  if (dim < 0 || dim >= static_cast<int>(full.size()) || count < 1 || index < 0 || index >= count ||
+      full[dim] % count != 0)
+    throw std::logic_error("parameter " + name + ": cannot take part " + std::to_string(index) + " of " +
+                           std::to_string(count) + " along dim " + std::to_string(dim) + " of " + shape_str(full));
+  Shape local = full;
+  local[dim] /= count;
+  Param& p = add(name, local);
+  p.shard = {dim, index, count, full};
+  return p;
 }
 
 Param* ParamStore::find(const std::string& name) const {
@@ -48,7 +61,11 @@ void ParamStore::zero_grads() {
 int64_t ParamStore::numel(bool trainable_only) const {
   int64_t n = 0;
   for (auto& p : params_)
-    if (!trainable_only || p->trainable) n += p->value.numel();
+    if (!trainable_only || p->trainable) {
+      int64_t e = 1;
+      for (int64_t d : p->shard.local()) e *= d;
+      n += e;
+    }
   return n;
 }
 
@@ -70,6 +87,7 @@ const ParamStore::Flat& ParamStore::flatten_trainable(int64_t align) {
     t[i]->value = v;
   }
   flat_ = f;
+  flattened_ = true;
   bind_flat_grads(f.grads);
   return flat_;
 }
@@ -86,11 +104,17 @@ static bool ends_with(const std::string& s, const std::string& suffix) {
   return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
+// Each parameter draws from its own stream, seeded by (seed, name): a rank that holds only
+// some parameters, or slices of them (tensor and pipeline parallelism), draws exactly the
+// numbers the one-rank model has there. The full tensor is drawn and the slice kept.
 void init_params(ParamStore& store, uint64_t seed) {
-  std::mt19937_64 rng(seed);
   for (auto& p : store.all()) {
-    float* d = p->value.data<float>();
-    const int64_t n = p->value.numel();
+    uint64_t h = 1469598103934665603ull;  // FNV-1a of the name, mixed with the seed
+    for (unsigned char ch : p->name) h = (h ^ ch) * 1099511628211ull;
+    std::mt19937_64 rng(seed * 0x9E3779B97F4A7C15ull ^ h);
+    Tensor full = Tensor::zeros(p->shard.full);
+    float* d = full.data<float>();
+    const int64_t n = full.numel();
     const bool norm = p->name.find("norm") != std::string::npos || p->name.find("layrnorm") != std::string::npos ||
                       p->name.find("layer_norm") != std::string::npos;
     if (ends_with(p->name, ".bias") || ends_with(p->name, "lora_B")) {
@@ -98,14 +122,21 @@ void init_params(ParamStore& store, uint64_t seed) {
     } else if (norm) {
       for (int64_t i = 0; i < n; ++i) d[i] = 1.f;
     } else if (ends_with(p->name, "lora_A")) {
-      const float bound = 1.f / std::sqrt(static_cast<float>(p->value.size(1)));
+      const float bound = 1.f / std::sqrt(static_cast<float>(full.size(1)));
       std::uniform_real_distribution<float> u(-bound, bound);
       for (int64_t i = 0; i < n; ++i) d[i] = u(rng);
     } else {
       std::normal_distribution<float> g(0.f, 0.02f);
       for (int64_t i = 0; i < n; ++i) d[i] = g(rng);
     }
+    p->value.copy_from(shard_of(full, p->shard).clone());
   }
+}
+
+Tensor shard_of(const Tensor& full, const ShardSpec& spec) {
+  if (spec.dim < 0) return full;
+  const int64_t part = full.size(spec.dim) / spec.count;
+  return full.slice(spec.dim, spec.index * part, (spec.index + 1) * part);
 }
 
 }  // namespace vchat

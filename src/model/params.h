@@ -10,23 +10,50 @@
 
 namespace vchat {
 
+class Comm;
+
+// Which part of the full (one-rank) tensor a Param holds: slice `index` of `count` equal
+// parts along `dim` (tensor parallelism), or the whole tensor (dim = -1). init_params
+// draws the full tensor and keeps the slice, so every layout starts from the one-rank model.
+struct ShardSpec {
+  int dim = -1;
+  int64_t index = 0, count = 1;
+  Shape full;  // the one-rank shape
+  Shape local() const {  // the shape this rank holds (also while ZeRO-3 has released the value)
+    Shape s = full;
+    if (dim >= 0) s[dim] /= count;
+    return s;
+  }
+};
+
 struct Param {
   std::string name;
   Tensor value;
   Tensor grad;  // defined only while trainable
   bool trainable = false;
+  ShardSpec shard;
+  // Tensor-parallel replicas that split the work between them (the image-parallel ViT, a
+  // KV head replicated on several ranks, the replicated half of a LoRA pair) each hold a
+  // partial gradient: it is summed over this group before the update. nullptr: complete.
+  Comm* grad_sum = nullptr;
+  // Replicated parameters count once in the global gradient norm: true on exactly one
+  // rank of each set of replicas (and on every rank for sharded parameters).
+  bool counts_in_norm = true;
 };
 
 class ParamStore {
  public:
   Param& add(const std::string& name, Shape shape);
+  // A tensor-parallel slice: `shape` is the full one-rank shape, the Param holds part
+  // `index` of `count` along `dim`.
+  Param& add_sharded(const std::string& name, Shape full, int dim, int64_t index, int64_t count);
   Param* find(const std::string& name) const;
   Param& at(const std::string& name) const;  // throws naming the parameter
   const std::vector<std::unique_ptr<Param>>& all() const { return params_; }
   std::vector<Param*> trainable() const;
   void set_trainable(Param& p, bool on);  // allocates or drops the gradient
   void zero_grads();
-  int64_t numel(bool trainable_only) const;
+  int64_t numel(bool trainable_only) const;  // this rank's elements (ShardSpec::local)
 
   // Moves every trainable parameter (value and gradient) into two flat buffers, in
   // registration order, padded with zeros to a multiple of `align` elements; each Param's
@@ -37,17 +64,21 @@ class ParamStore {
     int64_t numel = 0, padded = 0;
   };
   const Flat& flatten_trainable(int64_t align);
-  const Flat* flat() const { return flat_.padded ? &flat_ : nullptr; }
+  const Flat* flat() const { return flattened_ ? &flat_ : nullptr; }  // nullptr before flatten_trainable
   // Re-points the trainable grads at `grads` (same layout) or at nothing (undefined).
   void bind_flat_grads(const Tensor& grads);
 
  private:
   std::vector<std::unique_ptr<Param>> params_;
   Flat flat_;
+  bool flattened_ = false;
 };
 
 // Deterministic initialisation from a seed (std 0.02 normal for matrices, ones for norm
 // scales, zeros for biases and LoRA B) so tests and benchmarks get the same model twice.
 void init_params(ParamStore& store, uint64_t seed);
+
+// The part of a full (one-rank) tensor that `spec` describes, as a view.
+Tensor shard_of(const Tensor& full, const ShardSpec& spec);
 
 }  // namespace vchat

@@ -1,7 +1,10 @@
 #include "model/visualchat.h"
 
 #include "check.h"
+#include "model/vocab_parallel.h"
 #include "ops.h"
+#include "parallel/comm.h"
+#include "parallel/grid.h"
 
 namespace vchat {
 
@@ -27,14 +30,33 @@ ops::AttnMode parse_attention(const std::string& s) {
   throw ConfigError("--attention=" + s + " is not one of: mmca, causal");
 }
 
-VisualChatModel::VisualChatModel(const ModelConfig& cfg, const ModelOptions& opt) : cfg_(cfg), opt_(opt) {
+VisualChatModel::VisualChatModel(const ModelConfig& cfg, const ModelOptions& opt, const ModelParallel& mp)
+    : cfg_(cfg), opt_(opt), mp_(mp) {
   const LlmConfig& l = cfg.llm;
-  vit_ = VisionEncoder(params_, cfg.vision);
-  proj_ = Projection(params_, cfg.vision.width, l.hidden, cfg.projection);
-  embed_ = &params_.add("llm.embed_tokens.weight", {l.vocab_size, l.hidden});
-  for (int64_t i = 0; i < l.n_layers; ++i) blocks_.emplace_back(params_, "llm.layers." + std::to_string(i), l);
-  final_norm_ = RMSNorm(params_, "llm.norm", l.hidden, l.rms_eps);
-  lm_head_ = Linear(params_, "llm.lm_head", l.hidden, l.vocab_size, false);
+  const int tp = mp.tp ? mp.tp->size() : 1, tp_rank = mp.tp ? mp.tp->rank() : 0;
+  tp_.tp = mp.tp;
+  if (tp > 1 && l.n_kv_heads < tp) {  // ranks sharing a KV head (see kv_layout in llama.cpp)
+    const int head = static_cast<int>(tp_rank * l.n_kv_heads / tp);
+    kv_replicas_ = mp.tp->split(head, tp_rank, mp.tp->name() + "-kv" + std::to_string(head));
+    tp_.kv_replicas = kv_replicas_.get();
+  }
+  vocab_size_ = l.vocab_size / tp;
+  vocab_begin_ = vocab_size_ * tp_rank;
+
+  // Registration follows the one-rank order, restricted to this stage.
+  if (first_stage()) {
+    vit_ = VisionEncoder(params_, cfg.vision);
+    proj_ = Projection(params_, cfg.vision.width, l.hidden, cfg.projection);
+    embed_ = tp > 1 ? &params_.add_sharded("llm.embed_tokens.weight", {l.vocab_size, l.hidden}, 0, tp_rank, tp)
+                    : &params_.add("llm.embed_tokens.weight", {l.vocab_size, l.hidden});
+  }
+  const LayerRange layers = stage_layers(static_cast<int>(l.n_layers), mp.pp_size, mp.pp_rank);
+  first_layer_ = layers.begin;
+  for (int i = layers.begin; i < layers.end; ++i) blocks_.emplace_back(params_, "llm.layers." + std::to_string(i), l, tp_);
+  if (last_stage()) {
+    final_norm_ = RMSNorm(params_, "llm.norm", l.hidden, l.rms_eps);
+    lm_head_ = Linear(params_, "llm.lm_head", l.hidden, l.vocab_size, false, TpLayout::column_of(mp.tp));
+  }
   if (opt.train == TrainSet::lora)
     for (auto& b : blocks_) b.add_lora(params_, opt.lora_rank, opt.lora_alpha);
 
@@ -44,9 +66,16 @@ VisualChatModel::VisualChatModel(const ModelConfig& cfg, const ModelOptions& opt
     if (opt.train == TrainSet::lora) on = on || n.find(".lora_") != std::string::npos;
     if (opt.train == TrainSet::full) on = on || n.rfind("llm.", 0) == 0;
     params_.set_trainable(*p, on);
+    // Replicated over TP: the image-parallel ViT sees a slice of the images, so its
+    // gradients are partial; the rest (projection, norms) are computed whole on every rank.
+    // Either way one rank counts them in the gradient norm.
+    if (tp > 1 && n.rfind("vit.", 0) == 0) p->grad_sum = mp.tp;
+    if (tp > 1 && p->shard.dim < 0 && (!p->grad_sum || p->grad_sum == mp.tp)) p->counts_in_norm = tp_rank == 0;
   }
   refresh_trainable();
 }
+
+VisualChatModel::~VisualChatModel() = default;
 
 void VisualChatModel::refresh_trainable() {
   vit_trains_ = false;
@@ -58,82 +87,231 @@ void VisualChatModel::refresh_trainable() {
   image_path_trains_ = vit_trains_ || proj_trains;
 }
 
+std::vector<ParamUnit> VisualChatModel::units() const {
+  std::vector<std::pair<std::vector<std::string>, ParamUnit>> spec;  // name prefixes → unit
+  auto unit = [&](std::vector<std::string> prefixes, const std::string& name, bool bwd = true) {
+    spec.push_back({std::move(prefixes), ParamUnit{name, {}, bwd}});
+  };
+  if (first_stage()) {
+    unit({"vit.embeddings.", "vit.pre_layrnorm."}, "vit.embeddings");
+    for (int i = 0; i + 1 < vit_.n_units(); ++i)
+      unit({"vit.encoder.layers." + std::to_string(i) + "."}, "vit.encoder.layers." + std::to_string(i));
+    unit({"proj."}, "proj");
+    unit({"llm.embed_tokens."}, "llm.embed_tokens", /*backward reads ids only*/ false);
+  }
+  for (size_t i = 0; i < blocks_.size(); ++i) {
+    const std::string name = "llm.layers." + std::to_string(first_layer_ + static_cast<int>(i));
+    unit({name + "."}, name);
+  }
+  if (last_stage()) unit({"llm.norm.", "llm.lm_head."}, "llm.head");
+  for (auto& p : params_.all()) {
+    int hits = 0;
+    for (auto& [prefixes, u] : spec)
+      for (const std::string& pre : prefixes)
+        if (p->name.rfind(pre, 0) == 0) {
+          u.params.push_back(p.get());
+          ++hits;
+        }
+    if (hits != 1) throw std::logic_error("parameter " + p->name + " is in " + std::to_string(hits) + " units");
+  }
+  std::vector<ParamUnit> out;
+  for (auto& [prefixes, u] : spec) out.push_back(std::move(u));
+  return out;
+}
+
+std::pair<int64_t, int64_t> VisualChatModel::my_images(int64_t n) const {
+  const int64_t per = (n + tp_size() - 1) / tp_size(), r = tp_.rank();
+  return {std::min(n, r * per), std::min(n, (r + 1) * per)};
+}
+
 // Activations of one micro-batch, released as backward walks past them.
 struct VisualChatModel::Cache {
+  Tensor ids, image_rows;  // first stage: embedding ids (-1 at image rows), image row indices
+  int64_t n_images = 0;
   VisionCache vit;
   ProjectionCache proj;
   std::vector<LlamaBlockCache> blocks;
   NormCache final_norm;
   LinearCache head;
+  Tensor logits, lse;  // last stage, until backward
 };
+
+Tensor VisualChatModel::stage_forward(int mb, const Batch& batch, const Tensor& input, bool backward_follows,
+                                      MicroBatchResult* result, bool keep_logits) {
+  batch.validate(cfg_.llm.vocab_size, cfg_.vision.image_size);
+  const int64_t B = batch.batch_size(), L = batch.seq_len(), N = B * L, H = cfg_.llm.hidden;
+  if (caches_.count(mb)) throw std::logic_error("micro-batch " + std::to_string(mb) + " is already in flight");
+  auto cache = std::make_unique<Cache>();
+  Cache& c = *cache;
+  Tensor x;
+
+  if (first_stage()) {
+    // 1. Where the image rows go: image positions in (b, l) scan order; their token ids
+    //    become -1 so the embedding lookup leaves them (and their gradient) alone.
+    const int64_t T_img = cfg_.vision.tokens_per_image();
+    std::vector<int32_t> ids(N), image_rows;
+    const int32_t* tok = batch.tokens.data<int32_t>();
+    const uint8_t* mod = batch.modality.data<uint8_t>();
+    for (int64_t i = 0; i < N; ++i) {
+      ids[i] = mod[i] == ops::kImage ? -1 : tok[i];
+      if (mod[i] == ops::kImage) image_rows.push_back(static_cast<int32_t>(i));
+    }
+    VCHAT_CHECK(static_cast<int64_t>(image_rows.size()) == batch.n_images() * T_img,
+                "batch has " << image_rows.size() << " image positions for " << batch.n_images() << " images of "
+                             << T_img << " tokens");
+    c.ids = Tensor::from_vector(ids, {N});
+    c.image_rows = Tensor::from_vector(image_rows, {static_cast<int64_t>(image_rows.size())});
+    c.n_images = batch.n_images();
+
+    // 2. Vision encoder, image-parallel over TP: each rank encodes its slice of the images
+    //    and an all-gather joins the features (slices padded to equal size). The encoder
+    //    and projection run their hooks even without images, so ZeRO-3 peers stay in step.
+    const int64_t W = cfg_.vision.width;
+    const auto [i0, i1] = my_images(c.n_images);
+    Tensor feats = vit_.forward(i1 > i0 ? batch.pixels.slice(0, i0, i1) : Tensor(), c.vit, hook(0));
+    if (!vit_trains_) c.vit = VisionCache();  // a frozen encoder's activations are dead now
+    if (tp_size() > 1 && c.n_images > 0) {
+      const int64_t per = (c.n_images + tp_size() - 1) / tp_size() * T_img;  // rows per rank
+      Tensor mine = Tensor::zeros({per, W});
+      if (feats.size(0) > 0) mine.slice(0, 0, feats.size(0)).copy_from(feats);
+      Tensor all = Tensor::empty({per * tp_size(), W});
+      mp_.tp->all_gather(mine.raw(), all.raw(), per * W, DType::f32);
+      feats = all.slice(0, 0, c.n_images * T_img);
+    }
+    // 3. Projection, then the token embeddings with the image rows spliced in.
+    hook(unit_proj()).before_forward(0);
+    Tensor img = c.n_images > 0 ? proj_.forward(feats, c.proj) : Tensor();
+    hook(unit_proj()).after_forward(0);
+    hook(unit_embed()).before_forward(0);
+    x = Tensor::empty({N, H});  // image rows are filled by the scatter below
+    if (tp_size() > 1)
+      vocab_parallel_embedding_fwd(c.ids, embed_->value, {vocab_begin_, vocab_size_}, *mp_.tp, x);
+    else
+      ops::embedding_fwd(c.ids, embed_->value, x);
+    hook(unit_embed()).after_forward(0);
+    if (img.defined()) ops::scatter_rows(img, c.image_rows, x);
+  } else {
+    VCHAT_CHECK(input.defined() && input.dim() == 2 && input.size(0) == N && input.size(1) == H,
+                "stage " << mp_.pp_rank << ": micro-batch " << mb << " input " << (input.defined() ? shape_str(input.shape()) : "none")
+                         << ", expected [" << N << ", " << H << "]");
+    x = input;
+  }
+
+  // 4. This stage's decoder blocks.
+  c.blocks.resize(blocks_.size());
+  for (size_t i = 0; i < blocks_.size(); ++i) {
+    hook(unit_block(i)).before_forward(0);
+    x = blocks_[i].forward(x, batch.modality, opt_.attention, B, L, c.blocks[i]);
+    hook(unit_block(i)).after_forward(0);
+  }
+
+  if (last_stage()) {
+    // 5. Final norm, lm_head (vocabulary-parallel), masked cross-entropy.
+    hook(unit_head()).before_forward(0);
+    c.logits = lm_head_.forward(final_norm_.forward(x, c.final_norm), c.head);
+    hook(unit_head()).after_forward(0);
+    c.lse = Tensor::empty({N});
+    const Tensor targets = batch.targets.reshape({N});
+    MicroBatchResult r;
+    r.supervised = batch.supervised_count();
+    r.loss_sum = tp_size() > 1 ? vocab_parallel_ce_fwd(c.logits, targets, {vocab_begin_, vocab_size_}, *mp_.tp, c.lse)
+                               : ops::cross_entropy_fwd(c.logits, targets, c.lse);
+    r.loss = r.supervised ? r.loss_sum / r.supervised : 0.0;
+    if (keep_logits) {
+      if (tp_size() == 1) {
+        r.logits = c.logits.clone();
+      } else {  // [tp][N][V/tp] from the all-gather → [N][V]
+        Tensor parts = Tensor::empty({tp_size(), N, vocab_size_});
+        mp_.tp->all_gather(c.logits.raw(), parts.raw(), N * vocab_size_, DType::f32);
+        r.logits = Tensor::empty({N, cfg_.llm.vocab_size});
+        for (int t = 0; t < tp_size(); ++t)
+          for (int64_t i = 0; i < N; ++i)
+            std::copy_n(parts.data<float>() + (t * N + i) * vocab_size_, vocab_size_,
+                        r.logits.data<float>() + i * cfg_.llm.vocab_size + t * vocab_size_);
+      }
+    }
+    if (result) *result = r;
+    x = Tensor();
+  }
+  if (backward_follows) caches_[mb] = std::move(cache);
+  return x;
+}
+
+Tensor VisualChatModel::stage_backward(int mb, const Batch& batch, const Tensor& doutput, float loss_scale) {
+  auto it = caches_.find(mb);
+  if (it == caches_.end()) throw std::logic_error("backward of micro-batch " + std::to_string(mb) + " without its forward");
+  std::unique_ptr<Cache> owned = std::move(it->second);
+  caches_.erase(it);
+  Cache& c = *owned;
+  const int64_t N = batch.batch_size() * batch.seq_len(), H = cfg_.llm.hidden;
+
+  Tensor dx;
+  if (last_stage()) {
+    // 6. From the loss: dlogits reuses the logits buffer.
+    const Tensor targets = batch.targets.reshape({N});
+    if (tp_size() > 1)
+      vocab_parallel_ce_bwd(c.logits, targets, {vocab_begin_, vocab_size_}, c.lse, loss_scale, c.logits);
+    else
+      ops::cross_entropy_bwd(c.logits, targets, c.lse, loss_scale, c.logits);
+    hook(unit_head()).before_backward(0);
+    Tensor dnormed = Tensor::empty({N, H});
+    lm_head_.backward(c.logits, c.head, dnormed);
+    tp_.all_reduce(dnormed);  // f: lm_head is column-parallel over the vocabulary
+    c.logits = Tensor();
+    dx = Tensor::empty({N, H});
+    final_norm_.backward(dnormed, c.final_norm, dx);
+    hook(unit_head()).after_backward(0);
+  } else {
+    VCHAT_CHECK(doutput.defined() && doutput.size(0) == N && doutput.size(1) == H,
+                "stage " << mp_.pp_rank << ": micro-batch " << mb << " output gradient has the wrong shape");
+    dx = doutput;
+  }
+
+  // 7. Decoder blocks in reverse.
+  for (size_t i = blocks_.size(); i-- > 0;) {
+    hook(unit_block(i)).before_backward(0);
+    dx = blocks_[i].backward(dx, batch.modality, opt_.attention, c.blocks[i]);
+    hook(unit_block(i)).after_backward(0);
+  }
+  if (!first_stage()) return dx;
+
+  // 8. Split the embedding-output gradient: text rows → embed_tokens, image rows → the
+  //    projection (and the encoder, when it trains, on this rank's image slice).
+  if (embed_->trainable) {
+    hook(unit_embed()).before_backward(0);
+    if (tp_size() > 1)
+      vocab_parallel_embedding_bwd(dx, c.ids, {vocab_begin_, vocab_size_}, embed_->grad);
+    else
+      ops::embedding_bwd(dx, c.ids, embed_->grad);
+    hook(unit_embed()).after_backward(0);
+  }
+  if (image_path_trains_) {
+    const int64_t T_img = cfg_.vision.tokens_per_image(), W = cfg_.vision.width;
+    Tensor dfeat;
+    hook(unit_proj()).before_backward(0);
+    if (c.n_images > 0) {
+      Tensor dimg = Tensor::empty({c.image_rows.numel(), H});
+      ops::gather_rows(dx, c.image_rows, dimg);
+      dfeat = vit_trains_ ? Tensor::empty({c.image_rows.numel(), W}) : Tensor();
+      proj_.backward(dimg, c.proj, dfeat);
+    }
+    hook(unit_proj()).after_backward(0);
+    if (vit_trains_) {
+      const auto [i0, i1] = my_images(c.n_images);
+      vit_.backward(i1 > i0 ? dfeat.slice(0, i0 * T_img, i1 * T_img) : Tensor(), c.vit, hook(0));
+    }
+  }
+  return Tensor();
+}
 
 MicroBatchResult VisualChatModel::forward_backward(const Batch& batch, bool backward, float grad_scale,
                                                    bool keep_logits, int64_t loss_tokens) {
-  batch.validate(cfg_.llm.vocab_size, cfg_.vision.image_size);
-  const int64_t B = batch.batch_size(), L = batch.seq_len(), N = B * L, H = cfg_.llm.hidden;
-  const int64_t T_img = cfg_.vision.tokens_per_image();
-  Cache c;
-
-  // 1. Where the image rows go: image positions in (b, l) scan order; their token ids
-  //    become -1 so the embedding lookup leaves them (and their gradient) alone.
-  std::vector<int32_t> ids(N), image_rows;
-  const int32_t* tok = batch.tokens.data<int32_t>();
-  const uint8_t* mod = batch.modality.data<uint8_t>();
-  for (int64_t i = 0; i < N; ++i) {
-    ids[i] = mod[i] == ops::kImage ? -1 : tok[i];
-    if (mod[i] == ops::kImage) image_rows.push_back(static_cast<int32_t>(i));
-  }
-  VCHAT_CHECK(static_cast<int64_t>(image_rows.size()) == batch.n_images() * T_img,
-              "batch has " << image_rows.size() << " image positions for " << batch.n_images() << " images of "
-                           << T_img << " tokens");
-  Tensor id_t = Tensor::from_vector(ids, {N});
-  Tensor img_idx = Tensor::from_vector(image_rows, {static_cast<int64_t>(image_rows.size())});
-
-  // 2. Vision encoder → projection → token embeddings with the image rows spliced in.
-  Tensor x = Tensor::empty({N, H});
-  ops::embedding_fwd(id_t, embed_->value, x);
-  if (batch.n_images() > 0) {
-    Tensor feats = vit_.forward(batch.pixels, c.vit);
-    if (!vit_trains_) c.vit = VisionCache();  // a frozen encoder's activations are dead now
-    Tensor img = proj_.forward(feats, c.proj);
-    ops::scatter_rows(img, img_idx, x);
-  }
-
-  // 3. Decoder blocks.
-  c.blocks.resize(blocks_.size());
-  for (size_t i = 0; i < blocks_.size(); ++i)
-    x = blocks_[i].forward(x, batch.modality, opt_.attention, B, L, c.blocks[i]);
-
-  // 4. Final norm, lm_head, masked cross-entropy (mean over supervised tokens).
-  Tensor logits = lm_head_.forward(final_norm_.forward(x, c.final_norm), c.head);
-  Tensor lse = Tensor::empty({N});
-  const Tensor targets = batch.targets.reshape({N});
+  if (mp_.pp_size != 1) throw std::logic_error("forward_backward needs the whole model on one stage; use the pipeline");
   MicroBatchResult r;
-  r.supervised = batch.supervised_count();
-  r.loss_sum = ops::cross_entropy_fwd(logits, targets, lse);
-  r.loss = r.supervised ? r.loss_sum / r.supervised : 0.0;
-  if (keep_logits) r.logits = logits.clone();
-  if (!backward || r.supervised == 0) return r;
-
-  // 5. Backward, in reverse. dlogits reuses the logits buffer.
-  const int64_t denom = loss_tokens > 0 ? loss_tokens : r.supervised;
-  ops::cross_entropy_bwd(logits, targets, lse, grad_scale / static_cast<float>(denom), logits);
-  Tensor dx = Tensor::empty({N, H});
-  lm_head_.backward(logits, c.head, dx);
-  logits = Tensor();
-  Tensor dnorm = Tensor::empty({N, H});
-  final_norm_.backward(dx, c.final_norm, dnorm);
-  dx = dnorm;
-  for (size_t i = blocks_.size(); i-- > 0;) dx = blocks_[i].backward(dx, batch.modality, opt_.attention, c.blocks[i]);
-
-  // 6. Split the embedding-output gradient: text rows → embed_tokens, image rows → projection.
-  if (embed_->trainable) ops::embedding_bwd(dx, id_t, embed_->grad);
-  if (image_path_trains_ && batch.n_images() > 0) {
-    Tensor dimg = Tensor::empty({img_idx.numel(), H});
-    ops::gather_rows(dx, img_idx, dimg);
-    Tensor dfeat = vit_trains_ ? Tensor::empty({img_idx.numel(), cfg_.vision.width}) : Tensor();
-    proj_.backward(dimg, c.proj, dfeat);
-    if (vit_trains_) vit_.backward(dfeat, c.vit);
+  stage_forward(0, batch, Tensor(), backward, &r, keep_logits);
+  if (backward) {
+    const int64_t denom = loss_tokens > 0 ? loss_tokens : std::max<int64_t>(1, r.supervised);
+    stage_backward(0, batch, Tensor(), grad_scale / static_cast<float>(denom));
   }
   return r;
 }

@@ -2,6 +2,8 @@
 // embeddings → LLaMA-2 blocks with MMCA → final norm → lm_head → masked cross-entropy.
 // forward_backward() is one micro-batch, readable top to bottom (llm.c style).
 #pragma once
+#include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -9,6 +11,7 @@
 #include "model/config.h"
 #include "model/llama.h"
 #include "model/projection.h"
+#include "model/units.h"
 #include "model/vit.h"
 
 namespace vchat {
@@ -33,17 +36,47 @@ struct MicroBatchResult {
   Tensor logits;             // [B*L, V], only when asked for
 };
 
+// Where this rank sits in the model-parallel part of the grid (DESIGN.md §5).
+struct ModelParallel {
+  Comm* tp = nullptr;  // tensor-parallel group; nullptr: one rank
+  int pp_rank = 0, pp_size = 1;
+};
+
 class VisualChatModel {
  public:
-  VisualChatModel(const ModelConfig& cfg, const ModelOptions& opt);
+  // Builds this rank's part: its pipeline stage's layers (stage 0 also the ViT, projection
+  // and embedding; the last stage the final norm and lm_head), each split over the
+  // tensor-parallel group. Parameter names are the one-rank names (global layer indices);
+  // Param::shard says which slice a rank holds. Collective over mp.tp (one split).
+  VisualChatModel(const ModelConfig& cfg, const ModelOptions& opt, const ModelParallel& mp = {});
 
   // Forward, loss and (when backward) the gradient of grad_scale · loss_sum / loss_tokens
   // accumulated into the trainable parameters' grads. loss_tokens = 0 means this
   // micro-batch's own supervised count (its mean loss); the trainer passes the supervised
   // count of the whole global batch, so the step loss is the token mean over the global
   // batch whatever the micro-batch and DP split (docs/DECISIONS.md).
+  // Needs the whole model on this rank's stage (pp_size 1).
   MicroBatchResult forward_backward(const Batch& batch, bool backward, float grad_scale = 1.f,
                                     bool keep_logits = false, int64_t loss_tokens = 0);
+
+  // The pipeline's pieces (src/parallel/pipeline.h drives them), one micro-batch each; a
+  // micro-batch's activations live from its forward to its backward, so several can be in
+  // flight. `input`: the previous stage's hidden state [B*L, H] (undefined on the first
+  // stage). Returns the hidden state for the next stage; the last stage returns undefined and
+  // fills *result (loss; logits over the whole vocabulary when keep_logits).
+  Tensor stage_forward(int mb, const Batch& batch, const Tensor& input, bool backward_follows,
+                       MicroBatchResult* result = nullptr, bool keep_logits = false);
+  // `doutput`: the gradient of this stage's output (undefined on the last stage, which starts
+  // from the loss: its gradient is loss_scale · d(loss_sum)). Returns the gradient of the
+  // stage's input (undefined on the first stage).
+  Tensor stage_backward(int mb, const Batch& batch, const Tensor& doutput, float loss_scale);
+  bool first_stage() const { return mp_.pp_rank == 0; }
+  bool last_stage() const { return mp_.pp_rank == mp_.pp_size - 1; }
+
+  // This rank's parameter units in order of use (ZeRO-3 gathers them), and the hooks to
+  // call around each use (nullptr: weights stay resident).
+  std::vector<ParamUnit> units() const;
+  void set_hooks(UnitHooks* hooks) { hooks_ = hooks; }
 
   ParamStore& params() { return params_; }
   const ParamStore& params() const { return params_; }
@@ -51,19 +84,38 @@ class VisualChatModel {
   const ModelOptions& options() const { return opt_; }
   // Recomputes which parts need a backward after trainable flags change (tests flip them).
   void refresh_trainable();
+  ~VisualChatModel();
 
  private:
   struct Cache;
+  int tp_size() const { return tp_.size(); }
+  // Unit indices (the order of use): [ViT units, projection, embedding] on the first stage,
+  // then this stage's blocks, then the head on the last.
+  int unit_proj() const { return vit_.n_units(); }
+  int unit_embed() const { return vit_.n_units() + 1; }
+  int unit_block(size_t i) const { return (first_stage() ? vit_.n_units() + 2 : 0) + static_cast<int>(i); }
+  int unit_head() const { return unit_block(blocks_.size()); }
+  HookCursor hook(int unit) const { return {hooks_, unit}; }
+  // The image-parallel slice [begin, end) of a micro-batch's images this TP rank encodes.
+  std::pair<int64_t, int64_t> my_images(int64_t n_images) const;
+
   ModelConfig cfg_;
   ModelOptions opt_;
+  ModelParallel mp_;
   ParamStore params_;
+  std::unique_ptr<Comm> kv_replicas_;  // see TensorParallel
+  TensorParallel tp_;
+  int64_t vocab_begin_ = 0, vocab_size_ = 0;  // this rank's vocabulary rows
   VisionEncoder vit_;
   Projection proj_;
   Param* embed_ = nullptr;
-  std::vector<LlamaBlock> blocks_;
+  std::vector<LlamaBlock> blocks_;  // this stage's layers
+  int first_layer_ = 0;
   RMSNorm final_norm_;
   Linear lm_head_;
   bool vit_trains_ = false, image_path_trains_ = false;
+  UnitHooks* hooks_ = nullptr;
+  std::map<int, std::unique_ptr<Cache>> caches_;  // per micro-batch in flight
 };
 
 }  // namespace vchat

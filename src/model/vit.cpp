@@ -71,17 +71,30 @@ VisionEncoder::VisionEncoder(ParamStore& s, const VisionConfig& cfg)
     layers_.emplace_back(s, "vit.encoder.layers." + std::to_string(i), cfg);
 }
 
-Tensor VisionEncoder::forward(const Tensor& pixels, VisionCache& c) const {
-  const int64_t N = pixels.size(0), np = cfg_.grid() * cfg_.grid(), T = np + 1, W = cfg_.width;
+Tensor VisionEncoder::forward(const Tensor& pixels, VisionCache& c, const HookCursor& hooks) const {
+  const int64_t N = pixels.defined() ? pixels.size(0) : 0, np = cfg_.grid() * cfg_.grid(), T = np + 1, W = cfg_.width;
   c.n_img = N;
+  c.layers.resize(layers_.size());
+  if (N == 0) {
+    for (int u = 0; u < n_units(); ++u) {
+      hooks.before_forward(u);
+      hooks.after_forward(u);
+    }
+    return Tensor::empty({0, W});
+  }
+  hooks.before_forward(0);
   Tensor patches = Tensor::empty({N * np, 3 * cfg_.patch_size * cfg_.patch_size}, pixels.dtype(), pixels.device());
   ops::patchify(pixels, cfg_.patch_size, patches);
   Tensor pe = patch_.forward(patches, c.patch);
   Tensor emb = Tensor::empty({N, T, W}, pixels.dtype(), pixels.device());
   ops::vit_embed_fwd(pe, cls_->value, pos_->value, emb);
   Tensor h = pre_.forward(emb.flatten_rows(), c.pre);
-  c.layers.resize(layers_.size());
-  for (size_t i = 0; i < layers_.size(); ++i) h = layers_[i].forward(h, N, T, c.layers[i]);
+  hooks.after_forward(0);
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    hooks.before_forward(1 + static_cast<int>(i));
+    h = layers_[i].forward(h, N, T, c.layers[i]);
+    hooks.after_forward(1 + static_cast<int>(i));
+  }
   if (cfg_.keep_cls) return h;
   // feature_select "patch": drop each image's CLS row.
   std::vector<int32_t> rows;
@@ -92,8 +105,15 @@ Tensor VisionEncoder::forward(const Tensor& pixels, VisionCache& c) const {
   return out;
 }
 
-void VisionEncoder::backward(const Tensor& dfeat, VisionCache& c) const {
+void VisionEncoder::backward(const Tensor& dfeat, VisionCache& c, const HookCursor& hooks) const {
   const int64_t N = c.n_img, np = cfg_.grid() * cfg_.grid(), T = np + 1, W = cfg_.width;
+  if (N == 0) {
+    for (int u = n_units(); u-- > 0;) {
+      hooks.before_backward(u);
+      hooks.after_backward(u);
+    }
+    return;
+  }
   Tensor dh = dfeat;
   if (!cfg_.keep_cls) {
     dh = Tensor::zeros({N * T, W}, dfeat.dtype(), dfeat.device());
@@ -102,13 +122,19 @@ void VisionEncoder::backward(const Tensor& dfeat, VisionCache& c) const {
       for (int64_t t = 1; t < T; ++t) rows.push_back(static_cast<int32_t>(n * T + t));
     ops::scatter_rows(dfeat, Tensor::from_vector(rows, {N * np}), dh);
   }
-  for (size_t i = layers_.size(); i-- > 0;) dh = layers_[i].backward(dh, c.layers[i]);
+  for (size_t i = layers_.size(); i-- > 0;) {
+    hooks.before_backward(1 + static_cast<int>(i));
+    dh = layers_[i].backward(dh, c.layers[i]);
+    hooks.after_backward(1 + static_cast<int>(i));
+  }
+  hooks.before_backward(0);
   Tensor demb = Tensor::empty({N * T, W}, dh.dtype(), dh.device());
   pre_.backward(dh, c.pre, demb);
   Tensor dpe = patch_.weight()->trainable ? Tensor::empty({N * np, W}, dh.dtype(), dh.device()) : Tensor();
   ops::vit_embed_bwd(demb.reshape({N, T, W}), dpe, cls_->trainable ? cls_->grad : Tensor(),
                      pos_->trainable ? pos_->grad : Tensor());
   if (dpe.defined()) patch_.backward(dpe, c.patch, Tensor());
+  hooks.after_backward(0);
 }
 
 }  // namespace vchat

@@ -8,6 +8,7 @@
 #include "model/config.h"
 #include "model/linear.h"
 #include "model/norm.h"
+#include "model/units.h"
 
 namespace vchat {
 
@@ -42,10 +43,13 @@ class VisionEncoder {
  public:
   VisionEncoder() = default;
   VisionEncoder(ParamStore& store, const VisionConfig& cfg);
-  // pixels [N, 3, S, S] → features [N * tokens_per_image, W]
-  Tensor forward(const Tensor& pixels, VisionCache& c) const;
+  // pixels [N, 3, S, S] → features [N * tokens_per_image, W]. N may be 0 (an image-parallel
+  // rank without images): the hooks are still called, so ZeRO-3 peers stay in step.
+  // Units (for the hooks): 0 = embeddings and pre-norm, 1 + i = layer i.
+  Tensor forward(const Tensor& pixels, VisionCache& c, const HookCursor& hooks = {}) const;
   // Accumulates gradients of trainable encoder weights (pixels get none).
-  void backward(const Tensor& dfeatures, VisionCache& c) const;
+  void backward(const Tensor& dfeatures, VisionCache& c, const HookCursor& hooks = {}) const;
+  int n_units() const { return 1 + static_cast<int>(layers_.size()); }
 
  private:
   VisionConfig cfg_;

@@ -6,6 +6,7 @@
 // Every rank of a group must issue the same operations in the same order (as with MPI).
 // A Comm is used by one thread at a time.
 #pragma once
+#include <chrono>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -32,9 +33,22 @@ enum class ReduceOp : uint8_t { sum, max };
 // receives, (n-1)·B, averaged over its n ranks — a per-rank average, not the root's load.
 // A group of one moves nothing: every formula gives 0 when n = 1. `calls` counts operations
 // (one per call, however the backend slices it), barriers included; split() counts nothing.
+// `seconds` is the wall time the calling thread spent inside operations of this Comm
+// (for an asynchronous one: in its start and in its wait), which is what a step's
+// "communication" time reports.
 struct CommStats {
   double bytes = 0;
   int64_t calls = 0;
+  double seconds = 0;
+};
+
+// An operation started by an *_async call. wait() completes it (under the Comm's timeout,
+// counted from the start); the destructor waits if nobody did, so an operation is never
+// left in flight. The buffers passed at the start must stay valid until then.
+class CommRequest {
+ public:
+  virtual ~CommRequest() = default;
+  virtual void wait() = 0;
 };
 
 class Comm {
@@ -65,6 +79,15 @@ class Comm {
   // bytes that were sent.
   virtual void send(const void* buf, int64_t bytes, int peer) = 0;
   virtual void recv(void* buf, int64_t bytes, int peer) = 0;
+  // Sends to `dest` and receives from `source` at once (they may be the same peer), so two
+  // ranks that each send to the other cannot deadlock (the 1F1B pipeline's paired
+  // "send forward, receive backward" steps). Counts send_bytes + recv_bytes.
+  virtual void sendrecv(const void* send_buf, int64_t send_bytes, int dest, void* recv_buf, int64_t recv_bytes,
+                        int source) = 0;
+  // all_gather, started and returned at once (ZeRO-3 prefetches the next layer's weights
+  // with it while the current layer computes). Same buffer rules as all_gather.
+  virtual std::unique_ptr<CommRequest> all_gather_async(const void* send, void* recv, int64_t send_count,
+                                                        DType dtype) = 0;
 
   // Collective over this group: the ranks with the same `color` form a new group, ranked by
   // (key, rank here). A negative color leaves the calling rank out (it gets nullptr). The
@@ -93,6 +116,23 @@ class Comm {
     stats_.bytes += bytes;
     ++stats_.calls;
   }
+  // Adds the wall time from its construction to its destruction to stats().seconds. Every
+  // operation (and an asynchronous one's wait) starts with one, so its time is counted
+  // however it leaves (return or throw), and apart from record(), which an asynchronous
+  // operation calls at its start.
+  class OpTimer {
+   public:
+    explicit OpTimer(Comm& c) : comm_(c), start_(std::chrono::steady_clock::now()) {}
+    ~OpTimer() {
+      comm_.stats_.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+    }
+    OpTimer(const OpTimer&) = delete;
+    OpTimer& operator=(const OpTimer&) = delete;
+
+   private:
+    Comm& comm_;
+    std::chrono::steady_clock::time_point start_;
+  };
   // The table's formulas, shared by the backends. `bytes` is the operation's whole buffer.
   double ring_all_reduce_bytes(double bytes) const { return size() > 1 ? 2.0 * (size() - 1) / size() * bytes : 0; }
   double ring_share_bytes(double bytes) const { return size() > 1 ? double(size() - 1) / size() * bytes : 0; }
@@ -112,13 +152,23 @@ class SelfComm final : public Comm {
   int rank() const override { return 0; }
   int size() const override { return 1; }
   const std::string& name() const override { return name_; }
-  void all_reduce(void*, int64_t, DType, ReduceOp) override { record(0); }
-  void all_reduce_f64(double*, int64_t, ReduceOp) override { record(0); }
+  void all_reduce(void*, int64_t, DType, ReduceOp) override {
+    const OpTimer timer(*this);
+    record(0);
+  }
+  void all_reduce_f64(double*, int64_t, ReduceOp) override {
+    const OpTimer timer(*this);
+    record(0);
+  }
   void broadcast(void*, int64_t, int root) override {
+    const OpTimer timer(*this);
     if (root != 0) throw std::invalid_argument("broadcast on group '" + name_ + "': root must be 0");
     record(0);
   }
-  void barrier() override { record(0); }
+  void barrier() override {
+    const OpTimer timer(*this);
+    record(0);
+  }
   void reduce_scatter(const void* send, void* recv, int64_t recv_count, DType dtype, ReduceOp) override {
     copy(send, recv, recv_count * static_cast<int64_t>(dtype_size(dtype)));
   }
@@ -127,6 +177,13 @@ class SelfComm final : public Comm {
   }
   void send(const void*, int64_t, int peer) override { no_peer("send", peer); }
   void recv(void*, int64_t, int peer) override { no_peer("recv", peer); }
+  void sendrecv(const void*, int64_t, int dest, void*, int64_t, int) override { no_peer("sendrecv", dest); }
+  // The copy is the whole gather, so the request is complete when returned.
+  std::unique_ptr<CommRequest> all_gather_async(const void* send, void* recv, int64_t send_count,
+                                                DType dtype) override {
+    all_gather(send, recv, send_count, dtype);
+    return std::make_unique<Done>();
+  }
   std::unique_ptr<Comm> split(int color, int, const std::string& name) const override {
     if (color < 0) return nullptr;
     auto c = std::make_unique<SelfComm>(name);
@@ -135,7 +192,11 @@ class SelfComm final : public Comm {
   }
 
  private:
+  struct Done final : CommRequest {
+    void wait() override {}
+  };
   void copy(const void* from, void* to, int64_t bytes) {
+    const OpTimer timer(*this);
     if (from != to && bytes > 0) std::memmove(to, from, static_cast<size_t>(bytes));
     record(0);
   }

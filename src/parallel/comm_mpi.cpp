@@ -141,6 +141,7 @@ class MpiComm final : public Comm {
   const std::string& name() const override { return name_; }
 
   void all_reduce(void* buf, int64_t count, DType dtype, ReduceOp op) override {
+    const OpTimer timer(*this);
     Pending p("all_reduce");
     const auto [type, mop] = reduce_type(dtype, op, p.op);
     const int64_t es = static_cast<int64_t>(dtype_size(dtype));
@@ -154,6 +155,7 @@ class MpiComm final : public Comm {
   }
 
   void all_reduce_f64(double* buf, int64_t count, ReduceOp op) override {
+    const OpTimer timer(*this);
     Pending p("all_reduce_f64");
     const MPI_Op mop = op == ReduceOp::sum ? MPI_SUM : MPI_MAX;
     for (int64_t done = 0; done < count; done += max_count_)
@@ -164,6 +166,7 @@ class MpiComm final : public Comm {
   }
 
   void broadcast(void* buf, int64_t bytes, int root) override {
+    const OpTimer timer(*this);
     Pending p("broadcast");
     check_rank(root, "root", p.op);
     char* b = static_cast<char*>(buf);
@@ -174,11 +177,13 @@ class MpiComm final : public Comm {
   }
 
   void barrier() override {
+    const OpTimer timer(*this);
     timed_barrier("barrier");
     record(0);
   }
 
   void reduce_scatter(const void* send, void* recv, int64_t recv_count, DType dtype, ReduceOp op) override {
+    const OpTimer timer(*this);
     Pending p("reduce_scatter");
     const auto [type, mop] = reduce_type(dtype, op, p.op);
     const int64_t es = static_cast<int64_t>(dtype_size(dtype));
@@ -222,34 +227,25 @@ class MpiComm final : public Comm {
   }
 
   void all_gather(const void* send, void* recv, int64_t send_count, DType dtype) override {
+    const OpTimer timer(*this);
     Pending p("all_gather");
-    const int64_t block = send_count * static_cast<int64_t>(dtype_size(dtype));
-    const char* s = static_cast<const char*>(send);
-    char* r = static_cast<char*>(recv);
-    char* mine = r + rank_ * block;
-    const bool in_place = block > 0 && s == mine;
-    if (!in_place && overlaps(s, block, r, size_ * block))
-      throw std::invalid_argument(std::string(p.op) + " on group '" + name_ +
-                                  "': send overlaps recv other than as recv's own block");
-    // Only bytes move, so any dtype travels as MPI_BYTE.
-    if (block <= max_count_) {
-      check(MPI_Iallgather(in_place ? MPI_IN_PLACE : s, static_cast<int>(block), MPI_BYTE, r, static_cast<int>(block),
-                           MPI_BYTE, comm_, p.next()),
-            p.op, name_);
-    } else {
-      // Too large for one int count: every block is broadcast from its owner, in slices.
-      if (!in_place) std::memcpy(mine, s, static_cast<size_t>(block));
-      for (int64_t done = 0; done < block; done += max_count_) {
-        const int n = slice(block, done);
-        for (int owner = 0; owner < size_; ++owner)
-          check(MPI_Ibcast(r + owner * block + done, n, MPI_BYTE, owner, comm_, p.next()), p.op, name_);
-      }
-    }
+    start_all_gather(p, send, recv, send_count, dtype);
     complete(p);
-    record(ring_share_bytes(double(size_) * block));
+  }
+
+  // The gather's requests live in the returned object; they are completed by its wait()
+  // (or destructor) with the same polling as every other operation. The request holds this
+  // Comm: it must be waited for (or destroyed) before the Comm is.
+  std::unique_ptr<CommRequest> all_gather_async(const void* send, void* recv, int64_t send_count,
+                                                DType dtype) override {
+    const OpTimer timer(*this);
+    auto req = std::make_unique<Request>(*this, Pending("all_gather_async"));
+    start_all_gather(req->pending, send, recv, send_count, dtype);
+    return req;
   }
 
   void send(const void* buf, int64_t bytes, int peer) override {
+    const OpTimer timer(*this);
     Pending p("send");
     check_peer(peer, p.op);
     const char* b = static_cast<const char*>(buf);
@@ -260,6 +256,7 @@ class MpiComm final : public Comm {
   }
 
   void recv(void* buf, int64_t bytes, int peer) override {
+    const OpTimer timer(*this);
     const auto start = Clock::now();  // the timeout covers the whole message
     check_peer(peer, "recv");
     char* b = static_cast<char*>(buf);
@@ -279,6 +276,40 @@ class MpiComm final : public Comm {
                                  std::to_string(bytes) + " bytes, the message had fewer");
     }
     record(size_ > 1 ? double(bytes) : 0);
+  }
+
+  void sendrecv(const void* send_buf, int64_t send_bytes, int dest, void* recv_buf, int64_t recv_bytes,
+                int source) override {
+    const OpTimer timer(*this);
+    Pending sends("sendrecv");  // its start is the whole operation's, for the timeout
+    check_peer(dest, sends.op);
+    check_peer(source, sends.op);
+    // Every send slice is posted before any receive is waited for: the peer may be doing
+    // the same towards us, and would otherwise wait for our receive while we wait for its.
+    const char* s = static_cast<const char*>(send_buf);
+    for (int64_t done = 0; done < send_bytes; done += max_count_)
+      check(MPI_Isend(s + done, slice(send_bytes, done), MPI_BYTE, dest, kP2pTag, comm_, sends.next()), sends.op,
+            name_);
+    // Received a slice at a time and each checked, as in recv(); polling a receive also
+    // drives the sends (MPI progress is not per request).
+    char* r = static_cast<char*>(recv_buf);
+    bool short_message = false;
+    for (int64_t done = 0; done < recv_bytes && !short_message; done += max_count_) {
+      Pending p("sendrecv", sends.start);
+      const int want = slice(recv_bytes, done);
+      check(MPI_Irecv(r + done, want, MPI_BYTE, source, kP2pTag, comm_, p.next()), p.op, name_);
+      MPI_Status status;
+      complete(p, &status);
+      int got = 0;
+      MPI_Get_count(&status, MPI_BYTE, &got);
+      short_message = got != want;
+    }
+    // The sends complete before any throw: MPI must be done with send_buf when we return.
+    complete(sends);
+    if (short_message)
+      throw std::runtime_error("sendrecv on group '" + name_ + "' from rank " + std::to_string(source) +
+                               ": expected " + std::to_string(recv_bytes) + " bytes, the message had fewer");
+    record(size_ > 1 ? double(send_bytes) + double(recv_bytes) : 0);
   }
 
   std::unique_ptr<Comm> split(int color, int key, const std::string& name) const override {
@@ -307,6 +338,57 @@ class MpiComm final : public Comm {
         throw std::invalid_argument(std::string(what) + " on group '" + name_ + "': unsupported dtype " +
                                     dtype_name(dtype));
     }
+  }
+
+  // An all_gather_async in flight. Its Pending carries the start, so the timeout counts
+  // from there and not from wait().
+  class Request final : public CommRequest {
+   public:
+    Request(MpiComm& comm, Pending p) : pending(std::move(p)), comm_(comm) {}
+    // A failure while completing cannot be reported from here, and MPI may still be using
+    // the buffers: the exception leaving this noexcept destructor ends the process.
+    ~Request() override { wait(); }
+    Request(const Request&) = delete;
+    Request& operator=(const Request&) = delete;
+    void wait() override {
+      if (waited_) return;
+      waited_ = true;  // first: a throw from complete() must not make the destructor retry
+      const OpTimer timer(comm_);
+      comm_.complete(pending);
+    }
+
+    Pending pending;  // filled by start_all_gather
+
+   private:
+    MpiComm& comm_;
+    bool waited_ = false;
+  };
+
+  // Issues an all_gather into `p` and counts its traffic (at the start, for the async form).
+  void start_all_gather(Pending& p, const void* send, void* recv, int64_t send_count, DType dtype) {
+    const int64_t block = send_count * static_cast<int64_t>(dtype_size(dtype));
+    const char* s = static_cast<const char*>(send);
+    char* r = static_cast<char*>(recv);
+    char* mine = r + rank_ * block;
+    const bool in_place = block > 0 && s == mine;
+    if (!in_place && overlaps(s, block, r, size_ * block))
+      throw std::invalid_argument(std::string(p.op) + " on group '" + name_ +
+                                  "': send overlaps recv other than as recv's own block");
+    // Only bytes move, so any dtype travels as MPI_BYTE.
+    if (block <= max_count_) {
+      check(MPI_Iallgather(in_place ? MPI_IN_PLACE : s, static_cast<int>(block), MPI_BYTE, r, static_cast<int>(block),
+                           MPI_BYTE, comm_, p.next()),
+            p.op, name_);
+    } else {
+      // Too large for one int count: every block is broadcast from its owner, in slices.
+      if (!in_place) std::memcpy(mine, s, static_cast<size_t>(block));
+      for (int64_t done = 0; done < block; done += max_count_) {
+        const int n = slice(block, done);
+        for (int owner = 0; owner < size_; ++owner)
+          check(MPI_Ibcast(r + owner * block + done, n, MPI_BYTE, owner, comm_, p.next()), p.op, name_);
+      }
+    }
+    record(ring_share_bytes(double(size_) * block));
   }
 
   // The int count of the slice of a `total` that starts at `done`.

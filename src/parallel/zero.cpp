@@ -11,14 +11,45 @@
 
 namespace vchat {
 
-void ZeroOptimizer::check_stage(int stage) {
-  if (stage < 0 || stage > 2)
-    throw ConfigError("--zero=" + std::to_string(stage) + " is not supported (0, 1 or 2; stage 3 is not implemented yet)");
+void check_zero_stage(int stage) {
+  if (stage < 0 || stage > 3) throw ConfigError("--zero=" + std::to_string(stage) + " is not a ZeRO stage (0, 1, 2 or 3)");
 }
 
-ZeroOptimizer::ZeroOptimizer(ParamStore& store, Comm& dp, int stage, const AdamWConfig& cfg)
-    : store_(store), dp_(dp), stage_(stage), cfg_(cfg) {
-  check_stage(stage);
+double clip_and_update(const std::vector<UpdateSegment>& segments, const UpdateGroups& groups,
+                       const AdamWConfig& cfg, float lr, int64_t update,
+                       const std::function<void(const std::function<void()>&)>& timed) {
+  // 1. Partial gradients of replicated parameters: sum over the replicas.
+  for (const UpdateSegment& s : segments)
+    if (s.param->grad_sum && s.param->grad_sum->size() > 1)
+      timed([&] { s.param->grad_sum->all_reduce(s.grad, ReduceOp::sum); });
+
+  // 2. The global norm: each element of the model counted once across all groups.
+  double ss = 0;
+  for (const UpdateSegment& s : segments)
+    if (s.param->counts_in_norm) ss += ops::sum_squares(s.grad);
+  if (groups.dp_for_norm && groups.dp_for_norm->size() > 1)
+    timed([&] { groups.dp_for_norm->all_reduce_f64(&ss, 1, ReduceOp::sum); });
+  if (groups.mp && groups.mp->size() > 1) timed([&] { groups.mp->all_reduce_f64(&ss, 1, ReduceOp::sum); });
+  const double norm = std::sqrt(ss);
+  if (!std::isfinite(norm))
+    throw std::runtime_error("gradient norm is " + std::to_string(norm) + " at update " + std::to_string(update) +
+                             ": training diverged; lower --lr, raise --warmup or check the data");
+  const float clip = cfg.clip_grad > 0 && norm > cfg.clip_grad ? static_cast<float>(cfg.clip_grad / (norm + 1e-6)) : 1.f;
+
+  // 3. Clip and AdamW, one segment per parameter (decoupled decay on matrices only).
+  for (const UpdateSegment& s : segments) {
+    if (clip != 1.f) ops::scale(s.grad, clip);
+    const bool decay = s.param->shard.full.size() >= 2;  // the full shape: a released ZeRO-3 value has none
+    ops::AdamWParams p{lr, cfg.beta1, cfg.beta2, cfg.eps, decay ? cfg.weight_decay : 0.f, update};
+    ops::adamw_step(s.value, s.grad, s.m, s.v, p);
+  }
+  return norm;
+}
+
+ZeroOptimizer::ZeroOptimizer(ParamStore& store, Comm& dp, int stage, const AdamWConfig& cfg, Comm* mp)
+    : store_(store), dp_(dp), mp_(mp), stage_(stage), cfg_(cfg) {
+  check_zero_stage(stage);
+  if (stage > 2) throw std::invalid_argument("ZeroOptimizer handles stages 0-2; stage 3 is Zero3Optimizer");
   const ParamStore::Flat& f = store.flatten_trainable(dp.size());
   grads_ = f.grads;
   const bool sharded = stage >= 1;
@@ -27,12 +58,12 @@ ZeroOptimizer::ZeroOptimizer(ParamStore& store, Comm& dp, int stage, const AdamW
   m_ = Tensor::zeros({shard_size_});
   v_ = Tensor::zeros({shard_size_});
   if (sharded) grad_shard_ = Tensor::zeros({shard_size_});
-  // Weight decay applies to matrices only: record, per parameter, its part of the range.
+  // Record, per parameter, its part of the updated range.
   const std::vector<Param*> t = store.trainable();
   for (size_t i = 0; i < t.size(); ++i) {
     const int64_t b = std::max(f.offset[i], shard_begin_);
     const int64_t e = std::min(f.offset[i] + t[i]->value.numel(), shard_begin_ + shard_size_);
-    if (b < e) segments_.push_back({b, e, t[i]->value.dim() >= 2});
+    if (b < e) segments_.push_back({t[i], b, e});
   }
   if (stage_ == 2) {  // no full gradient is held between steps
     grads_ = Tensor();
@@ -55,17 +86,20 @@ double ZeroOptimizer::step(float lr) {
 
   using clock = std::chrono::steady_clock;
   comm_seconds_ = 0;
-  auto timed = [&](auto&& collective) {
+  auto timed = [&](const std::function<void()>& collective) {
     const auto t0 = clock::now();
     collective();
     comm_seconds_ += std::chrono::duration<double>(clock::now() - t0).count();
   };
 
-  // 1. Reduce the gradients over the DP group: the whole buffer, or into our shard.
+  // 1. Reduce the gradients over the DP group: the whole buffer, or into our shard. (A
+  //    pipeline stage may train nothing, e.g. the paper's set beyond stage 0; its DP peers
+  //    are the same stage, so they all skip together.)
+  const bool any = f.padded > 0;
   Tensor g = grads_;
-  if (stage_ == 0) {
+  if (any && stage_ == 0) {
     if (dp_.size() > 1) timed([&] { dp_.all_reduce(grads_, ReduceOp::sum); });
-  } else {
+  } else if (any) {
     timed([&] { dp_.reduce_scatter(grads_.raw(), grad_shard_.raw(), shard_size_, DType::f32, ReduceOp::sum); });
     g = grad_shard_;
   }
@@ -74,25 +108,16 @@ double ZeroOptimizer::step(float lr) {
     store_.bind_flat_grads(Tensor());
   }
 
-  // 2. Global norm: every rank holds all of it (stage 0) or its shard (sum over shards).
-  double ss = ops::sum_squares(g);
-  if (stage_ >= 1) timed([&] { dp_.all_reduce_f64(&ss, 1, ReduceOp::sum); });
-  const double norm = std::sqrt(ss);
-  if (!std::isfinite(norm))
-    throw std::runtime_error("gradient norm is " + std::to_string(norm) + " at update " + std::to_string(step_ + 1) +
-                             ": training diverged; lower --lr, raise --warmup or check the data");
-  if (cfg_.clip_grad > 0 && norm > cfg_.clip_grad) ops::scale(g, static_cast<float>(cfg_.clip_grad / (norm + 1e-6)));
-
-  // 3. AdamW on the owned range, one segment per parameter (decay on matrices only).
-  ++step_;
+  // 2. Clip by the global norm and update the owned range.
+  std::vector<UpdateSegment> segs;
   for (const Segment& s : segments_) {
     const int64_t a = s.begin - shard_begin_, b = s.end - shard_begin_;
-    ops::AdamWParams p{lr, cfg_.beta1, cfg_.beta2, cfg_.eps, s.decay ? cfg_.weight_decay : 0.f, step_};
-    ops::adamw_step(f.values.slice(0, s.begin, s.end), g.slice(0, a, b), m_.slice(0, a, b), v_.slice(0, a, b), p);
+    segs.push_back({s.param, f.values.slice(0, s.begin, s.end), g.slice(0, a, b), m_.slice(0, a, b), v_.slice(0, a, b)});
   }
+  const double norm = clip_and_update(segs, {stage_ >= 1 ? &dp_ : nullptr, mp_}, cfg_, lr, ++step_, timed);
 
-  // 4. Stages 1, 2: everyone gets everyone's updated shard.
-  if (stage_ >= 1 && dp_.size() > 1) {
+  // 3. Stages 1, 2: everyone gets everyone's updated shard.
+  if (any && stage_ >= 1 && dp_.size() > 1) {
     Tensor mine = f.values.slice(0, shard_begin_, shard_begin_ + shard_size_).clone();
     timed([&] { dp_.all_gather(mine.raw(), f.values.raw(), shard_size_, DType::f32); });
   }
@@ -103,6 +128,7 @@ ZeroMemory ZeroOptimizer::memory() const {
   const int64_t n = store_.flat()->padded, bytes = sizeof(float);
   ZeroMemory m;
   m.params = n * bytes;
+  m.frozen = (store_.numel(false) - store_.numel(true)) * bytes;
   m.grads = (stage_ == 0 ? n : stage_ == 1 ? n + shard_size_ : shard_size_) * bytes;
   m.optimizer = 2 * shard_size_ * bytes;
   return m;

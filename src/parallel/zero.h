@@ -1,15 +1,23 @@
-// ZeRO data parallelism over the DP group (DESIGN.md §5), on the flat buffers of the
-// trainable parameters (ParamStore::flatten_trainable), with AdamW:
+// ZeRO data parallelism over the DP group (DESIGN.md §5), with AdamW:
 //   stage 0: all-reduce the gradients; every rank keeps and updates everything.
 //   stage 1: reduce-scatter the gradients; each rank keeps the Adam moments of, and
 //            updates, its 1/dp shard of the parameters; all-gather the updated parameters.
 //   stage 2: as 1, and the gradient buffer is given up after the reduce-scatter: between
 //            steps a rank holds only its gradient shard. (The full local gradient exists
 //            during backward; bucketed reduce-scatter inside backward is future work.)
-// Communication per step for Ψ trained bytes: ~2Ψ·(dp-1)/dp in every stage (the ZeRO
-// paper's 2Ψ). Stage 3 (sharded working weights) is not implemented yet.
+//   stage 3: src/parallel/zero3.h: the working weights are sharded too.
+// Stages 0-2 work on the flat buffers of the trainable parameters
+// (ParamStore::flatten_trainable). Communication per step for Ψ trained bytes:
+// ~2Ψ·(dp-1)/dp in every stage (the ZeRO paper's 2Ψ).
+//
+// With tensor and pipeline parallelism a rank holds only its model-parallel part: the DP
+// peers (same tp and pp coordinate) hold identical layouts, so sharding over DP is the same
+// as without them. Two things cross the other groups: partial gradients of replicated
+// parameters (Param::grad_sum) and the global gradient norm (summed over the model-parallel
+// group `mp`, each replicated parameter counted once: Param::counts_in_norm).
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "model/params.h"
@@ -19,29 +27,64 @@
 namespace vchat {
 
 struct ZeroMemory {  // bytes held by this rank between steps
-  int64_t params = 0, grads = 0, optimizer = 0;
+  int64_t params = 0;   // trainable parameter values
+  int64_t frozen = 0;   // frozen parameter values
+  int64_t grads = 0, optimizer = 0;
 };
 
-class ZeroOptimizer {
+// What every stage's optimizer does once the gradients are reduced over DP: the shared end
+// of a step, so stages 0-3 clip and update identically.
+struct UpdateSegment {  // one trainable parameter's part of this rank's update range
+  Param* param;
+  Tensor value, grad, m, v;  // views of that part
+};
+struct UpdateGroups {
+  Comm* dp_for_norm = nullptr;  // the DP group when the range is a 1/dp shard (stages 1-3)
+  Comm* mp = nullptr;           // the model-parallel group (tp × pp), nullptr without one
+};
+// 1. sums partial gradients over Param::grad_sum (segment by segment: a replica group's
+//    members hold identical layouts, so they issue the same calls);
+// 2. the global norm: squares of counts_in_norm segments, summed over dp_for_norm and mp;
+// 3. clips by it and applies AdamW (decay on matrices only) at 1-based `update`.
+// `timed` wraps every collective so the caller can add up communication time. Returns the
+// norm; a non-finite norm throws before any parameter changes.
+double clip_and_update(const std::vector<UpdateSegment>& segments, const UpdateGroups& groups,
+                       const AdamWConfig& cfg, float lr, int64_t update,
+                       const std::function<void(const std::function<void()>&)>& timed);
+
+// The interface the trainer drives, whatever the stage.
+class DataParallelOptimizer {
  public:
-  ZeroOptimizer(ParamStore& store, Comm& dp, int stage, const AdamWConfig& cfg);
-  // Throws ConfigError naming --zero for a stage this build does not have.
-  static void check_stage(int stage);
-  // Call before each step's backward: gives the gradients a zeroed full buffer again.
-  void zero_grads();
-  // Reduces gradients over the DP group, clips by the global norm, updates with AdamW,
-  // and (stages 1, 2) all-gathers the parameters. Returns the global gradient norm.
-  // A non-finite norm throws before any parameter changes.
-  double step(float lr);
-  ZeroMemory memory() const;
-  double last_comm_seconds() const { return comm_seconds_; }  // time in DP collectives, last step
-  int stage() const { return stage_; }
+  virtual ~DataParallelOptimizer() = default;
+  // Call before each step's backward: zeroed gradient buffers.
+  virtual void zero_grads() = 0;
+  // Reduces gradients over the DP group, clips by the global norm, updates with AdamW.
+  // Returns the global gradient norm.
+  virtual double step(float lr) = 0;
+  virtual ZeroMemory memory() const = 0;
+  virtual double last_comm_seconds() const = 0;  // time in DP collectives, last step
+  virtual int stage() const = 0;
+};
+
+// Throws ConfigError naming --zero for a stage that does not exist.
+void check_zero_stage(int stage);
+
+class ZeroOptimizer final : public DataParallelOptimizer {
+ public:
+  // Stages 0-2. mp: the model-parallel group for the gradient norm (nullptr: none).
+  ZeroOptimizer(ParamStore& store, Comm& dp, int stage, const AdamWConfig& cfg, Comm* mp = nullptr);
+  void zero_grads() override;
+  double step(float lr) override;
+  ZeroMemory memory() const override;
+  double last_comm_seconds() const override { return comm_seconds_; }
+  int stage() const override { return stage_; }
   int64_t shard_begin() const { return shard_begin_; }
   int64_t shard_size() const { return shard_size_; }
 
  private:
   ParamStore& store_;
   Comm& dp_;
+  Comm* mp_;
   int stage_;
   AdamWConfig cfg_;
   int64_t shard_begin_ = 0, shard_size_ = 0, step_ = 0;
@@ -50,8 +93,8 @@ class ZeroOptimizer {
   Tensor grad_shard_;  // stages 1, 2: this rank's reduced gradient shard
   Tensor m_, v_;       // Adam moments: full (stage 0) or this rank's shard
   struct Segment {     // the part of one parameter inside the updated range
+    Param* param;
     int64_t begin, end;  // flat offsets
-    bool decay;
   };
   std::vector<Segment> segments_;
 };

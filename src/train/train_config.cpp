@@ -105,7 +105,7 @@ bool parse_train_config(int argc, const char* const argv[], TrainConfig& c) {
   if (c.val_every < 0) throw bad("val-every", c.val_every, "must be >= 0");
   if (!c.tokenizer.empty() && !std::filesystem::exists(c.tokenizer))
     throw ConfigError("--tokenizer '" + c.tokenizer + "': no such file");
-  ZeroOptimizer::check_stage(c.zero_stage);
+  check_zero_stage(c.zero_stage);
   if (!(c.comm_timeout >= 0)) throw bad("comm-timeout", c.comm_timeout, "must be >= 0");
   if (c.threads < 0) throw ConfigError("--threads=" + std::to_string(c.threads) + " must be >= 0");
   if (!(c.lr.max_lr > 0)) throw bad("lr", c.lr.max_lr, "must be positive");

@@ -12,29 +12,47 @@
 #include "io/safetensors.h"
 #include "model/params.h"
 #include "ops.h"
+#include "parallel/pipeline.h"
 
 namespace vchat {
 
-Trainer::Trainer(const TrainConfig& cfg, Comm* comm) : cfg_(cfg), comm_(comm ? comm : &self_) {
+Trainer::Trainer(const TrainConfig& cfg, Grid* grid) : cfg_(cfg) {
   if (cfg.threads > 0) {
     omp_set_num_threads(cfg.threads);
     openblas_set_num_threads(cfg.threads);
   }
-  // Same seed on every rank: identical initial weights without a broadcast.
-  model_ = std::make_unique<VisualChatModel>(cfg.model, cfg.model_options);
-  init_params(model_->params(), cfg.seed);
-  opt_ = std::make_unique<ZeroOptimizer>(model_->params(), *comm_, cfg.zero_stage, cfg.adamw);
+  if (!grid) own_grid_ = std::make_unique<Grid>(self_, GridShape{});
+  grid_ = grid ? grid : own_grid_.get();
+  const Grid& g = *grid_;
 
+  // This rank's part of the model. Every rank draws the same full initial weights from the
+  // same seed (per parameter, init_params) and keeps its slice: no broadcast, and every
+  // layout starts from the one-rank model.
+  model_ = std::make_unique<VisualChatModel>(cfg.model, cfg.model_options,
+                                             ModelParallel{&g.tp(), g.coord().pp, g.shape().pp});
+  init_params(model_->params(), cfg.seed);
+  if (cfg.zero_stage == 3) {
+    auto z = std::make_unique<Zero3Optimizer>(model_->units(), g.dp(), cfg.adamw, &g.mp());
+    zero3_ = z.get();
+    model_->set_hooks(zero3_);
+    opt_ = std::move(z);
+  } else {
+    opt_ = std::make_unique<ZeroOptimizer>(model_->params(), g.dp(), cfg.zero_stage, cfg.adamw, &g.mp());
+  }
+
+  // Data: every model-parallel rank of a data-parallel replica reads the same batches (the
+  // stages need the tokens, modality and targets; the loader is deterministic per dp rank).
+  const int dp_rank = g.coord().dp;
   if (cfg.data_sources.empty()) {
     if (cfg.val_fraction > 0) throw ConfigError("--val-fraction needs --data");
-    // Each DP rank draws its own synthetic stream.
-    synthetic_ = std::make_unique<SyntheticBatches>(cfg.model, cfg.data, cfg.seed + 1 + comm_->rank());
+    // Each DP replica draws its own synthetic stream.
+    synthetic_ = std::make_unique<SyntheticBatches>(cfg.model, cfg.data, cfg.seed + 1 + dp_rank);
   } else {
     data::LoaderConfig lc;
     for (const std::string& s : cfg.data_sources) lc.sources.push_back(data::parse_data_source(s));
     lc.seed = cfg.seed;
     lc.micro_batch = cfg.data.batch_size;
-    lc.dp_rank = comm_->rank();
+    lc.dp_rank = dp_rank;
     lc.dp_size = dp_size();
     lc.global_batch = cfg.global_batch ? cfg.global_batch : cfg.data.batch_size * cfg.micro_batches * dp_size();
     lc.val_fraction = cfg.val_fraction;
@@ -57,14 +75,20 @@ std::vector<Batch> Trainer::next_batches() {
   return batches;
 }
 
+void Trainer::reset_comm_stats() {
+  for (Comm* c : {&grid_->tp(), &grid_->dp(), &grid_->pp(), &grid_->mp()}) c->reset_stats();
+}
+
 StepStats Trainer::step() {
   using clock = std::chrono::steady_clock;
   const auto t0 = clock::now();
   StepStats s;
+  Comm &tp = grid_->tp(), &dp = grid_->dp(), &pp = grid_->pp(), &mp = grid_->mp();
+  reset_comm_stats();
 
-  // 1. This rank's micro-batches of the step.
+  // 1. This replica's micro-batches of the step (the same on all its model-parallel ranks).
   const std::vector<Batch> batches = next_batches();
-  const int64_t dp = dp_size();
+  const int M = static_cast<int>(batches.size());
 
   // 2. The step loss is the mean CE over every supervised token of the global batch, so
   //    each micro-batch's summed loss is divided by the global count (one scalar
@@ -74,37 +98,64 @@ StepStats Trainer::step() {
     counts[0] += static_cast<double>(b.supervised_count());
     counts[1] += static_cast<double>(b.non_pad_count());
   }
-  comm_->reset_stats();
-  if (dp > 1) comm_->all_reduce_f64(counts, 2, ReduceOp::sum);
+  if (dp.size() > 1) dp.all_reduce_f64(counts, 2, ReduceOp::sum);
   const int64_t global_supervised = std::max<int64_t>(1, static_cast<int64_t>(counts[0]));
+  const float loss_scale = 1.f / static_cast<float>(global_supervised);
 
-  // 3. Forward + backward each micro-batch; gradients accumulate.
+  // 3. Forward + backward of every micro-batch through this rank's pipeline stage, in the
+  //    1F1B order (with one stage: forward then backward of each). Gradients accumulate.
   opt_->zero_grads();
-  double loss_sum = 0;
-  for (const Batch& b : batches)
-    loss_sum += model_->forward_backward(b, /*backward=*/true, 1.f, /*keep_logits=*/false, global_supervised).loss_sum;
+  double loss_sum = 0;  // the last stage's
+  PipelineStage stage;
+  stage.forward = [&](int mb, const Tensor& input) {
+    MicroBatchResult r;
+    Tensor out = model_->stage_forward(mb, batches[mb], input, /*backward_follows=*/true, &r);
+    loss_sum += r.loss_sum;
+    return out;
+  };
+  stage.backward = [&](int mb, const Tensor& doutput) {
+    return model_->stage_backward(mb, batches[mb], doutput, loss_scale);
+  };
+  run_1f1b(pp, M, stage);
 
-  if (dp > 1) comm_->all_reduce_f64(&loss_sum, 1, ReduceOp::sum);
+  // 4. The loss lives on the last stage: sum over stages (others add 0), then replicas.
+  if (pp.size() > 1) pp.all_reduce_f64(&loss_sum, 1, ReduceOp::sum);
+  if (dp.size() > 1) dp.all_reduce_f64(&loss_sum, 1, ReduceOp::sum);
   s.loss = loss_sum / static_cast<double>(global_supervised);
   s.tokens = static_cast<int64_t>(counts[1]);
 
-  // 4. ZeRO: reduce the gradients over the DP group (each is already divided by the global
-  //    count), clip by the global norm, update (this rank's shard for stages 1-2), gather.
+  // 5. ZeRO: reduce the gradients over the DP group (each is already divided by the global
+  //    count), clip by the global norm over all groups, update (this rank's shard from
+  //    stage 1), and bring the weights back (stages 1-2; stage 3 gathers on use).
   s.lr = cfg_.lr.at(step_);
   s.grad_norm = opt_->step(s.lr);
-  s.comm_seconds = opt_->last_comm_seconds();
-  s.comm_bytes = comm_->stats().bytes;
+
   s.step = ++step_;
   s.seconds = std::chrono::duration<double>(clock::now() - t0).count();
+  s.comm_seconds = tp.stats().seconds + dp.stats().seconds + mp.stats().seconds;
+  s.bubble_seconds = pp.stats().seconds;
+  s.comm_bytes = dp.stats().bytes;
+  s.tp_bytes = tp.stats().bytes;
+  s.pp_bytes = pp.stats().bytes;
   return s;
 }
 
 EvalStats Trainer::evaluate() {
   EvalStats e;
   if (!loader_) return e;
+  // ZeRO-3: gather everything once, so evaluation issues no DP collectives (replicas may
+  // hold different numbers of validation batches).
+  if (zero3_) {
+    zero3_->gather_all();
+    model_->set_hooks(nullptr);
+  }
+  const std::vector<Batch>& vb = loader_->validation();
   double sums[4] = {0, 0, 0, 0};  // loss sum, tokens, answers, exact answers
-  for (const Batch& b : loader_->validation()) {
-    const MicroBatchResult r = model_->forward_backward(b, /*backward=*/false, 1.f, /*keep_logits=*/true);
+  run_forward_only(grid_->pp(), static_cast<int>(vb.size()), [&](int mb, const Tensor& input) {
+    MicroBatchResult r;
+    Tensor out = model_->stage_forward(mb, vb[mb], input, /*backward_follows=*/false, &r, /*keep_logits=*/true);
+    if (!model_->last_stage()) return out;
+    const Batch& b = vb[mb];
     sums[0] += r.loss_sum;
     sums[1] += r.supervised;
     // Teacher-forced exact match: an answer span counts when every target is the argmax.
@@ -128,8 +179,14 @@ EvalStats Trainer::evaluate() {
         }
       }
     }
+    return out;
+  });
+  if (zero3_) {
+    zero3_->release_all();
+    model_->set_hooks(zero3_);
   }
-  if (comm_->size() > 1) comm_->all_reduce_f64(sums, 4, ReduceOp::sum);
+  if (grid_->pp().size() > 1) grid_->pp().all_reduce_f64(sums, 4, ReduceOp::sum);
+  if (grid_->dp().size() > 1) grid_->dp().all_reduce_f64(sums, 4, ReduceOp::sum);
   e.loss = sums[1] > 0 ? sums[0] / sums[1] : 0;
   e.tokens = static_cast<int64_t>(sums[1]);
   e.answers = static_cast<int64_t>(sums[2]);
@@ -137,21 +194,86 @@ EvalStats Trainer::evaluate() {
   return e;
 }
 
-void Trainer::save_trainable(const std::string& path) const {
+// Puts a slice (as the ShardSpec says) into its place in the full tensor.
+static void place_slice(const Tensor& full, const ShardSpec& spec, const float* src) {
+  if (spec.dim < 0) {
+    std::copy_n(src, full.numel(), full.data<float>());
+    return;
+  }
+  const Tensor view = shard_of(full, spec);  // dim 0: contiguous rows; dim 1 (matrices): strided columns
+  if (view.is_contiguous()) {
+    std::copy_n(src, view.numel(), view.data<float>());
+    return;
+  }
+  const int64_t rows = view.size(0), cols = view.size(1), stride = view.stride(0);
+  float* dst = view.data<float>();
+  for (int64_t r = 0; r < rows; ++r) std::copy_n(src + r * cols, cols, dst + r * stride);
+}
+
+TensorFile Trainer::gather_trainable() {
+  if (zero3_) zero3_->gather_all();
   TensorFile f;
-  for (Param* p : model_->params().trainable()) f.tensors[p->name] = p->value.clone();
+  if (grid_->coord().dp == 0) {
+    // One rank per distinct slice sends it (counts_in_norm marks exactly that rank).
+    Comm& mp = grid_->mp();
+    nlohmann::json header = nlohmann::json::array();
+    std::vector<float> payload;
+    for (Param* p : model_->params().trainable()) {
+      if (!p->counts_in_norm) continue;
+      header.push_back({{"name", p->name}, {"full", p->shard.full}, {"dim", p->shard.dim},
+                        {"index", p->shard.index}, {"count", p->shard.count}, {"numel", p->value.numel()}});
+      const std::vector<float> v = p->value.to_vector_f32();
+      payload.insert(payload.end(), v.begin(), v.end());
+    }
+    auto place = [&](const nlohmann::json& h, const float* data) {
+      size_t at = 0;
+      for (const auto& e : h) {
+        const std::string name = e["name"];
+        ShardSpec spec{e["dim"].get<int>(), e["index"].get<int64_t>(), e["count"].get<int64_t>(),
+                       e["full"].get<Shape>()};
+        if (!f.tensors.count(name)) f.tensors[name] = Tensor::zeros(spec.full);
+        place_slice(f.tensors[name], spec, data + at);
+        at += e["numel"].get<size_t>();
+      }
+    };
+    if (mp.rank() == 0) {
+      place(header, payload.data());
+      for (int r = 1; r < mp.size(); ++r) {
+        int64_t sizes[2];
+        mp.recv(sizes, sizeof sizes, r);
+        std::string h(static_cast<size_t>(sizes[0]), '\0');
+        std::vector<float> data(static_cast<size_t>(sizes[1]));
+        mp.recv(h.data(), sizes[0], r);
+        mp.recv(data.data(), sizes[1] * 4, r);
+        place(nlohmann::json::parse(h), data.data());
+      }
+    } else {
+      const std::string h = header.dump();
+      const int64_t sizes[2] = {static_cast<int64_t>(h.size()), static_cast<int64_t>(payload.size())};
+      mp.send(sizes, sizeof sizes, 0);
+      mp.send(h.data(), sizes[0], 0);
+      mp.send(payload.data(), sizes[1] * 4, 0);
+    }
+  }
+  if (zero3_) zero3_->release_all();
+  return f;
+}
+
+void Trainer::save_trainable(const std::string& path) {
+  TensorFile f = gather_trainable();
+  if (!is_root()) return;
   f.metadata = {{"step", std::to_string(step_)}, {"zero", std::to_string(opt_->stage())},
-                {"dp", std::to_string(comm_->size())}};
+                {"grid", grid_->describe()}};
   save_safetensors(path, f);
 }
 
 void Trainer::run() {
   const ParamStore& ps = model_->params();
   if (is_root())
-    std::printf("vchat-train | model %s | train %s | attention %s | params %.2fM (trainable %.2fM) | dp %d | threads %d | data %s\n",
+    std::printf("vchat-train | model %s | train %s | attention %s | params on rank 0 %.2fM (trainable %.2fM) | tp %d dp %d pp %d | zero %d | threads %d | data %s\n",
                 cfg_.model.name.c_str(), train_set_name(cfg_.model_options.train),
                 cfg_.model_options.attention == ops::AttnMode::mmca ? "mmca" : "causal", ps.numel(false) / 1e6,
-                ps.numel(true) / 1e6, dp_size(), omp_get_max_threads(),
+                ps.numel(true) / 1e6, grid_->shape().tp, dp_size(), grid_->shape().pp, opt_->stage(), omp_get_max_threads(),
                 loader_ ? (std::to_string(cfg_.data_sources.size()) + " dataset(s), " +
                            std::to_string(loader_->validation_samples()) + " held out").c_str()
                         : "synthetic");
@@ -170,9 +292,10 @@ void Trainer::run() {
     if (is_root() && (s.step % cfg_.log_every == 0 || s.step == cfg_.steps)) {
       const double eta = elapsed / s.step * (cfg_.steps - s.step);
       std::printf(
-          "step %5lld/%lld | loss %.4f | lr %.3e | grad norm %.4f | %.0f tok/s | %.0f ms (compute %.0f, comm %.0f) | eta %.0fs\n",
+          "step %5lld/%lld | loss %.4f | lr %.3e | grad norm %.4f | %.0f tok/s | %.0f ms (compute %.0f, comm %.0f, bubble %.0f) | eta %.0fs\n",
           static_cast<long long>(s.step), static_cast<long long>(cfg_.steps), s.loss, s.lr, s.grad_norm,
-          s.tokens / s.seconds, s.seconds * 1e3, (s.seconds - s.comm_seconds) * 1e3, s.comm_seconds * 1e3, eta);
+          s.tokens / s.seconds, s.seconds * 1e3, (s.seconds - s.comm_seconds - s.bubble_seconds) * 1e3,
+          s.comm_seconds * 1e3, s.bubble_seconds * 1e3, eta);
       std::fflush(stdout);
     }
     if (metrics_.is_open()) {
@@ -180,9 +303,12 @@ void Trainer::run() {
       nlohmann::json j = {{"step", s.step},          {"loss", s.loss},
                           {"lr", s.lr},              {"grad_norm", s.grad_norm},
                           {"tokens", s.tokens},      {"seconds", s.seconds},
-                          {"comm_seconds", s.comm_seconds}, {"comm_bytes", s.comm_bytes},
+                          {"comm_seconds", s.comm_seconds}, {"bubble_seconds", s.bubble_seconds},
+                          {"comm_bytes", s.comm_bytes}, {"tp_bytes", s.tp_bytes}, {"pp_bytes", s.pp_bytes},
                           {"trained_bytes", model_->params().numel(true) * 4},
-                          {"mem_params", mem.params}, {"mem_grads", mem.grads}, {"mem_optimizer", mem.optimizer}};
+                          {"frozen_bytes", (model_->params().numel(false) - model_->params().numel(true)) * 4},
+                          {"mem_params", mem.params}, {"mem_frozen", mem.frozen}, {"mem_grads", mem.grads},
+                          {"mem_optimizer", mem.optimizer}};
       metrics_ << j.dump() << "\n" << std::flush;
     }
     if (loader_ && loader_->validation_samples() > 0 && cfg_.val_every > 0 && s.step % cfg_.val_every == 0 &&
@@ -190,7 +316,7 @@ void Trainer::run() {
       report_eval("periodic");
   }
   if (loader_ && loader_->validation_samples() > 0) report_eval("final");
-  if (!cfg_.save_params.empty() && is_root()) save_trainable(cfg_.save_params);
+  if (!cfg_.save_params.empty()) save_trainable(cfg_.save_params);  // collective: every rank
 }
 
 }  // namespace vchat

@@ -1,15 +1,20 @@
-// The training loop: batches → forward/backward per micro-batch → gradient all-reduce
-// over the data-parallel group → clip → AdamW → log. One step reads top to bottom in
-// Trainer::step(). Every rank runs the same loop (SPMD); rank 0 prints.
+// The training loop: batches → forward/backward of every micro-batch through the pipeline
+// (1F1B; one stage without pipeline parallelism) → ZeRO gradient reduction over the
+// data-parallel group → clip → AdamW → log. One step reads top to bottom in
+// Trainer::step(). Every rank runs the same loop (SPMD) on its place in the grid
+// (tensor × data × pipeline, src/parallel/grid.h); world rank 0 prints.
 #pragma once
 #include <fstream>
 #include <memory>
 #include <optional>
 
 #include "data/loader.h"
+#include "io/safetensors.h"
 #include "model/visualchat.h"
 #include "parallel/comm.h"
+#include "parallel/grid.h"
 #include "parallel/zero.h"
+#include "parallel/zero3.h"
 #include "train/adamw.h"
 #include "train/synthetic.h"
 #include "train/train_config.h"
@@ -21,8 +26,10 @@ struct StepStats {
   double loss = 0, grad_norm = 0, seconds = 0;
   float lr = 0;
   int64_t tokens = 0;  // non-pad tokens processed by all ranks
-  double comm_seconds = 0;  // of `seconds`, spent in data-parallel collectives
-  double comm_bytes = 0;    // this rank's DP traffic in the step (ring "bus bytes", comm.h)
+  double comm_seconds = 0;    // of `seconds`, in tensor- and data-parallel collectives
+  double bubble_seconds = 0;  // of `seconds`, in pipeline send/recv (waiting for neighbours)
+  double comm_bytes = 0;      // this rank's DP traffic in the step (ring "bus bytes", comm.h)
+  double tp_bytes = 0, pp_bytes = 0;  // this rank's tensor- and pipeline-parallel traffic
 };
 
 struct EvalStats {
@@ -35,27 +42,34 @@ struct EvalStats {
 
 class Trainer {
  public:
-  // comm: the data-parallel group (nullptr = one rank).
-  Trainer(const TrainConfig& cfg, Comm* comm = nullptr);
+  // grid: this rank's place in the process grid (nullptr = one rank).
+  Trainer(const TrainConfig& cfg, Grid* grid = nullptr);
   StepStats step();
   EvalStats evaluate();  // on the held-out split of --data (all ranks; needs --val-fraction)
   void run();            // all steps, one log line per step on rank 0, validation as configured
   VisualChatModel& model() { return *model_; }
-  ZeroOptimizer& optimizer() { return *opt_; }
-  // Writes the trainable parameters (full, after the last update) to a safetensors file.
-  void save_trainable(const std::string& path) const;
+  DataParallelOptimizer& optimizer() { return *opt_; }
+  // The full (one-rank) trainable parameters, assembled on world rank 0 from every
+  // model-parallel rank of data-parallel replica 0 (other ranks get an empty file object).
+  // Collective over the grid.
+  TensorFile gather_trainable();
+  // Writes gather_trainable() to a safetensors file (rank 0). Collective over the grid.
+  void save_trainable(const std::string& path);
   data::DataLoader* loader() { return loader_.get(); }
 
  private:
   std::vector<Batch> next_batches();
-  bool is_root() const { return comm_->rank() == 0; }
-  int dp_size() const { return comm_->size(); }
+  bool is_root() const { return grid_->world().rank() == 0; }
+  int dp_size() const { return grid_->shape().dp; }
+  void reset_comm_stats();
 
   TrainConfig cfg_;
-  Comm* comm_;
+  SelfComm self_;                     // the world of a one-process run
+  std::unique_ptr<Grid> own_grid_;    // ... and its grid
+  Grid* grid_;
   std::unique_ptr<VisualChatModel> model_;
-  SelfComm self_;  // the DP group of a one-process run
-  std::unique_ptr<ZeroOptimizer> opt_;
+  std::unique_ptr<DataParallelOptimizer> opt_;
+  Zero3Optimizer* zero3_ = nullptr;  // opt_ when --zero 3
   std::unique_ptr<SyntheticBatches> synthetic_;
   std::unique_ptr<data::DataLoader> loader_;
   std::optional<std::vector<Batch>> fixed_;

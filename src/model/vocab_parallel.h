@@ -1,0 +1,34 @@
+// Vocabulary-parallel embedding and cross-entropy (Megatron, DESIGN.md §5): each
+// tensor-parallel rank holds rows [begin, begin + V/tp) of the embedding table and of
+// lm_head, so the logits of a row are spread over the group. The loss needs three small
+// all-reduces per row: the max logit, the sum of exponentials and the target's logit.
+// Host (CPU) tensors; with one rank the model uses the plain ops instead.
+#pragma once
+#include <cstdint>
+
+#include "tensor.h"
+
+namespace vchat {
+
+class Comm;
+
+struct VocabSlice {
+  int64_t begin = 0, size = 0;  // this rank's vocabulary rows
+};
+
+// out [N, H] = embedding rows for ids [N] (i32; -1: no token, row left zero), summed over
+// the group: each rank fills the ids that fall in its slice.
+void vocab_parallel_embedding_fwd(const Tensor& ids, const Tensor& table, VocabSlice slice, Comm& tp, const Tensor& out);
+// dtable += dout rows of the ids in this rank's slice (dout is the same on every rank).
+void vocab_parallel_embedding_bwd(const Tensor& dout, const Tensor& ids, VocabSlice slice, const Tensor& dtable);
+
+// logits [N, V/tp] this rank's columns; targets [N] (i32, global ids, < 0: no loss).
+// Writes lse [N] (the full row's log-sum-exp) and returns the summed loss over supervised
+// rows (the same on every rank).
+double vocab_parallel_ce_fwd(const Tensor& logits, const Tensor& targets, VocabSlice slice, Comm& tp, const Tensor& lse);
+// dlogits = scale · (softmax − onehot(target)) on this rank's columns for supervised rows,
+// 0 on the others. dlogits may alias logits.
+void vocab_parallel_ce_bwd(const Tensor& logits, const Tensor& targets, VocabSlice slice, const Tensor& lse, float scale,
+                           const Tensor& dlogits);
+
+}  // namespace vchat

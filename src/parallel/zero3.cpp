@@ -1,0 +1,270 @@
+#include "parallel/zero3.h"
+
+#include <algorithm>
+#include <chrono>
+#include <functional>
+#include <stdexcept>
+#include <string>
+#include <unordered_set>
+
+#include "ops.h"
+
+namespace vchat {
+
+struct Zero3Optimizer::Flat {
+  std::vector<Param*> params;  // registration order
+  std::vector<Shape> shapes;   // each Param's (TP-local) shape: its value is released
+  std::vector<int64_t> offset;
+  int64_t numel = 0, padded = 0, shard = 0;  // padded = dp × shard, so shards are equal
+  Tensor master;  // [shard] this rank's part, the fp32 master copy updated in place
+  Tensor full;    // [padded] only while the unit is gathered
+};
+
+struct Zero3Optimizer::Unit {
+  std::string name;
+  bool backward_needs_weights = true;
+  Device device = Device::cpu;
+  Flat train, frozen;
+  Tensor grad_full;         // [train.padded] only inside the backward window
+  Tensor grad_shard, m, v;  // [train.shard] accumulated reduced gradient, Adam moments
+  bool live = false;        // full buffers held (gathered, or a prefetch in flight)
+  bool in_forward = false, in_backward = false, pinned = false;
+};
+
+namespace {
+
+// Points each Param's `member` (value or grad) at its part of `buf`, or at nothing.
+template <class F>
+void bind_views(const F& f, const Tensor& buf, Tensor Param::*member) {
+  for (size_t i = 0; i < f.params.size(); ++i) {
+    const Shape& s = f.shapes[i];
+    int64_t n = 1;
+    for (int64_t d : s) n *= d;
+    f.params[i]->*member = buf.defined() ? buf.slice(0, f.offset[i], f.offset[i] + n).reshape(s) : Tensor();
+  }
+}
+
+}  // namespace
+
+Zero3Optimizer::Zero3Optimizer(std::vector<ParamUnit> units, Comm& dp, const AdamWConfig& cfg, Comm* mp)
+    : dp_(dp), mp_(mp), cfg_(cfg) {
+  const int64_t n = dp.size(), r = dp.rank();
+  std::unordered_set<const Param*> seen;
+  units_.reserve(units.size());
+  for (const ParamUnit& pu : units) {
+    Unit& u = units_.emplace_back();
+    u.name = pu.name;
+    u.backward_needs_weights = pu.backward_needs_weights;
+    if (!pu.params.empty() && pu.params.front()->value.defined()) u.device = pu.params.front()->value.device();
+    for (Param* p : pu.params) {
+      // A Param in two units would be gathered and updated twice: a model bug.
+      if (!seen.insert(p).second) throw std::logic_error("Zero3Optimizer: parameter " + p->name + " is in two units");
+      if (!p->value.defined() || p->value.dtype() != DType::f32)
+        throw std::invalid_argument("Zero3Optimizer: parameter " + p->name + " needs its fp32 value");
+      Flat& f = p->trainable ? u.train : u.frozen;
+      f.params.push_back(p);
+      f.shapes.push_back(p->value.shape());
+      f.offset.push_back(f.numel);
+      f.numel += p->value.numel();
+    }
+    for (Flat* f : {&u.train, &u.frozen}) {
+      f->padded = (f->numel + n - 1) / n * n;
+      f->shard = f->padded / n;
+      Tensor full = Tensor::zeros({f->padded}, DType::f32, u.device);  // padding stays zero
+      for (size_t i = 0; i < f->params.size(); ++i) {
+        Param* p = f->params[i];
+        const Tensor src = p->value.is_contiguous() ? p->value : p->value.clone();
+        full.slice(0, f->offset[i], f->offset[i] + src.numel()).reshape(src.shape()).copy_from(src);
+        p->value = Tensor();
+        p->grad = Tensor();
+      }
+      f->master = full.slice(0, r * f->shard, (r + 1) * f->shard).clone();  // the rest is freed here
+    }
+    u.grad_shard = Tensor::zeros({u.train.shard}, DType::f32, u.device);
+    u.m = Tensor::zeros({u.train.shard}, DType::f32, u.device);
+    u.v = Tensor::zeros({u.train.shard}, DType::f32, u.device);
+  }
+}
+
+// Members die in reverse order: pending_ (whose requests wait) before the buffers in units_.
+Zero3Optimizer::~Zero3Optimizer() = default;
+
+template <class F>
+void Zero3Optimizer::timed(F&& collective) {
+  const auto t0 = std::chrono::steady_clock::now();
+  collective();
+  comm_accum_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+Zero3Optimizer::Unit& Zero3Optimizer::unit_at(int unit, const char* hook) {
+  if (unit < 0 || unit >= static_cast<int>(units_.size()))
+    throw std::out_of_range(std::string("Zero3Optimizer::") + hook + "(" + std::to_string(unit) + "): there are " +
+                            std::to_string(units_.size()) + " units");
+  return units_[unit];
+}
+
+// Issues the gathers of both flats. A prefetch (async) binds the values only when gather()
+// claims it, so a Param's value is never visible before its bytes have arrived.
+void Zero3Optimizer::start_gather(Unit& u, bool async) {
+  for (Flat* f : {&u.train, &u.frozen}) {
+    if (f->numel == 0) continue;  // an empty flat issues no collective
+    f->full = Tensor::empty({f->padded}, DType::f32, u.device);
+    timed([&] {
+      if (async) pending_.push_back(dp_.all_gather_async(f->master.raw(), f->full.raw(), f->shard, DType::f32));
+      else dp_.all_gather(f->master.raw(), f->full.raw(), f->shard, DType::f32);
+    });
+    if (!async) bind_views(*f, f->full, &Param::value);
+  }
+  u.live = true;
+}
+
+void Zero3Optimizer::gather(int unit) {
+  if (prefetched_ == unit) {  // started ahead of its use: complete it, it is claimed now
+    timed([&] {
+      for (auto& r : pending_) r->wait();
+    });
+    pending_.clear();
+    prefetched_ = -1;
+    for (Flat* f : {&units_[unit].train, &units_[unit].frozen})
+      if (f->numel > 0) bind_views(*f, f->full, &Param::value);
+    return;
+  }
+  drop_prefetch();  // a guess that missed: the issued sequence stays the same on every rank
+  if (!units_[unit].live) start_gather(units_[unit], false);
+}
+
+void Zero3Optimizer::prefetch(int unit) {
+  if (unit < 0 || unit >= static_cast<int>(units_.size()) || prefetched_ == unit || units_[unit].live) return;
+  drop_prefetch();  // at most one unit in flight bounds the memory
+  start_gather(units_[unit], true);
+  prefetched_ = unit;
+}
+
+void Zero3Optimizer::drop_prefetch() {
+  if (prefetched_ < 0) return;
+  timed([&] {
+    for (auto& r : pending_) r->wait();
+  });
+  pending_.clear();
+  const int unit = prefetched_;
+  prefetched_ = -1;
+  release_if_unused(unit);
+}
+
+void Zero3Optimizer::release_if_unused(int unit) {
+  Unit& u = units_[unit];
+  if (!u.live || u.in_forward || u.in_backward || u.pinned || prefetched_ == unit) return;
+  for (Flat* f : {&u.train, &u.frozen}) {
+    f->full = Tensor();
+    bind_views(*f, Tensor(), &Param::value);
+  }
+  u.live = false;
+}
+
+void Zero3Optimizer::before_forward(int unit) {
+  Unit& u = unit_at(unit, "before_forward");
+  if (u.in_forward)
+    throw std::logic_error("Zero3Optimizer: before_forward of unit '" + u.name + "' twice without after_forward");
+  gather(unit);
+  u.in_forward = true;
+  prefetch(unit + 1);  // overlaps with this unit's compute
+}
+
+void Zero3Optimizer::after_forward(int unit) {
+  Unit& u = unit_at(unit, "after_forward");
+  if (!u.in_forward) throw std::logic_error("Zero3Optimizer: after_forward of unit '" + u.name + "' without before_forward");
+  u.in_forward = false;
+  release_if_unused(unit);
+}
+
+void Zero3Optimizer::before_backward(int unit) {
+  Unit& u = unit_at(unit, "before_backward");
+  if (u.in_backward)
+    throw std::logic_error("Zero3Optimizer: before_backward of unit '" + u.name + "' twice without after_backward");
+  if (u.backward_needs_weights) gather(unit);
+  u.in_backward = true;
+  if (u.train.numel > 0) {  // frozen params never get a gradient
+    u.grad_full = Tensor::zeros({u.train.padded}, DType::f32, u.device);
+    bind_views(u.train, u.grad_full, &Param::grad);
+  }
+  if (unit > 0 && units_[unit - 1].backward_needs_weights) prefetch(unit - 1);
+}
+
+void Zero3Optimizer::after_backward(int unit) {
+  Unit& u = unit_at(unit, "after_backward");
+  if (!u.in_backward)
+    throw std::logic_error("Zero3Optimizer: after_backward of unit '" + u.name + "' without before_backward");
+  if (u.train.numel > 0) {
+    // In place: our block of the full gradient receives the sum over DP, then accumulates
+    // (several micro-batches) into the shard kept until step().
+    const int64_t s = u.train.shard, r = dp_.rank();
+    const Tensor mine = u.grad_full.slice(0, r * s, (r + 1) * s);
+    timed([&] { dp_.reduce_scatter(u.grad_full.raw(), mine.raw(), s, DType::f32, ReduceOp::sum); });
+    ops::axpy(1.f, mine, u.grad_shard);
+    u.grad_full = Tensor();
+    bind_views(u.train, Tensor(), &Param::grad);
+  }
+  u.in_backward = false;
+  release_if_unused(unit);
+}
+
+void Zero3Optimizer::zero_grads() {
+  for (Unit& u : units_) u.grad_shard.zero_();
+}
+
+double Zero3Optimizer::step(float lr) {
+  for (const Unit& u : units_) {
+    if (u.in_forward || u.in_backward)
+      throw std::logic_error("Zero3Optimizer::step inside a forward or backward of unit '" + u.name + "'");
+    if (u.pinned)  // the gathered copies would go stale
+      throw std::logic_error("Zero3Optimizer::step between gather_all() and release_all()");
+  }
+  drop_prefetch();  // the shards are about to change
+  // Every trainable Param's intersection with this rank's shard [r·s, (r+1)·s).
+  std::vector<UpdateSegment> segs;
+  for (Unit& u : units_) {
+    const Flat& f = u.train;
+    const int64_t lo = dp_.rank() * f.shard, hi = lo + f.shard;
+    for (size_t i = 0; i < f.params.size(); ++i) {
+      const int64_t end = i + 1 < f.params.size() ? f.offset[i + 1] : f.numel;
+      const int64_t a = std::max(f.offset[i], lo) - lo, b = std::min(end, hi) - lo;
+      if (a < b)
+        segs.push_back({f.params[i], f.master.slice(0, a, b), u.grad_shard.slice(0, a, b), u.m.slice(0, a, b),
+                        u.v.slice(0, a, b)});
+    }
+  }
+  const double norm = clip_and_update(segs, {&dp_, mp_}, cfg_, lr, ++update_,
+                                      [&](const std::function<void()>& c) { timed(c); });
+  comm_seconds_ = comm_accum_;
+  comm_accum_ = 0;
+  return norm;
+}
+
+ZeroMemory Zero3Optimizer::memory() const {
+  ZeroMemory m;
+  for (const Unit& u : units_) {
+    m.params += u.train.shard * 4;
+    m.frozen += u.frozen.shard * 4;
+  }
+  m.grads = m.params;
+  m.optimizer = 2 * m.params;
+  return m;
+}
+
+void Zero3Optimizer::gather_all() {
+  drop_prefetch();
+  for (Unit& u : units_) {
+    if (!u.live) start_gather(u, false);
+    u.pinned = true;
+  }
+}
+
+void Zero3Optimizer::release_all() {
+  drop_prefetch();
+  for (size_t i = 0; i < units_.size(); ++i) {
+    units_[i].pinned = false;
+    release_if_unused(static_cast<int>(i));
+  }
+}
+
+}  // namespace vchat

@@ -1,0 +1,65 @@
+// ZeRO stage 3 (DESIGN.md §5): stage 2, and the working weights are sharded too. Each
+// parameter unit (units.h) keeps two flat buffers, trainable and frozen, each padded to a
+// multiple of dp; a rank holds only its 1/dp shard of each (the fp32 master copy, updated
+// in place) plus the gradient shard and Adam moments of the trainable one. The model's
+// UnitHooks gather a unit's full values just before its use (prefetching the next unit
+// while the current one computes) and drop them after; the backward's full gradient lives
+// only inside its unit's backward window and is reduce-scattered into the shard.
+// Traffic per step (ZeRO paper ≈ 3Ψ): two all-gathers of every unit (forward, backward
+// where it needs weights) and one reduce-scatter of the trained part, each ×(dp-1)/dp.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "model/units.h"
+#include "parallel/zero.h"
+
+namespace vchat {
+
+class Zero3Optimizer final : public DataParallelOptimizer, public UnitHooks {
+ public:
+  // Every Param in `units` holds its full (tensor-parallel-local) fp32 value now; it is
+  // moved into the unit's flats and Param::value / Param::grad are released (Tensor()).
+  // mp: the model-parallel group for the gradient norm, nullptr without one.
+  Zero3Optimizer(std::vector<ParamUnit> units, Comm& dp, const AdamWConfig& cfg, Comm* mp = nullptr);
+  ~Zero3Optimizer() override;
+
+  void before_forward(int unit) override;   // values bound; starts the gather of unit+1
+  void after_forward(int unit) override;    // values released
+  void before_backward(int unit) override;  // values (if needed) and a zeroed gradient bound
+  void after_backward(int unit) override;   // gradient reduce-scattered into the shard, freed
+  void zero_grads() override;               // zeroes the gradient shards
+  double step(float lr) override;
+  ZeroMemory memory() const override;
+  double last_comm_seconds() const override { return comm_seconds_; }
+  int stage() const override { return 3; }
+
+  // For saving and evaluation outside the hooks: every unit's full values stay bound from
+  // gather_all() until release_all() (which step() requires first).
+  void gather_all();
+  void release_all();
+
+ private:
+  struct Flat;  // one padded flat buffer of a unit and this rank's shard of it
+  struct Unit;
+  Unit& unit_at(int unit, const char* hook);
+  void start_gather(Unit& u, bool async);
+  void gather(int unit);       // values bound: claims the prefetch, or gathers now
+  void prefetch(int unit);     // starts an asynchronous gather (at most one unit in flight)
+  void drop_prefetch();        // completes the prefetch and releases what nobody claimed
+  void release_if_unused(int unit);
+  template <class F>
+  void timed(F&& collective);  // adds the collective's time to the current step's
+
+  std::vector<Unit> units_;
+  Comm& dp_;
+  Comm* mp_;
+  AdamWConfig cfg_;
+  int64_t update_ = 0;
+  int prefetched_ = -1;  // the unit gathered ahead of its use (its gathers may be in flight)
+  std::vector<std::unique_ptr<CommRequest>> pending_;
+  double comm_accum_ = 0, comm_seconds_ = 0;
+};
+
+}  // namespace vchat

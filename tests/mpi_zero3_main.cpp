@@ -1,0 +1,228 @@
+// ZeRO-3 (src/parallel/zero3.h) over an MPI data-parallel group of 2 and 4 ranks (tests/mpi/run.sh):
+//  - rank r writes the gradient (r+1)·f(i); after 3 steps every parameter equals stage 0
+//    on one process applying the analytic sum over ranks, dp(dp+1)/2·f(i);
+//  - one step moves (dp-1)/dp × (the gathers of every unit, forward and where backward needs
+//    weights, + the reduce-scatter of its trained flat), padded, + the norm's all-reduce;
+//  - a hook sequence that skips the prefetched unit stays in step on every rank.
+// Every rank runs every test; rank 0 prints gtest's report, the others their failures.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "model/params.h"
+#include "model/units.h"
+#include "parallel/comm.h"
+#include "parallel/zero.h"
+#include "parallel/zero3.h"
+
+namespace vchat {
+namespace {
+
+const MpiSession* g_mpi = nullptr;
+
+std::unique_ptr<Comm> world() {  // fresh stats per test; a timeout instead of a hang
+  auto w = g_mpi->world();
+  w->set_timeout(60);
+  return w;
+}
+
+// Odd sizes, so the flats of 2 and 4 ranks need padding; an embedding-like unit (no
+// weights in backward), an all-frozen unit and an all-trainable unit.
+struct Spec {
+  const char* name;
+  Shape shape;
+  bool trainable;
+  int unit;
+};
+const std::vector<Spec> kSpecs = {
+    {"a.w1", {3, 5}, true, 0},      {"a.norm", {7}, false, 0},  {"a.w2", {2, 3}, true, 0},
+    {"emb.table", {9, 5}, true, 1}, {"emb.norm", {5}, false, 1},
+    {"b.frozen", {4, 3}, false, 2},
+    {"c.bias", {5}, true, 3},       {"c.w", {3, 3}, true, 3},
+    {"d.norm", {3}, false, 4},      {"d.w", {7, 3}, true, 4},   {"d.frozen", {1, 3}, false, 4},
+};
+const std::vector<std::string> kUnits = {"a", "emb", "b", "c", "d"};
+const int kEmbUnit = 1;
+
+void build(ParamStore& s) {
+  for (const Spec& p : kSpecs) s.add(p.name, p.shape);
+  init_params(s, 11);
+  for (const Spec& p : kSpecs)
+    if (p.trainable) s.set_trainable(s.at(p.name), true);
+}
+
+std::vector<ParamUnit> units_of(ParamStore& s) {
+  std::vector<ParamUnit> u(kUnits.size());
+  for (size_t i = 0; i < u.size(); ++i) u[i].name = kUnits[i];
+  for (const Spec& p : kSpecs) u[p.unit].params.push_back(&s.at(p.name));
+  u[kEmbUnit].backward_needs_weights = false;
+  return u;
+}
+
+float f(const std::string& name, int step, int64_t i) {
+  return std::sin(0.37f * i + 0.71f * step + static_cast<float>(name.size()));
+}
+
+AdamWConfig config() {
+  AdamWConfig c;
+  c.weight_decay = 0.1f;
+  c.clip_grad = 1.f;
+  return c;
+}
+
+// One step through the hooks, as the model calls them; this rank's gradient is (rank+1)·f.
+double train_step(Zero3Optimizer& z3, ParamStore& store, int rank, int step) {
+  const int n = static_cast<int>(kUnits.size());
+  z3.zero_grads();
+  for (int u = 0; u < n; ++u) {
+    z3.before_forward(u);
+    z3.after_forward(u);
+  }
+  for (int u = n - 1; u >= 0; --u) {
+    z3.before_backward(u);
+    for (const Spec& s : kSpecs) {
+      if (s.unit != u || !s.trainable) continue;
+      const Param& p = store.at(s.name);
+      for (int64_t i = 0; i < p.grad.numel(); ++i) p.grad.data<float>()[i] += (rank + 1) * f(s.name, step, i);
+    }
+    z3.after_backward(u);
+  }
+  return z3.step(1e-2f);
+}
+
+TEST(MpiZero3, MatchesStageZeroWithTheSummedGradient) {
+  auto dp = world();
+  const int n = dp->size();
+  ParamStore store, ref;
+  build(store);
+  build(ref);
+  Zero3Optimizer z3(units_of(store), *dp, config());
+  SelfComm self;
+  ZeroOptimizer zero(ref, self, 0, config());
+  for (int step = 0; step < 3; ++step) {
+    const double norm = train_step(z3, store, dp->rank(), step);
+    zero.zero_grads();
+    for (Param* p : ref.trainable())
+      for (int64_t i = 0; i < p->grad.numel(); ++i) p->grad.data<float>()[i] = n * (n + 1) / 2.f * f(p->name, step, i);
+    const double want = zero.step(1e-2f);
+    EXPECT_NEAR(norm, want, 1e-6 * want) << "step " << step;
+  }
+  z3.gather_all();
+  for (const Spec& s : kSpecs) {
+    const std::vector<float> got = store.at(s.name).value.to_vector_f32(), want = ref.at(s.name).value.to_vector_f32();
+    ASSERT_EQ(got.size(), want.size()) << s.name;
+    for (size_t i = 0; i < got.size(); ++i)
+      EXPECT_NEAR(got[i], want[i], 1e-6 * std::max(std::abs(want[i]), 1e-2f)) << s.name << "[" << i << "]";
+  }
+  z3.release_all();
+  for (const Spec& s : kSpecs) EXPECT_FALSE(store.at(s.name).value.defined()) << s.name;
+}
+
+TEST(MpiZero3, OneStepMovesTheExpectedBytesAndHoldsTheShards) {
+  auto dp = world();
+  const int n = dp->size();
+  ParamStore store;
+  build(store);
+  Zero3Optimizer z3(units_of(store), *dp, config());
+  // Padded flats per unit, then what one step moves (bus bytes, comm.h) and holds.
+  double want = 2.0 * (n - 1) / n * sizeof(double);  // the norm's all-reduce
+  int64_t train_shards = 0, frozen_shards = 0;
+  for (int u = 0; u < static_cast<int>(kUnits.size()); ++u) {
+    int64_t t = 0, fr = 0;
+    for (const Spec& s : kSpecs) {
+      if (s.unit != u) continue;
+      int64_t e = 1;
+      for (int64_t d : s.shape) e *= d;
+      (s.trainable ? t : fr) += e;
+    }
+    t = (t + n - 1) / n * n;
+    fr = (fr + n - 1) / n * n;
+    const int gathers = u == kEmbUnit ? 1 : 2;  // forward, and backward where it needs weights
+    want += double(n - 1) / n * 4.0 * (gathers * (t + fr) + t);
+    train_shards += t / n;
+    frozen_shards += fr / n;
+  }
+  train_step(z3, store, dp->rank(), 0);  // warm-up
+  dp->reset_stats();
+  train_step(z3, store, dp->rank(), 1);
+  EXPECT_NEAR(dp->stats().bytes, want, 0.01 * want);
+  EXPECT_GT(z3.last_comm_seconds(), 0);
+  const ZeroMemory m = z3.memory();
+  EXPECT_EQ(m.params, train_shards * 4);
+  EXPECT_EQ(m.frozen, frozen_shards * 4);
+  EXPECT_EQ(m.grads, train_shards * 4);
+  EXPECT_EQ(m.optimizer, 2 * train_shards * 4);
+}
+
+// before_forward(0) prefetches unit 1; the model skips it (say, no images) and asks for 2,
+// then revisits out of order. Values must be the initial ones and no rank may hang.
+TEST(MpiZero3, SkippingThePrefetchedUnitStaysInStep) {
+  auto dp = world();
+  ParamStore store, init;
+  build(store);
+  build(init);
+  Zero3Optimizer z3(units_of(store), *dp, config());
+  auto check = [&](int unit) {
+    for (const Spec& s : kSpecs) {
+      if (s.unit != unit) continue;
+      EXPECT_EQ(store.at(s.name).value.to_vector_f32(), init.at(s.name).value.to_vector_f32()) << s.name;
+    }
+  };
+  for (int u : {0, 2, 4, 3, 0, 1}) {
+    z3.before_forward(u);
+    check(u);
+    z3.after_forward(u);
+  }
+  z3.before_backward(4);
+  check(4);
+  z3.after_backward(4);
+  z3.before_backward(0);  // unit 3 was prefetched
+  check(0);
+  z3.after_backward(0);
+  for (const Spec& s : kSpecs) EXPECT_FALSE(store.at(s.name).value.defined()) << s.name;
+}
+
+class RankFailurePrinter : public ::testing::EmptyTestEventListener {
+ public:
+  explicit RankFailurePrinter(int rank) : rank_(rank) {}
+  void OnTestStart(const ::testing::TestInfo& info) override {
+    test_ = std::string(info.test_suite_name()) + "." + info.name();
+  }
+  void OnTestPartResult(const ::testing::TestPartResult& r) override {
+    if (!r.failed()) return;
+    std::fprintf(stderr, "[rank %d] FAILED %s at %s:%d\n%s\n", rank_, test_.c_str(),
+                 r.file_name() ? r.file_name() : "?", r.line_number(), r.message());
+  }
+
+ private:
+  int rank_;
+  std::string test_;
+};
+
+}  // namespace
+}  // namespace vchat
+
+int main(int argc, char** argv) {
+  vchat::MpiSession mpi(&argc, &argv);
+  ::testing::InitGoogleTest(&argc, argv);
+  if (mpi.rank() != 0) {
+    auto& listeners = ::testing::UnitTest::GetInstance()->listeners();
+    delete listeners.Release(listeners.default_result_printer());
+    listeners.Append(new vchat::RankFailurePrinter(mpi.rank()));
+  }
+  vchat::g_mpi = &mpi;
+  const bool failed_here = RUN_ALL_TESTS() != 0;
+  double failed_anywhere = failed_here ? 1 : 0;
+  {
+    auto w = mpi.world();  // dies before the session
+    w->set_timeout(60);
+    w->all_reduce_f64(&failed_anywhere, 1, vchat::ReduceOp::max);
+  }
+  if (mpi.rank() == 0)
+    std::printf("[rank 0] %d ranks: %s\n", mpi.size(), failed_anywhere > 0 ? "FAILED on some rank" : "all passed");
+  return failed_anywhere > 0 ? 1 : 0;
+}

@@ -1,0 +1,235 @@
+// Every parallel layout equals one rank: the same prepared data and global batch, 5 steps,
+// through mpirun; the loss of every step and every updated parameter within 1e-5 relative
+// (fp32), for the paper's trainable set and full-LLM training (and LoRA under tensor
+// parallelism). Layouts: tp=2 (KV heads split, and replicated), pp=2 with 4 micro-batches,
+// pp=4, dp=2 with ZeRO 0-3, tp=2·pp=2·dp=2 with ZeRO 1 and 3. Also the bytes each ZeRO stage
+// moves and the memory each rank holds, and the grid errors.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <filesystem>
+#include <cctype>
+#include <fstream>
+#include <map>
+#include <nlohmann/json.hpp>
+
+#include "io/safetensors.h"
+#include "model/visualchat.h"
+#include "test_util.h"
+
+using namespace vchat;
+namespace fs = std::filesystem;
+
+namespace {
+
+std::string sh(const std::string& cmd, int* code = nullptr) {
+  FILE* p = popen((cmd + " 2>&1").c_str(), "r");
+  std::string out;
+  char buf[4096];
+  while (size_t n = fread(buf, 1, sizeof buf, p)) out.append(buf, n);
+  const int st = pclose(p);
+  if (code) *code = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+  return out;
+}
+
+// One small prepared dataset for every run of this file (per process).
+const std::string& dataset_dir() {
+  static const test::TempDir tmp("vchat_dp");  // removed at exit
+  static const std::string dir = [] {
+    const fs::path d = tmp.path;
+    const std::string bin = VCHAT_BIN_DIR;
+    int rc = 0;
+    std::string out = sh(bin + "/vchat-synth --out " + (d / "synth").string() + " --samples 120 --image-size 32 --seed 4", &rc);
+    EXPECT_EQ(rc, 0) << out;
+    out = sh(bin + "/vchat-prep tokenizer --corpus " + (d / "synth/corpus.txt").string() + " --out " + (d / "tok").string() +
+                 " --vocab-size 512",
+             &rc);
+    EXPECT_EQ(rc, 0) << out;
+    out = sh(bin + "/vchat-prep convert --format llava --input " + (d / "synth/data.json").string() + " --images " +
+                 (d / "synth").string() + " --tokenizer " + (d / "tok.model").string() + " --out " + (d / "data").string() +
+                 " --name s --image-size 32 --image-tokens 17 --quiet",
+             &rc);
+    EXPECT_EQ(rc, 0) << out;
+    return d.string();
+  }();
+  return dir;
+}
+
+struct RunOut {
+  std::vector<nlohmann::json> steps;
+  TensorFile params;
+};
+
+// The learning rate is 1e-3: Adam divides each element's gradient by its own running
+// magnitude, so an element whose gradient is near zero turns fp32 summation-order noise (a
+// row-parallel GEMM sums in another order than the one-rank GEMM) into a step of up to lr.
+// At 3e-3, after 5 steps, 7 of the 10240 elements of one MLP matrix were off by up to 6e-5
+// (2.6e-5 relative over the matrix); at 1e-3 every parameter is within 3e-6.
+// 5 steps of `model` on the shared dataset with a global batch of 8 (micro-batch 2), on
+// `ranks` processes with `layout` (--tp/--pp/--zero options).
+RunOut train(int ranks, const std::string& layout, const std::string& train_set, const std::string& model = "tiny",
+             int global_batch = 8) {
+  const fs::path d = dataset_dir();
+  std::string tag = std::to_string(ranks) + layout + train_set + model + std::to_string(global_batch);
+  for (char& ch : tag)
+    if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
+  const std::string metrics = (d / ("m_" + tag + ".jsonl")).string(), params = (d / ("p_" + tag + ".safetensors")).string();
+  fs::remove(metrics);
+  std::string cmd = "cd " + std::string(VCHAT_SOURCE_DIR) + " && OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 mpirun -np " +
+                    std::to_string(ranks) + " --bind-to none" + (getuid() == 0 ? " --allow-run-as-root" : "") +
+                    (ranks > 2 ? " --oversubscribe" : "") + " " + VCHAT_TRAIN_BIN + " --model inputs/models/" + model +
+                    ".json --steps 5 --micro-batch-size 2 --global-batch " + std::to_string(global_batch) +
+                    " --seq-len 128 --lr 1e-3 --warmup 2 --weight-decay 0.1 --comm-timeout 120 --train " + train_set +
+                    " " + layout + " --data s=" + (d / "data").string() + " --metrics " + metrics +
+                    " --save-params " + params;
+  int rc = 0;
+  const std::string out = sh(cmd, &rc);
+  EXPECT_EQ(rc, 0) << cmd << "\n" << out;
+  RunOut r;
+  std::ifstream m(metrics);
+  for (std::string line; std::getline(m, line);) r.steps.push_back(nlohmann::json::parse(line));
+  if (fs::exists(params)) r.params = load_safetensors(params);
+  return r;
+}
+
+void expect_same(const RunOut& one, const RunOut& many, const std::string& what, double param_tol = 1e-5) {
+  ASSERT_EQ(one.steps.size(), 5u) << what;
+  ASSERT_EQ(many.steps.size(), 5u) << what;
+  for (size_t s = 0; s < 5; ++s) {
+    const double a = one.steps[s]["loss"], b = many.steps[s]["loss"];
+    EXPECT_NEAR(b, a, 1e-5 * std::fabs(a)) << what << " step " << s + 1;
+  }
+  ASSERT_FALSE(one.params.tensors.empty()) << what;
+  ASSERT_EQ(one.params.tensors.size(), many.params.tensors.size()) << what;
+  for (const auto& [name, t] : one.params.tensors) {
+    ASSERT_TRUE(many.params.tensors.count(name)) << what << " lacks " << name;
+    const Tensor& u = many.params.tensors.at(name);
+    ASSERT_EQ(u.shape(), t.shape()) << what << " " << name;
+    // The parameters moved (so equality is not the initialisation's) and moved alike.
+    EXPECT_LT(test::rel_err(u.to_vector_f32(), t.to_vector_f32()), param_tol) << what << " " << name;
+  }
+}
+
+// Runs each layout for each trainable set and compares it with the one-rank run.
+struct Layout {
+  int ranks;
+  std::string options, model = "tiny";
+};
+void expect_layouts_match_one_rank(const std::vector<Layout>& layouts, const std::vector<std::string>& sets,
+                                   double param_tol = 1e-5) {
+  for (const std::string& set : sets) {
+    std::map<std::string, RunOut> one;
+    for (const Layout& l : layouts) {
+      if (!one.count(l.model)) one[l.model] = train(1, "", set, l.model);
+      expect_same(one[l.model], train(l.ranks, l.options, set, l.model), set + " " + l.model + " " + l.options, param_tol);
+    }
+  }
+}
+
+}  // namespace
+
+TEST(ParallelEquivalence, TensorParallelTwoRanks) {
+  // tiny: 2 KV heads split over 2 ranks; tiny-deep: 1 KV head replicated on both.
+  expect_layouts_match_one_rank({{2, "--tp 2"}, {2, "--tp 2", "tiny-deep"}}, {"default", "full"});
+}
+
+// LoRA's B starts at zero, so after 5 steps it is nothing but Adam updates, where the
+// summation-order noise above weighs most: the adapters agree to 2e-5 relative (1e-6 per
+// element at most, a thousandth of one step), checked here at 1e-4; the loss at 1e-5 as
+// everywhere. A mis-sharded adapter is off by O(1).
+TEST(ParallelEquivalence, TensorParallelShardsLoraWithItsBaseLayers) {
+  expect_layouts_match_one_rank({{2, "--tp 2"}, {2, "--tp 2", "tiny-deep"}}, {"lora"}, 1e-4);
+}
+
+TEST(ParallelEquivalence, PipelineTwoStagesFourMicroBatches) {
+  expect_layouts_match_one_rank({{2, "--pp 2"}}, {"default", "full"});  // global 8 / micro 2 = 4 micro-batches
+}
+
+TEST(ParallelEquivalence, PipelineFourStages) {
+  expect_layouts_match_one_rank({{4, "--pp 4", "tiny-deep"}}, {"default", "full"});
+}
+
+TEST(ParallelEquivalence, DataParallelZeroStages) {
+  expect_layouts_match_one_rank({{2, "--zero 0"}, {2, "--zero 1"}, {2, "--zero 2"}, {2, "--zero 3"}}, {"default", "full"});
+}
+
+TEST(ParallelEquivalence, EightRanksTensorPipelineDataZero1) {
+  expect_layouts_match_one_rank({{8, "--tp 2 --pp 2 --zero 1"}}, {"default", "full"});
+}
+
+TEST(ParallelEquivalence, EightRanksTensorPipelineDataZero3) {
+  expect_layouts_match_one_rank({{8, "--tp 2 --pp 2 --zero 3"}}, {"default", "full"});
+}
+
+// Bytes are measured by the DP communicator (ring bus bytes, comm.h) and compared with the
+// ZeRO paper's model, built here from the parameter list. Global batch 4 = one
+// micro-batch per rank, the paper's one forward and backward per step.
+TEST(DataParallel, BytesPerStepMatchTheZeroPaperAndMemoryShrinksByDp) {
+  for (const std::string set : {"full", "default"}) {
+    // Parameter sizes by part, in bytes, from the one-rank model.
+    ModelOptions opt;
+    opt.train = parse_train_set(set);
+    const VisualChatModel m(ModelConfig::load(std::string(VCHAT_SOURCE_DIR) + "/inputs/models/tiny.json"), opt);
+    double vit = 0, proj = 0, embed = 0, llm_trained = 0, llm_frozen = 0;
+    for (const auto& p : m.params().all()) {
+      const double b = 4.0 * p->value.numel();
+      if (p->name.rfind("vit.", 0) == 0) vit += b;
+      else if (p->name.rfind("proj.", 0) == 0) proj += b;
+      else if (p->name == "llm.embed_tokens.weight") embed += b;
+      else (p->trainable ? llm_trained : llm_frozen) += b;
+    }
+    const double psi = proj + embed + llm_trained, frozen = vit + llm_frozen, dp = 2, ring = (dp - 1) / dp;
+    for (int zero : {0, 1, 2, 3}) {
+      const RunOut r = train(2, "--zero " + std::to_string(zero), set, "tiny", 4);
+      ASSERT_FALSE(r.steps.empty());
+      const nlohmann::json& s = r.steps.back();
+      ASSERT_NEAR(double(s["trained_bytes"]), psi, 1) << set;
+      const double bytes = s["comm_bytes"];
+      // Stages 0-2: 2Ψ (reduce-scatter + all-gather, or the all-reduce). Stage 3: every unit
+      // is gathered for forward and again for backward, and trained gradients are
+      // reduce-scattered: 3Ψ when all trains, plus two gathers of each frozen parameter
+      // that backward passes through (the LLM). Two exceptions, by design: the embedding's
+      // backward reads only token ids (no second gather), and the frozen ViT has no
+      // backward at all (one gather).
+      const double expect = zero < 3 ? 2 * psi : 3 * psi - embed + 2 * llm_frozen + vit;
+      EXPECT_NEAR(bytes, ring * expect, 0.1 * ring * expect) << set << " zero " << zero;
+      if (zero == 3 && set == "full") EXPECT_NEAR(bytes, ring * 3 * psi, 0.1 * ring * 3 * psi) << "the paper's 3Ψ";
+      // Memory per rank between steps (the fp32 master weights are the parameters here).
+      const double opt_b = s["mem_optimizer"], grads = s["mem_grads"], params = s["mem_params"],
+                   frozen_b = s["mem_frozen"];
+      EXPECT_NEAR(params, zero == 3 ? psi / dp : psi, 0.01 * psi) << set << " zero " << zero;
+      EXPECT_NEAR(frozen_b, zero == 3 ? frozen / dp : frozen, 0.01 * frozen) << set << " zero " << zero;
+      EXPECT_NEAR(opt_b, zero == 0 ? 2 * psi : 2 * psi / dp, 0.01 * psi) << set << " zero " << zero;
+      EXPECT_NEAR(grads, zero >= 2 ? psi / dp : zero == 1 ? psi * (1 + 1 / dp) : psi, 0.01 * psi) << set << " zero " << zero;
+    }
+  }
+}
+
+// Every rank validates the grid and the model/grid fit before any work; rank 0 alone
+// speaks, every rank exits 2, nobody hangs.
+TEST(ParallelGrid, BadGridsStopEveryRankWithOneMessage) {
+  struct Case {
+    int ranks;
+    std::string args, needle;
+  };
+  const std::vector<Case> cases = {
+      {3, "--tp 2", "world size 3 is not divisible by --tp=2"},
+      {3, "--tp 3", "--tp=3 does not divide llm.n_heads=4"},
+      {4, "--pp 4", "--pp=4 exceeds llm.n_layers=2"},
+      {2, "--pp 2 --micro-batches 1", "--micro-batches=1 is fewer than --pp=2"},
+  };
+  for (const Case& c : cases) {
+    const std::string cmd = "cd " + std::string(VCHAT_SOURCE_DIR) + " && OMP_NUM_THREADS=1 mpirun --oversubscribe -np " +
+                            std::to_string(c.ranks) + (getuid() == 0 ? " --allow-run-as-root " : " ") + VCHAT_TRAIN_BIN +
+                            " --model inputs/models/tiny.json --steps 1 " + c.args;
+    int rc = 0;
+    const std::string out = sh(cmd, &rc);
+    EXPECT_EQ(rc, 2) << cmd << "\n" << out;
+    const size_t first = out.find(c.needle);
+    EXPECT_NE(first, std::string::npos) << out;
+    EXPECT_EQ(out.find(c.needle, first + 1), std::string::npos) << "one message, from rank 0:\n" << out;
+    EXPECT_EQ(out.find("step "), std::string::npos) << out;
+  }
+}
