@@ -2,11 +2,13 @@
 // with one line naming the operation, the group and the rank, instead of hanging
 // (DESIGN.md §5). Run by tests/mpi/run.sh --expect-abort under 2 ranks.
 //
-// Rank 1 sleeps 3 s before joining an all_reduce whose timeout is 1 s; rank 0 must give up
-// after 1 s. Should the timeout not fire, every rank completes and prints "probe: no
+// Rank 1 sleeps 3 s before joining the operation named by argv[1] (all_reduce, the
+// default; recv: rank 0 waits for rank 1's message; sendrecv: the pipeline's paired step)
+// whose timeout is 1 s; rank 0 must give up after 1 s. Should the timeout not fire, every rank completes and prints "probe: no
 // timeout", which the test rejects.
 #include <chrono>
 #include <cstdio>
+#include <string>
 #include <thread>
 
 #include "parallel/comm.h"
@@ -17,9 +19,18 @@ int main(int argc, char** argv) {
   // A named sub-group, so the message is seen to name the group the operation ran on.
   auto group = world->split(0, world->rank(), "probe-group");
   group->set_timeout(1.0);
+  const std::string op = argc > 1 ? argv[1] : "all_reduce";
   if (group->rank() == 1) std::this_thread::sleep_for(std::chrono::seconds(3));
-  float x = 1.0f;
-  group->all_reduce(&x, 1, vchat::DType::f32, vchat::ReduceOp::sum);
+  float x = 1.0f, y = 0.0f;
+  const int peer = 1 - group->rank();
+  if (op == "recv") {
+    if (group->rank() == 0) group->recv(&y, sizeof y, peer);
+    else group->send(&x, sizeof x, peer);
+  } else if (op == "sendrecv") {
+    group->sendrecv(&x, sizeof x, peer, &y, sizeof y, peer);
+  } else {
+    group->all_reduce(&x, 1, vchat::DType::f32, vchat::ReduceOp::sum);
+  }
   std::printf("probe: no timeout (rank %d, sum %g)\n", group->rank(), x);
   return 0;
 }

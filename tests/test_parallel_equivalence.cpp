@@ -58,7 +58,7 @@ const std::string& dataset_dir() {
 }
 
 struct RunOut {
-  std::vector<nlohmann::json> steps;
+  std::vector<nlohmann::json> steps, validation;
   TensorFile params;
 };
 
@@ -70,9 +70,9 @@ struct RunOut {
 // 5 steps of `model` on the shared dataset with a global batch of 8 (micro-batch 2), on
 // `ranks` processes with `layout` (--tp/--pp/--zero options).
 RunOut train(int ranks, const std::string& layout, const std::string& train_set, const std::string& model = "tiny",
-             int global_batch = 8) {
+             int global_batch = 8, const std::string& extra = "") {
   const fs::path d = dataset_dir();
-  std::string tag = std::to_string(ranks) + layout + train_set + model + std::to_string(global_batch);
+  std::string tag = std::to_string(ranks) + layout + train_set + model + std::to_string(global_batch) + extra;
   for (char& ch : tag)
     if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
   const std::string metrics = (d / ("m_" + tag + ".jsonl")).string(), params = (d / ("p_" + tag + ".safetensors")).string();
@@ -83,13 +83,16 @@ RunOut train(int ranks, const std::string& layout, const std::string& train_set,
                     ".json --steps 5 --micro-batch-size 2 --global-batch " + std::to_string(global_batch) +
                     " --seq-len 128 --lr 1e-3 --warmup 2 --weight-decay 0.1 --comm-timeout 120 --train " + train_set +
                     " " + layout + " --data s=" + (d / "data").string() + " --metrics " + metrics +
-                    " --save-params " + params;
+                    " --save-params " + params + " " + extra;
   int rc = 0;
   const std::string out = sh(cmd, &rc);
   EXPECT_EQ(rc, 0) << cmd << "\n" << out;
   RunOut r;
   std::ifstream m(metrics);
-  for (std::string line; std::getline(m, line);) r.steps.push_back(nlohmann::json::parse(line));
+  for (std::string line; std::getline(m, line);) {
+    nlohmann::json j = nlohmann::json::parse(line);
+    (j.contains("validation") ? r.validation : r.steps).push_back(j);
+  }
   if (fs::exists(params)) r.params = load_safetensors(params);
   return r;
 }
@@ -107,7 +110,6 @@ void expect_same(const RunOut& one, const RunOut& many, const std::string& what,
     ASSERT_TRUE(many.params.tensors.count(name)) << what << " lacks " << name;
     const Tensor& u = many.params.tensors.at(name);
     ASSERT_EQ(u.shape(), t.shape()) << what << " " << name;
-    // The parameters moved (so equality is not the initialisation's) and moved alike.
     EXPECT_LT(test::rel_err(u.to_vector_f32(), t.to_vector_f32()), param_tol) << what << " " << name;
   }
 }
@@ -123,7 +125,20 @@ void expect_layouts_match_one_rank(const std::vector<Layout>& layouts, const std
     std::map<std::string, RunOut> one;
     for (const Layout& l : layouts) {
       if (!one.count(l.model)) one[l.model] = train(1, "", set, l.model);
-      expect_same(one[l.model], train(l.ranks, l.options, set, l.model), set + " " + l.model + " " + l.options, param_tol);
+      const RunOut many = train(l.ranks, l.options, set, l.model);
+      expect_same(one[l.model], many, set + " " + l.model + " " + l.options, param_tol);
+      // The layout really ran: its groups moved data.
+      ASSERT_FALSE(many.steps.empty());
+      const nlohmann::json& last = many.steps.back();
+      if (l.options.find("--tp") != std::string::npos) {
+        EXPECT_GT(double(last["tp_bytes"]), 0) << l.options;
+      }
+      if (l.options.find("--pp") != std::string::npos) {
+        EXPECT_GT(double(last["pp_bytes"]), 0) << l.options;
+      }
+      if (l.options.find("--zero 3") != std::string::npos) {
+        EXPECT_LT(double(last["mem_frozen"]), double(last["frozen_bytes"])) << "weights sharded: " << l.options;
+      }
     }
   }
 }
@@ -195,7 +210,9 @@ TEST(DataParallel, BytesPerStepMatchTheZeroPaperAndMemoryShrinksByDp) {
       // backward at all (one gather).
       const double expect = zero < 3 ? 2 * psi : 3 * psi - embed + 2 * llm_frozen + vit;
       EXPECT_NEAR(bytes, ring * expect, 0.1 * ring * expect) << set << " zero " << zero;
-      if (zero == 3 && set == "full") EXPECT_NEAR(bytes, ring * 3 * psi, 0.1 * ring * 3 * psi) << "the paper's 3Ψ";
+      if (zero == 3 && set == "full") {
+        EXPECT_NEAR(bytes, ring * 3 * psi, 0.1 * ring * 3 * psi) << "the paper's 3Ψ";
+      }
       // Memory per rank between steps (the fp32 master weights are the parameters here).
       const double opt_b = s["mem_optimizer"], grads = s["mem_grads"], params = s["mem_params"],
                    frozen_b = s["mem_frozen"];
@@ -204,6 +221,24 @@ TEST(DataParallel, BytesPerStepMatchTheZeroPaperAndMemoryShrinksByDp) {
       EXPECT_NEAR(opt_b, zero == 0 ? 2 * psi : 2 * psi / dp, 0.01 * psi) << set << " zero " << zero;
       EXPECT_NEAR(grads, zero >= 2 ? psi / dp : zero == 1 ? psi * (1 + 1 / dp) : psi, 0.01 * psi) << set << " zero " << zero;
     }
+  }
+}
+
+// Validation runs forward-only through the pipeline, with vocab-parallel logits gathered for
+// the answer accuracy: the held-out loss and accuracy equal one rank's.
+TEST(ParallelEquivalence, ValidationThroughTensorAndPipelineParallel) {
+  const std::string val = "--val-fraction 0.2";
+  const RunOut one = train(1, "", "default", "tiny", 8, val);
+  ASSERT_EQ(one.validation.size(), 1u);
+  const double loss = one.validation[0]["loss"];
+  ASSERT_GT(int64_t(one.validation[0]["answers"]), 0);
+  for (const auto& [ranks, layout] : std::vector<std::pair<int, std::string>>{{4, "--tp 2 --pp 2"}, {2, "--zero 3"}}) {
+    const RunOut r = train(ranks, layout, "default", "tiny", 8, val);
+    ASSERT_EQ(r.validation.size(), 1u) << layout;
+    EXPECT_NEAR(double(r.validation[0]["loss"]), loss, 1e-5 * loss) << layout;
+    EXPECT_EQ(r.validation[0]["tokens"], one.validation[0]["tokens"]) << layout;
+    EXPECT_EQ(r.validation[0]["answers"], one.validation[0]["answers"]) << layout;
+    EXPECT_EQ(r.validation[0]["answers_exact"], one.validation[0]["answers_exact"]) << layout;
   }
 }
 

@@ -13,7 +13,8 @@ namespace vchat {
 struct ParamUnit {
   std::string name;
   std::vector<Param*> params;  // this rank's Params of the unit (tensor-parallel slices)
-  // The embedding's backward reads only token ids, not its weights: no re-gather needed.
+  // Whether backward reads the weights: not the embedding's (token ids only), nor a frozen
+  // encoder's (no backward at all). ZeRO-3 gathers (and prefetches) only these for backward.
   bool backward_needs_weights = true;
 };
 

@@ -93,10 +93,12 @@ std::vector<ParamUnit> VisualChatModel::units() const {
     spec.push_back({std::move(prefixes), ParamUnit{name, {}, bwd}});
   };
   if (first_stage()) {
-    unit({"vit.embeddings.", "vit.pre_layrnorm."}, "vit.embeddings");
+    // A frozen encoder (and projection) has no backward at all: ZeRO-3 must not prefetch
+    // them for one.
+    unit({"vit.embeddings.", "vit.pre_layrnorm."}, "vit.embeddings", vit_trains_);
     for (int i = 0; i + 1 < vit_.n_units(); ++i)
-      unit({"vit.encoder.layers." + std::to_string(i) + "."}, "vit.encoder.layers." + std::to_string(i));
-    unit({"proj."}, "proj");
+      unit({"vit.encoder.layers." + std::to_string(i) + "."}, "vit.encoder.layers." + std::to_string(i), vit_trains_);
+    unit({"proj."}, "proj", image_path_trains_);
     unit({"llm.embed_tokens."}, "llm.embed_tokens", /*backward reads ids only*/ false);
   }
   for (size_t i = 0; i < blocks_.size(); ++i) {

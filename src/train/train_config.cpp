@@ -33,7 +33,7 @@ bool parse_train_config(int argc, const char* const argv[], TrainConfig& c) {
     ("attention", po::value(&attention)->default_value("mmca"), "mmca (multi-modal causal) or causal (baseline)")
     ("steps", po::value(&c.steps)->default_value(10), "optimizer steps")
     ("micro-batch-size", po::value(&c.data.batch_size)->default_value(2), "samples per micro-batch")
-    ("micro-batches", po::value(&c.micro_batches)->default_value(1), "micro-batches per step (gradient accumulation)")
+    ("micro-batches", po::value(&c.micro_batches)->default_value(1), "micro-batches per step and data-parallel replica (gradient accumulation; the 1F1B pipeline's M, >= pp); with --data, --global-batch sets it")
     ("seq-len", po::value(&c.data.seq_len)->default_value(256), "tokens per sample (image tokens included)")
     ("max-images", po::value(&c.data.max_images)->default_value(3), "synthetic data: images per sample, at most")
     ("max-rounds", po::value(&c.data.max_rounds)->default_value(3), "synthetic data: rounds per sample, at most")
@@ -56,10 +56,10 @@ bool parse_train_config(int argc, const char* const argv[], TrainConfig& c) {
     ("val-every", po::value(&c.val_every)->default_value(0), "steps between validation passes (0: at the end only)")
     ("tokenizer", po::value(&c.tokenizer), "sentencepiece model; its SHA-256 must match the shards'")
     ("blank-images", po::bool_switch(&c.blank_images), "replace every image by the mean colour (ablation)")
-    ("tp", po::value(&c.tp)->default_value(1), "tensor-parallel ranks (world = tp x dp x pp)")
-    ("pp", po::value(&c.pp)->default_value(1), "pipeline stages")
-    ("comm-timeout", po::value(&c.comm_timeout)->default_value(600.0), "seconds before a stuck collective aborts the job, naming it (0: never)")
-    ("zero", po::value(&c.zero_stage)->default_value(0), "ZeRO stage over the data-parallel ranks: 0, 1 (shard optimizer state), 2 (and gradients)")
+    ("tp", po::value(&c.tp)->default_value(1), "tensor-parallel ranks, neighbours in the world (world = tp x dp x pp; dp is inferred)")
+    ("pp", po::value(&c.pp)->default_value(1), "pipeline stages (contiguous layer ranges, 1F1B schedule)")
+    ("comm-timeout", po::value(&c.comm_timeout)->default_value(600.0), "seconds before a stuck collective or send/recv aborts the job, naming it (0: never)")
+    ("zero", po::value(&c.zero_stage)->default_value(0), "ZeRO stage over the data-parallel ranks: 0, 1 (shard optimizer state), 2 (and gradients), 3 (and weights, gathered per layer)")
     ("save-params", po::value(&c.save_params), "write the trained parameters to this safetensors file at the end");
   // clang-format on
 

@@ -97,6 +97,8 @@ StepStats Trainer::step() {
   for (const Batch& b : batches) {
     counts[0] += static_cast<double>(b.supervised_count());
     counts[1] += static_cast<double>(b.non_pad_count());
+    s.rows += b.batch_size() * b.seq_len();
+    s.images.push_back(b.n_images());
   }
   if (dp.size() > 1) dp.all_reduce_f64(counts, 2, ReduceOp::sum);
   const int64_t global_supervised = std::max<int64_t>(1, static_cast<int64_t>(counts[0]));
@@ -151,7 +153,7 @@ EvalStats Trainer::evaluate() {
   }
   const std::vector<Batch>& vb = loader_->validation();
   double sums[4] = {0, 0, 0, 0};  // loss sum, tokens, answers, exact answers
-  run_forward_only(grid_->pp(), static_cast<int>(vb.size()), [&](int mb, const Tensor& input) {
+  auto forward = [&](int mb, const Tensor& input) {
     MicroBatchResult r;
     Tensor out = model_->stage_forward(mb, vb[mb], input, /*backward_follows=*/false, &r, /*keep_logits=*/true);
     if (!model_->last_stage()) return out;
@@ -180,7 +182,8 @@ EvalStats Trainer::evaluate() {
       }
     }
     return out;
-  });
+  };
+  if (!vb.empty()) run_forward_only(grid_->pp(), static_cast<int>(vb.size()), forward);
   if (zero3_) {
     zero3_->release_all();
     model_->set_hooks(zero3_);
@@ -284,6 +287,11 @@ void Trainer::run() {
                   when, static_cast<long long>(step_), e.loss, e.accuracy(), static_cast<long long>(e.answers_exact),
                   static_cast<long long>(e.answers));
     std::fflush(stdout);
+    if (metrics_.is_open())
+      metrics_ << nlohmann::json{{"validation", when}, {"step", step_}, {"loss", e.loss}, {"tokens", e.tokens},
+                                 {"answers", e.answers}, {"answers_exact", e.answers_exact}}
+                      .dump()
+               << "\n" << std::flush;
   };
   double elapsed = 0;
   for (int64_t i = 0; i < cfg_.steps; ++i) {
@@ -302,7 +310,9 @@ void Trainer::run() {
       const ZeroMemory mem = opt_->memory();
       nlohmann::json j = {{"step", s.step},          {"loss", s.loss},
                           {"lr", s.lr},              {"grad_norm", s.grad_norm},
-                          {"tokens", s.tokens},      {"seconds", s.seconds},
+                          {"tokens", s.tokens},
+                          {"rows", s.rows},          {"images", s.images},
+                          {"seconds", s.seconds},
                           {"comm_seconds", s.comm_seconds}, {"bubble_seconds", s.bubble_seconds},
                           {"comm_bytes", s.comm_bytes}, {"tp_bytes", s.tp_bytes}, {"pp_bytes", s.pp_bytes},
                           {"trained_bytes", model_->params().numel(true) * 4},

@@ -7,6 +7,7 @@
 #include <fstream>
 #include <memory>
 #include <optional>
+#include <vector>
 
 #include "data/loader.h"
 #include "io/safetensors.h"
@@ -26,6 +27,8 @@ struct StepStats {
   double loss = 0, grad_norm = 0, seconds = 0;
   float lr = 0;
   int64_t tokens = 0;  // non-pad tokens processed by all ranks
+  int64_t rows = 0;             // B·L summed over this replica's micro-batches (traffic models)
+  std::vector<int64_t> images;  // images in each of this replica's micro-batches
   double comm_seconds = 0;    // of `seconds`, in tensor- and data-parallel collectives
   double bubble_seconds = 0;  // of `seconds`, in pipeline send/recv (waiting for neighbours)
   double comm_bytes = 0;      // this rank's DP traffic in the step (ring "bus bytes", comm.h)
