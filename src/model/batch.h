@@ -1,5 +1,5 @@
 // One micro-batch as the model consumes it (docs/MODEL.md "Inputs"). The data path
-// (synthetic now, HDF5 shards later) builds these; the image sentinel is already expanded
+// (synthetic batches, or HDF5 shards through the loader) builds these; the image sentinel is already expanded
 // to the encoder's tokens-per-image positions.
 #pragma once
 #include <vector>
