@@ -25,15 +25,24 @@ int main(int argc, char** argv) {
   MpiSession mpi(&argc, &argv);
   std::string backend = "mpi";
   int64_t max_mib = 256, iters = 20;
-  for (int i = 1; i + 1 < argc; i += 2) {
+  auto fail = [&](const std::string& msg) {
+    if (mpi.rank() == 0) std::fprintf(stderr, "vchat-bench-comm: %s\n", msg.c_str());
+    return 2;
+  };
+  for (int i = 1; i < argc; i += 2) {
     const std::string k = argv[i];
-    if (k == "--backend") backend = argv[i + 1];
-    else if (k == "--max-mib") max_mib = std::atoll(argv[i + 1]);
-    else if (k == "--iters") iters = std::atoll(argv[i + 1]);
-    else {
-      if (mpi.rank() == 0) std::fprintf(stderr, "vchat-bench-comm: unknown option %s\n", k.c_str());
-      return 2;
+    if (i + 1 >= argc) return fail(k + " needs a value");
+    const std::string v = argv[i + 1];
+    if (k == "--backend") {
+      backend = v;
+      continue;
     }
+    char* end = nullptr;
+    const long long n = std::strtoll(v.c_str(), &end, 10);
+    if (*end != '\0' || n <= 0) return fail(k + "=" + v + " must be a positive integer");
+    if (k == "--max-mib") max_mib = n;
+    else if (k == "--iters") iters = n;
+    else return fail("unknown option " + k + " (--backend mpi|nccl, --max-mib N, --iters N)");
   }
   auto world = mpi.world();
   std::unique_ptr<Comm> comm;
@@ -42,16 +51,17 @@ int main(int argc, char** argv) {
     comm = world->split(0, world->rank(), "bench");
   } else if (backend == "nccl") {
 #ifdef VCHAT_WITH_CUDA
-    cuda::init_backend(0);
+    // One GPU per rank: the node-local rank picks it (Open MPI, Slurm).
+    const char* local = std::getenv("OMPI_COMM_WORLD_LOCAL_RANK");
+    if (!local) local = std::getenv("SLURM_LOCALID");
+    cuda::init_backend(local ? std::atoi(local) : 0);
     comm = cuda::make_nccl_comm(*world, "bench");
     dev = Device::cuda;
 #else
-    if (mpi.rank() == 0) std::fprintf(stderr, "vchat-bench-comm: --backend nccl needs the CUDA build (make build-cuda)\n");
-    return 2;
+    return fail("--backend nccl needs the CUDA build (make build-cuda)");
 #endif
   } else {
-    if (mpi.rank() == 0) std::fprintf(stderr, "vchat-bench-comm: --backend must be mpi or nccl, got %s\n", backend.c_str());
-    return 2;
+    return fail("--backend=" + backend + " is not one of: mpi, nccl");
   }
   const int n = comm->size(), r = comm->rank();
   if (r == 0) {

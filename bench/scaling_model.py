@@ -98,6 +98,8 @@ def bytes_per_step(cfg, train, t, p, d, zero, stage, rows, images, e=4):
 
 
 def validate(a):
+    if a.train not in ("default", "full"):
+        sys.exit(f"scaling_model.py: --train {a.train}: the model knows the default and full sets only")
     cfg = load(a.model)
     rows = [json.loads(x) for x in open(a.metrics)][1:]
     print(f"| step | DP measured | DP model | TP measured | TP model | PP measured | PP model |")
@@ -122,12 +124,16 @@ LAYOUTS = [
     ("llama2-70b-clip-l14-224", "jobs/slurm/train_70b.sbatch", 8, 4, 2, 1, "default"),
 ]
 GLOBAL_BATCH, MICRO, SEQ, IMAGES_PER_SAMPLE = 128, 1, 2048, 2
+GPUS_PER_NODE = 8
+# Activations and their gradients travel as fp32 today (the pipeline and Comm paths move
+# f32 tensors); a bf16 activation path would halve the TP and PP columns.
+ACT_BYTES = 4
 NVLINK_GBPS, IB_GBPS = 360.0, 45.0  # achievable bus bandwidth per GPU (GB/s): NVSwitch H100, 400 Gb/s NIC per GPU
 H100_BF16_FLOPS, MFU = 989e12, 0.40  # dense bf16 peak and an assumed model-FLOPs utilisation
 
 
 def table(_):
-    print("| model | job | tp·pp·dp | zero | M | stage | DP GB | TP GB | PP GB | TP time (NVLink) | PP+DP time (IB) | compute (est.) |")
+    print("| model | job | tp·pp·dp | zero | M | stage | DP GB | TP GB | PP GB | TP time (NVLink) | PP+DP time (IB; NVLink on 1 node) | compute (est.) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, job, t, p, d, zero, train in LAYOUTS:
         cfg = load(name)
@@ -136,9 +142,12 @@ def table(_):
         images = [MICRO * IMAGES_PER_SAMPLE] * M
         worst = None
         for s in range(p):
-            b = bytes_per_step(cfg, train, t, p, d, zero, s, rows, images, e=2)  # bf16 activations on GPU
+            b = bytes_per_step(cfg, train, t, p, d, zero, s, rows, images, e=ACT_BYTES)
+            # TP groups are neighbours inside a node; PP and DP cross nodes unless the whole
+            # job fits in one.
+            cross = IB_GBPS if t * p * d > GPUS_PER_NODE else NVLINK_GBPS
             tp_s = b["tp"] / (NVLINK_GBPS * 1e9)
-            ib_s = (b["pp"] + b["dp"]) / (IB_GBPS * 1e9)
+            ib_s = (b["pp"] + b["dp"]) / (cross * 1e9)
             if worst is None or tp_s + ib_s > worst[0]:
                 worst = (tp_s + ib_s, s, b, tp_s, ib_s)
         _, s, b, tp_s, ib_s = worst

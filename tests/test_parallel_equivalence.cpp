@@ -254,6 +254,7 @@ TEST(ParallelGrid, BadGridsStopEveryRankWithOneMessage) {
       {3, "--tp 3", "--tp=3 does not divide llm.n_heads=4"},
       {4, "--pp 4", "--pp=4 exceeds llm.n_layers=2"},
       {2, "--pp 2 --micro-batches 1", "--micro-batches=1 is fewer than --pp=2"},
+      {2, "--pp 2 --micro-batch-size 2 --global-batch 5", "--global-batch=5 is not a multiple of --micro-batch-size=2 x dp=1"},
   };
   for (const Case& c : cases) {
     const std::string cmd = "cd " + std::string(VCHAT_SOURCE_DIR) + " && OMP_NUM_THREADS=1 mpirun --oversubscribe -np " +

@@ -30,12 +30,17 @@ int main(int argc, char** argv) {
   std::unique_ptr<vchat::Grid> grid;
   try {
     const vchat::GridShape shape = vchat::infer_grid(world->size(), cfg.tp, cfg.pp);
-    // Micro-batches per step and replica: from --global-batch when given (the data path).
-    const int64_t per_step = cfg.data.batch_size * shape.dp;
-    const int64_t micro = cfg.global_batch > 0 && per_step > 0 && cfg.global_batch % per_step == 0
-                              ? cfg.global_batch / per_step
-                              : cfg.micro_batches;
-    vchat::validate_grid(shape, cfg.model, static_cast<int>(micro));
+    // --global-batch, when given, sets the micro-batches per step and replica (for the
+    // synthetic and the data path alike), so the pipeline check sees the real M.
+    if (cfg.global_batch > 0) {
+      const int64_t per_micro = cfg.data.batch_size * shape.dp;
+      if (cfg.global_batch % per_micro != 0)
+        throw vchat::ConfigError("--global-batch=" + std::to_string(cfg.global_batch) +
+                                 " is not a multiple of --micro-batch-size=" + std::to_string(cfg.data.batch_size) +
+                                 " x dp=" + std::to_string(shape.dp));
+      cfg.micro_batches = cfg.global_batch / per_micro;
+    }
+    vchat::validate_grid(shape, cfg.model, static_cast<int>(cfg.micro_batches));
     grid = std::make_unique<vchat::Grid>(*world, shape);
   } catch (const vchat::ConfigError& e) {
     if (root) std::fprintf(stderr, "vchat-train: error: %s\n", e.what());

@@ -71,6 +71,9 @@ class VisualChatModel {
   // stage's input (undefined on the first stage).
   Tensor stage_backward(int mb, const Batch& batch, const Tensor& doutput, float loss_scale);
   bool first_stage() const { return mp_.pp_rank == 0; }
+  // The sub-group of TP ranks sharing a replicated KV head (nullptr when KV heads are split),
+  // for traffic accounting.
+  Comm* kv_replicas() const { return kv_replicas_.get(); }
   bool last_stage() const { return mp_.pp_rank == mp_.pp_size - 1; }
 
   // This rank's parameter units in order of use (ZeRO-3 gathers them), and the hooks to

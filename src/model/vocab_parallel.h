@@ -1,7 +1,8 @@
 // Vocabulary-parallel embedding and cross-entropy (Megatron, DESIGN.md §5): each
 // tensor-parallel rank holds rows [begin, begin + V/tp) of the embedding table and of
-// lm_head, so the logits of a row are spread over the group. The loss needs three small
-// all-reduces per row: the max logit, the sum of exponentials and the target's logit.
+// lm_head, so the logits of a row are spread over the group. The loss needs, per row, the
+// max logit, then the sum of exponentials and the target's logit: two small all-reduces
+// (the latter two packed into one).
 // Host (CPU) tensors; with one rank the model uses the plain ops instead.
 #pragma once
 #include <cstdint>

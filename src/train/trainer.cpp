@@ -76,7 +76,8 @@ std::vector<Batch> Trainer::next_batches() {
 }
 
 void Trainer::reset_comm_stats() {
-  for (Comm* c : {&grid_->tp(), &grid_->dp(), &grid_->pp(), &grid_->mp()}) c->reset_stats();
+  for (Comm* c : {&grid_->tp(), &grid_->dp(), &grid_->pp(), &grid_->mp(), model_->kv_replicas()})
+    if (c) c->reset_stats();
 }
 
 StepStats Trainer::step() {
@@ -134,10 +135,12 @@ StepStats Trainer::step() {
 
   s.step = ++step_;
   s.seconds = std::chrono::duration<double>(clock::now() - t0).count();
-  s.comm_seconds = tp.stats().seconds + dp.stats().seconds + mp.stats().seconds;
+  // Replicated KV heads sum their gradients on a sub-group of TP: tensor-parallel traffic.
+  const CommStats kv = model_->kv_replicas() ? model_->kv_replicas()->stats() : CommStats{};
+  s.comm_seconds = tp.stats().seconds + kv.seconds + dp.stats().seconds + mp.stats().seconds;
   s.bubble_seconds = pp.stats().seconds;
   s.comm_bytes = dp.stats().bytes;
-  s.tp_bytes = tp.stats().bytes;
+  s.tp_bytes = tp.stats().bytes + kv.bytes;
   s.pp_bytes = pp.stats().bytes;
   return s;
 }
