@@ -18,11 +18,11 @@
 #include "parallel/comm.h"
 #include "parallel/zero.h"
 #include "parallel/zero3.h"
+#include "mpi_test_main.h"
 
 namespace vchat {
 namespace {
 
-const MpiSession* g_mpi = nullptr;
 
 std::unique_ptr<Comm> world() {  // fresh stats per test; a timeout instead of a hang
   auto w = g_mpi->world();
@@ -186,43 +186,5 @@ TEST(MpiZero3, SkippingThePrefetchedUnitStaysInStep) {
   for (const Spec& s : kSpecs) EXPECT_FALSE(store.at(s.name).value.defined()) << s.name;
 }
 
-class RankFailurePrinter : public ::testing::EmptyTestEventListener {
- public:
-  explicit RankFailurePrinter(int rank) : rank_(rank) {}
-  void OnTestStart(const ::testing::TestInfo& info) override {
-    test_ = std::string(info.test_suite_name()) + "." + info.name();
-  }
-  void OnTestPartResult(const ::testing::TestPartResult& r) override {
-    if (!r.failed()) return;
-    std::fprintf(stderr, "[rank %d] FAILED %s at %s:%d\n%s\n", rank_, test_.c_str(),
-                 r.file_name() ? r.file_name() : "?", r.line_number(), r.message());
-  }
-
- private:
-  int rank_;
-  std::string test_;
-};
-
 }  // namespace
 }  // namespace vchat
-
-int main(int argc, char** argv) {
-  vchat::MpiSession mpi(&argc, &argv);
-  ::testing::InitGoogleTest(&argc, argv);
-  if (mpi.rank() != 0) {
-    auto& listeners = ::testing::UnitTest::GetInstance()->listeners();
-    delete listeners.Release(listeners.default_result_printer());
-    listeners.Append(new vchat::RankFailurePrinter(mpi.rank()));
-  }
-  vchat::g_mpi = &mpi;
-  const bool failed_here = RUN_ALL_TESTS() != 0;
-  double failed_anywhere = failed_here ? 1 : 0;
-  {
-    auto w = mpi.world();  // dies before the session
-    w->set_timeout(60);
-    w->all_reduce_f64(&failed_anywhere, 1, vchat::ReduceOp::max);
-  }
-  if (mpi.rank() == 0)
-    std::printf("[rank 0] %d ranks: %s\n", mpi.size(), failed_anywhere > 0 ? "FAILED on some rank" : "all passed");
-  return failed_anywhere > 0 ? 1 : 0;
-}
