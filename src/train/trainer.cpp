@@ -148,19 +148,28 @@ StepStats Trainer::step() {
 EvalStats Trainer::evaluate() {
   EvalStats e;
   if (!loader_) return e;
-  // ZeRO-3: gather everything once, so evaluation issues no DP collectives (replicas may
-  // hold different numbers of validation batches).
-  if (zero3_) {
-    zero3_->gather_all();
-    model_->set_hooks(nullptr);
-  }
   const std::vector<Batch>& vb = loader_->validation();
+  // ZeRO-3 gathers each layer's weights from the DP group as the forward reaches it, so
+  // every replica must run as many micro-batches as the one with the most; a replica with
+  // fewer runs a filler batch whose results are dropped. (Gathering the whole model once
+  // instead would need the memory ZeRO-3 exists to save.)
+  int micro = static_cast<int>(vb.size());
+  if (zero3_ && grid_->dp().size() > 1) {
+    double most = micro;
+    grid_->dp().all_reduce_f64(&most, 1, ReduceOp::max);
+    micro = static_cast<int>(most);
+  }
+  const int64_t L = 8;
+  const Batch filler = !vb.empty() ? vb.front()
+                                   : Batch::from_rows(1, L, std::vector<int32_t>(L, 0), std::vector<uint8_t>(L, ops::kText),
+                                                      std::vector<uint8_t>(L, 0), {}, 0, cfg_.model.vision.image_size);
   double sums[4] = {0, 0, 0, 0};  // loss sum, tokens, answers, exact answers
   auto forward = [&](int mb, const Tensor& input) {
+    const bool real = mb < static_cast<int>(vb.size());
+    const Batch& b = real ? vb[mb] : filler;
     MicroBatchResult r;
-    Tensor out = model_->stage_forward(mb, vb[mb], input, /*backward_follows=*/false, &r, /*keep_logits=*/true);
-    if (!model_->last_stage()) return out;
-    const Batch& b = vb[mb];
+    Tensor out = model_->stage_forward(mb, b, input, /*backward_follows=*/false, &r, /*keep_logits=*/true);
+    if (!model_->last_stage() || !real) return out;
     sums[0] += r.loss_sum;
     sums[1] += r.supervised;
     // Teacher-forced exact match: an answer span counts when every target is the argmax.
@@ -186,11 +195,7 @@ EvalStats Trainer::evaluate() {
     }
     return out;
   };
-  if (!vb.empty()) run_forward_only(grid_->pp(), static_cast<int>(vb.size()), forward);
-  if (zero3_) {
-    zero3_->release_all();
-    model_->set_hooks(zero3_);
-  }
+  if (micro > 0) run_forward_only(grid_->pp(), micro, forward);
   if (grid_->pp().size() > 1) grid_->pp().all_reduce_f64(sums, 4, ReduceOp::sum);
   if (grid_->dp().size() > 1) grid_->dp().all_reduce_f64(sums, 4, ReduceOp::sum);
   e.loss = sums[1] > 0 ? sums[0] / sums[1] : 0;
@@ -217,20 +222,32 @@ static void place_slice(const Tensor& full, const ShardSpec& spec, const float* 
 }
 
 TensorFile Trainer::gather_trainable() {
-  if (zero3_) zero3_->gather_all();
-  TensorFile f;
-  if (grid_->coord().dp == 0) {
-    // One rank per distinct slice sends it (counts_in_norm marks exactly that rank).
-    Comm& mp = grid_->mp();
-    nlohmann::json header = nlohmann::json::array();
-    std::vector<float> payload;
-    for (Param* p : model_->params().trainable()) {
-      if (!p->counts_in_norm) continue;
-      header.push_back({{"name", p->name}, {"full", p->shard.full}, {"dim", p->shard.dim},
-                        {"index", p->shard.index}, {"count", p->shard.count}, {"numel", p->value.numel()}});
-      const std::vector<float> v = p->value.to_vector_f32();
-      payload.insert(payload.end(), v.begin(), v.end());
+  // Replica 0's model-parallel ranks each collect their trainable slices; one rank per
+  // distinct slice (counts_in_norm marks exactly that rank).
+  const bool collector = grid_->coord().dp == 0;
+  nlohmann::json header = nlohmann::json::array();
+  std::vector<float> payload;
+  auto collect = [&](const Param* p) {
+    if (!collector || !p->trainable || !p->counts_in_norm) return;
+    header.push_back({{"name", p->name}, {"full", p->shard.full}, {"dim", p->shard.dim},
+                      {"index", p->shard.index}, {"count", p->shard.count}, {"numel", p->value.numel()}});
+    const std::vector<float> v = p->value.to_vector_f32();
+    payload.insert(payload.end(), v.begin(), v.end());
+  };
+  if (zero3_) {
+    // Unit by unit, as a forward would (collective over DP): one unit's weights at a time.
+    const std::vector<ParamUnit> units = model_->units();
+    for (size_t u = 0; u < units.size(); ++u) {
+      zero3_->before_forward(static_cast<int>(u));
+      for (const Param* p : units[u].params) collect(p);
+      zero3_->after_forward(static_cast<int>(u));
     }
+  } else {
+    for (const Param* p : model_->params().trainable()) collect(p);
+  }
+  TensorFile f;
+  if (collector) {
+    Comm& mp = grid_->mp();
     auto place = [&](const nlohmann::json& h, const float* data) {
       size_t at = 0;
       for (const auto& e : h) {
@@ -261,7 +278,6 @@ TensorFile Trainer::gather_trainable() {
       mp.send(payload.data(), sizes[1] * 4, 0);
     }
   }
-  if (zero3_) zero3_->release_all();
   return f;
 }
 
