@@ -26,14 +26,6 @@ namespace vchat {
 namespace {
 
 
-// A fresh world communicator per test: stats start at zero and a test's timeout stays its
-// own. The timeout turns a test that leaves ranks out of step into an abort, not a hang.
-std::unique_ptr<Comm> world() {
-  auto w = g_mpi->world();
-  w->set_timeout(60);
-  return w;
-}
-
 // ---- host values of each dtype, as doubles ----
 
 uint16_t to_bf16(float f) {  // round to nearest even, as the backend does
@@ -122,7 +114,7 @@ void expect_same_on_all_ranks(Comm& c, const std::vector<uint8_t>& bytes) {
 // waiting in the next collective (until the 60 s timeout aborts the job).
 
 TEST(CommMpi, AllReduceEveryDtypeAndOp) {
-  auto w = world();
+  auto w = test_world();
   const int n = w->size(), r = w->rank();
   for (DType t : kReduceTypes)
     for (ReduceOp op : kOps)
@@ -141,14 +133,14 @@ TEST(CommMpi, AllReduceEveryDtypeAndOp) {
 }
 
 TEST(CommMpi, AllReduceTensorOverload) {
-  auto w = world();
+  auto w = test_world();
   Tensor x = Tensor::from_vector(std::vector<float>{1.0f * w->rank(), 2.0f}, {2});
   w->all_reduce(x, ReduceOp::max);
   EXPECT_EQ(x.to_vector_f32(), (std::vector<float>{float(w->size() - 1), 2.0f}));
 }
 
 TEST(CommMpi, AllReduceF64) {
-  auto w = world();
+  auto w = test_world();
   const int n = w->size(), r = w->rank();
   std::vector<double> v = {0.1 * r, 1e300 * (r == 1), -1.0 - r};
   std::vector<double> mx = v;
@@ -165,7 +157,7 @@ TEST(CommMpi, AllReduceF64) {
 }
 
 TEST(CommMpi, ReduceScatterPlacesBlockRAtRankR) {
-  auto w = world();
+  auto w = test_world();
   const int n = w->size(), r = w->rank();
   // Input element j of block b on rank q: value(q, b·1000 + j), so a wrong block shows.
   for (DType t : kReduceTypes)
@@ -188,7 +180,7 @@ TEST(CommMpi, ReduceScatterPlacesBlockRAtRankR) {
 }
 
 TEST(CommMpi, AllGatherPlacesRankRAtBlockR) {
-  auto w = world();
+  auto w = test_world();
   const int n = w->size(), r = w->rank();
   for (DType t : {DType::f32, DType::bf16, DType::i32, DType::u8})
     for (bool in_place : {false, true}) {
@@ -206,7 +198,7 @@ TEST(CommMpi, AllGatherPlacesRankRAtBlockR) {
 }
 
 TEST(CommMpi, BroadcastFromEveryRoot) {
-  auto w = world();
+  auto w = test_world();
   for (int root = 0; root < w->size(); ++root) {
     std::vector<int32_t> v(1001);
     for (size_t i = 0; i < v.size(); ++i) v[i] = w->rank() == root ? int32_t(i * 3 + root) : -1;
@@ -216,7 +208,7 @@ TEST(CommMpi, BroadcastFromEveryRoot) {
 }
 
 TEST(CommMpi, BarrierCompletes) {
-  auto w = world();
+  auto w = test_world();
   for (int i = 0; i < 3; ++i) w->barrier();
   EXPECT_EQ(w->stats().calls, 3);
   EXPECT_EQ(w->stats().bytes, 0);
@@ -225,7 +217,7 @@ TEST(CommMpi, BarrierCompletes) {
 // ---- point to point ----
 
 TEST(CommMpi, SendRecvRing) {
-  auto w = world();
+  auto w = test_world();
   const int n = w->size(), r = w->rank();
   // 64 KiB + 3: beyond MPI's eager limits (so a blocking send needs the matching receive)
   // and not a multiple of any slice. A token ring (rank 0 sends first, every other rank
@@ -245,7 +237,7 @@ TEST(CommMpi, SendRecvRing) {
 }
 
 TEST(CommMpi, SendRecvKeepsOrderBetweenTwoRanks) {
-  auto w = world();
+  auto w = test_world();
   if (w->rank() > 1) return;  // ranks 0 and 1 only; the others have nothing to do
   const int peer = 1 - w->rank();
   for (int32_t k = 0; k < 5; ++k) {
@@ -257,7 +249,7 @@ TEST(CommMpi, SendRecvKeepsOrderBetweenTwoRanks) {
 }
 
 TEST(CommMpi, RecvOfMoreThanWasSentThrows) {
-  auto w = world();
+  auto w = test_world();
   if (w->rank() > 1) return;
   int64_t small[1] = {42}, big[2] = {0, 0};
   if (w->rank() == 0) w->send(small, sizeof small, 1);
@@ -268,7 +260,7 @@ TEST(CommMpi, RecvOfMoreThanWasSentThrows) {
 uint8_t p2p_byte(int sender, size_t i) { return uint8_t(i * 7 + sender * 31); }
 
 TEST(CommMpi, SendRecvShiftsAroundTheRing) {
-  auto w = world();
+  auto w = test_world();
   const int n = w->size(), r = w->rank();
   const int next = (r + 1) % n, prev = (r + n - 1) % n;
   // Every rank sends before it receives, which only sendrecv allows without a deadlock.
@@ -284,7 +276,7 @@ TEST(CommMpi, SendRecvShiftsAroundTheRing) {
 }
 
 TEST(CommMpi, SendRecvExchangesBothWaysWithOnePeer) {
-  auto w = world();
+  auto w = test_world();
   const int n = w->size(), r = w->rank();
   const int peer = r ^ 1;  // pairs (0,1), (2,3), …; a last odd rank has no pair
   if (peer >= n) return;
@@ -306,7 +298,7 @@ TEST(CommMpi, SendRecvExchangesBothWaysWithOnePeer) {
 }
 
 TEST(CommMpi, SendRecvOfMoreThanWasSentThrows) {
-  auto w = world();
+  auto w = test_world();
   if (w->rank() > 1) return;
   const int peer = 1 - w->rank();
   int64_t small[1] = {42}, big[2] = {0, 0};
@@ -333,7 +325,7 @@ void expect_gathered(const std::vector<float>& recv, int64_t sc, int n) {
 }
 
 TEST(CommMpi, AllGatherAsyncAroundACollectiveOnAnotherGroup) {
-  auto w = world();
+  auto w = test_world();
   const int n = w->size(), r = w->rank();
   auto g = w->split(r % 2, r, "parity");
   ASSERT_TRUE(g);
@@ -360,7 +352,7 @@ TEST(CommMpi, AllGatherAsyncAroundACollectiveOnAnotherGroup) {
 }
 
 TEST(CommMpi, AllGatherAsyncTwoInFlightAndOneLeftToTheDestructor) {
-  auto w = world();
+  auto w = test_world();
   const int n = w->size(), r = w->rank();
   const int64_t sc = 300;
   std::vector<float> a(n * sc), b(n * sc), c(n * sc), own(sc);
@@ -383,7 +375,7 @@ TEST(CommMpi, AllGatherAsyncTwoInFlightAndOneLeftToTheDestructor) {
 // ---- groups ----
 
 TEST(CommMpi, SplitEvenOdd) {
-  auto w = world();
+  auto w = test_world();
   w->set_timeout(42);
   const int n = w->size(), r = w->rank();
   auto g = w->split(r % 2, r, r % 2 ? "odd" : "even");
@@ -422,7 +414,7 @@ TEST(CommMpi, SplitEvenOdd) {
 // ---- traffic accounting (formulas in comm.h) ----
 
 TEST(CommMpi, StatsFollowTheRingFormulas) {
-  auto w = world();
+  auto w = test_world();
   const double n = w->size();
   const int r = w->rank();
   double want = 0;
@@ -486,7 +478,7 @@ TEST(CommMpi, StatsFollowTheRingFormulas) {
 }
 
 TEST(CommMpi, SecondsAreTimeInsideOperations) {
-  auto w = world();
+  auto w = test_world();
   const int r = w->rank();
   // Rank 0 joins the barrier 200 ms late: every other rank spends about that inside it.
   if (r == 0) std::this_thread::sleep_for(std::chrono::milliseconds(200));
@@ -510,7 +502,7 @@ TEST(CommMpi, SecondsAreTimeInsideOperations) {
 // ---- refused arguments (refused identically on every rank, before any traffic) ----
 
 TEST(CommMpi, BadArgumentsAreRefused) {
-  auto w = world();
+  auto w = test_world();
   const int n = w->size(), r = w->rank();
   char c = 0;
   EXPECT_THROW(w->broadcast(&c, 1, n), std::invalid_argument);

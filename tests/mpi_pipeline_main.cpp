@@ -43,13 +43,6 @@ namespace vchat {
 namespace {
 
 
-// A fresh world communicator per test; the timeout turns a deadlock into an abort.
-std::unique_ptr<Comm> world() {
-  auto w = g_mpi->world();
-  w->set_timeout(60);
-  return w;
-}
-
 // ---- the toy model and its closed form ----
 
 double weight(int s) { return (s % 2 ? -1.0 : 1.0) * (0.75 + 0.25 * s); }  // exact in f32
@@ -292,7 +285,7 @@ double expected_p2p_bytes(int s, int P, int M, int64_t cols) {
 // ---- MPI ----
 
 void run_toy_1f1b_mpi(int P, int64_t cols) {
-  auto w = world();
+  auto w = test_world();
   auto pp = pipeline_group(*w, P);
   if (!pp) return;
   ASSERT_EQ(pp->size(), P);
@@ -326,7 +319,7 @@ TEST(Pipeline1F1B, LargeMessagesWholeWorld) { run_toy_1f1b_mpi(g_mpi->size(), 40
 TEST(PipelineForwardOnly, ToyModelEveryPipelineSize) {
   for (int P = 1; P <= g_mpi->size(); ++P) {
     SCOPED_TRACE("P = " + std::to_string(P));
-    auto w = world();
+    auto w = test_world();
     auto pp = pipeline_group(*w, P);
     if (!pp) continue;
     for (int M : micro_batch_counts(P)) {
@@ -344,7 +337,7 @@ TEST(PipelineForwardOnly, ToyModelEveryPipelineSize) {
 }
 
 TEST(Pipeline1F1B, RefusesBadArguments) {
-  auto w = world();
+  auto w = test_world();
   ToyStage st(w->rank(), w->size(), 2);
   EXPECT_THROW(run_1f1b(*w, 0, st.callbacks()), std::invalid_argument);
   EXPECT_THROW(run_1f1b(*w, 2, PipelineStage{st.callbacks().forward, nullptr}), std::invalid_argument);

@@ -18,26 +18,16 @@
 #include "parallel/comm.h"
 #include "parallel/zero.h"
 #include "parallel/zero3.h"
+#include "zero3_toy.h"
 #include "mpi_test_main.h"
 
 namespace vchat {
 namespace {
 
 
-std::unique_ptr<Comm> world() {  // fresh stats per test; a timeout instead of a hang
-  auto w = g_mpi->world();
-  w->set_timeout(60);
-  return w;
-}
-
 // Odd sizes, so the flats of 2 and 4 ranks need padding; an embedding-like unit (no
 // weights in backward), an all-frozen unit and an all-trainable unit.
-struct Spec {
-  const char* name;
-  Shape shape;
-  bool trainable;
-  int unit;
-};
+using Spec = test::ToySpec;
 const std::vector<Spec> kSpecs = {
     {"a.w1", {3, 5}, true, 0},      {"a.norm", {7}, false, 0},  {"a.w2", {2, 3}, true, 0},
     {"emb.table", {9, 5}, true, 1}, {"emb.norm", {5}, false, 1},
@@ -48,20 +38,9 @@ const std::vector<Spec> kSpecs = {
 const std::vector<std::string> kUnits = {"a", "emb", "b", "c", "d"};
 const int kEmbUnit = 1;
 
-void build(ParamStore& s) {
-  for (const Spec& p : kSpecs) s.add(p.name, p.shape);
-  init_params(s, 11);
-  for (const Spec& p : kSpecs)
-    if (p.trainable) s.set_trainable(s.at(p.name), true);
-}
+void build(ParamStore& s) { test::build_toy(s, kSpecs, 11); }
 
-std::vector<ParamUnit> units_of(ParamStore& s) {
-  std::vector<ParamUnit> u(kUnits.size());
-  for (size_t i = 0; i < u.size(); ++i) u[i].name = kUnits[i];
-  for (const Spec& p : kSpecs) u[p.unit].params.push_back(&s.at(p.name));
-  u[kEmbUnit].backward_needs_weights = false;
-  return u;
-}
+std::vector<ParamUnit> units_of(ParamStore& s) { return test::toy_units(s, kSpecs, kUnits, kEmbUnit); }
 
 float f(const std::string& name, int step, int64_t i) {
   return std::sin(0.37f * i + 0.71f * step + static_cast<float>(name.size()));
@@ -95,7 +74,7 @@ double train_step(Zero3Optimizer& z3, ParamStore& store, int rank, int step) {
 }
 
 TEST(MpiZero3, MatchesStageZeroWithTheSummedGradient) {
-  auto dp = world();
+  auto dp = test_world();
   const int n = dp->size();
   ParamStore store, ref;
   build(store);
@@ -123,7 +102,7 @@ TEST(MpiZero3, MatchesStageZeroWithTheSummedGradient) {
 }
 
 TEST(MpiZero3, OneStepMovesTheExpectedBytesAndHoldsTheShards) {
-  auto dp = world();
+  auto dp = test_world();
   const int n = dp->size();
   ParamStore store;
   build(store);
@@ -161,7 +140,7 @@ TEST(MpiZero3, OneStepMovesTheExpectedBytesAndHoldsTheShards) {
 // before_forward(0) prefetches unit 1; the model skips it (say, no images) and asks for 2,
 // then revisits out of order. Values must be the initial ones and no rank may hang.
 TEST(MpiZero3, SkippingThePrefetchedUnitStaysInStep) {
-  auto dp = world();
+  auto dp = test_world();
   ParamStore store, init;
   build(store);
   build(init);

@@ -13,6 +13,7 @@
 #include "model/units.h"
 #include "parallel/zero.h"
 #include "parallel/zero3.h"
+#include "zero3_toy.h"
 
 using namespace vchat;
 
@@ -20,12 +21,7 @@ namespace {
 
 // Odd sizes; trainable and frozen mixed inside a unit; one unit all frozen, one all
 // trainable, and an embedding-like unit whose backward needs no weights.
-struct Spec {
-  const char* name;
-  Shape shape;
-  bool trainable;
-  int unit;
-};
+using Spec = test::ToySpec;
 const std::vector<Spec> kSpecs = {
     {"a.w1", {3, 5}, true, 0},  {"a.norm", {7}, false, 0}, {"a.w2", {2, 3}, true, 0},
     {"b.frozen", {4, 3}, false, 1},
@@ -34,20 +30,9 @@ const std::vector<Spec> kSpecs = {
 };
 const std::vector<std::string> kUnitNames = {"a", "b", "c", "emb"};
 
-void build(ParamStore& s) {
-  for (const Spec& p : kSpecs) s.add(p.name, p.shape);
-  init_params(s, 7);
-  for (const Spec& p : kSpecs)
-    if (p.trainable) s.set_trainable(s.at(p.name), true);
-}
+void build(ParamStore& s) { test::build_toy(s, kSpecs, 7); }
 
-std::vector<ParamUnit> units_of(ParamStore& s) {
-  std::vector<ParamUnit> u(kUnitNames.size());
-  for (size_t i = 0; i < u.size(); ++i) u[i].name = kUnitNames[i];
-  for (const Spec& p : kSpecs) u[p.unit].params.push_back(&s.at(p.name));
-  u[3].backward_needs_weights = false;
-  return u;
-}
+std::vector<ParamUnit> units_of(ParamStore& s) { return test::toy_units(s, kSpecs, kUnitNames, 3); }
 
 // A known gradient per parameter, step and micro-batch. Step 0 is small (norm below the
 // clip), later steps are clipped.

@@ -259,22 +259,7 @@ class MpiComm final : public Comm {
     const OpTimer timer(*this);
     const auto start = Clock::now();  // the timeout covers the whole message
     check_peer(peer, "recv");
-    char* b = static_cast<char*>(buf);
-    // Slices are received one at a time and each checked: a shorter message than asked for
-    // would otherwise leave the tail silently stale, or, sliced, leave later receives
-    // waiting forever. (A longer one is a truncation error inside MPI.)
-    for (int64_t done = 0; done < bytes; done += max_count_) {
-      Pending p("recv", start);
-      const int want = slice(bytes, done);
-      check(MPI_Irecv(b + done, want, MPI_BYTE, peer, kP2pTag, comm_, p.next()), p.op, name_);
-      MPI_Status status;
-      complete(p, &status);
-      int got = 0;
-      MPI_Get_count(&status, MPI_BYTE, &got);
-      if (got != want)
-        throw std::runtime_error("recv on group '" + name_ + "' from rank " + std::to_string(peer) + ": expected " +
-                                 std::to_string(bytes) + " bytes, the message had fewer");
-    }
+    if (!receive_slices("recv", buf, bytes, peer, start)) throw short_message("recv", bytes, peer);
     record(size_ > 1 ? double(bytes) : 0);
   }
 
@@ -290,25 +275,11 @@ class MpiComm final : public Comm {
     for (int64_t done = 0; done < send_bytes; done += max_count_)
       check(MPI_Isend(s + done, slice(send_bytes, done), MPI_BYTE, dest, kP2pTag, comm_, sends.next()), sends.op,
             name_);
-    // Received a slice at a time and each checked, as in recv(); polling a receive also
-    // drives the sends (MPI progress is not per request).
-    char* r = static_cast<char*>(recv_buf);
-    bool short_message = false;
-    for (int64_t done = 0; done < recv_bytes && !short_message; done += max_count_) {
-      Pending p("sendrecv", sends.start);
-      const int want = slice(recv_bytes, done);
-      check(MPI_Irecv(r + done, want, MPI_BYTE, source, kP2pTag, comm_, p.next()), p.op, name_);
-      MPI_Status status;
-      complete(p, &status);
-      int got = 0;
-      MPI_Get_count(&status, MPI_BYTE, &got);
-      short_message = got != want;
-    }
+    // Polling the receive also drives the sends (MPI progress is not per request).
+    const bool whole = receive_slices("sendrecv", recv_buf, recv_bytes, source, sends.start);
     // The sends complete before any throw: MPI must be done with send_buf when we return.
     complete(sends);
-    if (short_message)
-      throw std::runtime_error("sendrecv on group '" + name_ + "' from rank " + std::to_string(source) +
-                               ": expected " + std::to_string(recv_bytes) + " bytes, the message had fewer");
+    if (!whole) throw short_message("sendrecv", recv_bytes, source);
     record(size_ > 1 ? double(send_bytes) + double(recv_bytes) : 0);
   }
 
@@ -402,6 +373,29 @@ class MpiComm final : public Comm {
   void check_peer(int peer, const char* op) const {
     check_rank(peer, "peer", op);
     if (peer == rank_) throw std::invalid_argument(std::string(op) + " on group '" + name_ + "': peer is this rank");
+  }
+
+  // Receives `bytes` from `peer` a slice at a time, each checked: a shorter message than
+  // asked for would otherwise leave the tail silently stale, or, sliced, leave later
+  // receives waiting forever. (A longer one is a truncation error inside MPI.) Returns
+  // false at the first short slice. The timeout counts from `start`.
+  bool receive_slices(const char* op, void* buf, int64_t bytes, int peer, Clock::time_point start) const {
+    char* b = static_cast<char*>(buf);
+    for (int64_t done = 0; done < bytes; done += max_count_) {
+      Pending p(op, start);
+      const int want = slice(bytes, done);
+      check(MPI_Irecv(b + done, want, MPI_BYTE, peer, kP2pTag, comm_, p.next()), p.op, name_);
+      MPI_Status status;
+      complete(p, &status);
+      int got = 0;
+      MPI_Get_count(&status, MPI_BYTE, &got);
+      if (got != want) return false;
+    }
+    return true;
+  }
+  std::runtime_error short_message(const char* op, int64_t bytes, int peer) const {
+    return std::runtime_error(std::string(op) + " on group '" + name_ + "' from rank " + std::to_string(peer) +
+                              ": expected " + std::to_string(bytes) + " bytes, the message had fewer");
   }
 
   void timed_barrier(const char* op) const {

@@ -35,8 +35,9 @@ class Zero3Optimizer final : public DataParallelOptimizer, public UnitHooks {
   double last_comm_seconds() const override { return comm_seconds_; }
   int stage() const override { return 3; }
 
-  // For saving and evaluation outside the hooks: every unit's full values stay bound from
-  // gather_all() until release_all() (which step() requires first).
+  // Every unit's full values bound at once, from gather_all() until release_all() (which
+  // step() requires first): for tests and tools that read the whole model. (The trainer's
+  // evaluation and saving walk the units through the hooks instead, one unit at a time.)
   void gather_all();
   void release_all();
 
