@@ -130,12 +130,16 @@ void expect_layouts_match_one_rank(const std::vector<Layout>& layouts, const std
       // The layout really ran: its groups moved data.
       ASSERT_FALSE(many.steps.empty());
       const nlohmann::json& last = many.steps.back();
+      // ... and the step time is split as rank 0 reports it (compute, comm, bubble).
       if (l.options.find("--tp") != std::string::npos) {
         EXPECT_GT(double(last["tp_bytes"]), 0) << l.options;
+        EXPECT_GT(double(last["comm_seconds"]), 0) << l.options;
       }
       if (l.options.find("--pp") != std::string::npos) {
         EXPECT_GT(double(last["pp_bytes"]), 0) << l.options;
+        EXPECT_GT(double(last["bubble_seconds"]), 0) << l.options;
       }
+      EXPECT_LT(double(last["comm_seconds"]) + double(last["bubble_seconds"]), double(last["seconds"])) << l.options;
       if (l.options.find("--zero 3") != std::string::npos) {
         EXPECT_LT(double(last["mem_frozen"]), double(last["frozen_bytes"])) << "weights sharded: " << l.options;
       }
