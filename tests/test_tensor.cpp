@@ -32,14 +32,16 @@ TEST(Tensor, CudaTensorsNeedARegisteredBackend) {
 }
 
 TEST(Tensor, AllocatorReusesFreedBlocksOfSimilarSize) {
+  // Sizes no other test allocates: the free list is per process, and blocks other tests
+  // left in it must not be a better fit than ours (gtest may run them first, in-process).
   void* first;
   {
-    Tensor a = Tensor::empty({1000});
+    Tensor a = Tensor::empty({3000017});
     first = a.raw();
   }
-  Tensor b = Tensor::empty({900});  // fits the freed 4000-byte block (within 2x)
+  Tensor b = Tensor::empty({2700001});  // fits the freed block (within 2x)
   EXPECT_EQ(b.raw(), first);
-  Tensor c = Tensor::empty({100});  // a quarter of it: too wasteful, gets its own block
+  Tensor c = Tensor::empty({300007});  // a tenth of it: too wasteful, gets its own block
   EXPECT_NE(c.raw(), first);
 }
 
