@@ -35,11 +35,6 @@ Linear::Linear(ParamStore& store, const std::string& name, int64_t in, int64_t o
   out_ = col ? out / layout.count : out;
   w_ = &add_param(store, name + ".weight", {out, in}, col ? 0 : row ? 1 : -1, layout);
   if (bias) b_ = &add_param(store, name + ".bias", {out}, col ? 0 : -1, layout);
-  for (Param* p : {w_, b_})
-    if (p && layout.replicas) {
-      p->grad_sum = layout.replicas;
-      p->counts_in_norm = layout.owner;
-    }
 }
 
 void Linear::add_lora(ParamStore& store, int64_t rank, float alpha) {
@@ -48,18 +43,6 @@ void Linear::add_lora(ParamStore& store, int64_t rank, float alpha) {
   lora_a_ = &add_param(store, name_ + ".lora_A", {rank, full_in_}, row ? 1 : -1, layout_);
   lora_b_ = &add_param(store, name_ + ".lora_B", {full_out_, rank}, col ? 0 : -1, layout_);
   lora_scale_ = alpha / static_cast<float>(rank);
-  // The split half behaves like the base weight (replicated KV heads included); the
-  // replicated half sees only this rank's slice, so its gradient is partial over the group.
-  Param* split = col ? lora_b_ : row ? lora_a_ : nullptr;
-  Param* whole = col ? lora_a_ : row ? lora_b_ : nullptr;
-  if (split && layout_.replicas) {
-    split->grad_sum = layout_.replicas;
-    split->counts_in_norm = layout_.owner;
-  }
-  if (whole && layout_.tp && layout_.tp->size() > 1) {
-    whole->grad_sum = layout_.tp;
-    whole->counts_in_norm = layout_.tp->rank() == 0;
-  }
 }
 
 Tensor Linear::forward(const Tensor& x, LinearCache& cache) const {

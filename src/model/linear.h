@@ -9,7 +9,8 @@
 // LoRA follows its base layer: the half that touches the split dimension is split the
 // same way (B by rows for column, A by columns for row), the other half is replicated and
 // its gradient, computed from the local slice only, is summed over the group at the update
-// (Param::grad_sum). Frozen weights get no weight-gradient GEMM; dx always flows.
+// (Param::grad_sum, set from the parameter table, model/param_table.h). Frozen weights get
+// no weight-gradient GEMM; dx always flows.
 #pragma once
 #include <string>
 
@@ -27,12 +28,7 @@ struct LinearCache {
 struct TpLayout {
   enum Kind { replicated, column, row } kind = replicated;
   int64_t index = 0, count = 1;  // this rank holds part `index` of `count` (column: of rows; row: of columns)
-  Comm* tp = nullptr;            // the TP group: row's forward all-reduce, the replicated LoRA half's gradient sum
-  // Ranks that hold the same part and split the work between them (a KV head replicated on
-  // tp / n_kv_heads ranks): the weight's gradient is summed over them; `owner` is the one
-  // that counts in the gradient norm.
-  Comm* replicas = nullptr;
-  bool owner = true;
+  Comm* tp = nullptr;            // the TP group: row-parallel's forward all-reduce
   static TpLayout column_of(Comm* tp);  // part tp.rank() of tp.size()
   static TpLayout row_of(Comm* tp);
 };

@@ -19,8 +19,6 @@ static TpLayout kv_layout(const LlmConfig& cfg, const TensorParallel& tp) {
   if (cfg.n_kv_heads >= tp.size()) return l;
   l.index = tp.rank() * cfg.n_kv_heads / tp.size();
   l.count = cfg.n_kv_heads;
-  l.replicas = tp.kv_replicas;
-  l.owner = !tp.kv_replicas || tp.kv_replicas->rank() == 0;
   return l;
 }
 

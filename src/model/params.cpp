@@ -5,16 +5,42 @@
 #include <random>
 #include <stdexcept>
 
+#include "model/param_table.h"
+
 namespace vchat {
 
-Param& ParamStore::add(const std::string& name, Shape shape) {
+Param& ParamStore::create(const std::string& name, const ShardSpec& shard) {
   if (find(name)) throw std::logic_error("parameter registered twice: " + name);
   auto p = std::make_unique<Param>();
   p->name = name;
-  p->shard.full = shape;
-  p->value = Tensor::zeros(std::move(shape));
+  p->shard = shard;
+  p->value = Tensor::zeros(shard.local());
   params_.push_back(std::move(p));
+  bound_.push_back(!declared_);
   return *params_.back();
+}
+
+Param& ParamStore::bind(const std::string& name, const ShardSpec& want) {
+  for (size_t i = 0; i < params_.size(); ++i) {
+    if (params_[i]->name != name) continue;
+    const ShardSpec& have = params_[i]->shard;
+    const bool same = have.full == want.full && (have.dim < 0 ? want.dim < 0 : have.dim == want.dim &&
+                                                  have.index == want.index && have.count == want.count);
+    if (!same)
+      throw std::logic_error("parameter " + name + ": the layer asks for " + shape_str(want.local()) + " of " +
+                             shape_str(want.full) + ", the parameter table declares " + shape_str(have.local()) +
+                             " of " + shape_str(have.full));
+    if (bound_[i]) throw std::logic_error("parameter registered twice: " + name);
+    bound_[i] = true;
+    return *params_[i];
+  }
+  throw std::logic_error("parameter " + name + " is not in the parameter table (model/param_table.cpp)");
+}
+
+Param& ParamStore::add(const std::string& name, Shape shape) {
+  ShardSpec whole;
+  whole.full = std::move(shape);
+  return declared_ ? bind(name, whole) : create(name, whole);
 }
 
 Param& ParamStore::add_sharded(const std::string& name, Shape full, int dim, int64_t index, int64_t count) {
@@ -22,11 +48,23 @@ Param& ParamStore::add_sharded(const std::string& name, Shape full, int dim, int
       full[dim] % count != 0)
     throw std::logic_error("parameter " + name + ": cannot take part " + std::to_string(index) + " of " +
                            std::to_string(count) + " along dim " + std::to_string(dim) + " of " + shape_str(full));
-  Shape local = full;
-  local[dim] /= count;
-  Param& p = add(name, local);
-  p.shard = {dim, index, count, full};
+  const ShardSpec shard{dim, index, count, std::move(full)};
+  return declared_ ? bind(name, shard) : create(name, shard);
+}
+
+Param& ParamStore::declare(const ParamSpec& spec, const ShardSpec& shard) {
+  if (!declared_ && !params_.empty()) throw std::logic_error("declare(" + spec.name + ") after layers registered parameters");
+  declared_ = true;
+  Param& p = create(spec.name, shard);
+  p.spec = &spec;
   return p;
+}
+
+void ParamStore::check_all_bound() const {
+  std::string missing;
+  for (size_t i = 0; i < params_.size(); ++i)
+    if (!bound_[i]) missing += (missing.empty() ? "" : ", ") + params_[i]->name;
+  if (!missing.empty()) throw std::logic_error("declared in the parameter table but used by no layer: " + missing);
 }
 
 Param* ParamStore::find(const std::string& name) const {
@@ -100,10 +138,6 @@ void ParamStore::bind_flat_grads(const Tensor& grads) {
                      : Tensor();
 }
 
-static bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
-
 // Each parameter draws from its own stream, seeded by (seed, name): a rank that holds only
 // some parameters, or slices of them (tensor and pipeline parallelism), draws exactly the
 // numbers the one-rank model has there. The full tensor is drawn and the slice kept.
@@ -115,19 +149,22 @@ void init_params(ParamStore& store, uint64_t seed) {
     Tensor full = Tensor::zeros(p->shard.full);
     float* d = full.data<float>();
     const int64_t n = full.numel();
-    const bool norm = p->name.find("norm") != std::string::npos || p->name.find("layrnorm") != std::string::npos ||
-                      p->name.find("layer_norm") != std::string::npos;
-    if (ends_with(p->name, ".bias") || ends_with(p->name, "lora_B")) {
-      for (int64_t i = 0; i < n; ++i) d[i] = 0.f;
-    } else if (norm) {
-      for (int64_t i = 0; i < n; ++i) d[i] = 1.f;
-    } else if (ends_with(p->name, "lora_A")) {
-      const float bound = 1.f / std::sqrt(static_cast<float>(full.size(1)));
-      std::uniform_real_distribution<float> u(-bound, bound);
-      for (int64_t i = 0; i < n; ++i) d[i] = u(rng);
-    } else {
-      std::normal_distribution<float> g(0.f, 0.02f);
-      for (int64_t i = 0; i < n; ++i) d[i] = g(rng);
+    switch (p->spec ? p->spec->init : InitRule::normal) {
+      case InitRule::zeros: break;
+      case InitRule::ones:
+        for (int64_t i = 0; i < n; ++i) d[i] = 1.f;
+        break;
+      case InitRule::lora_a: {
+        const float bound = 1.f / std::sqrt(static_cast<float>(full.size(1)));
+        std::uniform_real_distribution<float> u(-bound, bound);
+        for (int64_t i = 0; i < n; ++i) d[i] = u(rng);
+        break;
+      }
+      case InitRule::normal: {
+        std::normal_distribution<float> g(0.f, 0.02f);
+        for (int64_t i = 0; i < n; ++i) d[i] = g(rng);
+        break;
+      }
     }
     p->value.copy_from(shard_of(full, p->shard).clone());
   }

@@ -11,6 +11,7 @@
 namespace vchat {
 
 class Comm;
+struct ParamSpec;
 
 // Which part of the full (one-rank) tensor a Param holds: slice `index` of `count` equal
 // parts along `dim` (tensor parallelism), or the whole tensor (dim = -1). init_params
@@ -36,17 +37,29 @@ struct Param {
   // KV head replicated on several ranks, the replicated half of a LoRA pair) each hold a
   // partial gradient: it is summed over this group before the update. nullptr: complete.
   Comm* grad_sum = nullptr;
-  // Replicated parameters count once in the global gradient norm: true on exactly one
-  // rank of each set of replicas (and on every rank for sharded parameters).
+  // Replicated parameters count once in the global gradient norm, and are written once to
+  // checkpoints: true on exactly one rank of each set of replicas (and on every rank for
+  // sharded parameters).
   bool counts_in_norm = true;
+  // Its entry in the model's parameter table (model/param_table.h); nullptr in the bare
+  // stores that layer tests build.
+  const ParamSpec* spec = nullptr;
 };
 
 class ParamStore {
  public:
+  // A layer registers its parameters with add/add_sharded. In a bare store that creates
+  // them; in a store whose parameters were declared from the parameter table (a model's),
+  // it binds to the declared one and checks that the layer's shape and split agree.
   Param& add(const std::string& name, Shape shape);
   // A tensor-parallel slice: `shape` is the full one-rank shape, the Param holds part
   // `index` of `count` along `dim`.
   Param& add_sharded(const std::string& name, Shape full, int dim, int64_t index, int64_t count);
+  // Declares a parameter from the table, holding the slice `shard` (zero-filled). Once a
+  // store has declarations, add/add_sharded only bind.
+  Param& declare(const ParamSpec& spec, const ShardSpec& shard);
+  // Throws std::logic_error naming every declared parameter no layer bound to.
+  void check_all_bound() const;
   Param* find(const std::string& name) const;
   Param& at(const std::string& name) const;  // throws naming the parameter
   const std::vector<std::unique_ptr<Param>>& all() const { return params_; }
@@ -69,13 +82,18 @@ class ParamStore {
   void bind_flat_grads(const Tensor& grads);
 
  private:
+  Param& create(const std::string& name, const ShardSpec& shard);
+  Param& bind(const std::string& name, const ShardSpec& want);
   std::vector<std::unique_ptr<Param>> params_;
+  std::vector<bool> bound_;  // per params_ entry, in a declared store
+  bool declared_ = false;
   Flat flat_;
   bool flattened_ = false;
 };
 
-// Deterministic initialisation from a seed (std 0.02 normal for matrices, ones for norm
-// scales, zeros for biases and LoRA B) so tests and benchmarks get the same model twice.
+// Deterministic initialisation from a seed, by each parameter's table rule (InitRule:
+// N(0, 0.02) for matrices, ones for norm scales, zeros for biases and LoRA B, U(±1/√in) for
+// LoRA A; N(0, 0.02) for a bare store's parameters), so every run and layout gets the same model.
 void init_params(ParamStore& store, uint64_t seed);
 
 // The part of a full (one-rank) tensor that `spec` describes, as a view.

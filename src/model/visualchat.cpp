@@ -31,11 +31,11 @@ ops::AttnMode parse_attention(const std::string& s) {
 }
 
 VisualChatModel::VisualChatModel(const ModelConfig& cfg, const ModelOptions& opt, const ModelParallel& mp)
-    : cfg_(cfg), opt_(opt), mp_(mp) {
+    : cfg_(cfg), opt_(opt), mp_(mp), table_(cfg, opt.train, opt.lora_rank) {
   const LlmConfig& l = cfg.llm;
   const int tp = mp.tp ? mp.tp->size() : 1, tp_rank = mp.tp ? mp.tp->rank() : 0;
   tp_.tp = mp.tp;
-  if (tp > 1 && l.n_kv_heads < tp) {  // ranks sharing a KV head (see kv_layout in llama.cpp)
+  if (tp > 1 && l.n_kv_heads < tp) {  // ranks sharing a KV head (TpSplit::kv_rows)
     const int head = static_cast<int>(tp_rank * l.n_kv_heads / tp);
     kv_replicas_ = mp.tp->split(head, tp_rank, mp.tp->name() + "-kv" + std::to_string(head));
     tp_.kv_replicas = kv_replicas_.get();
@@ -43,7 +43,18 @@ VisualChatModel::VisualChatModel(const ModelConfig& cfg, const ModelOptions& opt
   vocab_size_ = l.vocab_size / tp;
   vocab_begin_ = vocab_size_ * tp_rank;
 
-  // Registration follows the one-rank order, restricted to this stage.
+  // 1. This rank's parameters, from the table: its stage's entries, each the slice its TP
+  //    rank holds, trainable per --train, with the groups its gradient is summed over.
+  for (const ParamSpec& spec : table_.all()) {
+    if (!table_.on_stage(spec, mp.pp_rank, mp.pp_size)) continue;
+    const TpPlacement pl = table_.placement(spec, tp_rank, tp);
+    Param& p = params_.declare(spec, pl.shard);
+    params_.set_trainable(p, ParamTable::trains(spec, opt.train));
+    p.grad_sum = pl.grad_sum == TpPlacement::tp_group ? mp.tp : pl.grad_sum == TpPlacement::kv_replicas ? tp_.kv_replicas : nullptr;
+    p.counts_in_norm = pl.owner;
+  }
+
+  // 2. The layers bind to them (registration follows the table's order, restricted to this stage).
   if (first_stage()) {
     vit_ = VisionEncoder(params_, cfg.vision);
     proj_ = Projection(params_, cfg.vision.width, l.hidden, cfg.projection);
@@ -59,19 +70,7 @@ VisualChatModel::VisualChatModel(const ModelConfig& cfg, const ModelOptions& opt
   }
   if (opt.train == TrainSet::lora)
     for (auto& b : blocks_) b.add_lora(params_, opt.lora_rank, opt.lora_alpha);
-
-  for (auto& p : params_.all()) {
-    const std::string& n = p->name;
-    bool on = n.rfind("proj.", 0) == 0 || n == "llm.embed_tokens.weight";
-    if (opt.train == TrainSet::lora) on = on || n.find(".lora_") != std::string::npos;
-    if (opt.train == TrainSet::full) on = on || n.rfind("llm.", 0) == 0;
-    params_.set_trainable(*p, on);
-    // Replicated over TP: the image-parallel ViT sees a slice of the images, so its
-    // gradients are partial; the rest (projection, norms) are computed whole on every rank.
-    // Either way one rank counts them in the gradient norm.
-    if (tp > 1 && n.rfind("vit.", 0) == 0) p->grad_sum = mp.tp;
-    if (tp > 1 && p->shard.dim < 0 && (!p->grad_sum || p->grad_sum == mp.tp)) p->counts_in_norm = tp_rank == 0;
-  }
+  params_.check_all_bound();
   refresh_trainable();
 }
 
@@ -81,43 +80,34 @@ void VisualChatModel::refresh_trainable() {
   vit_trains_ = false;
   bool proj_trains = false;
   for (auto& p : params_.all()) {
-    if (p->trainable && p->name.rfind("vit.", 0) == 0) vit_trains_ = true;
-    if (p->trainable && p->name.rfind("proj.", 0) == 0) proj_trains = true;
+    if (p->trainable && p->spec->part == ModelPart::vision) vit_trains_ = true;
+    if (p->trainable && p->spec->part == ModelPart::projection) proj_trains = true;
   }
   image_path_trains_ = vit_trains_ || proj_trains;
 }
 
+// The table's units in order of use. A unit's backward reads its weights unless none of its
+// parameters' backward reads them (the embedding) or its part has no backward at all (a
+// frozen image path): ZeRO-3 then neither gathers nor prefetches it for backward.
 std::vector<ParamUnit> VisualChatModel::units() const {
-  std::vector<std::pair<std::vector<std::string>, ParamUnit>> spec;  // name prefixes → unit
-  auto unit = [&](std::vector<std::string> prefixes, const std::string& name, bool bwd = true) {
-    spec.push_back({std::move(prefixes), ParamUnit{name, {}, bwd}});
-  };
-  if (first_stage()) {
-    // A frozen encoder (and projection) has no backward at all: ZeRO-3 must not prefetch
-    // them for one.
-    unit({"vit.embeddings.", "vit.pre_layrnorm."}, "vit.embeddings", vit_trains_);
-    for (int i = 0; i + 1 < vit_.n_units(); ++i)
-      unit({"vit.encoder.layers." + std::to_string(i) + "."}, "vit.encoder.layers." + std::to_string(i), vit_trains_);
-    unit({"proj."}, "proj", image_path_trains_);
-    unit({"llm.embed_tokens."}, "llm.embed_tokens", /*backward reads ids only*/ false);
-  }
-  for (size_t i = 0; i < blocks_.size(); ++i) {
-    const std::string name = "llm.layers." + std::to_string(first_layer_ + static_cast<int>(i));
-    unit({name + "."}, name);
-  }
-  if (last_stage()) unit({"llm.norm.", "llm.lm_head."}, "llm.head");
-  for (auto& p : params_.all()) {
-    int hits = 0;
-    for (auto& [prefixes, u] : spec)
-      for (const std::string& pre : prefixes)
-        if (p->name.rfind(pre, 0) == 0) {
-          u.params.push_back(p.get());
-          ++hits;
-        }
-    if (hits != 1) throw std::logic_error("parameter " + p->name + " is in " + std::to_string(hits) + " units");
-  }
   std::vector<ParamUnit> out;
-  for (auto& [prefixes, u] : spec) out.push_back(std::move(u));
+  for (auto& p : params_.all()) {
+    const ParamSpec& s = *p->spec;
+    if (out.empty() || out.back().name != s.unit) {
+      for (const ParamUnit& u : out)
+        if (u.name == s.unit) throw std::logic_error("parameter table: unit " + s.unit + " is not contiguous");
+      out.push_back({s.unit, {}, false});
+    }
+    const bool has_backward = s.part == ModelPart::vision       ? vit_trains_
+                              : s.part == ModelPart::projection ? image_path_trains_
+                                                                : true;
+    out.back().params.push_back(p.get());
+    out.back().backward_needs_weights = out.back().backward_needs_weights || (has_backward && s.backward_reads_value);
+  }
+  const size_t want = (first_stage() ? vit_.n_units() + 2 : 0) + blocks_.size() + (last_stage() ? 1 : 0);
+  if (out.size() != want)
+    throw std::logic_error("parameter table gives " + std::to_string(out.size()) + " units, the model uses " +
+                           std::to_string(want));
   return out;
 }
 

@@ -10,6 +10,7 @@
 #include "model/batch.h"
 #include "model/config.h"
 #include "model/llama.h"
+#include "model/param_table.h"
 #include "model/projection.h"
 #include "model/units.h"
 #include "model/vit.h"
@@ -83,6 +84,7 @@ class VisualChatModel {
 
   ParamStore& params() { return params_; }
   const ParamStore& params() const { return params_; }
+  const ParamTable& table() const { return table_; }  // the whole one-rank model's parameters
   const ModelConfig& config() const { return cfg_; }
   const ModelOptions& options() const { return opt_; }
   // Recomputes which parts need a backward after trainable flags change (tests flip them).
@@ -105,6 +107,7 @@ class VisualChatModel {
   ModelConfig cfg_;
   ModelOptions opt_;
   ModelParallel mp_;
+  ParamTable table_;  // before params_: every Param points at its entry
   ParamStore params_;
   std::unique_ptr<Comm> kv_replicas_;  // see TensorParallel
   TensorParallel tp_;
