@@ -45,8 +45,7 @@ Trainer::Trainer(const TrainConfig& cfg, Grid* grid) : cfg_(cfg) {
   const int dp_rank = g.coord().dp;
   if (cfg.data_sources.empty()) {
     if (cfg.val_fraction > 0) throw ConfigError("--val-fraction needs --data");
-    // Each DP replica draws its own synthetic stream.
-    synthetic_ = std::make_unique<SyntheticBatches>(cfg.model, cfg.data, cfg.seed + 1 + dp_rank);
+    synthetic_ = std::make_unique<SyntheticBatches>(cfg.model, cfg.data, cfg.seed + 1);
   } else {
     data::LoaderConfig lc;
     for (const std::string& s : cfg.data_sources) lc.sources.push_back(data::parse_data_source(s));
@@ -69,8 +68,15 @@ Trainer::Trainer(const TrainConfig& cfg, Grid* grid) : cfg_(cfg) {
 std::vector<Batch> Trainer::next_batches() {
   if (loader_) return loader_->next_step().micro;
   if (fixed_) return *fixed_;
+  // Synthetic: as the loader does, sample g of the global batch goes to replica g mod dp.
+  const int64_t B = cfg_.data.batch_size, dp = dp_size(), global = B * cfg_.micro_batches * dp;
   std::vector<Batch> batches;
-  for (int64_t m = 0; m < cfg_.micro_batches; ++m) batches.push_back(synthetic_->next());
+  for (int64_t m = 0; m < cfg_.micro_batches; ++m) {
+    std::vector<int64_t> samples;
+    for (int64_t k = m * B; k < (m + 1) * B; ++k) samples.push_back(synthetic_consumed_ + k * dp + grid_->coord().dp);
+    batches.push_back(synthetic_->batch(samples));
+  }
+  synthetic_consumed_ += global;
   if (cfg_.fixed_batch) fixed_ = batches;
   return batches;
 }

@@ -74,6 +74,7 @@ class Trainer {
   std::unique_ptr<DataParallelOptimizer> opt_;
   Zero3Optimizer* zero3_ = nullptr;  // opt_ when --zero 3
   std::unique_ptr<SyntheticBatches> synthetic_;
+  int64_t synthetic_consumed_ = 0;  // global samples of the synthetic stream used so far
   std::unique_ptr<data::DataLoader> loader_;
   std::optional<std::vector<Batch>> fixed_;
   int64_t step_ = 0;
