@@ -77,4 +77,19 @@ std::string last_error();
 // " (HDF5: <last_error()>)" or "" when there is none: appended to our own messages.
 std::string error_suffix();
 
+// Errors name the file: DataError("<path>: <what>"), fail_h5 adds HDF5's own message.
+[[noreturn]] void fail(const std::string& path, const std::string& what);
+[[noreturn]] void fail_h5(const std::string& path, const std::string& what);
+
+// Opens an existing file read-only without file locking (our files are immutable once
+// published); `kind` names what it should be ("shard file") in the error for a directory.
+File open_read_only(const std::string& path, const char* kind);
+
+// Scalar attributes; a missing or mistyped one is a DataError naming the file and attribute.
+void write_int_attr(hid_t obj, const char* name, hid_t file_type, int64_t v, const std::string& path);
+void write_str_attr(hid_t obj, const char* name, const std::string& v, const std::string& path);  // variable-length UTF-8
+Attribute open_attr(hid_t obj, const char* name, const std::string& path);
+int64_t read_int_attr(hid_t obj, const char* name, const std::string& path);
+std::string read_str_attr(hid_t obj, const char* name, const std::string& path);  // variable or fixed length
+
 }  // namespace vchat::data::h5

@@ -16,6 +16,13 @@ namespace vchat::data {
 
 namespace fs = std::filesystem;
 
+using h5::fail;
+using h5::fail_h5;
+using h5::read_int_attr;
+using h5::read_str_attr;
+using h5::write_int_attr;
+using h5::write_str_attr;
+
 namespace {
 
 // Tokens and mask: 16K elements per chunk (64 KiB of int32). The loader reads samples in
@@ -30,12 +37,6 @@ constexpr size_t kImageFlushBytes = size_t(16) << 20;
 constexpr size_t kVerifyBlockBytes = size_t(16) << 20;
 // verify_shard reports at most this many problems of one kind, then a count of the rest.
 constexpr int kMaxProblemsPerKind = 10;
-
-[[noreturn]] void fail(const std::string& path, const std::string& what) { throw DataError(path + ": " + what); }
-// For a failed HDF5 call: adds the innermost HDF5 error message.
-[[noreturn]] void fail_h5(const std::string& path, const std::string& what) {
-  throw DataError(path + ": " + what + h5::error_suffix());
-}
 
 std::string str(int64_t v) { return std::to_string(v); }
 
@@ -86,92 +87,13 @@ void write_array(hid_t file, const char* name, const std::vector<int64_t>& v, co
     fail_h5(path, std::string("writing dataset '") + name + "' failed");
 }
 
-void write_int_attr(hid_t obj, const char* name, hid_t file_type, int64_t v, const std::string& path) {
-  h5::Dataspace space(H5Screate(H5S_SCALAR));
-  h5::Attribute a(H5Acreate2(obj, name, file_type, space.get(), H5P_DEFAULT, H5P_DEFAULT));
-  if (!a || H5Awrite(a.get(), H5T_NATIVE_INT64, &v) < 0) fail_h5(path, std::string("writing attribute '") + name + "' failed");
-}
-
-// Variable-length UTF-8: what h5py writes for a Python str, so Python tools read it as str.
-void write_str_attr(hid_t obj, const char* name, const std::string& v, const std::string& path) {
-  h5::Datatype type(H5Tcopy(H5T_C_S1));
-  h5::Dataspace space(H5Screate(H5S_SCALAR));
-  if (!type || H5Tset_size(type.get(), H5T_VARIABLE) < 0 || H5Tset_cset(type.get(), H5T_CSET_UTF8) < 0)
-    fail_h5(path, "cannot make a string type");
-  h5::Attribute a(H5Acreate2(obj, name, type.get(), space.get(), H5P_DEFAULT, H5P_DEFAULT));
-  const char* p = v.c_str();
-  if (!a || H5Awrite(a.get(), type.get(), &p) < 0) fail_h5(path, std::string("writing attribute '") + name + "' failed");
-}
-
 // ---- reading ---------------------------------------------------------------------------
-
-h5::File open_shard_file(const std::string& path) {
-  std::error_code ec;
-  if (!fs::exists(path, ec)) fail(path, "no such file");
-  if (fs::is_directory(path, ec)) fail(path, "is a directory, not a shard file");
-  h5::PropList fapl(H5Pcreate(H5P_FILE_ACCESS));
-  if (!fapl) fail_h5(path, "cannot create a file access property list");
-#if H5_VERSION_GE(1, 10, 7)
-  // Shards are immutable once renamed into place: locking buys nothing, and flock() fails
-  // on some parallel file systems (HDF5_USE_FILE_LOCKING=FALSE otherwise).
-  H5Pset_file_locking(fapl.get(), false, true);
-#endif
-  h5::File f(H5Fopen(path.c_str(), H5F_ACC_RDONLY, fapl.get()));
-  if (!f) fail_h5(path, "not an HDF5 file or truncated");
-  return f;
-}
-
-// A scalar (or one-element) attribute, or DataError.
-h5::Attribute open_attr(hid_t obj, const char* name, const std::string& path) {
-  const htri_t e = H5Aexists(obj, name);
-  if (e < 0) fail_h5(path, std::string("cannot look up attribute '") + name + "'");
-  if (e == 0) fail(path, std::string("missing attribute '") + name + "' (not a vchat shard?)");
-  h5::Attribute a(H5Aopen(obj, name, H5P_DEFAULT));
-  if (!a) fail_h5(path, std::string("cannot open attribute '") + name + "'");
-  h5::Dataspace space(H5Aget_space(a.get()));
-  if (!space || H5Sget_simple_extent_npoints(space.get()) != 1)
-    fail(path, std::string("attribute '") + name + "' must hold exactly one value");
-  return a;
-}
-
-int64_t read_int_attr(hid_t obj, const char* name, const std::string& path) {
-  h5::Attribute a = open_attr(obj, name, path);
-  h5::Datatype type(H5Aget_type(a.get()));
-  if (!type || H5Tget_class(type.get()) != H5T_INTEGER) fail(path, std::string("attribute '") + name + "' is not an integer");
-  int64_t v = 0;
-  if (H5Aread(a.get(), H5T_NATIVE_INT64, &v) < 0) fail_h5(path, std::string("reading attribute '") + name + "' failed");
-  return v;
-}
-
-// Reads variable-length (h5py's default) and fixed-length strings alike.
-std::string read_str_attr(hid_t obj, const char* name, const std::string& path) {
-  h5::Attribute a = open_attr(obj, name, path);
-  h5::Datatype type(H5Aget_type(a.get()));
-  if (!type || H5Tget_class(type.get()) != H5T_STRING) fail(path, std::string("attribute '") + name + "' is not a string");
-  const std::string err = std::string("reading attribute '") + name + "' failed";
-  if (H5Tis_variable_str(type.get()) > 0) {
-    h5::Datatype mem(H5Tcopy(H5T_C_S1));
-    if (!mem || H5Tset_size(mem.get(), H5T_VARIABLE) < 0 || H5Tset_cset(mem.get(), H5Tget_cset(type.get())) < 0)
-      fail_h5(path, err);
-    char* p = nullptr;
-    if (H5Aread(a.get(), mem.get(), &p) < 0) fail_h5(path, err);
-    std::string s = p ? p : "";
-    H5free_memory(p);  // HDF5 allocated it; it must free it too
-    return s;
-  }
-  const size_t n = H5Tget_size(type.get());
-  std::string buf(n, '\0');
-  if (n == 0 || H5Aread(a.get(), type.get(), buf.data()) < 0) fail_h5(path, err);
-  buf.resize(std::strlen(buf.c_str()));  // NUL-terminated or NUL-padded
-  if (H5Tget_strpad(type.get()) == H5T_STR_SPACEPAD) buf.erase(buf.find_last_not_of(' ') + 1);
-  return buf;
-}
 
 // Opens an integer-typed dataset of the given rank and returns its dims.
 h5::Dataset open_int_dataset(hid_t file, const char* name, int rank, const std::string& path, std::vector<int64_t>& dims) {
   const htri_t e = H5Lexists(file, name, H5P_DEFAULT);
   if (e < 0) fail_h5(path, std::string("cannot look up dataset '") + name + "'");
-  if (e == 0) fail(path, std::string("missing dataset '") + name + "' (not a vchat shard?)");
+  if (e == 0) fail(path, std::string("missing dataset '") + name + "' (not a vchat file of this kind?)");
   h5::Dataset ds(H5Dopen2(file, name, H5P_DEFAULT));
   if (!ds) fail_h5(path, std::string("cannot open dataset '") + name + "'");
   h5::Datatype type(H5Dget_type(ds.get()));
@@ -446,7 +368,7 @@ ShardSummary ShardWriter::finish() {
 
 ShardReader::ShardReader(std::string path, const ShardExpect& expect) : path_(std::move(path)) {
   h5::ErrorSilencer quiet;
-  file_ = open_shard_file(path_);
+  file_ = h5::open_read_only(path_, "shard file");
   const hid_t f = file_.get();
   attrs_ = read_attrs(f, path_, nullptr);  // checks format_version first
   if (!expect.tokenizer_sha256.empty() && attrs_.tokenizer_sha256 != expect.tokenizer_sha256)
@@ -515,7 +437,7 @@ VerifyResult verify_shard(const std::string& path, const std::string& expected_s
                 " (file changed or corrupted)");
 
   h5::File file;
-  if (!attempt(&P, [&] { file = open_shard_file(path); })) return done();
+  if (!attempt(&P, [&] { file = h5::open_read_only(path, "shard file"); })) return done();
   const hid_t f = file.get();
   const ShardAttrs attrs = read_attrs(f, path, &P);
 

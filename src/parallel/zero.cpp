@@ -11,6 +11,15 @@
 
 namespace vchat {
 
+const char* state_kind_name(StateKind k) {
+  switch (k) {
+    case StateKind::value: return "value";
+    case StateKind::adam_m: return "adam_m";
+    case StateKind::adam_v: return "adam_v";
+  }
+  return "?";
+}
+
 void check_zero_stage(int stage) {
   if (stage < 0 || stage > 3) throw ConfigError("--zero=" + std::to_string(stage) + " is not a ZeRO stage (0, 1, 2 or 3)");
 }
@@ -63,7 +72,7 @@ ZeroOptimizer::ZeroOptimizer(ParamStore& store, Comm& dp, int stage, const AdamW
   for (size_t i = 0; i < t.size(); ++i) {
     const int64_t b = std::max(f.offset[i], shard_begin_);
     const int64_t e = std::min(f.offset[i] + t[i]->value.numel(), shard_begin_ + shard_size_);
-    if (b < e) segments_.push_back({t[i], b, e});
+    if (b < e) segments_.push_back({t[i], b, e, f.offset[i]});
   }
   if (stage_ == 2) {  // no full gradient is held between steps
     grads_ = Tensor();
@@ -122,6 +131,27 @@ double ZeroOptimizer::step(float lr) {
     timed([&] { dp_.all_gather(mine.raw(), f.values.raw(), shard_size_, DType::f32); });
   }
   return norm;
+}
+
+std::vector<StateSlice> ZeroOptimizer::state() {
+  // Values: every rank holds every parameter whole (stages 1-2 all-gather after the update).
+  // Moments: the whole buffer (stage 0, replicated) or this rank's shard.
+  std::vector<StateSlice> out;
+  const ParamStore::Flat& f = *store_.flat();
+  const std::vector<Param*> t = store_.trainable();
+  size_t ti = 0;
+  for (auto& p : store_.all()) {
+    const int64_t n = p->value.numel();
+    Tensor v = p->trainable ? f.values.slice(0, f.offset[ti], f.offset[ti] + n) : p->value.reshape({n});
+    if (p->trainable) ++ti;
+    out.push_back({p.get(), StateKind::value, 0, n, v, true});
+  }
+  for (const Segment& s : segments_) {
+    const int64_t a = s.begin - shard_begin_, b = s.end - shard_begin_;
+    out.push_back({s.param, StateKind::adam_m, s.begin - s.offset, s.end - s.offset, m_.slice(0, a, b), stage_ == 0});
+    out.push_back({s.param, StateKind::adam_v, s.begin - s.offset, s.end - s.offset, v_.slice(0, a, b), stage_ == 0});
+  }
+  return out;
 }
 
 ZeroMemory ZeroOptimizer::memory() const {

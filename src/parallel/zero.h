@@ -52,6 +52,18 @@ double clip_and_update(const std::vector<UpdateSegment>& segments, const UpdateG
                        const AdamWConfig& cfg, float lr, int64_t update,
                        const std::function<void(const std::function<void()>&)>& timed);
 
+// What a checkpoint saves and restores of one parameter on this rank: a flat (row-major)
+// range of its tensor-parallel slice (Param::shard), of its value or an Adam moment.
+enum class StateKind : uint8_t { value, adam_m, adam_v };
+const char* state_kind_name(StateKind k);  // "value", "adam_m", "adam_v"
+struct StateSlice {
+  Param* param;
+  StateKind kind;
+  int64_t begin, end;  // within the TP-local tensor
+  Tensor data;         // [end - begin], a view of where it lives on this rank
+  bool dp_replicated;  // every DP rank holds the same numbers (a checkpoint stores them once)
+};
+
 // The interface the trainer drives, whatever the stage.
 class DataParallelOptimizer {
  public:
@@ -64,6 +76,12 @@ class DataParallelOptimizer {
   virtual ZeroMemory memory() const = 0;
   virtual double last_comm_seconds() const = 0;  // time in DP collectives, last step
   virtual int stage() const = 0;
+  // Everything of the model and optimizer this rank holds (every parameter's value, frozen
+  // ones included; Adam moments where this rank updates): what a checkpoint restores here.
+  // The views stay valid until the next step().
+  virtual std::vector<StateSlice> state() = 0;
+  virtual int64_t updates() const = 0;  // AdamW updates so far (the bias-correction count)
+  virtual void set_updates(int64_t n) = 0;
 };
 
 // Throws ConfigError naming --zero for a stage that does not exist.
@@ -80,6 +98,9 @@ class ZeroOptimizer final : public DataParallelOptimizer {
   int stage() const override { return stage_; }
   int64_t shard_begin() const { return shard_begin_; }
   int64_t shard_size() const { return shard_size_; }
+  std::vector<StateSlice> state() override;
+  int64_t updates() const override { return step_; }
+  void set_updates(int64_t n) override { step_ = n; }
 
  private:
   ParamStore& store_;
@@ -95,6 +116,7 @@ class ZeroOptimizer final : public DataParallelOptimizer {
   struct Segment {     // the part of one parameter inside the updated range
     Param* param;
     int64_t begin, end;  // flat offsets
+    int64_t offset;      // the parameter's own offset in the flat buffer
   };
   std::vector<Segment> segments_;
 };

@@ -240,6 +240,28 @@ double Zero3Optimizer::step(float lr) {
   return norm;
 }
 
+std::vector<StateSlice> Zero3Optimizer::state() {
+  std::vector<StateSlice> out;
+  for (Unit& u : units_) {
+    for (const Flat* f : {&u.train, &u.frozen}) {
+      const int64_t lo = dp_.rank() * f->shard, hi = lo + f->shard;
+      for (size_t i = 0; i < f->params.size(); ++i) {
+        const int64_t end = i + 1 < f->params.size() ? f->offset[i + 1] : f->numel;
+        const int64_t a = std::max(f->offset[i], lo), b = std::min(end, hi);
+        if (a >= b) continue;
+        Param* p = f->params[i];
+        const int64_t pa = a - f->offset[i], pb = b - f->offset[i];
+        out.push_back({p, StateKind::value, pa, pb, f->master.slice(0, a - lo, b - lo), false});
+        if (f == &u.train) {
+          out.push_back({p, StateKind::adam_m, pa, pb, u.m.slice(0, a - lo, b - lo), false});
+          out.push_back({p, StateKind::adam_v, pa, pb, u.v.slice(0, a - lo, b - lo), false});
+        }
+      }
+    }
+  }
+  return out;
+}
+
 ZeroMemory Zero3Optimizer::memory() const {
   ZeroMemory m;
   for (const Unit& u : units_) {

@@ -34,6 +34,9 @@ class Zero3Optimizer final : public DataParallelOptimizer, public UnitHooks {
   ZeroMemory memory() const override;
   double last_comm_seconds() const override { return comm_seconds_; }
   int stage() const override { return 3; }
+  std::vector<StateSlice> state() override;  // the shards: nothing is DP-replicated
+  int64_t updates() const override { return update_; }
+  void set_updates(int64_t n) override { update_ = n; }
 
   // Every unit's full values bound at once, from gather_all() until release_all() (which
   // step() requires first): for tests and tools that read the whole model. (The trainer's
