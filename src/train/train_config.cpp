@@ -13,6 +13,24 @@ namespace vchat {
 namespace po = boost::program_options;
 
 namespace {
+// Every option's final value as JSON (what a checkpoint records of the run).
+nlohmann::json options_json(const po::variables_map& vm) {
+  nlohmann::json j = nlohmann::json::object();
+  for (const auto& [name, v] : vm) {
+    const boost::any& a = v.value();
+    if (auto* s = boost::any_cast<std::string>(&a)) j[name] = *s;
+    else if (auto* i = boost::any_cast<int>(&a)) j[name] = *i;
+    else if (auto* l = boost::any_cast<int64_t>(&a)) j[name] = *l;
+    else if (auto* u = boost::any_cast<uint64_t>(&a)) j[name] = *u;
+    else if (auto* f = boost::any_cast<float>(&a)) j[name] = *f;
+    else if (auto* d = boost::any_cast<double>(&a)) j[name] = *d;
+    else if (auto* b = boost::any_cast<bool>(&a)) j[name] = *b;
+    else if (auto* vs = boost::any_cast<std::vector<std::string>>(&a)) j[name] = *vs;
+    else j[name] = nullptr;  // a type added later: recorded by name
+  }
+  return j;
+}
+
 template <class T>
 void require_positive(const char* opt, T v) {
   if (v <= 0) throw ConfigError(std::string("--") + opt + "=" + std::to_string(v) + " must be positive");
@@ -60,7 +78,15 @@ bool parse_train_config(int argc, const char* const argv[], TrainConfig& c) {
     ("pp", po::value(&c.pp)->default_value(1), "pipeline stages (contiguous layer ranges, 1F1B schedule)")
     ("comm-timeout", po::value(&c.comm_timeout)->default_value(600.0), "seconds before a stuck collective or send/recv aborts the job, naming it (0: never)")
     ("zero", po::value(&c.zero_stage)->default_value(0), "ZeRO stage over the data-parallel ranks: 0, 1 (shard optimizer state), 2 (and gradients), 3 (and weights, gathered per layer)")
-    ("save-params", po::value(&c.save_params), "write the trained parameters to this safetensors file at the end");
+    ("save-params", po::value(&c.save_params), "write the trained parameters to this safetensors file at the end")
+    ("save-dir", po::value(&c.save_dir), "write checkpoints under this directory (step_XXXXXXXX/ per save, `latest`)")
+    ("save-every", po::value(&c.save_every)->default_value(0), "steps between checkpoints (0: only at the end and when stopped by a signal or the clock)")
+    ("keep-last", po::value(&c.keep_last)->default_value(0), "checkpoints to keep (0: all); older ones go once a newer one is published")
+    ("save-sync", po::bool_switch(&c.save_sync), "write checkpoints in the step loop instead of on a background thread")
+    ("resume", po::value(&c.resume), "auto (the latest checkpoint in --save-dir, or a fresh start) or a checkpoint / save directory")
+    ("resume-reset-data", po::bool_switch(&c.resume_reset_data), "with --resume: keep weights, optimizer and step, restart the data stream (allows another --global-batch or --data)")
+    ("exit-after-minutes", po::value(&c.exit_after_minutes)->default_value(0.0), "stop after the step running at this many minutes, save, exit 0 (0: never)")
+    ("exit-after-steps", po::value(&c.exit_after_steps)->default_value(0), "stop after this many steps of this run, save, exit 0 (0: never); the LR schedule still spans --steps");
   // clang-format on
 
   po::variables_map vm;
@@ -116,6 +142,15 @@ bool parse_train_config(int argc, const char* const argv[], TrainConfig& c) {
   if (!(c.adamw.eps > 0)) throw bad("adam-eps", c.adamw.eps, "must be positive");
   if (!(c.adamw.weight_decay >= 0)) throw bad("weight-decay", c.adamw.weight_decay, "must be >= 0");
   if (!(c.model_options.lora_alpha > 0)) throw bad("lora-alpha", c.model_options.lora_alpha, "must be positive");
+  if (c.save_every < 0) throw ConfigError("--save-every=" + std::to_string(c.save_every) + " must be >= 0");
+  if (c.keep_last < 0) throw ConfigError("--keep-last=" + std::to_string(c.keep_last) + " must be >= 0");
+  if (!(c.exit_after_minutes >= 0)) throw bad("exit-after-minutes", c.exit_after_minutes, "must be >= 0");
+  if (c.exit_after_steps < 0) throw ConfigError("--exit-after-steps=" + std::to_string(c.exit_after_steps) + " must be >= 0");
+  if (c.save_dir.empty() && (c.save_every > 0 || c.keep_last > 0 || c.resume == "auto"))
+    throw ConfigError(std::string(c.resume == "auto" ? "--resume auto" : c.save_every > 0 ? "--save-every" : "--keep-last") +
+                      " needs --save-dir");
+  if (c.resume_reset_data && c.resume.empty()) throw ConfigError("--resume-reset-data needs --resume");
+  c.options = options_json(vm);
   c.lr.total_steps = c.steps;
   c.model = ModelConfig::load(c.model_file);
   const int64_t t_img = c.model.vision.tokens_per_image();

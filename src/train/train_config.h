@@ -5,6 +5,8 @@
 #include <string>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "model/config.h"
 #include "model/visualchat.h"
 #include "train/adamw.h"
@@ -40,6 +42,19 @@ struct TrainConfig {
   int tp = 1, pp = 1;             // grid: world = tp x dp x pp (dp inferred)
   double comm_timeout = 600;      // seconds before a stuck collective aborts the job (0: never)
   std::string save_params;        // write the trained parameters here at the end (rank 0)
+
+  // Checkpoints and long runs (docs/CHECKPOINTS.md).
+  std::string save_dir;           // checkpoints go here ("" = none)
+  int64_t save_every = 0;         // steps between checkpoints (0: at the end and on a stop only)
+  int keep_last = 0;              // checkpoints kept (0: all)
+  bool save_sync = false;         // write in the step loop, not on a background thread
+  std::string resume;             // "", "auto" or a checkpoint / save directory
+  bool resume_reset_data = false; // keep weights and optimizer, restart the data stream
+  double exit_after_minutes = 0;  // save and exit 0 after this long (0: never)
+  int64_t exit_after_steps = 0;   // ... after this many steps of this run (0: never)
+
+  // Every option's final value (command line over INI over defaults), for checkpoints.
+  nlohmann::json options;
 };
 
 // Parses argv. Returns false when --help was printed. Throws ConfigError (exit 2) naming

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
 #include <nlohmann/json.hpp>
 
 #include "data/sha256.h"
@@ -13,8 +14,32 @@
 #include "model/params.h"
 #include "ops.h"
 #include "parallel/pipeline.h"
+#include "checkpoint/reshard.h"
+#include "train/signals.h"
 
 namespace vchat {
+
+namespace {
+
+// The first key where two JSON configs differ, as "llm.hidden: 64 there, 32 here"; "" if equal.
+std::string first_difference(const nlohmann::json& there, const nlohmann::json& here, const std::string& path = "") {
+  if (there.is_object() && here.is_object()) {
+    for (auto it = there.begin(); it != there.end(); ++it) {
+      const std::string key = path.empty() ? it.key() : path + "." + it.key();
+      if (!here.contains(it.key())) return key + ": " + it.value().dump() + " in the checkpoint, absent in this run";
+      const std::string d = first_difference(it.value(), here[it.key()], key);
+      if (!d.empty()) return d;
+    }
+    for (auto it = here.begin(); it != here.end(); ++it)
+      if (!there.contains(it.key()))
+        return (path.empty() ? it.key() : path + "." + it.key()) + ": absent in the checkpoint, " + it.value().dump() +
+               " in this run";
+    return "";
+  }
+  return there == here ? "" : path + ": " + there.dump() + " in the checkpoint, " + here.dump() + " in this run";
+}
+
+}  // namespace
 
 Trainer::Trainer(const TrainConfig& cfg, Grid* grid) : cfg_(cfg) {
   if (cfg.threads > 0) {
@@ -40,12 +65,54 @@ Trainer::Trainer(const TrainConfig& cfg, Grid* grid) : cfg_(cfg) {
     opt_ = std::make_unique<ZeroOptimizer>(model_->params(), g.dp(), cfg.zero_stage, cfg.adamw, &g.mp());
   }
 
+  // The checkpoint to resume from: --resume auto takes --save-dir's latest (or starts
+  // fresh); a fresh run never writes over another run's checkpoints.
+  std::string resume_dir;
+  std::optional<ckpt::Manifest> resume;
+  if (cfg.resume == "auto") {
+    resume_dir = ckpt::latest_checkpoint(cfg.save_dir).value_or("");
+  } else if (!cfg.resume.empty()) {
+    resume_dir = ckpt::resolve_checkpoint(cfg.resume, "--resume");
+  } else if (!cfg.save_dir.empty()) {
+    if (auto latest = ckpt::latest_checkpoint(cfg.save_dir))
+      throw ConfigError("--save-dir " + cfg.save_dir + " already holds checkpoints (latest: " + *latest +
+                        "); pass --resume auto to continue that run, or choose another directory");
+  }
+  if (!resume_dir.empty()) {
+    resume = ckpt::read_manifest(resume_dir);
+    const ckpt::Manifest now = checkpoint_base();
+    const std::string where = "--resume " + resume_dir + ": ";
+    if (resume->kind != "step") throw ConfigError(where + "a frozen-tensor set, not a checkpoint");
+    const std::string d = first_difference(resume->model, now.model, "model");
+    if (!d.empty()) throw ConfigError(where + "written for another model (" + d + ")");
+    if (resume->train_set != now.train_set)
+      throw ConfigError(where + "written with --train " + resume->train_set + ", this run has --train " + now.train_set);
+    if (resume->train_set == "lora" && resume->lora_rank != now.lora_rank)
+      throw ConfigError(where + "written with --lora-rank " + std::to_string(resume->lora_rank) + ", this run has " +
+                        std::to_string(now.lora_rank));
+    if (resume->attention != now.attention)
+      throw ConfigError(where + "written with --attention " + resume->attention + ", this run has --attention " +
+                        now.attention);
+    if (!cfg.resume_reset_data) {
+      const std::string hint = "; pass --resume-reset-data to keep the weights and optimizer and restart the data stream";
+      if (resume->state.global_batch != now.state.global_batch)
+        throw ConfigError(where + "written with a global batch of " + std::to_string(resume->state.global_batch) +
+                          " samples, this run has " + std::to_string(now.state.global_batch) + hint);
+      if (resume->state.data != now.state.data)
+        throw ConfigError(where + "trained on " + resume->state.data + " data, this run on " + now.state.data + hint);
+      if (resume->state.data_seed != now.state.data_seed)
+        throw ConfigError(where + "written with another --seed (the data order would not continue)" + hint);
+    }
+  }
+
   // Data: every model-parallel rank of a data-parallel replica reads the same batches (the
   // stages need the tokens, modality and targets; the loader is deterministic per dp rank).
   const int dp_rank = g.coord().dp;
+  const bool keep_stream = resume && !cfg.resume_reset_data;
   if (cfg.data_sources.empty()) {
     if (cfg.val_fraction > 0) throw ConfigError("--val-fraction needs --data");
     synthetic_ = std::make_unique<SyntheticBatches>(cfg.model, cfg.data, cfg.seed + 1);
+    if (keep_stream) synthetic_consumed_ = resume->state.consumed;
   } else {
     data::LoaderConfig lc;
     for (const std::string& s : cfg.data_sources) lc.sources.push_back(data::parse_data_source(s));
@@ -53,16 +120,85 @@ Trainer::Trainer(const TrainConfig& cfg, Grid* grid) : cfg_(cfg) {
     lc.micro_batch = cfg.data.batch_size;
     lc.dp_rank = dp_rank;
     lc.dp_size = dp_size();
-    lc.global_batch = cfg.global_batch ? cfg.global_batch : cfg.data.batch_size * cfg.micro_batches * dp_size();
+    lc.global_batch = global_batch();
     lc.val_fraction = cfg.val_fraction;
     if (!cfg.tokenizer.empty()) lc.tokenizer_sha256 = data::sha256_file(cfg.tokenizer);
     lc.collate = {cfg.model.vision.tokens_per_image(), cfg.model.vision.image_size, cfg.data.seq_len, cfg.blank_images};
-    loader_ = std::make_unique<data::DataLoader>(lc);
+    const data::LoaderState at{resume ? resume->state.data_seed : 0, resume ? resume->state.blend_hash : 0,
+                               resume ? resume->state.consumed : 0};
+    try {
+      loader_ = std::make_unique<data::DataLoader>(lc, keep_stream ? &at : nullptr);
+    } catch (const std::invalid_argument& e) {
+      throw ConfigError("--resume " + resume_dir + ": " + e.what() +
+                        "; pass --resume-reset-data to keep the weights and optimizer and restart the data stream");
+    }
+  }
+  if (resume) restore(resume_dir, *resume);
+  if (!cfg.save_dir.empty()) {
+    // A run resumed from this directory keeps referring to the frozen set its checkpoint
+    // names; anywhere else it writes its own at the first save.
+    std::error_code ec;
+    const bool same_dir = resume && !resume->frozen_dir.empty() &&
+                          std::filesystem::equivalent(std::filesystem::path(resume_dir).parent_path(), cfg.save_dir, ec);
+    saver_ = std::make_unique<ckpt::CheckpointSaver>(ckpt::SaveOptions{cfg.save_dir, cfg.save_every, cfg.keep_last, cfg.save_sync},
+                                                     g, same_dir ? resume->frozen_dir : "",
+                                                     same_dir ? resume->frozen_manifest_sha256 : "");
   }
   if (!cfg.metrics_file.empty() && is_root()) {
     metrics_.open(cfg.metrics_file, std::ios::app);
     if (!metrics_) throw ConfigError("--metrics '" + cfg.metrics_file + "': cannot open for writing");
   }
+}
+
+int64_t Trainer::global_batch() const {
+  return cfg_.global_batch ? cfg_.global_batch : cfg_.data.batch_size * cfg_.micro_batches * dp_size();
+}
+
+ckpt::Manifest Trainer::checkpoint_base() const {
+  ckpt::Manifest m;
+  m.kind = "step";
+  m.step = step_;
+  const GridShape& sh = grid_->shape();
+  m.topology = {sh.size(), sh.tp, sh.dp, sh.pp, cfg_.zero_stage};
+  m.state.step = step_;
+  m.state.updates = opt_->updates();
+  m.state.global_batch = global_batch();
+  if (loader_) {
+    const data::LoaderState ls = loader_->state();
+    m.state.data = "prepared";
+    m.state.data_seed = ls.seed;
+    m.state.blend_hash = ls.blend_hash;
+    m.state.consumed = ls.consumed;
+  } else if (!cfg_.data_sources.empty()) {  // before the loader exists (the resume checks)
+    m.state.data = "prepared";
+    m.state.data_seed = cfg_.seed;
+  } else {
+    m.state.data = "synthetic";
+    m.state.data_seed = cfg_.seed + 1;
+    m.state.consumed = synthetic_consumed_;
+  }
+  m.model = nlohmann::json::parse(cfg_.model.to_json());
+  m.run_config = cfg_.options;
+  m.train_set = train_set_name(cfg_.model_options.train);
+  m.attention = cfg_.model_options.attention == ops::AttnMode::mmca ? "mmca" : "causal";
+  m.lora_rank = cfg_.model_options.train == TrainSet::lora ? cfg_.model_options.lora_rank : 0;
+  return m;
+}
+
+void Trainer::restore(const std::string& dir, const ckpt::Manifest& m) {
+  using clock = std::chrono::steady_clock;
+  const auto t0 = clock::now();
+  const ckpt::LoadStats st = ckpt::load_state(dir, m, opt_->state());
+  opt_->set_updates(m.state.updates);
+  step_ = m.state.step;
+  // Every rank read its own slices; the slowest decides when training can start.
+  double bytes[2] = {static_cast<double>(st.bytes_read), static_cast<double>(st.bytes_verified)};
+  grid_->world().all_reduce_f64(bytes, 2, ReduceOp::sum);
+  if (is_root())
+    std::printf("vchat-train | resumed from %s: step %lld, written under %s%s | read %.1f MB of tensors (%.1f MB of files verified) in %.2f s\n",
+                dir.c_str(), static_cast<long long>(m.step), m.topology.describe().c_str(),
+                cfg_.resume_reset_data ? ", data stream restarted" : "", bytes[0] / 1e6, bytes[1] / 1e6,
+                std::chrono::duration<double>(clock::now() - t0).count());
 }
 
 std::vector<Batch> Trainer::next_batches() {
@@ -136,8 +272,12 @@ StepStats Trainer::step() {
   // 5. ZeRO: reduce the gradients over the DP group (each is already divided by the global
   //    count), clip by the global norm over all groups, update (this rank's shard from
   //    stage 1), and bring the weights back (stages 1-2; stage 3 gathers on use).
+  //    A step without a supervised token (every answer cut away by --seq-len) carries no
+  //    signal: no update at all (Adam's momentum would still move the weights); the step
+  //    line says so.
   s.lr = cfg_.lr.at(step_);
-  s.grad_norm = opt_->step(s.lr);
+  s.supervised = static_cast<int64_t>(counts[0]);
+  s.grad_norm = s.supervised > 0 ? opt_->step(s.lr) : 0.0;
 
   s.step = ++step_;
   s.seconds = std::chrono::duration<double>(clock::now() - t0).count();
@@ -295,7 +435,47 @@ void Trainer::save_trainable(const std::string& path) {
   save_safetensors(path, f);
 }
 
+Trainer::Agreement Trainer::agree() {
+  const bool time_up = cfg_.exit_after_minutes > 0 &&
+                       std::chrono::duration<double>(std::chrono::steady_clock::now() - started_).count() >=
+                           cfg_.exit_after_minutes * 60;
+  const bool enough = cfg_.exit_after_steps > 0 && step_ - first_step_ >= cfg_.exit_after_steps;
+  const bool writing = saver_ && saver_->in_flight() && saver_->local_status() == ckpt::CheckpointSaver::writing;
+  double flags[3] = {static_cast<double>(StopSignals::requested()), time_up ? 1.0 : enough ? 2.0 : 0.0,
+                     writing ? 1.0 : 0.0};
+  grid_->world().all_reduce_f64(flags, 3, ReduceOp::max);
+  Agreement a;
+  if (flags[0] > 0) {
+    a.stop = true;
+    a.why = StopSignals::name(static_cast<int>(flags[0]));
+  } else if (flags[1] > 0) {
+    a.stop = true;
+    char why[96];
+    if (flags[1] == 1) std::snprintf(why, sizeof why, "--exit-after-minutes %g", cfg_.exit_after_minutes);
+    else std::snprintf(why, sizeof why, "--exit-after-steps %lld", static_cast<long long>(cfg_.exit_after_steps));
+    a.why = why;
+  }
+  a.save_ready = saver_ && saver_->in_flight() && flags[2] == 0;
+  return a;
+}
+
+std::string Trainer::save_now() {
+  saver_->start(opt_->state(), checkpoint_base());
+  return saver_->finish();
+}
+
+void Trainer::report_saved(const std::string& dir) {
+  if (!is_root() || dir.empty()) return;
+  const ckpt::CheckpointSaver::Timing& t = saver_->last_timing();
+  std::printf("checkpoint | step %lld | %s | paused training %.0f ms (snapshot), rank 0 wrote %.1f MB in %.2f s\n",
+              static_cast<long long>(t.step), dir.c_str(), t.snapshot_seconds * 1e3, t.bytes / 1e6, t.write_seconds);
+  std::fflush(stdout);
+}
+
 void Trainer::run() {
+  // From here on a stop request saves first (before, the default action ends the process:
+  // there is nothing to save yet, and a failing peer's SIGTERM from mpirun must still work).
+  StopSignals::install();
   const ParamStore& ps = model_->params();
   if (is_root())
     std::printf("vchat-train | model %s | train %s | attention %s | params on rank 0 %.2fM (trainable %.2fM) | tp %d dp %d pp %d | zero %d | threads %d | data %s\n",
@@ -319,23 +499,31 @@ void Trainer::run() {
                << "\n" << std::flush;
   };
   double elapsed = 0;
-  for (int64_t i = 0; i < cfg_.steps; ++i) {
+  const int64_t first = first_step_ = step_;  // > 0 when resumed
+  std::string stopped_by;
+  while (step_ < cfg_.steps) {
     const StepStats s = step();
     elapsed += s.seconds;
-    if (is_root() && (s.step % cfg_.log_every == 0 || s.step == cfg_.steps)) {
-      const double eta = elapsed / s.step * (cfg_.steps - s.step);
+    // A run whose first steps all lost every supervised token trains nothing at all.
+    if (s.step - first <= kSupervisionGraceSteps && s.supervised == 0 && ++unsupervised_steps_ == kSupervisionGraceSteps)
+      throw ConfigError("none of the first " + std::to_string(kSupervisionGraceSteps) +
+                        " steps had a supervised token: every answer lies beyond --seq-len=" +
+                        std::to_string(cfg_.data.seq_len) + " tokens (images count too); raise --seq-len");
+    if (is_root() && (s.step % cfg_.log_every == 0 || s.step == cfg_.steps || s.supervised == 0)) {
+      const double eta = elapsed / static_cast<double>(s.step - first) * static_cast<double>(cfg_.steps - s.step);
       std::printf(
-          "step %5lld/%lld | loss %.4f | lr %.3e | grad norm %.4f | %.0f tok/s | %.0f ms (compute %.0f, comm %.0f, bubble %.0f) | eta %.0fs\n",
+          "step %5lld/%lld | loss %.4f | lr %.3e | grad norm %.4f | %.0f tok/s | %.0f ms (compute %.0f, comm %.0f, bubble %.0f) | eta %.0fs%s\n",
           static_cast<long long>(s.step), static_cast<long long>(cfg_.steps), s.loss, s.lr, s.grad_norm,
           s.tokens / s.seconds, s.seconds * 1e3, (s.seconds - s.comm_seconds - s.bubble_seconds) * 1e3,
-          s.comm_seconds * 1e3, s.bubble_seconds * 1e3, eta);
+          s.comm_seconds * 1e3, s.bubble_seconds * 1e3, eta,
+          s.supervised == 0 ? " | no supervised token in this step (answers cut off by --seq-len?): no update" : "");
       std::fflush(stdout);
     }
     if (metrics_.is_open()) {
       const ZeroMemory mem = opt_->memory();
       nlohmann::json j = {{"step", s.step},          {"loss", s.loss},
                           {"lr", s.lr},              {"grad_norm", s.grad_norm},
-                          {"tokens", s.tokens},
+                          {"tokens", s.tokens},      {"supervised", s.supervised},
                           {"rows", s.rows},          {"images", s.images},
                           {"seconds", s.seconds},
                           {"comm_seconds", s.comm_seconds}, {"bubble_seconds", s.bubble_seconds},
@@ -346,9 +534,33 @@ void Trainer::run() {
                           {"mem_optimizer", mem.optimizer}};
       metrics_ << j.dump() << "\n" << std::flush;
     }
+    // After every step, one agreement over the world: a stop request on any rank, and
+    // whether the save in flight is written everywhere (then it is published).
+    const Agreement a = agree();
+    if (a.save_ready) report_saved(saver_->finish());
+    if (a.stop) {
+      stopped_by = a.why;
+      break;
+    }
+    if (saver_ && cfg_.save_every > 0 && step_ % cfg_.save_every == 0 && step_ < cfg_.steps) {
+      saver_->start(opt_->state(), checkpoint_base());
+      if (cfg_.save_sync) report_saved(saver_->finish());
+    }
     if (loader_ && loader_->validation_samples() > 0 && cfg_.val_every > 0 && s.step % cfg_.val_every == 0 &&
         s.step != cfg_.steps)
       report_eval("periodic");
+  }
+  // The end, or a stop: the last checkpoint (blocking), before anything else can fail.
+  if (saver_ && step_ > first) report_saved(save_now());  // (resumed at the end: already saved)
+  if (!stopped_by.empty()) {
+    if (is_root()) {
+      std::printf("vchat-train | stopped after step %lld/%lld by %s: %s\n", static_cast<long long>(step_),
+                  static_cast<long long>(cfg_.steps), stopped_by.c_str(),
+                  saver_ ? ("saved; continue with --resume auto --save-dir " + cfg_.save_dir).c_str()
+                         : "nothing saved (no --save-dir)");
+      std::fflush(stdout);
+    }
+    return;
   }
   if (loader_ && loader_->validation_samples() > 0) report_eval("final");
   if (!cfg_.save_params.empty()) save_trainable(cfg_.save_params);  // collective: every rank

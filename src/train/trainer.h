@@ -4,11 +4,13 @@
 // Trainer::step(). Every rank runs the same loop (SPMD) on its place in the grid
 // (tensor × data × pipeline, src/parallel/grid.h); world rank 0 prints.
 #pragma once
+#include <chrono>
 #include <fstream>
 #include <memory>
 #include <optional>
 #include <vector>
 
+#include "checkpoint/saver.h"
 #include "data/loader.h"
 #include "io/safetensors.h"
 #include "model/visualchat.h"
@@ -27,6 +29,7 @@ struct StepStats {
   double loss = 0, grad_norm = 0, seconds = 0;
   float lr = 0;
   int64_t tokens = 0;  // non-pad tokens processed by all ranks
+  int64_t supervised = 0;  // tokens carrying loss, all ranks (0: the step trained nothing)
   int64_t rows = 0;             // B·L summed over this replica's micro-batches (traffic models)
   std::vector<int64_t> images;  // images in each of this replica's micro-batches
   double comm_seconds = 0;    // of `seconds`, in tensor- and data-parallel collectives
@@ -49,7 +52,13 @@ class Trainer {
   Trainer(const TrainConfig& cfg, Grid* grid = nullptr);
   StepStats step();
   EvalStats evaluate();  // on the held-out split of --data (all ranks; needs --val-fraction)
-  void run();            // all steps, one log line per step on rank 0, validation as configured
+  // All steps (from the resumed one), one log line per step on rank 0, validation and
+  // checkpoints as configured; stops early, saved, on a signal or --exit-after-minutes.
+  void run();
+  int64_t steps_done() const { return step_; }
+  // The common part of a checkpoint's manifest at this point of the run.
+  ckpt::Manifest checkpoint_base() const;
+  ckpt::CheckpointSaver* saver() { return saver_.get(); }
   VisualChatModel& model() { return *model_; }
   DataParallelOptimizer& optimizer() { return *opt_; }
   // The full (one-rank) trainable parameters, assembled on world rank 0 from every
@@ -62,6 +71,20 @@ class Trainer {
 
  private:
   std::vector<Batch> next_batches();
+  // Reads the checkpoint's state into this rank's slices (any layout) and positions the run.
+  void restore(const std::string& dir, const ckpt::Manifest& m);
+  // The world's one small all-reduce per step: stop requests and checkpoint progress.
+  struct Agreement {
+    bool stop = false;
+    std::string why;     // "SIGUSR1", "--exit-after-minutes", ...
+    bool save_ready = false;  // every rank wrote its file of the save in flight
+  };
+  Agreement agree();
+  std::string save_now();  // a blocking checkpoint (collective); returns its directory
+  void report_saved(const std::string& dir);  // rank 0's line for a published checkpoint
+  // A run stops when none of its first steps had a supervised token.
+  static constexpr int64_t kSupervisionGraceSteps = 3;
+  int64_t global_batch() const;
   bool is_root() const { return grid_->world().rank() == 0; }
   int dp_size() const { return grid_->shape().dp; }
   void reset_comm_stats();
@@ -79,6 +102,10 @@ class Trainer {
   std::optional<std::vector<Batch>> fixed_;
   int64_t step_ = 0;
   std::ofstream metrics_;
+  std::unique_ptr<ckpt::CheckpointSaver> saver_;
+  std::chrono::steady_clock::time_point started_ = std::chrono::steady_clock::now();
+  int64_t first_step_ = 0;  // step_ when run() began (the resumed step)
+  int64_t unsupervised_steps_ = 0;  // of this run's first steps, those without a supervised token
 };
 
 }  // namespace vchat

@@ -1,0 +1,166 @@
+#include "checkpoint/reshard.h"
+
+#include <algorithm>
+#include <filesystem>
+#include <map>
+#include <memory>
+
+#include "data/sample.h"
+#include "data/sha256.h"
+
+namespace vchat::ckpt {
+
+namespace fs = std::filesystem;
+using data::DataError;
+
+namespace {
+
+// A slice as a rectangle of the full tensor viewed as [rows, cols] (1-D: [n, 1]).
+struct Rect {
+  int64_t r0, r1, c0, c1;
+  int64_t width() const { return c1 - c0; }
+};
+
+Rect rect_of(const ShardSpec& s) {
+  const int64_t R = s.full.at(0), C = s.full.size() > 1 ? s.full[1] : 1;
+  Rect r{0, R, 0, C};
+  if (s.dim == 0) r = {s.index * (R / s.count), (s.index + 1) * (R / s.count), 0, C};
+  if (s.dim == 1) r = {0, R, s.index * (C / s.count), (s.index + 1) * (C / s.count)};
+  return r;
+}
+
+}  // namespace
+
+std::vector<CopyRun> overlap_runs(const PieceRef& stored, const PieceRef& wanted) {
+  std::vector<CopyRun> runs;
+  const Rect s = rect_of(stored.shard), w = rect_of(wanted.shard);
+  if (s.width() == 0 || w.width() == 0 || stored.size() == 0 || wanted.size() == 0) return runs;
+  // Only the rows both flat ranges touch.
+  const int64_t row_lo = std::max({s.r0, w.r0, s.r0 + stored.begin / s.width(), w.r0 + wanted.begin / w.width()});
+  const int64_t row_hi = std::min({s.r1, w.r1, s.r0 + (stored.end - 1) / s.width() + 1, w.r0 + (wanted.end - 1) / w.width() + 1});
+  const int64_t c0 = std::max(s.c0, w.c0), c1 = std::min(s.c1, w.c1);
+  if (c0 >= c1) return runs;
+  for (int64_t r = row_lo; r < row_hi; ++r) {
+    // The row's overlapping columns, as flat positions in each slice; then clipped to both ranges.
+    int64_t sa = (r - s.r0) * s.width() + (c0 - s.c0), da = (r - w.r0) * w.width() + (c0 - w.c0), len = c1 - c0;
+    const int64_t skip = std::max({int64_t{0}, stored.begin - sa, wanted.begin - da});
+    sa += skip;
+    da += skip;
+    len -= skip;
+    len = std::min({len, stored.end - sa, wanted.end - da});
+    if (len <= 0) continue;
+    const int64_t src = sa - stored.begin, dst = da - wanted.begin;
+    if (!runs.empty() && runs.back().src + runs.back().len == src && runs.back().dst + runs.back().len == dst)
+      runs.back().len += len;  // contiguous in both: one copy
+    else
+      runs.push_back({src, dst, len});
+  }
+  return runs;
+}
+
+namespace {
+
+// The files of a checkpoint and its frozen set, opened (and verified) on first use.
+class Sources {
+ public:
+  Sources(const std::string& dir, const Manifest& m) {
+    add(dir, m);
+    if (!m.frozen_dir.empty()) {
+      const std::string fdir = (fs::path(dir).parent_path() / m.frozen_dir).string();
+      std::error_code ec;
+      if (!fs::is_directory(fdir, ec))
+        throw DataError(dir + ": refers to frozen tensors in " + fdir + ", which is missing (removed by hand?)");
+      const std::string fm = (fs::path(fdir) / kManifestName).string();
+      const Manifest frozen = read_manifest(fdir);
+      if (data::sha256_file(fm) != m.frozen_manifest_sha256)
+        throw DataError(fm + ": SHA-256 differs from the one " + dir + "/manifest.json refers to");
+      add(fdir, frozen);
+    }
+  }
+  struct Piece {
+    size_t file;
+    PieceRef ref;
+  };
+  const std::vector<Piece>& pieces_of(const std::string& param, StateKind k) const {
+    static const std::vector<Piece> none;
+    auto it = index_.find({param, k});
+    return it == index_.end() ? none : it->second;
+  }
+  const RankFileReader& open(size_t i, LoadStats& st) {
+    File& f = files_[i];
+    if (!f.reader) {
+      std::error_code ec;
+      if (!fs::exists(f.path, ec))
+        throw DataError(f.path + ": rank file missing (listed in " + f.dir + "/manifest.json)");
+      const int64_t bytes = static_cast<int64_t>(fs::file_size(f.path, ec));
+      if (bytes != f.entry.bytes)
+        throw DataError(f.path + ": " + std::to_string(bytes) + " bytes, the manifest says " +
+                        std::to_string(f.entry.bytes) + " (truncated or overwritten)");
+      if (data::sha256_file(f.path) != f.entry.sha256)
+        throw DataError(f.path + ": SHA-256 mismatch with the manifest (the file is corrupt)");
+      st.bytes_verified += bytes;
+      ++st.files_opened;
+      f.reader = std::make_unique<RankFileReader>(f.path);
+    }
+    return *f.reader;
+  }
+
+ private:
+  struct File {
+    std::string dir, path;
+    FileEntry entry;
+    std::unique_ptr<RankFileReader> reader;
+  };
+  void add(const std::string& dir, const Manifest& m) {
+    for (const FileEntry& e : m.files) {
+      const size_t i = files_.size();
+      files_.push_back({dir, (fs::path(dir) / e.name).string(), e, nullptr});
+      for (const PieceRef& p : e.pieces) index_[{p.param, p.kind}].push_back({i, p});
+    }
+  }
+  std::vector<File> files_;
+  std::map<std::pair<std::string, StateKind>, std::vector<Piece>> index_;
+};
+
+}  // namespace
+
+LoadStats load_state(const std::string& dir, const Manifest& m, const std::vector<StateSlice>& state) {
+  LoadStats st;
+  Sources src(dir, m);
+  std::vector<float> buf;
+  for (const StateSlice& s : state) {
+    PieceRef want{s.param->name, s.kind, s.param->shard, s.begin, s.end};
+    const std::string what = std::string(state_kind_name(s.kind)) + " of " + s.param->name;
+    if (!s.data.is_contiguous() || s.data.numel() != want.size())
+      throw std::logic_error("load_state: slice of " + what + " is not a contiguous [end - begin] view");
+    float* out = s.data.data<float>();
+    int64_t filled = 0;
+    for (const auto& piece : src.pieces_of(want.param, want.kind)) {
+      if (piece.ref.shard.full != want.shard.full)
+        throw DataError(dir + ": " + what + " has shape " + shape_str(piece.ref.shard.full) + " there, " +
+                        shape_str(want.shard.full) + " in this run's model");
+      const std::vector<CopyRun> runs = overlap_runs(piece.ref, want);
+      if (runs.empty()) continue;
+      // One read covering every run of this piece (at most the piece itself), then copies.
+      int64_t lo = runs.front().src, hi = 0;
+      for (const CopyRun& r : runs) {
+        lo = std::min(lo, r.src);
+        hi = std::max(hi, r.src + r.len);
+      }
+      buf.resize(static_cast<size_t>(hi - lo));
+      src.open(piece.file, st).read(piece.ref, piece.ref.begin + lo, piece.ref.begin + hi, buf.data());
+      st.bytes_read += (hi - lo) * 4;
+      for (const CopyRun& r : runs) {
+        std::copy_n(buf.data() + (r.src - lo), r.len, out + r.dst);
+        filled += r.len;
+      }
+    }
+    if (filled != want.size())
+      throw DataError(dir + ": the checkpoint " + (filled == 0 ? "has no " : "covers only part of the ") + what +
+                      " this rank needs (elements " + std::to_string(s.begin) + ".." + std::to_string(s.end) +
+                      " of its slice; " + std::to_string(filled) + " found): it was written for another model or train set");
+  }
+  return st;
+}
+
+}  // namespace vchat::ckpt

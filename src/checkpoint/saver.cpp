@@ -1,0 +1,331 @@
+#include "checkpoint/saver.h"
+
+#include <fcntl.h>
+#include <stdio.h>
+#include <unistd.h>
+
+#include <signal.h>
+
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <random>
+
+#include "data/sample.h"
+#include "data/sha256.h"
+#include "data/shard.h"
+
+namespace vchat::ckpt {
+
+namespace fs = std::filesystem;
+using data::DataError;
+
+// One save in flight: what this rank writes, and how it went.
+struct CheckpointSaver::Job {
+  Manifest base;
+  std::string step_tmp, frozen_tmp, frozen_name;  // frozen_*: only when this save writes the frozen set
+  struct File {
+    std::string dir;  // the .tmp directory
+    std::vector<PieceRef> pieces;
+    std::vector<const float*> data;
+    FileEntry entry;
+  };
+  File step_file, frozen_file;
+  std::vector<std::vector<float>> snapshot;  // host copies of the changing pieces
+  std::atomic<int> status{writing};
+  std::string error;
+  double write_seconds = 0;
+};
+
+namespace {
+
+// Test hook (tests/e2e/checkpoint_crash.sh): with VCHAT_CKPT_CRASH_AT=<point>, the world rank
+// VCHAT_CKPT_CRASH_RANK (default 0) kills itself with SIGKILL at that point of the save of
+// step VCHAT_CKPT_CRASH_STEP (default: any), exactly as `kill -9` would.
+void crash_point(const char* point, int rank, int64_t step) {
+  static const char* at = std::getenv("VCHAT_CKPT_CRASH_AT");
+  if (!at || std::strcmp(at, point) != 0) return;
+  const char* r = std::getenv("VCHAT_CKPT_CRASH_RANK");
+  const char* st = std::getenv("VCHAT_CKPT_CRASH_STEP");
+  if ((r ? std::atoi(r) : 0) != rank || (st && std::atoll(st) != step)) return;
+  std::fprintf(stderr, "vchat-train: test hook: rank %d killed at '%s' of the save of step %lld\n", rank, point,
+               static_cast<long long>(step));
+  std::fflush(stderr);
+  ::kill(::getpid(), SIGKILL);
+}
+
+void remove_tree(const fs::path& p) {
+  // Renamed out of the way first, so a kill in the middle leaves no half-deleted directory
+  // under a name that looks like a checkpoint.
+  std::error_code ec;
+  const fs::path doomed = p.parent_path() / (".deleting." + p.filename().string());
+  fs::rename(p, doomed, ec);
+  fs::remove_all(ec ? p : doomed, ec);
+}
+
+}  // namespace
+
+CheckpointSaver::CheckpointSaver(const SaveOptions& opt, const Grid& grid, std::string frozen_ref,
+                                 std::string frozen_sha256)
+    : opt_(opt), grid_(grid), frozen_ref_(std::move(frozen_ref)), frozen_sha_(std::move(frozen_sha256)) {
+  Comm& world = grid_.world();
+  if (world.rank() == 0) {
+    std::error_code ec;
+    fs::create_directories(opt_.dir, ec);
+    if (ec) throw DataError("--save-dir " + opt_.dir + ": cannot create: " + ec.message());
+    // Leftovers of interrupted saves: unfinished directories and half-done deletions.
+    for (const auto& e : fs::directory_iterator(opt_.dir, ec)) {
+      const std::string name = e.path().filename().string();
+      const bool tmp = name.size() > 4 && name.compare(name.size() - 4, 4, ".tmp") == 0;
+      if (name.rfind(".deleting.", 0) == 0 || name == std::string(kLatestName) + ".tmp" ||
+          (tmp && (name.rfind("step_", 0) == 0 || name.rfind("frozen_", 0) == 0)))
+        fs::remove_all(e.path(), ec);
+    }
+    const std::string probe = (fs::path(opt_.dir) / ".write_probe").string();
+    std::ofstream out(probe);
+    if (!out || !(out << "x") || !(out.flush())) throw DataError("--save-dir " + opt_.dir + ": not writable");
+    out.close();
+    fs::remove(probe, ec);
+    run_id_ = std::random_device{}() | (static_cast<uint64_t>(std::random_device{}()) << 32);
+  }
+  world.broadcast(&run_id_, sizeof run_id_, 0);
+}
+
+CheckpointSaver::~CheckpointSaver() {
+  if (writer_.joinable()) writer_.join();
+}
+
+void CheckpointSaver::start(const std::vector<StateSlice>& state, const Manifest& base) {
+  if (pending_) finish();
+  const auto t0 = std::chrono::steady_clock::now();
+  const GridCoord c = grid_.coord();
+  const int dp = grid_.shape().dp, rank = grid_.world().rank();
+  auto job = std::make_unique<Job>();
+  job->base = base;
+  job->step_tmp = (fs::path(opt_.dir) / (step_dir_name(base.step) + ".tmp")).string();
+  job->step_file.dir = job->step_tmp;
+  const bool write_frozen = frozen_ref_.empty();
+  if (write_frozen) {
+    job->frozen_name = frozen_dir_name(base.step, run_id_);
+    job->frozen_tmp = (fs::path(opt_.dir) / (job->frozen_name + ".tmp")).string();
+    job->frozen_file.dir = job->frozen_tmp;
+  }
+  for (const StateSlice& s : state) {
+    if (!s.param->counts_in_norm) continue;  // another TP replica writes it
+    int64_t b = s.begin, e = s.end;
+    if (s.dp_replicated) {  // DP ranks share the writing: 1/dp each
+      const int64_t n = s.end - s.begin;
+      b = s.begin + n * c.dp / dp;
+      e = s.begin + n * (c.dp + 1) / dp;
+    }
+    if (b >= e) continue;
+    const PieceRef ref{s.param->name, s.kind, s.param->shard, b, e};
+    const float* src = s.data.data<float>() + (b - s.begin);
+    if (!s.param->trainable) {
+      // Frozen values never change: written once per run, straight from where they live.
+      if (!write_frozen) continue;
+      job->frozen_file.pieces.push_back(ref);
+      job->frozen_file.data.push_back(src);
+    } else {
+      job->snapshot.emplace_back(src, src + (e - b));
+      job->step_file.pieces.push_back(ref);
+      job->step_file.data.push_back(job->snapshot.back().data());
+    }
+  }
+  job->step_file.entry = {rank_file_name(rank), rank, 0, "", job->step_file.pieces};
+  job->frozen_file.entry = {rank_file_name(rank), rank, 0, "", job->frozen_file.pieces};
+  last_ = {};
+  last_.snapshot_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  pending_ = std::move(job);
+  if (opt_.sync) {
+    run_job(*pending_);
+  } else {
+    Job* j = pending_.get();
+    writer_ = std::thread([this, j] { run_job(*j); });
+  }
+}
+
+void CheckpointSaver::run_job(Job& job) {
+  const auto t0 = std::chrono::steady_clock::now();
+  try {
+    for (Job::File* f : {&job.step_file, &job.frozen_file}) {
+      if (f->dir.empty()) continue;
+      std::error_code ec;
+      fs::create_directories(f->dir, ec);
+      if (ec) throw DataError(f->dir + ": cannot create: " + ec.message());
+      const std::string path = (fs::path(f->dir) / f->entry.name).string();
+      fs::remove(path, ec);  // a stale one from an interrupted save of the same step
+      nlohmann::json meta = job.base.to_json();
+      meta.erase("files");
+      meta["rank"] = f->entry.rank;
+      write_rank_file(path, f->pieces, f->data, job.base.step, f->entry.rank, meta);
+      data::fsync_path(f->dir);
+      f->entry.bytes = static_cast<int64_t>(fs::file_size(path));
+      f->entry.sha256 = data::sha256_file(path);
+      crash_point(f == &job.step_file ? "step-file-written" : "frozen-file-written", f->entry.rank, job.base.step);
+    }
+    job.write_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    job.status = written;
+  } catch (const std::exception& e) {
+    job.error = e.what();
+    job.status = failed;
+  }
+}
+
+CheckpointSaver::LocalStatus CheckpointSaver::local_status() const {
+  return pending_ ? static_cast<LocalStatus>(pending_->status.load()) : written;
+}
+
+std::string CheckpointSaver::error() const { return pending_ ? pending_->error : std::string(); }
+
+void CheckpointSaver::wait_local() {
+  if (writer_.joinable()) writer_.join();
+}
+
+// Rank 0 receives every rank's file entries (JSON), in rank order.
+std::string CheckpointSaver::gather_entries(const std::vector<FileEntry>& mine,
+                                            std::vector<std::vector<FileEntry>>* all_out) {
+  Comm& world = grid_.world();
+  auto encode = [](const std::vector<FileEntry>& v) {
+    Manifest m;
+    m.files = v;
+    return m.to_json()["files"].dump();
+  };
+  const std::string text = encode(mine);
+  if (world.rank() != 0) {
+    const int64_t n = static_cast<int64_t>(text.size());
+    world.send(&n, sizeof n, 0);
+    world.send(text.data(), n, 0);
+    return "";
+  }
+  all_out->assign(world.size(), {});
+  for (int r = 0; r < world.size(); ++r) {
+    std::string t = text;
+    if (r > 0) {
+      int64_t n = 0;
+      world.recv(&n, sizeof n, r);
+      t.assign(static_cast<size_t>(n), '\0');
+      world.recv(t.data(), n, r);
+    }
+    nlohmann::json j = Manifest().to_json();
+    j["files"] = nlohmann::json::parse(t);
+    (*all_out)[r] = Manifest::from_json(j, "rank " + std::to_string(r) + "'s file list").files;
+  }
+  return text;
+}
+
+std::string CheckpointSaver::publish() {
+  if (!pending_) throw std::logic_error("CheckpointSaver::publish without a save in flight");
+  wait_local();
+  Job& job = *pending_;
+  if (job.status != written) throw std::logic_error("CheckpointSaver::publish before this rank's file was written");
+  const bool wrote_frozen = !job.frozen_name.empty();
+  std::vector<FileEntry> mine = {job.step_file.entry};
+  if (wrote_frozen) mine.push_back(job.frozen_file.entry);
+  std::vector<std::vector<FileEntry>> all;
+  gather_entries(mine, &all);
+  const std::string final_dir = (fs::path(opt_.dir) / step_dir_name(job.base.step)).string();
+  if (grid_.world().rank() == 0) {
+    std::error_code ec;
+    // The frozen set first: the step's manifest refers to it by its manifest's hash.
+    if (wrote_frozen) {
+      Manifest fm = job.base;
+      fm.kind = "frozen";
+      fm.files.clear();
+      for (auto& e : all) fm.files.push_back(e.at(1));
+      const std::string fdir = (fs::path(opt_.dir) / job.frozen_name).string();
+      write_file_atomic((fs::path(job.frozen_tmp) / kManifestName).string(), fm.to_json().dump(1));
+      write_file_atomic((fs::path(job.frozen_tmp) / kCompleteName).string(), "");
+      crash_point("frozen-complete", 0, job.base.step);
+      fs::rename(job.frozen_tmp, fdir, ec);  // the name carries this run's id: never taken
+      if (ec) throw DataError(fdir + ": rename from " + job.frozen_tmp + " failed: " + ec.message());
+      data::fsync_path(opt_.dir);
+      crash_point("frozen-published", 0, job.base.step);
+      frozen_sha_ = data::sha256_file((fs::path(fdir) / kManifestName).string());
+    }
+    Manifest m = job.base;
+    m.files.clear();
+    for (auto& e : all) m.files.push_back(e.at(0));
+    m.frozen_dir = wrote_frozen ? job.frozen_name : frozen_ref_;
+    m.frozen_manifest_sha256 = frozen_sha_;
+    write_file_atomic((fs::path(job.step_tmp) / kManifestName).string(), m.to_json().dump(1));
+    crash_point("manifest-written", 0, job.base.step);
+    write_file_atomic((fs::path(job.step_tmp) / kCompleteName).string(), "");
+    crash_point("complete-written", 0, job.base.step);
+    // A same-numbered checkpoint exists when this run resumed from an older one: swap the
+    // new one in atomically (renameat2 RENAME_EXCHANGE), so `latest`, which may name it,
+    // never points at a missing directory; then remove the old one.
+    if (fs::exists(final_dir, ec)) {
+      if (::renameat2(AT_FDCWD, job.step_tmp.c_str(), AT_FDCWD, final_dir.c_str(), RENAME_EXCHANGE) != 0)
+        throw DataError(final_dir + ": exchanging with " + job.step_tmp + " failed: " + std::strerror(errno));
+      remove_tree(job.step_tmp);
+    } else {
+      fs::rename(job.step_tmp, final_dir, ec);
+      if (ec) throw DataError(final_dir + ": rename from " + job.step_tmp + " failed: " + ec.message());
+    }
+    data::fsync_path(opt_.dir);
+    crash_point("renamed", 0, job.base.step);
+    write_file_atomic((fs::path(opt_.dir) / kLatestName).string(), step_dir_name(job.base.step) + "\n");
+    crash_point("latest-written", 0, job.base.step);
+  }
+  if (wrote_frozen) frozen_ref_ = job.frozen_name;
+  if (grid_.world().rank() == 0) prune(frozen_ref_);
+  last_.step = job.base.step;
+  last_.write_seconds = job.write_seconds;
+  last_.bytes = job.step_file.entry.bytes + (wrote_frozen ? job.frozen_file.entry.bytes : 0);
+  pending_.reset();
+  return final_dir;
+}
+
+std::string CheckpointSaver::finish() {
+  if (!pending_) return "";
+  wait_local();
+  double failed = pending_->status == CheckpointSaver::failed ? 1 : 0;
+  grid_.world().all_reduce_f64(&failed, 1, ReduceOp::max);
+  if (failed > 0) {
+    const std::string mine = pending_->error;
+    const int64_t step = pending_->base.step;
+    pending_.reset();
+    const auto latest = latest_checkpoint(opt_.dir);
+    throw DataError("saving checkpoint step " + std::to_string(step) + " failed" +
+                    (mine.empty() ? std::string(" on another rank") : ": " + mine) + "; " +
+                    (latest ? "the last complete checkpoint, " + *latest + ", is unchanged"
+                            : std::string("no earlier checkpoint exists")));
+  }
+  return publish();
+}
+
+void CheckpointSaver::prune(const std::string& keep_frozen) {
+  auto all = list_checkpoints(opt_.dir);
+  if (opt_.keep_last > 0 && static_cast<int>(all.size()) > opt_.keep_last) {
+    const size_t drop = all.size() - static_cast<size_t>(opt_.keep_last);
+    for (size_t i = 0; i < drop; ++i) {
+      remove_tree(all[i].second);
+      crash_point("pruning", 0, all.back().first);
+    }
+    all.erase(all.begin(), all.begin() + static_cast<std::ptrdiff_t>(drop));
+  }
+  // Frozen sets no remaining checkpoint refers to (nor this run).
+  std::vector<std::string> referenced = {keep_frozen};
+  for (const auto& [step, dir] : all) {
+    try {
+      referenced.push_back(read_manifest(dir).frozen_dir);
+    } catch (const std::exception&) {
+      return;  // unreadable: keep every frozen set rather than guess
+    }
+  }
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(opt_.dir, ec)) {
+    const std::string name = e.path().filename().string();
+    if (name.rfind("frozen_", 0) != 0 || name.find(".tmp") != std::string::npos) continue;
+    if (std::find(referenced.begin(), referenced.end(), name) == referenced.end()) remove_tree(e.path());
+  }
+}
+
+}  // namespace vchat::ckpt
