@@ -18,44 +18,12 @@
 #include "io/safetensors.h"
 #include "model/visualchat.h"
 #include "test_util.h"
+#include "train_runs.h"
 
 using namespace vchat;
 namespace fs = std::filesystem;
 
 namespace {
-
-std::string sh(const std::string& cmd, int* code = nullptr) {
-  FILE* p = popen((cmd + " 2>&1").c_str(), "r");
-  std::string out;
-  char buf[4096];
-  while (size_t n = fread(buf, 1, sizeof buf, p)) out.append(buf, n);
-  const int st = pclose(p);
-  if (code) *code = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-  return out;
-}
-
-// One small prepared dataset for every run of this file (per process).
-const std::string& dataset_dir() {
-  static const test::TempDir tmp("vchat_dp");  // removed at exit
-  static const std::string dir = [] {
-    const fs::path d = tmp.path;
-    const std::string bin = VCHAT_BIN_DIR;
-    int rc = 0;
-    std::string out = sh(bin + "/vchat-synth --out " + (d / "synth").string() + " --samples 120 --image-size 32 --seed 4", &rc);
-    EXPECT_EQ(rc, 0) << out;
-    out = sh(bin + "/vchat-prep tokenizer --corpus " + (d / "synth/corpus.txt").string() + " --out " + (d / "tok").string() +
-                 " --vocab-size 512",
-             &rc);
-    EXPECT_EQ(rc, 0) << out;
-    out = sh(bin + "/vchat-prep convert --format llava --input " + (d / "synth/data.json").string() + " --images " +
-                 (d / "synth").string() + " --tokenizer " + (d / "tok.model").string() + " --out " + (d / "data").string() +
-                 " --name s --image-size 32 --image-tokens 17 --quiet",
-             &rc);
-    EXPECT_EQ(rc, 0) << out;
-    return d.string();
-  }();
-  return dir;
-}
 
 struct RunOut {
   std::vector<nlohmann::json> steps, validation;
@@ -71,29 +39,25 @@ struct RunOut {
 // `ranks` processes with `layout` (--tp/--pp/--zero options).
 RunOut train(int ranks, const std::string& layout, const std::string& train_set, const std::string& model = "tiny",
              int global_batch = 8, const std::string& extra = "") {
-  const fs::path d = dataset_dir();
-  std::string tag = std::to_string(ranks) + layout + train_set + model + std::to_string(global_batch) + extra;
-  for (char& ch : tag)
-    if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
-  const std::string metrics = (d / ("m_" + tag + ".jsonl")).string(), params = (d / ("p_" + tag + ".safetensors")).string();
+  const fs::path d = test::dataset_dir();
+  const std::string tag = test::tag_of(std::to_string(ranks) + layout + train_set + model + std::to_string(global_batch) + extra);
+  const std::string metrics = (d / ("m_" + tag + ".jsonl")).string(), save = (d / ("ck_" + tag)).string();
   fs::remove(metrics);
-  std::string cmd = "cd " + std::string(VCHAT_SOURCE_DIR) + " && OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 mpirun -np " +
-                    std::to_string(ranks) + " --bind-to none" + (getuid() == 0 ? " --allow-run-as-root" : "") +
-                    (ranks > 2 ? " --oversubscribe" : "") + " " + VCHAT_TRAIN_BIN + " --model inputs/models/" + model +
-                    ".json --steps 5 --micro-batch-size 2 --global-batch " + std::to_string(global_batch) +
-                    " --seq-len 128 --lr 1e-3 --warmup 2 --weight-decay 0.1 --comm-timeout 120 --train " + train_set +
-                    " " + layout + " --data s=" + (d / "data").string() + " --metrics " + metrics +
-                    " --save-params " + params + " " + extra;
+  fs::remove_all(save);
+  const std::string cmd = test::mpirun(ranks) + VCHAT_TRAIN_BIN + " --model inputs/models/" + model +
+                          ".json --steps 5 --micro-batch-size 2 --global-batch " + std::to_string(global_batch) +
+                          " --seq-len 128 --lr 1e-3 --warmup 2 --weight-decay 0.1 --comm-timeout 120 --train " + train_set +
+                          " " + layout + " --data s=" + (d / "data").string() + " --metrics " + metrics + " --save-dir " +
+                          save + " " + extra;
   int rc = 0;
-  const std::string out = sh(cmd, &rc);
+  const std::string out = test::sh(cmd, &rc);
   EXPECT_EQ(rc, 0) << cmd << "\n" << out;
   RunOut r;
-  std::ifstream m(metrics);
-  for (std::string line; std::getline(m, line);) {
-    nlohmann::json j = nlohmann::json::parse(line);
-    (j.contains("validation") ? r.validation : r.steps).push_back(j);
-  }
-  if (fs::exists(params)) r.params = load_safetensors(params);
+  const test::Metrics m = test::read_metrics(metrics);
+  r.steps = m.steps;
+  r.validation = m.validation;
+  if (rc == 0) r.params = test::consolidated(save);
+  fs::remove_all(save);
   return r;
 }
 
@@ -267,7 +231,7 @@ TEST(ParallelGrid, BadGridsStopEveryRankWithOneMessage) {
                             std::to_string(c.ranks) + (getuid() == 0 ? " --allow-run-as-root " : " ") + VCHAT_TRAIN_BIN +
                             " --model inputs/models/tiny.json --steps 1 " + c.args;
     int rc = 0;
-    const std::string out = sh(cmd, &rc);
+    const std::string out = test::sh(cmd, &rc);
     EXPECT_EQ(rc, 2) << cmd << "\n" << out;
     const size_t first = out.find(c.needle);
     EXPECT_NE(first, std::string::npos) << out;

@@ -58,10 +58,8 @@ std::vector<CopyRun> overlap_runs(const PieceRef& stored, const PieceRef& wanted
   return runs;
 }
 
-namespace {
-
 // The files of a checkpoint and its frozen set, opened (and verified) on first use.
-class Sources {
+class CheckpointReader::Sources {
  public:
   Sources(const std::string& dir, const Manifest& m) {
     add(dir, m);
@@ -122,18 +120,24 @@ class Sources {
   std::map<std::pair<std::string, StateKind>, std::vector<Piece>> index_;
 };
 
-}  // namespace
+CheckpointReader::CheckpointReader(const std::string& dir, const Manifest& m)
+    : dir_(dir), src_(std::make_unique<Sources>(dir, m)) {}
+CheckpointReader::~CheckpointReader() = default;
 
-LoadStats load_state(const std::string& dir, const Manifest& m, const std::vector<StateSlice>& state) {
-  LoadStats st;
-  Sources src(dir, m);
+LoadStats load_pieces(const std::string& dir, const Manifest& m, const std::vector<Want>& wants) {
+  CheckpointReader r(dir, m);
+  r.load(wants);
+  return r.stats();
+}
+
+void CheckpointReader::load(const std::vector<Want>& wants) {
+  const std::string& dir = dir_;
+  Sources& src = *src_;
+  LoadStats& st = stats_;
   std::vector<float> buf;
-  for (const StateSlice& s : state) {
-    PieceRef want{s.param->name, s.kind, s.param->shard, s.begin, s.end};
-    const std::string what = std::string(state_kind_name(s.kind)) + " of " + s.param->name;
-    if (!s.data.is_contiguous() || s.data.numel() != want.size())
-      throw std::logic_error("load_state: slice of " + what + " is not a contiguous [end - begin] view");
-    float* out = s.data.data<float>();
+  for (const Want& w : wants) {
+    const PieceRef& want = w.ref;
+    const std::string what = std::string(state_kind_name(want.kind)) + " of " + want.param;
     int64_t filled = 0;
     for (const auto& piece : src.pieces_of(want.param, want.kind)) {
       if (piece.ref.shard.full != want.shard.full)
@@ -151,16 +155,25 @@ LoadStats load_state(const std::string& dir, const Manifest& m, const std::vecto
       src.open(piece.file, st).read(piece.ref, piece.ref.begin + lo, piece.ref.begin + hi, buf.data());
       st.bytes_read += (hi - lo) * 4;
       for (const CopyRun& r : runs) {
-        std::copy_n(buf.data() + (r.src - lo), r.len, out + r.dst);
+        std::copy_n(buf.data() + (r.src - lo), r.len, w.dst + r.dst);
         filled += r.len;
       }
     }
     if (filled != want.size())
-      throw DataError(dir + ": the checkpoint " + (filled == 0 ? "has no " : "covers only part of the ") + what +
-                      " this rank needs (elements " + std::to_string(s.begin) + ".." + std::to_string(s.end) +
+      throw DataError(dir + ": the checkpoint " + (filled == 0 ? "has no " : "does not cover exactly the ") + what +
+                      " needed (elements " + std::to_string(want.begin) + ".." + std::to_string(want.end) +
                       " of its slice; " + std::to_string(filled) + " found): it was written for another model or train set");
   }
-  return st;
+}
+
+LoadStats load_state(const std::string& dir, const Manifest& m, const std::vector<StateSlice>& state) {
+  std::vector<Want> wants;
+  for (const StateSlice& s : state) {
+    if (!s.data.is_contiguous() || s.data.numel() != s.end - s.begin)
+      throw std::logic_error("load_state: slice of " + s.param->name + " is not a contiguous [end - begin] view");
+    wants.push_back({{s.param->name, s.kind, s.param->shard, s.begin, s.end}, s.data.data<float>()});
+  }
+  return load_pieces(dir, m, wants);
 }
 
 }  // namespace vchat::ckpt

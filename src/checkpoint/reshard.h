@@ -5,6 +5,7 @@
 // parts of the files its own slices need, never the whole model, whatever tp/pp/dp/ZeRO
 // stage wrote the checkpoint and whatever reads it.
 #pragma once
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -19,11 +20,34 @@ struct LoadStats {
   int64_t bytes_verified = 0;  // bytes hashed to check the files opened
 };
 
-// Fills every slice of `state` from the checkpoint directory `dir` (manifest `m`; its frozen
-// set, when it refers to one, is read too). Each file opened is first checked against the
-// manifest (size, SHA-256). Throws DataError naming the checkpoint, file and tensor when a
-// file is missing, truncated or corrupt, or when a slice is not covered exactly once (a
-// tensor the checkpoint does not have, or of another shape).
+// A range of a tensor to read (any slice, any range) and where to put it.
+struct Want {
+  PieceRef ref;
+  float* dst;  // ref.size() floats
+};
+
+// Fills every Want from the checkpoint directory `dir` (manifest `m`; its frozen set, when it
+// refers to one, is read too). Each file opened is first checked against the manifest
+// (size, SHA-256). Throws DataError naming the checkpoint, file and tensor when a file is
+// missing, truncated or corrupt, or when a Want is not covered exactly once (a tensor the
+// checkpoint does not have, or of another shape).
+LoadStats load_pieces(const std::string& dir, const Manifest& m, const std::vector<Want>& wants);
+
+// The same, over several calls: files are opened (and verified) once, on first use.
+class CheckpointReader {
+ public:
+  CheckpointReader(const std::string& dir, const Manifest& m);
+  ~CheckpointReader();
+  void load(const std::vector<Want>& wants);
+  const LoadStats& stats() const { return stats_; }
+
+ private:
+  struct Sources;
+  std::string dir_;
+  std::unique_ptr<Sources> src_;
+  LoadStats stats_;
+};
+// The same for this rank's state slices (the trainer's resume).
 LoadStats load_state(const std::string& dir, const Manifest& m, const std::vector<StateSlice>& state);
 
 // The runs that copy the overlap of a stored piece and a wanted range: `src` and `dst` are

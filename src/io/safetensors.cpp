@@ -1,5 +1,8 @@
 #include "io/safetensors.h"
 
+#include <unistd.h>
+
+#include <cerrno>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -23,30 +26,72 @@ static const char* st_dtype(DType t) {
 }
 
 void save_safetensors(const std::string& path, const TensorFile& f) {
-  json header = json::object();
-  size_t offset = 0;
-  std::vector<const Tensor*> order;
+  std::vector<SafetensorsWriter::Entry> entries;
   for (const auto& [name, t] : f.tensors) {
     if (t.device() != Device::cpu || !t.is_contiguous())
       throw std::runtime_error(path + ": tensor '" + name + "' must be a contiguous host tensor to save");
-    header[name] = {{"dtype", st_dtype(t.dtype())}, {"shape", t.shape()}, {"data_offsets", {offset, offset + t.nbytes()}}};
-    offset += t.nbytes();
-    order.push_back(&t);
+    entries.push_back({name, t.dtype(), t.shape()});
   }
-  if (!f.metadata.empty()) header["__metadata__"] = f.metadata;
+  SafetensorsWriter w(path, entries, f.metadata);
+  for (const auto& [name, t] : f.tensors) w.write(name, t.raw(), t.nbytes());
+  w.finish();
+}
+
+static size_t entry_bytes(const SafetensorsWriter::Entry& e) {
+  size_t n = dtype_size(e.dtype);
+  for (int64_t d : e.shape) n *= static_cast<size_t>(d);
+  return n;
+}
+
+SafetensorsWriter::SafetensorsWriter(const std::string& path, std::vector<Entry> entries,
+                                     const std::map<std::string, std::string>& metadata)
+    : path_(path), tmp_(path + ".tmp"), entries_(std::move(entries)) {
+  json header = json::object();
+  size_t offset = 0;
+  for (const Entry& e : entries_) {
+    if (header.contains(e.name)) throw std::runtime_error(path + ": tensor '" + e.name + "' listed twice");
+    header[e.name] = {{"dtype", st_dtype(e.dtype)}, {"shape", e.shape}, {"data_offsets", {offset, offset + entry_bytes(e)}}};
+    offset += entry_bytes(e);
+  }
+  if (!metadata.empty()) header["__metadata__"] = metadata;
   std::string h = header.dump();
   h.append((8 - h.size() % 8) % 8, ' ');  // keep the data 8-byte aligned
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    if (!out) throw std::runtime_error(tmp + ": cannot open for writing");
-    uint64_t n = h.size();
-    out.write(reinterpret_cast<const char*>(&n), 8);
-    out.write(h.data(), h.size());
-    for (const Tensor* t : order) out.write(static_cast<const char*>(t->raw()), t->nbytes());
-    if (!out) throw std::runtime_error(tmp + ": write failed (disk full?)");
+  out_ = std::fopen(tmp_.c_str(), "wb");
+  if (!out_) throw std::runtime_error(tmp_ + ": cannot open for writing: " + std::strerror(errno));
+  const uint64_t n = h.size();
+  if (std::fwrite(&n, 8, 1, out_) != 1 || std::fwrite(h.data(), 1, h.size(), out_) != h.size())
+    throw std::runtime_error(tmp_ + ": write failed (disk full?)");
+}
+
+SafetensorsWriter::~SafetensorsWriter() {
+  if (out_) {
+    std::fclose(out_);
+    std::remove(tmp_.c_str());
   }
-  std::filesystem::rename(tmp, path);
+}
+
+void SafetensorsWriter::write(const std::string& name, const void* data, size_t bytes) {
+  if (next_ >= entries_.size() || entries_[next_].name != name)
+    throw std::logic_error(path_ + ": tensor '" + name + "' written out of order");
+  if (bytes != entry_bytes(entries_[next_]))
+    throw std::logic_error(path_ + ": tensor '" + name + "' has " + std::to_string(bytes) + " bytes, its header says " +
+                           std::to_string(entry_bytes(entries_[next_])));
+  if (bytes && std::fwrite(data, 1, bytes, out_) != bytes)
+    throw std::runtime_error(tmp_ + ": write failed (disk full?): " + std::strerror(errno));
+  ++next_;
+}
+
+void SafetensorsWriter::finish() {
+  if (next_ != entries_.size())
+    throw std::logic_error(path_ + ": finish() with " + std::to_string(entries_.size() - next_) + " tensors unwritten");
+  const bool ok = std::fflush(out_) == 0 && ::fsync(fileno(out_)) == 0;
+  const int closed = std::fclose(out_);
+  out_ = nullptr;
+  if (!ok || closed != 0) {
+    std::remove(tmp_.c_str());
+    throw std::runtime_error(tmp_ + ": write failed (disk full?): " + std::strerror(errno));
+  }
+  std::filesystem::rename(tmp_, path_);
 }
 
 static Tensor read_tensor(std::ifstream& in, const std::string& path, const std::string& name, const json& meta,

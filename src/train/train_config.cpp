@@ -78,7 +78,6 @@ bool parse_train_config(int argc, const char* const argv[], TrainConfig& c) {
     ("pp", po::value(&c.pp)->default_value(1), "pipeline stages (contiguous layer ranges, 1F1B schedule)")
     ("comm-timeout", po::value(&c.comm_timeout)->default_value(600.0), "seconds before a stuck collective or send/recv aborts the job, naming it (0: never)")
     ("zero", po::value(&c.zero_stage)->default_value(0), "ZeRO stage over the data-parallel ranks: 0, 1 (shard optimizer state), 2 (and gradients), 3 (and weights, gathered per layer)")
-    ("save-params", po::value(&c.save_params), "write the trained parameters to this safetensors file at the end")
     ("save-dir", po::value(&c.save_dir), "write checkpoints under this directory (step_XXXXXXXX/ per save, `latest`)")
     ("save-every", po::value(&c.save_every)->default_value(0), "steps between checkpoints (0: only at the end and when stopped by a signal or the clock)")
     ("keep-last", po::value(&c.keep_last)->default_value(0), "checkpoints to keep (0: all); older ones go once a newer one is published")

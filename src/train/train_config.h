@@ -41,7 +41,6 @@ struct TrainConfig {
   int zero_stage = 0;             // ZeRO over the data-parallel group: 0, 1, 2
   int tp = 1, pp = 1;             // grid: world = tp x dp x pp (dp inferred)
   double comm_timeout = 600;      // seconds before a stuck collective aborts the job (0: never)
-  std::string save_params;        // write the trained parameters here at the end (rank 0)
 
   // Checkpoints and long runs (docs/CHECKPOINTS.md).
   std::string save_dir;           // checkpoints go here ("" = none)

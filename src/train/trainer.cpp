@@ -10,7 +10,6 @@
 #include <nlohmann/json.hpp>
 
 #include "data/sha256.h"
-#include "io/safetensors.h"
 #include "model/params.h"
 #include "ops.h"
 #include "parallel/pipeline.h"
@@ -351,90 +350,6 @@ EvalStats Trainer::evaluate() {
   return e;
 }
 
-// Puts a slice (as the ShardSpec says) into its place in the full tensor.
-static void place_slice(const Tensor& full, const ShardSpec& spec, const float* src) {
-  if (spec.dim < 0) {
-    std::copy_n(src, full.numel(), full.data<float>());
-    return;
-  }
-  const Tensor view = shard_of(full, spec);  // dim 0: contiguous rows; dim 1 (matrices): strided columns
-  if (view.is_contiguous()) {
-    std::copy_n(src, view.numel(), view.data<float>());
-    return;
-  }
-  const int64_t rows = view.size(0), cols = view.size(1), stride = view.stride(0);
-  float* dst = view.data<float>();
-  for (int64_t r = 0; r < rows; ++r) std::copy_n(src + r * cols, cols, dst + r * stride);
-}
-
-TensorFile Trainer::gather_trainable() {
-  // Replica 0's model-parallel ranks each collect their trainable slices; one rank per
-  // distinct slice (counts_in_norm marks exactly that rank).
-  const bool collector = grid_->coord().dp == 0;
-  nlohmann::json header = nlohmann::json::array();
-  std::vector<float> payload;
-  auto collect = [&](const Param* p) {
-    if (!collector || !p->trainable || !p->counts_in_norm) return;
-    header.push_back({{"name", p->name}, {"full", p->shard.full}, {"dim", p->shard.dim},
-                      {"index", p->shard.index}, {"count", p->shard.count}, {"numel", p->value.numel()}});
-    const std::vector<float> v = p->value.to_vector_f32();
-    payload.insert(payload.end(), v.begin(), v.end());
-  };
-  if (zero3_) {
-    // Unit by unit, as a forward would (collective over DP): one unit's weights at a time.
-    const std::vector<ParamUnit> units = model_->units();
-    for (size_t u = 0; u < units.size(); ++u) {
-      zero3_->before_forward(static_cast<int>(u));
-      for (const Param* p : units[u].params) collect(p);
-      zero3_->after_forward(static_cast<int>(u));
-    }
-  } else {
-    for (const Param* p : model_->params().trainable()) collect(p);
-  }
-  TensorFile f;
-  if (collector) {
-    Comm& mp = grid_->mp();
-    auto place = [&](const nlohmann::json& h, const float* data) {
-      size_t at = 0;
-      for (const auto& e : h) {
-        const std::string name = e["name"];
-        ShardSpec spec{e["dim"].get<int>(), e["index"].get<int64_t>(), e["count"].get<int64_t>(),
-                       e["full"].get<Shape>()};
-        if (!f.tensors.count(name)) f.tensors[name] = Tensor::zeros(spec.full);
-        place_slice(f.tensors[name], spec, data + at);
-        at += e["numel"].get<size_t>();
-      }
-    };
-    if (mp.rank() == 0) {
-      place(header, payload.data());
-      for (int r = 1; r < mp.size(); ++r) {
-        int64_t sizes[2];
-        mp.recv(sizes, sizeof sizes, r);
-        std::string h(static_cast<size_t>(sizes[0]), '\0');
-        std::vector<float> data(static_cast<size_t>(sizes[1]));
-        mp.recv(h.data(), sizes[0], r);
-        mp.recv(data.data(), sizes[1] * 4, r);
-        place(nlohmann::json::parse(h), data.data());
-      }
-    } else {
-      const std::string h = header.dump();
-      const int64_t sizes[2] = {static_cast<int64_t>(h.size()), static_cast<int64_t>(payload.size())};
-      mp.send(sizes, sizeof sizes, 0);
-      mp.send(h.data(), sizes[0], 0);
-      mp.send(payload.data(), sizes[1] * 4, 0);
-    }
-  }
-  return f;
-}
-
-void Trainer::save_trainable(const std::string& path) {
-  TensorFile f = gather_trainable();
-  if (!is_root()) return;
-  f.metadata = {{"step", std::to_string(step_)}, {"zero", std::to_string(opt_->stage())},
-                {"grid", grid_->describe()}};
-  save_safetensors(path, f);
-}
-
 Trainer::Agreement Trainer::agree() {
   const bool time_up = cfg_.exit_after_minutes > 0 &&
                        std::chrono::duration<double>(std::chrono::steady_clock::now() - started_).count() >=
@@ -563,7 +478,6 @@ void Trainer::run() {
     return;
   }
   if (loader_ && loader_->validation_samples() > 0) report_eval("final");
-  if (!cfg_.save_params.empty()) save_trainable(cfg_.save_params);  // collective: every rank
 }
 
 }  // namespace vchat

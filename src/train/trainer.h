@@ -12,7 +12,6 @@
 
 #include "checkpoint/saver.h"
 #include "data/loader.h"
-#include "io/safetensors.h"
 #include "model/visualchat.h"
 #include "parallel/comm.h"
 #include "parallel/grid.h"
@@ -61,12 +60,6 @@ class Trainer {
   ckpt::CheckpointSaver* saver() { return saver_.get(); }
   VisualChatModel& model() { return *model_; }
   DataParallelOptimizer& optimizer() { return *opt_; }
-  // The full (one-rank) trainable parameters, assembled on world rank 0 from every
-  // model-parallel rank of data-parallel replica 0 (other ranks get an empty file object).
-  // Collective over the grid.
-  TensorFile gather_trainable();
-  // Writes gather_trainable() to a safetensors file (rank 0). Collective over the grid.
-  void save_trainable(const std::string& path);
   data::DataLoader* loader() { return loader_.get(); }
 
  private:
