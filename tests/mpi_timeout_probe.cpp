@@ -20,7 +20,8 @@ int main(int argc, char** argv) {
   auto group = world->split(0, world->rank(), "probe-group");
   group->set_timeout(1.0);
   const std::string op = argc > 1 ? argv[1] : "all_reduce";
-  if (group->rank() == 1) std::this_thread::sleep_for(std::chrono::seconds(3));
+  // Far past the 1 s timeout (the abort ends the job at 1 s, so this costs nothing).
+  if (group->rank() == 1) std::this_thread::sleep_for(std::chrono::seconds(10));
   float x = 1.0f, y = 0.0f;
   const int peer = 1 - group->rank();
   if (op == "recv") {

@@ -75,8 +75,8 @@ TEST_P(ModelReference, LogitsLossAndGradientsMatchPyTorch) {
   model.params().zero_grads();
   MicroBatchResult r = model.forward_backward(batch, true, 1.f, /*keep_logits=*/true);
 
-  const std::string dir = std::filesystem::temp_directory_path() / ("vchat_ref_" + std::string(train) + "_" + attention);
-  std::filesystem::create_directories(dir);
+  const TempDir tmp("vchat_ref");
+  const std::string dir = tmp.path.string();
   TensorFile in;
   for (auto& p : model.params().all()) in.tensors[p->name] = p->value;
   in.tensors["input.tokens"] = batch.tokens;
@@ -105,7 +105,6 @@ TEST_P(ModelReference, LogitsLossAndGradientsMatchPyTorch) {
   int ref_grads = 0;
   for (auto& [name, t] : ref.tensors) ref_grads += name.rfind("grad.", 0) == 0;
   EXPECT_EQ(grads, ref_grads);
-  std::filesystem::remove_all(dir);
 }
 
 INSTANTIATE_TEST_SUITE_P(AllTrainSetsAndAttentionModes, ModelReference,

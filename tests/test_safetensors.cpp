@@ -5,11 +5,16 @@
 #include <fstream>
 
 #include "io/safetensors.h"
+#include "test_util.h"
 
 using namespace vchat;
 
 namespace {
-std::string tmp(const std::string& name) { return (std::filesystem::temp_directory_path() / name).string(); }
+// A directory of this test process (tests of other runs may share the machine).
+std::string tmp(const std::string& name) {
+  static const test::TempDir dir("vchat_st");
+  return dir.file(name);
+}
 
 void expect_load_error(const std::string& path, const std::string& needle) {
   try {

@@ -1,5 +1,7 @@
 // vchat-train's configuration errors: message names the option and value, exit code 2.
 #include <gtest/gtest.h>
+
+#include "test_util.h"
 #include <sys/wait.h>
 
 #include <cstdio>
@@ -25,10 +27,12 @@ RunResult run_train(const std::string& args) {
   return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
 }
 
+// In a directory of this test process (tests of other runs may share the machine).
 std::string write_tmp(const std::string& name, const std::string& text) {
-  const auto path = std::filesystem::temp_directory_path() / name;
+  static const vchat::test::TempDir dir("vchat_cfg");
+  const std::string path = dir.file(name);
   std::ofstream(path) << text;
-  return path.string();
+  return path;
 }
 
 std::string model_json(int hidden, int heads, int kv) {

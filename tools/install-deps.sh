@@ -10,6 +10,7 @@ PACKAGES=(
   libopenblas-openmp-dev              # CPU GEMM (cblas_sgemm) on OpenMP threads, shared with our loops
   libopenmpi-dev openmpi-bin          # MPI launcher and the CPU communicator backend
   libhdf5-dev                         # shards and checkpoints
+  hdf5-tools python3-h5py             # h5dump and h5py read checkpoints back (tests)
   libssl-dev                          # SHA-256 (OpenSSL libcrypto) for shard and tokenizer hashes
   libboost-program-options-dev        # command line + INI configs
   nlohmann-json3-dev                  # manifests, model configs

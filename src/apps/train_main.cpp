@@ -3,6 +3,7 @@
 // stop there together; any later error may hit one rank only, so in a multi-rank job that
 // rank prints and aborts the whole job (MPI_Abort) rather than leave the others waiting in
 // a collective or in MPI_Finalize.
+#include <csignal>
 #include <cstdio>
 #include <exception>
 #include <memory>
@@ -14,6 +15,9 @@
 #include "train/trainer.h"
 
 int main(int argc, char** argv) {
+  // A file-size limit (ulimit -f) then fails a write with EFBIG, which names the file,
+  // instead of killing the process in the middle of a checkpoint.
+  std::signal(SIGXFSZ, SIG_IGN);
   vchat::MpiSession mpi(&argc, &argv);
   const bool root = mpi.rank() == 0;
   vchat::TrainConfig cfg;

@@ -36,7 +36,9 @@ std::string last_error() {
 }
 
 std::string error_suffix() {
-  const std::string e = last_error();
+  std::string e = last_error();
+  for (char& c : e)
+    if (c == '\n' || c == '\r') c = ' ';  // HDF5 puts a ctime() with its newline inside some messages
   return e.empty() ? std::string() : " (HDF5: " + e + ")";
 }
 

@@ -14,7 +14,8 @@ ARGS=(convert --format llava --input "$W/synth/data.json" --images "$W/synth" --
 # kill provably lands mid-way, after something was written.
 OMP_NUM_THREADS=1 "$BUILD"/vchat-prep "${ARGS[@]}" &
 pid=$!
-for _ in $(seq 1 600); do
+deadline=$((SECONDS + 60))  # a generous bound; the loop leaves as soon as a shard exists
+while [ $SECONDS -lt $deadline ]; do
   ls "$W/out/.staging"/shard_*.h5 > /dev/null 2>&1 && break
   kill -0 $pid 2> /dev/null || break
   sleep 0.01
