@@ -18,6 +18,8 @@ PACKAGES=(
   libopencv-dev                       # image decoding in vchat-prep and vchat-chat
   libgtest-dev googletest             # unit tests
   python3 python3-torch python3-numpy # PyTorch reference for tests/ and bench/
+  python3-venv python3-pip            # the project's venv (tools/setup-venv.sh)
+  python3-matplotlib                  # tools/plot_metrics.py
 )
 
 missing=()
@@ -39,6 +41,8 @@ if [ ${#missing[@]} -gt 0 ]; then
 else
   echo "[deps] all Debian packages present"
 fi
+
+bash "$(dirname "$0")/setup-venv.sh"
 
 if command -v nvcc >/dev/null 2>&1 || [ -x /usr/local/cuda/bin/nvcc ]; then
   echo "[deps] CUDA toolkit found: $( (command -v nvcc || echo /usr/local/cuda/bin/nvcc) )"

@@ -68,6 +68,8 @@ bool parse_train_config(int argc, const char* const argv[], TrainConfig& c) {
     ("threads", po::value(&c.threads)->default_value(0), "CPU threads for OpenMP and OpenBLAS (0: library default)")
     ("log-every", po::value(&c.log_every)->default_value(1), "print a step line every N steps")
     ("metrics", po::value(&c.metrics_file), "append one JSON line per step to this file")
+    ("tensorboard", po::value(&c.tensorboard_dir), "write TensorBoard event files (loss, lr, grad norm, throughput, MFU, validation) into this directory")
+    ("peak-tflops", po::value(&c.peak_tflops)->default_value(0.0), "peak TFLOP/s of one rank's device, for MFU (0: measure the CPU's fp32 GEMM at start)")
     ("data", po::value(&c.data_sources)->composing(), "prepared dataset name=path[:weight]; repeatable (blended by weight)")
     ("global-batch", po::value(&c.global_batch)->default_value(0), "samples per step over all ranks (0: micro-batch-size x micro-batches x dp)")
     ("val-fraction", po::value(&c.val_fraction)->default_value(0.0), "fraction of each dataset held out for validation")
@@ -143,6 +145,7 @@ bool parse_train_config(int argc, const char* const argv[], TrainConfig& c) {
   if (!(c.model_options.lora_alpha > 0)) throw bad("lora-alpha", c.model_options.lora_alpha, "must be positive");
   if (c.save_every < 0) throw ConfigError("--save-every=" + std::to_string(c.save_every) + " must be >= 0");
   if (c.keep_last < 0) throw ConfigError("--keep-last=" + std::to_string(c.keep_last) + " must be >= 0");
+  if (!(c.peak_tflops >= 0)) throw bad("peak-tflops", c.peak_tflops, "must be >= 0");
   if (!(c.exit_after_minutes >= 0)) throw bad("exit-after-minutes", c.exit_after_minutes, "must be >= 0");
   if (c.exit_after_steps < 0) throw ConfigError("--exit-after-steps=" + std::to_string(c.exit_after_steps) + " must be >= 0");
   if (c.save_dir.empty() && (c.save_every > 0 || c.keep_last > 0 || c.resume == "auto"))

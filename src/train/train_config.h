@@ -30,6 +30,8 @@ struct TrainConfig {
   int64_t log_every = 1;
   bool fixed_batch = false;   // reuse one batch every step (overfitting check)
   std::string metrics_file;   // JSON lines, one per step; empty = none
+  std::string tensorboard_dir;  // TensorBoard event files (rank 0); empty = none
+  double peak_tflops = 0;     // per rank, for MFU; 0 = measure the CPU's sgemm at start
 
   // Real data (docs/DATA.md). Without --data the synthetic source is used.
   std::vector<std::string> data_sources;  // --data name=path[:weight], repeatable

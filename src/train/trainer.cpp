@@ -2,6 +2,7 @@
 
 #include <cblas.h>
 #include <omp.h>
+#include <sys/resource.h>
 
 #include <algorithm>
 #include <chrono>
@@ -15,6 +16,7 @@
 #include "parallel/pipeline.h"
 #include "checkpoint/reshard.h"
 #include "train/signals.h"
+#include "train/flops.h"
 
 namespace vchat {
 
@@ -147,6 +149,10 @@ Trainer::Trainer(const TrainConfig& cfg, Grid* grid) : cfg_(cfg) {
     metrics_.open(cfg.metrics_file, std::ios::app);
     if (!metrics_) throw ConfigError("--metrics '" + cfg.metrics_file + "': cannot open for writing");
   }
+  if (!cfg.tensorboard_dir.empty() && is_root()) tensorboard_ = std::make_unique<TensorBoardWriter>(cfg.tensorboard_dir);
+  // MFU's denominator: every rank's peak, summed (measured, so a slower node counts as such).
+  peak_flops_ = cfg.peak_tflops > 0 ? cfg.peak_tflops * 1e12 : measured_sgemm_peak();
+  grid_->world().all_reduce_f64(&peak_flops_, 1, ReduceOp::sum);
 }
 
 int64_t Trainer::global_batch() const {
@@ -235,14 +241,16 @@ StepStats Trainer::step() {
   // 2. The step loss is the mean CE over every supervised token of the global batch, so
   //    each micro-batch's summed loss is divided by the global count (one scalar
   //    all-reduce): the result does not depend on how samples fall into micro-batches/ranks.
-  double counts[2] = {0, 0};  // supervised tokens, non-pad tokens
+  double counts[4] = {0, 0, 0, 0};  // supervised tokens, non-pad tokens, rows, images (for FLOPs)
   for (const Batch& b : batches) {
     counts[0] += static_cast<double>(b.supervised_count());
     counts[1] += static_cast<double>(b.non_pad_count());
+    counts[2] += static_cast<double>(b.batch_size() * b.seq_len());
+    counts[3] += static_cast<double>(b.n_images());
     s.rows += b.batch_size() * b.seq_len();
     s.images.push_back(b.n_images());
   }
-  if (dp.size() > 1) dp.all_reduce_f64(counts, 2, ReduceOp::sum);
+  if (dp.size() > 1) dp.all_reduce_f64(counts, 4, ReduceOp::sum);
   const int64_t global_supervised = std::max<int64_t>(1, static_cast<int64_t>(counts[0]));
   const float loss_scale = 1.f / static_cast<float>(global_supervised);
 
@@ -280,6 +288,9 @@ StepStats Trainer::step() {
 
   s.step = ++step_;
   s.seconds = std::chrono::duration<double>(clock::now() - t0).count();
+  s.model_flops = step_flops(cfg_.model, cfg_.model_options, static_cast<int64_t>(counts[2]), cfg_.data.seq_len,
+                             static_cast<int64_t>(counts[3])).total();
+  s.mfu = s.model_flops / (s.seconds * peak_flops_);
   // Replicated KV heads sum their gradients on a sub-group of TP: tensor-parallel traffic.
   const CommStats kv = model_->kv_replicas() ? model_->kv_replicas()->stats() : CommStats{};
   s.comm_seconds = tp.stats().seconds + kv.seconds + dp.stats().seconds + mp.stats().seconds;
@@ -350,16 +361,24 @@ EvalStats Trainer::evaluate() {
   return e;
 }
 
+// This process's peak resident set (bytes): host memory on CPU runs.
+static double peak_rss_bytes() {
+  rusage u{};
+  getrusage(RUSAGE_SELF, &u);
+  return static_cast<double>(u.ru_maxrss) * 1024.0;  // Linux reports KiB
+}
+
 Trainer::Agreement Trainer::agree() {
   const bool time_up = cfg_.exit_after_minutes > 0 &&
                        std::chrono::duration<double>(std::chrono::steady_clock::now() - started_).count() >=
                            cfg_.exit_after_minutes * 60;
   const bool enough = cfg_.exit_after_steps > 0 && step_ - first_step_ >= cfg_.exit_after_steps;
   const bool writing = saver_ && saver_->in_flight() && saver_->local_status() == ckpt::CheckpointSaver::writing;
-  double flags[3] = {static_cast<double>(StopSignals::requested()), time_up ? 1.0 : enough ? 2.0 : 0.0,
-                     writing ? 1.0 : 0.0};
-  grid_->world().all_reduce_f64(flags, 3, ReduceOp::max);
+  double flags[4] = {static_cast<double>(StopSignals::requested()), time_up ? 1.0 : enough ? 2.0 : 0.0,
+                     writing ? 1.0 : 0.0, peak_rss_bytes()};
+  grid_->world().all_reduce_f64(flags, 4, ReduceOp::max);
   Agreement a;
+  a.peak_memory = flags[3];
   if (flags[0] > 0) {
     a.stop = true;
     a.why = StopSignals::name(static_cast<int>(flags[0]));
@@ -412,6 +431,11 @@ void Trainer::run() {
                                  {"answers", e.answers}, {"answers_exact", e.answers_exact}}
                       .dump()
                << "\n" << std::flush;
+    if (tensorboard_) {
+      tensorboard_->scalar("validation/loss", e.loss, step_);
+      tensorboard_->scalar("validation/answer_accuracy", e.accuracy(), step_);
+      tensorboard_->flush();
+    }
   };
   double elapsed = 0;
   const int64_t first = first_step_ = step_;  // > 0 when resumed
@@ -424,13 +448,16 @@ void Trainer::run() {
       throw ConfigError("none of the first " + std::to_string(kSupervisionGraceSteps) +
                         " steps had a supervised token: every answer lies beyond --seq-len=" +
                         std::to_string(cfg_.data.seq_len) + " tokens (images count too); raise --seq-len");
+    // After every step, one agreement over the world: a stop request on any rank, whether
+    // the save in flight is written everywhere (then it is published), the peak memory.
+    const Agreement a = agree();
     if (is_root() && (s.step % cfg_.log_every == 0 || s.step == cfg_.steps || s.supervised == 0)) {
       const double eta = elapsed / static_cast<double>(s.step - first) * static_cast<double>(cfg_.steps - s.step);
       std::printf(
-          "step %5lld/%lld | loss %.4f | lr %.3e | grad norm %.4f | %.0f tok/s | %.0f ms (compute %.0f, comm %.0f, bubble %.0f) | eta %.0fs%s\n",
+          "step %5lld/%lld | loss %.4f | lr %.3e | grad norm %.4f | %.0f tok/s | MFU %.1f%% | %.0f ms (compute %.0f, comm %.0f, bubble %.0f) | mem %.2f GB | eta %.0fs%s\n",
           static_cast<long long>(s.step), static_cast<long long>(cfg_.steps), s.loss, s.lr, s.grad_norm,
-          s.tokens / s.seconds, s.seconds * 1e3, (s.seconds - s.comm_seconds - s.bubble_seconds) * 1e3,
-          s.comm_seconds * 1e3, s.bubble_seconds * 1e3, eta,
+          s.tokens / s.seconds, s.mfu * 100, s.seconds * 1e3, (s.seconds - s.comm_seconds - s.bubble_seconds) * 1e3,
+          s.comm_seconds * 1e3, s.bubble_seconds * 1e3, a.peak_memory / 1e9, eta,
           s.supervised == 0 ? " | no supervised token in this step (answers cut off by --seq-len?): no update" : "");
       std::fflush(stdout);
     }
@@ -441,6 +468,9 @@ void Trainer::run() {
                           {"tokens", s.tokens},      {"supervised", s.supervised},
                           {"rows", s.rows},          {"images", s.images},
                           {"seconds", s.seconds},
+                          {"tokens_per_second", s.tokens / s.seconds},
+                          {"model_flops", s.model_flops}, {"mfu", s.mfu},
+                          {"peak_memory_bytes", a.peak_memory},
                           {"comm_seconds", s.comm_seconds}, {"bubble_seconds", s.bubble_seconds},
                           {"comm_bytes", s.comm_bytes}, {"tp_bytes", s.tp_bytes}, {"pp_bytes", s.pp_bytes},
                           {"trained_bytes", model_->params().numel(true) * 4},
@@ -449,9 +479,15 @@ void Trainer::run() {
                           {"mem_optimizer", mem.optimizer}};
       metrics_ << j.dump() << "\n" << std::flush;
     }
-    // After every step, one agreement over the world: a stop request on any rank, and
-    // whether the save in flight is written everywhere (then it is published).
-    const Agreement a = agree();
+    if (tensorboard_) {
+      tensorboard_->scalar("train/loss", s.loss, s.step);
+      tensorboard_->scalar("train/lr", s.lr, s.step);
+      tensorboard_->scalar("train/grad_norm", s.grad_norm, s.step);
+      tensorboard_->scalar("train/tokens_per_second", s.tokens / s.seconds, s.step);
+      tensorboard_->scalar("train/mfu", s.mfu, s.step);
+      tensorboard_->scalar("train/peak_memory_gb", a.peak_memory / 1e9, s.step);
+      tensorboard_->flush();
+    }
     if (a.save_ready) report_saved(saver_->finish());
     if (a.stop) {
       stopped_by = a.why;

@@ -19,6 +19,7 @@
 #include "parallel/zero3.h"
 #include "train/adamw.h"
 #include "train/synthetic.h"
+#include "train/tensorboard.h"
 #include "train/train_config.h"
 
 namespace vchat {
@@ -35,6 +36,8 @@ struct StepStats {
   double bubble_seconds = 0;  // of `seconds`, in pipeline send/recv (waiting for neighbours)
   double comm_bytes = 0;      // this rank's DP traffic in the step (ring "bus bytes", comm.h)
   double tp_bytes = 0, pp_bytes = 0;  // this rank's tensor- and pipeline-parallel traffic
+  double model_flops = 0;     // the global batch's model FLOPs (train/flops.h)
+  double mfu = 0;             // model_flops / (seconds x the world's summed peak)
 };
 
 struct EvalStats {
@@ -71,6 +74,7 @@ class Trainer {
     bool stop = false;
     std::string why;     // "SIGUSR1", "--exit-after-minutes", ...
     bool save_ready = false;  // every rank wrote its file of the save in flight
+    double peak_memory = 0;   // the largest resident set of any rank so far (bytes)
   };
   Agreement agree();
   std::string save_now();  // a blocking checkpoint (collective); returns its directory
@@ -96,6 +100,8 @@ class Trainer {
   int64_t step_ = 0;
   std::ofstream metrics_;
   std::unique_ptr<ckpt::CheckpointSaver> saver_;
+  std::unique_ptr<TensorBoardWriter> tensorboard_;  // rank 0, with --tensorboard
+  double peak_flops_ = 0;  // the world's summed peak FLOP/s (measured sgemm, or --peak-tflops)
   std::chrono::steady_clock::time_point started_ = std::chrono::steady_clock::now();
   int64_t first_step_ = 0;  // step_ when run() began (the resumed step)
   int64_t unsupervised_steps_ = 0;  // of this run's first steps, those without a supervised token

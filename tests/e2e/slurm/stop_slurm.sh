@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Stops the test cluster that start_slurm.sh STATE_DIR started: cancels every job, waits for
+# the jobs' processes to end, stops slurmd and slurmctld by their pid files in STATE_DIR, and
+# stops munged only when start_slurm.sh started it (STATE_DIR/munged.started). Removes
+# nothing; the logs stay in STATE_DIR. Idempotent, never fails: fit for `trap ... EXIT`.
+# Usage: stop_slurm.sh STATE_DIR
+set -u
+
+STATE_DIR=${1:?usage: stop_slurm.sh STATE_DIR}
+[ -d "$STATE_DIR" ] || exit 0
+STATE_DIR=$(cd "$STATE_DIR" && pwd)
+export SLURM_CONF=$STATE_DIR/slurm.conf
+say() { echo "stop_slurm.sh: $*" >&2; }
+
+pid_of() {  # pid_of PIDFILE NAME: the pid in PIDFILE when it is a live process called NAME
+  local pid
+  [ -s "$1" ] || return 1
+  pid=$(cat "$1" 2> /dev/null)
+  [ -n "$pid" ] && [ -r "/proc/$pid/comm" ] && [ "$(cat "/proc/$pid/comm" 2> /dev/null)" = "$2" ] \
+    && echo "$pid"
+}
+
+# slurmstepd processes of this cluster: they inherit VCHAT_SLURM_STATE=STATE_DIR from slurmd.
+stepds() {
+  local p
+  for p in /proc/[0-9]*; do
+    [ "$(cat "$p/comm" 2> /dev/null)" = slurmstepd ] || continue
+    tr '\0' '\n' < "$p/environ" 2> /dev/null | grep -qxF "VCHAT_SLURM_STATE=$STATE_DIR" \
+      && echo "${p#/proc/}"
+  done
+  return 0
+}
+
+stop_pid() {  # stop_pid PID NAME: SIGTERM, up to 15 s, then SIGKILL
+  local pid=$1 name=$2 i
+  kill -TERM "$pid" 2> /dev/null || return 0
+  for i in $(seq 1 150); do
+    [ "$(cat "/proc/$pid/comm" 2> /dev/null)" = "$name" ] || return 0
+    sleep 0.1
+  done
+  say "$name (pid $pid) ignored SIGTERM for 15 s: SIGKILL"
+  kill -KILL "$pid" 2> /dev/null
+  sleep 0.2
+}
+
+ctld=$(pid_of "$STATE_DIR/slurmctld.pid" slurmctld || true)
+slurmd=$(pid_of "$STATE_DIR/slurmd.pid" slurmd || true)
+
+# 1. Cancel every job, and wait (KillWait=5 s + margin) until none runs and no step daemon is left.
+if [ -n "$ctld" ] && [ -f "$SLURM_CONF" ]; then
+  jobs=$(timeout 20 squeue -h -o %A 2> /dev/null | sort -u | tr '\n' ' ')
+  if [ -n "${jobs// /}" ]; then
+    # shellcheck disable=SC2086
+    timeout 20 scancel $jobs > /dev/null 2>&1 || say "scancel $jobs failed"
+    for _ in $(seq 1 60); do
+      left=$(timeout 10 squeue -h -t R,CG,S,PD,CF -o %A 2> /dev/null)
+      [ -z "$left" ] && [ -z "$(stepds)" ] && break
+      sleep 0.5
+    done
+  fi
+fi
+for _ in $(seq 1 40); do [ -z "$(stepds)" ] && break; sleep 0.25; done
+for p in $(stepds); do
+  say "slurmstepd $p still there: SIGKILL"
+  kill -KILL "$p" 2> /dev/null
+done
+
+# 2. slurmd, then slurmctld.
+[ -z "$slurmd" ] || stop_pid "$slurmd" slurmd
+[ -z "$ctld" ] || stop_pid "$ctld" slurmctld
+
+# 3. munged, only if start_slurm.sh started it.
+if [ -s "$STATE_DIR/munged.started" ]; then
+  m=$(pid_of "$STATE_DIR/munged.started" munged || true)
+  [ -z "$m" ] || stop_pid "$m" munged
+  rm -f "$STATE_DIR/munged.started"
+fi
+exit 0
