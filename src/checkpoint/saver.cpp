@@ -12,6 +12,8 @@
 
 #include <algorithm>
 #include <chrono>
+#include <condition_variable>
+#include <mutex>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -37,10 +39,17 @@ struct CheckpointSaver::Job {
     FileEntry entry;
   };
   File step_file, frozen_file;
-  std::vector<std::vector<float>> snapshot;  // host copies of the changing pieces
+  // The changing pieces: copied from `live` into the saver's arena by the writer thread
+  // first (while the next step's forward and backward, which read but never write them,
+  // run), then written from there.
+  std::vector<const float*> live;
+  std::vector<int64_t> arena_offset;
+  std::mutex mu;
+  std::condition_variable cv;
+  bool snapshot_done = false;
   std::atomic<int> status{writing};
   std::string error;
-  double write_seconds = 0;
+  double snapshot_seconds = 0, write_seconds = 0, hash_seconds = 0;
 };
 
 namespace {
@@ -103,7 +112,6 @@ CheckpointSaver::~CheckpointSaver() {
 
 void CheckpointSaver::start(const std::vector<StateSlice>& state, const Manifest& base) {
   if (pending_) finish();
-  const auto t0 = std::chrono::steady_clock::now();
   const GridCoord c = grid_.coord();
   const int dp = grid_.shape().dp, rank = grid_.world().rank();
   auto job = std::make_unique<Job>();
@@ -116,6 +124,7 @@ void CheckpointSaver::start(const std::vector<StateSlice>& state, const Manifest
     job->frozen_tmp = (fs::path(opt_.dir) / (job->frozen_name + ".tmp")).string();
     job->frozen_file.dir = job->frozen_tmp;
   }
+  int64_t arena_used = 0;
   for (const StateSlice& s : state) {
     if (!s.param->counts_in_norm) continue;  // another TP replica writes it
     int64_t b = s.begin, e = s.end;
@@ -133,15 +142,22 @@ void CheckpointSaver::start(const std::vector<StateSlice>& state, const Manifest
       job->frozen_file.pieces.push_back(ref);
       job->frozen_file.data.push_back(src);
     } else {
-      job->snapshot.emplace_back(src, src + (e - b));
+      job->live.push_back(src);
+      job->arena_offset.push_back(arena_used);
+      arena_used += e - b;
       job->step_file.pieces.push_back(ref);
-      job->step_file.data.push_back(job->snapshot.back().data());
     }
   }
+  // The arena is reused from save to save. Not zero-filled: its pages are first touched by
+  // the writer thread's copy, not here in the step loop.
+  if (arena_size_ < arena_used) {
+    arena_.reset(new float[static_cast<size_t>(arena_used)]);
+    arena_size_ = arena_used;
+  }
+  for (int64_t off : job->arena_offset) job->step_file.data.push_back(arena_.get() + off);
   job->step_file.entry = {rank_file_name(rank), rank, 0, "", job->step_file.pieces};
   job->frozen_file.entry = {rank_file_name(rank), rank, 0, "", job->frozen_file.pieces};
   last_ = {};
-  last_.snapshot_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   pending_ = std::move(job);
   if (opt_.sync) {
     run_job(*pending_);
@@ -151,9 +167,32 @@ void CheckpointSaver::start(const std::vector<StateSlice>& state, const Manifest
   }
 }
 
+void CheckpointSaver::wait_snapshot() {
+  if (!pending_) return;
+  std::unique_lock<std::mutex> lock(pending_->mu);
+  pending_->cv.wait(lock, [&] { return pending_->snapshot_done; });
+}
+
 void CheckpointSaver::run_job(Job& job) {
-  const auto t0 = std::chrono::steady_clock::now();
+  using clock = std::chrono::steady_clock;
+  auto t0 = clock::now();
+  auto lap = [&t0] {
+    const auto t = clock::now();
+    const double s = std::chrono::duration<double>(t - t0).count();
+    t0 = t;
+    return s;
+  };
   try {
+    {  // 1. The snapshot: after this the optimizer may update the live state again.
+      const auto& pieces = job.step_file.pieces;
+      for (size_t i = 0; i < pieces.size(); ++i)
+        std::copy_n(job.live[i], pieces[i].size(), arena_.get() + job.arena_offset[i]);
+      job.snapshot_seconds = lap();
+      std::lock_guard<std::mutex> lock(job.mu);
+      job.snapshot_done = true;
+    }
+    job.cv.notify_all();
+    // 2. The files: written, fsynced, hashed.
     for (Job::File* f : {&job.step_file, &job.frozen_file}) {
       if (f->dir.empty()) continue;
       std::error_code ec;
@@ -167,15 +206,21 @@ void CheckpointSaver::run_job(Job& job) {
       write_rank_file(path, f->pieces, f->data, job.base.step, f->entry.rank, meta);
       data::fsync_path(f->dir);
       f->entry.bytes = static_cast<int64_t>(fs::file_size(path));
+      job.write_seconds += lap();
       f->entry.sha256 = data::sha256_file(path);
+      job.hash_seconds += lap();
       crash_point(f == &job.step_file ? "step-file-written" : "frozen-file-written", f->entry.rank, job.base.step);
     }
-    job.write_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     job.status = written;
   } catch (const std::exception& e) {
     job.error = e.what();
     job.status = failed;
   }
+  {  // a failure before the snapshot must not leave the trainer waiting for it
+    std::lock_guard<std::mutex> lock(job.mu);
+    job.snapshot_done = true;
+  }
+  job.cv.notify_all();
 }
 
 CheckpointSaver::LocalStatus CheckpointSaver::local_status() const {
@@ -277,7 +322,9 @@ std::string CheckpointSaver::publish() {
   if (wrote_frozen) frozen_ref_ = job.frozen_name;
   if (grid_.world().rank() == 0) prune(frozen_ref_);
   last_.step = job.base.step;
+  last_.snapshot_seconds = job.snapshot_seconds;
   last_.write_seconds = job.write_seconds;
+  last_.hash_seconds = job.hash_seconds;
   last_.bytes = job.step_file.entry.bytes + (wrote_frozen ? job.frozen_file.entry.bytes : 0);
   pending_.reset();
   return final_dir;

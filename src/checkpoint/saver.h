@@ -54,6 +54,9 @@ class CheckpointSaver {
   // SaveOptions::sync the file is written before it returns.
   void start(const std::vector<StateSlice>& state, const Manifest& base);
   bool in_flight() const { return pending_ != nullptr; }
+  // Blocks until the save in flight has copied the state it saves (call before changing
+  // weights or Adam state); returns at once without one.
+  void wait_snapshot();
   // This rank's writer: 0 = nothing in flight or still writing, 1 = written, 2 = failed.
   enum LocalStatus { writing = 0, written = 1, failed = 2 };
   LocalStatus local_status() const;
@@ -68,7 +71,7 @@ class CheckpointSaver {
 
   struct Timing {  // of the last published save
     int64_t step = 0;
-    double snapshot_seconds = 0, write_seconds = 0;
+    double snapshot_seconds = 0, write_seconds = 0, hash_seconds = 0;  // on the writer thread
     int64_t bytes = 0;  // this rank's files
   };
   const Timing& last_timing() const { return last_; }
@@ -84,6 +87,8 @@ class CheckpointSaver {
   std::string frozen_ref_, frozen_sha_;  // the frozen set later checkpoints refer to
   uint64_t run_id_ = 0;                  // names this run's frozen set (rank 0's draw)
   std::unique_ptr<Job> pending_;
+  std::unique_ptr<float[]> arena_;  // the snapshot's memory, reused by every save
+  int64_t arena_size_ = 0;
   std::thread writer_;
   Timing last_;
 };

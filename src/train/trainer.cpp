@@ -8,6 +8,7 @@
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
+#include <utility>
 #include <nlohmann/json.hpp>
 
 #include "data/sha256.h"
@@ -284,6 +285,11 @@ StepStats Trainer::step() {
   //    line says so.
   s.lr = cfg_.lr.at(step_);
   s.supervised = static_cast<int64_t>(counts[0]);
+  if (saver_ && saver_->in_flight()) {  // a save in flight may still be copying the state
+    const auto w0 = clock::now();
+    saver_->wait_snapshot();
+    save_blocked_ += std::chrono::duration<double>(clock::now() - w0).count();
+  }
   s.grad_norm = s.supervised > 0 ? opt_->step(s.lr) : 0.0;
 
   s.step = ++step_;
@@ -394,16 +400,39 @@ Trainer::Agreement Trainer::agree() {
 }
 
 std::string Trainer::save_now() {
+  start_save();
+  return finish_save();
+}
+
+void Trainer::start_save() {
+  const auto t0 = std::chrono::steady_clock::now();
   saver_->start(opt_->state(), checkpoint_base());
-  return saver_->finish();
+  save_blocked_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+std::string Trainer::finish_save() {
+  const auto t0 = std::chrono::steady_clock::now();
+  const std::string dir = saver_->finish();
+  save_blocked_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return dir;
 }
 
 void Trainer::report_saved(const std::string& dir) {
+  const double blocked = std::exchange(save_blocked_, 0.0);
   if (!is_root() || dir.empty()) return;
   const ckpt::CheckpointSaver::Timing& t = saver_->last_timing();
-  std::printf("checkpoint | step %lld | %s | paused training %.0f ms (snapshot), rank 0 wrote %.1f MB in %.2f s\n",
-              static_cast<long long>(t.step), dir.c_str(), t.snapshot_seconds * 1e3, t.bytes / 1e6, t.write_seconds);
+  std::printf("checkpoint | step %lld | %s | training blocked %.0f ms%s | rank 0: snapshot %.0f ms, wrote %.1f MB in %.2f s (%.0f MB/s), SHA-256 %.2f s\n",
+              static_cast<long long>(t.step), dir.c_str(), blocked * 1e3, cfg_.save_sync ? " (--save-sync)" : "",
+              t.snapshot_seconds * 1e3, t.bytes / 1e6, t.write_seconds, t.bytes / 1e6 / std::max(t.write_seconds, 1e-9),
+              t.hash_seconds);
   std::fflush(stdout);
+  if (metrics_.is_open())
+    metrics_ << nlohmann::json{{"checkpoint", dir},          {"step", t.step},
+                               {"blocked_seconds", blocked}, {"snapshot_seconds", t.snapshot_seconds},
+                               {"write_seconds", t.write_seconds}, {"hash_seconds", t.hash_seconds},
+                               {"bytes_rank0", t.bytes}}
+                    .dump()
+             << "\n" << std::flush;
 }
 
 void Trainer::run() {
@@ -488,14 +517,14 @@ void Trainer::run() {
       tensorboard_->scalar("train/peak_memory_gb", a.peak_memory / 1e9, s.step);
       tensorboard_->flush();
     }
-    if (a.save_ready) report_saved(saver_->finish());
+    if (a.save_ready) report_saved(finish_save());
     if (a.stop) {
       stopped_by = a.why;
       break;
     }
     if (saver_ && cfg_.save_every > 0 && step_ % cfg_.save_every == 0 && step_ < cfg_.steps) {
-      saver_->start(opt_->state(), checkpoint_base());
-      if (cfg_.save_sync) report_saved(saver_->finish());
+      start_save();
+      if (cfg_.save_sync) report_saved(finish_save());
     }
     if (loader_ && loader_->validation_samples() > 0 && cfg_.val_every > 0 && s.step % cfg_.val_every == 0 &&
         s.step != cfg_.steps)

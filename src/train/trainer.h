@@ -78,6 +78,9 @@ class Trainer {
   };
   Agreement agree();
   std::string save_now();  // a blocking checkpoint (collective); returns its directory
+  void start_save();         // saver_->start / finish, timing how long the step loop waits
+  std::string finish_save();
+  double save_blocked_ = 0;  // of the save in flight: seconds the step loop spent in it
   void report_saved(const std::string& dir);  // rank 0's line for a published checkpoint
   // A run stops when none of its first steps had a supervised token.
   static constexpr int64_t kSupervisionGraceSteps = 3;
