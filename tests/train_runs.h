@@ -69,16 +69,16 @@ inline const std::string& dataset_dir() {
   return dir;
 }
 
-// A metrics file's step lines and validation lines.
+// A metrics file's step, validation and checkpoint lines.
 struct Metrics {
-  std::vector<nlohmann::json> steps, validation;
+  std::vector<nlohmann::json> steps, validation, checkpoints;
 };
 inline Metrics read_metrics(const std::string& path) {
   Metrics m;
   std::ifstream in(path);
   for (std::string line; std::getline(in, line);) {
     nlohmann::json j = nlohmann::json::parse(line);
-    (j.contains("validation") ? m.validation : m.steps).push_back(j);
+    (j.contains("validation") ? m.validation : j.contains("checkpoint") ? m.checkpoints : m.steps).push_back(j);
   }
   return m;
 }

@@ -31,6 +31,7 @@ STATE_DIR=${1:?usage: start_slurm.sh STATE_DIR}
 # (the plugin package does not depend on it: without it `srun --mpi=pmix` fails).
 PACKAGES=(slurmctld slurmd slurm-client slurm-wlm-basic-plugins munge libpmix2 libpmix-dev)
 DEADLINE_S=60
+started=0
 
 die() {
   echo "start_slurm.sh: ERROR: $*" >&2
@@ -40,6 +41,8 @@ die() {
     echo "---- last lines of $f ----" >&2
     tail -n 40 "$f" >&2
   done
+  # Leave nothing half started: stop what this run started (and munged, if it started it).
+  [ "$started" = 0 ] || "$(dirname "$0")"/stop_slurm.sh "$STATE_DIR" || true
   exit 1
 }
 
@@ -99,9 +102,10 @@ else
   install -d -o munge -g munge -m 0711 /var/lib/munge
   # --force: a socket or lock file left by a munged that died is no reason to refuse.
   runuser -u munge -- /usr/sbin/munged --force || die "munged did not start"
+  started=1
+  cat /run/munge/munged.pid > "$STATE_DIR/munged.started" 2> /dev/null || true
   for _ in $(seq 1 100); do munge_ok && break; sleep 0.1; done
   munge_ok || die "munged started but munge -n | unmunge fails"
-  cat /run/munge/munged.pid > "$STATE_DIR/munged.started"
   echo "start_slurm.sh: started munged (pid $(cat "$STATE_DIR/munged.started"))"
 fi
 
@@ -114,7 +118,7 @@ hw=$(slurmd -C | head -n 1) || die "slurmd -C failed"
 field() { sed -n "s/.*[[:space:]]$1=\([0-9]*\).*/\1/p" <<< "$hw"; }
 cpus=$(field CPUs) boards=$(field Boards) sockets=$(field SocketsPerBoard)
 cores=$(field CoresPerSocket) threads=$(field ThreadsPerCore) mem=$(field RealMemory)
-[ -n "$cpus" ] && [ -n "$mem" ] || die "cannot read the machine from slurmd -C: $hw"
+{ [ -n "$cpus" ] && [ -n "$mem" ]; } || die "cannot read the machine from slurmd -C: $hw"
 node="CPUs=$cpus Boards=$boards SocketsPerBoard=$sockets CoresPerSocket=$cores ThreadsPerCore=$threads"
 if [ -n "${VCHAT_SLURM_CPUS:-}" ] && [ "$VCHAT_SLURM_CPUS" != "$cpus" ]; then
   node="CPUs=$VCHAT_SLURM_CPUS Boards=1 SocketsPerBoard=1 CoresPerSocket=$VCHAT_SLURM_CPUS ThreadsPerCore=1"
@@ -132,6 +136,9 @@ SlurmdPort=$((PORT + 1))
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+# A requeued job (scontrol requeue, JobRequeue=1) waits cred_expire + 1 s before it may run
+# again (default 120 s); 10 s keeps requeue tests short.
+AuthInfo=cred_expire=10
 CryptoType=crypto/munge
 MpiDefault=none
 # No cgroups here: processes are tracked by parentage, nothing is bound or confined.
@@ -178,6 +185,7 @@ ctld_args=(-f "$CONF")
 [ "${VCHAT_SLURM_KEEP_STATE:-0}" = 1 ] || ctld_args+=(-c)
 # VCHAT_SLURM_STATE marks slurmd and the slurmstepds it starts, for stop_slurm.sh.
 export VCHAT_SLURM_STATE=$STATE_DIR
+started=1
 slurmctld "${ctld_args[@]}" || die "slurmctld failed to start"
 slurmd -f "$CONF" || die "slurmd failed to start"
 

@@ -25,16 +25,15 @@ stepds() {
   local p
   for p in /proc/[0-9]*; do
     [ "$(cat "$p/comm" 2> /dev/null)" = slurmstepd ] || continue
-    tr '\0' '\n' < "$p/environ" 2> /dev/null | grep -qxF "VCHAT_SLURM_STATE=$STATE_DIR" \
-      && echo "${p#/proc/}"
+    grep -qzxF "VCHAT_SLURM_STATE=$STATE_DIR" "$p/environ" 2> /dev/null && echo "${p#/proc/}"
   done
   return 0
 }
 
 stop_pid() {  # stop_pid PID NAME: SIGTERM, up to 15 s, then SIGKILL
-  local pid=$1 name=$2 i
+  local pid=$1 name=$2
   kill -TERM "$pid" 2> /dev/null || return 0
-  for i in $(seq 1 150); do
+  for _ in $(seq 1 150); do
     [ "$(cat "/proc/$pid/comm" 2> /dev/null)" = "$name" ] || return 0
     sleep 0.1
   done
