@@ -373,6 +373,11 @@ TEST(Checkpoint, ExitAfterMinutesSavesAndExitsZero) {
   EXPECT_EQ(r.rc, 0) << r.out;
   EXPECT_NE(r.out.find("stopped after step 1/50 by --exit-after-minutes"), std::string::npos) << r.out;
   EXPECT_TRUE(ckpt::verify(tmp.file("ck")).empty());
+  // What a Slurm job script asks before requeueing itself (jobs/slurm/requeue_unless_finished.sh).
+  int rc = 0;
+  const std::string out = test::sh(test::bin("vchat-ckpt") + " status " + tmp.file("ck"), &rc);
+  EXPECT_EQ(rc, 3) << out;
+  EXPECT_NE(out.find("step 1 of 50: stopped early"), std::string::npos) << out;
 }
 
 // --keep-last removes old checkpoints only after a new one is published, and never the
@@ -393,4 +398,8 @@ TEST(Checkpoint, KeepLastPrunesAfterPublishingAndKeepsTheReferencedFrozenSet) {
   EXPECT_TRUE(ckpt::verify(dir).empty());
   const auto problems = ckpt::verify(all[0].second);
   EXPECT_TRUE(problems.empty()) << problems.front();
+  int rc = 0;
+  const std::string out = test::sh(test::bin("vchat-ckpt") + " status " + dir, &rc);
+  EXPECT_EQ(rc, 0) << out;
+  EXPECT_NE(out.find("step 7 of 7: finished"), std::string::npos) << out;
 }

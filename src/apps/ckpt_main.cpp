@@ -2,6 +2,8 @@
 //   vchat-ckpt inspect DIR
 //   vchat-ckpt verify DIR
 //   vchat-ckpt consolidate DIR --out FILE.safetensors [--kind value|adam_m|adam_v] [--trainable-only]
+//   vchat-ckpt status DIR      exit 0: the run finished (its last step is saved); 3: it
+//                              stopped early (resume it); 1: no checkpoint / unreadable
 // DIR is a checkpoint (step_XXXXXXXX) or a save directory (its `latest`). Exit 0 on success,
 // 1 for a bad checkpoint (the message names the file and tensor), 2 for bad usage.
 #include <cstdio>
@@ -20,6 +22,7 @@ int usage(const char* why) {
                "usage: vchat-ckpt inspect DIR\n"
                "       vchat-ckpt verify DIR\n"
                "       vchat-ckpt consolidate DIR --out FILE.safetensors [--kind value|adam_m|adam_v] [--trainable-only]\n"
+               "       vchat-ckpt status DIR   (exit 0: finished, 3: stopped early, 1: no checkpoint)\n"
                "DIR: a checkpoint directory (step_XXXXXXXX) or a save directory (its 'latest' checkpoint)\n");
   return 2;
 }
@@ -46,6 +49,12 @@ int main(int argc, char** argv) {
       }
       std::printf("verify: %s: OK (files, sizes, SHA-256, every tensor tiled exactly once)\n", dir.c_str());
       return 0;
+    }
+    if (cmd == "status" && args.size() == 2) {
+      const vchat::ckpt::RunProgress p = vchat::ckpt::run_progress(dir);
+      std::printf("status: %s: step %lld of %lld: %s\n", dir.c_str(), static_cast<long long>(p.step),
+                  static_cast<long long>(p.steps), p.finished() ? "finished" : "stopped early (resume with --resume auto)");
+      return p.finished() ? 0 : 3;
     }
     if (cmd == "consolidate") {
       std::string out, kind = "value";

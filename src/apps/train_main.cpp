@@ -11,6 +11,7 @@
 
 #include "parallel/comm.h"
 #include "parallel/grid.h"
+#include "train/signals.h"
 #include "train/train_config.h"
 #include "train/trainer.h"
 
@@ -18,6 +19,7 @@ int main(int argc, char** argv) {
   // A file-size limit (ulimit -f) then fails a write with EFBIG, which names the file,
   // instead of killing the process in the middle of a checkpoint.
   std::signal(SIGXFSZ, SIG_IGN);
+  vchat::StopSignals::install_warning();  // Slurm's --signal=USR1@N may come during start-up
   vchat::MpiSession mpi(&argc, &argv);
   const bool root = mpi.rank() == 0;
   vchat::TrainConfig cfg;

@@ -199,6 +199,14 @@ std::vector<std::string> verify(const std::string& path) {
   return problems;
 }
 
+RunProgress run_progress(const std::string& path) {
+  const std::string dir = resolve_checkpoint(path, "status");
+  const Manifest m = read_manifest(dir);
+  if (!m.run_config.contains("steps") || !m.run_config["steps"].is_number_integer())
+    throw DataError(dir + "/manifest.json: its run configuration has no integer 'steps'");
+  return {m.step, m.run_config["steps"].get<int64_t>()};
+}
+
 int consolidate(const std::string& path, const std::string& out_path, StateKind kind, bool trainable_only) {
   const std::string dir = resolve_checkpoint(path, "consolidate");
   const Manifest m = read_manifest(dir);

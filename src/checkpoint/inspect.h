@@ -25,6 +25,14 @@ void inspect(const std::string& dir, std::ostream& out);
 // the problems found (empty: the checkpoint is sound); names file and tensor in each.
 std::vector<std::string> verify(const std::string& dir);
 
+// How far the run that wrote `dir`'s checkpoint (or a save directory's latest) got: its step
+// against the run's --steps. What a Slurm job script asks before requeueing itself.
+struct RunProgress {
+  int64_t step = 0, steps = 0;
+  bool finished() const { return step >= steps; }
+};
+RunProgress run_progress(const std::string& dir);
+
 // Writes the one-rank tensors of a checkpoint (of any layout) to one safetensors file,
 // tensor by tensor (one full tensor in memory at a time). `kind`: value (the weights) or an
 // Adam moment; `trainable_only` skips frozen tensors. Returns the number of tensors written.

@@ -28,14 +28,17 @@ void on_signal(int sig) {
 
 }  // namespace
 
-void StopSignals::install() {
+static void handle(std::initializer_list<int> signals) {
   struct sigaction sa;
   std::memset(&sa, 0, sizeof sa);
   sa.sa_handler = on_signal;
   sigemptyset(&sa.sa_mask);
   sa.sa_flags = SA_RESTART;  // blocking reads and waits continue; the step loop polls the flag
-  for (int sig : {SIGUSR1, SIGTERM, SIGINT}) sigaction(sig, &sa, nullptr);
+  for (int sig : signals) sigaction(sig, &sa, nullptr);
 }
+
+void StopSignals::install_warning() { handle({SIGUSR1}); }
+void StopSignals::install() { handle({SIGUSR1, SIGTERM, SIGINT}); }
 
 int StopSignals::requested() { return g_signal.load(); }
 

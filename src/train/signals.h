@@ -8,8 +8,12 @@ namespace vchat {
 
 class StopSignals {
  public:
-  // Installs the handlers (idempotent). The trainer calls it when its step loop starts:
-  // before that the default action (end the process) is right.
+  // SIGUSR1 only, at program start: Slurm's warning can come at any moment, also while the
+  // run starts up; a request then stops the run after its first step.
+  static void install_warning();
+  // All three (idempotent). The trainer calls it when its step loop starts: before that,
+  // SIGTERM and SIGINT keep their default action (mpirun's SIGTERM to the peers of a rank
+  // that failed at start-up must end them).
   static void install();
   // The first signal received (SIGUSR1, SIGTERM or SIGINT), or 0.
   static int requested();

@@ -22,7 +22,13 @@
 # check at or after its limit (0-30 s late; OverTimeLimit=0), then SIGTERM, KillWait=5 s, SIGKILL.
 # A `--signal=SIG@W` warning goes out at the first check at or after limit - W - 30 s, i.e.
 # between W+30 and W seconds before the limit: early, never late. (`--time=1 --signal=USR1@30`
-# gets USR1 at the first check after the start: 0-30 s into the job.)
+# gets USR1 at the first check after the start: 0-30 s into the job.) Without `B:` the warning
+# goes to every process of every step (not to the batch shell), children such as a `sleep`
+# included; `--signal=B:SIG@W` sends it to the batch shell only.
+# A requeued job (`scontrol requeue`, JobRequeue=1) may run again 11 s later (cred_expire=10
+# below; Slurm's default is 121 s), at the scheduler's next pass: about 17 s in practice.
+# OpenMPI 4.1 (Debian) under `srun --mpi=pmix`, as root, needs no OMPI_MCA_* setting, and
+# 2 tasks on 2 cores need neither --overcommit nor --oversubscribe.
 set -euo pipefail
 
 STATE_DIR=${1:?usage: start_slurm.sh STATE_DIR}
@@ -33,10 +39,13 @@ PACKAGES=(slurmctld slurmd slurm-client slurm-wlm-basic-plugins munge libpmix2 l
 DEADLINE_S=60
 started=0
 
+munge_ok() { munge -n < /dev/null 2> /dev/null | unmunge > /dev/null 2>&1; }
 die() {
   echo "start_slurm.sh: ERROR: $*" >&2
   local f
-  for f in "$STATE_DIR"/slurmctld.log "$STATE_DIR"/slurmd.log /var/log/munge/munged.log; do
+  local logs=("$STATE_DIR"/slurmctld.log "$STATE_DIR"/slurmd.log)
+  munge_ok || logs+=(/var/log/munge/munged.log)
+  for f in "${logs[@]}"; do
     [ -s "$f" ] || continue
     echo "---- last lines of $f ----" >&2
     tail -n 40 "$f" >&2
@@ -63,8 +72,8 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 PLUGDIR=$(dirname "$(dpkg -L slurm-wlm-basic-plugins | grep '/mpi_pmix.so$' | head -n 1)")
 [ -e "$PLUGDIR/mpi_pmix.so" ] || die "no mpi_pmix.so in slurm-wlm-basic-plugins"
-[ -e /usr/lib/x86_64-linux-gnu/pmix2/lib/libpmix.so ] || [ "$(uname -m)" != x86_64 ] \
-  || die "libpmix.so (libpmix-dev) missing: srun --mpi=pmix would fail"
+compgen -G '/usr/lib/*/pmix2/lib/libpmix.so' > /dev/null \
+  || die "pmix2/lib/libpmix.so (libpmix-dev) missing: srun --mpi=pmix would fail"
 
 mkdir -p "$STATE_DIR"
 STATE_DIR=$(cd "$STATE_DIR" && pwd)
@@ -82,7 +91,6 @@ if alive "$STATE_DIR/slurmctld.pid" slurmctld || alive "$STATE_DIR/slurmd.pid" s
 fi
 
 # ---- munge -----------------------------------------------------------------------------------
-munge_ok() { munge -n < /dev/null 2> /dev/null | unmunge > /dev/null 2>&1; }
 if munge_ok; then
   echo "start_slurm.sh: reusing the running munged"
   rm -f "$STATE_DIR/munged.started"
@@ -183,8 +191,6 @@ export SLURM_CONF=$CONF
 : > "$STATE_DIR/slurmd.log"
 ctld_args=(-f "$CONF")
 [ "${VCHAT_SLURM_KEEP_STATE:-0}" = 1 ] || ctld_args+=(-c)
-# VCHAT_SLURM_STATE marks slurmd and the slurmstepds it starts, for stop_slurm.sh.
-export VCHAT_SLURM_STATE=$STATE_DIR
 started=1
 slurmctld "${ctld_args[@]}" || die "slurmctld failed to start"
 slurmd -f "$CONF" || die "slurmd failed to start"
@@ -194,7 +200,7 @@ state=
 while [ $SECONDS -lt $deadline ]; do
   alive "$STATE_DIR/slurmctld.pid" slurmctld || { sleep 0.5; alive "$STATE_DIR/slurmctld.pid" slurmctld \
     || die "slurmctld exited"; }
-  state=$(sinfo -h -N -n "$HOST" -o %t 2> /dev/null | head -n 1 || true)
+  state=$(timeout 5 sinfo -h -N -n "$HOST" -o %t 2> /dev/null | head -n 1 || true)
   case "$state" in
     idle|mix|alloc) break ;;
     down*|drain*|fail*)

@@ -20,12 +20,17 @@ pid_of() {  # pid_of PIDFILE NAME: the pid in PIDFILE when it is a live process 
     && echo "$pid"
 }
 
-# slurmstepd processes of this cluster: they inherit VCHAT_SLURM_STATE=STATE_DIR from slurmd.
+# slurmstepd processes of this cluster: they keep its SlurmdLogFile, STATE_DIR/slurmd.log, open.
 stepds() {
-  local p
+  local p f
   for p in /proc/[0-9]*; do
     [ "$(cat "$p/comm" 2> /dev/null)" = slurmstepd ] || continue
-    grep -qzxF "VCHAT_SLURM_STATE=$STATE_DIR" "$p/environ" 2> /dev/null && echo "${p#/proc/}"
+    for f in "$p"/fd/*; do
+      if [ "$(readlink "$f" 2> /dev/null)" = "$STATE_DIR/slurmd.log" ]; then
+        echo "${p#/proc/}"
+        break
+      fi
+    done
   done
   return 0
 }
@@ -45,23 +50,42 @@ stop_pid() {  # stop_pid PID NAME: SIGTERM, up to 15 s, then SIGKILL
 ctld=$(pid_of "$STATE_DIR/slurmctld.pid" slurmctld || true)
 slurmd=$(pid_of "$STATE_DIR/slurmd.pid" slurmd || true)
 
-# 1. Cancel every job, and wait (KillWait=5 s + margin) until none runs and no step daemon is left.
+# descendants PID: the processes below PID (from /proc: no ps on a minimal system).
+descendants() {
+  local p st ppid
+  declare -A kids=()
+  for p in /proc/[0-9]*; do
+    st=$(cat "$p/stat" 2> /dev/null) || continue
+    st=${st##*) }            # after "pid (comm) ": state ppid ...
+    ppid=${st#* }; ppid=${ppid%% *}
+    kids[$ppid]+=" ${p#/proc/}"
+  done
+  local todo=("$1") c
+  while [ ${#todo[@]} -gt 0 ]; do
+    c=${todo[0]}; todo=("${todo[@]:1}")
+    for p in ${kids[$c]:-}; do echo "$p"; todo+=("$p"); done
+  done
+}
+
+# 1. Cancel every job, and wait (KillWait=5 s + margin, 30 s at most) until none is left and no
+#    step daemon runs. Without a controller, step daemons and their tasks are killed at once.
 if [ -n "$ctld" ] && [ -f "$SLURM_CONF" ]; then
   jobs=$(timeout 20 squeue -h -o %A 2> /dev/null | sort -u | tr '\n' ' ')
   if [ -n "${jobs// /}" ]; then
     # shellcheck disable=SC2086
     timeout 20 scancel $jobs > /dev/null 2>&1 || say "scancel $jobs failed"
-    for _ in $(seq 1 60); do
-      left=$(timeout 10 squeue -h -t R,CG,S,PD,CF -o %A 2> /dev/null)
+    deadline=$((SECONDS + 30))
+    while [ $SECONDS -lt $deadline ]; do
+      left=$(timeout 10 squeue -h -o %A 2> /dev/null)
       [ -z "$left" ] && [ -z "$(stepds)" ] && break
       sleep 0.5
     done
   fi
 fi
-for _ in $(seq 1 40); do [ -z "$(stepds)" ] && break; sleep 0.25; done
 for p in $(stepds); do
-  say "slurmstepd $p still there: SIGKILL"
-  kill -KILL "$p" 2> /dev/null
+  say "slurmstepd $p (and its tasks) still there: SIGKILL"
+  # shellcheck disable=SC2046
+  kill -KILL "$p" $(descendants "$p") 2> /dev/null
 done
 
 # 2. slurmd, then slurmctld.
