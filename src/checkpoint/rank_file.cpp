@@ -1,8 +1,17 @@
 #include "checkpoint/rank_file.h"
 
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
 #include <filesystem>
 
 #include "data/sample.h"
+#include "data/sha256.h"
 #include "data/shard.h"
 
 namespace vchat::ckpt {
@@ -72,38 +81,143 @@ PieceRef piece_from_json(const nlohmann::json& j, const std::string& origin) {
   }
 }
 
-void write_rank_file(const std::string& path, const std::vector<PieceRef>& pieces, const std::vector<const float*>& data,
-                     int64_t step, int rank, const nlohmann::json& meta) {
+void ImageBuffer::Free::operator()(char* p) const { std::free(p); }
+
+void ImageBuffer::reserve(size_t n, bool keep) {
+  if (n <= cap_) return;
+  const size_t size = (n + 4095) / 4096 * 4096;  // O_DIRECT writes whole blocks
+  void* mem = nullptr;
+  if (posix_memalign(&mem, 4096, size) != 0) throw std::bad_alloc();
+  if (keep && cap_) std::memcpy(mem, p_.get(), cap_);
+  p_.reset(static_cast<char*>(mem));
+  cap_ = size;
+}
+
+namespace {
+
+// HDF5's core driver allocates its file image through these: all of it lands in one
+// ImageBuffer (growing it only when the estimate was short), and nothing is freed.
+void* image_malloc(size_t size, H5FD_file_image_op_t, void* udata) {
+  auto* b = static_cast<ImageBuffer*>(udata);
+  b->reserve(size, false);
+  return b->data();
+}
+void* image_memcpy(void* dest, const void* src, size_t size, H5FD_file_image_op_t, void*) {
+  return std::memcpy(dest, src, size);
+}
+void* image_realloc(void* ptr, size_t size, H5FD_file_image_op_t, void* udata) {
+  auto* b = static_cast<ImageBuffer*>(udata);
+  if (ptr && ptr != b->data()) return nullptr;  // not ours: cannot happen
+  b->reserve(size, ptr != nullptr);           // a new file starts from nullptr
+  return b->data();
+}
+herr_t image_free(void*, H5FD_file_image_op_t, void*) { return 0; }
+void* udata_copy(void* udata) { return udata; }
+herr_t udata_free(void*) { return 0; }
+
+}  // namespace
+
+RankImage build_rank_image(const std::vector<PieceRef>& pieces, const std::vector<const float*>& data, int64_t step,
+                           int rank, const nlohmann::json& meta, ImageBuffer& buf) {
+  const std::string where = "checkpoint image of rank " + std::to_string(rank);
   h5::ErrorSilencer quiet;
-  {
-    h5::File f(H5Fcreate(path.c_str(), H5F_ACC_EXCL, H5P_DEFAULT, H5P_DEFAULT));
-    if (!f) fail_h5(path, "cannot create the checkpoint file");
-    h5::write_str_attr(f.get(), "format", kFormat, path);
-    h5::write_int_attr(f.get(), "format_version", H5T_STD_I32LE, kFormatVersion, path);
-    h5::write_int_attr(f.get(), "step", H5T_STD_I64LE, step, path);
-    h5::write_int_attr(f.get(), "rank", H5T_STD_I32LE, rank, path);
-    h5::write_str_attr(f.get(), "meta", meta.dump(), path);
-    for (const char* g : {"value", "adam_m", "adam_v"}) {
-      h5::Group grp(H5Gcreate2(f.get(), g, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT));
-      if (!grp) fail_h5(path, std::string("cannot create group '") + g + "'");
-    }
-    for (size_t i = 0; i < pieces.size(); ++i) {
-      const PieceRef& p = pieces[i];
-      const std::string name = p.dataset();
-      const hsize_t n = static_cast<hsize_t>(p.size());
-      h5::Dataspace space(H5Screate_simple(1, &n, nullptr));
-      h5::Dataset ds(H5Dcreate2(f.get(), name.c_str(), H5T_IEEE_F32LE, space.get(), H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT));
-      if (!ds) fail_h5(path, "cannot create dataset '" + name + "'");
-      if (n && H5Dwrite(ds.get(), H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, data[i]) < 0)
-        fail_h5(path, "writing dataset '" + name + "' failed (disk full?)");
-      write_i64_array_attr(ds.get(), "full_shape", p.shard.full, path);
-      write_i64_array_attr(ds.get(), "shard", {p.shard.dim, p.shard.index, p.shard.count}, path);
-      write_i64_array_attr(ds.get(), "range", {p.begin, p.end}, path);
-    }
-    // H5Fclose flushes: its failure (a full disk) must be seen, not lost in a destructor.
-    if (H5Fclose(f.release()) < 0) fail_h5(path, "closing (flushing) the file failed (disk full?)");
+  size_t estimate = (size_t(1) << 20) + meta.dump().size();
+  for (const PieceRef& p : pieces) estimate += static_cast<size_t>(p.size()) * 4 + 4096;
+  buf.reserve(estimate, false);
+  h5::PropList fapl(H5Pcreate(H5P_FILE_ACCESS));
+  H5FD_file_image_callbacks_t cb = {image_malloc, image_memcpy, image_realloc, image_free, udata_copy, udata_free, &buf};
+  // In memory only (no backing store), grown 64 MiB at a time, inside `buf`.
+  if (!fapl || H5Pset_fapl_core(fapl.get(), size_t(64) << 20, false) < 0 ||
+      H5Pset_file_image_callbacks(fapl.get(), &cb) < 0)
+    fail_h5(where, "cannot set up HDF5's in-memory file driver");
+  h5::File f(H5Fcreate(("vchat-rank-" + std::to_string(rank) + ".h5").c_str(), H5F_ACC_EXCL, H5P_DEFAULT, fapl.get()));
+  if (!f) fail_h5(where, "cannot create the in-memory file");
+  h5::write_str_attr(f.get(), "format", kFormat, where);
+  h5::write_int_attr(f.get(), "format_version", H5T_STD_I32LE, kFormatVersion, where);
+  h5::write_int_attr(f.get(), "step", H5T_STD_I64LE, step, where);
+  h5::write_int_attr(f.get(), "rank", H5T_STD_I32LE, rank, where);
+  h5::write_str_attr(f.get(), "meta", meta.dump(), where);
+  for (const char* g : {"value", "adam_m", "adam_v"}) {
+    h5::Group grp(H5Gcreate2(f.get(), g, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT));
+    if (!grp) fail_h5(where, std::string("cannot create group '") + g + "'");
   }
-  data::fsync_path(path);
+  for (size_t i = 0; i < pieces.size(); ++i) {
+    const PieceRef& p = pieces[i];
+    const std::string name = p.dataset();
+    const hsize_t n = static_cast<hsize_t>(p.size());
+    h5::Dataspace space(H5Screate_simple(1, &n, nullptr));
+    h5::Dataset ds(H5Dcreate2(f.get(), name.c_str(), H5T_IEEE_F32LE, space.get(), H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT));
+    if (!ds) fail_h5(where, "cannot create dataset '" + name + "'");
+    if (n && H5Dwrite(ds.get(), H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, data[i]) < 0)
+      fail_h5(where, "writing dataset '" + name + "' failed (out of memory?)");
+    write_i64_array_attr(ds.get(), "full_shape", p.shard.full, where);
+    write_i64_array_attr(ds.get(), "shard", {p.shard.dim, p.shard.index, p.shard.count}, where);
+    write_i64_array_attr(ds.get(), "range", {p.begin, p.end}, where);
+  }
+  if (H5Fflush(f.get(), H5F_SCOPE_GLOBAL) < 0) fail_h5(where, "flushing the in-memory file failed");
+  const ssize_t size = H5Fget_file_image(f.get(), nullptr, 0);
+  if (size <= 0) fail_h5(where, "cannot size the in-memory file");
+  if (H5Fclose(f.release()) < 0) fail_h5(where, "closing the in-memory file failed");
+  RankImage img;
+  img.bytes = buf.data();  // the driver's image: `buf` (its callbacks never free it)
+  img.size = static_cast<size_t>(size);
+  return img;
+}
+
+WriteStats write_rank_image(const std::string& path, const RankImage& image) {
+  using clock = std::chrono::steady_clock;
+  auto secs = [](clock::time_point t0) { return std::chrono::duration<double>(clock::now() - t0).count(); };
+  WriteStats st;
+  data::Sha256 sha;
+  bool direct = true;
+  int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_DIRECT, 0644);
+  if (fd < 0 && errno == EINVAL) {  // tmpfs and others refuse O_DIRECT: buffered then
+    direct = false;
+    fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+  }
+  if (fd < 0) fail(path, std::string("cannot create: ") + std::strerror(errno));
+  auto fail_write = [&](const char* what) {
+    const int err = errno;
+    ::close(fd);
+    fail(path, std::string(what) + ": " + std::strerror(err) + (err == ENOSPC || err == EFBIG ? " (disk full?)" : ""));
+  };
+  const size_t chunk = size_t(16) << 20;  // a multiple of every block size
+  const char* p = image.bytes;
+  for (size_t done = 0; done < image.size;) {
+    size_t n = std::min(chunk, image.size - done);
+    const bool tail = direct && n % 4096 != 0;  // the last, partial block: written buffered
+    if (tail && n > 4096) n -= n % 4096;
+    if (tail && n < 4096) {
+      if (::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) & ~O_DIRECT) != 0) fail_write("clearing O_DIRECT failed");
+      direct = false;
+    }
+    auto t0 = clock::now();
+    sha.update(p + done, n);
+    st.hash_seconds += secs(t0);
+    t0 = clock::now();
+    for (size_t off = 0; off < n;) {
+      const ssize_t w = ::write(fd, p + done + off, n - off);
+      if (w < 0) {
+        if (errno == EINTR) continue;
+        fail_write("write failed");
+      }
+      off += static_cast<size_t>(w);
+    }
+    st.write_seconds += secs(t0);
+    done += n;
+  }
+  const auto t0 = clock::now();
+  if (::fsync(fd) != 0) fail_write("fsync failed");
+  if (::close(fd) != 0) fail(path, std::string("close failed: ") + std::strerror(errno));
+  st.write_seconds += secs(t0);
+  st.sha256 = sha.final_hex();
+  return st;
+}
+
+WriteStats write_rank_file(const std::string& path, const std::vector<PieceRef>& pieces,
+                           const std::vector<const float*>& data, int64_t step, int rank, const nlohmann::json& meta) {
+  ImageBuffer buf;
+  return write_rank_image(path, build_rank_image(pieces, data, step, rank, meta, buf));
 }
 
 RankFileReader::RankFileReader(const std::string& path) : path_(path) {

@@ -41,10 +41,45 @@ nlohmann::json to_json(const PieceRef& p);
 PieceRef piece_from_json(const nlohmann::json& j, const std::string& origin);  // throws DataError naming origin
 StateKind parse_state_kind(const std::string& s, const std::string& origin);
 
-// Writes `path` (a new file) with one dataset per piece, from host memory, then fsyncs it.
-// Throws DataError naming the file (ENOSPC, EACCES, ...).
-void write_rank_file(const std::string& path, const std::vector<PieceRef>& pieces,
-                     const std::vector<const float*>& data, int64_t step, int rank, const nlohmann::json& meta);
+// Page-aligned memory for rank-file images, kept from save to save so its pages are faulted
+// in once per run, not once per save.
+class ImageBuffer {
+ public:
+  char* data() const { return p_.get(); }
+  size_t capacity() const { return cap_; }
+  void reserve(size_t n, bool keep);  // at least n bytes; `keep`: copy what it held
+
+ private:
+  struct Free {
+    void operator()(char* p) const;
+  };
+  std::unique_ptr<char, Free> p_;
+  size_t cap_ = 0;
+};
+
+// A rank file built in memory: HDF5's core driver writes straight into `buf` (no other
+// copy). Building it copies the pieces: it is the saver's snapshot.
+struct RankImage {
+  const char* bytes = nullptr;  // in the ImageBuffer it was built in
+  size_t size = 0;
+};
+RankImage build_rank_image(const std::vector<PieceRef>& pieces, const std::vector<const float*>& data, int64_t step,
+                           int rank, const nlohmann::json& meta, ImageBuffer& buf);
+
+struct WriteStats {
+  double write_seconds = 0;  // write(2) calls and the fsync: what the disk takes
+  double hash_seconds = 0;   // SHA-256 of the same bytes, on the way
+  std::string sha256;
+};
+// Writes `image` to `path` (a new file) and fsyncs it, hashing the bytes as they go out
+// (no read-back). Uses O_DIRECT where the file system allows it: buffered writes of a few
+// hundred MB every few seconds ran at a third to two thirds of the disk's speed here, direct
+// ones at its full speed (bench/RESULTS.md). Throws DataError naming the file.
+WriteStats write_rank_image(const std::string& path, const RankImage& image);
+
+// build_rank_image (in a buffer of its own) + write_rank_image.
+WriteStats write_rank_file(const std::string& path, const std::vector<PieceRef>& pieces,
+                           const std::vector<const float*>& data, int64_t step, int rank, const nlohmann::json& meta);
 
 // Reads pieces back. Opening checks the format attributes; every error names the file.
 class RankFileReader {

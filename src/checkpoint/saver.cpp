@@ -39,11 +39,9 @@ struct CheckpointSaver::Job {
     FileEntry entry;
   };
   File step_file, frozen_file;
-  // The changing pieces: copied from `live` into the saver's arena by the writer thread
-  // first (while the next step's forward and backward, which read but never write them,
-  // run), then written from there.
-  std::vector<const float*> live;
-  std::vector<int64_t> arena_offset;
+  // step_file.data points at the live state: the writer thread first builds the step's rank
+  // file in memory from it (the snapshot, while the next step's forward and backward, which
+  // read but never write it, run), then writes that image.
   std::mutex mu;
   std::condition_variable cv;
   bool snapshot_done = false;
@@ -124,7 +122,6 @@ void CheckpointSaver::start(const std::vector<StateSlice>& state, const Manifest
     job->frozen_tmp = (fs::path(opt_.dir) / (job->frozen_name + ".tmp")).string();
     job->frozen_file.dir = job->frozen_tmp;
   }
-  int64_t arena_used = 0;
   for (const StateSlice& s : state) {
     if (!s.param->counts_in_norm) continue;  // another TP replica writes it
     int64_t b = s.begin, e = s.end;
@@ -142,19 +139,10 @@ void CheckpointSaver::start(const std::vector<StateSlice>& state, const Manifest
       job->frozen_file.pieces.push_back(ref);
       job->frozen_file.data.push_back(src);
     } else {
-      job->live.push_back(src);
-      job->arena_offset.push_back(arena_used);
-      arena_used += e - b;
       job->step_file.pieces.push_back(ref);
+      job->step_file.data.push_back(src);
     }
   }
-  // The arena is reused from save to save. Not zero-filled: its pages are first touched by
-  // the writer thread's copy, not here in the step loop.
-  if (arena_size_ < arena_used) {
-    arena_.reset(new float[static_cast<size_t>(arena_used)]);
-    arena_size_ = arena_used;
-  }
-  for (int64_t off : job->arena_offset) job->step_file.data.push_back(arena_.get() + off);
   job->step_file.entry = {rank_file_name(rank), rank, 0, "", job->step_file.pieces};
   job->frozen_file.entry = {rank_file_name(rank), rank, 0, "", job->frozen_file.pieces};
   last_ = {};
@@ -183,32 +171,48 @@ void CheckpointSaver::run_job(Job& job) {
     return s;
   };
   try {
-    {  // 1. The snapshot: after this the optimizer may update the live state again.
-      const auto& pieces = job.step_file.pieces;
-      for (size_t i = 0; i < pieces.size(); ++i)
-        std::copy_n(job.live[i], pieces[i].size(), arena_.get() + job.arena_offset[i]);
-      job.snapshot_seconds = lap();
+    nlohmann::json meta = job.base.to_json();
+    meta.erase("files");
+    meta["rank"] = job.step_file.entry.rank;
+    // 1. The snapshot: the step's rank file built in memory from the live state; after this
+    //    the optimizer may update it again.
+    RankImage step_image;
+    std::exception_ptr snapshot_error;
+    try {
+      step_image = build_rank_image(job.step_file.pieces, job.step_file.data, job.base.step, job.step_file.entry.rank,
+                                    meta, step_buffer_);
+    } catch (...) {
+      snapshot_error = std::current_exception();
+    }
+    job.snapshot_seconds = lap();
+    {
       std::lock_guard<std::mutex> lock(job.mu);
       job.snapshot_done = true;
     }
     job.cv.notify_all();
-    // 2. The files: written, fsynced, hashed.
+    if (snapshot_error) std::rethrow_exception(snapshot_error);
+    // 2. The files: the step's image, then (first save) the frozen set's, each written
+    //    (O_DIRECT where possible), hashed on the way, fsynced.
     for (Job::File* f : {&job.step_file, &job.frozen_file}) {
       if (f->dir.empty()) continue;
+      RankImage frozen_image;
+      ImageBuffer frozen_buffer;  // once per run: not kept
+      if (f == &job.frozen_file)
+        frozen_image = build_rank_image(f->pieces, f->data, job.base.step, f->entry.rank, meta, frozen_buffer);
+      const RankImage& image = f == &job.step_file ? step_image : frozen_image;
       std::error_code ec;
       fs::create_directories(f->dir, ec);
       if (ec) throw DataError(f->dir + ": cannot create: " + ec.message());
       const std::string path = (fs::path(f->dir) / f->entry.name).string();
       fs::remove(path, ec);  // a stale one from an interrupted save of the same step
-      nlohmann::json meta = job.base.to_json();
-      meta.erase("files");
-      meta["rank"] = f->entry.rank;
-      write_rank_file(path, f->pieces, f->data, job.base.step, f->entry.rank, meta);
+      lap();
+      const WriteStats w = write_rank_image(path, image);
       data::fsync_path(f->dir);
-      f->entry.bytes = static_cast<int64_t>(fs::file_size(path));
-      job.write_seconds += lap();
-      f->entry.sha256 = data::sha256_file(path);
-      job.hash_seconds += lap();
+      lap();
+      job.write_seconds += w.write_seconds;
+      job.hash_seconds += w.hash_seconds;
+      f->entry.bytes = static_cast<int64_t>(image.size);
+      f->entry.sha256 = w.sha256;
       crash_point(f == &job.step_file ? "step-file-written" : "frozen-file-written", f->entry.rank, job.base.step);
     }
     job.status = written;

@@ -87,8 +87,7 @@ class CheckpointSaver {
   std::string frozen_ref_, frozen_sha_;  // the frozen set later checkpoints refer to
   uint64_t run_id_ = 0;                  // names this run's frozen set (rank 0's draw)
   std::unique_ptr<Job> pending_;
-  std::unique_ptr<float[]> arena_;  // the snapshot's memory, reused by every save
-  int64_t arena_size_ = 0;
+  ImageBuffer step_buffer_;  // the step file's in-memory image, reused by every save
   std::thread writer_;
   Timing last_;
 };
