@@ -162,14 +162,7 @@ void CheckpointSaver::wait_snapshot() {
 }
 
 void CheckpointSaver::run_job(Job& job) {
-  using clock = std::chrono::steady_clock;
-  auto t0 = clock::now();
-  auto lap = [&t0] {
-    const auto t = clock::now();
-    const double s = std::chrono::duration<double>(t - t0).count();
-    t0 = t;
-    return s;
-  };
+  const auto t0 = std::chrono::steady_clock::now();
   try {
     nlohmann::json meta = job.base.to_json();
     meta.erase("files");
@@ -184,7 +177,7 @@ void CheckpointSaver::run_job(Job& job) {
     } catch (...) {
       snapshot_error = std::current_exception();
     }
-    job.snapshot_seconds = lap();
+    job.snapshot_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     {
       std::lock_guard<std::mutex> lock(job.mu);
       job.snapshot_done = true;
@@ -205,10 +198,8 @@ void CheckpointSaver::run_job(Job& job) {
       if (ec) throw DataError(f->dir + ": cannot create: " + ec.message());
       const std::string path = (fs::path(f->dir) / f->entry.name).string();
       fs::remove(path, ec);  // a stale one from an interrupted save of the same step
-      lap();
       const WriteStats w = write_rank_image(path, image);
       data::fsync_path(f->dir);
-      lap();
       job.write_seconds += w.write_seconds;
       job.hash_seconds += w.hash_seconds;
       f->entry.bytes = static_cast<int64_t>(image.size);
@@ -220,7 +211,7 @@ void CheckpointSaver::run_job(Job& job) {
     job.error = e.what();
     job.status = failed;
   }
-  {  // a failure before the snapshot must not leave the trainer waiting for it
+  {  // whatever failed, the trainer must not wait for a snapshot forever
     std::lock_guard<std::mutex> lock(job.mu);
     job.snapshot_done = true;
   }
