@@ -214,12 +214,6 @@ WriteStats write_rank_image(const std::string& path, const RankImage& image) {
   return st;
 }
 
-WriteStats write_rank_file(const std::string& path, const std::vector<PieceRef>& pieces,
-                           const std::vector<const float*>& data, int64_t step, int rank, const nlohmann::json& meta) {
-  ImageBuffer buf;
-  return write_rank_image(path, build_rank_image(pieces, data, step, rank, meta, buf));
-}
-
 RankFileReader::RankFileReader(const std::string& path) : path_(path) {
   h5::ErrorSilencer quiet;
   file_ = h5::open_read_only(path, "checkpoint rank file");

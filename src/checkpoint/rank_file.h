@@ -77,9 +77,6 @@ struct WriteStats {
 // ones at its full speed (bench/RESULTS.md). Throws DataError naming the file.
 WriteStats write_rank_image(const std::string& path, const RankImage& image);
 
-// build_rank_image (in a buffer of its own) + write_rank_image.
-WriteStats write_rank_file(const std::string& path, const std::vector<PieceRef>& pieces,
-                           const std::vector<const float*>& data, int64_t step, int rank, const nlohmann::json& meta);
 
 // Reads pieces back. Opening checks the format attributes; every error names the file.
 class RankFileReader {
