@@ -1,18 +1,12 @@
 #include "checkpoint/manifest.h"
 
-#include <fcntl.h>
-#include <unistd.h>
 
 #include <algorithm>
-#include <cerrno>
 #include <cstdio>
-#include <cstring>
 #include <filesystem>
 #include <fstream>
-#include <sstream>
 
 #include "data/sample.h"
-#include "data/shard.h"
 
 namespace vchat::ckpt {
 
@@ -157,6 +151,50 @@ std::string resolve_checkpoint(const std::string& path, const std::string& optio
                   ": not a checkpoint (no manifest.json) nor a save directory (no 'latest' file)");
 }
 
+namespace {
+
+// The first key where two JSON configs differ, as "llm.hidden: 64 there, 32 here"; "" if equal.
+std::string first_difference(const nlohmann::json& there, const nlohmann::json& here, const std::string& path = "") {
+  if (there.is_object() && here.is_object()) {
+    for (auto it = there.begin(); it != there.end(); ++it) {
+      const std::string key = path.empty() ? it.key() : path + "." + it.key();
+      if (!here.contains(it.key())) return key + ": " + it.value().dump() + " in the checkpoint, absent in this run";
+      const std::string d = first_difference(it.value(), here[it.key()], key);
+      if (!d.empty()) return d;
+    }
+    for (auto it = here.begin(); it != here.end(); ++it)
+      if (!there.contains(it.key()))
+        return (path.empty() ? it.key() : path + "." + it.key()) + ": absent in the checkpoint, " + it.value().dump() +
+               " in this run";
+    return "";
+  }
+  return there == here ? "" : path + ": " + there.dump() + " in the checkpoint, " + here.dump() + " in this run";
+}
+
+}  // namespace
+
+std::string resume_mismatch(const Manifest& saved, const Manifest& now, bool reset_data) {
+  if (saved.kind != "step") return "a frozen-tensor set, not a checkpoint";
+  const std::string d = first_difference(saved.model, now.model, "model");
+  if (!d.empty()) return "written for another model (" + d + ")";
+  if (saved.train_set != now.train_set)
+    return "written with --train " + saved.train_set + ", this run has --train " + now.train_set;
+  if (saved.train_set == "lora" && saved.lora_rank != now.lora_rank)
+    return "written with --lora-rank " + std::to_string(saved.lora_rank) + ", this run has " + std::to_string(now.lora_rank);
+  if (saved.attention != now.attention)
+    return "written with --attention " + saved.attention + ", this run has --attention " + now.attention;
+  if (reset_data) return "";
+  const std::string hint = "; pass --resume-reset-data to keep the weights and optimizer and restart the data stream";
+  if (saved.state.global_batch != now.state.global_batch)
+    return "written with a global batch of " + std::to_string(saved.state.global_batch) + " samples, this run has " +
+           std::to_string(now.state.global_batch) + hint;
+  if (saved.state.data != now.state.data)
+    return "trained on " + saved.state.data + " data, this run on " + now.state.data + hint;
+  if (saved.state.data_seed != now.state.data_seed)
+    return "written with another --seed (the data order would not continue)" + hint;
+  return "";
+}
+
 std::vector<std::pair<int64_t, std::string>> list_checkpoints(const std::string& save_dir) {
   std::vector<std::pair<int64_t, std::string>> out;
   std::error_code ec;
@@ -171,37 +209,6 @@ std::vector<std::pair<int64_t, std::string>> list_checkpoints(const std::string&
   }
   std::sort(out.begin(), out.end());
   return out;
-}
-
-void write_file_atomic(const std::string& path, const std::string& text) {
-  const std::string tmp = path + ".tmp";
-  {
-    const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (fd < 0) throw DataError(tmp + ": cannot create: " + std::strerror(errno));
-    size_t done = 0;
-    while (done < text.size()) {
-      const ssize_t n = ::write(fd, text.data() + done, text.size() - done);
-      if (n < 0) {
-        const int err = errno;
-        ::close(fd);
-        ::unlink(tmp.c_str());
-        throw DataError(tmp + ": write failed: " + std::strerror(err));
-      }
-      done += static_cast<size_t>(n);
-    }
-    if (::fsync(fd) != 0 || ::close(fd) != 0) {
-      const int err = errno;
-      ::unlink(tmp.c_str());
-      throw DataError(tmp + ": fsync/close failed: " + std::strerror(err));
-    }
-  }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-    const int err = errno;
-    ::unlink(tmp.c_str());
-    throw DataError(path + ": rename from " + tmp + " failed: " + std::strerror(err));
-  }
-  const fs::path parent = fs::path(path).parent_path();
-  data::fsync_path(parent.empty() ? std::string(".") : parent.string());
 }
 
 }  // namespace vchat::ckpt

@@ -78,11 +78,12 @@ Manifest read_manifest(const std::string& dir);
 std::string resolve_checkpoint(const std::string& path, const std::string& option);
 // SAVE_DIR/<latest>, when `latest` exists (its content checked); nullopt otherwise.
 std::optional<std::string> latest_checkpoint(const std::string& save_dir);
+// Why a run described by `now` (checkpoint_base of the trainer) cannot resume from `saved`:
+// another model (the first differing config key named), train set, LoRA rank or attention,
+// and — unless `reset_data` — another global batch, data kind or data seed. "" when it can.
+std::string resume_mismatch(const Manifest& saved, const Manifest& now, bool reset_data);
+
 // Complete step directories in SAVE_DIR, oldest first.
 std::vector<std::pair<int64_t, std::string>> list_checkpoints(const std::string& save_dir);
-
-// Writes `text` to `path` atomically and durably: a temporary file in the same directory,
-// fsync, rename, fsync of the directory.
-void write_file_atomic(const std::string& path, const std::string& text);
 
 }  // namespace vchat::ckpt

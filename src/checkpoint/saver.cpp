@@ -1,26 +1,25 @@
 #include "checkpoint/saver.h"
 
-#include <fcntl.h>
-#include <stdio.h>
+#include <fcntl.h>   // AT_FDCWD
+#include <signal.h>  // the test hook's SIGKILL
+#include <stdio.h>   // renameat2, RENAME_EXCHANGE
 #include <unistd.h>
 
-#include <signal.h>
-
-#include <cerrno>
-#include <cstdlib>
-#include <cstring>
-
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <condition_variable>
-#include <mutex>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <mutex>
 #include <random>
 
 #include "data/sample.h"
 #include "data/sha256.h"
+#include "data/manifest.h"
 #include "data/shard.h"
 
 namespace vchat::ckpt {
@@ -31,7 +30,7 @@ using data::DataError;
 // One save in flight: what this rank writes, and how it went.
 struct CheckpointSaver::Job {
   Manifest base;
-  std::string step_tmp, frozen_tmp, frozen_name;  // frozen_*: only when this save writes the frozen set
+  std::string frozen_name;  // only when this save writes the frozen set
   struct File {
     std::string dir;  // the .tmp directory
     std::vector<PieceRef> pieces;
@@ -114,13 +113,11 @@ void CheckpointSaver::start(const std::vector<StateSlice>& state, const Manifest
   const int dp = grid_.shape().dp, rank = grid_.world().rank();
   auto job = std::make_unique<Job>();
   job->base = base;
-  job->step_tmp = (fs::path(opt_.dir) / (step_dir_name(base.step) + ".tmp")).string();
-  job->step_file.dir = job->step_tmp;
+  job->step_file.dir = (fs::path(opt_.dir) / (step_dir_name(base.step) + ".tmp")).string();
   const bool write_frozen = frozen_ref_.empty();
   if (write_frozen) {
     job->frozen_name = frozen_dir_name(base.step, run_id_);
-    job->frozen_tmp = (fs::path(opt_.dir) / (job->frozen_name + ".tmp")).string();
-    job->frozen_file.dir = job->frozen_tmp;
+    job->frozen_file.dir = (fs::path(opt_.dir) / (job->frozen_name + ".tmp")).string();
   }
   for (const StateSlice& s : state) {
     if (!s.param->counts_in_norm) continue;  // another TP replica writes it
@@ -280,11 +277,11 @@ std::string CheckpointSaver::publish() {
       fm.files.clear();
       for (auto& e : all) fm.files.push_back(e.at(1));
       const std::string fdir = (fs::path(opt_.dir) / job.frozen_name).string();
-      write_file_atomic((fs::path(job.frozen_tmp) / kManifestName).string(), fm.to_json().dump(1));
-      write_file_atomic((fs::path(job.frozen_tmp) / kCompleteName).string(), "");
+      data::write_file_atomic((fs::path(job.frozen_file.dir) / kManifestName).string(), fm.to_json().dump(1));
+      data::write_file_atomic((fs::path(job.frozen_file.dir) / kCompleteName).string(), "");
       crash_point("frozen-complete", 0, job.base.step);
-      fs::rename(job.frozen_tmp, fdir, ec);  // the name carries this run's id: never taken
-      if (ec) throw DataError(fdir + ": rename from " + job.frozen_tmp + " failed: " + ec.message());
+      fs::rename(job.frozen_file.dir, fdir, ec);  // the name carries this run's id: never taken
+      if (ec) throw DataError(fdir + ": rename from " + job.frozen_file.dir + " failed: " + ec.message());
       data::fsync_path(opt_.dir);
       crash_point("frozen-published", 0, job.base.step);
       frozen_sha_ = data::sha256_file((fs::path(fdir) / kManifestName).string());
@@ -294,24 +291,24 @@ std::string CheckpointSaver::publish() {
     for (auto& e : all) m.files.push_back(e.at(0));
     m.frozen_dir = wrote_frozen ? job.frozen_name : frozen_ref_;
     m.frozen_manifest_sha256 = frozen_sha_;
-    write_file_atomic((fs::path(job.step_tmp) / kManifestName).string(), m.to_json().dump(1));
+    data::write_file_atomic((fs::path(job.step_file.dir) / kManifestName).string(), m.to_json().dump(1));
     crash_point("manifest-written", 0, job.base.step);
-    write_file_atomic((fs::path(job.step_tmp) / kCompleteName).string(), "");
+    data::write_file_atomic((fs::path(job.step_file.dir) / kCompleteName).string(), "");
     crash_point("complete-written", 0, job.base.step);
     // A same-numbered checkpoint exists when this run resumed from an older one: swap the
     // new one in atomically (renameat2 RENAME_EXCHANGE), so `latest`, which may name it,
     // never points at a missing directory; then remove the old one.
     if (fs::exists(final_dir, ec)) {
-      if (::renameat2(AT_FDCWD, job.step_tmp.c_str(), AT_FDCWD, final_dir.c_str(), RENAME_EXCHANGE) != 0)
-        throw DataError(final_dir + ": exchanging with " + job.step_tmp + " failed: " + std::strerror(errno));
-      remove_tree(job.step_tmp);
+      if (::renameat2(AT_FDCWD, job.step_file.dir.c_str(), AT_FDCWD, final_dir.c_str(), RENAME_EXCHANGE) != 0)
+        throw DataError(final_dir + ": exchanging with " + job.step_file.dir + " failed: " + std::strerror(errno));
+      remove_tree(job.step_file.dir);
     } else {
-      fs::rename(job.step_tmp, final_dir, ec);
-      if (ec) throw DataError(final_dir + ": rename from " + job.step_tmp + " failed: " + ec.message());
+      fs::rename(job.step_file.dir, final_dir, ec);
+      if (ec) throw DataError(final_dir + ": rename from " + job.step_file.dir + " failed: " + ec.message());
     }
     data::fsync_path(opt_.dir);
     crash_point("renamed", 0, job.base.step);
-    write_file_atomic((fs::path(opt_.dir) / kLatestName).string(), step_dir_name(job.base.step) + "\n");
+    data::write_file_atomic((fs::path(opt_.dir) / kLatestName).string(), step_dir_name(job.base.step) + "\n");
     crash_point("latest-written", 0, job.base.step);
   }
   if (wrote_frozen) frozen_ref_ = job.frozen_name;

@@ -21,27 +21,6 @@
 
 namespace vchat {
 
-namespace {
-
-// The first key where two JSON configs differ, as "llm.hidden: 64 there, 32 here"; "" if equal.
-std::string first_difference(const nlohmann::json& there, const nlohmann::json& here, const std::string& path = "") {
-  if (there.is_object() && here.is_object()) {
-    for (auto it = there.begin(); it != there.end(); ++it) {
-      const std::string key = path.empty() ? it.key() : path + "." + it.key();
-      if (!here.contains(it.key())) return key + ": " + it.value().dump() + " in the checkpoint, absent in this run";
-      const std::string d = first_difference(it.value(), here[it.key()], key);
-      if (!d.empty()) return d;
-    }
-    for (auto it = here.begin(); it != here.end(); ++it)
-      if (!there.contains(it.key()))
-        return (path.empty() ? it.key() : path + "." + it.key()) + ": absent in the checkpoint, " + it.value().dump() +
-               " in this run";
-    return "";
-  }
-  return there == here ? "" : path + ": " + there.dump() + " in the checkpoint, " + here.dump() + " in this run";
-}
-
-}  // namespace
 
 Trainer::Trainer(const TrainConfig& cfg, Grid* grid) : cfg_(cfg) {
   if (cfg.threads > 0) {
@@ -82,29 +61,8 @@ Trainer::Trainer(const TrainConfig& cfg, Grid* grid) : cfg_(cfg) {
   }
   if (!resume_dir.empty()) {
     resume = ckpt::read_manifest(resume_dir);
-    const ckpt::Manifest now = checkpoint_base();
-    const std::string where = "--resume " + resume_dir + ": ";
-    if (resume->kind != "step") throw ConfigError(where + "a frozen-tensor set, not a checkpoint");
-    const std::string d = first_difference(resume->model, now.model, "model");
-    if (!d.empty()) throw ConfigError(where + "written for another model (" + d + ")");
-    if (resume->train_set != now.train_set)
-      throw ConfigError(where + "written with --train " + resume->train_set + ", this run has --train " + now.train_set);
-    if (resume->train_set == "lora" && resume->lora_rank != now.lora_rank)
-      throw ConfigError(where + "written with --lora-rank " + std::to_string(resume->lora_rank) + ", this run has " +
-                        std::to_string(now.lora_rank));
-    if (resume->attention != now.attention)
-      throw ConfigError(where + "written with --attention " + resume->attention + ", this run has --attention " +
-                        now.attention);
-    if (!cfg.resume_reset_data) {
-      const std::string hint = "; pass --resume-reset-data to keep the weights and optimizer and restart the data stream";
-      if (resume->state.global_batch != now.state.global_batch)
-        throw ConfigError(where + "written with a global batch of " + std::to_string(resume->state.global_batch) +
-                          " samples, this run has " + std::to_string(now.state.global_batch) + hint);
-      if (resume->state.data != now.state.data)
-        throw ConfigError(where + "trained on " + resume->state.data + " data, this run on " + now.state.data + hint);
-      if (resume->state.data_seed != now.state.data_seed)
-        throw ConfigError(where + "written with another --seed (the data order would not continue)" + hint);
-    }
+    const std::string why = ckpt::resume_mismatch(*resume, checkpoint_base(), cfg.resume_reset_data);
+    if (!why.empty()) throw ConfigError("--resume " + resume_dir + ": " + why);
   }
 
   // Data: every model-parallel rank of a data-parallel replica reads the same batches (the
@@ -211,14 +169,14 @@ std::vector<Batch> Trainer::next_batches() {
   if (loader_) return loader_->next_step().micro;
   if (fixed_) return *fixed_;
   // Synthetic: as the loader does, sample g of the global batch goes to replica g mod dp.
-  const int64_t B = cfg_.data.batch_size, dp = dp_size(), global = B * cfg_.micro_batches * dp;
+  const int64_t B = cfg_.data.batch_size, dp = dp_size();
   std::vector<Batch> batches;
   for (int64_t m = 0; m < cfg_.micro_batches; ++m) {
     std::vector<int64_t> samples;
     for (int64_t k = m * B; k < (m + 1) * B; ++k) samples.push_back(synthetic_consumed_ + k * dp + grid_->coord().dp);
     batches.push_back(synthetic_->batch(samples));
   }
-  synthetic_consumed_ += global;
+  synthetic_consumed_ += global_batch();
   if (cfg_.fixed_batch) fixed_ = batches;
   return batches;
 }
