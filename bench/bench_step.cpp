@@ -1,7 +1,10 @@
-// One training step of a model config on CPU: vchat's time, with the batch written out so
-// bench/torch_step.py times the same model and batch in PyTorch in the same run.
+// One training step of a model config: vchat's time (and MFU), with the batch written out
+// so bench/torch_step.py (CPU) or bench/gpu_torch_step.py (GPU) times the same model and
+// batch in PyTorch in the same run.
 //   vchat-bench-step --model inputs/models/small.json --batch 2 --seq-len 512 --threads 2
 //                    --batch-out /tmp/batch.safetensors
+//   vchat-bench-step --device cuda --precision bf16 --model inputs/models/llama-1b-clip-l14-224.json
+//                    --train full --batch 4 --seq-len 2048 --images 4 --recompute none
 #include <cblas.h>
 #include <omp.h>
 
@@ -12,6 +15,8 @@
 #include <iostream>
 
 #include "io/safetensors.h"
+#include "model/precision.h"
+#include "train/flops.h"
 #include "model/visualchat.h"
 #include "parallel/zero.h"
 #include "train/synthetic.h"
@@ -19,15 +24,18 @@
 using namespace vchat;
 namespace po = boost::program_options;
 
-int main(int argc, char** argv) {
+static int run(int argc, char** argv) {
   std::string model_file = "inputs/models/small.json", train = "default", attention = "mmca", batch_out;
+  std::string device = "cpu", precision = "auto", recompute = "none";
+  double peak_tflops = 0;
   int64_t batch = 2, seq = 512, images = 4, warmup = 1, iters = 3;
   int threads = 2;
   po::options_description o("vchat-bench-step");
   o.add_options()("model", po::value(&model_file))("train", po::value(&train))("attention", po::value(&attention))(
       "batch", po::value(&batch))("seq-len", po::value(&seq))("images", po::value(&images))(
       "threads", po::value(&threads))("warmup", po::value(&warmup))("iters", po::value(&iters))(
-      "batch-out", po::value(&batch_out));
+      "batch-out", po::value(&batch_out))("device", po::value(&device))("precision", po::value(&precision))(
+      "recompute", po::value(&recompute))("peak-tflops", po::value(&peak_tflops));
   po::variables_map vm;
   try {
     po::store(po::parse_command_line(argc, argv, o), vm);
@@ -42,17 +50,23 @@ int main(int argc, char** argv) {
   ModelOptions opt;
   opt.train = parse_train_set(train);
   opt.attention = parse_attention(attention);
+  opt.recompute = parse_recompute(recompute);
+  const Device dev = resolve_device(device, built_with_cuda(), device == "cpu" ? 0 : visible_gpus());
+  const Precision prec = resolve_precision(precision, dev);
+  if (dev == Device::cuda) select_gpu(0);
   VisualChatModel model(cfg, opt);
   init_params(model.params(), 0);
+  if (dev == Device::cuda) model.to(dev, PrecisionPolicy::of(prec));
   SelfComm self;
   ZeroOptimizer adam(model.params(), self, 0, AdamWConfig{});
   SyntheticSpec spec{batch, seq, images, /*max_rounds=*/16};
   SyntheticBatches data(cfg, spec, 1);
-  Batch b = data.next();
+  const Batch host_batch = data.next();
+  const Batch b = host_batch.to(dev);
   if (!batch_out.empty()) {
     TensorFile f;
-    f.tensors = {{"input.tokens", b.tokens}, {"input.modality", b.modality}, {"input.targets", b.targets},
-                 {"input.pixels", b.pixels}};
+    f.tensors = {{"input.tokens", host_batch.tokens}, {"input.modality", host_batch.modality},
+                 {"input.targets", host_batch.targets}, {"input.pixels", host_batch.pixels}};
     f.metadata = {{"config", cfg.to_json()}, {"train", train}, {"attention", attention}};
     save_safetensors(batch_out, f);
   }
@@ -62,14 +76,29 @@ int main(int argc, char** argv) {
     adam.zero_grads();
     model.forward_backward(b, true);
     adam.step(1e-4f);
+    synchronize(dev);
     const double t = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
     if (i >= warmup) ms.push_back(t);
   }
   std::sort(ms.begin(), ms.end());
+  // Model FLOPs of the step (src/train/flops.cpp), over the device's peak: MFU.
+  const double flops = step_flops(cfg, opt, batch * b.seq_len(), b.seq_len(), b.n_images()).total();
+  const double peak = peak_tflops > 0 ? peak_tflops * 1e12 : dev == Device::cuda ? gpu_peak_flops(prec) : measured_sgemm_peak();
   std::printf("# model=%s train=%s attention=%s batch=%lld seq=%lld images=%lld tokens=%lld threads=%d\n",
               cfg.name.c_str(), train.c_str(), attention.c_str(), (long long)batch, (long long)seq,
               (long long)b.n_images(), (long long)b.non_pad_count(), threads);
-  std::printf("vchat_step_ms median=%.2f min=%.2f iters=%lld threads=%d\n", ms[ms.size() / 2], ms[0],
-              (long long)iters, threads);
+  std::printf("vchat_step_ms median=%.2f min=%.2f iters=%lld threads=%d device=%s precision=%s model_flops=%.6e "
+              "mfu=%.4f\n",
+              ms[ms.size() / 2], ms[0], (long long)iters, threads, device_name(dev), precision_name(prec), flops,
+              flops / (ms[ms.size() / 2] * 1e-3 * peak));
   return 0;
+}
+
+int main(int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "%s: %s\n", "vchat-bench-step", e.what());
+    return 1;
+  }
 }

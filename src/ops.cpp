@@ -1,7 +1,10 @@
-// Device dispatch for ops.h: CPU tensors go to src/cpu/, CUDA tensors to src/cuda/.
-// An op with no CUDA kernel yet says so by name instead of touching device memory.
+// Device dispatch for ops.h: CPU tensors go to src/cpu/, CUDA tensors to src/cuda/. Every op
+// first checks that its operands live on one device and names the one that does not; the
+// CPU path then checks that its float operands are f32 (the CPU computes in fp32 only).
+// A CUDA tensor handed to a build without the CUDA backend is refused by name.
 #include "ops.h"
 
+#include <initializer_list>
 #include <stdexcept>
 #include <string>
 
@@ -14,30 +17,70 @@
 namespace vchat::ops {
 
 namespace {
-bool on_cuda(const Tensor& t) { return t.defined() && t.device() == Device::cuda; }
-[[noreturn]] void no_cuda_kernel(const char* op) {
-  throw std::runtime_error(std::string("ops::") + op + ": this op has no CUDA kernel yet; run it on CPU tensors");
+
+struct Arg {
+  const char* name;
+  const Tensor& t;
+};
+
+// The device of the op: that of its first defined operand; every other defined operand
+// must be there too.
+Device where(const char* op, std::initializer_list<Arg> args) {
+  const Arg* first = nullptr;
+  for (const Arg& a : args) {
+    if (!a.t.defined()) continue;
+    if (!first) {
+      first = &a;
+      continue;
+    }
+    if (a.t.device() != first->t.device())
+      throw std::invalid_argument(std::string("ops::") + op + ": operand " + a.name + " is on " +
+                                  device_name(a.t.device()) + " but " + first->name + " is on " +
+                                  device_name(first->t.device()));
+  }
+  return first ? first->t.device() : Device::cpu;
 }
+
+// The CPU kernels compute in fp32: bf16 (or integer) data operands are refused by name.
+void cpu_f32(const char* op, std::initializer_list<Arg> args) {
+  for (const Arg& a : args)
+    if (a.t.defined() && a.t.dtype() != DType::f32)
+      throw std::invalid_argument(std::string("ops::") + op + ": operand " + a.name + " is " + dtype_name(a.t.dtype()) +
+                                  "; the CPU path computes in f32 only");
+}
+void expect_dtype(const char* op, const Arg& a, DType want) {
+  if (a.t.defined() && a.t.dtype() != want)
+    throw std::invalid_argument(std::string("ops::") + op + ": operand " + a.name + " is " + dtype_name(a.t.dtype()) +
+                                ", expected " + dtype_name(want));
+}
+
+// Only reachable in a build without the CUDA backend (which cannot make CUDA tensors, so
+// this guards against a mix-up of builds rather than a user error).
+[[noreturn, maybe_unused]] void no_cuda(const char* op) {
+  throw std::runtime_error(std::string("ops::") + op + ": this build has no CUDA backend (build-cuda has)");
+}
+
 }  // namespace
 
-#define VCHAT_CPU_ONLY(op, t) \
-  if (on_cuda(t)) no_cuda_kernel(op)
+// CUDA(call): on a CUDA build, run cuda::call with this thread's context and return.
+#ifdef VCHAT_WITH_CUDA
+#define CUDA(op, ...) return cuda::op(cuda::thread_context(), __VA_ARGS__)
+#else
+#define CUDA(op, ...) no_cuda(#op)
+#endif
 
 void gemm(const Tensor& A, bool ta, const Tensor& B, bool tb, const Tensor& C, float alpha, float beta) {
-  if (on_cuda(C)) {
-#ifdef VCHAT_WITH_CUDA
-    return cuda::gemm(A, ta, B, tb, C, alpha, beta);
-#else
-    no_cuda_kernel("gemm");
-#endif
-  }
+  if (where("gemm", {{"C", C}, {"A", A}, {"B", B}}) == Device::cuda) CUDA(gemm, A, ta, B, tb, C, alpha, beta);
+  cpu_f32("gemm", {{"A", A}, {"B", B}, {"C", C}});
   cpu::gemm(A, ta, B, tb, C, alpha, beta);
 }
 
 void linear_fwd(const Tensor& x, const Tensor& W, const Tensor& b, const Tensor& y) {
+  if (where("linear_fwd", {{"y", y}, {"x", x}, {"W", W}, {"b", b}}) == Device::cuda)
+    CUDA(gemm, x, false, W, true, y, 1.f, 0.f, b);  // the bias rides the GEMM's epilogue
   gemm(x, false, W, true, y);
   if (b.defined()) {
-    VCHAT_CPU_ONLY("linear bias", y);
+    cpu_f32("linear_fwd", {{"b", b}});
     cpu::add_bias(y, b);
   }
 }
@@ -48,135 +91,277 @@ void linear_bwd_input(const Tensor& dy, const Tensor& W, const Tensor& dx, float
 
 void linear_bwd_weight(const Tensor& dy, const Tensor& x, const Tensor& dW, const Tensor& db) {
   if (dW.defined()) gemm(dy, true, x, false, dW, 1.f, 1.f);
-  if (db.defined()) {
-    VCHAT_CPU_ONLY("bias_grad", db);
-    cpu::bias_grad(dy, db);
-  }
+  if (!db.defined()) return;
+  if (where("bias_grad", {{"db", db}, {"dy", dy}}) == Device::cuda) CUDA(bias_grad, dy, db);
+  cpu_f32("bias_grad", {{"dy", dy}, {"db", db}});
+  cpu::bias_grad(dy, db);
 }
 
 void add(const Tensor& a, const Tensor& b, const Tensor& out) {
-  VCHAT_CPU_ONLY("add", out);
+  if (where("add", {{"out", out}, {"a", a}, {"b", b}}) == Device::cuda) CUDA(add, a, b, out);
+  cpu_f32("add", {{"a", a}, {"b", b}, {"out", out}});
   cpu::add(a, b, out);
 }
 void axpy(float alpha, const Tensor& x, const Tensor& y) {
-  VCHAT_CPU_ONLY("axpy", y);
+  if (where("axpy", {{"y", y}, {"x", x}}) == Device::cuda) CUDA(axpy, alpha, x, y);
+  cpu_f32("axpy", {{"x", x}, {"y", y}});
   cpu::axpy(alpha, x, y);
 }
 void scale(const Tensor& x, float alpha) {
-  VCHAT_CPU_ONLY("scale", x);
+  if (where("scale", {{"x", x}}) == Device::cuda) CUDA(scale, x, alpha);
+  cpu_f32("scale", {{"x", x}});
   cpu::scale(x, alpha);
 }
 void fill(const Tensor& x, float value) {
-  VCHAT_CPU_ONLY("fill", x);
+  if (where("fill", {{"x", x}}) == Device::cuda) CUDA(fill, x, value);
+  cpu_f32("fill", {{"x", x}});
   cpu::fill(x, value);
 }
 
+void cast(const Tensor& src, const Tensor& dst) {
+  if (where("cast", {{"dst", dst}, {"src", src}}) == Device::cuda) CUDA(cast, src, dst);
+  cpu::cast(src, dst);
+}
+
 void rmsnorm_fwd(const Tensor& x, const Tensor& w, float eps, const Tensor& y, const Tensor& rstd) {
-  VCHAT_CPU_ONLY("rmsnorm_fwd", x);
+  if (where("rmsnorm_fwd", {{"x", x}, {"w", w}, {"y", y}, {"rstd", rstd}}) == Device::cuda)
+    CUDA(rmsnorm_fwd, x, w, eps, y, rstd);
+  cpu_f32("rmsnorm_fwd", {{"x", x}, {"w", w}, {"y", y}, {"rstd", rstd}});
   cpu::rmsnorm_fwd(x, w, eps, y, rstd);
 }
 void rmsnorm_bwd(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd, const Tensor& dx,
                  const Tensor& dw) {
-  VCHAT_CPU_ONLY("rmsnorm_bwd", x);
+  if (where("rmsnorm_bwd", {{"x", x}, {"dy", dy}, {"w", w}, {"rstd", rstd}, {"dx", dx}, {"dw", dw}}) == Device::cuda)
+    CUDA(rmsnorm_bwd, dy, x, w, rstd, dx, dw);
+  cpu_f32("rmsnorm_bwd", {{"dy", dy}, {"x", x}, {"w", w}, {"rstd", rstd}, {"dx", dx}, {"dw", dw}});
   cpu::rmsnorm_bwd(dy, x, w, rstd, dx, dw);
 }
 void layernorm_fwd(const Tensor& x, const Tensor& w, const Tensor& b, float eps, const Tensor& y,
                    const Tensor& mean, const Tensor& rstd) {
-  VCHAT_CPU_ONLY("layernorm_fwd", x);
+  if (where("layernorm_fwd", {{"x", x}, {"w", w}, {"b", b}, {"y", y}, {"mean", mean}, {"rstd", rstd}}) == Device::cuda)
+    CUDA(layernorm_fwd, x, w, b, eps, y, mean, rstd);
+  cpu_f32("layernorm_fwd", {{"x", x}, {"w", w}, {"b", b}, {"y", y}, {"mean", mean}, {"rstd", rstd}});
   cpu::layernorm_fwd(x, w, b, eps, y, mean, rstd);
 }
 void layernorm_bwd(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& mean, const Tensor& rstd,
                    const Tensor& dx, const Tensor& dw, const Tensor& db) {
-  VCHAT_CPU_ONLY("layernorm_bwd", x);
+  if (where("layernorm_bwd", {{"x", x}, {"dy", dy}, {"w", w}, {"mean", mean}, {"rstd", rstd}, {"dx", dx}, {"dw", dw},
+                              {"db", db}}) == Device::cuda)
+    CUDA(layernorm_bwd, dy, x, w, mean, rstd, dx, dw, db);
+  cpu_f32("layernorm_bwd",
+          {{"dy", dy}, {"x", x}, {"w", w}, {"mean", mean}, {"rstd", rstd}, {"dx", dx}, {"dw", dw}, {"db", db}});
   cpu::layernorm_bwd(dy, x, w, mean, rstd, dx, dw, db);
 }
 
-void rope_(const Tensor& x, double theta, bool inverse) {
-  VCHAT_CPU_ONLY("rope", x);
-  cpu::rope_(x, theta, inverse);
+void rope_(const Tensor& x, double theta, bool inverse, int64_t position_offset) {
+  if (where("rope", {{"x", x}}) == Device::cuda) CUDA(rope_, x, theta, inverse, position_offset);
+  cpu_f32("rope", {{"x", x}});
+  cpu::rope_(x, theta, inverse, position_offset);
 }
 
 void swiglu_fwd(const Tensor& gate, const Tensor& up, const Tensor& out) {
-  if (on_cuda(out)) {
-#ifdef VCHAT_WITH_CUDA
-    return cuda::swiglu_fwd(gate, up, out);
-#else
-    no_cuda_kernel("swiglu_fwd");
-#endif
-  }
+  if (where("swiglu_fwd", {{"out", out}, {"gate", gate}, {"up", up}}) == Device::cuda) CUDA(swiglu_fwd, gate, up, out);
+  cpu_f32("swiglu_fwd", {{"gate", gate}, {"up", up}, {"out", out}});
   cpu::swiglu_fwd(gate, up, out);
 }
 void swiglu_bwd(const Tensor& dout, const Tensor& gate, const Tensor& up, const Tensor& dgate, const Tensor& dup) {
-  VCHAT_CPU_ONLY("swiglu_bwd", gate);
+  if (where("swiglu_bwd", {{"gate", gate}, {"dout", dout}, {"up", up}, {"dgate", dgate}, {"dup", dup}}) == Device::cuda)
+    CUDA(swiglu_bwd, dout, gate, up, dgate, dup);
+  cpu_f32("swiglu_bwd", {{"dout", dout}, {"gate", gate}, {"up", up}, {"dgate", dgate}, {"dup", dup}});
   cpu::swiglu_bwd(dout, gate, up, dgate, dup);
 }
 void gelu_fwd(Activation act, const Tensor& x, const Tensor& y) {
-  VCHAT_CPU_ONLY("gelu_fwd", x);
+  if (where("gelu_fwd", {{"x", x}, {"y", y}}) == Device::cuda) CUDA(gelu_fwd, act, x, y);
+  cpu_f32("gelu_fwd", {{"x", x}, {"y", y}});
   cpu::gelu_fwd(act, x, y);
 }
 void gelu_bwd(Activation act, const Tensor& dy, const Tensor& x, const Tensor& dx) {
-  VCHAT_CPU_ONLY("gelu_bwd", x);
+  if (where("gelu_bwd", {{"x", x}, {"dy", dy}, {"dx", dx}}) == Device::cuda) CUDA(gelu_bwd, act, dy, x, dx);
+  cpu_f32("gelu_bwd", {{"dy", dy}, {"x", x}, {"dx", dx}});
   cpu::gelu_bwd(act, dy, x, dx);
 }
 
-void attention_fwd(AttnMode mode, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& modality,
-                   const Tensor& out, const Tensor& probs) {
-  VCHAT_CPU_ONLY("attention_fwd", q);
+Tensor attention_fwd(AttnMode mode, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& modality,
+                     const Tensor& out) {
+  if (mode != AttnMode::full) expect_dtype("attention_fwd", {"modality", modality}, DType::u8);
+  const int64_t B = q.size(0), L = q.size(1), H = q.size(2);
+  if (where("attention_fwd", {{"q", q}, {"k", k}, {"v", v}, {"modality", modality}, {"out", out}}) == Device::cuda) {
+#ifdef VCHAT_WITH_CUDA
+    const Tensor lse = Tensor::empty({B, H, L, 2}, DType::f32, Device::cuda);
+    cuda::attention_fwd(cuda::thread_context(), mode, q, k, v, modality, out, lse);
+    return lse;
+#else
+    no_cuda("attention_fwd");
+#endif
+  }
+  cpu_f32("attention_fwd", {{"q", q}, {"k", k}, {"v", v}, {"out", out}});
+  const Tensor probs = Tensor::empty({B, H, L, L});
   cpu::attention_fwd(mode, q, k, v, modality, out, probs);
+  return probs;
 }
 void attention_bwd(AttnMode mode, const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
-                   const Tensor& modality, const Tensor& probs, const Tensor& dq, const Tensor& dk,
+                   const Tensor& modality, const Tensor& out, const Tensor& saved, const Tensor& dq, const Tensor& dk,
                    const Tensor& dv) {
-  VCHAT_CPU_ONLY("attention_bwd", q);
-  cpu::attention_bwd(mode, dout, q, k, v, modality, probs, dq, dk, dv);
+  if (mode != AttnMode::full) expect_dtype("attention_bwd", {"modality", modality}, DType::u8);
+  if (where("attention_bwd", {{"q", q}, {"dout", dout}, {"k", k}, {"v", v}, {"modality", modality}, {"out", out},
+                              {"saved", saved}, {"dq", dq}, {"dk", dk}, {"dv", dv}}) == Device::cuda)
+    CUDA(attention_bwd, mode, dout, q, k, v, modality, out, saved, dq, dk, dv);
+  cpu_f32("attention_bwd",
+          {{"dout", dout}, {"q", q}, {"k", k}, {"v", v}, {"saved", saved}, {"dq", dq}, {"dk", dk}, {"dv", dv}});
+  cpu::attention_bwd(mode, dout, q, k, v, modality, saved, dq, dk, dv);
 }
 
 void embedding_fwd(const Tensor& ids, const Tensor& table, const Tensor& out) {
-  VCHAT_CPU_ONLY("embedding_fwd", table);
+  expect_dtype("embedding_fwd", {"ids", ids}, DType::i32);
+  if (where("embedding_fwd", {{"table", table}, {"ids", ids}, {"out", out}}) == Device::cuda)
+    CUDA(embedding_fwd, ids, table, out, 0);
+  cpu_f32("embedding_fwd", {{"table", table}, {"out", out}});
   cpu::embedding_fwd(ids, table, out);
 }
-void embedding_bwd(const Tensor& dout, const Tensor& ids, const Tensor& dtable) {
-  VCHAT_CPU_ONLY("embedding_bwd", dtable);
+void embedding_bwd(const Tensor& dout, const Tensor& ids, const TokenGroups& groups, const Tensor& dtable) {
+  expect_dtype("embedding_bwd", {"ids", ids}, DType::i32);
+  if (where("embedding_bwd", {{"dtable", dtable}, {"dout", dout}, {"groups.order", groups.order}}) == Device::cuda)
+    CUDA(embedding_bwd, dout, groups, dtable, 0);
+  cpu_f32("embedding_bwd", {{"dout", dout}, {"dtable", dtable}});
   cpu::embedding_bwd(dout, ids, dtable);
 }
 void scatter_rows(const Tensor& src, const Tensor& index, const Tensor& dst) {
-  VCHAT_CPU_ONLY("scatter_rows", dst);
+  expect_dtype("scatter_rows", {"index", index}, DType::i32);
+  if (where("scatter_rows", {{"dst", dst}, {"src", src}, {"index", index}}) == Device::cuda)
+    CUDA(scatter_rows, src, index, dst);
+  cpu_f32("scatter_rows", {{"src", src}, {"dst", dst}});
   cpu::scatter_rows(src, index, dst);
 }
 void gather_rows(const Tensor& src, const Tensor& index, const Tensor& dst) {
-  VCHAT_CPU_ONLY("gather_rows", dst);
+  expect_dtype("gather_rows", {"index", index}, DType::i32);
+  if (where("gather_rows", {{"dst", dst}, {"src", src}, {"index", index}}) == Device::cuda)
+    CUDA(gather_rows, src, index, dst);
+  cpu_f32("gather_rows", {{"src", src}, {"dst", dst}});
   cpu::gather_rows(src, index, dst);
 }
 void patchify(const Tensor& pixels, int64_t patch, const Tensor& patches) {
-  VCHAT_CPU_ONLY("patchify", pixels);
+  if (where("patchify", {{"pixels", pixels}, {"patches", patches}}) == Device::cuda)
+    CUDA(patchify, pixels, patch, patches);
+  cpu_f32("patchify", {{"pixels", pixels}, {"patches", patches}});
   cpu::patchify(pixels, patch, patches);
 }
 
 void vit_embed_fwd(const Tensor& patch_emb, const Tensor& cls, const Tensor& pos, const Tensor& out) {
-  VCHAT_CPU_ONLY("vit_embed_fwd", out);
+  if (where("vit_embed_fwd", {{"out", out}, {"patch_emb", patch_emb}, {"cls", cls}, {"pos", pos}}) == Device::cuda)
+    CUDA(vit_embed_fwd, patch_emb, cls, pos, out);
+  cpu_f32("vit_embed_fwd", {{"patch_emb", patch_emb}, {"cls", cls}, {"pos", pos}, {"out", out}});
   cpu::vit_embed_fwd(patch_emb, cls, pos, out);
 }
 void vit_embed_bwd(const Tensor& dout, const Tensor& dpatch_emb, const Tensor& dcls, const Tensor& dpos) {
-  VCHAT_CPU_ONLY("vit_embed_bwd", dout);
+  if (where("vit_embed_bwd", {{"dout", dout}, {"dpatch_emb", dpatch_emb}, {"dcls", dcls}, {"dpos", dpos}}) ==
+      Device::cuda)
+    CUDA(vit_embed_bwd, dout, dpatch_emb, dcls, dpos);
+  cpu_f32("vit_embed_bwd", {{"dout", dout}, {"dpatch_emb", dpatch_emb}, {"dcls", dcls}, {"dpos", dpos}});
   cpu::vit_embed_bwd(dout, dpatch_emb, dcls, dpos);
 }
 
 double cross_entropy_fwd(const Tensor& logits, const Tensor& targets, const Tensor& lse) {
-  VCHAT_CPU_ONLY("cross_entropy_fwd", logits);
+  expect_dtype("cross_entropy_fwd", {"targets", targets}, DType::i32);
+  if (where("cross_entropy_fwd", {{"logits", logits}, {"targets", targets}, {"lse", lse}}) == Device::cuda) {
+#ifdef VCHAT_WITH_CUDA
+    // Per-row losses come back and are summed here; the device trainer keeps them on the GPU.
+    const Tensor rows = Tensor::empty({logits.size(0)}, DType::f32, Device::cuda);
+    cuda::cross_entropy_fwd(cuda::thread_context(), logits, targets, lse, rows);
+    double total = 0;
+    for (float r : rows.to_vector_f32()) total += r;
+    return total;
+#else
+    no_cuda("cross_entropy_fwd");
+#endif
+  }
+  cpu_f32("cross_entropy_fwd", {{"logits", logits}, {"lse", lse}});
   return cpu::cross_entropy_fwd(logits, targets, lse);
 }
 void cross_entropy_bwd(const Tensor& logits, const Tensor& targets, const Tensor& lse, float scale,
-                       const Tensor& dlogits) {
-  VCHAT_CPU_ONLY("cross_entropy_bwd", logits);
-  cpu::cross_entropy_bwd(logits, targets, lse, scale, dlogits);
+                       const Tensor& dlogits, int64_t vocab_begin) {
+  expect_dtype("cross_entropy_bwd", {"targets", targets}, DType::i32);
+  if (where("cross_entropy_bwd", {{"logits", logits}, {"targets", targets}, {"lse", lse}, {"dlogits", dlogits}}) ==
+      Device::cuda)
+    CUDA(cross_entropy_bwd, logits, targets, lse, scale, dlogits, vocab_begin);
+  cpu_f32("cross_entropy_bwd", {{"logits", logits}, {"lse", lse}, {"dlogits", dlogits}});
+  cpu::cross_entropy_bwd(logits, targets, lse, scale, dlogits, vocab_begin);
+}
+
+void embedding_fwd_slice(const Tensor& ids, const Tensor& table, int64_t vocab_begin, const Tensor& out) {
+  expect_dtype("embedding_fwd_slice", {"ids", ids}, DType::i32);
+  if (where("embedding_fwd_slice", {{"table", table}, {"ids", ids}, {"out", out}}) == Device::cuda)
+    CUDA(embedding_fwd, ids, table, out, vocab_begin);
+  cpu_f32("embedding_fwd_slice", {{"table", table}, {"out", out}});
+  cpu::embedding_fwd_slice(ids, table, vocab_begin, out);
+}
+void embedding_bwd_slice(const Tensor& dout, const Tensor& ids, const TokenGroups& groups, int64_t vocab_begin,
+                         const Tensor& dtable) {
+  expect_dtype("embedding_bwd_slice", {"ids", ids}, DType::i32);
+  if (where("embedding_bwd_slice", {{"dtable", dtable}, {"dout", dout}, {"groups.order", groups.order}}) ==
+      Device::cuda)
+    CUDA(embedding_bwd, dout, groups, dtable, vocab_begin);
+  cpu_f32("embedding_bwd_slice", {{"dout", dout}, {"dtable", dtable}});
+  cpu::embedding_bwd_slice(dout, ids, vocab_begin, dtable);
+}
+void ce_row_max(const Tensor& logits, const Tensor& targets, const Tensor& row_max) {
+  expect_dtype("ce_row_max", {"targets", targets}, DType::i32);
+  if (where("ce_row_max", {{"logits", logits}, {"targets", targets}, {"row_max", row_max}}) == Device::cuda)
+    CUDA(ce_row_max, logits, targets, row_max);
+  cpu_f32("ce_row_max", {{"logits", logits}, {"row_max", row_max}});
+  cpu::ce_row_max(logits, targets, row_max);
+}
+void ce_row_sumexp(const Tensor& logits, const Tensor& targets, const Tensor& row_max, int64_t vocab_begin,
+                   const Tensor& sumexp, const Tensor& target_logit) {
+  expect_dtype("ce_row_sumexp", {"targets", targets}, DType::i32);
+  if (where("ce_row_sumexp", {{"logits", logits}, {"targets", targets}, {"row_max", row_max}, {"sumexp", sumexp},
+                              {"target_logit", target_logit}}) == Device::cuda)
+    CUDA(ce_row_sumexp, logits, targets, row_max, vocab_begin, sumexp, target_logit);
+  cpu_f32("ce_row_sumexp", {{"logits", logits}, {"row_max", row_max}, {"sumexp", sumexp}, {"target_logit", target_logit}});
+  cpu::ce_row_sumexp(logits, targets, row_max, vocab_begin, sumexp, target_logit);
+}
+double ce_finish(const Tensor& row_max, const Tensor& sumexp, const Tensor& target_logit, const Tensor& targets,
+                 const Tensor& lse) {
+  expect_dtype("ce_finish", {"targets", targets}, DType::i32);
+  if (where("ce_finish", {{"lse", lse}, {"row_max", row_max}, {"sumexp", sumexp}, {"target_logit", target_logit},
+                          {"targets", targets}}) == Device::cuda) {
+#ifdef VCHAT_WITH_CUDA
+    const Tensor rows = Tensor::empty({targets.numel()}, DType::f32, Device::cuda);
+    cuda::ce_finish(cuda::thread_context(), row_max, sumexp, target_logit, targets, lse, rows);
+    double total = 0;
+    for (float r : rows.to_vector_f32()) total += r;
+    return total;
+#else
+    no_cuda("ce_finish");
+#endif
+  }
+  cpu_f32("ce_finish", {{"row_max", row_max}, {"sumexp", sumexp}, {"target_logit", target_logit}, {"lse", lse}});
+  return cpu::ce_finish(row_max, sumexp, target_logit, targets, lse);
+}
+void argmax(const Tensor& logits, const Tensor& index, const Tensor& value) {
+  expect_dtype("argmax", {"index", index}, DType::i32);
+  if (where("argmax", {{"logits", logits}, {"index", index}, {"value", value}}) == Device::cuda)
+    CUDA(argmax, logits, index, value);
+  cpu_f32("argmax", {{"logits", logits}, {"value", value}});
+  cpu::argmax(logits, index, value);
 }
 
 double sum_squares(const Tensor& x) {
-  VCHAT_CPU_ONLY("sum_squares", x);
+  if (where("sum_squares", {{"x", x}}) == Device::cuda) {
+#ifdef VCHAT_WITH_CUDA
+    const Tensor out = Tensor::empty({1}, DType::f32, Device::cuda);
+    cuda::sum_squares(cuda::thread_context(), {x}, out);
+    return out.to_vector_f32()[0];
+#else
+    no_cuda("sum_squares");
+#endif
+  }
+  cpu_f32("sum_squares", {{"x", x}});
   return cpu::sum_squares(x);
 }
 void adamw_step(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v, const AdamWParams& p) {
-  VCHAT_CPU_ONLY("adamw_step", param);
+  if (where("adamw_step", {{"param", param}, {"grad", grad}, {"m", m}, {"v", v}}) == Device::cuda)
+    CUDA(adamw_step, param, grad, m, v, p, Tensor(), nullptr);
+  cpu_f32("adamw_step", {{"param", param}, {"grad", grad}, {"m", m}, {"v", v}});
   cpu::adamw_step(param, grad, m, v, p);
 }
 

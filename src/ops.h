@@ -7,6 +7,7 @@
 //  - an undefined Tensor (Tensor()) means "not wanted" (e.g. no bias, frozen weight).
 #pragma once
 #include <cstdint>
+#include <vector>
 
 #include "tensor.h"
 
@@ -33,6 +34,9 @@ void add(const Tensor& a, const Tensor& b, const Tensor& out);  // out may alias
 void axpy(float alpha, const Tensor& x, const Tensor& y);         // y += alpha * x
 void scale(const Tensor& x, float alpha);                         // x *= alpha
 void fill(const Tensor& x, float value);
+// dst = src converted to dst's dtype (f32 <-> bf16 rounding to nearest even, or a copy),
+// same number of elements, contiguous: the bf16 working copies of fp32 master weights.
+void cast(const Tensor& src, const Tensor& dst);
 
 // RMSNorm over the last dim: y = x * w / sqrt(mean(x^2) + eps); rstd [N] saved for backward.
 void rmsnorm_fwd(const Tensor& x, const Tensor& w, float eps, const Tensor& y, const Tensor& rstd);
@@ -44,9 +48,10 @@ void layernorm_fwd(const Tensor& x, const Tensor& w, const Tensor& b, float eps,
 void layernorm_bwd(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& mean, const Tensor& rstd,
                    const Tensor& dx, const Tensor& dw, const Tensor& db);
 
-// Rotary embedding, HF rotate-half, in place on x [B, L, H, hd], positions 0..L-1.
+// Rotary embedding, HF rotate-half, in place on x [B, L, H, hd], positions
+// position_offset .. position_offset+L-1 (a KV cache appends at an offset).
 // inverse=true applies the transposed rotation: that is the backward.
-void rope_(const Tensor& x, double theta, bool inverse);
+void rope_(const Tensor& x, double theta, bool inverse, int64_t position_offset = 0);
 
 // SwiGLU: out = silu(gate) * up.
 void swiglu_fwd(const Tensor& gate, const Tensor& up, const Tensor& out);
@@ -56,17 +61,28 @@ void gelu_fwd(Activation act, const Tensor& x, const Tensor& y);
 void gelu_bwd(Activation act, const Tensor& dy, const Tensor& x, const Tensor& dx);
 
 // Attention over q [B, L, H, hd], k/v [B, L, KV, hd] (GQA: head h reads kv head h/(H/KV)),
-// modality [B, L] u8 (unused for full). out [B, L, H, hd]; probs [B, H, L, L] keeps the
-// combined attention weights (text branch + image branch) for backward.
-void attention_fwd(AttnMode mode, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& modality,
-                   const Tensor& out, const Tensor& probs);
+// modality [B, L] u8 (unused for full). out [B, L, H, hd]. Returns what backward needs
+// besides q, k, v and out, opaque to callers: the CPU keeps the combined attention weights
+// [B, H, L, L] (text branch + image branch); CUDA's flash kernels keep two log-sum-exps per
+// query [B, H, L, 2] (text or the single branch, image branch) and no L x L matrix.
+Tensor attention_fwd(AttnMode mode, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& modality,
+                     const Tensor& out);
+// dq, dk, dv are overwritten.
 void attention_bwd(AttnMode mode, const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
-                   const Tensor& modality, const Tensor& probs, const Tensor& dq, const Tensor& dk,
+                   const Tensor& modality, const Tensor& out, const Tensor& saved, const Tensor& dq, const Tensor& dk,
                    const Tensor& dv);
 
 // Embedding: out[n] = table[ids[n]]; ids < 0 (image sentinel) give a zero row and no grad.
 void embedding_fwd(const Tensor& ids, const Tensor& table, const Tensor& out);
-void embedding_bwd(const Tensor& dout, const Tensor& ids, const Tensor& dtable);  // accumulates
+// The positions of a batch grouped by token id, built with the batch on the host (Batch):
+// group k holds id ids[k] at positions order[offsets[k] .. offsets[k+1]), increasing. The
+// CUDA embedding backward sums each group in that order (deterministic, no atomics).
+struct TokenGroups {
+  Tensor ids, offsets, order;  // i32 [G], [G + 1], [n text positions]
+  static TokenGroups build(const std::vector<int32_t>& embed_ids);  // ids < 0 are left out
+};
+// dtable += rows of dout at each id (deterministic). The CPU walks `ids`; CUDA walks `groups`.
+void embedding_bwd(const Tensor& dout, const Tensor& ids, const TokenGroups& groups, const Tensor& dtable);
 
 // Row scatter/gather: dst[index[m]] = src[m] (scatter) and dst[m] = src[index[m]] (gather).
 void scatter_rows(const Tensor& src, const Tensor& index, const Tensor& dst);
@@ -84,9 +100,32 @@ void vit_embed_bwd(const Tensor& dout, const Tensor& dpatch_emb, const Tensor& d
 // supervised rows; lse [N] (log-sum-exp) is saved for backward.
 double cross_entropy_fwd(const Tensor& logits, const Tensor& targets, const Tensor& lse);
 // dlogits = (softmax(logits) - onehot(target)) * scale on supervised rows, 0 elsewhere.
-// dlogits may alias logits (saves a [N, V] buffer).
+// dlogits may alias logits (saves a [N, V] buffer). With vocab_begin (vocabulary-parallel)
+// logits hold columns [vocab_begin, vocab_begin + V) and lse is the full row's.
 void cross_entropy_bwd(const Tensor& logits, const Tensor& targets, const Tensor& lse, float scale,
-                       const Tensor& dlogits);
+                       const Tensor& dlogits, int64_t vocab_begin = 0);
+
+// Vocabulary-parallel pieces (model/vocab_parallel.h): this rank holds vocabulary rows
+// [vocab_begin, vocab_begin + V_local) of the embedding table and of the logits' columns.
+// out[n] = table[ids[n] - vocab_begin] for ids in the slice, a zero row otherwise.
+void embedding_fwd_slice(const Tensor& ids, const Tensor& table, int64_t vocab_begin, const Tensor& out);
+// dtable += the rows of dout whose id falls in the slice (deterministic: in position order).
+void embedding_bwd_slice(const Tensor& dout, const Tensor& ids, const TokenGroups& groups, int64_t vocab_begin,
+                         const Tensor& dtable);
+// Per supervised row, the max of this rank's logits (0 on unsupervised rows).
+void ce_row_max(const Tensor& logits, const Tensor& targets, const Tensor& row_max);
+// Per supervised row, with the group's max: Σ exp(x − max) over this rank's columns, and the
+// target's logit where this rank holds it (else 0); both 0 on unsupervised rows.
+void ce_row_sumexp(const Tensor& logits, const Tensor& targets, const Tensor& row_max, int64_t vocab_begin,
+                   const Tensor& sumexp, const Tensor& target_logit);
+// From the group's sums: lse = max + log(sumexp) on supervised rows (0 elsewhere); returns
+// the summed loss Σ (lse − target logit) over them.
+double ce_finish(const Tensor& row_max, const Tensor& sumexp, const Tensor& target_logit, const Tensor& targets,
+                 const Tensor& lse);
+
+// Row argmax (first index of the maximum): index i32 [N], value f32 [N] (greedy decoding,
+// teacher-forced accuracy).
+void argmax(const Tensor& logits, const Tensor& index, const Tensor& value);
 
 // Optimizer pieces.
 double sum_squares(const Tensor& x);

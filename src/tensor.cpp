@@ -91,6 +91,8 @@ struct Registry {
   CpuAllocator cpu;
   Allocator* cuda = nullptr;
   MemcpyFn memcpy_fn = nullptr;
+  MemsetZeroFn memset_fn = nullptr;
+  PointerDeviceFn pointer_fn = nullptr;
 };
 // The one process-wide table of backends: filled once at start-up, read-only after.
 Registry& registry() {
@@ -108,6 +110,9 @@ void register_allocator(Device d, Allocator* a) {
   if (d == Device::cuda) registry().cuda = a;
 }
 void register_memcpy(MemcpyFn fn) { registry().memcpy_fn = fn; }
+void register_memset_zero(MemsetZeroFn fn) { registry().memset_fn = fn; }
+void register_pointer_device(PointerDeviceFn fn) { registry().pointer_fn = fn; }
+Device pointer_device(const void* p) { return registry().pointer_fn ? registry().pointer_fn(p) : Device::cpu; }
 void device_memcpy(void* dst, Device dd, const void* src, Device sd, size_t bytes) {
   if (dd == Device::cpu && sd == Device::cpu) {
     if (bytes) std::memcpy(dst, src, bytes);
@@ -251,6 +256,14 @@ Tensor Tensor::clone() const {
   return t;
 }
 
+Tensor Tensor::to(Device d) const {
+  if (!defined() || device_ == d) return *this;
+  const Tensor src = is_contiguous() ? *this : clone();
+  Tensor t = empty(shape_, dtype_, d);
+  t.copy_from(src);
+  return t;
+}
+
 void Tensor::copy_from(const Tensor& src) const {
   if (src.shape_ != shape_ || src.dtype_ != dtype_)
     throw std::invalid_argument("copy_from: " + shape_str(src.shape_) + " into " + shape_str(shape_));
@@ -263,8 +276,8 @@ void Tensor::zero_() const {
   if (device_ == Device::cpu) {
     if (nbytes()) std::memset(raw(), 0, nbytes());
   } else {
-    std::vector<char> z(nbytes(), 0);
-    device_memcpy(raw(), device_, z.data(), Device::cpu, nbytes());
+    if (!registry().memset_fn) throw std::runtime_error("device zero-fill needs the CUDA backend");
+    registry().memset_fn(raw(), nbytes());
   }
 }
 

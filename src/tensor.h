@@ -84,6 +84,7 @@ class Tensor {
   // Host-side helpers for tests and small bookkeeping.
   std::vector<float> to_vector_f32() const;
   Tensor clone() const;  // contiguous deep copy on the same device
+  Tensor to(Device d) const;  // this tensor if it lives on d, else a contiguous copy there
   // Writes through the view (a Tensor is a handle; const means the view, not the data).
   void copy_from(const Tensor& src) const;  // same shape/dtype, contiguous, any devices
   void zero_() const;
@@ -111,5 +112,15 @@ class Tensor {
 using MemcpyFn = void (*)(void* dst, Device dd, const void* src, Device sd, size_t bytes);
 void register_memcpy(MemcpyFn fn);
 void device_memcpy(void* dst, Device dd, const void* src, Device sd, size_t bytes);
+// Where a raw pointer's memory lives, for code that moves bytes it did not allocate (the
+// communicators stage what their transport cannot reach). The CUDA backend registers a
+// query (unified addressing tells device memory from host memory); without one, cpu.
+using PointerDeviceFn = Device (*)(const void* p);
+void register_pointer_device(PointerDeviceFn fn);
+Device pointer_device(const void* p);
+
+// Zero-fills device memory; the CUDA backend registers its memset.
+using MemsetZeroFn = void (*)(void* dst, size_t bytes);
+void register_memset_zero(MemsetZeroFn fn);
 
 }  // namespace vchat

@@ -490,7 +490,9 @@ TEST(CommMpi, SecondsAreTimeInsideOperations) {
   const double wall = std::chrono::duration<double>(clock::now() - t0).count();
   const double in_barrier = w->stats().seconds;
   EXPECT_LE(in_barrier, wall + 1e-3);
-  if (r != 0) EXPECT_GE(in_barrier, 0.5);
+  if (r != 0) {
+    EXPECT_GE(in_barrier, 0.5);
+  }
   w->barrier();  // rank 0's late arrival is over for everybody before the next part
   w->reset_stats();
 

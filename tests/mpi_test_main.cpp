@@ -3,6 +3,8 @@
 #include <gtest/gtest.h>
 
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <string>
 
 namespace vchat {
@@ -31,11 +33,27 @@ class RankFailurePrinter : public ::testing::EmptyTestEventListener {
   std::string test_;
 };
 
+// VCHAT_TEST_STAGE_EVERY_BUFFER=1: every pointer is reported as device memory and
+// "device" copies are plain memmoves. Then every operation of the MPI backend stages its
+// buffers as it does for GPU memory (comm_mpi.cpp, Staged), which the same tests then check
+// on a machine without a GPU: in-place forms, slices, async gathers, short messages.
+long g_staged_copies = 0;  // copies through the hook: the staged path really ran
+void stage_every_buffer() {
+  register_pointer_device([](const void*) { return Device::cuda; });
+  register_memcpy([](void* dst, Device, const void* src, Device, size_t bytes) {
+    ++g_staged_copies;
+    if (bytes) std::memmove(dst, src, bytes);
+  });
+}
+
 }  // namespace
 }  // namespace vchat
 
 int main(int argc, char** argv) {
   vchat::MpiSession mpi(&argc, &argv);
+  const char* stage_env = std::getenv("VCHAT_TEST_STAGE_EVERY_BUFFER");
+  const bool staging = stage_env && std::string(stage_env) == "1";
+  if (staging) vchat::stage_every_buffer();
   ::testing::InitGoogleTest(&argc, argv);
   if (mpi.rank() != 0) {
     auto& listeners = ::testing::UnitTest::GetInstance()->listeners();
@@ -43,7 +61,11 @@ int main(int argc, char** argv) {
     listeners.Append(new vchat::RankFailurePrinter(mpi.rank()));
   }
   vchat::g_mpi = &mpi;
-  const bool failed_here = RUN_ALL_TESTS() != 0;
+  bool failed_here = RUN_ALL_TESTS() != 0;
+  if (staging && vchat::g_staged_copies == 0) {
+    std::fprintf(stderr, "[rank %d] VCHAT_TEST_STAGE_EVERY_BUFFER: no buffer went through the staged path\n", mpi.rank());
+    failed_here = true;
+  }
   double failed_anywhere = failed_here ? 1 : 0;
   {
     auto w = mpi.world();  // dies before the session

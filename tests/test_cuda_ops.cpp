@@ -1,17 +1,22 @@
-// CUDA ops against plain host loops. Built only with VCHAT_CUDA=ON; skips without a GPU.
-// Inputs are rounded to the tested dtype before the reference is computed, so the only
-// differences measured are the kernels' own arithmetic and output rounding.
+// The GPU op suite (ctest label `gpu`; tools/gpu/check.sh runs it on a lent GPU): every CUDA
+// op against the CPU op on fresh random inputs, fp32 within 1e-5 and bf16 within 1e-2
+// (norm-relative), with every output poisoned with NaN first so an element a kernel forgets
+// to write fails the comparison. bf16 inputs are rounded on the host before the CPU runs, so
+// the only differences measured are the kernels' own arithmetic and output rounding.
+// Without a visible GPU every test fails (this binary exists to run on one).
 #include <gtest/gtest.h>
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <random>
 #include <stdexcept>
 #include <vector>
 
 #include "cuda/cuda_backend.h"
+#include "ops.h"
 #include "tensor.h"
 
 namespace vchat {
@@ -20,13 +25,15 @@ namespace {
 class CudaOps : public ::testing::Test {
  protected:
   void SetUp() override {
-    if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device visible";
+    ASSERT_GT(cuda::device_count(), 0) << "no CUDA device visible: the GPU suite needs one";
     cuda::init_backend(0);
   }
+  std::mt19937 rng{1234};
 };
 
-// Round-to-nearest-even, as __float2bfloat16 does (inputs here are finite).
-uint16_t bf16_bits(float f) {
+const cuda::Context& ctx() { return cuda::thread_context(); }
+
+uint16_t bf16_bits(float f) {  // round to nearest even (inputs here are finite)
   uint32_t u;
   std::memcpy(&u, &f, 4);
   u += 0x7fffu + ((u >> 16) & 1u);
@@ -39,154 +46,530 @@ float bf16_value(uint16_t b) {
   return f;
 }
 
-std::vector<float> random_values(size_t n, float lo, float hi, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::uniform_real_distribution<float> dist(lo, hi);
-  std::vector<float> v(n);
-  for (auto& x : v) x = dist(rng);
-  return v;
-}
-
-// Rounds v to dtype in place and returns a device tensor holding exactly those values.
-Tensor to_device(std::vector<float>& v, const Shape& shape, DType dt) {
-  Tensor host = Tensor::empty(shape, dt);
-  if (dt == DType::bf16) {
-    auto* bits = host.data<uint16_t>();
-    for (size_t i = 0; i < v.size(); ++i) {
-      bits[i] = bf16_bits(v[i]);
-      v[i] = bf16_value(bits[i]);
-    }
-  } else {
-    std::memcpy(host.data<float>(), v.data(), v.size() * sizeof(float));
+// A host f32 tensor of uniform values in [lo, hi), rounded to `dt`'s precision.
+Tensor host_rand(const Shape& s, DType dt, std::mt19937& rng, float lo = -1.f, float hi = 1.f) {
+  Tensor t = Tensor::empty(s);
+  std::uniform_real_distribution<float> d(lo, hi);
+  for (int64_t i = 0; i < t.numel(); ++i) {
+    const float v = d(rng);
+    t.data<float>()[i] = dt == DType::bf16 ? bf16_value(bf16_bits(v)) : v;
   }
-  Tensor dev = Tensor::empty(shape, dt, Device::cuda);
-  dev.copy_from(host);
-  return dev;
+  return t;
+}
+// The host f32 tensor on the device as `dt`.
+Tensor dev(const Tensor& h, DType dt) {
+  Tensor host = Tensor::empty(h.shape(), dt);
+  for (int64_t i = 0; i < h.numel(); ++i) {
+    if (dt == DType::bf16)
+      host.data<uint16_t>()[i] = bf16_bits(h.data<float>()[i]);
+    else
+      host.data<float>()[i] = h.data<float>()[i];
+  }
+  Tensor d = Tensor::empty(h.shape(), dt, Device::cuda);
+  d.copy_from(host);
+  return d;
+}
+Tensor dev_i32(const std::vector<int32_t>& v) {
+  Tensor d = Tensor::empty({static_cast<int64_t>(v.size())}, DType::i32, Device::cuda);
+  d.copy_from(Tensor::from_vector(v, {static_cast<int64_t>(v.size())}));
+  return d;
+}
+// A device tensor full of NaN: whatever the kernel does not write stays NaN.
+Tensor poison(const Shape& s, DType dt) {
+  Tensor h = Tensor::empty(s, dt);
+  for (int64_t i = 0; i < h.numel(); ++i) {
+    if (dt == DType::bf16)
+      h.data<uint16_t>()[i] = 0x7fc0;
+    else
+      h.data<float>()[i] = std::numeric_limits<float>::quiet_NaN();
+  }
+  Tensor d = Tensor::empty(s, dt, Device::cuda);
+  d.copy_from(h);
+  return d;
 }
 
-struct GemmCase {
-  DType dtype;
-  bool ta, tb;
-  int64_t m, n, k;
-  int64_t pad;  // extra columns in every operand's storage: row stride = cols + pad
-  float alpha, beta;
-  double tol;  // relative to sum |alpha a b| + |beta c|, the natural scale of the rounding error
+// Every element finite and ||got - want|| <= tol ||want||.
+void expect_close(const Tensor& got, const Tensor& want, double tol, const std::string& what) {
+  const std::vector<float> g = got.to_vector_f32(), w = want.to_vector_f32();
+  ASSERT_EQ(g.size(), w.size()) << what;
+  double num = 0, den = 0;
+  for (size_t i = 0; i < g.size(); ++i) {
+    ASSERT_TRUE(std::isfinite(g[i])) << what << ": element " << i << " not written (or not finite): " << g[i];
+    num += (double(g[i]) - w[i]) * (double(g[i]) - w[i]);
+    den += double(w[i]) * w[i];
+  }
+  EXPECT_LE(std::sqrt(num), tol * std::max(std::sqrt(den), 1e-30)) << what;
+}
+
+struct Prec {
+  DType dt;
+  double tol;
+  const char* name;
 };
+const Prec kPrecisions[] = {{DType::f32, 1e-5, "f32"}, {DType::bf16, 1e-2, "bf16"}};
 
-void check_gemm(const GemmCase& g) {
-  SCOPED_TRACE(testing::Message() << (g.dtype == DType::f32 ? "f32" : "bf16") << " ta=" << g.ta << " tb=" << g.tb
-                                  << " pad=" << g.pad << " alpha=" << g.alpha << " beta=" << g.beta);
-  const int64_t ar = g.ta ? g.k : g.m, ac = g.ta ? g.m : g.k;
-  const int64_t br = g.tb ? g.n : g.k, bc = g.tb ? g.k : g.n;
-  const int64_t ldA = ac + g.pad, ldB = bc + g.pad, ldC = g.n + g.pad;
-  std::vector<float> a = random_values(ar * ldA, -1.f, 1.f, 1);
-  std::vector<float> b = random_values(br * ldB, -1.f, 1.f, 2);
-  std::vector<float> c0 = random_values(g.m * ldC, -1.f, 1.f, 3);
-  Tensor A = to_device(a, {ar, ldA}, g.dtype).slice(1, 0, ac);
-  Tensor B = to_device(b, {br, ldB}, g.dtype).slice(1, 0, bc);
-  Tensor Cfull = to_device(c0, {g.m, ldC}, g.dtype);
-  Tensor C = Cfull.slice(1, 0, g.n);
-  ASSERT_EQ(A.stride(0), ldA);
+// ---- GEMM -------------------------------------------------------------------------------
 
-  cuda::gemm(A, g.ta, B, g.tb, C, g.alpha, g.beta);
-  const std::vector<float> got = Cfull.to_vector_f32();
-
-  for (int64_t i = 0; i < g.m; ++i) {
-    for (int64_t j = 0; j < g.n; ++j) {
-      double ref = 0, scale = 0;
-      for (int64_t p = 0; p < g.k; ++p) {
-        const double x = g.ta ? a[p * ldA + i] : a[i * ldA + p];
-        const double y = g.tb ? b[j * ldB + p] : b[p * ldB + j];
-        ref += x * y;
-        scale += std::abs(x * y);
-      }
-      const double c = c0[i * ldC + j];
-      ref = g.alpha * ref + g.beta * c;
-      scale = std::abs(g.alpha) * scale + std::abs(g.beta * c);
-      ASSERT_NEAR(got[i * ldC + j], ref, g.tol * scale + 1e-30) << "at C(" << i << ", " << j << ")";
-    }
-    for (int64_t j = g.n; j < ldC; ++j) ASSERT_EQ(got[i * ldC + j], c0[i * ldC + j]) << "padding written";
-  }
+TEST_F(CudaOps, GemmAllTransposesStridesAndScales) {
+  for (const Prec& p : kPrecisions)
+    for (bool ta : {false, true})
+      for (bool tb : {false, true})
+        for (int64_t pad : {0, 7})
+          for (auto [alpha, beta] : {std::pair{1.f, 0.f}, std::pair{1.5f, -0.5f}}) {
+            const int64_t m = 37, n = 53, k = 70;  // no dimension a multiple of a tile
+            const int64_t ar = ta ? k : m, ac = ta ? m : k, br = tb ? n : k, bc = tb ? k : n;
+            const Tensor a = host_rand({ar, ac + pad}, p.dt, rng), b = host_rand({br, bc + pad}, p.dt, rng);
+            const Tensor c0 = host_rand({m, n + pad}, p.dt, rng);
+            const Tensor want = c0.clone();
+            ops::gemm(a.slice(1, 0, ac), ta, b.slice(1, 0, bc), tb, want.slice(1, 0, n), alpha, beta);
+            const Tensor C = dev(c0, p.dt);
+            ops::gemm(dev(a, p.dt).slice(1, 0, ac), ta, dev(b, p.dt).slice(1, 0, bc), tb, C.slice(1, 0, n), alpha, beta);
+            expect_close(C, want, p.tol,
+                         std::string("gemm ") + p.name + " ta=" + std::to_string(ta) + " tb=" + std::to_string(tb) +
+                             " pad=" + std::to_string(pad) + " beta=" + std::to_string(beta));
+          }
 }
 
-void check_all_transposes(DType dt, int64_t pad, double tol) {
-  for (bool ta : {false, true})
-    for (bool tb : {false, true}) {
-      // Odd sizes so no dimension is a multiple of a tile or vector width.
-      check_gemm({dt, ta, tb, 37, 53, 70, pad, 1.f, 0.f, tol});
-      check_gemm({dt, ta, tb, 37, 53, 70, pad, 1.5f, -0.5f, tol});
-    }
+// Weight gradients: bf16 activations, fp32 accumulation into an fp32 gradient (beta 1).
+TEST_F(CudaOps, GemmBf16InputsAccumulateIntoF32) {
+  const int64_t m = 40, n = 33, k = 129;
+  const Tensor a = host_rand({k, m}, DType::bf16, rng), b = host_rand({k, n}, DType::bf16, rng);
+  const Tensor c0 = host_rand({m, n}, DType::f32, rng), want = c0.clone();
+  ops::gemm(a, true, b, false, want, 1.f, 1.f);
+  const Tensor C = dev(c0, DType::f32);
+  ops::gemm(dev(a, DType::bf16), true, dev(b, DType::bf16), false, C, 1.f, 1.f);
+  expect_close(C, want, 1e-5, "bf16 x bf16 -> f32");  // exact products, fp32 sums
 }
 
-TEST_F(CudaOps, GemmF32AllTransposes) { check_all_transposes(DType::f32, 0, 1e-5); }
-TEST_F(CudaOps, GemmBf16AllTransposes) { check_all_transposes(DType::bf16, 0, 1e-2); }
-TEST_F(CudaOps, GemmF32StridedRows) { check_all_transposes(DType::f32, 7, 1e-5); }
-TEST_F(CudaOps, GemmBf16StridedRows) { check_all_transposes(DType::bf16, 7, 1e-2); }
-
-TEST_F(CudaOps, GemmBetaZeroIgnoresOldC) {
-  std::vector<float> a(4 * 3, 1.f), b(3 * 2, 2.f), c(4 * 2, std::numeric_limits<float>::quiet_NaN());
-  Tensor A = to_device(a, {4, 3}, DType::f32), B = to_device(b, {3, 2}, DType::f32);
-  Tensor C = to_device(c, {4, 2}, DType::f32);
-  cuda::gemm(A, false, B, false, C, 1.f, 0.f);
-  for (float x : C.to_vector_f32()) EXPECT_EQ(x, 6.f);
+TEST_F(CudaOps, GemmBetaZeroIgnoresNanInC) {
+  const Tensor a = host_rand({4, 3}, DType::f32, rng), b = host_rand({3, 2}, DType::f32, rng);
+  const Tensor want = Tensor::zeros({4, 2});
+  ops::gemm(a, false, b, false, want);
+  const Tensor C = poison({4, 2}, DType::f32);
+  ops::gemm(dev(a, DType::f32), false, dev(b, DType::f32), false, C);
+  expect_close(C, want, 1e-6, "beta 0 over NaN");
 }
 
 TEST_F(CudaOps, GemmEmptyInnerDimensionScalesC) {
-  std::vector<float> c = {1.f, -2.f, 3.f, 4.f, 5.f, 6.f};
-  Tensor A = Tensor::empty({2, 0}, DType::f32, Device::cuda), B = Tensor::empty({0, 3}, DType::f32, Device::cuda);
-  Tensor C = to_device(c, {2, 3}, DType::f32);
-  cuda::gemm(A, false, B, false, C, 1.f, 0.5f);
-  const std::vector<float> got = C.to_vector_f32();
-  for (size_t i = 0; i < c.size(); ++i) EXPECT_EQ(got[i], 0.5f * c[i]);
+  const Tensor c = host_rand({2, 3}, DType::f32, rng);
+  const Tensor C = dev(c, DType::f32);
+  cuda::gemm(ctx(), Tensor::empty({2, 0}, DType::f32, Device::cuda), false,
+             Tensor::empty({0, 3}, DType::f32, Device::cuda), false, C, 1.f, 0.5f);
+  const std::vector<float> got = C.to_vector_f32(), c0 = c.to_vector_f32();
+  for (size_t i = 0; i < c0.size(); ++i) EXPECT_EQ(got[i], 0.5f * c0[i]);
 }
 
-TEST_F(CudaOps, GemmRejectsBadOperands) {
-  Tensor A = Tensor::empty({4, 3}, DType::f32, Device::cuda), B = Tensor::empty({5, 2}, DType::f32, Device::cuda);
-  Tensor C = Tensor::empty({4, 2}, DType::f32, Device::cuda);
-  EXPECT_THROW(cuda::gemm(A, false, B, false, C, 1.f, 0.f), std::invalid_argument);  // k: 3 vs 5
-  Tensor Cb = Tensor::empty({4, 2}, DType::bf16, Device::cuda);
-  Tensor B2 = Tensor::empty({3, 2}, DType::f32, Device::cuda);
-  EXPECT_THROW(cuda::gemm(A, false, B2, false, Cb, 1.f, 0.f), std::invalid_argument);  // mixed dtypes
-  Tensor Ch = Tensor::empty({4, 2}, DType::f32);
-  EXPECT_THROW(cuda::gemm(A, false, B2, false, Ch, 1.f, 0.f), std::invalid_argument);  // host C
-}
-
-void check_swiglu(DType dt, int64_t n, int64_t offset, double tol) {
-  SCOPED_TRACE(testing::Message() << (dt == DType::f32 ? "f32" : "bf16") << " n=" << n << " offset=" << offset);
-  std::vector<float> g = random_values(n + offset, -8.f, 8.f, 4);
-  std::vector<float> u = random_values(n + offset, -2.f, 2.f, 5);
-  // A 1-element offset keeps the views contiguous but misaligns them: the scalar path.
-  Tensor gate = to_device(g, {n + offset}, dt).slice(0, offset, n + offset);
-  Tensor up = to_device(u, {n + offset}, dt).slice(0, offset, n + offset);
-  Tensor out = Tensor::empty({n}, dt, Device::cuda);
-  cuda::swiglu_fwd(gate, up, out);
-  const std::vector<float> got = out.to_vector_f32();
-  for (int64_t i = 0; i < n; ++i) {
-    const double x = g[i + offset], y = u[i + offset];
-    const double ref = x / (1.0 + std::exp(-x)) * y;
-    ASSERT_NEAR(got[i], ref, tol * std::abs(ref) + 1e-7) << "at " << i;
+TEST_F(CudaOps, LinearWithBiasEpilogueAndItsGradients) {
+  for (const Prec& p : kPrecisions) {
+    const int64_t N = 45, in = 33, out = 29;
+    const Tensor x = host_rand({N, in}, p.dt, rng), W = host_rand({out, in}, p.dt, rng), b = host_rand({out}, p.dt, rng);
+    const Tensor y = Tensor::empty({N, out});
+    ops::linear_fwd(x, W, b, y);
+    const Tensor Y = poison({N, out}, p.dt);
+    ops::linear_fwd(dev(x, p.dt), dev(W, p.dt), dev(b, p.dt), Y);
+    expect_close(Y, y, p.tol, std::string("linear_fwd ") + p.name);
+    // db (f32) accumulates column sums of dy whatever dy's dtype.
+    const Tensor dy = host_rand({N, out}, p.dt, rng), db0 = host_rand({out}, DType::f32, rng);
+    const Tensor db = db0.clone();
+    ops::linear_bwd_weight(dy, x, Tensor(), db);
+    const Tensor DB = dev(db0, DType::f32);
+    ops::linear_bwd_weight(dev(dy, p.dt), dev(x, p.dt), Tensor(), DB);
+    expect_close(DB, db, p.dt == DType::f32 ? 1e-5 : 1e-3, std::string("bias_grad ") + p.name);
   }
 }
 
-TEST_F(CudaOps, SwigluF32) {
-  for (int64_t n : {1, 7, 4096, 100003}) check_swiglu(DType::f32, n, 0, 1e-5);
-  check_swiglu(DType::f32, 1001, 1, 1e-5);
+TEST_F(CudaOps, RejectsOperandsNamingThem) {
+  const Tensor A = Tensor::empty({4, 3}, DType::f32, Device::cuda), B = Tensor::empty({5, 2}, DType::f32, Device::cuda);
+  auto expect_msg = [](const std::function<void()>& f, const std::string& needle) {
+    try {
+      f();
+      ADD_FAILURE() << "accepted; expected: " << needle;
+    } catch (const std::invalid_argument& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+  };
+  expect_msg([&] { ops::gemm(A, false, B, false, Tensor::empty({4, 2}, DType::f32, Device::cuda)); }, "A[4, 3] x B[5, 2]");
+  expect_msg([&] { ops::gemm(A, false, Tensor::empty({3, 2}, DType::bf16, Device::cuda), false,
+                             Tensor::empty({4, 2}, DType::f32, Device::cuda)); },
+             "operand B is bf16");
+  expect_msg([&] { ops::gemm(A, false, Tensor::empty({3, 2}), false, Tensor::empty({4, 2}, DType::f32, Device::cuda)); },
+             "operand B is on cpu but C is on cuda");
+  expect_msg([&] { ops::rmsnorm_fwd(A, Tensor::empty({3}, DType::bf16, Device::cuda), 1e-5f, A,
+                                    Tensor::empty({4}, DType::f32, Device::cuda)); },
+             "operand w is bf16 but x is f32");
+  expect_msg([&] { ops::rmsnorm_fwd(A, Tensor::empty({3}, DType::f32, Device::cuda), 1e-5f, A,
+                                    Tensor::empty({4}, DType::bf16, Device::cuda)); },
+             "operand rstd is bf16");
 }
 
-TEST_F(CudaOps, SwigluBf16) {
-  for (int64_t n : {1, 7, 4096, 100003}) check_swiglu(DType::bf16, n, 0, 1e-2);
-  check_swiglu(DType::bf16, 1001, 1, 1e-2);
-}
+// ---- Elementwise ------------------------------------------------------------------------
 
-TEST_F(CudaOps, SwigluInPlace) {
-  std::vector<float> g = random_values(1024, -4.f, 4.f, 6), u = random_values(1024, -1.f, 1.f, 7);
-  Tensor gate = to_device(g, {32, 32}, DType::f32), up = to_device(u, {32, 32}, DType::f32);
-  cuda::swiglu_fwd(gate, up, gate);
-  const std::vector<float> got = gate.to_vector_f32();
-  for (size_t i = 0; i < g.size(); ++i) {
-    const double ref = g[i] / (1.0 + std::exp(-double(g[i]))) * u[i];
-    ASSERT_NEAR(got[i], ref, 1e-5 * std::abs(ref) + 1e-7);
+TEST_F(CudaOps, ElementwiseAddAxpyScale) {
+  for (const Prec& p : kPrecisions) {
+    const Shape s = {13, 77};
+    const Tensor a = host_rand(s, p.dt, rng), b = host_rand(s, p.dt, rng);
+    const Tensor want = Tensor::empty(s), got = poison(s, p.dt);
+    ops::add(a, b, want);
+    ops::add(dev(a, p.dt), dev(b, p.dt), got);
+    expect_close(got, want, p.tol, std::string("add ") + p.name);
+    const Tensor y = a.clone(), Y = dev(a, p.dt);
+    ops::axpy(0.75f, b, y);
+    ops::axpy(0.75f, dev(b, p.dt), Y);
+    ops::scale(y, -1.25f);
+    ops::scale(Y, -1.25f);
+    expect_close(Y, y, p.tol, std::string("axpy+scale ") + p.name);
   }
+}
+
+TEST_F(CudaOps, CastBetweenF32AndBf16MatchesTheCpu) {
+  const Tensor x = host_rand({1000, 3}, DType::f32, rng, -100.f, 100.f);
+  const Tensor want = Tensor::empty({1000, 3}, DType::bf16), got = poison({1000, 3}, DType::bf16);
+  ops::cast(x, want);
+  ops::cast(dev(x, DType::f32), got);
+  expect_close(got, want, 0, "cast f32 -> bf16 bit for bit");
+  const Tensor back = poison({1000, 3}, DType::f32);
+  ops::cast(got, back);
+  expect_close(back, want, 0, "cast bf16 -> f32 exact");
+}
+
+TEST_F(CudaOps, SwigluAndGeluForwardBackward) {
+  for (const Prec& p : kPrecisions)
+    for (int64_t n : {1, 7, 4096, 100003}) {
+      const std::string what = std::string(p.name) + " n=" + std::to_string(n);
+      const Tensor g = host_rand({n}, p.dt, rng, -8.f, 8.f), u = host_rand({n}, p.dt, rng, -2.f, 2.f);
+      const Tensor dy = host_rand({n}, p.dt, rng);
+      const Tensor o = Tensor::empty({n}), O = poison({n}, p.dt);
+      ops::swiglu_fwd(g, u, o);
+      ops::swiglu_fwd(dev(g, p.dt), dev(u, p.dt), O);
+      expect_close(O, o, p.tol, "swiglu_fwd " + what);
+      const Tensor dg = Tensor::empty({n}), du = Tensor::empty({n}), DG = poison({n}, p.dt), DU = dev(dy, p.dt);
+      ops::swiglu_bwd(dy, g, u, dg, du);
+      ops::swiglu_bwd(DU, dev(g, p.dt), dev(u, p.dt), DG, DU);  // dup aliases dout, as the model does
+      expect_close(DG, dg, p.tol, "swiglu_bwd dgate " + what);
+      expect_close(DU, du, p.tol, "swiglu_bwd dup " + what);
+      for (ops::Activation act : {ops::Activation::quick_gelu, ops::Activation::gelu}) {
+        const Tensor y = Tensor::empty({n}), Y = poison({n}, p.dt), dx = Tensor::empty({n}), DX = poison({n}, p.dt);
+        ops::gelu_fwd(act, g, y);
+        ops::gelu_fwd(act, dev(g, p.dt), Y);
+        ops::gelu_bwd(act, dy, g, dx);
+        ops::gelu_bwd(act, dev(dy, p.dt), dev(g, p.dt), DX);
+        expect_close(Y, y, p.tol, "gelu_fwd " + what);
+        expect_close(DX, dx, p.tol, "gelu_bwd " + what);
+      }
+    }
+}
+
+// ---- Norms ------------------------------------------------------------------------------
+
+TEST_F(CudaOps, RmsNormAndLayerNormForwardBackward) {
+  for (const Prec& p : kPrecisions)
+    for (auto [N, D] : {std::pair<int64_t, int64_t>{3, 8}, {257, 96}, {600, 1000}}) {
+      const std::string what = std::string(p.name) + " " + std::to_string(N) + "x" + std::to_string(D);
+      const Tensor x = host_rand({N, D}, p.dt, rng, -2.f, 2.f), w = host_rand({D}, p.dt, rng, 0.5f, 1.5f);
+      const Tensor b = host_rand({D}, p.dt, rng), dy = host_rand({N, D}, p.dt, rng);
+      const Tensor X = dev(x, p.dt), W = dev(w, p.dt), B = dev(b, p.dt), DY = dev(dy, p.dt);
+      // RMSNorm
+      const Tensor y = Tensor::empty({N, D}), rstd = Tensor::empty({N});
+      const Tensor Y = poison({N, D}, p.dt), RSTD = poison({N}, DType::f32);
+      ops::rmsnorm_fwd(x, w, 1e-5f, y, rstd);
+      ops::rmsnorm_fwd(X, W, 1e-5f, Y, RSTD);
+      expect_close(Y, y, p.tol, "rmsnorm_fwd y " + what);
+      expect_close(RSTD, rstd, 1e-5, "rmsnorm_fwd rstd " + what);
+      const Tensor dw0 = host_rand({D}, DType::f32, rng), dx = Tensor::empty({N, D}), dw = dw0.clone();
+      const Tensor DX = poison({N, D}, p.dt), DW = dev(dw0, DType::f32);
+      ops::rmsnorm_bwd(dy, x, w, rstd, dx, dw);
+      ops::rmsnorm_bwd(DY, X, W, dev(rstd, DType::f32), DX, DW);  // the same rstd on both sides
+      expect_close(DX, dx, p.tol, "rmsnorm_bwd dx " + what);
+      expect_close(DW, dw, p.dt == DType::f32 ? 1e-5 : 1e-3, "rmsnorm_bwd dw " + what);
+      // LayerNorm
+      const Tensor mean = Tensor::empty({N}), MEAN = poison({N}, DType::f32), RSTD2 = poison({N}, DType::f32);
+      const Tensor Y2 = poison({N, D}, p.dt);
+      ops::layernorm_fwd(x, w, b, 1e-5f, y, mean, rstd);
+      ops::layernorm_fwd(X, W, B, 1e-5f, Y2, MEAN, RSTD2);
+      expect_close(Y2, y, p.tol, "layernorm_fwd y " + what);
+      expect_close(MEAN, mean, 1e-5, "layernorm_fwd mean " + what);
+      expect_close(RSTD2, rstd, 1e-5, "layernorm_fwd rstd " + what);
+      const Tensor db0 = host_rand({D}, DType::f32, rng), db = db0.clone(), dw2 = dw0.clone();
+      const Tensor DX2 = poison({N, D}, p.dt), DW2 = dev(dw0, DType::f32), DB = dev(db0, DType::f32);
+      ops::layernorm_bwd(dy, x, w, mean, rstd, dx, dw2, db);
+      ops::layernorm_bwd(DY, X, W, dev(mean, DType::f32), dev(rstd, DType::f32), DX2, DW2, DB);
+      expect_close(DX2, dx, p.tol, "layernorm_bwd dx " + what);
+      expect_close(DW2, dw2, p.dt == DType::f32 ? 1e-5 : 1e-3, "layernorm_bwd dw " + what);
+      expect_close(DB, db, p.dt == DType::f32 ? 1e-5 : 1e-3, "layernorm_bwd db " + what);
+    }
+}
+
+// ---- Rotary -----------------------------------------------------------------------------
+
+TEST_F(CudaOps, RotaryWithPositionOffsetBothDirections) {
+  for (const Prec& p : kPrecisions)
+    for (int64_t offset : {0, 37})
+      for (bool inverse : {false, true}) {
+        const Tensor x = host_rand({2, 19, 3, 64}, p.dt, rng);
+        const Tensor want = x.clone(), X = dev(x, p.dt);
+        ops::rope_(want, 10000.0, inverse, offset);
+        ops::rope_(X, 10000.0, inverse, offset);
+        expect_close(X, want, p.tol, std::string("rope ") + p.name + " offset " + std::to_string(offset));
+      }
+}
+
+// ---- Rows -------------------------------------------------------------------------------
+
+TEST_F(CudaOps, EmbeddingForwardAndDeterministicBackward) {
+  for (const Prec& p : kPrecisions) {
+    const int64_t V = 50, D = 24, N = 300;
+    std::vector<int32_t> ids(N);
+    for (auto& i : ids) i = static_cast<int32_t>(rng() % (V + 8)) - 8;  // some -1.. sentinels (< 0)
+    for (auto& i : ids) i = i < 0 ? -1 : i;
+    const Tensor table = host_rand({V, D}, p.dt, rng), IDS = dev_i32(ids);
+    const Tensor out = Tensor::empty({N, D}), OUT = poison({N, D}, p.dt);
+    const Tensor ids_h = Tensor::from_vector(ids, {N});
+    ops::embedding_fwd(ids_h, table, out);
+    ops::embedding_fwd(IDS, dev(table, p.dt), OUT);
+    expect_close(OUT, out, 0, std::string("embedding_fwd ") + p.name);  // a copy: exact
+    const ops::TokenGroups g = ops::TokenGroups::build(ids);
+    const ops::TokenGroups G{dev_i32(std::vector<int32_t>(g.ids.data<int32_t>(), g.ids.data<int32_t>() + g.ids.numel())),
+                             dev_i32(std::vector<int32_t>(g.offsets.data<int32_t>(),
+                                                          g.offsets.data<int32_t>() + g.offsets.numel())),
+                             dev_i32(std::vector<int32_t>(g.order.data<int32_t>(), g.order.data<int32_t>() + g.order.numel()))};
+    const Tensor dy = host_rand({N, D}, p.dt, rng), dt0 = host_rand({V, D}, DType::f32, rng), dt = dt0.clone();
+    ops::embedding_bwd(dy, ids_h, g, dt);
+    const Tensor DT1 = dev(dt0, DType::f32), DT2 = dev(dt0, DType::f32);
+    ops::embedding_bwd(dev(dy, p.dt), IDS, G, DT1);
+    ops::embedding_bwd(dev(dy, p.dt), IDS, G, DT2);
+    // The CPU sums each table row's positions in increasing order, and so does the GPU:
+    // identical in fp32, and two GPU runs are bit-identical.
+    expect_close(DT1, dt, p.dt == DType::f32 ? 0 : 1e-3, std::string("embedding_bwd ") + p.name);
+    EXPECT_EQ(DT1.to_vector_f32(), DT2.to_vector_f32()) << "embedding_bwd is deterministic";
+    // Vocabulary-parallel: a rank holding rows [20, 40) embeds only those ids.
+    const Tensor part = poison({N, D}, p.dt);
+    cuda::embedding_fwd(ctx(), IDS, dev(table, p.dt).slice(0, 20, 40).clone(), part, 20);
+    const std::vector<float> got = part.to_vector_f32(), full = out.to_vector_f32();
+    for (int64_t r = 0; r < N; ++r)
+      for (int64_t c = 0; c < D; ++c)
+        ASSERT_EQ(got[r * D + c], ids[r] >= 20 && ids[r] < 40 ? full[r * D + c] : 0.f) << "row " << r;
+  }
+}
+
+TEST_F(CudaOps, ScatterGatherPatchifyVitEmbed) {
+  for (const Prec& p : kPrecisions) {
+    const int64_t rows = 40, D = 17, m = 11;
+    std::vector<int32_t> idx(m);
+    for (int64_t i = 0; i < m; ++i) idx[i] = static_cast<int32_t>(3 * i + 1);
+    const Tensor src = host_rand({m, D}, p.dt, rng), dst0 = host_rand({rows, D}, p.dt, rng);
+    const Tensor dst = dst0.clone(), DST = dev(dst0, p.dt);
+    ops::scatter_rows(src, Tensor::from_vector(idx, {m}), dst);
+    ops::scatter_rows(dev(src, p.dt), dev_i32(idx), DST);
+    expect_close(DST, dst, 0, std::string("scatter_rows ") + p.name);
+    const Tensor g = Tensor::empty({m, D}), G = poison({m, D}, p.dt);
+    ops::gather_rows(dst, Tensor::from_vector(idx, {m}), g);
+    ops::gather_rows(DST, dev_i32(idx), G);
+    expect_close(G, g, 0, std::string("gather_rows ") + p.name);
+    // ViT: 3 images of 12 px in patches of 4 -> 9 patches of 48 values each.
+    const Tensor pix = host_rand({3, 3, 12, 12}, DType::f32, rng);
+    const Tensor patches = Tensor::empty({27, 48}), PATCHES = poison({27, 48}, p.dt);
+    ops::patchify(pix, 4, patches);
+    ops::patchify(dev(pix, DType::f32), 4, PATCHES);
+    expect_close(PATCHES, patches, p.dt == DType::f32 ? 0 : 4e-3, std::string("patchify ") + p.name);
+    const int64_t W = 20, T = 10;
+    const Tensor pe = host_rand({27, W}, p.dt, rng), cls = host_rand({W}, p.dt, rng), pos = host_rand({T, W}, p.dt, rng);
+    const Tensor out = Tensor::empty({3, T, W}), OUT = poison({3, T, W}, p.dt);
+    ops::vit_embed_fwd(pe, cls, pos, out);
+    ops::vit_embed_fwd(dev(pe, p.dt), dev(cls, p.dt), dev(pos, p.dt), OUT);
+    expect_close(OUT, out, p.tol, std::string("vit_embed_fwd ") + p.name);
+    const Tensor dout = host_rand({3, T, W}, p.dt, rng), dcls0 = host_rand({W}, DType::f32, rng);
+    const Tensor dpos0 = host_rand({T, W}, DType::f32, rng);
+    const Tensor dpe = Tensor::empty({27, W}), dcls = dcls0.clone(), dpos = dpos0.clone();
+    const Tensor DPE = poison({27, W}, p.dt), DCLS = dev(dcls0, DType::f32), DPOS = dev(dpos0, DType::f32);
+    ops::vit_embed_bwd(dout, dpe, dcls, dpos);
+    ops::vit_embed_bwd(dev(dout, p.dt), DPE, DCLS, DPOS);
+    expect_close(DPE, dpe, 0, std::string("vit_embed_bwd dpatch ") + p.name);
+    expect_close(DCLS, dcls, p.dt == DType::f32 ? 1e-6 : 1e-3, std::string("vit_embed_bwd dcls ") + p.name);
+    expect_close(DPOS, dpos, p.dt == DType::f32 ? 1e-6 : 1e-3, std::string("vit_embed_bwd dpos ") + p.name);
+  }
+}
+
+// ---- Loss -------------------------------------------------------------------------------
+
+TEST_F(CudaOps, CrossEntropyForwardBackwardAndArgmax) {
+  for (const Prec& p : kPrecisions)
+    for (int64_t V : {7, 1000, 32000}) {
+      const std::string what = std::string(p.name) + " V=" + std::to_string(V);
+      const int64_t N = 37;
+      std::vector<int32_t> tg(N);
+      for (auto& t : tg) t = rng() % 3 == 0 ? -1 : static_cast<int32_t>(rng() % V);
+      const Tensor logits = host_rand({N, V}, p.dt, rng, -6.f, 6.f), targets = Tensor::from_vector(tg, {N});
+      const Tensor lse = Tensor::empty({N});
+      const double loss = ops::cross_entropy_fwd(logits, targets, lse);
+      const Tensor LOGITS = dev(logits, p.dt), TG = dev_i32(tg);
+      const Tensor LSE = poison({N}, DType::f32), ROWS = poison({N}, DType::f32);
+      cuda::cross_entropy_fwd(ctx(), LOGITS, TG, LSE, ROWS);
+      double got = 0;
+      for (float r : ROWS.to_vector_f32()) got += r;
+      EXPECT_NEAR(got, loss, 1e-5 * std::abs(loss)) << "loss " << what;
+      expect_close(LSE, lse, 1e-6, "lse " + what);
+      const Tensor d = Tensor::empty({N, V});
+      ops::cross_entropy_bwd(logits, targets, lse, 0.25f, d);
+      ops::cross_entropy_bwd(LOGITS, TG, LSE, 0.25f, LOGITS);  // in place, as the model does
+      expect_close(LOGITS, d, p.tol, "dlogits " + what);
+      // argmax on fresh logits
+      const Tensor idx = Tensor::empty({N}, DType::i32), val = Tensor::empty({N});
+      ops::argmax(logits, idx, val);
+      const Tensor IDX = poison({N}, DType::f32), VAL = poison({N}, DType::f32);
+      const Tensor IDXI = Tensor::empty({N}, DType::i32, Device::cuda);
+      ops::argmax(dev(logits, p.dt), IDXI, VAL);
+      EXPECT_EQ(IDXI.to_vector_f32(), idx.to_vector_f32()) << "argmax " << what;
+      expect_close(VAL, val, 0, "argmax value " + what);
+      // Vocabulary-parallel pieces: halves of the vocabulary recombine to the full loss.
+      if (V % 2 == 0) {
+        const int64_t h = V / 2;
+        double total = 0;
+        std::vector<float> mx(N, -INFINITY), se(N, 0), tl(N, 0);
+        for (int part = 0; part < 2; ++part) {
+          const Tensor half = dev(logits.slice(1, part * h, part * h + h).clone(), p.dt);
+          const Tensor MX = poison({N}, DType::f32);
+          cuda::ce_row_max(ctx(), half, TG, MX);
+          const std::vector<float> m = MX.to_vector_f32();
+          for (int64_t r = 0; r < N; ++r) mx[r] = std::max(mx[r], m[r]);
+        }
+        const Tensor MXALL = dev(Tensor::from_vector(mx, {N}), DType::f32);
+        for (int part = 0; part < 2; ++part) {
+          const Tensor half = dev(logits.slice(1, part * h, part * h + h).clone(), p.dt);
+          const Tensor SE = poison({N}, DType::f32), TL = poison({N}, DType::f32);
+          cuda::ce_row_sumexp(ctx(), half, TG, MXALL, part * h, SE, TL);
+          const std::vector<float> s = SE.to_vector_f32(), t = TL.to_vector_f32();
+          for (int64_t r = 0; r < N; ++r) {
+            se[r] += s[r];
+            tl[r] += t[r];
+          }
+        }
+        for (int64_t r = 0; r < N; ++r)
+          if (tg[r] >= 0) total += mx[r] + std::log(double(se[r])) - tl[r];
+        EXPECT_NEAR(total, loss, 1e-5 * std::abs(loss)) << "vocab-parallel loss " << what;
+      }
+    }
+}
+
+// ---- Attention --------------------------------------------------------------------------
+
+// A modality row of length L: optional text first, then image runs (lengths from `runs`,
+// cycled) separated by text, then pad at the end.
+std::vector<uint8_t> layout(int64_t L, bool text_first, const std::vector<int64_t>& runs, int64_t pad,
+                            std::mt19937& rng) {
+  std::vector<uint8_t> m;
+  if (text_first)
+    for (int64_t t = 0, n = 1 + rng() % 5; t < n; ++t) m.push_back(ops::kText);
+  for (size_t r = 0; static_cast<int64_t>(m.size()) < L - pad; ++r) {
+    const int64_t run = runs[r % runs.size()];
+    for (int64_t t = 0; t < run && static_cast<int64_t>(m.size()) < L - pad; ++t) m.push_back(ops::kImage);
+    for (int64_t t = 0, n = 1 + rng() % 9; t < n && static_cast<int64_t>(m.size()) < L - pad; ++t)
+      m.push_back(ops::kText);
+  }
+  m.resize(L, ops::kPad);
+  return m;
+}
+
+struct AttnCase {
+  ops::AttnMode mode;
+  int64_t B, L, H, KV, hd;
+  std::vector<int64_t> runs;  // image run lengths
+  bool text_first;
+  int64_t pad;
+  const char* what;
+};
+
+void check_attention(const AttnCase& a, std::mt19937& rng) {
+  for (const Prec& p : kPrecisions) {
+    const std::string what = std::string(a.what) + " " + p.name;
+    const Tensor q = host_rand({a.B, a.L, a.H, a.hd}, p.dt, rng, -2.f, 2.f);
+    const Tensor k = host_rand({a.B, a.L, a.KV, a.hd}, p.dt, rng, -2.f, 2.f);
+    const Tensor v = host_rand({a.B, a.L, a.KV, a.hd}, p.dt, rng);
+    const Tensor dout = host_rand({a.B, a.L, a.H, a.hd}, p.dt, rng);
+    std::vector<uint8_t> mm;
+    for (int64_t b = 0; b < a.B; ++b) {
+      const std::vector<uint8_t> row = layout(a.L, a.text_first || b % 2, a.runs, b == 0 ? a.pad : 0, rng);
+      mm.insert(mm.end(), row.begin(), row.end());
+    }
+    const Tensor m = Tensor::from_vector(mm, {a.B, a.L});
+    Tensor M;
+    if (a.mode != ops::AttnMode::full) {
+      M = Tensor::empty({a.B, a.L}, DType::u8, Device::cuda);
+      M.copy_from(m);
+    }
+    // CPU reference.
+    const Tensor out = Tensor::empty(q.shape());
+    const Tensor saved = ops::attention_fwd(a.mode, q, k, v, a.mode == ops::AttnMode::full ? Tensor() : m, out);
+    const Tensor dq = Tensor::empty(q.shape()), dk = Tensor::empty(k.shape()), dv = Tensor::empty(v.shape());
+    ops::attention_bwd(a.mode, dout, q, k, v, a.mode == ops::AttnMode::full ? Tensor() : m, out, saved, dq, dk, dv);
+    // CUDA, through the same op API (poisoned outputs).
+    const Tensor Q = dev(q, p.dt), K = dev(k, p.dt), V = dev(v, p.dt), DOUT = dev(dout, p.dt);
+    const Tensor OUT = poison(q.shape(), p.dt);
+    const Tensor SAVED = ops::attention_fwd(a.mode, Q, K, V, M, OUT);
+    EXPECT_EQ(SAVED.shape(), Shape({a.B, a.H, a.L, 2})) << "flash saves two log-sum-exps per query, no L x L";
+    expect_close(OUT, out, p.tol, "attention out " + what);
+    const Tensor DQ = poison(q.shape(), p.dt), DK = poison(k.shape(), p.dt), DV = poison(v.shape(), p.dt);
+    // The backward reads the kernel's own output (bf16 rounded), as the model's would.
+    ops::attention_bwd(a.mode, DOUT, Q, K, V, M, OUT, SAVED, DQ, DK, DV);
+    expect_close(DQ, dq, p.dt == DType::f32 ? 1e-5 : 2e-2, "attention dq " + what);
+    expect_close(DK, dk, p.dt == DType::f32 ? 1e-5 : 2e-2, "attention dk " + what);
+    expect_close(DV, dv, p.dt == DType::f32 ? 1e-5 : 2e-2, "attention dv " + what);
+    // Deterministic: a second backward gives the same bits.
+    const Tensor DQ2 = poison(q.shape(), p.dt), DK2 = poison(k.shape(), p.dt), DV2 = poison(v.shape(), p.dt);
+    ops::attention_bwd(a.mode, DOUT, Q, K, V, M, OUT, SAVED, DQ2, DK2, DV2);
+    EXPECT_EQ(DQ2.to_vector_f32(), DQ.to_vector_f32()) << what;
+    EXPECT_EQ(DK2.to_vector_f32(), DK.to_vector_f32()) << what;
+    EXPECT_EQ(DV2.to_vector_f32(), DV.to_vector_f32()) << what;
+  }
+}
+
+TEST_F(CudaOps, FlashMmcaAgainstTheCpuOnRandomLayouts) {
+  using ops::AttnMode;
+  const std::vector<AttnCase> cases = {
+      {AttnMode::mmca, 2, 77, 4, 2, 16, {1, 5, 1}, true, 6, "text first, runs of 1, GQA 4/2, L 77"},
+      {AttnMode::mmca, 2, 130, 4, 4, 64, {7, 30, 3, 1}, false, 0, "image first, many images, MHA, L 130"},
+      {AttnMode::mmca, 1, 700, 2, 1, 128, {600}, true, 40, "a run of 600 image tokens, GQA 2/1, hd 128"},
+      {AttnMode::mmca, 2, 65, 8, 2, 32, {64}, false, 1, "L = tile + 1"},
+      {AttnMode::causal, 2, 150, 4, 2, 64, {20, 3}, true, 9, "causal baseline with pad"},
+      {AttnMode::full, 3, 257, 4, 4, 64, {1}, false, 0, "ViT full attention, 257 tokens"},
+  };
+  for (const AttnCase& c : cases) check_attention(c, rng);
+}
+
+// ---- Optimizer --------------------------------------------------------------------------
+
+TEST_F(CudaOps, MultiTensorSumOfSquaresAndFusedAdamW) {
+  std::vector<Tensor> host, devs;
+  double want = 0;
+  for (int64_t n : {1, 1000, 70001, 3, 123456}) {
+    for (int rep = 0; rep < 12; ++rep) {  // 60 tensors: more than one launch's chunk
+      host.push_back(host_rand({n}, DType::f32, rng));
+      devs.push_back(dev(host.back(), DType::f32));
+      want += ops::sum_squares(host.back());
+    }
+  }
+  const Tensor out = poison({1}, DType::f32);
+  cuda::sum_squares(ctx(), devs, out);
+  EXPECT_NEAR(out.to_vector_f32()[0], want, 1e-5 * want);
+  const Tensor out2 = poison({1}, DType::f32);
+  cuda::sum_squares(ctx(), devs, out2);
+  EXPECT_EQ(out.to_vector_f32(), out2.to_vector_f32()) << "deterministic";
+
+  const int64_t n = 100003;
+  const Tensor p = host_rand({n}, DType::f32, rng), g = host_rand({n}, DType::f32, rng);
+  const Tensor m = host_rand({n}, DType::f32, rng, -0.1f, 0.1f), v = host_rand({n}, DType::f32, rng, 0.f, 0.01f);
+  const ops::AdamWParams a{1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 7};
+  const Tensor P = dev(p, DType::f32), G = dev(g, DType::f32), M = dev(m, DType::f32), Vv = dev(v, DType::f32);
+  const Tensor WORK = poison({n}, DType::bf16);
+  // A clip coefficient on the device scales the gradient inside the update.
+  const Tensor SCALE = dev(Tensor::from_vector(std::vector<float>{0.5f}, {1}), DType::f32);
+  cuda::adamw_step(ctx(), P, G, M, Vv, a, WORK, static_cast<const float*>(SCALE.raw()));
+  const Tensor gs = g.clone();
+  ops::scale(gs, 0.5f);
+  ops::adamw_step(p, gs, m, v, a);
+  expect_close(P, p, 1e-6, "adamw param");
+  expect_close(M, m, 1e-6, "adamw m");
+  expect_close(Vv, v, 1e-6, "adamw v");
+  expect_close(WORK, p, 4e-3, "adamw bf16 working copy");
 }
 
 }  // namespace

@@ -1,6 +1,8 @@
 // Backward of every layer against central finite differences (test_util.h).
 #include <gtest/gtest.h>
 
+#include <functional>
+
 #include "model/linear.h"
 #include "model/llama.h"
 #include "model/norm.h"
@@ -152,6 +154,42 @@ TEST(LayerGrad, RotaryIsOrthogonalAndItsInverseIsTheBackward) {
   EXPECT_LT(rel_err(y.to_vector_f32(), x.to_vector_f32()), 1e-6);
 }
 
+// A position offset p rotates the rows as the last rows of a sequence p longer do (a KV
+// cache rotates new queries and keys at their absolute positions).
+TEST(LayerGrad, RotaryPositionOffsetEqualsTheTailOfALongerSequence) {
+  std::mt19937_64 rng(15);
+  const int64_t p = 7, L = 5, H = 2, hd = 8;
+  Tensor full = randn({1, p + L, H, hd}, rng);
+  Tensor tail = full.slice(1, p, p + L).clone();
+  ops::rope_(full, 10000.0, false);
+  ops::rope_(tail, 10000.0, false, p);
+  EXPECT_EQ(tail.to_vector_f32(), full.slice(1, p, p + L).clone().to_vector_f32());
+  ops::rope_(tail, 10000.0, true, p);  // and its inverse at the same offset
+  EXPECT_FALSE(tail.to_vector_f32() == full.slice(1, p, p + L).clone().to_vector_f32());
+  EXPECT_THROW(ops::rope_(tail, 10000.0, false, -1), std::invalid_argument);
+}
+
+// Every op refuses operands it cannot compute with, naming the op and the operand: the CPU
+// computes in f32 only, indices are i32.
+TEST(LayerGrad, OpsNameTheOperandWithTheWrongDtype) {
+  const Tensor x = Tensor::zeros({2, 4}), w = Tensor::zeros({4}), rstd = Tensor::zeros({2});
+  const Tensor w16 = Tensor::zeros({4}, DType::bf16), ids_f = Tensor::zeros({2});
+  auto expect_msg = [](const std::function<void()>& f, const std::string& needle) {
+    try {
+      f();
+      ADD_FAILURE() << "accepted; expected: " << needle;
+    } catch (const std::invalid_argument& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+  };
+  expect_msg([&] { ops::rmsnorm_fwd(x, w16, 1e-5f, Tensor::zeros({2, 4}), rstd); },
+             "ops::rmsnorm_fwd: operand w is bf16; the CPU path computes in f32 only");
+  expect_msg([&] { ops::embedding_fwd(ids_f, Tensor::zeros({3, 4}), Tensor::zeros({2, 4})); },
+             "ops::embedding_fwd: operand ids is f32, expected i32");
+  expect_msg([&] { ops::gemm(x, false, Tensor::zeros({4, 3}, DType::bf16), false, Tensor::zeros({2, 3})); },
+             "ops::gemm: operand B is bf16");
+}
+
 TEST(LayerGrad, SwiGLU) {
   std::mt19937_64 rng(6);
   Tensor g = randn({4, 10}, rng, 2.f), u = randn({4, 10}, rng), dg = Tensor::empty({4, 10}), du = Tensor::empty({4, 10});
@@ -187,14 +225,14 @@ TEST(LayerGrad, AttentionEveryModeWithGqaAndMixedLayouts) {
     Tensor q = randn({B, L, H, hd}, rng), k = randn({B, L, KV, hd}, rng), v = randn({B, L, KV, hd}, rng);
     Tensor m = Tensor::from_vector(mixed_layout(B, L, rng), {B, L});
     Tensor dq = Tensor::empty(q.shape()), dk = Tensor::empty(k.shape()), dv = Tensor::empty(v.shape());
-    Tensor probs = Tensor::empty({B, H, L, L});
+    Tensor saved, o;
     check_gradients(
         [&] {
-          Tensor o = Tensor::empty(q.shape());
-          ops::attention_fwd(mode, q, k, v, m, o, probs);
+          o = Tensor::empty(q.shape());
+          saved = ops::attention_fwd(mode, q, k, v, m, o);
           return o;
         },
-        [&](const Tensor& dy) { ops::attention_bwd(mode, dy, q, k, v, m, probs, dq, dk, dv); },
+        [&](const Tensor& dy) { ops::attention_bwd(mode, dy, q, k, v, m, o, saved, dq, dk, dv); },
         {{"q", q, [&] { return dq; }}, {"k", k, [&] { return dk; }}, {"v", v, [&] { return dv; }}}, 18, 24);
   }
 }
@@ -202,7 +240,13 @@ TEST(LayerGrad, AttentionEveryModeWithGqaAndMixedLayouts) {
 TEST(LayerGrad, EmbeddingSkipsImageSentinels) {
   std::mt19937_64 rng(9);
   Tensor table = randn({10, 4}, rng), dtable = Tensor::zeros({10, 4});
-  Tensor ids = Tensor::from_vector(std::vector<int32_t>{3, -1, 3, 7, 0, -200}, {6});
+  const std::vector<int32_t> id_list = {3, -1, 3, 7, 0, -200};
+  Tensor ids = Tensor::from_vector(id_list, {6});
+  const ops::TokenGroups groups = ops::TokenGroups::build(id_list);
+  // Grouped by id, positions increasing within a group; sentinels left out.
+  EXPECT_EQ(groups.ids.to_vector_f32(), (std::vector<float>{0, 3, 7}));
+  EXPECT_EQ(groups.offsets.to_vector_f32(), (std::vector<float>{0, 1, 3, 4}));
+  EXPECT_EQ(groups.order.to_vector_f32(), (std::vector<float>{4, 0, 2, 3}));
   check_gradients(
       [&] {
         Tensor o = Tensor::empty({6, 4});
@@ -211,7 +255,7 @@ TEST(LayerGrad, EmbeddingSkipsImageSentinels) {
       },
       [&](const Tensor& dy) {
         dtable.zero_();
-        ops::embedding_bwd(dy, ids, dtable);
+        ops::embedding_bwd(dy, ids, groups, dtable);
       },
       {{"table", table, [&] { return dtable; }}}, 19, 20);
   Tensor o = Tensor::empty({6, 4});
@@ -340,12 +384,12 @@ TEST(LayerGrad, WholeModelLossWithEverythingTrainable) {
   const int64_t L = 20;
   std::vector<uint8_t> m = {1, 1, 2, 2, 2, 2, 2, 1, 1, 1, 2, 2, 2, 2, 2, 1, 1, 1, 0, 0,
                             1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 1, 1, 1, 1, 1, 1, 1, 1, 0};
-  std::vector<int32_t> tok(2 * L), tgt(2 * L, -1);
+  std::vector<int32_t> tok(2 * L);
+  std::vector<uint8_t> sup(2 * L, 0);  // position i supervised: i-1 predicts it
   for (int64_t i = 0; i < 2 * L; ++i) tok[i] = m[i] == 1 ? static_cast<int32_t>(rng() % 20) : 0;
-  for (int64_t i = 0; i + 1 < 2 * L; ++i)
-    if (m[i] != 0 && m[i + 1] == 1 && (i + 1) % L != 0 && rng() % 2) tgt[i] = tok[i + 1];
-  Batch batch{Tensor::from_vector(tok, {2, L}), Tensor::from_vector(m, {2, L}), Tensor::from_vector(tgt, {2, L}),
-              randn({3, 3, 8, 8}, rng)};
+  for (int64_t i = 1; i < 2 * L; ++i)
+    if (m[i - 1] != 0 && m[i] == 1 && i % L != 0 && rng() % 2) sup[i] = 1;
+  const Batch batch = Batch::from_rows(2, L, tok, m, sup, randn({3, 3, 8, 8}, rng).to_vector_f32(), 3, 8);
   check_gradients(
       [&] {
         const double l = model.forward_backward(batch, false).loss;

@@ -128,6 +128,24 @@ TEST(ParallelEquivalence, TensorParallelShardsLoraWithItsBaseLayers) {
   expect_layouts_match_one_rank({{2, "--tp 2"}, {2, "--tp 2", "tiny-deep"}}, {"lora"});
 }
 
+// --recompute block under tensor and pipeline parallelism: the recomputed forward repeats
+// the row-parallel all-reduces in the same order on every rank, so a run equals the same
+// layout without recompute bit for bit (losses and every parameter).
+TEST(ParallelEquivalence, RecomputeEqualsStoredActivationsUnderTpAndPp) {
+  for (const std::string layout : {"--tp 2", "--pp 2"}) {
+    const RunOut stored = train(2, layout, "full"), recomputed = train(2, layout + " --recompute block", "full");
+    ASSERT_EQ(stored.steps.size(), 5u) << layout;
+    ASSERT_EQ(recomputed.steps.size(), 5u) << layout;
+    for (size_t s = 0; s < 5; ++s)
+      EXPECT_EQ(double(stored.steps[s]["loss"]), double(recomputed.steps[s]["loss"])) << layout << " step " << s + 1;
+    ASSERT_FALSE(stored.params.tensors.empty());
+    for (const auto& [name, t] : stored.params.tensors) {
+      ASSERT_TRUE(recomputed.params.tensors.count(name)) << name;
+      EXPECT_EQ(recomputed.params.tensors.at(name).to_vector_f32(), t.to_vector_f32()) << layout << " " << name;
+    }
+  }
+}
+
 TEST(ParallelEquivalence, PipelineTwoStagesFourMicroBatches) {
   expect_layouts_match_one_rank({{2, "--pp 2"}}, {"default", "full"});  // global 8 / micro 2 = 4 micro-batches
 }

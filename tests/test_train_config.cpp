@@ -108,3 +108,12 @@ TEST(TrainConfigErrors, MissingDatasetDirectoryIsNamed) {
   EXPECT_NE(r.output.find("/nonexistent/dataset"), std::string::npos) << r.output;
   EXPECT_EQ(r.output.find("step "), std::string::npos) << r.output;
 }
+
+// --device and --precision: the CPU build (this one) has no CUDA backend; bf16 needs a GPU;
+// a bad value or --recompute names the option.
+TEST(TrainConfigErrors, DevicePrecisionAndRecomputeOptions) {
+  expect_error(run_train("--device cuda --steps 1"), "--device=cuda: this build has no CUDA backend");
+  expect_error(run_train("--precision bf16 --steps 1"), "--precision=bf16 needs --device cuda");
+  expect_error(run_train("--device tpu --steps 1"), "--device=tpu is not one of");
+  expect_error(run_train("--recompute all --steps 1"), "--recompute=all is not one of");
+}

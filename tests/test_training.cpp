@@ -177,7 +177,8 @@ TEST(Training, BatchValidationNamesTheProblem) {
   Batch good = SyntheticBatches(cfg, spec, 3).next();
   EXPECT_NO_THROW(good.validate(cfg.llm.vocab_size, cfg.vision.image_size));
   auto expect_bad = [&](auto mutate, const std::string& needle) {
-    Batch b{good.tokens.clone(), good.modality.clone(), good.targets.clone(), good.pixels};
+    Batch b = good;
+    for (Tensor* t : {&b.tokens, &b.modality, &b.targets, &b.embed_ids, &b.image_rows}) *t = t->clone();
     mutate(b);
     try {
       b.validate(cfg.llm.vocab_size, cfg.vision.image_size);
@@ -192,6 +193,29 @@ TEST(Training, BatchValidationNamesTheProblem) {
   expect_bad([&](Batch& b) { b.tokens.data<int32_t>()[0] = 999; }, "token id 999");
   expect_bad([&](Batch& b) { b.modality.data<uint8_t>()[0] = 7; }, "modality 7");
   expect_bad([&](Batch& b) { b.modality = Tensor::zeros({1, 4}, DType::u8); }, "modality must be");
+  // The indices the model uses instead of scanning tokens must describe the tokens.
+  expect_bad([&](Batch& b) { b.embed_ids.data<int32_t>()[0] += 1; }, "embedding ids disagree");
+  expect_bad([&](Batch& b) { b.image_rows.data<int32_t>()[0] += 1; }, "image rows disagree");
+  expect_bad([&](Batch& b) { b.n_supervised += 1; }, "supervised");
+  expect_bad([&](Batch& b) { b.embed_ids = Tensor(); }, "Batch::from_rows");
+}
+
+// from_rows builds what the model indexes with: embedding ids (-1 exactly at image
+// positions), image rows in scan order, and the counts.
+TEST(Training, BatchIndicesAreBuiltWithTheBatch) {
+  // Two rows of L = 6: [t t I I t p] and [I I t t p p] (I: image position, p: pad).
+  const std::vector<int32_t> tok = {5, 6, 0, 0, 7, 0, 0, 0, 8, 9, 0, 0};
+  const std::vector<uint8_t> mod = {1, 1, 2, 2, 1, 0, 2, 2, 1, 1, 0, 0};
+  const std::vector<uint8_t> sup = {0, 1, 0, 0, 1, 0, 0, 0, 1, 1, 0, 0};
+  std::vector<float> pix(2 * 3 * 4 * 4, 0.f);
+  const Batch b = Batch::from_rows(2, 6, tok, mod, sup, pix, 2, 4);
+  EXPECT_EQ(b.embed_ids.to_vector_f32(), (std::vector<float>{5, 6, -1, -1, 7, 0, -1, -1, 8, 9, 0, 0}));
+  EXPECT_EQ(b.image_rows.to_vector_f32(), (std::vector<float>{2, 3, 6, 7}));
+  // Targets: position i predicts token i+1 where that one is supervised and i is not pad.
+  EXPECT_EQ(b.targets.to_vector_f32(), (std::vector<float>{6, -1, -1, 7, -1, -1, -1, 8, 9, -1, -1, -1}));
+  EXPECT_EQ(b.supervised_count(), 4);
+  EXPECT_EQ(b.non_pad_count(), 9);
+  EXPECT_NO_THROW(b.validate(16, 4));
 }
 
 // The OpenMP reductions (norm weight grads, bias grads, embedding grads, CE) must give the

@@ -9,8 +9,12 @@
 #include <memory>
 #include <string>
 
+#include "model/precision.h"
 #include "parallel/comm.h"
 #include "parallel/grid.h"
+#ifdef VCHAT_WITH_CUDA
+#include "cuda/comm_nccl.h"
+#endif
 #include "train/signals.h"
 #include "train/train_config.h"
 #include "train/trainer.h"
@@ -33,9 +37,30 @@ int main(int argc, char** argv) {
   // ranks stop together and only rank 0 speaks.
   auto world = mpi.world();
   world->set_timeout(cfg.comm_timeout);
+  // On GPUs: NCCL (one GPU per rank), or MPI, which stages device buffers through the host
+  // (any layout, also several ranks on one GPU). The grid's groups inherit the backend.
+  std::unique_ptr<vchat::Comm> device_world;
+  try {
+    if (cfg.device == vchat::Device::cuda) {
+      vchat::select_gpu(mpi.rank());
+      const bool nccl = cfg.comm == "nccl" || (cfg.comm == "auto" && vchat::each_rank_has_a_gpu());
+      if (nccl) {
+#ifdef VCHAT_WITH_CUDA
+        device_world = vchat::cuda::make_nccl_comm(*world, "world");
+#endif
+      }
+      if (root)
+        std::printf("vchat-train | device cuda, %s, collectives over %s\n", vchat::precision_name(cfg.precision),
+                    device_world ? "NCCL" : "MPI (device buffers staged through the host)");
+    }
+  } catch (const vchat::ConfigError& e) {
+    if (root) std::fprintf(stderr, "vchat-train: error: %s\n", e.what());
+    return 2;
+  }
+  vchat::Comm& comm_world = device_world ? *device_world : *world;
   std::unique_ptr<vchat::Grid> grid;
   try {
-    const vchat::GridShape shape = vchat::infer_grid(world->size(), cfg.tp, cfg.pp);
+    const vchat::GridShape shape = vchat::infer_grid(comm_world.size(), cfg.tp, cfg.pp);
     // --global-batch, when given, sets the micro-batches per step and replica (for the
     // synthetic and the data path alike), so the pipeline check sees the real M.
     if (cfg.global_batch > 0) {
@@ -47,7 +72,7 @@ int main(int argc, char** argv) {
       cfg.micro_batches = cfg.global_batch / per_micro;
     }
     vchat::validate_grid(shape, cfg.model, static_cast<int>(cfg.micro_batches));
-    grid = std::make_unique<vchat::Grid>(*world, shape);
+    grid = std::make_unique<vchat::Grid>(comm_world, shape);
   } catch (const vchat::ConfigError& e) {
     if (root) std::fprintf(stderr, "vchat-train: error: %s\n", e.what());
     return 2;

@@ -168,12 +168,22 @@ void CheckpointReader::load(const std::vector<Want>& wants) {
 
 LoadStats load_state(const std::string& dir, const Manifest& m, const std::vector<StateSlice>& state) {
   std::vector<Want> wants;
+  std::vector<std::pair<Tensor, Tensor>> to_device;  // (host staging, device slice)
   for (const StateSlice& s : state) {
     if (!s.data.is_contiguous() || s.data.numel() != s.end - s.begin)
       throw std::logic_error("load_state: slice of " + s.param->name + " is not a contiguous [end - begin] view");
-    wants.push_back({{s.param->name, s.kind, s.param->shard, s.begin, s.end}, s.data.data<float>()});
+    float* dst = nullptr;
+    if (s.data.device() == Device::cpu) {
+      dst = s.data.data<float>();
+    } else {  // GPU state: read into the host, then one copy each
+      to_device.emplace_back(Tensor::empty({s.end - s.begin}), s.data);
+      dst = to_device.back().first.data<float>();
+    }
+    wants.push_back({{s.param->name, s.kind, s.param->shard, s.begin, s.end}, dst});
   }
-  return load_pieces(dir, m, wants);
+  const LoadStats stats = load_pieces(dir, m, wants);
+  for (auto& [host, device] : to_device) device.copy_from(host);
+  return stats;
 }
 
 }  // namespace vchat::ckpt

@@ -38,6 +38,9 @@ struct CheckpointSaver::Job {
     FileEntry entry;
   };
   File step_file, frozen_file;
+  // State on a GPU is copied to the host when the save starts (the step loop then moves on);
+  // the pieces point into these copies.
+  std::vector<Tensor> host_copies;
   // step_file.data points at the live state: the writer thread first builds the step's rank
   // file in memory from it (the snapshot, while the next step's forward and backward, which
   // read but never write it, run), then writes that image.
@@ -129,7 +132,14 @@ void CheckpointSaver::start(const std::vector<StateSlice>& state, const Manifest
     }
     if (b >= e) continue;
     const PieceRef ref{s.param->name, s.kind, s.param->shard, b, e};
-    const float* src = s.data.data<float>() + (b - s.begin);
+    const float* src = nullptr;
+    if (s.data.device() == Device::cpu) {
+      src = s.data.data<float>() + (b - s.begin);
+    } else {
+      job->host_copies.push_back(Tensor::empty({e - b}));
+      job->host_copies.back().copy_from(s.data.slice(0, b - s.begin, e - s.begin));
+      src = job->host_copies.back().data<float>();
+    }
     if (!s.param->trainable) {
       // Frozen values never change: written once per run, straight from where they live.
       if (!write_frozen) continue;

@@ -14,6 +14,7 @@ void add(const Tensor& a, const Tensor& b, const Tensor& out);
 void axpy(float alpha, const Tensor& x, const Tensor& y);
 void scale(const Tensor& x, float alpha);
 void fill(const Tensor& x, float value);
+void cast(const Tensor& src, const Tensor& dst);
 void add_bias(const Tensor& y, const Tensor& b);
 
 void rmsnorm_fwd(const Tensor& x, const Tensor& w, float eps, const Tensor& y, const Tensor& rstd);
@@ -24,7 +25,7 @@ void layernorm_fwd(const Tensor& x, const Tensor& w, const Tensor& b, float eps,
 void layernorm_bwd(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& mean, const Tensor& rstd,
                    const Tensor& dx, const Tensor& dw, const Tensor& db);
 
-void rope_(const Tensor& x, double theta, bool inverse);
+void rope_(const Tensor& x, double theta, bool inverse, int64_t position_offset);
 
 void swiglu_fwd(const Tensor& gate, const Tensor& up, const Tensor& out);
 void swiglu_bwd(const Tensor& dout, const Tensor& gate, const Tensor& up, const Tensor& dgate, const Tensor& dup);
@@ -47,8 +48,16 @@ void vit_embed_bwd(const Tensor& dout, const Tensor& dpatch_emb, const Tensor& d
 
 double cross_entropy_fwd(const Tensor& logits, const Tensor& targets, const Tensor& lse);
 void cross_entropy_bwd(const Tensor& logits, const Tensor& targets, const Tensor& lse, float scale,
-                       const Tensor& dlogits);
+                       const Tensor& dlogits, int64_t vocab_begin);
+void embedding_fwd_slice(const Tensor& ids, const Tensor& table, int64_t vocab_begin, const Tensor& out);
+void embedding_bwd_slice(const Tensor& dout, const Tensor& ids, int64_t vocab_begin, const Tensor& dtable);
+void ce_row_max(const Tensor& logits, const Tensor& targets, const Tensor& row_max);
+void ce_row_sumexp(const Tensor& logits, const Tensor& targets, const Tensor& row_max, int64_t vocab_begin,
+                   const Tensor& sumexp, const Tensor& target_logit);
+double ce_finish(const Tensor& row_max, const Tensor& sumexp, const Tensor& target_logit, const Tensor& targets,
+                 const Tensor& lse);
 
+void argmax(const Tensor& logits, const Tensor& index, const Tensor& value);
 double sum_squares(const Tensor& x);
 void adamw_step(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,
                 const ops::AdamWParams& p);

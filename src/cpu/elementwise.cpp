@@ -1,6 +1,8 @@
 // Elementwise kernels: plain OpenMP loops the compiler vectorizes (-O3 -march=x86-64-v3).
 #include <cmath>
 
+#include <cstring>
+
 #include "check.h"
 #include "cpu/cpu_ops.h"
 
@@ -44,6 +46,44 @@ void fill(const Tensor& x, float value) {
   const int64_t n = x.numel();
 #pragma omp parallel for simd schedule(static)
   for (int64_t i = 0; i < n; ++i) a[i] = value;
+}
+
+// bf16 is the upper half of an f32; rounding to nearest even, NaN kept a (quiet) NaN.
+static uint16_t to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+static float from_bf16(uint16_t b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+void cast(const Tensor& src, const Tensor& dst) {
+  VCHAT_CHECK(src.numel() == dst.numel() && src.is_contiguous() && dst.is_contiguous(),
+              "src " << shape_str(src.shape()) << " dst " << shape_str(dst.shape()) << ": same size, contiguous");
+  const int64_t n = src.numel();
+  const DType s = src.dtype(), d = dst.dtype();
+  if (s == d) {
+    if (n) std::memcpy(dst.raw(), src.raw(), n * dtype_size(s));
+    return;
+  }
+  if (s == DType::f32 && d == DType::bf16) {
+    const float* a = src.data<float>();
+    uint16_t* o = dst.data<uint16_t>();
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; ++i) o[i] = to_bf16(a[i]);
+    return;
+  }
+  VCHAT_CHECK(s == DType::bf16 && d == DType::f32, "cast from " << dtype_name(s) << " to " << dtype_name(d));
+  const uint16_t* a = src.data<uint16_t>();
+  float* o = dst.data<float>();
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) o[i] = from_bf16(a[i]);
 }
 
 // y[r, :] += b for every row.

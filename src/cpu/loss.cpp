@@ -1,5 +1,7 @@
 // Masked cross-entropy over vocab rows; rows with target < 0 are not supervised.
+#include <algorithm>
 #include <cmath>
+#include <limits>
 
 #include "check.h"
 #include "cpu/cpu_ops.h"
@@ -35,7 +37,7 @@ double cross_entropy_fwd(const Tensor& logits, const Tensor& targets, const Tens
 }
 
 void cross_entropy_bwd(const Tensor& logits, const Tensor& targets, const Tensor& lse, float scale,
-                       const Tensor& dlogits) {
+                       const Tensor& dlogits, int64_t vocab_begin) {
   const int64_t n = logits.size(0), V = logits.size(1);
   VCHAT_CHECK(dlogits.shape() == logits.shape(), "dlogits " << shape_str(dlogits.shape()));
   const float* x = logits.data<float>();
@@ -52,7 +54,78 @@ void cross_entropy_bwd(const Tensor& logits, const Tensor& targets, const Tensor
     }
 #pragma omp simd
     for (int64_t c = 0; c < V; ++c) dr[c] = std::exp(row[c] - l[r]) * scale;
-    dr[t[r]] -= scale;
+    const int64_t col = static_cast<int64_t>(t[r]) - vocab_begin;  // another rank's column when outside
+    if (col >= 0 && col < V) dr[col] -= scale;
+  }
+}
+
+// ---- vocabulary-parallel pieces (each rank holds V columns starting at vocab_begin) ----
+
+void ce_row_max(const Tensor& logits, const Tensor& targets, const Tensor& row_max) {
+  const int64_t N = logits.size(0), V = logits.size(1);
+  VCHAT_CHECK(targets.numel() == N && row_max.numel() == N, "logits " << shape_str(logits.shape()));
+  const float* x = logits.data<float>();
+  const int32_t* t = targets.data<int32_t>();
+  float* mx = row_max.data<float>();
+#pragma omp parallel for
+  for (int64_t i = 0; i < N; ++i) {
+    mx[i] = 0.f;
+    if (t[i] < 0) continue;  // no loss, no work (0 on every rank)
+    float m = -std::numeric_limits<float>::infinity();
+    for (int64_t v = 0; v < V; ++v) m = std::max(m, x[i * V + v]);
+    mx[i] = m;
+  }
+}
+
+void ce_row_sumexp(const Tensor& logits, const Tensor& targets, const Tensor& row_max, int64_t vocab_begin,
+                   const Tensor& sumexp, const Tensor& target_logit) {
+  const int64_t N = logits.size(0), V = logits.size(1);
+  VCHAT_CHECK(targets.numel() == N && row_max.numel() == N && sumexp.numel() == N && target_logit.numel() == N,
+              "logits " << shape_str(logits.shape()));
+  const float *x = logits.data<float>(), *mx = row_max.data<float>();
+  const int32_t* t = targets.data<int32_t>();
+  float *se = sumexp.data<float>(), *tl = target_logit.data<float>();
+#pragma omp parallel for
+  for (int64_t i = 0; i < N; ++i) {
+    se[i] = tl[i] = 0.f;
+    if (t[i] < 0) continue;
+    double e = 0;
+    for (int64_t v = 0; v < V; ++v) e += std::exp(static_cast<double>(x[i * V + v] - mx[i]));
+    se[i] = static_cast<float>(e);
+    const int64_t col = static_cast<int64_t>(t[i]) - vocab_begin;
+    tl[i] = col >= 0 && col < V ? x[i * V + col] : 0.f;
+  }
+}
+
+double ce_finish(const Tensor& row_max, const Tensor& sumexp, const Tensor& target_logit, const Tensor& targets,
+                 const Tensor& lse) {
+  const int64_t N = targets.numel();
+  const float *mx = row_max.data<float>(), *se = sumexp.data<float>(), *tl = target_logit.data<float>();
+  const int32_t* t = targets.data<int32_t>();
+  float* l = lse.data<float>();
+  double loss = 0;
+  for (int64_t i = 0; i < N; ++i) {
+    l[i] = t[i] >= 0 ? mx[i] + std::log(se[i]) : 0.f;
+    if (t[i] >= 0) loss += static_cast<double>(l[i]) - tl[i];
+  }
+  return loss;
+}
+
+void argmax(const Tensor& logits, const Tensor& index, const Tensor& value) {
+  const int64_t n = logits.size(0), V = logits.size(1);
+  VCHAT_CHECK(logits.dim() == 2 && logits.is_contiguous() && index.numel() == n && value.numel() == n,
+              "logits " << shape_str(logits.shape()) << " index " << shape_str(index.shape()) << " value "
+                        << shape_str(value.shape()));
+  const float* x = logits.data<float>();
+  int32_t* idx = index.data<int32_t>();
+  float* val = value.data<float>();
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < n; ++r) {
+    int64_t best = 0;  // the first maximum, as torch.argmax
+    for (int64_t c = 1; c < V; ++c)
+      if (x[r * V + c] > x[r * V + best]) best = c;
+    idx[r] = static_cast<int32_t>(best);
+    val[r] = V ? x[r * V + best] : 0.f;
   }
 }
 

@@ -7,16 +7,17 @@
 
 namespace vchat::cpu {
 
-void rope_(const Tensor& x, double theta, bool inverse) {
+void rope_(const Tensor& x, double theta, bool inverse, int64_t position_offset) {
   VCHAT_CHECK(x.dim() == 4 && x.is_contiguous(), "x [B, L, H, hd] expected, got " << shape_str(x.shape()));
   const int64_t B = x.size(0), L = x.size(1), H = x.size(2), hd = x.size(3), half = hd / 2;
   VCHAT_CHECK(hd % 2 == 0, "head dim must be even, got " << hd);
+  VCHAT_CHECK(position_offset >= 0, "position offset " << position_offset << " is negative");
   // Angles in float64, then rounded once: both this and the PyTorch twin agree to fp32 ulp.
   std::vector<float> cs(L * half), sn(L * half);
   for (int64_t l = 0; l < L; ++l)
     for (int64_t k = 0; k < half; ++k) {
       const double inv_freq = std::pow(theta, -2.0 * k / hd);
-      const double a = static_cast<double>(l) * inv_freq;
+      const double a = static_cast<double>(position_offset + l) * inv_freq;
       cs[l * half + k] = static_cast<float>(std::cos(a));
       sn[l * half + k] = static_cast<float>(std::sin(a)) * (inverse ? -1.f : 1.f);
     }

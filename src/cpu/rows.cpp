@@ -43,6 +43,32 @@ void embedding_bwd(const Tensor& dout, const Tensor& ids, const Tensor& dtable) 
   }
 }
 
+void embedding_fwd_slice(const Tensor& ids, const Tensor& table, int64_t vocab_begin, const Tensor& out) {
+  const int64_t N = ids.numel(), V = table.size(0), D = table.size(1);
+  VCHAT_CHECK(out.numel() == N * D && out.is_contiguous(), "out " << shape_str(out.shape()) << " for " << N << " ids");
+  const int32_t* id = ids.data<int32_t>();
+  const float* w = table.data<float>();
+  float* y = out.data<float>();
+#pragma omp parallel for
+  for (int64_t i = 0; i < N; ++i) {
+    const int64_t r = static_cast<int64_t>(id[i]) - vocab_begin;  // another rank's row when outside
+    for (int64_t h = 0; h < D; ++h) y[i * D + h] = r >= 0 && r < V ? w[r * D + h] : 0.f;
+  }
+}
+
+// Serial over rows: two rows with the same id add into the same table row, in position order.
+void embedding_bwd_slice(const Tensor& dout, const Tensor& ids, int64_t vocab_begin, const Tensor& dtable) {
+  const int64_t N = ids.numel(), V = dtable.size(0), D = dtable.size(1);
+  const int32_t* id = ids.data<int32_t>();
+  const float* dy = dout.data<float>();
+  float* dw = dtable.data<float>();
+  for (int64_t i = 0; i < N; ++i) {
+    const int64_t r = static_cast<int64_t>(id[i]) - vocab_begin;
+    if (r < 0 || r >= V) continue;
+    for (int64_t h = 0; h < D; ++h) dw[r * D + h] += dy[i * D + h];
+  }
+}
+
 void scatter_rows(const Tensor& src, const Tensor& index, const Tensor& dst) {
   const int64_t m = index.numel(), D = src.size(-1);
   VCHAT_CHECK(src.numel() == m * D && dst.size(-1) == D, "src " << shape_str(src.shape()) << " dst " << shape_str(dst.shape()));

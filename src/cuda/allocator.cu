@@ -71,6 +71,24 @@ void cuda_memcpy(void* dst, Device dd, const void* src, Device sd, size_t bytes)
   CUDA_CHECK(cudaMemcpy(dst, src, bytes, copy_kind(dd, sd)));
 }
 
+// Device memset on the legacy default stream (ordered after queued kernels, like the copies).
+void cuda_memset_zero(void* dst, size_t bytes) {
+  if (bytes == 0) return;
+  bind_device();
+  CUDA_CHECK(cudaMemset(dst, 0, bytes));
+}
+
+// Device memory (cudaMalloc, the stream-ordered pool) by unified addressing; host memory,
+// pinned or not, and anything CUDA does not know is cpu.
+Device cuda_pointer_device(const void* p) {
+  cudaPointerAttributes a{};
+  if (cudaPointerGetAttributes(&a, p) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return Device::cpu;
+  }
+  return a.type == cudaMemoryTypeDevice || a.type == cudaMemoryTypeManaged ? Device::cuda : Device::cpu;
+}
+
 // The process-wide backend binding. Like the core's allocator registry it is written once
 // at start-up and only read afterwards; the ordinal is atomic because bind_device() reads
 // it from any thread.
@@ -116,7 +134,20 @@ void init_backend(int device_ordinal) {
   CUDA_CHECK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep_all));
   register_allocator(Device::cuda, &b.allocator);
   register_memcpy(&cuda_memcpy);
+  register_memset_zero(&cuda_memset_zero);
+  register_pointer_device(&cuda_pointer_device);
   b.ordinal.store(device_ordinal);  // last: bind_device() succeeds only once all of the above holds
+}
+
+void synchronize() {
+  bind_device();
+  CUDA_CHECK(cudaDeviceSynchronize());
+}
+
+int multiprocessor_count() {
+  int sms = 0;
+  CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, bind_device()));
+  return sms;
 }
 
 int bind_device() {

@@ -80,6 +80,32 @@ class Backoff {
   std::chrono::microseconds nap_{0};
 };
 
+// NCCL moves device memory only. A host buffer (pipeline headers, a run id, a small host
+// array of a test) goes through a device copy: in before the operation when it is read,
+// out after it completed when it is written. Device buffers pass as they are.
+class DeviceStaged {
+ public:
+  DeviceStaged(const void* p, int64_t bytes, bool read)
+      : user_(const_cast<void*>(p)), bytes_(bytes), host_(bytes > 0 && pointer_device(p) == Device::cpu) {
+    if (!host_) return;
+    copy_ = Tensor::empty({bytes}, DType::u8, Device::cuda);
+    if (read) device_memcpy(copy_.raw(), Device::cuda, p, Device::cpu, static_cast<size_t>(bytes));
+  }
+  void* ptr() const { return host_ ? copy_.raw() : user_; }
+  void write_back(int64_t offset, int64_t n) const {
+    if (host_ && n > 0)
+      device_memcpy(static_cast<char*>(user_) + offset, Device::cpu, static_cast<char*>(copy_.raw()) + offset,
+                    Device::cuda, static_cast<size_t>(n));
+  }
+  void write_back() const { write_back(0, bytes_); }
+
+ private:
+  void* user_;
+  int64_t bytes_;
+  bool host_;
+  Tensor copy_;
+};
+
 class NcclComm final : public Comm {
  public:
   // `host` spans the same ranks in the same order; NCCL ranks are its ranks.
@@ -118,9 +144,11 @@ class NcclComm final : public Comm {
   void all_reduce(void* buf, int64_t count, DType dtype, ReduceOp op) override {
     const OpTimer timer(*this);
     const ncclDataType_t t = reduce_type(dtype, "all_reduce");
+    const DeviceStaged b(buf, count * static_cast<int64_t>(dtype_size(dtype)), true);
     run("all_reduce", ring_all_reduce_bytes(double(count) * dtype_size(dtype)), [&] {
-      return ncclAllReduce(buf, buf, static_cast<size_t>(count), t, nccl_op(op), comm_.get(), stream_.get());
+      return ncclAllReduce(b.ptr(), b.ptr(), static_cast<size_t>(count), t, nccl_op(op), comm_.get(), stream_.get());
     });
+    b.write_back();
   }
 
   void all_reduce_f64(double* buf, int64_t count, ReduceOp op) override {
@@ -142,9 +170,11 @@ class NcclComm final : public Comm {
   void broadcast(void* buf, int64_t bytes, int root) override {
     const OpTimer timer(*this);
     check_rank(root, "root", "broadcast");
+    const DeviceStaged b(buf, bytes, rank() == root);
     run("broadcast", ring_share_bytes(double(bytes)), [&] {
-      return ncclBroadcast(buf, buf, static_cast<size_t>(bytes), ncclUint8, root, comm_.get(), stream_.get());
+      return ncclBroadcast(b.ptr(), b.ptr(), static_cast<size_t>(bytes), ncclUint8, root, comm_.get(), stream_.get());
     });
+    if (rank() != root) b.write_back();
   }
 
   void barrier() override {
@@ -200,14 +230,17 @@ class NcclComm final : public Comm {
   void send(const void* buf, int64_t bytes, int peer) override {
     const OpTimer timer(*this);
     check_peer(peer, "send");
+    const DeviceStaged b(buf, bytes, true);
     run("send", double(bytes),
-        [&] { return ncclSend(buf, static_cast<size_t>(bytes), ncclUint8, peer, comm_.get(), stream_.get()); });
+        [&] { return ncclSend(b.ptr(), static_cast<size_t>(bytes), ncclUint8, peer, comm_.get(), stream_.get()); });
   }
   void recv(void* buf, int64_t bytes, int peer) override {
     const OpTimer timer(*this);
     check_peer(peer, "recv");
+    const DeviceStaged b(buf, bytes, false);
     run("recv", double(bytes),
-        [&] { return ncclRecv(buf, static_cast<size_t>(bytes), ncclUint8, peer, comm_.get(), stream_.get()); });
+        [&] { return ncclRecv(b.ptr(), static_cast<size_t>(bytes), ncclUint8, peer, comm_.get(), stream_.get()); });
+    b.write_back();
   }
 
   void sendrecv(const void* send_buf, int64_t send_bytes, int dest, void* recv_buf, int64_t recv_bytes,
@@ -217,15 +250,17 @@ class NcclComm final : public Comm {
     check_peer(source, "sendrecv");
     // One NCCL group: both transfers are posted before either waits, so two ranks sending
     // to each other do not deadlock.
+    const DeviceStaged sb(send_buf, send_bytes, true), rb(recv_buf, recv_bytes, false);
     run("sendrecv", double(send_bytes) + double(recv_bytes), [&] {
       ncclResult_t rc = ncclGroupStart();
       if (rc != ncclSuccess) return rc;
-      rc = ncclSend(send_buf, static_cast<size_t>(send_bytes), ncclUint8, dest, comm_.get(), stream_.get());
+      rc = ncclSend(sb.ptr(), static_cast<size_t>(send_bytes), ncclUint8, dest, comm_.get(), stream_.get());
       if (rc == ncclSuccess)
-        rc = ncclRecv(recv_buf, static_cast<size_t>(recv_bytes), ncclUint8, source, comm_.get(), stream_.get());
+        rc = ncclRecv(rb.ptr(), static_cast<size_t>(recv_bytes), ncclUint8, source, comm_.get(), stream_.get());
       const ncclResult_t end = ncclGroupEnd();  // closes the group even after a failed call
       return rc != ncclSuccess ? rc : end;
     });
+    rb.write_back();
   }
 
   std::unique_ptr<Comm> split(int color, int key, const std::string& name) const override {

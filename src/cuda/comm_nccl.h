@@ -19,7 +19,9 @@ namespace vchat::cuda {
 //
 // Every operation is issued on the Comm's own stream and has completed when the call
 // returns (so host code may reuse or read the buffers at once), except:
-//   all_reduce_f64 takes a HOST buffer (losses, counts), staged through the device;
+//   all_reduce_f64 takes a HOST buffer (losses, counts), staged through the device; so do
+//     all_reduce, broadcast, send, recv and sendrecv when handed host memory (pipeline
+//     headers, a run id): a device copy in, and back out when written;
 //   recv (and sendrecv's receive) cannot detect a message shorter than asked for (NCCL does
 //     not report sizes);
 //   all_gather_async returns once the gather is enqueued; its request's wait() polls an

@@ -1,11 +1,20 @@
-// The CUDA backend's entry points, callable from plain C++ (no CUDA headers here, so op
-// dispatch in src/cpu/ or src/model/ can include this under VCHAT_WITH_CUDA without nvcc).
+// The CUDA backend's entry points, callable from plain C++ (no CUDA headers here, so the op
+// dispatch in src/ops.cpp can include this under VCHAT_WITH_CUDA without nvcc).
 //
 // Model: one process drives one GPU (one NCCL rank per process). Device tensors carry no
-// ordinal, so the backend binds to a single device chosen by init_backend(). All work is
-// issued on the legacy default stream, which orders kernels, cuBLAS calls, copies and the
-// stream-ordered frees of the allocator against each other without explicit syncs.
+// ordinal, so the backend binds to a single device chosen by init_backend(). Every kernel
+// entry point takes the execution Context (cuda/context.h) whose stream it enqueues on.
+//
+// Semantics are those of the same-named op in ops.h (shapes, overwrite vs accumulate),
+// with the precision policy's dtypes (model/precision.h): "T" operands are the compute
+// dtype, f32 or bf16, one per call; gradients of weights, norm statistics, log-sum-exps,
+// losses and optimizer state are always f32. Arithmetic is fp32 throughout. Every entry
+// point checks each operand's device, dtype, shape and contiguity and names the bad one.
 #pragma once
+#include <vector>
+
+#include "cuda/context.h"
+#include "ops.h"
 #include "tensor.h"
 
 namespace vchat::cuda {
@@ -21,17 +30,99 @@ void init_backend(int device_ordinal = 0);
 
 // Makes the backend's device current on the calling thread and returns its ordinal.
 // cudaSetDevice is per-thread state, so without this a worker thread would quietly run on
-// GPU 0. Every entry point below calls it; raw CUDA code on new threads should too.
-// Throws std::logic_error before init_backend().
+// GPU 0. Throws std::logic_error before init_backend().
 int bind_device();
+// Waits for all work queued on the device (timing, teardown).
+void synchronize();
+// Streaming multiprocessors of the bound device.
+int multiprocessor_count();
 
-// C = alpha * op(A) @ op(B) + beta * C with the semantics of ops::gemm: row-major 2-D
-// tensors, unit column stride, leading dimension = stride(0). All f32 (exact fp32 math,
-// no TF32) or all bf16 (fp32 accumulation). beta == 0 ignores C's old contents (NaNs too).
-void gemm(const Tensor& A, bool trans_a, const Tensor& B, bool trans_b, const Tensor& C, float alpha, float beta);
+// ---- GEMM (cuBLASLt, fp32 accumulation; fp32 GEMMs are exact fp32, no TF32) -------------
+// C = alpha * op(A) @ op(B) + beta * C (+ bias[col] when bias is defined: the epilogue),
+// row-major 2-D, unit column stride, leading dimension = stride(0). A, B T; C and bias T, or
+// f32 under bf16 inputs (fp32 weight gradients from bf16 activations).
+void gemm(const Context& c, const Tensor& A, bool trans_a, const Tensor& B, bool trans_b, const Tensor& C,
+          float alpha, float beta, const Tensor& bias = Tensor());
 
-// out = silu(gate) * up, elementwise over contiguous tensors of one shape; f32 or bf16
-// (computed in fp32). out may alias gate or up.
-void swiglu_fwd(const Tensor& gate, const Tensor& up, const Tensor& out);
+// ---- Elementwise (T) ------------------------------------------------------------------------
+void add(const Context& c, const Tensor& a, const Tensor& b, const Tensor& out);  // out may alias
+void axpy(const Context& c, float alpha, const Tensor& x, const Tensor& y);      // y += alpha x
+void scale(const Context& c, const Tensor& x, float alpha);
+void fill(const Context& c, const Tensor& x, float value);  // any of f32, bf16
+void cast(const Context& c, const Tensor& src, const Tensor& dst);  // f32 <-> bf16 (RNE), or a copy
+void add_bias(const Context& c, const Tensor& y, const Tensor& b);                // y[r, :] += b
+void bias_grad(const Context& c, const Tensor& dy, const Tensor& db);             // db (f32) += colsum(dy)
+void swiglu_fwd(const Context& c, const Tensor& gate, const Tensor& up, const Tensor& out);
+void swiglu_bwd(const Context& c, const Tensor& dout, const Tensor& gate, const Tensor& up, const Tensor& dgate,
+                const Tensor& dup);  // dup may alias dout
+void gelu_fwd(const Context& c, ops::Activation act, const Tensor& x, const Tensor& y);
+void gelu_bwd(const Context& c, ops::Activation act, const Tensor& dy, const Tensor& x, const Tensor& dx);
+
+// ---- Norms: statistics (rstd, mean) f32; dw, db f32 accumulate, deterministic ---------------
+void rmsnorm_fwd(const Context& c, const Tensor& x, const Tensor& w, float eps, const Tensor& y, const Tensor& rstd);
+void rmsnorm_bwd(const Context& c, const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd,
+                 const Tensor& dx, const Tensor& dw);
+void layernorm_fwd(const Context& c, const Tensor& x, const Tensor& w, const Tensor& b, float eps, const Tensor& y,
+                   const Tensor& mean, const Tensor& rstd);
+void layernorm_bwd(const Context& c, const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& mean,
+                   const Tensor& rstd, const Tensor& dx, const Tensor& dw, const Tensor& db);
+
+// ---- Rotary, in place on x [B, L, H, hd]; position of row l is position_offset + l ----------
+void rope_(const Context& c, const Tensor& x, double theta, bool inverse, int64_t position_offset);
+
+// ---- Rows ---------------------------------------------------------------------------------
+// out[n] = table[ids[n] - vocab_begin] when that row is in the table, else 0 (image rows,
+// other ranks' vocabulary). ids i32.
+void embedding_fwd(const Context& c, const Tensor& ids, const Tensor& table, const Tensor& out, int64_t vocab_begin);
+// dtable (f32) += rows of dout, grouped by id: deterministic (each table row sums its rows in
+// increasing position order, one thread per column, as the CPU does).
+void embedding_bwd(const Context& c, const Tensor& dout, const ops::TokenGroups& groups, const Tensor& dtable,
+                   int64_t vocab_begin);
+void scatter_rows(const Context& c, const Tensor& src, const Tensor& index, const Tensor& dst);
+void gather_rows(const Context& c, const Tensor& src, const Tensor& index, const Tensor& dst);
+void patchify(const Context& c, const Tensor& pixels, int64_t patch, const Tensor& patches);  // pixels f32
+void vit_embed_fwd(const Context& c, const Tensor& patch_emb, const Tensor& cls, const Tensor& pos, const Tensor& out);
+void vit_embed_bwd(const Context& c, const Tensor& dout, const Tensor& dpatch_emb, const Tensor& dcls,
+                   const Tensor& dpos);  // dcls, dpos f32 accumulate
+
+// ---- Attention (flash: no L x L matrix; attention.cu) ---------------------------------------
+// q [B, L, H, hd], k/v [B, L, KV, hd], out T; modality u8 [B, L] (undefined for full); lse f32
+// [B, H, L, 2]: the log-sum-exp of the text (or single) branch and of the image branch per
+// query, -inf where a branch is empty. Head dim at most 128.
+void attention_fwd(const Context& c, ops::AttnMode mode, const Tensor& q, const Tensor& k, const Tensor& v,
+                   const Tensor& modality, const Tensor& out, const Tensor& lse);
+// dq, dk, dv (T) overwritten; deterministic.
+void attention_bwd(const Context& c, ops::AttnMode mode, const Tensor& dout, const Tensor& q, const Tensor& k,
+                   const Tensor& v, const Tensor& modality, const Tensor& out, const Tensor& lse, const Tensor& dq,
+                   const Tensor& dk, const Tensor& dv);
+
+// ---- Loss: logits T [N, V]; never a [N, V] fp32 buffer ------------------------------------
+// lse (f32 [N]) and the per-row loss (f32 [N], 0 where target < 0), one block per row with an
+// online max/sum over the vocabulary.
+void cross_entropy_fwd(const Context& c, const Tensor& logits, const Tensor& targets, const Tensor& lse,
+                       const Tensor& row_loss);
+// dlogits (T, may alias logits) = scale * (softmax - onehot(target - vocab_begin)) on
+// supervised rows, 0 elsewhere.
+void cross_entropy_bwd(const Context& c, const Tensor& logits, const Tensor& targets, const Tensor& lse, float scale,
+                       const Tensor& dlogits, int64_t vocab_begin);
+// Vocabulary-parallel pieces (each rank holds V/tp columns): the row max, then with the
+// all-reduced max the sum of exp and the target's logit when this rank holds it (else 0).
+void ce_row_max(const Context& c, const Tensor& logits, const Tensor& targets, const Tensor& row_max);
+void ce_row_sumexp(const Context& c, const Tensor& logits, const Tensor& targets, const Tensor& row_max,
+                   int64_t vocab_begin, const Tensor& sumexp, const Tensor& target_logit);
+// lse = max + log(sumexp) and row_loss = lse - target_logit on supervised rows (0 elsewhere).
+void ce_finish(const Context& c, const Tensor& row_max, const Tensor& sumexp, const Tensor& target_logit,
+               const Tensor& targets, const Tensor& lse, const Tensor& row_loss);
+// Row argmax (first index of the maximum) i32 [N] and its value f32 [N].
+void argmax(const Context& c, const Tensor& logits, const Tensor& index, const Tensor& value);
+
+// ---- Optimizer --------------------------------------------------------------------------
+// out (f32 [1]) = sum over the tensors of sum(x^2), in a fixed order (deterministic).
+void sum_squares(const Context& c, const std::vector<Tensor>& xs, const Tensor& out);
+// Fused AdamW on f32 param/grad/m/v; the gradient is multiplied by *grad_scale (a device f32
+// scalar, e.g. the clip coefficient; nullptr: 1) first; `working` (bf16, may be undefined)
+// receives the updated weights rounded to bf16.
+void adamw_step(const Context& c, const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,
+                const ops::AdamWParams& p, const Tensor& working, const float* grad_scale);
 
 }  // namespace vchat::cuda

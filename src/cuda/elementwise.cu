@@ -1,95 +1,178 @@
-// Elementwise kernels. They are memory-bound, so the one thing that matters is moving
-// 16 bytes per load/store instruction; the math runs in fp32 whatever the storage type.
-#include <cuda_bf16.h>
+// Elementwise kernels. Memory-bound, so what matters is coalesced access and one pass; the
+// math runs in fp32 whatever the storage type. Grid-stride loops; out may alias an input
+// where the op allows it, since each element is read before the same thread writes it.
+#include <cmath>
 
-#include <algorithm>
-#include <cstdint>
-
-#include "check.h"
-#include "cuda/cuda_backend.h"
-#include "cuda/cuda_check.h"
+#include "cuda/kernels.cuh"
 
 namespace vchat::cuda {
 
 namespace {
 
-// VEC elements moved as one aligned 16-byte (or smaller, for VEC = 1) access.
-template <class T, int VEC>
-struct alignas(sizeof(T) * VEC) Pack {
-  T v[VEC];
-};
+// Precise expf/erff, not the fast intrinsics: these are compared with the CPU ops.
+__device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + expf(-x)); }
 
-// Precise expf, not __expf: this is the reference the bf16 and CPU paths are compared to,
-// and the kernel is bandwidth-bound anyway. Large negative x gives exp -> inf, silu -> -0.
-__device__ __forceinline__ float silu(float x) { return x / (1.f + expf(-x)); }
-
-// Grid-stride over packs, then the < VEC leftover elements. No __restrict__: out may
-// alias gate or up, which is safe because each element is read before it is written
-// by the same thread.
-template <class T, int VEC>
-__global__ void swiglu_kernel(const T* gate, const T* up, T* out, int64_t n) {
+template <class T, class F>
+__global__ void map_kernel(int64_t n, F f) {
   const int64_t step = int64_t(gridDim.x) * blockDim.x;
-  const int64_t first = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t packs = n / VEC;
-  for (int64_t i = first; i < packs; i += step) {
-    const Pack<T, VEC> g = reinterpret_cast<const Pack<T, VEC>*>(gate)[i];
-    const Pack<T, VEC> u = reinterpret_cast<const Pack<T, VEC>*>(up)[i];
-    Pack<T, VEC> o;
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) o.v[j] = T(silu(static_cast<float>(g.v[j])) * static_cast<float>(u.v[j]));
-    reinterpret_cast<Pack<T, VEC>*>(out)[i] = o;
-  }
-  for (int64_t i = packs * VEC + first; i < n; i += step)
-    out[i] = T(silu(static_cast<float>(gate[i])) * static_cast<float>(up[i]));
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step) f(i);
 }
 
-// Enough blocks to fill every SM several times over; the grid-stride loop covers the rest,
-// so huge tensors do not launch millions of tiny blocks.
-int grid_for(int64_t work, int threads) {
-  int sms = 0;
-  CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, bind_device()));
-  const int64_t needed = (work + threads - 1) / threads;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(needed, int64_t(sms) * 8)));
-}
-
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
-template <class T>
-void launch_swiglu(const Tensor& gate, const Tensor& up, const Tensor& out) {
-  constexpr int kVec = 16 / sizeof(T);
+template <class F>
+void launch_map(const Context& c, int64_t n, F f) {
+  if (n == 0) return;
   constexpr int kThreads = 256;
-  const auto* g = static_cast<const T*>(gate.raw());
-  const auto* u = static_cast<const T*>(up.raw());
-  auto* o = static_cast<T*>(out.raw());
-  const int64_t n = out.numel();
-  // Views with an element offset (slices) can be misaligned; they take the scalar path.
-  if (aligned16(g) && aligned16(u) && aligned16(o))
-    swiglu_kernel<T, kVec><<<grid_for(n / kVec, kThreads), kThreads>>>(g, u, o, n);
-  else
-    swiglu_kernel<T, 1><<<grid_for(n, kThreads), kThreads>>>(g, u, o, n);
+  map_kernel<float><<<grid_for(n, kThreads), kThreads, 0, stream_of(c)>>>(n, f);
   CUDA_CHECK_LAUNCH();
+}
+
+void same_numel(const char* op, std::initializer_list<Arg> args) {
+  const int64_t n = args.begin()->t.numel();
+  for (const Arg& a : args)
+    VCHAT_CHECK(a.t.numel() == n, op << ": operand " << a.name << " " << shape_str(a.t.shape()) << " has "
+                                     << a.t.numel() << " elements, " << args.begin()->name << " has " << n);
 }
 
 }  // namespace
 
-void swiglu_fwd(const Tensor& gate, const Tensor& up, const Tensor& out) {
-  VCHAT_CHECK(gate.defined() && up.defined() && out.defined(), "cuda::swiglu_fwd needs gate, up and out");
-  VCHAT_CHECK(gate.device() == Device::cuda && up.device() == Device::cuda && out.device() == Device::cuda,
-              "gate on " << device_name(gate.device()) << ", up on " << device_name(up.device()) << ", out on "
-                         << device_name(out.device()) << "; all must be cuda");
-  const DType dt = out.dtype();
-  VCHAT_CHECK((dt == DType::f32 || dt == DType::bf16) && gate.dtype() == dt && up.dtype() == dt,
-              "dtypes " << dtype_name(gate.dtype()) << ", " << dtype_name(up.dtype()) << ", " << dtype_name(dt)
-                        << "; need all f32 or all bf16");
-  // Same element count rather than same shape, matching the CPU op (callers may pass views).
-  VCHAT_CHECK(gate.numel() == out.numel() && up.numel() == out.numel(),
-              "gate" << shape_str(gate.shape()) << " up" << shape_str(up.shape()) << " out" << shape_str(out.shape()));
-  VCHAT_CHECK(gate.is_contiguous() && up.is_contiguous() && out.is_contiguous(), "contiguous tensors expected");
-  if (out.numel() == 0) return;
-  if (dt == DType::f32)
-    launch_swiglu<float>(gate, up, out);
-  else
-    launch_swiglu<__nv_bfloat16>(gate, up, out);
+void add(const Context& c, const Tensor& a, const Tensor& b, const Tensor& out) {
+  const DType dt = expect_compute("cuda::add", {{"a", a}, {"b", b}, {"out", out}});
+  same_numel("cuda::add", {{"out", out}, {"a", a}, {"b", b}});
+  VCHAT_DISPATCH(dt, T,
+    const T *pa = ptr<T>(a), *pb = ptr<T>(b);
+    T* po = ptr<T>(out);
+    launch_map(c, out.numel(), [=] __device__(int64_t i) { st(po, i, ld(pa, i) + ld(pb, i)); });
+  );
+}
+
+void axpy(const Context& c, float alpha, const Tensor& x, const Tensor& y) {
+  const DType dt = expect_compute("cuda::axpy", {{"y", y}, {"x", x}});
+  same_numel("cuda::axpy", {{"y", y}, {"x", x}});
+  VCHAT_DISPATCH(dt, T,
+    T* py = ptr<T>(y);
+    const T* px = ptr<T>(x);
+    launch_map(c, y.numel(), [=] __device__(int64_t i) { st(py, i, ld(py, i) + alpha * ld(px, i)); });
+  );
+}
+
+void scale(const Context& c, const Tensor& x, float alpha) {
+  const DType dt = expect_compute("cuda::scale", {{"x", x}});
+  VCHAT_DISPATCH(dt, T,
+    T* p = ptr<T>(x);
+    launch_map(c, x.numel(), [=] __device__(int64_t i) { st(p, i, ld(p, i) * alpha); });
+  );
+}
+
+void fill(const Context& c, const Tensor& x, float value) {
+  const DType dt = expect_compute("cuda::fill", {{"x", x}});
+  VCHAT_DISPATCH(dt, T,
+    T* p = ptr<T>(x);
+    launch_map(c, x.numel(), [=] __device__(int64_t i) { st(p, i, value); });
+  );
+}
+
+void cast(const Context& c, const Tensor& src, const Tensor& dst) {
+  expect("cuda::cast", {"src", src}, {DType::f32, DType::bf16});
+  expect("cuda::cast", {"dst", dst}, {DType::f32, DType::bf16});
+  same_numel("cuda::cast", {{"dst", dst}, {"src", src}});
+  VCHAT_DISPATCH(src.dtype(), S,
+    const S* ps = ptr<S>(src);
+    VCHAT_DISPATCH(dst.dtype(), D,
+      D* pd = ptr<D>(dst);
+      launch_map(c, dst.numel(), [=] __device__(int64_t i) { st(pd, i, ld(ps, i)); });
+    );
+  );
+}
+
+void add_bias(const Context& c, const Tensor& y, const Tensor& b) {
+  const DType dt = expect_compute("cuda::add_bias", {{"y", y}, {"b", b}});
+  const int64_t cols = b.numel();
+  VCHAT_CHECK(cols > 0 && y.dim() >= 1 && y.size(-1) == cols,
+              "cuda::add_bias: y " << shape_str(y.shape()) << " is not rows of b " << shape_str(b.shape()));
+  VCHAT_DISPATCH(dt, T,
+    T* py = ptr<T>(y);
+    const T* pb = ptr<T>(b);
+    launch_map(c, y.numel(), [=] __device__(int64_t i) { st(py, i, ld(py, i) + ld(pb, i % cols)); });
+  );
+}
+
+void bias_grad(const Context& c, const Tensor& dy, const Tensor& db) {
+  expect("cuda::bias_grad", {"dy", dy}, {DType::f32, DType::bf16});
+  expect_f32("cuda::bias_grad", {{"db", db}});
+  const int64_t cols = db.numel();
+  VCHAT_CHECK(cols > 0 && dy.numel() % cols == 0,
+              "cuda::bias_grad: dy " << shape_str(dy.shape()) << " is not rows of db " << shape_str(db.shape()));
+  VCHAT_DISPATCH(dy.dtype(), T,
+    const T* g = ptr<T>(dy);
+    column_sums(c, dy.numel() / cols, cols, ptr<float>(db),
+                [=] __device__(int64_t r, int64_t col) { return ld(g, r * cols + col); });
+  );
+}
+
+void swiglu_fwd(const Context& c, const Tensor& gate, const Tensor& up, const Tensor& out) {
+  const DType dt = expect_compute("cuda::swiglu_fwd", {{"gate", gate}, {"up", up}, {"out", out}});
+  same_numel("cuda::swiglu_fwd", {{"out", out}, {"gate", gate}, {"up", up}});
+  VCHAT_DISPATCH(dt, T,
+    const T *g = ptr<T>(gate), *u = ptr<T>(up);
+    T* o = ptr<T>(out);
+    launch_map(c, out.numel(), [=] __device__(int64_t i) {
+      const float x = ld(g, i);
+      st(o, i, x * sigmoid(x) * ld(u, i));
+    });
+  );
+}
+
+// d silu(x) = s (1 + x (1 - s)), s = sigmoid(x).
+void swiglu_bwd(const Context& c, const Tensor& dout, const Tensor& gate, const Tensor& up, const Tensor& dgate,
+                const Tensor& dup) {
+  const DType dt = expect_compute("cuda::swiglu_bwd",
+                                  {{"dout", dout}, {"gate", gate}, {"up", up}, {"dgate", dgate}, {"dup", dup}});
+  same_numel("cuda::swiglu_bwd", {{"dout", dout}, {"gate", gate}, {"up", up}, {"dgate", dgate}, {"dup", dup}});
+  VCHAT_DISPATCH(dt, T,
+    const T *d = ptr<T>(dout), *g = ptr<T>(gate), *u = ptr<T>(up);
+    T *dg = ptr<T>(dgate), *du = ptr<T>(dup);
+    launch_map(c, dout.numel(), [=] __device__(int64_t i) {
+      const float x = ld(g, i), s = sigmoid(x), dy = ld(d, i), uu = ld(u, i);
+      st(dg, i, dy * uu * s * (1.f + x * (1.f - s)));
+      st(du, i, dy * x * s);
+    });
+  );
+}
+
+void gelu_fwd(const Context& c, ops::Activation act, const Tensor& x, const Tensor& y) {
+  const DType dt = expect_compute("cuda::gelu_fwd", {{"x", x}, {"y", y}});
+  same_numel("cuda::gelu_fwd", {{"y", y}, {"x", x}});
+  const bool quick = act == ops::Activation::quick_gelu;
+  VCHAT_DISPATCH(dt, T,
+    const T* px = ptr<T>(x);
+    T* py = ptr<T>(y);
+    launch_map(c, x.numel(), [=] __device__(int64_t i) {
+      const float a = ld(px, i);
+      st(py, i, quick ? a * sigmoid(1.702f * a) : 0.5f * a * (1.f + erff(a * 0.70710678118654752f)));
+    });
+  );
+}
+
+void gelu_bwd(const Context& c, ops::Activation act, const Tensor& dy, const Tensor& x, const Tensor& dx) {
+  const DType dt = expect_compute("cuda::gelu_bwd", {{"dy", dy}, {"x", x}, {"dx", dx}});
+  same_numel("cuda::gelu_bwd", {{"dx", dx}, {"dy", dy}, {"x", x}});
+  const bool quick = act == ops::Activation::quick_gelu;
+  VCHAT_DISPATCH(dt, T,
+    const T *pd = ptr<T>(dy), *px = ptr<T>(x);
+    T* po = ptr<T>(dx);
+    launch_map(c, x.numel(), [=] __device__(int64_t i) {
+      const float a = ld(px, i), d = ld(pd, i);
+      float g;
+      if (quick) {
+        const float s = sigmoid(1.702f * a);
+        g = s + 1.702f * a * s * (1.f - s);
+      } else {
+        const float cdf = 0.5f * (1.f + erff(a * 0.70710678118654752f));
+        g = cdf + a * 0.39894228040143268f * expf(-0.5f * a * a);
+      }
+      st(po, i, d * g);
+    });
+  );
 }
 
 }  // namespace vchat::cuda

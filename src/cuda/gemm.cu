@@ -1,63 +1,23 @@
-// Row-major GEMM on cuBLAS. cuBLAS is column-major, and a row-major [r, c] matrix with row
+// Row-major GEMM on cuBLASLt. cuBLAS is column-major, and a row-major [r, c] matrix with row
 // stride ld is exactly a column-major [c, r] matrix with leading dimension ld. So instead
-// of C = op(A) op(B) we ask cuBLAS for C^T = op(B)^T op(A)^T: same buffers, operands
-// swapped, transpose flags unchanged, and no copies even for column slices (ld > cols).
-#include <cuda_bf16.h>
+// of C = op(A) op(B) we ask for C^T = op(B)^T op(A)^T: same buffers, operands swapped,
+// transpose flags unchanged, and no copies even for column slices (ld > cols). The bias of
+// a Linear (one value per output feature = per row of the column-major C^T) is cuBLASLt's
+// BIAS epilogue, fused into the GEMM's store.
+#include <cublasLt.h>
 
-#include <algorithm>
-#include <cstdint>
-#include <utility>
-#include <vector>
+#include <cstring>
+#include <map>
+#include <tuple>
 
-#include "check.h"
-#include "cuda/cuda_backend.h"
-#include "cuda/cuda_check.h"
+#include "cuda/kernels.cuh"
 
 namespace vchat::cuda {
 
 namespace {
 
-// Creating a cuBLAS handle costs milliseconds and a handle must not be used by two threads
-// at once, so each thread keeps one handle per device, created on first use. The cache is
-// thread_local: no lock on the hot path, and handles die with their thread. For the main
-// thread that happens before static destructors and atexit handlers, i.e. before the CUDA
-// runtime tears itself down.
-class HandleCache {
- public:
-  HandleCache() = default;
-  HandleCache(const HandleCache&) = delete;
-  HandleCache& operator=(const HandleCache&) = delete;
-  ~HandleCache() {
-    for (auto& [device, handle] : handles_) (void)cublasDestroy(handle);  // never throw from a destructor
-  }
-
-  cublasHandle_t get(int device) {
-    for (auto& [d, h] : handles_)
-      if (d == device) return h;
-    cublasHandle_t h = nullptr;
-    CUBLAS_CHECK(cublasCreate(&h));
-    // Split-K reductions of a bf16 GEMM may otherwise run in bf16; the contract is fp32
-    // accumulation throughout. No TF32 flag: fp32 GEMMs request CUBLAS_COMPUTE_32F below.
-    const cublasStatus_t st = cublasSetMathMode(h, CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION);
-    if (st != CUBLAS_STATUS_SUCCESS) {
-      (void)cublasDestroy(h);
-      CUBLAS_CHECK(st);
-    }
-    handles_.emplace_back(device, h);
-    return h;
-  }
-
- private:
-  std::vector<std::pair<int, cublasHandle_t>> handles_;  // a process drives one or two devices
-};
-
-cublasHandle_t handle_for(int device) {
-  thread_local HandleCache cache;
-  return cache.get(device);
-}
-
-// One operand as cuBLAS sees it. The leading dimension must be >= max(1, cols) even when
-// it is never used (a single row, or no columns), so substitute a legal one there.
+// One operand as cuBLAS sees it. The leading dimension must be >= max(1, rows of the
+// column-major view) even when it is never used (a single row, or no columns).
 struct Operand {
   const void* ptr;
   int64_t rows, cols, ld;
@@ -68,8 +28,40 @@ Operand operand(const Tensor& t) {
   return {t.raw(), rows, cols, ld_unused ? std::max<int64_t>(cols, 1) : t.stride(0)};
 }
 
-// C = beta * C for k == 0, where cuBLAS' behaviour is not documented (BLAS itself would
-// leave C untouched). beta == 0 writes zeros so stale NaNs do not survive, like GEMM.
+// RAII for the cuBLASLt descriptors of one call.
+struct Desc {
+  cublasLtMatmulDesc_t op = nullptr;
+  cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
+  cublasLtMatmulPreference_t pref = nullptr;
+  Desc() = default;
+  Desc(const Desc&) = delete;
+  Desc& operator=(const Desc&) = delete;
+  ~Desc() {
+    if (pref) (void)cublasLtMatmulPreferenceDestroy(pref);
+    for (auto l : {a, b, c})
+      if (l) (void)cublasLtMatrixLayoutDestroy(l);
+    if (op) (void)cublasLtMatmulDescDestroy(op);
+  }
+};
+
+// The heuristic's first choice per problem, found once: the query costs more than a small GEMM.
+using Key = std::tuple<int, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool, bool, bool, DType, DType, uint32_t,
+                       uint32_t, uint32_t, size_t>;
+
+// The largest power of two up to 256 that divides the address: cuBLASLt's heuristic assumes
+// 256-byte alignment unless told otherwise, and a view into a flat parameter buffer (a
+// gradient of ZeRO's flat buffer) or a row slice is often less aligned.
+uint32_t alignment(const void* p) {
+  const auto a = reinterpret_cast<uintptr_t>(p);
+  uint32_t al = 256;
+  while (al > 1 && a % al != 0) al /= 2;
+  return al;
+}
+std::map<Key, cublasLtMatmulAlgo_t>& algo_cache() {
+  thread_local std::map<Key, cublasLtMatmulAlgo_t> cache;
+  return cache;
+}
+
 template <class T>
 __global__ void scale_matrix(T* c, int64_t rows, int64_t cols, int64_t ld, float beta) {
   const int64_t n = rows * cols, step = int64_t(gridDim.x) * blockDim.x;
@@ -79,55 +71,112 @@ __global__ void scale_matrix(T* c, int64_t rows, int64_t cols, int64_t ld, float
   }
 }
 
-void scale_c(const Tensor& C, DType dtype, float beta) {
+// C = beta * C for k == 0, where cuBLAS' behaviour is not documented (BLAS would leave C
+// untouched). beta == 0 writes zeros so stale NaNs do not survive, like a GEMM.
+void scale_c(const Context& ctx, const Tensor& C, DType dt, float beta) {
   if (beta == 1.f) return;
   const int64_t rows = C.size(0), cols = C.size(1), ld = C.stride(0);
-  const int threads = 256;
-  const int blocks = static_cast<int>(std::min<int64_t>((rows * cols + threads - 1) / threads, 4096));
-  if (dtype == DType::f32)
-    scale_matrix<<<blocks, threads>>>(static_cast<float*>(C.raw()), rows, cols, ld, beta);
-  else
-    scale_matrix<<<blocks, threads>>>(static_cast<__nv_bfloat16*>(C.raw()), rows, cols, ld, beta);
+  VCHAT_DISPATCH(dt, T,
+    scale_matrix<<<grid_for(rows * cols, 256), 256, 0, stream_of(ctx)>>>(ptr<T>(C), rows, cols, ld, beta);
+  );
   CUDA_CHECK_LAUNCH();
 }
 
 }  // namespace
 
-void gemm(const Tensor& A, bool trans_a, const Tensor& B, bool trans_b, const Tensor& C, float alpha, float beta) {
-  VCHAT_CHECK(A.defined() && B.defined() && C.defined(), "cuda::gemm needs A, B and C");
-  VCHAT_CHECK(A.dim() == 2 && B.dim() == 2 && C.dim() == 2,
-              "2-D operands expected: A" << shape_str(A.shape()) << " B" << shape_str(B.shape()) << " C"
-                                         << shape_str(C.shape()));
-  VCHAT_CHECK(A.device() == Device::cuda && B.device() == Device::cuda && C.device() == Device::cuda,
-              "operands on " << device_name(A.device()) << ", " << device_name(B.device()) << ", "
-                             << device_name(C.device()) << "; all must be cuda");
-  const DType dt = C.dtype();
-  VCHAT_CHECK((dt == DType::f32 || dt == DType::bf16) && A.dtype() == dt && B.dtype() == dt,
-              "dtypes " << dtype_name(A.dtype()) << ", " << dtype_name(B.dtype()) << ", " << dtype_name(dt)
-                        << "; need all f32 or all bf16");
+void gemm(const Context& ctx, const Tensor& A, bool trans_a, const Tensor& B, bool trans_b, const Tensor& C,
+          float alpha, float beta, const Tensor& bias) {
+  const char* op = "cuda::gemm";
+  for (const Arg& x : {Arg{"A", A}, Arg{"B", B}, Arg{"C", C}}) {
+    VCHAT_CHECK(x.t.defined(), op << ": operand " << x.name << " is missing");
+    VCHAT_CHECK(x.t.device() == Device::cuda, op << ": operand " << x.name << " is on " << device_name(x.t.device())
+                                                 << ", expected cuda");
+    VCHAT_CHECK(x.t.dim() == 2, op << ": operand " << x.name << " " << shape_str(x.t.shape()) << " is not 2-D");
+  }
+  // Inputs all f32 or all bf16; C the inputs' dtype, or f32 under bf16 inputs (weight
+  // gradients accumulate in fp32 from bf16 activations: the precision policy).
+  const DType dt = A.dtype(), ct = C.dtype();
+  VCHAT_CHECK(dt == DType::f32 || dt == DType::bf16,
+              op << ": operand A is " << dtype_name(dt) << "; need f32 or bf16");
+  VCHAT_CHECK(B.dtype() == dt, op << ": operand B is " << dtype_name(B.dtype()) << " but A is " << dtype_name(dt));
+  VCHAT_CHECK(ct == dt || ct == DType::f32,
+              op << ": operand C is " << dtype_name(ct) << " for " << dtype_name(dt) << " inputs (need "
+                 << dtype_name(dt) << " or f32)");
   const int64_t m = trans_a ? A.size(1) : A.size(0), k = trans_a ? A.size(0) : A.size(1);
   const int64_t kb = trans_b ? B.size(1) : B.size(0), n = trans_b ? B.size(0) : B.size(1);
   VCHAT_CHECK(k == kb && C.size(0) == m && C.size(1) == n,
-              "A" << shape_str(A.shape()) << (trans_a ? "^T" : "") << " x B" << shape_str(B.shape())
-                  << (trans_b ? "^T" : "") << " -> C" << shape_str(C.shape()));
+              op << ": A" << shape_str(A.shape()) << (trans_a ? "^T" : "") << " x B" << shape_str(B.shape())
+                 << (trans_b ? "^T" : "") << " -> C" << shape_str(C.shape()));
   const Operand a = operand(A), b = operand(B), c = operand(C);
   for (const auto& [name, o] : {std::pair{"A", &a}, std::pair{"B", &b}, std::pair{"C", &c}})
     VCHAT_CHECK(o->ld >= std::max<int64_t>(o->cols, 1),
-                name << "'s rows overlap: row stride " << o->ld << " < " << o->cols << " columns");
+                op << ": operand " << name << "'s rows overlap: row stride " << o->ld << " < " << o->cols << " columns");
   VCHAT_CHECK((A.size(1) <= 1 || A.stride(1) == 1) && (B.size(1) <= 1 || B.stride(1) == 1) &&
                   (C.size(1) <= 1 || C.stride(1) == 1),
-              "unit column stride expected, got A" << shape_str(A.strides()) << " B" << shape_str(B.strides()) << " C"
-                                                   << shape_str(C.strides()));
+              op << ": unit column stride expected, got A" << shape_str(A.strides()) << " B" << shape_str(B.strides())
+                 << " C" << shape_str(C.strides()));
+  if (bias.defined()) {
+    expect(op, {"bias", bias}, {ct});
+    VCHAT_CHECK(bias.numel() == n, op << ": bias " << shape_str(bias.shape()) << " for " << n << " output columns");
+  }
 
   const int device = bind_device();
   if (m == 0 || n == 0) return;
-  if (k == 0) return scale_c(C, dt, beta);
+  if (k == 0) {
+    scale_c(ctx, C, ct, beta);
+    if (bias.defined()) add_bias(ctx, C, bias);
+    return;
+  }
 
   const cudaDataType_t type = dt == DType::f32 ? CUDA_R_32F : CUDA_R_16BF;
-  // Swapped operands (see the top of the file): column-major C^T [n, m] = op(B)^T [n, k] x op(A)^T [k, m].
-  CUBLAS_CHECK(cublasGemmEx_64(handle_for(device), trans_b ? CUBLAS_OP_T : CUBLAS_OP_N,
-                               trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, n, m, k, &alpha, b.ptr, type, b.ld, a.ptr, type,
-                               a.ld, &beta, C.raw(), type, c.ld, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  const cudaDataType_t ctype = ct == DType::f32 ? CUDA_R_32F : CUDA_R_16BF;
+  const cublasOperation_t opx = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, opy = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
+  Desc d;
+  CUBLAS_CHECK(cublasLtMatmulDescCreate(&d.op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+  CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_TRANSA, &opx, sizeof opx));
+  CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_TRANSB, &opy, sizeof opy));
+  // The BIAS epilogue needs a 16-byte aligned bias; a less aligned one is added after.
+  const bool fused_bias = bias.defined() && reinterpret_cast<uintptr_t>(bias.raw()) % 16 == 0;
+  if (fused_bias) {
+    const cublasLtEpilogue_t epi = CUBLASLT_EPILOGUE_BIAS;
+    const void* bp = bias.raw();
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof epi));
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bp, sizeof bp));
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &ctype, sizeof ctype));
+  }
+  // Column-major views: X = B's buffer [B.cols, B.rows], Y = A's [A.cols, A.rows], D = C^T [n, m].
+  CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d.a, type, b.cols, b.rows, b.ld));
+  CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d.b, type, a.cols, a.rows, a.ld));
+  CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d.c, ctype, n, m, c.ld));
+
+  size_t ws = ctx.workspace_bytes();
+  // Operands swapped (top of the file): cuBLASLt's A is B's buffer, its B is A's.
+  const uint32_t al_a = alignment(b.ptr), al_b = alignment(a.ptr), al_c = alignment(C.raw());
+  const Key key{device, m, n, k, a.ld, b.ld, c.ld, trans_a, trans_b, fused_bias, dt, ct, al_a, al_b, al_c, ws};
+  auto& cache = algo_cache();
+  auto it = cache.find(key);
+  if (it == cache.end()) {
+    CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&d.pref));
+    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(d.pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws));
+    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(d.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &al_a,
+                                                      sizeof al_a));
+    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(d.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &al_b,
+                                                      sizeof al_b));
+    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(d.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al_c,
+                                                      sizeof al_c));
+    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(d.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_c,
+                                                      sizeof al_c));
+    cublasLtMatmulHeuristicResult_t result{};
+    int found = 0;
+    CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(static_cast<cublasLtHandle_t>(ctx.lt()), d.op, d.a, d.b, d.c, d.c,
+                                                d.pref, 1, &result, &found));
+    VCHAT_CHECK(found > 0, op << ": cuBLASLt has no algorithm for [" << m << " x " << k << "] x [" << k << " x " << n
+                              << "] " << dtype_name(dt));
+    it = cache.emplace(key, result.algo).first;
+  }
+  CUBLAS_CHECK(cublasLtMatmul(static_cast<cublasLtHandle_t>(ctx.lt()), d.op, &alpha, b.ptr, d.a, a.ptr, d.b, &beta,
+                              C.raw(), d.c, C.raw(), d.c, &it->second, ctx.workspace(), ws, stream_of(ctx)));
+  if (bias.defined() && !fused_bias) add_bias(ctx, C, bias);
 }
 
 }  // namespace vchat::cuda

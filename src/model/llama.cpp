@@ -1,9 +1,16 @@
 #include "model/llama.h"
 
+#include "check.h"
 #include "ops.h"
 #include "parallel/comm.h"
 
 namespace vchat {
+
+Recompute parse_recompute(const std::string& s) {
+  if (s == "none") return Recompute::none;
+  if (s == "block") return Recompute::block;
+  throw ConfigError("--recompute=" + s + " is not one of: none, block");
+}
 
 int TensorParallel::rank() const { return tp ? tp->rank() : 0; }
 int TensorParallel::size() const { return tp ? tp->size() : 1; }
@@ -44,10 +51,9 @@ Tensor LlamaAttention::forward(const Tensor& x, const Tensor& modality, ops::Att
   c.vv = v_.forward(x, c.v).reshape({B, L, n_kv_, hd_});
   ops::rope_(c.qr, theta_, false);
   ops::rope_(c.kr, theta_, false);
-  c.probs = Tensor::empty({B, n_heads_, L, L}, x.dtype(), x.device());
-  Tensor att = Tensor::empty(c.qr.shape(), x.dtype(), x.device());
-  ops::attention_fwd(mode, c.qr, c.kr, c.vv, modality, att, c.probs);
-  return o_.forward(att.reshape({B * L, n_heads_ * hd_}), c.o);
+  c.att = Tensor::empty(c.qr.shape(), x.dtype(), x.device());
+  c.saved = ops::attention_fwd(mode, c.qr, c.kr, c.vv, modality, c.att);
+  return o_.forward(c.att.reshape({B * L, n_heads_ * hd_}), c.o);
 }
 
 void LlamaAttention::backward(const Tensor& dy, const Tensor& modality, ops::AttnMode mode, AttentionCache& c,
@@ -57,8 +63,8 @@ void LlamaAttention::backward(const Tensor& dy, const Tensor& modality, ops::Att
   Tensor dq = Tensor::empty(c.qr.shape(), dy.dtype(), dy.device());
   Tensor dk = Tensor::empty(c.kr.shape(), dy.dtype(), dy.device());
   Tensor dv = Tensor::empty(c.vv.shape(), dy.dtype(), dy.device());
-  ops::attention_bwd(mode, datt.reshape(c.qr.shape()), c.qr, c.kr, c.vv, modality, c.probs, dq, dk, dv);
-  c.probs = Tensor();  // the largest activation: release it as soon as possible
+  ops::attention_bwd(mode, datt.reshape(c.qr.shape()), c.qr, c.kr, c.vv, modality, c.att, c.saved, dq, dk, dv);
+  c.saved = Tensor();  // on the CPU the largest activation: release it as soon as possible
   ops::rope_(dq, theta_, true);
   ops::rope_(dk, theta_, true);
   const int64_t rows = dx.size(0);
@@ -108,7 +114,17 @@ void LlamaBlock::add_lora(ParamStore& s, int64_t rank, float alpha) {
 }
 
 Tensor LlamaBlock::forward(const Tensor& x, const Tensor& modality, ops::AttnMode mode, int64_t B, int64_t L,
-                           LlamaBlockCache& c) const {
+                           LlamaBlockCache& c, Recompute recompute) const {
+  if (recompute == Recompute::block) {
+    LlamaBlockCache scratch;  // freed on return
+    Tensor y = forward(x, modality, mode, B, L, scratch);
+    c = LlamaBlockCache();
+    c.input = x;  // x is never written in place (the residual adds write h and y)
+    c.B = B;
+    c.L = L;
+    c.recompute = true;
+    return y;
+  }
   Tensor h = attn_.forward(norm1_.forward(x, c.norm1), modality, mode, B, L, c.attn);
   ops::add(h, x, h);
   Tensor y = mlp_.forward(norm2_.forward(h, c.norm2), c.mlp);
@@ -117,6 +133,12 @@ Tensor LlamaBlock::forward(const Tensor& x, const Tensor& modality, ops::AttnMod
 }
 
 Tensor LlamaBlock::backward(const Tensor& dy, const Tensor& modality, ops::AttnMode mode, LlamaBlockCache& c) const {
+  if (c.recompute) {
+    const Tensor x = c.input;
+    const int64_t B = c.B, L = c.L;
+    c = LlamaBlockCache();
+    forward(x, modality, mode, B, L, c);
+  }
   Tensor tmp = Tensor::empty(dy.shape(), dy.dtype(), dy.device());
   // y = h + mlp(norm2(h)):  dh = dy + norm2ᵀ(mlpᵀ(dy))
   mlp_.backward(dy, c.mlp, tmp);

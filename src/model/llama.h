@@ -25,7 +25,8 @@ struct TensorParallel {
 struct AttentionCache {
   LinearCache q, k, v, o;
   Tensor qr, kr, vv;  // q, k after rotary and v, as [B, L, heads, hd]
-  Tensor probs;       // [B, H, L, L]
+  Tensor att;         // attention output [B, L, heads, hd] (the o_proj input; no copy)
+  Tensor saved;       // what the attention op keeps for backward (ops::attention_fwd)
 };
 
 class LlamaAttention {
@@ -64,7 +65,18 @@ class LlamaMLP {
   TensorParallel tp_;
 };
 
+// What a decoder block keeps from forward for backward (--recompute).
+enum class Recompute : uint8_t {
+  none,   // every activation backward reads
+  block,  // only the block's input; backward runs the block's forward again first
+};
+Recompute parse_recompute(const std::string& s);  // "none" | "block"; throws ConfigError
+
 struct LlamaBlockCache {
+  // Recompute::block keeps only these; backward rebuilds the rest.
+  Tensor input;
+  int64_t B = 0, L = 0;
+  bool recompute = false;
   NormCache norm1, norm2;
   AttentionCache attn;
   MlpCache mlp;
@@ -75,8 +87,11 @@ class LlamaBlock {
   LlamaBlock() = default;
   LlamaBlock(ParamStore& store, const std::string& prefix, const LlmConfig& cfg, const TensorParallel& tp = {});
   void add_lora(ParamStore& store, int64_t rank, float alpha);
+  // With Recompute::block the activations die here and backward recomputes them: the same
+  // ops on the same input, so its gradients are bit-identical to a stored run's (a TP
+  // block repeats its forward all-reduces, in the same order on every rank).
   Tensor forward(const Tensor& x, const Tensor& modality, ops::AttnMode mode, int64_t B, int64_t L,
-                 LlamaBlockCache& c) const;
+                 LlamaBlockCache& c, Recompute recompute = Recompute::none) const;
   // dy is the gradient of the block output; returns the gradient of its input.
   Tensor backward(const Tensor& dy, const Tensor& modality, ops::AttnMode mode, LlamaBlockCache& c) const;
 

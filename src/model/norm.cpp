@@ -13,12 +13,12 @@ Tensor RMSNorm::forward(const Tensor& x, NormCache& c) const {
   Tensor y = Tensor::empty(x.shape(), x.dtype(), x.device());
   c.x = x;
   c.rstd = per_row(x);
-  ops::rmsnorm_fwd(x, w_->value, eps_, y, c.rstd);
+  ops::rmsnorm_fwd(x, w_->compute(), eps_, y, c.rstd);
   return y;
 }
 
 void RMSNorm::backward(const Tensor& dy, const NormCache& c, const Tensor& dx) const {
-  ops::rmsnorm_bwd(dy, c.x, w_->value, c.rstd, dx, w_->trainable ? w_->grad : Tensor());
+  ops::rmsnorm_bwd(dy, c.x, w_->compute(), c.rstd, dx, w_->trainable ? w_->grad : Tensor());
 }
 
 LayerNorm::LayerNorm(ParamStore& store, const std::string& name, int64_t dim, float eps)
@@ -29,12 +29,12 @@ Tensor LayerNorm::forward(const Tensor& x, NormCache& c) const {
   c.x = x;
   c.mean = per_row(x);
   c.rstd = per_row(x);
-  ops::layernorm_fwd(x, w_->value, b_->value, eps_, y, c.mean, c.rstd);
+  ops::layernorm_fwd(x, w_->compute(), b_->compute(), eps_, y, c.mean, c.rstd);
   return y;
 }
 
 void LayerNorm::backward(const Tensor& dy, const NormCache& c, const Tensor& dx) const {
-  ops::layernorm_bwd(dy, c.x, w_->value, c.mean, c.rstd, dx, w_->trainable ? w_->grad : Tensor(),
+  ops::layernorm_bwd(dy, c.x, w_->compute(), c.mean, c.rstd, dx, w_->trainable ? w_->grad : Tensor(),
                      b_->trainable ? b_->grad : Tensor());
 }
 

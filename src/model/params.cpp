@@ -6,6 +6,7 @@
 #include <stdexcept>
 
 #include "model/param_table.h"
+#include "ops.h"
 
 namespace vchat {
 
@@ -91,6 +92,28 @@ void ParamStore::set_trainable(Param& p, bool on) {
   p.grad = on ? Tensor::zeros(p.value.shape(), p.value.dtype(), p.value.device()) : Tensor();
 }
 
+void ParamStore::to(Device device, DType compute) {
+  if (flattened_) throw std::logic_error("ParamStore::to after flatten_trainable: move the parameters first");
+  auto moved = [&](const Tensor& t) {
+    if (!t.defined() || t.device() == device) return t;
+    Tensor d = Tensor::empty(t.shape(), t.dtype(), device);
+    d.copy_from(t);
+    return d;
+  };
+  for (auto& p : params_) {
+    p->value = moved(p->value);
+    p->grad = moved(p->grad);
+    p->work = compute == p->value.dtype() ? Tensor() : Tensor::empty(p->value.shape(), compute, device);
+  }
+  device_ = device;
+  refresh_working_copies();
+}
+
+void ParamStore::refresh_working_copies(bool trainable_only) {
+  for (auto& p : params_)
+    if (p->work.defined() && p->value.defined() && (p->trainable || !trainable_only)) ops::cast(p->value, p->work);
+}
+
 void ParamStore::zero_grads() {
   for (auto& p : params_)
     if (p->grad.defined()) p->grad.zero_();
@@ -116,8 +139,8 @@ const ParamStore::Flat& ParamStore::flatten_trainable(int64_t align) {
   }
   align = std::max<int64_t>(1, align);
   f.padded = (f.numel + align - 1) / align * align;
-  f.values = Tensor::zeros({f.padded});
-  f.grads = Tensor::zeros({f.padded});
+  f.values = Tensor::zeros({f.padded}, DType::f32, device_);
+  f.grads = Tensor::zeros({f.padded}, DType::f32, device_);
   for (size_t i = 0; i < t.size(); ++i) {
     const int64_t n = t[i]->value.numel();
     Tensor v = f.values.slice(0, f.offset[i], f.offset[i] + n).reshape(t[i]->value.shape());

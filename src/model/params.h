@@ -29,8 +29,12 @@ struct ShardSpec {
 
 struct Param {
   std::string name;
-  Tensor value;
-  Tensor grad;  // defined only while trainable
+  Tensor value;  // the master weights (f32): what the optimizer updates and checkpoints store
+  Tensor grad;   // defined only while trainable (f32)
+  // The compute-dtype copy the layers read under a bf16 policy (model/precision.h); the
+  // fused AdamW keeps it current. Undefined in fp32 runs: the layers read `value`.
+  Tensor work;
+  const Tensor& compute() const { return work.defined() ? work : value; }
   bool trainable = false;
   ShardSpec shard;
   // Tensor-parallel replicas that split the work between them (the image-parallel ViT, a
@@ -66,6 +70,13 @@ class ParamStore {
   std::vector<Param*> trainable() const;
   void set_trainable(Param& p, bool on);  // allocates or drops the gradient
   void zero_grads();
+  // Moves every value and gradient to `device` and, when the policy computes in bf16, gives
+  // each parameter its working copy. Before flatten_trainable (which then allocates there).
+  void to(Device device, DType compute);
+  // Re-derives the working copies from the master values: all of them (after init or a
+  // checkpoint load), or the trainable ones' (after an update).
+  void refresh_working_copies(bool trainable_only = false);
+  Device device() const { return device_; }
   int64_t numel(bool trainable_only) const;  // this rank's elements (ShardSpec::local)
 
   // Moves every trainable parameter (value and gradient) into two flat buffers, in
@@ -89,6 +100,7 @@ class ParamStore {
   bool declared_ = false;
   Flat flat_;
   bool flattened_ = false;
+  Device device_ = Device::cpu;
 };
 
 // Deterministic initialisation from a seed, by each parameter's table rule (InitRule:

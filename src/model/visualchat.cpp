@@ -76,6 +76,23 @@ VisualChatModel::VisualChatModel(const ModelConfig& cfg, const ModelOptions& opt
 
 VisualChatModel::~VisualChatModel() = default;
 
+void VisualChatModel::to(Device device, const PrecisionPolicy& policy) {
+  params_.to(device, policy.compute);
+  device_ = device;
+  compute_ = policy.compute;
+}
+
+// A host f32 copy of t (or t itself when it is one already).
+Tensor host_f32(const Tensor& t) {
+  if (t.device() == Device::cpu && t.dtype() == DType::f32) return t;
+  Tensor f = t;
+  if (t.dtype() != DType::f32) {
+    f = Tensor::empty(t.shape(), DType::f32, t.device());
+    ops::cast(t.is_contiguous() ? t : t.clone(), f);
+  }
+  return f.to(Device::cpu);
+}
+
 void VisualChatModel::refresh_trainable() {
   vit_trains_ = false;
   bool proj_trains = false;
@@ -118,7 +135,6 @@ std::pair<int64_t, int64_t> VisualChatModel::my_images(int64_t n) const {
 
 // Activations of one micro-batch, released as backward walks past them.
 struct VisualChatModel::Cache {
-  Tensor ids, image_rows;  // first stage: embedding ids (-1 at image rows), image row indices
   int64_t n_images = 0;
   VisionCache vit;
   ProjectionCache proj;
@@ -130,7 +146,10 @@ struct VisualChatModel::Cache {
 
 Tensor VisualChatModel::stage_forward(int mb, const Batch& batch, const Tensor& input, bool backward_follows,
                                       MicroBatchResult* result, bool keep_logits) {
-  batch.validate(cfg_.llm.vocab_size, cfg_.vision.image_size);
+  // Shapes only: the contents were checked by Batch::validate in the data path.
+  VCHAT_CHECK(batch.embed_ids.defined() && batch.embed_ids.numel() == batch.tokens.numel() &&
+                  batch.image_rows.defined(),
+              "micro-batch " << mb << " has no embedding ids / image rows (build batches with Batch::from_rows)");
   const int64_t B = batch.batch_size(), L = batch.seq_len(), N = B * L, H = cfg_.llm.hidden;
   if (caches_.count(mb)) throw std::logic_error("micro-batch " + std::to_string(mb) + " is already in flight");
   auto cache = std::make_unique<Cache>();
@@ -138,21 +157,12 @@ Tensor VisualChatModel::stage_forward(int mb, const Batch& batch, const Tensor& 
   Tensor x;
 
   if (first_stage()) {
-    // 1. Where the image rows go: image positions in (b, l) scan order; their token ids
-    //    become -1 so the embedding lookup leaves them (and their gradient) alone.
+    // 1. Where the image rows go (built with the batch): image positions in (b, l) scan
+    //    order; their embedding ids are -1, so the lookup leaves them (and their gradient) alone.
     const int64_t T_img = cfg_.vision.tokens_per_image();
-    std::vector<int32_t> ids(N), image_rows;
-    const int32_t* tok = batch.tokens.data<int32_t>();
-    const uint8_t* mod = batch.modality.data<uint8_t>();
-    for (int64_t i = 0; i < N; ++i) {
-      ids[i] = mod[i] == ops::kImage ? -1 : tok[i];
-      if (mod[i] == ops::kImage) image_rows.push_back(static_cast<int32_t>(i));
-    }
-    VCHAT_CHECK(static_cast<int64_t>(image_rows.size()) == batch.n_images() * T_img,
-                "batch has " << image_rows.size() << " image positions for " << batch.n_images() << " images of "
-                             << T_img << " tokens");
-    c.ids = Tensor::from_vector(ids, {N});
-    c.image_rows = Tensor::from_vector(image_rows, {static_cast<int64_t>(image_rows.size())});
+    VCHAT_CHECK(batch.image_rows.numel() == batch.n_images() * T_img,
+                "batch has " << batch.image_rows.numel() << " image positions for " << batch.n_images()
+                             << " images of " << T_img << " tokens");
     c.n_images = batch.n_images();
 
     // 2. Vision encoder, image-parallel over TP: each rank encodes its slice of the images
@@ -164,10 +174,10 @@ Tensor VisualChatModel::stage_forward(int mb, const Batch& batch, const Tensor& 
     if (!vit_trains_) c.vit = VisionCache();  // a frozen encoder's activations are dead now
     if (tp_size() > 1 && c.n_images > 0) {
       const int64_t per = (c.n_images + tp_size() - 1) / tp_size() * T_img;  // rows per rank
-      Tensor mine = Tensor::zeros({per, W});
+      Tensor mine = Tensor::zeros({per, W}, compute_, device_);
       if (feats.size(0) > 0) mine.slice(0, 0, feats.size(0)).copy_from(feats);
-      Tensor all = Tensor::empty({per * tp_size(), W});
-      mp_.tp->all_gather(mine.raw(), all.raw(), per * W, DType::f32);
+      Tensor all = Tensor::empty({per * tp_size(), W}, compute_, device_);
+      mp_.tp->all_gather(mine.raw(), all.raw(), per * W, compute_);
       feats = all.slice(0, 0, c.n_images * T_img);
     }
     // 3. Projection, then the token embeddings with the image rows spliced in.
@@ -175,13 +185,13 @@ Tensor VisualChatModel::stage_forward(int mb, const Batch& batch, const Tensor& 
     Tensor img = c.n_images > 0 ? proj_.forward(feats, c.proj) : Tensor();
     hook(unit_proj()).after_forward(0);
     hook(unit_embed()).before_forward(0);
-    x = Tensor::empty({N, H});  // image rows are filled by the scatter below
+    x = Tensor::empty({N, H}, compute_, device_);  // image rows are filled by the scatter below
     if (tp_size() > 1)
-      vocab_parallel_embedding_fwd(c.ids, embed_->value, {vocab_begin_, vocab_size_}, *mp_.tp, x);
+      vocab_parallel_embedding_fwd(batch.embed_ids, embed_->compute(), {vocab_begin_, vocab_size_}, *mp_.tp, x);
     else
-      ops::embedding_fwd(c.ids, embed_->value, x);
+      ops::embedding_fwd(batch.embed_ids, embed_->compute(), x);
     hook(unit_embed()).after_forward(0);
-    if (img.defined()) ops::scatter_rows(img, c.image_rows, x);
+    if (img.defined()) ops::scatter_rows(img, batch.image_rows, x);
   } else {
     VCHAT_CHECK(input.defined() && input.dim() == 2 && input.size(0) == N && input.size(1) == H,
                 "stage " << mp_.pp_rank << ": micro-batch " << mb << " input " << (input.defined() ? shape_str(input.shape()) : "none")
@@ -193,7 +203,7 @@ Tensor VisualChatModel::stage_forward(int mb, const Batch& batch, const Tensor& 
   c.blocks.resize(blocks_.size());
   for (size_t i = 0; i < blocks_.size(); ++i) {
     hook(unit_block(i)).before_forward(0);
-    x = blocks_[i].forward(x, batch.modality, opt_.attention, B, L, c.blocks[i]);
+    x = blocks_[i].forward(x, batch.modality, opt_.attention, B, L, c.blocks[i], opt_.recompute);
     hook(unit_block(i)).after_forward(0);
   }
 
@@ -202,7 +212,7 @@ Tensor VisualChatModel::stage_forward(int mb, const Batch& batch, const Tensor& 
     hook(unit_head()).before_forward(0);
     c.logits = lm_head_.forward(final_norm_.forward(x, c.final_norm), c.head);
     hook(unit_head()).after_forward(0);
-    c.lse = Tensor::empty({N});
+    c.lse = Tensor::empty({N}, DType::f32, device_);
     const Tensor targets = batch.targets.reshape({N});
     MicroBatchResult r;
     r.supervised = batch.supervised_count();
@@ -210,11 +220,15 @@ Tensor VisualChatModel::stage_forward(int mb, const Batch& batch, const Tensor& 
                                : ops::cross_entropy_fwd(c.logits, targets, c.lse);
     r.loss = r.supervised ? r.loss_sum / r.supervised : 0.0;
     if (keep_logits) {
+      // Host f32 logits for the caller (evaluation, tests), whatever the device and dtype.
+      // (A copy: backward overwrites c.logits with the gradient in place.)
+      const Tensor mine = c.logits.device() == Device::cpu && c.logits.dtype() == DType::f32 ? c.logits.clone()
+                                                                                             : host_f32(c.logits);
       if (tp_size() == 1) {
-        r.logits = c.logits.clone();
+        r.logits = mine;
       } else {  // [tp][N][V/tp] from the all-gather → [N][V]
         Tensor parts = Tensor::empty({tp_size(), N, vocab_size_});
-        mp_.tp->all_gather(c.logits.raw(), parts.raw(), N * vocab_size_, DType::f32);
+        mp_.tp->all_gather(mine.raw(), parts.raw(), N * vocab_size_, DType::f32);
         r.logits = Tensor::empty({N, cfg_.llm.vocab_size});
         for (int t = 0; t < tp_size(); ++t)
           for (int64_t i = 0; i < N; ++i)
@@ -246,11 +260,11 @@ Tensor VisualChatModel::stage_backward(int mb, const Batch& batch, const Tensor&
     else
       ops::cross_entropy_bwd(c.logits, targets, c.lse, loss_scale, c.logits);
     hook(unit_head()).before_backward(0);
-    Tensor dnormed = Tensor::empty({N, H});
+    Tensor dnormed = Tensor::empty({N, H}, compute_, device_);
     lm_head_.backward(c.logits, c.head, dnormed);
     tp_.all_reduce(dnormed);  // f: lm_head is column-parallel over the vocabulary
     c.logits = Tensor();
-    dx = Tensor::empty({N, H});
+    dx = Tensor::empty({N, H}, compute_, device_);
     final_norm_.backward(dnormed, c.final_norm, dx);
     hook(unit_head()).after_backward(0);
   } else {
@@ -272,9 +286,9 @@ Tensor VisualChatModel::stage_backward(int mb, const Batch& batch, const Tensor&
   if (embed_->trainable) {
     hook(unit_embed()).before_backward(0);
     if (tp_size() > 1)
-      vocab_parallel_embedding_bwd(dx, c.ids, {vocab_begin_, vocab_size_}, embed_->grad);
+      vocab_parallel_embedding_bwd(dx, batch.embed_ids, batch.embed_groups, {vocab_begin_, vocab_size_}, embed_->grad);
     else
-      ops::embedding_bwd(dx, c.ids, embed_->grad);
+      ops::embedding_bwd(dx, batch.embed_ids, batch.embed_groups, embed_->grad);
     hook(unit_embed()).after_backward(0);
   }
   if (image_path_trains_) {
@@ -282,9 +296,9 @@ Tensor VisualChatModel::stage_backward(int mb, const Batch& batch, const Tensor&
     Tensor dfeat;
     hook(unit_proj()).before_backward(0);
     if (c.n_images > 0) {
-      Tensor dimg = Tensor::empty({c.image_rows.numel(), H});
-      ops::gather_rows(dx, c.image_rows, dimg);
-      dfeat = vit_trains_ ? Tensor::empty({c.image_rows.numel(), W}) : Tensor();
+      Tensor dimg = Tensor::empty({batch.image_rows.numel(), H}, compute_, device_);
+      ops::gather_rows(dx, batch.image_rows, dimg);
+      dfeat = vit_trains_ ? Tensor::empty({batch.image_rows.numel(), W}, compute_, device_) : Tensor();
       proj_.backward(dimg, c.proj, dfeat);
     }
     hook(unit_proj()).after_backward(0);

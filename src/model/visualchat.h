@@ -11,11 +11,15 @@
 #include "model/config.h"
 #include "model/llama.h"
 #include "model/param_table.h"
+#include "model/precision.h"
 #include "model/projection.h"
 #include "model/units.h"
 #include "model/vit.h"
 
 namespace vchat {
+
+// A host f32 copy of t (t itself when it is one already): results for the caller.
+Tensor host_f32(const Tensor& t);
 
 // What trains (DESIGN.md §3.4, docs/MODEL.md).
 enum class TrainSet { paper_default, lora, full };
@@ -28,6 +32,7 @@ struct ModelOptions {
   TrainSet train = TrainSet::paper_default;
   int64_t lora_rank = 8;
   float lora_alpha = 16.f;
+  Recompute recompute = Recompute::none;  // decoder blocks' activations (--recompute)
 };
 
 struct MicroBatchResult {
@@ -82,6 +87,12 @@ class VisualChatModel {
   std::vector<ParamUnit> units() const;
   void set_hooks(UnitHooks* hooks) { hooks_ = hooks; }
 
+  // Moves this rank's parameters to `device` with the policy's working copies (before the
+  // optimizer flattens them); activations then live there in the compute dtype.
+  void to(Device device, const PrecisionPolicy& policy);
+  Device device() const { return device_; }
+  DType compute_dtype() const { return compute_; }
+
   ParamStore& params() { return params_; }
   const ParamStore& params() const { return params_; }
   const ParamTable& table() const { return table_; }  // the whole one-rank model's parameters
@@ -121,6 +132,8 @@ class VisualChatModel {
   Linear lm_head_;
   bool vit_trains_ = false, image_path_trains_ = false;
   UnitHooks* hooks_ = nullptr;
+  Device device_ = Device::cpu;
+  DType compute_ = DType::f32;
   std::map<int, std::unique_ptr<Cache>> caches_;  // per micro-batch in flight
 };
 

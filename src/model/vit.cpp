@@ -22,10 +22,9 @@ Tensor VitLayer::forward(const Tensor& x, int64_t n_img, int64_t T, VitLayerCach
   c.qh = q_.forward(xn, c.q).reshape({n_img, T, heads_, hd_});
   c.kh = k_.forward(xn, c.k).reshape({n_img, T, heads_, hd_});
   c.vh = v_.forward(xn, c.v).reshape({n_img, T, heads_, hd_});
-  c.probs = Tensor::empty({n_img, heads_, T, T}, x.dtype(), x.device());
-  Tensor att = Tensor::empty(c.qh.shape(), x.dtype(), x.device());
-  ops::attention_fwd(ops::AttnMode::full, c.qh, c.kh, c.vh, Tensor(), att, c.probs);
-  Tensor h = o_.forward(att.reshape({n_img * T, heads_ * hd_}), c.o);
+  c.att = Tensor::empty(c.qh.shape(), x.dtype(), x.device());
+  c.saved = ops::attention_fwd(ops::AttnMode::full, c.qh, c.kh, c.vh, Tensor(), c.att);
+  Tensor h = o_.forward(c.att.reshape({n_img * T, heads_ * hd_}), c.o);
   ops::add(h, x, h);
   c.pre_act = fc1_.forward(ln2_.forward(h, c.ln2), c.fc1);
   Tensor a = Tensor::empty(c.pre_act.shape(), x.dtype(), x.device());
@@ -50,7 +49,7 @@ Tensor VitLayer::backward(const Tensor& dy, VitLayerCache& c) const {
   Tensor dq = Tensor::empty(c.qh.shape(), dy.dtype(), dy.device());
   Tensor dk = Tensor::empty(c.kh.shape(), dy.dtype(), dy.device());
   Tensor dv = Tensor::empty(c.vh.shape(), dy.dtype(), dy.device());
-  ops::attention_bwd(ops::AttnMode::full, datt, c.qh, c.kh, c.vh, Tensor(), c.probs, dq, dk, dv);
+  ops::attention_bwd(ops::AttnMode::full, datt, c.qh, c.kh, c.vh, Tensor(), c.att, c.saved, dq, dk, dv);
   q_.backward(dq.reshape({rows, W}), c.q, tmp);
   k_.backward(dk.reshape({rows, W}), c.k, tmp, 1.f);
   v_.backward(dv.reshape({rows, W}), c.v, tmp, 1.f);
@@ -71,6 +70,14 @@ VisionEncoder::VisionEncoder(ParamStore& s, const VisionConfig& cfg)
     layers_.emplace_back(s, "vit.encoder.layers." + std::to_string(i), cfg);
 }
 
+// The rows of the patch tokens (every row but each image's CLS) of N images of T tokens.
+static Tensor patch_rows(int64_t N, int64_t T, Device device) {
+  std::vector<int32_t> rows;
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t t = 1; t < T; ++t) rows.push_back(static_cast<int32_t>(n * T + t));
+  return Tensor::from_vector(rows, {N * (T - 1)}).to(device);
+}
+
 Tensor VisionEncoder::forward(const Tensor& pixels, VisionCache& c, const HookCursor& hooks) const {
   const int64_t N = pixels.defined() ? pixels.size(0) : 0, np = cfg_.grid() * cfg_.grid(), T = np + 1, W = cfg_.width;
   c.n_img = N;
@@ -83,11 +90,12 @@ Tensor VisionEncoder::forward(const Tensor& pixels, VisionCache& c, const HookCu
     return Tensor::empty({0, W});
   }
   hooks.before_forward(0);
-  Tensor patches = Tensor::empty({N * np, 3 * cfg_.patch_size * cfg_.patch_size}, pixels.dtype(), pixels.device());
+  const DType compute = cls_->compute().dtype();  // the weights' compute dtype (bf16 or f32)
+  Tensor patches = Tensor::empty({N * np, 3 * cfg_.patch_size * cfg_.patch_size}, compute, pixels.device());
   ops::patchify(pixels, cfg_.patch_size, patches);
   Tensor pe = patch_.forward(patches, c.patch);
-  Tensor emb = Tensor::empty({N, T, W}, pixels.dtype(), pixels.device());
-  ops::vit_embed_fwd(pe, cls_->value, pos_->value, emb);
+  Tensor emb = Tensor::empty({N, T, W}, compute, pixels.device());
+  ops::vit_embed_fwd(pe, cls_->compute(), pos_->compute(), emb);
   Tensor h = pre_.forward(emb.flatten_rows(), c.pre);
   hooks.after_forward(0);
   for (size_t i = 0; i < layers_.size(); ++i) {
@@ -97,11 +105,8 @@ Tensor VisionEncoder::forward(const Tensor& pixels, VisionCache& c, const HookCu
   }
   if (cfg_.keep_cls) return h;
   // feature_select "patch": drop each image's CLS row.
-  std::vector<int32_t> rows;
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t t = 1; t < T; ++t) rows.push_back(static_cast<int32_t>(n * T + t));
   Tensor out = Tensor::empty({N * np, W}, h.dtype(), h.device());
-  ops::gather_rows(h, Tensor::from_vector(rows, {N * np}), out);
+  ops::gather_rows(h, patch_rows(N, T, h.device()), out);
   return out;
 }
 
@@ -117,10 +122,7 @@ void VisionEncoder::backward(const Tensor& dfeat, VisionCache& c, const HookCurs
   Tensor dh = dfeat;
   if (!cfg_.keep_cls) {
     dh = Tensor::zeros({N * T, W}, dfeat.dtype(), dfeat.device());
-    std::vector<int32_t> rows;
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t t = 1; t < T; ++t) rows.push_back(static_cast<int32_t>(n * T + t));
-    ops::scatter_rows(dfeat, Tensor::from_vector(rows, {N * np}), dh);
+    ops::scatter_rows(dfeat, patch_rows(N, T, dfeat.device()), dh);
   }
   for (size_t i = layers_.size(); i-- > 0;) {
     hooks.before_backward(1 + static_cast<int>(i));

@@ -15,7 +15,7 @@ namespace vchat {
 struct VitLayerCache {
   NormCache ln1, ln2;
   LinearCache q, k, v, o, fc1, fc2;
-  Tensor qh, kh, vh, probs, pre_act;
+  Tensor qh, kh, vh, att, saved, pre_act;  // saved: the attention op's (ops::attention_fwd)
 };
 
 class VitLayer {

@@ -3,10 +3,11 @@
 // lm_head, so the logits of a row are spread over the group. The loss needs, per row, the
 // max logit, then the sum of exponentials and the target's logit: two small all-reduces
 // (the latter two packed into one).
-// Host (CPU) tensors; with one rank the model uses the plain ops instead.
+// On any device (the pieces are ops); with one rank the model uses the plain ops instead.
 #pragma once
 #include <cstdint>
 
+#include "ops.h"
 #include "tensor.h"
 
 namespace vchat {
@@ -21,7 +22,8 @@ struct VocabSlice {
 // the group: each rank fills the ids that fall in its slice.
 void vocab_parallel_embedding_fwd(const Tensor& ids, const Tensor& table, VocabSlice slice, Comm& tp, const Tensor& out);
 // dtable += dout rows of the ids in this rank's slice (dout is the same on every rank).
-void vocab_parallel_embedding_bwd(const Tensor& dout, const Tensor& ids, VocabSlice slice, const Tensor& dtable);
+void vocab_parallel_embedding_bwd(const Tensor& dout, const Tensor& ids, const ops::TokenGroups& groups, VocabSlice slice,
+                                  const Tensor& dtable);
 
 // logits [N, V/tp] this rank's columns; targets [N] (i32, global ids, < 0: no loss).
 // Writes lse [N] (the full row's log-sum-exp) and returns the summed loss over supervised

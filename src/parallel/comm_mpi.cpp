@@ -114,6 +114,38 @@ struct Pending {
 
 constexpr int kP2pTag = 0;  // send/recv use the communicator alone: MPI keeps their order per peer
 
+// The staged path for device buffers (docs/DECISIONS.md "GPU path"): MPI here is a host
+// transport, so a buffer in device memory (pointer_device) is copied to a host copy before
+// the operation and, when the operation writes it, back after. Host buffers pass as they
+// are. Several ranks sharing one GPU, or a machine without NCCL, run every layout this way.
+class Staged {
+ public:
+  // `ptr`: the caller's buffer of `bytes`; `read`: the operation reads its contents.
+  Staged(const void* ptr, int64_t bytes, bool read)
+      : user_(const_cast<void*>(ptr)), bytes_(bytes), device_(bytes > 0 && pointer_device(ptr) == Device::cuda) {
+    if (!device_) return;
+    host_.resize(static_cast<size_t>(bytes));
+    if (read) device_memcpy(host_.data(), Device::cpu, ptr, Device::cuda, static_cast<size_t>(bytes));
+  }
+  Staged(const Staged&) = delete;
+  Staged& operator=(const Staged&) = delete;
+  Staged(Staged&&) = default;
+  char* host() { return device_ ? host_.data() : static_cast<char*>(user_); }
+  // Writes [offset, offset + n) of the host copy back to the device buffer.
+  void write_back(int64_t offset, int64_t n) {
+    if (device_ && n > 0)
+      device_memcpy(static_cast<char*>(user_) + offset, Device::cuda, host_.data() + offset, Device::cpu,
+                    static_cast<size_t>(n));
+  }
+  void write_back() { write_back(0, bytes_); }
+
+ private:
+  void* user_;
+  int64_t bytes_;
+  bool device_;
+  std::vector<char> host_;
+};
+
 class MpiComm final : public Comm {
  public:
   // Takes ownership of `comm`, a communicator made for this object alone (dup or split).
@@ -145,12 +177,14 @@ class MpiComm final : public Comm {
     Pending p("all_reduce");
     const auto [type, mop] = reduce_type(dtype, op, p.op);
     const int64_t es = static_cast<int64_t>(dtype_size(dtype));
-    char* b = static_cast<char*>(buf);
+    Staged st(buf, count * es, true);
+    char* b = st.host();
     for (int64_t done = 0; done < count; done += max_count_) {
       const int n = slice(count, done);
       check(MPI_Iallreduce(MPI_IN_PLACE, b + done * es, n, type, mop, comm_, p.next()), p.op, name_);
     }
     complete(p);
+    st.write_back();
     record(ring_all_reduce_bytes(double(count) * es));
   }
 
@@ -169,10 +203,12 @@ class MpiComm final : public Comm {
     const OpTimer timer(*this);
     Pending p("broadcast");
     check_rank(root, "root", p.op);
-    char* b = static_cast<char*>(buf);
+    Staged st(buf, bytes, rank_ == root);
+    char* b = st.host();
     for (int64_t done = 0; done < bytes; done += max_count_)
       check(MPI_Ibcast(b + done, slice(bytes, done), MPI_BYTE, root, comm_, p.next()), p.op, name_);
     complete(p);
+    if (rank_ != root) st.write_back();
     record(ring_share_bytes(double(bytes)));
   }
 
@@ -188,12 +224,15 @@ class MpiComm final : public Comm {
     const auto [type, mop] = reduce_type(dtype, op, p.op);
     const int64_t es = static_cast<int64_t>(dtype_size(dtype));
     const int64_t block = recv_count * es;
-    const char* s = static_cast<const char*>(send);
-    char* r = static_cast<char*>(recv);
-    const bool in_place = block > 0 && r == s + rank_ * block;
-    if (!in_place && overlaps(s, size_ * block, r, block))
+    const bool in_place = block > 0 && static_cast<char*>(recv) == static_cast<const char*>(send) + rank_ * block;
+    if (!in_place && overlaps(static_cast<const char*>(send), size_ * block, static_cast<const char*>(recv), block))
       throw std::invalid_argument(std::string(p.op) + " on group '" + name_ +
                                   "': recv overlaps send other than as send's own block");
+    // In place, the result is this rank's block of the staged send buffer.
+    Staged st_send(send, size_ * block, true);
+    Staged st_recv(in_place ? nullptr : recv, in_place ? 0 : block, false);
+    const char* s = st_send.host();
+    char* r = in_place ? st_send.host() + rank_ * block : st_recv.host();
     if (recv_count <= max_count_) {
       if (in_place) {
         // MPI's in-place form reads the whole input from recvbuf and leaves the result at its
@@ -207,6 +246,8 @@ class MpiComm final : public Comm {
       }
       complete(p);
       if (in_place && rank_ != 0) std::memmove(r, s, static_cast<size_t>(block));
+      if (in_place) st_send.write_back(rank_ * block, block);
+      else st_recv.write_back();
     } else {
       // Too large for one int count: every slice of every block is reduced to its owner.
       // Slower than a ring, but only reached past 2^30 elements per rank.
@@ -222,6 +263,8 @@ class MpiComm final : public Comm {
         }
       }
       complete(p);
+      if (in_place) st_send.write_back(rank_ * block, block);
+      else st_recv.write_back();
     }
     record(ring_share_bytes(double(size_) * block));
   }
@@ -229,8 +272,10 @@ class MpiComm final : public Comm {
   void all_gather(const void* send, void* recv, int64_t send_count, DType dtype) override {
     const OpTimer timer(*this);
     Pending p("all_gather");
-    start_all_gather(p, send, recv, send_count, dtype);
+    std::vector<Staged> staged;
+    start_all_gather(p, send, recv, send_count, dtype, staged);
     complete(p);
+    if (!staged.empty()) staged.back().write_back();  // the recv buffer
   }
 
   // The gather's requests live in the returned object; they are completed by its wait()
@@ -240,7 +285,7 @@ class MpiComm final : public Comm {
                                                 DType dtype) override {
     const OpTimer timer(*this);
     auto req = std::make_unique<Request>(*this, Pending("all_gather_async"));
-    start_all_gather(req->pending, send, recv, send_count, dtype);
+    start_all_gather(req->pending, send, recv, send_count, dtype, req->staged);
     return req;
   }
 
@@ -248,7 +293,8 @@ class MpiComm final : public Comm {
     const OpTimer timer(*this);
     Pending p("send");
     check_peer(peer, p.op);
-    const char* b = static_cast<const char*>(buf);
+    Staged st(buf, bytes, true);
+    const char* b = st.host();
     for (int64_t done = 0; done < bytes; done += max_count_)
       check(MPI_Isend(b + done, slice(bytes, done), MPI_BYTE, peer, kP2pTag, comm_, p.next()), p.op, name_);
     complete(p);
@@ -259,7 +305,9 @@ class MpiComm final : public Comm {
     const OpTimer timer(*this);
     const auto start = Clock::now();  // the timeout covers the whole message
     check_peer(peer, "recv");
-    if (!receive_slices("recv", buf, bytes, peer, start)) throw short_message("recv", bytes, peer);
+    Staged st(buf, bytes, false);
+    if (!receive_slices("recv", st.host(), bytes, peer, start)) throw short_message("recv", bytes, peer);
+    st.write_back();
     record(size_ > 1 ? double(bytes) : 0);
   }
 
@@ -271,15 +319,17 @@ class MpiComm final : public Comm {
     check_peer(source, sends.op);
     // Every send slice is posted before any receive is waited for: the peer may be doing
     // the same towards us, and would otherwise wait for our receive while we wait for its.
-    const char* s = static_cast<const char*>(send_buf);
+    Staged st_send(send_buf, send_bytes, true), st_recv(recv_buf, recv_bytes, false);
+    const char* s = st_send.host();
     for (int64_t done = 0; done < send_bytes; done += max_count_)
       check(MPI_Isend(s + done, slice(send_bytes, done), MPI_BYTE, dest, kP2pTag, comm_, sends.next()), sends.op,
             name_);
     // Polling the receive also drives the sends (MPI progress is not per request).
-    const bool whole = receive_slices("sendrecv", recv_buf, recv_bytes, source, sends.start);
+    const bool whole = receive_slices("sendrecv", st_recv.host(), recv_bytes, source, sends.start);
     // The sends complete before any throw: MPI must be done with send_buf when we return.
     complete(sends);
     if (!whole) throw short_message("sendrecv", recv_bytes, source);
+    st_recv.write_back();
     record(size_ > 1 ? double(send_bytes) + double(recv_bytes) : 0);
   }
 
@@ -326,9 +376,11 @@ class MpiComm final : public Comm {
       waited_ = true;  // first: a throw from complete() must not make the destructor retry
       const OpTimer timer(comm_);
       comm_.complete(pending);
+      if (!staged.empty()) staged.back().write_back();
     }
 
-    Pending pending;  // filled by start_all_gather
+    Pending pending;              // filled by start_all_gather
+    std::vector<Staged> staged;   // host copies of device buffers, recv last
 
    private:
     MpiComm& comm_;
@@ -336,15 +388,21 @@ class MpiComm final : public Comm {
   };
 
   // Issues an all_gather into `p` and counts its traffic (at the start, for the async form).
-  void start_all_gather(Pending& p, const void* send, void* recv, int64_t send_count, DType dtype) {
+  // Device buffers are staged into `staged` (the recv buffer last: the caller writes it
+  // back once the gather completes).
+  void start_all_gather(Pending& p, const void* send, void* recv, int64_t send_count, DType dtype,
+                        std::vector<Staged>& staged) {
     const int64_t block = send_count * static_cast<int64_t>(dtype_size(dtype));
-    const char* s = static_cast<const char*>(send);
-    char* r = static_cast<char*>(recv);
-    char* mine = r + rank_ * block;
-    const bool in_place = block > 0 && s == mine;
-    if (!in_place && overlaps(s, block, r, size_ * block))
+    const bool in_place = block > 0 && static_cast<const char*>(send) == static_cast<char*>(recv) + rank_ * block;
+    if (!in_place && overlaps(static_cast<const char*>(send), block, static_cast<const char*>(recv), size_ * block))
       throw std::invalid_argument(std::string(p.op) + " on group '" + name_ +
                                   "': send overlaps recv other than as recv's own block");
+    staged.reserve(2);
+    if (!in_place) staged.emplace_back(send, block, true);
+    staged.emplace_back(recv, size_ * block, in_place);  // in place, our block is read from it
+    char* r = staged.back().host();
+    const char* s = in_place ? r + rank_ * block : staged.front().host();
+    char* mine = r + rank_ * block;
     // Only bytes move, so any dtype travels as MPI_BYTE.
     if (block <= max_count_) {
       check(MPI_Iallgather(in_place ? MPI_IN_PLACE : s, static_cast<int>(block), MPI_BYTE, r, static_cast<int>(block),

@@ -27,8 +27,8 @@ const char* kind_name(int64_t kind) {
 // stage no-ops on the last, so the schedules read the same on every stage (as Megatron's).
 class Stage {
  public:
-  Stage(Comm& pp, int micro_batches, const char* schedule)
-      : pp_(pp), s_(pp.rank()), p_(pp.size()), schedule_(schedule) {
+  Stage(Comm& pp, int micro_batches, const char* schedule, PipelinePayload payload)
+      : pp_(pp), s_(pp.rank()), p_(pp.size()), schedule_(schedule), payload_(payload) {
     if (micro_batches < 1)
       throw std::invalid_argument(std::string(schedule) + " on group '" + pp.name() +
                                   "': micro_batches must be >= 1, got " + std::to_string(micro_batches));
@@ -93,12 +93,15 @@ class Stage {
     std::string bad;
     if (!t.defined()) bad = "an undefined tensor";
     else if (t.dim() != 2) bad = "a tensor of shape " + shape_str(t.shape()) + " (2-D expected)";
-    else if (t.dtype() != DType::f32) bad = std::string("a ") + dtype_name(t.dtype()) + " tensor (f32 expected)";
-    else if (t.device() != Device::cpu) bad = std::string("a ") + device_name(t.device()) + " tensor (cpu expected)";
+    else if (t.dtype() != payload_.dtype)
+      bad = std::string("a ") + dtype_name(t.dtype()) + " tensor (" + dtype_name(payload_.dtype) + " expected)";
+    else if (t.device() != payload_.device)
+      bad = std::string("a ") + device_name(t.device()) + " tensor (" + device_name(payload_.device) + " expected)";
     else if (!t.is_contiguous()) bad = "a non-contiguous tensor";
     if (!bad.empty())
       throw std::runtime_error(where() + ": " + pass + " of micro-batch " + std::to_string(mb) + " returned " + bad +
-                               "; the neighbouring stage needs a 2-D contiguous f32 cpu tensor");
+                               "; the neighbouring stage needs a 2-D contiguous " + dtype_name(payload_.dtype) + " " +
+                               device_name(payload_.device) + " tensor");
   }
 
   struct Header {
@@ -122,7 +125,7 @@ class Stage {
       throw std::runtime_error(where() + ": the " + kind_name(h.w[0]) + " of micro-batch " + std::to_string(mb) +
                                " from stage " + std::to_string(peer) + " has an invalid shape [" +
                                std::to_string(rows) + ", " + std::to_string(cols) + "]");
-    return Tensor::empty({rows, cols});
+    return Tensor::empty({rows, cols}, payload_.dtype, payload_.device);
   }
 
   void transmit(int peer, PipelineMessage kind, int mb, const Tensor& t, const char* pass) {
@@ -173,13 +176,14 @@ class Stage {
   Comm& pp_;
   const int s_, p_;
   const char* schedule_;
+  PipelinePayload payload_;
   PipelineTimes times_;
 };
 
 }  // namespace
 
-PipelineTimes run_1f1b(Comm& pp, int micro_batches, const PipelineStage& stage) {
-  Stage st(pp, micro_batches, "run_1f1b");
+PipelineTimes run_1f1b(Comm& pp, int micro_batches, const PipelineStage& stage, PipelinePayload payload) {
+  Stage st(pp, micro_batches, "run_1f1b", payload);
   if (!stage.forward || !stage.backward)
     throw std::invalid_argument("run_1f1b on group '" + pp.name() + "': the stage needs both forward and backward");
   const int M = micro_batches;
@@ -225,8 +229,9 @@ PipelineTimes run_1f1b(Comm& pp, int micro_batches, const PipelineStage& stage) 
 }
 
 PipelineTimes run_forward_only(Comm& pp, int micro_batches,
-                               const std::function<Tensor(int mb, const Tensor& input)>& forward) {
-  Stage st(pp, micro_batches, "run_forward_only");
+                               const std::function<Tensor(int mb, const Tensor& input)>& forward,
+                               PipelinePayload payload) {
+  Stage st(pp, micro_batches, "run_forward_only", payload);
   if (!forward) throw std::invalid_argument("run_forward_only on group '" + pp.name() + "': forward is empty");
   // Without backwards nothing flows upstream, so plain blocking transfers form a chain that
   // cannot wait in a cycle.

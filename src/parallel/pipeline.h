@@ -39,8 +39,15 @@
 
 namespace vchat {
 
-// One stage's work for one micro-batch, driven by the schedule. Tensors crossing stages are
-// 2-D contiguous f32 CPU tensors; their shapes may differ per micro-batch.
+// What crosses between stages: 2-D contiguous tensors of this dtype on this device (the
+// model's compute dtype where it runs); their shapes may differ per micro-batch. Both sides
+// of a pipeline use the same payload.
+struct PipelinePayload {
+  Device device = Device::cpu;
+  DType dtype = DType::f32;
+};
+
+// One stage's work for one micro-batch, driven by the schedule.
 struct PipelineStage {
   // Forward micro-batch `mb`. `input`: the activation from the previous stage (undefined
   // Tensor on the first stage). Returns the activation for the next stage (ignored on the last).
@@ -62,16 +69,17 @@ struct PipelineTimes {
 // 1F1B: warm-up min(P-s-1, M) forwards, steady one-forward-one-backward, cool-down
 // backwards; micro-batches 0..M-1 in order in both directions. Collective over `pp`: every
 // stage calls it with the same `micro_batches` (>= 1; std::invalid_argument otherwise).
-PipelineTimes run_1f1b(Comm& pp, int micro_batches, const PipelineStage& stage);
+PipelineTimes run_1f1b(Comm& pp, int micro_batches, const PipelineStage& stage, PipelinePayload payload = {});
 
 // Forward only (evaluation): each stage receives micro-batch mb, runs `forward`, sends the
 // result on, for mb = 0..M-1. Collective over `pp` as run_1f1b.
 PipelineTimes run_forward_only(Comm& pp, int micro_batches,
-                               const std::function<Tensor(int mb, const Tensor& input)>& forward);
+                               const std::function<Tensor(int mb, const Tensor& input)>& forward,
+                               PipelinePayload payload = {});
 
 // The wire format, public so that tests can speak it. Header words, in order:
 //   [0] kind (PipelineMessage), [1] micro-batch index, [2] rows, [3] cols;
-// then rows·cols f32 values (no payload message when that is 0).
+// then rows·cols values of the payload dtype (no payload message when that is 0).
 enum class PipelineMessage : int64_t { activation = 1, gradient = 2 };
 constexpr int kPipelineHeaderWords = 4;
 

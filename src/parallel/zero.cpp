@@ -64,9 +64,11 @@ ZeroOptimizer::ZeroOptimizer(ParamStore& store, Comm& dp, int stage, const AdamW
   const bool sharded = stage >= 1;
   shard_size_ = sharded ? f.padded / dp.size() : f.padded;
   shard_begin_ = sharded ? shard_size_ * dp.rank() : 0;
-  m_ = Tensor::zeros({shard_size_});
-  v_ = Tensor::zeros({shard_size_});
-  if (sharded) grad_shard_ = Tensor::zeros({shard_size_});
+  // Optimizer state lives where the parameters do (ParamStore::to moved them first).
+  const Device dev = store.device();
+  m_ = Tensor::zeros({shard_size_}, DType::f32, dev);
+  v_ = Tensor::zeros({shard_size_}, DType::f32, dev);
+  if (sharded) grad_shard_ = Tensor::zeros({shard_size_}, DType::f32, dev);
   // Record, per parameter, its part of the updated range.
   const std::vector<Param*> t = store.trainable();
   for (size_t i = 0; i < t.size(); ++i) {
@@ -82,7 +84,7 @@ ZeroOptimizer::ZeroOptimizer(ParamStore& store, Comm& dp, int stage, const AdamW
 
 void ZeroOptimizer::zero_grads() {
   if (stage_ == 2) {
-    grads_ = Tensor::zeros({store_.flat()->padded});
+    grads_ = Tensor::zeros({store_.flat()->padded}, DType::f32, store_.device());
     store_.bind_flat_grads(grads_);
   } else {
     grads_.zero_();
@@ -130,6 +132,8 @@ double ZeroOptimizer::step(float lr) {
     Tensor mine = f.values.slice(0, shard_begin_, shard_begin_ + shard_size_).clone();
     timed([&] { dp_.all_gather(mine.raw(), f.values.raw(), shard_size_, DType::f32); });
   }
+  // 4. bf16 runs: the layers read working copies of the updated weights.
+  store_.refresh_working_copies(/*trainable_only=*/true);
   return norm;
 }
 

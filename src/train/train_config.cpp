@@ -38,7 +38,7 @@ void require_positive(const char* opt, T v) {
 }  // namespace
 
 bool parse_train_config(int argc, const char* const argv[], TrainConfig& c) {
-  std::string train = "default", attention = "mmca";
+  std::string train = "default", attention = "mmca", recompute = "none", device = "auto", precision = "auto";
   po::options_description general("vchat-train options");
   // clang-format off
   general.add_options()
@@ -49,6 +49,10 @@ bool parse_train_config(int argc, const char* const argv[], TrainConfig& c) {
     ("lora-rank", po::value(&c.model_options.lora_rank)->default_value(8), "LoRA rank r")
     ("lora-alpha", po::value(&c.model_options.lora_alpha)->default_value(16.f), "LoRA alpha (scale = alpha/r)")
     ("attention", po::value(&attention)->default_value("mmca"), "mmca (multi-modal causal) or causal (baseline)")
+    ("device", po::value(&device)->default_value("auto"), "where the step runs: cpu, cuda (one GPU per rank), or auto (cuda when this build has CUDA and a GPU is visible)")
+    ("precision", po::value(&precision)->default_value("auto"), "compute precision on cuda: bf16 (fp32 master weights, gradients, Adam state) or fp32; auto: bf16 on cuda, fp32 on cpu")
+    ("comm", po::value(&c.comm)->default_value("auto"), "collectives of a --device cuda run: nccl (one GPU per rank), mpi (device buffers staged through the host: any layout, several ranks may share a GPU), or auto (nccl when every rank on a node has its own GPU)")
+    ("recompute", po::value(&recompute)->default_value("none"), "decoder activations: none (keep all for backward) or block (keep each block's input, recompute the rest in backward: less memory, one more forward)")
     ("steps", po::value(&c.steps)->default_value(10), "optimizer steps")
     ("micro-batch-size", po::value(&c.data.batch_size)->default_value(2), "samples per micro-batch")
     ("micro-batches", po::value(&c.micro_batches)->default_value(1), "micro-batches per step and data-parallel replica (gradient accumulation; the 1F1B pipeline's M, >= pp); with --data, --global-batch sets it")
@@ -118,6 +122,13 @@ bool parse_train_config(int argc, const char* const argv[], TrainConfig& c) {
   };
   c.model_options.train = parse_train_set(train);
   c.model_options.attention = parse_attention(attention);
+  c.model_options.recompute = parse_recompute(recompute);
+  // (Counting GPUs starts the CUDA runtime: not for --device cpu.)
+  c.device = resolve_device(device, built_with_cuda(), device == "cpu" ? 0 : visible_gpus());
+  c.precision = resolve_precision(precision, c.device);
+  if (c.comm != "auto" && c.comm != "mpi" && c.comm != "nccl")
+    throw ConfigError("--comm=" + c.comm + " is not one of: auto, mpi, nccl");
+  if (c.comm == "nccl" && c.device != Device::cuda) throw ConfigError("--comm=nccl needs --device cuda");
   require_positive("steps", c.steps);
   require_positive("micro-batch-size", c.data.batch_size);
   require_positive("micro-batches", c.micro_batches);

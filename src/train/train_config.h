@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 
 #include "model/config.h"
+#include "model/precision.h"
 #include "model/visualchat.h"
 #include "train/adamw.h"
 #include "train/lr_schedule.h"
@@ -31,7 +32,10 @@ struct TrainConfig {
   bool fixed_batch = false;   // reuse one batch every step (overfitting check)
   std::string metrics_file;   // JSON lines, one per step; empty = none
   std::string tensorboard_dir;  // TensorBoard event files (rank 0); empty = none
-  double peak_tflops = 0;     // per rank, for MFU; 0 = measure the CPU's sgemm at start
+  double peak_tflops = 0;     // per rank, for MFU; 0 = measure the CPU's sgemm at start (GPU: the chip's dense peak)
+  Device device = Device::cpu;          // --device (auto resolved at parse time)
+  Precision precision = Precision::fp32;  // --precision (model/precision.h)
+  std::string comm = "auto";             // --comm: auto, mpi (device buffers staged through the host), nccl
 
   // Real data (docs/DATA.md). Without --data the synthetic source is used.
   std::vector<std::string> data_sources;  // --data name=path[:weight], repeatable

@@ -37,6 +37,13 @@ Trainer::Trainer(const TrainConfig& cfg, Grid* grid) : cfg_(cfg) {
   model_ = std::make_unique<VisualChatModel>(cfg.model, cfg.model_options,
                                              ModelParallel{&g.tp(), g.coord().pp, g.shape().pp});
   init_params(model_->params(), cfg.seed);
+  if (cfg.device == Device::cuda) {
+    // The grid's communicators carry device buffers (NCCL, or MPI staging them: the app
+    // chose). ZeRO-3's gathered weights and their working copies are the next step.
+    if (cfg.zero_stage == 3) throw ConfigError("--device cuda: --zero 3 on GPUs is not built yet (docs/GPU.md)");
+    select_gpu(g.world().rank());
+    model_->to(Device::cuda, PrecisionPolicy::of(cfg.precision));  // before the optimizer flattens them
+  }
   if (cfg.zero_stage == 3) {
     auto z = std::make_unique<Zero3Optimizer>(model_->units(), g.dp(), cfg.adamw, &g.mp());
     zero3_ = z.get();
@@ -110,7 +117,9 @@ Trainer::Trainer(const TrainConfig& cfg, Grid* grid) : cfg_(cfg) {
   }
   if (!cfg.tensorboard_dir.empty() && is_root()) tensorboard_ = std::make_unique<TensorBoardWriter>(cfg.tensorboard_dir);
   // MFU's denominator: every rank's peak, summed (measured, so a slower node counts as such).
-  peak_flops_ = cfg.peak_tflops > 0 ? cfg.peak_tflops * 1e12 : measured_sgemm_peak();
+  peak_flops_ = cfg.peak_tflops > 0               ? cfg.peak_tflops * 1e12
+                : cfg.device == Device::cuda ? gpu_peak_flops(cfg.precision)
+                                             : measured_sgemm_peak();
   grid_->world().all_reduce_f64(&peak_flops_, 1, ReduceOp::sum);
 }
 
@@ -153,6 +162,7 @@ void Trainer::restore(const std::string& dir, const ckpt::Manifest& m) {
   using clock = std::chrono::steady_clock;
   const auto t0 = clock::now();
   const ckpt::LoadStats st = ckpt::load_state(dir, m, opt_->state());
+  model_->params().refresh_working_copies();  // bf16: the layers read copies of what was loaded
   opt_->set_updates(m.state.updates);
   step_ = m.state.step;
   // Every rank read its own slices; the slowest decides when training can start.
@@ -194,8 +204,12 @@ StepStats Trainer::step() {
   reset_comm_stats();
 
   // 1. This replica's micro-batches of the step (the same on all its model-parallel ranks).
+  //    Checked here, on the host, before any compute: a bad record is named, not computed.
   const std::vector<Batch> batches = next_batches();
   const int M = static_cast<int>(batches.size());
+  for (const Batch& b : batches) b.validate(cfg_.model.llm.vocab_size, cfg_.model.vision.image_size);
+  std::vector<Batch> on_device;  // the model's copies, where it runs
+  for (const Batch& b : batches) on_device.push_back(b.to(cfg_.device));
 
   // 2. The step loss is the mean CE over every supervised token of the global batch, so
   //    each micro-batch's summed loss is divided by the global count (one scalar
@@ -220,14 +234,14 @@ StepStats Trainer::step() {
   PipelineStage stage;
   stage.forward = [&](int mb, const Tensor& input) {
     MicroBatchResult r;
-    Tensor out = model_->stage_forward(mb, batches[mb], input, /*backward_follows=*/true, &r);
+    Tensor out = model_->stage_forward(mb, on_device[mb], input, /*backward_follows=*/true, &r);
     loss_sum += r.loss_sum;
     return out;
   };
   stage.backward = [&](int mb, const Tensor& doutput) {
-    return model_->stage_backward(mb, batches[mb], doutput, loss_scale);
+    return model_->stage_backward(mb, on_device[mb], doutput, loss_scale);
   };
-  run_1f1b(pp, M, stage);
+  run_1f1b(pp, M, stage, {cfg_.device, model_->compute_dtype()});
 
   // 4. The loss lives on the last stage: sum over stages (others add 0), then replicas.
   if (pp.size() > 1) pp.all_reduce_f64(&loss_sum, 1, ReduceOp::sum);
@@ -250,6 +264,7 @@ StepStats Trainer::step() {
   }
   s.grad_norm = s.supervised > 0 ? opt_->step(s.lr) : 0.0;
 
+  synchronize(cfg_.device);  // the step's time includes its queued device work
   s.step = ++step_;
   s.seconds = std::chrono::duration<double>(clock::now() - t0).count();
   s.model_flops = step_flops(cfg_.model, cfg_.model_options, static_cast<int64_t>(counts[2]), cfg_.data.seq_len,
@@ -269,6 +284,7 @@ EvalStats Trainer::evaluate() {
   EvalStats e;
   if (!loader_) return e;
   const std::vector<Batch>& vb = loader_->validation();
+  for (const Batch& b : vb) b.validate(cfg_.model.llm.vocab_size, cfg_.model.vision.image_size);
   // ZeRO-3 gathers each layer's weights from the DP group as the forward reaches it, so
   // every replica must run as many micro-batches as the one with the most; a replica with
   // fewer runs a filler batch whose results are dropped. (Gathering the whole model once
@@ -288,7 +304,7 @@ EvalStats Trainer::evaluate() {
     const bool real = mb < static_cast<int>(vb.size());
     const Batch& b = real ? vb[mb] : filler;
     MicroBatchResult r;
-    Tensor out = model_->stage_forward(mb, b, input, /*backward_follows=*/false, &r, /*keep_logits=*/true);
+    Tensor out = model_->stage_forward(mb, b.to(cfg_.device), input, /*backward_follows=*/false, &r, /*keep_logits=*/true);
     if (!model_->last_stage() || !real) return out;
     sums[0] += r.loss_sum;
     sums[1] += r.supervised;
@@ -315,7 +331,7 @@ EvalStats Trainer::evaluate() {
     }
     return out;
   };
-  if (micro > 0) run_forward_only(grid_->pp(), micro, forward);
+  if (micro > 0) run_forward_only(grid_->pp(), micro, forward, {cfg_.device, model_->compute_dtype()});
   if (grid_->pp().size() > 1) grid_->pp().all_reduce_f64(sums, 4, ReduceOp::sum);
   if (grid_->dp().size() > 1) grid_->dp().all_reduce_f64(sums, 4, ReduceOp::sum);
   e.loss = sums[1] > 0 ? sums[0] / sums[1] : 0;

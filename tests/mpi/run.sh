@@ -28,6 +28,9 @@ export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
 args+=(-x OMP_NUM_THREADS -x OPENBLAS_NUM_THREADS)
 # Test hook of the MPI backend (comm_mpi.cpp): small slices exercise the >2^30 paths.
 [ -z "${VCHAT_COMM_MPI_MAX_COUNT:-}" ] || args+=(-x VCHAT_COMM_MPI_MAX_COUNT)
+# Test hook of tests/mpi_test_main.cpp: every buffer is treated as device memory, so each
+# operation runs through the MPI backend's staged path for device buffers.
+[ -z "${VCHAT_TEST_STAGE_EVERY_BUFFER:-}" ] || args+=(-x VCHAT_TEST_STAGE_EVERY_BUFFER)
 
 if [ -z "$expect_regex" ]; then
   exec "$mpiexec" "${args[@]}" "$@"

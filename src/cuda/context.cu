@@ -1,0 +1,58 @@
+#include "cuda/context.h"
+
+#include <cublasLt.h>
+#include <cuda_runtime.h>
+
+#include "cuda/cuda_backend.h"
+#include "cuda/cuda_check.h"
+
+namespace vchat::cuda {
+
+// Owns the stream, handle and workspace; destroyed with the last Context copy. Destructors
+// must not throw, so their errors are dropped (and cleared from CUDA's sticky last error).
+struct Context::Impl {
+  int device = -1;
+  cudaStream_t stream = nullptr;
+  cublasLtHandle_t lt = nullptr;
+  void* workspace = nullptr;
+  size_t workspace_bytes = 0;
+  ~Impl() {
+    if (device < 0) return;
+    (void)cudaSetDevice(device);
+    if (workspace) (void)cudaFree(workspace);
+    if (lt) (void)cublasLtDestroy(lt);
+    if (stream) (void)cudaStreamDestroy(stream);
+    (void)cudaGetLastError();
+  }
+};
+
+Context Context::create(size_t workspace_bytes) {
+  auto impl = std::make_shared<Impl>();
+  impl->device = bind_device();
+  // A blocking stream (not cudaStreamNonBlocking): it orders with the legacy default stream,
+  // where the allocator's stream-ordered frees and the host copies run.
+  CUDA_CHECK(cudaStreamCreate(&impl->stream));
+  CUBLAS_CHECK(cublasLtCreate(&impl->lt));
+  if (workspace_bytes) CUDA_CHECK(cudaMalloc(&impl->workspace, workspace_bytes));
+  impl->workspace_bytes = workspace_bytes;
+  Context c;
+  c.impl_ = std::move(impl);
+  return c;
+}
+
+void* Context::stream() const { return impl_ ? impl_->stream : nullptr; }
+void* Context::lt() const { return impl_ ? impl_->lt : nullptr; }
+void* Context::workspace() const { return impl_ ? impl_->workspace : nullptr; }
+size_t Context::workspace_bytes() const { return impl_ ? impl_->workspace_bytes : 0; }
+int Context::device() const { return impl_ ? impl_->device : -1; }
+void Context::synchronize() const {
+  if (impl_) CUDA_CHECK(cudaStreamSynchronize(impl_->stream));
+}
+
+const Context& thread_context() {
+  thread_local Context ctx;
+  if (!ctx.valid() || ctx.device() != bind_device()) ctx = Context::create();
+  return ctx;
+}
+
+}  // namespace vchat::cuda

@@ -1,0 +1,150 @@
+// What the kernel files share: fp32 math over f32/bf16 storage, launch geometry, the
+// context's stream, and the operand checks every entry point starts with.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <initializer_list>
+
+#include "check.h"
+#include "cuda/context.h"
+#include "cuda/cuda_backend.h"
+#include "cuda/cuda_check.h"
+
+namespace vchat::cuda {
+
+using bf16 = __nv_bfloat16;
+
+// Loads and stores in fp32 whatever the storage type (bf16 rounds to nearest even).
+__device__ __forceinline__ float ld(const float* p, int64_t i) { return p[i]; }
+__device__ __forceinline__ float ld(const bf16* p, int64_t i) { return __bfloat162float(p[i]); }
+__device__ __forceinline__ void st(float* p, int64_t i, float v) { p[i] = v; }
+__device__ __forceinline__ void st(bf16* p, int64_t i, float v) { p[i] = __float2bfloat16_rn(v); }
+
+inline cudaStream_t stream_of(const Context& c) { return static_cast<cudaStream_t>(c.stream()); }
+
+// Enough blocks to fill every SM several times; grid-stride loops cover the rest.
+inline int grid_for(int64_t work, int threads) {
+  static thread_local int sms = 0;
+  if (!sms) CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, bind_device()));
+  const int64_t needed = (work + threads - 1) / threads;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(needed, int64_t(sms) * 8)));
+}
+
+// Block-wide sum of one float per thread (blockDim.x a multiple of 32, <= 1024). Every
+// thread gets the result. The order of additions is fixed: results are deterministic.
+__device__ __forceinline__ float block_sum(float v) {
+  __shared__ float warp_part[32];
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  __syncthreads();  // warp_part may still be read by a previous call
+  if (lane == 0) warp_part[warp] = v;
+  __syncthreads();
+  float t = lane < warps ? warp_part[lane] : 0.f;
+  for (int o = 16; o > 0; o >>= 1) t += __shfl_xor_sync(0xffffffffu, t, o);
+  return t;
+}
+__device__ __forceinline__ float block_max(float v) {
+  __shared__ float warp_part[32];
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  __syncthreads();
+  if (lane == 0) warp_part[warp] = v;
+  __syncthreads();
+  float t = lane < warps ? warp_part[lane] : -INFINITY;
+  for (int o = 16; o > 0; o >>= 1) t = fmaxf(t, __shfl_xor_sync(0xffffffffu, t, o));
+  return t;
+}
+
+// out[col] += sum over rows of value(row, col), deterministic: block (x, y) sums a chunk of
+// kColRows rows for 32 columns (8 row lanes joined in a fixed order) into partial[y][col],
+// then one thread per column adds the partials in order. No atomics, so the result never
+// depends on scheduling. For weight gradients of norms and biases ([tokens, features]).
+constexpr int kColRows = 256;
+template <class F>
+__global__ void colsum_partial(F value, int64_t rows, int64_t cols, float* partial) {
+  const int64_t col = int64_t(blockIdx.x) * 32 + threadIdx.x;
+  const int64_t r0 = int64_t(blockIdx.y) * kColRows, r1 = min(rows, r0 + kColRows);
+  __shared__ float part[8][33];
+  float s = 0.f;
+  if (col < cols)
+    for (int64_t r = r0 + threadIdx.y; r < r1; r += 8) s += value(r, col);
+  part[threadIdx.y][threadIdx.x] = s;
+  __syncthreads();
+  if (threadIdx.y == 0 && col < cols) {
+    float t = 0.f;
+    for (int k = 0; k < 8; ++k) t += part[k][threadIdx.x];
+    partial[int64_t(blockIdx.y) * cols + col] = t;
+  }
+}
+template <class Unused = void>
+__global__ void colsum_finish(const float* partial, int64_t chunks, int64_t cols, float* out) {
+  const int64_t col = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (col >= cols) return;
+  float s = 0.f;
+  for (int64_t k = 0; k < chunks; ++k) s += partial[k * cols + col];
+  out[col] += s;
+}
+template <class F>
+void column_sums(const Context& c, int64_t rows, int64_t cols, float* out, F value) {
+  if (rows == 0 || cols == 0) return;
+  const int64_t chunks = (rows + kColRows - 1) / kColRows;
+  Tensor partial = Tensor::empty({chunks, cols}, DType::f32, Device::cuda);  // freed stream-ordered
+  const dim3 grid(static_cast<unsigned>((cols + 31) / 32), static_cast<unsigned>(chunks));
+  colsum_partial<<<grid, dim3(32, 8), 0, stream_of(c)>>>(value, rows, cols, static_cast<float*>(partial.raw()));
+  CUDA_CHECK_LAUNCH();
+  colsum_finish<<<static_cast<unsigned>((cols + 255) / 256), 256, 0, stream_of(c)>>>(
+      static_cast<const float*>(partial.raw()), chunks, cols, out);
+  CUDA_CHECK_LAUNCH();
+}
+
+// Operand checks: every entry point names the op and the operand that is wrong.
+struct Arg {
+  const char* name;
+  const Tensor& t;
+};
+// Defined, on cuda, contiguous, of one of `dtypes`.
+inline void expect(const char* op, const Arg& a, std::initializer_list<DType> dtypes) {
+  VCHAT_CHECK(a.t.defined(), op << ": operand " << a.name << " is missing");
+  VCHAT_CHECK(a.t.device() == Device::cuda, op << ": operand " << a.name << " is on " << device_name(a.t.device())
+                                               << ", expected cuda");
+  bool ok = false;
+  for (DType d : dtypes) ok = ok || a.t.dtype() == d;
+  VCHAT_CHECK(ok, op << ": operand " << a.name << " is " << dtype_name(a.t.dtype()) << ", not an allowed dtype");
+  VCHAT_CHECK(a.t.is_contiguous(), op << ": operand " << a.name << " " << shape_str(a.t.shape()) << " is not contiguous");
+}
+// The compute dtype of an op: all of `args` share the first one's, f32 or bf16.
+inline DType expect_compute(const char* op, std::initializer_list<Arg> args) {
+  const DType dt = args.begin()->t.dtype();
+  for (const Arg& a : args) {
+    expect(op, a, {DType::f32, DType::bf16});
+    VCHAT_CHECK(a.t.dtype() == dt, op << ": operand " << a.name << " is " << dtype_name(a.t.dtype()) << " but "
+                                      << args.begin()->name << " is " << dtype_name(dt));
+  }
+  return dt;
+}
+inline void expect_f32(const char* op, std::initializer_list<Arg> args) {
+  for (const Arg& a : args) expect(op, a, {DType::f32});
+}
+
+// Runs the statements with T = float or bf16 after the compute dtype. A macro, not a generic
+// lambda: nvcc does not allow __device__ lambdas inside generic lambdas.
+#define VCHAT_DISPATCH(dtype, T, ...)           \
+  do {                                          \
+    if ((dtype) == ::vchat::DType::f32) {       \
+      using T = float;                          \
+      __VA_ARGS__                               \
+    } else {                                    \
+      using T = ::vchat::cuda::bf16;            \
+      __VA_ARGS__                               \
+    }                                           \
+  } while (0)
+
+template <class T>
+T* ptr(const Tensor& t) {
+  return static_cast<T*>(t.raw());
+}
+
+}  // namespace vchat::cuda

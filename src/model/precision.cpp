@@ -1,0 +1,103 @@
+#include "model/precision.h"
+
+#include <cstdlib>
+
+#include "model/config.h"
+#ifdef VCHAT_WITH_CUDA
+#include "cuda/cuda_backend.h"
+#endif
+
+namespace vchat {
+
+const char* precision_name(Precision p) { return p == Precision::bf16 ? "bf16" : "fp32"; }
+
+PrecisionPolicy PrecisionPolicy::of(Precision p) {
+  PrecisionPolicy pol;
+  pol.precision = p;
+  pol.compute = p == Precision::bf16 ? DType::bf16 : DType::f32;
+  return pol;  // master, grad, optimizer state and statistics stay f32 in both
+}
+
+bool built_with_cuda() {
+#ifdef VCHAT_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+int visible_gpus() {
+#ifdef VCHAT_WITH_CUDA
+  return cuda::device_count();
+#else
+  return 0;
+#endif
+}
+
+int select_gpu(int fallback_rank) {
+  int local = fallback_rank;
+  for (const char* var : {"OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "LOCAL_RANK"})
+    if (const char* v = std::getenv(var)) {
+      local = std::atoi(v);
+      break;
+    }
+#ifdef VCHAT_WITH_CUDA
+  const int n = cuda::device_count();
+  if (n <= 0) throw ConfigError("--device cuda: no CUDA device is visible to this process");
+  cuda::init_backend(local % n);
+  return local % n;
+#else
+  (void)local;
+  throw ConfigError("--device cuda: this build has no CUDA backend");
+#endif
+}
+
+bool each_rank_has_a_gpu() {
+  int local_size = 1;
+  for (const char* var : {"OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE", "LOCAL_WORLD_SIZE"})
+    if (const char* v = std::getenv(var)) {
+      local_size = std::atoi(v);
+      break;
+    }
+  return local_size <= visible_gpus();
+}
+
+double gpu_peak_flops(Precision p) {
+  const double sm90 = p == Precision::bf16 ? 989.4e12 : 66.9e12;  // H100/H200 SXM, 132 SMs, dense
+#ifdef VCHAT_WITH_CUDA
+  return sm90 * cuda::multiprocessor_count() / 132.0;
+#else
+  return sm90;
+#endif
+}
+
+void synchronize(Device d) {
+#ifdef VCHAT_WITH_CUDA
+  if (d == Device::cuda) cuda::synchronize();
+#else
+  (void)d;
+#endif
+}
+
+Device resolve_device(const std::string& o, bool with_cuda, int gpus) {
+  if (o == "cpu") return Device::cpu;
+  if (o == "auto") return with_cuda && gpus > 0 ? Device::cuda : Device::cpu;
+  if (o != "cuda") throw ConfigError("--device=" + o + " is not one of: auto, cpu, cuda");
+  if (!with_cuda)
+    throw ConfigError("--device=cuda: this build has no CUDA backend (build it with `make build-cuda` and run "
+                      "build-cuda/vchat-train)");
+  if (gpus <= 0)
+    throw ConfigError("--device=cuda: no CUDA device is visible to this process (check nvidia-smi and "
+                      "CUDA_VISIBLE_DEVICES, or use --device cpu)");
+  return Device::cuda;
+}
+
+Precision resolve_precision(const std::string& o, Device d) {
+  if (o == "auto") return d == Device::cuda ? Precision::bf16 : Precision::fp32;
+  if (o == "fp32") return Precision::fp32;
+  if (o != "bf16") throw ConfigError("--precision=" + o + " is not one of: auto, fp32, bf16");
+  if (d != Device::cuda) throw ConfigError("--precision=bf16 needs --device cuda: the CPU path computes in fp32");
+  return Precision::bf16;
+}
+
+}  // namespace vchat

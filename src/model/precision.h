@@ -1,0 +1,48 @@
+// How a run stores and computes each kind of tensor, and on which device it runs
+// (docs/DECISIONS.md "Precision"). One table, so the model, the optimizer and the
+// checkpoint agree: bf16 is a compute format only; everything that accumulates is fp32.
+#pragma once
+#include <string>
+
+#include "tensor.h"
+
+namespace vchat {
+
+enum class Precision : uint8_t { fp32, bf16 };
+const char* precision_name(Precision p);
+
+struct PrecisionPolicy {
+  Precision precision = Precision::fp32;
+  DType compute = DType::f32;          // working weights and activations: GEMM and kernel inputs
+  DType master = DType::f32;           // the weights the optimizer updates (and checkpoints store)
+  DType grad = DType::f32;             // gradient accumulation over micro-batches
+  DType optimizer_state = DType::f32;  // Adam m and v
+  DType statistics = DType::f32;       // norm statistics, softmax, log-sum-exp, loss
+  // bf16 keeps a bf16 working copy of each weight next to its fp32 master; the fused
+  // AdamW writes both.
+  bool working_copy() const { return compute != master; }
+  static PrecisionPolicy of(Precision p);
+};
+
+// --device: "cpu", "cuda", or "auto" (cuda when the build has the CUDA backend and a GPU is
+// visible). Throws ConfigError naming the option and what is missing.
+Device resolve_device(const std::string& option, bool built_with_cuda, int visible_gpus);
+// --precision: "fp32", "bf16", or "auto" (bf16 on cuda, fp32 on cpu). The CPU path is fp32
+// only: bf16 there is a ConfigError.
+Precision resolve_precision(const std::string& option, Device device);
+// What this process has: the CUDA backend compiled in, GPUs visible (0 without either).
+bool built_with_cuda();
+int visible_gpus();
+// Binds this process to its GPU: the node-local rank (Open MPI's or Slurm's, else
+// `fallback_rank`) modulo the visible GPUs. Throws without the CUDA backend or a GPU.
+int select_gpu(int fallback_rank);
+// Whether every rank on this node gets a GPU of its own (the node-local rank count, from
+// Open MPI or Slurm, is at most the visible GPUs): then NCCL can carry the collectives.
+bool each_rank_has_a_gpu();
+// The dense peak FLOP/s of the bound GPU at `precision` (for MFU): H100/H200 (sm_90) bf16
+// 989 TFLOP/s, fp32 67 TFLOP/s; other chips their SM count scaled from these.
+double gpu_peak_flops(Precision precision);
+// Waits until the device has finished its queued work (no-op on the CPU): step timings.
+void synchronize(Device device);
+
+}  // namespace vchat

@@ -1,0 +1,84 @@
+// The NCCL Comm through every operation at one rank (part of the GPU suite): device
+// buffers, and host buffers staged through the device (pipeline headers, run ids). At one
+// rank each collective is the identity, so results are known exactly.
+#include <gtest/gtest.h>
+
+#include <vector>
+
+#include "cuda/comm_nccl.h"
+#include "cuda/cuda_backend.h"
+#include "parallel/comm.h"
+
+namespace vchat {
+namespace {
+
+class CudaComm : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    ASSERT_GT(cuda::device_count(), 0) << "no CUDA device visible: the GPU suite needs one";
+    cuda::init_backend(0);
+    comm = cuda::make_nccl_comm(self, "nccl-one");
+  }
+  SelfComm self{"bootstrap"};
+  std::unique_ptr<Comm> comm;
+};
+
+Tensor dev(const std::vector<float>& v) { return Tensor::from_vector(v, {static_cast<int64_t>(v.size())}).to(Device::cuda); }
+
+TEST_F(CudaComm, EveryOperationAtOneRankOnDeviceAndHostBuffers) {
+  ASSERT_EQ(comm->size(), 1);
+  EXPECT_EQ(pointer_device(Tensor::empty({4}, DType::f32, Device::cuda).raw()), Device::cuda);
+  EXPECT_EQ(pointer_device(Tensor::empty({4}).raw()), Device::cpu);
+  const std::vector<float> v = {1.5f, -2.f, 3.25f, 4.f};
+  // all_reduce: device, then host (staged through the device).
+  Tensor d = dev(v);
+  comm->all_reduce(d, ReduceOp::sum);
+  EXPECT_EQ(d.to_vector_f32(), v);
+  std::vector<float> h = v;
+  comm->all_reduce(h.data(), 4, DType::f32, ReduceOp::max);
+  EXPECT_EQ(h, v);
+  double s[2] = {2.5, -1};
+  comm->all_reduce_f64(s, 2, ReduceOp::sum);
+  EXPECT_EQ(s[0], 2.5);
+  EXPECT_EQ(s[1], -1);
+  // broadcast, barrier.
+  Tensor b = dev(v);
+  comm->broadcast(b.raw(), 16, 0);
+  EXPECT_EQ(b.to_vector_f32(), v);
+  uint64_t id = 0x1234567890abcdefull;
+  comm->broadcast(&id, sizeof id, 0);
+  EXPECT_EQ(id, 0x1234567890abcdefull);
+  comm->barrier();
+  // reduce_scatter and all_gather, in place and not, and the async gather.
+  Tensor rs = dev(v), out = Tensor::empty({4}, DType::f32, Device::cuda);
+  comm->reduce_scatter(rs.raw(), out.raw(), 4, DType::f32, ReduceOp::sum);
+  EXPECT_EQ(out.to_vector_f32(), v);
+  comm->reduce_scatter(rs.raw(), rs.raw(), 4, DType::f32, ReduceOp::sum);
+  EXPECT_EQ(rs.to_vector_f32(), v);
+  Tensor ag = Tensor::empty({4}, DType::f32, Device::cuda);
+  comm->all_gather(dev(v).raw(), ag.raw(), 4, DType::f32);
+  EXPECT_EQ(ag.to_vector_f32(), v);
+  Tensor ag2 = Tensor::empty({4}, DType::f32, Device::cuda);
+  const Tensor src = dev(v);
+  auto req = comm->all_gather_async(src.raw(), ag2.raw(), 4, DType::f32);
+  req->wait();
+  EXPECT_EQ(ag2.to_vector_f32(), v);
+  // bf16 travels and reduces.
+  Tensor b16 = Tensor::empty({4}, DType::bf16, Device::cuda);
+  ops::cast(dev(v), b16);
+  comm->all_reduce(b16, ReduceOp::sum);
+  Tensor back = Tensor::empty({4}, DType::f32, Device::cuda);
+  ops::cast(b16, back);
+  EXPECT_EQ(back.to_vector_f32(), v);
+  // A split of one is another NCCL group of one.
+  auto sub = comm->split(0, 0, "nccl-sub");
+  ASSERT_TRUE(sub);
+  Tensor e = dev(v);
+  sub->all_reduce(e, ReduceOp::sum);
+  EXPECT_EQ(e.to_vector_f32(), v);
+  EXPECT_EQ(comm->split(-1, 0, "none"), nullptr);
+  EXPECT_GE(comm->stats().calls, 10);
+}
+
+}  // namespace
+}  // namespace vchat

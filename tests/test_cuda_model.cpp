@@ -1,0 +1,130 @@
+// The whole model and the training step on a GPU (part of the GPU suite, label `gpu`):
+// the loss and every trainable gradient against the CPU (fp32 within 1e-4, bf16 within
+// 2e-2), the bf16 loss curve of 50 training steps against the CPU's fp32 curve (within 2%
+// at every step), and recomputation on the device.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "cuda/cuda_backend.h"
+#include "model/visualchat.h"
+#include "train/synthetic.h"
+#include "train/trainer.h"
+
+namespace vchat {
+namespace {
+
+class CudaModel : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    ASSERT_GT(cuda::device_count(), 0) << "no CUDA device visible: the GPU suite needs one";
+    cuda::init_backend(0);
+  }
+};
+
+// The repository root: $VCHAT_SOURCE_DIR on a lent machine (tools/gpu/check.sh sets it to the
+// copy of the tree there), else where this was built from.
+std::string source_dir() {
+  const char* env = std::getenv("VCHAT_SOURCE_DIR");
+  return env ? env : VCHAT_SOURCE_DIR;
+}
+ModelConfig config(const std::string& name) {
+  return ModelConfig::load(source_dir() + "/inputs/models/" + name + ".json");
+}
+
+double rel(const std::vector<float>& got, const std::vector<float>& want) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    num += (double(got[i]) - want[i]) * (double(got[i]) - want[i]);
+    den += double(want[i]) * want[i];
+  }
+  return std::sqrt(num) / std::max(std::sqrt(den), 1e-30);
+}
+
+struct Outcome {
+  double loss;
+  std::vector<std::pair<std::string, std::vector<float>>> grads;
+};
+
+Outcome run_model(const ModelConfig& cfg, const ModelOptions& opt, const Batch& batch, Device device, Precision p) {
+  VisualChatModel m(cfg, opt);
+  init_params(m.params(), 3);
+  if (device == Device::cuda) m.to(Device::cuda, PrecisionPolicy::of(p));
+  Outcome o;
+  o.loss = m.forward_backward(device == Device::cuda ? batch.to(Device::cuda) : batch, true).loss;
+  for (Param* prm : m.params().trainable()) o.grads.emplace_back(prm->name, prm->grad.to_vector_f32());
+  return o;
+}
+
+TEST_F(CudaModel, LossAndEveryTrainableGradientMatchTheCpu) {
+  const ModelConfig cfg = config("tiny");
+  SyntheticSpec spec;
+  spec.batch_size = 2;
+  spec.seq_len = 160;
+  const Batch batch = SyntheticBatches(cfg, spec, 21).next();
+  for (TrainSet set : {TrainSet::full, TrainSet::lora, TrainSet::paper_default})
+    for (ops::AttnMode mode : {ops::AttnMode::mmca, ops::AttnMode::causal}) {
+      ModelOptions opt;
+      opt.train = set;
+      opt.attention = mode;
+      const std::string what = std::string(train_set_name(set)) + (mode == ops::AttnMode::mmca ? " mmca" : " causal");
+      const Outcome cpu = run_model(cfg, opt, batch, Device::cpu, Precision::fp32);
+      for (Precision p : {Precision::fp32, Precision::bf16}) {
+        const double tol = p == Precision::fp32 ? 1e-4 : 2e-2;
+        const Outcome gpu = run_model(cfg, opt, batch, Device::cuda, p);
+        EXPECT_NEAR(gpu.loss, cpu.loss, tol * cpu.loss) << what << " " << precision_name(p);
+        ASSERT_EQ(gpu.grads.size(), cpu.grads.size());
+        for (size_t i = 0; i < cpu.grads.size(); ++i)
+          EXPECT_LE(rel(gpu.grads[i].second, cpu.grads[i].second), tol)
+              << what << " " << precision_name(p) << " " << cpu.grads[i].first;
+      }
+    }
+}
+
+TEST_F(CudaModel, RecomputedBlocksGiveTheSameGradientsOnTheDevice) {
+  const ModelConfig cfg = config("tiny");
+  SyntheticSpec spec;
+  spec.batch_size = 2;
+  spec.seq_len = 128;
+  const Batch batch = SyntheticBatches(cfg, spec, 5).next();
+  ModelOptions opt;
+  opt.train = TrainSet::full;
+  const Outcome stored = run_model(cfg, opt, batch, Device::cuda, Precision::bf16);
+  opt.recompute = Recompute::block;
+  const Outcome recomputed = run_model(cfg, opt, batch, Device::cuda, Precision::bf16);
+  EXPECT_EQ(stored.loss, recomputed.loss);
+  for (size_t i = 0; i < stored.grads.size(); ++i)
+    EXPECT_EQ(stored.grads[i].second, recomputed.grads[i].second) << stored.grads[i].first;
+}
+
+// 50 steps of the paper's setting on synthetic data: the bf16 GPU curve tracks the fp32 CPU curve.
+void expect_curves_track(const std::string& model, int64_t seq_len) {
+  auto curve = [&](Device d, Precision p) {
+    TrainConfig c;
+    c.model = config(model);
+    c.model_options.train = TrainSet::paper_default;
+    c.data.batch_size = 2;
+    c.data.seq_len = seq_len;
+    c.steps = 50;
+    c.lr = LrSchedule{1e-3f, 1e-4f, 5, 50};
+    c.device = d;
+    c.precision = p;
+    Trainer t(c);
+    std::vector<double> losses;
+    for (int i = 0; i < 50; ++i) losses.push_back(t.step().loss);
+    return losses;
+  };
+  const std::vector<double> cpu = curve(Device::cpu, Precision::fp32), gpu = curve(Device::cuda, Precision::bf16);
+  for (size_t i = 0; i < cpu.size(); ++i)
+    EXPECT_NEAR(gpu[i], cpu[i], 0.02 * cpu[i]) << model << " step " << i + 1;
+  EXPECT_LT(gpu.back(), gpu.front()) << model << ": it learns";
+}
+
+TEST_F(CudaModel, TinyBf16LossCurveTracksTheCpuFp32Curve) { expect_curves_track("tiny", 160); }
+TEST_F(CudaModel, SmallBf16LossCurveTracksTheCpuFp32Curve) { expect_curves_track("small", 320); }
+
+}  // namespace
+}  // namespace vchat
