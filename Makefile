@@ -5,7 +5,7 @@ BUILD     ?= build
 BUILD_CUDA?= build-cuda
 NVCC      := $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
 
-.PHONY: all deps build build-cuda test bench demo clean
+.PHONY: all deps build build-cuda test bench demo clean gpu-pack gpu-check
 
 all: build
 
@@ -28,6 +28,16 @@ endif
 
 test: build build-cuda
 	cd $(BUILD) && ctest --output-on-failure -j $(JOBS) --timeout 900
+
+# GPU checks (docs/GPU.md). Here: build the CUDA variant, pack its binaries with the Debian
+# libraries they load into .gpu-pack/, and rehearse starting them from the pack alone.
+gpu-pack: build-cuda
+	bash tools/gpu/pack.sh $(BUILD_CUDA)
+	bash tools/gpu/rehearse.sh
+# On a lent GPU machine (the device tool, carrying .gpu-pack): the op suite, sanitizers,
+# one summary table last. Needs no build and no Debian package there.
+gpu-check:
+	bash tools/gpu/check.sh
 
 bench: build
 	bash bench/run_step_bench.sh

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Every parallel layout on ONE GPU through the staged MPI path (--comm mpi: several ranks
+# share the device, collectives stage device buffers through the host) against one rank:
+# 5 steps of `tiny` in fp32 on the device, the same synthetic global batch; the loss of
+# every step and every parameter afterwards within 1e-5 relative (tools/gpu/compare_runs.py).
+# Run by check.sh on a lent machine (needs the pack's environment: env.sh's MPIRUN, $BIN).
+#   layouts.sh OUTDIR
+# DEVICE=cpu rehearses the script itself on a machine without a GPU (tools/gpu/rehearse.sh).
+set -uo pipefail
+OUTDIR=$1
+source "${PACK:?run from check.sh or rehearse.sh}/tools/env.sh"
+vchat_gpu_env "$PACK"
+BIN=$PACK/bin
+DEVICE=${DEVICE:-cuda}
+RUNS=$(mktemp -d)
+PY=python3  # with numpy (the lent machine's has it; Debian's /usr/bin/python3 here)
+$PY -c "import numpy" 2>/dev/null || PY=/usr/bin/python3
+COMMON=(--device "$DEVICE" --precision fp32 --comm mpi --model inputs/models/tiny.json --train full --steps 5
+        --micro-batch-size 2 --global-batch 8 --seq-len 128 --lr 1e-3 --adam-eps 1e-6 --warmup 2
+        --weight-decay 0.1 --comm-timeout 120 --threads 1)
+run() {  # run TAG NP OPTIONS...
+  local tag=$1 np=$2; shift 2
+  "${MPIRUN[@]}" -np "$np" "$BIN/vchat-train" "${COMMON[@]}" "$@" --metrics "$RUNS/$tag.jsonl" \
+    --save-dir "$RUNS/$tag" > "$OUTDIR/layout-$tag.log" 2>&1 || { echo "layout $tag: vchat-train failed"; tail -5 "$OUTDIR/layout-$tag.log"; return 1; }
+  "$BIN/vchat-ckpt" consolidate "$RUNS/$tag" --out "$RUNS/$tag.safetensors" >> "$OUTDIR/layout-$tag.log" 2>&1 ||
+    { echo "layout $tag: consolidate failed"; return 1; }
+}
+fail=0
+run one 1 || exit 1
+for layout in "tp2:2:--tp 2" "pp2:2:--pp 2" "dp2z1:2:--zero 1" "tp2pp2dp2:8:--tp 2 --pp 2 --zero 1"; do
+  IFS=: read -r tag np opts <<< "$layout"
+  # shellcheck disable=SC2086
+  if run "$tag" "$np" $opts; then
+    $PY tools/gpu/compare_runs.py "$RUNS/one" "$RUNS/$tag" --tol 1e-5 || fail=1
+  else
+    fail=1
+  fi
+done
+rm -rf "$RUNS"
+exit $fail

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Rehearses the device check here, short of the GPU: unpacks .gpu-pack/pack.tar.xz, starts
+# every packed binary the way check.sh will (only the pack and the CUDA toolkit on the
+# library path), and fails if any library it loads comes from elsewhere (that library would
+# be missing on the lent machine), or if the pack is over the 64 MiB a device call carries.
+set -uo pipefail
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+PACKFILE=$ROOT/.gpu-pack/pack.tar.xz
+[[ -f $PACKFILE ]] || { echo "rehearse: no $PACKFILE (run tools/gpu/pack.sh)" >&2; exit 1; }
+size=$(stat -c %s "$PACKFILE")
+(( size < 60 * 1024 * 1024 )) || { echo "rehearse: pack is $((size >> 20)) MiB; a device call carries 64 MiB in all" >&2; exit 1; }
+WORK=$(mktemp -d)
+cd "$ROOT"
+trap 'rm -rf "$WORK"' EXIT
+tar -C "$WORK" -xJf "$PACKFILE"
+source "$WORK/pack/tools/env.sh"
+vchat_gpu_env "$WORK/pack"
+# Allowed: the pack, the CUDA toolkit, and glibc's own libraries (the lent machine has those).
+ALLOWED="^($WORK/pack/lib/|$WORK/pack/mpi/|/usr/local/cuda|.*/nvidia/[a-z_]+/lib/|/lib/x86_64-linux-gnu/(libc|libm|libdl|libpthread|librt|ld-linux)[.-]|/lib64/ld-linux|/usr/lib/x86_64-linux-gnu/(libc|libm|libdl|libpthread|librt)[.-])"
+bad=0
+for bin in "$WORK"/pack/bin/*; do
+  # Started with an argument that makes it print and exit (all libraries load, no GPU needed):
+  # the test binary lists its tests, the benchmarks print their usage.
+  arg=--gtest_list_tests; [[ $(basename "$bin") == vchat_cuda_tests ]] || arg=--bad-option-to-print-usage
+  LD_DEBUG=libs "$bin" $arg > "$WORK/out.txt" 2> "$WORK/ld.txt"
+  rc=$?
+  if [[ $rc != 0 && $arg == --gtest_list_tests ]] || ! grep -q "calling init" "$WORK/ld.txt"; then
+    echo "rehearse: $(basename "$bin") did not start (rc $rc):"; grep -v "^ *[0-9]*:" "$WORK/ld.txt" | tail; exit 1
+  fi
+  outside=0
+  while read -r lib; do
+    if ! [[ $lib =~ $ALLOWED ]]; then echo "rehearse: $(basename "$bin") loads $lib from outside the pack"; outside=1; fi
+  done < <(grep -oE 'calling init: [^ ]+' "$WORK/ld.txt" | awk '{print $3}' | sort -u)
+  (( outside )) && bad=1 && continue
+  echo "rehearse: $(basename "$bin") starts with the pack alone"
+done
+# The packed Open MPI: a 2-rank CPU training run (what the GPU layout checks launch), every
+# library and component of mpirun and the ranks from the pack.
+mpi_out=$WORK/mpi.txt
+export VCHAT_SOURCE_DIR=$ROOT
+LD_DEBUG=libs "${MPIRUN[@]}" -x LD_DEBUG -np 2 "$WORK/pack/bin/vchat-train" --device cpu --steps 2 --seq-len 128 --threads 1 > "$mpi_out" 2>&1
+rc=$?
+if [[ $rc != 0 ]] || ! grep -q "step     2/2" "$mpi_out"; then
+  echo "rehearse: packed mpirun -np 2 vchat-train failed (rc $rc):"; grep -v "^ *[0-9]*:" "$mpi_out" | tail -20; exit 1
+fi
+outside=0
+while read -r lib; do
+  if ! [[ $lib =~ $ALLOWED ]]; then echo "rehearse: the packed MPI run loads $lib from outside the pack"; outside=1; fi
+done < <(grep -oE 'calling init: [^ ]+' "$mpi_out" | awk '{print $3}' | sort -u)
+(( outside )) && bad=1 || echo "rehearse: mpirun -np 2 vchat-train runs from the pack alone ($(grep -oE 'calling init: [^ ]+' "$mpi_out" | sort -u | wc -l) libraries and components)"
+# The layout check's script, end to end on the CPU (the same runs and comparisons).
+if DEVICE=cpu PACK=$WORK/pack bash "$ROOT/tools/gpu/layouts.sh" "$WORK" > "$WORK/layouts.txt" 2>&1; then
+  echo "rehearse: tools/gpu/layouts.sh passes on the CPU:"; sed 's/^/  /' "$WORK/layouts.txt"
+else
+  echo "rehearse: tools/gpu/layouts.sh failed on the CPU:"; tail -20 "$WORK/layouts.txt"; bad=1
+fi
+echo "rehearse: pack $((size >> 20)) MiB"
+exit $bad
