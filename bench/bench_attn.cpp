@@ -11,6 +11,9 @@
 #include <vector>
 
 #include "model/precision.h"
+#ifdef VCHAT_WITH_CUDA
+#include "cuda/cuda_backend.h"
+#endif
 #include "ops.h"
 
 using namespace vchat;
@@ -19,11 +22,12 @@ namespace po = boost::program_options;
 static int run(int argc, char** argv) {
   int64_t L = 2048, H = 16, KV = 16, hd = 128, B = 4, image_tokens = 257, iters = 10;
   double frac = 0.3;
-  std::string mode = "mmca";
+  std::string mode = "mmca", kernel = "auto";
   po::options_description o("vchat-bench-attn");
   o.add_options()("seq-len", po::value(&L))("heads", po::value(&H))("kv-heads", po::value(&KV))(
       "head-dim", po::value(&hd))("batch", po::value(&B))("image-frac", po::value(&frac))(
-      "image-tokens", po::value(&image_tokens))("iters", po::value(&iters))("mode", po::value(&mode));
+      "image-tokens", po::value(&image_tokens))("iters", po::value(&iters))("mode", po::value(&mode))(
+      "kernel", po::value(&kernel));
   po::variables_map vm;
   try {
     po::store(po::parse_command_line(argc, argv, o), vm);
@@ -33,6 +37,11 @@ static int run(int argc, char** argv) {
     return 2;
   }
   select_gpu(0);
+#ifdef VCHAT_WITH_CUDA
+  cuda::set_attention_kernel(kernel == "cuda-cores"     ? cuda::AttentionKernel::cuda_cores
+                             : kernel == "tensor-cores" ? cuda::AttentionKernel::tensor_cores
+                                                        : cuda::AttentionKernel::automatic);
+#endif
   const ops::AttnMode m = mode == "causal" ? ops::AttnMode::causal : ops::AttnMode::mmca;
   // Layout: text, then images of `image_tokens` each separated by text, until frac of L is image.
   std::vector<uint8_t> row(L, ops::kText);
@@ -75,7 +84,7 @@ static int run(int argc, char** argv) {
   }
   std::sort(fwd.begin(), fwd.end());
   std::sort(total.begin(), total.end());
-  std::printf("# mode=%s B=%lld L=%lld H=%lld KV=%lld hd=%lld image_frac=%.2f\n", mode.c_str(), (long long)B,
+  std::printf("# kernel=%s mode=%s B=%lld L=%lld H=%lld KV=%lld hd=%lld image_frac=%.2f\n", kernel.c_str(), mode.c_str(), (long long)B,
               (long long)L, (long long)H, (long long)KV, (long long)hd, frac);
   std::printf("vchat_attn_ms fwd=%.3f fwd_bwd=%.3f\n", fwd[fwd.size() / 2], total[total.size() / 2]);
   return 0;

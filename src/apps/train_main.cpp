@@ -56,6 +56,10 @@ int main(int argc, char** argv) {
   } catch (const vchat::ConfigError& e) {
     if (root) std::fprintf(stderr, "vchat-train: error: %s\n", e.what());
     return 2;
+  } catch (const std::exception& e) {  // a GPU or NCCL that fails to start: every rank may not see it
+    std::fprintf(stderr, "vchat-train: fatal (rank %d): setting up the GPU: %s\n", mpi.rank(), e.what());
+    if (mpi.size() > 1) vchat::MpiSession::abort_job(1);
+    return 1;
   }
   vchat::Comm& comm_world = device_world ? *device_world : *world;
   std::unique_ptr<vchat::Grid> grid;

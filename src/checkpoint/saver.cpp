@@ -132,6 +132,7 @@ void CheckpointSaver::start(const std::vector<StateSlice>& state, const Manifest
     }
     if (b >= e) continue;
     const PieceRef ref{s.param->name, s.kind, s.param->shard, b, e};
+    if (!s.param->trainable && !write_frozen) continue;  // written once per run (below)
     const float* src = nullptr;
     if (s.data.device() == Device::cpu) {
       src = s.data.data<float>() + (b - s.begin);
@@ -142,7 +143,6 @@ void CheckpointSaver::start(const std::vector<StateSlice>& state, const Manifest
     }
     if (!s.param->trainable) {
       // Frozen values never change: written once per run, straight from where they live.
-      if (!write_frozen) continue;
       job->frozen_file.pieces.push_back(ref);
       job->frozen_file.data.push_back(src);
     } else {

@@ -3,8 +3,8 @@
 // states per text query, one per key modality, and adds the two normalized outputs at the
 // end; image queries copy their own v, pad queries write 0, pad keys are never attended.
 //
-// This first version computes on CUDA cores in fp32 (storage f32 or bf16), with the flash
-// structure the tensor-core version will keep: 64-query x 64-key tiles staged in shared
+// These kernels compute on CUDA cores in fp32 (storage f32 or bf16); the bf16 forward has a
+// tensor-core version (attention_tc.cu) with the same structure: 64-query x 64-key tiles staged in shared
 // memory, online softmax, key tiles above the diagonal skipped, and within MMCA a branch
 // skipped on a tile that holds no key of its modality. Each query row is owned by 4
 // consecutive threads of a warp (lane = tid % 4), each holding a quarter of the head dim.
@@ -17,6 +17,7 @@
 //      of its GQA group: dV_j += P_ij dO_i, dK_j += dS_ij q_i / sqrt(d) with
 //      dS_ij = P_ij (dP_ij - D_br(j)(i)); an image key also gets dO_j of its own query.
 //   3. dQ per query tile, looping over key tiles: dQ_i = Σ_j dS_ij k_j / sqrt(d).
+#include <atomic>
 #include <cmath>
 
 #include "cuda/kernels.cuh"
@@ -481,6 +482,12 @@ void allow_smem() {
 
 }  // namespace
 
+namespace {
+std::atomic<AttentionKernel> g_kernel{AttentionKernel::automatic};
+}  // namespace
+
+void set_attention_kernel(AttentionKernel k) { g_kernel.store(k); }
+
 void attention_fwd(const Context& c, ops::AttnMode mode, const Tensor& q, const Tensor& k, const Tensor& v,
                    const Tensor& modality, const Tensor& out, const Tensor& lse) {
   const char* op = "cuda::attention_fwd";
@@ -490,6 +497,12 @@ void attention_fwd(const Context& c, ops::AttnMode mode, const Tensor& q, const 
   expect_f32(op, {{"lse", lse}});
   VCHAT_CHECK(lse.shape() == Shape({g.B, g.H, g.L, 2}), op << ": lse " << shape_str(lse.shape()));
   if (q.numel() == 0) return;
+  const AttentionKernel want = g_kernel.load();
+  if (want != AttentionKernel::cuda_cores && attention_fwd_tc_eligible(dt, g.hd))
+    return attention_fwd_tc(c, mode, q, k, v, modality, out, lse);
+  VCHAT_CHECK(want != AttentionKernel::tensor_cores,
+              op << ": the tensor-core kernel needs bf16 and a head dim that is a multiple of 16 up to 128 (got "
+                 << dtype_name(dt) << ", " << g.hd << ")");
   const dim3 grid(static_cast<unsigned>((g.L + kTile - 1) / kTile), static_cast<unsigned>(g.H),
                   static_cast<unsigned>(g.B));
   const size_t smem = smem_bytes(g.hd, 3, true);

@@ -6,6 +6,8 @@
 // the driver. The unique id is exchanged, and groups are split, over a host (MPI) Comm.
 #include "cuda/comm_nccl.h"
 
+#include "cuda/context.h"
+
 #include <cuda_runtime.h>
 #include <mpi.h>
 #include <nccl.h>
@@ -113,10 +115,10 @@ class NcclComm final : public Comm {
     set_timeout(host_->timeout());
     bind_device();
     // A blocking stream (cudaStreamDefault, not cudaStreamNonBlocking) is implicitly ordered
-    // with the legacy default stream that every kernel, cuBLAS call, copy and stream-ordered
-    // free of the backend uses (cuda_backend.h): a collective starts only after the kernels
-    // that produced its input, and later default-stream work waits for it, with no events.
-    // A non-blocking stream could read a gradient before backward finished writing it.
+    // with the legacy default stream, where the backend's copies and stream-ordered frees
+    // run, so a buffer is not freed under a collective. The kernels run on the compute
+    // Context's stream, which two blocking streams do not order: issue() makes each
+    // collective wait for an event recorded there, so it reads what the kernels wrote.
     cudaStream_t s = nullptr;
     CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamDefault));
     stream_.reset(s);
@@ -361,11 +363,21 @@ class NcclComm final : public Comm {
     record(bus_bytes);
   }
 
-  // Enqueues one operation with `enqueue` (returns the NCCL call's result) on the stream.
+  // Enqueues one operation with `enqueue` (returns the NCCL call's result) on the stream,
+  // behind everything already queued on this thread's compute stream: kernels run on the
+  // Context's own stream (cuda/context.h), which two blocking streams do not order by
+  // themselves, so an event hands the order over.
   template <class Enqueue>
   void issue(const char* op, Enqueue&& enqueue) {
     if (!comm_) throw std::runtime_error(std::string(op) + " on group '" + name_ + "': communicator was aborted");
     bind_device();
+    if (!ready_) {
+      cudaEvent_t e = nullptr;
+      CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+      ready_.reset(e);
+    }
+    CUDA_CHECK(cudaEventRecord(ready_.get(), static_cast<cudaStream_t>(thread_context().stream())));
+    CUDA_CHECK(cudaStreamWaitEvent(stream_.get(), ready_.get(), 0));
     NCCL_CHECK(enqueue());
   }
 
@@ -411,6 +423,7 @@ class NcclComm final : public Comm {
   std::unique_ptr<Comm> host_;  // same ranks; id exchange and split()
   std::string name_;
   StreamPtr stream_;
+  EventPtr ready_;  // recorded on the compute stream before each operation (issue())
   NcclPtr comm_;  // after stream_: destroyed before it
   DevicePtr scratch_;
   size_t scratch_bytes_ = 0;

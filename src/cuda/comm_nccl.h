@@ -26,9 +26,9 @@ namespace vchat::cuda {
 //     not report sizes);
 //   all_gather_async returns once the gather is enqueued; its request's wait() polls an
 //     event recorded behind it. The request refers to the Comm: wait for it (or destroy it)
-//     before the Comm is destroyed. The Comm's stream is ordered with the default stream
-//     (comm_nccl.cpp), so kernels launched there after the start run only once the gather
-//     is done: the host is free meanwhile, but the device's compute does not overlap it.
+//     before the Comm is destroyed. Every operation starts after the work queued on this
+//     thread's compute stream (an event); the gather's buffers are the caller's to leave
+//     alone until wait(), which the ZeRO-3 hooks do before binding them.
 // Past the timeout the job is aborted with the same one-line message as the MPI backend.
 std::unique_ptr<Comm> make_nccl_comm(const Comm& bootstrap, const std::string& name);
 

@@ -91,6 +91,14 @@ void vit_embed_bwd(const Context& c, const Tensor& dout, const Tensor& dpatch_em
 // query, -inf where a branch is empty. Head dim at most 128.
 void attention_fwd(const Context& c, ops::AttnMode mode, const Tensor& q, const Tensor& k, const Tensor& v,
                    const Tensor& modality, const Tensor& out, const Tensor& lse);
+// Which forward kernel bf16 attention uses: tensor cores (attention_tc.cu; head dim a multiple
+// of 16 up to 128) or CUDA cores (attention.cu; any head dim up to 128, and every fp32 call).
+// automatic: tensor cores where eligible. Process-wide; tests and benchmarks compare both.
+enum class AttentionKernel { automatic, cuda_cores, tensor_cores };
+void set_attention_kernel(AttentionKernel k);
+bool attention_fwd_tc_eligible(DType dtype, int64_t head_dim);
+void attention_fwd_tc(const Context& c, ops::AttnMode mode, const Tensor& q, const Tensor& k, const Tensor& v,
+                      const Tensor& modality, const Tensor& out, const Tensor& lse);
 // dq, dk, dv (T) overwritten; deterministic.
 void attention_bwd(const Context& c, ops::AttnMode mode, const Tensor& dout, const Tensor& q, const Tensor& k,
                    const Tensor& v, const Tensor& modality, const Tensor& out, const Tensor& lse, const Tensor& dq,

@@ -61,9 +61,10 @@ void embedding_bwd(const Context& c, const Tensor& dout, const ops::TokenGroups&
     launch_each(c, groups * D, [=] __device__(int64_t i) {
       const int64_t k = i / D, col = i % D, row = int64_t(gid[k]) - vocab_begin;
       if (row < 0 || row >= V) return;
-      float s = 0.f;
+      // Added one by one onto the table's value, in position order: the CPU's exact sum.
+      float s = dt[row * D + col];
       for (int32_t j = off[k]; j < off[k + 1]; ++j) s += ld(dy, int64_t(order[j]) * D + col);
-      dt[row * D + col] += s;
+      dt[row * D + col] = s;
     });
   );
 }

@@ -71,7 +71,8 @@ class ParamStore {
   void set_trainable(Param& p, bool on);  // allocates or drops the gradient
   void zero_grads();
   // Moves every value and gradient to `device` and, when the policy computes in bf16, gives
-  // each parameter its working copy. Before flatten_trainable (which then allocates there).
+  // each parameter its working copy there (a frozen parameter's fp32 master then stays on
+  // the host: nothing on the device reads it). Before flatten_trainable.
   void to(Device device, DType compute);
   // Re-derives the working copies from the master values: all of them (after init or a
   // checkpoint load), or the trainable ones' (after an update).

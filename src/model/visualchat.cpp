@@ -76,8 +76,8 @@ VisualChatModel::VisualChatModel(const ModelConfig& cfg, const ModelOptions& opt
 
 VisualChatModel::~VisualChatModel() = default;
 
-void VisualChatModel::to(Device device, const PrecisionPolicy& policy) {
-  params_.to(device, policy.compute);
+void VisualChatModel::to(Device device, const PrecisionPolicy& policy, bool move_params) {
+  if (move_params) params_.to(device, policy.compute);
   device_ = device;
   compute_ = policy.compute;
 }
@@ -222,17 +222,17 @@ Tensor VisualChatModel::stage_forward(int mb, const Batch& batch, const Tensor& 
     if (keep_logits) {
       // Host f32 logits for the caller (evaluation, tests), whatever the device and dtype.
       // (A copy: backward overwrites c.logits with the gradient in place.)
-      const Tensor mine = c.logits.device() == Device::cpu && c.logits.dtype() == DType::f32 ? c.logits.clone()
-                                                                                             : host_f32(c.logits);
       if (tp_size() == 1) {
-        r.logits = mine;
-      } else {  // [tp][N][V/tp] from the all-gather → [N][V]
-        Tensor parts = Tensor::empty({tp_size(), N, vocab_size_});
-        mp_.tp->all_gather(mine.raw(), parts.raw(), N * vocab_size_, DType::f32);
+        r.logits = c.logits.device() == Device::cpu && c.logits.dtype() == DType::f32 ? c.logits.clone()
+                                                                                      : host_f32(c.logits);
+      } else {  // [tp][N][V/tp] gathered where the logits are, then → [N][V] on the host
+        const Tensor parts = Tensor::empty({tp_size(), N, vocab_size_}, c.logits.dtype(), c.logits.device());
+        mp_.tp->all_gather(c.logits.raw(), parts.raw(), N * vocab_size_, c.logits.dtype());
+        const Tensor hp = host_f32(parts);
         r.logits = Tensor::empty({N, cfg_.llm.vocab_size});
         for (int t = 0; t < tp_size(); ++t)
           for (int64_t i = 0; i < N; ++i)
-            std::copy_n(parts.data<float>() + (t * N + i) * vocab_size_, vocab_size_,
+            std::copy_n(hp.data<float>() + (t * N + i) * vocab_size_, vocab_size_,
                         r.logits.data<float>() + i * cfg_.llm.vocab_size + t * vocab_size_);
       }
     }

@@ -88,8 +88,9 @@ class VisualChatModel {
   void set_hooks(UnitHooks* hooks) { hooks_ = hooks; }
 
   // Moves this rank's parameters to `device` with the policy's working copies (before the
-  // optimizer flattens them); activations then live there in the compute dtype.
-  void to(Device device, const PrecisionPolicy& policy);
+  // optimizer flattens them); activations then live there in the compute dtype. With
+  // move_params false only the activations do: ZeRO-3 shards the weights from the host.
+  void to(Device device, const PrecisionPolicy& policy, bool move_params = true);
   Device device() const { return device_; }
   DType compute_dtype() const { return compute_; }
 

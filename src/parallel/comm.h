@@ -197,7 +197,16 @@ class SelfComm final : public Comm {
   };
   void copy(const void* from, void* to, int64_t bytes) {
     const OpTimer timer(*this);
-    if (from != to && bytes > 0) std::memmove(to, from, static_cast<size_t>(bytes));
+    if (from == to || bytes <= 0) {
+      record(0);
+      return;
+    }
+    // The buffers may be device memory (a one-rank GPU run): then the backend's copy.
+    const Device dt = pointer_device(to), df = pointer_device(from);
+    if (dt == Device::cpu && df == Device::cpu)
+      std::memmove(to, from, static_cast<size_t>(bytes));
+    else
+      device_memcpy(to, dt, from, df, static_cast<size_t>(bytes));
     record(0);
   }
   [[noreturn]] void no_peer(const char* op, int peer) const {

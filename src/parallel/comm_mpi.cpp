@@ -14,6 +14,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <stdexcept>
 #include <thread>
 #include <vector>
@@ -124,17 +125,17 @@ class Staged {
   Staged(const void* ptr, int64_t bytes, bool read)
       : user_(const_cast<void*>(ptr)), bytes_(bytes), device_(bytes > 0 && pointer_device(ptr) == Device::cuda) {
     if (!device_) return;
-    host_.resize(static_cast<size_t>(bytes));
-    if (read) device_memcpy(host_.data(), Device::cpu, ptr, Device::cuda, static_cast<size_t>(bytes));
+    host_.reset(new char[static_cast<size_t>(bytes)]);  // uninitialized: filled by the copy or the operation
+    if (read) device_memcpy(host_.get(), Device::cpu, ptr, Device::cuda, static_cast<size_t>(bytes));
   }
   Staged(const Staged&) = delete;
   Staged& operator=(const Staged&) = delete;
   Staged(Staged&&) = default;
-  char* host() { return device_ ? host_.data() : static_cast<char*>(user_); }
+  char* host() { return device_ ? host_.get() : static_cast<char*>(user_); }
   // Writes [offset, offset + n) of the host copy back to the device buffer.
   void write_back(int64_t offset, int64_t n) {
     if (device_ && n > 0)
-      device_memcpy(static_cast<char*>(user_) + offset, Device::cuda, host_.data() + offset, Device::cpu,
+      device_memcpy(static_cast<char*>(user_) + offset, Device::cuda, host_.get() + offset, Device::cpu,
                     static_cast<size_t>(n));
   }
   void write_back() { write_back(0, bytes_); }
@@ -143,7 +144,7 @@ class Staged {
   void* user_;
   int64_t bytes_;
   bool device_;
-  std::vector<char> host_;
+  std::unique_ptr<char[]> host_;
 };
 
 class MpiComm final : public Comm {

@@ -81,6 +81,9 @@ class DataParallelOptimizer {
   // The views stay valid until the next step().
   virtual std::vector<StateSlice> state() = 0;
   virtual int64_t updates() const = 0;  // AdamW updates so far (the bias-correction count)
+  // After state() was written into (a checkpoint load): re-derives the bf16 working copies
+  // the layers read from the fp32 masters (nothing under an fp32 policy).
+  virtual void refresh_working_copies() = 0;
   virtual void set_updates(int64_t n) = 0;
 };
 
@@ -89,6 +92,7 @@ void check_zero_stage(int stage);
 
 class ZeroOptimizer final : public DataParallelOptimizer {
  public:
+  void refresh_working_copies() override { store_.refresh_working_copies(); }
   // Stages 0-2. mp: the model-parallel group for the gradient norm (nullptr: none).
   ZeroOptimizer(ParamStore& store, Comm& dp, int stage, const AdamWConfig& cfg, Comm* mp = nullptr);
   void zero_grads() override;

@@ -17,13 +17,15 @@ struct Zero3Optimizer::Flat {
   std::vector<int64_t> offset;
   int64_t numel = 0, padded = 0, shard = 0;  // padded = dp × shard, so shards are equal
   Tensor master;  // [shard] this rank's part, the fp32 master copy updated in place
-  Tensor full;    // [padded] only while the unit is gathered
+  Tensor work;    // [shard] its compute-dtype copy under a bf16 policy (what is gathered)
+  Tensor full;    // [padded] only while the unit is gathered, in the compute dtype
 };
 
 struct Zero3Optimizer::Unit {
   std::string name;
   bool backward_needs_weights = true;
   Device device = Device::cpu;
+  DType compute = DType::f32;  // the working weights' dtype: f32, or bf16 (gathered as bf16)
   Flat train, frozen;
   Tensor grad_full;         // [train.padded] only inside the backward window
   Tensor grad_shard, m, v;  // [train.shard] accumulated reduced gradient, Adam moments
@@ -46,7 +48,8 @@ void bind_views(const F& f, const Tensor& buf, Tensor Param::*member) {
 
 }  // namespace
 
-Zero3Optimizer::Zero3Optimizer(std::vector<ParamUnit> units, Comm& dp, const AdamWConfig& cfg, Comm* mp)
+Zero3Optimizer::Zero3Optimizer(std::vector<ParamUnit> units, Comm& dp, const AdamWConfig& cfg, Comm* mp,
+                               Device device, DType compute)
     : dp_(dp), mp_(mp), cfg_(cfg) {
   const int64_t n = dp.size(), r = dp.rank();
   std::unordered_set<const Param*> seen;
@@ -55,7 +58,8 @@ Zero3Optimizer::Zero3Optimizer(std::vector<ParamUnit> units, Comm& dp, const Ada
     Unit& u = units_.emplace_back();
     u.name = pu.name;
     u.backward_needs_weights = pu.backward_needs_weights;
-    if (!pu.params.empty() && pu.params.front()->value.defined()) u.device = pu.params.front()->value.device();
+    u.device = device;
+    u.compute = compute;
     for (Param* p : pu.params) {
       // A Param in two units would be gathered and updated twice: a model bug.
       if (!seen.insert(p).second) throw std::logic_error("Zero3Optimizer: parameter " + p->name + " is in two units");
@@ -70,15 +74,23 @@ Zero3Optimizer::Zero3Optimizer(std::vector<ParamUnit> units, Comm& dp, const Ada
     for (Flat* f : {&u.train, &u.frozen}) {
       f->padded = (f->numel + n - 1) / n * n;
       f->shard = f->padded / n;
-      Tensor full = Tensor::zeros({f->padded}, DType::f32, u.device);  // padding stays zero
+      // Assembled where the values are (the host, for a GPU run: ParamStore::to is skipped),
+      // then only this rank's shard goes to the device.
+      const Device from = f->params.empty() ? u.device : f->params.front()->value.device();
+      Tensor full = Tensor::zeros({f->padded}, DType::f32, from);  // padding stays zero
       for (size_t i = 0; i < f->params.size(); ++i) {
         Param* p = f->params[i];
         const Tensor src = p->value.is_contiguous() ? p->value : p->value.clone();
         full.slice(0, f->offset[i], f->offset[i] + src.numel()).reshape(src.shape()).copy_from(src);
         p->value = Tensor();
         p->grad = Tensor();
+        p->work = Tensor();
       }
-      f->master = full.slice(0, r * f->shard, (r + 1) * f->shard).clone();  // the rest is freed here
+      f->master = full.slice(0, r * f->shard, (r + 1) * f->shard).clone().to(u.device);  // the rest is freed here
+      if (u.compute != DType::f32) {
+        f->work = Tensor::empty({f->shard}, u.compute, u.device);
+        ops::cast(f->master, f->work);
+      }
     }
     u.grad_shard = Tensor::zeros({u.train.shard}, DType::f32, u.device);
     u.m = Tensor::zeros({u.train.shard}, DType::f32, u.device);
@@ -103,17 +115,22 @@ Zero3Optimizer::Unit& Zero3Optimizer::unit_at(int unit, const char* hook) {
   return units_[unit];
 }
 
-// Issues the gathers of both flats. A prefetch (async) binds the values only when gather()
-// claims it, so a Param's value is never visible before its bytes have arrived.
+// Where the gathered weights are bound: Param::value (fp32 runs) or Param::work (bf16).
+static Tensor Param::*gathered_member(DType compute) { return compute == DType::f32 ? &Param::value : &Param::work; }
+
+// Issues the gathers of both flats (of the masters, or of their bf16 working copies). A
+// prefetch (async) binds the values only when gather() claims it, so a Param's weights are
+// never visible before their bytes have arrived.
 void Zero3Optimizer::start_gather(Unit& u, bool async) {
   for (Flat* f : {&u.train, &u.frozen}) {
     if (f->numel == 0) continue;  // an empty flat issues no collective
-    f->full = Tensor::empty({f->padded}, DType::f32, u.device);
+    const Tensor& mine = u.compute == DType::f32 ? f->master : f->work;
+    f->full = Tensor::empty({f->padded}, u.compute, u.device);
     timed([&] {
-      if (async) pending_.push_back(dp_.all_gather_async(f->master.raw(), f->full.raw(), f->shard, DType::f32));
-      else dp_.all_gather(f->master.raw(), f->full.raw(), f->shard, DType::f32);
+      if (async) pending_.push_back(dp_.all_gather_async(mine.raw(), f->full.raw(), f->shard, u.compute));
+      else dp_.all_gather(mine.raw(), f->full.raw(), f->shard, u.compute);
     });
-    if (!async) bind_views(*f, f->full, &Param::value);
+    if (!async) bind_views(*f, f->full, gathered_member(u.compute));
   }
   u.live = true;
 }
@@ -126,7 +143,7 @@ void Zero3Optimizer::gather(int unit) {
     pending_.clear();
     prefetched_ = -1;
     for (Flat* f : {&units_[unit].train, &units_[unit].frozen})
-      if (f->numel > 0) bind_views(*f, f->full, &Param::value);
+      if (f->numel > 0) bind_views(*f, f->full, gathered_member(units_[unit].compute));
     return;
   }
   drop_prefetch();  // a guess that missed: the issued sequence stays the same on every rank
@@ -156,7 +173,7 @@ void Zero3Optimizer::release_if_unused(int unit) {
   if (!u.live || u.in_forward || u.in_backward || u.pinned || prefetched_ == unit) return;
   for (Flat* f : {&u.train, &u.frozen}) {
     f->full = Tensor();
-    bind_views(*f, Tensor(), &Param::value);
+    bind_views(*f, Tensor(), gathered_member(u.compute));
   }
   u.live = false;
 }
@@ -235,6 +252,8 @@ double Zero3Optimizer::step(float lr) {
   }
   const double norm = clip_and_update(segs, {&dp_, mp_}, cfg_, lr, ++update_,
                                       [&](const std::function<void()>& c) { timed(c); });
+  for (Unit& u : units_)  // bf16: the next gathers send copies of the updated masters
+    if (u.train.work.defined()) ops::cast(u.train.master, u.train.work);
   comm_seconds_ = comm_accum_;
   comm_accum_ = 0;
   return norm;
@@ -262,11 +281,19 @@ std::vector<StateSlice> Zero3Optimizer::state() {
   return out;
 }
 
+void Zero3Optimizer::refresh_working_copies() {
+  drop_prefetch();  // a gather in flight would carry the old copies
+  for (Unit& u : units_)
+    for (Flat* f : {&u.train, &u.frozen})
+      if (f->work.defined()) ops::cast(f->master, f->work);
+}
+
 ZeroMemory Zero3Optimizer::memory() const {
   ZeroMemory m;
   for (const Unit& u : units_) {
-    m.params += u.train.shard * 4;
-    m.frozen += u.frozen.shard * 4;
+    const int64_t work = u.compute == DType::f32 ? 0 : static_cast<int64_t>(dtype_size(u.compute));
+    m.params += u.train.shard * (4 + work);
+    m.frozen += u.frozen.shard * (4 + work);
   }
   m.grads = m.params;
   m.optimizer = 2 * m.params;

@@ -1,7 +1,8 @@
 // ZeRO stage 3 (DESIGN.md §5): stage 2, and the working weights are sharded too. Each
 // parameter unit (units.h) keeps two flat buffers, trainable and frozen, each padded to a
 // multiple of dp; a rank holds only its 1/dp shard of each (the fp32 master copy, updated
-// in place) plus the gradient shard and Adam moments of the trainable one. The model's
+// in place, and under a bf16 policy its bf16 working copy, which is what is gathered) plus
+// the gradient shard and Adam moments of the trainable one. The model's
 // UnitHooks gather a unit's full values just before its use (prefetching the next unit
 // while the current one computes) and drop them after; the backward's full gradient lives
 // only inside its unit's backward window and is reduce-scattered into the shard.
@@ -19,10 +20,14 @@ namespace vchat {
 
 class Zero3Optimizer final : public DataParallelOptimizer, public UnitHooks {
  public:
-  // Every Param in `units` holds its full (tensor-parallel-local) fp32 value now; it is
-  // moved into the unit's flats and Param::value / Param::grad are released (Tensor()).
+  // Every Param in `units` holds its full (tensor-parallel-local) fp32 value now, on the
+  // host or on `device`; this rank's shard of it moves into the unit's flats on `device`
+  // and Param::value / grad / work are released (Tensor()). So a GPU run shards from host
+  // memory and never holds the whole model on the device. `compute`: the working weights'
+  // dtype (bf16: each shard keeps a bf16 copy, and that is what is gathered).
   // mp: the model-parallel group for the gradient norm, nullptr without one.
-  Zero3Optimizer(std::vector<ParamUnit> units, Comm& dp, const AdamWConfig& cfg, Comm* mp = nullptr);
+  Zero3Optimizer(std::vector<ParamUnit> units, Comm& dp, const AdamWConfig& cfg, Comm* mp = nullptr,
+                 Device device = Device::cpu, DType compute = DType::f32);
   ~Zero3Optimizer() override;
 
   void before_forward(int unit) override;   // values bound; starts the gather of unit+1
@@ -37,6 +42,7 @@ class Zero3Optimizer final : public DataParallelOptimizer, public UnitHooks {
   std::vector<StateSlice> state() override;  // the shards: nothing is DP-replicated
   int64_t updates() const override { return update_; }
   void set_updates(int64_t n) override { update_ = n; }
+  void refresh_working_copies() override;  // the bf16 shards from the fp32 master shards
 
   // Every unit's full values bound at once, from gather_all() until release_all() (which
   // step() requires first): for tests and tools that read the whole model. (The trainer's

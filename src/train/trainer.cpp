@@ -38,14 +38,14 @@ Trainer::Trainer(const TrainConfig& cfg, Grid* grid) : cfg_(cfg) {
                                              ModelParallel{&g.tp(), g.coord().pp, g.shape().pp});
   init_params(model_->params(), cfg.seed);
   if (cfg.device == Device::cuda) {
-    // The grid's communicators carry device buffers (NCCL, or MPI staging them: the app
-    // chose). ZeRO-3's gathered weights and their working copies are the next step.
-    if (cfg.zero_stage == 3) throw ConfigError("--device cuda: --zero 3 on GPUs is not built yet (docs/GPU.md)");
+    // The grid's communicators carry device buffers (NCCL, or MPI staging them: the app chose).
     select_gpu(g.world().rank());
-    model_->to(Device::cuda, PrecisionPolicy::of(cfg.precision));  // before the optimizer flattens them
+    // Before the optimizer flattens them; ZeRO-3 instead moves only this rank's shards.
+    model_->to(Device::cuda, PrecisionPolicy::of(cfg.precision), /*move_params=*/cfg.zero_stage != 3);
   }
   if (cfg.zero_stage == 3) {
-    auto z = std::make_unique<Zero3Optimizer>(model_->units(), g.dp(), cfg.adamw, &g.mp());
+    auto z = std::make_unique<Zero3Optimizer>(model_->units(), g.dp(), cfg.adamw, &g.mp(), cfg.device,
+                                              PrecisionPolicy::of(cfg.precision).compute);
     zero3_ = z.get();
     model_->set_hooks(zero3_);
     opt_ = std::move(z);
@@ -162,7 +162,7 @@ void Trainer::restore(const std::string& dir, const ckpt::Manifest& m) {
   using clock = std::chrono::steady_clock;
   const auto t0 = clock::now();
   const ckpt::LoadStats st = ckpt::load_state(dir, m, opt_->state());
-  model_->params().refresh_working_copies();  // bf16: the layers read copies of what was loaded
+  opt_->refresh_working_copies();  // bf16: the layers read copies of what was loaded
   opt_->set_updates(m.state.updates);
   step_ = m.state.step;
   // Every rank read its own slices; the slowest decides when training can start.

@@ -57,6 +57,7 @@ stage layouts-staged 150 bash tools/gpu/layouts.sh "$OUTDIR"
 # Benchmarks: vchat and PyTorch side by side on this GPU (bench/RESULTS.md takes the figures).
 for L in 2048 4096; do
   stage "attn-vchat-$L" 60 "$BIN/vchat-bench-attn" --seq-len $L --batch 4 --heads 16 --kv-heads 16 --head-dim 128 --image-frac 0.3
+  stage "attn-vchat-cc-$L" 60 "$BIN/vchat-bench-attn" --kernel cuda-cores --seq-len $L --batch 4 --heads 16 --kv-heads 16 --head-dim 128 --image-frac 0.3
   stage "attn-torch-$L" 60 python3 bench/gpu_torch_attn.py --seq-len $L --batch 4 --heads 16 --head-dim 128
 done
 M=inputs/models/llama-1b-clip-l14-224.json

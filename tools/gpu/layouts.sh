@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every parallel layout on ONE GPU through the staged MPI path (--comm mpi: several ranks
+# Every parallel layout (tp2, pp2, dp2 with ZeRO-1 and -3, tp2·pp2·dp2 with both) on ONE GPU
+# through the staged MPI path (--comm mpi: several ranks
 # share the device, collectives stage device buffers through the host) against one rank:
 # 5 steps of `tiny` in fp32 on the device, the same synthetic global batch; the loss of
 # every step and every parameter afterwards within 1e-5 relative (tools/gpu/compare_runs.py).
@@ -27,7 +28,8 @@ run() {  # run TAG NP OPTIONS...
 }
 fail=0
 run one 1 || exit 1
-for layout in "tp2:2:--tp 2" "pp2:2:--pp 2" "dp2z1:2:--zero 1" "tp2pp2dp2:8:--tp 2 --pp 2 --zero 1"; do
+for layout in "tp2:2:--tp 2" "pp2:2:--pp 2" "dp2z1:2:--zero 1" "dp2z3:2:--zero 3" "tp2pp2dp2z1:8:--tp 2 --pp 2 --zero 1" \
+              "tp2pp2dp2z3:8:--tp 2 --pp 2 --zero 3"; do
   IFS=: read -r tag np opts <<< "$layout"
   # shellcheck disable=SC2086
   if run "$tag" "$np" $opts; then
