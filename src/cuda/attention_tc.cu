@@ -32,7 +32,7 @@ struct TcGeometry {
 };
 
 struct TcLayout {  // byte offsets into dynamic shared memory (each 128-byte aligned)
-  size_t q, k, v, s, p1, p2, o1, o2, mq, mk, total;
+  size_t q, k, v, s, p1, p2, o1, o2, mq, mk, flags, total;
   int hld, old;  // row strides: bf16 Q/K/V tiles, fp32 O tiles
   __host__ __device__ static size_t up(size_t x) { return (x + 127) / 128 * 128; }
   __host__ __device__ explicit TcLayout(int hd) : hld(hd + 8), old(hd + 4) {
@@ -52,6 +52,7 @@ struct TcLayout {  // byte offsets into dynamic shared memory (each 128-byte ali
     o2 = take(size_t(kTc) * old * 4);
     mq = take(kTc);
     mk = take(kTc);
+    flags = take(2 * sizeof(int));  // any live query in the tile; any image key in the key tile
     total = at;
   }
 };
@@ -89,7 +90,9 @@ __global__ void __launch_bounds__(kTcThreads) flash_fwd_tc(AttnMode mode, TcGeom
   float* O2 = reinterpret_cast<float*>(smem + lay.o2);
   uint8_t* mq_s = smem + lay.mq;
   uint8_t* mk_s = smem + lay.mk;
-  __shared__ int any_live, tile_image;
+  // In the dynamic block too (no static shared memory before it to upset its alignment).
+  int& any_live = reinterpret_cast<int*>(smem + lay.flags)[0];
+  int& tile_image = reinterpret_cast<int*>(smem + lay.flags)[1];
 
   const int64_t b = blockIdx.z, h = blockIdx.y, q0 = int64_t(blockIdx.x) * kTc;
   const int64_t kh = h / (g.H / g.KV);
