@@ -56,6 +56,13 @@ void expect_dtype(const char* op, const Arg& a, DType want) {
 
 // Only reachable in a build without the CUDA backend (which cannot make CUDA tensors, so
 // this guards against a mix-up of builds rather than a user error).
+// The per-row losses a CUDA kernel left on the device, summed on the host (in double).
+[[maybe_unused]] double host_sum(const Tensor& rows) {
+  double total = 0;
+  for (float r : rows.to_vector_f32()) total += r;
+  return total;
+}
+
 [[noreturn, maybe_unused]] void no_cuda(const char* op) {
   throw std::runtime_error(std::string("ops::") + op + ": this build has no CUDA backend (build-cuda has)");
 }
@@ -267,9 +274,7 @@ double cross_entropy_fwd(const Tensor& logits, const Tensor& targets, const Tens
     // Per-row losses come back and are summed here; the device trainer keeps them on the GPU.
     const Tensor rows = Tensor::empty({logits.size(0)}, DType::f32, Device::cuda);
     cuda::cross_entropy_fwd(cuda::thread_context(), logits, targets, lse, rows);
-    double total = 0;
-    for (float r : rows.to_vector_f32()) total += r;
-    return total;
+    return host_sum(rows);
 #else
     no_cuda("cross_entropy_fwd");
 #endif
@@ -327,9 +332,7 @@ double ce_finish(const Tensor& row_max, const Tensor& sumexp, const Tensor& targ
 #ifdef VCHAT_WITH_CUDA
     const Tensor rows = Tensor::empty({targets.numel()}, DType::f32, Device::cuda);
     cuda::ce_finish(cuda::thread_context(), row_max, sumexp, target_logit, targets, lse, rows);
-    double total = 0;
-    for (float r : rows.to_vector_f32()) total += r;
-    return total;
+    return host_sum(rows);
 #else
     no_cuda("ce_finish");
 #endif

@@ -18,6 +18,7 @@
 #include "cuda/cuda_backend.h"
 #include "ops.h"
 #include "tensor.h"
+#include "test_util.h"
 
 namespace vchat {
 namespace {
@@ -180,14 +181,7 @@ TEST_F(CudaOps, LinearWithBiasEpilogueAndItsGradients) {
 
 TEST_F(CudaOps, RejectsOperandsNamingThem) {
   const Tensor A = Tensor::empty({4, 3}, DType::f32, Device::cuda), B = Tensor::empty({5, 2}, DType::f32, Device::cuda);
-  auto expect_msg = [](const std::function<void()>& f, const std::string& needle) {
-    try {
-      f();
-      ADD_FAILURE() << "accepted; expected: " << needle;
-    } catch (const std::invalid_argument& e) {
-      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
-    }
-  };
+  const auto expect_msg = test::expect_invalid_argument;
   expect_msg([&] { ops::gemm(A, false, B, false, Tensor::empty({4, 2}, DType::f32, Device::cuda)); }, "A[4, 3] x B[5, 2]");
   expect_msg([&] { ops::gemm(A, false, Tensor::empty({3, 2}, DType::bf16, Device::cuda), false,
                              Tensor::empty({4, 2}, DType::f32, Device::cuda)); },

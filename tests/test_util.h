@@ -37,6 +37,16 @@ struct TempDir {
   std::string file(const std::string& name) const { return (path / name).string(); }
 };
 
+// f() must throw std::invalid_argument whose message contains `needle`.
+inline void expect_invalid_argument(const std::function<void()>& f, const std::string& needle) {
+  try {
+    f();
+    ADD_FAILURE() << "accepted; expected: " << needle;
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+  }
+}
+
 inline Tensor randn(Shape shape, std::mt19937_64& rng, float stddev = 1.f) {
   Tensor t = Tensor::empty(std::move(shape));
   std::normal_distribution<float> g(0.f, stddev);

@@ -12,20 +12,6 @@ namespace {
 // Precise expf/erff, not the fast intrinsics: these are compared with the CPU ops.
 __device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + expf(-x)); }
 
-template <class T, class F>
-__global__ void map_kernel(int64_t n, F f) {
-  const int64_t step = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step) f(i);
-}
-
-template <class F>
-void launch_map(const Context& c, int64_t n, F f) {
-  if (n == 0) return;
-  constexpr int kThreads = 256;
-  map_kernel<float><<<grid_for(n, kThreads), kThreads, 0, stream_of(c)>>>(n, f);
-  CUDA_CHECK_LAUNCH();
-}
-
 void same_numel(const char* op, std::initializer_list<Arg> args) {
   const int64_t n = args.begin()->t.numel();
   for (const Arg& a : args)
@@ -41,7 +27,7 @@ void add(const Context& c, const Tensor& a, const Tensor& b, const Tensor& out) 
   VCHAT_DISPATCH(dt, T,
     const T *pa = ptr<T>(a), *pb = ptr<T>(b);
     T* po = ptr<T>(out);
-    launch_map(c, out.numel(), [=] __device__(int64_t i) { st(po, i, ld(pa, i) + ld(pb, i)); });
+    launch_each(c, out.numel(), [=] __device__(int64_t i) { st(po, i, ld(pa, i) + ld(pb, i)); });
   );
 }
 
@@ -51,7 +37,7 @@ void axpy(const Context& c, float alpha, const Tensor& x, const Tensor& y) {
   VCHAT_DISPATCH(dt, T,
     T* py = ptr<T>(y);
     const T* px = ptr<T>(x);
-    launch_map(c, y.numel(), [=] __device__(int64_t i) { st(py, i, ld(py, i) + alpha * ld(px, i)); });
+    launch_each(c, y.numel(), [=] __device__(int64_t i) { st(py, i, ld(py, i) + alpha * ld(px, i)); });
   );
 }
 
@@ -59,7 +45,7 @@ void scale(const Context& c, const Tensor& x, float alpha) {
   const DType dt = expect_compute("cuda::scale", {{"x", x}});
   VCHAT_DISPATCH(dt, T,
     T* p = ptr<T>(x);
-    launch_map(c, x.numel(), [=] __device__(int64_t i) { st(p, i, ld(p, i) * alpha); });
+    launch_each(c, x.numel(), [=] __device__(int64_t i) { st(p, i, ld(p, i) * alpha); });
   );
 }
 
@@ -67,7 +53,7 @@ void fill(const Context& c, const Tensor& x, float value) {
   const DType dt = expect_compute("cuda::fill", {{"x", x}});
   VCHAT_DISPATCH(dt, T,
     T* p = ptr<T>(x);
-    launch_map(c, x.numel(), [=] __device__(int64_t i) { st(p, i, value); });
+    launch_each(c, x.numel(), [=] __device__(int64_t i) { st(p, i, value); });
   );
 }
 
@@ -79,7 +65,7 @@ void cast(const Context& c, const Tensor& src, const Tensor& dst) {
     const S* ps = ptr<S>(src);
     VCHAT_DISPATCH(dst.dtype(), D,
       D* pd = ptr<D>(dst);
-      launch_map(c, dst.numel(), [=] __device__(int64_t i) { st(pd, i, ld(ps, i)); });
+      launch_each(c, dst.numel(), [=] __device__(int64_t i) { st(pd, i, ld(ps, i)); });
     );
   );
 }
@@ -92,7 +78,7 @@ void add_bias(const Context& c, const Tensor& y, const Tensor& b) {
   VCHAT_DISPATCH(dt, T,
     T* py = ptr<T>(y);
     const T* pb = ptr<T>(b);
-    launch_map(c, y.numel(), [=] __device__(int64_t i) { st(py, i, ld(py, i) + ld(pb, i % cols)); });
+    launch_each(c, y.numel(), [=] __device__(int64_t i) { st(py, i, ld(py, i) + ld(pb, i % cols)); });
   );
 }
 
@@ -115,7 +101,7 @@ void swiglu_fwd(const Context& c, const Tensor& gate, const Tensor& up, const Te
   VCHAT_DISPATCH(dt, T,
     const T *g = ptr<T>(gate), *u = ptr<T>(up);
     T* o = ptr<T>(out);
-    launch_map(c, out.numel(), [=] __device__(int64_t i) {
+    launch_each(c, out.numel(), [=] __device__(int64_t i) {
       const float x = ld(g, i);
       st(o, i, x * sigmoid(x) * ld(u, i));
     });
@@ -131,7 +117,7 @@ void swiglu_bwd(const Context& c, const Tensor& dout, const Tensor& gate, const 
   VCHAT_DISPATCH(dt, T,
     const T *d = ptr<T>(dout), *g = ptr<T>(gate), *u = ptr<T>(up);
     T *dg = ptr<T>(dgate), *du = ptr<T>(dup);
-    launch_map(c, dout.numel(), [=] __device__(int64_t i) {
+    launch_each(c, dout.numel(), [=] __device__(int64_t i) {
       const float x = ld(g, i), s = sigmoid(x), dy = ld(d, i), uu = ld(u, i);
       st(dg, i, dy * uu * s * (1.f + x * (1.f - s)));
       st(du, i, dy * x * s);
@@ -146,7 +132,7 @@ void gelu_fwd(const Context& c, ops::Activation act, const Tensor& x, const Tens
   VCHAT_DISPATCH(dt, T,
     const T* px = ptr<T>(x);
     T* py = ptr<T>(y);
-    launch_map(c, x.numel(), [=] __device__(int64_t i) {
+    launch_each(c, x.numel(), [=] __device__(int64_t i) {
       const float a = ld(px, i);
       st(py, i, quick ? a * sigmoid(1.702f * a) : 0.5f * a * (1.f + erff(a * 0.70710678118654752f)));
     });
@@ -160,7 +146,7 @@ void gelu_bwd(const Context& c, ops::Activation act, const Tensor& dy, const Ten
   VCHAT_DISPATCH(dt, T,
     const T *pd = ptr<T>(dy), *px = ptr<T>(x);
     T* po = ptr<T>(dx);
-    launch_map(c, x.numel(), [=] __device__(int64_t i) {
+    launch_each(c, x.numel(), [=] __device__(int64_t i) {
       const float a = ld(px, i), d = ld(pd, i);
       float g;
       if (quick) {

@@ -33,6 +33,19 @@ inline int grid_for(int64_t work, int threads) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(needed, int64_t(sms) * 8)));
 }
 
+// f(i) for i in [0, n), one element per thread, grid-stride: the elementwise and row kernels.
+template <class F>
+__global__ void each_kernel(int64_t n, F f) {
+  const int64_t step = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step) f(i);
+}
+template <class F>
+void launch_each(const Context& c, int64_t n, F f) {
+  if (n == 0) return;
+  each_kernel<<<grid_for(n, 256), 256, 0, stream_of(c)>>>(n, f);
+  CUDA_CHECK_LAUNCH();
+}
+
 // Block-wide sum of one float per thread (blockDim.x a multiple of 32, <= 1024). Every
 // thread gets the result. The order of additions is fixed: results are deterministic.
 __device__ __forceinline__ float block_sum(float v) {

@@ -6,18 +6,6 @@ namespace vchat::cuda {
 
 namespace {
 
-template <class F>
-__global__ void each(int64_t n, F f) {
-  const int64_t step = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step) f(i);
-}
-template <class F>
-void launch_each(const Context& c, int64_t n, F f) {
-  if (n == 0) return;
-  each<<<grid_for(n, 256), 256, 0, stream_of(c)>>>(n, f);
-  CUDA_CHECK_LAUNCH();
-}
-
 void expect_index(const char* op, const char* name, const Tensor& t) { expect(op, {name, t}, {DType::i32}); }
 
 }  // namespace
