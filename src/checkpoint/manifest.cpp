@@ -151,10 +151,7 @@ std::string resolve_checkpoint(const std::string& path, const std::string& optio
                   ": not a checkpoint (no manifest.json) nor a save directory (no 'latest' file)");
 }
 
-namespace {
-
-// The first key where two JSON configs differ, as "llm.hidden: 64 there, 32 here"; "" if equal.
-std::string first_difference(const nlohmann::json& there, const nlohmann::json& here, const std::string& path = "") {
+std::string first_difference(const nlohmann::json& there, const nlohmann::json& here, const std::string& path) {
   if (there.is_object() && here.is_object()) {
     for (auto it = there.begin(); it != there.end(); ++it) {
       const std::string key = path.empty() ? it.key() : path + "." + it.key();
@@ -170,8 +167,6 @@ std::string first_difference(const nlohmann::json& there, const nlohmann::json& 
   }
   return there == here ? "" : path + ": " + there.dump() + " in the checkpoint, " + here.dump() + " in this run";
 }
-
-}  // namespace
 
 std::string resume_mismatch(const Manifest& saved, const Manifest& now, bool reset_data) {
   if (saved.kind != "step") return "a frozen-tensor set, not a checkpoint";

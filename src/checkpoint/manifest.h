@@ -83,6 +83,10 @@ std::optional<std::string> latest_checkpoint(const std::string& save_dir);
 // and — unless `reset_data` — another global batch, data kind or data seed. "" when it can.
 std::string resume_mismatch(const Manifest& saved, const Manifest& now, bool reset_data);
 
+// The first key where two JSON configs differ, as "model.llm.hidden: 64 in the checkpoint,
+// 32 in this run" (`path` prefixes the key); "" when they are equal.
+std::string first_difference(const nlohmann::json& there, const nlohmann::json& here, const std::string& path = "");
+
 // Complete step directories in SAVE_DIR, oldest first.
 std::vector<std::pair<int64_t, std::string>> list_checkpoints(const std::string& save_dir);
 

@@ -4,7 +4,9 @@
 #include <filesystem>
 #include <map>
 #include <memory>
+#include <set>
 
+#include "checkpoint/inspect.h"
 #include "data/sample.h"
 #include "data/sha256.h"
 
@@ -184,6 +186,40 @@ LoadStats load_state(const std::string& dir, const Manifest& m, const std::vecto
   const LoadStats stats = load_pieces(dir, m, wants);
   for (auto& [host, device] : to_device) device.copy_from(host);
   return stats;
+}
+
+InitReport load_values(const std::string& dir, const Manifest& m, const std::vector<StateSlice>& state,
+                       const std::function<bool(const Param&)>& may_stay) {
+  const ParamTable table = table_of(m, dir);
+  InitReport r;
+  std::vector<StateSlice> values;
+  std::set<std::string> kept;
+  for (const StateSlice& s : state) {
+    if (s.kind != StateKind::value) continue;
+    const ParamSpec* spec = table.find(s.param->name);
+    if (!spec) {
+      if (!may_stay(*s.param))
+        throw DataError(dir + ": the checkpoint has no parameter '" + s.param->name + "', which this run's model needs");
+      kept.insert(s.param->name);
+      continue;
+    }
+    if (spec->full != s.param->shard.full)
+      throw DataError(dir + ": parameter '" + s.param->name + "' is " + shape_str(spec->full) + " in the checkpoint, " +
+                      shape_str(s.param->shard.full) + " in this run's model");
+    values.push_back(s);
+  }
+  r.stats = load_state(dir, m, values);
+  r.loaded = static_cast<int64_t>(values.size());
+  r.kept.assign(kept.begin(), kept.end());
+  return r;
+}
+
+InitReport load_values(const std::string& dir, const Manifest& m, ParamStore& store,
+                       const std::function<bool(const Param&)>& may_stay) {
+  std::vector<StateSlice> slices;
+  for (const auto& p : store.all())
+    slices.push_back({p.get(), StateKind::value, 0, p->value.numel(), p->value.reshape({p->value.numel()}), false});
+  return load_values(dir, m, slices, may_stay);
 }
 
 }  // namespace vchat::ckpt

@@ -5,6 +5,7 @@
 // parts of the files its own slices need, never the whole model, whatever tp/pp/dp/ZeRO
 // stage wrote the checkpoint and whatever reads it.
 #pragma once
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -49,6 +50,23 @@ class CheckpointReader {
 };
 // The same for this rank's state slices (the trainer's resume).
 LoadStats load_state(const std::string& dir, const Manifest& m, const std::vector<StateSlice>& state);
+
+// Weights only (vchat-train --init, vchat-chat): fills the `value` slices among `state` from
+// checkpoint `dir`, whatever layout, step or train set wrote it (an import is one), and
+// leaves every other slice alone. A parameter the checkpoint lacks keeps its value when
+// `may_stay(param)` allows it (LoRA adapters a base model cannot have); any other missing
+// parameter, or one of another full shape, throws DataError naming checkpoint and tensor.
+struct InitReport {
+  LoadStats stats;
+  int64_t loaded = 0;             // slices read
+  std::vector<std::string> kept;  // parameters that kept their value
+};
+InitReport load_values(const std::string& dir, const Manifest& m, const std::vector<StateSlice>& state,
+                       const std::function<bool(const Param&)>& may_stay);
+
+// The same for a model's parameters where they live (host f32 values: a chat or a test).
+InitReport load_values(const std::string& dir, const Manifest& m, ParamStore& store,
+                       const std::function<bool(const Param&)>& may_stay);
 
 // The runs that copy the overlap of a stored piece and a wanted range: `src` and `dst` are
 // offsets within the piece's and the wanted range's own flat ranges (exposed for tests).

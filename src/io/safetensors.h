@@ -46,4 +46,45 @@ class SafetensorsWriter {
 // Throws std::runtime_error naming the file and the tensor for malformed content.
 TensorFile load_safetensors(const std::string& path);
 
+// A safetensors file mapped into memory (Hugging Face checkpoints: tens of GB, read slice by
+// slice, never whole). Opening validates the whole header before any tensor is touched: the
+// header length, JSON, every entry's dtype, shape and byte count, offsets inside the file
+// and no two tensors overlapping; a bad file throws std::runtime_error naming it and the
+// tensor. Reads then touch only the pages they need.
+class SafetensorsMap {
+ public:
+  enum class Dtype : uint8_t { F32, F16, BF16, F64, I32, I64, U8, BOOL };
+  struct Entry {
+    std::string name;
+    Dtype dtype;
+    Shape shape;
+    uint64_t begin = 0, end = 0;  // byte offsets in the data section
+    int64_t numel() const;
+  };
+  explicit SafetensorsMap(const std::string& path);
+  ~SafetensorsMap();
+  SafetensorsMap(const SafetensorsMap&) = delete;
+  SafetensorsMap& operator=(const SafetensorsMap&) = delete;
+
+  const std::string& path() const { return path_; }
+  const std::vector<Entry>& entries() const { return entries_; }  // in header order
+  const Entry* find(const std::string& name) const;
+  const Entry& at(const std::string& name) const;  // throws naming the file and tensor
+  const std::map<std::string, std::string>& metadata() const { return metadata_; }
+  uint64_t file_size() const { return size_; }
+  const void* data(const Entry& e) const { return base_ + data_start_ + e.begin; }
+  // Elements [lo, hi) of a floating-point tensor (F32/F16/BF16/F64), converted exactly to
+  // f32 (F64 rounded), into dst. Throws naming the tensor for another dtype.
+  void read_f32(const Entry& e, int64_t lo, int64_t hi, float* dst) const;
+
+ private:
+  std::string path_;
+  const char* base_ = nullptr;
+  uint64_t size_ = 0, data_start_ = 0;
+  std::vector<Entry> entries_;
+  std::map<std::string, size_t> index_;
+  std::map<std::string, std::string> metadata_;
+};
+const char* dtype_name(SafetensorsMap::Dtype t);
+
 }  // namespace vchat

@@ -176,31 +176,36 @@ void ParamStore::bind_flat_grads(const Tensor& grads) {
 // Each parameter draws from its own stream, seeded by (seed, name): a rank that holds only
 // some parameters, or slices of them (tensor and pipeline parallelism), draws exactly the
 // numbers the one-rank model has there. The full tensor is drawn and the slice kept.
+Tensor initial_value(const std::string& name, InitRule rule, const Shape& full_shape, uint64_t seed) {
+  uint64_t h = 1469598103934665603ull;  // FNV-1a of the name, mixed with the seed
+  for (unsigned char ch : name) h = (h ^ ch) * 1099511628211ull;
+  std::mt19937_64 rng(seed * 0x9E3779B97F4A7C15ull ^ h);
+  Tensor full = Tensor::zeros(full_shape);
+  float* d = full.data<float>();
+  const int64_t n = full.numel();
+  switch (rule) {
+    case InitRule::zeros: break;
+    case InitRule::ones:
+      for (int64_t i = 0; i < n; ++i) d[i] = 1.f;
+      break;
+    case InitRule::lora_a: {
+      const float bound = 1.f / std::sqrt(static_cast<float>(full.size(1)));
+      std::uniform_real_distribution<float> u(-bound, bound);
+      for (int64_t i = 0; i < n; ++i) d[i] = u(rng);
+      break;
+    }
+    case InitRule::normal: {
+      std::normal_distribution<float> g(0.f, 0.02f);
+      for (int64_t i = 0; i < n; ++i) d[i] = g(rng);
+      break;
+    }
+  }
+  return full;
+}
+
 void init_params(ParamStore& store, uint64_t seed) {
   for (auto& p : store.all()) {
-    uint64_t h = 1469598103934665603ull;  // FNV-1a of the name, mixed with the seed
-    for (unsigned char ch : p->name) h = (h ^ ch) * 1099511628211ull;
-    std::mt19937_64 rng(seed * 0x9E3779B97F4A7C15ull ^ h);
-    Tensor full = Tensor::zeros(p->shard.full);
-    float* d = full.data<float>();
-    const int64_t n = full.numel();
-    switch (p->spec ? p->spec->init : InitRule::normal) {
-      case InitRule::zeros: break;
-      case InitRule::ones:
-        for (int64_t i = 0; i < n; ++i) d[i] = 1.f;
-        break;
-      case InitRule::lora_a: {
-        const float bound = 1.f / std::sqrt(static_cast<float>(full.size(1)));
-        std::uniform_real_distribution<float> u(-bound, bound);
-        for (int64_t i = 0; i < n; ++i) d[i] = u(rng);
-        break;
-      }
-      case InitRule::normal: {
-        std::normal_distribution<float> g(0.f, 0.02f);
-        for (int64_t i = 0; i < n; ++i) d[i] = g(rng);
-        break;
-      }
-    }
+    const Tensor full = initial_value(p->name, p->spec ? p->spec->init : InitRule::normal, p->shard.full, seed);
     p->value.copy_from(shard_of(full, p->shard).clone());
   }
 }

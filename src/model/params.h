@@ -108,6 +108,10 @@ class ParamStore {
 // N(0, 0.02) for matrices, ones for norm scales, zeros for biases and LoRA B, U(±1/√in) for
 // LoRA A; N(0, 0.02) for a bare store's parameters), so every run and layout gets the same model.
 void init_params(ParamStore& store, uint64_t seed);
+// The full (one-rank) initial tensor init_params draws for parameter `name` (what vchat-ckpt
+// import gives the parameters a Hugging Face checkpoint does not have).
+enum class InitRule : uint8_t;
+Tensor initial_value(const std::string& name, InitRule rule, const Shape& full, uint64_t seed);
 
 // The part of a full (one-rank) tensor that `spec` describes, as a view.
 Tensor shard_of(const Tensor& full, const ShardSpec& spec);

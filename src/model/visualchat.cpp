@@ -144,6 +144,12 @@ struct VisualChatModel::Cache {
   Tensor logits, lse;  // last stage, until backward
 };
 
+Tensor VisualChatModel::image_features(const Tensor& pixels) const {
+  if (!first_stage()) throw std::logic_error("image_features: the vision encoder lives on the first pipeline stage");
+  VisionCache c;
+  return vit_.forward(pixels, c);
+}
+
 Tensor VisualChatModel::stage_forward(int mb, const Batch& batch, const Tensor& input, bool backward_follows,
                                       MicroBatchResult* result, bool keep_logits) {
   // Shapes only: the contents were checked by Batch::validate in the data path.

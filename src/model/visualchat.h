@@ -76,6 +76,10 @@ class VisualChatModel {
   // from the loss: its gradient is loss_scale · d(loss_sum)). Returns the gradient of the
   // stage's input (undefined on the first stage).
   Tensor stage_backward(int mb, const Batch& batch, const Tensor& doutput, float loss_scale);
+  // The vision encoder's selected hidden state for `pixels` [N, 3, S, S] (normalised as
+  // CLIP expects): [N * tokens_per_image, W], forward only. First stage, whole on this rank
+  // (no image parallelism): what the import test compares with transformers.
+  Tensor image_features(const Tensor& pixels) const;
   bool first_stage() const { return mp_.pp_rank == 0; }
   // The sub-group of TP ranks sharing a replicated KV head (nullptr when KV heads are split),
   // for traffic accounting.

@@ -4,8 +4,10 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "checkpoint/manifest.h"
 #include "parallel/zero.h"
 
 namespace vchat {
@@ -89,6 +91,7 @@ bool parse_train_config(int argc, const char* const argv[], TrainConfig& c) {
     ("keep-last", po::value(&c.keep_last)->default_value(0), "checkpoints to keep (0: all); older ones go once a newer one is published")
     ("save-sync", po::bool_switch(&c.save_sync), "write checkpoints in the step loop instead of on a background thread")
     ("resume", po::value(&c.resume), "auto (the latest checkpoint in --save-dir, or a fresh start) or a checkpoint / save directory")
+    ("init", po::value(&c.init), "start from the weights of this checkpoint (vchat-ckpt import's output, or any checkpoint of any layout): step 0, a fresh optimizer and data stream; its model config unless --model is given (they must then agree). With --resume auto, a run that has checkpoints resumes instead")
     ("resume-reset-data", po::bool_switch(&c.resume_reset_data), "with --resume: keep weights, optimizer and step, restart the data stream (allows another --global-batch or --data)")
     ("exit-after-minutes", po::value(&c.exit_after_minutes)->default_value(0.0), "stop after the step running at this many minutes, save, exit 0 (0: never)")
     ("exit-after-steps", po::value(&c.exit_after_steps)->default_value(0), "stop after this many steps of this run, save, exit 0 (0: never); the LR schedule still spans --steps");
@@ -165,7 +168,25 @@ bool parse_train_config(int argc, const char* const argv[], TrainConfig& c) {
   if (c.resume_reset_data && c.resume.empty()) throw ConfigError("--resume-reset-data needs --resume");
   c.options = options_json(vm);
   c.lr.total_steps = c.steps;
-  c.model = ModelConfig::load(c.model_file);
+  if (!c.init.empty()) {
+    if (!c.resume.empty() && c.resume != "auto")
+      throw ConfigError("--init and --resume " + c.resume + " exclude each other (--resume auto with --init resumes a run that has checkpoints, and starts from --init otherwise)");
+    c.init = ckpt::resolve_checkpoint(c.init, "--init");
+    const ckpt::Manifest m = ckpt::read_manifest(c.init);
+    const ModelConfig theirs = ModelConfig::from_json_text(m.model.dump(), c.init + "/manifest.json");
+    if (vm["model"].defaulted()) {
+      c.model = theirs;
+      c.model_file = c.init + "/manifest.json";
+    } else {
+      c.model = ModelConfig::load(c.model_file);
+      nlohmann::json a = nlohmann::json::parse(theirs.to_json()), b = nlohmann::json::parse(c.model.to_json());
+      a.erase("name"), b.erase("name");
+      const std::string d = ckpt::first_difference(a, b, "model");
+      if (!d.empty()) throw ConfigError("--init " + c.init + ": written for another model than --model " + c.model_file + " (" + d + ")");
+    }
+  } else {
+    c.model = ModelConfig::load(c.model_file);
+  }
   const int64_t t_img = c.model.vision.tokens_per_image();
   if (c.data.seq_len < t_img + 16)
     throw ConfigError("--seq-len=" + std::to_string(c.data.seq_len) + " cannot hold one image of " + std::to_string(t_img) +

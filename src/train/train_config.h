@@ -55,6 +55,7 @@ struct TrainConfig {
   bool save_sync = false;         // write in the step loop, not on a background thread
   std::string resume;             // "", "auto" or a checkpoint / save directory
   bool resume_reset_data = false; // keep weights and optimizer, restart the data stream
+  std::string init;               // start from this checkpoint's weights (resolved directory; "" = seed)
   double exit_after_minutes = 0;  // save and exit 0 after this long (0: never)
   int64_t exit_after_steps = 0;   // ... after this many steps of this run (0: never)
 

@@ -101,6 +101,7 @@ Trainer::Trainer(const TrainConfig& cfg, Grid* grid) : cfg_(cfg) {
     }
   }
   if (resume) restore(resume_dir, *resume);
+  else if (!cfg.init.empty()) init_weights(cfg.init);
   if (!cfg.save_dir.empty()) {
     // A run resumed from this directory keeps referring to the frozen set its checkpoint
     // names; anywhere else it writes its own at the first save.
@@ -173,6 +174,25 @@ void Trainer::restore(const std::string& dir, const ckpt::Manifest& m) {
                 dir.c_str(), static_cast<long long>(m.step), m.topology.describe().c_str(),
                 cfg_.resume_reset_data ? ", data stream restarted" : "", bytes[0] / 1e6, bytes[1] / 1e6,
                 std::chrono::duration<double>(clock::now() - t0).count());
+}
+
+void Trainer::init_weights(const std::string& dir) {
+  using clock = std::chrono::steady_clock;
+  const auto t0 = clock::now();
+  const ckpt::Manifest m = ckpt::read_manifest(dir);
+  // LoRA adapters are the one thing a base model cannot hold: they keep their --seed values
+  // (B = 0, so the model starts as the checkpoint's).
+  const ckpt::InitReport r = ckpt::load_values(dir, m, opt_->state(), [](const Param& p) {
+    return p.spec && p.spec->trained_by == kTrainLora;
+  });
+  opt_->refresh_working_copies();
+  double bytes = static_cast<double>(r.stats.bytes_read);
+  grid_->world().all_reduce_f64(&bytes, 1, ReduceOp::sum);
+  if (is_root())
+    std::printf("vchat-train | initialised from %s (step %lld, written under %s): %.1f MB of tensors read in %.2f s%s\n",
+                dir.c_str(), static_cast<long long>(m.step), m.topology.describe().c_str(), bytes / 1e6,
+                std::chrono::duration<double>(clock::now() - t0).count(),
+                r.kept.empty() ? "" : ("; " + std::to_string(r.kept.size()) + " LoRA tensors from --seed").c_str());
 }
 
 std::vector<Batch> Trainer::next_batches() {

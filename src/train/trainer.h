@@ -68,6 +68,8 @@ class Trainer {
  private:
   std::vector<Batch> next_batches();
   // Reads the checkpoint's state into this rank's slices (any layout) and positions the run.
+  // --init: this checkpoint's weights (any layout), a fresh optimizer and data stream.
+  void init_weights(const std::string& dir);
   void restore(const std::string& dir, const ckpt::Manifest& m);
   // The world's one small all-reduce per step: stop requests and checkpoint progress.
   struct Agreement {
