@@ -12,6 +12,7 @@
 #include <gtest/gtest.h>
 
 #include "checkpoint/hf.h"
+#include "checkpoint/inspect.h"
 #include "checkpoint/manifest.h"
 #include "checkpoint/reshard.h"
 #include "io/safetensors.h"
@@ -64,12 +65,33 @@ inline Batch text_batch(const std::vector<int32_t>& ids, int64_t image_size) {
 }
 
 // The model a checkpoint describes, this rank's part, with the checkpoint's weights.
-inline std::unique_ptr<VisualChatModel> load_model(const std::string& dir, const ModelParallel& mp = {}) {
+inline std::unique_ptr<VisualChatModel> load_model(const std::string& path, const ModelParallel& mp = {}) {
+  const std::string dir = ckpt::resolve_checkpoint(path, "load_model");
   const ckpt::Manifest m = ckpt::read_manifest(dir);
   const ModelConfig cfg = ModelConfig::from_json_text(m.model.dump(), dir);
-  auto model = std::make_unique<VisualChatModel>(cfg, ModelOptions{}, mp);
+  auto model = std::make_unique<VisualChatModel>(cfg, ckpt::model_options_of(m), mp);
   ckpt::load_values(dir, m, model->params(), [](const Param&) { return false; });
   return model;
+}
+
+// vchat-ckpt import through its library (no progress lines).
+inline std::string import_hf(const std::string& llm, const std::string& vision, const std::string& out,
+                             int64_t feature_layer = -1, bool keep_cls = true) {
+  hf::ImportOptions o;
+  o.llm_dir = llm;
+  o.vision_dir = vision;
+  o.out_dir = out;
+  o.feature_layer = feature_layer;
+  o.keep_cls = keep_cls;
+  o.quiet = true;
+  hf::import_checkpoint(o);
+  return out;
+}
+
+// The logits of one text-only sequence, [L * V] on the host.
+inline std::vector<float> logits_of(VisualChatModel& m, const std::vector<int32_t>& ids) {
+  const Batch b = text_batch(ids, m.config().vision.image_size);
+  return host_f32(m.forward_backward(b, false, 1.f, /*keep_logits=*/true).logits).to_vector_f32();
 }
 
 // max |a - b| / max |b|: every logit within the tolerance of the largest.

@@ -33,20 +33,7 @@ const std::string& clip_dir() {
 
 std::string import(const std::string& llm, const std::string& vision, const std::string& out, int64_t feature_layer = -1,
                    bool keep_cls = true) {
-  hf::ImportOptions o;
-  o.llm_dir = llm;
-  o.vision_dir = vision;
-  o.out_dir = out;
-  o.feature_layer = feature_layer;
-  o.keep_cls = keep_cls;
-  o.quiet = true;
-  hf::import_checkpoint(o);
-  return out;
-}
-
-std::vector<float> vchat_logits(VisualChatModel& m, const std::vector<int32_t>& ids) {
-  const Batch b = test::text_batch(ids, m.config().vision.image_size);
-  return host_f32(m.forward_backward(b, false, 1.f, /*keep_logits=*/true).logits).to_vector_f32();
+  return test::import_hf(llm, vision, out, feature_layer, keep_cls);
 }
 
 struct LlamaCase {
@@ -70,7 +57,7 @@ TEST(HfImport, LlamaLogitsEqualTransformers) {
     ASSERT_TRUE(test::oracle_ok("llama-logits " + llm + " --ids " + test::join(test::prompt_ids()) + " --out " + ref));
     const std::string ck = import(llm, clip_dir(), work().file("ck_" + c.tag));
     auto model = test::load_model(ck);
-    const std::vector<float> got = vchat_logits(*model, test::prompt_ids());
+    const std::vector<float> got = test::logits_of(*model, test::prompt_ids());
     const std::vector<float> want = load_safetensors(ref).tensors.at("logits").to_vector_f32();
     ASSERT_EQ(got.size(), want.size());
     EXPECT_LT(test::max_rel(got, want), 1e-5);

@@ -4,6 +4,8 @@
 //   vchat-ckpt consolidate DIR --out FILE.safetensors [--kind value|adam_m|adam_v] [--trainable-only]
 //   vchat-ckpt import --llm HF_DIR --vision HF_DIR --out DIR [--name N] [--feature-layer K]
 //                    [--feature-select all|patch] [--seed S] [--quiet]
+//   vchat-ckpt export DIR --out HF_DIR [--dtype f32|bf16] [--lora merge|adapter] [--with-vision]
+//                    [--shard-size GB] [--quiet]
 //   vchat-ckpt status DIR      exit 0: the run finished (its last step is saved); 3: it
 //                              stopped early (resume it); 1: no checkpoint / unreadable
 // DIR is a checkpoint (step_XXXXXXXX) or a save directory (its `latest`). Exit 0 on success,
@@ -33,6 +35,8 @@ int usage(const char* why) {
                "       vchat-ckpt status DIR   (exit 0: finished, 3: stopped early, 1: no checkpoint)\n"
                "       vchat-ckpt import --llm HF_DIR --vision HF_DIR --out DIR [--name NAME] [--feature-layer K]\n"
                "                         [--feature-select all|patch] [--seed S] [--quiet]\n"
+               "       vchat-ckpt export DIR --out HF_DIR [--dtype f32|bf16] [--lora merge|adapter] [--with-vision]\n"
+               "                         [--shard-size GB] [--quiet]\n"
                "         HF_DIR: a Hugging Face LlamaForCausalLM / CLIPVisionModel or CLIPModel directory (safetensors)\n"
                "DIR: a checkpoint directory (step_XXXXXXXX) or a save directory (its 'latest' checkpoint)\n");
   return 2;
@@ -92,6 +96,50 @@ int import_main(const std::vector<std::string>& args) {
   }
 }
 
+int export_main(const std::vector<std::string>& args) {
+  vchat::hf::ExportOptions opt;
+  if (args.size() < 2 || args[1].rfind("--", 0) == 0) return usage("export needs a checkpoint directory");
+  opt.ckpt_dir = args[1];
+  for (size_t i = 2; i < args.size(); ++i) {
+    const std::string& a = args[i];
+    const bool has_value = i + 1 < args.size();
+    if (a == "--out" && has_value) opt.out_dir = args[++i];
+    else if (a == "--with-vision") opt.with_vision = true;
+    else if (a == "--quiet") opt.quiet = true;
+    else if (a == "--dtype" && has_value) {
+      const std::string v = args[++i];
+      if (v != "f32" && v != "bf16") return usage(("--dtype " + v + ": expected f32 or bf16").c_str());
+      opt.dtype = v == "bf16" ? vchat::DType::bf16 : vchat::DType::f32;
+    } else if (a == "--lora" && has_value) {
+      const std::string v = args[++i];
+      if (v != "merge" && v != "adapter") return usage(("--lora " + v + ": expected merge or adapter").c_str());
+      opt.lora = v == "merge" ? vchat::hf::ExportOptions::Lora::merge : vchat::hf::ExportOptions::Lora::adapter;
+    } else if (a == "--shard-size" && has_value) {
+      double gb = 0;
+      try {
+        gb = std::stod(args[++i]);
+      } catch (const std::logic_error&) {
+      }
+      if (!(gb > 0)) return usage(("--shard-size " + args[i] + ": expected a positive size in GB").c_str());
+      opt.shard_bytes = static_cast<int64_t>(gb * 1e9);
+    } else return usage(("export: unknown or incomplete option '" + a + "'").c_str());
+  }
+  if (opt.out_dir.empty()) return usage("export needs --out HF_DIR");
+  try {
+    const vchat::hf::ExportReport r = vchat::hf::export_checkpoint(opt);
+    std::printf("export: %s: %lld tensors, %.1f MB in %.2f s: llm/ (LlamaForCausalLM, %d file(s))%s%s, projection.safetensors + projection.json\n",
+                opt.out_dir.c_str(), static_cast<long long>(r.tensors), r.bytes_written / 1e6, r.seconds, r.llm_shards,
+                r.adapter ? ", llm-lora/ (PEFT adapter over llm/)" : "", opt.with_vision ? ", vision/ (CLIPVisionModel)" : "");
+    return 0;
+  } catch (const vchat::ConfigError& e) {
+    std::fprintf(stderr, "vchat-ckpt: error: %s\n", e.what());
+    return 2;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "vchat-ckpt: error: %s\n", e.what());
+    return 1;
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -99,6 +147,7 @@ int main(int argc, char** argv) {
   if (args.empty() || args[0] == "--help" || args[0] == "-h") return usage(nullptr);
   const std::string cmd = args[0];
   if (cmd == "import") return import_main(args);
+  if (cmd == "export") return export_main(args);
   if (args.size() < 2) return usage(("'" + cmd + "' needs a checkpoint directory").c_str());
   const std::string dir = args[1];
   try {

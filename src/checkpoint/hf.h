@@ -16,6 +16,7 @@
 
 #include "io/safetensors.h"
 #include "model/config.h"
+#include "tensor.h"
 
 namespace vchat::hf {
 
@@ -87,5 +88,37 @@ struct ImportReport {
 // not know (another architecture) throws DataError naming the file and tensor, and nothing
 // is left at OUT_DIR.
 ImportReport import_checkpoint(const ImportOptions& opt);
+
+// The HF config.json of vchat's LLM (LlamaForCausalLM, untied lm_head) and vision tower
+// (CLIPVisionModel with `n_layers` = the layers vchat keeps), `torch_dtype` as written.
+nlohmann::json llm_config_to_hf(const LlmConfig& c, const std::string& torch_dtype);
+nlohmann::json vision_config_to_hf(const VisionConfig& v, const std::string& torch_dtype);
+
+struct ExportOptions {
+  std::string ckpt_dir;  // a checkpoint (any layout) or a save directory (its latest)
+  std::string out_dir;   // must not exist
+  DType dtype = DType::f32;  // f32 or bf16 (round to nearest even)
+  enum class Lora { merge, adapter } lora = Lora::merge;
+  bool with_vision = false;  // also write the vision tower (CLIPVisionModel)
+  int64_t shard_bytes = 5'000'000'000;  // safetensors shards of at most this much (HF's default)
+  bool quiet = false;
+};
+
+struct ExportReport {
+  int64_t tensors = 0, bytes_written = 0;
+  int llm_shards = 0;
+  bool adapter = false;  // a LoRA checkpoint written as a PEFT adapter
+  double seconds = 0;
+};
+
+// Writes a checkpoint as Hugging Face files under OUT_DIR (written as OUT_DIR.tmp, renamed):
+//   llm/        LlamaForCausalLM: config.json, model.safetensors (or shards + index), with the
+//               trained input embedding and the untied lm_head; LoRA merged (W + α/r·B·A)
+//               unless `lora` is adapter:
+//   llm-lora/   then a PEFT adapter (adapter_config.json, adapter_model.safetensors) over llm/
+//   projection.safetensors + projection.json   the projection and what it connects
+//   vision/     (with_vision) CLIPVisionModel of the layers vchat keeps
+// Reads one full tensor at a time (two more for a LoRA pair).
+ExportReport export_checkpoint(const ExportOptions& opt);
 
 }  // namespace vchat::hf

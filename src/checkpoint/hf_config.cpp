@@ -1,5 +1,7 @@
 // The vchat model config from Hugging Face config.json files (checkpoint/hf.h).
 #include <algorithm>
+#include <cstdio>
+#include <cstdlib>
 #include <set>
 
 #include "checkpoint/hf.h"
@@ -156,6 +158,58 @@ VisionConfig vision_config_from_hf(const json& full, const std::string& origin, 
                       std::to_string(v.n_layers + 1) + " hidden states (indices 0.." + std::to_string(v.n_layers) +
                       " or -1..-" + std::to_string(v.n_layers + 1) + ")");
   return v;
+}
+
+}  // namespace vchat::hf
+
+namespace vchat::hf {
+
+// The shortest decimal that reads back as the same float (1e-05, not 9.999999747378752e-06).
+static double shortest(float f) {
+  for (int digits = 6; digits <= 9; ++digits) {
+    char b[32];
+    std::snprintf(b, sizeof b, "%.*g", digits, static_cast<double>(f));
+    if (std::strtof(b, nullptr) == f) return std::strtod(b, nullptr);
+  }
+  return f;
+}
+
+nlohmann::json llm_config_to_hf(const LlmConfig& c, const std::string& torch_dtype) {
+  return {{"architectures", {"LlamaForCausalLM"}},
+          {"model_type", "llama"},
+          {"vocab_size", c.vocab_size},
+          {"hidden_size", c.hidden},
+          {"intermediate_size", c.intermediate},
+          {"num_hidden_layers", c.n_layers},
+          {"num_attention_heads", c.n_heads},
+          {"num_key_value_heads", c.n_kv_heads},
+          {"head_dim", c.head_dim()},
+          {"hidden_act", "silu"},
+          {"rms_norm_eps", shortest(c.rms_eps)},
+          {"rope_theta", c.rope_theta},
+          {"rope_scaling", nullptr},
+          {"max_position_embeddings", c.max_seq_len},
+          {"attention_bias", false},
+          {"mlp_bias", false},
+          {"tie_word_embeddings", false},  // vchat trains a copy of the embedding; lm_head is its own
+          {"bos_token_id", 1},
+          {"eos_token_id", 2},
+          {"torch_dtype", torch_dtype}};
+}
+
+nlohmann::json vision_config_to_hf(const VisionConfig& v, const std::string& torch_dtype) {
+  return {{"architectures", {"CLIPVisionModel"}},
+          {"model_type", "clip_vision_model"},
+          {"hidden_size", v.width},
+          {"intermediate_size", v.intermediate},
+          {"num_hidden_layers", v.layers_used()},
+          {"num_attention_heads", v.n_heads},
+          {"image_size", v.image_size},
+          {"patch_size", v.patch_size},
+          {"num_channels", 3},
+          {"hidden_act", v.act == ops::Activation::quick_gelu ? "quick_gelu" : "gelu"},
+          {"layer_norm_eps", shortest(v.ln_eps)},
+          {"torch_dtype", torch_dtype}};
 }
 
 }  // namespace vchat::hf

@@ -26,6 +26,16 @@ ParamTable table_of(const Manifest& m, const std::string& origin) {
   }
 }
 
+ModelOptions model_options_of(const Manifest& m) {
+  ModelOptions o;
+  o.train = parse_train_set(m.train_set);
+  o.attention = parse_attention(m.attention);
+  if (o.train == TrainSet::lora) o.lora_rank = m.lora_rank;
+  if (m.run_config.is_object() && m.run_config.contains("lora-alpha") && m.run_config["lora-alpha"].is_number())
+    o.lora_alpha = m.run_config["lora-alpha"].get<float>();
+  return o;
+}
+
 namespace {
 
 // A checkpoint and the frozen set it refers to, as (directory, manifest) pairs.

@@ -7,12 +7,16 @@
 
 #include "checkpoint/manifest.h"
 #include "model/param_table.h"
+#include "model/visualchat.h"
 
 namespace vchat::ckpt {
 
 // The parameter table of the model a checkpoint was written for (its manifest's model
 // config, train set and LoRA rank).
 ParamTable table_of(const Manifest& m, const std::string& origin);
+// The model options it was trained with: train set, LoRA rank and alpha (the run's
+// --lora-alpha, 16 when the run did not record one), attention.
+ModelOptions model_options_of(const Manifest& m);
 
 // Step, topology, run state, configuration, and every tensor with its shape and the pieces
 // (file, slice, range) that hold it. `dir`: a checkpoint or a save directory (its latest).

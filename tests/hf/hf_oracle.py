@@ -9,7 +9,8 @@ save_pretrained(safe_serialization=True), as users' checkpoints are.
              [--seed S] [--dtype float32|bfloat16|float16] [--shards N] [--tie]
   make-clip DIR --width W --layers N --heads A --inter F --image-size S --patch P
             [--act quick_gelu|gelu] [--full] [--seed S]
-  llama-logits DIR --ids 1,2,3 --out FILE         logits [L, V] (float32) for one sequence
+  llama-logits DIR --ids 1,2,3 --out FILE [--adapter PEFT_DIR]
+                                                  logits [L, V] (float32) for one sequence
   llama-greedy DIR --ids 1,2,3 --new N --out FILE  greedy continuation ids (forward + argmax)
   clip-hidden DIR --layer K --images N --seed S --out FILE
                                                   pixels [N,3,S,S] and hidden_states[K] [N,T,W]
@@ -79,6 +80,10 @@ def load_llama(d):
 
 def llama_logits(a):
     m = load_llama(a.dir)
+    if a.adapter:
+        from peft import PeftModel
+
+        m = PeftModel.from_pretrained(m, a.adapter).eval()
     ids = torch.tensor([[int(x) for x in a.ids.split(",")]])
     with torch.no_grad():
         logits = m(ids).logits[0].float().contiguous()
@@ -130,6 +135,7 @@ def main():
     q.add_argument("--full", action="store_true")
     q = sub.add_parser("llama-logits")
     q.add_argument("dir")
+    q.add_argument("--adapter", default="", help="a PEFT LoRA adapter directory to load over the model")
     q.add_argument("--ids", required=True)
     q.add_argument("--out", required=True)
     q = sub.add_parser("llama-greedy")
