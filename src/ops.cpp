@@ -206,6 +206,15 @@ Tensor attention_fwd(AttnMode mode, const Tensor& q, const Tensor& k, const Tens
   cpu::attention_fwd(mode, q, k, v, modality, out, probs);
   return probs;
 }
+void attention_decode(AttnMode mode, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& modality,
+                      int64_t position, const Tensor& out) {
+  if (mode != AttnMode::full) expect_dtype("attention_decode", {"modality", modality}, DType::u8);
+  if (where("attention_decode", {{"q", q}, {"k", k}, {"v", v}, {"modality", modality}, {"out", out}}) == Device::cuda)
+    throw std::invalid_argument("attention_decode: generation runs on the CPU for now (the CUDA decode kernel is not written yet)");
+  cpu_f32("attention_decode", {{"q", q}, {"k", k}, {"v", v}, {"out", out}});
+  cpu::attention_decode(mode, q, k, v, modality, position, out);
+}
+
 void attention_bwd(AttnMode mode, const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
                    const Tensor& modality, const Tensor& out, const Tensor& saved, const Tensor& dq, const Tensor& dk,
                    const Tensor& dv) {

@@ -67,6 +67,12 @@ void gelu_bwd(Activation act, const Tensor& dy, const Tensor& x, const Tensor& d
 // query [B, H, L, 2] (text or the single branch, image branch) and no L x L matrix.
 Tensor attention_fwd(AttnMode mode, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& modality,
                      const Tensor& out);
+// Generation (KV cache): the n new queries q [n, H, hd] at positions position .. position+n-1
+// of one sequence attend over every key so far, k/v [Lk, KV, hd] with Lk = position + n
+// (the new keys already appended), modality [Lk] u8: exactly what attention_fwd computes
+// for those rows of the whole sequence. Forward only. out [n, H, hd].
+void attention_decode(AttnMode mode, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& modality,
+                      int64_t position, const Tensor& out);
 // dq, dk, dv are overwritten.
 void attention_bwd(AttnMode mode, const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
                    const Tensor& modality, const Tensor& out, const Tensor& saved, const Tensor& dq, const Tensor& dk,

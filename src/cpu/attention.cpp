@@ -124,6 +124,33 @@ void attention_fwd(AttnMode mode, const Tensor& q, const Tensor& k, const Tensor
   }
 }
 
+void attention_decode(AttnMode mode, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& modality,
+                      int64_t position, const Tensor& out) {
+  VCHAT_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3 && k.shape() == v.shape(),
+              "q [n, H, hd], k/v [Lk, KV, hd] expected; q " << shape_str(q.shape()) << " k " << shape_str(k.shape()));
+  const int64_t n = q.size(0), H = q.size(1), hd = q.size(2), Lk = k.size(0), KV = k.size(1);
+  VCHAT_CHECK(k.size(2) == hd && KV > 0 && H % KV == 0, "heads " << H << " / kv heads " << KV << ", hd " << hd);
+  VCHAT_CHECK(position >= 0 && position + n == Lk, "queries at " << position << ".." << position + n << " over " << Lk << " keys");
+  VCHAT_CHECK(out.shape() == q.shape() && q.is_contiguous() && k.is_contiguous() && v.is_contiguous() && out.is_contiguous(),
+              "contiguous q, k, v, out expected");
+  VCHAT_CHECK(mode == AttnMode::full || (modality.shape() == Shape({Lk}) && modality.dtype() == DType::u8),
+              "modality must be u8 [Lk]");
+  const uint8_t* m = mode == AttnMode::full ? nullptr : modality.data<uint8_t>();
+  const float scale = 1.f / std::sqrt(static_cast<float>(hd));
+  const int64_t group = H / KV, qs = H * hd, ks = KV * hd;
+  std::vector<float> P(static_cast<size_t>(n * Lk));
+  for (int64_t h = 0; h < H; ++h) {
+    const float* Q = q.data<float>() + h * hd;
+    const float* K = k.data<float>() + (h / group) * hd;
+    const float* V = v.data<float>() + (h / group) * hd;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, Lk, hd, scale, Q, qs, K, ks, 0.f, P.data(), Lk);
+    // Query i of the new ones is row position + i of the whole sequence's score matrix.
+    for (int64_t i = 0; i < n; ++i) probs_row(mode, m, position + i, Lk, P.data() + i * Lk);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, hd, Lk, 1.f, P.data(), Lk, V, ks, 0.f,
+                out.data<float>() + h * hd, qs);
+  }
+}
+
 void attention_bwd(AttnMode mode, const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
                    const Tensor& modality, const Tensor& probs, const Tensor& dq, const Tensor& dk,
                    const Tensor& dv) {

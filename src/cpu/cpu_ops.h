@@ -34,6 +34,8 @@ void gelu_bwd(Activation act, const Tensor& dy, const Tensor& x, const Tensor& d
 
 void attention_fwd(AttnMode mode, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& modality,
                    const Tensor& out, const Tensor& probs);
+void attention_decode(AttnMode mode, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& modality,
+                      int64_t position, const Tensor& out);
 void attention_bwd(AttnMode mode, const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
                    const Tensor& modality, const Tensor& probs, const Tensor& dq, const Tensor& dk,
                    const Tensor& dv);

@@ -30,6 +30,11 @@ Fit fit(const Sample& s, const CollateSpec& spec) {
 }
 }  // namespace
 
+void normalize_image(const uint8_t* src, int64_t S, float* dst) {
+  for (int64_t c = 0; c < 3; ++c)
+    for (int64_t p = 0; p < S * S; ++p) dst[c * S * S + p] = (src[p * 3 + c] / 255.f - kMean[c]) / kStd[c];
+}
+
 Batch collate(const std::vector<Sample>& samples, const CollateSpec& spec) {
   VCHAT_CHECK(!samples.empty(), "no samples to collate");
   const int64_t B = static_cast<int64_t>(samples.size()), S = spec.image_size, T = spec.tokens_per_image;
@@ -54,11 +59,11 @@ Batch collate(const std::vector<Sample>& samples, const CollateSpec& spec) {
         std::fill(modality.begin() + pos, modality.begin() + pos + T, uint8_t{ops::kImage});
         pos += T;
         // HWC uint8 → CHW normalized; a blanked image is the mean colour, i.e. all zeros.
-        const uint8_t* src = s.pixels.data() + stored * S * S * 3;
         float* dst = pixels.data() + img * 3 * S * S;
-        for (int64_t c = 0; c < 3; ++c)
-          for (int64_t p = 0; p < S * S; ++p)
-            dst[c * S * S + p] = spec.blank_images ? 0.f : (src[p * 3 + c] / 255.f - kMean[c]) / kStd[c];
+        if (spec.blank_images)
+          std::fill(dst, dst + 3 * S * S, 0.f);
+        else
+          normalize_image(s.pixels.data() + stored * S * S * 3, S, dst);
         ++stored;
         ++img;
       } else {

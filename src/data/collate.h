@@ -18,4 +18,9 @@ struct CollateSpec {
 
 Batch collate(const std::vector<Sample>& samples, const CollateSpec& spec);
 
+// One S×S RGB image, HWC uint8 as shards store it, into CLIP's input: CHW float, normalised
+// with CLIP's mean and std (the statistics its ViT was trained with). Shared by the loader
+// and vchat-chat, so training and chat see the same pixels.
+void normalize_image(const uint8_t* hwc, int64_t S, float* chw);
+
 }  // namespace vchat::data

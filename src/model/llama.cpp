@@ -56,6 +56,23 @@ Tensor LlamaAttention::forward(const Tensor& x, const Tensor& modality, ops::Att
   return o_.forward(c.att.reshape({B * L, n_heads_ * hd_}), c.o);
 }
 
+Tensor LlamaAttention::decode(const Tensor& x, KvCache::Layer& kv, const Tensor& modality, ops::AttnMode mode,
+                              int64_t position) const {
+  const int64_t n = x.size(0);
+  LinearCache scratch;  // no backward follows
+  Tensor q = q_.forward(x, scratch).reshape({1, n, n_heads_, hd_});
+  Tensor k = k_.forward(x, scratch).reshape({1, n, n_kv_, hd_});
+  Tensor v = v_.forward(x, scratch);
+  ops::rope_(q, theta_, false, position);  // rotary at the positions in the whole sequence
+  ops::rope_(k, theta_, false, position);
+  kv.k.slice(0, position, position + n).copy_from(k.reshape({n, n_kv_, hd_}));
+  kv.v.slice(0, position, position + n).copy_from(v.reshape({n, n_kv_, hd_}));
+  Tensor att = Tensor::empty({n, n_heads_, hd_}, x.dtype(), x.device());
+  ops::attention_decode(mode, q.reshape({n, n_heads_, hd_}), kv.k.slice(0, 0, position + n),
+                        kv.v.slice(0, 0, position + n), modality, position, att);
+  return o_.forward(att.reshape({n, n_heads_ * hd_}), scratch);
+}
+
 void LlamaAttention::backward(const Tensor& dy, const Tensor& modality, ops::AttnMode mode, AttentionCache& c,
                               const Tensor& dx) const {
   Tensor datt = Tensor::empty(c.o.x.shape(), dy.dtype(), dy.device());
@@ -128,6 +145,17 @@ Tensor LlamaBlock::forward(const Tensor& x, const Tensor& modality, ops::AttnMod
   Tensor h = attn_.forward(norm1_.forward(x, c.norm1), modality, mode, B, L, c.attn);
   ops::add(h, x, h);
   Tensor y = mlp_.forward(norm2_.forward(h, c.norm2), c.mlp);
+  ops::add(y, h, y);
+  return y;
+}
+
+Tensor LlamaBlock::decode(const Tensor& x, KvCache::Layer& kv, const Tensor& modality, ops::AttnMode mode,
+                          int64_t position) const {
+  NormCache n1, n2;
+  MlpCache mc;
+  Tensor h = attn_.decode(norm1_.forward(x, n1), kv, modality, mode, position);
+  ops::add(h, x, h);
+  Tensor y = mlp_.forward(norm2_.forward(h, n2), mc);
   ops::add(y, h, y);
   return y;
 }

@@ -5,6 +5,7 @@
 #include <string>
 
 #include "model/config.h"
+#include "model/kv_cache.h"
 #include "model/linear.h"
 #include "model/norm.h"
 
@@ -39,6 +40,11 @@ class LlamaAttention {
                  AttentionCache& c) const;
   void backward(const Tensor& dy, const Tensor& modality, ops::AttnMode mode, AttentionCache& c,
                 const Tensor& dx) const;
+  // Generation: x [n, H] are positions position..position+n-1 of one sequence; their keys and
+  // values go into `kv` rows [position, position+n), and they attend over every row so far
+  // (`modality` [position+n]). Forward only.
+  Tensor decode(const Tensor& x, KvCache::Layer& kv, const Tensor& modality, ops::AttnMode mode,
+                int64_t position) const;
 
  private:
   Linear q_, k_, v_, o_;
@@ -92,6 +98,9 @@ class LlamaBlock {
   // block repeats its forward all-reduces, in the same order on every rank).
   Tensor forward(const Tensor& x, const Tensor& modality, ops::AttnMode mode, int64_t B, int64_t L,
                  LlamaBlockCache& c, Recompute recompute = Recompute::none) const;
+  // Generation (LlamaAttention::decode): the same computation for n new positions.
+  Tensor decode(const Tensor& x, KvCache::Layer& kv, const Tensor& modality, ops::AttnMode mode,
+                int64_t position) const;
   // dy is the gradient of the block output; returns the gradient of its input.
   Tensor backward(const Tensor& dy, const Tensor& modality, ops::AttnMode mode, LlamaBlockCache& c) const;
 

@@ -150,6 +150,51 @@ Tensor VisualChatModel::image_features(const Tensor& pixels) const {
   return vit_.forward(pixels, c);
 }
 
+Tensor VisualChatModel::extend(const Extension& e, KvCache& cache) const {
+  if (tp_size() != 1 || mp_.pp_size != 1) throw std::invalid_argument("extend: generation runs the whole model on one rank");
+  const int64_t n = static_cast<int64_t>(e.tokens.size()), pos = cache.length, H = cfg_.llm.hidden;
+  const int64_t T = cfg_.vision.tokens_per_image(), n_img = e.pixels.defined() ? e.pixels.size(0) : 0;
+  if (n == 0 || e.modality.size() != e.tokens.size())
+    throw std::invalid_argument("extend: " + std::to_string(n) + " tokens and " + std::to_string(e.modality.size()) +
+                                " modality entries (need the same number, at least one)");
+  if (pos + n > cfg_.llm.max_seq_len)
+    throw std::invalid_argument("the conversation would reach " + std::to_string(pos + n) + " positions, past llm.max_seq_len " +
+                                std::to_string(cfg_.llm.max_seq_len) + " (clear it to start a new one)");
+  std::vector<int32_t> ids(static_cast<size_t>(n)), rows;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint8_t m = e.modality[i];
+    if (m != ops::kText && m != ops::kImage) throw std::invalid_argument("extend: position " + std::to_string(i) + " is neither text nor image");
+    ids[i] = m == ops::kImage ? -1 : e.tokens[i];
+    if (m == ops::kText && (ids[i] < 0 || ids[i] >= cfg_.llm.vocab_size))
+      throw std::invalid_argument("extend: token id " + std::to_string(ids[i]) + " outside the vocabulary of " +
+                                  std::to_string(cfg_.llm.vocab_size));
+    if (m == ops::kImage) rows.push_back(static_cast<int32_t>(i));
+  }
+  if (static_cast<int64_t>(rows.size()) != n_img * T)
+    throw std::invalid_argument("extend: " + std::to_string(rows.size()) + " image positions for " + std::to_string(n_img) +
+                                " images of " + std::to_string(T) + " tokens");
+
+  // Embeddings, with each image's projected features in its positions (as stage_forward).
+  Tensor x = Tensor::empty({n, H}, compute_, device_);
+  ops::embedding_fwd(Tensor::from_vector(ids, {n}), embed_->compute(), x);
+  if (n_img > 0) {
+    VisionCache vc;
+    ProjectionCache pc;
+    const Tensor img = proj_.forward(vit_.forward(e.pixels, vc), pc);
+    ops::scatter_rows(img, Tensor::from_vector(rows, {static_cast<int64_t>(rows.size())}), x);
+  }
+  // Every layer: the new positions' keys and values join the cache, then they attend over it.
+  cache.reserve(pos + n, static_cast<int64_t>(blocks_.size()), cfg_.llm.n_kv_heads, cfg_.llm.head_dim());
+  cache.modality.resize(static_cast<size_t>(pos));
+  cache.modality.insert(cache.modality.end(), e.modality.begin(), e.modality.end());
+  const Tensor modality = Tensor::from_vector(cache.modality, {pos + n});
+  for (size_t i = 0; i < blocks_.size(); ++i) x = blocks_[i].decode(x, cache.layers[i], modality, opt_.attention, pos);
+  cache.length = pos + n;
+  NormCache nc;
+  LinearCache hc;
+  return host_f32(lm_head_.forward(final_norm_.forward(x.slice(0, n - 1, n), nc), hc)).reshape({cfg_.llm.vocab_size});
+}
+
 Tensor VisualChatModel::stage_forward(int mb, const Batch& batch, const Tensor& input, bool backward_follows,
                                       MicroBatchResult* result, bool keep_logits) {
   // Shapes only: the contents were checked by Batch::validate in the data path.

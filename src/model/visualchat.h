@@ -9,6 +9,7 @@
 
 #include "model/batch.h"
 #include "model/config.h"
+#include "model/kv_cache.h"
 #include "model/llama.h"
 #include "model/param_table.h"
 #include "model/precision.h"
@@ -33,6 +34,15 @@ struct ModelOptions {
   int64_t lora_rank = 8;
   float lora_alpha = 16.f;
   Recompute recompute = Recompute::none;  // decoder blocks' activations (--recompute)
+};
+
+// A new stretch of one conversation for generation (VisualChatModel::extend): token ids
+// (ignored at image positions), each position's modality (text or image), and the pixels
+// [n_images, 3, S, S] (CLIP-normalised) of its images, tokens_per_image positions each, in order.
+struct Extension {
+  std::vector<int32_t> tokens;
+  std::vector<uint8_t> modality;
+  Tensor pixels;
 };
 
 struct MicroBatchResult {
@@ -80,6 +90,13 @@ class VisualChatModel {
   // CLIP expects): [N * tokens_per_image, W], forward only. First stage, whole on this rank
   // (no image parallelism): what the import test compares with transformers.
   Tensor image_features(const Tensor& pixels) const;
+  // Generation (vchat-chat; DESIGN.md §10): appends `e` to the conversation `cache` holds,
+  // runs only its positions (keys and values of the earlier ones come from the cache), and
+  // returns the logits of its last position [V] (host f32). The same function as a forward
+  // over the whole sequence. Whole model on this rank (tp 1, pp 1), on the CPU. Throws
+  // std::invalid_argument naming the problem (empty, image positions that disagree with the
+  // pixels, past llm.max_seq_len).
+  Tensor extend(const Extension& e, KvCache& cache) const;
   bool first_stage() const { return mp_.pp_rank == 0; }
   // The sub-group of TP ranks sharing a replicated KV head (nullptr when KV heads are split),
   // for traffic accounting.

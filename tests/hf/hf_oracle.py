@@ -11,7 +11,7 @@ save_pretrained(safe_serialization=True), as users' checkpoints are.
             [--act quick_gelu|gelu] [--full] [--seed S]
   llama-logits DIR --ids 1,2,3 --out FILE [--adapter PEFT_DIR]
                                                   logits [L, V] (float32) for one sequence
-  llama-greedy DIR --ids 1,2,3 --new N --out FILE  greedy continuation ids (forward + argmax)
+  llama-greedy DIR --ids 1,2,3 --new N --out FILE  prompt + greedy continuation (forward + argmax, to EOS)
   clip-hidden DIR --layer K --images N --seed S --out FILE
                                                   pixels [N,3,S,S] and hidden_states[K] [N,T,W]
 """
@@ -92,13 +92,17 @@ def llama_logits(a):
 
 def llama_greedy(a):
     # generate() needs torch.distributed.fsdp, broken on torch 1.13 with Python 3.11: the
-    # same greedy decoding by full forward + argmax.
+    # same greedy decoding (do_sample=False) by full forward + argmax, stopping at EOS, which
+    # is not kept (vchat's output_ids leave it out).
     m = load_llama(a.dir)
     ids = [int(x) for x in a.ids.split(",")]
     with torch.no_grad():
         for _ in range(a.new):
             logits = m(torch.tensor([ids])).logits[0, -1]
-            ids.append(int(torch.argmax(logits)))
+            nxt = int(torch.argmax(logits))
+            if nxt == m.config.eos_token_id:
+                break
+            ids.append(nxt)
     save_file({"ids": torch.tensor(ids, dtype=torch.int32)}, a.out)
 
 

@@ -56,6 +56,20 @@ std::vector<PromptPiece> round_prompt(const Round& r, bool first_round, int firs
 
 }  // namespace
 
+std::vector<int32_t> round_prompt_tokens(bool first_round, int first_image, int n_images, const std::string& question,
+                                         const Tokenizer& tok) {
+  std::vector<int32_t> ids = {tok.bos_id()};
+  for (const PromptPiece& p : round_prompt(Round{n_images, question, {}}, first_round, first_image)) {
+    if (p.image) {
+      ids.push_back(kImageSentinel);
+    } else {
+      const std::vector<int32_t> t = tok.encode(p.text);  // empty text encodes to nothing
+      ids.insert(ids.end(), t.begin(), t.end());
+    }
+  }
+  return ids;
+}
+
 Tokenized apply_chat_template(const Conversation& c, const Tokenizer& tok) {
   validate(c);
   Tokenized out;
@@ -66,15 +80,8 @@ Tokenized apply_chat_template(const Conversation& c, const Tokenizer& tok) {
   int next_image = 1;
   for (size_t ri = 0; ri < c.rounds.size(); ++ri) {
     const Round& r = c.rounds[ri];
-    append({tok.bos_id()}, 0);
-    for (const PromptPiece& p : round_prompt(r, ri == 0, next_image)) {
-      if (p.image) {
-        append({kImageSentinel}, 0);
-        ++out.n_images;
-      } else {
-        append(tok.encode(p.text), 0);  // empty text encodes to nothing
-      }
-    }
+    append(round_prompt_tokens(ri == 0, next_image, r.n_images, r.question, tok), 0);
+    out.n_images += r.n_images;
     append(tok.encode(r.answer), 1);
     append({tok.eos_id()}, 1);
     next_image += r.n_images;

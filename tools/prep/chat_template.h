@@ -46,6 +46,13 @@ struct Tokenized {
 // and writing the sample anyway would break the shard invariants.
 Tokenized apply_chat_template(const Conversation& c, const Tokenizer& tok);
 
+// One round's prompt, tokenized as above (rules 1-2): BOS, the system prompt when it is the
+// first round, "### Image k:\n<image>\n" for its images numbered from `first_image`, the
+// question and "### Answer:\n". What vchat-chat feeds before generating an answer, and what
+// apply_chat_template puts before each answer: one code path for training and chat.
+std::vector<int32_t> round_prompt_tokens(bool first_round, int first_image, int n_images, const std::string& question,
+                                         const Tokenizer& tok);
+
 // The conversation as template text: "<s>" for BOS, "</s>" for EOS, "<image>" per image.
 // Same validation as apply_chat_template. For goldens and `vchat-prep inspect`.
 std::string template_text(const Conversation& c);

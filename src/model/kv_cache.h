@@ -1,0 +1,45 @@
+// The generation cache (DESIGN.md §10): per decoder layer, the keys (after rotary) and values
+// of every position of the conversation so far, and each position's modality, so that MMCA
+// at generation time is exactly training's (a new text token attends to earlier text and
+// earlier images with separate softmaxes; an image token only to itself). Each round then
+// runs only its new positions through the model (VisualChatModel::extend).
+#pragma once
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "tensor.h"
+
+namespace vchat {
+
+struct KvCache {
+  struct Layer {
+    Tensor k, v;  // [capacity, n_kv_heads, head_dim]
+  };
+  std::vector<Layer> layers;
+  std::vector<uint8_t> modality;  // ops::Modality per position, [length]
+  int64_t length = 0;             // positions held
+
+  int64_t capacity() const { return layers.empty() || !layers[0].k.defined() ? 0 : layers[0].k.size(0); }
+  // Forget the conversation (the buffers stay for the next one).
+  void clear() {
+    length = 0;
+    modality.clear();
+  }
+  // Room for `total` positions in `n_layers` layers: grows the buffers (at least doubling,
+  // keeping what they hold).
+  void reserve(int64_t total, int64_t n_layers, int64_t n_kv, int64_t head_dim) {
+    if (static_cast<int64_t>(layers.size()) == n_layers && capacity() >= total) return;
+    const int64_t cap = std::max<int64_t>(total, 2 * capacity());
+    layers.resize(static_cast<size_t>(n_layers));
+    for (Layer& l : layers) {
+      for (Tensor* t : {&l.k, &l.v}) {
+        Tensor grown = Tensor::empty({cap, n_kv, head_dim});
+        if (t->defined() && length > 0) grown.slice(0, 0, length).copy_from(t->slice(0, 0, length));
+        *t = grown;
+      }
+    }
+  }
+};
+
+}  // namespace vchat
