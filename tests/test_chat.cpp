@@ -402,3 +402,32 @@ TEST(Chat, InteractiveSessionGoesOnAfterABadRound) {
   for (size_t p = out.find("assistant> "); p != std::string::npos; p = out.find("assistant> ", p + 1)) ++answers;
   EXPECT_EQ(answers, 4u) << out;  // three answered rounds and the refused one's prompt
 }
+
+// A sentencepiece model of LLaMA's kind (BPE, byte fallback, digits split, identity
+// normaliser, <unk>=0 <s>=1 </s>=2) encodes the chat's text exactly as transformers'
+// LlamaTokenizer (the class LLaMA-2's tokenizer.model is loaded with) does, in both its
+// legacy modes, byte fallback and digits included; ids decode back to the text.
+TEST(Chat, TokenizerEncodesAsTransformersLlamaTokenizer) {
+  const prep::Tokenizer& tok = tokenizer();
+  const std::vector<std::string> texts = {prep::kSystemPrompt + "### Image 1:\n",
+                                          "\n### Image 2:\n",
+                                          "\n\n### Question:\nWhat is left of the red square?\n\n### Answer:\n",
+                                          "a blue circle",
+                                          "12345 objects, 3 colors",
+                                          "  two  spaces\tand a tab",
+                                          "café — naïve 🙂 日本"};
+  const std::string in = work().file("texts.json"), out = work().file("sp_out.json");
+  std::ofstream(in) << nlohmann::json(texts).dump();
+  ASSERT_TRUE(test::oracle_ok("sp-encode " + work().file("tok.model") + " --texts " + in + " --out " + out));
+  nlohmann::json ref;
+  std::ifstream(out) >> ref;
+  for (size_t i = 0; i < texts.size(); ++i) {
+    SCOPED_TRACE(texts[i]);
+    const std::vector<int32_t> ids = tok.encode(texts[i]);
+    EXPECT_EQ(ids, ref["legacy"][i].get<std::vector<int32_t>>());
+    EXPECT_EQ(ids, ref["non_legacy"][i].get<std::vector<int32_t>>());
+    EXPECT_EQ(tok.decode(ids), ref["decoded"][i].get<std::string>());
+  }
+  EXPECT_EQ(tok.bos_id(), 1);
+  EXPECT_EQ(tok.eos_id(), 2);
+}

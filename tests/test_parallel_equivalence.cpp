@@ -18,6 +18,7 @@
 #include "io/safetensors.h"
 #include "model/visualchat.h"
 #include "test_util.h"
+#include "hf_util.h"
 #include "train_runs.h"
 
 using namespace vchat;
@@ -143,6 +144,28 @@ TEST(ParallelEquivalence, RecomputeEqualsStoredActivationsUnderTpAndPp) {
       ASSERT_TRUE(recomputed.params.tensors.count(name)) << name;
       EXPECT_EQ(recomputed.params.tensors.at(name).to_vector_f32(), t.to_vector_f32()) << layout << " " << name;
     }
+  }
+}
+
+// vchat-train --init from a Hugging Face import (transformers models of tiny's shapes, so
+// --model tiny.json agrees with it) in every layout equals one rank: each rank reads only
+// its slices of the one-file-per-unit checkpoint. LoRA adapters start from --seed.
+TEST(ParallelEquivalence, InitFromAHuggingFaceImportInEveryLayout) {
+  static const test::TempDir dir("vchat_init");
+  const std::string llm = dir.file("llama"), clip = dir.file("clip");
+  ASSERT_TRUE(test::oracle_ok("make-llama " + llm + " --vocab 512 --hidden 64 --layers 2 --heads 4 --kv-heads 2 --inter 160 --max-pos 1024"));
+  ASSERT_TRUE(test::oracle_ok("make-clip " + clip + " --width 48 --layers 2 --heads 4 --inter 96 --image-size 32 --patch 8"));
+  const std::string ck = test::import_hf(llm, clip, dir.file("ck"));
+  const std::string init = "--init " + ck;
+  for (const std::string set : {"full", "lora"}) {
+    const RunOut one = train(1, "", set, "tiny", 8, init), fresh = train(1, "", set);
+    ASSERT_FALSE(one.steps.empty());
+    ASSERT_FALSE(fresh.steps.empty());
+    EXPECT_GT(std::fabs(double(one.steps[0]["loss"]) - double(fresh.steps[0]["loss"])), 1e-3)
+        << "--init must change the starting weights";
+    const std::vector<std::string> layouts = set == "full" ? std::vector<std::string>{"--tp 2", "--pp 2", "--zero 3"}
+                                                           : std::vector<std::string>{"--tp 2"};
+    for (const std::string& layout : layouts) expect_same(one, train(2, layout, set, "tiny", 8, init), set + " " + layout + " --init");
   }
 }
 

@@ -9,7 +9,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 VENV="$ROOT/.venv"
 # package==version import-name
-PACKAGES=("tensorboard==2.18.0 tensorboard" "transformers==4.47.1 transformers" "accelerate==0.34.2 accelerate" "safetensors==0.4.5 safetensors")
+PACKAGES=("tensorboard==2.18.0 tensorboard" "transformers==4.47.1 transformers" "accelerate==0.34.2 accelerate" "safetensors==0.4.5 safetensors" "sentencepiece==0.2.0 sentencepiece" "protobuf==5.29.3 google.protobuf")
 
 missing=()
 for p in "${PACKAGES[@]}"; do
@@ -22,7 +22,8 @@ if [ ${#missing[@]} -eq 0 ] && have_peft; then
   exit 0
 fi
 [ -x "$VENV/bin/python" ] || /usr/bin/python3 -m venv --system-site-packages "$VENV"
-echo "[venv] installing into $VENV: ${missing[*]} peft==0.13.2"
+have_peft || missing+=("peft==0.13.2 (no deps)")
+echo "[venv] installing into $VENV: ${missing[*]}"
 [ ${#missing[@]} -eq 0 ] || "$VENV/bin/pip" install --quiet --disable-pip-version-check "${missing[@]}"
 # peft asks for torch>=1.13.0, which Debian's 1.13.0a0 (a pre-release) does not satisfy, so
 # pip would pull a second multi-GB torch: install it without dependencies (the ones it needs

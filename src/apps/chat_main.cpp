@@ -67,11 +67,13 @@ void interactive(chat::ChatSession& s) {
         std::fflush(stdout);
       });
       std::printf("\n");
+      std::fflush(stdout);
       std::fprintf(stderr, "(%zu tokens, first after %.2f s, %.1f tokens/s%s)\n", a.ids.size(), a.first_token_seconds,
                    a.ids.size() / std::max(a.seconds - a.first_token_seconds, 1e-9),
                    a.stopped_at_eos ? "" : ", stopped at --max-new-tokens");
     } catch (const chat::ChatError& e) {
       std::printf("\n");
+      std::fflush(stdout);
       std::fprintf(stderr, "vchat-chat: %s\n", e.what());
     }
     images.clear();

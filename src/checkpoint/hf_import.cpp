@@ -3,6 +3,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <future>
 #include <regex>
 #include <set>
 #include <sstream>
@@ -200,7 +201,15 @@ ImportReport import_checkpoint(const ImportOptions& opt) {
   meta.erase("files");
 
   try {
-    ckpt::ImageBuffer buffer;
+    // Two stages overlap: while unit u's file is written and hashed (a thread), unit u+1 is
+    // read, converted and laid out (this thread), each in its own image buffer.
+    ckpt::ImageBuffer buffers[2];
+    std::future<ckpt::WriteStats> writing;  // the file of m.files.back()
+    auto finish_write = [&] {
+      if (!writing.valid()) return;
+      const ckpt::WriteStats w = writing.get();
+      m.files.back().sha256 = w.sha256;
+    };
     std::vector<float> zeros;
     double last_print = -1;
     for (size_t u = 0; u < units.size(); ++u) {
@@ -236,6 +245,7 @@ ImportReport import_checkpoint(const ImportOptions& opt) {
         const SafetensorsMap& file = src.file_of(hf_name);
         const SafetensorsMap::Entry& e = file.at(hf_name);
         file.read_f32(e, 0, numel, values.back().data());  // throws naming it for an integer dtype
+        file.release(e);  // its pages are not needed again: keep the resident set to a unit
         rep.bytes_read += static_cast<int64_t>(e.end - e.begin);
         ++rep.tensors;
       }
@@ -247,13 +257,16 @@ ImportReport import_checkpoint(const ImportOptions& opt) {
         data.push_back(zeros.data());
       }
       meta["rank"] = static_cast<int>(u);
-      const ckpt::RankImage image = ckpt::build_rank_image(pieces, data, 0, static_cast<int>(u), meta, buffer);
+      const ckpt::RankImage image = ckpt::build_rank_image(pieces, data, 0, static_cast<int>(u), meta, buffers[u % 2]);
+      values.clear();
+      finish_write();  // unit u-1's file (its buffer is the other one)
       ckpt::FileEntry f;
       f.name = "unit_" + std::string(5 - std::min<size_t>(5, std::to_string(u).size()), '0') + std::to_string(u) + ".h5";
       f.rank = static_cast<int>(u);
-      const ckpt::WriteStats w = ckpt::write_rank_image((fs::path(tmp) / f.name).string(), image);
+      writing = std::async(std::launch::async, [path = (fs::path(tmp) / f.name).string(), image] {
+        return ckpt::write_rank_image(path, image);
+      });
       f.bytes = static_cast<int64_t>(image.size);
-      f.sha256 = w.sha256;
       f.pieces = pieces;
       rep.bytes_written += f.bytes;
       m.files.push_back(std::move(f));
@@ -267,6 +280,7 @@ ImportReport import_checkpoint(const ImportOptions& opt) {
         std::fflush(stdout);
       }
     }
+    finish_write();
     data::write_file_atomic((fs::path(tmp) / ckpt::kManifestName).string(), m.to_json().dump(1));
     data::write_file_atomic((fs::path(tmp) / ckpt::kCompleteName).string(), "");
     data::fsync_path(tmp);

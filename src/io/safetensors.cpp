@@ -285,6 +285,13 @@ void SafetensorsMap::read_f32(const Entry& e, int64_t lo, int64_t hi, float* dst
   }
 }
 
+void SafetensorsMap::release(const Entry& e) const {
+  const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  const uintptr_t lo = reinterpret_cast<uintptr_t>(data(e)), hi = lo + (e.end - e.begin);
+  const uintptr_t a = (lo + page - 1) / page * page, b = hi / page * page;  // whole pages inside it only
+  if (b > a) ::madvise(reinterpret_cast<void*>(a), b - a, MADV_DONTNEED);
+}
+
 TensorFile load_safetensors(const std::string& path) {
   const SafetensorsMap map(path);
   TensorFile f;

@@ -76,6 +76,9 @@ class SafetensorsMap {
   // Elements [lo, hi) of a floating-point tensor (F32/F16/BF16/F64), converted exactly to
   // f32 (F64 rounded), into dst. Throws naming the tensor for another dtype.
   void read_f32(const Entry& e, int64_t lo, int64_t hi, float* dst) const;
+  // Drops this tensor's pages from the process (they stay in the page cache): a reader that
+  // is done with a tensor keeps its resident set to what it still needs.
+  void release(const Entry& e) const;
 
  private:
   std::string path_;

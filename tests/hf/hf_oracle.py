@@ -12,6 +12,7 @@ save_pretrained(safe_serialization=True), as users' checkpoints are.
   llama-logits DIR --ids 1,2,3 --out FILE [--adapter PEFT_DIR]
                                                   logits [L, V] (float32) for one sequence
   llama-greedy DIR --ids 1,2,3 --new N --out FILE  prompt + greedy continuation (forward + argmax, to EOS)
+  sp-encode MODEL --texts FILE.json --out FILE.json  ids of transformers' LlamaTokenizer
   clip-hidden DIR --layer K --images N --seed S --out FILE
                                                   pixels [N,3,S,S] and hidden_states[K] [N,T,W]
 """
@@ -34,7 +35,7 @@ def make_llama(a):
     cfg = LlamaConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.inter,
                       num_hidden_layers=a.layers, num_attention_heads=a.heads,
                       num_key_value_heads=a.kv_heads, rope_theta=a.theta, rms_norm_eps=1e-5,
-                      max_position_embeddings=512, tie_word_embeddings=a.tie)
+                      max_position_embeddings=a.max_pos, tie_word_embeddings=a.tie)
     m = LlamaForCausalLM(cfg).eval()
     # Random init leaves the norms at 1: perturb them so a norm loaded wrong shows.
     with torch.no_grad():
@@ -121,12 +122,27 @@ def clip_hidden(a):
     save_file({"pixels": pixels.contiguous(), "hidden": hs.float().contiguous()}, a.out)
 
 
+def sp_encode(a):
+    # LlamaTokenizer is the class LLaMA-2's tokenizer.model is loaded with (sentencepiece
+    # underneath); both of its "legacy" settings, without BOS/EOS (the template places them).
+    import json
+    from transformers import LlamaTokenizer
+
+    texts = json.load(open(a.texts))
+    out = {}
+    for legacy in (True, False):
+        tok = LlamaTokenizer(vocab_file=a.model, legacy=legacy, add_bos_token=False, add_eos_token=False)
+        out["legacy" if legacy else "non_legacy"] = [tok.encode(t, add_special_tokens=False) for t in texts]
+        out["decoded"] = [tok.decode(ids) for ids in out["legacy"]]
+    json.dump(out, open(a.out, "w"))
+
+
 def main():
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
     q = sub.add_parser("make-llama")
     q.add_argument("dir")
-    for k, v in dict(vocab=96, hidden=32, layers=2, heads=4, kv_heads=2, inter=64, seed=0, shards=1).items():
+    for k, v in dict(vocab=96, hidden=32, layers=2, heads=4, kv_heads=2, inter=64, seed=0, shards=1, max_pos=512).items():
         q.add_argument("--" + k.replace("_", "-"), type=int, default=v)
     q.add_argument("--theta", type=float, default=10000.0)
     q.add_argument("--dtype", default="float32")
@@ -153,9 +169,13 @@ def main():
     q.add_argument("--images", type=int, default=2)
     q.add_argument("--seed", type=int, default=3)
     q.add_argument("--out", required=True)
+    q = sub.add_parser("sp-encode")
+    q.add_argument("model")
+    q.add_argument("--texts", required=True, help="a JSON list of strings")
+    q.add_argument("--out", required=True)
     a = p.parse_args()
     {"make-llama": make_llama, "make-clip": make_clip, "llama-logits": llama_logits,
-     "llama-greedy": llama_greedy, "clip-hidden": clip_hidden}[a.cmd](a)
+     "llama-greedy": llama_greedy, "clip-hidden": clip_hidden, "sp-encode": sp_encode}[a.cmd](a)
 
 
 if __name__ == "__main__":
