@@ -22,12 +22,12 @@ struct Fixture {
 
 // Rank 0 prepares, every rank learns the paths (one broadcast) and whether it worked.
 const Fixture& fixture(Comm& world) {
-  static test::TempDir* dir = nullptr;
+  static std::unique_ptr<test::TempDir> dir;  // removed at exit
   static Fixture f;
   if (!f.ckpt.empty()) return f;
   std::vector<int32_t> msg(1024, 0);  // [ok, path bytes...]
   if (world.rank() == 0) {
-    dir = new test::TempDir("vchat_mpi_hf");  // lives to the end of the process
+    dir = std::make_unique<test::TempDir>("vchat_mpi_hf");
     const std::string llm = dir->file("llama"), clip = dir->file("clip"), ref = dir->file("logits.safetensors");
     bool ok = test::oracle_ok("make-llama " + llm + " --heads 4 --kv-heads 2 --layers 4 --theta 500000") &&
               test::oracle_ok("make-clip " + clip) &&

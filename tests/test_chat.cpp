@@ -344,6 +344,7 @@ const std::string& checkpoint() {
 // bad lines (missing image, 9 images, malformed JSON) become error lines naming their line,
 // and the run exits 1 naming them while the good lines still run.
 TEST(Chat, BatchEvaluation) {
+  (void)tokenizer();  // trained on first use: ctest runs each test in its own process
   const std::string in = work().file("batch.jsonl"), out = work().file("batch_out.jsonl");
   png("x.png", 6);
   {
@@ -359,7 +360,6 @@ TEST(Chat, BatchEvaluation) {
                                             work().file("tok.model") + " --batch " + in + " --out " + out +
                                             " --max-new-tokens 5 --threads 1",
                                         &rc);
-  (void)tokenizer();
   EXPECT_EQ(rc, 1) << log;
   EXPECT_NE(log.find("batch: 5 lines (3 failed)"), std::string::npos) << log;
   EXPECT_NE(log.find("exact match"), std::string::npos) << log;

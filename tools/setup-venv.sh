@@ -22,8 +22,7 @@ if [ ${#missing[@]} -eq 0 ] && have_peft; then
   exit 0
 fi
 [ -x "$VENV/bin/python" ] || /usr/bin/python3 -m venv --system-site-packages "$VENV"
-have_peft || missing+=("peft==0.13.2 (no deps)")
-echo "[venv] installing into $VENV: ${missing[*]}"
+echo "[venv] installing into $VENV: ${missing[*]}$(have_peft || echo " peft==0.13.2 (without dependencies)")"
 [ ${#missing[@]} -eq 0 ] || "$VENV/bin/pip" install --quiet --disable-pip-version-check "${missing[@]}"
 # peft asks for torch>=1.13.0, which Debian's 1.13.0a0 (a pre-release) does not satisfy, so
 # pip would pull a second multi-GB torch: install it without dependencies (the ones it needs
