@@ -285,6 +285,9 @@ TEST(Chat, SamplerOptions) {
   chat::SamplingOptions g;
   g.repetition_penalty = 1.2f;  // 2.0 / 1.2 < 1.9: token 1 is in the history, 2 wins
   EXPECT_EQ(chat::Sampler(g).next(logits, {1, 1, 3}), 2);
+  chat::SamplingOptions cold;
+  cold.temperature = 1e-30f;  // logits overflow to inf: the limit is greedy, not undefined draws
+  EXPECT_EQ(chat::Sampler(cold).next(logits, {}), 1);
   for (auto [bad, needle] : std::vector<std::pair<std::function<void(chat::SamplingOptions&)>, std::string>>{
            {[](chat::SamplingOptions& x) { x.temperature = -1; }, "--temperature"},
            {[](chat::SamplingOptions& x) { x.top_p = 0; }, "--top-p"},
@@ -354,22 +357,29 @@ TEST(Chat, BatchEvaluation) {
     f << R"({"id": "nine", "rounds": [{"images": ["x.png","x.png","x.png","x.png","x.png","x.png","x.png","x.png","x.png"], "question": "?"}]})" << "\n";
     f << "{not json\n";
     f << R"({"id": "raw", "prompt_ids": [1, 20, 30], "max_new_tokens": 4})" << "\n";
+    // Round 1 runs and is scored; round 2's image is corrupt: the whole line fails and its
+    // round 1 must not count in the summary.
+    f << R"({"id": "late", "rounds": [{"images": ["x.png"], "question": "What?", "answer": "red"}, {"images": ["bad.png"], "question": "And?"}]})" << "\n";
   }
+  std::ofstream(work().file("bad.png")) << "not a png";
   int rc = 0;
   const std::string log = test::run_cmd(std::string(VCHAT_BIN_DIR) + "/vchat-chat --ckpt " + checkpoint() + " --tokenizer " +
                                             work().file("tok.model") + " --batch " + in + " --out " + out +
                                             " --max-new-tokens 5 --threads 1",
                                         &rc);
   EXPECT_EQ(rc, 1) << log;
-  EXPECT_NE(log.find("batch: 5 lines (3 failed)"), std::string::npos) << log;
+  EXPECT_NE(log.find("batch: 6 lines (4 failed)"), std::string::npos) << log;
   EXPECT_NE(log.find("exact match"), std::string::npos) << log;
+  EXPECT_NE(log.find("/2 ("), std::string::npos) << "only the good line's 2 rounds are scored: " << log;
+  EXPECT_NE(log.find(in + ":6: "), std::string::npos) << log;
   EXPECT_NE(log.find(in + ":2: image"), std::string::npos) << log;
   EXPECT_NE(log.find(in + ":3: 9 images, more than 8"), std::string::npos) << log;
   EXPECT_NE(log.find(in + ":4:"), std::string::npos) << log;
   std::ifstream f(out);
   std::vector<nlohmann::json> lines;
   for (std::string l; std::getline(f, l);) lines.push_back(nlohmann::json::parse(l));
-  ASSERT_EQ(lines.size(), 5u);
+  ASSERT_EQ(lines.size(), 6u);
+  EXPECT_TRUE(lines[5].contains("error"));
   EXPECT_EQ(lines[0]["rounds"].size(), 2u);
   EXPECT_TRUE(lines[0]["rounds"][0].contains("f1"));
   EXPECT_EQ(lines[1]["line"], 2);

@@ -90,7 +90,9 @@ TEST(HfExport, ImportExportRoundTripIsBitIdentical) {
     const hf::ExportReport r = export_to(ck, out, dtype == "bfloat16" ? DType::bf16 : DType::f32,
                                          hf::ExportOptions::Lora::merge, /*with_vision=*/true,
                                          dtype == "bfloat16" ? 40'000 : 5'000'000'000);
-    if (dtype == "bfloat16") EXPECT_GT(r.llm_shards, 1) << "the shard size should have split the LLM";
+    if (dtype == "bfloat16") {
+      EXPECT_GT(r.llm_shards, 1) << "the shard size should have split the LLM";
+    }
     expect_bit_identical(llm, out + "/llm");
     // CLIP's post_layernorm is not vchat's (exported as the identity); the rest came through
     // (the CLIP source is F32: compared in the F32 round).
@@ -144,6 +146,11 @@ TEST(HfExport, LoraAsPeftAdapterAndMergedGiveVchatsLogits) {
   const std::string trained = train(ck, work().file("run_lora"), "--train lora --lora-rank 4 --lora-alpha 8");
   auto model = test::load_model(trained);
   ASSERT_EQ(model->options().train, TrainSet::lora);
+  // Starting a run without LoRA from it would drop the adapters: refused, saying what works.
+  int rc = 0;
+  const std::string refused = test::run_cmd(std::string(VCHAT_BIN_DIR) + "/vchat-train --init " + trained + " --steps 1", &rc);
+  EXPECT_EQ(rc, 2) << refused;
+  EXPECT_NE(refused.find("adapters would be lost"), std::string::npos) << refused;
   const std::vector<float> want = test::logits_of(*model, test::prompt_ids());
   const std::string ids = " --ids " + test::join(test::prompt_ids()) + " --out ";
 

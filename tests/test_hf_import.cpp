@@ -117,6 +117,35 @@ TEST(HfImport, ImportedCheckpointVerifiesAndTrainingStartsFromIt) {
   out = test::run_cmd(bin + "/vchat-train --init " + ck + " --resume " + ck + " --steps 1", &rc);
   EXPECT_EQ(rc, 2) << out;
   EXPECT_NE(out.find("exclude each other"), std::string::npos) << out;
+  // A requeued job keeps its command line: with checkpoints in --save-dir it resumes from
+  // them, and the --init checkpoint is not even read (here: gone).
+  const std::string gone = work().file("ck_train_gone"), save = work().file("run_requeued");
+  fs::copy(ck, gone, fs::copy_options::recursive);
+  const std::string cmd = bin + "/vchat-train --init " + gone + " --resume auto --save-dir " + save + " --seq-len 48 --threads 1";
+  out = test::run_cmd(cmd + " --steps 2", &rc);
+  EXPECT_EQ(rc, 0) << out;
+  EXPECT_NE(out.find("initialised from " + gone), std::string::npos) << out;
+  fs::remove_all(gone);
+  out = test::run_cmd(cmd + " --steps 3", &rc);
+  EXPECT_EQ(rc, 0) << out;
+  EXPECT_NE(out.find("resumed from"), std::string::npos) << out;
+}
+
+// openai's CLIP configs (written by older transformers) carry every PretrainedConfig key in
+// vision_config, tie_word_embeddings among them, and a vision_config_dict that overrides it.
+TEST(HfImport, OpenAiStyleClipConfigImports) {
+  const std::string llm = work().file("llama_openai"), vis = work().file("clip_openai");
+  ASSERT_TRUE(test::oracle_ok("make-llama " + llm));
+  ASSERT_TRUE(test::oracle_ok("make-clip " + vis + " --full"));
+  nlohmann::json j;
+  std::ifstream(vis + "/config.json") >> j;
+  j["vision_config"]["tie_word_embeddings"] = true;
+  j["vision_config"]["return_dict"] = true;
+  j["vision_config"]["hidden_act"] = "gelu";  // overridden below: the dict wins, as in transformers
+  j["vision_config_dict"] = {{"hidden_act", "quick_gelu"}, {"tie_word_embeddings", true}};
+  std::ofstream(vis + "/config.json") << j.dump(1);
+  const std::string ck = import(llm, vis, work().file("ck_openai"));
+  EXPECT_EQ(ckpt::read_manifest(ck).model["vision"]["act"], "quick_gelu");
 }
 
 namespace {

@@ -78,6 +78,7 @@ json run_line(ChatSession& session, const json& j, const std::string& root, Batc
     throw ChatError(std::to_string(total_images) + " images, more than " + std::to_string(kMaxImagesPerConversation) +
                     " per conversation");
   session.clear();
+  BatchReport line;  // counted into `rep` only when the whole line ran
   json rounds = json::array();
   for (const json& r : j["rounds"]) {
     std::vector<std::string> images;
@@ -92,13 +93,16 @@ json run_line(ChatSession& session, const json& j, const std::string& root, Batc
       o["reference"] = ref;
       o["exact"] = exact;
       o["f1"] = f1;
-      ++rep.scored;
-      rep.exact += exact;
-      rep.f1_sum += f1;
+      ++line.scored;
+      line.exact += exact;
+      line.f1_sum += f1;
     }
     rounds.push_back(std::move(o));
   }
   out["rounds"] = std::move(rounds);
+  rep.scored += line.scored;
+  rep.exact += line.exact;
+  rep.f1_sum += line.f1_sum;
   return out;
 }
 

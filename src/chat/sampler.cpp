@@ -36,6 +36,9 @@ int32_t Sampler::next(const Tensor& logits_t, const std::vector<int32_t>& histor
   std::vector<int32_t> order(static_cast<size_t>(V));
   std::iota(order.begin(), order.end(), 0);
   std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return x[a] > x[b]; });
+  // A temperature so small that logits overflow leaves no distribution to draw from: the
+  // limit of sampling as the temperature goes to 0 is greedy.
+  if (!std::isfinite(x[order[0]])) return order[0];
   size_t keep = order.size();
   if (opt_.top_k > 0) keep = std::min(keep, static_cast<size_t>(opt_.top_k));
   const float mx = x[order[0]];

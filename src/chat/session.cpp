@@ -17,6 +17,7 @@ ChatSession::ChatSession(const VisualChatModel& model, const prep::Tokenizer& to
 }
 
 void ChatSession::clear() {
+  sampler_ = Sampler(opt_.sampling);  // each conversation draws from --seed afresh (batch lines in any order)
   cache_.clear();
   history_.clear();
   rounds_ = images_ = 0;

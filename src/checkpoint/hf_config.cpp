@@ -25,7 +25,7 @@ const std::set<std::string> kGenericKeys = {
     "pad_token_id", "prefix", "problem_type", "pruned_heads", "remove_invalid_values", "repetition_penalty",
     "return_dict", "return_dict_in_generate", "sep_token_id", "suppress_tokens", "task_specific_params",
     "temperature", "tf_legacy_loss", "tie_encoder_decoder", "tokenizer_class", "top_k", "top_p", "torch_dtype",
-    "torchscript", "transformers_version", "typical_p", "use_bfloat16",
+    "torchscript", "transformers_version", "typical_p", "use_bfloat16", "tie_word_embeddings",
     // training-time only: initialisation and the generation cache
     "initializer_range", "initializer_factor", "use_cache"};
 
@@ -108,7 +108,7 @@ LlmConfig llm_config_from_hf(const json& cfg, const std::string& origin) {
   if (k.get<double>("attention_dropout", 0.0) != 0.0) k.fail("attention_dropout", "vchat trains without dropout");
   if (c.n_heads > 0 && k.get<int64_t>("head_dim", c.hidden / c.n_heads) != c.hidden / c.n_heads)
     k.fail("head_dim", "vchat needs head_dim = hidden_size / num_attention_heads");
-  k.get<bool>("tie_word_embeddings", false);  // handled by import (lm_head from the embedding)
+  k.get<bool>("tie_word_embeddings", false);  // handled by import (lm_head from the embedding); checked here
   k.get<int64_t>("pretraining_tp", 1);        // how Meta sliced its GEMMs: the same math
   k.check_all_known();
   return c;
@@ -117,6 +117,7 @@ LlmConfig llm_config_from_hf(const json& cfg, const std::string& origin) {
 VisionConfig vision_config_from_hf(const json& full, const std::string& origin, int64_t feature_layer, bool keep_cls) {
   const std::string type = full.value("model_type", std::string());
   const json* cfg = &full;
+  json merged;  // a CLIPModel's vision part
   std::string where = origin;
   if (type == "clip") {  // CLIPModel: its vision half
     expect_architecture(full, origin, {"CLIPModel"}, "clip");
@@ -126,7 +127,10 @@ VisionConfig vision_config_from_hf(const json& full, const std::string& origin, 
                            "logit_scale_init_value"});  // the text tower and the contrastive head
     if (!full.contains("vision_config") || !full["vision_config"].is_object())
       throw ConfigError(origin + ": a CLIPModel config without \"vision_config\"");
-    cfg = &full["vision_config"];
+    // transformers lets vision_config_dict (older configs carry both) override vision_config.
+    merged = full["vision_config"];
+    if (full.contains("vision_config_dict") && full["vision_config_dict"].is_object()) merged.update(full["vision_config_dict"]);
+    cfg = &merged;
     where = origin + " (vision_config)";
   } else {
     expect_architecture(full, origin, {"CLIPVisionModel", "CLIPVisionModelWithProjection"}, "clip_vision_model");

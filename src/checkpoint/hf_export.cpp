@@ -121,8 +121,10 @@ ExportReport export_checkpoint(const ExportOptions& opt) {
   const std::string tmp = opt.out_dir + ".tmp";
   fs::remove_all(tmp, ec);
   try {
-    for (const char* sub : {"llm", "vision", "llm-lora"}) fs::create_directories(fs::path(tmp) / sub, ec);
-    if (ec) throw DataError(tmp + ": cannot create: " + ec.message());
+    for (const char* sub : {"llm", "vision", "llm-lora"}) {
+      fs::create_directories(fs::path(tmp) / sub, ec);
+      if (ec) throw DataError((fs::path(tmp) / sub).string() + ": cannot create: " + ec.message());
+    }
 
     // The LLM: every table entry with an HF name, in table order (embedding, layers, norm,
     // lm_head); LoRA adapters merged into their base weight unless written as an adapter.
@@ -250,9 +252,13 @@ ExportReport export_checkpoint(const ExportOptions& opt) {
                 {"vchat_model", m.model},
                 {"checkpoint", fs::absolute(dir).string()},
                 {"step", m.step}});
+    // Every file's directory entry on disk before the whole appears under its name.
+    for (const char* sub : {"llm", "vision", "llm-lora"})
+      if (fs::exists(fs::path(tmp) / sub)) data::fsync_path((fs::path(tmp) / sub).string());
     data::fsync_path(tmp);
     fs::rename(tmp, opt.out_dir, ec);
     if (ec) throw DataError(opt.out_dir + ": rename from " + tmp + " failed: " + ec.message());
+    data::fsync_path(fs::absolute(opt.out_dir).parent_path().string());
   } catch (...) {
     fs::remove_all(tmp, ec);
     throw;

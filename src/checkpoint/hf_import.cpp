@@ -142,7 +142,8 @@ ImportReport import_checkpoint(const ImportOptions& opt) {
   cfg.vision = vision_config_from_hf(vision.config(), vision.config_path(), opt.feature_layer, opt.keep_cls);
   cfg.projection.type = opt.projection;
   cfg.validate(llm.config_path() + " + " + vision.config_path());
-  const bool tied = llm.config().value("tie_word_embeddings", false);
+  const json& tie = llm.config().contains("tie_word_embeddings") ? llm.config()["tie_word_embeddings"] : json();
+  const bool tied = tie.is_boolean() && tie.get<bool>();  // absent or null: untied (checked by llm_config_from_hf)
   rep.bytes_source = static_cast<int64_t>(llm.file_bytes() + vision.file_bytes());
 
   const ParamTable table(cfg, TrainSet::paper_default, 0);
@@ -251,8 +252,9 @@ ImportReport import_checkpoint(const ImportOptions& opt) {
       }
       std::vector<const float*> data;
       for (const auto& v : values) data.push_back(v.data());
-      for (const ckpt::PieceRef& p : moments) {
+      for (const ckpt::PieceRef& p : moments)  // sized first: data() must not move below
         zeros.resize(std::max<size_t>(zeros.size(), static_cast<size_t>(p.size())), 0.f);
+      for (const ckpt::PieceRef& p : moments) {
         pieces.push_back(p);
         data.push_back(zeros.data());
       }

@@ -62,8 +62,12 @@ SafetensorsWriter::SafetensorsWriter(const std::string& path, std::vector<Entry>
   out_ = std::fopen(tmp_.c_str(), "wb");
   if (!out_) throw std::runtime_error(tmp_ + ": cannot open for writing: " + std::strerror(errno));
   const uint64_t n = h.size();
-  if (std::fwrite(&n, 8, 1, out_) != 1 || std::fwrite(h.data(), 1, h.size(), out_) != h.size())
+  if (std::fwrite(&n, 8, 1, out_) != 1 || std::fwrite(h.data(), 1, h.size(), out_) != h.size()) {
+    std::fclose(out_);  // the destructor does not run for a constructor that throws
+    out_ = nullptr;
+    std::remove(tmp_.c_str());
     throw std::runtime_error(tmp_ + ": write failed (disk full?)");
+  }
 }
 
 SafetensorsWriter::~SafetensorsWriter() {

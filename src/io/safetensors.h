@@ -67,7 +67,7 @@ class SafetensorsMap {
   SafetensorsMap& operator=(const SafetensorsMap&) = delete;
 
   const std::string& path() const { return path_; }
-  const std::vector<Entry>& entries() const { return entries_; }  // in header order
+  const std::vector<Entry>& entries() const { return entries_; }  // by name
   const Entry* find(const std::string& name) const;
   const Entry& at(const std::string& name) const;  // throws naming the file and tensor
   const std::map<std::string, std::string>& metadata() const { return metadata_; }

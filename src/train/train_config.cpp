@@ -171,18 +171,23 @@ bool parse_train_config(int argc, const char* const argv[], TrainConfig& c) {
   if (!c.init.empty()) {
     if (!c.resume.empty() && c.resume != "auto")
       throw ConfigError("--init and --resume " + c.resume + " exclude each other (--resume auto with --init resumes a run that has checkpoints, and starts from --init otherwise)");
-    c.init = ckpt::resolve_checkpoint(c.init, "--init");
-    const ckpt::Manifest m = ckpt::read_manifest(c.init);
-    const ModelConfig theirs = ModelConfig::from_json_text(m.model.dump(), c.init + "/manifest.json");
+    // A run that already has checkpoints resumes from them: --init only seeded its first start
+    // (and may be gone by now); the model config then comes from its latest checkpoint.
+    const auto latest = c.resume == "auto" ? ckpt::latest_checkpoint(c.save_dir) : std::nullopt;
+    if (latest) c.init.clear();
+    const std::string source = latest ? *latest : ckpt::resolve_checkpoint(c.init, "--init");
+    if (!latest) c.init = source;
+    const ckpt::Manifest m = ckpt::read_manifest(source);
+    const ModelConfig theirs = ModelConfig::from_json_text(m.model.dump(), source + "/manifest.json");
     if (vm["model"].defaulted()) {
       c.model = theirs;
-      c.model_file = c.init + "/manifest.json";
+      c.model_file = source + "/manifest.json";
     } else {
       c.model = ModelConfig::load(c.model_file);
       nlohmann::json a = nlohmann::json::parse(theirs.to_json()), b = nlohmann::json::parse(c.model.to_json());
       a.erase("name"), b.erase("name");
       const std::string d = ckpt::first_difference(a, b, "model");
-      if (!d.empty()) throw ConfigError("--init " + c.init + ": written for another model than --model " + c.model_file + " (" + d + ")");
+      if (!d.empty()) throw ConfigError("--init " + source + ": written for another model than --model " + c.model_file + " (" + d + ")");
     }
   } else {
     c.model = ModelConfig::load(c.model_file);

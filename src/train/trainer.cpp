@@ -180,6 +180,11 @@ void Trainer::init_weights(const std::string& dir) {
   using clock = std::chrono::steady_clock;
   const auto t0 = clock::now();
   const ckpt::Manifest m = ckpt::read_manifest(dir);
+  // Its LoRA adapters would be dropped by a run without them: refuse, saying what works.
+  if (m.train_set == "lora" && cfg_.model_options.train != TrainSet::lora)
+    throw ConfigError("--init " + dir + ": trained with --train lora (rank " + std::to_string(m.lora_rank) +
+                      "): its adapters would be lost; continue with --train lora --lora-rank " + std::to_string(m.lora_rank) +
+                      ", or merge them first (vchat-ckpt export --lora merge, then vchat-ckpt import)");
   // LoRA adapters are the one thing a base model cannot hold: they keep their --seed values
   // (B = 0, so the model starts as the checkpoint's).
   const ckpt::InitReport r = ckpt::load_values(dir, m, opt_->state(), [](const Param& p) {
