@@ -2,8 +2,6 @@
 // tiny random models saved as users' checkpoints are, imported with vchat-ckpt's library,
 // and loaded into a VisualChatModel under any layout.
 #pragma once
-#include <sys/wait.h>
-
 #include <cstdio>
 #include <memory>
 #include <string>
@@ -18,19 +16,9 @@
 #include "io/safetensors.h"
 #include "model/batch.h"
 #include "model/visualchat.h"
+#include "test_util.h"
 
 namespace vchat::test {
-
-// Runs `cmd` in a shell; stdout and stderr together, exit status in *code.
-inline std::string run_cmd(const std::string& cmd, int* code) {
-  FILE* p = popen((cmd + " 2>&1").c_str(), "r");
-  std::string out;
-  char buf[4096];
-  while (size_t n = fread(buf, 1, sizeof buf, p)) out.append(buf, n);
-  const int st = pclose(p);
-  *code = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-  return out;
-}
 
 // "<venv python> tests/hf/hf_oracle.py " (the venv comes from tools/setup-venv.sh).
 inline std::string oracle() {
@@ -40,7 +28,7 @@ inline std::string oracle() {
 // Runs an oracle command; false (with the output as a test failure) when it fails.
 inline bool oracle_ok(const std::string& args) {
   int rc = 0;
-  const std::string out = run_cmd(oracle() + args, &rc);
+  const std::string out = sh(oracle() + args, &rc);
   EXPECT_EQ(rc, 0) << oracle() << args << "\n" << out << "\n(the venv comes from tools/setup-venv.sh, run by make deps)";
   return rc == 0;
 }

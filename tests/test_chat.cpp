@@ -333,7 +333,7 @@ const std::string& checkpoint() {
   static const std::string ck = [] {
     const std::string save = work().file("run");
     int rc = 0;
-    const std::string out = test::run_cmd(std::string(VCHAT_BIN_DIR) + "/vchat-train --model " + VCHAT_SOURCE_DIR +
+    const std::string out = test::sh(std::string(VCHAT_BIN_DIR) + "/vchat-train --model " + VCHAT_SOURCE_DIR +
                                               "/inputs/models/tiny.json --steps 1 --seq-len 64 --threads 1 --save-dir " + save,
                                           &rc);
     EXPECT_EQ(rc, 0) << out;
@@ -363,7 +363,7 @@ TEST(Chat, BatchEvaluation) {
   }
   std::ofstream(work().file("bad.png")) << "not a png";
   int rc = 0;
-  const std::string log = test::run_cmd(std::string(VCHAT_BIN_DIR) + "/vchat-chat --ckpt " + checkpoint() + " --tokenizer " +
+  const std::string log = test::sh(std::string(VCHAT_BIN_DIR) + "/vchat-chat --ckpt " + checkpoint() + " --tokenizer " +
                                             work().file("tok.model") + " --batch " + in + " --out " + out +
                                             " --max-new-tokens 5 --threads 1",
                                         &rc);
@@ -399,7 +399,7 @@ TEST(Chat, InteractiveSessionGoesOnAfterABadRound) {
       << "\nAnd this?\nHow many objects are there?\nclear\nWhat color is the square?\nquit\nnever asked\n";
   }
   int rc = 0;
-  const std::string out = test::run_cmd(std::string(VCHAT_BIN_DIR) + "/vchat-chat --ckpt " + checkpoint() + " --tokenizer " +
+  const std::string out = test::sh(std::string(VCHAT_BIN_DIR) + "/vchat-chat --ckpt " + checkpoint() + " --tokenizer " +
                                             work().file("tok.model") + " --max-new-tokens 4 --threads 1 < " + script,
                                         &rc);
   EXPECT_EQ(rc, 0) << out;

@@ -68,7 +68,7 @@ void expect_bit_identical(const std::string& original, const std::string& export
 
 std::string train(const std::string& init, const std::string& save, const std::string& extra) {
   int rc = 0;
-  const std::string out = test::run_cmd(std::string(VCHAT_BIN_DIR) + "/vchat-train --init " + init + " --save-dir " + save +
+  const std::string out = test::sh(std::string(VCHAT_BIN_DIR) + "/vchat-train --init " + init + " --save-dir " + save +
                                             " --steps 3 --seq-len 48 --lr 0.01 --warmup 0 --threads 1 " + extra,
                                         &rc);
   EXPECT_EQ(rc, 0) << out;
@@ -148,7 +148,7 @@ TEST(HfExport, LoraAsPeftAdapterAndMergedGiveVchatsLogits) {
   ASSERT_EQ(model->options().train, TrainSet::lora);
   // Starting a run without LoRA from it would drop the adapters: refused, saying what works.
   int rc = 0;
-  const std::string refused = test::run_cmd(std::string(VCHAT_BIN_DIR) + "/vchat-train --init " + trained + " --steps 1", &rc);
+  const std::string refused = test::sh(std::string(VCHAT_BIN_DIR) + "/vchat-train --init " + trained + " --steps 1", &rc);
   EXPECT_EQ(rc, 2) << refused;
   EXPECT_NE(refused.find("adapters would be lost"), std::string::npos) << refused;
   const std::vector<float> want = test::logits_of(*model, test::prompt_ids());

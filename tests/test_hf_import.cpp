@@ -105,16 +105,16 @@ TEST(HfImport, ImportedCheckpointVerifiesAndTrainingStartsFromIt) {
   const std::string ck = import(llm, clip_dir(), work().file("ck_train"));
   const std::string bin = std::string(VCHAT_BIN_DIR);
   int rc = 0;
-  std::string out = test::run_cmd(bin + "/vchat-ckpt verify " + ck, &rc);
+  std::string out = test::sh(bin + "/vchat-ckpt verify " + ck, &rc);
   EXPECT_EQ(rc, 0) << out;
-  out = test::run_cmd(bin + "/vchat-train --init " + ck + " --steps 2 --seq-len 48 --threads 1", &rc);
+  out = test::sh(bin + "/vchat-train --init " + ck + " --steps 2 --seq-len 48 --threads 1", &rc);
   EXPECT_EQ(rc, 0) << out;
   EXPECT_NE(out.find("initialised from " + ck), std::string::npos) << out;
   EXPECT_NE(out.find("model hf-import"), std::string::npos) << out;
-  out = test::run_cmd(bin + "/vchat-train --init " + ck + " --model " + VCHAT_SOURCE_DIR + "/inputs/models/tiny.json --steps 1", &rc);
+  out = test::sh(bin + "/vchat-train --init " + ck + " --model " + VCHAT_SOURCE_DIR + "/inputs/models/tiny.json --steps 1", &rc);
   EXPECT_EQ(rc, 2) << out;
   EXPECT_NE(out.find("written for another model"), std::string::npos) << out;
-  out = test::run_cmd(bin + "/vchat-train --init " + ck + " --resume " + ck + " --steps 1", &rc);
+  out = test::sh(bin + "/vchat-train --init " + ck + " --resume " + ck + " --steps 1", &rc);
   EXPECT_EQ(rc, 2) << out;
   EXPECT_NE(out.find("exclude each other"), std::string::npos) << out;
   // A requeued job keeps its command line: with checkpoints in --save-dir it resumes from
@@ -122,11 +122,11 @@ TEST(HfImport, ImportedCheckpointVerifiesAndTrainingStartsFromIt) {
   const std::string gone = work().file("ck_train_gone"), save = work().file("run_requeued");
   fs::copy(ck, gone, fs::copy_options::recursive);
   const std::string cmd = bin + "/vchat-train --init " + gone + " --resume auto --save-dir " + save + " --seq-len 48 --threads 1";
-  out = test::run_cmd(cmd + " --steps 2", &rc);
+  out = test::sh(cmd + " --steps 2", &rc);
   EXPECT_EQ(rc, 0) << out;
   EXPECT_NE(out.find("initialised from " + gone), std::string::npos) << out;
   fs::remove_all(gone);
-  out = test::run_cmd(cmd + " --steps 3", &rc);
+  out = test::sh(cmd + " --steps 3", &rc);
   EXPECT_EQ(rc, 0) << out;
   EXPECT_NE(out.find("resumed from"), std::string::npos) << out;
 }

@@ -1,6 +1,9 @@
 // Shared test helpers: seeded random tensors, float64 dot products, gradient checking by
 // extrapolated finite differences with a bound on their rounding noise.
 #pragma once
+#include <sys/wait.h>
+
+#include <cstdio>
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -36,6 +39,17 @@ struct TempDir {
   TempDir& operator=(const TempDir&) = delete;
   std::string file(const std::string& name) const { return (path / name).string(); }
 };
+
+// Runs `cmd` in a shell; returns stdout and stderr together, the exit status in *code.
+inline std::string sh(const std::string& cmd, int* code = nullptr) {
+  FILE* p = popen((cmd + " 2>&1").c_str(), "r");
+  std::string out;
+  char buf[4096];
+  while (size_t n = fread(buf, 1, sizeof buf, p)) out.append(buf, n);
+  const int st = pclose(p);
+  if (code) *code = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+  return out;
+}
 
 // f() must throw std::invalid_argument whose message contains `needle`.
 inline void expect_invalid_argument(const std::function<void()>& f, const std::string& needle) {

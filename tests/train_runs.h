@@ -19,17 +19,6 @@
 
 namespace vchat::test {
 
-// Runs `cmd` in a shell; returns stdout and stderr together, the exit status in *code.
-inline std::string sh(const std::string& cmd, int* code = nullptr) {
-  FILE* p = popen((cmd + " 2>&1").c_str(), "r");
-  std::string out;
-  char buf[4096];
-  while (size_t n = fread(buf, 1, sizeof buf, p)) out.append(buf, n);
-  const int st = pclose(p);
-  if (code) *code = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-  return out;
-}
-
 // "cd <source> && ... mpirun -np N <flags this machine needs> " (one thread per rank).
 inline std::string mpirun(int ranks) {
   return "cd " + std::string(VCHAT_SOURCE_DIR) + " && OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 mpirun -np " +

@@ -42,6 +42,12 @@ int usage(const char* why) {
   return 2;
 }
 
+// The exit code of a failed command: 2 for a configuration mistake, 1 for bad input.
+int report(const std::exception& e) {
+  std::fprintf(stderr, "vchat-ckpt: error: %s\n", e.what());
+  return dynamic_cast<const vchat::ConfigError*>(&e) ? 2 : 1;
+}
+
 int import_main(const std::vector<std::string>& args) {
   vchat::hf::ImportOptions opt;
   for (size_t i = 1; i < args.size(); ++i) {
@@ -87,12 +93,8 @@ int import_main(const std::vector<std::string>& args) {
     std::printf("import: model config written into the checkpoint; start training with: vchat-train --init %s\n",
                 opt.out_dir.c_str());
     return 0;
-  } catch (const vchat::ConfigError& e) {
-    std::fprintf(stderr, "vchat-ckpt: error: %s\n", e.what());
-    return 2;
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "vchat-ckpt: error: %s\n", e.what());
-    return 1;
+    return report(e);
   }
 }
 
@@ -131,12 +133,8 @@ int export_main(const std::vector<std::string>& args) {
                 opt.out_dir.c_str(), static_cast<long long>(r.tensors), r.bytes_written / 1e6, r.seconds, r.llm_shards,
                 r.adapter ? ", llm-lora/ (PEFT adapter over llm/)" : "", opt.with_vision ? ", vision/ (CLIPVisionModel)" : "");
     return 0;
-  } catch (const vchat::ConfigError& e) {
-    std::fprintf(stderr, "vchat-ckpt: error: %s\n", e.what());
-    return 2;
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "vchat-ckpt: error: %s\n", e.what());
-    return 1;
+    return report(e);
   }
 }
 
