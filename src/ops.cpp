@@ -54,15 +54,16 @@ void expect_dtype(const char* op, const Arg& a, DType want) {
                                 ", expected " + dtype_name(want));
 }
 
-// Only reachable in a build without the CUDA backend (which cannot make CUDA tensors, so
-// this guards against a mix-up of builds rather than a user error).
-// The per-row losses a CUDA kernel left on the device, summed on the host (in double).
-[[maybe_unused]] double host_sum(const Tensor& rows) {
-  double total = 0;
-  for (float r : rows.to_vector_f32()) total += r;
-  return total;
+// A scalar accumulator or result: exactly one element.
+void check_scalar(const char* op, const Arg& a) {
+  if (!a.t.defined()) throw std::invalid_argument(std::string("ops::") + op + ": operand " + a.name + " is undefined");
+  if (a.t.numel() != 1)
+    throw std::invalid_argument(std::string("ops::") + op + ": operand " + a.name + " must hold one value, got " +
+                                shape_str(a.t.shape()));
 }
 
+// Only reachable in a build without the CUDA backend (which cannot make CUDA tensors, so
+// this guards against a mix-up of builds rather than a user error).
 [[noreturn, maybe_unused]] void no_cuda(const char* op) {
   throw std::runtime_error(std::string("ops::") + op + ": this build has no CUDA backend (build-cuda has)");
 }
@@ -276,20 +277,35 @@ void vit_embed_bwd(const Tensor& dout, const Tensor& dpatch_emb, const Tensor& d
   cpu::vit_embed_bwd(dout, dpatch_emb, dcls, dpos);
 }
 
-double cross_entropy_fwd(const Tensor& logits, const Tensor& targets, const Tensor& lse) {
+void cross_entropy_fwd(const Tensor& logits, const Tensor& targets, const Tensor& lse, const Tensor& loss_acc) {
   expect_dtype("cross_entropy_fwd", {"targets", targets}, DType::i32);
-  if (where("cross_entropy_fwd", {{"logits", logits}, {"targets", targets}, {"lse", lse}}) == Device::cuda) {
+  expect_dtype("cross_entropy_fwd", {"loss_acc", loss_acc}, DType::f32);
+  check_scalar("cross_entropy_fwd", {"loss_acc", loss_acc});
+  if (where("cross_entropy_fwd", {{"logits", logits}, {"targets", targets}, {"lse", lse}, {"loss_acc", loss_acc}}) ==
+      Device::cuda) {
 #ifdef VCHAT_WITH_CUDA
-    // Per-row losses come back and are summed here; the device trainer keeps them on the GPU.
+    const cuda::Context& c = cuda::thread_context();
     const Tensor rows = Tensor::empty({logits.size(0)}, DType::f32, Device::cuda);
-    cuda::cross_entropy_fwd(cuda::thread_context(), logits, targets, lse, rows);
-    return host_sum(rows);
+    cuda::cross_entropy_fwd(c, logits, targets, lse, rows);
+    cuda::sum_into(c, rows, loss_acc);
+    return;
 #else
     no_cuda("cross_entropy_fwd");
 #endif
   }
   cpu_f32("cross_entropy_fwd", {{"logits", logits}, {"lse", lse}});
-  return cpu::cross_entropy_fwd(logits, targets, lse);
+  loss_acc.data<float>()[0] += static_cast<float>(cpu::cross_entropy_fwd(logits, targets, lse));
+}
+double cross_entropy_fwd(const Tensor& logits, const Tensor& targets, const Tensor& lse) {
+  if (logits.defined() && logits.device() == Device::cpu) {  // the CPU sums in double: keep it
+    expect_dtype("cross_entropy_fwd", {"targets", targets}, DType::i32);
+    where("cross_entropy_fwd", {{"logits", logits}, {"targets", targets}, {"lse", lse}});
+    cpu_f32("cross_entropy_fwd", {{"logits", logits}, {"lse", lse}});
+    return cpu::cross_entropy_fwd(logits, targets, lse);
+  }
+  const Tensor acc = Tensor::zeros({1}, DType::f32, logits.device());
+  cross_entropy_fwd(logits, targets, lse, acc);
+  return acc.to_vector_f32()[0];
 }
 void cross_entropy_bwd(const Tensor& logits, const Tensor& targets, const Tensor& lse, float scale,
                        const Tensor& dlogits, int64_t vocab_begin) {
@@ -333,21 +349,25 @@ void ce_row_sumexp(const Tensor& logits, const Tensor& targets, const Tensor& ro
   cpu_f32("ce_row_sumexp", {{"logits", logits}, {"row_max", row_max}, {"sumexp", sumexp}, {"target_logit", target_logit}});
   cpu::ce_row_sumexp(logits, targets, row_max, vocab_begin, sumexp, target_logit);
 }
-double ce_finish(const Tensor& row_max, const Tensor& sumexp, const Tensor& target_logit, const Tensor& targets,
-                 const Tensor& lse) {
+void ce_finish(const Tensor& row_max, const Tensor& sumexp, const Tensor& target_logit, const Tensor& targets,
+               const Tensor& lse, const Tensor& loss_acc) {
   expect_dtype("ce_finish", {"targets", targets}, DType::i32);
+  expect_dtype("ce_finish", {"loss_acc", loss_acc}, DType::f32);
+  check_scalar("ce_finish", {"loss_acc", loss_acc});
   if (where("ce_finish", {{"lse", lse}, {"row_max", row_max}, {"sumexp", sumexp}, {"target_logit", target_logit},
-                          {"targets", targets}}) == Device::cuda) {
+                          {"targets", targets}, {"loss_acc", loss_acc}}) == Device::cuda) {
 #ifdef VCHAT_WITH_CUDA
+    const cuda::Context& c = cuda::thread_context();
     const Tensor rows = Tensor::empty({targets.numel()}, DType::f32, Device::cuda);
-    cuda::ce_finish(cuda::thread_context(), row_max, sumexp, target_logit, targets, lse, rows);
-    return host_sum(rows);
+    cuda::ce_finish(c, row_max, sumexp, target_logit, targets, lse, rows);
+    cuda::sum_into(c, rows, loss_acc);
+    return;
 #else
     no_cuda("ce_finish");
 #endif
   }
   cpu_f32("ce_finish", {{"row_max", row_max}, {"sumexp", sumexp}, {"target_logit", target_logit}, {"lse", lse}});
-  return cpu::ce_finish(row_max, sumexp, target_logit, targets, lse);
+  loss_acc.data<float>()[0] += static_cast<float>(cpu::ce_finish(row_max, sumexp, target_logit, targets, lse));
 }
 void argmax(const Tensor& logits, const Tensor& index, const Tensor& value) {
   expect_dtype("argmax", {"index", index}, DType::i32);
@@ -357,24 +377,47 @@ void argmax(const Tensor& logits, const Tensor& index, const Tensor& value) {
   cpu::argmax(logits, index, value);
 }
 
-double sum_squares(const Tensor& x) {
-  if (where("sum_squares", {{"x", x}}) == Device::cuda) {
-#ifdef VCHAT_WITH_CUDA
-    const Tensor out = Tensor::empty({1}, DType::f32, Device::cuda);
-    cuda::sum_squares(cuda::thread_context(), {x}, out);
-    return out.to_vector_f32()[0];
-#else
-    no_cuda("sum_squares");
-#endif
+void sum_squares(const std::vector<Tensor>& xs, const Tensor& out) {
+  expect_dtype("sum_squares", {"out", out}, DType::f32);
+  check_scalar("sum_squares", {"out", out});
+  for (const Tensor& x : xs) where("sum_squares", {{"out", out}, {"x", x}});  // names one on another device
+  if (out.device() == Device::cuda) CUDA(sum_squares, xs, out);
+  double s = 0;  // in the given order, each tensor in double: deterministic
+  for (const Tensor& x : xs) {
+    cpu_f32("sum_squares", {{"x", x}});
+    s += cpu::sum_squares(x);
   }
-  cpu_f32("sum_squares", {{"x", x}});
-  return cpu::sum_squares(x);
+  out.data<float>()[0] = static_cast<float>(s);
 }
-void adamw_step(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v, const AdamWParams& p) {
-  if (where("adamw_step", {{"param", param}, {"grad", grad}, {"m", m}, {"v", v}}) == Device::cuda)
-    CUDA(adamw_step, param, grad, m, v, p, Tensor(), nullptr);
+double sum_squares(const Tensor& x) {
+  if (where("sum_squares", {{"x", x}}) == Device::cpu) {
+    cpu_f32("sum_squares", {{"x", x}});
+    return cpu::sum_squares(x);
+  }
+  const Tensor out = Tensor::empty({1}, DType::f32, x.device());
+  sum_squares(std::vector<Tensor>{x}, out);
+  return out.to_vector_f32()[0];
+}
+void clip_scale(const Tensor& grad_sq, float max_norm, const Tensor& scale) {
+  expect_dtype("clip_scale", {"grad_sq", grad_sq}, DType::f32);
+  expect_dtype("clip_scale", {"scale", scale}, DType::f32);
+  check_scalar("clip_scale", {"grad_sq", grad_sq});
+  check_scalar("clip_scale", {"scale", scale});
+  if (where("clip_scale", {{"grad_sq", grad_sq}, {"scale", scale}}) == Device::cuda)
+    CUDA(clip_scale, grad_sq, max_norm, scale);
+  scale.data<float>()[0] = cpu::clip_scale(grad_sq.data<float>()[0], max_norm);
+}
+void adamw_step(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v, const AdamWParams& p,
+                const Tensor& working, const Tensor& grad_scale) {
+  expect_dtype("adamw_step", {"grad_scale", grad_scale}, DType::f32);
+  if (grad_scale.defined()) check_scalar("adamw_step", {"grad_scale", grad_scale});
+  if (where("adamw_step", {{"param", param}, {"grad", grad}, {"m", m}, {"v", v}, {"working", working},
+                           {"grad_scale", grad_scale}}) == Device::cuda)
+    CUDA(adamw_step, param, grad, m, v, p, working, grad_scale.defined() ? grad_scale.data<float>() : nullptr);
+  if (working.defined())
+    throw std::invalid_argument("ops::adamw_step: operand working is given on the CPU, which keeps no working copies");
   cpu_f32("adamw_step", {{"param", param}, {"grad", grad}, {"m", m}, {"v", v}});
-  cpu::adamw_step(param, grad, m, v, p);
+  cpu::adamw_step(param, grad, m, v, p, grad_scale.defined() ? grad_scale.data<float>()[0] : 1.f);
 }
 
 }  // namespace vchat::ops

@@ -102,8 +102,12 @@ void patchify(const Tensor& pixels, int64_t patch, const Tensor& patches);
 void vit_embed_fwd(const Tensor& patch_emb, const Tensor& cls, const Tensor& pos, const Tensor& out);
 void vit_embed_bwd(const Tensor& dout, const Tensor& dpatch_emb, const Tensor& dcls, const Tensor& dpos);
 
-// Masked cross-entropy. Rows with target < 0 carry no loss. Returns the summed loss over
-// supervised rows; lse [N] (log-sum-exp) is saved for backward.
+// Masked cross-entropy. Rows with target < 0 carry no loss. Adds the summed loss over
+// supervised rows to loss_acc (f32 [1], where the logits are: no host copy, so a device
+// step reads its loss back once, with the gradient norm); lse [N] (log-sum-exp) is saved
+// for backward.
+void cross_entropy_fwd(const Tensor& logits, const Tensor& targets, const Tensor& lse, const Tensor& loss_acc);
+// The same, returning the summed loss on the host (evaluation, tests: a copy back).
 double cross_entropy_fwd(const Tensor& logits, const Tensor& targets, const Tensor& lse);
 // dlogits = (softmax(logits) - onehot(target)) * scale on supervised rows, 0 elsewhere.
 // dlogits may alias logits (saves a [N, V] buffer). With vocab_begin (vocabulary-parallel)
@@ -124,21 +128,33 @@ void ce_row_max(const Tensor& logits, const Tensor& targets, const Tensor& row_m
 // target's logit where this rank holds it (else 0); both 0 on unsupervised rows.
 void ce_row_sumexp(const Tensor& logits, const Tensor& targets, const Tensor& row_max, int64_t vocab_begin,
                    const Tensor& sumexp, const Tensor& target_logit);
-// From the group's sums: lse = max + log(sumexp) on supervised rows (0 elsewhere); returns
-// the summed loss Σ (lse − target logit) over them.
-double ce_finish(const Tensor& row_max, const Tensor& sumexp, const Tensor& target_logit, const Tensor& targets,
-                 const Tensor& lse);
+// From the group's sums: lse = max + log(sumexp) on supervised rows (0 elsewhere); adds
+// the summed loss Σ (lse − target logit) over them to loss_acc (f32 [1]).
+void ce_finish(const Tensor& row_max, const Tensor& sumexp, const Tensor& target_logit, const Tensor& targets,
+               const Tensor& lse, const Tensor& loss_acc);
 
 // Row argmax (first index of the maximum): index i32 [N], value f32 [N] (greedy decoding,
 // teacher-forced accuracy).
 void argmax(const Tensor& logits, const Tensor& index, const Tensor& value);
 
-// Optimizer pieces.
-double sum_squares(const Tensor& x);
+// Optimizer pieces. Scalars (the sum of squares, the clip coefficient) stay where the
+// gradients are, so a device step never waits on the host between backward and update.
+// out (f32 [1]) = Σ over the tensors of Σ x², in a fixed order (deterministic).
+void sum_squares(const std::vector<Tensor>& xs, const Tensor& out);
+double sum_squares(const Tensor& x);  // one tensor, read back to the host (tests)
+// Gradient clipping's coefficient from the global sum of squares (f32 [1]): with
+// norm = √grad_sq, scale = max_norm / (norm + 1e-6) when max_norm > 0 and norm > max_norm,
+// else 1; NaN when the norm is not finite, which adamw_step takes as "change nothing".
+void clip_scale(const Tensor& grad_sq, float max_norm, const Tensor& scale);
 struct AdamWParams {
   float lr, beta1, beta2, eps, weight_decay;
   int64_t step;  // 1-based, for bias correction
 };
-void adamw_step(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v, const AdamWParams& p);
+// AdamW on f32 param/grad/m/v with the gradient multiplied by grad_scale[0] (f32 [1];
+// undefined: 1) on the fly, leaving grad as it was. A non-finite grad_scale changes nothing
+// (the caller reports the divergence). `working` (the compute-dtype copy, CUDA only; may
+// be undefined) receives the updated weights: no separate cast pass.
+void adamw_step(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v, const AdamWParams& p,
+                const Tensor& working = Tensor(), const Tensor& grad_scale = Tensor());
 
 }  // namespace vchat::ops

@@ -575,6 +575,58 @@ TEST_F(CudaOps, MultiTensorSumOfSquaresAndFusedAdamW) {
   expect_close(M, m, 1e-6, "adamw m");
   expect_close(Vv, v, 1e-6, "adamw v");
   expect_close(WORK, p, 4e-3, "adamw bf16 working copy");
+
+  // A non-finite clip coefficient (a diverged step) leaves everything as it was.
+  const Tensor NAN_SCALE = dev(Tensor::from_vector(std::vector<float>{NAN}, {1}), DType::f32);
+  const std::vector<float> p0 = P.to_vector_f32(), m0 = M.to_vector_f32(), v0 = Vv.to_vector_f32();
+  const std::vector<float> w0 = WORK.to_vector_f32();
+  ops::adamw_step(P, G, M, Vv, a, WORK, NAN_SCALE);
+  EXPECT_EQ(P.to_vector_f32(), p0) << "param changed by a NaN clip coefficient";
+  EXPECT_EQ(M.to_vector_f32(), m0);
+  EXPECT_EQ(Vv.to_vector_f32(), v0);
+  EXPECT_EQ(WORK.to_vector_f32(), w0);
+}
+
+// The step's scalars never leave the device until the trainer's one copy: the loss sums into
+// an accumulator, the sum of squares and the clip coefficient are computed there.
+TEST_F(CudaOps, StepScalarsStayOnTheDevice) {
+  // Loss accumulation through the op dispatch, twice (two micro-batches), f32 and bf16.
+  for (const Prec& p : kPrecisions) {
+    const int64_t N = 301, V = 999;
+    std::vector<int32_t> tg(N);
+    for (auto& t : tg) t = rng() % 4 == 0 ? -1 : static_cast<int32_t>(rng() % V);
+    const Tensor targets = Tensor::from_vector(tg, {N});
+    const Tensor a = host_rand({N, V}, p.dt, rng, -5.f, 5.f), b = host_rand({N, V}, p.dt, rng, -5.f, 5.f);
+    const Tensor lse = Tensor::empty({N});
+    const double want = ops::cross_entropy_fwd(a, targets, lse) + ops::cross_entropy_fwd(b, targets, lse);
+    const Tensor ACC = dev(Tensor::from_vector(std::vector<float>{0.f}, {1}), DType::f32);
+    const Tensor LSE = poison({N}, DType::f32), TG = dev_i32(tg);
+    ops::cross_entropy_fwd(dev(a, p.dt), TG, LSE, ACC);
+    ops::cross_entropy_fwd(dev(b, p.dt), TG, LSE, ACC);
+    EXPECT_NEAR(ACC.to_vector_f32()[0], want, 1e-5 * want) << p.name << ": two micro-batches' losses accumulate";
+  }
+  // The multi-tensor sum of squares through ops, against the CPU's (in double).
+  std::vector<Tensor> hs, ds;
+  for (int64_t n : {5, 4097, 1}) {
+    hs.push_back(host_rand({n}, DType::f32, rng));
+    ds.push_back(dev(hs.back(), DType::f32));
+  }
+  const Tensor want = Tensor::empty({1}), got = poison({1}, DType::f32);
+  ops::sum_squares(hs, want);
+  ops::sum_squares(ds, got);
+  expect_close(got, want, 1e-6, "sum_squares");
+  // The clip coefficient: under, over and at no limit; non-finite norms give NaN.
+  for (const float sq : {0.f, 0.25f, 4.f, 1e6f, INFINITY, NAN})
+    for (const float max_norm : {0.f, 1.f}) {
+      const Tensor SQ = dev(Tensor::from_vector(std::vector<float>{sq}, {1}), DType::f32);
+      const Tensor S = poison({1}, DType::f32);
+      ops::clip_scale(SQ, max_norm, S);
+      const Tensor h = Tensor::from_vector(std::vector<float>{sq}, {1}), hs1 = Tensor::empty({1});
+      ops::clip_scale(h, max_norm, hs1);
+      const float g = S.to_vector_f32()[0], w = hs1.to_vector_f32()[0];
+      if (std::isnan(w)) EXPECT_TRUE(std::isnan(g)) << "sum of squares " << sq;
+      else EXPECT_EQ(g, w) << "sum of squares " << sq << ", max norm " << max_norm;
+    }
 }
 
 }  // namespace

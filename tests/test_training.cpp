@@ -6,6 +6,8 @@
 #include <omp.h>
 
 #include <cmath>
+#include <functional>
+#include <string>
 
 #include "model/visualchat.h"
 #include "ops.h"
@@ -108,7 +110,103 @@ TEST(Training, AdamWMatchesTheUpdateRuleAndClipsByGlobalNorm) {
   // After clipping the step-1 Adam update is lr * sign(g) (m̂/√v̂ = ±1 up to eps) plus decay.
   EXPECT_NEAR(w.value.data<float>()[0], 1.f - 0.01f * (1.f + 0.1f * 1.f), 1e-6);
   EXPECT_NEAR(b.value.data<float>()[0], 1.f - 0.01f, 1e-6) << "no weight decay on vectors";
-  EXPECT_NEAR(w.grad.data<float>()[0], 3.f / std::sqrt(68.f), 1e-6) << "gradients were clipped in place";
+  // The clip coefficient scales the gradient inside the update (no separate pass): the first
+  // moment holds (1 - beta1) times the clipped gradient, and the gradient is left as reduced.
+  const std::vector<StateSlice> st = opt.state();
+  const auto m_of = [&](const Param& p) {
+    for (const StateSlice& s : st)
+      if (s.param == &p && s.kind == StateKind::adam_m) return s.data.to_vector_f32();
+    return std::vector<float>{};
+  };
+  EXPECT_NEAR(m_of(w).at(0), (1.f - cfg.beta1) * 3.f / std::sqrt(68.f), 1e-7) << "moment of the clipped gradient";
+  EXPECT_NEAR(m_of(b).at(1), (1.f - cfg.beta1) * 4.f / std::sqrt(68.f), 1e-7);
+  EXPECT_EQ(w.grad.data<float>()[0], 3.f) << "the gradient buffer is not rewritten by clipping";
+}
+
+// The step's scalar ops on the CPU, the same path a device step takes: the clip coefficient
+// from the global sum of squares, the multi-tensor sum of squares, the loss accumulator, and
+// operands that are not one value refused by name.
+TEST(Training, StepScalarOpsClipAccumulateAndNameBadOperands) {
+  const auto clip = [](float sq, float max_norm) {
+    const Tensor s = Tensor::empty({1});
+    ops::clip_scale(Tensor::from_vector(std::vector<float>{sq}, {1}), max_norm, s);
+    return s.data<float>()[0];
+  };
+  EXPECT_EQ(clip(4.f, 1.f), static_cast<float>(1.0 / (2.0 + 1e-6))) << "norm 2 over max 1";
+  EXPECT_EQ(clip(0.25f, 1.f), 1.f) << "under the limit";
+  EXPECT_EQ(clip(4.f, 0.f), 1.f) << "no clipping";
+  EXPECT_TRUE(std::isnan(clip(NAN, 1.f)));
+  EXPECT_TRUE(std::isnan(clip(INFINITY, 0.f))) << "a non-finite norm is flagged even without clipping";
+
+  const Tensor a = Tensor::from_vector(std::vector<float>{1, 2}, {2}), b = Tensor::from_vector(std::vector<float>{3}, {1});
+  const Tensor out = Tensor::empty({1});
+  ops::sum_squares({a, b}, out);
+  EXPECT_EQ(out.data<float>()[0], 14.f);
+  ops::sum_squares({}, out);
+  EXPECT_EQ(out.data<float>()[0], 0.f) << "a stage that trains nothing";
+
+  const Tensor logits = Tensor::from_vector(std::vector<float>{0, 0, 0, 1, 2, 3}, {2, 3});
+  const Tensor targets = Tensor::from_vector(std::vector<int32_t>{1, -1}, {2}), lse = Tensor::empty({2});
+  const Tensor acc = Tensor::from_vector(std::vector<float>{0.5f}, {1});
+  ops::cross_entropy_fwd(logits, targets, lse, acc);
+  EXPECT_NEAR(acc.data<float>()[0], 0.5 + std::log(3.0), 1e-6) << "adds the supervised rows' loss";
+
+  const auto message = [](const std::function<void()>& f) {
+    try {
+      f();
+    } catch (const std::invalid_argument& e) {
+      return std::string(e.what());
+    }
+    return std::string("(no error)");
+  };
+  EXPECT_NE(message([&] { ops::sum_squares({a}, Tensor::empty({2})); }).find("operand out must hold one value"),
+            std::string::npos);
+  EXPECT_NE(message([&] { ops::cross_entropy_fwd(logits, targets, lse, Tensor::empty({2})); }).find("loss_acc"),
+            std::string::npos);
+  EXPECT_NE(message([&] { ops::clip_scale(a, 1.f, out); }).find("grad_sq"), std::string::npos);
+  const ops::AdamWParams p{1e-3f, 0.9f, 0.95f, 1e-8f, 0.f, 1};
+  EXPECT_NE(message([&] { ops::adamw_step(a, a, a, a, p, Tensor(), Tensor::empty({2})); }).find("grad_scale"),
+            std::string::npos);
+  EXPECT_NE(message([&] { ops::adamw_step(a, a, a, a, p, Tensor::empty({2}, DType::bf16)); }).find("working"),
+            std::string::npos);
+}
+
+// A non-finite gradient (a diverged run) is reported with what to do, and the update it
+// would have made changes nothing: not a weight, not a moment.
+TEST(Training, ANonFiniteGradientNormChangesNothingAndSaysWhatToDo) {
+  for (const float bad : {NAN, INFINITY}) {
+    ParamStore store;
+    Param& w = store.add("w", {2, 2});
+    store.set_trainable(w, true);
+    for (int i = 0; i < 4; ++i) w.value.data<float>()[i] = 1.f + i;
+    SelfComm self;
+    ZeroOptimizer opt(store, self, 0, AdamWConfig{});
+    opt.zero_grads();
+    for (int i = 0; i < 4; ++i) w.grad.data<float>()[i] = 0.5f;
+    opt.step(0.01f);  // a good step first: the moments are no longer zero
+    const std::vector<float> before = w.value.to_vector_f32();
+    std::vector<std::vector<float>> moments;
+    for (const StateSlice& s : opt.state())
+      if (s.kind != StateKind::value) moments.push_back(s.data.to_vector_f32());
+    opt.zero_grads();
+    for (int i = 0; i < 4; ++i) w.grad.data<float>()[i] = 0.5f;
+    w.grad.data<float>()[2] = bad;
+    try {
+      opt.step(0.01f);
+      ADD_FAILURE() << "a non-finite gradient norm was accepted";
+    } catch (const std::runtime_error& e) {
+      const std::string msg = e.what();
+      EXPECT_NE(msg.find("gradient norm is"), std::string::npos) << msg;
+      EXPECT_NE(msg.find("at update 2"), std::string::npos) << msg;
+      EXPECT_NE(msg.find("lower --lr"), std::string::npos) << msg;
+    }
+    EXPECT_EQ(w.value.to_vector_f32(), before) << "weights changed by a diverged step";
+    size_t k = 0;
+    for (const StateSlice& s : opt.state())
+      if (s.kind != StateKind::value) {
+        EXPECT_EQ(s.data.to_vector_f32(), moments.at(k++)) << "a moment changed";
+      }
+  }
 }
 
 TEST(Training, LoraAdaptersActuallyLearn) {

@@ -61,7 +61,11 @@ double ce_finish(const Tensor& row_max, const Tensor& sumexp, const Tensor& targ
 
 void argmax(const Tensor& logits, const Tensor& index, const Tensor& value);
 double sum_squares(const Tensor& x);
+// The clip coefficient (ops::clip_scale) from a sum of squares: shared by the CPU op and
+// the tests' expectations.
+float clip_scale(float grad_sq, float max_norm);
+// grad_scale: the gradient's multiplier; not finite: nothing changes.
 void adamw_step(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,
-                const ops::AdamWParams& p);
+                const ops::AdamWParams& a, float grad_scale);
 
 }  // namespace vchat::cpu

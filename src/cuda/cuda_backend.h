@@ -127,9 +127,14 @@ void argmax(const Context& c, const Tensor& logits, const Tensor& index, const T
 // ---- Optimizer --------------------------------------------------------------------------
 // out (f32 [1]) = sum over the tensors of sum(x^2), in a fixed order (deterministic).
 void sum_squares(const Context& c, const std::vector<Tensor>& xs, const Tensor& out);
+// acc (f32 [1]) += sum(x) (f32): one block, in double, deterministic. The step's loss.
+void sum_into(const Context& c, const Tensor& x, const Tensor& acc);
+// scale (f32 [1]) = ops::clip_scale of grad_sq (f32 [1]), computed on the device.
+void clip_scale(const Context& c, const Tensor& grad_sq, float max_norm, const Tensor& scale);
 // Fused AdamW on f32 param/grad/m/v; the gradient is multiplied by *grad_scale (a device f32
-// scalar, e.g. the clip coefficient; nullptr: 1) first; `working` (bf16, may be undefined)
-// receives the updated weights rounded to bf16.
+// scalar, e.g. the clip coefficient; nullptr: 1) first, and a non-finite *grad_scale leaves
+// everything as it was; `working` (bf16, may be undefined) receives the updated weights
+// rounded to bf16.
 void adamw_step(const Context& c, const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,
                 const ops::AdamWParams& p, const Tensor& working, const float* grad_scale);
 

@@ -41,10 +41,32 @@ __global__ void sumsq_finish(const float* partial, int64_t n, float* out) {
   if (threadIdx.x == 0) out[0] = static_cast<float>(part[0]);
 }
 
+__global__ void sum_into_kernel(const float* x, int64_t n, float* acc) {
+  __shared__ double part[kThreads];
+  double s = 0.0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) s += x[i];
+  part[threadIdx.x] = s;
+  __syncthreads();
+  for (int w = blockDim.x / 2; w > 0; w >>= 1) {
+    if (int(threadIdx.x) < w) part[threadIdx.x] += part[threadIdx.x + w];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) acc[0] += static_cast<float>(part[0]);
+}
+
+// The same formula as cpu::clip_scale (double norm, one rounding).
+__global__ void clip_scale_kernel(const float* grad_sq, float max_norm, float* scale) {
+  const double norm = sqrt(static_cast<double>(*grad_sq));
+  *scale = !isfinite(norm)                     ? NAN
+           : max_norm > 0 && norm > max_norm ? static_cast<float>(max_norm / (norm + 1e-6))
+                                              : 1.f;
+}
+
 __global__ void adamw_kernel(float* p, const float* g, float* m, float* v, bf16* working, int64_t n, float lr,
                              float beta1, float beta2, float eps, float wd, float bc1, float bc2,
                              const float* grad_scale) {
   const float gs = grad_scale ? *grad_scale : 1.f;
+  if (!isfinite(gs)) return;  // a diverged step changes nothing; the host reports it
   const int64_t step = int64_t(gridDim.x) * blockDim.x;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step) {
     const float gi = g[i] * gs;
@@ -79,6 +101,22 @@ void sum_squares(const Context& c, const std::vector<Tensor>& xs, const Tensor& 
     CUDA_CHECK_LAUNCH();
   }
   sumsq_finish<<<1, kThreads, 0, stream_of(c)>>>(ptr<float>(partial), partial.numel(), ptr<float>(out));
+  CUDA_CHECK_LAUNCH();
+}
+
+void sum_into(const Context& c, const Tensor& x, const Tensor& acc) {
+  const char* op = "cuda::sum_into";
+  expect_f32(op, {{"x", x}, {"acc", acc}});
+  VCHAT_CHECK(acc.numel() == 1, op << ": acc must hold one value, got " << shape_str(acc.shape()));
+  sum_into_kernel<<<1, kThreads, 0, stream_of(c)>>>(ptr<float>(x), x.numel(), ptr<float>(acc));
+  CUDA_CHECK_LAUNCH();
+}
+
+void clip_scale(const Context& c, const Tensor& grad_sq, float max_norm, const Tensor& scale) {
+  const char* op = "cuda::clip_scale";
+  expect_f32(op, {{"grad_sq", grad_sq}, {"scale", scale}});
+  VCHAT_CHECK(grad_sq.numel() == 1 && scale.numel() == 1, op << ": grad_sq and scale must hold one value each");
+  clip_scale_kernel<<<1, 1, 0, stream_of(c)>>>(ptr<float>(grad_sq), max_norm, ptr<float>(scale));
   CUDA_CHECK_LAUNCH();
 }
 

@@ -196,7 +196,7 @@ Tensor VisualChatModel::extend(const Extension& e, KvCache& cache) const {
 }
 
 Tensor VisualChatModel::stage_forward(int mb, const Batch& batch, const Tensor& input, bool backward_follows,
-                                      MicroBatchResult* result, bool keep_logits) {
+                                      MicroBatchResult* result, bool keep_logits, const Tensor& loss_acc) {
   // Shapes only: the contents were checked by Batch::validate in the data path.
   VCHAT_CHECK(batch.embed_ids.defined() && batch.embed_ids.numel() == batch.tokens.numel() &&
                   batch.image_rows.defined(),
@@ -267,9 +267,15 @@ Tensor VisualChatModel::stage_forward(int mb, const Batch& batch, const Tensor& 
     const Tensor targets = batch.targets.reshape({N});
     MicroBatchResult r;
     r.supervised = batch.supervised_count();
-    r.loss_sum = tp_size() > 1 ? vocab_parallel_ce_fwd(c.logits, targets, {vocab_begin_, vocab_size_}, *mp_.tp, c.lse)
-                               : ops::cross_entropy_fwd(c.logits, targets, c.lse);
-    r.loss = r.supervised ? r.loss_sum / r.supervised : 0.0;
+    const Tensor acc = loss_acc.defined() ? loss_acc : Tensor::zeros({1}, DType::f32, device_);
+    if (tp_size() > 1)
+      vocab_parallel_ce_fwd(c.logits, targets, {vocab_begin_, vocab_size_}, *mp_.tp, c.lse, acc);
+    else
+      ops::cross_entropy_fwd(c.logits, targets, c.lse, acc);
+    if (!loss_acc.defined()) {  // the caller wants it now: one copy back
+      r.loss_sum = acc.to_vector_f32()[0];
+      r.loss = r.supervised ? r.loss_sum / r.supervised : 0.0;
+    }
     if (keep_logits) {
       // Host f32 logits for the caller (evaluation, tests), whatever the device and dtype.
       // (A copy: backward overwrites c.logits with the gradient in place.)

@@ -47,7 +47,7 @@ struct Extension {
 
 struct MicroBatchResult {
   double loss = 0.0;         // mean CE over the micro-batch's supervised tokens
-  double loss_sum = 0.0;     // summed CE over them
+  double loss_sum = 0.0;     // summed CE over them (both 0 when the loss went to a loss_acc)
   int64_t supervised = 0;    // tokens that carried loss
   Tensor logits;             // [B*L, V], only when asked for
 };
@@ -79,9 +79,11 @@ class VisualChatModel {
   // micro-batch's activations live from its forward to its backward, so several can be in
   // flight. `input`: the previous stage's hidden state [B*L, H] (undefined on the first
   // stage). Returns the hidden state for the next stage; the last stage returns undefined and
-  // fills *result (loss; logits over the whole vocabulary when keep_logits).
+  // fills *result (loss; logits over the whole vocabulary when keep_logits). With loss_acc
+  // (f32 [1] on the model's device) the summed loss is added there instead of being copied
+  // to the host: the trainer's step reads its loss back once, after the update.
   Tensor stage_forward(int mb, const Batch& batch, const Tensor& input, bool backward_follows,
-                       MicroBatchResult* result = nullptr, bool keep_logits = false);
+                       MicroBatchResult* result = nullptr, bool keep_logits = false, const Tensor& loss_acc = Tensor());
   // `doutput`: the gradient of this stage's output (undefined on the last stage, which starts
   // from the loss: its gradient is loss_scale · d(loss_sum)). Returns the gradient of the
   // stage's input (undefined on the first stage).

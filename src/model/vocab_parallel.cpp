@@ -20,7 +20,8 @@ void vocab_parallel_embedding_bwd(const Tensor& dout, const Tensor& ids, const o
 
 // Per row: [max] then [sum of exp(x - max), target logit], each all-reduced over the group
 // (the latter two packed into one [2, N] buffer).
-double vocab_parallel_ce_fwd(const Tensor& logits, const Tensor& targets, VocabSlice s, Comm& tp, const Tensor& lse) {
+void vocab_parallel_ce_fwd(const Tensor& logits, const Tensor& targets, VocabSlice s, Comm& tp, const Tensor& lse,
+                           const Tensor& loss_acc) {
   const int64_t N = logits.size(0), V = logits.size(1);
   VCHAT_CHECK(V == s.size && targets.numel() == N && lse.numel() == N,
               "vocab_parallel_ce_fwd: logits " << shape_str(logits.shape()) << " for a slice of " << s.size);
@@ -30,7 +31,7 @@ double vocab_parallel_ce_fwd(const Tensor& logits, const Tensor& targets, VocabS
   const Tensor st = Tensor::empty({2, N}, DType::f32, logits.device());
   ops::ce_row_sumexp(logits, targets, mx, s.begin, st[0], st[1]);
   tp.all_reduce(st, ReduceOp::sum);
-  return ops::ce_finish(mx, st[0], st[1], targets, lse);
+  ops::ce_finish(mx, st[0], st[1], targets, lse, loss_acc);
 }
 
 void vocab_parallel_ce_bwd(const Tensor& logits, const Tensor& targets, VocabSlice s, const Tensor& lse, float scale,

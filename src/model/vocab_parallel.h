@@ -26,9 +26,10 @@ void vocab_parallel_embedding_bwd(const Tensor& dout, const Tensor& ids, const o
                                   const Tensor& dtable);
 
 // logits [N, V/tp] this rank's columns; targets [N] (i32, global ids, < 0: no loss).
-// Writes lse [N] (the full row's log-sum-exp) and returns the summed loss over supervised
-// rows (the same on every rank).
-double vocab_parallel_ce_fwd(const Tensor& logits, const Tensor& targets, VocabSlice slice, Comm& tp, const Tensor& lse);
+// Writes lse [N] (the full row's log-sum-exp) and adds the summed loss over supervised rows
+// (the same on every rank) to loss_acc (f32 [1], where the logits are).
+void vocab_parallel_ce_fwd(const Tensor& logits, const Tensor& targets, VocabSlice slice, Comm& tp, const Tensor& lse,
+                           const Tensor& loss_acc);
 // dlogits = scale · (softmax − onehot(target)) on this rank's columns for supervised rows,
 // 0 on the others. dlogits may alias logits.
 void vocab_parallel_ce_bwd(const Tensor& logits, const Tensor& targets, VocabSlice slice, const Tensor& lse, float scale,

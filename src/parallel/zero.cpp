@@ -24,35 +24,45 @@ void check_zero_stage(int stage) {
   if (stage < 0 || stage > 3) throw ConfigError("--zero=" + std::to_string(stage) + " is not a ZeRO stage (0, 1, 2 or 3)");
 }
 
-double clip_and_update(const std::vector<UpdateSegment>& segments, const UpdateGroups& groups,
-                       const AdamWConfig& cfg, float lr, int64_t update,
-                       const std::function<void(const std::function<void()>&)>& timed) {
+void clip_and_update(const std::vector<UpdateSegment>& segments, const UpdateGroups& groups, const AdamWConfig& cfg,
+                     float lr, int64_t update, const std::function<void(const std::function<void()>&)>& timed,
+                     const Tensor& grad_sq) {
   // 1. Partial gradients of replicated parameters: sum over the replicas.
   for (const UpdateSegment& s : segments)
     if (s.param->grad_sum && s.param->grad_sum->size() > 1)
       timed([&] { s.param->grad_sum->all_reduce(s.grad, ReduceOp::sum); });
 
-  // 2. The global norm: each element of the model counted once across all groups.
-  double ss = 0;
+  // 2. The global sum of squares: each element of the model counted once across all groups.
+  std::vector<Tensor> counted;
   for (const UpdateSegment& s : segments)
-    if (s.param->counts_in_norm) ss += ops::sum_squares(s.grad);
+    if (s.param->counts_in_norm) counted.push_back(s.grad);
+  ops::sum_squares(counted, grad_sq);
   if (groups.dp_for_norm && groups.dp_for_norm->size() > 1)
-    timed([&] { groups.dp_for_norm->all_reduce_f64(&ss, 1, ReduceOp::sum); });
-  if (groups.mp && groups.mp->size() > 1) timed([&] { groups.mp->all_reduce_f64(&ss, 1, ReduceOp::sum); });
-  const double norm = std::sqrt(ss);
-  if (!std::isfinite(norm))
-    throw std::runtime_error("gradient norm is " + std::to_string(norm) + " at update " + std::to_string(update) +
-                             ": training diverged; lower --lr, raise --warmup or check the data");
-  const float clip = cfg.clip_grad > 0 && norm > cfg.clip_grad ? static_cast<float>(cfg.clip_grad / (norm + 1e-6)) : 1.f;
+    timed([&] { groups.dp_for_norm->all_reduce(grad_sq, ReduceOp::sum); });
+  if (groups.mp && groups.mp->size() > 1) timed([&] { groups.mp->all_reduce(grad_sq, ReduceOp::sum); });
 
   // 3. Clip and AdamW, one segment per parameter (decoupled decay on matrices only).
+  const Tensor clip = Tensor::empty({1}, DType::f32, grad_sq.device());
+  ops::clip_scale(grad_sq, cfg.clip_grad, clip);
   for (const UpdateSegment& s : segments) {
-    if (clip != 1.f) ops::scale(s.grad, clip);
     const bool decay = s.param->shard.full.size() >= 2;  // the full shape: a released ZeRO-3 value has none
     ops::AdamWParams p{lr, cfg.beta1, cfg.beta2, cfg.eps, decay ? cfg.weight_decay : 0.f, update};
-    ops::adamw_step(s.value, s.grad, s.m, s.v, p);
+    ops::adamw_step(s.value, s.grad, s.m, s.v, p, s.work, clip);
   }
+}
+
+double gradient_norm(double grad_sq, int64_t update) {
+  const double norm = std::sqrt(grad_sq);
+  if (!std::isfinite(norm))
+    throw std::runtime_error("gradient norm is " + std::to_string(norm) + " at update " + std::to_string(update) +
+                             ": training diverged (no parameter was changed); lower --lr, raise --warmup or check the data");
   return norm;
+}
+
+double DataParallelOptimizer::step(float lr) {
+  const Tensor grad_sq = Tensor::zeros({1}, DType::f32, device());
+  update(lr, grad_sq);
+  return gradient_norm(grad_sq.to_vector_f32()[0], updates());
 }
 
 ZeroOptimizer::ZeroOptimizer(ParamStore& store, Comm& dp, int stage, const AdamWConfig& cfg, Comm* mp)
@@ -91,9 +101,9 @@ void ZeroOptimizer::zero_grads() {
   }
 }
 
-double ZeroOptimizer::step(float lr) {
+void ZeroOptimizer::update(float lr, const Tensor& grad_sq) {
   const ParamStore::Flat& f = *store_.flat();
-  if (!grads_.defined()) throw std::logic_error("ZeroOptimizer::step without zero_grads() before backward");
+  if (!grads_.defined()) throw std::logic_error("ZeroOptimizer::update without zero_grads() before backward");
 
   using clock = std::chrono::steady_clock;
   comm_seconds_ = 0;
@@ -119,13 +129,17 @@ double ZeroOptimizer::step(float lr) {
     store_.bind_flat_grads(Tensor());
   }
 
-  // 2. Clip by the global norm and update the owned range.
+  // 2. Clip by the global norm and update the owned range. Stage 0 updates whole
+  //    parameters, so the update writes their working copies too (bf16); stages 1-2 update a
+  //    shard and re-derive the copies after the all-gather below.
   std::vector<UpdateSegment> segs;
   for (const Segment& s : segments_) {
     const int64_t a = s.begin - shard_begin_, b = s.end - shard_begin_;
-    segs.push_back({s.param, f.values.slice(0, s.begin, s.end), g.slice(0, a, b), m_.slice(0, a, b), v_.slice(0, a, b)});
+    const Tensor& work = s.param->work;
+    segs.push_back({s.param, f.values.slice(0, s.begin, s.end), g.slice(0, a, b), m_.slice(0, a, b), v_.slice(0, a, b),
+                    stage_ == 0 && work.defined() ? work.reshape({work.numel()}) : Tensor()});
   }
-  const double norm = clip_and_update(segs, {stage_ >= 1 ? &dp_ : nullptr, mp_}, cfg_, lr, ++step_, timed);
+  clip_and_update(segs, {stage_ >= 1 ? &dp_ : nullptr, mp_}, cfg_, lr, ++step_, timed, grad_sq);
 
   // 3. Stages 1, 2: everyone gets everyone's updated shard.
   if (any && stage_ >= 1 && dp_.size() > 1) {
@@ -133,8 +147,7 @@ double ZeroOptimizer::step(float lr) {
     timed([&] { dp_.all_gather(mine.raw(), f.values.raw(), shard_size_, DType::f32); });
   }
   // 4. bf16 runs: the layers read working copies of the updated weights.
-  store_.refresh_working_copies(/*trainable_only=*/true);
-  return norm;
+  if (stage_ >= 1) store_.refresh_working_copies(/*trainable_only=*/true);
 }
 
 std::vector<StateSlice> ZeroOptimizer::state() {

@@ -37,6 +37,7 @@ struct ZeroMemory {  // bytes held by this rank between steps
 struct UpdateSegment {  // one trainable parameter's part of this rank's update range
   Param* param;
   Tensor value, grad, m, v;  // views of that part
+  Tensor work;               // its compute-dtype working copy, written by the update (bf16; else undefined)
 };
 struct UpdateGroups {
   Comm* dp_for_norm = nullptr;  // the DP group when the range is a 1/dp shard (stages 1-3)
@@ -44,13 +45,20 @@ struct UpdateGroups {
 };
 // 1. sums partial gradients over Param::grad_sum (segment by segment: a replica group's
 //    members hold identical layouts, so they issue the same calls);
-// 2. the global norm: squares of counts_in_norm segments, summed over dp_for_norm and mp;
-// 3. clips by it and applies AdamW (decay on matrices only) at 1-based `update`.
-// `timed` wraps every collective so the caller can add up communication time. Returns the
-// norm; a non-finite norm throws before any parameter changes.
-double clip_and_update(const std::vector<UpdateSegment>& segments, const UpdateGroups& groups,
-                       const AdamWConfig& cfg, float lr, int64_t update,
-                       const std::function<void(const std::function<void()>&)>& timed);
+// 2. the global sum of squares of counts_in_norm segments (one multi-tensor op), summed
+//    over dp_for_norm and mp, into grad_sq (f32 [1] where the gradients are);
+// 3. the clip coefficient from it, and AdamW (decay on matrices only) at 1-based `update`
+//    with the gradients scaled on the fly, writing the working copies where given.
+// Everything stays on the device: no host copy between backward and update (the trainer
+// reads grad_sq back with the loss). A non-finite norm changes no parameter or moment; the
+// caller reports it (gradient_norm).
+// `timed` wraps every collective so the caller can add up communication time.
+void clip_and_update(const std::vector<UpdateSegment>& segments, const UpdateGroups& groups, const AdamWConfig& cfg,
+                     float lr, int64_t update, const std::function<void(const std::function<void()>&)>& timed,
+                     const Tensor& grad_sq);
+// The global gradient norm from the sum of squares clip_and_update left; throws
+// std::runtime_error saying what to do when it is not finite (then nothing was updated).
+double gradient_norm(double grad_sq, int64_t update);
 
 // What a checkpoint saves and restores of one parameter on this rank: a flat (row-major)
 // range of its tensor-parallel slice (Param::shard), of its value or an Adam moment.
@@ -70,9 +78,13 @@ class DataParallelOptimizer {
   virtual ~DataParallelOptimizer() = default;
   // Call before each step's backward: zeroed gradient buffers.
   virtual void zero_grads() = 0;
-  // Reduces gradients over the DP group, clips by the global norm, updates with AdamW.
-  // Returns the global gradient norm.
-  virtual double step(float lr) = 0;
+  // Reduces gradients over the DP group, clips by the global norm, updates with AdamW, all
+  // enqueued where the parameters live; the global sum of squares of the gradients goes to
+  // grad_sq (f32 [1] there), for the caller to read back with the loss in one copy.
+  virtual void update(float lr, const Tensor& grad_sq) = 0;
+  // update(), then the norm read back (tools, tests); throws if it is not finite.
+  double step(float lr);
+  virtual Device device() const = 0;  // where the parameters and the optimizer state live
   virtual ZeroMemory memory() const = 0;
   virtual double last_comm_seconds() const = 0;  // time in DP collectives, last step
   virtual int stage() const = 0;
@@ -96,7 +108,8 @@ class ZeroOptimizer final : public DataParallelOptimizer {
   // Stages 0-2. mp: the model-parallel group for the gradient norm (nullptr: none).
   ZeroOptimizer(ParamStore& store, Comm& dp, int stage, const AdamWConfig& cfg, Comm* mp = nullptr);
   void zero_grads() override;
-  double step(float lr) override;
+  void update(float lr, const Tensor& grad_sq) override;
+  Device device() const override { return store_.device(); }
   ZeroMemory memory() const override;
   double last_comm_seconds() const override { return comm_seconds_; }
   int stage() const override { return stage_; }

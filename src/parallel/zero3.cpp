@@ -50,7 +50,7 @@ void bind_views(const F& f, const Tensor& buf, Tensor Param::*member) {
 
 Zero3Optimizer::Zero3Optimizer(std::vector<ParamUnit> units, Comm& dp, const AdamWConfig& cfg, Comm* mp,
                                Device device, DType compute)
-    : dp_(dp), mp_(mp), cfg_(cfg) {
+    : dp_(dp), mp_(mp), cfg_(cfg), device_(device) {
   const int64_t n = dp.size(), r = dp.rank();
   std::unordered_set<const Param*> seen;
   units_.reserve(units.size());
@@ -229,12 +229,12 @@ void Zero3Optimizer::zero_grads() {
   for (Unit& u : units_) u.grad_shard.zero_();
 }
 
-double Zero3Optimizer::step(float lr) {
+void Zero3Optimizer::update(float lr, const Tensor& grad_sq) {
   for (const Unit& u : units_) {
     if (u.in_forward || u.in_backward)
-      throw std::logic_error("Zero3Optimizer::step inside a forward or backward of unit '" + u.name + "'");
+      throw std::logic_error("Zero3Optimizer::update inside a forward or backward of unit '" + u.name + "'");
     if (u.pinned)  // the gathered copies would go stale
-      throw std::logic_error("Zero3Optimizer::step between gather_all() and release_all()");
+      throw std::logic_error("Zero3Optimizer::update between gather_all() and release_all()");
   }
   drop_prefetch();  // the shards are about to change
   // Every trainable Param's intersection with this rank's shard [r·s, (r+1)·s).
@@ -245,18 +245,15 @@ double Zero3Optimizer::step(float lr) {
     for (size_t i = 0; i < f.params.size(); ++i) {
       const int64_t end = i + 1 < f.params.size() ? f.offset[i + 1] : f.numel;
       const int64_t a = std::max(f.offset[i], lo) - lo, b = std::min(end, hi) - lo;
+      // bf16: the update writes the shard's working copy, which the next gathers send.
       if (a < b)
         segs.push_back({f.params[i], f.master.slice(0, a, b), u.grad_shard.slice(0, a, b), u.m.slice(0, a, b),
-                        u.v.slice(0, a, b)});
+                        u.v.slice(0, a, b), f.work.defined() ? f.work.slice(0, a, b) : Tensor()});
     }
   }
-  const double norm = clip_and_update(segs, {&dp_, mp_}, cfg_, lr, ++update_,
-                                      [&](const std::function<void()>& c) { timed(c); });
-  for (Unit& u : units_)  // bf16: the next gathers send copies of the updated masters
-    if (u.train.work.defined()) ops::cast(u.train.master, u.train.work);
+  clip_and_update(segs, {&dp_, mp_}, cfg_, lr, ++update_, [&](const std::function<void()>& c) { timed(c); }, grad_sq);
   comm_seconds_ = comm_accum_;
   comm_accum_ = 0;
-  return norm;
 }
 
 std::vector<StateSlice> Zero3Optimizer::state() {

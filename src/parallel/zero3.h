@@ -35,7 +35,8 @@ class Zero3Optimizer final : public DataParallelOptimizer, public UnitHooks {
   void before_backward(int unit) override;  // values (if needed) and a zeroed gradient bound
   void after_backward(int unit) override;   // gradient reduce-scattered into the shard, freed
   void zero_grads() override;               // zeroes the gradient shards
-  double step(float lr) override;
+  void update(float lr, const Tensor& grad_sq) override;
+  Device device() const override { return device_; }
   ZeroMemory memory() const override;
   double last_comm_seconds() const override { return comm_seconds_; }
   int stage() const override { return 3; }
@@ -45,7 +46,7 @@ class Zero3Optimizer final : public DataParallelOptimizer, public UnitHooks {
   void refresh_working_copies() override;  // the bf16 shards from the fp32 master shards
 
   // Every unit's full values bound at once, from gather_all() until release_all() (which
-  // step() requires first): for tests and tools that read the whole model. (The trainer's
+  // update() requires first): for tests and tools that read the whole model. (The trainer's
   // evaluation and saving walk the units through the hooks instead, one unit at a time.)
   void gather_all();
   void release_all();
@@ -66,6 +67,7 @@ class Zero3Optimizer final : public DataParallelOptimizer, public UnitHooks {
   Comm& dp_;
   Comm* mp_;
   AdamWConfig cfg_;
+  Device device_;
   int64_t update_ = 0;
   int prefetched_ = -1;  // the unit gathered ahead of its use (its gathers may be in flight)
   std::vector<std::unique_ptr<CommRequest>> pending_;

@@ -253,15 +253,15 @@ StepStats Trainer::step() {
   const float loss_scale = 1.f / static_cast<float>(global_supervised);
 
   // 3. Forward + backward of every micro-batch through this rank's pipeline stage, in the
-  //    1F1B order (with one stage: forward then backward of each). Gradients accumulate.
+  //    1F1B order (with one stage: forward then backward of each). Gradients accumulate; so
+  //    does the loss, where the model runs (the step's scalars: [loss sum, gradient sum of
+  //    squares], read back in one copy at the end, so a GPU never waits on the host mid-step).
   opt_->zero_grads();
-  double loss_sum = 0;  // the last stage's
+  const Tensor scalars = Tensor::zeros({2}, DType::f32, cfg_.device);
+  const Tensor loss_sum = scalars.slice(0, 0, 1), grad_sq = scalars.slice(0, 1, 2);
   PipelineStage stage;
   stage.forward = [&](int mb, const Tensor& input) {
-    MicroBatchResult r;
-    Tensor out = model_->stage_forward(mb, on_device[mb], input, /*backward_follows=*/true, &r);
-    loss_sum += r.loss_sum;
-    return out;
+    return model_->stage_forward(mb, on_device[mb], input, /*backward_follows=*/true, nullptr, false, loss_sum);
   };
   stage.backward = [&](int mb, const Tensor& doutput) {
     return model_->stage_backward(mb, on_device[mb], doutput, loss_scale);
@@ -269,9 +269,8 @@ StepStats Trainer::step() {
   run_1f1b(pp, M, stage, {cfg_.device, model_->compute_dtype()});
 
   // 4. The loss lives on the last stage: sum over stages (others add 0), then replicas.
-  if (pp.size() > 1) pp.all_reduce_f64(&loss_sum, 1, ReduceOp::sum);
-  if (dp.size() > 1) dp.all_reduce_f64(&loss_sum, 1, ReduceOp::sum);
-  s.loss = loss_sum / static_cast<double>(global_supervised);
+  if (pp.size() > 1) pp.all_reduce(loss_sum, ReduceOp::sum);
+  if (dp.size() > 1) dp.all_reduce(loss_sum, ReduceOp::sum);
   s.tokens = static_cast<int64_t>(counts[1]);
 
   // 5. ZeRO: reduce the gradients over the DP group (each is already divided by the global
@@ -287,9 +286,14 @@ StepStats Trainer::step() {
     saver_->wait_snapshot();
     save_blocked_ += std::chrono::duration<double>(clock::now() - w0).count();
   }
-  s.grad_norm = s.supervised > 0 ? opt_->step(s.lr) : 0.0;
+  if (s.supervised > 0) opt_->update(s.lr, grad_sq);
 
-  synchronize(cfg_.device);  // the step's time includes its queued device work
+  // 6. The one copy back: the loss and the gradient norm (this waits for the step's device
+  //    work, so the step's time includes it). A diverged step changed nothing; say so.
+  const std::vector<float> back = scalars.to_vector_f32();
+  s.loss = back[0] / static_cast<double>(global_supervised);
+  s.grad_norm = gradient_norm(back[1], opt_->updates());
+  synchronize(cfg_.device);
   s.step = ++step_;
   s.seconds = std::chrono::duration<double>(clock::now() - t0).count();
   s.model_flops = step_flops(cfg_.model, cfg_.model_options, static_cast<int64_t>(counts[2]), cfg_.data.seq_len,
