@@ -211,7 +211,7 @@ void attention_decode(AttnMode mode, const Tensor& q, const Tensor& k, const Ten
                       int64_t position, const Tensor& out) {
   if (mode != AttnMode::full) expect_dtype("attention_decode", {"modality", modality}, DType::u8);
   if (where("attention_decode", {{"q", q}, {"k", k}, {"v", v}, {"modality", modality}, {"out", out}}) == Device::cuda)
-    throw std::invalid_argument("attention_decode: generation runs on the CPU for now (the CUDA decode kernel is not written yet)");
+    CUDA(attention_decode, mode, q, k, v, modality, position, out);
   cpu_f32("attention_decode", {{"q", q}, {"k", k}, {"v", v}, {"out", out}});
   cpu::attention_decode(mode, q, k, v, modality, position, out);
 }

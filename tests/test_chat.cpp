@@ -388,6 +388,22 @@ TEST(Chat, BatchEvaluation) {
   EXPECT_LE(lines[4]["output_ids"].size(), 4u);
 }
 
+// --device and --precision are checked before anything loads: a bad value, or bf16 on the
+// CPU, is a usage error (exit 2) naming the option.
+TEST(Chat, DeviceAndPrecisionOptionsAreChecked) {
+  for (const auto& [args, needle] : std::vector<std::pair<std::string, std::string>>{
+           {"--device gpu", "--device=gpu is not one of"},
+           {"--device cpu --precision bf16", "--precision=bf16 needs --device cuda"},
+           {"--device cpu --precision fp16", "--precision=fp16 is not one of"}}) {
+    int rc = 0;
+    const std::string log = test::sh(std::string(VCHAT_BIN_DIR) + "/vchat-chat --ckpt /nonexistent --tokenizer /nonexistent " +
+                                         args,
+                                     &rc);
+    EXPECT_EQ(rc, 2) << args << "\n" << log;
+    EXPECT_NE(log.find(needle), std::string::npos) << args << "\n" << log;
+  }
+}
+
 // The interactive binary: images by "/image", a bad image is reported and the session goes
 // on, "clear" and "quit" work.
 TEST(Chat, InteractiveSessionGoesOnAfterABadRound) {

@@ -1,16 +1,20 @@
 // The whole model and the training step on a GPU (part of the GPU suite, label `gpu`):
 // the loss and every trainable gradient against the CPU (fp32 within 1e-4, bf16 within
 // 2e-2), the bf16 loss curve of 50 training steps against the CPU's fp32 curve (within 2%
-// at every step), and recomputation on the device.
+// at every step), recomputation on the device, and generation with the KV cache on the device.
 #include <gtest/gtest.h>
 
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
+#include <random>
 #include <string>
 #include <vector>
 
 #include "cuda/cuda_backend.h"
+#include "model/kv_cache.h"
 #include "model/visualchat.h"
+#include "train/device_batches.h"
 #include "train/synthetic.h"
 #include "train/trainer.h"
 
@@ -121,6 +125,84 @@ void expect_curves_track(const std::string& model, int64_t seq_len) {
   for (size_t i = 0; i < cpu.size(); ++i)
     EXPECT_NEAR(gpu[i], cpu[i], 0.02 * cpu[i]) << model << " step " << i + 1;
   EXPECT_LT(gpu.back(), gpu.front()) << model << ": it learns";
+}
+
+// Chat on the GPU (vchat-chat --device cuda): the KV cache lives on the device in the compute
+// dtype and VisualChatModel::extend runs there; after each of three stretches (text around
+// an image; text; two images and text) the last position's logits equal the CPU's (fp32
+// within 1e-4, bf16 within 2e-2), for MMCA and causal attention.
+TEST_F(CudaModel, ChatExtendOnTheDeviceMatchesTheCpu) {
+  const ModelConfig cfg = config("tiny");
+  const int64_t T = cfg.vision.tokens_per_image(), S = cfg.vision.image_size, V = cfg.llm.vocab_size;
+  for (ops::AttnMode mode : {ops::AttnMode::mmca, ops::AttnMode::causal})
+    for (Precision p : {Precision::fp32, Precision::bf16}) {
+      const std::string what = std::string(mode == ops::AttnMode::mmca ? "mmca " : "causal ") + precision_name(p);
+      ModelOptions opt;
+      opt.attention = mode;
+      VisualChatModel cpu(cfg, opt), gpu(cfg, opt);
+      init_params(cpu.params(), 5);
+      init_params(gpu.params(), 5);
+      gpu.to(Device::cuda, PrecisionPolicy::of(p));
+      KvCache cpu_cache, gpu_cache;
+      std::mt19937_64 rng(11);
+      std::normal_distribution<float> g;
+      for (const std::vector<int>& stretch : std::vector<std::vector<int>>{{5, -1, 4}, {3}, {-1, -1, 6}}) {
+        Extension e;
+        std::vector<float> pix;
+        int64_t n_img = 0;
+        for (int piece : stretch) {
+          const bool image = piece < 0;
+          const int64_t len = image ? T : piece;
+          for (int64_t i = 0; i < len; ++i) e.tokens.push_back(image ? 0 : static_cast<int32_t>(3 + rng() % (V - 3)));
+          e.modality.insert(e.modality.end(), len, image ? ops::kImage : ops::kText);
+          if (image) {
+            for (int64_t i = 0; i < 3 * S * S; ++i) pix.push_back(g(rng));
+            ++n_img;
+          }
+        }
+        if (n_img) e.pixels = Tensor::from_vector(pix, {n_img, 3, S, S});
+        const std::vector<float> want = cpu.extend(e, cpu_cache).to_vector_f32();
+        const std::vector<float> got = gpu.extend(e, gpu_cache).to_vector_f32();
+        EXPECT_EQ(gpu_cache.layers.at(0).k.device(), Device::cuda) << what;
+        EXPECT_EQ(gpu_cache.length, cpu_cache.length) << what;
+        EXPECT_LE(rel(got, want), p == Precision::fp32 ? 1e-4 : 2e-2) << what << " after " << cpu_cache.length << " positions";
+      }
+    }
+}
+
+// A step's batches through pinned staging on the copy stream: every tensor arrives intact,
+// across steps (staging reused, then grown for a bigger step), and micro-batch k's copies
+// are waited for by the compute stream before it reads them.
+TEST_F(CudaModel, BatchesArriveThroughTheCopyStream) {
+  const ModelConfig cfg = config("tiny");
+  DeviceBatches up(Device::cuda);
+  for (const int64_t seq : {int64_t{96}, int64_t{64}, int64_t{200}}) {
+    SyntheticSpec spec;
+    spec.batch_size = 2;
+    spec.seq_len = seq;
+    SyntheticBatches gen(cfg, spec, 7 + seq);
+    const std::vector<Batch> host = {gen.next(), gen.next(), gen.next()};
+    const std::vector<Batch>& dev = up.upload(host);
+    ASSERT_EQ(dev.size(), host.size());
+    for (size_t m = 0; m < host.size(); ++m) {
+      up.ready(static_cast<int>(m));
+      const auto same = [&](const Tensor& d, const Tensor& h, const char* what) {
+        ASSERT_EQ(d.defined(), h.defined()) << what;
+        if (!h.defined()) return;
+        EXPECT_EQ(d.device(), Device::cuda) << what;
+        const Tensor back = d.to(Device::cpu);
+        ASSERT_EQ(back.nbytes(), h.nbytes()) << what;
+        EXPECT_EQ(std::memcmp(back.raw(), h.raw(), h.nbytes()), 0) << what << " of micro-batch " << m << ", L " << seq;
+      };
+      same(dev[m].tokens, host[m].tokens, "tokens");
+      same(dev[m].modality, host[m].modality, "modality");
+      same(dev[m].targets, host[m].targets, "targets");
+      same(dev[m].pixels, host[m].pixels, "pixels");
+      same(dev[m].embed_ids, host[m].embed_ids, "embed_ids");
+      same(dev[m].image_rows, host[m].image_rows, "image_rows");
+      same(dev[m].embed_groups.order, host[m].embed_groups.order, "embed_groups.order");
+    }
+  }
 }
 
 TEST_F(CudaModel, TinyBf16LossCurveTracksTheCpuFp32Curve) { expect_curves_track("tiny", 160); }

@@ -540,6 +540,54 @@ TEST_F(CudaOps, FlashMmcaAgainstTheCpuOnRandomLayouts) {
   EXPECT_FALSE(cuda::attention_fwd_tc_eligible(DType::f32, 64));
 }
 
+// Generation's attention over a KV cache (vchat-chat): n new queries at the end of a
+// sequence of Lk keys, against the CPU op (itself tested equal to a whole-sequence forward):
+// one token and a prefill of many, text and image queries, pad, GQA, head dims up to 128.
+TEST_F(CudaOps, DecodeAttentionOverTheCacheAgainstTheCpu) {
+  using ops::AttnMode;
+  struct Case {
+    AttnMode mode;
+    int64_t Lk, H, KV, hd;
+    std::vector<int64_t> runs;
+    int64_t pad;
+    const char* what;
+  };
+  const std::vector<Case> cases = {
+      {AttnMode::mmca, 90, 4, 2, 64, {5, 1, 12}, 0, "mmca, images and text, GQA 4/2"},
+      {AttnMode::mmca, 700, 8, 8, 128, {600}, 0, "mmca, 600 image tokens, hd 128"},
+      {AttnMode::mmca, 41, 2, 1, 40, {3}, 4, "mmca, pad at the end, hd 40"},
+      {AttnMode::causal, 300, 4, 1, 128, {30}, 0, "causal, MQA"},
+      {AttnMode::full, 50, 2, 2, 16, {1}, 0, "full"},
+  };
+  for (const Case& c : cases)
+    for (const int64_t n : {int64_t{1}, int64_t{7}, c.Lk})
+      for (const Prec& p : kPrecisions) {
+        const std::string what = std::string(c.what) + ", " + std::to_string(n) + " queries, " + p.name;
+        const int64_t pos = c.Lk - n;
+        const Tensor q = host_rand({n, c.H, c.hd}, p.dt, rng, -2.f, 2.f);
+        const Tensor k = host_rand({c.Lk, c.KV, c.hd}, p.dt, rng, -2.f, 2.f), v = host_rand({c.Lk, c.KV, c.hd}, p.dt, rng);
+        const Tensor m = Tensor::from_vector(layout(c.Lk, true, c.runs, c.pad, rng), {c.Lk});
+        Tensor M;
+        if (c.mode != AttnMode::full) {
+          M = Tensor::empty({c.Lk}, DType::u8, Device::cuda);
+          M.copy_from(m);
+        }
+        const Tensor out = Tensor::empty(q.shape());
+        ops::attention_decode(c.mode, q, k, v, c.mode == AttnMode::full ? Tensor() : m, pos, out);
+        const Tensor OUT = poison(q.shape(), p.dt);
+        ops::attention_decode(c.mode, dev(q, p.dt), dev(k, p.dt), dev(v, p.dt), M, pos, OUT);
+        expect_close(OUT, out, p.tol, "decode " + what);
+      }
+  // Operands are named: a cache shorter than position + n.
+  const Tensor q = poison({2, 2, 16}, DType::f32), kv = poison({5, 2, 16}, DType::f32), out = poison({2, 2, 16}, DType::f32);
+  try {
+    ops::attention_decode(AttnMode::full, q, kv, kv, Tensor(), 4, out);
+    ADD_FAILURE() << "a cache of 5 keys accepted for queries at 4..6";
+  } catch (const std::exception& e) {
+    EXPECT_NE(std::string(e.what()).find("queries at 4..6 over 5 keys"), std::string::npos) << e.what();
+  }
+}
+
 // ---- Optimizer --------------------------------------------------------------------------
 
 TEST_F(CudaOps, MultiTensorSumOfSquaresAndFusedAdamW) {

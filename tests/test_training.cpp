@@ -13,6 +13,7 @@
 #include "ops.h"
 #include "test_util.h"
 #include "parallel/zero.h"
+#include "train/device_batches.h"
 #include "train/lr_schedule.h"
 #include "train/trainer.h"
 
@@ -169,6 +170,28 @@ TEST(Training, StepScalarOpsClipAccumulateAndNameBadOperands) {
             std::string::npos);
   EXPECT_NE(message([&] { ops::adamw_step(a, a, a, a, p, Tensor::empty({2}, DType::bf16)); }).find("working"),
             std::string::npos);
+}
+
+// On the CPU a step's batches are used where they are; asking for a micro-batch the step
+// does not have is a logic error naming it.
+TEST(Training, DeviceBatchesOnTheCpuAreTheBatches) {
+  const ModelConfig cfg = ModelConfig::load(std::string(VCHAT_SOURCE_DIR) + "/inputs/models/tiny.json");
+  SyntheticSpec spec;
+  spec.batch_size = 1;
+  spec.seq_len = 64;
+  SyntheticBatches gen(cfg, spec, 3);
+  const std::vector<Batch> host = {gen.next(), gen.next()};
+  DeviceBatches db(Device::cpu);
+  const std::vector<Batch>& out = db.upload(host);
+  ASSERT_EQ(out.size(), 2u);
+  EXPECT_EQ(out[1].tokens.raw(), host[1].tokens.raw()) << "no copy on the CPU";
+  db.ready(1);
+  try {
+    db.ready(2);
+    ADD_FAILURE() << "micro-batch 2 of 2 accepted";
+  } catch (const std::out_of_range& e) {
+    EXPECT_NE(std::string(e.what()).find("micro-batch 2 of 2"), std::string::npos) << e.what();
+  }
 }
 
 // A non-finite gradient (a diverged run) is reported with what to do, and the update it

@@ -21,13 +21,15 @@
 #include "checkpoint/manifest.h"
 #include "checkpoint/reshard.h"
 #include "model/config.h"
+#include "model/precision.h"
 
 namespace po = boost::program_options;
 using namespace vchat;
 
 namespace {
 
-std::unique_ptr<VisualChatModel> load(const std::string& path) {
+// The checkpoint's weights (any layout it was written under), on `device` in `precision`.
+std::unique_ptr<VisualChatModel> load(const std::string& path, Device device, Precision precision) {
   const std::string dir = ckpt::resolve_checkpoint(path, "--ckpt");
   const ckpt::Manifest m = ckpt::read_manifest(dir);
   const ModelConfig cfg = ModelConfig::from_json_text(m.model.dump(), dir + "/manifest.json");
@@ -36,6 +38,11 @@ std::unique_ptr<VisualChatModel> load(const std::string& path) {
   std::fprintf(stderr, "vchat-chat | %s: step %lld, model %s (%s, attention %s), %.1f MB read\n", dir.c_str(),
                static_cast<long long>(m.step), cfg.name.c_str(), m.train_set.c_str(), m.attention.c_str(),
                r.stats.bytes_read / 1e6);
+  if (device == Device::cuda) {
+    select_gpu(0);
+    model->to(Device::cuda, PrecisionPolicy::of(precision), /*move_params=*/true);
+    std::fprintf(stderr, "vchat-chat | on cuda, %s\n", precision_name(precision));
+  }
   return model;
 }
 
@@ -83,7 +90,9 @@ void interactive(chat::ChatSession& s) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string ckpt_dir, tokenizer, batch, out, image_root, image_mode = "pad";
+  std::string ckpt_dir, tokenizer, batch, out, image_root, image_mode = "pad", device = "auto", precision = "auto";
+  Device dev = Device::cpu;
+  Precision prec = Precision::fp32;
   chat::ChatOptions opt;
   int threads = 0;
   po::options_description o("vchat-chat options");
@@ -102,6 +111,8 @@ int main(int argc, char** argv) {
     ("batch", po::value(&batch), "evaluate the conversations of this jsonl file instead of chatting")
     ("out", po::value(&out), "with --batch: the generated answers (jsonl)")
     ("image-root", po::value(&image_root), "with --batch: where relative image paths start (default: the input's directory)")
+    ("device", po::value(&device)->default_value("auto"), "cpu, cuda, or auto (cuda when this build has CUDA and a GPU is visible)")
+    ("precision", po::value(&precision)->default_value("auto"), "on cuda: bf16 or fp32 (auto: bf16 on cuda, fp32 on cpu)")
     ("threads", po::value(&threads)->default_value(0), "CPU threads (0: OpenMP's default)");
   // clang-format on
   try {
@@ -116,13 +127,15 @@ int main(int argc, char** argv) {
     if (!batch.empty() && out.empty()) throw std::invalid_argument("--batch needs --out OUT.jsonl");
     opt.image_mode = prep::parse_image_mode(image_mode);
     chat::validate(opt.sampling);
+    dev = resolve_device(device, built_with_cuda(), device == "cpu" ? 0 : visible_gpus());
+    prec = resolve_precision(precision, dev);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "vchat-chat: %s\n", e.what());
     return 2;
   }
   if (threads > 0) omp_set_num_threads(threads);
   try {
-    const auto model = load(ckpt_dir);
+    const auto model = load(ckpt_dir, dev, prec);
     const prep::Tokenizer tok = prep::Tokenizer::load(tokenizer);
     chat::ChatSession session(*model, tok, opt);
     if (batch.empty()) {

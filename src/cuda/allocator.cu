@@ -1,10 +1,16 @@
 // Device memory for Tensors, host<->device copies, and backend start-up.
 //
 // The allocator is a thin layer over the driver's stream-ordered pool (cudaMallocAsync /
-// cudaFreeAsync on the legacy default stream) rather than a hand-written arena: the pool
-// already caches freed blocks, and because frees are ordered on the stream, a block freed
-// while a kernel still reads it is not handed out again until that kernel is done, which a
-// naive free-list would get wrong.
+// cudaFreeAsync) rather than a hand-written arena: the pool already caches freed blocks, and
+// because frees are ordered on the stream, a block freed while a kernel still reads it is
+// not handed out again until that kernel is done, which a naive free-list would get wrong.
+//
+// Allocations, frees, copies and memsets are ordered on the calling thread's compute stream
+// (its Context), never on the legacy default stream: an operation there is a barrier for
+// every blocking stream, so with allocations happening throughout a forward, a copy or
+// NCCL stream could never overlap compute. A buffer keeps the stream it was allocated on
+// (its Context) alive and is freed there. Work on another stream that touches a buffer is
+// ordered by events (the NCCL Comm, the batch uploads), or the host waits for it first.
 #include <atomic>
 #include <cstdint>
 #include <memory>
@@ -21,19 +27,22 @@ namespace {
 
 // Returns freed memory to the stream's pool. Runs inside ~Buffer, so it must not throw;
 // a failure here (typically the runtime already unloading at process exit) only leaks.
-void release_device_memory(void* p, int device) noexcept {
+void release_device_memory(void* p, int device, cudaStream_t stream) noexcept {
   int current = -1;
   if (cudaGetDevice(&current) == cudaSuccess && current != device) (void)cudaSetDevice(device);
-  if (cudaFreeAsync(p, /*stream=*/0) != cudaSuccess) (void)cudaGetLastError();  // don't poison later checks
+  if (cudaFreeAsync(p, stream) != cudaSuccess) (void)cudaGetLastError();  // don't poison later checks
 }
+
+cudaStream_t compute_stream(const Context& c) { return static_cast<cudaStream_t>(c.stream()); }
 
 class CudaAllocator final : public Allocator {
  public:
   std::shared_ptr<Buffer> allocate(size_t bytes) override {
     const int device = bind_device();
+    const Context ctx = thread_context();  // a copy: the buffer keeps its stream alive
     const size_t request = bytes ? bytes : 1;  // a real pointer even for empty tensors, like the CPU side
     void* p = nullptr;
-    cudaError_t err = cudaMallocAsync(&p, request, /*stream=*/0);
+    cudaError_t err = cudaMallocAsync(&p, request, compute_stream(ctx));
     if (err == cudaErrorMemoryAllocation) {
       // The pool keeps freed blocks for reuse (see init_backend); on a miss that may be
       // what is in the way, so wait for pending frees, give the cache back and retry once.
@@ -42,7 +51,7 @@ class CudaAllocator final : public Allocator {
       CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool, device));
       CUDA_CHECK(cudaDeviceSynchronize());
       CUDA_CHECK(cudaMemPoolTrimTo(pool, 0));
-      err = cudaMallocAsync(&p, request, /*stream=*/0);
+      err = cudaMallocAsync(&p, request, compute_stream(ctx));
     }
     if (err != cudaSuccess) {
       (void)cudaGetLastError();
@@ -53,7 +62,7 @@ class CudaAllocator final : public Allocator {
     buf->ptr = p;
     buf->bytes = bytes;
     buf->device = Device::cuda;
-    buf->release = [device](void* q) { release_device_memory(q, device); };
+    buf->release = [device, ctx](void* q) { release_device_memory(q, device, compute_stream(ctx)); };
     return buf;
   }
 };
@@ -63,19 +72,22 @@ cudaMemcpyKind copy_kind(Device dst, Device src) {
   return dst == Device::cpu ? cudaMemcpyDeviceToHost : cudaMemcpyDeviceToDevice;
 }
 
-// cudaMemcpy on the legacy default stream waits for queued kernels before reading device
-// memory and is complete (or staged) on return, so callers may reuse the host side at once.
+// On the compute stream, after the kernels queued there; a copy that involves the host is
+// complete on return (the stream is waited for), so callers may read or reuse the host side
+// at once. A device-to-device copy stays queued, in order with the kernels.
 void cuda_memcpy(void* dst, Device dd, const void* src, Device sd, size_t bytes) {
   if (bytes == 0) return;
   bind_device();
-  CUDA_CHECK(cudaMemcpy(dst, src, bytes, copy_kind(dd, sd)));
+  const cudaStream_t s = compute_stream(thread_context());
+  CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, copy_kind(dd, sd), s));
+  if (dd == Device::cpu || sd == Device::cpu) CUDA_CHECK(cudaStreamSynchronize(s));
 }
 
-// Device memset on the legacy default stream (ordered after queued kernels, like the copies).
+// Device memset, queued on the compute stream like a kernel.
 void cuda_memset_zero(void* dst, size_t bytes) {
   if (bytes == 0) return;
   bind_device();
-  CUDA_CHECK(cudaMemset(dst, 0, bytes));
+  CUDA_CHECK(cudaMemsetAsync(dst, 0, bytes, compute_stream(thread_context())));
 }
 
 // Device memory (cudaMalloc, the stream-ordered pool) by unified addressing; host memory,

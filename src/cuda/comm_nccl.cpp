@@ -114,13 +114,14 @@ class NcclComm final : public Comm {
   NcclComm(std::unique_ptr<Comm> host, std::string name) : host_(std::move(host)), name_(std::move(name)) {
     set_timeout(host_->timeout());
     bind_device();
-    // A blocking stream (cudaStreamDefault, not cudaStreamNonBlocking) is implicitly ordered
-    // with the legacy default stream, where the backend's copies and stream-ordered frees
-    // run, so a buffer is not freed under a collective. The kernels run on the compute
-    // Context's stream, which two blocking streams do not order: issue() makes each
-    // collective wait for an event recorded there, so it reads what the kernels wrote.
+    // The Comm's own stream. The kernels, allocations and frees run on the compute Context's
+    // stream (allocator.cu): issue() makes each collective wait for an event recorded there,
+    // so it reads what the kernels wrote and the buffers exist; the host waits for each
+    // collective (or its request's event) before later compute work or a free can touch
+    // its buffers. Non-blocking: nothing on the legacy default stream may serialize it
+    // with compute, so an asynchronous gather (the ZeRO-3 prefetch) overlaps the kernels.
     cudaStream_t s = nullptr;
-    CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamDefault));
+    CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
     stream_.reset(s);
     ncclUniqueId id{};
     if (host_->rank() == 0) NCCL_CHECK(ncclGetUniqueId(&id));

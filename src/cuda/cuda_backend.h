@@ -11,6 +11,7 @@
 // losses and optimizer state are always f32. Arithmetic is fp32 throughout. Every entry
 // point checks each operand's device, dtype, shape and contiguity and names the bad one.
 #pragma once
+#include <memory>
 #include <vector>
 
 #include "cuda/context.h"
@@ -36,6 +37,32 @@ int bind_device();
 void synchronize();
 // Streaming multiprocessors of the bound device.
 int multiprocessor_count();
+
+// ---- Host-to-device uploads overlapping compute ------------------------------------------
+// Batches reach the device through pinned staging memory on a copy stream of their own: a
+// group of host tensors (one micro-batch) is staged and copied as soon as it is known, and
+// the compute stream waits for a group's copies (an event) only where it first reads them,
+// so later groups' copies run under earlier groups' compute.
+class Uploader {
+ public:
+  explicit Uploader(const Context& compute);  // the stream whose work reads the uploads
+  ~Uploader();
+  Uploader(const Uploader&) = delete;
+  Uploader& operator=(const Uploader&) = delete;
+  // Before a new set of groups: waits for every copy still in flight, so the staging memory
+  // can be reused.
+  void begin();
+  // Stages `host` (contiguous CPU tensors; undefined ones stay undefined) and starts their
+  // copies into new device tensors, returned in `device` (same order). Returns the group's
+  // index for ready().
+  int upload(const std::vector<Tensor>& host, std::vector<Tensor>& device);
+  // The compute stream waits for group g's copies before anything enqueued after this call.
+  void ready(int group) const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
 
 // ---- GEMM (cuBLASLt, fp32 accumulation; fp32 GEMMs are exact fp32, no TF32) -------------
 // C = alpha * op(A) @ op(B) + beta * C (+ bias[col] when bias is defined: the epilogue),
@@ -99,6 +126,11 @@ void set_attention_kernel(AttentionKernel k);
 bool attention_fwd_tc_eligible(DType dtype, int64_t head_dim);
 void attention_fwd_tc(const Context& c, ops::AttnMode mode, const Tensor& q, const Tensor& k, const Tensor& v,
                       const Tensor& modality, const Tensor& out, const Tensor& lse);
+// Generation with the KV cache (ops::attention_decode): q [n, H, hd] at positions
+// position .. position+n-1, k/v [position+n, KV, hd] (T), modality u8 [position+n]
+// (undefined for full), out [n, H, hd] T. Forward only; deterministic.
+void attention_decode(const Context& c, ops::AttnMode mode, const Tensor& q, const Tensor& k, const Tensor& v,
+                      const Tensor& modality, int64_t position, const Tensor& out);
 // dq, dk, dv (T) overwritten; deterministic.
 void attention_bwd(const Context& c, ops::AttnMode mode, const Tensor& dout, const Tensor& q, const Tensor& k,
                    const Tensor& v, const Tensor& modality, const Tensor& out, const Tensor& lse, const Tensor& dq,

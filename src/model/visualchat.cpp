@@ -176,18 +176,19 @@ Tensor VisualChatModel::extend(const Extension& e, KvCache& cache) const {
 
   // Embeddings, with each image's projected features in its positions (as stage_forward).
   Tensor x = Tensor::empty({n, H}, compute_, device_);
-  ops::embedding_fwd(Tensor::from_vector(ids, {n}), embed_->compute(), x);
+  ops::embedding_fwd(Tensor::from_vector(ids, {n}).to(device_), embed_->compute(), x);
   if (n_img > 0) {
     VisionCache vc;
     ProjectionCache pc;
-    const Tensor img = proj_.forward(vit_.forward(e.pixels, vc), pc);
-    ops::scatter_rows(img, Tensor::from_vector(rows, {static_cast<int64_t>(rows.size())}), x);
+    const Tensor img = proj_.forward(vit_.forward(e.pixels.to(device_), vc), pc);
+    ops::scatter_rows(img, Tensor::from_vector(rows, {static_cast<int64_t>(rows.size())}).to(device_), x);
   }
   // Every layer: the new positions' keys and values join the cache, then they attend over it.
-  cache.reserve(pos + n, static_cast<int64_t>(blocks_.size()), cfg_.llm.n_kv_heads, cfg_.llm.head_dim());
+  cache.reserve(pos + n, static_cast<int64_t>(blocks_.size()), cfg_.llm.n_kv_heads, cfg_.llm.head_dim(), device_,
+                compute_);
   cache.modality.resize(static_cast<size_t>(pos));
   cache.modality.insert(cache.modality.end(), e.modality.begin(), e.modality.end());
-  const Tensor modality = Tensor::from_vector(cache.modality, {pos + n});
+  const Tensor modality = Tensor::from_vector(cache.modality, {pos + n}).to(device_);
   for (size_t i = 0; i < blocks_.size(); ++i) x = blocks_[i].decode(x, cache.layers[i], modality, opt_.attention, pos);
   cache.length = pos + n;
   NormCache nc;

@@ -95,7 +95,8 @@ class VisualChatModel {
   // Generation (vchat-chat; DESIGN.md §10): appends `e` to the conversation `cache` holds,
   // runs only its positions (keys and values of the earlier ones come from the cache), and
   // returns the logits of its last position [V] (host f32). The same function as a forward
-  // over the whole sequence. Whole model on this rank (tp 1, pp 1), on the CPU. Throws
+  // over the whole sequence. Whole model on this rank (tp 1, pp 1), on its device (the cache
+  // follows it: KvCache::reserve with the model's device and compute dtype). Throws
   // std::invalid_argument naming the problem (empty, image positions that disagree with the
   // pixels, past llm.max_seq_len).
   Tensor extend(const Extension& e, KvCache& cache) const;

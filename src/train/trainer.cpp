@@ -43,6 +43,7 @@ Trainer::Trainer(const TrainConfig& cfg, Grid* grid) : cfg_(cfg) {
     // Before the optimizer flattens them; ZeRO-3 instead moves only this rank's shards.
     model_->to(Device::cuda, PrecisionPolicy::of(cfg.precision), /*move_params=*/cfg.zero_stage != 3);
   }
+  device_batches_ = std::make_unique<DeviceBatches>(cfg.device);
   if (cfg.zero_stage == 3) {
     auto z = std::make_unique<Zero3Optimizer>(model_->units(), g.dp(), cfg.adamw, &g.mp(), cfg.device,
                                               PrecisionPolicy::of(cfg.precision).compute);
@@ -233,8 +234,9 @@ StepStats Trainer::step() {
   const std::vector<Batch> batches = next_batches();
   const int M = static_cast<int>(batches.size());
   for (const Batch& b : batches) b.validate(cfg_.model.llm.vocab_size, cfg_.model.vision.image_size);
-  std::vector<Batch> on_device;  // the model's copies, where it runs
-  for (const Batch& b : batches) on_device.push_back(b.to(cfg_.device));
+  // The model's copies, where it runs: on a GPU their copies start now, on a stream of their
+  // own, and each micro-batch's forward waits only for its own (device_batches.h).
+  const std::vector<Batch>& on_device = device_batches_->upload(batches);
 
   // 2. The step loss is the mean CE over every supervised token of the global batch, so
   //    each micro-batch's summed loss is divided by the global count (one scalar
@@ -261,6 +263,7 @@ StepStats Trainer::step() {
   const Tensor loss_sum = scalars.slice(0, 0, 1), grad_sq = scalars.slice(0, 1, 2);
   PipelineStage stage;
   stage.forward = [&](int mb, const Tensor& input) {
+    device_batches_->ready(mb);
     return model_->stage_forward(mb, on_device[mb], input, /*backward_follows=*/true, nullptr, false, loss_sum);
   };
   stage.backward = [&](int mb, const Tensor& doutput) {

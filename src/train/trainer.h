@@ -18,6 +18,7 @@
 #include "parallel/zero.h"
 #include "parallel/zero3.h"
 #include "train/adamw.h"
+#include "train/device_batches.h"
 #include "train/synthetic.h"
 #include "train/tensorboard.h"
 #include "train/train_config.h"
@@ -97,6 +98,7 @@ class Trainer {
   Grid* grid_;
   std::unique_ptr<VisualChatModel> model_;
   std::unique_ptr<DataParallelOptimizer> opt_;
+  std::unique_ptr<DeviceBatches> device_batches_;  // a step's micro-batches where the model runs
   Zero3Optimizer* zero3_ = nullptr;  // opt_ when --zero 3
   std::unique_ptr<SyntheticBatches> synthetic_;
   int64_t synthetic_consumed_ = 0;  // global samples of the synthetic stream used so far
