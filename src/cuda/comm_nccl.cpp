@@ -1,9 +1,14 @@
 // The NCCL backend of Comm: device buffers, one NCCL rank per process and GPU.
 //
-// Each operation is enqueued on the communicator's stream and then waited for by polling
-// cudaStreamQuery rather than cudaStreamSynchronize, so that a collective some rank never
-// joins aborts the job with a message naming it (Comm::set_timeout) instead of hanging in
-// the driver. The unique id is exchanged, and groups are split, over a host (MPI) Comm.
+// An operation on device buffers is enqueued on the communicator's own stream, behind an
+// event of the compute stream, and the compute stream waits for an event behind it: the
+// GPU keeps the program's order, the host returns at once and goes on enqueuing kernels (no
+// round trip per collective), and a watchdog thread (parallel/watchdog.h) polls the event,
+// so a collective some rank never joins aborts the job with a message naming it
+// (Comm::set_timeout) instead of hanging in the driver. An operation that has to bring a
+// result to host memory (staged host buffers, all_reduce_f64) is waited for by polling in
+// the calling thread under the same timeout. The unique id is exchanged, and groups are
+// split, over a host (MPI) Comm.
 #include "cuda/comm_nccl.h"
 
 #include "cuda/context.h"
@@ -13,6 +18,8 @@
 #include <nccl.h>
 
 #include <algorithm>
+#include <mutex>
+#include <vector>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
@@ -23,6 +30,7 @@
 
 #include "cuda/cuda_backend.h"
 #include "cuda/cuda_check.h"
+#include "parallel/watchdog.h"
 
 namespace vchat::cuda {
 
@@ -94,6 +102,7 @@ class DeviceStaged {
     if (read) device_memcpy(copy_.raw(), Device::cuda, p, Device::cpu, static_cast<size_t>(bytes));
   }
   void* ptr() const { return host_ ? copy_.raw() : user_; }
+  bool staged() const { return host_; }  // a host buffer: the operation must complete before returning
   void write_back(int64_t offset, int64_t n) const {
     if (host_ && n > 0)
       device_memcpy(static_cast<char*>(user_) + offset, Device::cpu, static_cast<char*>(copy_.raw()) + offset,
@@ -129,6 +138,14 @@ class NcclComm final : public Comm {
     ncclComm_t c = nullptr;
     NCCL_CHECK(ncclCommInitRank(&c, host_->size(), id, host_->rank()));
     comm_.reset(c);
+    device_ = bind_device();
+    int mpi_up = 0, finalized = 0;
+    MPI_Initialized(&mpi_up);
+    MPI_Finalized(&finalized);
+    if (mpi_up && !finalized) MPI_Comm_rank(MPI_COMM_WORLD, &world_rank_);
+    watchdog_ = std::make_unique<Watchdog>([raw = c](const std::string& what, const std::string& why) {
+      abort_job(what, why, raw);
+    });
   }
   // The members' deleters run after this body: make the device current for them.
   ~NcclComm() override {
@@ -148,7 +165,7 @@ class NcclComm final : public Comm {
     const OpTimer timer(*this);
     const ncclDataType_t t = reduce_type(dtype, "all_reduce");
     const DeviceStaged b(buf, count * static_cast<int64_t>(dtype_size(dtype)), true);
-    run("all_reduce", ring_all_reduce_bytes(double(count) * dtype_size(dtype)), [&] {
+    run("all_reduce", ring_all_reduce_bytes(double(count) * dtype_size(dtype)), !b.staged(), [&] {
       return ncclAllReduce(b.ptr(), b.ptr(), static_cast<size_t>(count), t, nccl_op(op), comm_.get(), stream_.get());
     });
     b.write_back();
@@ -161,7 +178,7 @@ class NcclComm final : public Comm {
     // host until it is done, which would put a hung collective beyond the timeout's reach.
     const size_t bytes = static_cast<size_t>(count) * sizeof(double);
     void* dev = scratch(bytes);
-    run("all_reduce_f64", ring_all_reduce_bytes(double(bytes)), [&] {
+    run("all_reduce_f64", ring_all_reduce_bytes(double(bytes)), /*async=*/false, [&] {
       CUDA_CHECK(cudaMemcpyAsync(dev, buf, bytes, cudaMemcpyHostToDevice, stream_.get()));
       return ncclAllReduce(dev, dev, static_cast<size_t>(count), ncclFloat64, nccl_op(op), comm_.get(),
                            stream_.get());
@@ -174,7 +191,7 @@ class NcclComm final : public Comm {
     const OpTimer timer(*this);
     check_rank(root, "root", "broadcast");
     const DeviceStaged b(buf, bytes, rank() == root);
-    run("broadcast", ring_share_bytes(double(bytes)), [&] {
+    run("broadcast", ring_share_bytes(double(bytes)), !b.staged(), [&] {
       return ncclBroadcast(b.ptr(), b.ptr(), static_cast<size_t>(bytes), ncclUint8, root, comm_.get(), stream_.get());
     });
     if (rank() != root) b.write_back();
@@ -184,7 +201,7 @@ class NcclComm final : public Comm {
     const OpTimer timer(*this);
     // NCCL has no barrier: a one-element all-reduce completes on no rank before all joined.
     void* dev = scratch(sizeof(int32_t));
-    run("barrier", 0, [&] { return ncclAllReduce(dev, dev, 1, ncclInt32, ncclSum, comm_.get(), stream_.get()); });
+    run("barrier", 0, /*async=*/false, [&] { return ncclAllReduce(dev, dev, 1, ncclInt32, ncclSum, comm_.get(), stream_.get()); });
   }
 
   void reduce_scatter(const void* send, void* recv, int64_t recv_count, DType dtype, ReduceOp op) override {
@@ -196,7 +213,7 @@ class NcclComm final : public Comm {
     if (static_cast<const char*>(recv) != s + rank() * block && overlaps(s, size() * block, recv, block))
       throw std::invalid_argument("reduce_scatter on group '" + name_ +
                                   "': recv overlaps send other than as send's own block");
-    run("reduce_scatter", ring_share_bytes(double(size()) * block), [&] {
+    run("reduce_scatter", ring_share_bytes(double(size()) * block), /*async=*/true, [&] {
       return ncclReduceScatter(send, recv, static_cast<size_t>(recv_count), t, nccl_op(op), comm_.get(),
                                stream_.get());
     });
@@ -205,7 +222,7 @@ class NcclComm final : public Comm {
   void all_gather(const void* send, void* recv, int64_t send_count, DType dtype) override {
     const OpTimer timer(*this);
     const int64_t block = gather_block(send, recv, send_count, dtype, "all_gather");
-    run("all_gather", ring_share_bytes(double(size()) * block), [&] {
+    run("all_gather", ring_share_bytes(double(size()) * block), /*async=*/true, [&] {
       return ncclAllGather(send, recv, static_cast<size_t>(block), ncclUint8, comm_.get(), stream_.get());
     });
   }
@@ -234,14 +251,14 @@ class NcclComm final : public Comm {
     const OpTimer timer(*this);
     check_peer(peer, "send");
     const DeviceStaged b(buf, bytes, true);
-    run("send", double(bytes),
+    run("send", double(bytes), !b.staged(),
         [&] { return ncclSend(b.ptr(), static_cast<size_t>(bytes), ncclUint8, peer, comm_.get(), stream_.get()); });
   }
   void recv(void* buf, int64_t bytes, int peer) override {
     const OpTimer timer(*this);
     check_peer(peer, "recv");
     const DeviceStaged b(buf, bytes, false);
-    run("recv", double(bytes),
+    run("recv", double(bytes), !b.staged(),
         [&] { return ncclRecv(b.ptr(), static_cast<size_t>(bytes), ncclUint8, peer, comm_.get(), stream_.get()); });
     b.write_back();
   }
@@ -254,7 +271,7 @@ class NcclComm final : public Comm {
     // One NCCL group: both transfers are posted before either waits, so two ranks sending
     // to each other do not deadlock.
     const DeviceStaged sb(send_buf, send_bytes, true), rb(recv_buf, recv_bytes, false);
-    run("sendrecv", double(send_bytes) + double(recv_bytes), [&] {
+    run("sendrecv", double(send_bytes) + double(recv_bytes), !sb.staged() && !rb.staged(), [&] {
       ncclResult_t rc = ncclGroupStart();
       if (rc != ncclSuccess) return rc;
       rc = ncclSend(sb.ptr(), static_cast<size_t>(send_bytes), ncclUint8, dest, comm_.get(), stream_.get());
@@ -354,14 +371,76 @@ class NcclComm final : public Comm {
     return scratch_.get();
   }
 
-  // Enqueues one operation with `enqueue` (returns the NCCL call's result), waits for it
-  // under the timeout and counts its bus bytes.
+  // Enqueues one operation with `enqueue` (returns the NCCL call's result) and counts its
+  // bus bytes. async (every buffer on the device): the compute stream waits for it on the
+  // GPU and the watchdog watches it; the host goes on. Otherwise the host waits for it
+  // under the timeout (a staged host buffer is read right after).
   template <class Enqueue>
-  void run(const char* op, double bus_bytes, Enqueue&& enqueue) {
+  void run(const char* op, double bus_bytes, bool async, Enqueue&& enqueue) {
     const auto start = Clock::now();
     issue(op, enqueue);
-    wait(op, start);
+    if (async) {
+      cudaEvent_t done = take_event();
+      CUDA_CHECK(cudaEventRecord(done, stream_.get()));
+      CUDA_CHECK(cudaStreamWaitEvent(static_cast<cudaStream_t>(thread_context().stream()), done, 0));
+      watchdog_->watch({describe(op), timeout(),
+                        [done, c = comm_.get(), device = device_] { return poll(done, c, device); },
+                        [this, done] { give_event(done); }});
+    } else {
+      wait(op, start);
+    }
     record(bus_bytes);
+  }
+
+  // From the watchdog thread (so it must not throw): complete, failed, or still running.
+  static Watchdog::Poll poll(cudaEvent_t done, ncclComm_t c, int device) {
+    Watchdog::Poll p;
+    if (cudaSetDevice(device) != cudaSuccess) {
+      p.error = std::string("cudaSetDevice: ") + cudaGetErrorString(cudaGetLastError());
+      return p;
+    }
+    const cudaError_t st = cudaEventQuery(done);
+    if (st == cudaSuccess) {
+      p.done = true;
+      return p;
+    }
+    if (st != cudaErrorNotReady) {
+      (void)cudaGetLastError();
+      p.error = std::string("CUDA: ") + cudaGetErrorString(st);
+      return p;
+    }
+    ncclResult_t async = ncclSuccess;
+    if (ncclCommGetAsyncError(c, &async) == ncclSuccess && async != ncclSuccess && async != ncclInProgress)
+      p.error = std::string("NCCL: ") + ncclGetErrorString(async);
+    return p;
+  }
+
+  // "all_reduce on group 'dp' (rank 1 of 2, world rank 3)": what a timeout names.
+  std::string describe(const char* op) const {
+    return std::string(op) + " on group '" + name_ + "' (rank " + std::to_string(rank()) + " of " +
+           std::to_string(size()) + ", world rank " + std::to_string(world_rank_) + ")";
+  }
+
+  // Events for asynchronous operations, reused: the watchdog gives one back once its
+  // operation completed (from its thread, hence the lock).
+  cudaEvent_t take_event() {
+    {
+      std::lock_guard<std::mutex> lock(events_mutex_);
+      if (!free_events_.empty()) {
+        cudaEvent_t e = free_events_.back();
+        free_events_.pop_back();
+        return e;
+      }
+    }
+    cudaEvent_t e = nullptr;
+    CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+    std::lock_guard<std::mutex> lock(events_mutex_);
+    all_events_.emplace_back(e);
+    return e;
+  }
+  void give_event(cudaEvent_t e) {
+    std::lock_guard<std::mutex> lock(events_mutex_);
+    free_events_.push_back(e);
   }
 
   // Enqueues one operation with `enqueue` (returns the NCCL call's result) on the stream,
@@ -406,17 +485,23 @@ class NcclComm final : public Comm {
   }
 
   [[noreturn]] void abort_timeout(const char* op) {
-    int mpi_up = 0, finalized = 0, world_rank = -1;
+    char why[96];
+    std::snprintf(why, sizeof why, "did not complete within %g s", timeout());
+    abort_job(describe(op), why, comm_.release());
+  }
+
+  // One line naming the operation, then the job ends. Stops the NCCL kernels and proxy
+  // first (ncclCommAbort may be called from another thread), so the GPU is not left
+  // spinning on a peer and a host blocked on the compute stream is released.
+  [[noreturn]] static void abort_job(const std::string& what, const std::string& why, ncclComm_t c) {
+    const bool timed_out = why.rfind("did not complete", 0) == 0;
+    std::fprintf(stderr, "vchat: comm %s: %s %s%s; aborting\n", timed_out ? "timeout" : "failure", what.c_str(),
+                 timed_out ? "" : "failed: ", why.c_str());
+    std::fflush(stderr);
+    if (c) (void)ncclCommAbort(c);
+    int mpi_up = 0, finalized = 0;
     MPI_Initialized(&mpi_up);
     MPI_Finalized(&finalized);
-    if (mpi_up && !finalized) MPI_Comm_rank(MPI_COMM_WORLD, &world_rank);
-    std::fprintf(stderr,
-                 "vchat: comm timeout: %s on group '%s' (rank %d of %d, world rank %d) did not complete within %g s; "
-                 "aborting\n",
-                 op, name_.c_str(), rank(), size(), world_rank, timeout());
-    std::fflush(stderr);
-    // Stop the NCCL kernels and proxy first, so the GPU is not left spinning on a peer.
-    (void)ncclCommAbort(comm_.release());
     if (mpi_up && !finalized) MPI_Abort(MPI_COMM_WORLD, 3);
     std::abort();
   }
@@ -428,6 +513,11 @@ class NcclComm final : public Comm {
   NcclPtr comm_;  // after stream_: destroyed before it
   DevicePtr scratch_;
   size_t scratch_bytes_ = 0;
+  int device_ = -1, world_rank_ = -1;
+  std::mutex events_mutex_;
+  std::vector<EventPtr> all_events_;       // every event made, destroyed with the Comm
+  std::vector<cudaEvent_t> free_events_;   // those not in flight
+  std::unique_ptr<Watchdog> watchdog_;     // last: destroyed first, after draining what is in flight
 };
 
 }  // namespace

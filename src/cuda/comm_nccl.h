@@ -17,18 +17,24 @@ namespace vchat::cuda {
 // others over a private split of `bootstrap`, which the new Comm keeps for its own split().
 // The new Comm starts with `bootstrap`'s timeout and zero stats.
 //
-// Every operation is issued on the Comm's own stream and has completed when the call
-// returns (so host code may reuse or read the buffers at once), except:
+// Every operation is issued on the Comm's own stream after the work queued on this thread's
+// compute stream (an event). On device buffers it is asynchronous: the call returns once it
+// is enqueued, and the compute stream waits for it on the GPU, so everything queued there
+// afterwards, including device-to-host copies (Tensor::to_vector_f32, device_memcpy) and
+// frees, sees its result; a watchdog thread enforces the timeout. Completed when the call
+// returns, instead:
 //   all_reduce_f64 takes a HOST buffer (losses, counts), staged through the device; so do
 //     all_reduce, broadcast, send, recv and sendrecv when handed host memory (pipeline
 //     headers, a run id): a device copy in, and back out when written;
+//   barrier.
+// Also:
 //   recv (and sendrecv's receive) cannot detect a message shorter than asked for (NCCL does
 //     not report sizes);
-//   all_gather_async returns once the gather is enqueued; its request's wait() polls an
-//     event recorded behind it. The request refers to the Comm: wait for it (or destroy it)
-//     before the Comm is destroyed. Every operation starts after the work queued on this
-//     thread's compute stream (an event); the gather's buffers are the caller's to leave
-//     alone until wait(), which the ZeRO-3 hooks do before binding them.
+//   all_gather_async returns once the gather is enqueued and the compute stream does NOT
+//     wait for it; its request's wait() polls an event recorded behind it. The request
+//     refers to the Comm: wait for it (or destroy it) before the Comm is destroyed. The
+//     gather's buffers are the caller's to leave alone until wait(), which the ZeRO-3 hooks
+//     do before binding them.
 // Past the timeout the job is aborted with the same one-line message as the MPI backend.
 std::unique_ptr<Comm> make_nccl_comm(const Comm& bootstrap, const std::string& name);
 
