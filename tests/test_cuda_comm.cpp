@@ -7,6 +7,7 @@
 
 #include "cuda/comm_nccl.h"
 #include "cuda/cuda_backend.h"
+#include "ops.h"
 #include "parallel/comm.h"
 
 namespace vchat {
@@ -63,6 +64,23 @@ TEST_F(CudaComm, EveryOperationAtOneRankOnDeviceAndHostBuffers) {
   auto req = comm->all_gather_async(src.raw(), ag2.raw(), 4, DType::f32);
   req->wait();
   EXPECT_EQ(ag2.to_vector_f32(), v);
+  // The asynchronous reduce-scatter: wait() orders the compute stream after it, so a kernel
+  // enqueued next reads the result; twice in a row reuses its pooled event.
+  for (int rep = 0; rep < 2; ++rep) {
+    Tensor rsa = dev(v), outa = Tensor::empty({4}, DType::f32, Device::cuda);
+    auto r2 = comm->reduce_scatter_async(rsa.raw(), outa.raw(), 4, DType::f32, ReduceOp::sum);
+    r2->wait();
+    ops::scale(outa, 2.f);
+    EXPECT_EQ(outa.to_vector_f32(), (std::vector<float>{3.f, -4.f, 6.5f, 8.f})) << "rep " << rep;
+  }
+  // Many asynchronous collectives in a row with kernels between them: the GPU keeps the
+  // program's order without the host waiting for any of them.
+  Tensor chain = dev(v);
+  for (int i = 0; i < 200; ++i) {
+    comm->all_reduce(chain, ReduceOp::sum);
+    ops::scale(chain, i % 2 ? 0.5f : 2.f);
+  }
+  EXPECT_EQ(chain.to_vector_f32(), v);
   // bf16 travels and reduces.
   Tensor b16 = Tensor::empty({4}, DType::bf16, Device::cuda);
   ops::cast(dev(v), b16);

@@ -227,6 +227,35 @@ class NcclComm final : public Comm {
     });
   }
 
+  // Enqueued like every operation, but the compute stream does not wait for it yet: the
+  // request's wait() makes it wait (on the GPU; the host goes on), so the kernels enqueued
+  // in between run alongside the reduction. The watchdog watches it meanwhile.
+  std::unique_ptr<CommRequest> reduce_scatter_async(const void* send, void* recv, int64_t recv_count, DType dtype,
+                                                    ReduceOp op) override {
+    const OpTimer timer(*this);
+    const char* name = "reduce_scatter_async";
+    const ncclDataType_t t = reduce_type(dtype, name);
+    const int64_t block = recv_count * static_cast<int64_t>(dtype_size(dtype));
+    const char* sp = static_cast<const char*>(send);
+    if (static_cast<const char*>(recv) != sp + rank() * block && overlaps(sp, size() * block, recv, block))
+      throw std::invalid_argument(std::string(name) + " on group '" + name_ +
+                                  "': recv overlaps send other than as send's own block");
+    issue(name, [&] {
+      return ncclReduceScatter(send, recv, static_cast<size_t>(recv_count), t, nccl_op(op), comm_.get(),
+                               stream_.get());
+    });
+    // One event, shared by the watchdog (until the GPU is done) and the request (until the
+    // compute stream was told to wait for it); back to the pool after both.
+    cudaEvent_t raw = take_event();
+    std::shared_ptr<void> done(raw, [this](void* e) { give_event(static_cast<cudaEvent_t>(e)); });
+    CUDA_CHECK(cudaEventRecord(raw, stream_.get()));
+    watchdog_->watch({describe(name), timeout(),
+                      [raw, c = comm_.get(), device = device_] { return poll(raw, c, device); },
+                      [done]() mutable { done.reset(); }});
+    record(ring_share_bytes(double(size()) * block));
+    return std::make_unique<GpuOrdered>(std::move(done));
+  }
+
   // Enqueued on the Comm's stream like every operation, with an event behind it that the
   // request's wait() polls (the stream itself may by then hold later operations).
   std::unique_ptr<CommRequest> all_gather_async(const void* send, void* recv, int64_t send_count,
@@ -336,6 +365,29 @@ class NcclComm final : public Comm {
     Clock::time_point start_;
     EventPtr done_;
     bool waited_ = false;
+  };
+
+  // reduce_scatter_async's request: wait() makes the calling thread's compute stream wait
+  // for the operation's event; the host does not block (the watchdog enforces the timeout).
+  class GpuOrdered final : public CommRequest {
+   public:
+    explicit GpuOrdered(std::shared_ptr<void> done) : done_(std::move(done)) {}
+    ~GpuOrdered() override {
+      try {
+        wait();
+      } catch (...) {  // a broken CUDA context: the next operation reports it
+      }
+    }
+    void wait() override {
+      if (!done_) return;
+      const std::shared_ptr<void> done = std::move(done_);
+      bind_device();
+      CUDA_CHECK(cudaStreamWaitEvent(static_cast<cudaStream_t>(thread_context().stream()),
+                                     static_cast<cudaEvent_t>(done.get()), 0));
+    }
+
+   private:
+    std::shared_ptr<void> done_;
   };
 
   // The bytes of one block, after refusing overlaps other than the in-place one (NCCL's own

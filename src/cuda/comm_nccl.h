@@ -30,6 +30,9 @@ namespace vchat::cuda {
 // Also:
 //   recv (and sendrecv's receive) cannot detect a message shorter than asked for (NCCL does
 //     not report sizes);
+//   reduce_scatter_async returns once enqueued and the compute stream does NOT wait for it
+//     until its request's wait(), which makes it wait on the GPU (the host does not block);
+//     the watchdog watches it meanwhile;
 //   all_gather_async returns once the gather is enqueued and the compute stream does NOT
 //     wait for it; its request's wait() polls an event recorded behind it. The request
 //     refers to the Comm: wait for it (or destroy it) before the Comm is destroyed. The

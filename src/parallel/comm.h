@@ -44,7 +44,9 @@ struct CommStats {
 
 // An operation started by an *_async call. wait() completes it (under the Comm's timeout,
 // counted from the start); the destructor waits if nobody did, so an operation is never
-// left in flight. The buffers passed at the start must stay valid until then.
+// left in flight. The buffers passed at the start must stay valid until then. (On a GPU,
+// reduce_scatter_async's wait() orders the calling thread's compute stream after the
+// operation instead of blocking the host: what is enqueued there next sees the result.)
 class CommRequest {
  public:
   virtual ~CommRequest() = default;
@@ -89,6 +91,16 @@ class Comm {
   virtual std::unique_ptr<CommRequest> all_gather_async(const void* send, void* recv, int64_t send_count,
                                                         DType dtype) = 0;
 
+  // reduce_scatter, started and returned at once where the backend can (NCCL: on its own
+  // stream, so ZeRO-3's gradient reduction of one layer runs under the backward of the
+  // next); the default runs it synchronously and returns a completed request. Same buffer
+  // rules as reduce_scatter; both buffers must stay valid and unread until wait().
+  virtual std::unique_ptr<CommRequest> reduce_scatter_async(const void* send, void* recv, int64_t recv_count,
+                                                            DType dtype, ReduceOp op) {
+    reduce_scatter(send, recv, recv_count, dtype, op);
+    return std::make_unique<Completed>();
+  }
+
   // Collective over this group: the ranks with the same `color` form a new group, ranked by
   // (key, rank here). A negative color leaves the calling rank out (it gets nullptr). The
   // new group inherits this one's timeout and starts with zero stats.
@@ -111,6 +123,9 @@ class Comm {
   double timeout() const { return timeout_s_; }
 
  protected:
+  struct Completed final : CommRequest {  // an operation that finished before its call returned
+    void wait() override {}
+  };
   // Backends call this once per operation with the bus bytes of the table above.
   void record(double bytes) {
     stats_.bytes += bytes;

@@ -212,20 +212,32 @@ void Zero3Optimizer::after_backward(int unit) {
   if (!u.in_backward)
     throw std::logic_error("Zero3Optimizer: after_backward of unit '" + u.name + "' without before_backward");
   if (u.train.numel > 0) {
-    // In place: our block of the full gradient receives the sum over DP, then accumulates
-    // (several micro-batches) into the shard kept until step().
+    // In place: our block of the full gradient receives the sum over DP. Started here and
+    // finished at the next unit's after_backward (or the step): on a GPU the reduction runs
+    // under the previous unit's backward. Then it accumulates (several micro-batches) into
+    // the shard kept until step().
+    finish_reduction();
     const int64_t s = u.train.shard, r = dp_.rank();
-    const Tensor mine = u.grad_full.slice(0, r * s, (r + 1) * s);
-    timed([&] { dp_.reduce_scatter(u.grad_full.raw(), mine.raw(), s, DType::f32, ReduceOp::sum); });
-    ops::axpy(1.f, mine, u.grad_shard);
-    u.grad_full = Tensor();
+    Reduction red{unit, u.grad_full, u.grad_full.slice(0, r * s, (r + 1) * s), nullptr};
+    timed([&] { red.request = dp_.reduce_scatter_async(red.full.raw(), red.mine.raw(), s, DType::f32, ReduceOp::sum); });
+    reduction_ = std::move(red);
+    u.grad_full = Tensor();  // the reduction holds the buffer until it is finished
     bind_views(u.train, Tensor(), &Param::grad);
   }
   u.in_backward = false;
   release_if_unused(unit);
 }
 
+void Zero3Optimizer::finish_reduction() {
+  if (!reduction_) return;
+  Reduction red = std::move(*reduction_);
+  reduction_.reset();
+  timed([&] { red.request->wait(); });
+  ops::axpy(1.f, red.mine, units_[red.unit].grad_shard);
+}
+
 void Zero3Optimizer::zero_grads() {
+  finish_reduction();  // nothing should be pending here; never drop a reduction in flight
   for (Unit& u : units_) u.grad_shard.zero_();
 }
 
@@ -236,7 +248,8 @@ void Zero3Optimizer::update(float lr, const Tensor& grad_sq) {
     if (u.pinned)  // the gathered copies would go stale
       throw std::logic_error("Zero3Optimizer::update between gather_all() and release_all()");
   }
-  drop_prefetch();  // the shards are about to change
+  drop_prefetch();     // the shards are about to change
+  finish_reduction();  // the last unit's gradient reduction
   // Every trainable Param's intersection with this rank's shard [r·s, (r+1)·s).
   std::vector<UpdateSegment> segs;
   for (Unit& u : units_) {

@@ -11,6 +11,7 @@
 #pragma once
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include "model/units.h"
@@ -33,7 +34,7 @@ class Zero3Optimizer final : public DataParallelOptimizer, public UnitHooks {
   void before_forward(int unit) override;   // values bound; starts the gather of unit+1
   void after_forward(int unit) override;    // values released
   void before_backward(int unit) override;  // values (if needed) and a zeroed gradient bound
-  void after_backward(int unit) override;   // gradient reduce-scattered into the shard, freed
+  void after_backward(int unit) override;   // gradient reduce-scatter started (finished one unit later)
   void zero_grads() override;               // zeroes the gradient shards
   void update(float lr, const Tensor& grad_sq) override;
   Device device() const override { return device_; }
@@ -60,6 +61,7 @@ class Zero3Optimizer final : public DataParallelOptimizer, public UnitHooks {
   void prefetch(int unit);     // starts an asynchronous gather (at most one unit in flight)
   void drop_prefetch();        // completes the prefetch and releases what nobody claimed
   void release_if_unused(int unit);
+  void finish_reduction();     // waits for the reduction in flight, adds it to its unit's shard
   template <class F>
   void timed(F&& collective);  // adds the collective's time to the current step's
 
@@ -71,6 +73,12 @@ class Zero3Optimizer final : public DataParallelOptimizer, public UnitHooks {
   int64_t update_ = 0;
   int prefetched_ = -1;  // the unit gathered ahead of its use (its gathers may be in flight)
   std::vector<std::unique_ptr<CommRequest>> pending_;
+  struct Reduction {  // a unit's gradient reduce-scatter in flight, and the buffers it uses
+    int unit;
+    Tensor full, mine;  // the unit's full gradient (kept alive) and this rank's block of it
+    std::unique_ptr<CommRequest> request;
+  };
+  std::optional<Reduction> reduction_;
   double comm_accum_ = 0, comm_seconds_ = 0;
 };
 
