@@ -18,12 +18,14 @@
 #include <nccl.h>
 
 #include <algorithm>
+#include <atomic>
 #include <mutex>
 #include <vector>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <exception>
 #include <stdexcept>
 #include <thread>
 #include <type_traits>
@@ -117,6 +119,39 @@ class DeviceStaged {
   Tensor copy_;
 };
 
+// Events for asynchronous operations, reused. Shared: a request handed to a caller keeps
+// the pool (not the Comm) alive until its event is given back, from whichever thread.
+class EventPool {
+ public:
+  explicit EventPool(int device) : device_(device) {}
+  ~EventPool() { (void)cudaSetDevice(device_); }  // the events' deleters run after this body
+  cudaEvent_t take() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (!free_.empty()) {
+        cudaEvent_t e = free_.back();
+        free_.pop_back();
+        return e;
+      }
+    }
+    cudaEvent_t e = nullptr;
+    CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+    std::lock_guard<std::mutex> lock(mutex_);
+    all_.emplace_back(e);
+    return e;
+  }
+  void give(cudaEvent_t e) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    free_.push_back(e);
+  }
+
+ private:
+  int device_;
+  std::mutex mutex_;
+  std::vector<EventPtr> all_;      // every event made, destroyed with the pool
+  std::vector<cudaEvent_t> free_;  // those not in flight
+};
+
 class NcclComm final : public Comm {
  public:
   // `host` spans the same ranks in the same order; NCCL ranks are its ranks.
@@ -143,8 +178,9 @@ class NcclComm final : public Comm {
     MPI_Initialized(&mpi_up);
     MPI_Finalized(&finalized);
     if (mpi_up && !finalized) MPI_Comm_rank(MPI_COMM_WORLD, &world_rank_);
-    watchdog_ = std::make_unique<Watchdog>([raw = c](const std::string& what, const std::string& why) {
-      abort_job(what, why, raw);
+    events_ = std::make_shared<EventPool>(device_);
+    watchdog_ = std::make_unique<Watchdog>([this](const std::string& what, const std::string& why) {
+      abort_job(what, why);
     });
   }
   // The members' deleters run after this body: make the device current for them.
@@ -153,6 +189,10 @@ class NcclComm final : public Comm {
       bind_device();
     } catch (...) {  // nothing better to do in a destructor; the deleters still try
     }
+    // Unwinding from an error: peers may never join what is in flight, so stop it rather
+    // than let the watchdog's drain wait for the timeout (or forever without one).
+    if (std::uncaught_exceptions() > 0) abort_comm();
+    watchdog_.reset();  // drains: every watched operation completed, or the comm is aborted
   }
   NcclComm(const NcclComm&) = delete;
   NcclComm& operator=(const NcclComm&) = delete;
@@ -240,18 +280,17 @@ class NcclComm final : public Comm {
     if (static_cast<const char*>(recv) != sp + rank() * block && overlaps(sp, size() * block, recv, block))
       throw std::invalid_argument(std::string(name) + " on group '" + name_ +
                                   "': recv overlaps send other than as send's own block");
+    // One event, shared by the watchdog (until the GPU is done) and the request (until the
+    // compute stream was told to wait for it); back to the pool after both. Made before the
+    // operation is enqueued: once it is, only the event can order anything after it.
+    cudaEvent_t raw = events_->take();
+    std::shared_ptr<void> done(raw, [pool = events_](void* e) { pool->give(static_cast<cudaEvent_t>(e)); });
     issue(name, [&] {
       return ncclReduceScatter(send, recv, static_cast<size_t>(recv_count), t, nccl_op(op), comm_.get(),
                                stream_.get());
     });
-    // One event, shared by the watchdog (until the GPU is done) and the request (until the
-    // compute stream was told to wait for it); back to the pool after both.
-    cudaEvent_t raw = take_event();
-    std::shared_ptr<void> done(raw, [this](void* e) { give_event(static_cast<cudaEvent_t>(e)); });
     CUDA_CHECK(cudaEventRecord(raw, stream_.get()));
-    watchdog_->watch({describe(name), timeout(),
-                      [raw, c = comm_.get(), device = device_] { return poll(raw, c, device); },
-                      [done]() mutable { done.reset(); }});
+    watchdog_->watch({describe(name), timeout(), [this, raw] { return poll(raw); }, [done]() mutable { done.reset(); }});
     record(ring_share_bytes(double(size()) * block));
     return std::make_unique<GpuOrdered>(std::move(done));
   }
@@ -430,14 +469,20 @@ class NcclComm final : public Comm {
   template <class Enqueue>
   void run(const char* op, double bus_bytes, bool async, Enqueue&& enqueue) {
     const auto start = Clock::now();
-    issue(op, enqueue);
+    // Made before the operation is enqueued: once it is, only the event can order anything
+    // after it (the compute stream must never run ahead of a collective into its buffers).
+    cudaEvent_t done = async ? events_->take() : nullptr;
+    try {
+      issue(op, enqueue);
+    } catch (...) {
+      if (done) events_->give(done);
+      throw;
+    }
     if (async) {
-      cudaEvent_t done = take_event();
       CUDA_CHECK(cudaEventRecord(done, stream_.get()));
       CUDA_CHECK(cudaStreamWaitEvent(static_cast<cudaStream_t>(thread_context().stream()), done, 0));
-      watchdog_->watch({describe(op), timeout(),
-                        [done, c = comm_.get(), device = device_] { return poll(done, c, device); },
-                        [this, done] { give_event(done); }});
+      watchdog_->watch({describe(op), timeout(), [this, done] { return poll(done); },
+                        [pool = events_, done] { pool->give(done); }});
     } else {
       wait(op, start);
     }
@@ -445,9 +490,16 @@ class NcclComm final : public Comm {
   }
 
   // From the watchdog thread (so it must not throw): complete, failed, or still running.
-  static Watchdog::Poll poll(cudaEvent_t done, ncclComm_t c, int device) {
+  // After an abort the operation counts as done (its kernels were stopped) and the freed
+  // communicator is not touched: the abort lock orders the two.
+  Watchdog::Poll poll(cudaEvent_t done) {
     Watchdog::Poll p;
-    if (cudaSetDevice(device) != cudaSuccess) {
+    std::lock_guard<std::mutex> lock(abort_mutex_);
+    if (aborted_) {
+      p.done = true;
+      return p;
+    }
+    if (cudaSetDevice(device_) != cudaSuccess) {
       p.error = std::string("cudaSetDevice: ") + cudaGetErrorString(cudaGetLastError());
       return p;
     }
@@ -462,7 +514,7 @@ class NcclComm final : public Comm {
       return p;
     }
     ncclResult_t async = ncclSuccess;
-    if (ncclCommGetAsyncError(c, &async) == ncclSuccess && async != ncclSuccess && async != ncclInProgress)
+    if (ncclCommGetAsyncError(comm_.get(), &async) == ncclSuccess && async != ncclSuccess && async != ncclInProgress)
       p.error = std::string("NCCL: ") + ncclGetErrorString(async);
     return p;
   }
@@ -473,35 +525,13 @@ class NcclComm final : public Comm {
            std::to_string(size()) + ", world rank " + std::to_string(world_rank_) + ")";
   }
 
-  // Events for asynchronous operations, reused: the watchdog gives one back once its
-  // operation completed (from its thread, hence the lock).
-  cudaEvent_t take_event() {
-    {
-      std::lock_guard<std::mutex> lock(events_mutex_);
-      if (!free_events_.empty()) {
-        cudaEvent_t e = free_events_.back();
-        free_events_.pop_back();
-        return e;
-      }
-    }
-    cudaEvent_t e = nullptr;
-    CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
-    std::lock_guard<std::mutex> lock(events_mutex_);
-    all_events_.emplace_back(e);
-    return e;
-  }
-  void give_event(cudaEvent_t e) {
-    std::lock_guard<std::mutex> lock(events_mutex_);
-    free_events_.push_back(e);
-  }
-
   // Enqueues one operation with `enqueue` (returns the NCCL call's result) on the stream,
   // behind everything already queued on this thread's compute stream: kernels run on the
   // Context's own stream (cuda/context.h), which two blocking streams do not order by
   // themselves, so an event hands the order over.
   template <class Enqueue>
   void issue(const char* op, Enqueue&& enqueue) {
-    if (!comm_) throw std::runtime_error(std::string(op) + " on group '" + name_ + "': communicator was aborted");
+    if (aborted_) throw std::runtime_error(std::string(op) + " on group '" + name_ + "': communicator was aborted");
     bind_device();
     if (!ready_) {
       cudaEvent_t e = nullptr;
@@ -516,7 +546,7 @@ class NcclComm final : public Comm {
   // Waits for everything on the stream, or only for the work before `until` when given
   // (an asynchronous operation: later ones may have been enqueued behind it).
   void wait(const char* op, Clock::time_point start, cudaEvent_t until = nullptr) {
-    if (!comm_) throw std::runtime_error(std::string(op) + " on group '" + name_ + "': communicator was aborted");
+    if (aborted_) throw std::runtime_error(std::string(op) + " on group '" + name_ + "': communicator was aborted");
     const double limit = timeout();
     Backoff backoff;
     for (;;) {
@@ -526,9 +556,14 @@ class NcclComm final : public Comm {
       // A network or peer failure is reported here, not by the stream: the stream would
       // just never drain. The communicator is unusable afterwards.
       ncclResult_t async = ncclSuccess;
-      NCCL_CHECK(ncclCommGetAsyncError(comm_.get(), &async));
+      {
+        std::lock_guard<std::mutex> lock(abort_mutex_);  // the watchdog may abort it meanwhile
+        if (aborted_)
+          throw std::runtime_error(std::string(op) + " on group '" + name_ + "': communicator was aborted");
+        NCCL_CHECK(ncclCommGetAsyncError(comm_.get(), &async));
+      }
       if (async != ncclSuccess && async != ncclInProgress) {
-        (void)ncclCommAbort(comm_.release());
+        abort_comm();
         throw std::runtime_error(std::string(op) + " on group '" + name_ + "' failed: " + ncclGetErrorString(async));
       }
       if (limit > 0 && std::chrono::duration<double>(Clock::now() - start).count() > limit) abort_timeout(op);
@@ -539,18 +574,30 @@ class NcclComm final : public Comm {
   [[noreturn]] void abort_timeout(const char* op) {
     char why[96];
     std::snprintf(why, sizeof why, "did not complete within %g s", timeout());
-    abort_job(describe(op), why, comm_.release());
+    abort_job(describe(op), why);
   }
 
-  // One line naming the operation, then the job ends. Stops the NCCL kernels and proxy
-  // first (ncclCommAbort may be called from another thread), so the GPU is not left
-  // spinning on a peer and a host blocked on the compute stream is released.
-  [[noreturn]] static void abort_job(const std::string& what, const std::string& why, ncclComm_t c) {
+  // Stops the NCCL kernels and proxy (ncclCommAbort, which frees the communicator), once,
+  // from whichever thread finds a failure first; the watchdog's polls see the flag under
+  // the same lock and no longer touch the communicator.
+  void abort_comm() noexcept {
+    std::lock_guard<std::mutex> lock(abort_mutex_);
+    if (aborted_) return;
+    aborted_ = true;
+    if (comm_) (void)ncclCommAbort(comm_.release());
+  }
+
+  // One line naming the operation, then the job ends. The communicator is aborted first, so
+  // the GPU is not left spinning on a peer and a host blocked on the compute stream is
+  // released. (Called from the watchdog thread too: MPI_Abort from a thread other than the
+  // one that initialised MPI is outside MPI_THREAD_FUNNELED, but ends the job in Open MPI,
+  // and std::abort follows regardless.)
+  [[noreturn]] void abort_job(const std::string& what, const std::string& why) {
     const bool timed_out = why.rfind("did not complete", 0) == 0;
     std::fprintf(stderr, "vchat: comm %s: %s %s%s; aborting\n", timed_out ? "timeout" : "failure", what.c_str(),
                  timed_out ? "" : "failed: ", why.c_str());
     std::fflush(stderr);
-    if (c) (void)ncclCommAbort(c);
+    abort_comm();
     int mpi_up = 0, finalized = 0;
     MPI_Initialized(&mpi_up);
     MPI_Finalized(&finalized);
@@ -566,10 +613,10 @@ class NcclComm final : public Comm {
   DevicePtr scratch_;
   size_t scratch_bytes_ = 0;
   int device_ = -1, world_rank_ = -1;
-  std::mutex events_mutex_;
-  std::vector<EventPtr> all_events_;       // every event made, destroyed with the Comm
-  std::vector<cudaEvent_t> free_events_;   // those not in flight
-  std::unique_ptr<Watchdog> watchdog_;     // last: destroyed first, after draining what is in flight
+  std::mutex abort_mutex_;  // orders abort_comm() with the watchdog's polls
+  std::atomic<bool> aborted_{false};  // set under abort_mutex_ (also read without it: a quick check)
+  std::shared_ptr<EventPool> events_;
+  std::unique_ptr<Watchdog> watchdog_;  // last: destroyed first, after draining what is in flight
 };
 
 }  // namespace

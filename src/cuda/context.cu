@@ -29,8 +29,10 @@ struct Context::Impl {
 Context Context::create(size_t workspace_bytes) {
   auto impl = std::make_shared<Impl>();
   impl->device = bind_device();
-  // A blocking stream (not cudaStreamNonBlocking): it orders with the legacy default stream,
-  // where the allocator's stream-ordered frees and the host copies run.
+  // The compute stream: kernels, and also the allocator's stream-ordered allocations and
+  // frees, host copies and memsets (allocator.cu). Blocking (not cudaStreamNonBlocking), so
+  // work a library might put on the legacy default stream still orders with it; vchat's
+  // own code never uses the legacy stream, which would serialize every stream with it.
   CUDA_CHECK(cudaStreamCreate(&impl->stream));
   CUBLAS_CHECK(cublasLtCreate(&impl->lt));
   if (workspace_bytes) CUDA_CHECK(cudaMalloc(&impl->workspace, workspace_bytes));

@@ -10,6 +10,7 @@
 
 #include <cstring>
 #include <stdexcept>
+#include <string>
 
 #include "cuda/cuda_backend.h"
 #include "cuda/cuda_check.h"
@@ -58,6 +59,10 @@ void Uploader::begin() {
 int Uploader::upload(const std::vector<Tensor>& host, std::vector<Tensor>& device) {
   bind_device();
   Impl& im = *impl_;
+  // The destinations are allocated on the calling thread's compute stream, and the copies
+  // are ordered after an event recorded on im.compute: the two must be one stream.
+  if (thread_context().stream() != im.compute.stream())
+    throw std::logic_error("cuda::Uploader::upload from a thread other than the one whose compute stream it serves");
   size_t bytes = 0;
   for (const Tensor& t : host) {
     if (!t.defined()) continue;
@@ -72,8 +77,10 @@ int Uploader::upload(const std::vector<Tensor>& host, std::vector<Tensor>& devic
   const int g = im.used++;
   Impl::Group& grp = im.groups[g];
   if (grp.capacity < bytes) {  // begin() waited for the copies that read the old chunk
-    if (grp.pinned) CUDA_CHECK(cudaFreeHost(grp.pinned));
+    void* old = grp.pinned;
     grp.pinned = nullptr;
+    grp.capacity = 0;  // a failed allocation below must not leave a stale size
+    if (old) CUDA_CHECK(cudaFreeHost(old));
     CUDA_CHECK(cudaHostAlloc(&grp.pinned, bytes, cudaHostAllocDefault));
     grp.capacity = bytes;
   }

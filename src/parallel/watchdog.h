@@ -42,7 +42,8 @@ class Watchdog {
   Watchdog& operator=(const Watchdog&) = delete;
 
   void watch(Op op);
-  // Returns once every operation watched before the call is done or expired.
+  // Returns once nothing is in flight: every operation watched is done or expired (with one
+  // thread watching, as each Comm does, that is everything it watched before the call).
   void drain();
   size_t in_flight() const;
 

@@ -30,11 +30,15 @@ DeviceBatches::DeviceBatches(Device device) : device_(device) {
 DeviceBatches::~DeviceBatches() = default;
 
 const std::vector<Batch>& DeviceBatches::upload(const std::vector<Batch>& host) {
+#ifdef VCHAT_WITH_CUDA
+  // First: the previous step's copies are done before its device tensors go back to the
+  // pool (a step that failed before ready() of each micro-batch leaves copies unwaited).
+  if (uploader_) uploader_->begin();
+#endif
   batches_ = host;
   groups_.assign(host.size(), -1);
   if (device_ != Device::cuda) return batches_;
 #ifdef VCHAT_WITH_CUDA
-  uploader_->begin();
   for (size_t m = 0; m < host.size(); ++m) {
     std::vector<Tensor> src, dst;
     for (Tensor* t : tensors_of(batches_[m])) src.push_back(*t);
