@@ -526,16 +526,21 @@ TEST_F(CudaOps, FlashMmcaAgainstTheCpuOnRandomLayouts) {
       {AttnMode::causal, 2, 150, 4, 2, 64, {20, 3}, true, 9, "causal baseline with pad"},
       {AttnMode::full, 3, 257, 4, 4, 64, {1}, false, 0, "ViT full attention, 257 tokens"},
   };
-  // Both forward kernels: CUDA cores, and tensor cores where eligible (bf16, head dim % 16).
+  // Both kernel sets: CUDA cores, and tensor cores where eligible (bf16, head dim % 16; the
+  // backward also needs the shared memory of an H100/H200 at head dim 128).
   for (cuda::AttentionKernel kern : {cuda::AttentionKernel::cuda_cores, cuda::AttentionKernel::automatic}) {
     cuda::set_attention_kernel(kern);
     for (const AttnCase& c : cases) {
-      SCOPED_TRACE(kern == cuda::AttentionKernel::cuda_cores ? "cuda-core forward" : "tensor-core forward (bf16)");
+      SCOPED_TRACE(kern == cuda::AttentionKernel::cuda_cores ? "cuda-core kernels"
+                                                             : "tensor-core forward and backward (bf16)");
       check_attention(c, rng);
     }
   }
   cuda::set_attention_kernel(cuda::AttentionKernel::automatic);
   EXPECT_TRUE(cuda::attention_fwd_tc_eligible(DType::bf16, 128));
+  EXPECT_TRUE(cuda::attention_bwd_tc_eligible(DType::bf16, 64));
+  EXPECT_FALSE(cuda::attention_bwd_tc_eligible(DType::bf16, 40));
+  EXPECT_FALSE(cuda::attention_bwd_tc_eligible(DType::f32, 64));
   EXPECT_FALSE(cuda::attention_fwd_tc_eligible(DType::bf16, 6));
   EXPECT_FALSE(cuda::attention_fwd_tc_eligible(DType::f32, 64));
 }

@@ -3,8 +3,8 @@
 // states per text query, one per key modality, and adds the two normalized outputs at the
 // end; image queries copy their own v, pad queries write 0, pad keys are never attended.
 //
-// These kernels compute on CUDA cores in fp32 (storage f32 or bf16); the bf16 forward has a
-// tensor-core version (attention_tc.cu) with the same structure: 64-query x 64-key tiles staged in shared
+// These kernels compute on CUDA cores in fp32 (storage f32 or bf16); bf16 forward and backward
+// have tensor-core versions (attention_tc.cu) with the same structure: 64-query x 64-key tiles staged in shared
 // memory, online softmax, key tiles above the diagonal skipped, and within MMCA a branch
 // skipped on a tile that holds no key of its modality. Each query row is owned by 4
 // consecutive threads of a warp (lane = tid % 4), each holding a quarter of the head dim.
@@ -529,6 +529,13 @@ void attention_bwd(const Context& c, ops::AttnMode mode, const Tensor& dout, con
   expect_f32(op, {{"lse", lse}});
   VCHAT_CHECK(lse.shape() == Shape({g.B, g.H, g.L, 2}), op << ": lse " << shape_str(lse.shape()));
   if (q.numel() == 0) return;
+  const AttentionKernel want = g_kernel.load();
+  if (want != AttentionKernel::cuda_cores && attention_bwd_tc_eligible(dt, g.hd))
+    return attention_bwd_tc(c, mode, dout, q, k, v, modality, out, lse, dq, dk, dv);
+  VCHAT_CHECK(want != AttentionKernel::tensor_cores,
+              op << ": the tensor-core kernel needs bf16, a head dim that is a multiple of 16 up to 128, and the "
+                    "shared memory of an H100/H200 at head dim 128 (got "
+                 << dtype_name(dt) << ", " << g.hd << ")");
   const Tensor delta = Tensor::empty({g.B, g.H, g.L, 2}, DType::f32, Device::cuda);
   const unsigned tiles = static_cast<unsigned>((g.L + kTile - 1) / kTile);
   const uint8_t* m = mode == AttnMode::full ? nullptr : ptr<uint8_t>(modality);

@@ -118,14 +118,19 @@ void vit_embed_bwd(const Context& c, const Tensor& dout, const Tensor& dpatch_em
 // query, -inf where a branch is empty. Head dim at most 128.
 void attention_fwd(const Context& c, ops::AttnMode mode, const Tensor& q, const Tensor& k, const Tensor& v,
                    const Tensor& modality, const Tensor& out, const Tensor& lse);
-// Which forward kernel bf16 attention uses: tensor cores (attention_tc.cu; head dim a multiple
-// of 16 up to 128) or CUDA cores (attention.cu; any head dim up to 128, and every fp32 call).
+// Which kernels bf16 attention uses, forward and backward: tensor cores (attention_tc.cu; head
+// dim a multiple of 16 up to 128; the backward also needs the shared memory an H100/H200 has
+// at head dim 128) or CUDA cores (attention.cu; any head dim up to 128, and every fp32 call).
 // automatic: tensor cores where eligible. Process-wide; tests and benchmarks compare both.
 enum class AttentionKernel { automatic, cuda_cores, tensor_cores };
 void set_attention_kernel(AttentionKernel k);
 bool attention_fwd_tc_eligible(DType dtype, int64_t head_dim);
+bool attention_bwd_tc_eligible(DType dtype, int64_t head_dim);  // on the current device
 void attention_fwd_tc(const Context& c, ops::AttnMode mode, const Tensor& q, const Tensor& k, const Tensor& v,
                       const Tensor& modality, const Tensor& out, const Tensor& lse);
+void attention_bwd_tc(const Context& c, ops::AttnMode mode, const Tensor& dout, const Tensor& q, const Tensor& k,
+                      const Tensor& v, const Tensor& modality, const Tensor& out, const Tensor& lse, const Tensor& dq,
+                      const Tensor& dk, const Tensor& dv);
 // Generation with the KV cache (ops::attention_decode): q [n, H, hd] at positions
 // position .. position+n-1, k/v [position+n, KV, hd] (T), modality u8 [position+n]
 // (undefined for full), out [n, H, hd] T. Forward only; deterministic.
