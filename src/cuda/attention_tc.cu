@@ -80,6 +80,40 @@ __device__ void tc_load(bf16* s, int ld, const bf16* x, const TcGeometry& g, int
   }
 }
 
+// out (16 x 64 fp32, this warp's rows of a [64][kSld] tile) = A Bᵀ, A and B 64-row bf16
+// tiles of hd columns: rows [16w, 16w + 16) of A against all 64 rows of B.
+__device__ __forceinline__ void tc_abt(float* out, const bf16* A, const bf16* B, int hd, int hld, int warp) {
+  for (int n = 0; n < kTc / 16; ++n) {
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+    wmma::fill_fragment(acc, 0.f);
+    for (int kk = 0; kk < hd / 16; ++kk) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> a;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> bt;
+      wmma::load_matrix_sync(a, A + warp * 16 * hld + kk * 16, hld);
+      wmma::load_matrix_sync(bt, B + n * 16 * hld + kk * 16, hld);
+      wmma::mma_sync(acc, a, bt, acc);
+    }
+    wmma::store_matrix_sync(out + warp * 16 * kSld + n * 16, acc, kSld, wmma::mem_row_major);
+  }
+}
+// acc (this warp's 16 rows of a [64][old] fp32 tile) += P X: P this warp's rows of a
+// [64][kPld] bf16 tile (64 columns), X a 64-row bf16 tile of hd columns.
+__device__ __forceinline__ void tc_accumulate(float* acc_tile, int old, const bf16* P, const bf16* X, int hd, int hld,
+                                              int warp) {
+  for (int n = 0; n < hd / 16; ++n) {
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+    wmma::load_matrix_sync(acc, acc_tile + warp * 16 * old + n * 16, old, wmma::mem_row_major);
+    for (int kk = 0; kk < kTc / 16; ++kk) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> a;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> x;
+      wmma::load_matrix_sync(a, P + warp * 16 * kPld + kk * 16, kPld);
+      wmma::load_matrix_sync(x, X + kk * 16 * hld + n * 16, hld);
+      wmma::mma_sync(acc, a, x, acc);
+    }
+    wmma::store_matrix_sync(acc_tile + warp * 16 * old + n * 16, acc, old, wmma::mem_row_major);
+  }
+}
+
 __global__ void __launch_bounds__(kTcThreads) flash_fwd_tc(AttnMode mode, TcGeometry g, const bf16* q, const bf16* k,
                                                           const bf16* v, const uint8_t* modality, bf16* out,
                                                           float* lse) {
@@ -132,19 +166,7 @@ __global__ void __launch_bounds__(kTcThreads) flash_fwd_tc(AttnMode mode, TcGeom
     __syncthreads();
     if (mode == AttnMode::mmca && threadIdx.x < kTc && mk_s[threadIdx.x] == ops::kImage) tile_image = 1;
 
-    // S (this warp's 16 rows x 64 keys) = Q Kᵀ.
-    for (int n = 0; n < kTc / 16; ++n) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-      wmma::fill_fragment(acc, 0.f);
-      for (int kk = 0; kk < hd / 16; ++kk) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> a;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> bt;  // Kᵀ: K's rows are its columns
-        wmma::load_matrix_sync(a, Qs + warp * 16 * hld + kk * 16, hld);
-        wmma::load_matrix_sync(bt, Ks + n * 16 * hld + kk * 16, hld);
-        wmma::mma_sync(acc, a, bt, acc);
-      }
-      wmma::store_matrix_sync(S + warp * 16 * kSld + n * 16, acc, kSld, wmma::mem_row_major);
-    }
+    tc_abt(S, Qs, Ks, hd, hld, warp);  // S (this warp's 16 rows x 64 keys) = Q Kᵀ
     __syncthreads();  // tile_image is set; S is written
 
     // Online softmax per row: this lane's 32 keys; the partner lane (lane ^ 1) has the rest.
@@ -186,18 +208,7 @@ __global__ void __launch_bounds__(kTcThreads) flash_fwd_tc(AttnMode mode, TcGeom
     for (int branch = 0; branch < (tile_image ? 2 : 1); ++branch) {
       const bf16* P = branch == 0 ? P1 : P2;
       float* O = branch == 0 ? O1 : O2;
-      for (int n = 0; n < hd / 16; ++n) {
-        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-        wmma::load_matrix_sync(acc, O + warp * 16 * old + n * 16, old, wmma::mem_row_major);
-        for (int kk = 0; kk < kTc / 16; ++kk) {
-          wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> a;
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> bv;
-          wmma::load_matrix_sync(a, P + warp * 16 * kPld + kk * 16, kPld);
-          wmma::load_matrix_sync(bv, Vs + kk * 16 * hld + n * 16, hld);
-          wmma::mma_sync(acc, a, bv, acc);
-        }
-        wmma::store_matrix_sync(O + warp * 16 * old + n * 16, acc, old, wmma::mem_row_major);
-      }
+      tc_accumulate(O, old, P, Vs, hd, hld, warp);
     }
     __syncthreads();  // before the next tile overwrites K, V, S, P
   }
@@ -237,40 +248,6 @@ __device__ __forceinline__ uint8_t tc_modality(AttnMode mode, const uint8_t* mod
 }
 __device__ __forceinline__ bool tc_attends(AttnMode mode, uint8_t mq) {
   return mode == AttnMode::full || (mode == AttnMode::causal ? mq != ops::kPad : mq == ops::kText);
-}
-
-// out (16 x 64 fp32, this warp's rows of a [64][kSld] tile) = A Bᵀ, A and B 64-row bf16
-// tiles of hd columns: rows [16w, 16w + 16) of A against all 64 rows of B.
-__device__ __forceinline__ void tc_abt(float* out, const bf16* A, const bf16* B, int hd, int hld, int warp) {
-  for (int n = 0; n < kTc / 16; ++n) {
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-    wmma::fill_fragment(acc, 0.f);
-    for (int kk = 0; kk < hd / 16; ++kk) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> a;
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> bt;
-      wmma::load_matrix_sync(a, A + warp * 16 * hld + kk * 16, hld);
-      wmma::load_matrix_sync(bt, B + n * 16 * hld + kk * 16, hld);
-      wmma::mma_sync(acc, a, bt, acc);
-    }
-    wmma::store_matrix_sync(out + warp * 16 * kSld + n * 16, acc, kSld, wmma::mem_row_major);
-  }
-}
-// acc (this warp's 16 rows of a [64][old] fp32 tile) += P X: P this warp's rows of a
-// [64][kPld] bf16 tile (64 columns), X a 64-row bf16 tile of hd columns.
-__device__ __forceinline__ void tc_accumulate(float* acc_tile, int old, const bf16* P, const bf16* X, int hd, int hld,
-                                              int warp) {
-  for (int n = 0; n < hd / 16; ++n) {
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-    wmma::load_matrix_sync(acc, acc_tile + warp * 16 * old + n * 16, old, wmma::mem_row_major);
-    for (int kk = 0; kk < kTc / 16; ++kk) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> a;
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> x;
-      wmma::load_matrix_sync(a, P + warp * 16 * kPld + kk * 16, kPld);
-      wmma::load_matrix_sync(x, X + kk * 16 * hld + n * 16, hld);
-      wmma::mma_sync(acc, a, x, acc);
-    }
-    wmma::store_matrix_sync(acc_tile + warp * 16 * old + n * 16, acc, old, wmma::mem_row_major);
-  }
 }
 
 struct TcBwdLayout {  // dynamic shared memory of the backward kernels (128-byte aligned parts)
