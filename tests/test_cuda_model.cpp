@@ -13,6 +13,7 @@
 
 #include "cuda/cuda_backend.h"
 #include "model/kv_cache.h"
+#include "model/precision.h"
 #include "model/visualchat.h"
 #include "train/device_batches.h"
 #include "train/synthetic.h"
@@ -61,6 +62,15 @@ Outcome run_model(const ModelConfig& cfg, const ModelOptions& opt, const Batch& 
   o.loss = m.forward_backward(device == Device::cuda ? batch.to(Device::cuda) : batch, true).loss;
   for (Param* prm : m.params().trainable()) o.grads.emplace_back(prm->name, prm->grad.to_vector_f32());
   return o;
+}
+
+// The CUDA build knows it is one and, with a GPU visible, `--device auto` takes it (the CPU
+// build's twin is Precision.ThisBuildReportsItsBackend).
+TEST_F(CudaModel, ThisBuildReportsCudaAndAutoPicksTheGpu) {
+  EXPECT_TRUE(built_with_cuda());
+  EXPECT_EQ(visible_gpus(), cuda::device_count());
+  EXPECT_EQ(resolve_device("auto", built_with_cuda(), visible_gpus()), Device::cuda);
+  EXPECT_EQ(resolve_precision("auto", Device::cuda), Precision::bf16);
 }
 
 TEST_F(CudaModel, LossAndEveryTrainableGradientMatchTheCpu) {

@@ -63,7 +63,8 @@ TEST(Precision, Bf16OnlyOnCudaAndAutoFollowsTheDevice) {
 }
 
 // This build (the CPU one in make test) reports what it has; without the CUDA backend no GPU
-// is ever visible, so auto stays on the CPU.
+// is ever visible, so auto stays on the CPU. The CUDA build's twin is in the GPU suite
+// (CudaModel.ThisBuildReportsCudaAndAutoPicksTheGpu).
 TEST(Precision, ThisBuildReportsItsBackend) {
 #ifdef VCHAT_WITH_CUDA
   EXPECT_TRUE(built_with_cuda());

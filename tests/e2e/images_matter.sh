@@ -21,8 +21,10 @@ ls "$W/shards"/shard_00000_*.h5 "$W/shards"/shard_00001_*.h5 > /dev/null  # both
 "$BUILD"/vchat-prep verify "$W/shards" > /dev/null
 
 cd "$SRC"  # the run config names inputs/ relative to the repository root
+# 400 steps (the demo trains 600): measured 0.578 with images against 0.374 blanked, a margin
+# of 2.5x the 0.08 asked; 300 steps still gave 0.536 against 0.383.
 train() {
-  "${MPIRUN[@]}" "$BUILD"/vchat-train --config "$SRC/inputs/train/demo.ini" --steps 600 --val-every 0 --log-every 1000 \
+  "${MPIRUN[@]}" "$BUILD"/vchat-train --config "$SRC/inputs/train/demo.ini" --steps 400 --val-every 0 --log-every 1000 \
     --data synth="$W/shards":1 --tokenizer "$W/tok.model" "$@" | sed -n 's/^validation final.*answer accuracy \([0-9.]*\).*/\1/p'
 }
 with=$(train)
