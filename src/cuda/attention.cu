@@ -501,7 +501,8 @@ void attention_fwd(const Context& c, ops::AttnMode mode, const Tensor& q, const 
   if (want != AttentionKernel::cuda_cores && attention_fwd_tc_eligible(dt, g.hd))
     return attention_fwd_tc(c, mode, q, k, v, modality, out, lse);
   VCHAT_CHECK(want != AttentionKernel::tensor_cores,
-              op << ": the tensor-core kernel needs bf16 and a head dim that is a multiple of 16 up to 128 (got "
+              op << ": the tensor-core kernel needs bf16, a head dim that is a multiple of 16 up to 128, and "
+                    "~152 KiB of shared memory per block at head dim 128 (got "
                  << dtype_name(dt) << ", " << g.hd << ")");
   const dim3 grid(static_cast<unsigned>((g.L + kTile - 1) / kTile), static_cast<unsigned>(g.H),
                   static_cast<unsigned>(g.B));

@@ -464,33 +464,40 @@ void tc_allow(size_t bytes) {
 
 }  // namespace
 
-bool attention_fwd_tc_eligible(DType dtype, int64_t head_dim) {
+namespace {
+// The kernels' shape limits: bf16, head dim a multiple of the 16-wide MMA, at most 128.
+bool tc_shape_ok(DType dtype, int64_t head_dim) {
   return dtype == DType::bf16 && head_dim % 16 == 0 && head_dim >= 16 && head_dim <= 128;
+}
+// Whether this device grants a block `bytes` of shared memory (its opt-in limit).
+bool fits_shared(size_t bytes) {
+  int optin = 0;
+  CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, bind_device()));
+  return bytes <= static_cast<size_t>(optin);
+}
+}  // namespace
+
+bool attention_fwd_tc_eligible(DType dtype, int64_t head_dim) {
+  // ~152 KiB at head dim 128: fits an H100/H200 (227 KiB) and an A100 (163 KiB).
+  return tc_shape_ok(dtype, head_dim) && fits_shared(TcLayout(static_cast<int>(head_dim)).total);
 }
 
 void attention_fwd_tc(const Context& c, ops::AttnMode mode, const Tensor& q, const Tensor& k, const Tensor& v,
                       const Tensor& modality, const Tensor& out, const Tensor& lse) {
   const TcGeometry g{q.size(0), q.size(1), q.size(2), k.size(2), q.size(3), 1.f / sqrtf(static_cast<float>(q.size(3)))};
-  static const bool opted_in = [] {
-    CUDA_CHECK(cudaFuncSetAttribute(flash_fwd_tc, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    static_cast<int>(TcLayout(128).total)));
-    return true;
-  }();
-  (void)opted_in;
+  const size_t smem = TcLayout(static_cast<int>(g.hd)).total;
+  tc_allow<flash_fwd_tc>(smem);
   const dim3 grid(static_cast<unsigned>((g.L + kTc - 1) / kTc), static_cast<unsigned>(g.H), static_cast<unsigned>(g.B));
-  flash_fwd_tc<<<grid, kTcThreads, TcLayout(static_cast<int>(g.hd)).total, stream_of(c)>>>(
+  flash_fwd_tc<<<grid, kTcThreads, smem, stream_of(c)>>>(
       mode, g, ptr<bf16>(q), ptr<bf16>(k), ptr<bf16>(v), mode == AttnMode::full ? nullptr : ptr<uint8_t>(modality),
       ptr<bf16>(out), ptr<float>(lse));
   CUDA_CHECK_LAUNCH();
 }
 
 bool attention_bwd_tc_eligible(DType dtype, int64_t head_dim) {
-  if (!attention_fwd_tc_eligible(dtype, head_dim)) return false;
   // The dK/dV pass holds four bf16 tiles, two fp32 score tiles and two fp32 accumulators:
-  // ~192 KiB at head dim 128, which fits an H100/H200 (227 KiB) but not an A100 (163 KiB).
-  int optin = 0;
-  CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, bind_device()));
-  return TcBwdLayout(static_cast<int>(head_dim)).total <= static_cast<size_t>(optin);
+  // ~187 KiB at head dim 128, which fits an H100/H200 (227 KiB) but not an A100 (163 KiB).
+  return tc_shape_ok(dtype, head_dim) && fits_shared(TcBwdLayout(static_cast<int>(head_dim)).total);
 }
 
 void attention_bwd_tc(const Context& c, ops::AttnMode mode, const Tensor& dout, const Tensor& q, const Tensor& k,

@@ -124,8 +124,9 @@ void attention_fwd(const Context& c, ops::AttnMode mode, const Tensor& q, const 
 // automatic: tensor cores where eligible. Process-wide; tests and benchmarks compare both.
 enum class AttentionKernel { automatic, cuda_cores, tensor_cores };
 void set_attention_kernel(AttentionKernel k);
+// Both on the current device: each also checks that the device grants the kernels' shared memory.
 bool attention_fwd_tc_eligible(DType dtype, int64_t head_dim);
-bool attention_bwd_tc_eligible(DType dtype, int64_t head_dim);  // on the current device
+bool attention_bwd_tc_eligible(DType dtype, int64_t head_dim);
 void attention_fwd_tc(const Context& c, ops::AttnMode mode, const Tensor& q, const Tensor& k, const Tensor& v,
                       const Tensor& modality, const Tensor& out, const Tensor& lse);
 void attention_bwd_tc(const Context& c, ops::AttnMode mode, const Tensor& dout, const Tensor& q, const Tensor& k,

@@ -1,7 +1,8 @@
 # Sourced by check.sh and rehearse.sh: the library path of a packed run. The pack's own
 # libraries first, then the CUDA toolkit's and NCCL's wherever this machine has them (the
 # toolkit under /usr/local/cuda*, or the nvidia-* Python wheels next to PyTorch).
-# Sets PACK (the unpacked pack) and LD_LIBRARY_PATH; prints nothing.
+# Sets PACK (the unpacked pack) and LD_LIBRARY_PATH; prints nothing. Sourcing it twice
+# (check.sh, then layouts.sh) only repeats directories.
 vchat_gpu_env() {
   local pack=$1 dirs=() d
   PACK=$pack
@@ -20,6 +21,10 @@ for r in roots:
 PY
     )
   fi
+  # Then the driver's folder of NVIDIA's container runtimes (libcuda.so.1 may be found only
+  # there) and whatever the machine had: the pack comes first, nothing is dropped.
+  for d in /usr/local/nvidia/lib64 /usr/local/nvidia/lib; do [[ -d $d ]] && dirs+=("$d"); done
+  [[ -n ${LD_LIBRARY_PATH-} ]] && dirs+=("$LD_LIBRARY_PATH")
   LD_LIBRARY_PATH=$(IFS=:; echo "${dirs[*]}")
   # The packed Open MPI, relocated: every install directory it would look in, under the pack.
   local m=$pack/mpi arch=x86_64-linux-gnu

@@ -19,10 +19,13 @@ $PY -c "import numpy" 2>/dev/null || PY=/usr/bin/python3
 COMMON=(--device "$DEVICE" --precision fp32 --comm mpi --model inputs/models/tiny.json --train full --steps 5
         --micro-batch-size 2 --global-batch 8 --seq-len 128 --lr 1e-3 --adam-eps 1e-6 --warmup 2
         --weight-decay 0.1 --comm-timeout 120 --threads 1)
+# Each layout gets LAYOUT_TIMEOUT_S (default 60 s on a GPU): one that hangs fails alone
+# instead of spending the whole stage's time and the layouts after it.
+LAYOUT_TIMEOUT_S=${LAYOUT_TIMEOUT_S:-60}
 run() {  # run TAG NP OPTIONS...
   local tag=$1 np=$2; shift 2
-  "${MPIRUN[@]}" -np "$np" "$BIN/vchat-train" "${COMMON[@]}" "$@" --metrics "$RUNS/$tag.jsonl" \
-    --save-dir "$RUNS/$tag" > "$OUTDIR/layout-$tag.log" 2>&1 || { echo "layout $tag: vchat-train failed"; tail -5 "$OUTDIR/layout-$tag.log"; return 1; }
+  timeout -k 5 "$LAYOUT_TIMEOUT_S" "${MPIRUN[@]}" -np "$np" "$BIN/vchat-train" "${COMMON[@]}" "$@" --metrics "$RUNS/$tag.jsonl" \
+    --save-dir "$RUNS/$tag" > "$OUTDIR/layout-$tag.log" 2>&1 || { echo "layout $tag: vchat-train failed (rc $?)"; tail -5 "$OUTDIR/layout-$tag.log"; return 1; }
   "$BIN/vchat-ckpt" consolidate "$RUNS/$tag" --out "$RUNS/$tag.safetensors" >> "$OUTDIR/layout-$tag.log" 2>&1 ||
     { echo "layout $tag: consolidate failed"; return 1; }
 }

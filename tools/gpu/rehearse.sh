@@ -16,7 +16,7 @@ tar -C "$WORK" -xJf "$PACKFILE"
 source "$WORK/pack/tools/env.sh"
 vchat_gpu_env "$WORK/pack"
 # Allowed: the pack, the CUDA toolkit, and glibc's own libraries (the lent machine has those).
-ALLOWED="^($WORK/pack/lib/|$WORK/pack/mpi/|/usr/local/cuda|.*/nvidia/[a-z_]+/lib/|/lib/x86_64-linux-gnu/(libc|libm|libdl|libpthread|librt|ld-linux)[.-]|/lib64/ld-linux|/usr/lib/x86_64-linux-gnu/(libc|libm|libdl|libpthread|librt)[.-])"
+ALLOWED="^($WORK/pack/lib/|$WORK/pack/mpi/|/usr/local/cuda|/usr/local/nvidia/|.*/nvidia/[a-z_]+/lib/|/lib/x86_64-linux-gnu/(libc|libm|libdl|libpthread|librt|ld-linux)[.-]|/lib64/ld-linux|/usr/lib/x86_64-linux-gnu/(libc|libm|libdl|libpthread|librt)[.-])"
 bad=0
 for bin in "$WORK"/pack/bin/*; do
   # Started with an argument that makes it print and exit (all libraries load, no GPU needed):
@@ -49,7 +49,7 @@ while read -r lib; do
 done < <(grep -oE 'calling init: [^ ]+' "$mpi_out" | awk '{print $3}' | sort -u)
 (( outside )) && bad=1 || echo "rehearse: mpirun -np 2 vchat-train runs from the pack alone ($(grep -oE 'calling init: [^ ]+' "$mpi_out" | sort -u | wc -l) libraries and components)"
 # The layout check's script, end to end on the CPU (the same runs and comparisons).
-if DEVICE=cpu PACK=$WORK/pack bash "$ROOT/tools/gpu/layouts.sh" "$WORK" > "$WORK/layouts.txt" 2>&1; then
+if DEVICE=cpu LAYOUT_TIMEOUT_S=900 PACK=$WORK/pack bash "$ROOT/tools/gpu/layouts.sh" "$WORK" > "$WORK/layouts.txt" 2>&1; then
   echo "rehearse: tools/gpu/layouts.sh passes on the CPU:"; sed 's/^/  /' "$WORK/layouts.txt"
 else
   echo "rehearse: tools/gpu/layouts.sh failed on the CPU:"; tail -20 "$WORK/layouts.txt"; bad=1
