@@ -4,7 +4,9 @@
 //   vchat-bench-step --model inputs/models/small.json --batch 2 --seq-len 512 --threads 2
 //                    --batch-out /tmp/batch.safetensors
 //   vchat-bench-step --device cuda --precision bf16 --model inputs/models/llama-1b-clip-l14-224.json
-//                    --train full --batch 4 --seq-len 2048 --images 4 --recompute none
+//                    --train full --batch 4 --seq-len 2048 --images 4 --recompute none [--profile]
+// --profile: one more step after the timed ones with the op profiler on (src/profile.h), its
+// table of time per op printed as '#' lines before the result line.
 #include <cblas.h>
 #include <omp.h>
 
@@ -16,6 +18,7 @@
 
 #include "io/safetensors.h"
 #include "model/precision.h"
+#include "profile.h"
 #include "train/flops.h"
 #include "model/visualchat.h"
 #include "parallel/zero.h"
@@ -30,12 +33,14 @@ static int run(int argc, char** argv) {
   double peak_tflops = 0;
   int64_t batch = 2, seq = 512, images = 4, warmup = 1, iters = 3;
   int threads = 2;
+  bool profile_ops = false;
   po::options_description o("vchat-bench-step");
   o.add_options()("model", po::value(&model_file))("train", po::value(&train))("attention", po::value(&attention))(
       "batch", po::value(&batch))("seq-len", po::value(&seq))("images", po::value(&images))(
       "threads", po::value(&threads))("warmup", po::value(&warmup))("iters", po::value(&iters))(
       "batch-out", po::value(&batch_out))("device", po::value(&device))("precision", po::value(&precision))(
-      "recompute", po::value(&recompute))("peak-tflops", po::value(&peak_tflops));
+      "recompute", po::value(&recompute))("peak-tflops", po::value(&peak_tflops))(
+      "profile", po::bool_switch(&profile_ops));
   po::variables_map vm;
   try {
     po::store(po::parse_command_line(argc, argv, o), vm);
@@ -81,6 +86,24 @@ static int run(int argc, char** argv) {
     if (i >= warmup) ms.push_back(t);
   }
   std::sort(ms.begin(), ms.end());
+  if (profile_ops) {  // one more step, not among the timed ones: events per op slow it down
+    profile::enable(true);
+    const auto t0 = std::chrono::steady_clock::now();
+    adam.zero_grads();
+    model.forward_backward(b, true);
+    adam.step(1e-4f);
+    synchronize(dev);
+    const double t = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    profile::enable(false);
+    const std::string table = profile::format(profile::report());
+    std::printf("# op profile of one step (%.2f ms with the profiler on; CUDA ops: GPU time):\n", t);
+    size_t at = 0;
+    while (at < table.size()) {
+      const size_t nl = table.find('\n', at);
+      std::printf("#   %s\n", table.substr(at, nl - at).c_str());
+      at = nl == std::string::npos ? table.size() : nl + 1;
+    }
+  }
   // Model FLOPs of the step (src/train/flops.cpp), over the device's peak: MFU.
   const double flops = step_flops(cfg, opt, batch * b.seq_len(), b.seq_len(), b.n_images()).total();
   const double peak = peak_tflops > 0 ? peak_tflops * 1e12 : dev == Device::cuda ? gpu_peak_flops(prec) : measured_sgemm_peak();

@@ -10,6 +10,7 @@
 
 #include "check.h"
 #include "cpu/cpu_ops.h"
+#include "profile.h"
 #ifdef VCHAT_WITH_CUDA
 #include "cuda/cuda_backend.h"
 #endif
@@ -70,9 +71,14 @@ void check_scalar(const char* op, const Arg& a) {
 
 }  // namespace
 
-// CUDA(call): on a CUDA build, run cuda::call with this thread's context and return.
+// CPU(call, args): cpu::call(args) as an expression, timed under the call's name when the op
+// profiler is on (profile.h).
+#define CPU(op, ...) (profile::Scope(#op, Device::cpu), cpu::op(__VA_ARGS__))
+
+// CUDA(call): on a CUDA build, run cuda::call with this thread's context and return; timed
+// under the call's name when the op profiler is on (profile.h).
 #ifdef VCHAT_WITH_CUDA
-#define CUDA(op, ...) return cuda::op(cuda::thread_context(), __VA_ARGS__)
+#define CUDA(op, ...) return (profile::Scope(#op, Device::cuda), cuda::op(cuda::thread_context(), __VA_ARGS__))
 #else
 #define CUDA(op, ...) no_cuda(#op)
 #endif
@@ -80,7 +86,7 @@ void check_scalar(const char* op, const Arg& a) {
 void gemm(const Tensor& A, bool ta, const Tensor& B, bool tb, const Tensor& C, float alpha, float beta) {
   if (where("gemm", {{"C", C}, {"A", A}, {"B", B}}) == Device::cuda) CUDA(gemm, A, ta, B, tb, C, alpha, beta);
   cpu_f32("gemm", {{"A", A}, {"B", B}, {"C", C}});
-  cpu::gemm(A, ta, B, tb, C, alpha, beta);
+  CPU(gemm, A, ta, B, tb, C, alpha, beta);
 }
 
 void linear_fwd(const Tensor& x, const Tensor& W, const Tensor& b, const Tensor& y) {
@@ -89,7 +95,7 @@ void linear_fwd(const Tensor& x, const Tensor& W, const Tensor& b, const Tensor&
   gemm(x, false, W, true, y);
   if (b.defined()) {
     cpu_f32("linear_fwd", {{"b", b}});
-    cpu::add_bias(y, b);
+    CPU(add_bias, y, b);
   }
 }
 
@@ -102,54 +108,54 @@ void linear_bwd_weight(const Tensor& dy, const Tensor& x, const Tensor& dW, cons
   if (!db.defined()) return;
   if (where("bias_grad", {{"db", db}, {"dy", dy}}) == Device::cuda) CUDA(bias_grad, dy, db);
   cpu_f32("bias_grad", {{"dy", dy}, {"db", db}});
-  cpu::bias_grad(dy, db);
+  CPU(bias_grad, dy, db);
 }
 
 void add(const Tensor& a, const Tensor& b, const Tensor& out) {
   if (where("add", {{"out", out}, {"a", a}, {"b", b}}) == Device::cuda) CUDA(add, a, b, out);
   cpu_f32("add", {{"a", a}, {"b", b}, {"out", out}});
-  cpu::add(a, b, out);
+  CPU(add, a, b, out);
 }
 void axpy(float alpha, const Tensor& x, const Tensor& y) {
   if (where("axpy", {{"y", y}, {"x", x}}) == Device::cuda) CUDA(axpy, alpha, x, y);
   cpu_f32("axpy", {{"x", x}, {"y", y}});
-  cpu::axpy(alpha, x, y);
+  CPU(axpy, alpha, x, y);
 }
 void scale(const Tensor& x, float alpha) {
   if (where("scale", {{"x", x}}) == Device::cuda) CUDA(scale, x, alpha);
   cpu_f32("scale", {{"x", x}});
-  cpu::scale(x, alpha);
+  CPU(scale, x, alpha);
 }
 void fill(const Tensor& x, float value) {
   if (where("fill", {{"x", x}}) == Device::cuda) CUDA(fill, x, value);
   cpu_f32("fill", {{"x", x}});
-  cpu::fill(x, value);
+  CPU(fill, x, value);
 }
 
 void cast(const Tensor& src, const Tensor& dst) {
   if (where("cast", {{"dst", dst}, {"src", src}}) == Device::cuda) CUDA(cast, src, dst);
-  cpu::cast(src, dst);
+  CPU(cast, src, dst);
 }
 
 void rmsnorm_fwd(const Tensor& x, const Tensor& w, float eps, const Tensor& y, const Tensor& rstd) {
   if (where("rmsnorm_fwd", {{"x", x}, {"w", w}, {"y", y}, {"rstd", rstd}}) == Device::cuda)
     CUDA(rmsnorm_fwd, x, w, eps, y, rstd);
   cpu_f32("rmsnorm_fwd", {{"x", x}, {"w", w}, {"y", y}, {"rstd", rstd}});
-  cpu::rmsnorm_fwd(x, w, eps, y, rstd);
+  CPU(rmsnorm_fwd, x, w, eps, y, rstd);
 }
 void rmsnorm_bwd(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd, const Tensor& dx,
                  const Tensor& dw) {
   if (where("rmsnorm_bwd", {{"x", x}, {"dy", dy}, {"w", w}, {"rstd", rstd}, {"dx", dx}, {"dw", dw}}) == Device::cuda)
     CUDA(rmsnorm_bwd, dy, x, w, rstd, dx, dw);
   cpu_f32("rmsnorm_bwd", {{"dy", dy}, {"x", x}, {"w", w}, {"rstd", rstd}, {"dx", dx}, {"dw", dw}});
-  cpu::rmsnorm_bwd(dy, x, w, rstd, dx, dw);
+  CPU(rmsnorm_bwd, dy, x, w, rstd, dx, dw);
 }
 void layernorm_fwd(const Tensor& x, const Tensor& w, const Tensor& b, float eps, const Tensor& y,
                    const Tensor& mean, const Tensor& rstd) {
   if (where("layernorm_fwd", {{"x", x}, {"w", w}, {"b", b}, {"y", y}, {"mean", mean}, {"rstd", rstd}}) == Device::cuda)
     CUDA(layernorm_fwd, x, w, b, eps, y, mean, rstd);
   cpu_f32("layernorm_fwd", {{"x", x}, {"w", w}, {"b", b}, {"y", y}, {"mean", mean}, {"rstd", rstd}});
-  cpu::layernorm_fwd(x, w, b, eps, y, mean, rstd);
+  CPU(layernorm_fwd, x, w, b, eps, y, mean, rstd);
 }
 void layernorm_bwd(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& mean, const Tensor& rstd,
                    const Tensor& dx, const Tensor& dw, const Tensor& db) {
@@ -158,35 +164,35 @@ void layernorm_bwd(const Tensor& dy, const Tensor& x, const Tensor& w, const Ten
     CUDA(layernorm_bwd, dy, x, w, mean, rstd, dx, dw, db);
   cpu_f32("layernorm_bwd",
           {{"dy", dy}, {"x", x}, {"w", w}, {"mean", mean}, {"rstd", rstd}, {"dx", dx}, {"dw", dw}, {"db", db}});
-  cpu::layernorm_bwd(dy, x, w, mean, rstd, dx, dw, db);
+  CPU(layernorm_bwd, dy, x, w, mean, rstd, dx, dw, db);
 }
 
 void rope_(const Tensor& x, double theta, bool inverse, int64_t position_offset) {
   if (where("rope", {{"x", x}}) == Device::cuda) CUDA(rope_, x, theta, inverse, position_offset);
   cpu_f32("rope", {{"x", x}});
-  cpu::rope_(x, theta, inverse, position_offset);
+  CPU(rope_, x, theta, inverse, position_offset);
 }
 
 void swiglu_fwd(const Tensor& gate, const Tensor& up, const Tensor& out) {
   if (where("swiglu_fwd", {{"out", out}, {"gate", gate}, {"up", up}}) == Device::cuda) CUDA(swiglu_fwd, gate, up, out);
   cpu_f32("swiglu_fwd", {{"gate", gate}, {"up", up}, {"out", out}});
-  cpu::swiglu_fwd(gate, up, out);
+  CPU(swiglu_fwd, gate, up, out);
 }
 void swiglu_bwd(const Tensor& dout, const Tensor& gate, const Tensor& up, const Tensor& dgate, const Tensor& dup) {
   if (where("swiglu_bwd", {{"gate", gate}, {"dout", dout}, {"up", up}, {"dgate", dgate}, {"dup", dup}}) == Device::cuda)
     CUDA(swiglu_bwd, dout, gate, up, dgate, dup);
   cpu_f32("swiglu_bwd", {{"dout", dout}, {"gate", gate}, {"up", up}, {"dgate", dgate}, {"dup", dup}});
-  cpu::swiglu_bwd(dout, gate, up, dgate, dup);
+  CPU(swiglu_bwd, dout, gate, up, dgate, dup);
 }
 void gelu_fwd(Activation act, const Tensor& x, const Tensor& y) {
   if (where("gelu_fwd", {{"x", x}, {"y", y}}) == Device::cuda) CUDA(gelu_fwd, act, x, y);
   cpu_f32("gelu_fwd", {{"x", x}, {"y", y}});
-  cpu::gelu_fwd(act, x, y);
+  CPU(gelu_fwd, act, x, y);
 }
 void gelu_bwd(Activation act, const Tensor& dy, const Tensor& x, const Tensor& dx) {
   if (where("gelu_bwd", {{"x", x}, {"dy", dy}, {"dx", dx}}) == Device::cuda) CUDA(gelu_bwd, act, dy, x, dx);
   cpu_f32("gelu_bwd", {{"dy", dy}, {"x", x}, {"dx", dx}});
-  cpu::gelu_bwd(act, dy, x, dx);
+  CPU(gelu_bwd, act, dy, x, dx);
 }
 
 Tensor attention_fwd(AttnMode mode, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& modality,
@@ -196,6 +202,7 @@ Tensor attention_fwd(AttnMode mode, const Tensor& q, const Tensor& k, const Tens
   if (where("attention_fwd", {{"q", q}, {"k", k}, {"v", v}, {"modality", modality}, {"out", out}}) == Device::cuda) {
 #ifdef VCHAT_WITH_CUDA
     const Tensor lse = Tensor::empty({B, H, L, 2}, DType::f32, Device::cuda);
+    const profile::Scope timed("attention_fwd", Device::cuda);
     cuda::attention_fwd(cuda::thread_context(), mode, q, k, v, modality, out, lse);
     return lse;
 #else
@@ -204,7 +211,7 @@ Tensor attention_fwd(AttnMode mode, const Tensor& q, const Tensor& k, const Tens
   }
   cpu_f32("attention_fwd", {{"q", q}, {"k", k}, {"v", v}, {"out", out}});
   const Tensor probs = Tensor::empty({B, H, L, L});
-  cpu::attention_fwd(mode, q, k, v, modality, out, probs);
+  CPU(attention_fwd, mode, q, k, v, modality, out, probs);
   return probs;
 }
 void attention_decode(AttnMode mode, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& modality,
@@ -213,7 +220,7 @@ void attention_decode(AttnMode mode, const Tensor& q, const Tensor& k, const Ten
   if (where("attention_decode", {{"q", q}, {"k", k}, {"v", v}, {"modality", modality}, {"out", out}}) == Device::cuda)
     CUDA(attention_decode, mode, q, k, v, modality, position, out);
   cpu_f32("attention_decode", {{"q", q}, {"k", k}, {"v", v}, {"out", out}});
-  cpu::attention_decode(mode, q, k, v, modality, position, out);
+  CPU(attention_decode, mode, q, k, v, modality, position, out);
 }
 
 void attention_bwd(AttnMode mode, const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
@@ -225,7 +232,7 @@ void attention_bwd(AttnMode mode, const Tensor& dout, const Tensor& q, const Ten
     CUDA(attention_bwd, mode, dout, q, k, v, modality, out, saved, dq, dk, dv);
   cpu_f32("attention_bwd",
           {{"dout", dout}, {"q", q}, {"k", k}, {"v", v}, {"saved", saved}, {"dq", dq}, {"dk", dk}, {"dv", dv}});
-  cpu::attention_bwd(mode, dout, q, k, v, modality, saved, dq, dk, dv);
+  CPU(attention_bwd, mode, dout, q, k, v, modality, saved, dq, dk, dv);
 }
 
 void embedding_fwd(const Tensor& ids, const Tensor& table, const Tensor& out) {
@@ -233,48 +240,48 @@ void embedding_fwd(const Tensor& ids, const Tensor& table, const Tensor& out) {
   if (where("embedding_fwd", {{"table", table}, {"ids", ids}, {"out", out}}) == Device::cuda)
     CUDA(embedding_fwd, ids, table, out, 0);
   cpu_f32("embedding_fwd", {{"table", table}, {"out", out}});
-  cpu::embedding_fwd(ids, table, out);
+  CPU(embedding_fwd, ids, table, out);
 }
 void embedding_bwd(const Tensor& dout, const Tensor& ids, const TokenGroups& groups, const Tensor& dtable) {
   expect_dtype("embedding_bwd", {"ids", ids}, DType::i32);
   if (where("embedding_bwd", {{"dtable", dtable}, {"dout", dout}, {"groups.order", groups.order}}) == Device::cuda)
     CUDA(embedding_bwd, dout, groups, dtable, 0);
   cpu_f32("embedding_bwd", {{"dout", dout}, {"dtable", dtable}});
-  cpu::embedding_bwd(dout, ids, dtable);
+  CPU(embedding_bwd, dout, ids, dtable);
 }
 void scatter_rows(const Tensor& src, const Tensor& index, const Tensor& dst) {
   expect_dtype("scatter_rows", {"index", index}, DType::i32);
   if (where("scatter_rows", {{"dst", dst}, {"src", src}, {"index", index}}) == Device::cuda)
     CUDA(scatter_rows, src, index, dst);
   cpu_f32("scatter_rows", {{"src", src}, {"dst", dst}});
-  cpu::scatter_rows(src, index, dst);
+  CPU(scatter_rows, src, index, dst);
 }
 void gather_rows(const Tensor& src, const Tensor& index, const Tensor& dst) {
   expect_dtype("gather_rows", {"index", index}, DType::i32);
   if (where("gather_rows", {{"dst", dst}, {"src", src}, {"index", index}}) == Device::cuda)
     CUDA(gather_rows, src, index, dst);
   cpu_f32("gather_rows", {{"src", src}, {"dst", dst}});
-  cpu::gather_rows(src, index, dst);
+  CPU(gather_rows, src, index, dst);
 }
 void patchify(const Tensor& pixels, int64_t patch, const Tensor& patches) {
   if (where("patchify", {{"pixels", pixels}, {"patches", patches}}) == Device::cuda)
     CUDA(patchify, pixels, patch, patches);
   cpu_f32("patchify", {{"pixels", pixels}, {"patches", patches}});
-  cpu::patchify(pixels, patch, patches);
+  CPU(patchify, pixels, patch, patches);
 }
 
 void vit_embed_fwd(const Tensor& patch_emb, const Tensor& cls, const Tensor& pos, const Tensor& out) {
   if (where("vit_embed_fwd", {{"out", out}, {"patch_emb", patch_emb}, {"cls", cls}, {"pos", pos}}) == Device::cuda)
     CUDA(vit_embed_fwd, patch_emb, cls, pos, out);
   cpu_f32("vit_embed_fwd", {{"patch_emb", patch_emb}, {"cls", cls}, {"pos", pos}, {"out", out}});
-  cpu::vit_embed_fwd(patch_emb, cls, pos, out);
+  CPU(vit_embed_fwd, patch_emb, cls, pos, out);
 }
 void vit_embed_bwd(const Tensor& dout, const Tensor& dpatch_emb, const Tensor& dcls, const Tensor& dpos) {
   if (where("vit_embed_bwd", {{"dout", dout}, {"dpatch_emb", dpatch_emb}, {"dcls", dcls}, {"dpos", dpos}}) ==
       Device::cuda)
     CUDA(vit_embed_bwd, dout, dpatch_emb, dcls, dpos);
   cpu_f32("vit_embed_bwd", {{"dout", dout}, {"dpatch_emb", dpatch_emb}, {"dcls", dcls}, {"dpos", dpos}});
-  cpu::vit_embed_bwd(dout, dpatch_emb, dcls, dpos);
+  CPU(vit_embed_bwd, dout, dpatch_emb, dcls, dpos);
 }
 
 void cross_entropy_fwd(const Tensor& logits, const Tensor& targets, const Tensor& lse, const Tensor& loss_acc) {
@@ -286,6 +293,7 @@ void cross_entropy_fwd(const Tensor& logits, const Tensor& targets, const Tensor
 #ifdef VCHAT_WITH_CUDA
     const cuda::Context& c = cuda::thread_context();
     const Tensor rows = Tensor::empty({logits.size(0)}, DType::f32, Device::cuda);
+    const profile::Scope timed("cross_entropy_fwd", Device::cuda);
     cuda::cross_entropy_fwd(c, logits, targets, lse, rows);
     cuda::sum_into(c, rows, loss_acc);
     return;
@@ -294,14 +302,14 @@ void cross_entropy_fwd(const Tensor& logits, const Tensor& targets, const Tensor
 #endif
   }
   cpu_f32("cross_entropy_fwd", {{"logits", logits}, {"lse", lse}});
-  loss_acc.data<float>()[0] += static_cast<float>(cpu::cross_entropy_fwd(logits, targets, lse));
+  loss_acc.data<float>()[0] += static_cast<float>(CPU(cross_entropy_fwd, logits, targets, lse));
 }
 double cross_entropy_fwd(const Tensor& logits, const Tensor& targets, const Tensor& lse) {
   if (logits.defined() && logits.device() == Device::cpu) {  // the CPU sums in double: keep it
     expect_dtype("cross_entropy_fwd", {"targets", targets}, DType::i32);
     where("cross_entropy_fwd", {{"logits", logits}, {"targets", targets}, {"lse", lse}});
     cpu_f32("cross_entropy_fwd", {{"logits", logits}, {"lse", lse}});
-    return cpu::cross_entropy_fwd(logits, targets, lse);
+    return CPU(cross_entropy_fwd, logits, targets, lse);
   }
   const Tensor acc = Tensor::zeros({1}, DType::f32, logits.device());
   cross_entropy_fwd(logits, targets, lse, acc);
@@ -314,7 +322,7 @@ void cross_entropy_bwd(const Tensor& logits, const Tensor& targets, const Tensor
       Device::cuda)
     CUDA(cross_entropy_bwd, logits, targets, lse, scale, dlogits, vocab_begin);
   cpu_f32("cross_entropy_bwd", {{"logits", logits}, {"lse", lse}, {"dlogits", dlogits}});
-  cpu::cross_entropy_bwd(logits, targets, lse, scale, dlogits, vocab_begin);
+  CPU(cross_entropy_bwd, logits, targets, lse, scale, dlogits, vocab_begin);
 }
 
 void embedding_fwd_slice(const Tensor& ids, const Tensor& table, int64_t vocab_begin, const Tensor& out) {
@@ -322,7 +330,7 @@ void embedding_fwd_slice(const Tensor& ids, const Tensor& table, int64_t vocab_b
   if (where("embedding_fwd_slice", {{"table", table}, {"ids", ids}, {"out", out}}) == Device::cuda)
     CUDA(embedding_fwd, ids, table, out, vocab_begin);
   cpu_f32("embedding_fwd_slice", {{"table", table}, {"out", out}});
-  cpu::embedding_fwd_slice(ids, table, vocab_begin, out);
+  CPU(embedding_fwd_slice, ids, table, vocab_begin, out);
 }
 void embedding_bwd_slice(const Tensor& dout, const Tensor& ids, const TokenGroups& groups, int64_t vocab_begin,
                          const Tensor& dtable) {
@@ -331,14 +339,14 @@ void embedding_bwd_slice(const Tensor& dout, const Tensor& ids, const TokenGroup
       Device::cuda)
     CUDA(embedding_bwd, dout, groups, dtable, vocab_begin);
   cpu_f32("embedding_bwd_slice", {{"dout", dout}, {"dtable", dtable}});
-  cpu::embedding_bwd_slice(dout, ids, vocab_begin, dtable);
+  CPU(embedding_bwd_slice, dout, ids, vocab_begin, dtable);
 }
 void ce_row_max(const Tensor& logits, const Tensor& targets, const Tensor& row_max) {
   expect_dtype("ce_row_max", {"targets", targets}, DType::i32);
   if (where("ce_row_max", {{"logits", logits}, {"targets", targets}, {"row_max", row_max}}) == Device::cuda)
     CUDA(ce_row_max, logits, targets, row_max);
   cpu_f32("ce_row_max", {{"logits", logits}, {"row_max", row_max}});
-  cpu::ce_row_max(logits, targets, row_max);
+  CPU(ce_row_max, logits, targets, row_max);
 }
 void ce_row_sumexp(const Tensor& logits, const Tensor& targets, const Tensor& row_max, int64_t vocab_begin,
                    const Tensor& sumexp, const Tensor& target_logit) {
@@ -347,7 +355,7 @@ void ce_row_sumexp(const Tensor& logits, const Tensor& targets, const Tensor& ro
                               {"target_logit", target_logit}}) == Device::cuda)
     CUDA(ce_row_sumexp, logits, targets, row_max, vocab_begin, sumexp, target_logit);
   cpu_f32("ce_row_sumexp", {{"logits", logits}, {"row_max", row_max}, {"sumexp", sumexp}, {"target_logit", target_logit}});
-  cpu::ce_row_sumexp(logits, targets, row_max, vocab_begin, sumexp, target_logit);
+  CPU(ce_row_sumexp, logits, targets, row_max, vocab_begin, sumexp, target_logit);
 }
 void ce_finish(const Tensor& row_max, const Tensor& sumexp, const Tensor& target_logit, const Tensor& targets,
                const Tensor& lse, const Tensor& loss_acc) {
@@ -359,6 +367,7 @@ void ce_finish(const Tensor& row_max, const Tensor& sumexp, const Tensor& target
 #ifdef VCHAT_WITH_CUDA
     const cuda::Context& c = cuda::thread_context();
     const Tensor rows = Tensor::empty({targets.numel()}, DType::f32, Device::cuda);
+    const profile::Scope timed("ce_finish", Device::cuda);
     cuda::ce_finish(c, row_max, sumexp, target_logit, targets, lse, rows);
     cuda::sum_into(c, rows, loss_acc);
     return;
@@ -367,14 +376,14 @@ void ce_finish(const Tensor& row_max, const Tensor& sumexp, const Tensor& target
 #endif
   }
   cpu_f32("ce_finish", {{"row_max", row_max}, {"sumexp", sumexp}, {"target_logit", target_logit}, {"lse", lse}});
-  loss_acc.data<float>()[0] += static_cast<float>(cpu::ce_finish(row_max, sumexp, target_logit, targets, lse));
+  loss_acc.data<float>()[0] += static_cast<float>(CPU(ce_finish, row_max, sumexp, target_logit, targets, lse));
 }
 void argmax(const Tensor& logits, const Tensor& index, const Tensor& value) {
   expect_dtype("argmax", {"index", index}, DType::i32);
   if (where("argmax", {{"logits", logits}, {"index", index}, {"value", value}}) == Device::cuda)
     CUDA(argmax, logits, index, value);
   cpu_f32("argmax", {{"logits", logits}, {"value", value}});
-  cpu::argmax(logits, index, value);
+  CPU(argmax, logits, index, value);
 }
 
 void sum_squares(const std::vector<Tensor>& xs, const Tensor& out) {
@@ -385,14 +394,14 @@ void sum_squares(const std::vector<Tensor>& xs, const Tensor& out) {
   double s = 0;  // in the given order, each tensor in double: deterministic
   for (const Tensor& x : xs) {
     cpu_f32("sum_squares", {{"x", x}});
-    s += cpu::sum_squares(x);
+    s += CPU(sum_squares, x);
   }
   out.data<float>()[0] = static_cast<float>(s);
 }
 double sum_squares(const Tensor& x) {
   if (where("sum_squares", {{"x", x}}) == Device::cpu) {
     cpu_f32("sum_squares", {{"x", x}});
-    return cpu::sum_squares(x);
+    return CPU(sum_squares, x);
   }
   const Tensor out = Tensor::empty({1}, DType::f32, x.device());
   sum_squares(std::vector<Tensor>{x}, out);
@@ -405,7 +414,7 @@ void clip_scale(const Tensor& grad_sq, float max_norm, const Tensor& scale) {
   check_scalar("clip_scale", {"scale", scale});
   if (where("clip_scale", {{"grad_sq", grad_sq}, {"scale", scale}}) == Device::cuda)
     CUDA(clip_scale, grad_sq, max_norm, scale);
-  scale.data<float>()[0] = cpu::clip_scale(grad_sq.data<float>()[0], max_norm);
+  scale.data<float>()[0] = CPU(clip_scale, grad_sq.data<float>()[0], max_norm);
 }
 void adamw_step(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v, const AdamWParams& p,
                 const Tensor& working, const Tensor& grad_scale) {
@@ -417,7 +426,7 @@ void adamw_step(const Tensor& param, const Tensor& grad, const Tensor& m, const 
   if (working.defined())
     throw std::invalid_argument("ops::adamw_step: operand working is given on the CPU, which keeps no working copies");
   cpu_f32("adamw_step", {{"param", param}, {"grad", grad}, {"m", m}, {"v", v}});
-  cpu::adamw_step(param, grad, m, v, p, grad_scale.defined() ? grad_scale.data<float>()[0] : 1.f);
+  CPU(adamw_step, param, grad, m, v, p, grad_scale.defined() ? grad_scale.data<float>()[0] : 1.f);
 }
 
 }  // namespace vchat::ops

@@ -17,6 +17,7 @@
 
 #include "cuda/cuda_backend.h"
 #include "ops.h"
+#include "profile.h"
 #include "tensor.h"
 #include "test_util.h"
 
@@ -680,6 +681,29 @@ TEST_F(CudaOps, StepScalarsStayOnTheDevice) {
       if (std::isnan(w)) EXPECT_TRUE(std::isnan(g)) << "sum of squares " << sq;
       else EXPECT_EQ(g, w) << "sum of squares " << sq << ", max norm " << max_norm;
     }
+}
+
+// The op profiler (profile.h) on the device: a CUDA op is timed by events on its stream, so
+// it shows under its name, on cuda, with GPU time (a 1024^3 GEMM takes well over a
+// microsecond and far less than a second on any GPU).
+TEST_F(CudaOps, ProfilerTimesCudaOpsOnTheirStream) {
+  const Tensor a = dev(host_rand({1024, 1024}, DType::bf16, rng), DType::bf16);
+  const Tensor b = dev(host_rand({1024, 1024}, DType::bf16, rng), DType::bf16);
+  const Tensor c = Tensor::empty({1024, 1024}, DType::bf16, Device::cuda);
+  profile::enable(true);
+  ops::gemm(a, false, b, true, c);
+  ops::gemm(a, false, b, true, c);
+  ops::scale(c, 0.5f);
+  profile::enable(false);
+  const std::vector<profile::Row> rows = profile::report();
+  ASSERT_EQ(rows.size(), 2u) << profile::format(rows);
+  EXPECT_EQ(rows[0].op, "gemm");
+  EXPECT_EQ(rows[0].device, Device::cuda);
+  EXPECT_EQ(rows[0].calls, 2);
+  EXPECT_GT(rows[0].ms, 1e-3);
+  EXPECT_LT(rows[0].ms, 1e3);
+  EXPECT_EQ(rows[1].op, "scale");
+  EXPECT_EQ(rows[1].calls, 1);
 }
 
 }  // namespace

@@ -38,6 +38,12 @@ void synchronize();
 // Streaming multiprocessors of the bound device.
 int multiprocessor_count();
 
+// Timing events for the op profiler (profile.h): a new event recorded on c's stream; the
+// milliseconds between two (waits for `end`); destroying one (never throws).
+void* timing_event_record(const Context& c);
+float timing_event_elapsed_ms(void* start, void* end);
+void timing_event_destroy(void* event) noexcept;
+
 // ---- Host-to-device uploads overlapping compute ------------------------------------------
 // Batches reach the device through pinned staging memory on a copy stream of their own: a
 // group of host tensors (one micro-batch) is staged and copied as soon as it is known, and

@@ -1,0 +1,128 @@
+#include "profile.h"
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <map>
+#include <mutex>
+#include <utility>
+
+#ifdef VCHAT_WITH_CUDA
+#include "cuda/cuda_backend.h"
+#endif
+
+namespace vchat::profile {
+
+namespace {
+
+struct Record {
+  const char* op;
+  Device device;
+  void* start = nullptr;  // CUDA: events, read at report()
+  void* end = nullptr;
+  double ms = 0;          // CPU: measured at once
+};
+
+std::atomic<bool> g_on{false};
+std::mutex g_mu;
+std::vector<Record> g_records;
+
+int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+// Drops what was recorded (destroying events no report read). Caller holds g_mu.
+void clear_locked() {
+#ifdef VCHAT_WITH_CUDA
+  for (Record& r : g_records) {
+    if (r.start) cuda::timing_event_destroy(r.start);
+    if (r.end) cuda::timing_event_destroy(r.end);
+  }
+#endif
+  g_records.clear();
+}
+
+}  // namespace
+
+void enable(bool on) {
+  std::lock_guard<std::mutex> lock(g_mu);
+  if (on) clear_locked();
+  g_on.store(on);
+}
+
+bool enabled() { return g_on.load(std::memory_order_relaxed); }
+
+Scope::Scope(const char* op, Device device) {
+  if (!enabled()) return;
+  op_ = op;
+  device_ = device;
+#ifdef VCHAT_WITH_CUDA
+  if (device == Device::cuda) {
+    start_ = cuda::timing_event_record(cuda::thread_context());
+    return;
+  }
+#endif
+  t0_ns_ = now_ns();
+}
+
+Scope::~Scope() {
+  if (!op_) return;
+  Record r{op_, device_};
+#ifdef VCHAT_WITH_CUDA
+  if (device_ == Device::cuda) {
+    r.start = start_;
+    try {
+      r.end = cuda::timing_event_record(cuda::thread_context());
+    } catch (...) {  // a destructor must not throw: the op's own error is what matters
+      cuda::timing_event_destroy(start_);
+      return;
+    }
+  }
+#endif
+  if (device_ == Device::cpu) r.ms = (now_ns() - t0_ns_) * 1e-6;
+  std::lock_guard<std::mutex> lock(g_mu);
+  g_records.push_back(r);
+}
+
+std::vector<Row> report() {
+  std::lock_guard<std::mutex> lock(g_mu);
+  std::map<std::pair<std::string, Device>, Row> by_op;
+  for (Record& r : g_records) {
+#ifdef VCHAT_WITH_CUDA
+    if (r.start) {
+      r.ms = cuda::timing_event_elapsed_ms(r.start, r.end);
+      cuda::timing_event_destroy(r.start);
+      cuda::timing_event_destroy(r.end);
+      r.start = r.end = nullptr;
+    }
+#endif
+    Row& row = by_op[{r.op, r.device}];
+    row.op = r.op;
+    row.device = r.device;
+    row.calls += 1;
+    row.ms += r.ms;
+  }
+  g_records.clear();
+  std::vector<Row> rows;
+  for (auto& [key, row] : by_op) rows.push_back(row);
+  std::sort(rows.begin(), rows.end(), [](const Row& a, const Row& b) { return a.ms > b.ms; });
+  return rows;
+}
+
+std::string format(const std::vector<Row>& rows) {
+  double total = 0;
+  for (const Row& r : rows) total += r.ms;
+  std::string out = "op                    device  calls        ms       %\n";
+  char line[160];
+  for (const Row& r : rows) {
+    std::snprintf(line, sizeof line, "%-21s %-6s %6lld %9.3f %6.1f%%\n", r.op.c_str(), device_name(r.device),
+                  static_cast<long long>(r.calls), r.ms, total > 0 ? 100 * r.ms / total : 0.0);
+    out += line;
+  }
+  std::snprintf(line, sizeof line, "%-21s %-6s %6s %9.3f %6.1f%%\n", "total (ops)", "", "", total, 100.0);
+  return out + line;
+}
+
+}  // namespace vchat::profile
