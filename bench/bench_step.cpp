@@ -6,7 +6,7 @@
 //   vchat-bench-step --device cuda --precision bf16 --model inputs/models/llama-1b-clip-l14-224.json
 //                    --train full --batch 4 --seq-len 2048 --images 4 --recompute none [--profile]
 // --profile: one more step after the timed ones with the op profiler on (src/profile.h), its
-// table of time per op printed as '#' lines before the result line.
+// table of time per op printed as '#' lines after the result line.
 #include <cblas.h>
 #include <omp.h>
 
@@ -86,6 +86,18 @@ static int run(int argc, char** argv) {
     if (i >= warmup) ms.push_back(t);
   }
   std::sort(ms.begin(), ms.end());
+  // Model FLOPs of the step (src/train/flops.cpp), over the device's peak: MFU.
+  const double flops = step_flops(cfg, opt, batch * b.seq_len(), b.seq_len(), b.n_images()).total();
+  const double peak = peak_tflops > 0 ? peak_tflops * 1e12 : dev == Device::cuda ? gpu_peak_flops(prec) : measured_sgemm_peak();
+  std::printf("# model=%s train=%s attention=%s batch=%lld seq=%lld images=%lld tokens=%lld threads=%d\n",
+              cfg.name.c_str(), train.c_str(), attention.c_str(), (long long)batch, (long long)seq,
+              (long long)b.n_images(), (long long)b.non_pad_count(), threads);
+  std::printf("vchat_step_ms median=%.2f min=%.2f iters=%lld threads=%d device=%s precision=%s model_flops=%.6e "
+              "mfu=%.4f\n",
+              ms[ms.size() / 2], ms[0], (long long)iters, threads, device_name(dev), precision_name(prec), flops,
+              flops / (ms[ms.size() / 2] * 1e-3 * peak));
+  // Flushed first: the figures above come back even if the profiled step fails.
+  std::fflush(stdout);
   if (profile_ops) {  // one more step, not among the timed ones: events per op slow it down
     profile::enable(true);
     const auto t0 = std::chrono::steady_clock::now();
@@ -104,16 +116,6 @@ static int run(int argc, char** argv) {
       at = nl == std::string::npos ? table.size() : nl + 1;
     }
   }
-  // Model FLOPs of the step (src/train/flops.cpp), over the device's peak: MFU.
-  const double flops = step_flops(cfg, opt, batch * b.seq_len(), b.seq_len(), b.n_images()).total();
-  const double peak = peak_tflops > 0 ? peak_tflops * 1e12 : dev == Device::cuda ? gpu_peak_flops(prec) : measured_sgemm_peak();
-  std::printf("# model=%s train=%s attention=%s batch=%lld seq=%lld images=%lld tokens=%lld threads=%d\n",
-              cfg.name.c_str(), train.c_str(), attention.c_str(), (long long)batch, (long long)seq,
-              (long long)b.n_images(), (long long)b.non_pad_count(), threads);
-  std::printf("vchat_step_ms median=%.2f min=%.2f iters=%lld threads=%d device=%s precision=%s model_flops=%.6e "
-              "mfu=%.4f\n",
-              ms[ms.size() / 2], ms[0], (long long)iters, threads, device_name(dev), precision_name(prec), flops,
-              flops / (ms[ms.size() / 2] * 1e-3 * peak));
   return 0;
 }
 
