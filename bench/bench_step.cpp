@@ -75,14 +75,18 @@ static int run(int argc, char** argv) {
     f.metadata = {{"config", cfg.to_json()}, {"train", train}, {"attention", attention}};
     save_safetensors(batch_out, f);
   }
-  std::vector<double> ms;
-  for (int64_t i = 0; i < warmup + iters; ++i) {
+  // One training step, timed until the device has finished it.
+  auto step_ms = [&] {
     const auto t0 = std::chrono::steady_clock::now();
     adam.zero_grads();
     model.forward_backward(b, true);
     adam.step(1e-4f);
     synchronize(dev);
-    const double t = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  };
+  std::vector<double> ms;
+  for (int64_t i = 0; i < warmup + iters; ++i) {
+    const double t = step_ms();
     if (i >= warmup) ms.push_back(t);
   }
   std::sort(ms.begin(), ms.end());
@@ -100,12 +104,7 @@ static int run(int argc, char** argv) {
   std::fflush(stdout);
   if (profile_ops) {  // one more step, not among the timed ones: events per op slow it down
     profile::enable(true);
-    const auto t0 = std::chrono::steady_clock::now();
-    adam.zero_grads();
-    model.forward_backward(b, true);
-    adam.step(1e-4f);
-    synchronize(dev);
-    const double t = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    const double t = step_ms();
     profile::enable(false);
     const std::string table = profile::format(profile::report());
     std::printf("# op profile of one step (%.2f ms with the profiler on; CUDA ops: GPU time):\n", t);
