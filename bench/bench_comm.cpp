@@ -55,7 +55,7 @@ int main(int argc, char** argv) {
     const char* local = std::getenv("OMPI_COMM_WORLD_LOCAL_RANK");
     if (!local) local = std::getenv("SLURM_LOCALID");
     cuda::init_backend(local ? std::atoi(local) : 0);
-    comm = cuda::make_nccl_comm(*world, "bench");
+    comm = cuda::make_nccl_comm(*world, "bench", cuda::device_context());
     dev = Device::cuda;
 #else
     return fail("--backend nccl needs the CUDA build (make build-cuda)");

@@ -61,7 +61,7 @@ static int run(int argc, char** argv) {
   if (dev == Device::cuda) select_gpu(0);
   VisualChatModel model(cfg, opt);
   init_params(model.params(), 0);
-  if (dev == Device::cuda) model.to(dev, PrecisionPolicy::of(prec));
+  if (dev == Device::cuda) model.to(ExecContext::of(dev), PrecisionPolicy::of(prec));
   SelfComm self;
   ZeroOptimizer adam(model.params(), self, 0, AdamWConfig{});
   SyntheticSpec spec{batch, seq, images, /*max_rounds=*/16};

@@ -73,92 +73,100 @@ void check_scalar(const char* op, const Arg& a) {
 
 // CPU(call, args): cpu::call(args) as an expression, timed under the call's name when the op
 // profiler is on (profile.h).
-#define CPU(op, ...) (profile::Scope(#op, Device::cpu), cpu::op(__VA_ARGS__))
+#define CPU(op, ...) (profile::Scope(#op), cpu::op(__VA_ARGS__))
 
-// CUDA(call): on a CUDA build, run cuda::call with this thread's context and return; timed
-// under the call's name when the op profiler is on (profile.h).
+// CUDA(call): on a CUDA build, run cuda::call with the op's execution context `ex` (its GPU
+// context; a CPU one is refused naming the op) and return; timed under the call's name when
+// the op profiler is on (profile.h).
 #ifdef VCHAT_WITH_CUDA
-#define CUDA(op, ...) return (profile::Scope(#op, Device::cuda), cuda::op(cuda::thread_context(), __VA_ARGS__))
-#else
-#define CUDA(op, ...) no_cuda(#op)
+#define CUDA(op, ...)                                 \
+  do {                                                \
+    const cuda::Context& gpu_ = ex.cuda("ops::" #op); \
+    const profile::Scope timed_(#op, gpu_);           \
+    return cuda::op(gpu_, __VA_ARGS__);               \
+  } while (0)
+#else  // the context is still checked first: a CUDA tensor with the CPU's context is that error
+#define CUDA(op, ...) ((void)ex.cuda("ops::" #op), no_cuda(#op))
 #endif
 
-void gemm(const Tensor& A, bool ta, const Tensor& B, bool tb, const Tensor& C, float alpha, float beta) {
+void gemm(const ExecContext& ex, const Tensor& A, bool ta, const Tensor& B, bool tb, const Tensor& C, float alpha,
+          float beta) {
   if (where("gemm", {{"C", C}, {"A", A}, {"B", B}}) == Device::cuda) CUDA(gemm, A, ta, B, tb, C, alpha, beta);
   cpu_f32("gemm", {{"A", A}, {"B", B}, {"C", C}});
   CPU(gemm, A, ta, B, tb, C, alpha, beta);
 }
 
-void linear_fwd(const Tensor& x, const Tensor& W, const Tensor& b, const Tensor& y) {
+void linear_fwd(const ExecContext& ex, const Tensor& x, const Tensor& W, const Tensor& b, const Tensor& y) {
   if (where("linear_fwd", {{"y", y}, {"x", x}, {"W", W}, {"b", b}}) == Device::cuda)
     CUDA(gemm, x, false, W, true, y, 1.f, 0.f, b);  // the bias rides the GEMM's epilogue
-  gemm(x, false, W, true, y);
+  gemm(ex, x, false, W, true, y);
   if (b.defined()) {
     cpu_f32("linear_fwd", {{"b", b}});
     CPU(add_bias, y, b);
   }
 }
 
-void linear_bwd_input(const Tensor& dy, const Tensor& W, const Tensor& dx, float beta) {
-  gemm(dy, false, W, false, dx, 1.f, beta);
+void linear_bwd_input(const ExecContext& ex, const Tensor& dy, const Tensor& W, const Tensor& dx, float beta) {
+  gemm(ex, dy, false, W, false, dx, 1.f, beta);
 }
 
-void linear_bwd_weight(const Tensor& dy, const Tensor& x, const Tensor& dW, const Tensor& db) {
-  if (dW.defined()) gemm(dy, true, x, false, dW, 1.f, 1.f);
+void linear_bwd_weight(const ExecContext& ex, const Tensor& dy, const Tensor& x, const Tensor& dW, const Tensor& db) {
+  if (dW.defined()) gemm(ex, dy, true, x, false, dW, 1.f, 1.f);
   if (!db.defined()) return;
   if (where("bias_grad", {{"db", db}, {"dy", dy}}) == Device::cuda) CUDA(bias_grad, dy, db);
   cpu_f32("bias_grad", {{"dy", dy}, {"db", db}});
   CPU(bias_grad, dy, db);
 }
 
-void add(const Tensor& a, const Tensor& b, const Tensor& out) {
+void add(const ExecContext& ex, const Tensor& a, const Tensor& b, const Tensor& out) {
   if (where("add", {{"out", out}, {"a", a}, {"b", b}}) == Device::cuda) CUDA(add, a, b, out);
   cpu_f32("add", {{"a", a}, {"b", b}, {"out", out}});
   CPU(add, a, b, out);
 }
-void axpy(float alpha, const Tensor& x, const Tensor& y) {
+void axpy(const ExecContext& ex, float alpha, const Tensor& x, const Tensor& y) {
   if (where("axpy", {{"y", y}, {"x", x}}) == Device::cuda) CUDA(axpy, alpha, x, y);
   cpu_f32("axpy", {{"x", x}, {"y", y}});
   CPU(axpy, alpha, x, y);
 }
-void scale(const Tensor& x, float alpha) {
+void scale(const ExecContext& ex, const Tensor& x, float alpha) {
   if (where("scale", {{"x", x}}) == Device::cuda) CUDA(scale, x, alpha);
   cpu_f32("scale", {{"x", x}});
   CPU(scale, x, alpha);
 }
-void fill(const Tensor& x, float value) {
+void fill(const ExecContext& ex, const Tensor& x, float value) {
   if (where("fill", {{"x", x}}) == Device::cuda) CUDA(fill, x, value);
   cpu_f32("fill", {{"x", x}});
   CPU(fill, x, value);
 }
 
-void cast(const Tensor& src, const Tensor& dst) {
+void cast(const ExecContext& ex, const Tensor& src, const Tensor& dst) {
   if (where("cast", {{"dst", dst}, {"src", src}}) == Device::cuda) CUDA(cast, src, dst);
   CPU(cast, src, dst);
 }
 
-void rmsnorm_fwd(const Tensor& x, const Tensor& w, float eps, const Tensor& y, const Tensor& rstd) {
+void rmsnorm_fwd(const ExecContext& ex, const Tensor& x, const Tensor& w, float eps, const Tensor& y,
+                 const Tensor& rstd) {
   if (where("rmsnorm_fwd", {{"x", x}, {"w", w}, {"y", y}, {"rstd", rstd}}) == Device::cuda)
     CUDA(rmsnorm_fwd, x, w, eps, y, rstd);
   cpu_f32("rmsnorm_fwd", {{"x", x}, {"w", w}, {"y", y}, {"rstd", rstd}});
   CPU(rmsnorm_fwd, x, w, eps, y, rstd);
 }
-void rmsnorm_bwd(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd, const Tensor& dx,
-                 const Tensor& dw) {
+void rmsnorm_bwd(const ExecContext& ex, const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd,
+                 const Tensor& dx, const Tensor& dw) {
   if (where("rmsnorm_bwd", {{"x", x}, {"dy", dy}, {"w", w}, {"rstd", rstd}, {"dx", dx}, {"dw", dw}}) == Device::cuda)
     CUDA(rmsnorm_bwd, dy, x, w, rstd, dx, dw);
   cpu_f32("rmsnorm_bwd", {{"dy", dy}, {"x", x}, {"w", w}, {"rstd", rstd}, {"dx", dx}, {"dw", dw}});
   CPU(rmsnorm_bwd, dy, x, w, rstd, dx, dw);
 }
-void layernorm_fwd(const Tensor& x, const Tensor& w, const Tensor& b, float eps, const Tensor& y,
+void layernorm_fwd(const ExecContext& ex, const Tensor& x, const Tensor& w, const Tensor& b, float eps, const Tensor& y,
                    const Tensor& mean, const Tensor& rstd) {
   if (where("layernorm_fwd", {{"x", x}, {"w", w}, {"b", b}, {"y", y}, {"mean", mean}, {"rstd", rstd}}) == Device::cuda)
     CUDA(layernorm_fwd, x, w, b, eps, y, mean, rstd);
   cpu_f32("layernorm_fwd", {{"x", x}, {"w", w}, {"b", b}, {"y", y}, {"mean", mean}, {"rstd", rstd}});
   CPU(layernorm_fwd, x, w, b, eps, y, mean, rstd);
 }
-void layernorm_bwd(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& mean, const Tensor& rstd,
-                   const Tensor& dx, const Tensor& dw, const Tensor& db) {
+void layernorm_bwd(const ExecContext& ex, const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& mean,
+                   const Tensor& rstd, const Tensor& dx, const Tensor& dw, const Tensor& db) {
   if (where("layernorm_bwd", {{"x", x}, {"dy", dy}, {"w", w}, {"mean", mean}, {"rstd", rstd}, {"dx", dx}, {"dw", dw},
                               {"db", db}}) == Device::cuda)
     CUDA(layernorm_bwd, dy, x, w, mean, rstd, dx, dw, db);
@@ -167,45 +175,48 @@ void layernorm_bwd(const Tensor& dy, const Tensor& x, const Tensor& w, const Ten
   CPU(layernorm_bwd, dy, x, w, mean, rstd, dx, dw, db);
 }
 
-void rope_(const Tensor& x, double theta, bool inverse, int64_t position_offset) {
+void rope_(const ExecContext& ex, const Tensor& x, double theta, bool inverse, int64_t position_offset) {
   if (where("rope", {{"x", x}}) == Device::cuda) CUDA(rope_, x, theta, inverse, position_offset);
   cpu_f32("rope", {{"x", x}});
   CPU(rope_, x, theta, inverse, position_offset);
 }
 
-void swiglu_fwd(const Tensor& gate, const Tensor& up, const Tensor& out) {
+void swiglu_fwd(const ExecContext& ex, const Tensor& gate, const Tensor& up, const Tensor& out) {
   if (where("swiglu_fwd", {{"out", out}, {"gate", gate}, {"up", up}}) == Device::cuda) CUDA(swiglu_fwd, gate, up, out);
   cpu_f32("swiglu_fwd", {{"gate", gate}, {"up", up}, {"out", out}});
   CPU(swiglu_fwd, gate, up, out);
 }
-void swiglu_bwd(const Tensor& dout, const Tensor& gate, const Tensor& up, const Tensor& dgate, const Tensor& dup) {
+void swiglu_bwd(const ExecContext& ex, const Tensor& dout, const Tensor& gate, const Tensor& up, const Tensor& dgate,
+                const Tensor& dup) {
   if (where("swiglu_bwd", {{"gate", gate}, {"dout", dout}, {"up", up}, {"dgate", dgate}, {"dup", dup}}) == Device::cuda)
     CUDA(swiglu_bwd, dout, gate, up, dgate, dup);
   cpu_f32("swiglu_bwd", {{"dout", dout}, {"gate", gate}, {"up", up}, {"dgate", dgate}, {"dup", dup}});
   CPU(swiglu_bwd, dout, gate, up, dgate, dup);
 }
-void gelu_fwd(Activation act, const Tensor& x, const Tensor& y) {
+void gelu_fwd(const ExecContext& ex, Activation act, const Tensor& x, const Tensor& y) {
   if (where("gelu_fwd", {{"x", x}, {"y", y}}) == Device::cuda) CUDA(gelu_fwd, act, x, y);
   cpu_f32("gelu_fwd", {{"x", x}, {"y", y}});
   CPU(gelu_fwd, act, x, y);
 }
-void gelu_bwd(Activation act, const Tensor& dy, const Tensor& x, const Tensor& dx) {
+void gelu_bwd(const ExecContext& ex, Activation act, const Tensor& dy, const Tensor& x, const Tensor& dx) {
   if (where("gelu_bwd", {{"x", x}, {"dy", dy}, {"dx", dx}}) == Device::cuda) CUDA(gelu_bwd, act, dy, x, dx);
   cpu_f32("gelu_bwd", {{"dy", dy}, {"x", x}, {"dx", dx}});
   CPU(gelu_bwd, act, dy, x, dx);
 }
 
-Tensor attention_fwd(AttnMode mode, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& modality,
-                     const Tensor& out) {
+Tensor attention_fwd(const ExecContext& ex, AttnMode mode, const Tensor& q, const Tensor& k, const Tensor& v,
+                     const Tensor& modality, const Tensor& out) {
   if (mode != AttnMode::full) expect_dtype("attention_fwd", {"modality", modality}, DType::u8);
   const int64_t B = q.size(0), L = q.size(1), H = q.size(2);
   if (where("attention_fwd", {{"q", q}, {"k", k}, {"v", v}, {"modality", modality}, {"out", out}}) == Device::cuda) {
 #ifdef VCHAT_WITH_CUDA
+    const cuda::Context& c = ex.cuda("ops::attention_fwd");
     const Tensor lse = Tensor::empty({B, H, L, 2}, DType::f32, Device::cuda);
-    const profile::Scope timed("attention_fwd", Device::cuda);
-    cuda::attention_fwd(cuda::thread_context(), mode, q, k, v, modality, out, lse);
+    const profile::Scope timed("attention_fwd", c);
+    cuda::attention_fwd(c, mode, q, k, v, modality, out, lse);
     return lse;
 #else
+    (void)ex.cuda("ops::attention_fwd");
     no_cuda("attention_fwd");
 #endif
   }
@@ -214,8 +225,8 @@ Tensor attention_fwd(AttnMode mode, const Tensor& q, const Tensor& k, const Tens
   CPU(attention_fwd, mode, q, k, v, modality, out, probs);
   return probs;
 }
-void attention_decode(AttnMode mode, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& modality,
-                      int64_t position, const Tensor& out) {
+void attention_decode(const ExecContext& ex, AttnMode mode, const Tensor& q, const Tensor& k, const Tensor& v,
+                      const Tensor& modality, int64_t position, const Tensor& out) {
   if (mode != AttnMode::full) expect_dtype("attention_decode", {"modality", modality}, DType::u8);
   if (where("attention_decode", {{"q", q}, {"k", k}, {"v", v}, {"modality", modality}, {"out", out}}) == Device::cuda)
     CUDA(attention_decode, mode, q, k, v, modality, position, out);
@@ -223,9 +234,9 @@ void attention_decode(AttnMode mode, const Tensor& q, const Tensor& k, const Ten
   CPU(attention_decode, mode, q, k, v, modality, position, out);
 }
 
-void attention_bwd(AttnMode mode, const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
-                   const Tensor& modality, const Tensor& out, const Tensor& saved, const Tensor& dq, const Tensor& dk,
-                   const Tensor& dv) {
+void attention_bwd(const ExecContext& ex, AttnMode mode, const Tensor& dout, const Tensor& q, const Tensor& k,
+                   const Tensor& v, const Tensor& modality, const Tensor& out, const Tensor& saved, const Tensor& dq,
+                   const Tensor& dk, const Tensor& dv) {
   if (mode != AttnMode::full) expect_dtype("attention_bwd", {"modality", modality}, DType::u8);
   if (where("attention_bwd", {{"q", q}, {"dout", dout}, {"k", k}, {"v", v}, {"modality", modality}, {"out", out},
                               {"saved", saved}, {"dq", dq}, {"dk", dk}, {"dv", dv}}) == Device::cuda)
@@ -235,48 +246,51 @@ void attention_bwd(AttnMode mode, const Tensor& dout, const Tensor& q, const Ten
   CPU(attention_bwd, mode, dout, q, k, v, modality, saved, dq, dk, dv);
 }
 
-void embedding_fwd(const Tensor& ids, const Tensor& table, const Tensor& out) {
+void embedding_fwd(const ExecContext& ex, const Tensor& ids, const Tensor& table, const Tensor& out) {
   expect_dtype("embedding_fwd", {"ids", ids}, DType::i32);
   if (where("embedding_fwd", {{"table", table}, {"ids", ids}, {"out", out}}) == Device::cuda)
     CUDA(embedding_fwd, ids, table, out, 0);
   cpu_f32("embedding_fwd", {{"table", table}, {"out", out}});
   CPU(embedding_fwd, ids, table, out);
 }
-void embedding_bwd(const Tensor& dout, const Tensor& ids, const TokenGroups& groups, const Tensor& dtable) {
+void embedding_bwd(const ExecContext& ex, const Tensor& dout, const Tensor& ids, const TokenGroups& groups,
+                   const Tensor& dtable) {
   expect_dtype("embedding_bwd", {"ids", ids}, DType::i32);
   if (where("embedding_bwd", {{"dtable", dtable}, {"dout", dout}, {"groups.order", groups.order}}) == Device::cuda)
     CUDA(embedding_bwd, dout, groups, dtable, 0);
   cpu_f32("embedding_bwd", {{"dout", dout}, {"dtable", dtable}});
   CPU(embedding_bwd, dout, ids, dtable);
 }
-void scatter_rows(const Tensor& src, const Tensor& index, const Tensor& dst) {
+void scatter_rows(const ExecContext& ex, const Tensor& src, const Tensor& index, const Tensor& dst) {
   expect_dtype("scatter_rows", {"index", index}, DType::i32);
   if (where("scatter_rows", {{"dst", dst}, {"src", src}, {"index", index}}) == Device::cuda)
     CUDA(scatter_rows, src, index, dst);
   cpu_f32("scatter_rows", {{"src", src}, {"dst", dst}});
   CPU(scatter_rows, src, index, dst);
 }
-void gather_rows(const Tensor& src, const Tensor& index, const Tensor& dst) {
+void gather_rows(const ExecContext& ex, const Tensor& src, const Tensor& index, const Tensor& dst) {
   expect_dtype("gather_rows", {"index", index}, DType::i32);
   if (where("gather_rows", {{"dst", dst}, {"src", src}, {"index", index}}) == Device::cuda)
     CUDA(gather_rows, src, index, dst);
   cpu_f32("gather_rows", {{"src", src}, {"dst", dst}});
   CPU(gather_rows, src, index, dst);
 }
-void patchify(const Tensor& pixels, int64_t patch, const Tensor& patches) {
+void patchify(const ExecContext& ex, const Tensor& pixels, int64_t patch, const Tensor& patches) {
   if (where("patchify", {{"pixels", pixels}, {"patches", patches}}) == Device::cuda)
     CUDA(patchify, pixels, patch, patches);
   cpu_f32("patchify", {{"pixels", pixels}, {"patches", patches}});
   CPU(patchify, pixels, patch, patches);
 }
 
-void vit_embed_fwd(const Tensor& patch_emb, const Tensor& cls, const Tensor& pos, const Tensor& out) {
+void vit_embed_fwd(const ExecContext& ex, const Tensor& patch_emb, const Tensor& cls, const Tensor& pos,
+                   const Tensor& out) {
   if (where("vit_embed_fwd", {{"out", out}, {"patch_emb", patch_emb}, {"cls", cls}, {"pos", pos}}) == Device::cuda)
     CUDA(vit_embed_fwd, patch_emb, cls, pos, out);
   cpu_f32("vit_embed_fwd", {{"patch_emb", patch_emb}, {"cls", cls}, {"pos", pos}, {"out", out}});
   CPU(vit_embed_fwd, patch_emb, cls, pos, out);
 }
-void vit_embed_bwd(const Tensor& dout, const Tensor& dpatch_emb, const Tensor& dcls, const Tensor& dpos) {
+void vit_embed_bwd(const ExecContext& ex, const Tensor& dout, const Tensor& dpatch_emb, const Tensor& dcls,
+                   const Tensor& dpos) {
   if (where("vit_embed_bwd", {{"dout", dout}, {"dpatch_emb", dpatch_emb}, {"dcls", dcls}, {"dpos", dpos}}) ==
       Device::cuda)
     CUDA(vit_embed_bwd, dout, dpatch_emb, dcls, dpos);
@@ -284,27 +298,29 @@ void vit_embed_bwd(const Tensor& dout, const Tensor& dpatch_emb, const Tensor& d
   CPU(vit_embed_bwd, dout, dpatch_emb, dcls, dpos);
 }
 
-void cross_entropy_fwd(const Tensor& logits, const Tensor& targets, const Tensor& lse, const Tensor& loss_acc) {
+void cross_entropy_fwd(const ExecContext& ex, const Tensor& logits, const Tensor& targets, const Tensor& lse,
+                       const Tensor& loss_acc) {
   expect_dtype("cross_entropy_fwd", {"targets", targets}, DType::i32);
   expect_dtype("cross_entropy_fwd", {"loss_acc", loss_acc}, DType::f32);
   check_scalar("cross_entropy_fwd", {"loss_acc", loss_acc});
   if (where("cross_entropy_fwd", {{"logits", logits}, {"targets", targets}, {"lse", lse}, {"loss_acc", loss_acc}}) ==
       Device::cuda) {
 #ifdef VCHAT_WITH_CUDA
-    const cuda::Context& c = cuda::thread_context();
+    const cuda::Context& c = ex.cuda("ops::cross_entropy_fwd");
     const Tensor rows = Tensor::empty({logits.size(0)}, DType::f32, Device::cuda);
-    const profile::Scope timed("cross_entropy_fwd", Device::cuda);
+    const profile::Scope timed("cross_entropy_fwd", c);
     cuda::cross_entropy_fwd(c, logits, targets, lse, rows);
     cuda::sum_into(c, rows, loss_acc);
     return;
 #else
+    (void)ex.cuda("ops::cross_entropy_fwd");
     no_cuda("cross_entropy_fwd");
 #endif
   }
   cpu_f32("cross_entropy_fwd", {{"logits", logits}, {"lse", lse}});
   loss_acc.data<float>()[0] += static_cast<float>(CPU(cross_entropy_fwd, logits, targets, lse));
 }
-double cross_entropy_fwd(const Tensor& logits, const Tensor& targets, const Tensor& lse) {
+double cross_entropy_fwd(const ExecContext& ex, const Tensor& logits, const Tensor& targets, const Tensor& lse) {
   if (logits.defined() && logits.device() == Device::cpu) {  // the CPU sums in double: keep it
     expect_dtype("cross_entropy_fwd", {"targets", targets}, DType::i32);
     where("cross_entropy_fwd", {{"logits", logits}, {"targets", targets}, {"lse", lse}});
@@ -312,11 +328,11 @@ double cross_entropy_fwd(const Tensor& logits, const Tensor& targets, const Tens
     return CPU(cross_entropy_fwd, logits, targets, lse);
   }
   const Tensor acc = Tensor::zeros({1}, DType::f32, logits.device());
-  cross_entropy_fwd(logits, targets, lse, acc);
+  cross_entropy_fwd(ex, logits, targets, lse, acc);
   return acc.to_vector_f32()[0];
 }
-void cross_entropy_bwd(const Tensor& logits, const Tensor& targets, const Tensor& lse, float scale,
-                       const Tensor& dlogits, int64_t vocab_begin) {
+void cross_entropy_bwd(const ExecContext& ex, const Tensor& logits, const Tensor& targets, const Tensor& lse,
+                       float scale, const Tensor& dlogits, int64_t vocab_begin) {
   expect_dtype("cross_entropy_bwd", {"targets", targets}, DType::i32);
   if (where("cross_entropy_bwd", {{"logits", logits}, {"targets", targets}, {"lse", lse}, {"dlogits", dlogits}}) ==
       Device::cuda)
@@ -325,15 +341,16 @@ void cross_entropy_bwd(const Tensor& logits, const Tensor& targets, const Tensor
   CPU(cross_entropy_bwd, logits, targets, lse, scale, dlogits, vocab_begin);
 }
 
-void embedding_fwd_slice(const Tensor& ids, const Tensor& table, int64_t vocab_begin, const Tensor& out) {
+void embedding_fwd_slice(const ExecContext& ex, const Tensor& ids, const Tensor& table, int64_t vocab_begin,
+                         const Tensor& out) {
   expect_dtype("embedding_fwd_slice", {"ids", ids}, DType::i32);
   if (where("embedding_fwd_slice", {{"table", table}, {"ids", ids}, {"out", out}}) == Device::cuda)
     CUDA(embedding_fwd, ids, table, out, vocab_begin);
   cpu_f32("embedding_fwd_slice", {{"table", table}, {"out", out}});
   CPU(embedding_fwd_slice, ids, table, vocab_begin, out);
 }
-void embedding_bwd_slice(const Tensor& dout, const Tensor& ids, const TokenGroups& groups, int64_t vocab_begin,
-                         const Tensor& dtable) {
+void embedding_bwd_slice(const ExecContext& ex, const Tensor& dout, const Tensor& ids, const TokenGroups& groups,
+                         int64_t vocab_begin, const Tensor& dtable) {
   expect_dtype("embedding_bwd_slice", {"ids", ids}, DType::i32);
   if (where("embedding_bwd_slice", {{"dtable", dtable}, {"dout", dout}, {"groups.order", groups.order}}) ==
       Device::cuda)
@@ -341,15 +358,15 @@ void embedding_bwd_slice(const Tensor& dout, const Tensor& ids, const TokenGroup
   cpu_f32("embedding_bwd_slice", {{"dout", dout}, {"dtable", dtable}});
   CPU(embedding_bwd_slice, dout, ids, vocab_begin, dtable);
 }
-void ce_row_max(const Tensor& logits, const Tensor& targets, const Tensor& row_max) {
+void ce_row_max(const ExecContext& ex, const Tensor& logits, const Tensor& targets, const Tensor& row_max) {
   expect_dtype("ce_row_max", {"targets", targets}, DType::i32);
   if (where("ce_row_max", {{"logits", logits}, {"targets", targets}, {"row_max", row_max}}) == Device::cuda)
     CUDA(ce_row_max, logits, targets, row_max);
   cpu_f32("ce_row_max", {{"logits", logits}, {"row_max", row_max}});
   CPU(ce_row_max, logits, targets, row_max);
 }
-void ce_row_sumexp(const Tensor& logits, const Tensor& targets, const Tensor& row_max, int64_t vocab_begin,
-                   const Tensor& sumexp, const Tensor& target_logit) {
+void ce_row_sumexp(const ExecContext& ex, const Tensor& logits, const Tensor& targets, const Tensor& row_max,
+                   int64_t vocab_begin, const Tensor& sumexp, const Tensor& target_logit) {
   expect_dtype("ce_row_sumexp", {"targets", targets}, DType::i32);
   if (where("ce_row_sumexp", {{"logits", logits}, {"targets", targets}, {"row_max", row_max}, {"sumexp", sumexp},
                               {"target_logit", target_logit}}) == Device::cuda)
@@ -357,28 +374,29 @@ void ce_row_sumexp(const Tensor& logits, const Tensor& targets, const Tensor& ro
   cpu_f32("ce_row_sumexp", {{"logits", logits}, {"row_max", row_max}, {"sumexp", sumexp}, {"target_logit", target_logit}});
   CPU(ce_row_sumexp, logits, targets, row_max, vocab_begin, sumexp, target_logit);
 }
-void ce_finish(const Tensor& row_max, const Tensor& sumexp, const Tensor& target_logit, const Tensor& targets,
-               const Tensor& lse, const Tensor& loss_acc) {
+void ce_finish(const ExecContext& ex, const Tensor& row_max, const Tensor& sumexp, const Tensor& target_logit,
+               const Tensor& targets, const Tensor& lse, const Tensor& loss_acc) {
   expect_dtype("ce_finish", {"targets", targets}, DType::i32);
   expect_dtype("ce_finish", {"loss_acc", loss_acc}, DType::f32);
   check_scalar("ce_finish", {"loss_acc", loss_acc});
   if (where("ce_finish", {{"lse", lse}, {"row_max", row_max}, {"sumexp", sumexp}, {"target_logit", target_logit},
                           {"targets", targets}, {"loss_acc", loss_acc}}) == Device::cuda) {
 #ifdef VCHAT_WITH_CUDA
-    const cuda::Context& c = cuda::thread_context();
+    const cuda::Context& c = ex.cuda("ops::ce_finish");
     const Tensor rows = Tensor::empty({targets.numel()}, DType::f32, Device::cuda);
-    const profile::Scope timed("ce_finish", Device::cuda);
+    const profile::Scope timed("ce_finish", c);
     cuda::ce_finish(c, row_max, sumexp, target_logit, targets, lse, rows);
     cuda::sum_into(c, rows, loss_acc);
     return;
 #else
+    (void)ex.cuda("ops::ce_finish");
     no_cuda("ce_finish");
 #endif
   }
   cpu_f32("ce_finish", {{"row_max", row_max}, {"sumexp", sumexp}, {"target_logit", target_logit}, {"lse", lse}});
   loss_acc.data<float>()[0] += static_cast<float>(CPU(ce_finish, row_max, sumexp, target_logit, targets, lse));
 }
-void argmax(const Tensor& logits, const Tensor& index, const Tensor& value) {
+void argmax(const ExecContext& ex, const Tensor& logits, const Tensor& index, const Tensor& value) {
   expect_dtype("argmax", {"index", index}, DType::i32);
   if (where("argmax", {{"logits", logits}, {"index", index}, {"value", value}}) == Device::cuda)
     CUDA(argmax, logits, index, value);
@@ -386,7 +404,7 @@ void argmax(const Tensor& logits, const Tensor& index, const Tensor& value) {
   CPU(argmax, logits, index, value);
 }
 
-void sum_squares(const std::vector<Tensor>& xs, const Tensor& out) {
+void sum_squares(const ExecContext& ex, const std::vector<Tensor>& xs, const Tensor& out) {
   expect_dtype("sum_squares", {"out", out}, DType::f32);
   check_scalar("sum_squares", {"out", out});
   for (const Tensor& x : xs) where("sum_squares", {{"out", out}, {"x", x}});  // names one on another device
@@ -398,16 +416,16 @@ void sum_squares(const std::vector<Tensor>& xs, const Tensor& out) {
   }
   out.data<float>()[0] = static_cast<float>(s);
 }
-double sum_squares(const Tensor& x) {
+double sum_squares(const ExecContext& ex, const Tensor& x) {
   if (where("sum_squares", {{"x", x}}) == Device::cpu) {
     cpu_f32("sum_squares", {{"x", x}});
     return CPU(sum_squares, x);
   }
   const Tensor out = Tensor::empty({1}, DType::f32, x.device());
-  sum_squares(std::vector<Tensor>{x}, out);
+  sum_squares(ex, std::vector<Tensor>{x}, out);
   return out.to_vector_f32()[0];
 }
-void clip_scale(const Tensor& grad_sq, float max_norm, const Tensor& scale) {
+void clip_scale(const ExecContext& ex, const Tensor& grad_sq, float max_norm, const Tensor& scale) {
   expect_dtype("clip_scale", {"grad_sq", grad_sq}, DType::f32);
   expect_dtype("clip_scale", {"scale", scale}, DType::f32);
   check_scalar("clip_scale", {"grad_sq", grad_sq});
@@ -416,8 +434,8 @@ void clip_scale(const Tensor& grad_sq, float max_norm, const Tensor& scale) {
     CUDA(clip_scale, grad_sq, max_norm, scale);
   scale.data<float>()[0] = CPU(clip_scale, grad_sq.data<float>()[0], max_norm);
 }
-void adamw_step(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v, const AdamWParams& p,
-                const Tensor& working, const Tensor& grad_scale) {
+void adamw_step(const ExecContext& ex, const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,
+                const AdamWParams& p, const Tensor& working, const Tensor& grad_scale) {
   expect_dtype("adamw_step", {"grad_scale", grad_scale}, DType::f32);
   if (grad_scale.defined()) check_scalar("adamw_step", {"grad_scale", grad_scale});
   if (where("adamw_step", {{"param", param}, {"grad", grad}, {"m", m}, {"v", v}, {"working", working},

@@ -54,17 +54,22 @@ void enable(bool on) {
 
 bool enabled() { return g_on.load(std::memory_order_relaxed); }
 
-Scope::Scope(const char* op, Device device) {
+Scope::Scope(const char* op) {
   if (!enabled()) return;
   op_ = op;
-  device_ = device;
-#ifdef VCHAT_WITH_CUDA
-  if (device == Device::cuda) {
-    start_ = cuda::timing_event_record(cuda::thread_context());
-    return;
-  }
-#endif
   t0_ns_ = now_ns();
+}
+
+Scope::Scope(const char* op, const cuda::Context& gpu) {
+  if (!enabled()) return;
+#ifdef VCHAT_WITH_CUDA
+  op_ = op;
+  device_ = Device::cuda;
+  gpu_ = &gpu;
+  start_ = cuda::timing_event_record(gpu);
+#else
+  (void)op, (void)gpu;  // no CUDA work to time in this build
+#endif
 }
 
 Scope::~Scope() {
@@ -74,7 +79,7 @@ Scope::~Scope() {
   if (device_ == Device::cuda) {
     r.start = start_;
     try {
-      r.end = cuda::timing_event_record(cuda::thread_context());
+      r.end = cuda::timing_event_record(*gpu_);
     } catch (...) {  // a destructor must not throw: the op's own error is what matters
       cuda::timing_event_destroy(start_);
       return;

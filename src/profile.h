@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "cuda/context.h"
 #include "tensor.h"
 
 namespace vchat::profile {
@@ -29,10 +30,12 @@ std::vector<Row> report();
 // The report as a table: op, device, calls, ms, % of the recorded total.
 std::string format(const std::vector<Row>& rows);
 
-// Times one op from construction to destruction, when profiling is on.
+// Times one op from construction to destruction, when profiling is on: a CPU op on the host
+// clock, a CUDA op by events on the stream of `gpu` (which must outlive the Scope).
 class Scope {
  public:
-  Scope(const char* op, Device device);
+  explicit Scope(const char* op);
+  Scope(const char* op, const cuda::Context& gpu);
   ~Scope();
   Scope(const Scope&) = delete;
   Scope& operator=(const Scope&) = delete;
@@ -40,6 +43,7 @@ class Scope {
  private:
   const char* op_ = nullptr;  // nullptr: not recording
   Device device_ = Device::cpu;
+  const cuda::Context* gpu_ = nullptr;
   void* start_ = nullptr;     // CUDA: the start event
   int64_t t0_ns_ = 0;         // CPU: the host clock at the start
 };

@@ -79,7 +79,7 @@ inline std::string import_hf(const std::string& llm, const std::string& vision, 
 // The logits of one text-only sequence, [L * V] on the host.
 inline std::vector<float> logits_of(VisualChatModel& m, const std::vector<int32_t>& ids) {
   const Batch b = text_batch(ids, m.config().vision.image_size);
-  return host_f32(m.forward_backward(b, false, 1.f, /*keep_logits=*/true).logits).to_vector_f32();
+  return host_f32(m.exec(), m.forward_backward(b, false, 1.f, /*keep_logits=*/true).logits).to_vector_f32();
 }
 
 // max |a - b| / max |b|: every logit within the tolerance of the largest.

@@ -96,7 +96,7 @@ struct Sequence {
     const int64_t L = static_cast<int64_t>(tokens.size());
     const Batch b = Batch::from_rows(1, L, tokens, modality, std::vector<uint8_t>(L, 0), pixels, n_images,
                                      m.config().vision.image_size);
-    return host_f32(m.forward_backward(b, false, 1.f, true).logits).to_vector_f32();
+    return host_f32(m.exec(), m.forward_backward(b, false, 1.f, true).logits).to_vector_f32();
   }
 };
 

@@ -18,7 +18,7 @@ class CudaComm : public ::testing::Test {
   void SetUp() override {
     ASSERT_GT(cuda::device_count(), 0) << "no CUDA device visible: the GPU suite needs one";
     cuda::init_backend(0);
-    comm = cuda::make_nccl_comm(self, "nccl-one");
+    comm = cuda::make_nccl_comm(self, "nccl-one", cuda::device_context());
   }
   SelfComm self{"bootstrap"};
   std::unique_ptr<Comm> comm;
@@ -70,7 +70,7 @@ TEST_F(CudaComm, EveryOperationAtOneRankOnDeviceAndHostBuffers) {
     Tensor rsa = dev(v), outa = Tensor::empty({4}, DType::f32, Device::cuda);
     auto r2 = comm->reduce_scatter_async(rsa.raw(), outa.raw(), 4, DType::f32, ReduceOp::sum);
     r2->wait();
-    ops::scale(outa, 2.f);
+    ops::scale(ExecContext::of(Device::cuda), outa, 2.f);
     EXPECT_EQ(outa.to_vector_f32(), (std::vector<float>{3.f, -4.f, 6.5f, 8.f})) << "rep " << rep;
   }
   // Many asynchronous collectives in a row with kernels between them: the GPU keeps the
@@ -78,15 +78,15 @@ TEST_F(CudaComm, EveryOperationAtOneRankOnDeviceAndHostBuffers) {
   Tensor chain = dev(v);
   for (int i = 0; i < 200; ++i) {
     comm->all_reduce(chain, ReduceOp::sum);
-    ops::scale(chain, i % 2 ? 0.5f : 2.f);
+    ops::scale(ExecContext::of(Device::cuda), chain, i % 2 ? 0.5f : 2.f);
   }
   EXPECT_EQ(chain.to_vector_f32(), v);
   // bf16 travels and reduces.
   Tensor b16 = Tensor::empty({4}, DType::bf16, Device::cuda);
-  ops::cast(dev(v), b16);
+  ops::cast(ExecContext::of(Device::cuda), dev(v), b16);
   comm->all_reduce(b16, ReduceOp::sum);
   Tensor back = Tensor::empty({4}, DType::f32, Device::cuda);
-  ops::cast(b16, back);
+  ops::cast(ExecContext::of(Device::cuda), b16, back);
   EXPECT_EQ(back.to_vector_f32(), v);
   // A split of one is another NCCL group of one.
   auto sub = comm->split(0, 0, "nccl-sub");

@@ -57,7 +57,7 @@ struct Outcome {
 Outcome run_model(const ModelConfig& cfg, const ModelOptions& opt, const Batch& batch, Device device, Precision p) {
   VisualChatModel m(cfg, opt);
   init_params(m.params(), 3);
-  if (device == Device::cuda) m.to(Device::cuda, PrecisionPolicy::of(p));
+  if (device == Device::cuda) m.to(ExecContext::of(Device::cuda), PrecisionPolicy::of(p));
   Outcome o;
   o.loss = m.forward_backward(device == Device::cuda ? batch.to(Device::cuda) : batch, true).loss;
   for (Param* prm : m.params().trainable()) o.grads.emplace_back(prm->name, prm->grad.to_vector_f32());
@@ -152,7 +152,7 @@ TEST_F(CudaModel, ChatExtendOnTheDeviceMatchesTheCpu) {
       VisualChatModel cpu(cfg, opt), gpu(cfg, opt);
       init_params(cpu.params(), 5);
       init_params(gpu.params(), 5);
-      gpu.to(Device::cuda, PrecisionPolicy::of(p));
+      gpu.to(ExecContext::of(Device::cuda), PrecisionPolicy::of(p));
       KvCache cpu_cache, gpu_cache;
       std::mt19937_64 rng(11);
       std::normal_distribution<float> g;
@@ -185,7 +185,7 @@ TEST_F(CudaModel, ChatExtendOnTheDeviceMatchesTheCpu) {
 // are waited for by the compute stream before it reads them.
 TEST_F(CudaModel, BatchesArriveThroughTheCopyStream) {
   const ModelConfig cfg = config("tiny");
-  DeviceBatches up(Device::cuda);
+  DeviceBatches up(ExecContext::of(Device::cuda));
   for (const int64_t seq : {int64_t{96}, int64_t{64}, int64_t{200}}) {
     SyntheticSpec spec;
     spec.batch_size = 2;

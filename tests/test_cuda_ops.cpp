@@ -33,7 +33,9 @@ class CudaOps : public ::testing::Test {
   std::mt19937 rng{1234};
 };
 
-const cuda::Context& ctx() { return cuda::thread_context(); }
+// The device's compute context: for the cuda:: entry points, and as the ops' ExecContext.
+const cuda::Context& ctx() { return cuda::device_context(); }
+ExecContext gpu() { return ExecContext::of(Device::cuda); }
 
 uint16_t bf16_bits(float f) {  // round to nearest even (inputs here are finite)
   uint32_t u;
@@ -123,9 +125,10 @@ TEST_F(CudaOps, GemmAllTransposesStridesAndScales) {
             const Tensor a = host_rand({ar, ac + pad}, p.dt, rng), b = host_rand({br, bc + pad}, p.dt, rng);
             const Tensor c0 = host_rand({m, n + pad}, p.dt, rng);
             const Tensor want = c0.clone();
-            ops::gemm(a.slice(1, 0, ac), ta, b.slice(1, 0, bc), tb, want.slice(1, 0, n), alpha, beta);
+            ops::gemm(gpu(), a.slice(1, 0, ac), ta, b.slice(1, 0, bc), tb, want.slice(1, 0, n), alpha, beta);
             const Tensor C = dev(c0, p.dt);
-            ops::gemm(dev(a, p.dt).slice(1, 0, ac), ta, dev(b, p.dt).slice(1, 0, bc), tb, C.slice(1, 0, n), alpha, beta);
+            ops::gemm(gpu(), dev(a, p.dt).slice(1, 0, ac), ta, dev(b, p.dt).slice(1, 0, bc), tb, C.slice(1, 0, n),
+                      alpha, beta);
             expect_close(C, want, p.tol,
                          std::string("gemm ") + p.name + " ta=" + std::to_string(ta) + " tb=" + std::to_string(tb) +
                              " pad=" + std::to_string(pad) + " beta=" + std::to_string(beta));
@@ -137,18 +140,18 @@ TEST_F(CudaOps, GemmBf16InputsAccumulateIntoF32) {
   const int64_t m = 40, n = 33, k = 129;
   const Tensor a = host_rand({k, m}, DType::bf16, rng), b = host_rand({k, n}, DType::bf16, rng);
   const Tensor c0 = host_rand({m, n}, DType::f32, rng), want = c0.clone();
-  ops::gemm(a, true, b, false, want, 1.f, 1.f);
+  ops::gemm(gpu(), a, true, b, false, want, 1.f, 1.f);
   const Tensor C = dev(c0, DType::f32);
-  ops::gemm(dev(a, DType::bf16), true, dev(b, DType::bf16), false, C, 1.f, 1.f);
+  ops::gemm(gpu(), dev(a, DType::bf16), true, dev(b, DType::bf16), false, C, 1.f, 1.f);
   expect_close(C, want, 1e-5, "bf16 x bf16 -> f32");  // exact products, fp32 sums
 }
 
 TEST_F(CudaOps, GemmBetaZeroIgnoresNanInC) {
   const Tensor a = host_rand({4, 3}, DType::f32, rng), b = host_rand({3, 2}, DType::f32, rng);
   const Tensor want = Tensor::zeros({4, 2});
-  ops::gemm(a, false, b, false, want);
+  ops::gemm(gpu(), a, false, b, false, want);
   const Tensor C = poison({4, 2}, DType::f32);
-  ops::gemm(dev(a, DType::f32), false, dev(b, DType::f32), false, C);
+  ops::gemm(gpu(), dev(a, DType::f32), false, dev(b, DType::f32), false, C);
   expect_close(C, want, 1e-6, "beta 0 over NaN");
 }
 
@@ -166,16 +169,16 @@ TEST_F(CudaOps, LinearWithBiasEpilogueAndItsGradients) {
     const int64_t N = 45, in = 33, out = 29;
     const Tensor x = host_rand({N, in}, p.dt, rng), W = host_rand({out, in}, p.dt, rng), b = host_rand({out}, p.dt, rng);
     const Tensor y = Tensor::empty({N, out});
-    ops::linear_fwd(x, W, b, y);
+    ops::linear_fwd(gpu(), x, W, b, y);
     const Tensor Y = poison({N, out}, p.dt);
-    ops::linear_fwd(dev(x, p.dt), dev(W, p.dt), dev(b, p.dt), Y);
+    ops::linear_fwd(gpu(), dev(x, p.dt), dev(W, p.dt), dev(b, p.dt), Y);
     expect_close(Y, y, p.tol, std::string("linear_fwd ") + p.name);
     // db (f32) accumulates column sums of dy whatever dy's dtype.
     const Tensor dy = host_rand({N, out}, p.dt, rng), db0 = host_rand({out}, DType::f32, rng);
     const Tensor db = db0.clone();
-    ops::linear_bwd_weight(dy, x, Tensor(), db);
+    ops::linear_bwd_weight(gpu(), dy, x, Tensor(), db);
     const Tensor DB = dev(db0, DType::f32);
-    ops::linear_bwd_weight(dev(dy, p.dt), dev(x, p.dt), Tensor(), DB);
+    ops::linear_bwd_weight(gpu(), dev(dy, p.dt), dev(x, p.dt), Tensor(), DB);
     expect_close(DB, db, p.dt == DType::f32 ? 1e-5 : 1e-3, std::string("bias_grad ") + p.name);
   }
 }
@@ -183,18 +186,39 @@ TEST_F(CudaOps, LinearWithBiasEpilogueAndItsGradients) {
 TEST_F(CudaOps, RejectsOperandsNamingThem) {
   const Tensor A = Tensor::empty({4, 3}, DType::f32, Device::cuda), B = Tensor::empty({5, 2}, DType::f32, Device::cuda);
   const auto expect_msg = test::expect_invalid_argument;
-  expect_msg([&] { ops::gemm(A, false, B, false, Tensor::empty({4, 2}, DType::f32, Device::cuda)); }, "A[4, 3] x B[5, 2]");
-  expect_msg([&] { ops::gemm(A, false, Tensor::empty({3, 2}, DType::bf16, Device::cuda), false,
-                             Tensor::empty({4, 2}, DType::f32, Device::cuda)); },
-             "operand B is bf16");
-  expect_msg([&] { ops::gemm(A, false, Tensor::empty({3, 2}), false, Tensor::empty({4, 2}, DType::f32, Device::cuda)); },
-             "operand B is on cpu but C is on cuda");
-  expect_msg([&] { ops::rmsnorm_fwd(A, Tensor::empty({3}, DType::bf16, Device::cuda), 1e-5f, A,
-                                    Tensor::empty({4}, DType::f32, Device::cuda)); },
-             "operand w is bf16 but x is f32");
-  expect_msg([&] { ops::rmsnorm_fwd(A, Tensor::empty({3}, DType::f32, Device::cuda), 1e-5f, A,
-                                    Tensor::empty({4}, DType::bf16, Device::cuda)); },
-             "operand rstd is bf16");
+  expect_msg(
+      [&] {
+        ops::gemm(gpu(), A, false, B, false, Tensor::empty({4, 2}, DType::f32, Device::cuda));
+      },
+      "A[4, 3] x B[5, 2]");
+  expect_msg(
+      [&] {
+        ops::gemm(gpu(), A, false, Tensor::empty({3, 2}, DType::bf16, Device::cuda), false,
+                  Tensor::empty({4, 2}, DType::f32, Device::cuda));
+      },
+      "operand B is bf16");
+  expect_msg(
+      [&] {
+        ops::gemm(gpu(), A, false, Tensor::empty({3, 2}), false, Tensor::empty({4, 2}, DType::f32, Device::cuda));
+      },
+      "operand B is on cpu but C is on cuda");
+  expect_msg(
+      [&] {
+        ops::rmsnorm_fwd(gpu(), A, Tensor::empty({3}, DType::bf16, Device::cuda), 1e-5f, A,
+                         Tensor::empty({4}, DType::f32, Device::cuda));
+      },
+      "operand w is bf16 but x is f32");
+  expect_msg(
+      [&] {
+        ops::rmsnorm_fwd(gpu(), A, Tensor::empty({3}, DType::f32, Device::cuda), 1e-5f, A,
+                         Tensor::empty({4}, DType::bf16, Device::cuda));
+      },
+      "operand rstd is bf16");
+  // Device operands with the CPU's execution context: refused before any kernel runs.
+  expect_msg([&] { ops::add(ExecContext::cpu(), A, A, A); }, "ops::add: CUDA operands but a CPU execution context");
+  const Tensor q = Tensor::empty({1, 2, 1, 4}, DType::f32, Device::cuda);  // [B, L, H, hd]
+  expect_msg([&] { ops::attention_fwd(ExecContext::cpu(), ops::AttnMode::full, q, q, q, Tensor(), q); },
+             "ops::attention_fwd: CUDA operands but a CPU execution context");
 }
 
 // ---- Elementwise ------------------------------------------------------------------------
@@ -204,14 +228,14 @@ TEST_F(CudaOps, ElementwiseAddAxpyScale) {
     const Shape s = {13, 77};
     const Tensor a = host_rand(s, p.dt, rng), b = host_rand(s, p.dt, rng);
     const Tensor want = Tensor::empty(s), got = poison(s, p.dt);
-    ops::add(a, b, want);
-    ops::add(dev(a, p.dt), dev(b, p.dt), got);
+    ops::add(gpu(), a, b, want);
+    ops::add(gpu(), dev(a, p.dt), dev(b, p.dt), got);
     expect_close(got, want, p.tol, std::string("add ") + p.name);
     const Tensor y = a.clone(), Y = dev(a, p.dt);
-    ops::axpy(0.75f, b, y);
-    ops::axpy(0.75f, dev(b, p.dt), Y);
-    ops::scale(y, -1.25f);
-    ops::scale(Y, -1.25f);
+    ops::axpy(gpu(), 0.75f, b, y);
+    ops::axpy(gpu(), 0.75f, dev(b, p.dt), Y);
+    ops::scale(gpu(), y, -1.25f);
+    ops::scale(gpu(), Y, -1.25f);
     expect_close(Y, y, p.tol, std::string("axpy+scale ") + p.name);
   }
 }
@@ -219,11 +243,11 @@ TEST_F(CudaOps, ElementwiseAddAxpyScale) {
 TEST_F(CudaOps, CastBetweenF32AndBf16MatchesTheCpu) {
   const Tensor x = host_rand({1000, 3}, DType::f32, rng, -100.f, 100.f);
   const Tensor want = Tensor::empty({1000, 3}, DType::bf16), got = poison({1000, 3}, DType::bf16);
-  ops::cast(x, want);
-  ops::cast(dev(x, DType::f32), got);
+  ops::cast(gpu(), x, want);
+  ops::cast(gpu(), dev(x, DType::f32), got);
   expect_close(got, want, 0, "cast f32 -> bf16 bit for bit");
   const Tensor back = poison({1000, 3}, DType::f32);
-  ops::cast(got, back);
+  ops::cast(gpu(), got, back);
   expect_close(back, want, 0, "cast bf16 -> f32 exact");
 }
 
@@ -234,20 +258,20 @@ TEST_F(CudaOps, SwigluAndGeluForwardBackward) {
       const Tensor g = host_rand({n}, p.dt, rng, -8.f, 8.f), u = host_rand({n}, p.dt, rng, -2.f, 2.f);
       const Tensor dy = host_rand({n}, p.dt, rng);
       const Tensor o = Tensor::empty({n}), O = poison({n}, p.dt);
-      ops::swiglu_fwd(g, u, o);
-      ops::swiglu_fwd(dev(g, p.dt), dev(u, p.dt), O);
+      ops::swiglu_fwd(gpu(), g, u, o);
+      ops::swiglu_fwd(gpu(), dev(g, p.dt), dev(u, p.dt), O);
       expect_close(O, o, p.tol, "swiglu_fwd " + what);
       const Tensor dg = Tensor::empty({n}), du = Tensor::empty({n}), DG = poison({n}, p.dt), DU = dev(dy, p.dt);
-      ops::swiglu_bwd(dy, g, u, dg, du);
-      ops::swiglu_bwd(DU, dev(g, p.dt), dev(u, p.dt), DG, DU);  // dup aliases dout, as the model does
+      ops::swiglu_bwd(gpu(), dy, g, u, dg, du);
+      ops::swiglu_bwd(gpu(), DU, dev(g, p.dt), dev(u, p.dt), DG, DU);  // dup aliases dout, as the model does
       expect_close(DG, dg, p.tol, "swiglu_bwd dgate " + what);
       expect_close(DU, du, p.tol, "swiglu_bwd dup " + what);
       for (ops::Activation act : {ops::Activation::quick_gelu, ops::Activation::gelu}) {
         const Tensor y = Tensor::empty({n}), Y = poison({n}, p.dt), dx = Tensor::empty({n}), DX = poison({n}, p.dt);
-        ops::gelu_fwd(act, g, y);
-        ops::gelu_fwd(act, dev(g, p.dt), Y);
-        ops::gelu_bwd(act, dy, g, dx);
-        ops::gelu_bwd(act, dev(dy, p.dt), dev(g, p.dt), DX);
+        ops::gelu_fwd(gpu(), act, g, y);
+        ops::gelu_fwd(gpu(), act, dev(g, p.dt), Y);
+        ops::gelu_bwd(gpu(), act, dy, g, dx);
+        ops::gelu_bwd(gpu(), act, dev(dy, p.dt), dev(g, p.dt), DX);
         expect_close(Y, y, p.tol, "gelu_fwd " + what);
         expect_close(DX, dx, p.tol, "gelu_bwd " + what);
       }
@@ -266,28 +290,28 @@ TEST_F(CudaOps, RmsNormAndLayerNormForwardBackward) {
       // RMSNorm
       const Tensor y = Tensor::empty({N, D}), rstd = Tensor::empty({N});
       const Tensor Y = poison({N, D}, p.dt), RSTD = poison({N}, DType::f32);
-      ops::rmsnorm_fwd(x, w, 1e-5f, y, rstd);
-      ops::rmsnorm_fwd(X, W, 1e-5f, Y, RSTD);
+      ops::rmsnorm_fwd(gpu(), x, w, 1e-5f, y, rstd);
+      ops::rmsnorm_fwd(gpu(), X, W, 1e-5f, Y, RSTD);
       expect_close(Y, y, p.tol, "rmsnorm_fwd y " + what);
       expect_close(RSTD, rstd, 1e-5, "rmsnorm_fwd rstd " + what);
       const Tensor dw0 = host_rand({D}, DType::f32, rng), dx = Tensor::empty({N, D}), dw = dw0.clone();
       const Tensor DX = poison({N, D}, p.dt), DW = dev(dw0, DType::f32);
-      ops::rmsnorm_bwd(dy, x, w, rstd, dx, dw);
-      ops::rmsnorm_bwd(DY, X, W, dev(rstd, DType::f32), DX, DW);  // the same rstd on both sides
+      ops::rmsnorm_bwd(gpu(), dy, x, w, rstd, dx, dw);
+      ops::rmsnorm_bwd(gpu(), DY, X, W, dev(rstd, DType::f32), DX, DW);  // the same rstd on both sides
       expect_close(DX, dx, p.tol, "rmsnorm_bwd dx " + what);
       expect_close(DW, dw, p.dt == DType::f32 ? 1e-5 : 1e-3, "rmsnorm_bwd dw " + what);
       // LayerNorm
       const Tensor mean = Tensor::empty({N}), MEAN = poison({N}, DType::f32), RSTD2 = poison({N}, DType::f32);
       const Tensor Y2 = poison({N, D}, p.dt);
-      ops::layernorm_fwd(x, w, b, 1e-5f, y, mean, rstd);
-      ops::layernorm_fwd(X, W, B, 1e-5f, Y2, MEAN, RSTD2);
+      ops::layernorm_fwd(gpu(), x, w, b, 1e-5f, y, mean, rstd);
+      ops::layernorm_fwd(gpu(), X, W, B, 1e-5f, Y2, MEAN, RSTD2);
       expect_close(Y2, y, p.tol, "layernorm_fwd y " + what);
       expect_close(MEAN, mean, 1e-5, "layernorm_fwd mean " + what);
       expect_close(RSTD2, rstd, 1e-5, "layernorm_fwd rstd " + what);
       const Tensor db0 = host_rand({D}, DType::f32, rng), db = db0.clone(), dw2 = dw0.clone();
       const Tensor DX2 = poison({N, D}, p.dt), DW2 = dev(dw0, DType::f32), DB = dev(db0, DType::f32);
-      ops::layernorm_bwd(dy, x, w, mean, rstd, dx, dw2, db);
-      ops::layernorm_bwd(DY, X, W, dev(mean, DType::f32), dev(rstd, DType::f32), DX2, DW2, DB);
+      ops::layernorm_bwd(gpu(), dy, x, w, mean, rstd, dx, dw2, db);
+      ops::layernorm_bwd(gpu(), DY, X, W, dev(mean, DType::f32), dev(rstd, DType::f32), DX2, DW2, DB);
       expect_close(DX2, dx, p.tol, "layernorm_bwd dx " + what);
       expect_close(DW2, dw2, p.dt == DType::f32 ? 1e-5 : 1e-3, "layernorm_bwd dw " + what);
       expect_close(DB, db, p.dt == DType::f32 ? 1e-5 : 1e-3, "layernorm_bwd db " + what);
@@ -302,8 +326,8 @@ TEST_F(CudaOps, RotaryWithPositionOffsetBothDirections) {
       for (bool inverse : {false, true}) {
         const Tensor x = host_rand({2, 19, 3, 64}, p.dt, rng);
         const Tensor want = x.clone(), X = dev(x, p.dt);
-        ops::rope_(want, 10000.0, inverse, offset);
-        ops::rope_(X, 10000.0, inverse, offset);
+        ops::rope_(gpu(), want, 10000.0, inverse, offset);
+        ops::rope_(gpu(), X, 10000.0, inverse, offset);
         expect_close(X, want, p.tol, std::string("rope ") + p.name + " offset " + std::to_string(offset));
       }
 }
@@ -319,8 +343,8 @@ TEST_F(CudaOps, EmbeddingForwardAndDeterministicBackward) {
     const Tensor table = host_rand({V, D}, p.dt, rng), IDS = dev_i32(ids);
     const Tensor out = Tensor::empty({N, D}), OUT = poison({N, D}, p.dt);
     const Tensor ids_h = Tensor::from_vector(ids, {N});
-    ops::embedding_fwd(ids_h, table, out);
-    ops::embedding_fwd(IDS, dev(table, p.dt), OUT);
+    ops::embedding_fwd(gpu(), ids_h, table, out);
+    ops::embedding_fwd(gpu(), IDS, dev(table, p.dt), OUT);
     expect_close(OUT, out, 0, std::string("embedding_fwd ") + p.name);  // a copy: exact
     const ops::TokenGroups g = ops::TokenGroups::build(ids);
     const ops::TokenGroups G{dev_i32(std::vector<int32_t>(g.ids.data<int32_t>(), g.ids.data<int32_t>() + g.ids.numel())),
@@ -328,10 +352,10 @@ TEST_F(CudaOps, EmbeddingForwardAndDeterministicBackward) {
                                                           g.offsets.data<int32_t>() + g.offsets.numel())),
                              dev_i32(std::vector<int32_t>(g.order.data<int32_t>(), g.order.data<int32_t>() + g.order.numel()))};
     const Tensor dy = host_rand({N, D}, p.dt, rng), dt0 = host_rand({V, D}, DType::f32, rng), dt = dt0.clone();
-    ops::embedding_bwd(dy, ids_h, g, dt);
+    ops::embedding_bwd(gpu(), dy, ids_h, g, dt);
     const Tensor DT1 = dev(dt0, DType::f32), DT2 = dev(dt0, DType::f32);
-    ops::embedding_bwd(dev(dy, p.dt), IDS, G, DT1);
-    ops::embedding_bwd(dev(dy, p.dt), IDS, G, DT2);
+    ops::embedding_bwd(gpu(), dev(dy, p.dt), IDS, G, DT1);
+    ops::embedding_bwd(gpu(), dev(dy, p.dt), IDS, G, DT2);
     // The CPU sums each table row's positions in increasing order, and so does the GPU:
     // identical in fp32, and two GPU runs are bit-identical.
     expect_close(DT1, dt, p.dt == DType::f32 ? 0 : 1e-3, std::string("embedding_bwd ") + p.name);
@@ -353,31 +377,31 @@ TEST_F(CudaOps, ScatterGatherPatchifyVitEmbed) {
     for (int64_t i = 0; i < m; ++i) idx[i] = static_cast<int32_t>(3 * i + 1);
     const Tensor src = host_rand({m, D}, p.dt, rng), dst0 = host_rand({rows, D}, p.dt, rng);
     const Tensor dst = dst0.clone(), DST = dev(dst0, p.dt);
-    ops::scatter_rows(src, Tensor::from_vector(idx, {m}), dst);
-    ops::scatter_rows(dev(src, p.dt), dev_i32(idx), DST);
+    ops::scatter_rows(gpu(), src, Tensor::from_vector(idx, {m}), dst);
+    ops::scatter_rows(gpu(), dev(src, p.dt), dev_i32(idx), DST);
     expect_close(DST, dst, 0, std::string("scatter_rows ") + p.name);
     const Tensor g = Tensor::empty({m, D}), G = poison({m, D}, p.dt);
-    ops::gather_rows(dst, Tensor::from_vector(idx, {m}), g);
-    ops::gather_rows(DST, dev_i32(idx), G);
+    ops::gather_rows(gpu(), dst, Tensor::from_vector(idx, {m}), g);
+    ops::gather_rows(gpu(), DST, dev_i32(idx), G);
     expect_close(G, g, 0, std::string("gather_rows ") + p.name);
     // ViT: 3 images of 12 px in patches of 4 -> 9 patches of 48 values each.
     const Tensor pix = host_rand({3, 3, 12, 12}, DType::f32, rng);
     const Tensor patches = Tensor::empty({27, 48}), PATCHES = poison({27, 48}, p.dt);
-    ops::patchify(pix, 4, patches);
-    ops::patchify(dev(pix, DType::f32), 4, PATCHES);
+    ops::patchify(gpu(), pix, 4, patches);
+    ops::patchify(gpu(), dev(pix, DType::f32), 4, PATCHES);
     expect_close(PATCHES, patches, p.dt == DType::f32 ? 0 : 4e-3, std::string("patchify ") + p.name);
     const int64_t W = 20, T = 10;
     const Tensor pe = host_rand({27, W}, p.dt, rng), cls = host_rand({W}, p.dt, rng), pos = host_rand({T, W}, p.dt, rng);
     const Tensor out = Tensor::empty({3, T, W}), OUT = poison({3, T, W}, p.dt);
-    ops::vit_embed_fwd(pe, cls, pos, out);
-    ops::vit_embed_fwd(dev(pe, p.dt), dev(cls, p.dt), dev(pos, p.dt), OUT);
+    ops::vit_embed_fwd(gpu(), pe, cls, pos, out);
+    ops::vit_embed_fwd(gpu(), dev(pe, p.dt), dev(cls, p.dt), dev(pos, p.dt), OUT);
     expect_close(OUT, out, p.tol, std::string("vit_embed_fwd ") + p.name);
     const Tensor dout = host_rand({3, T, W}, p.dt, rng), dcls0 = host_rand({W}, DType::f32, rng);
     const Tensor dpos0 = host_rand({T, W}, DType::f32, rng);
     const Tensor dpe = Tensor::empty({27, W}), dcls = dcls0.clone(), dpos = dpos0.clone();
     const Tensor DPE = poison({27, W}, p.dt), DCLS = dev(dcls0, DType::f32), DPOS = dev(dpos0, DType::f32);
-    ops::vit_embed_bwd(dout, dpe, dcls, dpos);
-    ops::vit_embed_bwd(dev(dout, p.dt), DPE, DCLS, DPOS);
+    ops::vit_embed_bwd(gpu(), dout, dpe, dcls, dpos);
+    ops::vit_embed_bwd(gpu(), dev(dout, p.dt), DPE, DCLS, DPOS);
     expect_close(DPE, dpe, 0, std::string("vit_embed_bwd dpatch ") + p.name);
     expect_close(DCLS, dcls, p.dt == DType::f32 ? 1e-6 : 1e-3, std::string("vit_embed_bwd dcls ") + p.name);
     expect_close(DPOS, dpos, p.dt == DType::f32 ? 1e-6 : 1e-3, std::string("vit_embed_bwd dpos ") + p.name);
@@ -395,7 +419,7 @@ TEST_F(CudaOps, CrossEntropyForwardBackwardAndArgmax) {
       for (auto& t : tg) t = rng() % 3 == 0 ? -1 : static_cast<int32_t>(rng() % V);
       const Tensor logits = host_rand({N, V}, p.dt, rng, -6.f, 6.f), targets = Tensor::from_vector(tg, {N});
       const Tensor lse = Tensor::empty({N});
-      const double loss = ops::cross_entropy_fwd(logits, targets, lse);
+      const double loss = ops::cross_entropy_fwd(gpu(), logits, targets, lse);
       const Tensor LOGITS = dev(logits, p.dt), TG = dev_i32(tg);
       const Tensor LSE = poison({N}, DType::f32), ROWS = poison({N}, DType::f32);
       cuda::cross_entropy_fwd(ctx(), LOGITS, TG, LSE, ROWS);
@@ -404,15 +428,15 @@ TEST_F(CudaOps, CrossEntropyForwardBackwardAndArgmax) {
       EXPECT_NEAR(got, loss, 1e-5 * std::abs(loss)) << "loss " << what;
       expect_close(LSE, lse, 1e-6, "lse " + what);
       const Tensor d = Tensor::empty({N, V});
-      ops::cross_entropy_bwd(logits, targets, lse, 0.25f, d);
-      ops::cross_entropy_bwd(LOGITS, TG, LSE, 0.25f, LOGITS);  // in place, as the model does
+      ops::cross_entropy_bwd(gpu(), logits, targets, lse, 0.25f, d);
+      ops::cross_entropy_bwd(gpu(), LOGITS, TG, LSE, 0.25f, LOGITS);  // in place, as the model does
       expect_close(LOGITS, d, p.tol, "dlogits " + what);
       // argmax on fresh logits
       const Tensor idx = Tensor::empty({N}, DType::i32), val = Tensor::empty({N});
-      ops::argmax(logits, idx, val);
+      ops::argmax(gpu(), logits, idx, val);
       const Tensor IDX = poison({N}, DType::f32), VAL = poison({N}, DType::f32);
       const Tensor IDXI = Tensor::empty({N}, DType::i32, Device::cuda);
-      ops::argmax(dev(logits, p.dt), IDXI, VAL);
+      ops::argmax(gpu(), dev(logits, p.dt), IDXI, VAL);
       EXPECT_EQ(IDXI.to_vector_f32(), idx.to_vector_f32()) << "argmax " << what;
       expect_close(VAL, val, 0, "argmax value " + what);
       // Vocabulary-parallel pieces: halves of the vocabulary recombine to the full loss.
@@ -493,24 +517,25 @@ void check_attention(const AttnCase& a, std::mt19937& rng) {
     }
     // CPU reference.
     const Tensor out = Tensor::empty(q.shape());
-    const Tensor saved = ops::attention_fwd(a.mode, q, k, v, a.mode == ops::AttnMode::full ? Tensor() : m, out);
+    const Tensor saved = ops::attention_fwd(gpu(), a.mode, q, k, v, a.mode == ops::AttnMode::full ? Tensor() : m, out);
     const Tensor dq = Tensor::empty(q.shape()), dk = Tensor::empty(k.shape()), dv = Tensor::empty(v.shape());
-    ops::attention_bwd(a.mode, dout, q, k, v, a.mode == ops::AttnMode::full ? Tensor() : m, out, saved, dq, dk, dv);
+    ops::attention_bwd(gpu(), a.mode, dout, q, k, v, a.mode == ops::AttnMode::full ? Tensor() : m, out, saved, dq, dk,
+                       dv);
     // CUDA, through the same op API (poisoned outputs).
     const Tensor Q = dev(q, p.dt), K = dev(k, p.dt), V = dev(v, p.dt), DOUT = dev(dout, p.dt);
     const Tensor OUT = poison(q.shape(), p.dt);
-    const Tensor SAVED = ops::attention_fwd(a.mode, Q, K, V, M, OUT);
+    const Tensor SAVED = ops::attention_fwd(gpu(), a.mode, Q, K, V, M, OUT);
     EXPECT_EQ(SAVED.shape(), Shape({a.B, a.H, a.L, 2})) << "flash saves two log-sum-exps per query, no L x L";
     expect_close(OUT, out, p.tol, "attention out " + what);
     const Tensor DQ = poison(q.shape(), p.dt), DK = poison(k.shape(), p.dt), DV = poison(v.shape(), p.dt);
     // The backward reads the kernel's own output (bf16 rounded), as the model's would.
-    ops::attention_bwd(a.mode, DOUT, Q, K, V, M, OUT, SAVED, DQ, DK, DV);
+    ops::attention_bwd(gpu(), a.mode, DOUT, Q, K, V, M, OUT, SAVED, DQ, DK, DV);
     expect_close(DQ, dq, p.dt == DType::f32 ? 1e-5 : 2e-2, "attention dq " + what);
     expect_close(DK, dk, p.dt == DType::f32 ? 1e-5 : 2e-2, "attention dk " + what);
     expect_close(DV, dv, p.dt == DType::f32 ? 1e-5 : 2e-2, "attention dv " + what);
     // Deterministic: a second backward gives the same bits.
     const Tensor DQ2 = poison(q.shape(), p.dt), DK2 = poison(k.shape(), p.dt), DV2 = poison(v.shape(), p.dt);
-    ops::attention_bwd(a.mode, DOUT, Q, K, V, M, OUT, SAVED, DQ2, DK2, DV2);
+    ops::attention_bwd(gpu(), a.mode, DOUT, Q, K, V, M, OUT, SAVED, DQ2, DK2, DV2);
     EXPECT_EQ(DQ2.to_vector_f32(), DQ.to_vector_f32()) << what;
     EXPECT_EQ(DK2.to_vector_f32(), DK.to_vector_f32()) << what;
     EXPECT_EQ(DV2.to_vector_f32(), DV.to_vector_f32()) << what;
@@ -579,15 +604,15 @@ TEST_F(CudaOps, DecodeAttentionOverTheCacheAgainstTheCpu) {
           M.copy_from(m);
         }
         const Tensor out = Tensor::empty(q.shape());
-        ops::attention_decode(c.mode, q, k, v, c.mode == AttnMode::full ? Tensor() : m, pos, out);
+        ops::attention_decode(gpu(), c.mode, q, k, v, c.mode == AttnMode::full ? Tensor() : m, pos, out);
         const Tensor OUT = poison(q.shape(), p.dt);
-        ops::attention_decode(c.mode, dev(q, p.dt), dev(k, p.dt), dev(v, p.dt), M, pos, OUT);
+        ops::attention_decode(gpu(), c.mode, dev(q, p.dt), dev(k, p.dt), dev(v, p.dt), M, pos, OUT);
         expect_close(OUT, out, p.tol, "decode " + what);
       }
   // Operands are named: a cache shorter than position + n.
   const Tensor q = poison({2, 2, 16}, DType::f32), kv = poison({5, 2, 16}, DType::f32), out = poison({2, 2, 16}, DType::f32);
   try {
-    ops::attention_decode(AttnMode::full, q, kv, kv, Tensor(), 4, out);
+    ops::attention_decode(gpu(), AttnMode::full, q, kv, kv, Tensor(), 4, out);
     ADD_FAILURE() << "a cache of 5 keys accepted for queries at 4..6";
   } catch (const std::exception& e) {
     EXPECT_NE(std::string(e.what()).find("queries at 4..6 over 5 keys"), std::string::npos) << e.what();
@@ -603,7 +628,7 @@ TEST_F(CudaOps, MultiTensorSumOfSquaresAndFusedAdamW) {
     for (int rep = 0; rep < 12; ++rep) {  // 60 tensors: more than one launch's chunk
       host.push_back(host_rand({n}, DType::f32, rng));
       devs.push_back(dev(host.back(), DType::f32));
-      want += ops::sum_squares(host.back());
+      want += ops::sum_squares(gpu(), host.back());
     }
   }
   const Tensor out = poison({1}, DType::f32);
@@ -623,8 +648,8 @@ TEST_F(CudaOps, MultiTensorSumOfSquaresAndFusedAdamW) {
   const Tensor SCALE = dev(Tensor::from_vector(std::vector<float>{0.5f}, {1}), DType::f32);
   cuda::adamw_step(ctx(), P, G, M, Vv, a, WORK, static_cast<const float*>(SCALE.raw()));
   const Tensor gs = g.clone();
-  ops::scale(gs, 0.5f);
-  ops::adamw_step(p, gs, m, v, a);
+  ops::scale(gpu(), gs, 0.5f);
+  ops::adamw_step(gpu(), p, gs, m, v, a);
   expect_close(P, p, 1e-6, "adamw param");
   expect_close(M, m, 1e-6, "adamw m");
   expect_close(Vv, v, 1e-6, "adamw v");
@@ -634,7 +659,7 @@ TEST_F(CudaOps, MultiTensorSumOfSquaresAndFusedAdamW) {
   const Tensor NAN_SCALE = dev(Tensor::from_vector(std::vector<float>{NAN}, {1}), DType::f32);
   const std::vector<float> p0 = P.to_vector_f32(), m0 = M.to_vector_f32(), v0 = Vv.to_vector_f32();
   const std::vector<float> w0 = WORK.to_vector_f32();
-  ops::adamw_step(P, G, M, Vv, a, WORK, NAN_SCALE);
+  ops::adamw_step(gpu(), P, G, M, Vv, a, WORK, NAN_SCALE);
   EXPECT_EQ(P.to_vector_f32(), p0) << "param changed by a NaN clip coefficient";
   EXPECT_EQ(M.to_vector_f32(), m0);
   EXPECT_EQ(Vv.to_vector_f32(), v0);
@@ -652,11 +677,11 @@ TEST_F(CudaOps, StepScalarsStayOnTheDevice) {
     const Tensor targets = Tensor::from_vector(tg, {N});
     const Tensor a = host_rand({N, V}, p.dt, rng, -5.f, 5.f), b = host_rand({N, V}, p.dt, rng, -5.f, 5.f);
     const Tensor lse = Tensor::empty({N});
-    const double want = ops::cross_entropy_fwd(a, targets, lse) + ops::cross_entropy_fwd(b, targets, lse);
+    const double want = ops::cross_entropy_fwd(gpu(), a, targets, lse) + ops::cross_entropy_fwd(gpu(), b, targets, lse);
     const Tensor ACC = dev(Tensor::from_vector(std::vector<float>{0.f}, {1}), DType::f32);
     const Tensor LSE = poison({N}, DType::f32), TG = dev_i32(tg);
-    ops::cross_entropy_fwd(dev(a, p.dt), TG, LSE, ACC);
-    ops::cross_entropy_fwd(dev(b, p.dt), TG, LSE, ACC);
+    ops::cross_entropy_fwd(gpu(), dev(a, p.dt), TG, LSE, ACC);
+    ops::cross_entropy_fwd(gpu(), dev(b, p.dt), TG, LSE, ACC);
     EXPECT_NEAR(ACC.to_vector_f32()[0], want, 1e-5 * want) << p.name << ": two micro-batches' losses accumulate";
   }
   // The multi-tensor sum of squares through ops, against the CPU's (in double).
@@ -666,17 +691,17 @@ TEST_F(CudaOps, StepScalarsStayOnTheDevice) {
     ds.push_back(dev(hs.back(), DType::f32));
   }
   const Tensor want = Tensor::empty({1}), got = poison({1}, DType::f32);
-  ops::sum_squares(hs, want);
-  ops::sum_squares(ds, got);
+  ops::sum_squares(gpu(), hs, want);
+  ops::sum_squares(gpu(), ds, got);
   expect_close(got, want, 1e-6, "sum_squares");
   // The clip coefficient: under, over and at no limit; non-finite norms give NaN.
   for (const float sq : {0.f, 0.25f, 4.f, 1e6f, INFINITY, NAN})
     for (const float max_norm : {0.f, 1.f}) {
       const Tensor SQ = dev(Tensor::from_vector(std::vector<float>{sq}, {1}), DType::f32);
       const Tensor S = poison({1}, DType::f32);
-      ops::clip_scale(SQ, max_norm, S);
+      ops::clip_scale(gpu(), SQ, max_norm, S);
       const Tensor h = Tensor::from_vector(std::vector<float>{sq}, {1}), hs1 = Tensor::empty({1});
-      ops::clip_scale(h, max_norm, hs1);
+      ops::clip_scale(gpu(), h, max_norm, hs1);
       const float g = S.to_vector_f32()[0], w = hs1.to_vector_f32()[0];
       if (std::isnan(w)) EXPECT_TRUE(std::isnan(g)) << "sum of squares " << sq;
       else EXPECT_EQ(g, w) << "sum of squares " << sq << ", max norm " << max_norm;
@@ -691,9 +716,9 @@ TEST_F(CudaOps, ProfilerTimesCudaOpsOnTheirStream) {
   const Tensor b = dev(host_rand({1024, 1024}, DType::bf16, rng), DType::bf16);
   const Tensor c = Tensor::empty({1024, 1024}, DType::bf16, Device::cuda);
   profile::enable(true);
-  ops::gemm(a, false, b, true, c);
-  ops::gemm(a, false, b, true, c);
-  ops::scale(c, 0.5f);
+  ops::gemm(gpu(), a, false, b, true, c);
+  ops::gemm(gpu(), a, false, b, true, c);
+  ops::scale(gpu(), c, 0.5f);
   profile::enable(false);
   const std::vector<profile::Row> rows = profile::report();
   ASSERT_EQ(rows.size(), 2u) << profile::format(rows);

@@ -85,7 +85,8 @@ TEST(HfImport, ClipSelectedHiddenStateEqualsTransformers) {
     auto model = test::load_model(ck);
     const TensorFile r = load_safetensors(ref);
     const Tensor& hidden = r.tensors.at("hidden");  // [N, T, W], T with the CLS row
-    const std::vector<float> got = host_f32(model->image_features(r.tensors.at("pixels"))).to_vector_f32();
+    const std::vector<float> got =
+        host_f32(model->exec(), model->image_features(r.tensors.at("pixels"))).to_vector_f32();
     std::vector<float> want;
     const int64_t N = hidden.size(0), T = hidden.size(1), W = hidden.size(2);
     const std::vector<float> h = hidden.to_vector_f32();

@@ -66,10 +66,10 @@ TEST(LayerGrad, LinearWithBias) {
   LinearCache c;
   auto vars = param_vars(s);
   vars.push_back({"x", x, [&] { return dx; }});
-  check_gradients([&] { return lin.forward(x, c); },
+  check_gradients([&] { return lin.forward(kCpu, x, c); },
                   [&](const Tensor& dy) {
                     s.zero_grads();
-                    lin.backward(dy, c, dx);
+                    lin.backward(kCpu, dy, c, dx);
                   },
                   vars, 11);
 }
@@ -89,10 +89,10 @@ TEST(LayerGrad, LinearWithLoraAndFrozenBase) {
     vars.push_back({n, p->value, [p] { return p->grad; }});
   }
   vars.push_back({"x", x, [&] { return dx; }});
-  check_gradients([&] { return lin.forward(x, c); },
+  check_gradients([&] { return lin.forward(kCpu, x, c); },
                   [&](const Tensor& dy) {
                     s.zero_grads();
-                    lin.backward(dy, c, dx);
+                    lin.backward(kCpu, dy, c, dx);
                   },
                   vars, 12);
   EXPECT_FALSE(s.at("lin.weight").grad.defined()) << "a frozen weight must own no gradient";
@@ -107,10 +107,10 @@ TEST(LayerGrad, RMSNorm) {
   NormCache c;
   auto vars = param_vars(s);
   vars.push_back({"x", x, [&] { return dx; }});
-  check_gradients([&] { return n.forward(x, c); },
+  check_gradients([&] { return n.forward(kCpu, x, c); },
                   [&](const Tensor& dy) {
                     s.zero_grads();
-                    n.backward(dy, c, dx);
+                    n.backward(kCpu, dy, c, dx);
                   },
                   vars, 13);
 }
@@ -124,10 +124,10 @@ TEST(LayerGrad, LayerNorm) {
   NormCache c;
   auto vars = param_vars(s);
   vars.push_back({"x", x, [&] { return dx; }});
-  check_gradients([&] { return n.forward(x, c); },
+  check_gradients([&] { return n.forward(kCpu, x, c); },
                   [&](const Tensor& dy) {
                     s.zero_grads();
-                    n.backward(dy, c, dx);
+                    n.backward(kCpu, dy, c, dx);
                   },
                   vars, 14);
 }
@@ -138,19 +138,19 @@ TEST(LayerGrad, RotaryIsOrthogonalAndItsInverseIsTheBackward) {
   check_gradients(
       [&] {
         Tensor y = x.clone();
-        ops::rope_(y, 10000.0, false);
+        ops::rope_(kCpu, y, 10000.0, false);
         return y;
       },
       [&](const Tensor& dy) {
         dx = dy.clone();
-        ops::rope_(dx, 10000.0, true);
+        ops::rope_(kCpu, dx, 10000.0, true);
       },
       {{"x", x, [&] { return dx; }}}, 15);
   // Position 0 is the identity; the inverse undoes the forward.
   Tensor y = x.clone();
-  ops::rope_(y, 10000.0, false);
+  ops::rope_(kCpu, y, 10000.0, false);
   for (int64_t i = 0; i < 3 * 8; ++i) EXPECT_FLOAT_EQ(y.data<float>()[i], x.data<float>()[i]);
-  ops::rope_(y, 10000.0, true);
+  ops::rope_(kCpu, y, 10000.0, true);
   EXPECT_LT(rel_err(y.to_vector_f32(), x.to_vector_f32()), 1e-6);
 }
 
@@ -161,12 +161,12 @@ TEST(LayerGrad, RotaryPositionOffsetEqualsTheTailOfALongerSequence) {
   const int64_t p = 7, L = 5, H = 2, hd = 8;
   Tensor full = randn({1, p + L, H, hd}, rng);
   Tensor tail = full.slice(1, p, p + L).clone();
-  ops::rope_(full, 10000.0, false);
-  ops::rope_(tail, 10000.0, false, p);
+  ops::rope_(kCpu, full, 10000.0, false);
+  ops::rope_(kCpu, tail, 10000.0, false, p);
   EXPECT_EQ(tail.to_vector_f32(), full.slice(1, p, p + L).clone().to_vector_f32());
-  ops::rope_(tail, 10000.0, true, p);  // and its inverse at the same offset
+  ops::rope_(kCpu, tail, 10000.0, true, p);  // and its inverse at the same offset
   EXPECT_FALSE(tail.to_vector_f32() == full.slice(1, p, p + L).clone().to_vector_f32());
-  EXPECT_THROW(ops::rope_(tail, 10000.0, false, -1), std::invalid_argument);
+  EXPECT_THROW(ops::rope_(kCpu, tail, 10000.0, false, -1), std::invalid_argument);
 }
 
 // Every op refuses operands it cannot compute with, naming the op and the operand: the CPU
@@ -175,12 +175,21 @@ TEST(LayerGrad, OpsNameTheOperandWithTheWrongDtype) {
   const Tensor x = Tensor::zeros({2, 4}), w = Tensor::zeros({4}), rstd = Tensor::zeros({2});
   const Tensor w16 = Tensor::zeros({4}, DType::bf16), ids_f = Tensor::zeros({2});
   const auto expect_msg = test::expect_invalid_argument;
-  expect_msg([&] { ops::rmsnorm_fwd(x, w16, 1e-5f, Tensor::zeros({2, 4}), rstd); },
-             "ops::rmsnorm_fwd: operand w is bf16; the CPU path computes in f32 only");
-  expect_msg([&] { ops::embedding_fwd(ids_f, Tensor::zeros({3, 4}), Tensor::zeros({2, 4})); },
-             "ops::embedding_fwd: operand ids is f32, expected i32");
-  expect_msg([&] { ops::gemm(x, false, Tensor::zeros({4, 3}, DType::bf16), false, Tensor::zeros({2, 3})); },
-             "ops::gemm: operand B is bf16");
+  expect_msg(
+      [&] {
+        ops::rmsnorm_fwd(kCpu, x, w16, 1e-5f, Tensor::zeros({2, 4}), rstd);
+      },
+      "ops::rmsnorm_fwd: operand w is bf16; the CPU path computes in f32 only");
+  expect_msg(
+      [&] {
+        ops::embedding_fwd(kCpu, ids_f, Tensor::zeros({3, 4}), Tensor::zeros({2, 4}));
+      },
+      "ops::embedding_fwd: operand ids is f32, expected i32");
+  expect_msg(
+      [&] {
+        ops::gemm(kCpu, x, false, Tensor::zeros({4, 3}, DType::bf16), false, Tensor::zeros({2, 3}));
+      },
+      "ops::gemm: operand B is bf16");
 }
 
 TEST(LayerGrad, SwiGLU) {
@@ -189,10 +198,10 @@ TEST(LayerGrad, SwiGLU) {
   check_gradients(
       [&] {
         Tensor o = Tensor::empty({4, 10});
-        ops::swiglu_fwd(g, u, o);
+        ops::swiglu_fwd(kCpu, g, u, o);
         return o;
       },
-      [&](const Tensor& dy) { ops::swiglu_bwd(dy, g, u, dg, du); },
+      [&](const Tensor& dy) { ops::swiglu_bwd(kCpu, dy, g, u, dg, du); },
       {{"gate", g, [&] { return dg; }}, {"up", u, [&] { return du; }}}, 16);
 }
 
@@ -203,10 +212,10 @@ TEST(LayerGrad, GeluAndQuickGelu) {
     check_gradients(
         [&] {
           Tensor y = Tensor::empty({3, 11});
-          ops::gelu_fwd(act, x, y);
+          ops::gelu_fwd(kCpu, act, x, y);
           return y;
         },
-        [&](const Tensor& dy) { ops::gelu_bwd(act, dy, x, dx); }, {{"x", x, [&] { return dx; }}}, 17);
+        [&](const Tensor& dy) { ops::gelu_bwd(kCpu, act, dy, x, dx); }, {{"x", x, [&] { return dx; }}}, 17);
   }
 }
 
@@ -222,10 +231,10 @@ TEST(LayerGrad, AttentionEveryModeWithGqaAndMixedLayouts) {
     check_gradients(
         [&] {
           o = Tensor::empty(q.shape());
-          saved = ops::attention_fwd(mode, q, k, v, m, o);
+          saved = ops::attention_fwd(kCpu, mode, q, k, v, m, o);
           return o;
         },
-        [&](const Tensor& dy) { ops::attention_bwd(mode, dy, q, k, v, m, o, saved, dq, dk, dv); },
+        [&](const Tensor& dy) { ops::attention_bwd(kCpu, mode, dy, q, k, v, m, o, saved, dq, dk, dv); },
         {{"q", q, [&] { return dq; }}, {"k", k, [&] { return dk; }}, {"v", v, [&] { return dv; }}}, 18, 24);
   }
 }
@@ -243,19 +252,19 @@ TEST(LayerGrad, EmbeddingSkipsImageSentinels) {
   check_gradients(
       [&] {
         Tensor o = Tensor::empty({6, 4});
-        ops::embedding_fwd(ids, table, o);
+        ops::embedding_fwd(kCpu, ids, table, o);
         return o;
       },
       [&](const Tensor& dy) {
         dtable.zero_();
-        ops::embedding_bwd(dy, ids, groups, dtable);
+        ops::embedding_bwd(kCpu, dy, ids, groups, dtable);
       },
       {{"table", table, [&] { return dtable; }}}, 19, 20);
   Tensor o = Tensor::empty({6, 4});
-  ops::embedding_fwd(ids, table, o);
+  ops::embedding_fwd(kCpu, ids, table, o);
   for (int c = 0; c < 4; ++c) EXPECT_EQ(o.data<float>()[4 + c], 0.f) << "sentinel rows embed to zero";
   Tensor bad = Tensor::from_vector(std::vector<int32_t>{10}, {1});
-  EXPECT_THROW(ops::embedding_fwd(bad, table, Tensor::empty({1, 4})), std::invalid_argument);
+  EXPECT_THROW(ops::embedding_fwd(kCpu, bad, table, Tensor::empty({1, 4})), std::invalid_argument);
 }
 
 TEST(LayerGrad, MaskedCrossEntropy) {
@@ -265,10 +274,10 @@ TEST(LayerGrad, MaskedCrossEntropy) {
   // Scalar loss: wrap it as a [1] output so check_gradients' random weighting applies.
   check_gradients(
       [&] {
-        const double l = ops::cross_entropy_fwd(logits, t, lse);
+        const double l = ops::cross_entropy_fwd(kCpu, logits, t, lse);
         return Tensor::from_vector(std::vector<float>{static_cast<float>(l / 3)}, {1});
       },
-      [&](const Tensor& dy) { ops::cross_entropy_bwd(logits, t, lse, dy.data<float>()[0] / 3, dl); },
+      [&](const Tensor& dy) { ops::cross_entropy_bwd(kCpu, logits, t, lse, dy.data<float>()[0] / 3, dl); },
       {{"logits", logits, [&] { return dl; }}}, 20, 20);
   for (int c = 0; c < 9; ++c) EXPECT_EQ(dl.data<float>()[9 + c], 0.f) << "unsupervised rows get no gradient";
 }
@@ -296,10 +305,10 @@ std::vector<GradIssue> llama_block_grad_check(ops::AttnMode mode,
   Tensor dx;
   auto vars = param_vars(s);
   vars.push_back({"x", x, [&] { return dx; }});
-  return grad_check([&] { return blk.forward(x, m, mode, B, L, c); },
+  return grad_check([&] { return blk.forward(kCpu, x, m, mode, B, L, c); },
                     [&](const Tensor& dy) {
                       s.zero_grads();
-                      dx = blk.backward(dy, m, mode, c);
+                      dx = blk.backward(kCpu, dy, m, mode, c);
                       if (tamper) tamper(s);
                     },
                     vars, 21, 6);
@@ -317,7 +326,8 @@ TEST(LayerGrad, LlamaBlockBothAttentionModes) {
 TEST(LayerGrad, CheckCatchesAThreePercentWrongGradient) {
   for (auto mode : {ops::AttnMode::causal, ops::AttnMode::mmca}) {
     SCOPED_TRACE(mode == ops::AttnMode::mmca ? "mmca" : "causal");
-    const auto issues = llama_block_grad_check(mode, [](ParamStore& s) { ops::scale(s.at("blk.self_attn.k_proj.weight").grad, 0.97f); });
+    const auto issues = llama_block_grad_check(
+        mode, [](ParamStore& s) { ops::scale(kCpu, s.at("blk.self_attn.k_proj.weight").grad, 0.97f); });
     bool caught = false;
     for (const GradIssue& issue : issues) {
       EXPECT_EQ(issue.what.rfind("blk.self_attn.k_proj.weight", 0), 0u) << "only k_proj is wrong, yet: " << issue;
@@ -348,12 +358,12 @@ TEST(LayerGrad, VitLayerProjectionAndEncoder) {
       Tensor pixels = randn({2, 3, 8, 8}, rng);
       VisionCache vc;
       ProjectionCache pcache;
-      check_gradients([&] { return proj.forward(enc.forward(pixels, vc), pcache); },
+      check_gradients([&] { return proj.forward(kCpu, enc.forward(kCpu, pixels, vc), pcache); },
                       [&](const Tensor& dy) {
                         s.zero_grads();
                         Tensor df = Tensor::empty({dy.size(0), cfg.width});
-                        proj.backward(dy, pcache, df);
-                        enc.backward(df, vc);
+                        proj.backward(kCpu, dy, pcache, df);
+                        enc.backward(kCpu, df, vc);
                       },
                       param_vars(s), 22, 5, /*h=*/0.07);  // small gradients (q bias): a larger h, less noise
     }

@@ -32,7 +32,7 @@ struct Case {
   }
   Tensor run(ops::AttnMode mode) const {
     Tensor out = Tensor::empty(q.shape());
-    ops::attention_fwd(mode, q, k, v, m, out);
+    ops::attention_fwd(kCpu, mode, q, k, v, m, out);
     return out;
   }
   float* at(const Tensor& t, int64_t b, int64_t l, int64_t h) const {
@@ -185,7 +185,7 @@ TEST(Mmca, TextQueryWeightsEachBranchSeparately) {
   Tensor q = randn({1, L, 1, 4}, rng), k = randn({1, L, 1, 4}, rng), v = randn({1, L, 1, 4}, rng);
   Tensor m = Tensor::from_vector(std::vector<uint8_t>{kText, kImage, kText}, {1, L});
   Tensor out = Tensor::empty(q.shape());
-  const Tensor probs = ops::attention_fwd(ops::AttnMode::mmca, q, k, v, m, out);  // on the CPU: the weights
+  const Tensor probs = ops::attention_fwd(kCpu, ops::AttnMode::mmca, q, k, v, m, out);  // on the CPU: the weights
   // Query 2 sees text {0, 2} and image {1}: the image branch has weight exactly 1 on key 1.
   EXPECT_FLOAT_EQ(probs.data<float>()[2 * L + 1], 1.f);
   EXPECT_NEAR(probs.data<float>()[2 * L + 0] + probs.data<float>()[2 * L + 2], 1.f, 1e-6);

@@ -81,8 +81,8 @@ TEST(Precision, CastRoundsToNearestEvenAndBack) {
   const std::vector<float> in = {1.f, 1.f + h, 1.f + 3 * h, 1.f + 1.1f * h, -2.5f, 0.f, 3.0e38f,
                                  std::numeric_limits<float>::quiet_NaN()};
   const Tensor src = Tensor::from_vector(in, {8}), b16 = Tensor::empty({8}, DType::bf16), back = Tensor::empty({8});
-  ops::cast(src, b16);
-  ops::cast(b16, back);
+  ops::cast(ExecContext::cpu(), src, b16);
+  ops::cast(ExecContext::cpu(), b16, back);
   const std::vector<float> got = back.to_vector_f32();
   EXPECT_EQ(got[0], 1.f);
   EXPECT_EQ(got[1], 1.f);              // tie: to the even mantissa (1.0)
@@ -94,7 +94,7 @@ TEST(Precision, CastRoundsToNearestEvenAndBack) {
   EXPECT_TRUE(std::isnan(got[7]));
   // The same dtype is a copy; sizes must agree.
   const Tensor copy = Tensor::empty({8});
-  ops::cast(src, copy);
+  ops::cast(ExecContext::cpu(), src, copy);
   EXPECT_EQ(copy.to_vector_f32()[3], in[3]);
-  EXPECT_THROW(ops::cast(src, Tensor::empty({7}, DType::bf16)), std::invalid_argument);
+  EXPECT_THROW(ops::cast(ExecContext::cpu(), src, Tensor::empty({7}, DType::bf16)), std::invalid_argument);
 }

@@ -27,9 +27,9 @@ Tensor filled(int64_t rows, int64_t cols, float v) {
 // A 256-wide GEMM, three adds and a scale through the op dispatch.
 void some_ops() {
   const Tensor a = filled(256, 256, 0.5f), b = filled(256, 256, 0.25f), c = filled(256, 256, 0.f);
-  ops::gemm(a, false, b, false, c);
-  for (int i = 0; i < 3; ++i) ops::add(a, b, c);
-  ops::scale(c, 2.f);
+  ops::gemm(ExecContext::cpu(), a, false, b, false, c);
+  for (int i = 0; i < 3; ++i) ops::add(ExecContext::cpu(), a, b, c);
+  ops::scale(ExecContext::cpu(), c, 2.f);
 }
 
 }  // namespace
@@ -70,7 +70,7 @@ TEST(Profile, StartingAWindowDropsTheLastOne) {
   profile::enable(true);
   some_ops();
   profile::enable(true);  // a new window: the ops above are gone
-  ops::scale(filled(1, 4, 1.f), 3.f);
+  ops::scale(ExecContext::cpu(), filled(1, 4, 1.f), 3.f);
   profile::enable(false);
   const std::vector<profile::Row> rows = profile::report();
   ASSERT_EQ(rows.size(), 1u);

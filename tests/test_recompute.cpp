@@ -62,8 +62,8 @@ TEST(Recompute, BlockKeepsOnlyItsInput) {
   const Tensor x = test::randn({B * L, cfg.llm.hidden}, rng);
   const Tensor modality = Tensor::from_vector(std::vector<uint8_t>(B * L, ops::kText), {B, L});
   LlamaBlockCache stored, recomputed;
-  const Tensor y1 = blk.forward(x, modality, ops::AttnMode::causal, B, L, stored);
-  const Tensor y2 = blk.forward(x, modality, ops::AttnMode::causal, B, L, recomputed, Recompute::block);
+  const Tensor y1 = blk.forward(test::kCpu, x, modality, ops::AttnMode::causal, B, L, stored);
+  const Tensor y2 = blk.forward(test::kCpu, x, modality, ops::AttnMode::causal, B, L, recomputed, Recompute::block);
   EXPECT_TRUE(same_bits(y1.to_vector_f32(), y2.to_vector_f32()));
   EXPECT_TRUE(stored.attn.saved.defined());
   EXPECT_TRUE(stored.mlp.g.defined());
@@ -74,8 +74,8 @@ TEST(Recompute, BlockKeepsOnlyItsInput) {
   EXPECT_FALSE(recomputed.mlp.g.defined());
   EXPECT_FALSE(recomputed.norm1.rstd.defined());
   const Tensor dy = test::randn({B * L, cfg.llm.hidden}, rng);
-  const Tensor dx1 = blk.backward(dy, modality, ops::AttnMode::causal, stored);
-  const Tensor dx2 = blk.backward(dy, modality, ops::AttnMode::causal, recomputed);
+  const Tensor dx1 = blk.backward(test::kCpu, dy, modality, ops::AttnMode::causal, stored);
+  const Tensor dx2 = blk.backward(test::kCpu, dy, modality, ops::AttnMode::causal, recomputed);
   EXPECT_TRUE(same_bits(dx1.to_vector_f32(), dx2.to_vector_f32()));
 }
 

@@ -49,14 +49,14 @@ TEST(Ops, GemmAllTransposesMatchLoops) {
   Tensor A = Tensor::from_vector(std::vector<float>{1, 2, 3, 4, 5, 6}, {2, 3});
   Tensor B = Tensor::from_vector(std::vector<float>{1, 0, -1, 2, 0.5f, 1}, {3, 2});
   Tensor C = Tensor::zeros({2, 2});
-  ops::gemm(A, false, B, false, C);
+  ops::gemm(ExecContext::cpu(), A, false, B, false, C);
   EXPECT_EQ(C.to_vector_f32(), std::vector<float>({1 * 1 + 2 * -1 + 3 * 0.5f, 0 + 4 + 3, 4 - 5 + 3, 0 + 10 + 6}));
   Tensor Ct = Tensor::zeros({3, 3});
-  ops::gemm(A, true, A, false, Ct);  // AᵀA
+  ops::gemm(ExecContext::cpu(), A, true, A, false, Ct);  // AᵀA
   EXPECT_FLOAT_EQ(Ct.data<float>()[0], 1 + 16);
   EXPECT_FLOAT_EQ(Ct.data<float>()[4], 4 + 25);
   Tensor Cn = Tensor::zeros({2, 2});
-  ops::gemm(A, false, A, true, Cn, 2.f);  // 2 AAᵀ
+  ops::gemm(ExecContext::cpu(), A, false, A, true, Cn, 2.f);  // 2 AAᵀ
   EXPECT_FLOAT_EQ(Cn.data<float>()[1], 2 * (4 + 10 + 18));
-  EXPECT_THROW(ops::gemm(A, false, A, false, Cn), std::invalid_argument);
+  EXPECT_THROW(ops::gemm(ExecContext::cpu(), A, false, A, false, Cn), std::invalid_argument);
 }

@@ -130,7 +130,7 @@ TEST(Training, AdamWMatchesTheUpdateRuleAndClipsByGlobalNorm) {
 TEST(Training, StepScalarOpsClipAccumulateAndNameBadOperands) {
   const auto clip = [](float sq, float max_norm) {
     const Tensor s = Tensor::empty({1});
-    ops::clip_scale(Tensor::from_vector(std::vector<float>{sq}, {1}), max_norm, s);
+    ops::clip_scale(test::kCpu, Tensor::from_vector(std::vector<float>{sq}, {1}), max_norm, s);
     return s.data<float>()[0];
   };
   EXPECT_EQ(clip(4.f, 1.f), static_cast<float>(1.0 / (2.0 + 1e-6))) << "norm 2 over max 1";
@@ -141,15 +141,15 @@ TEST(Training, StepScalarOpsClipAccumulateAndNameBadOperands) {
 
   const Tensor a = Tensor::from_vector(std::vector<float>{1, 2}, {2}), b = Tensor::from_vector(std::vector<float>{3}, {1});
   const Tensor out = Tensor::empty({1});
-  ops::sum_squares({a, b}, out);
+  ops::sum_squares(test::kCpu, {a, b}, out);
   EXPECT_EQ(out.data<float>()[0], 14.f);
-  ops::sum_squares({}, out);
+  ops::sum_squares(test::kCpu, {}, out);
   EXPECT_EQ(out.data<float>()[0], 0.f) << "a stage that trains nothing";
 
   const Tensor logits = Tensor::from_vector(std::vector<float>{0, 0, 0, 1, 2, 3}, {2, 3});
   const Tensor targets = Tensor::from_vector(std::vector<int32_t>{1, -1}, {2}), lse = Tensor::empty({2});
   const Tensor acc = Tensor::from_vector(std::vector<float>{0.5f}, {1});
-  ops::cross_entropy_fwd(logits, targets, lse, acc);
+  ops::cross_entropy_fwd(test::kCpu, logits, targets, lse, acc);
   EXPECT_NEAR(acc.data<float>()[0], 0.5 + std::log(3.0), 1e-6) << "adds the supervised rows' loss";
 
   const auto message = [](const std::function<void()>& f) {
@@ -160,16 +160,20 @@ TEST(Training, StepScalarOpsClipAccumulateAndNameBadOperands) {
     }
     return std::string("(no error)");
   };
-  EXPECT_NE(message([&] { ops::sum_squares({a}, Tensor::empty({2})); }).find("operand out must hold one value"),
-            std::string::npos);
-  EXPECT_NE(message([&] { ops::cross_entropy_fwd(logits, targets, lse, Tensor::empty({2})); }).find("loss_acc"),
-            std::string::npos);
-  EXPECT_NE(message([&] { ops::clip_scale(a, 1.f, out); }).find("grad_sq"), std::string::npos);
+  EXPECT_NE(
+      message([&] { ops::sum_squares(test::kCpu, {a}, Tensor::empty({2})); }).find("operand out must hold one value"),
+      std::string::npos);
+  EXPECT_NE(
+      message([&] { ops::cross_entropy_fwd(test::kCpu, logits, targets, lse, Tensor::empty({2})); }).find("loss_acc"),
+      std::string::npos);
+  EXPECT_NE(message([&] { ops::clip_scale(test::kCpu, a, 1.f, out); }).find("grad_sq"), std::string::npos);
   const ops::AdamWParams p{1e-3f, 0.9f, 0.95f, 1e-8f, 0.f, 1};
-  EXPECT_NE(message([&] { ops::adamw_step(a, a, a, a, p, Tensor(), Tensor::empty({2})); }).find("grad_scale"),
-            std::string::npos);
-  EXPECT_NE(message([&] { ops::adamw_step(a, a, a, a, p, Tensor::empty({2}, DType::bf16)); }).find("working"),
-            std::string::npos);
+  EXPECT_NE(
+      message([&] { ops::adamw_step(test::kCpu, a, a, a, a, p, Tensor(), Tensor::empty({2})); }).find("grad_scale"),
+      std::string::npos);
+  EXPECT_NE(
+      message([&] { ops::adamw_step(test::kCpu, a, a, a, a, p, Tensor::empty({2}, DType::bf16)); }).find("working"),
+      std::string::npos);
 }
 
 // On the CPU a step's batches are used where they are; asking for a micro-batch the step
@@ -181,7 +185,7 @@ TEST(Training, DeviceBatchesOnTheCpuAreTheBatches) {
   spec.seq_len = 64;
   SyntheticBatches gen(cfg, spec, 3);
   const std::vector<Batch> host = {gen.next(), gen.next()};
-  DeviceBatches db(Device::cpu);
+  DeviceBatches db(ExecContext::cpu());
   const std::vector<Batch>& out = db.upload(host);
   ASSERT_EQ(out.size(), 2u);
   EXPECT_EQ(out[1].tokens.raw(), host[1].tokens.raw()) << "no copy on the CPU";

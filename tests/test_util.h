@@ -19,9 +19,13 @@
 #include <string>
 #include <vector>
 
+#include "exec.h"
 #include "tensor.h"
 
 namespace vchat::test {
+
+// The CPU execution context, for ops and layers called directly on host tensors.
+inline const ExecContext kCpu{};
 
 // A fresh directory under the temp dir, removed with its contents at scope exit.
 struct TempDir {

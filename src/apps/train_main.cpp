@@ -9,6 +9,7 @@
 #include <memory>
 #include <string>
 
+#include "exec.h"
 #include "model/precision.h"
 #include "parallel/comm.h"
 #include "parallel/grid.h"
@@ -46,7 +47,8 @@ int main(int argc, char** argv) {
       const bool nccl = cfg.comm == "nccl" || (cfg.comm == "auto" && vchat::each_rank_has_a_gpu());
       if (nccl) {
 #ifdef VCHAT_WITH_CUDA
-        device_world = vchat::cuda::make_nccl_comm(*world, "world");
+        device_world = vchat::cuda::make_nccl_comm(*world, "world",
+                                                   vchat::ExecContext::of(vchat::Device::cuda).cuda("vchat-train"));
 #endif
       }
       if (root)

@@ -69,7 +69,7 @@ int write_safetensors_set(const std::string& dir, const std::vector<Out>& outs, 
       Tensor v = outs[i].values();
       if (dtype != DType::f32) {
         Tensor c = Tensor::empty(v.shape(), dtype);
-        ops::cast(v, c);
+        ops::cast(ExecContext::cpu(), v, c);
         v = c;
       }
       w.write(outs[i].name, v.raw(), v.nbytes());
@@ -138,7 +138,8 @@ ExportReport export_checkpoint(const ExportOptions& opt) {
       if (has_lora && opt.lora == ExportOptions::Lora::merge) {
         o.values = [&, name = s.name, base] {
           Tensor w = load(name);
-          ops::gemm(load(base + ".lora_B"), false, load(base + ".lora_A"), false, w, lora_scale, 1.f);  // W + s·B·A
+          ops::gemm(ExecContext::cpu(), load(base + ".lora_B"), false, load(base + ".lora_A"), false, w, lora_scale,
+                    1.f);  // W + s·B·A
           return w;
         };
       } else {
@@ -185,7 +186,7 @@ ExportReport export_checkpoint(const ExportOptions& opt) {
         Tensor v = o.values();
         if (opt.dtype != DType::f32) {
           Tensor c = Tensor::empty(v.shape(), opt.dtype);
-          ops::cast(v, c);
+          ops::cast(ExecContext::cpu(), v, c);
           v = c;
         }
         w.write(o.name, v.raw(), v.nbytes());

@@ -5,12 +5,14 @@
 // because frees are ordered on the stream, a block freed while a kernel still reads it is
 // not handed out again until that kernel is done, which a naive free-list would get wrong.
 //
-// Allocations, frees, copies and memsets are ordered on the calling thread's compute stream
-// (its Context), never on the legacy default stream: an operation there is a barrier for
-// every blocking stream, so with allocations happening throughout a forward, a copy or
-// NCCL stream could never overlap compute. A buffer keeps the stream it was allocated on
-// (its Context) alive and is freed there. Work on another stream that touches a buffer is
-// ordered by events (the NCCL Comm, the batch uploads), or the host waits for it first.
+// Allocations, frees, copies and memsets are ordered on the device's compute stream (the
+// Context init_backend makes, device_context()), never on the legacy default stream: an
+// operation there is a barrier for every blocking stream, so with allocations happening
+// throughout a forward, a copy or NCCL stream could never overlap compute. The ops run on
+// that same stream (the apps' ExecContext holds it), so a buffer freed after its last use
+// is reused only once that use is done. A buffer keeps the stream alive and is freed
+// there. Work on another stream that touches a buffer is ordered by events (the NCCL Comm,
+// the batch uploads), or the host waits for it first.
 #include <atomic>
 #include <cstdint>
 #include <memory>
@@ -35,11 +37,14 @@ void release_device_memory(void* p, int device, cudaStream_t stream) noexcept {
 
 cudaStream_t compute_stream(const Context& c) { return static_cast<cudaStream_t>(c.stream()); }
 
+// The device's compute context, or a logic_error before init_backend (defined below).
+const Context& memory_context();
+
 class CudaAllocator final : public Allocator {
  public:
   std::shared_ptr<Buffer> allocate(size_t bytes) override {
     const int device = bind_device();
-    const Context ctx = thread_context();  // a copy: the buffer keeps its stream alive
+    const Context ctx = memory_context();      // a copy: the buffer keeps its stream alive
     const size_t request = bytes ? bytes : 1;  // a real pointer even for empty tensors, like the CPU side
     void* p = nullptr;
     cudaError_t err = cudaMallocAsync(&p, request, compute_stream(ctx));
@@ -78,7 +83,7 @@ cudaMemcpyKind copy_kind(Device dst, Device src) {
 void cuda_memcpy(void* dst, Device dd, const void* src, Device sd, size_t bytes) {
   if (bytes == 0) return;
   bind_device();
-  const cudaStream_t s = compute_stream(thread_context());
+  const cudaStream_t s = compute_stream(memory_context());
   CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, copy_kind(dd, sd), s));
   if (dd == Device::cpu || sd == Device::cpu) CUDA_CHECK(cudaStreamSynchronize(s));
 }
@@ -87,7 +92,7 @@ void cuda_memcpy(void* dst, Device dd, const void* src, Device sd, size_t bytes)
 void cuda_memset_zero(void* dst, size_t bytes) {
   if (bytes == 0) return;
   bind_device();
-  CUDA_CHECK(cudaMemsetAsync(dst, 0, bytes, compute_stream(thread_context())));
+  CUDA_CHECK(cudaMemsetAsync(dst, 0, bytes, compute_stream(memory_context())));
 }
 
 // Device memory (cudaMalloc, the stream-ordered pool) by unified addressing; host memory,
@@ -108,10 +113,18 @@ struct Backend {
   std::mutex init_mutex;
   std::atomic<int> ordinal{-1};
   CudaAllocator allocator;  // stateless; must outlive every device Buffer, hence static
+  Context compute;          // the device's compute context, made by init_backend
 };
 Backend& backend() {
   static Backend b;
   return b;
+}
+
+const Context& memory_context() {
+  const Backend& b = backend();
+  if (b.ordinal.load() < 0) throw std::logic_error("CUDA backend used before vchat::cuda::init_backend()");
+  bind_device();
+  return b.compute;
 }
 
 }  // namespace
@@ -144,12 +157,15 @@ void init_backend(int device_ordinal) {
   CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool, device_ordinal));
   uint64_t keep_all = UINT64_MAX;
   CUDA_CHECK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep_all));
+  b.compute = Context::create(device_ordinal);
   register_allocator(Device::cuda, &b.allocator);
   register_memcpy(&cuda_memcpy);
   register_memset_zero(&cuda_memset_zero);
   register_pointer_device(&cuda_pointer_device);
   b.ordinal.store(device_ordinal);  // last: bind_device() succeeds only once all of the above holds
 }
+
+const Context& device_context() { return memory_context(); }
 
 void synchronize() {
   bind_device();

@@ -155,11 +155,12 @@ class EventPool {
 class NcclComm final : public Comm {
  public:
   // `host` spans the same ranks in the same order; NCCL ranks are its ranks.
-  NcclComm(std::unique_ptr<Comm> host, std::string name) : host_(std::move(host)), name_(std::move(name)) {
+  NcclComm(std::unique_ptr<Comm> host, std::string name, const Context& compute)
+      : host_(std::move(host)), name_(std::move(name)), compute_(compute) {
     set_timeout(host_->timeout());
     bind_device();
     // The Comm's own stream. The kernels, allocations and frees run on the compute Context's
-    // stream (allocator.cu): issue() makes each collective wait for an event recorded there,
+    // stream (compute_, the device's: allocator.cu): issue() makes each collective wait for an event recorded there,
     // so it reads what the kernels wrote and the buffers exist; the host waits for each
     // collective (or its request's event) before later compute work or a free can touch
     // its buffers. Non-blocking: nothing on the legacy default stream may serialize it
@@ -292,7 +293,7 @@ class NcclComm final : public Comm {
     CUDA_CHECK(cudaEventRecord(raw, stream_.get()));
     watchdog_->watch({describe(name), timeout(), [this, raw] { return poll(raw); }, [done]() mutable { done.reset(); }});
     record(ring_share_bytes(double(size()) * block));
-    return std::make_unique<GpuOrdered>(std::move(done));
+    return std::make_unique<GpuOrdered>(std::move(done), compute_);
   }
 
   // Enqueued on the Comm's stream like every operation, with an event behind it that the
@@ -357,7 +358,7 @@ class NcclComm final : public Comm {
     host_->set_timeout(timeout());
     std::unique_ptr<Comm> sub = host_->split(color, key, name + ".host");
     if (!sub) return nullptr;
-    return std::make_unique<NcclComm>(std::move(sub), name);
+    return std::make_unique<NcclComm>(std::move(sub), name, compute_);
   }
 
  private:
@@ -406,11 +407,11 @@ class NcclComm final : public Comm {
     bool waited_ = false;
   };
 
-  // reduce_scatter_async's request: wait() makes the calling thread's compute stream wait
+  // reduce_scatter_async's request: wait() makes the compute stream wait
   // for the operation's event; the host does not block (the watchdog enforces the timeout).
   class GpuOrdered final : public CommRequest {
    public:
-    explicit GpuOrdered(std::shared_ptr<void> done) : done_(std::move(done)) {}
+    GpuOrdered(std::shared_ptr<void> done, const Context& compute) : done_(std::move(done)), compute_(compute) {}
     ~GpuOrdered() override {
       try {
         wait();
@@ -421,12 +422,13 @@ class NcclComm final : public Comm {
       if (!done_) return;
       const std::shared_ptr<void> done = std::move(done_);
       bind_device();
-      CUDA_CHECK(cudaStreamWaitEvent(static_cast<cudaStream_t>(thread_context().stream()),
-                                     static_cast<cudaEvent_t>(done.get()), 0));
+      CUDA_CHECK(
+          cudaStreamWaitEvent(static_cast<cudaStream_t>(compute_.stream()), static_cast<cudaEvent_t>(done.get()), 0));
     }
 
    private:
     std::shared_ptr<void> done_;
+    Context compute_;
   };
 
   // The bytes of one block, after refusing overlaps other than the in-place one (NCCL's own
@@ -480,7 +482,7 @@ class NcclComm final : public Comm {
     }
     if (async) {
       CUDA_CHECK(cudaEventRecord(done, stream_.get()));
-      CUDA_CHECK(cudaStreamWaitEvent(static_cast<cudaStream_t>(thread_context().stream()), done, 0));
+      CUDA_CHECK(cudaStreamWaitEvent(static_cast<cudaStream_t>(compute_.stream()), done, 0));
       watchdog_->watch({describe(op), timeout(), [this, done] { return poll(done); },
                         [pool = events_, done] { pool->give(done); }});
     } else {
@@ -526,9 +528,8 @@ class NcclComm final : public Comm {
   }
 
   // Enqueues one operation with `enqueue` (returns the NCCL call's result) on the stream,
-  // behind everything already queued on this thread's compute stream: kernels run on the
-  // Context's own stream (cuda/context.h), which two blocking streams do not order by
-  // themselves, so an event hands the order over.
+  // behind everything already queued on the compute stream (compute_): two streams do not
+  // order by themselves, so an event hands the order over.
   template <class Enqueue>
   void issue(const char* op, Enqueue&& enqueue) {
     if (aborted_) throw std::runtime_error(std::string(op) + " on group '" + name_ + "': communicator was aborted");
@@ -538,7 +539,7 @@ class NcclComm final : public Comm {
       CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
       ready_.reset(e);
     }
-    CUDA_CHECK(cudaEventRecord(ready_.get(), static_cast<cudaStream_t>(thread_context().stream())));
+    CUDA_CHECK(cudaEventRecord(ready_.get(), static_cast<cudaStream_t>(compute_.stream())));
     CUDA_CHECK(cudaStreamWaitEvent(stream_.get(), ready_.get(), 0));
     NCCL_CHECK(enqueue());
   }
@@ -607,6 +608,7 @@ class NcclComm final : public Comm {
 
   std::unique_ptr<Comm> host_;  // same ranks; id exchange and split()
   std::string name_;
+  Context compute_;  // the stream whose work the operations are ordered with
   StreamPtr stream_;
   EventPtr ready_;  // recorded on the compute stream before each operation (issue())
   NcclPtr comm_;  // after stream_: destroyed before it
@@ -621,11 +623,12 @@ class NcclComm final : public Comm {
 
 }  // namespace
 
-std::unique_ptr<Comm> make_nccl_comm(const Comm& bootstrap, const std::string& name) {
+std::unique_ptr<Comm> make_nccl_comm(const Comm& bootstrap, const std::string& name, const Context& compute) {
+  if (!compute.valid()) throw std::invalid_argument("make_nccl_comm(" + name + "): the compute context is empty");
   // A private split, not `bootstrap` itself: it is const here (its stats stay the caller's),
   // and the NCCL Comm keeps it to split its own groups later. Same ranks, same order.
   std::unique_ptr<Comm> host = bootstrap.split(0, bootstrap.rank(), name + ".host");
-  return std::make_unique<NcclComm>(std::move(host), name);
+  return std::make_unique<NcclComm>(std::move(host), name, compute);
 }
 
 }  // namespace vchat::cuda

@@ -4,6 +4,7 @@
 #include <memory>
 #include <string>
 
+#include "cuda/context.h"
 #include "parallel/comm.h"
 
 namespace vchat::cuda {
@@ -17,8 +18,9 @@ namespace vchat::cuda {
 // others over a private split of `bootstrap`, which the new Comm keeps for its own split().
 // The new Comm starts with `bootstrap`'s timeout and zero stats.
 //
-// Every operation is issued on the Comm's own stream after the work queued on this thread's
-// compute stream (an event). On device buffers it is asynchronous: the call returns once it
+// Every operation is issued on the Comm's own stream after the work queued on `compute`'s
+// stream (an event; the device's compute context, which the ops and the allocator use).
+// On device buffers it is asynchronous: the call returns once it
 // is enqueued, and the compute stream waits for it on the GPU, so everything queued there
 // afterwards, including device-to-host copies (Tensor::to_vector_f32, device_memcpy) and
 // frees, sees its result; a watchdog thread enforces the timeout. Completed when the call
@@ -39,6 +41,6 @@ namespace vchat::cuda {
 //     gather's buffers are the caller's to leave alone until wait(), which the ZeRO-3 hooks
 //     do before binding them.
 // Past the timeout the job is aborted with the same one-line message as the MPI backend.
-std::unique_ptr<Comm> make_nccl_comm(const Comm& bootstrap, const std::string& name);
+std::unique_ptr<Comm> make_nccl_comm(const Comm& bootstrap, const std::string& name, const Context& compute);
 
 }  // namespace vchat::cuda

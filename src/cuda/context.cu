@@ -3,7 +3,6 @@
 #include <cublasLt.h>
 #include <cuda_runtime.h>
 
-#include "cuda/cuda_backend.h"
 #include "cuda/cuda_check.h"
 
 namespace vchat::cuda {
@@ -26,9 +25,9 @@ struct Context::Impl {
   }
 };
 
-Context Context::create(size_t workspace_bytes) {
+Context Context::create(int device, size_t workspace_bytes) {
   auto impl = std::make_shared<Impl>();
-  impl->device = bind_device();
+  impl->device = device;
   // The compute stream: kernels, and also the allocator's stream-ordered allocations and
   // frees, host copies and memsets (allocator.cu). Blocking (not cudaStreamNonBlocking), so
   // work a library might put on the legacy default stream still orders with it; vchat's
@@ -49,12 +48,6 @@ size_t Context::workspace_bytes() const { return impl_ ? impl_->workspace_bytes 
 int Context::device() const { return impl_ ? impl_->device : -1; }
 void Context::synchronize() const {
   if (impl_) CUDA_CHECK(cudaStreamSynchronize(impl_->stream));
-}
-
-const Context& thread_context() {
-  thread_local Context ctx;
-  if (!ctx.valid() || ctx.device() != bind_device()) ctx = Context::create();
-  return ctx;
 }
 
 }  // namespace vchat::cuda

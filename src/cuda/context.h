@@ -1,7 +1,7 @@
 // The CUDA execution context: the stream a rank's compute runs on, the cuBLASLt handle
 // bound to it and the GEMM workspace. Passed explicitly to every CUDA entry point
-// (cuda_backend.h), so two contexts (compute, copies, communication) never share hidden
-// state. Plain C++: the CUDA types stay behind the pointer (kernels.cuh unwraps them).
+// (cuda_backend.h); above the backend it travels inside vchat::ExecContext (exec.h).
+// Plain C++: the CUDA types stay behind the pointer (kernels.cuh unwraps them).
 #pragma once
 #include <cstddef>
 #include <memory>
@@ -10,10 +10,11 @@ namespace vchat::cuda {
 
 class Context {
  public:
-  // A new context on the backend's device (init_backend first): a stream that orders with
-  // the legacy default stream (the allocator frees there), a cuBLASLt handle and a
-  // workspace of `workspace_bytes` (cuBLASLt's recommendation for Hopper is 32 MiB).
-  static Context create(size_t workspace_bytes = size_t{32} << 20);
+  // A new context on device `device` (current on the calling thread): a blocking stream,
+  // a cuBLASLt handle and a workspace of `workspace_bytes` (cuBLASLt's recommendation for
+  // Hopper is 32 MiB). init_backend makes the device's compute context with it
+  // (device_context() in cuda_backend.h).
+  static Context create(int device, size_t workspace_bytes = size_t{32} << 20);
   Context() = default;
 
   void* stream() const;  // cudaStream_t
@@ -29,9 +30,5 @@ class Context {
  private:
   std::shared_ptr<Impl> impl_;
 };
-
-// The context the op dispatch (src/ops.cpp) uses for CUDA tensors on this thread, created
-// on first use. Transitional: the model will hand its own context to the ops explicitly.
-const Context& thread_context();
 
 }  // namespace vchat::cuda

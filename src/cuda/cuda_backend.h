@@ -29,6 +29,13 @@ int device_count();
 // std::logic_error, since existing device tensors would silently belong to the old one.
 void init_backend(int device_ordinal = 0);
 
+// The bound device's compute context, made once by init_backend: the stream the device's
+// memory (allocations, frees, host copies, memsets) is ordered on, and so the one ops on
+// its tensors run on (apps wrap it in ExecContext::of(Device::cuda) and pass that down).
+// Work on any other stream must be ordered against it by events. Throws std::logic_error
+// before init_backend().
+const Context& device_context();
+
 // Makes the backend's device current on the calling thread and returns its ordinal.
 // cudaSetDevice is per-thread state, so without this a worker thread would quietly run on
 // GPU 0. Throws std::logic_error before init_backend().

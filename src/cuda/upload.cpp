@@ -59,10 +59,12 @@ void Uploader::begin() {
 int Uploader::upload(const std::vector<Tensor>& host, std::vector<Tensor>& device) {
   bind_device();
   Impl& im = *impl_;
-  // The destinations are allocated on the calling thread's compute stream, and the copies
-  // are ordered after an event recorded on im.compute: the two must be one stream.
-  if (thread_context().stream() != im.compute.stream())
-    throw std::logic_error("cuda::Uploader::upload from a thread other than the one whose compute stream it serves");
+  // The destinations are allocated on the device's compute stream, and the copies are
+  // ordered after an event recorded on im.compute: the two must be one stream.
+  if (device_context().stream() != im.compute.stream())
+    throw std::logic_error(
+        "cuda::Uploader::upload: its compute context is not the device's, on which the "
+        "destinations are allocated");
   size_t bytes = 0;
   for (const Tensor& t : host) {
     if (!t.defined()) continue;

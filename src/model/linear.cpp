@@ -45,32 +45,33 @@ void Linear::add_lora(ParamStore& store, int64_t rank, float alpha) {
   lora_scale_ = alpha / static_cast<float>(rank);
 }
 
-Tensor Linear::forward(const Tensor& x, LinearCache& cache) const {
+Tensor Linear::forward(const ExecContext& ex, const Tensor& x, LinearCache& cache) const {
   VCHAT_CHECK(x.dim() == 2 && x.size(1) == in_, name_ << ": input " << shape_str(x.shape()) << ", expected [N, " << in_ << "]");
   Tensor y = Tensor::empty({x.size(0), out_}, x.dtype(), x.device());
-  ops::linear_fwd(x, w_->compute(), b_ ? b_->compute() : Tensor(), y);
+  ops::linear_fwd(ex, x, w_->compute(), b_ ? b_->compute() : Tensor(), y);
   cache.x = x;
   if (lora_a_) {
     cache.xa = Tensor::empty({x.size(0), lora_a_->compute().size(0)}, x.dtype(), x.device());
-    ops::gemm(x, false, lora_a_->compute(), true, cache.xa);  // row-parallel: a partial sum, completed with y below
-    ops::gemm(cache.xa, false, lora_b_->compute(), true, y, lora_scale_, 1.f);
+    ops::gemm(ex, x, false, lora_a_->compute(), true, cache.xa);  // row-parallel: a partial sum, completed with y below
+    ops::gemm(ex, cache.xa, false, lora_b_->compute(), true, y, lora_scale_, 1.f);
   }
   // Row-parallel: every rank holds a partial y (LoRA's included); "g" sums them.
   if (layout_.kind == TpLayout::row && layout_.tp && layout_.tp->size() > 1) layout_.tp->all_reduce(y, ReduceOp::sum);
   return y;
 }
 
-void Linear::backward(const Tensor& dy, const LinearCache& cache, const Tensor& dx, float beta) const {
-  ops::linear_bwd_weight(dy, cache.x, w_->trainable ? w_->grad : Tensor(),
+void Linear::backward(const ExecContext& ex, const Tensor& dy, const LinearCache& cache, const Tensor& dx,
+                      float beta) const {
+  ops::linear_bwd_weight(ex, dy, cache.x, w_->trainable ? w_->grad : Tensor(),
                          b_ && b_->trainable ? b_->grad : Tensor());
-  if (dx.defined()) ops::linear_bwd_input(dy, w_->compute(), dx, beta);
+  if (dx.defined()) ops::linear_bwd_input(ex, dy, w_->compute(), dx, beta);
   if (lora_a_) {
     // dB += s·dyᵀ xa ; dxa = s·dy B ; dA += dxaᵀ x ; dx += dxa A
-    if (lora_b_->trainable) ops::gemm(dy, true, cache.xa, false, lora_b_->grad, lora_scale_, 1.f);
+    if (lora_b_->trainable) ops::gemm(ex, dy, true, cache.xa, false, lora_b_->grad, lora_scale_, 1.f);
     Tensor dxa = Tensor::empty(cache.xa.shape(), dy.dtype(), dy.device());
-    ops::gemm(dy, false, lora_b_->compute(), false, dxa, lora_scale_, 0.f);
-    if (lora_a_->trainable) ops::gemm(dxa, true, cache.x, false, lora_a_->grad, 1.f, 1.f);
-    if (dx.defined()) ops::gemm(dxa, false, lora_a_->compute(), false, dx, 1.f, 1.f);
+    ops::gemm(ex, dy, false, lora_b_->compute(), false, dxa, lora_scale_, 0.f);
+    if (lora_a_->trainable) ops::gemm(ex, dxa, true, cache.x, false, lora_a_->grad, 1.f, 1.f);
+    if (dx.defined()) ops::gemm(ex, dxa, false, lora_a_->compute(), false, dx, 1.f, 1.f);
   }
 }
 

@@ -42,10 +42,11 @@ class Linear {
   // Registers `<name>.lora_A` [r, in] and `<name>.lora_B` [out, r]; scale = alpha / r.
   void add_lora(ParamStore& store, int64_t rank, float alpha);
 
-  Tensor forward(const Tensor& x, LinearCache& cache) const;
+  Tensor forward(const ExecContext& ex, const Tensor& x, LinearCache& cache) const;
   // Weight gradients accumulate into the trainable params; dx is written (beta=0) or
   // accumulated (beta=1) when defined (column-parallel: this rank's partial sum).
-  void backward(const Tensor& dy, const LinearCache& cache, const Tensor& dx, float beta = 0.f) const;
+  void backward(const ExecContext& ex, const Tensor& dy, const LinearCache& cache, const Tensor& dx,
+                float beta = 0.f) const;
 
   int64_t in() const { return in_; }    // this rank's input width
   int64_t out() const { return out_; }  // this rank's output width

@@ -44,50 +44,50 @@ void LlamaAttention::add_lora(ParamStore& s, int64_t rank, float alpha) {
   for (Linear* l : {&q_, &k_, &v_, &o_}) l->add_lora(s, rank, alpha);
 }
 
-Tensor LlamaAttention::forward(const Tensor& x, const Tensor& modality, ops::AttnMode mode, int64_t B, int64_t L,
-                               AttentionCache& c) const {
-  c.qr = q_.forward(x, c.q).reshape({B, L, n_heads_, hd_});
-  c.kr = k_.forward(x, c.k).reshape({B, L, n_kv_, hd_});
-  c.vv = v_.forward(x, c.v).reshape({B, L, n_kv_, hd_});
-  ops::rope_(c.qr, theta_, false);
-  ops::rope_(c.kr, theta_, false);
+Tensor LlamaAttention::forward(const ExecContext& ex, const Tensor& x, const Tensor& modality, ops::AttnMode mode,
+                               int64_t B, int64_t L, AttentionCache& c) const {
+  c.qr = q_.forward(ex, x, c.q).reshape({B, L, n_heads_, hd_});
+  c.kr = k_.forward(ex, x, c.k).reshape({B, L, n_kv_, hd_});
+  c.vv = v_.forward(ex, x, c.v).reshape({B, L, n_kv_, hd_});
+  ops::rope_(ex, c.qr, theta_, false);
+  ops::rope_(ex, c.kr, theta_, false);
   c.att = Tensor::empty(c.qr.shape(), x.dtype(), x.device());
-  c.saved = ops::attention_fwd(mode, c.qr, c.kr, c.vv, modality, c.att);
-  return o_.forward(c.att.reshape({B * L, n_heads_ * hd_}), c.o);
+  c.saved = ops::attention_fwd(ex, mode, c.qr, c.kr, c.vv, modality, c.att);
+  return o_.forward(ex, c.att.reshape({B * L, n_heads_ * hd_}), c.o);
 }
 
-Tensor LlamaAttention::decode(const Tensor& x, KvCache::Layer& kv, const Tensor& modality, ops::AttnMode mode,
-                              int64_t position) const {
+Tensor LlamaAttention::decode(const ExecContext& ex, const Tensor& x, KvCache::Layer& kv, const Tensor& modality,
+                              ops::AttnMode mode, int64_t position) const {
   const int64_t n = x.size(0);
   LinearCache scratch;  // no backward follows
-  Tensor q = q_.forward(x, scratch).reshape({1, n, n_heads_, hd_});
-  Tensor k = k_.forward(x, scratch).reshape({1, n, n_kv_, hd_});
-  Tensor v = v_.forward(x, scratch);
-  ops::rope_(q, theta_, false, position);  // rotary at the positions in the whole sequence
-  ops::rope_(k, theta_, false, position);
+  Tensor q = q_.forward(ex, x, scratch).reshape({1, n, n_heads_, hd_});
+  Tensor k = k_.forward(ex, x, scratch).reshape({1, n, n_kv_, hd_});
+  Tensor v = v_.forward(ex, x, scratch);
+  ops::rope_(ex, q, theta_, false, position);  // rotary at the positions in the whole sequence
+  ops::rope_(ex, k, theta_, false, position);
   kv.k.slice(0, position, position + n).copy_from(k.reshape({n, n_kv_, hd_}));
   kv.v.slice(0, position, position + n).copy_from(v.reshape({n, n_kv_, hd_}));
   Tensor att = Tensor::empty({n, n_heads_, hd_}, x.dtype(), x.device());
-  ops::attention_decode(mode, q.reshape({n, n_heads_, hd_}), kv.k.slice(0, 0, position + n),
+  ops::attention_decode(ex, mode, q.reshape({n, n_heads_, hd_}), kv.k.slice(0, 0, position + n),
                         kv.v.slice(0, 0, position + n), modality, position, att);
-  return o_.forward(att.reshape({n, n_heads_ * hd_}), scratch);
+  return o_.forward(ex, att.reshape({n, n_heads_ * hd_}), scratch);
 }
 
-void LlamaAttention::backward(const Tensor& dy, const Tensor& modality, ops::AttnMode mode, AttentionCache& c,
-                              const Tensor& dx) const {
+void LlamaAttention::backward(const ExecContext& ex, const Tensor& dy, const Tensor& modality, ops::AttnMode mode,
+                              AttentionCache& c, const Tensor& dx) const {
   Tensor datt = Tensor::empty(c.o.x.shape(), dy.dtype(), dy.device());
-  o_.backward(dy, c.o, datt);
+  o_.backward(ex, dy, c.o, datt);
   Tensor dq = Tensor::empty(c.qr.shape(), dy.dtype(), dy.device());
   Tensor dk = Tensor::empty(c.kr.shape(), dy.dtype(), dy.device());
   Tensor dv = Tensor::empty(c.vv.shape(), dy.dtype(), dy.device());
-  ops::attention_bwd(mode, datt.reshape(c.qr.shape()), c.qr, c.kr, c.vv, modality, c.att, c.saved, dq, dk, dv);
+  ops::attention_bwd(ex, mode, datt.reshape(c.qr.shape()), c.qr, c.kr, c.vv, modality, c.att, c.saved, dq, dk, dv);
   c.saved = Tensor();  // on the CPU the largest activation: release it as soon as possible
-  ops::rope_(dq, theta_, true);
-  ops::rope_(dk, theta_, true);
+  ops::rope_(ex, dq, theta_, true);
+  ops::rope_(ex, dk, theta_, true);
   const int64_t rows = dx.size(0);
-  q_.backward(dq.reshape({rows, n_heads_ * hd_}), c.q, dx);
-  k_.backward(dk.reshape({rows, n_kv_ * hd_}), c.k, dx, 1.f);
-  v_.backward(dv.reshape({rows, n_kv_ * hd_}), c.v, dx, 1.f);
+  q_.backward(ex, dq.reshape({rows, n_heads_ * hd_}), c.q, dx);
+  k_.backward(ex, dk.reshape({rows, n_kv_ * hd_}), c.k, dx, 1.f);
+  v_.backward(ex, dv.reshape({rows, n_kv_ * hd_}), c.v, dx, 1.f);
   tp_.all_reduce(dx);  // f: q, k and v each saw the whole input; their dx are partial sums
 }
 
@@ -101,21 +101,21 @@ void LlamaMLP::add_lora(ParamStore& s, int64_t rank, float alpha) {
   for (Linear* l : {&gate_, &up_, &down_}) l->add_lora(s, rank, alpha);
 }
 
-Tensor LlamaMLP::forward(const Tensor& x, MlpCache& c) const {
-  c.g = gate_.forward(x, c.gate);
-  c.u = up_.forward(x, c.up);
+Tensor LlamaMLP::forward(const ExecContext& ex, const Tensor& x, MlpCache& c) const {
+  c.g = gate_.forward(ex, x, c.gate);
+  c.u = up_.forward(ex, x, c.up);
   Tensor a = Tensor::empty(c.g.shape(), x.dtype(), x.device());
-  ops::swiglu_fwd(c.g, c.u, a);
-  return down_.forward(a, c.down);
+  ops::swiglu_fwd(ex, c.g, c.u, a);
+  return down_.forward(ex, a, c.down);
 }
 
-void LlamaMLP::backward(const Tensor& dy, MlpCache& c, const Tensor& dx) const {
+void LlamaMLP::backward(const ExecContext& ex, const Tensor& dy, MlpCache& c, const Tensor& dx) const {
   Tensor da = Tensor::empty(c.g.shape(), dy.dtype(), dy.device());
-  down_.backward(dy, c.down, da);
+  down_.backward(ex, dy, c.down, da);
   Tensor dg = Tensor::empty(c.g.shape(), dy.dtype(), dy.device());
-  ops::swiglu_bwd(da, c.g, c.u, dg, da);  // du overwrites da in place: da is not read after
-  gate_.backward(dg, c.gate, dx);
-  up_.backward(da, c.up, dx, 1.f);
+  ops::swiglu_bwd(ex, da, c.g, c.u, dg, da);  // du overwrites da in place: da is not read after
+  gate_.backward(ex, dg, c.gate, dx);
+  up_.backward(ex, da, c.up, dx, 1.f);
   tp_.all_reduce(dx);  // f, as in attention
 }
 
@@ -130,11 +130,11 @@ void LlamaBlock::add_lora(ParamStore& s, int64_t rank, float alpha) {
   mlp_.add_lora(s, rank, alpha);
 }
 
-Tensor LlamaBlock::forward(const Tensor& x, const Tensor& modality, ops::AttnMode mode, int64_t B, int64_t L,
-                           LlamaBlockCache& c, Recompute recompute) const {
+Tensor LlamaBlock::forward(const ExecContext& ex, const Tensor& x, const Tensor& modality, ops::AttnMode mode,
+                           int64_t B, int64_t L, LlamaBlockCache& c, Recompute recompute) const {
   if (recompute == Recompute::block) {
     LlamaBlockCache scratch;  // freed on return
-    Tensor y = forward(x, modality, mode, B, L, scratch);
+    Tensor y = forward(ex, x, modality, mode, B, L, scratch);
     c = LlamaBlockCache();
     c.input = x;  // x is never written in place (the residual adds write h and y)
     c.B = B;
@@ -142,42 +142,43 @@ Tensor LlamaBlock::forward(const Tensor& x, const Tensor& modality, ops::AttnMod
     c.recompute = true;
     return y;
   }
-  Tensor h = attn_.forward(norm1_.forward(x, c.norm1), modality, mode, B, L, c.attn);
-  ops::add(h, x, h);
-  Tensor y = mlp_.forward(norm2_.forward(h, c.norm2), c.mlp);
-  ops::add(y, h, y);
+  Tensor h = attn_.forward(ex, norm1_.forward(ex, x, c.norm1), modality, mode, B, L, c.attn);
+  ops::add(ex, h, x, h);
+  Tensor y = mlp_.forward(ex, norm2_.forward(ex, h, c.norm2), c.mlp);
+  ops::add(ex, y, h, y);
   return y;
 }
 
-Tensor LlamaBlock::decode(const Tensor& x, KvCache::Layer& kv, const Tensor& modality, ops::AttnMode mode,
-                          int64_t position) const {
+Tensor LlamaBlock::decode(const ExecContext& ex, const Tensor& x, KvCache::Layer& kv, const Tensor& modality,
+                          ops::AttnMode mode, int64_t position) const {
   NormCache n1, n2;
   MlpCache mc;
-  Tensor h = attn_.decode(norm1_.forward(x, n1), kv, modality, mode, position);
-  ops::add(h, x, h);
-  Tensor y = mlp_.forward(norm2_.forward(h, n2), mc);
-  ops::add(y, h, y);
+  Tensor h = attn_.decode(ex, norm1_.forward(ex, x, n1), kv, modality, mode, position);
+  ops::add(ex, h, x, h);
+  Tensor y = mlp_.forward(ex, norm2_.forward(ex, h, n2), mc);
+  ops::add(ex, y, h, y);
   return y;
 }
 
-Tensor LlamaBlock::backward(const Tensor& dy, const Tensor& modality, ops::AttnMode mode, LlamaBlockCache& c) const {
+Tensor LlamaBlock::backward(const ExecContext& ex, const Tensor& dy, const Tensor& modality, ops::AttnMode mode,
+                            LlamaBlockCache& c) const {
   if (c.recompute) {
     const Tensor x = c.input;
     const int64_t B = c.B, L = c.L;
     c = LlamaBlockCache();
-    forward(x, modality, mode, B, L, c);
+    forward(ex, x, modality, mode, B, L, c);
   }
   Tensor tmp = Tensor::empty(dy.shape(), dy.dtype(), dy.device());
   // y = h + mlp(norm2(h)):  dh = dy + norm2ᵀ(mlpᵀ(dy))
-  mlp_.backward(dy, c.mlp, tmp);
+  mlp_.backward(ex, dy, c.mlp, tmp);
   Tensor dh = Tensor::empty(dy.shape(), dy.dtype(), dy.device());
-  norm2_.backward(tmp, c.norm2, dh);
-  ops::add(dh, dy, dh);
+  norm2_.backward(ex, tmp, c.norm2, dh);
+  ops::add(ex, dh, dy, dh);
   // h = x + attn(norm1(x)):  dx = dh + norm1ᵀ(attnᵀ(dh))
-  attn_.backward(dh, modality, mode, c.attn, tmp);
+  attn_.backward(ex, dh, modality, mode, c.attn, tmp);
   Tensor dx = Tensor::empty(dy.shape(), dy.dtype(), dy.device());
-  norm1_.backward(tmp, c.norm1, dx);
-  ops::add(dx, dh, dx);
+  norm1_.backward(ex, tmp, c.norm1, dx);
+  ops::add(ex, dx, dh, dx);
   c = LlamaBlockCache();  // activations of this micro-batch are no longer needed
   return dx;
 }

@@ -36,14 +36,14 @@ class LlamaAttention {
   LlamaAttention(ParamStore& store, const std::string& prefix, const LlmConfig& cfg, const TensorParallel& tp);
   void add_lora(ParamStore& store, int64_t rank, float alpha);
   // x [B*L, H] → [B*L, H]
-  Tensor forward(const Tensor& x, const Tensor& modality, ops::AttnMode mode, int64_t B, int64_t L,
-                 AttentionCache& c) const;
-  void backward(const Tensor& dy, const Tensor& modality, ops::AttnMode mode, AttentionCache& c,
+  Tensor forward(const ExecContext& ex, const Tensor& x, const Tensor& modality, ops::AttnMode mode, int64_t B,
+                 int64_t L, AttentionCache& c) const;
+  void backward(const ExecContext& ex, const Tensor& dy, const Tensor& modality, ops::AttnMode mode, AttentionCache& c,
                 const Tensor& dx) const;
   // Generation: x [n, H] are positions position..position+n-1 of one sequence; their keys and
   // values go into `kv` rows [position, position+n), and they attend over every row so far
   // (`modality` [position+n]). Forward only.
-  Tensor decode(const Tensor& x, KvCache::Layer& kv, const Tensor& modality, ops::AttnMode mode,
+  Tensor decode(const ExecContext& ex, const Tensor& x, KvCache::Layer& kv, const Tensor& modality, ops::AttnMode mode,
                 int64_t position) const;
 
  private:
@@ -63,8 +63,8 @@ class LlamaMLP {
   LlamaMLP() = default;
   LlamaMLP(ParamStore& store, const std::string& prefix, const LlmConfig& cfg, const TensorParallel& tp);
   void add_lora(ParamStore& store, int64_t rank, float alpha);
-  Tensor forward(const Tensor& x, MlpCache& c) const;
-  void backward(const Tensor& dy, MlpCache& c, const Tensor& dx) const;
+  Tensor forward(const ExecContext& ex, const Tensor& x, MlpCache& c) const;
+  void backward(const ExecContext& ex, const Tensor& dy, MlpCache& c, const Tensor& dx) const;
 
  private:
   Linear gate_, up_, down_;
@@ -96,13 +96,14 @@ class LlamaBlock {
   // With Recompute::block the activations die here and backward recomputes them: the same
   // ops on the same input, so its gradients are bit-identical to a stored run's (a TP
   // block repeats its forward all-reduces, in the same order on every rank).
-  Tensor forward(const Tensor& x, const Tensor& modality, ops::AttnMode mode, int64_t B, int64_t L,
-                 LlamaBlockCache& c, Recompute recompute = Recompute::none) const;
+  Tensor forward(const ExecContext& ex, const Tensor& x, const Tensor& modality, ops::AttnMode mode, int64_t B,
+                 int64_t L, LlamaBlockCache& c, Recompute recompute = Recompute::none) const;
   // Generation (LlamaAttention::decode): the same computation for n new positions.
-  Tensor decode(const Tensor& x, KvCache::Layer& kv, const Tensor& modality, ops::AttnMode mode,
+  Tensor decode(const ExecContext& ex, const Tensor& x, KvCache::Layer& kv, const Tensor& modality, ops::AttnMode mode,
                 int64_t position) const;
   // dy is the gradient of the block output; returns the gradient of its input.
-  Tensor backward(const Tensor& dy, const Tensor& modality, ops::AttnMode mode, LlamaBlockCache& c) const;
+  Tensor backward(const ExecContext& ex, const Tensor& dy, const Tensor& modality, ops::AttnMode mode,
+                  LlamaBlockCache& c) const;
 
  private:
   RMSNorm norm1_, norm2_;

@@ -9,32 +9,32 @@ static Tensor per_row(const Tensor& x) { return Tensor::empty({x.numel() / x.siz
 RMSNorm::RMSNorm(ParamStore& store, const std::string& name, int64_t dim, float eps)
     : w_(&store.add(name + ".weight", {dim})), eps_(eps) {}
 
-Tensor RMSNorm::forward(const Tensor& x, NormCache& c) const {
+Tensor RMSNorm::forward(const ExecContext& ex, const Tensor& x, NormCache& c) const {
   Tensor y = Tensor::empty(x.shape(), x.dtype(), x.device());
   c.x = x;
   c.rstd = per_row(x);
-  ops::rmsnorm_fwd(x, w_->compute(), eps_, y, c.rstd);
+  ops::rmsnorm_fwd(ex, x, w_->compute(), eps_, y, c.rstd);
   return y;
 }
 
-void RMSNorm::backward(const Tensor& dy, const NormCache& c, const Tensor& dx) const {
-  ops::rmsnorm_bwd(dy, c.x, w_->compute(), c.rstd, dx, w_->trainable ? w_->grad : Tensor());
+void RMSNorm::backward(const ExecContext& ex, const Tensor& dy, const NormCache& c, const Tensor& dx) const {
+  ops::rmsnorm_bwd(ex, dy, c.x, w_->compute(), c.rstd, dx, w_->trainable ? w_->grad : Tensor());
 }
 
 LayerNorm::LayerNorm(ParamStore& store, const std::string& name, int64_t dim, float eps)
     : w_(&store.add(name + ".weight", {dim})), b_(&store.add(name + ".bias", {dim})), eps_(eps) {}
 
-Tensor LayerNorm::forward(const Tensor& x, NormCache& c) const {
+Tensor LayerNorm::forward(const ExecContext& ex, const Tensor& x, NormCache& c) const {
   Tensor y = Tensor::empty(x.shape(), x.dtype(), x.device());
   c.x = x;
   c.mean = per_row(x);
   c.rstd = per_row(x);
-  ops::layernorm_fwd(x, w_->compute(), b_->compute(), eps_, y, c.mean, c.rstd);
+  ops::layernorm_fwd(ex, x, w_->compute(), b_->compute(), eps_, y, c.mean, c.rstd);
   return y;
 }
 
-void LayerNorm::backward(const Tensor& dy, const NormCache& c, const Tensor& dx) const {
-  ops::layernorm_bwd(dy, c.x, w_->compute(), c.mean, c.rstd, dx, w_->trainable ? w_->grad : Tensor(),
+void LayerNorm::backward(const ExecContext& ex, const Tensor& dy, const NormCache& c, const Tensor& dx) const {
+  ops::layernorm_bwd(ex, dy, c.x, w_->compute(), c.mean, c.rstd, dx, w_->trainable ? w_->grad : Tensor(),
                      b_->trainable ? b_->grad : Tensor());
 }
 

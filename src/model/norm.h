@@ -14,8 +14,9 @@ class RMSNorm {
  public:
   RMSNorm() = default;
   RMSNorm(ParamStore& store, const std::string& name, int64_t dim, float eps);
-  Tensor forward(const Tensor& x, NormCache& cache) const;
-  void backward(const Tensor& dy, const NormCache& cache, const Tensor& dx) const;  // dx overwritten
+  Tensor forward(const ExecContext& ex, const Tensor& x, NormCache& cache) const;
+  void backward(const ExecContext& ex, const Tensor& dy, const NormCache& cache,
+                const Tensor& dx) const;  // dx overwritten
 
  private:
   Param* w_ = nullptr;
@@ -26,8 +27,9 @@ class LayerNorm {
  public:
   LayerNorm() = default;
   LayerNorm(ParamStore& store, const std::string& name, int64_t dim, float eps);
-  Tensor forward(const Tensor& x, NormCache& cache) const;
-  void backward(const Tensor& dy, const NormCache& cache, const Tensor& dx) const;  // dx may be undefined
+  Tensor forward(const ExecContext& ex, const Tensor& x, NormCache& cache) const;
+  void backward(const ExecContext& ex, const Tensor& dy, const NormCache& cache,
+                const Tensor& dx) const;  // dx may be undefined
 
  private:
   Param *w_ = nullptr, *b_ = nullptr;

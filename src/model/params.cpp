@@ -92,7 +92,8 @@ void ParamStore::set_trainable(Param& p, bool on) {
   p.grad = on ? Tensor::zeros(p.value.shape(), p.value.dtype(), p.value.device()) : Tensor();
 }
 
-void ParamStore::to(Device device, DType compute) {
+void ParamStore::to(const ExecContext& ex, DType compute) {
+  const Device device = ex.device();
   if (flattened_) throw std::logic_error("ParamStore::to after flatten_trainable: move the parameters first");
   auto moved = [&](const Tensor& t) {
     if (!t.defined() || t.device() == device) return t;
@@ -110,6 +111,7 @@ void ParamStore::to(Device device, DType compute) {
     p->work = working_copies ? Tensor::empty(p->value.shape(), compute, device) : Tensor();
   }
   device_ = device;
+  ex_ = ex;
   refresh_working_copies();
 }
 
@@ -117,10 +119,10 @@ void ParamStore::refresh_working_copies(bool trainable_only) {
   for (auto& p : params_) {
     if (!p->work.defined() || !p->value.defined() || (trainable_only && !p->trainable)) continue;
     if (p->value.device() == p->work.device()) {
-      ops::cast(p->value, p->work);
+      ops::cast(ex_, p->value, p->work);
     } else {  // a frozen master on the host: round there, then one copy
       const Tensor rounded = Tensor::empty(p->value.shape(), p->work.dtype(), p->value.device());
-      ops::cast(p->value.is_contiguous() ? p->value : p->value.clone(), rounded);
+      ops::cast(ex_, p->value.is_contiguous() ? p->value : p->value.clone(), rounded);
       p->work.copy_from(rounded);
     }
   }

@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "exec.h"
 #include "tensor.h"
 
 namespace vchat {
@@ -73,11 +74,13 @@ class ParamStore {
   // Moves every value and gradient to `device` and, when the policy computes in bf16, gives
   // each parameter its working copy there (a frozen parameter's fp32 master then stays on
   // the host: nothing on the device reads it). Before flatten_trainable.
-  void to(Device device, DType compute);
+  // The casts run with `ex`, which the store keeps for later refresh_working_copies().
+  void to(const ExecContext& ex, DType compute);
   // Re-derives the working copies from the master values: all of them (after init or a
   // checkpoint load), or the trainable ones' (after an update).
   void refresh_working_copies(bool trainable_only = false);
   Device device() const { return device_; }
+  const ExecContext& exec() const { return ex_; }
   int64_t numel(bool trainable_only) const;  // this rank's elements (ShardSpec::local)
 
   // Moves every trainable parameter (value and gradient) into two flat buffers, in
@@ -102,6 +105,7 @@ class ParamStore {
   Flat flat_;
   bool flattened_ = false;
   Device device_ = Device::cpu;
+  ExecContext ex_;  // the context the working copies are cast with
 };
 
 // Deterministic initialisation from a seed, by each parameter's table rule (InitRule:

@@ -15,9 +15,9 @@ class Projection {
  public:
   Projection() = default;
   Projection(ParamStore& store, int64_t vision_width, int64_t hidden, const ProjectionConfig& cfg);
-  Tensor forward(const Tensor& features, ProjectionCache& c) const;
+  Tensor forward(const ExecContext& ex, const Tensor& features, ProjectionCache& c) const;
   // dfeatures may be undefined when the encoder below is frozen.
-  void backward(const Tensor& dy, ProjectionCache& c, const Tensor& dfeatures) const;
+  void backward(const ExecContext& ex, const Tensor& dy, ProjectionCache& c, const Tensor& dfeatures) const;
 
  private:
   Linear linear_;

@@ -76,19 +76,20 @@ VisualChatModel::VisualChatModel(const ModelConfig& cfg, const ModelOptions& opt
 
 VisualChatModel::~VisualChatModel() = default;
 
-void VisualChatModel::to(Device device, const PrecisionPolicy& policy, bool move_params) {
-  if (move_params) params_.to(device, policy.compute);
-  device_ = device;
+void VisualChatModel::to(const ExecContext& ex, const PrecisionPolicy& policy, bool move_params) {
+  if (move_params) params_.to(ex, policy.compute);
+  ex_ = ex;
+  device_ = ex.device();
   compute_ = policy.compute;
 }
 
 // A host f32 copy of t (or t itself when it is one already).
-Tensor host_f32(const Tensor& t) {
+Tensor host_f32(const ExecContext& ex, const Tensor& t) {
   if (t.device() == Device::cpu && t.dtype() == DType::f32) return t;
   Tensor f = t;
   if (t.dtype() != DType::f32) {
     f = Tensor::empty(t.shape(), DType::f32, t.device());
-    ops::cast(t.is_contiguous() ? t : t.clone(), f);
+    ops::cast(ex, t.is_contiguous() ? t : t.clone(), f);
   }
   return f.to(Device::cpu);
 }
@@ -147,7 +148,7 @@ struct VisualChatModel::Cache {
 Tensor VisualChatModel::image_features(const Tensor& pixels) const {
   if (!first_stage()) throw std::logic_error("image_features: the vision encoder lives on the first pipeline stage");
   VisionCache c;
-  return vit_.forward(pixels, c);
+  return vit_.forward(ex_, pixels, c);
 }
 
 Tensor VisualChatModel::extend(const Extension& e, KvCache& cache) const {
@@ -176,12 +177,12 @@ Tensor VisualChatModel::extend(const Extension& e, KvCache& cache) const {
 
   // Embeddings, with each image's projected features in its positions (as stage_forward).
   Tensor x = Tensor::empty({n, H}, compute_, device_);
-  ops::embedding_fwd(Tensor::from_vector(ids, {n}).to(device_), embed_->compute(), x);
+  ops::embedding_fwd(ex_, Tensor::from_vector(ids, {n}).to(device_), embed_->compute(), x);
   if (n_img > 0) {
     VisionCache vc;
     ProjectionCache pc;
-    const Tensor img = proj_.forward(vit_.forward(e.pixels.to(device_), vc), pc);
-    ops::scatter_rows(img, Tensor::from_vector(rows, {static_cast<int64_t>(rows.size())}).to(device_), x);
+    const Tensor img = proj_.forward(ex_, vit_.forward(ex_, e.pixels.to(device_), vc), pc);
+    ops::scatter_rows(ex_, img, Tensor::from_vector(rows, {static_cast<int64_t>(rows.size())}).to(device_), x);
   }
   // Every layer: the new positions' keys and values join the cache, then they attend over it.
   cache.reserve(pos + n, static_cast<int64_t>(blocks_.size()), cfg_.llm.n_kv_heads, cfg_.llm.head_dim(), device_,
@@ -189,11 +190,13 @@ Tensor VisualChatModel::extend(const Extension& e, KvCache& cache) const {
   cache.modality.resize(static_cast<size_t>(pos));
   cache.modality.insert(cache.modality.end(), e.modality.begin(), e.modality.end());
   const Tensor modality = Tensor::from_vector(cache.modality, {pos + n}).to(device_);
-  for (size_t i = 0; i < blocks_.size(); ++i) x = blocks_[i].decode(x, cache.layers[i], modality, opt_.attention, pos);
+  for (size_t i = 0; i < blocks_.size(); ++i)
+    x = blocks_[i].decode(ex_, x, cache.layers[i], modality, opt_.attention, pos);
   cache.length = pos + n;
   NormCache nc;
   LinearCache hc;
-  return host_f32(lm_head_.forward(final_norm_.forward(x.slice(0, n - 1, n), nc), hc)).reshape({cfg_.llm.vocab_size});
+  return host_f32(ex_, lm_head_.forward(ex_, final_norm_.forward(ex_, x.slice(0, n - 1, n), nc), hc))
+      .reshape({cfg_.llm.vocab_size});
 }
 
 Tensor VisualChatModel::stage_forward(int mb, const Batch& batch, const Tensor& input, bool backward_follows,
@@ -222,7 +225,7 @@ Tensor VisualChatModel::stage_forward(int mb, const Batch& batch, const Tensor& 
     //    and projection run their hooks even without images, so ZeRO-3 peers stay in step.
     const int64_t W = cfg_.vision.width;
     const auto [i0, i1] = my_images(c.n_images);
-    Tensor feats = vit_.forward(i1 > i0 ? batch.pixels.slice(0, i0, i1) : Tensor(), c.vit, hook(0));
+    Tensor feats = vit_.forward(ex_, i1 > i0 ? batch.pixels.slice(0, i0, i1) : Tensor(), c.vit, hook(0));
     if (!vit_trains_) c.vit = VisionCache();  // a frozen encoder's activations are dead now
     if (tp_size() > 1 && c.n_images > 0) {
       const int64_t per = (c.n_images + tp_size() - 1) / tp_size() * T_img;  // rows per rank
@@ -234,16 +237,16 @@ Tensor VisualChatModel::stage_forward(int mb, const Batch& batch, const Tensor& 
     }
     // 3. Projection, then the token embeddings with the image rows spliced in.
     hook(unit_proj()).before_forward(0);
-    Tensor img = c.n_images > 0 ? proj_.forward(feats, c.proj) : Tensor();
+    Tensor img = c.n_images > 0 ? proj_.forward(ex_, feats, c.proj) : Tensor();
     hook(unit_proj()).after_forward(0);
     hook(unit_embed()).before_forward(0);
     x = Tensor::empty({N, H}, compute_, device_);  // image rows are filled by the scatter below
     if (tp_size() > 1)
-      vocab_parallel_embedding_fwd(batch.embed_ids, embed_->compute(), {vocab_begin_, vocab_size_}, *mp_.tp, x);
+      vocab_parallel_embedding_fwd(ex_, batch.embed_ids, embed_->compute(), {vocab_begin_, vocab_size_}, *mp_.tp, x);
     else
-      ops::embedding_fwd(batch.embed_ids, embed_->compute(), x);
+      ops::embedding_fwd(ex_, batch.embed_ids, embed_->compute(), x);
     hook(unit_embed()).after_forward(0);
-    if (img.defined()) ops::scatter_rows(img, batch.image_rows, x);
+    if (img.defined()) ops::scatter_rows(ex_, img, batch.image_rows, x);
   } else {
     VCHAT_CHECK(input.defined() && input.dim() == 2 && input.size(0) == N && input.size(1) == H,
                 "stage " << mp_.pp_rank << ": micro-batch " << mb << " input " << (input.defined() ? shape_str(input.shape()) : "none")
@@ -255,14 +258,14 @@ Tensor VisualChatModel::stage_forward(int mb, const Batch& batch, const Tensor& 
   c.blocks.resize(blocks_.size());
   for (size_t i = 0; i < blocks_.size(); ++i) {
     hook(unit_block(i)).before_forward(0);
-    x = blocks_[i].forward(x, batch.modality, opt_.attention, B, L, c.blocks[i], opt_.recompute);
+    x = blocks_[i].forward(ex_, x, batch.modality, opt_.attention, B, L, c.blocks[i], opt_.recompute);
     hook(unit_block(i)).after_forward(0);
   }
 
   if (last_stage()) {
     // 5. Final norm, lm_head (vocabulary-parallel), masked cross-entropy.
     hook(unit_head()).before_forward(0);
-    c.logits = lm_head_.forward(final_norm_.forward(x, c.final_norm), c.head);
+    c.logits = lm_head_.forward(ex_, final_norm_.forward(ex_, x, c.final_norm), c.head);
     hook(unit_head()).after_forward(0);
     c.lse = Tensor::empty({N}, DType::f32, device_);
     const Tensor targets = batch.targets.reshape({N});
@@ -270,9 +273,9 @@ Tensor VisualChatModel::stage_forward(int mb, const Batch& batch, const Tensor& 
     r.supervised = batch.supervised_count();
     const Tensor acc = loss_acc.defined() ? loss_acc : Tensor::zeros({1}, DType::f32, device_);
     if (tp_size() > 1)
-      vocab_parallel_ce_fwd(c.logits, targets, {vocab_begin_, vocab_size_}, *mp_.tp, c.lse, acc);
+      vocab_parallel_ce_fwd(ex_, c.logits, targets, {vocab_begin_, vocab_size_}, *mp_.tp, c.lse, acc);
     else
-      ops::cross_entropy_fwd(c.logits, targets, c.lse, acc);
+      ops::cross_entropy_fwd(ex_, c.logits, targets, c.lse, acc);
     if (!loss_acc.defined()) {  // the caller wants it now: one copy back
       r.loss_sum = acc.to_vector_f32()[0];
       r.loss = r.supervised ? r.loss_sum / r.supervised : 0.0;
@@ -282,11 +285,11 @@ Tensor VisualChatModel::stage_forward(int mb, const Batch& batch, const Tensor& 
       // (A copy: backward overwrites c.logits with the gradient in place.)
       if (tp_size() == 1) {
         r.logits = c.logits.device() == Device::cpu && c.logits.dtype() == DType::f32 ? c.logits.clone()
-                                                                                      : host_f32(c.logits);
+                                                                                      : host_f32(ex_, c.logits);
       } else {  // [tp][N][V/tp] gathered where the logits are, then → [N][V] on the host
         const Tensor parts = Tensor::empty({tp_size(), N, vocab_size_}, c.logits.dtype(), c.logits.device());
         mp_.tp->all_gather(c.logits.raw(), parts.raw(), N * vocab_size_, c.logits.dtype());
-        const Tensor hp = host_f32(parts);
+        const Tensor hp = host_f32(ex_, parts);
         r.logits = Tensor::empty({N, cfg_.llm.vocab_size});
         for (int t = 0; t < tp_size(); ++t)
           for (int64_t i = 0; i < N; ++i)
@@ -314,16 +317,16 @@ Tensor VisualChatModel::stage_backward(int mb, const Batch& batch, const Tensor&
     // 6. From the loss: dlogits reuses the logits buffer.
     const Tensor targets = batch.targets.reshape({N});
     if (tp_size() > 1)
-      vocab_parallel_ce_bwd(c.logits, targets, {vocab_begin_, vocab_size_}, c.lse, loss_scale, c.logits);
+      vocab_parallel_ce_bwd(ex_, c.logits, targets, {vocab_begin_, vocab_size_}, c.lse, loss_scale, c.logits);
     else
-      ops::cross_entropy_bwd(c.logits, targets, c.lse, loss_scale, c.logits);
+      ops::cross_entropy_bwd(ex_, c.logits, targets, c.lse, loss_scale, c.logits);
     hook(unit_head()).before_backward(0);
     Tensor dnormed = Tensor::empty({N, H}, compute_, device_);
-    lm_head_.backward(c.logits, c.head, dnormed);
+    lm_head_.backward(ex_, c.logits, c.head, dnormed);
     tp_.all_reduce(dnormed);  // f: lm_head is column-parallel over the vocabulary
     c.logits = Tensor();
     dx = Tensor::empty({N, H}, compute_, device_);
-    final_norm_.backward(dnormed, c.final_norm, dx);
+    final_norm_.backward(ex_, dnormed, c.final_norm, dx);
     hook(unit_head()).after_backward(0);
   } else {
     VCHAT_CHECK(doutput.defined() && doutput.size(0) == N && doutput.size(1) == H,
@@ -334,7 +337,7 @@ Tensor VisualChatModel::stage_backward(int mb, const Batch& batch, const Tensor&
   // 7. Decoder blocks in reverse.
   for (size_t i = blocks_.size(); i-- > 0;) {
     hook(unit_block(i)).before_backward(0);
-    dx = blocks_[i].backward(dx, batch.modality, opt_.attention, c.blocks[i]);
+    dx = blocks_[i].backward(ex_, dx, batch.modality, opt_.attention, c.blocks[i]);
     hook(unit_block(i)).after_backward(0);
   }
   if (!first_stage()) return dx;
@@ -344,9 +347,10 @@ Tensor VisualChatModel::stage_backward(int mb, const Batch& batch, const Tensor&
   if (embed_->trainable) {
     hook(unit_embed()).before_backward(0);
     if (tp_size() > 1)
-      vocab_parallel_embedding_bwd(dx, batch.embed_ids, batch.embed_groups, {vocab_begin_, vocab_size_}, embed_->grad);
+      vocab_parallel_embedding_bwd(ex_, dx, batch.embed_ids, batch.embed_groups, {vocab_begin_, vocab_size_},
+                                   embed_->grad);
     else
-      ops::embedding_bwd(dx, batch.embed_ids, batch.embed_groups, embed_->grad);
+      ops::embedding_bwd(ex_, dx, batch.embed_ids, batch.embed_groups, embed_->grad);
     hook(unit_embed()).after_backward(0);
   }
   if (image_path_trains_) {
@@ -355,14 +359,14 @@ Tensor VisualChatModel::stage_backward(int mb, const Batch& batch, const Tensor&
     hook(unit_proj()).before_backward(0);
     if (c.n_images > 0) {
       Tensor dimg = Tensor::empty({batch.image_rows.numel(), H}, compute_, device_);
-      ops::gather_rows(dx, batch.image_rows, dimg);
+      ops::gather_rows(ex_, dx, batch.image_rows, dimg);
       dfeat = vit_trains_ ? Tensor::empty({batch.image_rows.numel(), W}, compute_, device_) : Tensor();
-      proj_.backward(dimg, c.proj, dfeat);
+      proj_.backward(ex_, dimg, c.proj, dfeat);
     }
     hook(unit_proj()).after_backward(0);
     if (vit_trains_) {
       const auto [i0, i1] = my_images(c.n_images);
-      vit_.backward(i1 > i0 ? dfeat.slice(0, i0 * T_img, i1 * T_img) : Tensor(), c.vit, hook(0));
+      vit_.backward(ex_, i1 > i0 ? dfeat.slice(0, i0 * T_img, i1 * T_img) : Tensor(), c.vit, hook(0));
     }
   }
   return Tensor();

@@ -20,7 +20,8 @@
 namespace vchat {
 
 // A host f32 copy of t (t itself when it is one already): results for the caller.
-Tensor host_f32(const Tensor& t);
+// A host f32 copy of t (t itself when it is one): a bf16 device tensor is cast on the device.
+Tensor host_f32(const ExecContext& ex, const Tensor& t);
 
 // What trains (DESIGN.md §3.4, docs/MODEL.md).
 enum class TrainSet { paper_default, lora, full };
@@ -111,11 +112,13 @@ class VisualChatModel {
   std::vector<ParamUnit> units() const;
   void set_hooks(UnitHooks* hooks) { hooks_ = hooks; }
 
-  // Moves this rank's parameters to `device` with the policy's working copies (before the
-  // optimizer flattens them); activations then live there in the compute dtype. With
-  // move_params false only the activations do: ZeRO-3 shards the weights from the host.
-  void to(Device device, const PrecisionPolicy& policy, bool move_params = true);
+  // Moves this rank's parameters to ex's device with the policy's working copies (before the
+  // optimizer flattens them); activations then live there in the compute dtype and every op
+  // runs with `ex`. With move_params false only the activations do: ZeRO-3 shards the
+  // weights from the host. A model starts on the CPU's context.
+  void to(const ExecContext& ex, const PrecisionPolicy& policy, bool move_params = true);
   Device device() const { return device_; }
+  const ExecContext& exec() const { return ex_; }
   DType compute_dtype() const { return compute_; }
 
   ParamStore& params() { return params_; }
@@ -157,6 +160,7 @@ class VisualChatModel {
   Linear lm_head_;
   bool vit_trains_ = false, image_path_trains_ = false;
   UnitHooks* hooks_ = nullptr;
+  ExecContext ex_;  // how every op of this model runs (to())
   Device device_ = Device::cpu;
   DType compute_ = DType::f32;
   std::map<int, std::unique_ptr<Cache>> caches_;  // per micro-batch in flight

@@ -22,8 +22,9 @@ class VitLayer {
  public:
   VitLayer() = default;
   VitLayer(ParamStore& store, const std::string& prefix, const VisionConfig& cfg);
-  Tensor forward(const Tensor& x, int64_t n_img, int64_t T, VitLayerCache& c) const;  // x [n_img*T, W]
-  Tensor backward(const Tensor& dy, VitLayerCache& c) const;
+  Tensor forward(const ExecContext& ex, const Tensor& x, int64_t n_img, int64_t T,
+                 VitLayerCache& c) const;  // x [n_img*T, W]
+  Tensor backward(const ExecContext& ex, const Tensor& dy, VitLayerCache& c) const;
 
  private:
   LayerNorm ln1_, ln2_;
@@ -46,9 +47,9 @@ class VisionEncoder {
   // pixels [N, 3, S, S] → features [N * tokens_per_image, W]. N may be 0 (an image-parallel
   // rank without images): the hooks are still called, so ZeRO-3 peers stay in step.
   // Units (for the hooks): 0 = embeddings and pre-norm, 1 + i = layer i.
-  Tensor forward(const Tensor& pixels, VisionCache& c, const HookCursor& hooks = {}) const;
+  Tensor forward(const ExecContext& ex, const Tensor& pixels, VisionCache& c, const HookCursor& hooks = {}) const;
   // Accumulates gradients of trainable encoder weights (pixels get none).
-  void backward(const Tensor& dfeatures, VisionCache& c, const HookCursor& hooks = {}) const;
+  void backward(const ExecContext& ex, const Tensor& dfeatures, VisionCache& c, const HookCursor& hooks = {}) const;
   int n_units() const { return 1 + static_cast<int>(layers_.size()); }
 
  private:

@@ -20,19 +20,20 @@ struct VocabSlice {
 
 // out [N, H] = embedding rows for ids [N] (i32; -1: no token, row left zero), summed over
 // the group: each rank fills the ids that fall in its slice.
-void vocab_parallel_embedding_fwd(const Tensor& ids, const Tensor& table, VocabSlice slice, Comm& tp, const Tensor& out);
+void vocab_parallel_embedding_fwd(const ExecContext& ex, const Tensor& ids, const Tensor& table, VocabSlice slice,
+                                  Comm& tp, const Tensor& out);
 // dtable += dout rows of the ids in this rank's slice (dout is the same on every rank).
-void vocab_parallel_embedding_bwd(const Tensor& dout, const Tensor& ids, const ops::TokenGroups& groups, VocabSlice slice,
-                                  const Tensor& dtable);
+void vocab_parallel_embedding_bwd(const ExecContext& ex, const Tensor& dout, const Tensor& ids,
+                                  const ops::TokenGroups& groups, VocabSlice slice, const Tensor& dtable);
 
 // logits [N, V/tp] this rank's columns; targets [N] (i32, global ids, < 0: no loss).
 // Writes lse [N] (the full row's log-sum-exp) and adds the summed loss over supervised rows
 // (the same on every rank) to loss_acc (f32 [1], where the logits are).
-void vocab_parallel_ce_fwd(const Tensor& logits, const Tensor& targets, VocabSlice slice, Comm& tp, const Tensor& lse,
-                           const Tensor& loss_acc);
+void vocab_parallel_ce_fwd(const ExecContext& ex, const Tensor& logits, const Tensor& targets, VocabSlice slice,
+                           Comm& tp, const Tensor& lse, const Tensor& loss_acc);
 // dlogits = scale · (softmax − onehot(target)) on this rank's columns for supervised rows,
 // 0 on the others. dlogits may alias logits.
-void vocab_parallel_ce_bwd(const Tensor& logits, const Tensor& targets, VocabSlice slice, const Tensor& lse, float scale,
-                           const Tensor& dlogits);
+void vocab_parallel_ce_bwd(const ExecContext& ex, const Tensor& logits, const Tensor& targets, VocabSlice slice,
+                           const Tensor& lse, float scale, const Tensor& dlogits);
 
 }  // namespace vchat

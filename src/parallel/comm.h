@@ -45,8 +45,8 @@ struct CommStats {
 // An operation started by an *_async call. wait() completes it (under the Comm's timeout,
 // counted from the start); the destructor waits if nobody did, so an operation is never
 // left in flight. The buffers passed at the start must stay valid until then. (On a GPU,
-// reduce_scatter_async's wait() orders the calling thread's compute stream after the
-// operation instead of blocking the host: what is enqueued there next sees the result.)
+// reduce_scatter_async's wait() orders the compute stream after the operation instead of
+// blocking the host: what is enqueued there next sees the result.)
 class CommRequest {
  public:
   virtual ~CommRequest() = default;

@@ -24,9 +24,9 @@ void check_zero_stage(int stage) {
   if (stage < 0 || stage > 3) throw ConfigError("--zero=" + std::to_string(stage) + " is not a ZeRO stage (0, 1, 2 or 3)");
 }
 
-void clip_and_update(const std::vector<UpdateSegment>& segments, const UpdateGroups& groups, const AdamWConfig& cfg,
-                     float lr, int64_t update, const std::function<void(const std::function<void()>&)>& timed,
-                     const Tensor& grad_sq) {
+void clip_and_update(const ExecContext& ex, const std::vector<UpdateSegment>& segments, const UpdateGroups& groups,
+                     const AdamWConfig& cfg, float lr, int64_t update,
+                     const std::function<void(const std::function<void()>&)>& timed, const Tensor& grad_sq) {
   // 1. Partial gradients of replicated parameters: sum over the replicas.
   for (const UpdateSegment& s : segments)
     if (s.param->grad_sum && s.param->grad_sum->size() > 1)
@@ -36,18 +36,18 @@ void clip_and_update(const std::vector<UpdateSegment>& segments, const UpdateGro
   std::vector<Tensor> counted;
   for (const UpdateSegment& s : segments)
     if (s.param->counts_in_norm) counted.push_back(s.grad);
-  ops::sum_squares(counted, grad_sq);
+  ops::sum_squares(ex, counted, grad_sq);
   if (groups.dp_for_norm && groups.dp_for_norm->size() > 1)
     timed([&] { groups.dp_for_norm->all_reduce(grad_sq, ReduceOp::sum); });
   if (groups.mp && groups.mp->size() > 1) timed([&] { groups.mp->all_reduce(grad_sq, ReduceOp::sum); });
 
   // 3. Clip and AdamW, one segment per parameter (decoupled decay on matrices only).
   const Tensor clip = Tensor::empty({1}, DType::f32, grad_sq.device());
-  ops::clip_scale(grad_sq, cfg.clip_grad, clip);
+  ops::clip_scale(ex, grad_sq, cfg.clip_grad, clip);
   for (const UpdateSegment& s : segments) {
     const bool decay = s.param->shard.full.size() >= 2;  // the full shape: a released ZeRO-3 value has none
     ops::AdamWParams p{lr, cfg.beta1, cfg.beta2, cfg.eps, decay ? cfg.weight_decay : 0.f, update};
-    ops::adamw_step(s.value, s.grad, s.m, s.v, p, s.work, clip);
+    ops::adamw_step(ex, s.value, s.grad, s.m, s.v, p, s.work, clip);
   }
 }
 
@@ -139,7 +139,7 @@ void ZeroOptimizer::update(float lr, const Tensor& grad_sq) {
     segs.push_back({s.param, f.values.slice(0, s.begin, s.end), g.slice(0, a, b), m_.slice(0, a, b), v_.slice(0, a, b),
                     stage_ == 0 && work.defined() ? work.reshape({work.numel()}) : Tensor()});
   }
-  clip_and_update(segs, {stage_ >= 1 ? &dp_ : nullptr, mp_}, cfg_, lr, ++step_, timed, grad_sq);
+  clip_and_update(store_.exec(), segs, {stage_ >= 1 ? &dp_ : nullptr, mp_}, cfg_, lr, ++step_, timed, grad_sq);
 
   // 3. Stages 1, 2: everyone gets everyone's updated shard.
   if (any && stage_ >= 1 && dp_.size() > 1) {

@@ -53,9 +53,9 @@ struct UpdateGroups {
 // reads grad_sq back with the loss). A non-finite norm changes no parameter or moment; the
 // caller reports it (gradient_norm).
 // `timed` wraps every collective so the caller can add up communication time.
-void clip_and_update(const std::vector<UpdateSegment>& segments, const UpdateGroups& groups, const AdamWConfig& cfg,
-                     float lr, int64_t update, const std::function<void(const std::function<void()>&)>& timed,
-                     const Tensor& grad_sq);
+void clip_and_update(const ExecContext& ex, const std::vector<UpdateSegment>& segments, const UpdateGroups& groups,
+                     const AdamWConfig& cfg, float lr, int64_t update,
+                     const std::function<void(const std::function<void()>&)>& timed, const Tensor& grad_sq);
 // The global gradient norm from the sum of squares clip_and_update left; throws
 // std::runtime_error saying what to do when it is not finite (then nothing was updated).
 double gradient_norm(double grad_sq, int64_t update);

@@ -49,8 +49,8 @@ void bind_views(const F& f, const Tensor& buf, Tensor Param::*member) {
 }  // namespace
 
 Zero3Optimizer::Zero3Optimizer(std::vector<ParamUnit> units, Comm& dp, const AdamWConfig& cfg, Comm* mp,
-                               Device device, DType compute)
-    : dp_(dp), mp_(mp), cfg_(cfg), device_(device) {
+                               const ExecContext& ex, DType compute)
+    : dp_(dp), mp_(mp), cfg_(cfg), ex_(ex), device_(ex.device()) {
   const int64_t n = dp.size(), r = dp.rank();
   std::unordered_set<const Param*> seen;
   units_.reserve(units.size());
@@ -58,7 +58,7 @@ Zero3Optimizer::Zero3Optimizer(std::vector<ParamUnit> units, Comm& dp, const Ada
     Unit& u = units_.emplace_back();
     u.name = pu.name;
     u.backward_needs_weights = pu.backward_needs_weights;
-    u.device = device;
+    u.device = device_;
     u.compute = compute;
     for (Param* p : pu.params) {
       // A Param in two units would be gathered and updated twice: a model bug.
@@ -89,7 +89,7 @@ Zero3Optimizer::Zero3Optimizer(std::vector<ParamUnit> units, Comm& dp, const Ada
       f->master = full.slice(0, r * f->shard, (r + 1) * f->shard).clone().to(u.device);  // the rest is freed here
       if (u.compute != DType::f32) {
         f->work = Tensor::empty({f->shard}, u.compute, u.device);
-        ops::cast(f->master, f->work);
+        ops::cast(ex_, f->master, f->work);
       }
     }
     u.grad_shard = Tensor::zeros({u.train.shard}, DType::f32, u.device);
@@ -233,7 +233,7 @@ void Zero3Optimizer::finish_reduction() {
   Reduction red = std::move(*reduction_);
   reduction_.reset();
   timed([&] { red.request->wait(); });
-  ops::axpy(1.f, red.mine, units_[red.unit].grad_shard);
+  ops::axpy(ex_, 1.f, red.mine, units_[red.unit].grad_shard);
 }
 
 void Zero3Optimizer::zero_grads() {
@@ -264,7 +264,8 @@ void Zero3Optimizer::update(float lr, const Tensor& grad_sq) {
                         u.v.slice(0, a, b), f.work.defined() ? f.work.slice(0, a, b) : Tensor()});
     }
   }
-  clip_and_update(segs, {&dp_, mp_}, cfg_, lr, ++update_, [&](const std::function<void()>& c) { timed(c); }, grad_sq);
+  clip_and_update(
+      ex_, segs, {&dp_, mp_}, cfg_, lr, ++update_, [&](const std::function<void()>& c) { timed(c); }, grad_sq);
   comm_seconds_ = comm_accum_;
   comm_accum_ = 0;
 }
@@ -295,7 +296,7 @@ void Zero3Optimizer::refresh_working_copies() {
   drop_prefetch();  // a gather in flight would carry the old copies
   for (Unit& u : units_)
     for (Flat* f : {&u.train, &u.frozen})
-      if (f->work.defined()) ops::cast(f->master, f->work);
+      if (f->work.defined()) ops::cast(ex_, f->master, f->work);
 }
 
 ZeroMemory Zero3Optimizer::memory() const {

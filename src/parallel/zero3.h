@@ -28,7 +28,7 @@ class Zero3Optimizer final : public DataParallelOptimizer, public UnitHooks {
   // dtype (bf16: each shard keeps a bf16 copy, and that is what is gathered).
   // mp: the model-parallel group for the gradient norm, nullptr without one.
   Zero3Optimizer(std::vector<ParamUnit> units, Comm& dp, const AdamWConfig& cfg, Comm* mp = nullptr,
-                 Device device = Device::cpu, DType compute = DType::f32);
+                 const ExecContext& ex = {}, DType compute = DType::f32);
   ~Zero3Optimizer() override;
 
   void before_forward(int unit) override;   // values bound; starts the gather of unit+1
@@ -38,6 +38,7 @@ class Zero3Optimizer final : public DataParallelOptimizer, public UnitHooks {
   void zero_grads() override;               // zeroes the gradient shards
   void update(float lr, const Tensor& grad_sq) override;
   Device device() const override { return device_; }
+  const ExecContext& exec() const { return ex_; }
   ZeroMemory memory() const override;
   double last_comm_seconds() const override { return comm_seconds_; }
   int stage() const override { return 3; }
@@ -69,6 +70,7 @@ class Zero3Optimizer final : public DataParallelOptimizer, public UnitHooks {
   Comm& dp_;
   Comm* mp_;
   AdamWConfig cfg_;
+  ExecContext ex_;  // the working copies' casts, the gradient sums, the update
   Device device_;
   int64_t update_ = 0;
   int prefetched_ = -1;  // the unit gathered ahead of its use (its gathers may be in flight)

@@ -18,10 +18,10 @@ namespace {
 }
 }  // namespace
 
-DeviceBatches::DeviceBatches(Device device) : device_(device) {
+DeviceBatches::DeviceBatches(const ExecContext& ex) : device_(ex.device()) {
   if (device_ != Device::cuda) return;
 #ifdef VCHAT_WITH_CUDA
-  uploader_ = {new cuda::Uploader(cuda::thread_context()), [](cuda::Uploader* u) { delete u; }};
+  uploader_ = {new cuda::Uploader(ex.cuda("DeviceBatches")), [](cuda::Uploader* u) { delete u; }};
 #else
   throw std::runtime_error("DeviceBatches: this build has no CUDA backend (build-cuda has)");
 #endif

@@ -7,6 +7,7 @@
 #include <memory>
 #include <vector>
 
+#include "exec.h"
 #include "model/batch.h"
 
 namespace vchat {
@@ -17,7 +18,8 @@ class Uploader;
 
 class DeviceBatches {
  public:
-  explicit DeviceBatches(Device device);
+  // The copies are ordered with ex's stream (on cuda), where the model's ops read them.
+  explicit DeviceBatches(const ExecContext& ex);
   ~DeviceBatches();
   DeviceBatches(const DeviceBatches&) = delete;
   DeviceBatches& operator=(const DeviceBatches&) = delete;

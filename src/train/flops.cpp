@@ -50,10 +50,10 @@ double measured_sgemm_peak() {
     b.data<float>()[i] = static_cast<float>(i % 5) * 0.1f;
   }
   double best = 0;
-  ops::gemm(a, false, b, false, c);  // warm-up: threads, caches
+  ops::gemm(ExecContext::cpu(), a, false, b, false, c);  // warm-up: threads, caches
   for (int rep = 0; rep < 3; ++rep) {
     const auto t0 = std::chrono::steady_clock::now();
-    ops::gemm(a, false, b, false, c);
+    ops::gemm(ExecContext::cpu(), a, false, b, false, c);
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     best = std::max(best, 2.0 * n * n * n / std::max(s, 1e-9));
   }

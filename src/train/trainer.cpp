@@ -37,15 +37,17 @@ Trainer::Trainer(const TrainConfig& cfg, Grid* grid) : cfg_(cfg) {
   model_ = std::make_unique<VisualChatModel>(cfg.model, cfg.model_options,
                                              ModelParallel{&g.tp(), g.coord().pp, g.shape().pp});
   init_params(model_->params(), cfg.seed);
-  if (cfg.device == Device::cuda) {
-    // The grid's communicators carry device buffers (NCCL, or MPI staging them: the app chose).
-    select_gpu(g.world().rank());
-    // Before the optimizer flattens them; ZeRO-3 instead moves only this rank's shards.
-    model_->to(Device::cuda, PrecisionPolicy::of(cfg.precision), /*move_params=*/cfg.zero_stage != 3);
-  }
-  device_batches_ = std::make_unique<DeviceBatches>(cfg.device);
+  // The grid's communicators carry device buffers (NCCL, or MPI staging them: the app chose).
+  if (cfg.device == Device::cuda) select_gpu(g.world().rank());
+  // How every op of the run is issued (on cuda: the device's compute stream and handles),
+  // handed to the model, the optimizer and the batch uploads.
+  const ExecContext ex = ExecContext::of(cfg.device);
+  // Before the optimizer flattens them; ZeRO-3 instead moves only this rank's shards.
+  if (cfg.device == Device::cuda)
+    model_->to(ex, PrecisionPolicy::of(cfg.precision), /*move_params=*/cfg.zero_stage != 3);
+  device_batches_ = std::make_unique<DeviceBatches>(ex);
   if (cfg.zero_stage == 3) {
-    auto z = std::make_unique<Zero3Optimizer>(model_->units(), g.dp(), cfg.adamw, &g.mp(), cfg.device,
+    auto z = std::make_unique<Zero3Optimizer>(model_->units(), g.dp(), cfg.adamw, &g.mp(), ex,
                                               PrecisionPolicy::of(cfg.precision).compute);
     zero3_ = z.get();
     model_->set_hooks(zero3_);
