@@ -256,7 +256,8 @@ void embedding_fwd(const ExecContext& ex, const Tensor& ids, const Tensor& table
 void embedding_bwd(const ExecContext& ex, const Tensor& dout, const Tensor& ids, const TokenGroups& groups,
                    const Tensor& dtable) {
   expect_dtype("embedding_bwd", {"ids", ids}, DType::i32);
-  if (where("embedding_bwd", {{"dtable", dtable}, {"dout", dout}, {"groups.order", groups.order}}) == Device::cuda)
+  if (where("embedding_bwd", {{"dtable", dtable}, {"dout", dout}, {"ids", ids}, {"groups.order", groups.order}}) ==
+      Device::cuda)
     CUDA(embedding_bwd, dout, groups, dtable, 0);
   cpu_f32("embedding_bwd", {{"dout", dout}, {"dtable", dtable}});
   CPU(embedding_bwd, dout, ids, dtable);
@@ -352,8 +353,8 @@ void embedding_fwd_slice(const ExecContext& ex, const Tensor& ids, const Tensor&
 void embedding_bwd_slice(const ExecContext& ex, const Tensor& dout, const Tensor& ids, const TokenGroups& groups,
                          int64_t vocab_begin, const Tensor& dtable) {
   expect_dtype("embedding_bwd_slice", {"ids", ids}, DType::i32);
-  if (where("embedding_bwd_slice", {{"dtable", dtable}, {"dout", dout}, {"groups.order", groups.order}}) ==
-      Device::cuda)
+  if (where("embedding_bwd_slice",
+            {{"dtable", dtable}, {"dout", dout}, {"ids", ids}, {"groups.order", groups.order}}) == Device::cuda)
     CUDA(embedding_bwd, dout, groups, dtable, vocab_begin);
   cpu_f32("embedding_bwd_slice", {{"dout", dout}, {"dtable", dtable}});
   CPU(embedding_bwd_slice, dout, ids, vocab_begin, dtable);
