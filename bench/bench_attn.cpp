@@ -37,6 +37,7 @@ static int run(int argc, char** argv) {
     return 2;
   }
   select_gpu(0);
+  const ExecContext ex = ExecContext::of(Device::cuda);  // every op below runs on the device's stream
 #ifdef VCHAT_WITH_CUDA
   cuda::set_attention_kernel(kernel == "cuda-cores"     ? cuda::AttentionKernel::cuda_cores
                              : kernel == "tensor-cores" ? cuda::AttentionKernel::tensor_cores
@@ -60,7 +61,7 @@ static int run(int argc, char** argv) {
     for (int64_t i = 0; i < h.numel(); ++i) h.data<float>()[i] = g(rng);
     Tensor d = Tensor::empty(s, DType::f32, Device::cuda), out = Tensor::empty(s, DType::bf16, Device::cuda);
     d.copy_from(h);
-    ops::cast(ExecContext::cpu(), d, out);
+    ops::cast(ex, d, out);
     return out;
   };
   const Tensor q = rnd({B, L, H, hd}), k = rnd({B, L, KV, hd}), v = rnd({B, L, KV, hd}), dout = rnd({B, L, H, hd});
@@ -71,10 +72,10 @@ static int run(int argc, char** argv) {
   for (int64_t i = 0; i < iters + 2; ++i) {
     synchronize(Device::cuda);
     const auto t0 = std::chrono::steady_clock::now();
-    const Tensor saved = ops::attention_fwd(ExecContext::cpu(), m, q, k, v, modality, out);
+    const Tensor saved = ops::attention_fwd(ex, m, q, k, v, modality, out);
     synchronize(Device::cuda);
     const auto t1 = std::chrono::steady_clock::now();
-    ops::attention_bwd(ExecContext::cpu(), m, dout, q, k, v, modality, out, saved, dq, dk, dv);
+    ops::attention_bwd(ex, m, dout, q, k, v, modality, out, saved, dq, dk, dv);
     synchronize(Device::cuda);
     const auto t2 = std::chrono::steady_clock::now();
     if (i >= 2) {

@@ -47,8 +47,9 @@ int main(int argc, char** argv) {
       const bool nccl = cfg.comm == "nccl" || (cfg.comm == "auto" && vchat::each_rank_has_a_gpu());
       if (nccl) {
 #ifdef VCHAT_WITH_CUDA
-        device_world = vchat::cuda::make_nccl_comm(*world, "world",
-                                                   vchat::ExecContext::of(vchat::Device::cuda).cuda("vchat-train"));
+        // Ordered against the device's compute stream, the one the trainer's ops run on.
+        const vchat::ExecContext gpu = vchat::ExecContext::of(vchat::Device::cuda);
+        device_world = vchat::cuda::make_nccl_comm(*world, "world", gpu.cuda("vchat-train"));
 #endif
       }
       if (root)

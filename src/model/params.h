@@ -76,6 +76,8 @@ class ParamStore {
   // the host: nothing on the device reads it). Before flatten_trainable.
   // The casts run with `ex`, which the store keeps for later refresh_working_copies().
   void to(const ExecContext& ex, DType compute);
+  // The context alone, the parameters left where they are (ZeRO-3 moves its shards itself).
+  void set_exec(const ExecContext& ex) { ex_ = ex; }
   // Re-derives the working copies from the master values: all of them (after init or a
   // checkpoint load), or the trainable ones' (after an update).
   void refresh_working_copies(bool trainable_only = false);
