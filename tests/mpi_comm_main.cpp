@@ -179,6 +179,43 @@ TEST(CommMpi, ReduceScatterPlacesBlockRAtRankR) {
       }
 }
 
+// ZeRO-1/2's reduction during backward: ranges that cover the flat buffer once, of any
+// size, crossing shard (and, in the sliced runs, slice) boundaries, some empty, leave each
+// rank's shard exactly as one reduce_scatter would, and count the same bus bytes.
+TEST(CommMpi, ReduceRangesCoveringTheBufferEqualReduceScatter) {
+  auto w = test_world();
+  const int n = w->size(), r = w->rank();
+  const int64_t rc = 37, total = n * rc;
+  std::vector<int64_t> cuts = {0, 1, 5, rc - 3, rc + 4, total / 2 + 1, total - 2, total};
+  std::sort(cuts.begin(), cuts.end());
+  for (DType t : kReduceTypes)
+    for (ReduceOp op : kOps)
+      for (bool in_place : {false, true}) {
+        SCOPED_TRACE(std::string(dtype_name(t)) + " " + op_name(op) + (in_place ? " in place" : ""));
+        auto send = buffer(t, total);
+        for (int b = 0; b < n; ++b)
+          for (int64_t j = 0; j < rc; ++j) store(t, send.data(), b * rc + j, value(t, r, b * 1000 + j));
+        auto out = buffer(t, rc);
+        void* recv = in_place ? send.data() + r * rc * dtype_size(t) : out.data();
+        w->reset_stats();
+        // Backward produces the last units first: the ranges go from the end of the buffer.
+        for (size_t k = cuts.size() - 1; k > 0; --k)
+          w->reduce_range_async(send.data(), recv, rc, cuts[k - 1], cuts[k], t, op)->wait();
+        w->reduce_range_async(send.data(), recv, rc, 3, 3, t, op)->wait();  // empty: nothing
+        EXPECT_NEAR(w->stats().bytes, double(n - 1) / n * total * dtype_size(t), 1e-6);
+        for (int64_t j = 0; j < rc; ++j) {
+          const Expected e = reduce_over_ranks(t, op, n, [&](int q) { return value(t, q, r * 1000 + j); });
+          EXPECT_NEAR(load(t, recv, j), e.value, e.tolerance) << "element " << j;
+          if (HasFailure()) break;
+        }
+      }
+  std::vector<float> buf(total), mine(rc);
+  EXPECT_THROW(w->reduce_range_async(buf.data(), mine.data(), rc, 0, total + 1, DType::f32, ReduceOp::sum),
+               std::invalid_argument);
+  EXPECT_THROW(w->reduce_range_async(buf.data(), mine.data(), rc, 5, 4, DType::f32, ReduceOp::sum),
+               std::invalid_argument);
+}
+
 TEST(CommMpi, AllGatherPlacesRankRAtBlockR) {
   auto w = test_world();
   const int n = w->size(), r = w->rank();
@@ -546,13 +583,18 @@ TEST(SelfComm, CollectivesAreIdentityCopies) {
   EXPECT_EQ(z[0], 1);
   s.reduce_scatter(x, x, 3, DType::f32, ReduceOp::max);  // in place
   EXPECT_EQ(x[0], 1);
+  float w[3] = {};
+  s.reduce_range_async(x, w, 3, 1, 3, DType::f32, ReduceOp::sum)->wait();  // the range alone
+  EXPECT_EQ(w[0], 0);
+  EXPECT_EQ(w[2], 3);
+  EXPECT_THROW(s.reduce_range_async(x, w, 3, 1, 4, DType::f32, ReduceOp::sum), std::invalid_argument);
   s.broadcast(x, 12, 0);
   s.barrier();
   EXPECT_THROW(s.broadcast(x, 12, 1), std::invalid_argument);
   EXPECT_THROW(s.send(x, 4, 0), std::invalid_argument);
   EXPECT_THROW(s.recv(x, 4, 0), std::invalid_argument);
   EXPECT_EQ(s.stats().bytes, 0);  // n = 1 moves nothing
-  EXPECT_EQ(s.stats().calls, 6);
+  EXPECT_EQ(s.stats().calls, 7);
   s.set_timeout(5);
   auto g = s.split(0, 0, "tp");
   ASSERT_TRUE(g);

@@ -3,7 +3,8 @@
 //    on one process applying the analytic sum over ranks, dp(dp+1)/2·f(i);
 //  - one step moves (dp-1)/dp × (the gathers of every unit, forward and where backward needs
 //    weights, + the reduce-scatter of its trained flat), padded, + the norm's all-reduce;
-//  - a hook sequence that skips the prefetched unit stays in step on every rank.
+//  - a hook sequence that skips the prefetched unit stays in step on every rank;
+//  - ZeRO-1/2 reducing each unit's gradients from the backward's hooks equals reducing after it.
 // Every rank runs every test; rank 0 prints gtest's report, the others their failures.
 #include <gtest/gtest.h>
 
@@ -163,6 +164,54 @@ TEST(MpiZero3, SkippingThePrefetchedUnitStaysInStep) {
   check(0);
   z3.after_backward(0);
   for (const Spec& s : kSpecs) EXPECT_FALSE(store.at(s.name).value.defined()) << s.name;
+}
+
+// ZeRO-1/2 with the gradient reduction begun in the backward's hooks
+// (ZeroOptimizer::overlap_with_backward): nothing moves before a unit's last micro-batch, a
+// trained unit's ranges move right after it, and three steps of two micro-batches give the
+// weights of the same optimizer reduce-scattering after backward.
+TEST(MpiZero12, ReductionBegunInTheHooksMatchesTheOneAfterBackward) {
+  auto dp = test_world();
+  const int r = dp->rank(), n = static_cast<int>(kUnits.size()), M = 2;
+  for (int stage : {1, 2}) {
+    SCOPED_TRACE("stage " + std::to_string(stage));
+    ParamStore a, b;
+    build(a);
+    build(b);
+    auto dpa = dp->split(0, r, "overlapped"), dpb = dp->split(0, r, "after");
+    ZeroOptimizer za(a, *dpa, stage, config()), zb(b, *dpb, stage, config());
+    za.overlap_with_backward(units_of(a));
+    // zb is never told about units: update() reduce-scatters its whole buffer.
+    ASSERT_TRUE(za.overlapping());
+    for (int step = 0; step < 3; ++step) {
+      za.set_micro_batches(M);
+      za.zero_grads();
+      zb.zero_grads();
+      for (int mb = 0; mb < M; ++mb)
+        for (int u = n - 1; u >= 0; --u) {
+          bool trains = false;
+          for (const Spec& sp : kSpecs) {
+            if (sp.unit != u || !sp.trainable) continue;
+            trains = true;
+            for (ParamStore* st : {&a, &b}) {
+              const Param& p = st->at(sp.name);
+              for (int64_t i = 0; i < p.grad.numel(); ++i)
+                p.grad.data<float>()[i] += (r + 1) * f(sp.name, step * M + mb, i);
+            }
+          }
+          const int64_t calls = dpa->stats().calls;
+          za.after_backward(u);
+          const bool moved = dpa->stats().calls > calls;
+          EXPECT_EQ(moved, trains && mb == M - 1) << "unit " << kUnits[u] << ", micro-batch " << mb;
+        }
+      za.step(1e-2f);
+      zb.step(1e-2f);
+    }
+    for (const Spec& sp : kSpecs) {
+      const std::vector<float> va = a.at(sp.name).value.to_vector_f32(), vb = b.at(sp.name).value.to_vector_f32();
+      for (size_t i = 0; i < va.size(); ++i) ASSERT_NEAR(va[i], vb[i], 1e-6f) << sp.name << "[" << i << "]";
+    }
+  }
 }
 
 }  // namespace

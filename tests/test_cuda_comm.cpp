@@ -73,6 +73,18 @@ TEST_F(CudaComm, EveryOperationAtOneRankOnDeviceAndHostBuffers) {
     ops::scale(ExecContext::of(Device::cuda), outa, 2.f);
     EXPECT_EQ(outa.to_vector_f32(), (std::vector<float>{3.f, -4.f, 6.5f, 8.f})) << "rep " << rep;
   }
+  // reduce_range_async (ZeRO-1/2 from the backward's hooks): two ranges covering the buffer,
+  // in place and not, ordered with the compute stream at wait(); an empty range is nothing.
+  for (bool in_place : {false, true}) {
+    Tensor rr = dev(v), outr = in_place ? rr : Tensor::empty({4}, DType::f32, Device::cuda);
+    auto r3 = comm->reduce_range_async(rr.raw(), outr.raw(), 4, 1, 4, DType::f32, ReduceOp::sum);
+    auto r4 = comm->reduce_range_async(rr.raw(), outr.raw(), 4, 0, 1, DType::f32, ReduceOp::sum);
+    comm->reduce_range_async(rr.raw(), outr.raw(), 4, 2, 2, DType::f32, ReduceOp::sum)->wait();
+    r3->wait();
+    r4->wait();
+    ops::scale(ExecContext::of(Device::cuda), outr, 2.f);
+    EXPECT_EQ(outr.to_vector_f32(), (std::vector<float>{3.f, -4.f, 6.5f, 8.f})) << (in_place ? "in place" : "");
+  }
   // Many asynchronous collectives in a row with kernels between them: the GPU keeps the
   // program's order without the host waiting for any of them.
   Tensor chain = dev(v);

@@ -296,6 +296,51 @@ class NcclComm final : public Comm {
     return std::make_unique<GpuOrdered>(std::move(done), compute_);
   }
 
+  // Each owner's part of the range is an ncclReduce to it, all of them one NCCL group
+  // (one launch); ordered and watched like reduce_scatter_async, which it completes a
+  // range at a time: the compute stream waits for it only at the request's wait(), so
+  // ZeRO-1/2's reduction of one unit's gradients runs under the backward of the next.
+  std::unique_ptr<CommRequest> reduce_range_async(const void* send, void* recv, int64_t shard, int64_t begin,
+                                                  int64_t end, DType dtype, ReduceOp op) override {
+    const OpTimer timer(*this);
+    const char* name = "reduce_range_async";
+    const ncclDataType_t t = reduce_type(dtype, name);
+    const int n = size(), me = rank();
+    if (shard < 0 || begin < 0 || end < begin || end > n * shard)
+      throw std::invalid_argument(std::string(name) + " on group '" + name_ + "': range [" + std::to_string(begin) +
+                                  ", " + std::to_string(end) + ") outside the buffer of " + std::to_string(n) + " x " +
+                                  std::to_string(shard) + " elements");
+    const int64_t es = static_cast<int64_t>(dtype_size(dtype));
+    const char* sp = static_cast<const char*>(send);
+    if (static_cast<const char*>(recv) != sp + me * shard * es && overlaps(sp, n * shard * es, recv, shard * es))
+      throw std::invalid_argument(std::string(name) + " on group '" + name_ +
+                                  "': recv overlaps send other than as send's own shard");
+    if (end == begin) {
+      record(0);
+      return std::make_unique<Completed>();
+    }
+    cudaEvent_t raw = events_->take();
+    std::shared_ptr<void> done(raw, [pool = events_](void* e) { pool->give(static_cast<cudaEvent_t>(e)); });
+    issue(name, [&] {
+      ncclResult_t r = ncclGroupStart();
+      for (int owner = 0; owner < n && r == ncclSuccess; ++owner) {
+        const int64_t lo = std::max(begin, owner * shard), hi = std::min(end, (owner + 1) * shard);
+        if (lo >= hi) continue;
+        // recvbuff is read on the root only; in place there when recv is send's own shard.
+        void* out = owner == me ? static_cast<char*>(recv) + (lo - me * shard) * es : nullptr;
+        r = ncclReduce(sp + lo * es, out, static_cast<size_t>(hi - lo), t, nccl_op(op), owner, comm_.get(),
+                       stream_.get());
+      }
+      const ncclResult_t g = ncclGroupEnd();
+      return r != ncclSuccess ? r : g;
+    });
+    CUDA_CHECK(cudaEventRecord(raw, stream_.get()));
+    watchdog_->watch(
+        {describe(name), timeout(), [this, raw] { return poll(raw); }, [done]() mutable { done.reset(); }});
+    record(ring_share_bytes(double(end - begin) * es));
+    return std::make_unique<GpuOrdered>(std::move(done), compute_);
+  }
+
   // Enqueued on the Comm's stream like every operation, with an event behind it that the
   // request's wait() polls (the stream itself may by then hold later operations).
   std::unique_ptr<CommRequest> all_gather_async(const void* send, void* recv, int64_t send_count,

@@ -77,9 +77,11 @@ VisualChatModel::VisualChatModel(const ModelConfig& cfg, const ModelOptions& opt
 VisualChatModel::~VisualChatModel() = default;
 
 void VisualChatModel::to(const ExecContext& ex, const PrecisionPolicy& policy, bool move_params) {
-  if (move_params) params_.to(ex, policy.compute);
-  else
+  if (move_params) {
+    params_.to(ex, policy.compute);
+  } else {
     params_.set_exec(ex);  // ZeRO-3 places the weights itself; casts still run with ex
+  }
   ex_ = ex;
   device_ = ex.device();
   compute_ = policy.compute;

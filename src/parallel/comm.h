@@ -101,6 +101,23 @@ class Comm {
     return std::make_unique<Completed>();
   }
 
+  // ZeRO-1/2's gradient reduction one range at a time, so it can start during backward
+  // (ZeroOptimizer's hooks): `send` is the flat buffer of size() shards of `shard` elements,
+  // `recv` this rank's shard (in place, recv == send + rank() · shard, is allowed, as in
+  // reduce_scatter). The elements [begin, end) of `send` are reduced over the group, and
+  // each rank receives the part inside its own shard at the same offsets of `recv`; ranges
+  // that together cover the buffer once give what reduce_scatter(send, recv, shard) gives,
+  // and count the same bus bytes. Started and returned at once where the backend can (NCCL,
+  // as reduce_scatter_async: the compute stream waits at wait()); elsewhere done before the
+  // return. Both buffers stay valid and that range of them unread until wait(). Every rank
+  // calls it with the same arguments but the buffers. MPI, NCCL and the one-rank group
+  // implement it; the default refuses.
+  virtual std::unique_ptr<CommRequest> reduce_range_async(const void* send, void* recv, int64_t shard, int64_t begin,
+                                                          int64_t end, DType dtype, ReduceOp op) {
+    (void)send, (void)recv, (void)shard, (void)begin, (void)end, (void)dtype, (void)op;
+    throw std::logic_error("reduce_range_async on group '" + name() + "': not implemented by this backend");
+  }
+
   // Collective over this group: the ranks with the same `color` form a new group, ranked by
   // (key, rank here). A negative color leaves the calling rank out (it gets nullptr). The
   // new group inherits this one's timeout and starts with zero stats.
@@ -189,6 +206,14 @@ class SelfComm final : public Comm {
   }
   void all_gather(const void* send, void* recv, int64_t send_count, DType dtype) override {
     copy(send, recv, send_count * static_cast<int64_t>(dtype_size(dtype)));
+  }
+  std::unique_ptr<CommRequest> reduce_range_async(const void* send, void* recv, int64_t shard, int64_t begin,
+                                                  int64_t end, DType dtype, ReduceOp) override {
+    if (begin < 0 || end < begin || end > shard)
+      throw std::invalid_argument("reduce_range_async on group '" + name_ + "': range outside the buffer");
+    const int64_t es = static_cast<int64_t>(dtype_size(dtype));
+    copy(static_cast<const char*>(send) + begin * es, static_cast<char*>(recv) + begin * es, (end - begin) * es);
+    return std::make_unique<Done>();
   }
   void send(const void*, int64_t, int peer) override { no_peer("send", peer); }
   void recv(void*, int64_t, int peer) override { no_peer("recv", peer); }

@@ -270,6 +270,52 @@ class MpiComm final : public Comm {
     record(ring_share_bytes(double(size_) * block));
   }
 
+  // Each owner's part of the range is an MPI reduce to it (nonblocking, all in flight at
+  // once, polled under the timeout like every operation); synchronous: a host transport has
+  // nothing to overlap with. Device buffers are staged: the range of send, and this rank's
+  // part of recv.
+  std::unique_ptr<CommRequest> reduce_range_async(const void* send, void* recv, int64_t shard, int64_t begin,
+                                                  int64_t end, DType dtype, ReduceOp op) override {
+    const OpTimer timer(*this);
+    Pending p("reduce_range");
+    const auto [type, mop] = reduce_type(dtype, op, p.op);
+    if (shard < 0 || begin < 0 || end < begin || end > size_ * shard)
+      throw std::invalid_argument(std::string(p.op) + " on group '" + name_ + "': range [" + std::to_string(begin) +
+                                  ", " + std::to_string(end) + ") outside the buffer of " + std::to_string(size_) +
+                                  " x " + std::to_string(shard) + " elements");
+    const int64_t es = static_cast<int64_t>(dtype_size(dtype));
+    const char* sp = static_cast<const char*>(send);
+    const bool in_place = shard > 0 && static_cast<const char*>(recv) == sp + rank_ * shard * es;
+    if (!in_place && overlaps(sp, size_ * shard * es, static_cast<const char*>(recv), shard * es))
+      throw std::invalid_argument(std::string(p.op) + " on group '" + name_ +
+                                  "': recv overlaps send other than as send's own shard");
+    const int64_t own_lo = std::max(begin, rank_ * shard), own_hi = std::min(end, (rank_ + 1) * shard);
+    const bool owns = own_lo < own_hi;
+    Staged st_send(sp + begin * es, (end - begin) * es, true);
+    Staged st_recv(owns && !in_place ? static_cast<char*>(recv) + (own_lo - rank_ * shard) * es : nullptr,
+                   owns && !in_place ? (own_hi - own_lo) * es : 0, false);
+    char* s = st_send.host();  // element `begin` of send
+    for (int owner = 0; owner < size_; ++owner) {
+      const int64_t lo = std::max(begin, owner * shard), hi = std::min(end, (owner + 1) * shard);
+      for (int64_t at = lo; at < hi; at += max_count_) {
+        const int n = static_cast<int>(std::min(max_count_, hi - at));
+        char* in = s + (at - begin) * es;
+        if (owner != rank_)
+          check(MPI_Ireduce(in, nullptr, n, type, mop, owner, comm_, p.next()), p.op, name_);
+        else if (in_place)  // the result lands where this rank's input was
+          check(MPI_Ireduce(MPI_IN_PLACE, in, n, type, mop, owner, comm_, p.next()), p.op, name_);
+        else
+          check(MPI_Ireduce(in, st_recv.host() + (at - own_lo) * es, n, type, mop, owner, comm_, p.next()), p.op,
+                name_);
+      }
+    }
+    complete(p);
+    if (owns && in_place) st_send.write_back((own_lo - begin) * es, (own_hi - own_lo) * es);
+    if (owns && !in_place) st_recv.write_back();
+    record(ring_share_bytes(double(end - begin) * es));
+    return std::make_unique<Completed>();
+  }
+
   void all_gather(const void* send, void* recv, int64_t send_count, DType dtype) override {
     const OpTimer timer(*this);
     Pending p("all_gather");

@@ -5,6 +5,8 @@
 #include <cmath>
 #include <stdexcept>
 #include <string>
+#include <unordered_map>
+#include <utility>
 
 #include "model/config.h"
 #include "ops.h"
@@ -92,7 +94,67 @@ ZeroOptimizer::ZeroOptimizer(ParamStore& store, Comm& dp, int stage, const AdamW
   }
 }
 
+void ZeroOptimizer::set_micro_batches(int64_t m) {
+  if (m < 1) throw std::invalid_argument("ZeroOptimizer::set_micro_batches: " + std::to_string(m) + " < 1");
+  micro_batches_ = m;
+}
+
+void ZeroOptimizer::overlap_with_backward(const std::vector<ParamUnit>& units) {
+  if (stage_ == 0 || dp_.size() == 1) return;  // nothing is reduce-scattered
+  const ParamStore::Flat& f = *store_.flat();
+  const std::vector<Param*> t = store_.trainable();
+  std::unordered_map<const Param*, size_t> flat_index;
+  for (size_t i = 0; i < t.size(); ++i) flat_index[t[i]] = i;
+  units_.assign(units.size(), UnitRanges{});
+  for (size_t u = 0; u < units.size(); ++u) {
+    std::vector<std::pair<int64_t, int64_t>> r;
+    for (const Param* p : units[u].params) {
+      const auto it = flat_index.find(p);
+      if (it != flat_index.end()) r.push_back({f.offset[it->second], f.offset[it->second] + p->value.numel()});
+    }
+    std::sort(r.begin(), r.end());
+    for (const auto& [a, b] : r) {  // adjacent parameters: one range, one collective
+      if (!units_[u].ranges.empty() && units_[u].ranges.back().second == a)
+        units_[u].ranges.back().second = b;
+      else
+        units_[u].ranges.push_back({a, b});
+    }
+  }
+  overlap_ = std::any_of(units_.begin(), units_.end(), [](const UnitRanges& u) { return !u.ranges.empty(); });
+  if (!overlap_) units_.clear();
+}
+
+void ZeroOptimizer::after_backward(int unit) {
+  if (!overlapping()) return;
+  if (unit < 0 || unit >= static_cast<int>(units_.size()))
+    throw std::logic_error("ZeroOptimizer::after_backward: unit " + std::to_string(unit) + " of " +
+                           std::to_string(units_.size()));
+  UnitRanges& u = units_[unit];
+  if (++u.seen < micro_batches_) return;  // more micro-batches still add to this unit's gradient
+  if (u.seen > micro_batches_)
+    throw std::logic_error("ZeroOptimizer: unit " + std::to_string(unit) + " ran backward " + std::to_string(u.seen) +
+                           " times in a step of " + std::to_string(micro_batches_) +
+                           " micro-batches (zero_grads() starts a step)");
+  if (!grads_.defined()) throw std::logic_error("ZeroOptimizer: backward without zero_grads() first");
+  const auto t0 = std::chrono::steady_clock::now();
+  for (const auto& [a, b] : u.ranges) {
+    inflight_.push_back(
+        dp_.reduce_range_async(grads_.raw(), grad_shard_.raw(), shard_size_, a, b, DType::f32, ReduceOp::sum));
+    reduced_.push_back({a, b});
+  }
+  hook_comm_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+void ZeroOptimizer::finish_reductions() {
+  for (auto& r : inflight_) r->wait();
+  inflight_.clear();
+  reduced_.clear();
+  for (UnitRanges& u : units_) u.seen = 0;
+}
+
 void ZeroOptimizer::zero_grads() {
+  finish_reductions();  // a step that failed part-way leaves some
+  hook_comm_seconds_ = 0;
   if (stage_ == 2) {
     grads_ = Tensor::zeros({store_.flat()->padded}, DType::f32, store_.device());
     store_.bind_flat_grads(grads_);
@@ -106,7 +168,8 @@ void ZeroOptimizer::update(float lr, const Tensor& grad_sq) {
   if (!grads_.defined()) throw std::logic_error("ZeroOptimizer::update without zero_grads() before backward");
 
   using clock = std::chrono::steady_clock;
-  comm_seconds_ = 0;
+  comm_seconds_ = hook_comm_seconds_;  // the reductions the backward's hooks began
+  hook_comm_seconds_ = 0;
   auto timed = [&](const std::function<void()>& collective) {
     const auto t0 = clock::now();
     collective();
@@ -120,6 +183,25 @@ void ZeroOptimizer::update(float lr, const Tensor& grad_sq) {
   Tensor g = grads_;
   if (any && stage_ == 0) {
     if (dp_.size() > 1) timed([&] { dp_.all_reduce(grads_, ReduceOp::sum); });
+  } else if (any && overlapping()) {
+    // The backward's hooks reduced whole units; what none covered (the padding, a unit
+    // whose backward did not run) follows here, then everything is waited for. Every DP
+    // peer runs the same units in the same order, so the ranges agree across the group.
+    timed([&] {
+      std::sort(reduced_.begin(), reduced_.end());
+      int64_t at = 0;
+      std::vector<std::pair<int64_t, int64_t>> rest;
+      for (const auto& [a, b] : reduced_) {
+        if (a > at) rest.push_back({at, a});
+        at = std::max(at, b);
+      }
+      if (at < f.padded) rest.push_back({at, f.padded});
+      for (const auto& [a, b] : rest)
+        inflight_.push_back(
+            dp_.reduce_range_async(grads_.raw(), grad_shard_.raw(), shard_size_, a, b, DType::f32, ReduceOp::sum));
+      finish_reductions();
+    });
+    g = grad_shard_;
   } else if (any) {
     timed([&] { dp_.reduce_scatter(grads_.raw(), grad_shard_.raw(), shard_size_, DType::f32, ReduceOp::sum); });
     g = grad_shard_;

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "model/params.h"
+#include "model/units.h"
 #include "parallel/comm.h"
 #include "train/adamw.h"
 
@@ -102,7 +103,7 @@ class DataParallelOptimizer {
 // Throws ConfigError naming --zero for a stage that does not exist.
 void check_zero_stage(int stage);
 
-class ZeroOptimizer final : public DataParallelOptimizer {
+class ZeroOptimizer final : public DataParallelOptimizer, public UnitHooks {
  public:
   void refresh_working_copies() override { store_.refresh_working_copies(); }
   // Stages 0-2. mp: the model-parallel group for the gradient norm (nullptr: none).
@@ -119,14 +120,33 @@ class ZeroOptimizer final : public DataParallelOptimizer {
   int64_t updates() const override { return step_; }
   void set_updates(int64_t n) override { step_ = n; }
 
+  // Stages 1-2 over more than one DP rank: the gradient reduction starts during backward
+  // (DeepSpeed's overlap_comm). With the model's hooks bound to this optimizer
+  // (VisualChatModel::set_hooks), the step's last backward of a unit (its
+  // set_micro_batches()-th after_backward, 1 unless set) reduces that unit's gradient ranges into their owners' shards
+  // at once (Comm::reduce_range_async: on NCCL it runs under the backward of the units before it), and update() waits
+  // for those and reduces only what no unit covered. The sums are those of the one reduce-scatter update() does
+  // otherwise. A no-op for stage 0 or one rank.
+  void overlap_with_backward(const std::vector<ParamUnit>& units);
+  bool overlapping() const { return overlap_; }
+  // Backwards of each unit in the coming step (the micro-batches of gradient accumulation).
+  void set_micro_batches(int64_t m);
+  void before_forward(int) override {}
+  void after_forward(int) override {}
+  void before_backward(int) override {}
+  void after_backward(int unit) override;
+
  private:
+  // The gradient reductions begun this step: waits for them and forgets the ranges.
+  void finish_reductions();
+
   ParamStore& store_;
   Comm& dp_;
   Comm* mp_;
   int stage_;
   AdamWConfig cfg_;
   int64_t shard_begin_ = 0, shard_size_ = 0, step_ = 0;
-  double comm_seconds_ = 0;
+  double comm_seconds_ = 0, hook_comm_seconds_ = 0;
   Tensor grads_;       // the full local gradient buffer the Params' grads view (stage 2: only during a step)
   Tensor grad_shard_;  // stages 1, 2: this rank's reduced gradient shard
   Tensor m_, v_;       // Adam moments: full (stage 0) or this rank's shard
@@ -136,6 +156,17 @@ class ZeroOptimizer final : public DataParallelOptimizer {
     int64_t offset;      // the parameter's own offset in the flat buffer
   };
   std::vector<Segment> segments_;
+  // overlap_with_backward: per unit, its trainable parameters' flat ranges (merged) and how
+  // many of its backwards this step has seen; the ranges reduced so far this step.
+  struct UnitRanges {
+    std::vector<std::pair<int64_t, int64_t>> ranges;
+    int64_t seen = 0;
+  };
+  std::vector<UnitRanges> units_;
+  bool overlap_ = false;
+  int64_t micro_batches_ = 1;
+  std::vector<std::pair<int64_t, int64_t>> reduced_;
+  std::vector<std::unique_ptr<CommRequest>> inflight_;
 };
 
 }  // namespace vchat

@@ -53,7 +53,15 @@ Trainer::Trainer(const TrainConfig& cfg, Grid* grid) : cfg_(cfg) {
     model_->set_hooks(zero3_);
     opt_ = std::move(z);
   } else {
-    opt_ = std::make_unique<ZeroOptimizer>(model_->params(), g.dp(), cfg.zero_stage, cfg.adamw, &g.mp());
+    auto z = std::make_unique<ZeroOptimizer>(model_->params(), g.dp(), cfg.zero_stage, cfg.adamw, &g.mp());
+    // Stages 1-2 over several replicas: each unit's gradients are reduced as soon as the
+    // step's last backward of it is done, under the backward of the units before it.
+    z->overlap_with_backward(model_->units());
+    if (z->overlapping()) {
+      zero12_ = z.get();
+      model_->set_hooks(zero12_);
+    }
+    opt_ = std::move(z);
   }
 
   // The checkpoint to resume from: --resume auto takes --save-dir's latest (or starts
@@ -260,6 +268,7 @@ StepStats Trainer::step() {
   //    1F1B order (with one stage: forward then backward of each). Gradients accumulate; so
   //    does the loss, where the model runs (the step's scalars: [loss sum, gradient sum of
   //    squares], read back in one copy at the end, so a GPU never waits on the host mid-step).
+  if (zero12_) zero12_->set_micro_batches(M);
   opt_->zero_grads();
   const Tensor scalars = Tensor::zeros({2}, DType::f32, cfg_.device);
   const Tensor loss_sum = scalars.slice(0, 0, 1), grad_sq = scalars.slice(0, 1, 2);
