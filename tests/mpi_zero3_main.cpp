@@ -4,7 +4,7 @@
 //  - one step moves (dp-1)/dp × (the gathers of every unit, forward and where backward needs
 //    weights, + the reduce-scatter of its trained flat), padded, + the norm's all-reduce;
 //  - a hook sequence that skips the prefetched unit stays in step on every rank;
-//  - ZeRO-1/2 reducing each unit's gradients from the backward's hooks equals reducing after it.
+//  - ZeRO-0/1/2 reducing each unit's gradients from the backward's hooks equals reducing after it.
 // Every rank runs every test; rank 0 prints gtest's report, the others their failures.
 #include <gtest/gtest.h>
 
@@ -166,14 +166,14 @@ TEST(MpiZero3, SkippingThePrefetchedUnitStaysInStep) {
   for (const Spec& s : kSpecs) EXPECT_FALSE(store.at(s.name).value.defined()) << s.name;
 }
 
-// ZeRO-1/2 with the gradient reduction begun in the backward's hooks
+// ZeRO-0/1/2 with the gradient reduction begun in the backward's hooks
 // (ZeroOptimizer::overlap_with_backward): nothing moves before a unit's last micro-batch, a
 // trained unit's ranges move right after it, and three steps of two micro-batches give the
-// weights of the same optimizer reduce-scattering after backward.
+// weights of the same optimizer reducing everything after backward.
 TEST(MpiZero12, ReductionBegunInTheHooksMatchesTheOneAfterBackward) {
   auto dp = test_world();
   const int r = dp->rank(), n = static_cast<int>(kUnits.size()), M = 2;
-  for (int stage : {1, 2}) {
+  for (int stage : {0, 1, 2}) {
     SCOPED_TRACE("stage " + std::to_string(stage));
     ParamStore a, b;
     build(a);
@@ -181,7 +181,7 @@ TEST(MpiZero12, ReductionBegunInTheHooksMatchesTheOneAfterBackward) {
     auto dpa = dp->split(0, r, "overlapped"), dpb = dp->split(0, r, "after");
     ZeroOptimizer za(a, *dpa, stage, config()), zb(b, *dpb, stage, config());
     za.overlap_with_backward(units_of(a));
-    // zb is never told about units: update() reduce-scatters its whole buffer.
+    // zb is never told about units: update() reduces its whole buffer.
     ASSERT_TRUE(za.overlapping());
     for (int step = 0; step < 3; ++step) {
       za.set_micro_batches(M);

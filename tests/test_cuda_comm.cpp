@@ -85,6 +85,16 @@ TEST_F(CudaComm, EveryOperationAtOneRankOnDeviceAndHostBuffers) {
     ops::scale(ExecContext::of(Device::cuda), outr, 2.f);
     EXPECT_EQ(outr.to_vector_f32(), (std::vector<float>{3.f, -4.f, 6.5f, 8.f})) << (in_place ? "in place" : "");
   }
+  // all_reduce_async (ZeRO-0 from the backward's hooks): on device memory ordered at wait();
+  // on host memory done at once.
+  Tensor ara = dev(v);
+  auto r5 = comm->all_reduce_async(ara.raw(), 4, DType::f32, ReduceOp::sum);
+  r5->wait();
+  ops::scale(ExecContext::of(Device::cuda), ara, 2.f);
+  EXPECT_EQ(ara.to_vector_f32(), (std::vector<float>{3.f, -4.f, 6.5f, 8.f}));
+  std::vector<float> arh = v;
+  comm->all_reduce_async(arh.data(), 4, DType::f32, ReduceOp::sum)->wait();
+  EXPECT_EQ(arh, v);
   // Many asynchronous collectives in a row with kernels between them: the GPU keeps the
   // program's order without the host waiting for any of them.
   Tensor chain = dev(v);

@@ -281,19 +281,28 @@ class NcclComm final : public Comm {
     if (static_cast<const char*>(recv) != sp + rank() * block && overlaps(sp, size() * block, recv, block))
       throw std::invalid_argument(std::string(name) + " on group '" + name_ +
                                   "': recv overlaps send other than as send's own block");
-    // One event, shared by the watchdog (until the GPU is done) and the request (until the
-    // compute stream was told to wait for it); back to the pool after both. Made before the
-    // operation is enqueued: once it is, only the event can order anything after it.
-    cudaEvent_t raw = events_->take();
-    std::shared_ptr<void> done(raw, [pool = events_](void* e) { pool->give(static_cast<cudaEvent_t>(e)); });
-    issue(name, [&] {
+    return run_gpu_ordered(name, ring_share_bytes(double(size()) * block), [&] {
       return ncclReduceScatter(send, recv, static_cast<size_t>(recv_count), t, nccl_op(op), comm_.get(),
                                stream_.get());
     });
-    CUDA_CHECK(cudaEventRecord(raw, stream_.get()));
-    watchdog_->watch({describe(name), timeout(), [this, raw] { return poll(raw); }, [done]() mutable { done.reset(); }});
-    record(ring_share_bytes(double(size()) * block));
-    return std::make_unique<GpuOrdered>(std::move(done), compute_);
+  }
+
+  // all_reduce in place that the compute stream waits for only at wait() (ZeRO-0's
+  // reduction from the backward's hooks); a host buffer is reduced at once, staged.
+  std::unique_ptr<CommRequest> all_reduce_async(void* buf, int64_t count, DType dtype, ReduceOp op) override {
+    if (count > 0 && pointer_device(buf) != Device::cuda) {
+      all_reduce(buf, count, dtype, op);
+      return std::make_unique<Completed>();
+    }
+    const OpTimer timer(*this);
+    const ncclDataType_t t = reduce_type(dtype, "all_reduce_async");
+    if (count == 0) {
+      record(0);
+      return std::make_unique<Completed>();
+    }
+    return run_gpu_ordered("all_reduce_async", ring_all_reduce_bytes(double(count) * dtype_size(dtype)), [&] {
+      return ncclAllReduce(buf, buf, static_cast<size_t>(count), t, nccl_op(op), comm_.get(), stream_.get());
+    });
   }
 
   // Each owner's part of the range is an ncclReduce to it, all of them one NCCL group
@@ -319,9 +328,7 @@ class NcclComm final : public Comm {
       record(0);
       return std::make_unique<Completed>();
     }
-    cudaEvent_t raw = events_->take();
-    std::shared_ptr<void> done(raw, [pool = events_](void* e) { pool->give(static_cast<cudaEvent_t>(e)); });
-    issue(name, [&] {
+    return run_gpu_ordered(name, ring_share_bytes(double(end - begin) * es), [&] {
       ncclResult_t r = ncclGroupStart();
       for (int owner = 0; owner < n && r == ncclSuccess; ++owner) {
         const int64_t lo = std::max(begin, owner * shard), hi = std::min(end, (owner + 1) * shard);
@@ -334,11 +341,6 @@ class NcclComm final : public Comm {
       const ncclResult_t g = ncclGroupEnd();
       return r != ncclSuccess ? r : g;
     });
-    CUDA_CHECK(cudaEventRecord(raw, stream_.get()));
-    watchdog_->watch(
-        {describe(name), timeout(), [this, raw] { return poll(raw); }, [done]() mutable { done.reset(); }});
-    record(ring_share_bytes(double(end - begin) * es));
-    return std::make_unique<GpuOrdered>(std::move(done), compute_);
   }
 
   // Enqueued on the Comm's stream like every operation, with an event behind it that the
@@ -570,6 +572,23 @@ class NcclComm final : public Comm {
   std::string describe(const char* op) const {
     return std::string(op) + " on group '" + name_ + "' (rank " + std::to_string(rank()) + " of " +
            std::to_string(size()) + ", world rank " + std::to_string(world_rank_) + ")";
+  }
+
+  // An operation on device buffers that the compute stream waits for only at the returned
+  // request's wait() (on the GPU; the host goes on), watched by the watchdog meanwhile.
+  // One event, shared by the watchdog (until the GPU is done) and the request (until the
+  // compute stream was told to wait for it); back to the pool after both. Made before the
+  // operation is enqueued: once it is, only the event can order anything after it.
+  template <class Enqueue>
+  std::unique_ptr<CommRequest> run_gpu_ordered(const char* name, double bus_bytes, Enqueue&& enqueue) {
+    cudaEvent_t raw = events_->take();
+    std::shared_ptr<void> done(raw, [pool = events_](void* e) { pool->give(static_cast<cudaEvent_t>(e)); });
+    issue(name, enqueue);
+    CUDA_CHECK(cudaEventRecord(raw, stream_.get()));
+    watchdog_->watch(
+        {describe(name), timeout(), [this, raw] { return poll(raw); }, [done]() mutable { done.reset(); }});
+    record(bus_bytes);
+    return std::make_unique<GpuOrdered>(std::move(done), compute_);
   }
 
   // Enqueues one operation with `enqueue` (returns the NCCL call's result) on the stream,

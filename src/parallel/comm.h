@@ -101,6 +101,15 @@ class Comm {
     return std::make_unique<Completed>();
   }
 
+  // all_reduce in place, started and returned at once where the backend can (NCCL on device
+  // memory: the compute stream waits for it at wait(), like reduce_scatter_async; ZeRO-0's
+  // gradient reduction from the backward's hooks); the default runs it synchronously.
+  // The buffer stays valid and unread until wait().
+  virtual std::unique_ptr<CommRequest> all_reduce_async(void* buf, int64_t count, DType dtype, ReduceOp op) {
+    all_reduce(buf, count, dtype, op);
+    return std::make_unique<Completed>();
+  }
+
   // ZeRO-1/2's gradient reduction one range at a time, so it can start during backward
   // (ZeroOptimizer's hooks): `send` is the flat buffer of size() shards of `shard` elements,
   // `recv` this rank's shard (in place, recv == send + rank() · shard, is allowed, as in

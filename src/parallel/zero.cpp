@@ -100,7 +100,7 @@ void ZeroOptimizer::set_micro_batches(int64_t m) {
 }
 
 void ZeroOptimizer::overlap_with_backward(const std::vector<ParamUnit>& units) {
-  if (stage_ == 0 || dp_.size() == 1) return;  // nothing is reduce-scattered
+  if (dp_.size() == 1) return;  // nothing to reduce
   const ParamStore::Flat& f = *store_.flat();
   const std::vector<Param*> t = store_.trainable();
   std::unordered_map<const Param*, size_t> flat_index;
@@ -138,11 +138,16 @@ void ZeroOptimizer::after_backward(int unit) {
   if (!grads_.defined()) throw std::logic_error("ZeroOptimizer: backward without zero_grads() first");
   const auto t0 = std::chrono::steady_clock::now();
   for (const auto& [a, b] : u.ranges) {
-    inflight_.push_back(
-        dp_.reduce_range_async(grads_.raw(), grad_shard_.raw(), shard_size_, a, b, DType::f32, ReduceOp::sum));
+    inflight_.push_back(reduce_range(a, b));
     reduced_.push_back({a, b});
   }
   hook_comm_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+std::unique_ptr<CommRequest> ZeroOptimizer::reduce_range(int64_t begin, int64_t end) {
+  if (stage_ == 0)  // every replica keeps the whole sum
+    return dp_.all_reduce_async(grads_.data<float>() + begin, end - begin, DType::f32, ReduceOp::sum);
+  return dp_.reduce_range_async(grads_.raw(), grad_shard_.raw(), shard_size_, begin, end, DType::f32, ReduceOp::sum);
 }
 
 void ZeroOptimizer::finish_reductions() {
@@ -181,9 +186,7 @@ void ZeroOptimizer::update(float lr, const Tensor& grad_sq) {
   //    are the same stage, so they all skip together.)
   const bool any = f.padded > 0;
   Tensor g = grads_;
-  if (any && stage_ == 0) {
-    if (dp_.size() > 1) timed([&] { dp_.all_reduce(grads_, ReduceOp::sum); });
-  } else if (any && overlapping()) {
+  if (any && overlapping()) {
     // The backward's hooks reduced whole units; what none covered (the padding, a unit
     // whose backward did not run) follows here, then everything is waited for. Every DP
     // peer runs the same units in the same order, so the ranges agree across the group.
@@ -196,12 +199,12 @@ void ZeroOptimizer::update(float lr, const Tensor& grad_sq) {
         at = std::max(at, b);
       }
       if (at < f.padded) rest.push_back({at, f.padded});
-      for (const auto& [a, b] : rest)
-        inflight_.push_back(
-            dp_.reduce_range_async(grads_.raw(), grad_shard_.raw(), shard_size_, a, b, DType::f32, ReduceOp::sum));
+      for (const auto& [a, b] : rest) inflight_.push_back(reduce_range(a, b));
       finish_reductions();
     });
-    g = grad_shard_;
+    if (stage_ >= 1) g = grad_shard_;
+  } else if (any && stage_ == 0) {
+    if (dp_.size() > 1) timed([&] { dp_.all_reduce(grads_, ReduceOp::sum); });
   } else if (any) {
     timed([&] { dp_.reduce_scatter(grads_.raw(), grad_shard_.raw(), shard_size_, DType::f32, ReduceOp::sum); });
     g = grad_shard_;

@@ -120,13 +120,15 @@ class ZeroOptimizer final : public DataParallelOptimizer, public UnitHooks {
   int64_t updates() const override { return step_; }
   void set_updates(int64_t n) override { step_ = n; }
 
-  // Stages 1-2 over more than one DP rank: the gradient reduction starts during backward
-  // (DeepSpeed's overlap_comm). With the model's hooks bound to this optimizer
-  // (VisualChatModel::set_hooks), the step's last backward of a unit (its
-  // set_micro_batches()-th after_backward, 1 unless set) reduces that unit's gradient ranges into their owners' shards
-  // at once (Comm::reduce_range_async: on NCCL it runs under the backward of the units before it), and update() waits
-  // for those and reduces only what no unit covered. The sums are those of the one reduce-scatter update() does
-  // otherwise. A no-op for stage 0 or one rank.
+  // Over more than one DP rank the gradient reduction starts during backward (PyTorch DDP's
+  // buckets at stage 0, DeepSpeed's overlap_comm at stages 1-2). With the model's hooks
+  // bound to this optimizer (VisualChatModel::set_hooks), the step's last backward of a
+  // unit (its set_micro_batches()-th after_backward, 1 unless set) starts the reduction of
+  // that unit's gradient ranges: all-reduced in place at stage 0, reduced into their
+  // owners' shards at stages 1-2 (Comm::all_reduce_async, reduce_range_async: on NCCL they
+  // run under the backward of the units before it). update() reduces only what no unit
+  // covered and waits. The sums are those of the one all-reduce or reduce-scatter update()
+  // does otherwise. A no-op at one rank.
   void overlap_with_backward(const std::vector<ParamUnit>& units);
   bool overlapping() const { return overlap_; }
   // Backwards of each unit in the coming step (the micro-batches of gradient accumulation).
@@ -137,6 +139,8 @@ class ZeroOptimizer final : public DataParallelOptimizer, public UnitHooks {
   void after_backward(int unit) override;
 
  private:
+  // Starts the reduction of the flat gradient range [begin, end) (the stage's collective).
+  std::unique_ptr<CommRequest> reduce_range(int64_t begin, int64_t end);
   // The gradient reductions begun this step: waits for them and forgets the ranges.
   void finish_reductions();
 
