@@ -212,6 +212,13 @@ TEST(MpiZero12, ReductionBegunInTheHooksMatchesTheOneAfterBackward) {
       for (size_t i = 0; i < va.size(); ++i) ASSERT_NEAR(va[i], vb[i], 1e-6f) << sp.name << "[" << i << "]";
     }
   }
+  // A parameter in two units would be reduced twice (summed twice at stage 0): refused.
+  ParamStore c;
+  build(c);
+  ZeroOptimizer zc(c, *dp, 0, config());
+  std::vector<ParamUnit> twice = units_of(c);
+  twice.push_back(twice[0]);
+  EXPECT_THROW(zc.overlap_with_backward(twice), std::logic_error);
 }
 
 }  // namespace

@@ -120,7 +120,16 @@ void ZeroOptimizer::overlap_with_backward(const std::vector<ParamUnit>& units) {
         units_[u].ranges.push_back({a, b});
     }
   }
-  overlap_ = std::any_of(units_.begin(), units_.end(), [](const UnitRanges& u) { return !u.ranges.empty(); });
+  // A range reduced twice would be summed twice at stage 0 (in place): a parameter in two
+  // units is a bug in the model's unit list, refused here rather than trained wrong.
+  std::vector<std::pair<int64_t, int64_t>> all;
+  for (const UnitRanges& u : units_) all.insert(all.end(), u.ranges.begin(), u.ranges.end());
+  std::sort(all.begin(), all.end());
+  for (size_t i = 1; i < all.size(); ++i)
+    if (all[i].first < all[i - 1].second)
+      throw std::logic_error("ZeroOptimizer::overlap_with_backward: a parameter belongs to two units (flat range [" +
+                             std::to_string(all[i].first) + ", " + std::to_string(all[i].second) + "))");
+  overlap_ = !all.empty();
   if (!overlap_) units_.clear();
 }
 
