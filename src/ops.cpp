@@ -64,9 +64,12 @@ void check_scalar(const char* op, const Arg& a) {
 }
 
 // Only reachable in a build without the CUDA backend (which cannot make CUDA tensors, so
-// this guards against a mix-up of builds rather than a user error).
-[[noreturn, maybe_unused]] void no_cuda(const char* op) {
-  throw std::runtime_error(std::string("ops::") + op + ": this build has no CUDA backend (build-cuda has)");
+// this guards against a mix-up of builds rather than a user error). The context is checked
+// first, as the CUDA build does: CUDA operands with the CPU's context are that error.
+[[noreturn, maybe_unused]] void no_cuda(const ExecContext& ex, const char* op) {
+  const std::string name = std::string("ops::") + op;
+  (void)ex.cuda(name.c_str());
+  throw std::runtime_error(name + ": this build has no CUDA backend (build-cuda has)");
 }
 
 }  // namespace
@@ -85,8 +88,8 @@ void check_scalar(const char* op, const Arg& a) {
     const profile::Scope timed_(#op, gpu_);           \
     return cuda::op(gpu_, __VA_ARGS__);               \
   } while (0)
-#else  // the context is still checked first: a CUDA tensor with the CPU's context is that error
-#define CUDA(op, ...) ((void)ex.cuda("ops::" #op), no_cuda(#op))
+#else
+#define CUDA(op, ...) no_cuda(ex, #op)
 #endif
 
 void gemm(const ExecContext& ex, const Tensor& A, bool ta, const Tensor& B, bool tb, const Tensor& C, float alpha,
@@ -216,8 +219,7 @@ Tensor attention_fwd(const ExecContext& ex, AttnMode mode, const Tensor& q, cons
     cuda::attention_fwd(c, mode, q, k, v, modality, out, lse);
     return lse;
 #else
-    (void)ex.cuda("ops::attention_fwd");
-    no_cuda("attention_fwd");
+    no_cuda(ex, "attention_fwd");
 #endif
   }
   cpu_f32("attention_fwd", {{"q", q}, {"k", k}, {"v", v}, {"out", out}});
@@ -314,8 +316,7 @@ void cross_entropy_fwd(const ExecContext& ex, const Tensor& logits, const Tensor
     cuda::sum_into(c, rows, loss_acc);
     return;
 #else
-    (void)ex.cuda("ops::cross_entropy_fwd");
-    no_cuda("cross_entropy_fwd");
+    no_cuda(ex, "cross_entropy_fwd");
 #endif
   }
   cpu_f32("cross_entropy_fwd", {{"logits", logits}, {"lse", lse}});
@@ -390,8 +391,7 @@ void ce_finish(const ExecContext& ex, const Tensor& row_max, const Tensor& sumex
     cuda::sum_into(c, rows, loss_acc);
     return;
 #else
-    (void)ex.cuda("ops::ce_finish");
-    no_cuda("ce_finish");
+    no_cuda(ex, "ce_finish");
 #endif
   }
   cpu_f32("ce_finish", {{"row_max", row_max}, {"sumexp", sumexp}, {"target_logit", target_logit}, {"lse", lse}});
