@@ -81,6 +81,7 @@ TEST(TrainConfigErrors, BadChoiceAndBadNumber) {
   expect_error(run_train("--min-lr 1 --lr 0.1"), "--min-lr=1");
   expect_error(run_train("--seq-len 20"), "--seq-len=20");
   expect_error(run_train("--max-images 9"), "--max-images=9");
+  expect_error(run_train("--overlap-grad-reduce always"), "--overlap-grad-reduce=always");
 }
 
 TEST(TrainRun, IniConfigWithCommandLineOverrideRuns) {

@@ -287,6 +287,9 @@ class NcclComm final : public Comm {
     });
   }
 
+  // Its collectives run on its own stream while the compute stream goes on (comm.h).
+  bool overlaps_compute() const override { return true; }
+
   // all_reduce in place that the compute stream waits for only at wait() (ZeRO-0's
   // reduction from the backward's hooks); a host buffer is reduced at once, staged.
   std::unique_ptr<CommRequest> all_reduce_async(void* buf, int64_t count, DType dtype, ReduceOp op) override {

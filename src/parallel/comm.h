@@ -127,6 +127,13 @@ class Comm {
     throw std::logic_error("reduce_range_async on group '" + name() + "': not implemented by this backend");
   }
 
+  // Whether an *_async operation proceeds while the caller goes on computing (NCCL: on its
+  // own stream). Where it does not (MPI without a progress thread advances a non-blocking
+  // collective only inside MPI calls; the default *_async run at once), splitting a
+  // reduction into one collective per unit to start it during backward overlaps nothing and
+  // adds each collective's latency: the trainer's --overlap-grad-reduce auto asks this.
+  virtual bool overlaps_compute() const { return false; }
+
   // Collective over this group: the ranks with the same `color` form a new group, ranked by
   // (key, rank here). A negative color leaves the calling rank out (it gets nullptr). The
   // new group inherits this one's timeout and starts with zero stats.

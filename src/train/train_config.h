@@ -44,7 +44,8 @@ struct TrainConfig {
   int64_t val_every = 0;          // steps between validation passes (0: only at the end)
   std::string tokenizer;          // its SHA-256 must match the shards' (optional)
   bool blank_images = false;      // ablation: every image replaced by the mean colour
-  int zero_stage = 0;             // ZeRO over the data-parallel group: 0, 1, 2
+  int zero_stage = 0;             // ZeRO over the data-parallel group: 0, 1, 2, 3
+  std::string overlap_grad_reduce = "auto";  // ZeRO-0/1/2: reduce per unit during backward: auto, on, off
   int tp = 1, pp = 1;             // grid: world = tp x dp x pp (dp inferred)
   double comm_timeout = 600;      // seconds before a stuck collective aborts the job (0: never)
 

@@ -54,9 +54,13 @@ Trainer::Trainer(const TrainConfig& cfg, Grid* grid) : cfg_(cfg) {
     opt_ = std::move(z);
   } else {
     auto z = std::make_unique<ZeroOptimizer>(model_->params(), g.dp(), cfg.zero_stage, cfg.adamw, &g.mp());
-    // Stages 1-2 over several replicas: each unit's gradients are reduced as soon as the
-    // step's last backward of it is done, under the backward of the units before it.
-    z->overlap_with_backward(model_->units());
+    // Over several replicas each unit's gradients can be reduced as soon as the step's last
+    // backward of it is done, under the backward of the units before it: worth it only where
+    // the collectives run beside compute (NCCL); over MPI the per-unit collectives only add
+    // latency (--overlap-grad-reduce auto leaves them off there; `on` forces them, tested).
+    const bool overlap =
+        cfg.overlap_grad_reduce == "on" || (cfg.overlap_grad_reduce == "auto" && g.dp().overlaps_compute());
+    if (overlap) z->overlap_with_backward(model_->units());
     if (z->overlapping()) {
       zero12_ = z.get();
       model_->set_hooks(zero12_);
@@ -458,13 +462,17 @@ void Trainer::run() {
   StopSignals::install();
   const ParamStore& ps = model_->params();
   if (is_root())
-    std::printf("vchat-train | model %s | train %s | attention %s | params on rank 0 %.2fM (trainable %.2fM) | tp %d dp %d pp %d | zero %d | threads %d | data %s\n",
-                cfg_.model.name.c_str(), train_set_name(cfg_.model_options.train),
-                cfg_.model_options.attention == ops::AttnMode::mmca ? "mmca" : "causal", ps.numel(false) / 1e6,
-                ps.numel(true) / 1e6, grid_->shape().tp, dp_size(), grid_->shape().pp, opt_->stage(), omp_get_max_threads(),
-                loader_ ? (std::to_string(cfg_.data_sources.size()) + " dataset(s), " +
-                           std::to_string(loader_->validation_samples()) + " held out").c_str()
-                        : "synthetic");
+    std::printf(
+        "vchat-train | model %s | train %s | attention %s | params on rank 0 %.2fM (trainable %.2fM) | tp %d dp %d pp "
+        "%d | zero %d%s | threads %d | data %s\n",
+        cfg_.model.name.c_str(), train_set_name(cfg_.model_options.train),
+        cfg_.model_options.attention == ops::AttnMode::mmca ? "mmca" : "causal", ps.numel(false) / 1e6,
+        ps.numel(true) / 1e6, grid_->shape().tp, dp_size(), grid_->shape().pp, opt_->stage(),
+        zero12_ ? " (gradients reduced during backward)" : "", omp_get_max_threads(),
+        loader_ ? (std::to_string(cfg_.data_sources.size()) + " dataset(s), " +
+                   std::to_string(loader_->validation_samples()) + " held out")
+                      .c_str()
+                : "synthetic");
   auto report_eval = [&](const char* when) {
     const EvalStats e = evaluate();
     if (is_root())
