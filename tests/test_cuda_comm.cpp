@@ -3,6 +3,7 @@
 // rank each collective is the identity, so results are known exactly.
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <vector>
 
 #include "cuda/comm_nccl.h"
@@ -118,6 +119,34 @@ TEST_F(CudaComm, EveryOperationAtOneRankOnDeviceAndHostBuffers) {
   EXPECT_EQ(e.to_vector_f32(), v);
   EXPECT_EQ(comm->split(-1, 0, "none"), nullptr);
   EXPECT_GE(comm->stats().calls, 10);
+}
+
+// CommStats::device_seconds: the GPU time of the operations on the Comm's stream, counted
+// once they finished (the step line's "on GPU streams" figure), never more than the wall
+// time they took; reset_stats() zeroes it. Out-of-place reduce-scatters of 256 MiB: at one
+// rank each is a device copy, long enough to time.
+TEST_F(CudaComm, DeviceTimeOfItsOperationsIsCountedOnceDone) {
+  const int64_t n = int64_t(64) << 20;
+  Tensor a = Tensor::zeros({n}, DType::f32, Device::cuda), b = Tensor::empty({n}, DType::f32, Device::cuda);
+  cuda::synchronize();
+  comm->collect_device_time();
+  comm->reset_stats();
+  EXPECT_EQ(comm->stats().device_seconds, 0);
+  const auto t0 = std::chrono::steady_clock::now();
+  std::vector<std::unique_ptr<CommRequest>> reqs;
+  for (int i = 0; i < 4; ++i)
+    reqs.push_back(comm->reduce_scatter_async(a.raw(), b.raw(), n, DType::f32, ReduceOp::sum));
+  for (auto& r : reqs) r->wait();
+  cuda::synchronize();
+  const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  comm->collect_device_time();
+  const double gpu = comm->stats().device_seconds;
+  EXPECT_GT(gpu, 0) << "four 256 MiB copies on the Comm's stream";
+  EXPECT_LE(gpu, wall) << "GPU time of operations that all ran within " << wall << " s";
+  comm->collect_device_time();  // nothing new finished: nothing added
+  EXPECT_EQ(comm->stats().device_seconds, gpu);
+  comm->reset_stats();
+  EXPECT_EQ(comm->stats().device_seconds, 0);
 }
 
 }  // namespace

@@ -110,6 +110,8 @@ void expect_layouts_match_one_rank(const std::vector<Layout>& layouts, const std
         EXPECT_GT(double(last["bubble_seconds"]), 0) << l.options;
       }
       EXPECT_LT(double(last["comm_seconds"]) + double(last["bubble_seconds"]), double(last["seconds"])) << l.options;
+      // MPI's collectives run in the calling thread: no GPU stream time to report.
+      EXPECT_EQ(double(last["comm_device_seconds"]) + double(last["pp_device_seconds"]), 0) << l.options;
       // ZeRO 0-2 reduce each unit's gradients during backward when told to; over MPI (which
       // runs the per-unit collectives without overlapping anything) not by default.
       const bool hooks = l.options.find("--overlap-grad-reduce on") != std::string::npos;

@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <deque>
 #include <mutex>
 #include <vector>
 #include <chrono>
@@ -152,6 +153,62 @@ class EventPool {
   std::vector<cudaEvent_t> free_;  // those not in flight
 };
 
+// The GPU time of the operations on one stream (CommStats::device_seconds): a pair of
+// timing events around each, read once its end has completed. The stream runs its
+// operations in order, so they complete in order: collect() stops at the first that is
+// still running. Events are reused; used by the Comm's one thread.
+class StreamTimer {
+ public:
+  explicit StreamTimer(int device) : device_(device) {}
+  ~StreamTimer() { (void)cudaSetDevice(device_); }  // the events' deleters run after this body
+  // Marks the start of the next operation enqueued on `s`; end() or cancel() follows.
+  cudaEvent_t begin(cudaStream_t s) {
+    cudaEvent_t e = take();
+    CUDA_CHECK(cudaEventRecord(e, s));
+    return e;
+  }
+  void end(cudaEvent_t start, cudaStream_t s) {
+    cudaEvent_t e = take();
+    CUDA_CHECK(cudaEventRecord(e, s));  // (a throw leaves the pair with all_, freed at the end)
+    pending_.push_back({start, e});
+  }
+  void cancel(cudaEvent_t start) { free_.push_back(start); }  // nothing was enqueued after it
+  // Seconds of the operations that have completed since the last call.
+  double collect() {
+    double s = 0;
+    while (!pending_.empty()) {
+      const auto [a, b] = pending_.front();
+      const cudaError_t st = cudaEventQuery(b);
+      if (st == cudaErrorNotReady) break;
+      pending_.pop_front();
+      free_.push_back(a);
+      free_.push_back(b);
+      CUDA_CHECK(st);
+      float ms = 0;
+      CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
+      s += ms * 1e-3;
+    }
+    return s;
+  }
+
+ private:
+  cudaEvent_t take() {
+    if (!free_.empty()) {
+      cudaEvent_t e = free_.back();
+      free_.pop_back();
+      return e;
+    }
+    cudaEvent_t e = nullptr;
+    CUDA_CHECK(cudaEventCreate(&e));  // timing enabled: cudaEventElapsedTime reads it
+    all_.emplace_back(e);
+    return e;
+  }
+  int device_;
+  std::vector<EventPtr> all_;
+  std::vector<cudaEvent_t> free_;
+  std::deque<std::pair<cudaEvent_t, cudaEvent_t>> pending_;
+};
+
 class NcclComm final : public Comm {
  public:
   // `host` spans the same ranks in the same order; NCCL ranks are its ranks.
@@ -180,6 +237,7 @@ class NcclComm final : public Comm {
     MPI_Finalized(&finalized);
     if (mpi_up && !finalized) MPI_Comm_rank(MPI_COMM_WORLD, &world_rank_);
     events_ = std::make_shared<EventPool>(device_);
+    timer_ = std::make_unique<StreamTimer>(device_);
     watchdog_ = std::make_unique<Watchdog>([this](const std::string& what, const std::string& why) {
       abort_job(what, why);
     });
@@ -289,6 +347,12 @@ class NcclComm final : public Comm {
 
   // Its collectives run on its own stream while the compute stream goes on (comm.h).
   bool overlaps_compute() const override { return true; }
+
+  void collect_device_time() override {
+    if (aborted_) return;  // the stream's events may never complete
+    bind_device();
+    add_device_seconds(timer_->collect());
+  }
 
   // all_reduce in place that the compute stream waits for only at wait() (ZeRO-0's
   // reduction from the backward's hooks); a host buffer is reduced at once, staged.
@@ -608,7 +672,15 @@ class NcclComm final : public Comm {
     }
     CUDA_CHECK(cudaEventRecord(ready_.get(), static_cast<cudaStream_t>(compute_.stream())));
     CUDA_CHECK(cudaStreamWaitEvent(stream_.get(), ready_.get(), 0));
-    NCCL_CHECK(enqueue());
+    add_device_seconds(timer_->collect());  // keeps the timer's pending pairs to those in flight
+    const cudaEvent_t start = timer_->begin(stream_.get());
+    try {
+      NCCL_CHECK(enqueue());
+    } catch (...) {
+      timer_->cancel(start);
+      throw;
+    }
+    timer_->end(start, stream_.get());
   }
 
   // Waits for everything on the stream, or only for the work before `until` when given
@@ -685,6 +757,7 @@ class NcclComm final : public Comm {
   std::mutex abort_mutex_;  // orders abort_comm() with the watchdog's polls
   std::atomic<bool> aborted_{false};  // set under abort_mutex_ (also read without it: a quick check)
   std::shared_ptr<EventPool> events_;
+  std::unique_ptr<StreamTimer> timer_;  // GPU time of the operations on stream_ (device_seconds)
   std::unique_ptr<Watchdog> watchdog_;  // last: destroyed first, after draining what is in flight
 };
 

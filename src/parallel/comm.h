@@ -35,11 +35,16 @@ enum class ReduceOp : uint8_t { sum, max };
 // (one per call, however the backend slices it), barriers included; split() counts nothing.
 // `seconds` is the wall time the calling thread spent inside operations of this Comm
 // (for an asynchronous one: in its start and in its wait), which is what a step's
-// "communication" time reports.
+// "communication" time reports. `device_seconds` (GPU backends; 0 elsewhere) is the GPU
+// time of the operations on the Comm's own stream, from the moment the stream starts one
+// (after the compute it waits for) to its end, waiting for peers included; it may overlap
+// compute, so it is reported beside the step's split, not in it. An operation counts once
+// it has finished on the GPU: at a later call, or at collect_device_time().
 struct CommStats {
   double bytes = 0;
   int64_t calls = 0;
   double seconds = 0;
+  double device_seconds = 0;
 };
 
 // An operation started by an *_async call. wait() completes it (under the Comm's timeout,
@@ -144,6 +149,10 @@ class Comm {
 
   // Traffic since construction or the last reset_stats() (conventions above CommStats).
   const CommStats& stats() const { return stats_; }
+  // Adds the GPU time of the operations finished since the last look to
+  // stats().device_seconds, without waiting for those still running (GPU backends; others
+  // have no device time). A step calls it once its results are on the host.
+  virtual void collect_device_time() {}
   void reset_stats() { stats_ = CommStats{}; }
 
   // An operation that has not completed `seconds` after it started aborts the whole job
@@ -164,6 +173,7 @@ class Comm {
     stats_.bytes += bytes;
     ++stats_.calls;
   }
+  void add_device_seconds(double s) { stats_.device_seconds += s; }
   // Adds the wall time from its construction to its destruction to stats().seconds. Every
   // operation (and an asynchronous one's wait) starts with one, so its time is counted
   // however it leaves (return or throw), and apart from record(), which an asynchronous

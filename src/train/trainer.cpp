@@ -317,10 +317,15 @@ StepStats Trainer::step() {
   s.model_flops = step_flops(cfg_.model, cfg_.model_options, static_cast<int64_t>(counts[2]), cfg_.data.seq_len,
                              static_cast<int64_t>(counts[3])).total();
   s.mfu = s.model_flops / (s.seconds * peak_flops_);
+  for (Comm* c : {&tp, &dp, &pp, &mp, model_->kv_replicas()})
+    if (c) c->collect_device_time();  // what finished on the GPU (the step's work has)
   // Replicated KV heads sum their gradients on a sub-group of TP: tensor-parallel traffic.
   const CommStats kv = model_->kv_replicas() ? model_->kv_replicas()->stats() : CommStats{};
   s.comm_seconds = tp.stats().seconds + kv.seconds + dp.stats().seconds + mp.stats().seconds;
   s.bubble_seconds = pp.stats().seconds;
+  s.comm_device_seconds =
+      tp.stats().device_seconds + kv.device_seconds + dp.stats().device_seconds + mp.stats().device_seconds;
+  s.pp_device_seconds = pp.stats().device_seconds;
   s.comm_bytes = dp.stats().bytes;
   s.tp_bytes = tp.stats().bytes + kv.bytes;
   s.pp_bytes = pp.stats().bytes;
@@ -507,29 +512,47 @@ void Trainer::run() {
     const Agreement a = agree();
     if (is_root() && (s.step % cfg_.log_every == 0 || s.step == cfg_.steps || s.supervised == 0)) {
       const double eta = elapsed / static_cast<double>(s.step - first) * static_cast<double>(cfg_.steps - s.step);
+      // On NCCL the host barely waits for collectives: their GPU time, beside the split.
+      char gpu_comm[96] = "";
+      if (s.comm_device_seconds + s.pp_device_seconds > 0)
+        std::snprintf(gpu_comm, sizeof gpu_comm, " [on GPU streams: comm %.0f, p2p %.0f]", s.comm_device_seconds * 1e3,
+                      s.pp_device_seconds * 1e3);
       std::printf(
-          "step %5lld/%lld | loss %.4f | lr %.3e | grad norm %.4f | %.0f tok/s | MFU %.1f%% | %.0f ms (compute %.0f, comm %.0f, bubble %.0f) | mem %.2f GB | eta %.0fs%s\n",
+          "step %5lld/%lld | loss %.4f | lr %.3e | grad norm %.4f | %.0f tok/s | MFU %.1f%% | %.0f ms (compute %.0f, "
+          "comm %.0f, bubble %.0f)%s | mem %.2f GB | eta %.0fs%s\n",
           static_cast<long long>(s.step), static_cast<long long>(cfg_.steps), s.loss, s.lr, s.grad_norm,
           s.tokens / s.seconds, s.mfu * 100, s.seconds * 1e3, (s.seconds - s.comm_seconds - s.bubble_seconds) * 1e3,
-          s.comm_seconds * 1e3, s.bubble_seconds * 1e3, a.peak_memory / 1e9, eta,
+          s.comm_seconds * 1e3, s.bubble_seconds * 1e3, gpu_comm, a.peak_memory / 1e9, eta,
           s.supervised == 0 ? " | no supervised token in this step (answers cut off by --seq-len?): no update" : "");
       std::fflush(stdout);
     }
     if (metrics_.is_open()) {
       const ZeroMemory mem = opt_->memory();
-      nlohmann::json j = {{"step", s.step},          {"loss", s.loss},
-                          {"lr", s.lr},              {"grad_norm", s.grad_norm},
-                          {"tokens", s.tokens},      {"supervised", s.supervised},
-                          {"rows", s.rows},          {"images", s.images},
+      nlohmann::json j = {{"step", s.step},
+                          {"loss", s.loss},
+                          {"lr", s.lr},
+                          {"grad_norm", s.grad_norm},
+                          {"tokens", s.tokens},
+                          {"supervised", s.supervised},
+                          {"rows", s.rows},
+                          {"images", s.images},
                           {"seconds", s.seconds},
                           {"tokens_per_second", s.tokens / s.seconds},
-                          {"model_flops", s.model_flops}, {"mfu", s.mfu},
+                          {"model_flops", s.model_flops},
+                          {"mfu", s.mfu},
                           {"peak_memory_bytes", a.peak_memory},
-                          {"comm_seconds", s.comm_seconds}, {"bubble_seconds", s.bubble_seconds},
-                          {"comm_bytes", s.comm_bytes}, {"tp_bytes", s.tp_bytes}, {"pp_bytes", s.pp_bytes},
+                          {"comm_seconds", s.comm_seconds},
+                          {"bubble_seconds", s.bubble_seconds},
+                          {"comm_device_seconds", s.comm_device_seconds},
+                          {"pp_device_seconds", s.pp_device_seconds},
+                          {"comm_bytes", s.comm_bytes},
+                          {"tp_bytes", s.tp_bytes},
+                          {"pp_bytes", s.pp_bytes},
                           {"trained_bytes", model_->params().numel(true) * 4},
                           {"frozen_bytes", (model_->params().numel(false) - model_->params().numel(true)) * 4},
-                          {"mem_params", mem.params}, {"mem_frozen", mem.frozen}, {"mem_grads", mem.grads},
+                          {"mem_params", mem.params},
+                          {"mem_frozen", mem.frozen},
+                          {"mem_grads", mem.grads},
                           {"mem_optimizer", mem.optimizer}};
       metrics_ << j.dump() << "\n" << std::flush;
     }

@@ -35,6 +35,10 @@ struct StepStats {
   std::vector<int64_t> images;  // images in each of this replica's micro-batches
   double comm_seconds = 0;    // of `seconds`, in tensor- and data-parallel collectives
   double bubble_seconds = 0;  // of `seconds`, in pipeline send/recv (waiting for neighbours)
+  // GPU time of the collectives (TP, DP) and of the pipeline's send/recv on their own
+  // streams (NCCL; 0 elsewhere): they run beside compute, so these are not part of the split
+  // of `seconds` above, whose comm and bubble count only the host's time in those calls.
+  double comm_device_seconds = 0, pp_device_seconds = 0;
   double comm_bytes = 0;      // this rank's DP traffic in the step (ring "bus bytes", comm.h)
   double tp_bytes = 0, pp_bytes = 0;  // this rank's tensor- and pipeline-parallel traffic
   double model_flops = 0;     // the global batch's model FLOPs (train/flops.h)
