@@ -180,6 +180,20 @@ TEST_F(CudaOps, LinearWithBiasEpilogueAndItsGradients) {
     const Tensor DB = dev(db0, DType::f32);
     ops::linear_bwd_weight(gpu(), dev(dy, p.dt), dev(x, p.dt), Tensor(), DB);
     expect_close(DB, db, p.dt == DType::f32 ? 1e-5 : 1e-3, std::string("bias_grad ") + p.name);
+    // A bias not 16-byte aligned (added after the GEMM), and a tall GEMM (the ViT's rows of
+    // many images: cuBLASLt has refused the bias epilogue for some such shapes, then the
+    // bias is added after too): both equal the CPU.
+    const Tensor bw = host_rand({out + 1}, p.dt, rng), b1 = dev(bw, p.dt).slice(0, 1, out + 1);
+    ops::linear_fwd(gpu(), x, W, bw.slice(0, 1, out + 1).clone(), y);
+    const Tensor Y1 = poison({N, out}, p.dt);
+    ops::linear_fwd(gpu(), dev(x, p.dt), dev(W, p.dt), b1, Y1);
+    expect_close(Y1, y, p.tol, std::string("linear_fwd, unaligned bias ") + p.name);
+    const int64_t tall = 70001;
+    const Tensor xt = host_rand({tall, in}, p.dt, rng), yt = Tensor::empty({tall, out});
+    ops::linear_fwd(gpu(), xt, W, b, yt);
+    const Tensor Yt = poison({tall, out}, p.dt);
+    ops::linear_fwd(gpu(), dev(xt, p.dt), dev(W, p.dt), dev(b, p.dt), Yt);
+    expect_close(Yt, yt, p.tol, std::string("linear_fwd, ") + std::to_string(tall) + " rows " + p.name);
   }
 }
 

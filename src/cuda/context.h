@@ -13,7 +13,10 @@ class Context {
   // A new context on device `device` (current on the calling thread): a blocking stream,
   // a cuBLASLt handle and a workspace of `workspace_bytes` (cuBLASLt's recommendation for
   // Hopper is 32 MiB). init_backend makes the device's compute context with it
-  // (device_context() in cuda_backend.h).
+  // (device_context() in cuda_backend.h). Ops' temporaries (partial sums, index tables)
+  // are freed stream-ordered on that context's stream right after the kernels that read
+  // them are enqueued: a second context whose kernels run on another stream would have
+  // to be ordered after those frees first (an event), or own an allocator of its own.
   static Context create(int device, size_t workspace_bytes = size_t{32} << 20);
   Context() = default;
 

@@ -8,6 +8,7 @@
 
 #include <cstring>
 #include <map>
+#include <optional>
 #include <tuple>
 
 #include "cuda/kernels.cuh"
@@ -44,7 +45,8 @@ struct Desc {
   }
 };
 
-// The heuristic's first choice per problem, found once: the query costs more than a small GEMM.
+// The heuristic's first choice per problem (or that it has none), found once: the query
+// costs more than a small GEMM.
 using Key = std::tuple<int, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool, bool, bool, DType, DType, uint32_t,
                        uint32_t, uint32_t, size_t>;
 
@@ -57,8 +59,8 @@ uint32_t alignment(const void* p) {
   while (al > 1 && a % al != 0) al /= 2;
   return al;
 }
-std::map<Key, cublasLtMatmulAlgo_t>& algo_cache() {
-  thread_local std::map<Key, cublasLtMatmulAlgo_t> cache;
+std::map<Key, std::optional<cublasLtMatmulAlgo_t>>& algo_cache() {
+  thread_local std::map<Key, std::optional<cublasLtMatmulAlgo_t>> cache;
   return cache;
 }
 
@@ -135,48 +137,71 @@ void gemm(const Context& ctx, const Tensor& A, bool trans_a, const Tensor& B, bo
   CUBLAS_CHECK(cublasLtMatmulDescCreate(&d.op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
   CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_TRANSA, &opx, sizeof opx));
   CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_TRANSB, &opy, sizeof opy));
-  // The BIAS epilogue needs a 16-byte aligned bias; a less aligned one is added after.
-  const bool fused_bias = bias.defined() && reinterpret_cast<uintptr_t>(bias.raw()) % 16 == 0;
-  if (fused_bias) {
+  // Column-major views: X = B's buffer [B.cols, B.rows], Y = A's [A.cols, A.rows], D = C^T [n, m].
+  CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d.a, type, b.cols, b.rows, b.ld));
+  CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d.b, type, a.cols, a.rows, a.ld));
+  CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d.c, ctype, n, m, c.ld));
+  const cublasLtHandle_t lt = static_cast<cublasLtHandle_t>(ctx.lt());
+  size_t ws = ctx.workspace_bytes();
+  // Operands swapped (top of the file): cuBLASLt's A is B's buffer, its B is A's.
+  const uint32_t al_a = alignment(b.ptr), al_b = alignment(a.ptr), al_c = alignment(C.raw());
+
+  // The heuristic's algorithm for this problem with or without the BIAS epilogue, asked
+  // once; nullptr when it has none (remembered too).
+  auto algorithm = [&](bool fused) -> const cublasLtMatmulAlgo_t* {
+    const Key key{device, m, n, k, a.ld, b.ld, c.ld, trans_a, trans_b, fused, dt, ct, al_a, al_b, al_c, ws};
+    auto& cache = algo_cache();
+    auto it = cache.find(key);
+    if (it == cache.end()) {
+      Desc p;
+      CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&p.pref));
+      CUBLAS_CHECK(
+          cublasLtMatmulPreferenceSetAttribute(p.pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws));
+      for (const auto& [attr, al] : {std::pair{CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &al_a},
+                                     std::pair{CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &al_b},
+                                     std::pair{CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al_c},
+                                     std::pair{CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_c}})
+        CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(p.pref, attr, al, sizeof *al));
+      cublasLtMatmulHeuristicResult_t result{};
+      int found = 0;
+      const cublasStatus_t st =
+          cublasLtMatmulAlgoGetHeuristic(lt, d.op, d.a, d.b, d.c, d.c, p.pref, 1, &result, &found);
+      if (st != CUBLAS_STATUS_NOT_SUPPORTED) CUBLAS_CHECK(st);
+      it = cache.emplace(key, st == CUBLAS_STATUS_SUCCESS && found > 0 ? std::optional(result.algo) : std::nullopt)
+               .first;
+    }
+    return it->second ? &*it->second : nullptr;
+  };
+  auto matmul = [&](const cublasLtMatmulAlgo_t* algo) {
+    return cublasLtMatmul(lt, d.op, &alpha, b.ptr, d.a, a.ptr, d.b, &beta, C.raw(), d.c, C.raw(), d.c, algo,
+                          ctx.workspace(), ws, stream_of(ctx));
+  };
+
+  // The bias fused as cuBLASLt's BIAS epilogue where it can be: a 16-byte aligned bias, and
+  // an algorithm for it that runs (cuBLASLt has refused the epilogue for some shapes, e.g.
+  // very tall ones); otherwise the plain GEMM and the bias added after (add_bias).
+  if (bias.defined() && reinterpret_cast<uintptr_t>(bias.raw()) % 16 == 0) {
     const cublasLtEpilogue_t epi = CUBLASLT_EPILOGUE_BIAS;
     const void* bp = bias.raw();
     CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof epi));
     CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bp, sizeof bp));
     CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &ctype, sizeof ctype));
+    if (const cublasLtMatmulAlgo_t* algo = algorithm(true)) {
+      const cublasStatus_t st = matmul(algo);
+      if (st == CUBLAS_STATUS_SUCCESS) return;
+      if (st != CUBLAS_STATUS_NOT_SUPPORTED && st != CUBLAS_STATUS_EXECUTION_FAILED) CUBLAS_CHECK(st);
+      // Not for this shape after all: forget the fused algorithm, fall back below.
+      algo_cache()[Key{device, m, n, k, a.ld, b.ld, c.ld, trans_a, trans_b, true, dt, ct, al_a, al_b, al_c, ws}] =
+          std::nullopt;
+    }
+    const cublasLtEpilogue_t none = CUBLASLT_EPILOGUE_DEFAULT;
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_EPILOGUE, &none, sizeof none));
   }
-  // Column-major views: X = B's buffer [B.cols, B.rows], Y = A's [A.cols, A.rows], D = C^T [n, m].
-  CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d.a, type, b.cols, b.rows, b.ld));
-  CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d.b, type, a.cols, a.rows, a.ld));
-  CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d.c, ctype, n, m, c.ld));
-
-  size_t ws = ctx.workspace_bytes();
-  // Operands swapped (top of the file): cuBLASLt's A is B's buffer, its B is A's.
-  const uint32_t al_a = alignment(b.ptr), al_b = alignment(a.ptr), al_c = alignment(C.raw());
-  const Key key{device, m, n, k, a.ld, b.ld, c.ld, trans_a, trans_b, fused_bias, dt, ct, al_a, al_b, al_c, ws};
-  auto& cache = algo_cache();
-  auto it = cache.find(key);
-  if (it == cache.end()) {
-    CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&d.pref));
-    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(d.pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws));
-    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(d.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &al_a,
-                                                      sizeof al_a));
-    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(d.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &al_b,
-                                                      sizeof al_b));
-    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(d.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al_c,
-                                                      sizeof al_c));
-    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(d.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_c,
-                                                      sizeof al_c));
-    cublasLtMatmulHeuristicResult_t result{};
-    int found = 0;
-    CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(static_cast<cublasLtHandle_t>(ctx.lt()), d.op, d.a, d.b, d.c, d.c,
-                                                d.pref, 1, &result, &found));
-    VCHAT_CHECK(found > 0, op << ": cuBLASLt has no algorithm for [" << m << " x " << k << "] x [" << k << " x " << n
-                              << "] " << dtype_name(dt));
-    it = cache.emplace(key, result.algo).first;
-  }
-  CUBLAS_CHECK(cublasLtMatmul(static_cast<cublasLtHandle_t>(ctx.lt()), d.op, &alpha, b.ptr, d.a, a.ptr, d.b, &beta,
-                              C.raw(), d.c, C.raw(), d.c, &it->second, ctx.workspace(), ws, stream_of(ctx)));
-  if (bias.defined() && !fused_bias) add_bias(ctx, C, bias);
+  const cublasLtMatmulAlgo_t* algo = algorithm(false);
+  VCHAT_CHECK(algo, op << ": cuBLASLt has no algorithm for [" << m << " x " << k << "] x [" << k << " x " << n << "] "
+                       << dtype_name(dt));
+  CUBLAS_CHECK(matmul(algo));
+  if (bias.defined()) add_bias(ctx, C, bias);
 }
 
 }  // namespace vchat::cuda
