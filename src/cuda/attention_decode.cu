@@ -72,26 +72,37 @@ __global__ void decode_kernel(AttnMode mode, DecodeGeometry g, const T* q, const
       if (d < g.hd) s += qr[e] * ld(k, k_off + d);
     }
     for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-    const int b = br - 1;
-    const float m_new = fmaxf(mx[b], s);
-    const float c = expf(mx[b] - m_new), p = expf(s - m_new);  // c = 0 on the first key
-    sum[b] = sum[b] * c + p;
-    for (int e = 0; e < kPerLane; ++e) {
-      const int64_t d = lane + 32 * e;
-      acc[b][e] = acc[b][e] * c + (d < g.hd ? p * ld(v, k_off + d) : 0.f);
-    }
-    mx[b] = m_new;
+    // The key joins its branch's online softmax. Each call names its state with a constant
+    // index: indexed by the run-time branch, the states would live in local memory.
+    auto add = [&](float& m, float& total, float(&a)[kPerLane]) {
+      const float m_new = fmaxf(m, s);
+      const float c = expf(m - m_new), p = expf(s - m_new);  // c = 0 on the first key
+      total = total * c + p;
+#pragma unroll
+      for (int e = 0; e < kPerLane; ++e) {
+        const int64_t d = lane + 32 * e;
+        a[e] = a[e] * c + (d < g.hd ? p * ld(v, k_off + d) : 0.f);
+      }
+      m = m_new;
+    };
+    if (br == 1)
+      add(mx[0], sum[0], acc[0]);
+    else
+      add(mx[1], sum[1], acc[1]);
   }
 
   // Merge the warps' states in warp order (deterministic), per branch.
   __shared__ float s_mx[kWarps][2], s_sum[kWarps][2];
   __shared__ float s_acc[kWarps][2][kMaxHd];
   if (lane == 0)
+#pragma unroll
     for (int b = 0; b < 2; ++b) {
       s_mx[warp][b] = mx[b];
       s_sum[warp][b] = sum[b];
     }
+#pragma unroll
   for (int b = 0; b < 2; ++b)
+#pragma unroll
     for (int e = 0; e < kPerLane; ++e) s_acc[warp][b][lane + 32 * e] = acc[b][e];
   __syncthreads();
   for (int64_t d = threadIdx.x; d < g.hd; d += blockDim.x) {
