@@ -486,16 +486,17 @@ TEST_F(CudaOps, CrossEntropyForwardBackwardAndArgmax) {
 // ---- Attention --------------------------------------------------------------------------
 
 // A modality row of length L: optional text first, then image runs (lengths from `runs`,
-// cycled) separated by text, then pad at the end.
+// cycled) separated by 1 to `max_text` text tokens, then pad at the end.
 std::vector<uint8_t> layout(int64_t L, bool text_first, const std::vector<int64_t>& runs, int64_t pad,
-                            std::mt19937& rng) {
+                            std::mt19937& rng, int64_t max_text = 9) {
   std::vector<uint8_t> m;
   if (text_first)
     for (int64_t t = 0, n = 1 + rng() % 5; t < n; ++t) m.push_back(ops::kText);
   for (size_t r = 0; static_cast<int64_t>(m.size()) < L - pad; ++r) {
     const int64_t run = runs[r % runs.size()];
     for (int64_t t = 0; t < run && static_cast<int64_t>(m.size()) < L - pad; ++t) m.push_back(ops::kImage);
-    for (int64_t t = 0, n = 1 + rng() % 9; t < n && static_cast<int64_t>(m.size()) < L - pad; ++t)
+    for (int64_t t = 0, n = 1 + static_cast<int64_t>(rng() % max_text);
+         t < n && static_cast<int64_t>(m.size()) < L - pad; ++t)
       m.push_back(ops::kText);
   }
   m.resize(L, ops::kPad);
@@ -509,6 +510,7 @@ struct AttnCase {
   bool text_first;
   int64_t pad;
   const char* what;
+  int64_t max_text = 9;  // text tokens between image runs, at most
 };
 
 void check_attention(const AttnCase& a, std::mt19937& rng) {
@@ -520,7 +522,7 @@ void check_attention(const AttnCase& a, std::mt19937& rng) {
     const Tensor dout = host_rand({a.B, a.L, a.H, a.hd}, p.dt, rng);
     std::vector<uint8_t> mm;
     for (int64_t b = 0; b < a.B; ++b) {
-      const std::vector<uint8_t> row = layout(a.L, a.text_first || b % 2, a.runs, b == 0 ? a.pad : 0, rng);
+      const std::vector<uint8_t> row = layout(a.L, a.text_first || b % 2, a.runs, b == 0 ? a.pad : 0, rng, a.max_text);
       mm.insert(mm.end(), row.begin(), row.end());
     }
     const Tensor m = Tensor::from_vector(mm, {a.B, a.L});
@@ -565,6 +567,11 @@ TEST_F(CudaOps, FlashMmcaAgainstTheCpuOnRandomLayouts) {
       {AttnMode::mmca, 2, 65, 8, 2, 32, {64}, false, 1, "L = tile + 1"},
       {AttnMode::causal, 2, 150, 4, 2, 64, {20, 3}, true, 9, "causal baseline with pad"},
       {AttnMode::full, 3, 257, 4, 4, 64, {1}, false, 0, "ViT full attention, 257 tokens"},
+      // Long answers: text stretches over whole key tiles, whose image branch is skipped.
+      {AttnMode::mmca, 2, 320, 8, 2, 64, {5, 40}, true, 3, "text over whole tiles, GQA 8/2, L 320 = 5 tiles", 150},
+      {AttnMode::mmca, 1, 40, 4, 1, 32, {3}, true, 2, "L 40 within one tile, GQA 4/1"},
+      {AttnMode::causal, 1, 128, 3, 1, 48, {10}, true, 0, "causal, L 128 = 2 tiles, GQA 3/1, hd 48"},
+      {AttnMode::full, 2, 257, 4, 4, 104, {1}, false, 0, "head dim 104 (not a multiple of 16: CUDA cores)"},
   };
   // Both kernel sets: CUDA cores, and tensor cores where eligible (bf16, head dim % 16; the
   // backward also needs the shared memory of an H100/H200 at head dim 128).

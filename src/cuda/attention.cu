@@ -104,7 +104,6 @@ __global__ void __launch_bounds__(kThreads) flash_fwd(AttnMode mode, Geometry g,
   float* Ps = Vs + kTile * sw;  // [64][65]
   uint8_t* mq_s = reinterpret_cast<uint8_t*>(Ps + kTile * (kTile + 1));
   uint8_t* mk_s = mq_s + kTile;
-  __shared__ int tile_has[3];  // any text query; any text key; any image key (this tile)
 
   const int64_t b = blockIdx.z, h = blockIdx.y, q0 = int64_t(blockIdx.x) * kTile;
   const int64_t kh = h / (g.H / g.KV);
@@ -112,31 +111,28 @@ __global__ void __launch_bounds__(kThreads) flash_fwd(AttnMode mode, Geometry g,
   const int64_t i = q0 + r;
   load_tile(Qs, q, g, b, q0, g.H, h, g.scale);
   load_modality(mq_s, modality, g, b, q0, mode);
-  if (threadIdx.x == 0) tile_has[0] = 0;
   __syncthreads();
   const uint8_t mq = mq_s[r];
   const bool live = i < g.L && attends(mode, mq);
-  if (live) tile_has[0] = 1;  // benign race: every writer writes 1
+  // Whether any query of the tile attends: block-uniform (a barrier too), as the loop must be.
+  const bool any_live = __syncthreads_or(live);
 
   float m1 = -INFINITY, l1 = 0.f, m2 = -INFINITY, l2 = 0.f;
   float acc1[kDims], acc2[kDims];
 #pragma unroll
   for (int t = 0; t < kDims; ++t) acc1[t] = acc2[t] = 0.f;
 
-  __syncthreads();
   const int64_t last = mode == AttnMode::full ? g.L : lmin(g.L, q0 + kTile);  // causal: no tile above the diagonal
-  for (int64_t k0 = 0; tile_has[0] && k0 < last; k0 += kTile) {
+  for (int64_t k0 = 0; any_live && k0 < last; k0 += kTile) {
     load_tile(Ks, k, g, b, k0, g.KV, kh);
     load_tile(Vs, v, g, b, k0, g.KV, kh);
     load_modality(mk_s, modality, g, b, k0, mode);
-    if (threadIdx.x < 2) tile_has[1 + threadIdx.x] = 0;
     __syncthreads();
-    if (threadIdx.x < kTile && k0 + threadIdx.x < g.L) {
-      const uint8_t mk = mk_s[threadIdx.x];
-      if (mode != AttnMode::mmca || mk == ops::kText) tile_has[1] = 1;
-      if (mode == AttnMode::mmca && mk == ops::kImage) tile_has[2] = 1;
-    }
-    __syncthreads();
+    // Which branches hold keys in this tile (block-uniform; barriers too).
+    const bool key_here = threadIdx.x < kTile && k0 + threadIdx.x < g.L;
+    const uint8_t mk = key_here ? mk_s[threadIdx.x] : uint8_t(ops::kPad);
+    const bool tile_text = __syncthreads_or(key_here && (mode != AttnMode::mmca || mk == ops::kText));
+    const bool tile_image = __syncthreads_or(key_here && mode == AttnMode::mmca && mk == ops::kImage);
     // Scores of this row's keys j = lane, lane + 4, ... (16 of them), and their branches.
     float s[kTile / kLanes];
     int br[kTile / kLanes];
@@ -145,7 +141,7 @@ __global__ void __launch_bounds__(kThreads) flash_fwd(AttnMode mode, Geometry g,
     for (int t = 0; t < kTile / kLanes; ++t) {
       const int j = lane + kLanes * t;
       br[t] = live && k0 + j < g.L ? branch(mode, i, k0 + j, mq, mk_s[j]) : 0;
-      if ((br[t] == 1 && !tile_has[1]) || (br[t] == 2 && !tile_has[2])) br[t] = 0;
+      if ((br[t] == 1 && !tile_text) || (br[t] == 2 && !tile_image)) br[t] = 0;
       float dot = 0.f;
       if (br[t])
         for (int64_t d = 0; d < g.hd; ++d) dot += Qs[r * sw + d] * Ks[j * sw + d];
@@ -176,7 +172,7 @@ __global__ void __launch_bounds__(kThreads) flash_fwd(AttnMode mode, Geometry g,
       acc1[t] *= a1;
       acc2[t] *= a2;
     }
-    if (tile_has[2]) {  // both branches hold keys here
+    if (tile_image) {  // both branches hold keys here
       for (int j = 0; j < kTile; ++j) {
         const float p = Ps[r * (kTile + 1) + j];
         if (p == 0.f) continue;
@@ -238,7 +234,6 @@ __global__ void __launch_bounds__(kThreads) flash_delta(AttnMode mode, Geometry 
   float* dOs = Vs + kTile * sw;
   uint8_t* mq_s = reinterpret_cast<uint8_t*>(dOs + kTile * sw);
   uint8_t* mk_s = mq_s + kTile;
-  __shared__ int tile_image;
   const int64_t b = blockIdx.z, h = blockIdx.y, q0 = int64_t(blockIdx.x) * kTile;
   const int64_t kh = h / (g.H / g.KV);
   const int r = threadIdx.x / kLanes, lane = threadIdx.x % kLanes;
@@ -259,11 +254,9 @@ __global__ void __launch_bounds__(kThreads) flash_delta(AttnMode mode, Geometry 
   if (mode == AttnMode::mmca) {
     for (int64_t k0 = 0; k0 < lmin(g.L, q0 + kTile); k0 += kTile) {
       load_modality(mk_s, modality, g, b, k0, mode);
-      if (threadIdx.x == 0) tile_image = 0;
       __syncthreads();
-      if (threadIdx.x < kTile && k0 + threadIdx.x < g.L && mk_s[threadIdx.x] == ops::kImage) tile_image = 1;
-      __syncthreads();
-      if (!tile_image) continue;  // uniform: no image key in this tile
+      if (!__syncthreads_or(threadIdx.x < kTile && k0 + threadIdx.x < g.L && mk_s[threadIdx.x] == ops::kImage))
+        continue;  // uniform: no image key in this tile
       load_tile(Ks, k, g, b, k0, g.KV, kh);
       load_tile(Vs, v, g, b, k0, g.KV, kh);
       __syncthreads();
@@ -468,18 +461,6 @@ size_t smem_bytes(int64_t hd, int tiles, bool square) {
   return (tiles * kTile * (hd + 1) + (square ? kTile * (kTile + 1) : 0)) * sizeof(float) + 4 * kTile;
 }
 
-// Opts a kernel into the shared memory it needs beyond the default 48 KiB: the largest size
-// (head dim 128) once per kernel, so every launch fits and no call repeats it.
-template <auto Kernel>
-void allow_smem() {
-  static const bool done = [] {
-    CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    static_cast<int>(smem_bytes(kMaxHd, 4, true) + 4 * kTile * sizeof(float))));
-    return true;
-  }();
-  (void)done;
-}
-
 }  // namespace
 
 namespace {
@@ -508,11 +489,9 @@ void attention_fwd(const Context& c, ops::AttnMode mode, const Tensor& q, const 
                   static_cast<unsigned>(g.B));
   const size_t smem = smem_bytes(g.hd, 3, true);
   const uint8_t* m = mode == AttnMode::full ? nullptr : ptr<uint8_t>(modality);
-  VCHAT_DISPATCH(dt, T,
-    allow_smem<flash_fwd<T>>();
-    flash_fwd<T><<<grid, kThreads, smem, stream_of(c)>>>(mode, g, ptr<T>(q), ptr<T>(k), ptr<T>(v), m, ptr<T>(out),
-                                                         ptr<float>(lse));
-  );
+  VCHAT_DISPATCH(dt, T, allow_dynamic_smem<flash_fwd<T>>(smem, op);
+                 flash_fwd<T><<<grid, kThreads, smem, stream_of(c)>>>(mode, g, ptr<T>(q), ptr<T>(k), ptr<T>(v), m,
+                                                                      ptr<T>(out), ptr<float>(lse)););
   CUDA_CHECK_LAUNCH();
 }
 
@@ -540,22 +519,18 @@ void attention_bwd(const Context& c, ops::AttnMode mode, const Tensor& dout, con
   const Tensor delta = Tensor::empty({g.B, g.H, g.L, 2}, DType::f32, Device::cuda);
   const unsigned tiles = static_cast<unsigned>((g.L + kTile - 1) / kTile);
   const uint8_t* m = mode == AttnMode::full ? nullptr : ptr<uint8_t>(modality);
-  VCHAT_DISPATCH(dt, T,
-    const size_t s_delta = smem_bytes(g.hd, 4, false), s_dkv = smem_bytes(g.hd, 2, false) + 4 * kTile * sizeof(float);
-    const size_t s_dq = smem_bytes(g.hd, 4, true);
-    allow_smem<flash_delta<T>>();
-    allow_smem<flash_dkv<T>>();
-    allow_smem<flash_dq<T>>();
-    flash_delta<T><<<dim3(tiles, g.H, g.B), kThreads, s_delta, stream_of(c)>>>(
-        mode, g, ptr<T>(q), ptr<T>(k), ptr<T>(v), m, ptr<T>(out), ptr<T>(dout), ptr<float>(lse), ptr<float>(delta));
-    CUDA_CHECK_LAUNCH();
-    flash_dkv<T><<<dim3(tiles, g.KV, g.B), kThreads, s_dkv, stream_of(c)>>>(
-        mode, g, ptr<T>(q), ptr<T>(k), ptr<T>(v), m, ptr<T>(dout), ptr<float>(lse), ptr<float>(delta), ptr<T>(dk),
-        ptr<T>(dv));
-    CUDA_CHECK_LAUNCH();
-    flash_dq<T><<<dim3(tiles, g.H, g.B), kThreads, s_dq, stream_of(c)>>>(
-        mode, g, ptr<T>(q), ptr<T>(k), ptr<T>(v), m, ptr<T>(dout), ptr<float>(lse), ptr<float>(delta), ptr<T>(dq));
-  );
+  VCHAT_DISPATCH(
+      dt, T, const size_t s_delta = smem_bytes(g.hd, 4, false),
+      s_dkv = smem_bytes(g.hd, 2, false) + 4 * kTile * sizeof(float);
+      const size_t s_dq = smem_bytes(g.hd, 4, true); allow_dynamic_smem<flash_delta<T>>(s_delta, op);
+      allow_dynamic_smem<flash_dkv<T>>(s_dkv, op); allow_dynamic_smem<flash_dq<T>>(s_dq, op);
+      flash_delta<T><<<dim3(tiles, g.H, g.B), kThreads, s_delta, stream_of(c)>>>(
+          mode, g, ptr<T>(q), ptr<T>(k), ptr<T>(v), m, ptr<T>(out), ptr<T>(dout), ptr<float>(lse), ptr<float>(delta));
+      CUDA_CHECK_LAUNCH(); flash_dkv<T><<<dim3(tiles, g.KV, g.B), kThreads, s_dkv, stream_of(c)>>>(
+          mode, g, ptr<T>(q), ptr<T>(k), ptr<T>(v), m, ptr<T>(dout), ptr<float>(lse), ptr<float>(delta), ptr<T>(dk),
+          ptr<T>(dv));
+      CUDA_CHECK_LAUNCH(); flash_dq<T><<<dim3(tiles, g.H, g.B), kThreads, s_dq, stream_of(c)>>>(
+          mode, g, ptr<T>(q), ptr<T>(k), ptr<T>(v), m, ptr<T>(dout), ptr<float>(lse), ptr<float>(delta), ptr<T>(dq)););
   CUDA_CHECK_LAUNCH();
 }
 

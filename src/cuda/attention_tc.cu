@@ -13,7 +13,6 @@
 // WMMA (below, before the entry points).
 #include <mma.h>
 
-#include <atomic>
 #include <cmath>
 
 #include "cuda/kernels.cuh"
@@ -37,7 +36,7 @@ struct TcGeometry {
 };
 
 struct TcLayout {  // byte offsets into dynamic shared memory (each 128-byte aligned)
-  size_t q, k, v, s, p1, p2, o1, o2, mq, mk, flags, total;
+  size_t q, k, v, s, p1, p2, o1, o2, mq, mk, total;
   int hld, old;  // row strides: bf16 Q/K/V tiles, fp32 O tiles
   __host__ __device__ static size_t up(size_t x) { return (x + 127) / 128 * 128; }
   __host__ __device__ explicit TcLayout(int hd) : hld(hd + 8), old(hd + 4) {
@@ -57,7 +56,6 @@ struct TcLayout {  // byte offsets into dynamic shared memory (each 128-byte ali
     o2 = take(size_t(kTc) * old * 4);
     mq = take(kTc);
     mk = take(kTc);
-    flags = take(2 * sizeof(int));  // any live query in the tile; any image key in the key tile
     total = at;
   }
 };
@@ -129,9 +127,6 @@ __global__ void __launch_bounds__(kTcThreads) flash_fwd_tc(AttnMode mode, TcGeom
   float* O2 = reinterpret_cast<float*>(smem + lay.o2);
   uint8_t* mq_s = smem + lay.mq;
   uint8_t* mk_s = smem + lay.mk;
-  // In the dynamic block too (no static shared memory before it to upset its alignment).
-  int& any_live = reinterpret_cast<int*>(smem + lay.flags)[0];
-  int& tile_image = reinterpret_cast<int*>(smem + lay.flags)[1];
 
   const int64_t b = blockIdx.z, h = blockIdx.y, q0 = int64_t(blockIdx.x) * kTc;
   const int64_t kh = h / (g.H / g.KV);
@@ -146,12 +141,11 @@ __global__ void __launch_bounds__(kTcThreads) flash_fwd_tc(AttnMode mode, TcGeom
     mq_s[r] = qi >= g.L ? uint8_t(ops::kPad) : mode == AttnMode::full ? uint8_t(ops::kText) : modality[b * g.L + qi];
   }
   for (int e = threadIdx.x; e < kTc * old; e += blockDim.x) O1[e] = O2[e] = 0.f;
-  if (threadIdx.x == 0) any_live = 0;
   __syncthreads();
   const uint8_t mq = mq_s[row];
   const bool live = i < g.L && (mode == AttnMode::full || (mode == AttnMode::causal ? mq != ops::kPad : mq == ops::kText));
-  if (live) any_live = 1;
-  __syncthreads();
+  // Whether any query of the tile attends: block-uniform (a barrier too), as the loop must be.
+  const bool any_live = __syncthreads_or(live);
 
   float m1 = -INFINITY, l1 = 0.f, m2 = -INFINITY, l2 = 0.f;
   const int64_t last = mode == AttnMode::full ? g.L : (g.L < q0 + kTc ? g.L : q0 + kTc);
@@ -162,12 +156,12 @@ __global__ void __launch_bounds__(kTcThreads) flash_fwd_tc(AttnMode mode, TcGeom
       const int64_t kj = k0 + r;
       mk_s[r] = kj >= g.L ? uint8_t(ops::kPad) : mode == AttnMode::full ? uint8_t(ops::kText) : modality[b * g.L + kj];
     }
-    if (threadIdx.x == 0) tile_image = 0;
-    __syncthreads();
-    if (mode == AttnMode::mmca && threadIdx.x < kTc && mk_s[threadIdx.x] == ops::kImage) tile_image = 1;
+    __syncthreads();  // K, V and the keys' modalities are in
 
     tc_abt(S, Qs, Ks, hd, hld, warp);  // S (this warp's 16 rows x 64 keys) = Q Kᵀ
-    __syncthreads();  // tile_image is set; S is written
+    // S is written (a barrier); whether the tile holds an image key, block-uniform.
+    const bool tile_image =
+        __syncthreads_or(mode == AttnMode::mmca && threadIdx.x < kTc && mk_s[threadIdx.x] == ops::kImage);
 
     // Online softmax per row: this lane's 32 keys; the partner lane (lane ^ 1) has the rest.
     float* srow = S + row * kSld;
@@ -452,16 +446,6 @@ __global__ void __launch_bounds__(kTcThreads) flash_dkv_tc(AttnMode mode, TcGeom
   }
 }
 
-// Grants a kernel the dynamic shared memory a launch needs beyond the default 48 KiB (once
-// per size increase; the grant is per kernel, process-wide).
-template <auto Kernel>
-void tc_allow(size_t bytes) {
-  static std::atomic<size_t> granted{0};
-  if (bytes <= granted.load()) return;
-  CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
-  granted.store(bytes);
-}
-
 }  // namespace
 
 namespace {
@@ -486,7 +470,7 @@ void attention_fwd_tc(const Context& c, ops::AttnMode mode, const Tensor& q, con
                       const Tensor& modality, const Tensor& out, const Tensor& lse) {
   const TcGeometry g{q.size(0), q.size(1), q.size(2), k.size(2), q.size(3), 1.f / sqrtf(static_cast<float>(q.size(3)))};
   const size_t smem = TcLayout(static_cast<int>(g.hd)).total;
-  tc_allow<flash_fwd_tc>(smem);
+  allow_dynamic_smem<flash_fwd_tc>(smem, "cuda::attention_fwd (tensor cores)");
   const dim3 grid(static_cast<unsigned>((g.L + kTc - 1) / kTc), static_cast<unsigned>(g.H), static_cast<unsigned>(g.B));
   flash_fwd_tc<<<grid, kTcThreads, smem, stream_of(c)>>>(
       mode, g, ptr<bf16>(q), ptr<bf16>(k), ptr<bf16>(v), mode == AttnMode::full ? nullptr : ptr<uint8_t>(modality),
@@ -506,9 +490,10 @@ void attention_bwd_tc(const Context& c, ops::AttnMode mode, const Tensor& dout, 
   const TcGeometry g{q.size(0), q.size(1), q.size(2), k.size(2), q.size(3), 1.f / sqrtf(static_cast<float>(q.size(3)))};
   const Tensor delta = Tensor::empty({g.B, g.H, g.L, 2}, DType::f32, Device::cuda);
   const size_t smem = TcBwdLayout(static_cast<int>(g.hd)).total;
-  tc_allow<flash_dq_tc<true>>(smem);
-  tc_allow<flash_dq_tc<false>>(smem);
-  tc_allow<flash_dkv_tc>(smem);
+  const char* op = "cuda::attention_bwd (tensor cores)";
+  allow_dynamic_smem<flash_dq_tc<true>>(smem, op);
+  allow_dynamic_smem<flash_dq_tc<false>>(smem, op);
+  allow_dynamic_smem<flash_dkv_tc>(smem, op);
   const unsigned tiles = static_cast<unsigned>((g.L + kTc - 1) / kTc);
   const uint8_t* m = mode == AttnMode::full ? nullptr : ptr<uint8_t>(modality);
   flash_dq_tc<true><<<dim3(tiles, g.H, g.B), kTcThreads, smem, stream_of(c)>>>(

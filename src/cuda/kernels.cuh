@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <initializer_list>
 
@@ -24,6 +25,22 @@ __device__ __forceinline__ void st(float* p, int64_t i, float v) { p[i] = v; }
 __device__ __forceinline__ void st(bf16* p, int64_t i, float v) { p[i] = __float2bfloat16_rn(v); }
 
 inline cudaStream_t stream_of(const Context& c) { return static_cast<cudaStream_t>(c.stream()); }
+
+// Grants `Kernel` the dynamic shared memory a launch of it needs beyond the default 48 KiB:
+// the size asked for (not a worst case the device may not have), once per increase (the
+// grant is per kernel, process-wide). A size beyond this GPU's opt-in limit is refused
+// naming `who` and both sizes, instead of a failed launch.
+template <auto Kernel>
+void allow_dynamic_smem(size_t bytes, const char* who) {
+  static std::atomic<size_t> granted{size_t{48} << 10};
+  if (bytes <= granted.load()) return;
+  int optin = 0;
+  CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, bind_device()));
+  VCHAT_CHECK(bytes <= static_cast<size_t>(optin),
+              who << ": needs " << bytes << " bytes of shared memory per block; this GPU grants " << optin);
+  CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  granted.store(bytes);
+}
 
 // Enough blocks to fill every SM several times; grid-stride loops cover the rest.
 inline int grid_for(int64_t work, int threads) {
