@@ -23,7 +23,7 @@
 #include "model/params.h"
 #include "model/units.h"
 #include "parallel/comm.h"
-#include "train/adamw.h"
+#include "parallel/adamw.h"
 
 namespace vchat {
 

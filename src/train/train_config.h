@@ -10,7 +10,7 @@
 #include "model/config.h"
 #include "model/precision.h"
 #include "model/visualchat.h"
-#include "train/adamw.h"
+#include "parallel/adamw.h"
 #include "train/lr_schedule.h"
 #include "train/synthetic.h"
 

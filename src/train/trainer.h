@@ -17,7 +17,7 @@
 #include "parallel/grid.h"
 #include "parallel/zero.h"
 #include "parallel/zero3.h"
-#include "train/adamw.h"
+#include "parallel/adamw.h"
 #include "train/device_batches.h"
 #include "train/synthetic.h"
 #include "train/tensorboard.h"

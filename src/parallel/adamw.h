@@ -1,4 +1,4 @@
-// AdamW settings. The optimizer itself is ZeroOptimizer (src/parallel/zero.h): AdamW
+// AdamW settings. The optimizer itself is ZeroOptimizer (zero.h, beside it): AdamW
 // (decoupled weight decay on matrices only, fp32 moments) with clipping by the global
 // gradient norm, over the data-parallel group; one rank is its stage-0, dp=1 case.
 #pragma once
