@@ -4,6 +4,9 @@ JOBS      ?= $(shell nproc)
 BUILD     ?= build
 BUILD_CUDA?= build-cuda
 NVCC      := $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
+# The Python oracles (Debian's torch 1.13 and the .venv built on it) must not see packages a
+# user installed under ~/.local: a numpy 2 there broke torch's import in every oracle test.
+export PYTHONNOUSERSITE := 1
 
 .PHONY: all deps build build-cuda test bench demo clean gpu-pack gpu-check
 
