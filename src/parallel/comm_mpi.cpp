@@ -79,17 +79,22 @@ bool overlaps(const void* a, int64_t a_bytes, const void* b, int64_t b_bytes) {
 
 // How a waiting rank polls. MPI_Test is also what drives progress of non-blocking
 // operations here (each round of a collective's schedule starts inside a test), so polling
-// must stay frequent while data flows. For the first millisecond the loop only yields
-// between tests: with a core to itself that is a spin (latency as low as MPI's own wait),
-// and with more ranks than cores it hands the core to the rank that has work. Sleeping
-// from the start made a 4-rank all-reduce on 2 cores 100x slower (1.8 ms instead of 15 µs:
-// every round waited for a sleeper). Past 1 ms the wait is most likely for a rank still
-// computing: tests are then separated by sleeps doubling from 50 µs to 1 ms, which frees
-// the core and adds at most 1 ms per round to a late completion.
+// must stay frequent while data flows. For the first millisecond, plus the time the
+// operation's bytes take at 1 GB/s, the loop only yields between tests: with a core to
+// itself that is a spin (latency as low as MPI's own wait), and with more ranks than cores
+// it hands the core to the rank that has work. Sleeping from the start made a 4-rank
+// all-reduce on 2 cores 100x slower (1.8 ms instead of 15 µs: every round waited for a
+// sleeper). A large collective first waits for its peers (arrive()), so once its data
+// flows every rank polls at full rate for as long as the bytes need. Past that window the
+// wait is most likely for a rank still computing: tests are then separated by sleeps
+// doubling from 50 µs to 1 ms, which frees the core and adds at most 1 ms per round to a
+// late completion.
 class Backoff {
  public:
+  explicit Backoff(int64_t bytes = 0)
+      : spin_(std::chrono::microseconds(1000) + std::chrono::nanoseconds(std::max<int64_t>(bytes, 0))) {}
   void pause() {
-    if (Clock::now() - start_ < std::chrono::milliseconds(1)) {
+    if (Clock::now() - start_ < spin_) {
       std::this_thread::yield();
       return;
     }
@@ -100,6 +105,7 @@ class Backoff {
 
  private:
   Clock::time_point start_ = Clock::now();
+  std::chrono::nanoseconds spin_;
   std::chrono::microseconds nap_{0};
 };
 
@@ -109,6 +115,7 @@ struct Pending {
   explicit Pending(const char* what, Clock::time_point started = Clock::now()) : op(what), start(started) {}
   const char* op;
   Clock::time_point start;
+  int64_t bytes = 0;  // the data the operation moves (its buffer), for how long to poll at full rate
   std::vector<MPI_Request> reqs;
   MPI_Request* next() { return &reqs.emplace_back(MPI_REQUEST_NULL); }  // valid until the next call
 };
@@ -180,6 +187,8 @@ class MpiComm final : public Comm {
     const int64_t es = static_cast<int64_t>(dtype_size(dtype));
     Staged st(buf, count * es, true);
     char* b = st.host();
+    p.bytes = count * es;
+    arrive(p);
     for (int64_t done = 0; done < count; done += max_count_) {
       const int n = slice(count, done);
       check(MPI_Iallreduce(MPI_IN_PLACE, b + done * es, n, type, mop, comm_, p.next()), p.op, name_);
@@ -206,6 +215,8 @@ class MpiComm final : public Comm {
     check_rank(root, "root", p.op);
     Staged st(buf, bytes, rank_ == root);
     char* b = st.host();
+    p.bytes = bytes;
+    arrive(p);
     for (int64_t done = 0; done < bytes; done += max_count_)
       check(MPI_Ibcast(b + done, slice(bytes, done), MPI_BYTE, root, comm_, p.next()), p.op, name_);
     complete(p);
@@ -234,6 +245,8 @@ class MpiComm final : public Comm {
     Staged st_recv(in_place ? nullptr : recv, in_place ? 0 : block, false);
     const char* s = st_send.host();
     char* r = in_place ? st_send.host() + rank_ * block : st_recv.host();
+    p.bytes = size_ * block;
+    arrive(p);
     if (recv_count <= max_count_) {
       if (in_place) {
         // MPI's in-place form reads the whole input from recvbuf and leaves the result at its
@@ -295,6 +308,8 @@ class MpiComm final : public Comm {
     Staged st_recv(owns && !in_place ? static_cast<char*>(recv) + (own_lo - rank_ * shard) * es : nullptr,
                    owns && !in_place ? (own_hi - own_lo) * es : 0, false);
     char* s = st_send.host();  // element `begin` of send
+    p.bytes = (end - begin) * es;
+    arrive(p);
     for (int owner = 0; owner < size_; ++owner) {
       const int64_t lo = std::max(begin, owner * shard), hi = std::min(end, (owner + 1) * shard);
       for (int64_t at = lo; at < hi; at += max_count_) {
@@ -319,6 +334,8 @@ class MpiComm final : public Comm {
   void all_gather(const void* send, void* recv, int64_t send_count, DType dtype) override {
     const OpTimer timer(*this);
     Pending p("all_gather");
+    p.bytes = size_ * send_count * static_cast<int64_t>(dtype_size(dtype));
+    arrive(p);
     std::vector<Staged> staged;
     start_all_gather(p, send, recv, send_count, dtype, staged);
     complete(p);
@@ -342,6 +359,7 @@ class MpiComm final : public Comm {
     check_peer(peer, p.op);
     Staged st(buf, bytes, true);
     const char* b = st.host();
+    p.bytes = bytes;
     for (int64_t done = 0; done < bytes; done += max_count_)
       check(MPI_Isend(b + done, slice(bytes, done), MPI_BYTE, peer, kP2pTag, comm_, p.next()), p.op, name_);
     complete(p);
@@ -368,6 +386,7 @@ class MpiComm final : public Comm {
     // the same towards us, and would otherwise wait for our receive while we wait for its.
     Staged st_send(send_buf, send_bytes, true), st_recv(recv_buf, recv_bytes, false);
     const char* s = st_send.host();
+    sends.bytes = send_bytes + recv_bytes;
     for (int64_t done = 0; done < send_bytes; done += max_count_)
       check(MPI_Isend(s + done, slice(send_bytes, done), MPI_BYTE, dest, kP2pTag, comm_, sends.next()), sends.op,
             name_);
@@ -450,6 +469,7 @@ class MpiComm final : public Comm {
     char* r = staged.back().host();
     const char* s = in_place ? r + rank_ * block : staged.front().host();
     char* mine = r + rank_ * block;
+    p.bytes = size_ * block;
     // Only bytes move, so any dtype travels as MPI_BYTE.
     if (block <= max_count_) {
       check(MPI_Iallgather(in_place ? MPI_IN_PLACE : s, static_cast<int>(block), MPI_BYTE, r, static_cast<int>(block),
@@ -489,6 +509,7 @@ class MpiComm final : public Comm {
     for (int64_t done = 0; done < bytes; done += max_count_) {
       Pending p(op, start);
       const int want = slice(bytes, done);
+      p.bytes = want;
       check(MPI_Irecv(b + done, want, MPI_BYTE, peer, kP2pTag, comm_, p.next()), p.op, name_);
       MPI_Status status;
       complete(p, &status);
@@ -503,6 +524,18 @@ class MpiComm final : public Comm {
                               ": expected " + std::to_string(bytes) + " bytes, the message had fewer");
   }
 
+  // Before a large collective: waits for every rank of the group to reach it (polled, with
+  // naps once a peer is late). The data then flows with every rank polling at full rate:
+  // a collective whose waiting for a late peer had already slowed the polling ran each of
+  // its many rounds at the napping rate (a `small` ZeRO-1 step reducing per unit: 15-18 s
+  // of communication instead of 0.5 s; bench/RESULTS.md). One empty round for 1 MiB or more.
+  void arrive(const Pending& p) const {
+    if (size_ < 2 || p.bytes < (int64_t{1} << 20)) return;
+    Pending b(p.op, p.start);  // the operation's name and clock, for its timeout
+    check(MPI_Ibarrier(comm_, b.next()), b.op, name_);
+    complete(b);
+  }
+
   void timed_barrier(const char* op) const {
     Pending p(op);
     check(MPI_Ibarrier(comm_, p.next()), p.op, name_);
@@ -512,7 +545,7 @@ class MpiComm final : public Comm {
   // Completes every request of `p`, or aborts the job once it has run past the timeout.
   void complete(Pending& p, MPI_Status* statuses = nullptr) const {
     const double limit = timeout();
-    Backoff backoff;
+    Backoff backoff(p.bytes);
     for (;;) {
       int done = 0;
       check(MPI_Testall(static_cast<int>(p.reqs.size()), p.reqs.data(), &done,
