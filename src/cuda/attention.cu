@@ -489,9 +489,13 @@ void attention_fwd(const Context& c, ops::AttnMode mode, const Tensor& q, const 
                   static_cast<unsigned>(g.B));
   const size_t smem = smem_bytes(g.hd, 3, true);
   const uint8_t* m = mode == AttnMode::full ? nullptr : ptr<uint8_t>(modality);
-  VCHAT_DISPATCH(dt, T, allow_dynamic_smem<flash_fwd<T>>(smem, op);
-                 flash_fwd<T><<<grid, kThreads, smem, stream_of(c)>>>(mode, g, ptr<T>(q), ptr<T>(k), ptr<T>(v), m,
-                                                                      ptr<T>(out), ptr<float>(lse)););
+  // clang-format off
+  VCHAT_DISPATCH(dt, T,
+    allow_dynamic_smem<flash_fwd<T>>(smem, op);
+    flash_fwd<T><<<grid, kThreads, smem, stream_of(c)>>>(mode, g, ptr<T>(q), ptr<T>(k), ptr<T>(v), m, ptr<T>(out),
+                                                         ptr<float>(lse));
+  );
+  // clang-format on
   CUDA_CHECK_LAUNCH();
 }
 
@@ -519,18 +523,24 @@ void attention_bwd(const Context& c, ops::AttnMode mode, const Tensor& dout, con
   const Tensor delta = Tensor::empty({g.B, g.H, g.L, 2}, DType::f32, Device::cuda);
   const unsigned tiles = static_cast<unsigned>((g.L + kTile - 1) / kTile);
   const uint8_t* m = mode == AttnMode::full ? nullptr : ptr<uint8_t>(modality);
-  VCHAT_DISPATCH(
-      dt, T, const size_t s_delta = smem_bytes(g.hd, 4, false),
-      s_dkv = smem_bytes(g.hd, 2, false) + 4 * kTile * sizeof(float);
-      const size_t s_dq = smem_bytes(g.hd, 4, true); allow_dynamic_smem<flash_delta<T>>(s_delta, op);
-      allow_dynamic_smem<flash_dkv<T>>(s_dkv, op); allow_dynamic_smem<flash_dq<T>>(s_dq, op);
-      flash_delta<T><<<dim3(tiles, g.H, g.B), kThreads, s_delta, stream_of(c)>>>(
-          mode, g, ptr<T>(q), ptr<T>(k), ptr<T>(v), m, ptr<T>(out), ptr<T>(dout), ptr<float>(lse), ptr<float>(delta));
-      CUDA_CHECK_LAUNCH(); flash_dkv<T><<<dim3(tiles, g.KV, g.B), kThreads, s_dkv, stream_of(c)>>>(
-          mode, g, ptr<T>(q), ptr<T>(k), ptr<T>(v), m, ptr<T>(dout), ptr<float>(lse), ptr<float>(delta), ptr<T>(dk),
-          ptr<T>(dv));
-      CUDA_CHECK_LAUNCH(); flash_dq<T><<<dim3(tiles, g.H, g.B), kThreads, s_dq, stream_of(c)>>>(
-          mode, g, ptr<T>(q), ptr<T>(k), ptr<T>(v), m, ptr<T>(dout), ptr<float>(lse), ptr<float>(delta), ptr<T>(dq)););
+  const size_t s_delta = smem_bytes(g.hd, 4, false), s_dkv = smem_bytes(g.hd, 2, false) + 4 * kTile * sizeof(float);
+  const size_t s_dq = smem_bytes(g.hd, 4, true);
+  // clang-format off
+  VCHAT_DISPATCH(dt, T,
+    allow_dynamic_smem<flash_delta<T>>(s_delta, op);
+    allow_dynamic_smem<flash_dkv<T>>(s_dkv, op);
+    allow_dynamic_smem<flash_dq<T>>(s_dq, op);
+    flash_delta<T><<<dim3(tiles, g.H, g.B), kThreads, s_delta, stream_of(c)>>>(
+        mode, g, ptr<T>(q), ptr<T>(k), ptr<T>(v), m, ptr<T>(out), ptr<T>(dout), ptr<float>(lse), ptr<float>(delta));
+    CUDA_CHECK_LAUNCH();
+    flash_dkv<T><<<dim3(tiles, g.KV, g.B), kThreads, s_dkv, stream_of(c)>>>(
+        mode, g, ptr<T>(q), ptr<T>(k), ptr<T>(v), m, ptr<T>(dout), ptr<float>(lse), ptr<float>(delta), ptr<T>(dk),
+        ptr<T>(dv));
+    CUDA_CHECK_LAUNCH();
+    flash_dq<T><<<dim3(tiles, g.H, g.B), kThreads, s_dq, stream_of(c)>>>(
+        mode, g, ptr<T>(q), ptr<T>(k), ptr<T>(v), m, ptr<T>(dout), ptr<float>(lse), ptr<float>(delta), ptr<T>(dq));
+  );
+  // clang-format on
   CUDA_CHECK_LAUNCH();
 }
 

@@ -122,9 +122,10 @@ class DeviceStaged {
 
 // Events for asynchronous operations, reused. Shared: a request handed to a caller keeps
 // the pool (not the Comm) alive until its event is given back, from whichever thread.
+// `flags`: cudaEventCreateWithFlags' (ordering only, by default; 0 for timing events).
 class EventPool {
  public:
-  explicit EventPool(int device) : device_(device) {}
+  explicit EventPool(int device, unsigned flags = cudaEventDisableTiming) : device_(device), flags_(flags) {}
   ~EventPool() { (void)cudaSetDevice(device_); }  // the events' deleters run after this body
   cudaEvent_t take() {
     {
@@ -136,7 +137,7 @@ class EventPool {
       }
     }
     cudaEvent_t e = nullptr;
-    CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+    CUDA_CHECK(cudaEventCreateWithFlags(&e, flags_));
     std::lock_guard<std::mutex> lock(mutex_);
     all_.emplace_back(e);
     return e;
@@ -148,6 +149,7 @@ class EventPool {
 
  private:
   int device_;
+  unsigned flags_;
   std::mutex mutex_;
   std::vector<EventPtr> all_;      // every event made, destroyed with the pool
   std::vector<cudaEvent_t> free_;  // those not in flight
@@ -156,23 +158,22 @@ class EventPool {
 // The GPU time of the operations on one stream (CommStats::device_seconds): a pair of
 // timing events around each, read once its end has completed. The stream runs its
 // operations in order, so they complete in order: collect() stops at the first that is
-// still running. Events are reused; used by the Comm's one thread.
+// still running. Used by the Comm's one thread.
 class StreamTimer {
  public:
-  explicit StreamTimer(int device) : device_(device) {}
-  ~StreamTimer() { (void)cudaSetDevice(device_); }  // the events' deleters run after this body
+  explicit StreamTimer(int device) : events_(device, /*timing events*/ 0) {}
   // Marks the start of the next operation enqueued on `s`; end() or cancel() follows.
   cudaEvent_t begin(cudaStream_t s) {
-    cudaEvent_t e = take();
+    cudaEvent_t e = events_.take();
     CUDA_CHECK(cudaEventRecord(e, s));
     return e;
   }
   void end(cudaEvent_t start, cudaStream_t s) {
-    cudaEvent_t e = take();
-    CUDA_CHECK(cudaEventRecord(e, s));  // (a throw leaves the pair with all_, freed at the end)
+    cudaEvent_t e = events_.take();
+    CUDA_CHECK(cudaEventRecord(e, s));  // (a throw leaves the pair with the pool, freed at the end)
     pending_.push_back({start, e});
   }
-  void cancel(cudaEvent_t start) { free_.push_back(start); }  // nothing was enqueued after it
+  void cancel(cudaEvent_t start) { events_.give(start); }  // nothing was enqueued after it
   // Seconds of the operations that have completed since the last call.
   double collect() {
     double s = 0;
@@ -181,8 +182,8 @@ class StreamTimer {
       const cudaError_t st = cudaEventQuery(b);
       if (st == cudaErrorNotReady) break;
       pending_.pop_front();
-      free_.push_back(a);
-      free_.push_back(b);
+      events_.give(a);
+      events_.give(b);
       CUDA_CHECK(st);
       float ms = 0;
       CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
@@ -192,20 +193,7 @@ class StreamTimer {
   }
 
  private:
-  cudaEvent_t take() {
-    if (!free_.empty()) {
-      cudaEvent_t e = free_.back();
-      free_.pop_back();
-      return e;
-    }
-    cudaEvent_t e = nullptr;
-    CUDA_CHECK(cudaEventCreate(&e));  // timing enabled: cudaEventElapsedTime reads it
-    all_.emplace_back(e);
-    return e;
-  }
-  int device_;
-  std::vector<EventPtr> all_;
-  std::vector<cudaEvent_t> free_;
+  EventPool events_;  // timing enabled: cudaEventElapsedTime reads them
   std::deque<std::pair<cudaEvent_t, cudaEvent_t>> pending_;
 };
 

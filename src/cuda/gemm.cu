@@ -148,10 +148,12 @@ void gemm(const Context& ctx, const Tensor& A, bool trans_a, const Tensor& B, bo
 
   // The heuristic's algorithm for this problem with or without the BIAS epilogue, asked
   // once; nullptr when it has none (remembered too).
+  auto key = [&](bool fused) {
+    return Key{device, m, n, k, a.ld, b.ld, c.ld, trans_a, trans_b, fused, dt, ct, al_a, al_b, al_c, ws};
+  };
   auto algorithm = [&](bool fused) -> const cublasLtMatmulAlgo_t* {
-    const Key key{device, m, n, k, a.ld, b.ld, c.ld, trans_a, trans_b, fused, dt, ct, al_a, al_b, al_c, ws};
     auto& cache = algo_cache();
-    auto it = cache.find(key);
+    auto it = cache.find(key(fused));
     if (it == cache.end()) {
       Desc p;
       CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&p.pref));
@@ -167,8 +169,9 @@ void gemm(const Context& ctx, const Tensor& A, bool trans_a, const Tensor& B, bo
       const cublasStatus_t st =
           cublasLtMatmulAlgoGetHeuristic(lt, d.op, d.a, d.b, d.c, d.c, p.pref, 1, &result, &found);
       if (st != CUBLAS_STATUS_NOT_SUPPORTED) CUBLAS_CHECK(st);
-      it = cache.emplace(key, st == CUBLAS_STATUS_SUCCESS && found > 0 ? std::optional(result.algo) : std::nullopt)
-               .first;
+      std::optional<cublasLtMatmulAlgo_t> algo;
+      if (st == CUBLAS_STATUS_SUCCESS && found > 0) algo = result.algo;
+      it = cache.emplace(key(fused), algo).first;
     }
     return it->second ? &*it->second : nullptr;
   };
@@ -191,8 +194,7 @@ void gemm(const Context& ctx, const Tensor& A, bool trans_a, const Tensor& B, bo
       if (st == CUBLAS_STATUS_SUCCESS) return;
       if (st != CUBLAS_STATUS_NOT_SUPPORTED && st != CUBLAS_STATUS_EXECUTION_FAILED) CUBLAS_CHECK(st);
       // Not for this shape after all: forget the fused algorithm, fall back below.
-      algo_cache()[Key{device, m, n, k, a.ld, b.ld, c.ld, trans_a, trans_b, true, dt, ct, al_a, al_b, al_c, ws}] =
-          std::nullopt;
+      algo_cache()[key(true)] = std::nullopt;
     }
     const cublasLtEpilogue_t none = CUBLASLT_EPILOGUE_DEFAULT;
     CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_EPILOGUE, &none, sizeof none));
