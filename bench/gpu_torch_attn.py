@@ -19,20 +19,22 @@ def main():
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--device", default="cuda", help="cpu: a rehearsal of this script here (tools/gpu/rehearse.sh)")
     a = ap.parse_args()
+    sync = torch.cuda.synchronize if a.device == "cuda" else (lambda: None)
     shape = (a.batch, a.heads, a.seq_len, a.head_dim)
-    q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    dout = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+    q, k, v = (torch.randn(shape, device=a.device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    dout = torch.randn(shape, device=a.device, dtype=torch.bfloat16)
     fwd, total = [], []
     with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
         for i in range(a.iters + 2):
-            torch.cuda.synchronize()
+            sync()
             t0 = time.perf_counter()
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            torch.cuda.synchronize()
+            sync()
             t1 = time.perf_counter()
             out.backward(dout)
-            torch.cuda.synchronize()
+            sync()
             t2 = time.perf_counter()
             if i >= 2:
                 fwd.append((t1 - t0) * 1e3)

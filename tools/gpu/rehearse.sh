@@ -54,5 +54,31 @@ if DEVICE=cpu LAYOUT_TIMEOUT_S=900 PACK=$WORK/pack bash "$ROOT/tools/gpu/layouts
 else
   echo "rehearse: tools/gpu/layouts.sh failed on the CPU:"; tail -20 "$WORK/layouts.txt"; bad=1
 fi
+# The PyTorch references, on the CPU at small shapes, where a PyTorch with what they use
+# (SDPA's enable_gqa and sdpa_kernel, nn.RMSNorm: 2.5 or later) is given as TORCH_PY, e.g.
+# a venv with `pip install torch`: Debian's 1.13 has none of it. The packed vchat-bench-step
+# writes the batch both sides train on, as check.sh does with the 1B config.
+if [[ -n ${TORCH_PY:-} ]]; then
+  tb=$WORK/torch-batch.safetensors
+  torch_ok=1
+  "$WORK/pack/bin/vchat-bench-step" --device cpu --model inputs/models/tiny-deep.json --train full --batch 2 \
+      --seq-len 256 --images 2 --warmup 0 --iters 1 --batch-out "$tb" > "$WORK/torch.txt" 2>&1 || torch_ok=0
+  flops=$(sed -n 's/.*model_flops=\([0-9.e+-]*\).*/\1/p' "$WORK/torch.txt")
+  for args in "--mode eager --attention mmca" "--mode compile --attention mmca" "--mode eager --attention causal --train default"; do
+    (( torch_ok )) || break
+    env -u LD_LIBRARY_PATH "$TORCH_PY" bench/gpu_torch_step.py --device cpu --batch-file "$tb" --flops "${flops:-1}" \
+        --peak-tflops 1 --warmup 1 --iters 1 $args >> "$WORK/torch.txt" 2>&1 && grep -q "^torch_step_ms .*mfu=" "$WORK/torch.txt" || torch_ok=0
+  done
+  (( torch_ok )) && env -u LD_LIBRARY_PATH "$TORCH_PY" bench/gpu_torch_attn.py --device cpu --seq-len 256 --heads 2 \
+      --head-dim 64 --batch 1 --iters 1 >> "$WORK/torch.txt" 2>&1 && grep -q "^torch_attn_ms fwd=" "$WORK/torch.txt" || torch_ok=0
+  if (( torch_ok )); then
+    echo "rehearse: the PyTorch references run ($("$TORCH_PY" -c 'import torch; print(torch.__version__)' 2>/dev/null)):"
+    grep -E "^(# torch|torch_)" "$WORK/torch.txt" | sed 's/^/  /'
+  else
+    echo "rehearse: a PyTorch reference failed:"; tail -20 "$WORK/torch.txt"; bad=1
+  fi
+else
+  echo "rehearse: PyTorch references not rehearsed (set TORCH_PY to a python with torch >= 2.5)"
+fi
 echo "rehearse: pack $((size >> 20)) MiB"
 exit $bad
