@@ -143,8 +143,8 @@ void ce_row_sumexp(const ExecContext& ex, const Tensor& logits, const Tensor& ta
 void ce_finish(const ExecContext& ex, const Tensor& row_max, const Tensor& sumexp, const Tensor& target_logit,
                const Tensor& targets, const Tensor& lse, const Tensor& loss_acc);
 
-// Row argmax (first index of the maximum): index i32 [N], value f32 [N] (greedy decoding,
-// teacher-forced accuracy).
+// Row argmax (first index of the maximum, NaN counting as the maximum, as torch.argmax):
+// index i32 [N], value f32 [N] (greedy decoding, teacher-forced accuracy).
 void argmax(const ExecContext& ex, const Tensor& logits, const Tensor& index, const Tensor& value);
 
 // Optimizer pieces. Scalars (the sum of squares, the clip coefficient) stay where the

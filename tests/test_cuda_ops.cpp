@@ -445,14 +445,30 @@ TEST_F(CudaOps, CrossEntropyForwardBackwardAndArgmax) {
       ops::cross_entropy_bwd(gpu(), logits, targets, lse, 0.25f, d);
       ops::cross_entropy_bwd(gpu(), LOGITS, TG, LSE, 0.25f, LOGITS);  // in place, as the model does
       expect_close(LOGITS, d, p.tol, "dlogits " + what);
-      // argmax on fresh logits
+      // argmax on fresh logits, with ties and NaNs (the first NaN wins, as torch.argmax) in
+      // some rows, at either end and in the middle
+      const Tensor am = logits.clone();
+      for (int64_t r : {3, 4, 5, 6}) {
+        float* row = am.data<float>() + r * V;
+        if (r == 3) row[V - 1] = row[V / 2] = 7.f;       // a tie: the smaller index
+        if (r == 4) row[V / 3] = row[V - 1] = NAN;       // the first NaN
+        if (r == 5) row[0] = NAN;                        // a NaN first
+        if (r == 6) std::fill(row, row + V, -INFINITY);  // every value -inf: index 0
+      }
       const Tensor idx = Tensor::empty({N}, DType::i32), val = Tensor::empty({N});
-      ops::argmax(gpu(), logits, idx, val);
-      const Tensor IDX = poison({N}, DType::f32), VAL = poison({N}, DType::f32);
-      const Tensor IDXI = Tensor::empty({N}, DType::i32, Device::cuda);
-      ops::argmax(gpu(), dev(logits, p.dt), IDXI, VAL);
+      ops::argmax(gpu(), am, idx, val);
+      const Tensor VAL = poison({N}, DType::f32);
+      const Tensor IDXI = dev_i32(std::vector<int32_t>(N, -7));  // poisoned: every row must be written
+      ops::argmax(gpu(), dev(am, p.dt), IDXI, VAL);
       EXPECT_EQ(IDXI.to_vector_f32(), idx.to_vector_f32()) << "argmax " << what;
-      expect_close(VAL, val, 0, "argmax value " + what);
+      const std::vector<float> gv = VAL.to_vector_f32(), cv = val.to_vector_f32();
+      for (int64_t r = 0; r < N; ++r)
+        EXPECT_TRUE(gv[r] == cv[r] || (std::isnan(gv[r]) && std::isnan(cv[r])))
+            << "argmax value " << what << " row " << r << ": " << gv[r] << " vs " << cv[r];
+      EXPECT_EQ(idx.data<int32_t>()[3], static_cast<int32_t>(V / 2)) << "argmax tie " << what;
+      EXPECT_EQ(idx.data<int32_t>()[4], static_cast<int32_t>(V / 3)) << "argmax first NaN " << what;
+      EXPECT_EQ(idx.data<int32_t>()[5], 0) << "argmax NaN first " << what;
+      EXPECT_EQ(idx.data<int32_t>()[6], 0) << "argmax of -inf " << what;
       // Vocabulary-parallel pieces: halves of the vocabulary recombine to the full loss.
       if (V % 2 == 0) {
         const int64_t h = V / 2;

@@ -282,6 +282,21 @@ TEST(LayerGrad, MaskedCrossEntropy) {
   for (int c = 0; c < 9; ++c) EXPECT_EQ(dl.data<float>()[9 + c], 0.f) << "unsupervised rows get no gradient";
 }
 
+// torch.argmax's answers on these rows (torch 2.9): the first maximum, NaN above everything.
+TEST(Loss, ArgmaxIsTheFirstMaximumWithNanAsTheMaximum) {
+  const float n = NAN, inf = INFINITY;
+  const Tensor logits = Tensor::from_vector(
+      std::vector<float>{1, 3, 3, 2, 1, n, 5, n, n, 5, 0, 0, -inf, -inf, -inf, -inf, 2, 5, 0, n}, {5, 4});
+  const Tensor idx = Tensor::empty({5}, DType::i32), val = Tensor::empty({5});
+  ops::argmax(kCpu, logits, idx, val);
+  const std::vector<int32_t> want{1, 1, 0, 0, 3};
+  for (int r = 0; r < 5; ++r) EXPECT_EQ(idx.data<int32_t>()[r], want[r]) << "row " << r;
+  const float* v = val.data<float>();
+  EXPECT_EQ(v[0], 3.f);
+  EXPECT_TRUE(std::isnan(v[1]) && std::isnan(v[2]) && std::isnan(v[4])) << v[1] << " " << v[2] << " " << v[4];
+  EXPECT_EQ(v[3], -inf);
+}
+
 // One LLaMA block (GQA, LoRA on every linear, everything trainable) under the grad check;
 // `tamper` may edit the analytical gradients after backward (to show the check's power).
 std::vector<GradIssue> llama_block_grad_check(ops::AttnMode mode,

@@ -121,9 +121,11 @@ void argmax(const Tensor& logits, const Tensor& index, const Tensor& value) {
   float* val = value.data<float>();
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < n; ++r) {
-    int64_t best = 0;  // the first maximum, as torch.argmax
-    for (int64_t c = 1; c < V; ++c)
-      if (x[r * V + c] > x[r * V + best]) best = c;
+    // The first maximum, as torch.argmax, for which NaN is the maximum: a row holding one
+    // (a diverged model) answers its first NaN on every device, not whatever follows it.
+    int64_t best = 0;
+    for (int64_t c = 1; c < V && !std::isnan(x[r * V + best]); ++c)
+      if (x[r * V + c] > x[r * V + best] || std::isnan(x[r * V + c])) best = c;
     idx[r] = static_cast<int32_t>(best);
     val[r] = V ? x[r * V + best] : 0.f;
   }

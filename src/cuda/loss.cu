@@ -93,9 +93,11 @@ __global__ void ce_sumexp_kernel(const T* logits, const int32_t* targets, const 
   }
 }
 
-// The larger value wins; on a tie the smaller index (as std::max_element and torch.argmax).
+// The larger value wins, NaN above everything; on a tie (two NaNs too) the smaller index:
+// torch.argmax, and cpu::argmax.
 __device__ __forceinline__ void better(float& v, int64_t& i, float v2, int64_t i2) {
-  if (v2 > v || (v2 == v && i2 < i) || (v != v && v2 == v2)) {
+  const bool nan = v != v, nan2 = v2 != v2;
+  if ((nan2 && (!nan || i2 < i)) || (!nan && (v2 > v || (v2 == v && i2 < i)))) {
     v = v2;
     i = i2;
   }
