@@ -661,8 +661,10 @@ TEST_F(CudaOps, DecodeAttentionOverTheCacheAgainstTheCpu) {
 TEST_F(CudaOps, MultiTensorSumOfSquaresAndFusedAdamW) {
   std::vector<Tensor> host, devs;
   double want = 0;
-  for (int64_t n : {1, 1000, 70001, 3, 123456}) {
-    for (int rep = 0; rep < 12; ++rep) {  // 60 tensors: more than one launch's chunk
+  // 61 tensors: more than one launch's chunk; the last (16M elements) is split over the
+  // most blocks one tensor gets.
+  for (int64_t n : {1, 1000, 70001, 3, 123456, 16384001}) {
+    for (int rep = 0; rep < (n > 1000000 ? 1 : 12); ++rep) {
       host.push_back(host_rand({n}, DType::f32, rng));
       devs.push_back(dev(host.back(), DType::f32));
       want += ops::sum_squares(gpu(), host.back());

@@ -1,6 +1,7 @@
 // Optimizer kernels: the multi-tensor sum of squares for gradient clipping (deterministic:
 // fixed partials, summed in order in double) and the fused AdamW that also writes the bf16
 // working copy, so an update reads and writes each fp32 state once.
+#include <algorithm>
 #include <cmath>
 
 #include "cuda/kernels.cuh"
@@ -9,23 +10,40 @@ namespace vchat::cuda {
 
 namespace {
 
-constexpr int kBlocksPerTensor = 64, kThreads = 256, kChunk = 48;
+constexpr int kThreads = 256, kChunk = 48;
+// A tensor's sum of squares is split over blocks of about kPerBlock elements, at most
+// kMaxBlocks of them: one block for a bias, a thousand for a 65M-element embedding gradient
+// (a fixed count per tensor would leave that one to a few blocks, or launch thousands of
+// empty blocks for the small ones).
+constexpr int64_t kPerBlock = 16 * kThreads;
+constexpr int kMaxBlocks = 1024;
 
-// Up to kChunk tensors per launch, passed by value (no descriptor upload).
+int blocks_for(int64_t n) {
+  return static_cast<int>(std::clamp<int64_t>((n + kPerBlock - 1) / kPerBlock, 1, kMaxBlocks));
+}
+
+// Up to kChunk tensors per launch, passed by value (no descriptor upload); tensor k owns
+// the launch's blocks [first[k], first[k + 1]).
 struct Chunk {
   const float* p[kChunk];
   int64_t n[kChunk];
+  int first[kChunk + 1];
+  int count;
 };
 
+// One partial per block, at partial[blockIdx.x]: the layout depends only on the tensors'
+// sizes, so the sum that sumsq_finish makes of them is the same on every run.
 __global__ void sumsq_partial(Chunk chunk, float* partial) {
-  const int k = blockIdx.y;
+  const int b = blockIdx.x;
+  int k = 0;
+  while (k + 1 < chunk.count && chunk.first[k + 1] <= b) ++k;
   const float* p = chunk.p[k];
   const int64_t n = chunk.n[k];
+  const int64_t j = b - chunk.first[k], blocks = chunk.first[k + 1] - chunk.first[k];
   float s = 0.f;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
-    s += p[i] * p[i];
+  for (int64_t i = j * blockDim.x + threadIdx.x; i < n; i += blocks * blockDim.x) s += p[i] * p[i];
   s = block_sum(s);
-  if (threadIdx.x == 0) partial[k * gridDim.x + blockIdx.x] = s;
+  if (threadIdx.x == 0) partial[b] = s;
 }
 
 __global__ void sumsq_finish(const float* partial, int64_t n, float* out) {
@@ -88,17 +106,22 @@ void sum_squares(const Context& c, const std::vector<Tensor>& xs, const Tensor& 
   VCHAT_CHECK(out.numel() == 1, op << ": out must hold one value, got " << shape_str(out.shape()));
   for (const Tensor& x : xs) expect_f32(op, {{"x", x}});
   const int64_t count = static_cast<int64_t>(xs.size());
-  Tensor partial = Tensor::zeros({std::max<int64_t>(1, count * kBlocksPerTensor)}, DType::f32, Device::cuda);
+  int64_t total = 0;
+  for (const Tensor& x : xs) total += blocks_for(x.numel());
+  Tensor partial = Tensor::zeros({std::max<int64_t>(1, total)}, DType::f32, Device::cuda);
+  int64_t at = 0;  // the first partial of this launch
   for (int64_t base = 0; base < count; base += kChunk) {
     Chunk ch{};
-    const int k = static_cast<int>(std::min<int64_t>(kChunk, count - base));
-    for (int j = 0; j < k; ++j) {
+    ch.count = static_cast<int>(std::min<int64_t>(kChunk, count - base));
+    for (int j = 0; j < ch.count; ++j) {
       ch.p[j] = ptr<float>(xs[base + j]);
       ch.n[j] = xs[base + j].numel();
+      ch.first[j + 1] = ch.first[j] + blocks_for(ch.n[j]);
     }
-    sumsq_partial<<<dim3(kBlocksPerTensor, k), kThreads, 0, stream_of(c)>>>(ch,
-                                                                             ptr<float>(partial) + base * kBlocksPerTensor);
+    const int blocks = ch.first[ch.count];
+    sumsq_partial<<<blocks, kThreads, 0, stream_of(c)>>>(ch, ptr<float>(partial) + at);
     CUDA_CHECK_LAUNCH();
+    at += blocks;
   }
   sumsq_finish<<<1, kThreads, 0, stream_of(c)>>>(ptr<float>(partial), partial.numel(), ptr<float>(out));
   CUDA_CHECK_LAUNCH();
