@@ -2,8 +2,12 @@
 // collective the parallel code uses (all_reduce, reduce_scatter, all_gather, and sendrecv
 // with the next rank when there are peers) runs `--iters` times after a warm-up; rank 0
 // prints the mean time and the bus bandwidth (comm.h's bus bytes / time).
-//   mpirun -np N vchat-bench-comm [--backend mpi|nccl] [--max-mib 256] [--iters 20]
+//   mpirun -np N vchat-bench-comm [--backend mpi|nccl] [--buffers host|device] [--max-mib 256] [--iters 20]
 // --backend nccl needs the CUDA build and one GPU per rank (buffers live on the device).
+// --backend mpi --buffers device (CUDA build) times the staged path: device buffers copied
+// to the host, through MPI, and back, as every layout runs where NCCL cannot (several
+// ranks may share one GPU). On a GPU each timing ends when the device has finished: NCCL
+// operations return once enqueued.
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -23,7 +27,7 @@ using namespace vchat;
 
 int main(int argc, char** argv) {
   MpiSession mpi(&argc, &argv);
-  std::string backend = "mpi";
+  std::string backend = "mpi", buffers;
   int64_t max_mib = 256, iters = 20;
   auto fail = [&](const std::string& msg) {
     if (mpi.rank() == 0) std::fprintf(stderr, "vchat-bench-comm: %s\n", msg.c_str());
@@ -33,8 +37,8 @@ int main(int argc, char** argv) {
     const std::string k = argv[i];
     if (i + 1 >= argc) return fail(k + " needs a value");
     const std::string v = argv[i + 1];
-    if (k == "--backend") {
-      backend = v;
+    if (k == "--backend" || k == "--buffers") {
+      (k == "--backend" ? backend : buffers) = v;
       continue;
     }
     char* end = nullptr;
@@ -42,30 +46,47 @@ int main(int argc, char** argv) {
     if (*end != '\0' || n <= 0) return fail(k + "=" + v + " must be a positive integer");
     if (k == "--max-mib") max_mib = n;
     else if (k == "--iters") iters = n;
-    else return fail("unknown option " + k + " (--backend mpi|nccl, --max-mib N, --iters N)");
+    else
+      return fail("unknown option " + k + " (--backend mpi|nccl, --buffers host|device, --max-mib N, --iters N)");
   }
+  if (backend != "mpi" && backend != "nccl") return fail("--backend=" + backend + " is not one of: mpi, nccl");
+  if (buffers.empty()) buffers = backend == "nccl" ? "device" : "host";
+  if (buffers != "host" && buffers != "device") return fail("--buffers=" + buffers + " is not one of: host, device");
+  if (backend == "nccl" && buffers == "host")
+    return fail("--backend nccl carries device buffers only (--buffers device)");
   auto world = mpi.world();
   std::unique_ptr<Comm> comm;
-  Device dev = Device::cpu;
-  if (backend == "mpi") {
-    comm = world->split(0, world->rank(), "bench");
-  } else if (backend == "nccl") {
+  const Device dev = buffers == "device" ? Device::cuda : Device::cpu;
+  std::function<void()> sync = [] {};  // the host waits for the device's work
 #ifdef VCHAT_WITH_CUDA
-    // One GPU per rank: the node-local rank picks it (Open MPI, Slurm).
+  if (dev == Device::cuda) {
+    // One GPU per rank where there are enough (the node-local rank picks it: Open MPI,
+    // Slurm); MPI's staged path lets ranks share one.
     const char* local = std::getenv("OMPI_COMM_WORLD_LOCAL_RANK");
     if (!local) local = std::getenv("SLURM_LOCALID");
-    cuda::init_backend(local ? std::atoi(local) : 0);
-    comm = cuda::make_nccl_comm(*world, "bench", cuda::device_context());
-    dev = Device::cuda;
+    const int gpus = cuda::device_count();
+    if (gpus == 0) return fail("--buffers device: no GPU is visible");
+    const int local_rank = local ? std::atoi(local) : 0;
+    if (backend == "nccl" && local_rank >= gpus)
+      return fail("--backend nccl needs one GPU per rank: local rank " + std::to_string(local_rank) +
+                  " of a node with " + std::to_string(gpus) +
+                  " visible GPUs (use --backend mpi --buffers device to share one)");
+    cuda::init_backend(local_rank % gpus);
+    sync = [] { cuda::synchronize(); };
+  }
 #else
-    return fail("--backend nccl needs the CUDA build (make build-cuda)");
+  if (dev == Device::cuda) return fail("--buffers device and --backend nccl need the CUDA build (make build-cuda)");
 #endif
+  if (backend == "mpi") {
+    comm = world->split(0, world->rank(), "bench");
   } else {
-    return fail("--backend=" + backend + " is not one of: mpi, nccl");
+#ifdef VCHAT_WITH_CUDA
+    comm = cuda::make_nccl_comm(*world, "bench", cuda::device_context());
+#endif
   }
   const int n = comm->size(), r = comm->rank();
   if (r == 0) {
-    std::printf("| backend | ranks | op | bytes | mean us | bus GB/s |\n|---|---|---|---|---|---|\n");
+    std::printf("| backend | buffers | ranks | op | bytes | mean us | bus GB/s |\n|---|---|---|---|---|---|---|\n");
   }
   for (int64_t bytes = 1024; bytes <= max_mib * 1024 * 1024; bytes *= 16) {
     const int64_t count = bytes / 4 / n * n;  // f32 elements, divisible by the group
@@ -79,15 +100,17 @@ int main(int argc, char** argv) {
     for (const auto& [name, op] : ops) {
       if (n == 1 && std::strcmp(name, "sendrecv") == 0) continue;  // no peer
       op();  // warm-up (NCCL connects lazily)
+      sync();
       comm->barrier();
       comm->reset_stats();
       const auto t0 = std::chrono::steady_clock::now();
       for (int64_t i = 0; i < iters; ++i) op();
+      sync();
       const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / iters;
       const double bus = comm->stats().bytes / iters;
       if (r == 0)
-        std::printf("| %s | %d | %s | %lld | %.1f | %.2f |\n", backend.c_str(), n, name, static_cast<long long>(count * 4),
-                    s * 1e6, bus / s / 1e9);
+        std::printf("| %s | %s | %d | %s | %lld | %.1f | %.2f |\n", backend.c_str(), buffers.c_str(), n, name,
+                    static_cast<long long>(count * 4), s * 1e6, bus / s / 1e9);
     }
   }
   return 0;

@@ -4,7 +4,8 @@
 # with .gpu-pack/ carried (tools/gpu/pack.sh made it here). Unpacks, shows the machine, runs
 # the GPU suite (ops, comm, then the model and training step), every layout through the
 # staged path, the attention and step benchmarks against PyTorch on the same GPU, then
-# compute-sanitizer memcheck and racecheck on the ops, and ends with one summary table.
+# compute-sanitizer memcheck and racecheck on the ops, the paper-setting step of tiny and
+# small and the collectives (bench-comm), and ends with one summary table.
 #
 # Time: the whole check ends by HARD_S (default 460 s, under the 8 minutes asked): each
 # stage's timeout is cut to what is left, and stages that would start too late show as
@@ -133,4 +134,23 @@ if [[ -n $SAN ]]; then
 elif [[ memcheck =~ $ONLY || racecheck =~ $ONLY ]]; then
   record sanitizers FAIL "compute-sanitizer not found"
 fi
+
+# 4. The paper-setting step (projection and input embedding trained, LLM and ViT frozen) of
+#    tiny and small against PyTorch eager on the same batch, and the collectives: NCCL at
+#    one rank (a call's cost; its only peer is itself), MPI's staged path with two ranks
+#    sharing this GPU (device -> host -> MPI -> device). Last, as the least needed: a run
+#    out of time skips these first.
+for m in tiny small; do
+  MB=$WORK/batch-$m.safetensors
+  stage "step-$m-vchat" 60 "$BIN/vchat-bench-step" --device cuda --precision bf16 --model inputs/models/$m.json \
+        --train default --batch 8 --seq-len 1024 --images 4 --warmup 2 --iters 10 --batch-out "$MB"
+  F=$(value "step-$m-vchat" model_flops)
+  if [[ -n $F && -f $MB ]]; then
+    stage "step-$m-torch-eager" 90 "${TORCH[@]}" bench/gpu_torch_step.py --batch-file "$MB" --flops "$F" \
+          --peak-tflops "$PEAK" --mode eager --train default --attention mmca --iters 10
+  fi
+done
+stage comm-nccl-1 60 "${MPIRUN[@]}" -np 1 "$BIN/vchat-bench-comm" --backend nccl --max-mib 64
+stage comm-mpi-staged-2 60 "${MPIRUN[@]}" -np 2 "$BIN/vchat-bench-comm" --backend mpi --buffers device --max-mib 64
+record figures-paper - "B8 x L1024 paper-setting step: tiny vchat $(value step-tiny-vchat median) ms, torch eager $(value step-tiny-torch-eager median) ms; small vchat $(value step-small-vchat median) ms, torch eager $(value step-small-torch-eager median) ms"
 exit 0

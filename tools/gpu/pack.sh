@@ -14,7 +14,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 BUILD=${1:-$ROOT/build-cuda}
 OUTDIR=$ROOT/.gpu-pack
-BINS=(vchat_cuda_tests vchat-bench-step vchat-bench-attn vchat-train vchat-ckpt)
+BINS=(vchat_cuda_tests vchat-bench-step vchat-bench-attn vchat-bench-comm vchat-train vchat-ckpt)
 ARCH=$(gcc -print-multiarch 2>/dev/null || echo x86_64-linux-gnu)
 OMPI_LIB=/usr/lib/$ARCH/openmpi/lib
 PMIX=/usr/lib/$ARCH/pmix2

@@ -48,6 +48,13 @@ while read -r lib; do
   if ! [[ $lib =~ $ALLOWED ]]; then echo "rehearse: the packed MPI run loads $lib from outside the pack"; outside=1; fi
 done < <(grep -oE 'calling init: [^ ]+' "$mpi_out" | awk '{print $3}' | sort -u)
 (( outside )) && bad=1 || echo "rehearse: mpirun -np 2 vchat-train runs from the pack alone ($(grep -oE 'calling init: [^ ]+' "$mpi_out" | sort -u | wc -l) libraries and components)"
+# bench-comm as check.sh starts it, on host buffers here (check.sh: NCCL and the staged path).
+if "${MPIRUN[@]}" -np 2 "$WORK/pack/bin/vchat-bench-comm" --backend mpi --max-mib 1 --iters 2 > "$WORK/comm.txt" 2>&1 &&
+   grep -q "^| mpi | host | 2 | sendrecv" "$WORK/comm.txt"; then
+  echo "rehearse: mpirun -np 2 vchat-bench-comm runs from the pack ($(grep -c '^| mpi' "$WORK/comm.txt") timings)"
+else
+  echo "rehearse: packed vchat-bench-comm failed:"; tail -20 "$WORK/comm.txt"; bad=1
+fi
 # The layout check's script, end to end on the CPU (the same runs and comparisons).
 if DEVICE=cpu LAYOUT_TIMEOUT_S=900 PACK=$WORK/pack bash "$ROOT/tools/gpu/layouts.sh" "$WORK" > "$WORK/layouts.txt" 2>&1; then
   echo "rehearse: tools/gpu/layouts.sh passes on the CPU:"; sed 's/^/  /' "$WORK/layouts.txt"
