@@ -106,6 +106,7 @@ TEST(Checkpoint, ResumeIsBitExactForEveryTrainSetOnPreparedDataMidEpoch) {
 TEST(Checkpoint, ResumeIsBitExactInParallelLayouts) {
   expect_bit_exact_resume(4, "--train lora --tp 2 --zero 1" + prepared(), "tp2 dp2 zero1 lora");
   expect_bit_exact_resume(2, "--train full --zero 3" + prepared(), "dp2 zero3 full");
+  expect_bit_exact_resume(2, "--train full --zero 2", "dp2 zero2 full synthetic");
   expect_bit_exact_resume(2, "--train default --pp 2 --micro-batches 2", "pp2 synthetic");
 }
 
@@ -122,6 +123,7 @@ TEST(Checkpoint, ReshardsOnLoadAcrossLayouts) {
   const std::vector<Case> cases = {{2, "--tp 2", 1, ""},
                                    {2, "--pp 2", 1, ""},
                                    {2, "--zero 1", 1, ""},
+                                   {1, "", 2, "--zero 2"},
                                    {2, "--zero 3", 4, "--tp 2 --pp 2"},
                                    {1, "", 8, "--tp 2 --pp 2 --zero 1"}};
   for (const char* set : {"default", "full"}) {

@@ -82,6 +82,7 @@ TEST(TrainConfigErrors, BadChoiceAndBadNumber) {
   expect_error(run_train("--seq-len 20"), "--seq-len=20");
   expect_error(run_train("--max-images 9"), "--max-images=9");
   expect_error(run_train("--overlap-grad-reduce always"), "--overlap-grad-reduce=always");
+  expect_error(run_train("--overlap-grad-reduce off --zero 2"), "--overlap-grad-reduce=off with --zero 2");
 }
 
 TEST(TrainRun, IniConfigWithCommandLineOverrideRuns) {

@@ -70,7 +70,8 @@ double DataParallelOptimizer::step(float lr) {
 ZeroOptimizer::ZeroOptimizer(ParamStore& store, Comm& dp, int stage, const AdamWConfig& cfg, Comm* mp)
     : store_(store), dp_(dp), mp_(mp), stage_(stage), cfg_(cfg) {
   check_zero_stage(stage);
-  if (stage > 2) throw std::invalid_argument("ZeroOptimizer handles stages 0-2; stage 3 is Zero3Optimizer");
+  if (stage > 1)
+    throw std::invalid_argument("ZeroOptimizer handles stages 0-1; stages 2-3 are Zero3Optimizer (zero3.h)");
   const ParamStore::Flat& f = store.flatten_trainable(dp.size());
   grads_ = f.grads;
   const bool sharded = stage >= 1;
@@ -87,10 +88,6 @@ ZeroOptimizer::ZeroOptimizer(ParamStore& store, Comm& dp, int stage, const AdamW
     const int64_t b = std::max(f.offset[i], shard_begin_);
     const int64_t e = std::min(f.offset[i] + t[i]->value.numel(), shard_begin_ + shard_size_);
     if (b < e) segments_.push_back({t[i], b, e, f.offset[i]});
-  }
-  if (stage_ == 2) {  // no full gradient is held between steps
-    grads_ = Tensor();
-    store_.bind_flat_grads(Tensor());
   }
 }
 
@@ -169,12 +166,7 @@ void ZeroOptimizer::finish_reductions() {
 void ZeroOptimizer::zero_grads() {
   finish_reductions();  // a step that failed part-way leaves some
   hook_comm_seconds_ = 0;
-  if (stage_ == 2) {
-    grads_ = Tensor::zeros({store_.flat()->padded}, DType::f32, store_.device());
-    store_.bind_flat_grads(grads_);
-  } else {
-    grads_.zero_();
-  }
+  grads_.zero_();
 }
 
 void ZeroOptimizer::update(float lr, const Tensor& grad_sq) {
@@ -218,14 +210,10 @@ void ZeroOptimizer::update(float lr, const Tensor& grad_sq) {
     timed([&] { dp_.reduce_scatter(grads_.raw(), grad_shard_.raw(), shard_size_, DType::f32, ReduceOp::sum); });
     g = grad_shard_;
   }
-  if (stage_ == 2) {  // give the full local gradient up until the next backward
-    grads_ = Tensor();
-    store_.bind_flat_grads(Tensor());
-  }
 
   // 2. Clip by the global norm and update the owned range. Stage 0 updates whole
-  //    parameters, so the update writes their working copies too (bf16); stages 1-2 update a
-  //    shard and re-derive the copies after the all-gather below.
+  //    parameters, so the update writes their working copies too (bf16); stage 1 updates a
+  //    shard and re-derives the copies after the all-gather below.
   std::vector<UpdateSegment> segs;
   for (const Segment& s : segments_) {
     const int64_t a = s.begin - shard_begin_, b = s.end - shard_begin_;
@@ -235,7 +223,7 @@ void ZeroOptimizer::update(float lr, const Tensor& grad_sq) {
   }
   clip_and_update(store_.exec(), segs, {stage_ >= 1 ? &dp_ : nullptr, mp_}, cfg_, lr, ++step_, timed, grad_sq);
 
-  // 3. Stages 1, 2: everyone gets everyone's updated shard.
+  // 3. Stage 1: everyone gets everyone's updated shard.
   if (any && stage_ >= 1 && dp_.size() > 1) {
     Tensor mine = f.values.slice(0, shard_begin_, shard_begin_ + shard_size_).clone();
     timed([&] { dp_.all_gather(mine.raw(), f.values.raw(), shard_size_, DType::f32); });
@@ -245,7 +233,7 @@ void ZeroOptimizer::update(float lr, const Tensor& grad_sq) {
 }
 
 std::vector<StateSlice> ZeroOptimizer::state() {
-  // Values: every rank holds every parameter whole (stages 1-2 all-gather after the update).
+  // Values: every rank holds every parameter whole (stage 1 all-gathers after the update).
   // Moments: the whole buffer (stage 0, replicated) or this rank's shard.
   std::vector<StateSlice> out;
   const ParamStore::Flat& f = *store_.flat();
@@ -270,7 +258,7 @@ ZeroMemory ZeroOptimizer::memory() const {
   ZeroMemory m;
   m.params = n * bytes;
   m.frozen = (store_.numel(false) - store_.numel(true)) * bytes;
-  m.grads = (stage_ == 0 ? n : stage_ == 1 ? n + shard_size_ : shard_size_) * bytes;
+  m.grads = (stage_ == 0 ? n : n + shard_size_) * bytes;
   m.optimizer = 2 * shard_size_ * bytes;
   return m;
 }

@@ -2,13 +2,13 @@
 //   stage 0: all-reduce the gradients; every rank keeps and updates everything.
 //   stage 1: reduce-scatter the gradients; each rank keeps the Adam moments of, and
 //            updates, its 1/dp shard of the parameters; all-gather the updated parameters.
-//   stage 2: as 1, and the gradient buffer is given up after the reduce-scatter: between
-//            steps a rank holds only its gradient shard. (The full local gradient exists
-//            during backward; bucketed reduce-scatter inside backward is future work.)
+//   stage 2: src/parallel/zero3.h, resident: gradients and fp32 masters sharded per layer
+//            unit too, each unit's gradient reduce-scattered in its backward; the working
+//            weights kept whole.
 //   stage 3: src/parallel/zero3.h: the working weights are sharded too.
-// Stages 0-2 work on the flat buffers of the trainable parameters
+// Stages 0-1 work on the flat buffers of the trainable parameters
 // (ParamStore::flatten_trainable). Communication per step for Ψ trained bytes:
-// ~2Ψ·(dp-1)/dp in every stage (the ZeRO paper's 2Ψ).
+// ~2Ψ·(dp-1)/dp in stages 0-2 (the ZeRO paper's 2Ψ).
 //
 // With tensor and pipeline parallelism a rank holds only its model-parallel part: the DP
 // peers (same tp and pp coordinate) hold identical layouts, so sharding over DP is the same
@@ -106,7 +106,7 @@ void check_zero_stage(int stage);
 class ZeroOptimizer final : public DataParallelOptimizer, public UnitHooks {
  public:
   void refresh_working_copies() override { store_.refresh_working_copies(); }
-  // Stages 0-2. mp: the model-parallel group for the gradient norm (nullptr: none).
+  // Stages 0-1. mp: the model-parallel group for the gradient norm (nullptr: none).
   ZeroOptimizer(ParamStore& store, Comm& dp, int stage, const AdamWConfig& cfg, Comm* mp = nullptr);
   void zero_grads() override;
   void update(float lr, const Tensor& grad_sq) override;
@@ -121,11 +121,11 @@ class ZeroOptimizer final : public DataParallelOptimizer, public UnitHooks {
   void set_updates(int64_t n) override { step_ = n; }
 
   // Over more than one DP rank the gradient reduction starts during backward (PyTorch DDP's
-  // buckets at stage 0, DeepSpeed's overlap_comm at stages 1-2). With the model's hooks
+  // buckets at stage 0, DeepSpeed's overlap_comm at stage 1). With the model's hooks
   // bound to this optimizer (VisualChatModel::set_hooks), the step's last backward of a
   // unit (its set_micro_batches()-th after_backward, 1 unless set) starts the reduction of
   // that unit's gradient ranges: all-reduced in place at stage 0, reduced into their
-  // owners' shards at stages 1-2 (Comm::all_reduce_async, reduce_range_async: on NCCL they
+  // owners' shards at stage 1 (Comm::all_reduce_async, reduce_range_async: on NCCL they
   // run under the backward of the units before it). update() reduces only what no unit
   // covered and waits. The sums are those of the one all-reduce or reduce-scatter update()
   // does otherwise. A no-op at one rank.
@@ -151,8 +151,8 @@ class ZeroOptimizer final : public DataParallelOptimizer, public UnitHooks {
   AdamWConfig cfg_;
   int64_t shard_begin_ = 0, shard_size_ = 0, step_ = 0;
   double comm_seconds_ = 0, hook_comm_seconds_ = 0;
-  Tensor grads_;       // the full local gradient buffer the Params' grads view (stage 2: only during a step)
-  Tensor grad_shard_;  // stages 1, 2: this rank's reduced gradient shard
+  Tensor grads_;       // the full local gradient buffer the Params' grads view
+  Tensor grad_shard_;  // stage 1: this rank's reduced gradient shard
   Tensor m_, v_;       // Adam moments: full (stage 0) or this rank's shard
   struct Segment {     // the part of one parameter inside the updated range
     Param* param;

@@ -49,8 +49,8 @@ void bind_views(const F& f, const Tensor& buf, Tensor Param::*member) {
 }  // namespace
 
 Zero3Optimizer::Zero3Optimizer(std::vector<ParamUnit> units, Comm& dp, const AdamWConfig& cfg, Comm* mp,
-                               const ExecContext& ex, DType compute)
-    : dp_(dp), mp_(mp), cfg_(cfg), ex_(ex), device_(ex.device()) {
+                               const ExecContext& ex, DType compute, bool resident)
+    : dp_(dp), mp_(mp), cfg_(cfg), ex_(ex), device_(ex.device()), resident_(resident) {
   const int64_t n = dp.size(), r = dp.rank();
   std::unordered_set<const Param*> seen;
   units_.reserve(units.size());
@@ -96,6 +96,25 @@ Zero3Optimizer::Zero3Optimizer(std::vector<ParamUnit> units, Comm& dp, const Ada
     u.m = Tensor::zeros({u.train.shard}, DType::f32, u.device);
     u.v = Tensor::zeros({u.train.shard}, DType::f32, u.device);
   }
+  if (resident_)  // stage 2: the whole weights, from now on
+    for (Unit& u : units_) {
+      start_gather(u, false);
+      // This rank's slice of the gathered weights holds the same bits as the shard gathered
+      // from (the fp32 master, or the bf16 working copy): the shard becomes that slice, so
+      // it is held once, and each regather is an in-place all-gather.
+      for (Flat* f : {&u.train, &u.frozen})
+        if (f->numel > 0)
+          (u.compute == DType::f32 ? f->master : f->work) = f->full.slice(0, r * f->shard, (r + 1) * f->shard);
+    }
+}
+
+void Zero3Optimizer::regather(bool trained_only) {
+  for (Unit& u : units_)
+    for (Flat* f : {&u.train, &u.frozen}) {
+      if (f->numel == 0 || (trained_only && f == &u.frozen)) continue;
+      const Tensor& mine = u.compute == DType::f32 ? f->master : f->work;
+      timed([&] { dp_.all_gather(mine.raw(), f->full.raw(), f->shard, u.compute); });
+    }
 }
 
 // Members die in reverse order: pending_ (whose requests wait) before the buffers in units_.
@@ -170,7 +189,7 @@ void Zero3Optimizer::drop_prefetch() {
 
 void Zero3Optimizer::release_if_unused(int unit) {
   Unit& u = units_[unit];
-  if (!u.live || u.in_forward || u.in_backward || u.pinned || prefetched_ == unit) return;
+  if (resident_ || !u.live || u.in_forward || u.in_backward || u.pinned || prefetched_ == unit) return;
   for (Flat* f : {&u.train, &u.frozen}) {
     f->full = Tensor();
     bind_views(*f, Tensor(), gathered_member(u.compute));
@@ -266,6 +285,8 @@ void Zero3Optimizer::update(float lr, const Tensor& grad_sq) {
   }
   clip_and_update(
       ex_, segs, {&dp_, mp_}, cfg_, lr, ++update_, [&](const std::function<void()>& c) { timed(c); }, grad_sq);
+  // Resident: every rank's updated shards into the kept weights (the frozen never change).
+  if (resident_) regather(/*trained_only=*/true);
   comm_seconds_ = comm_accum_;
   comm_accum_ = 0;
 }
@@ -297,17 +318,24 @@ void Zero3Optimizer::refresh_working_copies() {
   for (Unit& u : units_)
     for (Flat* f : {&u.train, &u.frozen})
       if (f->work.defined()) ops::cast(ex_, f->master, f->work);
+  if (resident_) regather(/*trained_only=*/false);  // what was loaded, into the kept weights
 }
 
 ZeroMemory Zero3Optimizer::memory() const {
   ZeroMemory m;
   for (const Unit& u : units_) {
-    const int64_t work = u.compute == DType::f32 ? 0 : static_cast<int64_t>(dtype_size(u.compute));
-    m.params += u.train.shard * (4 + work);
-    m.frozen += u.frozen.shard * (4 + work);
+    const bool f32 = u.compute == DType::f32;
+    const int64_t work = static_cast<int64_t>(dtype_size(u.compute));
+    // Sharded: the fp32 master shard and (bf16) its working copy. Resident: the whole
+    // weights in the compute dtype, holding the gathered shard, plus (bf16) the master shard.
+    auto held = [&](const Flat& f) {
+      return resident_ ? f.padded * work + (f32 ? 0 : f.shard * 4) : f.shard * (4 + (f32 ? 0 : work));
+    };
+    m.params += held(u.train);
+    m.frozen += held(u.frozen);
+    m.grads += u.train.shard * 4;
   }
-  m.grads = m.params;
-  m.optimizer = 2 * m.params;
+  m.optimizer = 2 * m.grads;
   return m;
 }
 

@@ -85,8 +85,8 @@ bool parse_train_config(int argc, const char* const argv[], TrainConfig& c) {
     ("tp", po::value(&c.tp)->default_value(1), "tensor-parallel ranks, neighbours in the world (world = tp x dp x pp; dp is inferred)")
     ("pp", po::value(&c.pp)->default_value(1), "pipeline stages (contiguous layer ranges, 1F1B schedule)")
     ("comm-timeout", po::value(&c.comm_timeout)->default_value(600.0), "seconds before a stuck collective or send/recv aborts the job, naming it (0: never)")
-    ("zero", po::value(&c.zero_stage)->default_value(0), "ZeRO stage over the data-parallel ranks: 0, 1 (shard optimizer state), 2 (and gradients), 3 (and weights, gathered per layer)")
-    ("overlap-grad-reduce", po::value(&c.overlap_grad_reduce)->default_value("auto"), "ZeRO 0-2 over several replicas: on (reduce each unit's gradients as soon as its backward is done, under the backward of the next), off (one reduction after backward), or auto (on when the data-parallel collectives run beside compute: NCCL)")
+    ("zero", po::value(&c.zero_stage)->default_value(0), "ZeRO stage over the data-parallel ranks: 0, 1 (shard optimizer state), 2 (and gradients and fp32 master weights; each layer's gradient reduced in its backward), 3 (and weights, gathered per layer)")
+    ("overlap-grad-reduce", po::value(&c.overlap_grad_reduce)->default_value("auto"), "ZeRO 0-1 over several replicas: on (reduce each unit's gradients as soon as its backward is done, under the backward of the next), off (one reduction after backward), or auto (on when the data-parallel collectives run beside compute: NCCL). ZeRO 2-3 always reduce in backward: it is how they give each gradient up")
     ("save-dir", po::value(&c.save_dir), "write checkpoints under this directory (step_XXXXXXXX/ per save, `latest`)")
     ("save-every", po::value(&c.save_every)->default_value(0), "steps between checkpoints (0: only at the end and when stopped by a signal or the clock)")
     ("keep-last", po::value(&c.keep_last)->default_value(0), "checkpoints to keep (0: all); older ones go once a newer one is published")
@@ -150,6 +150,10 @@ bool parse_train_config(int argc, const char* const argv[], TrainConfig& c) {
   check_zero_stage(c.zero_stage);
   if (c.overlap_grad_reduce != "auto" && c.overlap_grad_reduce != "on" && c.overlap_grad_reduce != "off")
     throw ConfigError("--overlap-grad-reduce=" + c.overlap_grad_reduce + " is not one of: auto, on, off");
+  if (c.overlap_grad_reduce == "off" && c.zero_stage >= 2)
+    throw ConfigError("--overlap-grad-reduce=off with --zero " + std::to_string(c.zero_stage) +
+                      ": ZeRO 2-3 reduce each layer's gradient in its backward (so that no rank holds the whole "
+                      "gradient); use --zero 1 to reduce once after backward");
   if (!(c.comm_timeout >= 0)) throw bad("comm-timeout", c.comm_timeout, "must be >= 0");
   if (c.threads < 0) throw ConfigError("--threads=" + std::to_string(c.threads) + " must be >= 0");
   if (!(c.lr.max_lr > 0)) throw bad("lr", c.lr.max_lr, "must be positive");

@@ -42,13 +42,16 @@ Trainer::Trainer(const TrainConfig& cfg, Grid* grid) : cfg_(cfg) {
   // How every op of the run is issued (on cuda: the device's compute stream and handles),
   // handed to the model, the optimizer and the batch uploads.
   const ExecContext ex = ExecContext::of(cfg.device);
-  // Before the optimizer flattens them; ZeRO-3 instead moves only this rank's shards.
+  // Before the optimizer flattens them; ZeRO-2/3 instead move only this rank's shards.
   if (cfg.device == Device::cuda)
-    model_->to(ex, PrecisionPolicy::of(cfg.precision), /*move_params=*/cfg.zero_stage != 3);
+    model_->to(ex, PrecisionPolicy::of(cfg.precision), /*move_params=*/cfg.zero_stage < 2);
   device_batches_ = std::make_unique<DeviceBatches>(ex);
-  if (cfg.zero_stage == 3) {
+  if (cfg.zero_stage >= 2) {
+    // Stage 2 is stage 3 with the weights kept whole between steps (zero3.h): masters,
+    // moments and gradients sharded per unit, each unit's gradient reduced in its backward.
     auto z = std::make_unique<Zero3Optimizer>(model_->units(), g.dp(), cfg.adamw, &g.mp(), ex,
-                                              PrecisionPolicy::of(cfg.precision).compute);
+                                              PrecisionPolicy::of(cfg.precision).compute,
+                                              /*resident=*/cfg.zero_stage == 2);
     zero3_ = z.get();
     model_->set_hooks(zero3_);
     opt_ = std::move(z);
@@ -62,8 +65,8 @@ Trainer::Trainer(const TrainConfig& cfg, Grid* grid) : cfg_(cfg) {
         cfg.overlap_grad_reduce == "on" || (cfg.overlap_grad_reduce == "auto" && g.dp().overlaps_compute());
     if (overlap) z->overlap_with_backward(model_->units());
     if (z->overlapping()) {
-      zero12_ = z.get();
-      model_->set_hooks(zero12_);
+      zero01_ = z.get();
+      model_->set_hooks(zero01_);
     }
     opt_ = std::move(z);
   }
@@ -272,7 +275,7 @@ StepStats Trainer::step() {
   //    1F1B order (with one stage: forward then backward of each). Gradients accumulate; so
   //    does the loss, where the model runs (the step's scalars: [loss sum, gradient sum of
   //    squares], read back in one copy at the end, so a GPU never waits on the host mid-step).
-  if (zero12_) zero12_->set_micro_batches(M);
+  if (zero01_) zero01_->set_micro_batches(M);
   opt_->zero_grads();
   const Tensor scalars = Tensor::zeros({2}, DType::f32, cfg_.device);
   const Tensor loss_sum = scalars.slice(0, 0, 1), grad_sq = scalars.slice(0, 1, 2);
@@ -293,7 +296,8 @@ StepStats Trainer::step() {
 
   // 5. ZeRO: reduce the gradients over the DP group (each is already divided by the global
   //    count), clip by the global norm over all groups, update (this rank's shard from
-  //    stage 1), and bring the weights back (stages 1-2; stage 3 gathers on use).
+  //    stage 1), and bring the weights back (stages 1-2; stage 3 gathers on use; stages
+  //    2-3 reduced each unit's gradients in its backward already).
   //    A step without a supervised token (every answer cut away by --seq-len) carries no
   //    signal: no update at all (Adam's momentum would still move the weights); the step
   //    line says so.
@@ -342,7 +346,7 @@ EvalStats Trainer::evaluate() {
   // fewer runs a filler batch whose results are dropped. (Gathering the whole model once
   // instead would need the memory ZeRO-3 exists to save.)
   int micro = static_cast<int>(vb.size());
-  if (zero3_ && grid_->dp().size() > 1) {
+  if (zero3_ && !zero3_->resident() && grid_->dp().size() > 1) {
     double most = micro;
     grid_->dp().all_reduce_f64(&most, 1, ReduceOp::max);
     micro = static_cast<int>(most);
@@ -473,7 +477,7 @@ void Trainer::run() {
         cfg_.model.name.c_str(), train_set_name(cfg_.model_options.train),
         cfg_.model_options.attention == ops::AttnMode::mmca ? "mmca" : "causal", ps.numel(false) / 1e6,
         ps.numel(true) / 1e6, grid_->shape().tp, dp_size(), grid_->shape().pp, opt_->stage(),
-        zero12_ ? " (gradients reduced during backward)" : "", omp_get_max_threads(),
+        zero01_ || zero3_ ? " (gradients reduced during backward)" : "", omp_get_max_threads(),
         loader_ ? (std::to_string(cfg_.data_sources.size()) + " dataset(s), " +
                    std::to_string(loader_->validation_samples()) + " held out")
                       .c_str()

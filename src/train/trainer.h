@@ -103,8 +103,8 @@ class Trainer {
   std::unique_ptr<VisualChatModel> model_;
   std::unique_ptr<DataParallelOptimizer> opt_;
   std::unique_ptr<DeviceBatches> device_batches_;  // a step's micro-batches where the model runs
-  Zero3Optimizer* zero3_ = nullptr;                // opt_ when --zero 3
-  ZeroOptimizer* zero12_ = nullptr;  // opt_ when --zero 0-2 reduces from the backward's hooks (--overlap-grad-reduce)
+  Zero3Optimizer* zero3_ = nullptr;                // opt_ when --zero 2 (resident) or 3
+  ZeroOptimizer* zero01_ = nullptr;  // opt_ when --zero 0-1 reduces from the backward's hooks (--overlap-grad-reduce)
   std::unique_ptr<SyntheticBatches> synthetic_;
   int64_t synthetic_consumed_ = 0;  // global samples of the synthetic stream used so far
   std::unique_ptr<data::DataLoader> loader_;

@@ -31,7 +31,7 @@ run() {  # run TAG NP OPTIONS...
 }
 fail=0
 run one 1 || exit 1
-for layout in "tp2:2:--tp 2" "pp2:2:--pp 2" "dp2z1:2:--zero 1" "dp2z3:2:--zero 3" "tp2pp2dp2z1:8:--tp 2 --pp 2 --zero 1 --overlap-grad-reduce on" \
+for layout in "tp2:2:--tp 2" "pp2:2:--pp 2" "dp2z1:2:--zero 1" "dp2z2:2:--zero 2" "dp2z3:2:--zero 3" "tp2pp2dp2z1:8:--tp 2 --pp 2 --zero 1 --overlap-grad-reduce on" \
               "tp2pp2dp2z3:8:--tp 2 --pp 2 --zero 3"; do
   IFS=: read -r tag np opts <<< "$layout"
   # shellcheck disable=SC2086
