@@ -89,8 +89,10 @@ def bytes_per_step(cfg, train, t, p, d, zero, stage, rows, images, e=4):
     psi = 4 * sum(u[1] for u in units)
     share = (d - 1) / d
     scalars = 2 * share * (16 + 8 + (8 if zero >= 1 else 0))
-    if zero < 3:
+    if zero < 2:
         dp = 2 * share * psi + scalars
+    elif zero == 2:  # each micro-batch's reduce-scatter, one gather of the updated shards
+        dp = (M + 1) * share * psi + scalars
     else:
         per_mb = sum(4 * n * (1 + (1 if bwd else 0)) for n, _, bwd in units) + psi
         dp = M * share * per_mb + scalars

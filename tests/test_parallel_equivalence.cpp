@@ -2,7 +2,7 @@
 // through mpirun; the loss of every step and every updated parameter within 1e-5 relative
 // (fp32), for the paper's trainable set and full-LLM training (and LoRA under tensor
 // parallelism). Layouts: tp=2 (KV heads split, and replicated), pp=2 with 4 micro-batches,
-// pp=4, dp=2 with ZeRO 0-3 (0-2 also reducing during backward), tp=2·pp=2·dp=2 with ZeRO 1
+// pp=4, dp=2 with ZeRO 0-3 (0-1 also reducing during backward), tp=2·pp=2·dp=2 with ZeRO 1
 // (reducing during backward) and 3. Also the bytes each ZeRO stage
 // moves and the memory each rank holds, and the grid errors.
 #include <gtest/gtest.h>

@@ -1,7 +1,8 @@
 // Parameter units: the groups of parameters a layer uses together (a ViT layer, the
 // projection, the embedding, one decoder block, the final norm with lm_head). ZeRO-3 keeps
 // each unit sharded over the data-parallel group and gathers it only around its use; the
-// model announces each use through UnitHooks. Without hooks (ZeRO 0-2) weights stay resident.
+// model announces each use through UnitHooks (ZeRO-2 keeps every unit gathered, and uses the
+// hooks to reduce each unit's gradient in its backward; ZeRO 0-1 may, for the same).
 #pragma once
 #include <string>
 #include <vector>

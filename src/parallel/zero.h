@@ -8,7 +8,8 @@
 //   stage 3: src/parallel/zero3.h: the working weights are sharded too.
 // Stages 0-1 work on the flat buffers of the trainable parameters
 // (ParamStore::flatten_trainable). Communication per step for Ψ trained bytes:
-// ~2Ψ·(dp-1)/dp in stages 0-2 (the ZeRO paper's 2Ψ).
+// ~2Ψ·(dp-1)/dp in stages 0-1 (the ZeRO paper's 2Ψ); stage 2 moves (M+1)Ψ·(dp-1)/dp for M
+// micro-batches (2Ψ at one).
 //
 // With tensor and pipeline parallelism a rank holds only its model-parallel part: the DP
 // peers (same tp and pp coordinate) hold identical layouts, so sharding over DP is the same

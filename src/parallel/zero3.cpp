@@ -86,10 +86,16 @@ Zero3Optimizer::Zero3Optimizer(std::vector<ParamUnit> units, Comm& dp, const Ada
         p->grad = Tensor();
         p->work = Tensor();
       }
-      f->master = full.slice(0, r * f->shard, (r + 1) * f->shard).clone().to(u.device);  // the rest is freed here
+      // Under a bf16 policy a frozen flat is read only through its working copy: its fp32
+      // master shard stays where the values were assembled (the host, for a GPU run; a
+      // checkpoint reads it there), as ParamStore::to does for stages 0-1, so a frozen
+      // weight costs the GPU only its bf16 copy.
+      const bool master_stays = f == &u.frozen && u.compute != DType::f32;
+      f->master = full.slice(0, r * f->shard, (r + 1) * f->shard).clone();  // the rest is freed here
+      if (!master_stays) f->master = f->master.to(u.device);
       if (u.compute != DType::f32) {
         f->work = Tensor::empty({f->shard}, u.compute, u.device);
-        ops::cast(ex_, f->master, f->work);
+        cast_to_work(*f);
       }
     }
     u.grad_shard = Tensor::zeros({u.train.shard}, DType::f32, u.device);
@@ -106,6 +112,16 @@ Zero3Optimizer::Zero3Optimizer(std::vector<ParamUnit> units, Comm& dp, const Ada
         if (f->numel > 0)
           (u.compute == DType::f32 ? f->master : f->work) = f->full.slice(0, r * f->shard, (r + 1) * f->shard);
     }
+}
+
+void Zero3Optimizer::cast_to_work(Flat& f) {
+  if (f.master.device() == f.work.device()) {
+    ops::cast(ex_, f.master, f.work);
+  } else {  // a frozen master on the host: round there, then one copy
+    const Tensor rounded = Tensor::empty({f.shard}, f.work.dtype(), f.master.device());
+    ops::cast(ex_, f.master, rounded);
+    f.work.copy_from(rounded);
+  }
 }
 
 void Zero3Optimizer::regather(bool trained_only) {
@@ -317,7 +333,7 @@ void Zero3Optimizer::refresh_working_copies() {
   drop_prefetch();  // a gather in flight would carry the old copies
   for (Unit& u : units_)
     for (Flat* f : {&u.train, &u.frozen})
-      if (f->work.defined()) ops::cast(ex_, f->master, f->work);
+      if (f->work.defined()) cast_to_work(*f);
   if (resident_) regather(/*trained_only=*/false);  // what was loaded, into the kept weights
 }
 

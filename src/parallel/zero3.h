@@ -15,8 +15,8 @@
 // copies, half the bytes), in place: the shard gathered from is this rank's own slice of
 // the whole weights. Per step ≈ 2Ψ: each unit's gradient reduce-scattered in its backward,
 // the updated shards all-gathered once. Held: the whole weights in the compute dtype, 1/dp
-// of masters (bf16; in fp32 they are the own slice), moments and gradients, and one unit's
-// full gradient in backward.
+// of masters (bf16; in fp32 they are the own slice), moments and gradients, and the full
+// gradients of at most two units in backward (one being reduced while the next fills).
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -33,8 +33,9 @@ class Zero3Optimizer final : public DataParallelOptimizer, public UnitHooks {
   // Every Param in `units` holds its full (tensor-parallel-local) fp32 value now, on the
   // host or on `device`; this rank's shard of it moves into the unit's flats on `device`
   // and Param::value / grad / work are released (Tensor()). So a GPU run shards from host
-  // memory and never holds the whole model on the device. `compute`: the working weights'
-  // dtype (bf16: each shard keeps a bf16 copy, and that is what is gathered).
+  // memory and (stage 3) never holds the whole model on the device. `compute`: the working
+  // weights' dtype (bf16: each shard keeps a bf16 copy, and that is what is gathered; the
+  // fp32 master shards of frozen parameters then stay on the host).
   // mp: the model-parallel group for the gradient norm, nullptr without one. resident:
   // stage 2 (above), the weights gathered from the start and kept.
   Zero3Optimizer(std::vector<ParamUnit> units, Comm& dp, const AdamWConfig& cfg, Comm* mp = nullptr,
@@ -76,6 +77,7 @@ class Zero3Optimizer final : public DataParallelOptimizer, public UnitHooks {
   void release_if_unused(int unit);
   void finish_reduction();     // waits for the reduction in flight, adds it to its unit's shard
   void regather(bool trained_only);  // resident: the shards all-gathered into the kept weights
+  void cast_to_work(Flat& f);        // the working-copy shard from the master shard (bf16)
   template <class F>
   void timed(F&& collective);  // adds the collective's time to the current step's
 

@@ -45,7 +45,7 @@ struct TrainConfig {
   std::string tokenizer;          // its SHA-256 must match the shards' (optional)
   bool blank_images = false;      // ablation: every image replaced by the mean colour
   int zero_stage = 0;             // ZeRO over the data-parallel group: 0, 1, 2, 3
-  std::string overlap_grad_reduce = "auto";  // ZeRO-0/1/2: reduce per unit during backward: auto, on, off
+  std::string overlap_grad_reduce = "auto";  // ZeRO-0/1: reduce per unit during backward: auto, on, off
   int tp = 1, pp = 1;             // grid: world = tp x dp x pp (dp inferred)
   double comm_timeout = 600;      // seconds before a stuck collective aborts the job (0: never)
 

@@ -477,7 +477,7 @@ void Trainer::run() {
         cfg_.model.name.c_str(), train_set_name(cfg_.model_options.train),
         cfg_.model_options.attention == ops::AttnMode::mmca ? "mmca" : "causal", ps.numel(false) / 1e6,
         ps.numel(true) / 1e6, grid_->shape().tp, dp_size(), grid_->shape().pp, opt_->stage(),
-        zero01_ || zero3_ ? " (gradients reduced during backward)" : "", omp_get_max_threads(),
+        zero01_ || (zero3_ && dp_size() > 1) ? " (gradients reduced during backward)" : "", omp_get_max_threads(),
         loader_ ? (std::to_string(cfg_.data_sources.size()) + " dataset(s), " +
                    std::to_string(loader_->validation_samples()) + " held out")
                       .c_str()

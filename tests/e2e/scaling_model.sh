@@ -12,7 +12,7 @@ trap 'rm -rf "$W"' EXIT
 MPI=(mpirun -np 8 --oversubscribe --bind-to none)
 [ "$(id -u)" -ne 0 ] || MPI+=(--allow-run-as-root)
 cd "$SRC"
-for zero in 1 3; do
+for zero in 1 2 3; do
   OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 "${MPI[@]}" "$BUILD"/vchat-train --model inputs/models/tiny.json \
     --train full --tp 2 --pp 2 --zero $zero --steps 3 --micro-batch-size 2 --micro-batches 3 --seq-len 96 \
     --max-images 3 --threads 1 --comm-timeout 120 --metrics "$W/m$zero.jsonl" > /dev/null

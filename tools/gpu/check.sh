@@ -95,7 +95,7 @@ record machine - "$gpu; pack $(cut -c1-10 "$PACK/COMMIT")"
 stage ops 150 "$BIN/vchat_cuda_tests" --gtest_color=no --gtest_filter='CudaOps.*'
 stage comm 60 "$BIN/vchat_cuda_tests" --gtest_color=no --gtest_filter='CudaComm.*'
 stage model 200 "$BIN/vchat_cuda_tests" --gtest_color=no --gtest_filter='CudaModel.*'
-stage layouts-staged 150 bash tools/gpu/layouts.sh "$LOGS"
+stage layouts-staged 180 bash tools/gpu/layouts.sh "$LOGS"
 
 # 2. Benchmarks: vchat and PyTorch side by side on this GPU (bench/RESULTS.md takes the
 #    figures). PyTorch runs with the machine's own library path, not the pack's.
