@@ -44,6 +44,19 @@ void build(ParamStore& s) { test::build_toy(s, kSpecs, 11); }
 
 std::vector<ParamUnit> units_of(ParamStore& s) { return test::toy_units(s, kSpecs, kUnits, kEmbUnit); }
 
+// Elements of unit u's trained (or frozen) flat, before padding.
+int64_t flat_numel(int u, bool trained) {
+  int64_t total = 0;
+  for (const Spec& s : kSpecs) {
+    if (s.unit != u || s.trainable != trained) continue;
+    int64_t e = 1;
+    for (int64_t d : s.shape) e *= d;
+    total += e;
+  }
+  return total;
+}
+int64_t padded(int64_t numel, int n) { return (numel + n - 1) / n * n; }
+
 float f(const std::string& name, int step, int64_t i) {
   return std::sin(0.37f * i + 0.71f * step + static_cast<float>(name.size()));
 }
@@ -113,15 +126,7 @@ TEST(MpiZero3, OneStepMovesTheExpectedBytesAndHoldsTheShards) {
   double want = 2.0 * (n - 1) / n * sizeof(double);  // the norm's all-reduce
   int64_t train_shards = 0, frozen_shards = 0;
   for (int u = 0; u < static_cast<int>(kUnits.size()); ++u) {
-    int64_t t = 0, fr = 0;
-    for (const Spec& s : kSpecs) {
-      if (s.unit != u) continue;
-      int64_t e = 1;
-      for (int64_t d : s.shape) e *= d;
-      (s.trainable ? t : fr) += e;
-    }
-    t = (t + n - 1) / n * n;
-    fr = (fr + n - 1) / n * n;
+    const int64_t t = padded(flat_numel(u, true), n), fr = padded(flat_numel(u, false), n);
     const int gathers = u == kEmbUnit ? 1 : 2;  // forward, and backward where it needs weights
     want += double(n - 1) / n * 4.0 * (gathers * (t + fr) + t);
     train_shards += t / n;
@@ -156,17 +161,10 @@ TEST(MpiZero3, ResidentIsStageTwo) {
   double want_bytes = 2.0 * (n - 1) / n * sizeof(float);  // the norm's all-reduce (the f32 sum of squares)
   int64_t train_padded = 0, frozen_padded = 0;
   for (int u = 0; u < static_cast<int>(kUnits.size()); ++u) {
-    int64_t t = 0, fr = 0;
-    for (const Spec& s : kSpecs) {
-      if (s.unit != u) continue;
-      int64_t e = 1;
-      for (int64_t d : s.shape) e *= d;
-      (s.trainable ? t : fr) += e;
-    }
-    t = (t + n - 1) / n * n;
+    const int64_t t = padded(flat_numel(u, true), n);
     want_bytes += double(n - 1) / n * 4.0 * 2 * t;
     train_padded += t;
-    frozen_padded += (fr + n - 1) / n * n;
+    frozen_padded += padded(flat_numel(u, false), n);
   }
   for (int step = 0; step < 3; ++step) {
     dp->reset_stats();
@@ -205,10 +203,7 @@ TEST(MpiZero3, ResidentIsStageTwo) {
   // shards); element o of a flat is owned by rank o / shard, and now holds 1 + that rank.
   for (int u = 0; u < static_cast<int>(kUnits.size()); ++u)
     for (bool trained : {true, false}) {
-      int64_t numel = 0;
-      for (const Spec& s : kSpecs)
-        if (s.unit == u && s.trainable == trained) numel += store.at(s.name).value.numel();
-      const int64_t shard = (numel + n - 1) / n;
+      const int64_t shard = padded(flat_numel(u, trained), n) / n;
       int64_t at = 0;
       for (const Spec& s : kSpecs) {
         if (s.unit != u || s.trainable != trained) continue;

@@ -19,6 +19,8 @@ struct Zero3Optimizer::Flat {
   Tensor master;  // [shard] this rank's part, the fp32 master copy updated in place
   Tensor work;    // [shard] its compute-dtype copy under a bf16 policy (what is gathered)
   Tensor full;    // [padded] only while the unit is gathered, in the compute dtype
+  // The shard a gather sends: the master itself (fp32) or its working copy (bf16).
+  Tensor& gathered_from(DType compute) { return compute == DType::f32 ? master : work; }
 };
 
 struct Zero3Optimizer::Unit {
@@ -109,8 +111,7 @@ Zero3Optimizer::Zero3Optimizer(std::vector<ParamUnit> units, Comm& dp, const Ada
       // from (the fp32 master, or the bf16 working copy): the shard becomes that slice, so
       // it is held once, and each regather is an in-place all-gather.
       for (Flat* f : {&u.train, &u.frozen})
-        if (f->numel > 0)
-          (u.compute == DType::f32 ? f->master : f->work) = f->full.slice(0, r * f->shard, (r + 1) * f->shard);
+        if (f->numel > 0) f->gathered_from(u.compute) = f->full.slice(0, r * f->shard, (r + 1) * f->shard);
     }
 }
 
@@ -128,7 +129,7 @@ void Zero3Optimizer::regather(bool trained_only) {
   for (Unit& u : units_)
     for (Flat* f : {&u.train, &u.frozen}) {
       if (f->numel == 0 || (trained_only && f == &u.frozen)) continue;
-      const Tensor& mine = u.compute == DType::f32 ? f->master : f->work;
+      const Tensor& mine = f->gathered_from(u.compute);
       timed([&] { dp_.all_gather(mine.raw(), f->full.raw(), f->shard, u.compute); });
     }
 }
@@ -159,7 +160,7 @@ static Tensor Param::*gathered_member(DType compute) { return compute == DType::
 void Zero3Optimizer::start_gather(Unit& u, bool async) {
   for (Flat* f : {&u.train, &u.frozen}) {
     if (f->numel == 0) continue;  // an empty flat issues no collective
-    const Tensor& mine = u.compute == DType::f32 ? f->master : f->work;
+    const Tensor& mine = f->gathered_from(u.compute);
     f->full = Tensor::empty({f->padded}, u.compute, u.device);
     timed([&] {
       if (async) pending_.push_back(dp_.all_gather_async(mine.raw(), f->full.raw(), f->shard, u.compute));
