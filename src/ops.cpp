@@ -442,10 +442,14 @@ void adamw_step(const ExecContext& ex, const Tensor& param, const Tensor& grad, 
   if (where("adamw_step", {{"param", param}, {"grad", grad}, {"m", m}, {"v", v}, {"working", working},
                            {"grad_scale", grad_scale}}) == Device::cuda)
     CUDA(adamw_step, param, grad, m, v, p, working, grad_scale.defined() ? grad_scale.data<float>() : nullptr);
-  if (working.defined())
-    throw std::invalid_argument("ops::adamw_step: operand working is given on the CPU, which keeps no working copies");
-  cpu_f32("adamw_step", {{"param", param}, {"grad", grad}, {"m", m}, {"v", v}});
+  // The CPU computes in fp32: a working copy there is an f32 one (the twin of a bf16 run's
+  // layout, ParamStore::Placement), written with the updated values.
+  cpu_f32("adamw_step", {{"param", param}, {"grad", grad}, {"m", m}, {"v", v}, {"working", working}});
+  if (working.defined() && working.numel() != param.numel())
+    throw std::invalid_argument("ops::adamw_step: operand working holds " + std::to_string(working.numel()) +
+                                " elements, param " + std::to_string(param.numel()));
   CPU(adamw_step, param, grad, m, v, p, grad_scale.defined() ? grad_scale.data<float>()[0] : 1.f);
+  if (working.defined()) CPU(cast, param, working);
 }
 
 }  // namespace vchat::ops

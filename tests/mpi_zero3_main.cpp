@@ -5,7 +5,9 @@
 //    weights, + the reduce-scatter of its trained flat), padded, + the norm's all-reduce;
 //  - a hook sequence that skips the prefetched unit stays in step on every rank;
 //  - resident (ZeRO-2): the same sums, the weights kept whole between steps, ≈ 2Ψ a step;
-//  - ZeRO-0/1 reducing each unit's gradients from the backward's hooks equals reducing after it.
+//  - ZeRO-0/1 reducing each unit's gradients from the backward's hooks equals reducing after it;
+//  - ZeRO-1 under working copies keeps only its shard of the fp32 masters and equals ZeRO-1
+//    without them bit for bit.
 // Every rank runs every test; rank 0 prints gtest's report, the others their failures.
 #include <gtest/gtest.h>
 
@@ -295,6 +297,75 @@ TEST(MpiZero01, ReductionBegunInTheHooksMatchesTheOneAfterBackward) {
   std::vector<ParamUnit> twice = units_of(c);
   twice.push_back(twice[0]);
   EXPECT_THROW(zc.overlap_with_backward(twice), std::logic_error);
+}
+
+// ZeRO-1 under working copies (a bf16 run's layout; here its CPU twin, f32 copies): each
+// rank keeps only its 1/dp shard of the trainable fp32 masters, updates that shard's
+// working copy and all-gathers the copies in place. Three steps give the working copies
+// the bits of plain ZeRO-1's weights, moving the same bytes; a checkpoint's view holds the
+// master shard, and a load reaches every rank's copies through refresh_working_copies.
+TEST(MpiZero01, StageOneUnderWorkingCopiesKeepsOnlyItsShardOfTheMasters) {
+  auto dp = test_world();
+  const int r = dp->rank(), n = dp->size(), units = static_cast<int>(kUnits.size());
+  ParamStore a, b;
+  build(a);
+  build(b);
+  a.to(ExecContext::cpu(), ParamStore::Placement{DType::f32, /*working_copies=*/true, false});
+  auto dpa = dp->split(0, r, "working copies"), dpb = dp->split(0, r, "plain");
+  ZeroOptimizer za(a, *dpa, 1, config()), zb(b, *dpb, 1, config());
+  ASSERT_TRUE(za.shards_masters());
+  ASSERT_FALSE(zb.shards_masters());
+  for (const Spec& s : kSpecs) {
+    EXPECT_EQ(a.at(s.name).value.defined(), !s.trainable) << s.name << ": only the frozen masters stay whole";
+    EXPECT_TRUE(a.at(s.name).work.defined()) << s.name;
+  }
+  for (int step = 0; step < 3; ++step) {
+    za.zero_grads();
+    zb.zero_grads();
+    for (ParamStore* st : {&a, &b})
+      for (const Spec& sp : kSpecs)
+        if (sp.trainable) {
+          const Param& p = st->at(sp.name);
+          for (int64_t i = 0; i < p.grad.numel(); ++i) p.grad.data<float>()[i] = (r + 1) * f(sp.name, step, i);
+        }
+    dpa->reset_stats();
+    dpb->reset_stats();
+    const double norm = za.step(1e-2f);
+    EXPECT_EQ(norm, zb.step(1e-2f)) << "step " << step;
+    EXPECT_EQ(dpa->stats().bytes, dpb->stats().bytes) << "step " << step;
+    for (const Spec& sp : kSpecs)
+      ASSERT_EQ(a.at(sp.name).compute().to_vector_f32(), b.at(sp.name).value.to_vector_f32())
+          << sp.name << " after step " << step;
+  }
+  int64_t trained = 0, frozen = 0;
+  for (int u = 0; u < units; ++u) {
+    trained += flat_numel(u, true);
+    frozen += flat_numel(u, false);
+  }
+  const int64_t shard = padded(trained, n) / n;
+  EXPECT_EQ(za.memory().params, shard * 4 + padded(trained, n) * 4);  // the master shard + the whole copies
+  EXPECT_EQ(zb.memory().params, padded(trained, n) * 4);
+  EXPECT_EQ(za.memory().frozen, frozen * 8);  // master and copy
+
+  // A checkpoint's view: the trainable values are this rank's master shard (every element
+  // of it once, not DP-replicated), the frozen ones whole. Written as a load would write
+  // them, they reach every rank's working copies.
+  int64_t in_shard = 0;
+  for (const StateSlice& sl : za.state()) {
+    if (sl.kind != StateKind::value) continue;
+    EXPECT_EQ(sl.dp_replicated, !sl.param->trainable) << sl.param->name;
+    if (!sl.param->trainable) continue;
+    in_shard += sl.end - sl.begin;
+    for (int64_t i = 0; i < sl.data.numel(); ++i) sl.data.data<float>()[i] = 1.f + r;
+  }
+  EXPECT_EQ(in_shard, std::max<int64_t>(0, std::min(trained - r * shard, shard)));
+  za.refresh_working_copies();
+  int64_t at = 0;  // the element's place in the flat trained buffer, owned by rank at / shard
+  for (const Param* p : a.trainable()) {
+    const std::vector<float> w = p->work.to_vector_f32();
+    for (size_t i = 0; i < w.size(); ++i, ++at) ASSERT_EQ(w[i], 1.f + float(at / shard)) << p->name << "[" << i << "]";
+  }
+  EXPECT_EQ(at, trained);
 }
 
 }  // namespace

@@ -40,7 +40,7 @@ std::unique_ptr<VisualChatModel> load(const std::string& path, Device device, Pr
                r.stats.bytes_read / 1e6);
   if (device == Device::cuda) {
     select_gpu(0);
-    model->to(ExecContext::of(Device::cuda), PrecisionPolicy::of(precision), /*move_params=*/true);
+    model->to(ExecContext::of(Device::cuda), PrecisionPolicy::of(precision));
     std::fprintf(stderr, "vchat-chat | on cuda, %s\n", precision_name(precision));
   }
   return model;

@@ -92,8 +92,9 @@ void ParamStore::set_trainable(Param& p, bool on) {
   p.grad = on ? Tensor::zeros(p.value.shape(), p.value.dtype(), p.value.device()) : Tensor();
 }
 
-void ParamStore::to(const ExecContext& ex, DType compute) {
+void ParamStore::to(const ExecContext& ex, const Placement& where) {
   const Device device = ex.device();
+  const DType compute = where.compute;
   if (flattened_) throw std::logic_error("ParamStore::to after flatten_trainable: move the parameters first");
   auto moved = [&](const Tensor& t) {
     if (!t.defined() || t.device() == device) return t;
@@ -101,12 +102,15 @@ void ParamStore::to(const ExecContext& ex, DType compute) {
     d.copy_from(t);
     return d;
   };
-  const bool working_copies = compute != DType::f32;
+  const bool working_copies = where.working_copies;
+  if (compute != DType::f32 && !working_copies)
+    throw std::logic_error(std::string("ParamStore::to: ") + dtype_name(compute) + " compute needs working copies");
   for (auto& p : params_) {
     // Under a bf16 policy a frozen weight is read only through its working copy: its fp32
     // master stays in host memory (checkpoints read it there), so a frozen 7B LLM costs the
     // GPU 2 bytes per weight, not 6.
-    if (!(working_copies && !p->trainable)) p->value = moved(p->value);
+    const bool master_stays = working_copies && (!p->trainable || where.trainable_masters_on_host);
+    if (!master_stays) p->value = moved(p->value);
     p->grad = moved(p->grad);
     p->work = working_copies ? Tensor::empty(p->value.shape(), compute, device) : Tensor();
   }
@@ -136,11 +140,7 @@ void ParamStore::zero_grads() {
 int64_t ParamStore::numel(bool trainable_only) const {
   int64_t n = 0;
   for (auto& p : params_)
-    if (!trainable_only || p->trainable) {
-      int64_t e = 1;
-      for (int64_t d : p->shard.local()) e *= d;
-      n += e;
-    }
+    if (!trainable_only || p->trainable) n += p->shard.local_numel();
   return n;
 }
 
@@ -153,13 +153,21 @@ const ParamStore::Flat& ParamStore::flatten_trainable(int64_t align) {
   }
   align = std::max<int64_t>(1, align);
   f.padded = (f.numel + align - 1) / align * align;
-  f.values = Tensor::zeros({f.padded}, DType::f32, device_);
+  // The masters where to() left them (the host, when they stay there); the rest on the device.
+  f.values = Tensor::zeros({f.padded}, DType::f32, t.empty() ? device_ : t.front()->value.device());
   f.grads = Tensor::zeros({f.padded}, DType::f32, device_);
+  const bool work = !t.empty() && t.front()->work.defined();
+  if (work) f.work = Tensor::zeros({f.padded}, t.front()->work.dtype(), device_);
   for (size_t i = 0; i < t.size(); ++i) {
     const int64_t n = t[i]->value.numel();
-    Tensor v = f.values.slice(0, f.offset[i], f.offset[i] + n).reshape(t[i]->value.shape());
-    v.copy_from(t[i]->value);
-    t[i]->value = v;
+    const Shape shape = t[i]->value.shape();
+    auto into = [&](const Tensor& flat, Tensor& member) {
+      Tensor v = flat.slice(0, f.offset[i], f.offset[i] + n).reshape(shape);
+      v.copy_from(member);
+      member = v;
+    };
+    into(f.values, t[i]->value);
+    if (work) into(f.work, t[i]->work);
   }
   flat_ = f;
   flattened_ = true;
@@ -167,12 +175,23 @@ const ParamStore::Flat& ParamStore::flatten_trainable(int64_t align) {
   return flat_;
 }
 
+void ParamStore::release_trainable_masters() {
+  if (!flattened_) throw std::logic_error("ParamStore::release_trainable_masters before flatten_trainable");
+  for (Param* p : trainable()) {
+    if (!p->work.defined())
+      throw std::logic_error("ParamStore::release_trainable_masters: " + p->name + " has no working copy to read");
+    p->value = Tensor();
+  }
+  flat_.values = Tensor();
+}
+
 void ParamStore::bind_flat_grads(const Tensor& grads) {
   const std::vector<Param*> t = trainable();
   for (size_t i = 0; i < t.size(); ++i)
-    t[i]->grad = grads.defined()
-                     ? grads.slice(0, flat_.offset[i], flat_.offset[i] + t[i]->value.numel()).reshape(t[i]->value.shape())
-                     : Tensor();
+    t[i]->grad =
+        grads.defined()
+            ? grads.slice(0, flat_.offset[i], flat_.offset[i] + t[i]->shard.local_numel()).reshape(t[i]->shard.local())
+            : Tensor();
 }
 
 // Each parameter draws from its own stream, seeded by (seed, name): a rank that holds only

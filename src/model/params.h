@@ -26,6 +26,11 @@ struct ShardSpec {
     if (dim >= 0) s[dim] /= count;
     return s;
   }
+  int64_t local_numel() const {
+    int64_t n = 1;
+    for (int64_t d : local()) n *= d;
+    return n;
+  }
 };
 
 struct Param {
@@ -71,11 +76,24 @@ class ParamStore {
   std::vector<Param*> trainable() const;
   void set_trainable(Param& p, bool on);  // allocates or drops the gradient
   void zero_grads();
-  // Moves every value and gradient to `device` and, when the policy computes in bf16, gives
-  // each parameter its working copy there (a frozen parameter's fp32 master then stays on
-  // the host: nothing on the device reads it). Before flatten_trainable.
+  // Where to() puts what. The defaults (Placement::of) are a plain run's.
+  struct Placement {
+    DType compute = DType::f32;  // the dtype the layers read
+    // A copy in `compute` beside each fp32 master, which the layers read and the fused
+    // AdamW writes: bf16 policies. An f32 one (compute f32) is the CPU twin of that layout,
+    // which tests use to run the optimizers' working-copy paths where no bf16 kernel exists.
+    bool working_copies = false;
+    // With working copies, the trainable masters stay on the host as the frozen ones do:
+    // ZeRO-1 moves only its 1/dp shard of them to the device (parallel/zero.h).
+    bool trainable_masters_on_host = false;
+    static Placement of(DType compute) { return {compute, compute != DType::f32, false}; }
+  };
+  // Moves every value and gradient to `device` and, with working copies, gives each
+  // parameter its copy there (a frozen parameter's fp32 master then stays on the host:
+  // nothing on the device reads it). Before flatten_trainable.
   // The casts run with `ex`, which the store keeps for later refresh_working_copies().
-  void to(const ExecContext& ex, DType compute);
+  void to(const ExecContext& ex, const Placement& where);
+  void to(const ExecContext& ex, DType compute) { to(ex, Placement::of(compute)); }
   // The context alone, the parameters left where they are (ZeRO-3 moves its shards itself).
   void set_exec(const ExecContext& ex) { ex_ = ex; }
   // Re-derives the working copies from the master values: all of them (after init or a
@@ -85,15 +103,21 @@ class ParamStore {
   const ExecContext& exec() const { return ex_; }
   int64_t numel(bool trainable_only) const;  // this rank's elements (ShardSpec::local)
 
-  // Moves every trainable parameter (value and gradient) into two flat buffers, in
-  // registration order, padded with zeros to a multiple of `align` elements; each Param's
-  // value/grad becomes a view into them. ZeRO shards these buffers over the DP group.
+  // Moves every trainable parameter (value, gradient and working copy) into flat buffers,
+  // in registration order, padded with zeros to a multiple of `align` elements; each
+  // Param's value/grad/work becomes a view into them. ZeRO shards these buffers over the DP
+  // group. The values stay where they were (the host, for trainable_masters_on_host).
   struct Flat {
-    Tensor values, grads;        // [padded]
+    Tensor values, grads;        // [padded] f32
+    Tensor work;                 // [padded] the working copies (undefined without them)
     std::vector<int64_t> offset; // per trainable Param, in trainable() order
     int64_t numel = 0, padded = 0;
   };
   const Flat& flatten_trainable(int64_t align);
+  // Drops the flat values and every trainable Param::value, once an optimizer holds the
+  // masters itself (ZeRO-1 with working copies keeps only its shard of them); the layers
+  // read the working copies. After flatten_trainable.
+  void release_trainable_masters();
   const Flat* flat() const { return flattened_ ? &flat_ : nullptr; }  // nullptr before flatten_trainable
   // Re-points the trainable grads at `grads` (same layout) or at nothing (undefined).
   void bind_flat_grads(const Tensor& grads);

@@ -76,11 +76,13 @@ VisualChatModel::VisualChatModel(const ModelConfig& cfg, const ModelOptions& opt
 
 VisualChatModel::~VisualChatModel() = default;
 
-void VisualChatModel::to(const ExecContext& ex, const PrecisionPolicy& policy, bool move_params) {
-  if (move_params) {
-    params_.to(ex, policy.compute);
+void VisualChatModel::to(const ExecContext& ex, const PrecisionPolicy& policy, Placement placement) {
+  if (placement == Placement::by_optimizer) {
+    params_.set_exec(ex);  // ZeRO-2/3 place the weights themselves; casts still run with ex
   } else {
-    params_.set_exec(ex);  // ZeRO-3 places the weights itself; casts still run with ex
+    ParamStore::Placement where = ParamStore::Placement::of(policy.compute);
+    where.trainable_masters_on_host = placement == Placement::trainable_masters_on_host;
+    params_.to(ex, where);
   }
   ex_ = ex;
   device_ = ex.device();

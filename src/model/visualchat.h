@@ -112,11 +112,14 @@ class VisualChatModel {
   std::vector<ParamUnit> units() const;
   void set_hooks(UnitHooks* hooks) { hooks_ = hooks; }
 
+  // Who puts the weights on the device: to() (ParamStore::to) all of them; to() all but the
+  // trainable fp32 masters under working copies, which ZeRO-1 shards from the host; or the
+  // optimizer every one (ZeRO-2/3 shard the weights from the host).
+  enum class Placement : uint8_t { moved, trainable_masters_on_host, by_optimizer };
   // Moves this rank's parameters to ex's device with the policy's working copies (before the
-  // optimizer flattens them); activations then live there in the compute dtype and every op
-  // runs with `ex`. With move_params false only the activations do: ZeRO-3 shards the
-  // weights from the host. A model starts on the CPU's context.
-  void to(const ExecContext& ex, const PrecisionPolicy& policy, bool move_params = true);
+  // optimizer flattens them), as `placement` says; activations then live there in the
+  // compute dtype and every op runs with `ex`. A model starts on the CPU's context.
+  void to(const ExecContext& ex, const PrecisionPolicy& policy, Placement placement = Placement::moved);
   Device device() const { return device_; }
   const ExecContext& exec() const { return ex_; }
   DType compute_dtype() const { return compute_; }

@@ -86,8 +86,16 @@ ZeroOptimizer::ZeroOptimizer(ParamStore& store, Comm& dp, int stage, const AdamW
   const std::vector<Param*> t = store.trainable();
   for (size_t i = 0; i < t.size(); ++i) {
     const int64_t b = std::max(f.offset[i], shard_begin_);
-    const int64_t e = std::min(f.offset[i] + t[i]->value.numel(), shard_begin_ + shard_size_);
+    const int64_t e = std::min(f.offset[i] + t[i]->shard.local_numel(), shard_begin_ + shard_size_);
     if (b < e) segments_.push_back({t[i], b, e, f.offset[i]});
+  }
+  // Stage 1 under working copies: the layers read the working copies and the update writes
+  // them, so whole fp32 masters would only be read by the update of this rank's shard.
+  // Keep that shard (on the device; the whole masters were left on the host for this) and
+  // drop the rest: 4 bytes a trained parameter fewer, as DeepSpeed's ZeRO-1.
+  if (sharded && f.work.defined()) {
+    master_ = f.values.slice(0, shard_begin_, shard_begin_ + shard_size_).clone().to(dev);
+    store.release_trainable_masters();
   }
 }
 
@@ -107,7 +115,7 @@ void ZeroOptimizer::overlap_with_backward(const std::vector<ParamUnit>& units) {
     std::vector<std::pair<int64_t, int64_t>> r;
     for (const Param* p : units[u].params) {
       const auto it = flat_index.find(p);
-      if (it != flat_index.end()) r.push_back({f.offset[it->second], f.offset[it->second] + p->value.numel()});
+      if (it != flat_index.end()) r.push_back({f.offset[it->second], f.offset[it->second] + p->shard.local_numel()});
     }
     std::sort(r.begin(), r.end());
     for (const auto& [a, b] : r) {  // adjacent parameters: one range, one collective
@@ -211,53 +219,72 @@ void ZeroOptimizer::update(float lr, const Tensor& grad_sq) {
     g = grad_shard_;
   }
 
-  // 2. Clip by the global norm and update the owned range. Stage 0 updates whole
-  //    parameters, so the update writes their working copies too (bf16); stage 1 updates a
-  //    shard and re-derives the copies after the all-gather below.
+  // 2. Clip by the global norm and update the owned range: the whole parameters (stage 0)
+  //    or this rank's shard (stage 1; under working copies of its own master shard). The
+  //    update writes the working copies of what it updates too.
   std::vector<UpdateSegment> segs;
   for (const Segment& s : segments_) {
     const int64_t a = s.begin - shard_begin_, b = s.end - shard_begin_;
-    const Tensor& work = s.param->work;
-    segs.push_back({s.param, f.values.slice(0, s.begin, s.end), g.slice(0, a, b), m_.slice(0, a, b), v_.slice(0, a, b),
-                    stage_ == 0 && work.defined() ? work.reshape({work.numel()}) : Tensor()});
+    segs.push_back({s.param, shards_masters() ? master_.slice(0, a, b) : f.values.slice(0, s.begin, s.end),
+                    g.slice(0, a, b), m_.slice(0, a, b), v_.slice(0, a, b),
+                    f.work.defined() ? f.work.slice(0, s.begin, s.end) : Tensor()});
   }
   clip_and_update(store_.exec(), segs, {stage_ >= 1 ? &dp_ : nullptr, mp_}, cfg_, lr, ++step_, timed, grad_sq);
 
-  // 3. Stage 1: everyone gets everyone's updated shard.
-  if (any && stage_ >= 1 && dp_.size() > 1) {
-    Tensor mine = f.values.slice(0, shard_begin_, shard_begin_ + shard_size_).clone();
-    timed([&] { dp_.all_gather(mine.raw(), f.values.raw(), shard_size_, DType::f32); });
-  }
-  // 4. bf16 runs: the layers read working copies of the updated weights.
-  if (stage_ >= 1) store_.refresh_working_copies(/*trainable_only=*/true);
+  // 3. Stage 1: everyone gets everyone's updated shard, in place (what the layers read:
+  //    the working copies, or the fp32 values themselves).
+  if (any && stage_ >= 1 && dp_.size() > 1) gather_shards(timed);
+}
+
+void ZeroOptimizer::gather_shards(const std::function<void(const std::function<void()>&)>& timed) {
+  const ParamStore::Flat& f = *store_.flat();
+  const Tensor& whole = shards_masters() ? f.work : f.values;
+  const Tensor mine = whole.slice(0, shard_begin_, shard_begin_ + shard_size_);
+  timed([&] { dp_.all_gather(mine.raw(), whole.raw(), shard_size_, whole.dtype()); });
+}
+
+void ZeroOptimizer::refresh_working_copies() {
+  store_.refresh_working_copies();  // every copy whose master the store holds
+  if (!shards_masters() || store_.flat()->padded == 0) return;
+  // The trainable ones: this rank's shard from its masters, then everyone's.
+  const ParamStore::Flat& f = *store_.flat();
+  ops::cast(store_.exec(), master_, f.work.slice(0, shard_begin_, shard_begin_ + shard_size_));
+  if (dp_.size() > 1) gather_shards([](const std::function<void()>& c) { c(); });
 }
 
 std::vector<StateSlice> ZeroOptimizer::state() {
-  // Values: every rank holds every parameter whole (stage 1 all-gathers after the update).
+  // Values: every rank holds every parameter whole (stage 1 all-gathers after the update),
+  // except the trainable masters of shards_masters(): this rank's shard.
   // Moments: the whole buffer (stage 0, replicated) or this rank's shard.
   std::vector<StateSlice> out;
   const ParamStore::Flat& f = *store_.flat();
-  const std::vector<Param*> t = store_.trainable();
   size_t ti = 0;
   for (auto& p : store_.all()) {
-    const int64_t n = p->value.numel();
-    Tensor v = p->trainable ? f.values.slice(0, f.offset[ti], f.offset[ti] + n) : p->value.reshape({n});
+    const int64_t n = p->shard.local_numel();
+    if (!p->trainable) {
+      out.push_back({p.get(), StateKind::value, 0, n, p->value.reshape({n}), true});
+    } else if (!shards_masters()) {
+      out.push_back({p.get(), StateKind::value, 0, n, f.values.slice(0, f.offset[ti], f.offset[ti] + n), true});
+    }
     if (p->trainable) ++ti;
-    out.push_back({p.get(), StateKind::value, 0, n, v, true});
   }
   for (const Segment& s : segments_) {
-    const int64_t a = s.begin - shard_begin_, b = s.end - shard_begin_;
-    out.push_back({s.param, StateKind::adam_m, s.begin - s.offset, s.end - s.offset, m_.slice(0, a, b), stage_ == 0});
-    out.push_back({s.param, StateKind::adam_v, s.begin - s.offset, s.end - s.offset, v_.slice(0, a, b), stage_ == 0});
+    const int64_t a = s.begin - shard_begin_, b = s.end - shard_begin_, pa = s.begin - s.offset, pb = s.end - s.offset;
+    if (shards_masters()) out.push_back({s.param, StateKind::value, pa, pb, master_.slice(0, a, b), false});
+    out.push_back({s.param, StateKind::adam_m, pa, pb, m_.slice(0, a, b), stage_ == 0});
+    out.push_back({s.param, StateKind::adam_v, pa, pb, v_.slice(0, a, b), stage_ == 0});
   }
   return out;
 }
 
 ZeroMemory ZeroOptimizer::memory() const {
-  const int64_t n = store_.flat()->padded, bytes = sizeof(float);
+  const ParamStore::Flat& f = *store_.flat();
+  const int64_t n = f.padded, bytes = sizeof(float);
+  const int64_t work = f.work.defined() ? static_cast<int64_t>(dtype_size(f.work.dtype())) : 0;
   ZeroMemory m;
-  m.params = n * bytes;
-  m.frozen = (store_.numel(false) - store_.numel(true)) * bytes;
+  // The fp32 masters (whole, or this rank's shard) and the working copies (whole).
+  m.params = (shards_masters() ? shard_size_ : n) * bytes + n * work;
+  m.frozen = (store_.numel(false) - store_.numel(true)) * (bytes + work);
   m.grads = (stage_ == 0 ? n : n + shard_size_) * bytes;
   m.optimizer = 2 * shard_size_ * bytes;
   return m;

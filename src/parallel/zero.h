@@ -2,6 +2,9 @@
 //   stage 0: all-reduce the gradients; every rank keeps and updates everything.
 //   stage 1: reduce-scatter the gradients; each rank keeps the Adam moments of, and
 //            updates, its 1/dp shard of the parameters; all-gather the updated parameters.
+//            Under working copies (bf16) a rank keeps only its shard of the fp32 masters,
+//            as DeepSpeed's ZeRO-1: the update writes the shard's working copy, and the
+//            all-gather sends those (half the bytes of fp32).
 //   stage 2: src/parallel/zero3.h, resident: gradients and fp32 masters sharded per layer
 //            unit too, each unit's gradient reduce-scattered in its backward; the working
 //            weights kept whole.
@@ -106,7 +109,7 @@ void check_zero_stage(int stage);
 
 class ZeroOptimizer final : public DataParallelOptimizer, public UnitHooks {
  public:
-  void refresh_working_copies() override { store_.refresh_working_copies(); }
+  void refresh_working_copies() override;
   // Stages 0-1. mp: the model-parallel group for the gradient norm (nullptr: none).
   ZeroOptimizer(ParamStore& store, Comm& dp, int stage, const AdamWConfig& cfg, Comm* mp = nullptr);
   void zero_grads() override;
@@ -117,6 +120,9 @@ class ZeroOptimizer final : public DataParallelOptimizer, public UnitHooks {
   int stage() const override { return stage_; }
   int64_t shard_begin() const { return shard_begin_; }
   int64_t shard_size() const { return shard_size_; }
+  // Stage 1 under working copies: this rank holds only its shard of the trainable fp32
+  // masters (the store's trainable Param::value are released; state() gives the shard).
+  bool shards_masters() const { return master_.defined(); }
   std::vector<StateSlice> state() override;
   int64_t updates() const override { return step_; }
   void set_updates(int64_t n) override { step_ = n; }
@@ -144,6 +150,9 @@ class ZeroOptimizer final : public DataParallelOptimizer, public UnitHooks {
   std::unique_ptr<CommRequest> reduce_range(int64_t begin, int64_t end);
   // The gradient reductions begun this step: waits for them and forgets the ranges.
   void finish_reductions();
+  // Stage 1: every rank's updated shard of the flat buffer the layers read (the working
+  // copies under shards_masters(), else the fp32 values), all-gathered in place.
+  void gather_shards(const std::function<void(const std::function<void()>&)>& timed);
 
   ParamStore& store_;
   Comm& dp_;
@@ -155,6 +164,7 @@ class ZeroOptimizer final : public DataParallelOptimizer, public UnitHooks {
   Tensor grads_;       // the full local gradient buffer the Params' grads view
   Tensor grad_shard_;  // stage 1: this rank's reduced gradient shard
   Tensor m_, v_;       // Adam moments: full (stage 0) or this rank's shard
+  Tensor master_;      // shards_masters(): this rank's shard of the fp32 masters
   struct Segment {     // the part of one parameter inside the updated range
     Param* param;
     int64_t begin, end;  // flat offsets

@@ -42,15 +42,20 @@ Trainer::Trainer(const TrainConfig& cfg, Grid* grid) : cfg_(cfg) {
   // How every op of the run is issued (on cuda: the device's compute stream and handles),
   // handed to the model, the optimizer and the batch uploads.
   const ExecContext ex = ExecContext::of(cfg.device);
-  // Before the optimizer flattens them; ZeRO-2/3 instead move only this rank's shards.
+  // Before the optimizer flattens them. ZeRO-2/3 instead move only this rank's shards, and
+  // ZeRO-1 under bf16 only its shard of the trainable fp32 masters (the rest as stage 0).
+  const PrecisionPolicy policy = PrecisionPolicy::of(cfg.precision);
+  using Placement = VisualChatModel::Placement;
   if (cfg.device == Device::cuda)
-    model_->to(ex, PrecisionPolicy::of(cfg.precision), /*move_params=*/cfg.zero_stage < 2);
+    model_->to(ex, policy,
+               cfg.zero_stage >= 2                            ? Placement::by_optimizer
+               : cfg.zero_stage == 1 && policy.working_copy() ? Placement::trainable_masters_on_host
+                                                              : Placement::moved);
   device_batches_ = std::make_unique<DeviceBatches>(ex);
   if (cfg.zero_stage >= 2) {
     // Stage 2 is stage 3 with the weights kept whole between steps (zero3.h): masters,
     // moments and gradients sharded per unit, each unit's gradient reduced in its backward.
-    auto z = std::make_unique<Zero3Optimizer>(model_->units(), g.dp(), cfg.adamw, &g.mp(), ex,
-                                              PrecisionPolicy::of(cfg.precision).compute,
+    auto z = std::make_unique<Zero3Optimizer>(model_->units(), g.dp(), cfg.adamw, &g.mp(), ex, policy.compute,
                                               /*resident=*/cfg.zero_stage == 2);
     zero3_ = z.get();
     model_->set_hooks(zero3_);

@@ -6,7 +6,10 @@
 # parameter afterwards within 1e-5 relative (tools/gpu/compare_runs.py). Then ZeRO-2 in
 # bf16 (its working copies updated and gathered in place inside the kept weights) against
 # ZeRO-3 in bf16 (the same reductions, updates and bf16 weights: equal bit for bit), and
-# ZeRO-2 resumed from its step-3 checkpoint against the straight run (bit for bit).
+# ZeRO-2 resumed from its step-3 checkpoint against the straight run (bit for bit); ZeRO-1
+# in bf16 (only its shard of the fp32 masters, the bf16 copies gathered) against ZeRO-0 in
+# bf16 with clipping off (two ranks sum alike in any order: bit for bit), and ZeRO-1
+# resumed from its step-3 checkpoint (master shards) against the straight run.
 # Run by check.sh on a lent machine (needs the pack's environment: env.sh's MPIRUN, $BIN).
 #   layouts.sh OUTDIR
 # DEVICE=cpu rehearses the script itself on a machine without a GPU (tools/gpu/rehearse.sh).
@@ -51,6 +54,18 @@ if PREC=$PAIR run "${PAIR}z3" 2 --zero 3 && PREC=$PAIR run "${PAIR}z2" 2 --zero 
   $PY tools/gpu/compare_runs.py "$RUNS/${PAIR}z3" "$RUNS/${PAIR}z2" --tol 0 || fail=1
   if PREC=$PAIR run "${PAIR}z2resumed" 2 --zero 2 --resume "$RUNS/${PAIR}z2/step_00000003"; then
     $PY tools/gpu/compare_runs.py "$RUNS/${PAIR}z2" "$RUNS/${PAIR}z2resumed" --tol 0 --params-only || fail=1
+  else
+    fail=1
+  fi
+else
+  fail=1
+fi
+# Clipping off: ZeRO-0 and -1 sum the squares of other partitions (last-bit differences in
+# the norm would reach the weights through the clip coefficient).
+if PREC=$PAIR run "${PAIR}z0" 2 --zero 0 --clip-grad 0 && PREC=$PAIR run "${PAIR}z1" 2 --zero 1 --clip-grad 0 --save-every 3; then
+  $PY tools/gpu/compare_runs.py "$RUNS/${PAIR}z0" "$RUNS/${PAIR}z1" --tol 0 || fail=1
+  if PREC=$PAIR run "${PAIR}z1resumed" 2 --zero 1 --clip-grad 0 --resume "$RUNS/${PAIR}z1/step_00000003"; then
+    $PY tools/gpu/compare_runs.py "$RUNS/${PAIR}z1" "$RUNS/${PAIR}z1resumed" --tol 0 --params-only || fail=1
   else
     fail=1
   fi
