@@ -499,6 +499,47 @@ TEST_F(CudaOps, CrossEntropyForwardBackwardAndArgmax) {
     }
 }
 
+// Column sums (bias and norm-weight gradients) over more row chunks than a grid's y
+// dimension holds (65535 x 256 rows): the chunks run along x.
+TEST_F(CudaOps, BiasGradientOverSeventeenMillionRows) {
+  const int64_t rows = 65535 * 256 + 300, cols = 3;
+  // Values in {-1, 0, 1}: every partial sum is a small integer, exact in f32, so the sums
+  // must be exact; the rows past the 65535th chunk are all 1, so losing them shows.
+  const Tensor dy = Tensor::empty({rows, cols});
+  std::vector<double> want(cols, 0.0);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) {
+      const float v = r >= 65535 * 256 ? 1.f : static_cast<float>(static_cast<int>(rng() % 3) - 1);
+      dy.data<float>()[r * cols + c] = v;
+      want[c] += v;
+    }
+  const Tensor DB = dev(Tensor::zeros({cols}), DType::f32);
+  cuda::bias_grad(ctx(), dev(dy, DType::f32), DB);
+  const std::vector<float> got = DB.to_vector_f32();
+  for (int64_t c = 0; c < cols; ++c) EXPECT_EQ(got[c], want[c]) << "column " << c << " of " << rows << " rows";
+}
+
+// A NaN logit makes its row's loss NaN, as on the CPU, also where it is all one thread's
+// slice of the row holds (V=7: a logit per thread), so a diverging model's loss line says so.
+TEST_F(CudaOps, CrossEntropyOfARowHoldingANanIsNan) {
+  for (const Prec& p : kPrecisions) {
+    const int64_t N = 2, V = 7;
+    const Tensor logits = host_rand({N, V}, p.dt, rng, -2.f, 2.f);
+    logits.data<float>()[3] = NAN;  // row 0, not its target
+    const std::vector<int32_t> tg = {0, 1};
+    const Tensor lse = Tensor::empty({N});
+    ops::cross_entropy_fwd(gpu(), logits, Tensor::from_vector(tg, {N}), lse);
+    ASSERT_TRUE(std::isnan(lse.data<float>()[0])) << "the CPU's log-sum-exp";
+    // Finite before: a NaN here is the kernel's.
+    const Tensor LSE = dev(Tensor::from_vector(std::vector<float>(N, 5.f), {N}), DType::f32);
+    const Tensor ROWS = dev(Tensor::from_vector(std::vector<float>(N, 5.f), {N}), DType::f32);
+    cuda::cross_entropy_fwd(ctx(), dev(logits, p.dt), dev_i32(tg), LSE, ROWS);
+    const std::vector<float> l = LSE.to_vector_f32(), rows = ROWS.to_vector_f32();
+    EXPECT_TRUE(std::isnan(l[0]) && std::isnan(rows[0])) << p.name << ": lse " << l[0] << ", loss " << rows[0];
+    EXPECT_NEAR(l[1], lse.data<float>()[1], 1e-5f * std::abs(lse.data<float>()[1])) << p.name << ": the other row";
+  }
+}
+
 // ---- Attention --------------------------------------------------------------------------
 
 // A modality row of length L: optional text first, then image runs (lengths from `runs`,

@@ -193,7 +193,10 @@ void gemm(const Context& ctx, const Tensor& A, bool trans_a, const Tensor& B, bo
       const cublasStatus_t st = matmul(algo);
       if (st == CUBLAS_STATUS_SUCCESS) return;
       if (st != CUBLAS_STATUS_NOT_SUPPORTED && st != CUBLAS_STATUS_EXECUTION_FAILED) CUBLAS_CHECK(st);
-      // Not for this shape after all: forget the fused algorithm, fall back below.
+      // Not for this shape after all: forget the fused algorithm, fall back below. A launch
+      // that failed may have left its error as the runtime's last one, which the next
+      // kernel's launch check would report as its own: clear it (a sticky fault persists).
+      if (st == CUBLAS_STATUS_EXECUTION_FAILED) (void)cudaGetLastError();
       algo_cache()[key(true)] = std::nullopt;
     }
     const cublasLtEpilogue_t none = CUBLASLT_EPILOGUE_DEFAULT;

@@ -95,8 +95,9 @@ __device__ __forceinline__ float block_max(float v) {
 constexpr int kColRows = 256;
 template <class F>
 __global__ void colsum_partial(F value, int64_t rows, int64_t cols, float* partial) {
-  const int64_t col = int64_t(blockIdx.x) * 32 + threadIdx.x;
-  const int64_t r0 = int64_t(blockIdx.y) * kColRows, r1 = min(rows, r0 + kColRows);
+  // Chunks of rows on x (up to 2^31 - 1 of them), 32-column groups on y (at most 65535).
+  const int64_t col = int64_t(blockIdx.y) * 32 + threadIdx.x;
+  const int64_t r0 = int64_t(blockIdx.x) * kColRows, r1 = min(rows, r0 + kColRows);
   __shared__ float part[8][33];
   float s = 0.f;
   if (col < cols)
@@ -106,7 +107,7 @@ __global__ void colsum_partial(F value, int64_t rows, int64_t cols, float* parti
   if (threadIdx.y == 0 && col < cols) {
     float t = 0.f;
     for (int k = 0; k < 8; ++k) t += part[k][threadIdx.x];
-    partial[int64_t(blockIdx.y) * cols + col] = t;
+    partial[int64_t(blockIdx.x) * cols + col] = t;
   }
 }
 template <class Unused = void>
@@ -122,7 +123,8 @@ void column_sums(const Context& c, int64_t rows, int64_t cols, float* out, F val
   if (rows == 0 || cols == 0) return;
   const int64_t chunks = (rows + kColRows - 1) / kColRows;
   Tensor partial = Tensor::empty({chunks, cols}, DType::f32, Device::cuda);  // freed stream-ordered
-  const dim3 grid(static_cast<unsigned>((cols + 31) / 32), static_cast<unsigned>(chunks));
+  VCHAT_CHECK((cols + 31) / 32 <= 65535, "column sums over " << cols << " columns: at most 65535 x 32");
+  const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>((cols + 31) / 32));
   colsum_partial<<<grid, dim3(32, 8), 0, stream_of(c)>>>(value, rows, cols, static_cast<float*>(partial.raw()));
   CUDA_CHECK_LAUNCH();
   colsum_finish<<<static_cast<unsigned>((cols + 255) / 256), 256, 0, stream_of(c)>>>(

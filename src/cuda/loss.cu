@@ -27,7 +27,9 @@ __device__ void row_stats(const T* row, int64_t V, float& mx, float& sum) {
     }
   }
   mx = block_max(m);
-  sum = block_sum(m == -INFINITY ? 0.f : s * expf(m - mx));
+  // A thread that saw nothing above -inf adds 0; one whose slice was all NaN (its max still
+  // -inf, its sum NaN) must pass the NaN on, as the CPU's loss does: s, not m, decides.
+  sum = block_sum(s == 0.f ? 0.f : s * expf(m - mx));
 }
 
 template <class T>
