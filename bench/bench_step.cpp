@@ -97,9 +97,9 @@ static int run(int argc, char** argv) {
               cfg.name.c_str(), train.c_str(), attention.c_str(), (long long)batch, (long long)seq,
               (long long)b.n_images(), (long long)b.non_pad_count(), threads);
   std::printf("vchat_step_ms median=%.2f min=%.2f iters=%lld threads=%d device=%s precision=%s model_flops=%.6e "
-              "mfu=%.4f\n",
+              "mfu=%.4f peak_tflops=%.1f\n",
               ms[ms.size() / 2], ms[0], (long long)iters, threads, device_name(dev), precision_name(prec), flops,
-              flops / (ms[ms.size() / 2] * 1e-3 * peak));
+              flops / (ms[ms.size() / 2] * 1e-3 * peak), peak / 1e12);
   // Flushed first: the figures above come back even if the profiled step fails.
   std::fflush(stdout);
   if (profile_ops) {  // one more step, not among the timed ones: events per op slow it down
