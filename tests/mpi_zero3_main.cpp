@@ -366,6 +366,17 @@ TEST(MpiZero01, StageOneUnderWorkingCopiesKeepsOnlyItsShardOfTheMasters) {
     for (size_t i = 0; i < w.size(); ++i, ++at) ASSERT_EQ(w[i], 1.f + float(at / shard)) << p->name << "[" << i << "]";
   }
   EXPECT_EQ(at, trained);
+
+  // A rank that trains nothing (a later pipeline stage under the paper's set) shards no
+  // masters and still counts its frozen weights' copies.
+  ParamStore c;
+  build(c);
+  for (const Spec& sp : kSpecs) c.set_trainable(c.at(sp.name), false);
+  c.to(ExecContext::cpu(), ParamStore::Placement{DType::f32, /*working_copies=*/true, false});
+  ZeroOptimizer zc(c, *dp, 1, config());
+  EXPECT_FALSE(zc.shards_masters());
+  EXPECT_EQ(zc.memory().params, 0);
+  EXPECT_EQ(zc.memory().frozen, (trained + frozen) * 8);
 }
 
 }  // namespace

@@ -176,8 +176,15 @@ TEST(ParallelEquivalence, InitFromAHuggingFaceImportInEveryLayout) {
     EXPECT_GT(std::fabs(double(one.steps[0]["loss"]) - double(fresh.steps[0]["loss"])), 1e-3)
         << "--init must change the starting weights";
     const std::vector<std::string> layouts = set == "full" ? std::vector<std::string>{"--tp 2", "--pp 2", "--zero 3"}
-                                                           : std::vector<std::string>{"--tp 2"};
-    for (const std::string& layout : layouts) expect_same(one, train(2, layout, set, "tiny", 8, init), set + " " + layout + " --init");
+                                                           : std::vector<std::string>{"--tp 2", "--zero 3"};
+    for (const std::string& layout : layouts) {
+      const RunOut run = train(2, layout, set, "tiny", 8, init);
+      expect_same(one, run, set + " " + layout + " --init");
+      // Said by rank 0 whether or not its own shard holds an adapter (ZeRO-3: DP slices).
+      EXPECT_EQ(run.out.find("the LoRA adapters start from --seed") != std::string::npos, set == "lora")
+          << set << " " << layout << ":\n"
+          << run.out;
+    }
   }
 }
 

@@ -116,6 +116,8 @@ void ParamStore::to(const ExecContext& ex, const Placement& where) {
   }
   device_ = device;
   ex_ = ex;
+  working_copies_ = working_copies;
+  work_dtype_ = compute;
   refresh_working_copies();
 }
 
@@ -155,23 +157,29 @@ const ParamStore::Flat& ParamStore::flatten_trainable(int64_t align) {
   f.padded = (f.numel + align - 1) / align * align;
   // The masters where to() left them (the host, when they stay there); the rest on the device.
   f.values = Tensor::zeros({f.padded}, DType::f32, t.empty() ? device_ : t.front()->value.device());
-  f.grads = Tensor::zeros({f.padded}, DType::f32, device_);
-  const bool work = !t.empty() && t.front()->work.defined();
-  if (work) f.work = Tensor::zeros({f.padded}, t.front()->work.dtype(), device_);
   for (size_t i = 0; i < t.size(); ++i) {
-    const int64_t n = t[i]->value.numel();
-    const Shape shape = t[i]->value.shape();
-    auto into = [&](const Tensor& flat, Tensor& member) {
-      Tensor v = flat.slice(0, f.offset[i], f.offset[i] + n).reshape(shape);
-      v.copy_from(member);
-      member = v;
-    };
-    into(f.values, t[i]->value);
-    if (work) into(f.work, t[i]->work);
+    Tensor v = f.values.slice(0, f.offset[i], f.offset[i] + t[i]->value.numel()).reshape(t[i]->value.shape());
+    v.copy_from(t[i]->value);
+    t[i]->value = v;
   }
+  // The gradients start at zero, and the working copies are casts of the masters: both are
+  // dropped before their flat buffers exist, so the device never holds them twice (at a
+  // 7B model's scale the difference between fitting and not at start-up).
+  for (Param* p : t) {
+    p->grad = Tensor();
+    p->work = Tensor();
+  }
+  f.grads = Tensor::zeros({f.padded}, DType::f32, device_);
   flat_ = f;
   flattened_ = true;
   bind_flat_grads(f.grads);
+  if (working_copies_ && !t.empty()) {
+    flat_.work = Tensor::zeros({f.padded}, work_dtype_, device_);
+    for (size_t i = 0; i < t.size(); ++i)
+      t[i]->work =
+          flat_.work.slice(0, f.offset[i], f.offset[i] + t[i]->shard.local_numel()).reshape(t[i]->shard.local());
+    refresh_working_copies(/*trainable_only=*/true);
+  }
   return flat_;
 }
 

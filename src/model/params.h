@@ -101,6 +101,8 @@ class ParamStore {
   void refresh_working_copies(bool trainable_only = false);
   Device device() const { return device_; }
   const ExecContext& exec() const { return ex_; }
+  // Bytes of a parameter's working copy (to() gave every parameter one), 0 without.
+  int64_t working_copy_bytes() const { return working_copies_ ? static_cast<int64_t>(dtype_size(work_dtype_)) : 0; }
   int64_t numel(bool trainable_only) const;  // this rank's elements (ShardSpec::local)
 
   // Moves every trainable parameter (value, gradient and working copy) into flat buffers,
@@ -132,6 +134,8 @@ class ParamStore {
   bool flattened_ = false;
   Device device_ = Device::cpu;
   ExecContext ex_;  // the context the working copies are cast with
+  bool working_copies_ = false;
+  DType work_dtype_ = DType::f32;
 };
 
 // Deterministic initialisation from a seed, by each parameter's table rule (InitRule:

@@ -94,8 +94,14 @@ ZeroOptimizer::ZeroOptimizer(ParamStore& store, Comm& dp, int stage, const AdamW
   // Keep that shard (on the device; the whole masters were left on the host for this) and
   // drop the rest: 4 bytes a trained parameter fewer, as DeepSpeed's ZeRO-1.
   if (sharded && f.work.defined()) {
-    master_ = f.values.slice(0, shard_begin_, shard_begin_ + shard_size_).clone().to(dev);
+    const Tensor mine = f.values.slice(0, shard_begin_, shard_begin_ + shard_size_);
+    master_ = mine.device() == dev ? mine.clone() : mine.to(dev);  // its own buffer: the flat one goes
     store.release_trainable_masters();
+  } else if (f.values.device() != dev) {
+    throw std::logic_error("ZeroOptimizer: the trainable masters are on " +
+                           std::string(device_name(f.values.device())) + ", the optimizer state on " +
+                           device_name(dev) +
+                           " (Placement::trainable_masters_on_host is for ZeRO-1 under working copies)");
   }
 }
 
@@ -280,7 +286,7 @@ std::vector<StateSlice> ZeroOptimizer::state() {
 ZeroMemory ZeroOptimizer::memory() const {
   const ParamStore::Flat& f = *store_.flat();
   const int64_t n = f.padded, bytes = sizeof(float);
-  const int64_t work = f.work.defined() ? static_cast<int64_t>(dtype_size(f.work.dtype())) : 0;
+  const int64_t work = store_.working_copy_bytes();  // frozen ones have copies on a stage training nothing too
   ZeroMemory m;
   // The fp32 masters (whole, or this rank's shard) and the working copies (whole).
   m.params = (shards_masters() ? shard_size_ : n) * bytes + n * work;

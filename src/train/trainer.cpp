@@ -214,13 +214,17 @@ void Trainer::init_weights(const std::string& dir) {
     return p.spec && p.spec->trained_by == kTrainLora;
   });
   opt_->refresh_working_copies();
-  double bytes = static_cast<double>(r.stats.bytes_read);
-  grid_->world().all_reduce_f64(&bytes, 1, ReduceOp::sum);
+  // A rank names only the adapters whose slices it holds (at ZeRO 2-3, and 1 under bf16,
+  // its DP shard's), so the ranks add up: bytes read, and whether any adapter stayed.
+  double sums[2] = {static_cast<double>(r.stats.bytes_read), r.kept.empty() ? 0.0 : 1.0};
+  grid_->world().all_reduce_f64(sums, 2, ReduceOp::sum);
+  const double bytes = sums[0];
   if (is_root())
-    std::printf("vchat-train | initialised from %s (step %lld, written under %s): %.1f MB of tensors read in %.2f s%s\n",
-                dir.c_str(), static_cast<long long>(m.step), m.topology.describe().c_str(), bytes / 1e6,
-                std::chrono::duration<double>(clock::now() - t0).count(),
-                r.kept.empty() ? "" : ("; " + std::to_string(r.kept.size()) + " LoRA tensors from --seed").c_str());
+    std::printf(
+        "vchat-train | initialised from %s (step %lld, written under %s): %.1f MB of tensors read in %.2f s%s\n",
+        dir.c_str(), static_cast<long long>(m.step), m.topology.describe().c_str(), bytes / 1e6,
+        std::chrono::duration<double>(clock::now() - t0).count(),
+        sums[1] > 0 ? "; the LoRA adapters start from --seed" : "");
 }
 
 std::vector<Batch> Trainer::next_batches() {
