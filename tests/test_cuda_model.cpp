@@ -138,9 +138,10 @@ void expect_curves_track(const std::string& model, int64_t seq_len) {
 }
 
 // Chat on the GPU (vchat-chat --device cuda): the KV cache lives on the device in the compute
-// dtype and VisualChatModel::extend runs there; after each of three stretches (text around
-// an image; text; two images and text) the last position's logits equal the CPU's (fp32
-// within 1e-4, bf16 within 2e-2), for MMCA and causal attention.
+// dtype and VisualChatModel::extend runs there; after each stretch (text around an image;
+// text; two images and text; then one token at a time, as generation extends) the last
+// position's logits equal the CPU's (fp32 within 1e-4, bf16 within 2e-2), for MMCA and
+// causal attention.
 TEST_F(CudaModel, ChatExtendOnTheDeviceMatchesTheCpu) {
   const ModelConfig cfg = config("tiny");
   const int64_t T = cfg.vision.tokens_per_image(), S = cfg.vision.image_size, V = cfg.llm.vocab_size;
@@ -156,7 +157,8 @@ TEST_F(CudaModel, ChatExtendOnTheDeviceMatchesTheCpu) {
       KvCache cpu_cache, gpu_cache;
       std::mt19937_64 rng(11);
       std::normal_distribution<float> g;
-      for (const std::vector<int>& stretch : std::vector<std::vector<int>>{{5, -1, 4}, {3}, {-1, -1, 6}}) {
+      for (const std::vector<int>& stretch :
+           std::vector<std::vector<int>>{{5, -1, 4}, {3}, {-1, -1, 6}, {1}, {1}, {1}}) {
         Extension e;
         std::vector<float> pix;
         int64_t n_img = 0;

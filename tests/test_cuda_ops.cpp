@@ -660,9 +660,11 @@ TEST_F(CudaOps, DecodeAttentionOverTheCacheAgainstTheCpu) {
     std::vector<int64_t> runs;
     int64_t pad;
     const char* what;
+    int64_t text_last = 0;  // the last positions forced to text: the chat's next tokens after an image
   };
   const std::vector<Case> cases = {
       {AttnMode::mmca, 90, 4, 2, 64, {5, 1, 12}, 0, "mmca, images and text, GQA 4/2"},
+      {AttnMode::mmca, 612, 4, 2, 128, {600}, 0, "mmca, text right after 600 image tokens", 7},
       {AttnMode::mmca, 700, 8, 8, 128, {600}, 0, "mmca, 600 image tokens, hd 128"},
       {AttnMode::mmca, 41, 2, 1, 40, {3}, 4, "mmca, pad at the end, hd 40"},
       {AttnMode::causal, 300, 4, 1, 128, {30}, 0, "causal, MQA"},
@@ -675,7 +677,9 @@ TEST_F(CudaOps, DecodeAttentionOverTheCacheAgainstTheCpu) {
         const int64_t pos = c.Lk - n;
         const Tensor q = host_rand({n, c.H, c.hd}, p.dt, rng, -2.f, 2.f);
         const Tensor k = host_rand({c.Lk, c.KV, c.hd}, p.dt, rng, -2.f, 2.f), v = host_rand({c.Lk, c.KV, c.hd}, p.dt, rng);
-        const Tensor m = Tensor::from_vector(layout(c.Lk, true, c.runs, c.pad, rng), {c.Lk});
+        std::vector<uint8_t> mod = layout(c.Lk, true, c.runs, c.pad, rng);
+        std::fill(mod.end() - c.text_last, mod.end(), ops::kText);
+        const Tensor m = Tensor::from_vector(mod, {c.Lk});
         Tensor M;
         if (c.mode != AttnMode::full) {
           M = Tensor::empty({c.Lk}, DType::u8, Device::cuda);
