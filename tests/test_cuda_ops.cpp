@@ -188,6 +188,19 @@ TEST_F(CudaOps, LinearWithBiasEpilogueAndItsGradients) {
     const Tensor Y1 = poison({N, out}, p.dt);
     ops::linear_fwd(gpu(), dev(x, p.dt), dev(W, p.dt), b1, Y1);
     expect_close(Y1, y, p.tol, std::string("linear_fwd, unaligned bias ") + p.name);
+    // The same into a column slice of a wider output (row stride > columns): the bias added
+    // after the GEMM follows the row stride, and the columns beside stay untouched (NaN).
+    const int64_t wide = out + 5;
+    const Tensor Yw = poison({N, wide}, p.dt);
+    cuda::gemm(ctx(), dev(x, p.dt), false, dev(W, p.dt), true, Yw.slice(1, 0, out), 1.f, 0.f, b1);
+    const std::vector<float> yw = Yw.to_vector_f32();
+    std::vector<float> in_slice;
+    for (int64_t r = 0; r < N; ++r) {
+      in_slice.insert(in_slice.end(), yw.begin() + r * wide, yw.begin() + r * wide + out);
+      for (int64_t c = out; c < wide; ++c) ASSERT_TRUE(std::isnan(yw[r * wide + c])) << "row " << r << " col " << c;
+    }
+    expect_close(Tensor::from_vector(in_slice, {N, out}), y, p.tol,
+                 std::string("gemm into a column slice, unaligned bias ") + p.name);
     const int64_t tall = 70001;
     const Tensor xt = host_rand({tall, in}, p.dt, rng), yt = Tensor::empty({tall, out});
     ops::linear_fwd(gpu(), xt, W, b, yt);

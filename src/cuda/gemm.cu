@@ -84,6 +84,24 @@ void scale_c(const Context& ctx, const Tensor& C, DType dt, float beta) {
   CUDA_CHECK_LAUNCH();
 }
 
+// C[r, :] += bias where the fused epilogue was not used: C may be a column slice (row
+// stride ld > cols), which add_bias (contiguous rows) would refuse.
+template <class T>
+__global__ void add_bias_matrix(T* c, const T* bias, int64_t rows, int64_t cols, int64_t ld) {
+  const int64_t n = rows * cols, step = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step) {
+    T* p = c + (i / cols) * ld + i % cols;
+    *p = T(static_cast<float>(*p) + static_cast<float>(bias[i % cols]));
+  }
+}
+void add_bias_c(const Context& ctx, const Tensor& C, DType dt, const Tensor& bias) {
+  const int64_t rows = C.size(0), cols = C.size(1), ld = C.stride(0);
+  VCHAT_DISPATCH(dt, T,
+                 add_bias_matrix<<<grid_for(rows * cols, 256), 256, 0, stream_of(ctx)>>>(ptr<T>(C), ptr<T>(bias), rows,
+                                                                                         cols, ld););
+  CUDA_CHECK_LAUNCH();
+}
+
 }  // namespace
 
 void gemm(const Context& ctx, const Tensor& A, bool trans_a, const Tensor& B, bool trans_b, const Tensor& C,
@@ -126,7 +144,7 @@ void gemm(const Context& ctx, const Tensor& A, bool trans_a, const Tensor& B, bo
   if (m == 0 || n == 0) return;
   if (k == 0) {
     scale_c(ctx, C, ct, beta);
-    if (bias.defined()) add_bias(ctx, C, bias);
+    if (bias.defined()) add_bias_c(ctx, C, ct, bias);
     return;
   }
 
@@ -206,7 +224,7 @@ void gemm(const Context& ctx, const Tensor& A, bool trans_a, const Tensor& B, bo
   VCHAT_CHECK(algo, op << ": cuBLASLt has no algorithm for [" << m << " x " << k << "] x [" << k << " x " << n << "] "
                        << dtype_name(dt));
   CUBLAS_CHECK(matmul(algo));
-  if (bias.defined()) add_bias(ctx, C, bias);
+  if (bias.defined()) add_bias_c(ctx, C, ct, bias);
 }
 
 }  // namespace vchat::cuda
