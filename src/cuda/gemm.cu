@@ -64,41 +64,30 @@ std::map<Key, std::optional<cublasLtMatmulAlgo_t>>& algo_cache() {
   return cache;
 }
 
+// C = beta * C + bias (each row), over C's row stride (C may be a column slice): the
+// epilogue where cuBLASLt did not do it. beta == 0 writes zeros, so stale NaNs do not
+// survive, like a GEMM; bias may be null.
 template <class T>
-__global__ void scale_matrix(T* c, int64_t rows, int64_t cols, int64_t ld, float beta) {
+__global__ void epilogue_matrix(T* c, const T* bias, int64_t rows, int64_t cols, int64_t ld, float beta) {
   const int64_t n = rows * cols, step = int64_t(gridDim.x) * blockDim.x;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step) {
     T* p = c + (i / cols) * ld + i % cols;
-    *p = beta == 0.f ? T(0.f) : T(static_cast<float>(*p) * beta);
+    float v = beta == 0.f ? 0.f : beta == 1.f ? static_cast<float>(*p) : static_cast<float>(*p) * beta;
+    if (bias) v += static_cast<float>(bias[i % cols]);
+    *p = T(v);
   }
 }
-
-// C = beta * C for k == 0, where cuBLAS' behaviour is not documented (BLAS would leave C
-// untouched). beta == 0 writes zeros so stale NaNs do not survive, like a GEMM.
-void scale_c(const Context& ctx, const Tensor& C, DType dt, float beta) {
-  if (beta == 1.f) return;
+// For k == 0 (beta, bias), where cuBLAS' behaviour is not documented (BLAS would leave C
+// untouched), and for a bias that could not be fused (beta 1).
+void epilogue_c(const Context& ctx, const Tensor& C, DType dt, float beta, const Tensor& bias) {
+  if (beta == 1.f && !bias.defined()) return;
   const int64_t rows = C.size(0), cols = C.size(1), ld = C.stride(0);
+  // clang-format off
   VCHAT_DISPATCH(dt, T,
-    scale_matrix<<<grid_for(rows * cols, 256), 256, 0, stream_of(ctx)>>>(ptr<T>(C), rows, cols, ld, beta);
+    epilogue_matrix<<<grid_for(rows * cols, 256), 256, 0, stream_of(ctx)>>>(
+        ptr<T>(C), bias.defined() ? ptr<T>(bias) : nullptr, rows, cols, ld, beta);
   );
-  CUDA_CHECK_LAUNCH();
-}
-
-// C[r, :] += bias where the fused epilogue was not used: C may be a column slice (row
-// stride ld > cols), which add_bias (contiguous rows) would refuse.
-template <class T>
-__global__ void add_bias_matrix(T* c, const T* bias, int64_t rows, int64_t cols, int64_t ld) {
-  const int64_t n = rows * cols, step = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step) {
-    T* p = c + (i / cols) * ld + i % cols;
-    *p = T(static_cast<float>(*p) + static_cast<float>(bias[i % cols]));
-  }
-}
-void add_bias_c(const Context& ctx, const Tensor& C, DType dt, const Tensor& bias) {
-  const int64_t rows = C.size(0), cols = C.size(1), ld = C.stride(0);
-  VCHAT_DISPATCH(dt, T,
-                 add_bias_matrix<<<grid_for(rows * cols, 256), 256, 0, stream_of(ctx)>>>(ptr<T>(C), ptr<T>(bias), rows,
-                                                                                         cols, ld););
+  // clang-format on
   CUDA_CHECK_LAUNCH();
 }
 
@@ -143,8 +132,7 @@ void gemm(const Context& ctx, const Tensor& A, bool trans_a, const Tensor& B, bo
   const int device = bind_device();
   if (m == 0 || n == 0) return;
   if (k == 0) {
-    scale_c(ctx, C, ct, beta);
-    if (bias.defined()) add_bias_c(ctx, C, ct, bias);
+    epilogue_c(ctx, C, ct, beta, bias);
     return;
   }
 
@@ -200,7 +188,7 @@ void gemm(const Context& ctx, const Tensor& A, bool trans_a, const Tensor& B, bo
 
   // The bias fused as cuBLASLt's BIAS epilogue where it can be: a 16-byte aligned bias, and
   // an algorithm for it that runs (cuBLASLt has refused the epilogue for some shapes, e.g.
-  // very tall ones); otherwise the plain GEMM and the bias added after (add_bias).
+  // very tall ones); otherwise the plain GEMM and the bias added after (epilogue_c).
   if (bias.defined() && reinterpret_cast<uintptr_t>(bias.raw()) % 16 == 0) {
     const cublasLtEpilogue_t epi = CUBLASLT_EPILOGUE_BIAS;
     const void* bp = bias.raw();
@@ -224,7 +212,7 @@ void gemm(const Context& ctx, const Tensor& A, bool trans_a, const Tensor& B, bo
   VCHAT_CHECK(algo, op << ": cuBLASLt has no algorithm for [" << m << " x " << k << "] x [" << k << " x " << n << "] "
                        << dtype_name(dt));
   CUBLAS_CHECK(matmul(algo));
-  if (bias.defined()) add_bias_c(ctx, C, ct, bias);
+  if (bias.defined()) epilogue_c(ctx, C, ct, 1.f, bias);
 }
 
 }  // namespace vchat::cuda
