@@ -2,24 +2,8 @@
 
 #include "check.h"
 #include "ops.h"
-#include "parallel/comm.h"
 
 namespace vchat {
-
-TpLayout TpLayout::column_of(Comm* tp) {
-  TpLayout l;
-  l.kind = column;
-  l.index = tp ? tp->rank() : 0;
-  l.count = tp ? tp->size() : 1;
-  l.tp = tp;
-  return l;
-}
-
-TpLayout TpLayout::row_of(Comm* tp) {
-  TpLayout l = column_of(tp);
-  l.kind = row;
-  return l;
-}
 
 // A parameter split along `dim` per the layout (or whole when replicated).
 static Param& add_param(ParamStore& s, const std::string& name, Shape full, int dim, const TpLayout& l) {
@@ -55,8 +39,7 @@ Tensor Linear::forward(const ExecContext& ex, const Tensor& x, LinearCache& cach
     ops::gemm(ex, x, false, lora_a_->compute(), true, cache.xa);  // row-parallel: a partial sum, completed with y below
     ops::gemm(ex, cache.xa, false, lora_b_->compute(), true, y, lora_scale_, 1.f);
   }
-  // Row-parallel: every rank holds a partial y (LoRA's included); "g" sums them.
-  if (layout_.kind == TpLayout::row && layout_.tp && layout_.tp->size() > 1) layout_.tp->all_reduce(y, ReduceOp::sum);
+  // Row-parallel: y is this rank's partial sum (LoRA's included); the caller's "g" sums it.
   return y;
 }
 

@@ -4,8 +4,10 @@
 //     The backward's dx is a partial sum; the caller all-reduces it once for all the
 //     column-parallel layers sharing that input (Megatron's "f": identity forward,
 //     all-reduce backward) — q/k/v, or gate/up.
-//   RowParallel: W split by input columns; x a slice, y summed over the group by an
-//     all-reduce inside forward (Megatron's "g": all-reduce forward, identity backward).
+//   RowParallel: W split by input columns; x a slice, y this rank's partial sum, which
+//     the caller all-reduces (Megatron's "g": all-reduce forward, identity backward).
+// The layer knows no communicator: both mappings belong to the block that owns the
+// group (model/llama.h's TensorParallel), which sums once for the layers sharing them.
 // LoRA follows its base layer: the half that touches the split dimension is split the
 // same way (B by rows for column, A by columns for row), the other half is replicated and
 // its gradient, computed from the local slice only, is summed over the group at the update
@@ -18,8 +20,6 @@
 
 namespace vchat {
 
-class Comm;
-
 struct LinearCache {
   Tensor x;   // input, for dW = dyᵀ x
   Tensor xa;  // LoRA: x Aᵀ [N, r]
@@ -28,9 +28,8 @@ struct LinearCache {
 struct TpLayout {
   enum Kind { replicated, column, row } kind = replicated;
   int64_t index = 0, count = 1;  // this rank holds part `index` of `count` (column: of rows; row: of columns)
-  Comm* tp = nullptr;            // the TP group: row-parallel's forward all-reduce
-  static TpLayout column_of(Comm* tp);  // part tp.rank() of tp.size()
-  static TpLayout row_of(Comm* tp);
+  static TpLayout column_of(int64_t index, int64_t count) { return {column, index, count}; }
+  static TpLayout row_of(int64_t index, int64_t count) { return {row, index, count}; }
 };
 
 class Linear {

@@ -22,7 +22,7 @@ void TensorParallel::all_reduce(const Tensor& t) const {
 // otherwise rank r holds KV head r·n_kv/tp, the one its query heads attend with (GQA
 // groups are contiguous), replicated on the tp/n_kv ranks that share it.
 static TpLayout kv_layout(const LlmConfig& cfg, const TensorParallel& tp) {
-  TpLayout l = TpLayout::column_of(tp.tp);
+  TpLayout l = TpLayout::column_of(tp.rank(), tp.size());
   if (cfg.n_kv_heads >= tp.size()) return l;
   l.index = tp.rank() * cfg.n_kv_heads / tp.size();
   l.count = cfg.n_kv_heads;
@@ -30,10 +30,10 @@ static TpLayout kv_layout(const LlmConfig& cfg, const TensorParallel& tp) {
 }
 
 LlamaAttention::LlamaAttention(ParamStore& s, const std::string& p, const LlmConfig& cfg, const TensorParallel& tp)
-    : q_(s, p + ".q_proj", cfg.hidden, cfg.n_heads * cfg.head_dim(), false, TpLayout::column_of(tp.tp)),
+    : q_(s, p + ".q_proj", cfg.hidden, cfg.n_heads * cfg.head_dim(), false, TpLayout::column_of(tp.rank(), tp.size())),
       k_(s, p + ".k_proj", cfg.hidden, cfg.n_kv_heads * cfg.head_dim(), false, kv_layout(cfg, tp)),
       v_(s, p + ".v_proj", cfg.hidden, cfg.n_kv_heads * cfg.head_dim(), false, kv_layout(cfg, tp)),
-      o_(s, p + ".o_proj", cfg.n_heads * cfg.head_dim(), cfg.hidden, false, TpLayout::row_of(tp.tp)),
+      o_(s, p + ".o_proj", cfg.n_heads * cfg.head_dim(), cfg.hidden, false, TpLayout::row_of(tp.rank(), tp.size())),
       tp_(tp),
       n_heads_(cfg.n_heads / tp.size()),
       n_kv_(k_.out() / cfg.head_dim()),
@@ -53,7 +53,9 @@ Tensor LlamaAttention::forward(const ExecContext& ex, const Tensor& x, const Ten
   ops::rope_(ex, c.kr, theta_, false);
   c.att = Tensor::empty(c.qr.shape(), x.dtype(), x.device());
   c.saved = ops::attention_fwd(ex, mode, c.qr, c.kr, c.vv, modality, c.att);
-  return o_.forward(ex, c.att.reshape({B * L, n_heads_ * hd_}), c.o);
+  Tensor y = o_.forward(ex, c.att.reshape({B * L, n_heads_ * hd_}), c.o);
+  tp_.all_reduce(y);  // g: o_proj is row-parallel, y a partial sum over the heads
+  return y;
 }
 
 Tensor LlamaAttention::decode(const ExecContext& ex, const Tensor& x, KvCache::Layer& kv, const Tensor& modality,
@@ -70,7 +72,9 @@ Tensor LlamaAttention::decode(const ExecContext& ex, const Tensor& x, KvCache::L
   Tensor att = Tensor::empty({n, n_heads_, hd_}, x.dtype(), x.device());
   ops::attention_decode(ex, mode, q.reshape({n, n_heads_, hd_}), kv.k.slice(0, 0, position + n),
                         kv.v.slice(0, 0, position + n), modality, position, att);
-  return o_.forward(ex, att.reshape({n, n_heads_ * hd_}), scratch);
+  Tensor y = o_.forward(ex, att.reshape({n, n_heads_ * hd_}), scratch);
+  tp_.all_reduce(y);  // g, as in forward
+  return y;
 }
 
 void LlamaAttention::backward(const ExecContext& ex, const Tensor& dy, const Tensor& modality, ops::AttnMode mode,
@@ -92,9 +96,9 @@ void LlamaAttention::backward(const ExecContext& ex, const Tensor& dy, const Ten
 }
 
 LlamaMLP::LlamaMLP(ParamStore& s, const std::string& p, const LlmConfig& cfg, const TensorParallel& tp)
-    : gate_(s, p + ".gate_proj", cfg.hidden, cfg.intermediate, false, TpLayout::column_of(tp.tp)),
-      up_(s, p + ".up_proj", cfg.hidden, cfg.intermediate, false, TpLayout::column_of(tp.tp)),
-      down_(s, p + ".down_proj", cfg.intermediate, cfg.hidden, false, TpLayout::row_of(tp.tp)),
+    : gate_(s, p + ".gate_proj", cfg.hidden, cfg.intermediate, false, TpLayout::column_of(tp.rank(), tp.size())),
+      up_(s, p + ".up_proj", cfg.hidden, cfg.intermediate, false, TpLayout::column_of(tp.rank(), tp.size())),
+      down_(s, p + ".down_proj", cfg.intermediate, cfg.hidden, false, TpLayout::row_of(tp.rank(), tp.size())),
       tp_(tp) {}
 
 void LlamaMLP::add_lora(ParamStore& s, int64_t rank, float alpha) {
@@ -106,7 +110,9 @@ Tensor LlamaMLP::forward(const ExecContext& ex, const Tensor& x, MlpCache& c) co
   c.u = up_.forward(ex, x, c.up);
   Tensor a = Tensor::empty(c.g.shape(), x.dtype(), x.device());
   ops::swiglu_fwd(ex, c.g, c.u, a);
-  return down_.forward(ex, a, c.down);
+  Tensor y = down_.forward(ex, a, c.down);
+  tp_.all_reduce(y);  // g: down_proj is row-parallel
+  return y;
 }
 
 void LlamaMLP::backward(const ExecContext& ex, const Tensor& dy, MlpCache& c, const Tensor& dx) const {

@@ -66,7 +66,7 @@ VisualChatModel::VisualChatModel(const ModelConfig& cfg, const ModelOptions& opt
   for (int i = layers.begin; i < layers.end; ++i) blocks_.emplace_back(params_, "llm.layers." + std::to_string(i), l, tp_);
   if (last_stage()) {
     final_norm_ = RMSNorm(params_, "llm.norm", l.hidden, l.rms_eps);
-    lm_head_ = Linear(params_, "llm.lm_head", l.hidden, l.vocab_size, false, TpLayout::column_of(mp.tp));
+    lm_head_ = Linear(params_, "llm.lm_head", l.hidden, l.vocab_size, false, TpLayout::column_of(tp_rank, tp));
   }
   if (opt.train == TrainSet::lora)
     for (auto& b : blocks_) b.add_lora(params_, opt.lora_rank, opt.lora_alpha);
