@@ -828,5 +828,23 @@ TEST_F(CudaOps, ProfilerTimesCudaOpsOnTheirStream) {
   EXPECT_EQ(rows[1].calls, 1);
 }
 
+// The memory pool caches freed blocks only up to its release threshold: filled past it and
+// then freed, it gives the excess back at the next synchronization, so memory that NCCL
+// allocates outside the pool after the first step's peak still finds its headroom.
+TEST_F(CudaOps, PoolGivesBackWhatItCachesPastItsThresholdAtSynchronization) {
+  const cuda::PoolState start = cuda::pool_state();
+  ASSERT_EQ(start.release_threshold, cuda::pool_release_threshold(start.device_bytes));
+  ASSERT_GT(start.release_threshold, 0u);
+  ASSERT_LE(start.release_threshold + (uint64_t{2} << 30), start.device_bytes);
+  const int64_t block = int64_t{256} << 20;
+  std::vector<Tensor> blocks;
+  while (cuda::pool_state().reserved_bytes <= start.release_threshold + static_cast<uint64_t>(block))
+    blocks.push_back(Tensor::empty({block}, DType::u8, Device::cuda));
+  const size_t filled = blocks.size();
+  blocks.clear();
+  cuda::synchronize();
+  EXPECT_LE(cuda::pool_state().reserved_bytes, start.release_threshold) << filled << " blocks of 256 MiB freed";
+}
+
 }  // namespace
 }  // namespace vchat

@@ -8,6 +8,7 @@
 #include <memory>
 #include <stdexcept>
 
+#include "cuda/cuda_backend.h"  // plain C++: pool_release_threshold is inline
 #include "exec.h"
 #include "ops.h"
 #include "test_util.h"
@@ -238,4 +239,15 @@ TEST(ExecContext, EveryOpNamesTheOperandOnTheWrongDevice) {
     SCOPED_TRACE(c.op);
     test::expect_invalid_argument(c.call, std::string("ops::") + c.message);
   }
+}
+
+// The CUDA pool's release threshold (cuda/cuda_backend.h, set by init_backend) keeps
+// max(2 GiB, 1/16) of the device out of the cache, for NCCL's allocations outside the pool.
+TEST(CudaPool, ReleaseThresholdLeavesNcclItsHeadroom) {
+  const uint64_t GiB = uint64_t{1} << 30;
+  EXPECT_EQ(cuda::pool_release_threshold(80 * GiB), 75 * GiB);    // H100: 1/16 = 5 GiB
+  EXPECT_EQ(cuda::pool_release_threshold(144 * GiB), 135 * GiB);  // H200
+  EXPECT_EQ(cuda::pool_release_threshold(16 * GiB), 14 * GiB);    // small cards: at least 2 GiB
+  EXPECT_EQ(cuda::pool_release_threshold(2 * GiB), 0u);           // nothing to cache
+  EXPECT_EQ(cuda::pool_release_threshold(GiB), 0u);
 }

@@ -152,11 +152,14 @@ void init_backend(int device_ordinal) {
                              std::to_string(count) + " CUDA device(s) visible");
   CUDA_CHECK(cudaSetDevice(device_ordinal));
   // By default the pool hands unused memory back to the driver at every synchronization
-  // (each device->host copy is one), which would make the cache useless; keep it instead.
+  // (each device->host copy is one), which would make the cache useless; keep it instead,
+  // all but the headroom that memory outside the pool (NCCL's) needs: pool_release_threshold.
   cudaMemPool_t pool;
   CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool, device_ordinal));
-  uint64_t keep_all = UINT64_MAX;
-  CUDA_CHECK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep_all));
+  size_t free_bytes = 0, total_bytes = 0;
+  CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
+  uint64_t keep = pool_release_threshold(total_bytes);
+  CUDA_CHECK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep));
   b.compute = Context::create(device_ordinal);
   register_allocator(Device::cuda, &b.allocator);
   register_memcpy(&cuda_memcpy);
@@ -176,6 +179,19 @@ int multiprocessor_count() {
   int sms = 0;
   CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, bind_device()));
   return sms;
+}
+
+PoolState pool_state() {
+  const int device = bind_device();
+  cudaMemPool_t pool;
+  CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool, device));
+  PoolState st;
+  size_t free_bytes = 0, total_bytes = 0;
+  CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
+  st.device_bytes = total_bytes;
+  CUDA_CHECK(cudaMemPoolGetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &st.release_threshold));
+  CUDA_CHECK(cudaMemPoolGetAttribute(pool, cudaMemPoolAttrReservedMemCurrent, &st.reserved_bytes));
+  return st;
 }
 
 int bind_device() {

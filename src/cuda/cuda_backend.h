@@ -11,6 +11,8 @@
 // losses and optimizer state are always f32. Arithmetic is fp32 throughout. Every entry
 // point checks each operand's device, dtype, shape and contiguity and names the bad one.
 #pragma once
+#include <algorithm>
+#include <cstdint>
 #include <memory>
 #include <vector>
 
@@ -44,6 +46,24 @@ int bind_device();
 void synchronize();
 // Streaming multiprocessors of the bound device.
 int multiprocessor_count();
+
+// ---- Device memory ----------------------------------------------------------------------
+// The stream-ordered pool keeps freed blocks for reuse, up to this many bytes on a device of
+// `device_bytes`: past it, the unused blocks go back to the driver at the next
+// synchronization (each step has one, the loss copy). The headroom left, max(2 GiB, 1/16),
+// is for memory allocated outside the pool: NCCL connects a peer or an algorithm lazily at
+// its first use, with its own allocations (hundreds of MiB per communicator), which would
+// otherwise fail behind a cache still holding the first step's peak.
+inline uint64_t pool_release_threshold(uint64_t device_bytes) {
+  const uint64_t headroom = std::max<uint64_t>(uint64_t{2} << 30, device_bytes / 16);
+  return device_bytes > headroom ? device_bytes - headroom : 0;
+}
+struct PoolState {
+  uint64_t device_bytes = 0;       // the bound device's memory
+  uint64_t release_threshold = 0;  // the pool's, as set by init_backend
+  uint64_t reserved_bytes = 0;     // what the pool holds now, in use or cached
+};
+PoolState pool_state();
 
 // Timing events for the op profiler (profile.h): a new event recorded on c's stream; the
 // milliseconds between two (waits for `end`); destroying one (never throws).
