@@ -1,6 +1,8 @@
 // The parameter table (model/param_table.h): the one list every parameter fact comes from.
 #include <gtest/gtest.h>
 
+#include <omp.h>
+
 #include <set>
 
 #include "model/param_table.h"
@@ -164,4 +166,25 @@ TEST(ParamTable, InitFollowsTheRuleAndBindingChecksTheLayer) {
   }
   EXPECT_THROW(s.add("proj.unknown", {3}), std::logic_error);
   EXPECT_THROW(s.check_all_bound(), std::logic_error) << "proj.norm.weight was never bound";
+}
+
+// init_params draws the parameters in parallel: each from its own stream, so one thread and
+// several give the same values bit for bit (and the one-rank model's, for every layout).
+TEST(ParamTable, InitIsTheSameOnOneThreadAndOnSeveral) {
+  ModelOptions opt;
+  opt.train = TrainSet::lora;
+  VisualChatModel one(tiny(), opt), many(tiny(), opt);
+  const int threads = omp_get_max_threads();
+  omp_set_num_threads(1);
+  init_params(one.params(), 11);
+  omp_set_num_threads(4);
+  init_params(many.params(), 11);
+  omp_set_num_threads(threads);
+  ASSERT_EQ(one.params().all().size(), many.params().all().size());
+  for (size_t i = 0; i < one.params().all().size(); ++i) {
+    const Param& a = *one.params().all()[i];
+    const Param& b = *many.params().all()[i];
+    ASSERT_EQ(a.name, b.name);
+    EXPECT_EQ(a.value.to_vector_f32(), b.value.to_vector_f32()) << a.name;
+  }
 }
