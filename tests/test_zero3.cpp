@@ -167,3 +167,83 @@ TEST(Zero3, HookMisuseIsALogicError) {
   u[1].params.push_back(u[0].params[0]);
   EXPECT_THROW(Zero3Optimizer(u, self, AdamWConfig{}), std::logic_error);
 }
+
+namespace {
+
+// SelfComm that logs the gathers and the waits of their requests, and whose `fail_at`-th
+// all_gather_async throws: a prefetch failing halfway, between its two flats' gathers.
+class GatherLog final : public Comm {
+ public:
+  explicit GatherLog(int fail_at) : fail_at_(fail_at) {}
+  std::vector<std::string> log;
+
+  int rank() const override { return 0; }
+  int size() const override { return 1; }
+  const std::string& name() const override { return self_.name(); }
+  void all_reduce(void* b, int64_t n, DType t, ReduceOp op) override { self_.all_reduce(b, n, t, op); }
+  void all_reduce_f64(double* b, int64_t n, ReduceOp op) override { self_.all_reduce_f64(b, n, op); }
+  void broadcast(void* b, int64_t n, int root) override { self_.broadcast(b, n, root); }
+  void barrier() override { self_.barrier(); }
+  void reduce_scatter(const void* s, void* r, int64_t n, DType t, ReduceOp op) override {
+    self_.reduce_scatter(s, r, n, t, op);
+  }
+  void all_gather(const void* s, void* r, int64_t n, DType t) override {
+    log.push_back("gather");
+    self_.all_gather(s, r, n, t);
+  }
+  void send(const void* b, int64_t n, int p) override { self_.send(b, n, p); }
+  void recv(void* b, int64_t n, int p) override { self_.recv(b, n, p); }
+  void sendrecv(const void* s, int64_t sn, int d, void* r, int64_t rn, int src) override {
+    self_.sendrecv(s, sn, d, r, rn, src);
+  }
+  std::unique_ptr<CommRequest> all_gather_async(const void* s, void* r, int64_t n, DType t) override {
+    const int k = ++async_calls_;
+    if (k == fail_at_) {
+      log.push_back("async " + std::to_string(k) + " failed");
+      throw std::runtime_error("GatherLog: injected failure");
+    }
+    log.push_back("async " + std::to_string(k));
+    self_.all_gather(s, r, n, t);
+    return std::make_unique<Logged>(log, "wait " + std::to_string(k));
+  }
+  std::unique_ptr<Comm> split(int, int, const std::string&) const override {
+    throw std::logic_error("GatherLog cannot split");
+  }
+
+ private:
+  struct Logged final : CommRequest {
+    Logged(std::vector<std::string>& log, std::string what) : log_(log), what_(std::move(what)) {}
+    ~Logged() override { wait(); }
+    void wait() override {
+      if (!waited_) log_.push_back(what_);
+      waited_ = true;
+    }
+    std::vector<std::string>& log_;
+    std::string what_;
+    bool waited_ = false;
+  };
+  SelfComm self_{"dp"};
+  int fail_at_, async_calls_ = 0;
+};
+
+}  // namespace
+
+// A prefetch that fails after its first flat's gather was issued (the second one's throws)
+// leaves that gather in flight. Before the unit is gathered again, into a new buffer that
+// frees the old one, it must be waited for: on a GPU it would otherwise go on writing
+// memory the pool hands out again.
+TEST(Zero3, APrefetchFailingHalfwayIsWaitedForBeforeItsBufferIsReplaced) {
+  GatherLog comm(/*fail_at=*/2);
+  ParamStore store;
+  build(store);
+  Zero3Optimizer z3(units_of(store), comm, AdamWConfig{});
+  // Unit c is gathered at once; the prefetch of emb (a trained and a frozen flat) issues
+  // the first flat's gather (async 1), and the second's (async 2) fails.
+  EXPECT_THROW(z3.before_forward(2), std::runtime_error);
+  z3.after_forward(2);
+  comm.log.clear();
+  z3.before_forward(3);  // emb, gathered again at once: only after async 1 was waited for
+  const std::vector<std::string> want = {"wait 1", "gather", "gather"};
+  EXPECT_EQ(comm.log, want);
+  z3.after_forward(3);
+}

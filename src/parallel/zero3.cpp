@@ -194,11 +194,16 @@ void Zero3Optimizer::prefetch(int unit) {
 }
 
 void Zero3Optimizer::drop_prefetch() {
+  // Every gather in flight is waited for, also one of a prefetch that failed halfway (its
+  // unit never recorded as prefetched_): its buffer may be replaced and freed next, and on
+  // a GPU the gather would go on writing memory the pool had handed out again.
+  if (!pending_.empty()) {
+    timed([&] {
+      for (auto& r : pending_) r->wait();
+    });
+    pending_.clear();
+  }
   if (prefetched_ < 0) return;
-  timed([&] {
-    for (auto& r : pending_) r->wait();
-  });
-  pending_.clear();
   const int unit = prefetched_;
   prefetched_ = -1;
   release_if_unused(unit);
