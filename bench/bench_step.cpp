@@ -13,8 +13,11 @@
 #include <algorithm>
 #include <boost/program_options.hpp>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <iostream>
+#include <stdexcept>
+#include <vector>
 
 #include "io/safetensors.h"
 #include "model/precision.h"
@@ -75,12 +78,21 @@ static int run(int argc, char** argv) {
     f.metadata = {{"config", cfg.to_json()}, {"train", train}, {"attention", attention}};
     save_safetensors(batch_out, f);
   }
-  // One training step, timed until the device has finished it.
+  // One training step as the trainer runs it, timed until the device has finished it: the
+  // loss sums into a device scalar (no copy between forward and backward), the update
+  // writes the gradient's sum of squares beside it, and both come back in one copy.
+  const Tensor scalars = Tensor::zeros({2}, DType::f32, dev);  // [loss sum, gradient sum of squares]
+  const float loss_scale = 1.f / static_cast<float>(std::max<int64_t>(1, host_batch.supervised_count()));
   auto step_ms = [&] {
     const auto t0 = std::chrono::steady_clock::now();
     adam.zero_grads();
-    model.forward_backward(b, true);
-    adam.step(1e-4f);
+    scalars.zero_();
+    model.stage_forward(0, b, Tensor(), /*backward_follows=*/true, nullptr, false, scalars.slice(0, 0, 1));
+    model.stage_backward(0, b, Tensor(), loss_scale);
+    adam.update(1e-4f, scalars.slice(0, 1, 2));
+    const std::vector<float> back = scalars.to_vector_f32();  // waits for the step's device work
+    if (!std::isfinite(back[0]) || !std::isfinite(back[1]))
+      throw std::runtime_error("vchat-bench-step: the step's loss or gradient norm is not finite");
     synchronize(dev);
     return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   };
