@@ -244,12 +244,18 @@ __device__ __forceinline__ bool tc_attends(AttnMode mode, uint8_t mq) {
   return mode == AttnMode::full || (mode == AttnMode::causal ? mq != ops::kPad : mq == ops::kText);
 }
 
-struct TcBwdLayout {  // dynamic shared memory of the backward kernels (128-byte aligned parts)
+// Dynamic shared memory of the backward kernels (128-byte aligned parts). The dK/dV pass
+// uses every part; the delta and dQ passes (kDqPass) leave out the P tile, the second
+// accumulator and the per-query statistics, which they keep in registers: ~98 KiB instead
+// of ~123 KiB at head dim 64, so two of their blocks fit an SM where one did.
+enum TcBwdPass { kDkvPass, kDqPass };
+struct TcBwdLayout {
   size_t a, b, c, d, s, dp, p, ds, acc1, acc2, stats, mq, mk, total;
   int hld, old;
-  __host__ __device__ explicit TcBwdLayout(int hd) : hld(hd + 8), old(hd + 4) {
+  __host__ __device__ TcBwdLayout(int hd, TcBwdPass pass) : hld(hd + 8), old(hd + 4) {
+    const bool dkv = pass == kDkvPass;
     size_t at = 0;
-    auto take = [&](size_t bytes) {
+    auto take = [&](size_t bytes) {  // an unused part takes no bytes (and is never read)
       const size_t here = at;
       at = TcLayout::up(at + bytes);
       return here;
@@ -260,12 +266,12 @@ struct TcBwdLayout {  // dynamic shared memory of the backward kernels (128-byte
     d = take(size_t(kTc) * hld * 2);
     s = take(size_t(kTc) * kSld * 4);
     dp = take(size_t(kTc) * kSld * 4);
-    p = take(size_t(kTc) * kPld * 2);
+    p = take(dkv ? size_t(kTc) * kPld * 2 : 0);
     ds = take(size_t(kTc) * kPld * 2);
     acc1 = take(size_t(kTc) * old * 4);
-    acc2 = take(size_t(kTc) * old * 4);
-    stats = take(4 * kTc * sizeof(float));  // lse and delta, two each per query row
-    mq = take(kTc);
+    acc2 = take(dkv ? size_t(kTc) * old * 4 : 0);
+    stats = take(dkv ? 4 * kTc * sizeof(float) : 0);  // lse and delta, two each per query row
+    mq = take(dkv ? kTc : 0);
     mk = take(kTc);
     total = at;
   }
@@ -279,7 +285,7 @@ __global__ void __launch_bounds__(kTcThreads) flash_dq_tc(AttnMode mode, TcGeome
                                                          const bf16* v, const uint8_t* modality, const bf16* out,
                                                          const bf16* dout, const float* lse, float* delta, bf16* dq) {
   extern __shared__ __align__(128) unsigned char smem[];
-  const TcBwdLayout lay(static_cast<int>(g.hd));
+  const TcBwdLayout lay(static_cast<int>(g.hd), kDqPass);
   bf16* Qs = reinterpret_cast<bf16*>(smem + lay.a);
   bf16* dOs = reinterpret_cast<bf16*>(smem + lay.b);
   bf16* Ks = reinterpret_cast<bf16*>(smem + lay.c);
@@ -365,7 +371,7 @@ __global__ void __launch_bounds__(kTcThreads) flash_dkv_tc(AttnMode mode, TcGeom
                                                           const bf16* v, const uint8_t* modality, const bf16* dout,
                                                           const float* lse, const float* delta, bf16* dk, bf16* dv) {
   extern __shared__ __align__(128) unsigned char smem[];
-  const TcBwdLayout lay(static_cast<int>(g.hd));
+  const TcBwdLayout lay(static_cast<int>(g.hd), kDkvPass);
   bf16* Ks = reinterpret_cast<bf16*>(smem + lay.a);
   bf16* Vs = reinterpret_cast<bf16*>(smem + lay.b);
   bf16* Qs = reinterpret_cast<bf16*>(smem + lay.c);
@@ -481,7 +487,7 @@ void attention_fwd_tc(const Context& c, ops::AttnMode mode, const Tensor& q, con
 bool attention_bwd_tc_eligible(DType dtype, int64_t head_dim) {
   // The dK/dV pass holds four bf16 tiles, two fp32 score tiles and two fp32 accumulators:
   // ~187 KiB at head dim 128, which fits an H100/H200 (227 KiB) but not an A100 (163 KiB).
-  return tc_shape_ok(dtype, head_dim) && fits_shared(TcBwdLayout(static_cast<int>(head_dim)).total);
+  return tc_shape_ok(dtype, head_dim) && fits_shared(TcBwdLayout(static_cast<int>(head_dim), kDkvPass).total);
 }
 
 void attention_bwd_tc(const Context& c, ops::AttnMode mode, const Tensor& dout, const Tensor& q, const Tensor& k,
@@ -489,14 +495,15 @@ void attention_bwd_tc(const Context& c, ops::AttnMode mode, const Tensor& dout, 
                       const Tensor& dk, const Tensor& dv) {
   const TcGeometry g{q.size(0), q.size(1), q.size(2), k.size(2), q.size(3), 1.f / sqrtf(static_cast<float>(q.size(3)))};
   const Tensor delta = Tensor::empty({g.B, g.H, g.L, 2}, DType::f32, Device::cuda);
-  const size_t smem = TcBwdLayout(static_cast<int>(g.hd)).total;
+  const size_t smem_dq = TcBwdLayout(static_cast<int>(g.hd), kDqPass).total;
+  const size_t smem = TcBwdLayout(static_cast<int>(g.hd), kDkvPass).total;
   const char* op = "cuda::attention_bwd (tensor cores)";
-  allow_dynamic_smem<flash_dq_tc<true>>(smem, op);
-  allow_dynamic_smem<flash_dq_tc<false>>(smem, op);
+  allow_dynamic_smem<flash_dq_tc<true>>(smem_dq, op);
+  allow_dynamic_smem<flash_dq_tc<false>>(smem_dq, op);
   allow_dynamic_smem<flash_dkv_tc>(smem, op);
   const unsigned tiles = static_cast<unsigned>((g.L + kTc - 1) / kTc);
   const uint8_t* m = mode == AttnMode::full ? nullptr : ptr<uint8_t>(modality);
-  flash_dq_tc<true><<<dim3(tiles, g.H, g.B), kTcThreads, smem, stream_of(c)>>>(
+  flash_dq_tc<true><<<dim3(tiles, g.H, g.B), kTcThreads, smem_dq, stream_of(c)>>>(
       mode, g, ptr<bf16>(q), ptr<bf16>(k), ptr<bf16>(v), m, ptr<bf16>(out), ptr<bf16>(dout), ptr<float>(lse),
       ptr<float>(delta), nullptr);
   CUDA_CHECK_LAUNCH();
@@ -504,7 +511,7 @@ void attention_bwd_tc(const Context& c, ops::AttnMode mode, const Tensor& dout, 
       mode, g, ptr<bf16>(q), ptr<bf16>(k), ptr<bf16>(v), m, ptr<bf16>(dout), ptr<float>(lse), ptr<float>(delta),
       ptr<bf16>(dk), ptr<bf16>(dv));
   CUDA_CHECK_LAUNCH();
-  flash_dq_tc<false><<<dim3(tiles, g.H, g.B), kTcThreads, smem, stream_of(c)>>>(
+  flash_dq_tc<false><<<dim3(tiles, g.H, g.B), kTcThreads, smem_dq, stream_of(c)>>>(
       mode, g, ptr<bf16>(q), ptr<bf16>(k), ptr<bf16>(v), m, ptr<bf16>(out), ptr<bf16>(dout), ptr<float>(lse),
       ptr<float>(delta), ptr<bf16>(dq));
   CUDA_CHECK_LAUNCH();
