@@ -38,7 +38,9 @@ PY
   export HWLOC_PLUGINS_PATH=$m/hwloc-plugins
   export PATH=$m/usr/bin:$PATH OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
   # mpirun as the GPU checks launch it: every rank gets the relocation above.
-  MPIRUN=(mpirun --oversubscribe --bind-to none -x LD_LIBRARY_PATH -x HWLOC_PLUGINS_PATH -x PMIX_PREFIX
+  # ob1 over shared memory: the same transport here and there, whatever UCX or libfabric
+  # would find (or probe for, slowly) on the lent machine.
+  MPIRUN=(mpirun --oversubscribe --bind-to none --mca pml ob1 --mca btl self,vader -x LD_LIBRARY_PATH -x HWLOC_PLUGINS_PATH -x PMIX_PREFIX
           -x PMIX_EXEC_PREFIX -x PMIX_LIBDIR -x PMIX_PKGLIBDIR -x VCHAT_SOURCE_DIR)
   export PACK LD_LIBRARY_PATH
 }

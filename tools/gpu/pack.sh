@@ -19,7 +19,9 @@ ARCH=$(gcc -print-multiarch 2>/dev/null || echo x86_64-linux-gnu)
 OMPI_LIB=/usr/lib/$ARCH/openmpi/lib
 PMIX=/usr/lib/$ARCH/pmix2
 # Libraries the lent machine provides (glibc and the loader, the driver, the CUDA toolkit).
-SYSTEM_RE='^(linux-vdso|ld-linux|libc\.so|libm\.so|libdl\.so|libpthread\.so|librt\.so|libcuda\.so|libcudart\.so|libcublas\.so|libcublasLt\.so|libnccl\.so)'
+# All of glibc's stay out, libresolv and the NSS modules included: they import glibc's
+# GLIBC_PRIVATE symbols, which only the glibc they were built with defines.
+SYSTEM_RE='^(linux-vdso|ld-linux|libc\.so|libm\.so|libdl\.so|libpthread\.so|librt\.so|libresolv\.so|libnss_|libanl\.so|libutil\.so|libnsl\.so|libmvec\.so|libthread_db\.so|libBrokenLocale\.so|libcuda\.so|libcudart\.so|libcublas\.so|libcublasLt\.so|libnccl\.so)'
 
 stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
@@ -55,6 +57,13 @@ done
 for l in "$OMPI_LIB"/libmca_common_*.so; do cp -L "$l" "$stage/pack/lib/$(basename "$l")"; done
 cp "$ROOT"/tools/gpu/*.sh "$stage/pack/tools/"
 git -C "$ROOT" rev-parse HEAD > "$stage/pack/COMMIT" 2>/dev/null || echo unknown > "$stage/pack/COMMIT"
+# What the binaries were built from, as files and their hashes (the device gets the working
+# tree but no .git): check.sh compares them there and flags a pack older than the tree.
+(cd "$ROOT" && git ls-files -co --exclude-standard -- src tests bench tools inputs/models CMakeLists.txt Makefile |
+   while read -r f; do [[ -f $f ]] && echo "$f"; done | LC_ALL=C sort | xargs -d '\n' sha256sum) > "$stage/pack/SOURCES.sha256"
+# The newest glibc symbol version any packed file needs: check.sh compares the machine's.
+for f in "$stage"/pack/bin/* "$stage"/pack/lib/*; do objdump -T "$f" 2>/dev/null | grep -oE 'GLIBC_2\.[0-9]+'; done |
+  sed 's/GLIBC_//' | sort -t. -k1,1n -k2,2n -u | tail -n 1 > "$stage/pack/GLIBC_NEEDED"
 mkdir -p "$OUTDIR"
 tar -C "$stage" -cJf "$OUTDIR/pack.tar.xz.tmp" pack
 mv "$OUTDIR/pack.tar.xz.tmp" "$OUTDIR/pack.tar.xz"

@@ -16,8 +16,17 @@ tar -C "$WORK" -xJf "$PACKFILE"
 source "$WORK/pack/tools/env.sh"
 vchat_gpu_env "$WORK/pack"
 # Allowed: the pack, the CUDA toolkit, and glibc's own libraries (the lent machine has those).
-ALLOWED="^($WORK/pack/lib/|$WORK/pack/mpi/|/usr/local/cuda|/usr/local/nvidia/|.*/nvidia/[a-z_]+/lib/|/lib/x86_64-linux-gnu/(libc|libm|libdl|libpthread|librt|ld-linux)[.-]|/lib64/ld-linux|/usr/lib/x86_64-linux-gnu/(libc|libm|libdl|libpthread|librt)[.-])"
+GLIBC_LIBS='libc|libm|libdl|libpthread|librt|libresolv|libnss_[a-z]+|libanl|libutil|libnsl|libmvec|libthread_db|libBrokenLocale'
+ALLOWED="^($WORK/pack/lib/|$WORK/pack/mpi/|/usr/local/cuda|/usr/local/nvidia/|.*/nvidia/[a-z0-9_]+/lib/|/lib/x86_64-linux-gnu/($GLIBC_LIBS|ld-linux)[.-]|/lib64/ld-linux|/usr/lib/x86_64-linux-gnu/($GLIBC_LIBS)[.-])"
 bad=0
+# A packed library that imports glibc's private symbols loads only with the very glibc it
+# was built with: it belongs to glibc and must come from the machine (pack.sh SYSTEM_RE).
+for f in "$WORK"/pack/lib/*; do
+  if objdump -T "$f" 2>/dev/null | grep -q GLIBC_PRIVATE; then
+    echo "rehearse: $(basename "$f") imports GLIBC_PRIVATE symbols: a part of glibc, it must not be packed"; bad=1
+  fi
+done
+echo "rehearse: the pack needs glibc >= $(cat "$WORK/pack/GLIBC_NEEDED") ($(sha256sum --quiet -c "$WORK/pack/SOURCES.sha256" 2>&1 | grep -c FAILED) of $(wc -l < "$WORK/pack/SOURCES.sha256") source files differ from the tree)"
 for bin in "$WORK"/pack/bin/*; do
   # Started with an argument that makes it print and exit (all libraries load, no GPU needed):
   # the test binary lists its tests, the benchmarks print their usage.
