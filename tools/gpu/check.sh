@@ -92,13 +92,16 @@ echo "$gpu" | tee "$LOGS/gpu.txt"
 glibc=$(getconf GNU_LIBC_VERSION 2>/dev/null | awk '{print $2}')
 record machine - "$gpu; glibc ${glibc:-?}; pack $(cut -c1-10 "$PACK/COMMIT")"
 # The pack against this tree: binaries built from other sources test other code.
-stale=$(sha256sum --quiet -c "$PACK/SOURCES.sha256" 2>/dev/null | grep -c FAILED)
-if [[ ! -f $PACK/SOURCES.sha256 ]]; then record pack-sources FAIL "the pack lists no sources (made by an older pack.sh): run make gpu-pack again"
-elif [[ $stale == 0 ]]; then record pack-sources pass "built from this tree ($(wc -l < "$PACK/SOURCES.sha256") files)"
-else record pack-sources FAIL "the pack is older than the tree: $stale source files differ, e.g. $(sha256sum --quiet -c "$PACK/SOURCES.sha256" 2>/dev/null | grep FAILED | head -n 3 | cut -d: -f1 | tr '\n' ' ')(run make gpu-pack again)"
+if [[ ! -f $PACK/SOURCES.sha256 ]]; then
+  record pack-sources FAIL "the pack lists no sources (made by an older pack.sh): run make gpu-pack again"
+else
+  differ=$(sha256sum --quiet -c "$PACK/SOURCES.sha256" 2>/dev/null | grep FAILED | cut -d: -f1)
+  if [[ -z $differ ]]; then record pack-sources pass "built from this tree ($(wc -l < "$PACK/SOURCES.sha256") files)"
+  else record pack-sources FAIL "the pack is older than the tree: $(wc -l <<< "$differ") source files differ, e.g. $(head -n 3 <<< "$differ" | tr '\n' ' ')(run make gpu-pack again)"
+  fi
 fi
 need=$(cat "$PACK/GLIBC_NEEDED" 2>/dev/null)
-if [[ -n $glibc && -n $need && $(printf '%s\n%s\n' "$need" "$glibc" | sort -t. -k1,1n -k2,2n | head -n 1) != "$need" ]]; then
+if [[ -n $glibc && -n $need && $(printf '%s\n%s\n' "$need" "$glibc" | sort -V | head -n 1) != "$need" ]]; then
   record glibc FAIL "the pack needs glibc >= $need, this machine has $glibc: packed libraries will not load"
 fi
 # NCCL (not part of the toolkit) and cuBLAS come from the nvidia-* Python wheels when the

@@ -63,7 +63,7 @@ git -C "$ROOT" rev-parse HEAD > "$stage/pack/COMMIT" 2>/dev/null || echo unknown
    while read -r f; do [[ -f $f ]] && echo "$f"; done | LC_ALL=C sort | xargs -d '\n' sha256sum) > "$stage/pack/SOURCES.sha256"
 # The newest glibc symbol version any packed file needs: check.sh compares the machine's.
 for f in "$stage"/pack/bin/* "$stage"/pack/lib/*; do objdump -T "$f" 2>/dev/null | grep -oE 'GLIBC_2\.[0-9]+'; done |
-  sed 's/GLIBC_//' | sort -t. -k1,1n -k2,2n -u | tail -n 1 > "$stage/pack/GLIBC_NEEDED"
+  sed 's/GLIBC_//' | sort -V | tail -n 1 > "$stage/pack/GLIBC_NEEDED"
 mkdir -p "$OUTDIR"
 tar -C "$stage" -cJf "$OUTDIR/pack.tar.xz.tmp" pack
 mv "$OUTDIR/pack.tar.xz.tmp" "$OUTDIR/pack.tar.xz"
