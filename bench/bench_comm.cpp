@@ -19,7 +19,7 @@
 #include "parallel/comm.h"
 #include "tensor.h"
 #ifdef VCHAT_WITH_CUDA
-#include "cuda/comm_nccl.h"
+#include "parallel/comm_nccl.h"
 #include "cuda/cuda_backend.h"
 #endif
 

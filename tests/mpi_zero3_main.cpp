@@ -17,8 +17,8 @@
 #include <string>
 #include <vector>
 
-#include "model/params.h"
-#include "model/units.h"
+#include "nn/params.h"
+#include "nn/units.h"
 #include "parallel/comm.h"
 #include "parallel/zero.h"
 #include "parallel/zero3.h"

@@ -6,7 +6,7 @@
 #include <chrono>
 #include <vector>
 
-#include "cuda/comm_nccl.h"
+#include "parallel/comm_nccl.h"
 #include "cuda/cuda_backend.h"
 #include "ops.h"
 #include "parallel/comm.h"

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "model/config.h"
+#include "model/grid_rules.h"
 #include "parallel/comm.h"
 #include "parallel/grid.h"
 

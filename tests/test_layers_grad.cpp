@@ -3,9 +3,9 @@
 
 #include <functional>
 
-#include "model/linear.h"
+#include "nn/linear.h"
 #include "model/llama.h"
-#include "model/norm.h"
+#include "nn/norm.h"
 #include "model/projection.h"
 #include "model/visualchat.h"
 #include "model/vit.h"

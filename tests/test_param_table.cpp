@@ -157,7 +157,8 @@ TEST(ParamTable, InitFollowsTheRuleAndBindingChecksTheLayer) {
   ModelConfig cfg = tiny();
   ParamTable table(cfg, TrainSet::paper_default, 4);
   ParamStore s;
-  s.declare(table.at("proj.norm.weight"), {-1, 0, 1, table.at("proj.norm.weight").full});
+  const ParamSpec& norm = table.at("proj.norm.weight");
+  s.declare(norm.name, norm.init, {-1, 0, 1, norm.full}, &norm);
   try {
     s.add("proj.norm.weight", {7});
     FAIL() << "a mismatched registration must throw";

@@ -9,8 +9,8 @@
 #include <string>
 #include <vector>
 
-#include "model/params.h"
-#include "model/units.h"
+#include "nn/params.h"
+#include "nn/units.h"
 #include "parallel/zero.h"
 #include "parallel/zero3.h"
 #include "zero3_toy.h"

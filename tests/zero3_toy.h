@@ -4,8 +4,8 @@
 #include <string>
 #include <vector>
 
-#include "model/params.h"
-#include "model/units.h"
+#include "nn/params.h"
+#include "nn/units.h"
 
 namespace vchat::test {
 

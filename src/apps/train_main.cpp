@@ -12,9 +12,10 @@
 #include "exec.h"
 #include "model/precision.h"
 #include "parallel/comm.h"
+#include "model/grid_rules.h"
 #include "parallel/grid.h"
 #ifdef VCHAT_WITH_CUDA
-#include "cuda/comm_nccl.h"
+#include "parallel/comm_nccl.h"
 #endif
 #include "train/signals.h"
 #include "train/train_config.h"

@@ -20,7 +20,7 @@
 #include <nlohmann/json.hpp>
 
 #include "data/hdf5.h"
-#include "model/params.h"
+#include "nn/params.h"
 #include "parallel/zero.h"
 
 namespace vchat::ckpt {

@@ -4,15 +4,10 @@
 #include <stdexcept>
 #include <string>
 
+#include "check.h"  // ConfigError
 #include "ops.h"
 
 namespace vchat {
-
-// A user-facing configuration mistake: the message names the option or key and its value.
-// Apps turn it into exit code 2.
-struct ConfigError : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
 
 struct LlmConfig {
   int64_t vocab_size = 0, hidden = 0, n_layers = 0, n_heads = 0, n_kv_heads = 0, intermediate = 0;

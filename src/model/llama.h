@@ -6,8 +6,8 @@
 
 #include "model/config.h"
 #include "model/kv_cache.h"
-#include "model/linear.h"
-#include "model/norm.h"
+#include "nn/linear.h"
+#include "nn/norm.h"
 
 namespace vchat {
 

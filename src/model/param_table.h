@@ -19,7 +19,7 @@
 #include <vector>
 
 #include "model/config.h"
-#include "model/params.h"
+#include "nn/params.h"
 
 namespace vchat {
 
@@ -32,13 +32,6 @@ enum class TpSplit : uint8_t {
   cols,     // dim 1 in tp equal parts (row-parallel weights)
   kv_rows,  // dim 0 by whole KV heads: split over tp when n_kv_heads >= tp, else rank r holds
             // head r·n_kv/tp, replicated on the tp/n_kv ranks that share it
-};
-
-enum class InitRule : uint8_t {
-  normal,  // N(0, 0.02): matrices and embeddings
-  ones,    // norm scales
-  zeros,   // biases, LoRA B
-  lora_a,  // U(-1/√in, 1/√in)
 };
 
 // The part of the model a parameter belongs to.

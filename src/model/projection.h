@@ -1,8 +1,8 @@
 // The paper's "baseline" projection: Linear(vision width → LLM hidden) then LayerNorm.
 #pragma once
 #include "model/config.h"
-#include "model/linear.h"
-#include "model/norm.h"
+#include "nn/linear.h"
+#include "nn/norm.h"
 
 namespace vchat {
 

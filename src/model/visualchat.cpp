@@ -48,7 +48,7 @@ VisualChatModel::VisualChatModel(const ModelConfig& cfg, const ModelOptions& opt
   for (const ParamSpec& spec : table_.all()) {
     if (!table_.on_stage(spec, mp.pp_rank, mp.pp_size)) continue;
     const TpPlacement pl = table_.placement(spec, tp_rank, tp);
-    Param& p = params_.declare(spec, pl.shard);
+    Param& p = params_.declare(spec.name, spec.init, pl.shard, &spec);
     params_.set_trainable(p, ParamTable::trains(spec, opt.train));
     p.grad_sum = pl.grad_sum == TpPlacement::tp_group ? mp.tp : pl.grad_sum == TpPlacement::kv_replicas ? tp_.kv_replicas : nullptr;
     p.counts_in_norm = pl.owner;

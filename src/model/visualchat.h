@@ -14,7 +14,7 @@
 #include "model/param_table.h"
 #include "model/precision.h"
 #include "model/projection.h"
-#include "model/units.h"
+#include "nn/units.h"
 #include "model/vit.h"
 
 namespace vchat {

@@ -6,9 +6,9 @@
 #include <vector>
 
 #include "model/config.h"
-#include "model/linear.h"
-#include "model/norm.h"
-#include "model/units.h"
+#include "nn/linear.h"
+#include "nn/norm.h"
+#include "nn/units.h"
 
 namespace vchat {
 

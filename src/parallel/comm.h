@@ -1,6 +1,6 @@
 // Comm: the collective/point-to-point interface every parallelism is written against
 // (DESIGN.md §5). Backends: MPI (CPU, any host buffers; comm_mpi.cpp) and NCCL (device
-// buffers; src/cuda/comm_nccl.h). A Comm is one group: its rank and size are within that
+// buffers; src/parallel/comm_nccl.h). A Comm is one group: its rank and size are within that
 // group, and groups of the tp × dp × pp grid are made with split().
 //
 // Every rank of a group must issue the same operations in the same order (as with MPI).

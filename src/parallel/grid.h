@@ -12,7 +12,7 @@
 #include <memory>
 #include <string>
 
-#include "model/config.h"
+#include "check.h"  // ConfigError
 #include "parallel/comm.h"
 
 namespace vchat {
@@ -37,10 +37,6 @@ int rank_of(const GridCoord& coord, const GridShape& shape);
 // Throws ConfigError naming the options and values when they do not fit.
 GridShape infer_grid(int world, int tp, int pp);
 
-// The model and schedule constraints of a shape. Throws ConfigError naming the option, the
-// config key and both values for the first violation found.
-void validate_grid(const GridShape& shape, const ModelConfig& model, int micro_batches);
-
 // A half-open range of LLM layer indices, [begin, end).
 struct LayerRange {
   int begin = 0, end = 0;
@@ -48,7 +44,7 @@ struct LayerRange {
 };
 
 // The contiguous layers of pipeline stage `stage` out of `pp`: balanced, the first
-// n_layers % pp stages hold one extra layer. Requires 1 <= pp <= n_layers (validate_grid
+// n_layers % pp stages hold one extra layer. Requires 1 <= pp <= n_layers (validate_grid,
 // reports that case to the user; here it is std::invalid_argument).
 LayerRange stage_layers(int n_layers, int pp, int stage);
 

@@ -8,7 +8,7 @@
 #include <unordered_map>
 #include <utility>
 
-#include "model/config.h"
+#include "check.h"  // ConfigError
 #include "ops.h"
 
 namespace vchat {

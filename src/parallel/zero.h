@@ -24,8 +24,8 @@
 #include <functional>
 #include <vector>
 
-#include "model/params.h"
-#include "model/units.h"
+#include "nn/params.h"
+#include "nn/units.h"
 #include "parallel/comm.h"
 #include "parallel/adamw.h"
 

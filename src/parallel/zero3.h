@@ -23,7 +23,7 @@
 #include <optional>
 #include <vector>
 
-#include "model/units.h"
+#include "nn/units.h"
 #include "parallel/zero.h"
 
 namespace vchat {

@@ -12,7 +12,7 @@
 #include <nlohmann/json.hpp>
 
 #include "data/sha256.h"
-#include "model/params.h"
+#include "nn/params.h"
 #include "ops.h"
 #include "parallel/pipeline.h"
 #include "checkpoint/reshard.h"

@@ -1,4 +1,4 @@
-#include "model/linear.h"
+#include "nn/linear.h"
 
 #include "check.h"
 #include "ops.h"
@@ -30,7 +30,8 @@ void Linear::add_lora(ParamStore& store, int64_t rank, float alpha) {
 }
 
 Tensor Linear::forward(const ExecContext& ex, const Tensor& x, LinearCache& cache) const {
-  VCHAT_CHECK(x.dim() == 2 && x.size(1) == in_, name_ << ": input " << shape_str(x.shape()) << ", expected [N, " << in_ << "]");
+  VCHAT_CHECK(x.dim() == 2 && x.size(1) == in_,
+              name_ << ": input " << shape_str(x.shape()) << ", expected [N, " << in_ << "]");
   Tensor y = Tensor::empty({x.size(0), out_}, x.dtype(), x.device());
   ops::linear_fwd(ex, x, w_->compute(), b_ ? b_->compute() : Tensor(), y);
   cache.x = x;

@@ -1,4 +1,4 @@
-#include "model/norm.h"
+#include "nn/norm.h"
 
 #include "ops.h"
 

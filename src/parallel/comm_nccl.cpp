@@ -9,7 +9,7 @@
 // result to host memory (staged host buffers, all_reduce_f64) is waited for by polling in
 // the calling thread under the same timeout. The unique id is exchanged, and groups are
 // split, over a host (MPI) Comm.
-#include "cuda/comm_nccl.h"
+#include "parallel/comm_nccl.h"
 
 #include "cuda/context.h"
 

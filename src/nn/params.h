@@ -12,7 +12,15 @@
 namespace vchat {
 
 class Comm;
-struct ParamSpec;
+struct ParamSpec;  // the model's parameter table (model/param_table.h), opaque here
+
+// How init_params draws a parameter (the parameter table gives each one its rule).
+enum class InitRule : uint8_t {
+  normal,  // N(0, 0.02): matrices and embeddings
+  ones,    // norm scales
+  zeros,   // biases, LoRA B
+  lora_a,  // U(-1/√in, 1/√in)
+};
 
 // Which part of the full (one-rank) tensor a Param holds: slice `index` of `count` equal
 // parts along `dim` (tensor parallelism), or the whole tensor (dim = -1). init_params
@@ -20,7 +28,7 @@ struct ParamSpec;
 struct ShardSpec {
   int dim = -1;
   int64_t index = 0, count = 1;
-  Shape full;  // the one-rank shape
+  Shape full;            // the one-rank shape
   Shape local() const {  // the shape this rank holds (also while ZeRO-3 has released the value)
     Shape s = full;
     if (dim >= 0) s[dim] /= count;
@@ -54,6 +62,7 @@ struct Param {
   // Its entry in the model's parameter table (model/param_table.h); nullptr in the bare
   // stores that layer tests build.
   const ParamSpec* spec = nullptr;
+  InitRule init = InitRule::normal;  // the table's rule (a bare store's parameters: normal)
 };
 
 class ParamStore {
@@ -65,9 +74,10 @@ class ParamStore {
   // A tensor-parallel slice: `shape` is the full one-rank shape, the Param holds part
   // `index` of `count` along `dim`.
   Param& add_sharded(const std::string& name, Shape full, int dim, int64_t index, int64_t count);
-  // Declares a parameter from the table, holding the slice `shard` (zero-filled). Once a
-  // store has declarations, add/add_sharded only bind.
-  Param& declare(const ParamSpec& spec, const ShardSpec& shard);
+  // Declares a parameter from the table (`spec`, its entry there, is kept as Param::spec),
+  // holding the slice `shard` (zero-filled). Once a store has declarations, add/add_sharded
+  // only bind.
+  Param& declare(const std::string& name, InitRule init, const ShardSpec& shard, const ParamSpec* spec);
   // Throws std::logic_error naming every declared parameter no layer bound to.
   void check_all_bound() const;
   Param* find(const std::string& name) const;
@@ -110,9 +120,9 @@ class ParamStore {
   // Param's value/grad/work becomes a view into them. ZeRO shards these buffers over the DP
   // group. The values stay where they were (the host, for trainable_masters_on_host).
   struct Flat {
-    Tensor values, grads;        // [padded] f32
-    Tensor work;                 // [padded] the working copies (undefined without them)
-    std::vector<int64_t> offset; // per trainable Param, in trainable() order
+    Tensor values, grads;         // [padded] f32
+    Tensor work;                  // [padded] the working copies (undefined without them)
+    std::vector<int64_t> offset;  // per trainable Param, in trainable() order
     int64_t numel = 0, padded = 0;
   };
   const Flat& flatten_trainable(int64_t align);
@@ -144,7 +154,6 @@ class ParamStore {
 void init_params(ParamStore& store, uint64_t seed);
 // The full (one-rank) initial tensor init_params draws for parameter `name` (what vchat-ckpt
 // import gives the parameters a Hugging Face checkpoint does not have).
-enum class InitRule : uint8_t;
 Tensor initial_value(const std::string& name, InitRule rule, const Shape& full, uint64_t seed);
 
 // The part of a full (one-rank) tensor that `spec` describes, as a view.

@@ -16,7 +16,7 @@
 #pragma once
 #include <string>
 
-#include "model/params.h"
+#include "nn/params.h"
 
 namespace vchat {
 

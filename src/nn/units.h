@@ -7,7 +7,7 @@
 #include <string>
 #include <vector>
 
-#include "model/params.h"
+#include "nn/params.h"
 
 namespace vchat {
 
@@ -42,10 +42,18 @@ namespace vchat {
 struct HookCursor {
   UnitHooks* hooks = nullptr;
   int base = 0;
-  void before_forward(int i) const { if (hooks) hooks->before_forward(base + i); }
-  void after_forward(int i) const { if (hooks) hooks->after_forward(base + i); }
-  void before_backward(int i) const { if (hooks) hooks->before_backward(base + i); }
-  void after_backward(int i) const { if (hooks) hooks->after_backward(base + i); }
+  void before_forward(int i) const {
+    if (hooks) hooks->before_forward(base + i);
+  }
+  void after_forward(int i) const {
+    if (hooks) hooks->after_forward(base + i);
+  }
+  void before_backward(int i) const {
+    if (hooks) hooks->before_backward(base + i);
+  }
+  void after_backward(int i) const {
+    if (hooks) hooks->after_backward(base + i);
+  }
 };
 
 }  // namespace vchat

@@ -1,4 +1,4 @@
-#include "model/params.h"
+#include "nn/params.h"
 
 #include <algorithm>
 #include <cmath>
@@ -6,7 +6,6 @@
 #include <random>
 #include <stdexcept>
 
-#include "model/param_table.h"
 #include "ops.h"
 
 namespace vchat {
@@ -26,8 +25,9 @@ Param& ParamStore::bind(const std::string& name, const ShardSpec& want) {
   for (size_t i = 0; i < params_.size(); ++i) {
     if (params_[i]->name != name) continue;
     const ShardSpec& have = params_[i]->shard;
-    const bool same = have.full == want.full && (have.dim < 0 ? want.dim < 0 : have.dim == want.dim &&
-                                                  have.index == want.index && have.count == want.count);
+    const bool same =
+        have.full == want.full &&
+        (have.dim < 0 ? want.dim < 0 : have.dim == want.dim && have.index == want.index && have.count == want.count);
     if (!same)
       throw std::logic_error("parameter " + name + ": the layer asks for " + shape_str(want.local()) + " of " +
                              shape_str(want.full) + ", the parameter table declares " + shape_str(have.local()) +
@@ -54,11 +54,13 @@ Param& ParamStore::add_sharded(const std::string& name, Shape full, int dim, int
   return declared_ ? bind(name, shard) : create(name, shard);
 }
 
-Param& ParamStore::declare(const ParamSpec& spec, const ShardSpec& shard) {
-  if (!declared_ && !params_.empty()) throw std::logic_error("declare(" + spec.name + ") after layers registered parameters");
+Param& ParamStore::declare(const std::string& name, InitRule init, const ShardSpec& shard, const ParamSpec* spec) {
+  if (!declared_ && !params_.empty())
+    throw std::logic_error("declare(" + name + ") after layers registered parameters");
   declared_ = true;
-  Param& p = create(spec.name, shard);
-  p.spec = &spec;
+  Param& p = create(name, shard);
+  p.spec = spec;
+  p.init = init;
   return p;
 }
 
@@ -214,7 +216,8 @@ Tensor initial_value(const std::string& name, InitRule rule, const Shape& full_s
   float* d = full.data<float>();
   const int64_t n = full.numel();
   switch (rule) {
-    case InitRule::zeros: break;
+    case InitRule::zeros:
+      break;
     case InitRule::ones:
       for (int64_t i = 0; i < n; ++i) d[i] = 1.f;
       break;
@@ -244,7 +247,7 @@ void init_params(ParamStore& store, uint64_t seed) {
   for (int64_t i = 0; i < n; ++i) {
     Param& p = *all[static_cast<size_t>(i)];
     try {
-      const Tensor full = initial_value(p.name, p.spec ? p.spec->init : InitRule::normal, p.shard.full, seed);
+      const Tensor full = initial_value(p.name, p.init, p.shard.full, seed);
       const Tensor mine = shard_of(full, p.shard).clone();  // contiguous, as copy_from wants
       if (p.value.device() == Device::cpu) {
         p.value.copy_from(mine);
