@@ -1,15 +1,19 @@
 // The NCCL Comm through every operation at one rank (part of the GPU suite): device
-// buffers, and host buffers staged through the device (pipeline headers, run ids). At one
-// rank each collective is the identity, so results are known exactly.
+// buffers, and host buffers of collectives staged through the device (run ids). At one rank
+// each collective is the identity, so results are known exactly. (Point-to-point needs a
+// peer, so a second GPU: NCCL refuses two ranks on one device.)
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <vector>
 
-#include "parallel/comm_nccl.h"
 #include "cuda/cuda_backend.h"
+#include "exec.h"
 #include "ops.h"
 #include "parallel/comm.h"
+#include "parallel/comm_nccl.h"
 
 namespace vchat {
 namespace {
@@ -25,7 +29,9 @@ class CudaComm : public ::testing::Test {
   std::unique_ptr<Comm> comm;
 };
 
-Tensor dev(const std::vector<float>& v) { return Tensor::from_vector(v, {static_cast<int64_t>(v.size())}).to(Device::cuda); }
+Tensor dev(const std::vector<float>& v) {
+  return Tensor::from_vector(v, {static_cast<int64_t>(v.size())}).to(Device::cuda);
+}
 
 TEST_F(CudaComm, EveryOperationAtOneRankOnDeviceAndHostBuffers) {
   ASSERT_EQ(comm->size(), 1);
@@ -119,6 +125,42 @@ TEST_F(CudaComm, EveryOperationAtOneRankOnDeviceAndHostBuffers) {
   EXPECT_EQ(e.to_vector_f32(), v);
   EXPECT_EQ(comm->split(-1, 0, "none"), nullptr);
   EXPECT_GE(comm->stats().calls, 10);
+}
+
+// ZeRO-3's prefetch: all_gather_async's wait() makes the compute stream wait for the gather
+// and returns without the host waiting, even behind a long queue of compute (the gather's
+// stream waits for that queue first). The result is what the next kernel there reads.
+TEST_F(CudaComm, AsyncGatherWaitOrdersTheComputeStreamWithoutBlockingTheHost) {
+  using Clock = std::chrono::steady_clock;
+  auto seconds = [](Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); };
+  const ExecContext ex = ExecContext::of(Device::cuda);
+  // Large GEMMs, so that 0.3 s of them stays far below the launch queue's depth (past it the
+  // host would block in the launches themselves).
+  const int64_t n = 8192;
+  Tensor a = Tensor::zeros({n, n}, DType::f32, Device::cuda), c = Tensor::empty({n, n}, DType::f32, Device::cuda);
+  // Enough GEMMs to keep the GPU busy for at least 0.3 s, from the time of a few.
+  ops::gemm(ex, a, false, a, false, c, 1.f, 0.f);  // cuBLASLt's first call picks its algorithm
+  cuda::synchronize();
+  auto t0 = Clock::now();
+  for (int i = 0; i < 4; ++i) ops::gemm(ex, a, false, a, false, c, 1.f, 0.f);
+  cuda::synchronize();
+  const int gemms = static_cast<int>(std::min(500.0, std::ceil(4 * 0.3 / std::max(seconds(t0), 1e-6))));
+
+  const std::vector<float> v = {1.5f, -2.f, 3.25f, 4.f};
+  const Tensor src = dev(v);
+  Tensor got = Tensor::zeros({4}, DType::f32, Device::cuda);
+  cuda::synchronize();
+  t0 = Clock::now();
+  for (int i = 0; i < gemms; ++i) ops::gemm(ex, a, false, a, false, c, 1.f, 0.f);
+  auto req = comm->all_gather_async(src.raw(), got.raw(), 4, DType::f32);
+  req->wait();
+  const double host = seconds(t0);
+  cuda::synchronize();
+  const double total = seconds(t0);
+  EXPECT_GT(total, 0.2) << gemms << " GEMMs of " << n << "^2 kept the GPU busy too briefly to tell";
+  EXPECT_LT(host, 0.25 * total) << "wait() held the host " << host << " s of the " << total
+                                << " s the queued compute took: it waited on the host, not on the GPU";
+  EXPECT_EQ(got.to_vector_f32(), v);
 }
 
 // CommStats::device_seconds: the GPU time of the operations on the Comm's stream, counted

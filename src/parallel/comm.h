@@ -50,8 +50,8 @@ struct CommStats {
 // An operation started by an *_async call. wait() completes it (under the Comm's timeout,
 // counted from the start); the destructor waits if nobody did, so an operation is never
 // left in flight. The buffers passed at the start must stay valid until then. (On a GPU,
-// reduce_scatter_async's wait() orders the compute stream after the operation instead of
-// blocking the host: what is enqueued there next sees the result.)
+// wait() orders the compute stream after the operation instead of blocking the host: what
+// is enqueued there next sees the result.)
 class CommRequest {
  public:
   virtual ~CommRequest() = default;
@@ -83,7 +83,10 @@ class Comm {
   virtual void all_gather(const void* send, void* recv, int64_t send_count, DType dtype) = 0;
   // Blocking point-to-point with another rank of this group (0 ≤ peer < size(), peer ≠
   // rank()). Messages between two ranks arrive in order; recv must ask for exactly the
-  // bytes that were sent.
+  // bytes that were sent, into the same memory space they were sent from: NCCL carries a
+  // message in device memory on the GPU (enqueued; "blocking" as its collectives are) and
+  // one in host memory over its host group, so the two ends must agree, and sendrecv's two
+  // buffers must be in one space there.
   virtual void send(const void* buf, int64_t bytes, int peer) = 0;
   virtual void recv(void* buf, int64_t bytes, int peer) = 0;
   // Sends to `dest` and receives from `source` at once (they may be the same peer), so two

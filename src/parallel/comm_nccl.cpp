@@ -7,8 +7,9 @@
 // so a collective some rank never joins aborts the job with a message naming it
 // (Comm::set_timeout) instead of hanging in the driver. An operation that has to bring a
 // result to host memory (staged host buffers, all_reduce_f64) is waited for by polling in
-// the calling thread under the same timeout. The unique id is exchanged, and groups are
-// split, over a host (MPI) Comm.
+// the calling thread under the same timeout. The unique id is exchanged, groups are split,
+// and point-to-point messages in host memory (pipeline headers) travel, over a host (MPI)
+// Comm of the same ranks.
 #include "parallel/comm_nccl.h"
 
 #include "cuda/context.h"
@@ -93,7 +94,7 @@ class Backoff {
   std::chrono::microseconds nap_{0};
 };
 
-// NCCL moves device memory only. A host buffer (pipeline headers, a run id, a small host
+// NCCL moves device memory only. A host buffer of a collective (a run id, a small host
 // array of a test) goes through a device copy: in before the operation when it is read,
 // out after it completed when it is written. Device buffers pass as they are.
 class DeviceStaged {
@@ -226,9 +227,8 @@ class NcclComm final : public Comm {
     if (mpi_up && !finalized) MPI_Comm_rank(MPI_COMM_WORLD, &world_rank_);
     events_ = std::make_shared<EventPool>(device_);
     timer_ = std::make_unique<StreamTimer>(device_);
-    watchdog_ = std::make_unique<Watchdog>([this](const std::string& what, const std::string& why) {
-      abort_job(what, why);
-    });
+    watchdog_ =
+        std::make_unique<Watchdog>([this](const std::string& what, const std::string& why) { abort_job(what, why); });
   }
   // The members' deleters run after this body: make the device current for them.
   ~NcclComm() override {
@@ -267,8 +267,7 @@ class NcclComm final : public Comm {
     void* dev = scratch(bytes);
     run("all_reduce_f64", ring_all_reduce_bytes(double(bytes)), /*async=*/false, [&] {
       CUDA_CHECK(cudaMemcpyAsync(dev, buf, bytes, cudaMemcpyHostToDevice, stream_.get()));
-      return ncclAllReduce(dev, dev, static_cast<size_t>(count), ncclFloat64, nccl_op(op), comm_.get(),
-                           stream_.get());
+      return ncclAllReduce(dev, dev, static_cast<size_t>(count), ncclFloat64, nccl_op(op), comm_.get(), stream_.get());
     });
     CUDA_CHECK(cudaMemcpyAsync(buf, dev, bytes, cudaMemcpyDeviceToHost, stream_.get()));
     CUDA_CHECK(cudaStreamSynchronize(stream_.get()));  // the stream is otherwise idle: immediate
@@ -288,7 +287,8 @@ class NcclComm final : public Comm {
     const OpTimer timer(*this);
     // NCCL has no barrier: a one-element all-reduce completes on no rank before all joined.
     void* dev = scratch(sizeof(int32_t));
-    run("barrier", 0, /*async=*/false, [&] { return ncclAllReduce(dev, dev, 1, ncclInt32, ncclSum, comm_.get(), stream_.get()); });
+    run("barrier", 0, /*async=*/false,
+        [&] { return ncclAllReduce(dev, dev, 1, ncclInt32, ncclSum, comm_.get(), stream_.get()); });
   }
 
   void reduce_scatter(const void* send, void* recv, int64_t recv_count, DType dtype, ReduceOp op) override {
@@ -301,17 +301,15 @@ class NcclComm final : public Comm {
       throw std::invalid_argument("reduce_scatter on group '" + name_ +
                                   "': recv overlaps send other than as send's own block");
     run("reduce_scatter", ring_share_bytes(double(size()) * block), /*async=*/true, [&] {
-      return ncclReduceScatter(send, recv, static_cast<size_t>(recv_count), t, nccl_op(op), comm_.get(),
-                               stream_.get());
+      return ncclReduceScatter(send, recv, static_cast<size_t>(recv_count), t, nccl_op(op), comm_.get(), stream_.get());
     });
   }
 
   void all_gather(const void* send, void* recv, int64_t send_count, DType dtype) override {
     const OpTimer timer(*this);
     const int64_t block = gather_block(send, recv, send_count, dtype, "all_gather");
-    run("all_gather", ring_share_bytes(double(size()) * block), /*async=*/true, [&] {
-      return ncclAllGather(send, recv, static_cast<size_t>(block), ncclUint8, comm_.get(), stream_.get());
-    });
+    run("all_gather", ring_share_bytes(double(size()) * block), /*async=*/true,
+        [&] { return ncclAllGather(send, recv, static_cast<size_t>(block), ncclUint8, comm_.get(), stream_.get()); });
   }
 
   // Enqueued like every operation, but the compute stream does not wait for it yet: the
@@ -328,8 +326,7 @@ class NcclComm final : public Comm {
       throw std::invalid_argument(std::string(name) + " on group '" + name_ +
                                   "': recv overlaps send other than as send's own block");
     return run_gpu_ordered(name, ring_share_bytes(double(size()) * block), [&] {
-      return ncclReduceScatter(send, recv, static_cast<size_t>(recv_count), t, nccl_op(op), comm_.get(),
-                               stream_.get());
+      return ncclReduceScatter(send, recv, static_cast<size_t>(recv_count), t, nccl_op(op), comm_.get(), stream_.get());
     });
   }
 
@@ -398,40 +395,46 @@ class NcclComm final : public Comm {
     });
   }
 
-  // Enqueued on the Comm's stream like every operation, with an event behind it that the
-  // request's wait() polls (the stream itself may by then hold later operations).
+  // As reduce_scatter_async: enqueued now, the compute stream waits for it at wait() (on the
+  // GPU; the host goes on), so ZeRO-3's prefetch of the next unit never holds the host up.
   std::unique_ptr<CommRequest> all_gather_async(const void* send, void* recv, int64_t send_count,
                                                 DType dtype) override {
     const OpTimer timer(*this);
-    const auto start = Clock::now();
     const char* op = "all_gather_async";
     const int64_t block = gather_block(send, recv, send_count, dtype, op);
-    bind_device();
-    cudaEvent_t e = nullptr;  // made first: once the gather is enqueued, only its event can wait for it
-    CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
-    EventPtr done(e);
-    issue(op, [&] {
+    return run_gpu_ordered(op, ring_share_bytes(double(size()) * block), [&] {
       return ncclAllGather(send, recv, static_cast<size_t>(block), ncclUint8, comm_.get(), stream_.get());
     });
-    CUDA_CHECK(cudaEventRecord(done.get(), stream_.get()));
-    record(ring_share_bytes(double(size()) * block));
-    return std::make_unique<Request>(*this, op, start, std::move(done));
   }
 
+  // Point-to-point: device memory over NCCL, host memory over the host group (comm.h). A
+  // host buffer staged through the device would be copied and sent behind every kernel
+  // queued so far, and the host would wait for them all: the pipeline's headers would drain
+  // the compute stream at every stage boundary, and 1F1B's host could never run ahead.
   void send(const void* buf, int64_t bytes, int peer) override {
     const OpTimer timer(*this);
     check_peer(peer, "send");
-    const DeviceStaged b(buf, bytes, true);
-    run("send", double(bytes), !b.staged(),
-        [&] { return ncclSend(b.ptr(), static_cast<size_t>(bytes), ncclUint8, peer, comm_.get(), stream_.get()); });
+    if (!on_host(buf, bytes)) {
+      run("send", double(bytes), /*async=*/true,
+          [&] { return ncclSend(buf, static_cast<size_t>(bytes), ncclUint8, peer, comm_.get(), stream_.get()); });
+      return;
+    }
+    host_->set_timeout(timeout());
+    host_->send(buf, bytes, peer);
+    record(double(bytes));
   }
+
   void recv(void* buf, int64_t bytes, int peer) override {
     const OpTimer timer(*this);
     check_peer(peer, "recv");
-    const DeviceStaged b(buf, bytes, false);
-    run("recv", double(bytes), !b.staged(),
-        [&] { return ncclRecv(b.ptr(), static_cast<size_t>(bytes), ncclUint8, peer, comm_.get(), stream_.get()); });
-    b.write_back();
+    if (!on_host(buf, bytes)) {
+      run("recv", double(bytes), /*async=*/true,
+          [&] { return ncclRecv(buf, static_cast<size_t>(bytes), ncclUint8, peer, comm_.get(), stream_.get()); });
+      return;
+    }
+    host_->set_timeout(timeout());
+    host_->recv(buf, bytes, peer);
+    record(double(bytes));
   }
 
   void sendrecv(const void* send_buf, int64_t send_bytes, int dest, void* recv_buf, int64_t recv_bytes,
@@ -439,19 +442,29 @@ class NcclComm final : public Comm {
     const OpTimer timer(*this);
     check_peer(dest, "sendrecv");
     check_peer(source, "sendrecv");
+    const bool send_host = on_host(send_buf, send_bytes), recv_host = on_host(recv_buf, recv_bytes);
+    // Each message takes its memory's path on both sides; one call with a message on each
+    // path would need both posted before either blocks, which nothing here needs.
+    if (send_bytes > 0 && recv_bytes > 0 && send_host != recv_host)
+      throw std::invalid_argument("sendrecv on group '" + name_ +
+                                  "': the send and receive buffers must both be host or both be device memory");
+    if (send_host || recv_host) {
+      host_->set_timeout(timeout());
+      host_->sendrecv(send_buf, send_bytes, dest, recv_buf, recv_bytes, source);
+      record(double(send_bytes) + double(recv_bytes));
+      return;
+    }
     // One NCCL group: both transfers are posted before either waits, so two ranks sending
     // to each other do not deadlock.
-    const DeviceStaged sb(send_buf, send_bytes, true), rb(recv_buf, recv_bytes, false);
-    run("sendrecv", double(send_bytes) + double(recv_bytes), !sb.staged() && !rb.staged(), [&] {
+    run("sendrecv", double(send_bytes) + double(recv_bytes), /*async=*/true, [&] {
       ncclResult_t rc = ncclGroupStart();
       if (rc != ncclSuccess) return rc;
-      rc = ncclSend(sb.ptr(), static_cast<size_t>(send_bytes), ncclUint8, dest, comm_.get(), stream_.get());
+      rc = ncclSend(send_buf, static_cast<size_t>(send_bytes), ncclUint8, dest, comm_.get(), stream_.get());
       if (rc == ncclSuccess)
-        rc = ncclRecv(rb.ptr(), static_cast<size_t>(recv_bytes), ncclUint8, source, comm_.get(), stream_.get());
+        rc = ncclRecv(recv_buf, static_cast<size_t>(recv_bytes), ncclUint8, source, comm_.get(), stream_.get());
       const ncclResult_t end = ncclGroupEnd();  // closes the group even after a failed call
       return rc != ncclSuccess ? rc : end;
     });
-    rb.write_back();
   }
 
   std::unique_ptr<Comm> split(int color, int key, const std::string& name) const override {
@@ -466,51 +479,21 @@ class NcclComm final : public Comm {
  private:
   ncclDataType_t reduce_type(DType dtype, const char* op) const {
     switch (dtype) {
-      case DType::f32: return ncclFloat32;
-      case DType::bf16: return ncclBfloat16;
-      case DType::i32: return ncclInt32;
+      case DType::f32:
+        return ncclFloat32;
+      case DType::bf16:
+        return ncclBfloat16;
+      case DType::i32:
+        return ncclInt32;
       default:
         throw std::invalid_argument(std::string(op) + " on group '" + name_ + "': unsupported dtype " +
                                     dtype_name(dtype));
     }
   }
 
-  // An all_gather_async in flight: its event and start, for the timeout. It holds the
-  // Comm, so it must be waited for (or destroyed) before the Comm is.
-  class Request final : public CommRequest {
-   public:
-    Request(NcclComm& comm, const char* op, Clock::time_point start, EventPtr done)
-        : comm_(comm), op_(op), start_(start), done_(std::move(done)) {}
-    // A wait that throws leaves nothing in flight: the communicator was aborted (which
-    // stops its kernels) or the CUDA context is broken. The error is the caller's to see
-    // from wait(), or from the operation that found it first, so here it is dropped.
-    ~Request() override {
-      try {
-        wait();
-        bind_device();  // for the event's deleter
-      } catch (...) {
-      }
-    }
-    Request(const Request&) = delete;
-    Request& operator=(const Request&) = delete;
-    void wait() override {
-      if (waited_) return;
-      waited_ = true;  // first: a throw from the wait must not make the destructor retry
-      const OpTimer timer(comm_);
-      bind_device();
-      comm_.wait(op_, start_, done_.get());
-    }
-
-   private:
-    NcclComm& comm_;
-    const char* op_;
-    Clock::time_point start_;
-    EventPtr done_;
-    bool waited_ = false;
-  };
-
-  // reduce_scatter_async's request: wait() makes the compute stream wait
-  // for the operation's event; the host does not block (the watchdog enforces the timeout).
+  // An asynchronous operation's request (reduce_scatter_async, all_gather_async, ...):
+  // wait() makes the compute stream wait for the operation's event; the host does not block
+  // (the watchdog enforces the timeout).
   class GpuOrdered final : public CommRequest {
    public:
     GpuOrdered(std::shared_ptr<void> done, const Context& compute) : done_(std::move(done)), compute_(compute) {}
@@ -532,6 +515,10 @@ class NcclComm final : public Comm {
     std::shared_ptr<void> done_;
     Context compute_;
   };
+
+  // Whether a point-to-point message is in host memory (and so takes the host group). An
+  // empty one has no memory: it goes over NCCL on both sides, as zero bytes.
+  static bool on_host(const void* p, int64_t bytes) { return bytes > 0 && pointer_device(p) == Device::cpu; }
 
   // The bytes of one block, after refusing overlaps other than the in-place one (NCCL's own
   // convention: send == recv + rank · send_count).
@@ -585,8 +572,8 @@ class NcclComm final : public Comm {
     if (async) {
       CUDA_CHECK(cudaEventRecord(done, stream_.get()));
       CUDA_CHECK(cudaStreamWaitEvent(static_cast<cudaStream_t>(compute_.stream()), done, 0));
-      watchdog_->watch({describe(op), timeout(), [this, done] { return poll(done); },
-                        [pool = events_, done] { pool->give(done); }});
+      watchdog_->watch(
+          {describe(op), timeout(), [this, done] { return poll(done); }, [pool = events_, done] { pool->give(done); }});
     } else {
       wait(op, start);
     }
@@ -671,14 +658,13 @@ class NcclComm final : public Comm {
     timer_->end(start, stream_.get());
   }
 
-  // Waits for everything on the stream, or only for the work before `until` when given
-  // (an asynchronous operation: later ones may have been enqueued behind it).
-  void wait(const char* op, Clock::time_point start, cudaEvent_t until = nullptr) {
+  // Waits for everything on the stream (a staged host buffer is read or written next).
+  void wait(const char* op, Clock::time_point start) {
     if (aborted_) throw std::runtime_error(std::string(op) + " on group '" + name_ + "': communicator was aborted");
     const double limit = timeout();
     Backoff backoff;
     for (;;) {
-      const cudaError_t st = until ? cudaEventQuery(until) : cudaStreamQuery(stream_.get());
+      const cudaError_t st = cudaStreamQuery(stream_.get());
       if (st == cudaSuccess) return;
       if (st != cudaErrorNotReady) CUDA_CHECK(st);
       // A network or peer failure is reported here, not by the stream: the stream would
@@ -686,8 +672,7 @@ class NcclComm final : public Comm {
       ncclResult_t async = ncclSuccess;
       {
         std::lock_guard<std::mutex> lock(abort_mutex_);  // the watchdog may abort it meanwhile
-        if (aborted_)
-          throw std::runtime_error(std::string(op) + " on group '" + name_ + "': communicator was aborted");
+        if (aborted_) throw std::runtime_error(std::string(op) + " on group '" + name_ + "': communicator was aborted");
         NCCL_CHECK(ncclCommGetAsyncError(comm_.get(), &async));
       }
       if (async != ncclSuccess && async != ncclInProgress) {
@@ -738,11 +723,11 @@ class NcclComm final : public Comm {
   Context compute_;  // the stream whose work the operations are ordered with
   StreamPtr stream_;
   EventPtr ready_;  // recorded on the compute stream before each operation (issue())
-  NcclPtr comm_;  // after stream_: destroyed before it
+  NcclPtr comm_;    // after stream_: destroyed before it
   DevicePtr scratch_;
   size_t scratch_bytes_ = 0;
   int device_ = -1, world_rank_ = -1;
-  std::mutex abort_mutex_;  // orders abort_comm() with the watchdog's polls
+  std::mutex abort_mutex_;            // orders abort_comm() with the watchdog's polls
   std::atomic<bool> aborted_{false};  // set under abort_mutex_ (also read without it: a quick check)
   std::shared_ptr<EventPool> events_;
   std::unique_ptr<StreamTimer> timer_;  // GPU time of the operations on stream_ (device_seconds)
