@@ -37,18 +37,8 @@ class CudaOps : public ::testing::Test {
 const cuda::Context& ctx() { return cuda::device_context(); }
 ExecContext gpu() { return ExecContext::of(Device::cuda); }
 
-uint16_t bf16_bits(float f) {  // round to nearest even (inputs here are finite)
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
-float bf16_value(uint16_t b) {
-  const uint32_t u = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
+using test::bf16_bits;
+using test::bf16_value;
 
 // A host f32 tensor of uniform values in [lo, hi), rounded to `dt`'s precision.
 Tensor host_rand(const Shape& s, DType dt, std::mt19937& rng, float lo = -1.f, float hi = 1.f) {
@@ -555,24 +545,6 @@ TEST_F(CudaOps, CrossEntropyOfARowHoldingANanIsNan) {
 
 // ---- Attention --------------------------------------------------------------------------
 
-// A modality row of length L: optional text first, then image runs (lengths from `runs`,
-// cycled) separated by 1 to `max_text` text tokens, then pad at the end.
-std::vector<uint8_t> layout(int64_t L, bool text_first, const std::vector<int64_t>& runs, int64_t pad,
-                            std::mt19937& rng, int64_t max_text = 9) {
-  std::vector<uint8_t> m;
-  if (text_first)
-    for (int64_t t = 0, n = 1 + rng() % 5; t < n; ++t) m.push_back(ops::kText);
-  for (size_t r = 0; static_cast<int64_t>(m.size()) < L - pad; ++r) {
-    const int64_t run = runs[r % runs.size()];
-    for (int64_t t = 0; t < run && static_cast<int64_t>(m.size()) < L - pad; ++t) m.push_back(ops::kImage);
-    for (int64_t t = 0, n = 1 + static_cast<int64_t>(rng() % max_text);
-         t < n && static_cast<int64_t>(m.size()) < L - pad; ++t)
-      m.push_back(ops::kText);
-  }
-  m.resize(L, ops::kPad);
-  return m;
-}
-
 struct AttnCase {
   ops::AttnMode mode;
   int64_t B, L, H, KV, hd;
@@ -592,7 +564,8 @@ void check_attention(const AttnCase& a, std::mt19937& rng) {
     const Tensor dout = host_rand({a.B, a.L, a.H, a.hd}, p.dt, rng);
     std::vector<uint8_t> mm;
     for (int64_t b = 0; b < a.B; ++b) {
-      const std::vector<uint8_t> row = layout(a.L, a.text_first || b % 2, a.runs, b == 0 ? a.pad : 0, rng, a.max_text);
+      const std::vector<uint8_t> row =
+          test::modality_row(a.L, a.text_first || b % 2, a.runs, b == 0 ? a.pad : 0, rng, a.max_text);
       mm.insert(mm.end(), row.begin(), row.end());
     }
     const Tensor m = Tensor::from_vector(mm, {a.B, a.L});
@@ -690,7 +663,7 @@ TEST_F(CudaOps, DecodeAttentionOverTheCacheAgainstTheCpu) {
         const int64_t pos = c.Lk - n;
         const Tensor q = host_rand({n, c.H, c.hd}, p.dt, rng, -2.f, 2.f);
         const Tensor k = host_rand({c.Lk, c.KV, c.hd}, p.dt, rng, -2.f, 2.f), v = host_rand({c.Lk, c.KV, c.hd}, p.dt, rng);
-        std::vector<uint8_t> mod = layout(c.Lk, true, c.runs, c.pad, rng);
+        std::vector<uint8_t> mod = test::modality_row(c.Lk, true, c.runs, c.pad, rng);
         std::fill(mod.end() - c.text_last, mod.end(), ops::kText);
         const Tensor m = Tensor::from_vector(mod, {c.Lk});
         Tensor M;

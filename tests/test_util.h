@@ -10,6 +10,7 @@
 #include <stdlib.h>
 
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <stdexcept>
 #include <functional>
@@ -20,12 +21,47 @@
 #include <vector>
 
 #include "exec.h"
+#include "ops.h"
 #include "tensor.h"
 
 namespace vchat::test {
 
 // The CPU execution context, for ops and layers called directly on host tensors.
 inline const ExecContext kCpu{};
+
+// bf16 on the host: the bits of f rounded to nearest even (NaN stays NaN), and back.
+inline uint16_t bf16_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+inline float bf16_value(uint16_t b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// One sequence's modality row [L] for attention tests: optionally a few text tokens first,
+// then image runs of the given lengths (cycled) each followed by 1..max_text text tokens,
+// then `pad` pad tokens at the end.
+inline std::vector<uint8_t> modality_row(int64_t L, bool text_first, const std::vector<int64_t>& runs, int64_t pad,
+                                         std::mt19937& rng, int64_t max_text = 9) {
+  std::vector<uint8_t> m;
+  if (text_first)
+    for (int64_t t = 0, n = 1 + rng() % 5; t < n; ++t) m.push_back(ops::kText);
+  for (size_t r = 0; static_cast<int64_t>(m.size()) < L - pad; ++r) {
+    const int64_t run = runs[r % runs.size()];
+    for (int64_t t = 0; t < run && static_cast<int64_t>(m.size()) < L - pad; ++t) m.push_back(ops::kImage);
+    for (int64_t t = 0, n = 1 + static_cast<int64_t>(rng() % max_text);
+         t < n && static_cast<int64_t>(m.size()) < L - pad; ++t)
+      m.push_back(ops::kText);
+  }
+  m.resize(L, ops::kPad);
+  return m;
+}
 
 // A fresh directory under the temp dir, removed with its contents at scope exit.
 struct TempDir {

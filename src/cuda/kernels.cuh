@@ -24,6 +24,11 @@ __device__ __forceinline__ float ld(const bf16* p, int64_t i) { return __bfloat1
 __device__ __forceinline__ void st(float* p, int64_t i, float v) { p[i] = v; }
 __device__ __forceinline__ void st(bf16* p, int64_t i, float v) { p[i] = __float2bfloat16_rn(v); }
 
+// The block's dynamic shared memory, `unsigned char name[]`, 128-byte aligned. A macro so
+// that a kernel file can also run under tests/emu/cuda_emu.h, which gives each emulated
+// block memory of its own.
+#define VCHAT_DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
+
 inline cudaStream_t stream_of(const Context& c) { return static_cast<cudaStream_t>(c.stream()); }
 
 // Grants `Kernel` the dynamic shared memory a launch of it needs beyond the default 48 KiB:

@@ -1,0 +1,284 @@
+// CUDA on the CPU, for the kernels of one header at a time (tests/test_attention_tc_emulated.cpp
+// includes src/cuda/attention_tc_kernels.cuh after this): enough of the language for those
+// kernels to compile as C++ and run, so that CI checks them where no GPU is.
+//
+// A block is its threads as std::threads (blocks one after another); __syncthreads and
+// __syncwarp are real barriers over the block's or the warp's threads, so a missing barrier
+// shows as a wrong or NaN result, not as silence. WMMA is emulated by its definition:
+// a fragment holds its whole 16x16 tile, loads and stores check the alignment and leading
+// dimension the hardware requires and that the tile lies inside the launch's dynamic shared
+// memory, and an MMA multiplies in fp32 (the hardware's accumulation
+// order differs: results agree to rounding). Shared memory is poisoned with NaN bytes before
+// each block and fenced by guard bytes checked after it. Problems are recorded (errors())
+// rather than thrown, since they happen on worker threads; the failing access is skipped.
+//
+// Not emulated: the hardware's fragment-to-lane mapping (the kernels never index fragment
+// elements), bank conflicts, occupancy, timing.
+#pragma once
+#define VCHAT_CUDA_EMULATION 1
+
+#include <algorithm>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(n)
+#define VCHAT_DYNAMIC_SMEM(name) unsigned char* name = ::vchat::emu::dynamic_smem()
+
+namespace vchat::emu {
+
+struct Dim3 {
+  unsigned x = 1, y = 1, z = 1;
+};
+
+// A reusable barrier for a fixed number of threads (std::barrier is C++20).
+class Barrier {
+ public:
+  explicit Barrier(int n) : n_(n) {}
+  void arrive_and_wait() {
+    std::unique_lock<std::mutex> lock(m_);
+    const uint64_t gen = gen_;
+    if (++count_ == n_) {
+      count_ = 0;
+      ++gen_;
+      cv_.notify_all();
+    } else {
+      cv_.wait(lock, [&] { return gen_ != gen; });
+    }
+  }
+
+ private:
+  std::mutex m_;
+  std::condition_variable cv_;
+  const int n_;
+  int count_ = 0;
+  uint64_t gen_ = 0;
+};
+
+constexpr int kWarp = 32;
+
+// What the threads of the running block share.
+struct Block {
+  explicit Block(int threads) : all(threads), shfl(threads) {
+    for (int w = 0; w < threads / kWarp; ++w) warps.push_back(std::make_unique<Barrier>(kWarp));
+  }
+  Barrier all;
+  std::vector<std::unique_ptr<Barrier>> warps;
+  std::vector<float> shfl;
+  int or_flag = 0;
+  std::mutex or_mutex;
+  unsigned char* smem = nullptr;
+  size_t smem_bytes = 0;
+};
+
+inline Block*& current_block() {
+  static Block* b = nullptr;
+  return b;
+}
+inline unsigned char* dynamic_smem() { return current_block()->smem; }
+
+// Problems found while kernels ran: out-of-range or misaligned tiles, overwritten guards.
+inline std::vector<std::string>& errors() {
+  static std::vector<std::string> e;
+  return e;
+}
+inline void report(const std::string& what) {
+  static std::mutex m;
+  std::lock_guard<std::mutex> lock(m);
+  if (errors().size() < 20) errors().push_back(what);
+}
+
+}  // namespace vchat::emu
+
+inline thread_local vchat::emu::Dim3 threadIdx, blockIdx;
+inline vchat::emu::Dim3 blockDim, gridDim;
+
+inline void __syncthreads() { vchat::emu::current_block()->all.arrive_and_wait(); }
+inline int __syncthreads_or(int predicate) {
+  vchat::emu::Block& b = *vchat::emu::current_block();
+  b.all.arrive_and_wait();
+  if (predicate) {
+    std::lock_guard<std::mutex> lock(b.or_mutex);
+    b.or_flag = 1;
+  }
+  b.all.arrive_and_wait();
+  const int r = b.or_flag;
+  b.all.arrive_and_wait();
+  // Everyone has read it; the next use sets it only after a barrier thread 0 must reach first.
+  if (threadIdx.x == 0) b.or_flag = 0;
+  return r;
+}
+inline void __syncwarp(unsigned = 0xffffffffu) {
+  vchat::emu::current_block()->warps[threadIdx.x / vchat::emu::kWarp]->arrive_and_wait();
+}
+inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {
+  vchat::emu::Block& b = *vchat::emu::current_block();
+  __syncwarp();
+  b.shfl[threadIdx.x] = v;
+  __syncwarp();
+  const unsigned base = threadIdx.x / vchat::emu::kWarp * vchat::emu::kWarp;
+  const float r = b.shfl[base + ((threadIdx.x % vchat::emu::kWarp) ^ static_cast<unsigned>(lane_mask))];
+  __syncwarp();
+  return r;
+}
+
+struct __nv_bfloat16 {
+  uint16_t bits;
+};
+// Round to nearest even, NaN kept a NaN: what CUDA's __float2bfloat16 does.
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return {0x7fc0};
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return {static_cast<uint16_t>(u >> 16)};
+}
+inline __nv_bfloat16 __float2bfloat16(float f) { return __float2bfloat16_rn(f); }
+inline float __bfloat162float(__nv_bfloat16 b) {
+  const uint32_t u = static_cast<uint32_t>(b.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+namespace vchat::cuda {
+using bf16 = __nv_bfloat16;
+}
+
+namespace vchat::emu {
+
+// A 16x16 tile at p with leading dimension ld (elements of `elem` bytes): the hardware's
+// rules (p 32-byte aligned, ld a multiple of 16 bytes), and inside the launch's dynamic
+// shared memory (the kernels emulated here take every WMMA tile from there). False
+// (recorded) when the access must not happen.
+inline bool tile_ok(const void* p, unsigned ld, size_t elem, const char* what) {
+  const auto a = reinterpret_cast<uintptr_t>(p);
+  std::string bad;
+  if (a % 32 != 0) bad = "not 32-byte aligned";
+  if ((ld * elem) % 16 != 0) bad = "leading dimension " + std::to_string(ld) + " not a multiple of 16 bytes";
+  const Block* b = current_block();
+  const auto lo = reinterpret_cast<uintptr_t>(b->smem), hi = lo + b->smem_bytes;
+  if (a < lo || a + (15 * size_t(ld) + 16) * elem > hi)
+    bad = "outside the dynamic shared memory (offset " + std::to_string(int64_t(a - lo)) + ", ld " +
+          std::to_string(ld) + ", " + std::to_string(b->smem_bytes) + " bytes)";
+  if (bad.empty()) return true;
+  report(std::string("wmma ") + what + ": " + bad);
+  return false;
+}
+
+}  // namespace vchat::emu
+
+namespace nvcuda::wmma {
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+
+template <class Use, int M, int N, int K, class T, class Layout = void>
+struct fragment {
+  static_assert(M == 16 && N == 16 && K == 16, "the emulator knows the 16x16x16 shape only");
+  float x[16][16];  // [row][col] of the tile (for matrix_b: [k][n])
+};
+
+template <class Use, class T, class L>
+void fill_fragment(fragment<Use, 16, 16, 16, T, L>& f, float v) {
+  for (auto& row : f.x)
+    for (float& e : row) e = v;
+}
+
+// Every lane of the warp calls these with the same arguments; the warp meets before and after,
+// as the hardware's collective load would.
+template <class Use, class L>
+void load_matrix_sync(fragment<Use, 16, 16, 16, __nv_bfloat16, L>& f, const __nv_bfloat16* p, unsigned ld) {
+  constexpr bool col = std::is_same<L, col_major>::value;
+  __syncwarp();
+  if (vchat::emu::tile_ok(p, ld, 2, "bf16 load"))
+    for (int r = 0; r < 16; ++r)
+      for (int c = 0; c < 16; ++c) f.x[r][c] = __bfloat162float(col ? p[c * ld + r] : p[r * ld + c]);
+  __syncwarp();
+}
+inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const float* p, unsigned ld, layout_t l) {
+  __syncwarp();
+  if (vchat::emu::tile_ok(p, ld, 4, "f32 load"))
+    for (int r = 0; r < 16; ++r)
+      for (int c = 0; c < 16; ++c) f.x[r][c] = l == mem_row_major ? p[r * ld + c] : p[c * ld + r];
+  __syncwarp();
+}
+inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ld, layout_t l) {
+  __syncwarp();
+  if (threadIdx.x % vchat::emu::kWarp == 0 && vchat::emu::tile_ok(p, ld, 4, "f32 store"))
+    for (int r = 0; r < 16; ++r)
+      for (int c = 0; c < 16; ++c) (l == mem_row_major ? p[r * ld + c] : p[c * ld + r]) = f.x[r][c];
+  __syncwarp();
+}
+template <class LA, class LB>
+void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix_a, 16, 16, 16, __nv_bfloat16, LA>& a,
+              const fragment<matrix_b, 16, 16, 16, __nv_bfloat16, LB>& b,
+              const fragment<accumulator, 16, 16, 16, float>& c) {
+  float t[16][16];
+  for (int i = 0; i < 16; ++i)
+    for (int j = 0; j < 16; ++j) {
+      float s = c.x[i][j];
+      for (int k = 0; k < 16; ++k) s += a.x[i][k] * b.x[k][j];
+      t[i][j] = s;
+    }
+  std::memcpy(d.x, t, sizeof t);
+}
+}  // namespace nvcuda::wmma
+
+namespace vchat::emu {
+
+// Runs `kernel()` (a lambda calling the __global__ function with its arguments) for every
+// block of `grid`, `threads` per block, with `smem` bytes of dynamic shared memory.
+template <class Kernel>
+void launch(Dim3 grid, unsigned threads, size_t smem, Kernel kernel) {
+  constexpr size_t kGuard = 65536;
+  constexpr unsigned char kGuardByte = 0xa5;
+  gridDim = grid;
+  blockDim = {threads, 1, 1};
+  std::vector<unsigned char> arena(kGuard + smem + kGuard + 128);
+  // 128-byte aligned start of the block's memory, guards on both sides.
+  const auto raw = reinterpret_cast<uintptr_t>(arena.data()) + kGuard;
+  unsigned char* mem = reinterpret_cast<unsigned char*>((raw + 127) / 128 * 128);
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) {
+        std::fill(arena.begin(), arena.end(), kGuardByte);
+        std::memset(mem, 0xff, smem);  // every float and bf16 read before written is NaN
+        Block block(static_cast<int>(threads));
+        block.smem = mem;
+        block.smem_bytes = smem;
+        current_block() = &block;
+        std::vector<std::thread> ts;
+        ts.reserve(threads);
+        for (unsigned t = 0; t < threads; ++t)
+          ts.emplace_back([&, t] {
+            threadIdx = {t, 0, 0};
+            blockIdx = {x, y, z};
+            kernel();
+          });
+        for (auto& t : ts) t.join();
+        current_block() = nullptr;
+        const bool before_ok = std::all_of(arena.data(), mem, [&](unsigned char c) { return c == kGuardByte; });
+        const bool after_ok =
+            std::all_of(mem + smem, arena.data() + arena.size(), [&](unsigned char c) { return c == kGuardByte; });
+        if (!before_ok || !after_ok)
+          report("block (" + std::to_string(x) + "," + std::to_string(y) + "," + std::to_string(z) +
+                 ") wrote outside its " + std::to_string(smem) + " bytes of shared memory");
+      }
+}
+
+}  // namespace vchat::emu

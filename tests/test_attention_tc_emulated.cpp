@@ -1,0 +1,147 @@
+// The tensor-core flash attention kernels (src/cuda/attention_tc_kernels.cuh), the very
+// source nvcc compiles, run on the CPU under tests/emu/cuda_emu.h, against the CPU attention
+// op. This is not the GPU suite (tests/test_cuda_ops.cpp runs the kernels on a GPU through
+// ops.h, with the hardware's fragment layout and timing); it checks, where no GPU is, what
+// the source alone decides: shared-memory layout and bounds, WMMA alignment, barriers, tile
+// edges, GQA, causal skipping and MMCA's two branches, forward and all three backward passes.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "ops.h"
+#include "tensor.h"
+#include "test_util.h"
+
+// clang-format off
+#include "emu/cuda_emu.h"
+#include "cuda/attention_tc_kernels.cuh"
+// clang-format on
+
+namespace vchat {
+namespace {
+
+using ops::AttnMode;
+
+struct TcCase {
+  AttnMode mode;
+  int64_t B, L, H, KV, hd;
+  std::vector<int64_t> runs;  // image run lengths
+  bool text_first;
+  int64_t pad;  // on the first sequence
+  const char* what;
+  int64_t max_text = 9;
+};
+
+// The host f32 tensor rounded to bf16, as the kernels' bf16 operand.
+Tensor to_bf16(const Tensor& h) {
+  Tensor t = Tensor::empty(h.shape(), DType::bf16);
+  for (int64_t i = 0; i < h.numel(); ++i) t.data<uint16_t>()[i] = test::bf16_bits(h.data<float>()[i]);
+  return t;
+}
+Tensor poisoned_bf16(const Shape& s) {
+  Tensor t = Tensor::empty(s, DType::bf16);
+  for (int64_t i = 0; i < t.numel(); ++i) t.data<uint16_t>()[i] = 0x7fc0;  // NaN
+  return t;
+}
+Tensor rand_bf16_values(const Shape& s, std::mt19937& rng, float lo, float hi) {
+  Tensor t = Tensor::empty(s);
+  std::uniform_real_distribution<float> d(lo, hi);
+  for (int64_t i = 0; i < t.numel(); ++i) t.data<float>()[i] = test::bf16_value(test::bf16_bits(d(rng)));
+  return t;
+}
+const cuda::bf16* bp(const Tensor& t) { return reinterpret_cast<const cuda::bf16*>(t.data<uint16_t>()); }
+cuda::bf16* bp_mut(const Tensor& t) { return reinterpret_cast<cuda::bf16*>(t.data<uint16_t>()); }
+
+// Norm-relative error, every element written (finite).
+void expect_close(const Tensor& got, const Tensor& want, double tol, const std::string& what) {
+  const std::vector<float> g = got.to_vector_f32(), w = want.to_vector_f32();
+  ASSERT_EQ(g.size(), w.size()) << what;
+  double num = 0, den = 0;
+  for (size_t i = 0; i < g.size(); ++i) {
+    ASSERT_TRUE(std::isfinite(g[i])) << what << ": element " << i << " not written (or not finite): " << g[i];
+    num += (double(g[i]) - w[i]) * (double(g[i]) - w[i]);
+    den += double(w[i]) * w[i];
+  }
+  EXPECT_LE(std::sqrt(num), tol * std::max(std::sqrt(den), 1e-30)) << what;
+}
+
+void check(const TcCase& c, std::mt19937& rng) {
+  SCOPED_TRACE(c.what);
+  const Tensor q = rand_bf16_values({c.B, c.L, c.H, c.hd}, rng, -2.f, 2.f);
+  const Tensor k = rand_bf16_values({c.B, c.L, c.KV, c.hd}, rng, -2.f, 2.f);
+  const Tensor v = rand_bf16_values({c.B, c.L, c.KV, c.hd}, rng, -1.f, 1.f);
+  const Tensor dout = rand_bf16_values({c.B, c.L, c.H, c.hd}, rng, -1.f, 1.f);
+  std::vector<uint8_t> mm;
+  for (int64_t b = 0; b < c.B; ++b) {
+    const auto row = test::modality_row(c.L, c.text_first || b % 2, c.runs, b == 0 ? c.pad : 0, rng, c.max_text);
+    mm.insert(mm.end(), row.begin(), row.end());
+  }
+  const Tensor m = Tensor::from_vector(mm, {c.B, c.L});
+  const Tensor mod = c.mode == AttnMode::full ? Tensor() : m;
+
+  // The CPU op (fp32 on the same bf16-valued inputs).
+  const Tensor out = Tensor::empty(q.shape());
+  const Tensor saved = ops::attention_fwd(test::kCpu, c.mode, q, k, v, mod, out);
+  const Tensor dq = Tensor::empty(q.shape()), dk = Tensor::empty(k.shape()), dv = Tensor::empty(v.shape());
+  ops::attention_bwd(test::kCpu, c.mode, dout, q, k, v, mod, out, saved, dq, dk, dv);
+
+  // The kernels, launched as attention_tc.cu launches them, on poisoned outputs.
+  using namespace cuda;
+  const TcGeometry g{c.B, c.L, c.H, c.KV, c.hd, 1.f / std::sqrt(static_cast<float>(c.hd))};
+  const Tensor Q = to_bf16(q), K = to_bf16(k), V = to_bf16(v), DOUT = to_bf16(dout);
+  const Tensor OUT = poisoned_bf16(q.shape()), DQ = poisoned_bf16(q.shape()), DK = poisoned_bf16(k.shape()),
+               DV = poisoned_bf16(v.shape());
+  const std::vector<float> nans(static_cast<size_t>(c.B * c.H * c.L * 2), NAN);
+  const Tensor lse = Tensor::from_vector(nans, {c.B, c.H, c.L, 2}),
+               delta = Tensor::from_vector(nans, {c.B, c.H, c.L, 2});
+  const uint8_t* mp = c.mode == AttnMode::full ? nullptr : m.data<uint8_t>();
+  const unsigned tiles = static_cast<unsigned>((c.L + kTc - 1) / kTc), H = c.H, KV = c.KV, B = c.B;
+  const int hd = static_cast<int>(c.hd);
+  emu::errors().clear();
+  emu::launch({tiles, H, B}, kTcThreads, TcLayout(hd).total,
+              [&] { flash_fwd_tc(c.mode, g, bp(Q), bp(K), bp(V), mp, bp_mut(OUT), lse.data<float>()); });
+  const size_t smem_dq = TcBwdLayout(hd, kDqPass).total, smem = TcBwdLayout(hd, kDkvPass).total;
+  emu::launch({tiles, H, B}, kTcThreads, smem_dq, [&] {
+    flash_dq_tc<true>(c.mode, g, bp(Q), bp(K), bp(V), mp, bp(OUT), bp(DOUT), lse.data<float>(), delta.data<float>(),
+                      nullptr);
+  });
+  emu::launch({tiles, KV, B}, kTcThreads, smem, [&] {
+    flash_dkv_tc(c.mode, g, bp(Q), bp(K), bp(V), mp, bp(DOUT), lse.data<float>(), delta.data<float>(), bp_mut(DK),
+                 bp_mut(DV));
+  });
+  emu::launch({tiles, H, B}, kTcThreads, smem_dq, [&] {
+    flash_dq_tc<false>(c.mode, g, bp(Q), bp(K), bp(V), mp, bp(OUT), bp(DOUT), lse.data<float>(), delta.data<float>(),
+                       bp_mut(DQ));
+  });
+  for (const std::string& e : emu::errors()) ADD_FAILURE() << e;
+  expect_close(OUT, out, 1e-2, "out");
+  // The backward read the kernel's own bf16 output, as on the GPU: dq within 2e-2 as there.
+  expect_close(DQ, dq, 2e-2, "dq");
+  expect_close(DK, dk, 2e-2, "dk");
+  expect_close(DV, dv, 2e-2, "dv");
+}
+
+// Small shapes (each emulated block is 128 threads), chosen for the edges: lengths not a
+// multiple of the 64-tile and within one tile, GQA groups of 2 to 4, head dims 16 to 128
+// (48: a leading dimension of 56 elements), text first and image first, runs of 1, a run
+// over whole key tiles, text over whole tiles (the image branch skipped there), pad.
+TEST(AttentionTcEmulated, KernelsMatchTheCpuOpOnEdgeLayouts) {
+  std::mt19937 rng(20261205);
+  const std::vector<TcCase> cases = {
+      {AttnMode::mmca, 2, 77, 4, 2, 16, {1, 5, 1}, true, 6, "mmca, text first, runs of 1, GQA 4/2, pad, L 77"},
+      {AttnMode::mmca, 1, 130, 2, 2, 64, {7, 30, 3, 1}, false, 0, "mmca, image first, many images, L 130"},
+      {AttnMode::mmca, 1, 200, 2, 1, 128, {150}, true, 3, "mmca, 150 image tokens over whole tiles, hd 128"},
+      {AttnMode::mmca, 1, 192, 2, 1, 64, {5, 40}, true, 0, "mmca, text over whole tiles, GQA 2/1", 150},
+      {AttnMode::mmca, 1, 40, 4, 1, 32, {3}, true, 2, "mmca, L 40 within one tile, GQA 4/1"},
+      {AttnMode::causal, 1, 128, 3, 1, 48, {10}, true, 5, "causal, 2 tiles, GQA 3/1, hd 48, pad"},
+      {AttnMode::full, 1, 129, 2, 2, 64, {1}, false, 0, "full (ViT), L 129"},
+  };
+  for (const TcCase& c : cases) check(c, rng);
+}
+
+}  // namespace
+}  // namespace vchat
