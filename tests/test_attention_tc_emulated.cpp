@@ -18,6 +18,7 @@
 
 // clang-format off
 #include "emu/cuda_emu.h"
+#include "emu/emu_tensors.h"
 #include "cuda/attention_tc_kernels.cuh"
 // clang-format on
 
@@ -26,61 +27,15 @@ namespace {
 
 using ops::AttnMode;
 
-struct TcCase {
-  AttnMode mode;
-  int64_t B, L, H, KV, hd;
-  std::vector<int64_t> runs;  // image run lengths
-  bool text_first;
-  int64_t pad;  // on the first sequence
-  const char* what;
-  int64_t max_text = 9;
-};
-
-// The host f32 tensor rounded to bf16, as the kernels' bf16 operand.
-Tensor to_bf16(const Tensor& h) {
-  Tensor t = Tensor::empty(h.shape(), DType::bf16);
-  for (int64_t i = 0; i < h.numel(); ++i) t.data<uint16_t>()[i] = test::bf16_bits(h.data<float>()[i]);
-  return t;
-}
-Tensor poisoned_bf16(const Shape& s) {
-  Tensor t = Tensor::empty(s, DType::bf16);
-  for (int64_t i = 0; i < t.numel(); ++i) t.data<uint16_t>()[i] = 0x7fc0;  // NaN
-  return t;
-}
-Tensor rand_bf16_values(const Shape& s, std::mt19937& rng, float lo, float hi) {
-  Tensor t = Tensor::empty(s);
-  std::uniform_real_distribution<float> d(lo, hi);
-  for (int64_t i = 0; i < t.numel(); ++i) t.data<float>()[i] = test::bf16_value(test::bf16_bits(d(rng)));
-  return t;
-}
-const cuda::bf16* bp(const Tensor& t) { return reinterpret_cast<const cuda::bf16*>(t.data<uint16_t>()); }
-cuda::bf16* bp_mut(const Tensor& t) { return reinterpret_cast<cuda::bf16*>(t.data<uint16_t>()); }
-
-// Norm-relative error, every element written (finite).
-void expect_close(const Tensor& got, const Tensor& want, double tol, const std::string& what) {
-  const std::vector<float> g = got.to_vector_f32(), w = want.to_vector_f32();
-  ASSERT_EQ(g.size(), w.size()) << what;
-  double num = 0, den = 0;
-  for (size_t i = 0; i < g.size(); ++i) {
-    ASSERT_TRUE(std::isfinite(g[i])) << what << ": element " << i << " not written (or not finite): " << g[i];
-    num += (double(g[i]) - w[i]) * (double(g[i]) - w[i]);
-    den += double(w[i]) * w[i];
-  }
-  EXPECT_LE(std::sqrt(num), tol * std::max(std::sqrt(den), 1e-30)) << what;
-}
+using TcCase = test::AttnLayout;
 
 void check(const TcCase& c, std::mt19937& rng) {
   SCOPED_TRACE(c.what);
-  const Tensor q = rand_bf16_values({c.B, c.L, c.H, c.hd}, rng, -2.f, 2.f);
-  const Tensor k = rand_bf16_values({c.B, c.L, c.KV, c.hd}, rng, -2.f, 2.f);
-  const Tensor v = rand_bf16_values({c.B, c.L, c.KV, c.hd}, rng, -1.f, 1.f);
-  const Tensor dout = rand_bf16_values({c.B, c.L, c.H, c.hd}, rng, -1.f, 1.f);
-  std::vector<uint8_t> mm;
-  for (int64_t b = 0; b < c.B; ++b) {
-    const auto row = test::modality_row(c.L, c.text_first || b % 2, c.runs, b == 0 ? c.pad : 0, rng, c.max_text);
-    mm.insert(mm.end(), row.begin(), row.end());
-  }
-  const Tensor m = Tensor::from_vector(mm, {c.B, c.L});
+  const Tensor q = emu::rand_values({c.B, c.L, c.H, c.hd}, DType::bf16, rng, -2.f, 2.f);
+  const Tensor k = emu::rand_values({c.B, c.L, c.KV, c.hd}, DType::bf16, rng, -2.f, 2.f);
+  const Tensor v = emu::rand_values({c.B, c.L, c.KV, c.hd}, DType::bf16, rng, -1.f, 1.f);
+  const Tensor dout = emu::rand_values({c.B, c.L, c.H, c.hd}, DType::bf16, rng, -1.f, 1.f);
+  const Tensor m = test::layout_modalities(c, rng);
   const Tensor mod = c.mode == AttnMode::full ? Tensor() : m;
 
   // The CPU op (fp32 on the same bf16-valued inputs).
@@ -92,9 +47,12 @@ void check(const TcCase& c, std::mt19937& rng) {
   // The kernels, launched as attention_tc.cu launches them, on poisoned outputs.
   using namespace cuda;
   const TcGeometry g{c.B, c.L, c.H, c.KV, c.hd, 1.f / std::sqrt(static_cast<float>(c.hd))};
-  const Tensor Q = to_bf16(q), K = to_bf16(k), V = to_bf16(v), DOUT = to_bf16(dout);
-  const Tensor OUT = poisoned_bf16(q.shape()), DQ = poisoned_bf16(q.shape()), DK = poisoned_bf16(k.shape()),
-               DV = poisoned_bf16(v.shape());
+  const DType bf = DType::bf16;
+  const Tensor Q = emu::as_storage(q, bf), K = emu::as_storage(k, bf), V = emu::as_storage(v, bf),
+               DOUT = emu::as_storage(dout, bf);
+  const Tensor OUT = emu::poisoned(q.shape(), bf), DQ = emu::poisoned(q.shape(), bf), DK = emu::poisoned(k.shape(), bf),
+               DV = emu::poisoned(v.shape(), bf);
+  const auto bp = [](const Tensor& t) { return emu::kp<bf16>(t); };
   const std::vector<float> nans(static_cast<size_t>(c.B * c.H * c.L * 2), NAN);
   const Tensor lse = Tensor::from_vector(nans, {c.B, c.H, c.L, 2}),
                delta = Tensor::from_vector(nans, {c.B, c.H, c.L, 2});
@@ -103,26 +61,25 @@ void check(const TcCase& c, std::mt19937& rng) {
   const int hd = static_cast<int>(c.hd);
   emu::errors().clear();
   emu::launch({tiles, H, B}, kTcThreads, TcLayout(hd).total,
-              [&] { flash_fwd_tc(c.mode, g, bp(Q), bp(K), bp(V), mp, bp_mut(OUT), lse.data<float>()); });
+              [&] { flash_fwd_tc(c.mode, g, bp(Q), bp(K), bp(V), mp, bp(OUT), lse.data<float>()); });
   const size_t smem_dq = TcBwdLayout(hd, kDqPass).total, smem = TcBwdLayout(hd, kDkvPass).total;
   emu::launch({tiles, H, B}, kTcThreads, smem_dq, [&] {
     flash_dq_tc<true>(c.mode, g, bp(Q), bp(K), bp(V), mp, bp(OUT), bp(DOUT), lse.data<float>(), delta.data<float>(),
                       nullptr);
   });
   emu::launch({tiles, KV, B}, kTcThreads, smem, [&] {
-    flash_dkv_tc(c.mode, g, bp(Q), bp(K), bp(V), mp, bp(DOUT), lse.data<float>(), delta.data<float>(), bp_mut(DK),
-                 bp_mut(DV));
+    flash_dkv_tc(c.mode, g, bp(Q), bp(K), bp(V), mp, bp(DOUT), lse.data<float>(), delta.data<float>(), bp(DK), bp(DV));
   });
   emu::launch({tiles, H, B}, kTcThreads, smem_dq, [&] {
     flash_dq_tc<false>(c.mode, g, bp(Q), bp(K), bp(V), mp, bp(OUT), bp(DOUT), lse.data<float>(), delta.data<float>(),
-                       bp_mut(DQ));
+                       bp(DQ));
   });
   for (const std::string& e : emu::errors()) ADD_FAILURE() << e;
-  expect_close(OUT, out, 1e-2, "out");
+  test::expect_close(OUT, out, 1e-2, "out");
   // The backward read the kernel's own bf16 output, as on the GPU: dq within 2e-2 as there.
-  expect_close(DQ, dq, 2e-2, "dq");
-  expect_close(DK, dk, 2e-2, "dk");
-  expect_close(DV, dv, 2e-2, "dv");
+  test::expect_close(DQ, dq, 2e-2, "dq");
+  test::expect_close(DK, dk, 2e-2, "dk");
+  test::expect_close(DV, dv, 2e-2, "dv");
 }
 
 // Small shapes (each emulated block is 128 threads), chosen for the edges: lengths not a

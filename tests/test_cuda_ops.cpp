@@ -39,6 +39,7 @@ ExecContext gpu() { return ExecContext::of(Device::cuda); }
 
 using test::bf16_bits;
 using test::bf16_value;
+using test::expect_close;
 
 // A host f32 tensor of uniform values in [lo, hi), rounded to `dt`'s precision.
 Tensor host_rand(const Shape& s, DType dt, std::mt19937& rng, float lo = -1.f, float hi = 1.f) {
@@ -80,19 +81,6 @@ Tensor poison(const Shape& s, DType dt) {
   Tensor d = Tensor::empty(s, dt, Device::cuda);
   d.copy_from(h);
   return d;
-}
-
-// Every element finite and ||got - want|| <= tol ||want||.
-void expect_close(const Tensor& got, const Tensor& want, double tol, const std::string& what) {
-  const std::vector<float> g = got.to_vector_f32(), w = want.to_vector_f32();
-  ASSERT_EQ(g.size(), w.size()) << what;
-  double num = 0, den = 0;
-  for (size_t i = 0; i < g.size(); ++i) {
-    ASSERT_TRUE(std::isfinite(g[i])) << what << ": element " << i << " not written (or not finite): " << g[i];
-    num += (double(g[i]) - w[i]) * (double(g[i]) - w[i]);
-    den += double(w[i]) * w[i];
-  }
-  EXPECT_LE(std::sqrt(num), tol * std::max(std::sqrt(den), 1e-30)) << what;
 }
 
 struct Prec {
@@ -545,15 +533,7 @@ TEST_F(CudaOps, CrossEntropyOfARowHoldingANanIsNan) {
 
 // ---- Attention --------------------------------------------------------------------------
 
-struct AttnCase {
-  ops::AttnMode mode;
-  int64_t B, L, H, KV, hd;
-  std::vector<int64_t> runs;  // image run lengths
-  bool text_first;
-  int64_t pad;
-  const char* what;
-  int64_t max_text = 9;  // text tokens between image runs, at most
-};
+using AttnCase = test::AttnLayout;
 
 void check_attention(const AttnCase& a, std::mt19937& rng) {
   for (const Prec& p : kPrecisions) {
@@ -562,13 +542,7 @@ void check_attention(const AttnCase& a, std::mt19937& rng) {
     const Tensor k = host_rand({a.B, a.L, a.KV, a.hd}, p.dt, rng, -2.f, 2.f);
     const Tensor v = host_rand({a.B, a.L, a.KV, a.hd}, p.dt, rng);
     const Tensor dout = host_rand({a.B, a.L, a.H, a.hd}, p.dt, rng);
-    std::vector<uint8_t> mm;
-    for (int64_t b = 0; b < a.B; ++b) {
-      const std::vector<uint8_t> row =
-          test::modality_row(a.L, a.text_first || b % 2, a.runs, b == 0 ? a.pad : 0, rng, a.max_text);
-      mm.insert(mm.end(), row.begin(), row.end());
-    }
-    const Tensor m = Tensor::from_vector(mm, {a.B, a.L});
+    const Tensor m = test::layout_modalities(a, rng);
     Tensor M;
     if (a.mode != ops::AttnMode::full) {
       M = Tensor::empty({a.B, a.L}, DType::u8, Device::cuda);

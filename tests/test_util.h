@@ -63,6 +63,43 @@ inline std::vector<uint8_t> modality_row(int64_t L, bool text_first, const std::
   return m;
 }
 
+// An attention test's shape and modality layout: B sequences of L tokens, image runs of
+// the given lengths (cycled) between text stretches of 1..max_text tokens, the first
+// sequence text-first or not (the others alternate) and ending in `pad` pad tokens.
+struct AttnLayout {
+  ops::AttnMode mode;
+  int64_t B, L, H, KV, hd;
+  std::vector<int64_t> runs;  // image run lengths
+  bool text_first;
+  int64_t pad;  // on the first sequence
+  const char* what;
+  int64_t max_text = 9;  // text tokens between image runs, at most
+};
+// Its modality tensor [B, L] (u8, host).
+inline Tensor layout_modalities(const AttnLayout& a, std::mt19937& rng) {
+  std::vector<uint8_t> mm;
+  for (int64_t b = 0; b < a.B; ++b) {
+    const std::vector<uint8_t> row =
+        modality_row(a.L, a.text_first || b % 2, a.runs, b == 0 ? a.pad : 0, rng, a.max_text);
+    mm.insert(mm.end(), row.begin(), row.end());
+  }
+  return Tensor::from_vector(mm, {a.B, a.L});
+}
+
+// Every element of `got` finite (written: outputs are poisoned first) and
+// ||got - want|| <= tol ||want||: how the CUDA ops, real or emulated, are held to the CPU's.
+inline void expect_close(const Tensor& got, const Tensor& want, double tol, const std::string& what) {
+  const std::vector<float> g = got.to_vector_f32(), w = want.to_vector_f32();
+  ASSERT_EQ(g.size(), w.size()) << what;
+  double num = 0, den = 0;
+  for (size_t i = 0; i < g.size(); ++i) {
+    ASSERT_TRUE(std::isfinite(g[i])) << what << ": element " << i << " not written (or not finite): " << g[i];
+    num += (double(g[i]) - w[i]) * (double(g[i]) - w[i]);
+    den += double(w[i]) * w[i];
+  }
+  EXPECT_LE(std::sqrt(num), tol * std::max(std::sqrt(den), 1e-30)) << what;
+}
+
 // A fresh directory under the temp dir, removed with its contents at scope exit.
 struct TempDir {
   std::filesystem::path path;

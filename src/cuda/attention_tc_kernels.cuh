@@ -15,17 +15,17 @@
 // Device code only, launched by attention_tc.cu; a header so that
 // tests/test_attention_tc_emulated.cpp runs these very kernels on the CPU where no GPU is
 // (tests/emu/cuda_emu.h: a block's threads as threads, WMMA by its definition). With
-// VCHAT_CUDA_EMULATION defined, the emulator has supplied what the CUDA headers would.
+// VCHAT_CUDA_EMULATION defined, the emulator has supplied what nvcc and mma.h would.
 #pragma once
 #ifndef VCHAT_CUDA_EMULATION
 #include <mma.h>
-
-#include "cuda/kernels.cuh"
 #endif
 
 #include <cmath>
 #include <cstdint>
 
+#include "cuda/attention_rule.cuh"
+#include "cuda/device_storage.cuh"
 #include "ops.h"
 
 namespace vchat::cuda {
@@ -70,14 +70,6 @@ struct TcLayout {  // byte offsets into dynamic shared memory (each 128-byte ali
     total = at;
   }
 };
-
-__device__ __forceinline__ int tc_branch(AttnMode mode, int64_t i, int64_t j, uint8_t mq, uint8_t mk) {
-  if (mode == AttnMode::full) return 1;
-  if (j > i || mk == ops::kPad || mq == ops::kPad) return 0;
-  if (mode == AttnMode::causal) return 1;
-  if (mq != ops::kText) return 0;
-  return mk == ops::kText ? 1 : 2;
-}
 
 // Rows [first, first + 64) of head `head` of x (rows of stride heads·hd) into a bf16 tile;
 // rows past L are zero.
@@ -179,7 +171,7 @@ __global__ void __launch_bounds__(kTcThreads)
     float* srow = S + row * kSld;
     float t1 = -INFINITY, t2 = -INFINITY;
     for (int c = half * 32; c < half * 32 + 32; ++c) {
-      const int br = live && k0 + c < g.L ? tc_branch(mode, i, k0 + c, mq, mk_s[c]) : 0;
+      const int br = live && k0 + c < g.L ? attn_branch(mode, i, k0 + c, mq, mk_s[c]) : 0;
       const float s = srow[c] * g.scale;
       srow[c] = s;
       if (br == 1) t1 = fmaxf(t1, s);
@@ -191,7 +183,7 @@ __global__ void __launch_bounds__(kTcThreads)
     const float a1 = n1 == -INFINITY ? 1.f : expf(m1 - n1), a2 = n2 == -INFINITY ? 1.f : expf(m2 - n2);
     float sum1 = 0.f, sum2 = 0.f;
     for (int c = half * 32; c < half * 32 + 32; ++c) {
-      const int br = live && k0 + c < g.L ? tc_branch(mode, i, k0 + c, mq, mk_s[c]) : 0;
+      const int br = live && k0 + c < g.L ? attn_branch(mode, i, k0 + c, mq, mk_s[c]) : 0;
       const float p1 = br == 1 ? expf(srow[c] - n1) : 0.f, p2 = br == 2 ? expf(srow[c] - n2) : 0.f;
       sum1 += p1;
       sum2 += p2;
@@ -251,9 +243,6 @@ __device__ __forceinline__ uint8_t tc_modality(AttnMode mode, const uint8_t* mod
                                                int64_t idx) {
   if (idx >= g.L) return ops::kPad;
   return mode == AttnMode::full ? uint8_t(ops::kText) : modality[b * g.L + idx];
-}
-__device__ __forceinline__ bool tc_attends(AttnMode mode, uint8_t mq) {
-  return mode == AttnMode::full || (mode == AttnMode::causal ? mq != ops::kPad : mq == ops::kText);
 }
 
 // Dynamic shared memory of the backward kernels (128-byte aligned parts). The dK/dV pass
@@ -320,7 +309,7 @@ __global__ void __launch_bounds__(kTcThreads)
   if (!kDelta)
     for (int e = threadIdx.x; e < kTc * old; e += blockDim.x) dQ[e] = 0.f;
   const uint8_t mq = tc_modality(mode, modality, g, b, i);
-  const bool live = i < g.L && tc_attends(mode, mq);
+  const bool live = i < g.L && attn_attends(mode, mq);
   const int64_t li = ((b * g.H + h) * g.L + i) * 2;
   const float lse1 = live ? lse[li] : 0.f, lse2 = live ? lse[li + 1] : 0.f;
   const float D1 = !kDelta && live ? delta[li] : 0.f, D2 = !kDelta && live ? delta[li + 1] : 0.f;
@@ -344,7 +333,7 @@ __global__ void __launch_bounds__(kTcThreads)
     const float* srow = S + row * kSld;
     const float* prow = dP + row * kSld;
     for (int c = half * 32; c < half * 32 + 32; ++c) {
-      const int br = live && k0 + c < g.L ? tc_branch(mode, i, k0 + c, mq, mk_s[c]) : 0;
+      const int br = live && k0 + c < g.L ? attn_branch(mode, i, k0 + c, mq, mk_s[c]) : 0;
       if (kDelta) {
         if (br == 2) d2 += expf(srow[c] * g.scale - lse2) * prow[c];
       } else {
@@ -422,7 +411,7 @@ __global__ void __launch_bounds__(kTcThreads)
         const int64_t i = q0 + threadIdx.x;
         const uint8_t m = tc_modality(mode, modality, g, b, i);
         mq_s[threadIdx.x] = m;
-        live = i < g.L && tc_attends(mode, m);
+        live = i < g.L && attn_attends(mode, m);
         const int64_t li = ((b * g.H + h) * g.L + (live ? i : 0)) * 2;
         for (int t = 0; t < 2; ++t) {
           lse_s[2 * threadIdx.x + t] = live ? lse[li + t] : 0.f;
@@ -436,7 +425,7 @@ __global__ void __launch_bounds__(kTcThreads)
       __syncwarp();
       for (int r = half * 32; r < half * 32 + 32; ++r) {
         const int64_t i = q0 + r;
-        const int br = j < g.L && i < g.L ? tc_branch(mode, i, j, mq_s[r], mk) : 0;
+        const int br = j < g.L && i < g.L ? attn_branch(mode, i, j, mq_s[r], mk) : 0;
         float p = 0.f, ds = 0.f;
         if (br) {
           p = expf(St[c * kSld + r] * g.scale - lse_s[2 * r + br - 1]);

@@ -1,7 +1,7 @@
-// What the kernel files share: fp32 math over f32/bf16 storage, launch geometry, the
-// context's stream, and the operand checks every entry point starts with.
+// What the kernel files share: launch geometry, the context's stream, block reductions,
+// and the operand checks every entry point starts with (device_storage.cuh: fp32 math over
+// f32/bf16 storage).
 #pragma once
-#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -13,21 +13,9 @@
 #include "cuda/context.h"
 #include "cuda/cuda_backend.h"
 #include "cuda/cuda_check.h"
+#include "cuda/device_storage.cuh"
 
 namespace vchat::cuda {
-
-using bf16 = __nv_bfloat16;
-
-// Loads and stores in fp32 whatever the storage type (bf16 rounds to nearest even).
-__device__ __forceinline__ float ld(const float* p, int64_t i) { return p[i]; }
-__device__ __forceinline__ float ld(const bf16* p, int64_t i) { return __bfloat162float(p[i]); }
-__device__ __forceinline__ void st(float* p, int64_t i, float v) { p[i] = v; }
-__device__ __forceinline__ void st(bf16* p, int64_t i, float v) { p[i] = __float2bfloat16_rn(v); }
-
-// The block's dynamic shared memory, `unsigned char name[]`, 128-byte aligned. A macro so
-// that a kernel file can also run under tests/emu/cuda_emu.h, which gives each emulated
-// block memory of its own.
-#define VCHAT_DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
 
 inline cudaStream_t stream_of(const Context& c) { return static_cast<cudaStream_t>(c.stream()); }
 

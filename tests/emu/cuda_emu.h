@@ -1,10 +1,13 @@
-// CUDA on the CPU, for the kernels of one header at a time (tests/test_attention_tc_emulated.cpp
-// includes src/cuda/attention_tc_kernels.cuh after this): enough of the language for those
-// kernels to compile as C++ and run, so that CI checks them where no GPU is.
+// CUDA on the CPU, for the kernel headers of src/cuda/ (a test includes this, then
+// attention_tc_kernels.cuh, attention_kernels.cuh or attention_decode_kernels.cuh): enough of
+// the language for those kernels to compile as C++ and run, so that CI checks them where no
+// GPU is.
 //
 // A block is its threads as std::threads (blocks one after another); __syncthreads and
 // __syncwarp are real barriers over the block's or the warp's threads, so a missing barrier
-// shows as a wrong or NaN result, not as silence. WMMA is emulated by its definition:
+// shows as a wrong or NaN result, not as silence. A static __shared__ array becomes a static
+// local: one per kernel, which is the running block's since blocks never overlap (it is
+// zeroed once, not poisoned; the kernels' dynamic shared memory is). WMMA is emulated by its definition:
 // a fragment holds its whole 16x16 tile, loads and stores check the alignment and leading
 // dimension the hardware requires and that the tile lies inside the launch's dynamic shared
 // memory, and an MMA multiplies in fp32 (the hardware's accumulation
@@ -34,6 +37,7 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(n)
+#define __shared__ static
 #define VCHAT_DYNAMIC_SMEM(name) unsigned char* name = ::vchat::emu::dynamic_smem()
 
 namespace vchat::emu {
@@ -70,13 +74,13 @@ constexpr int kWarp = 32;
 
 // What the threads of the running block share.
 struct Block {
-  explicit Block(int threads) : all(threads), shfl(threads) {
+  explicit Block(int threads) : all(threads), shfl{std::vector<float>(threads), std::vector<float>(threads)} {
     for (int w = 0; w < threads / kWarp; ++w) warps.push_back(std::make_unique<Barrier>(kWarp));
   }
   Barrier all;
   std::vector<std::unique_ptr<Barrier>> warps;
-  std::vector<float> shfl;
-  int or_flag = 0;
+  std::vector<float> shfl[2];  // alternate shuffles use alternate buffers
+  int or_flag[3] = {};         // __syncthreads_or calls cycle through three flags
   std::mutex or_mutex;
   unsigned char* smem = nullptr;
   size_t smem_bytes = 0;
@@ -105,32 +109,39 @@ inline thread_local vchat::emu::Dim3 threadIdx, blockIdx;
 inline vchat::emu::Dim3 blockDim, gridDim;
 
 inline void __syncthreads() { vchat::emu::current_block()->all.arrive_and_wait(); }
+// One barrier per call: call n sets flag n % 3, meets, reads it, and thread 0 clears flag
+// (n + 2) % 3, which was last read in call n - 1 (before this barrier) and is next set in
+// call n + 2 (after the next barrier, which thread 0 reaches only after clearing it).
 inline int __syncthreads_or(int predicate) {
+  static thread_local unsigned calls = 0;  // a fresh count in every emulated thread
   vchat::emu::Block& b = *vchat::emu::current_block();
-  b.all.arrive_and_wait();
+  const unsigned n = calls++;
   if (predicate) {
     std::lock_guard<std::mutex> lock(b.or_mutex);
-    b.or_flag = 1;
+    b.or_flag[n % 3] = 1;
   }
   b.all.arrive_and_wait();
-  const int r = b.or_flag;
-  b.all.arrive_and_wait();
-  // Everyone has read it; the next use sets it only after a barrier thread 0 must reach first.
-  if (threadIdx.x == 0) b.or_flag = 0;
+  int r;
+  {
+    std::lock_guard<std::mutex> lock(b.or_mutex);
+    r = b.or_flag[n % 3];
+    if (threadIdx.x == 0) b.or_flag[(n + 2) % 3] = 0;
+  }
   return r;
 }
 inline void __syncwarp(unsigned = 0xffffffffu) {
   vchat::emu::current_block()->warps[threadIdx.x / vchat::emu::kWarp]->arrive_and_wait();
 }
+// One warp barrier per shuffle: alternate shuffles write alternate buffers, and a buffer is
+// rewritten two shuffles later, after a barrier every reader of it has passed.
 inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {
+  static thread_local unsigned calls = 0;
   vchat::emu::Block& b = *vchat::emu::current_block();
-  __syncwarp();
-  b.shfl[threadIdx.x] = v;
+  std::vector<float>& buf = b.shfl[calls++ % 2];
+  buf[threadIdx.x] = v;
   __syncwarp();
   const unsigned base = threadIdx.x / vchat::emu::kWarp * vchat::emu::kWarp;
-  const float r = b.shfl[base + ((threadIdx.x % vchat::emu::kWarp) ^ static_cast<unsigned>(lane_mask))];
-  __syncwarp();
-  return r;
+  return buf[base + ((threadIdx.x % vchat::emu::kWarp) ^ static_cast<unsigned>(lane_mask))];
 }
 
 struct __nv_bfloat16 {
@@ -150,10 +161,6 @@ inline float __bfloat162float(__nv_bfloat16 b) {
   float f;
   std::memcpy(&f, &u, 4);
   return f;
-}
-
-namespace vchat::cuda {
-using bf16 = __nv_bfloat16;
 }
 
 namespace vchat::emu {
