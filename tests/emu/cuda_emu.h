@@ -1,24 +1,27 @@
-// CUDA on the CPU, for the kernel headers of src/cuda/ (a test includes this, then
-// attention_tc_kernels.cuh, attention_kernels.cuh or attention_decode_kernels.cuh): enough of
-// the language for those kernels to compile as C++ and run, so that CI checks them where no
-// GPU is.
+// CUDA on the CPU, for the kernel headers of src/cuda/ (a test includes this, then one or
+// more of attention_tc_kernels.cuh, attention_kernels.cuh, attention_decode_kernels.cuh,
+// norm_kernels.cuh, loss_kernels.cuh): enough of the language for those kernels to compile
+// as C++ and run, so that CI checks them where no GPU is.
 //
-// A block is its threads as std::threads (blocks one after another); __syncthreads and
-// __syncwarp are real barriers over the block's or the warp's threads, so a missing barrier
-// shows as a wrong or NaN result, not as silence. A static __shared__ array becomes a static
-// local: one per kernel, which is the running block's since blocks never overlap (it is
-// zeroed once, not poisoned; the kernels' dynamic shared memory is). WMMA is emulated by its definition:
-// a fragment holds its whole 16x16 tile, loads and stores check the alignment and leading
-// dimension the hardware requires and that the tile lies inside the launch's dynamic shared
-// memory, and an MMA multiplies in fp32 (the hardware's accumulation
-// order differs: results agree to rounding). Shared memory is poisoned with NaN bytes before
-// each block and fenced by guard bytes checked after it. Problems are recorded (errors())
-// rather than thrown, since they happen on worker threads; the failing access is skipped.
+// A block is its threads as std::threads (blocks one after another, 1-D or 2-D, whole
+// warps); __syncthreads and __syncwarp are real barriers over the block's or the warp's
+// threads, so a missing barrier shows as a wrong or NaN result, not as silence; a shuffle
+// exchanges through per-warp buffers. A static __shared__ array becomes a static local: one
+// per kernel, which is the running block's since blocks never overlap (it is zeroed once,
+// not poisoned). The dynamic shared memory is poisoned with NaN bytes before each block and
+// fenced by guard bytes checked after it. WMMA is emulated by its definition: a fragment
+// holds its whole 16x16 tile, loads and stores check the alignment and leading dimension
+// the hardware requires and that the tile lies inside the launch's dynamic shared memory,
+// and an MMA multiplies in fp32 (the hardware's accumulation order differs: results agree
+// to rounding). Problems are recorded (errors()) rather than thrown, since they happen on
+// worker threads; the failing access is skipped.
 //
 // Not emulated: the hardware's fragment-to-lane mapping (the kernels never index fragment
 // elements), bank conflicts, occupancy, timing.
 #pragma once
 #define VCHAT_CUDA_EMULATION 1
+
+#include <math.h>  // the math functions in the global namespace, as device code calls them
 
 #include <algorithm>
 #include <condition_variable>
@@ -74,12 +77,12 @@ constexpr int kWarp = 32;
 
 // What the threads of the running block share.
 struct Block {
-  explicit Block(int threads) : all(threads), shfl{std::vector<float>(threads), std::vector<float>(threads)} {
+  explicit Block(int threads) : all(threads), shfl{std::vector<uint64_t>(threads), std::vector<uint64_t>(threads)} {
     for (int w = 0; w < threads / kWarp; ++w) warps.push_back(std::make_unique<Barrier>(kWarp));
   }
   Barrier all;
   std::vector<std::unique_ptr<Barrier>> warps;
-  std::vector<float> shfl[2];  // alternate shuffles use alternate buffers
+  std::vector<uint64_t> shfl[2];  // alternate shuffles use alternate buffers
   int or_flag[3] = {};         // __syncthreads_or calls cycle through three flags
   std::mutex or_mutex;
   unsigned char* smem = nullptr;
@@ -108,6 +111,13 @@ inline void report(const std::string& what) {
 inline thread_local vchat::emu::Dim3 threadIdx, blockIdx;
 inline vchat::emu::Dim3 blockDim, gridDim;
 
+namespace vchat::emu {
+// The thread's linear index in its block (x fastest), which decides its warp and lane.
+inline unsigned tid() { return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z); }
+// This thread's shuffles so far, of whatever type (a fresh count in every emulated thread).
+inline thread_local unsigned shuffles = 0;
+}  // namespace vchat::emu
+
 inline void __syncthreads() { vchat::emu::current_block()->all.arrive_and_wait(); }
 // One barrier per call: call n sets flag n % 3, meets, reads it, and thread 0 clears flag
 // (n + 2) % 3, which was last read in call n - 1 (before this barrier) and is next set in
@@ -125,23 +135,28 @@ inline int __syncthreads_or(int predicate) {
   {
     std::lock_guard<std::mutex> lock(b.or_mutex);
     r = b.or_flag[n % 3];
-    if (threadIdx.x == 0) b.or_flag[(n + 2) % 3] = 0;
+    if (vchat::emu::tid() == 0) b.or_flag[(n + 2) % 3] = 0;
   }
   return r;
 }
 inline void __syncwarp(unsigned = 0xffffffffu) {
-  vchat::emu::current_block()->warps[threadIdx.x / vchat::emu::kWarp]->arrive_and_wait();
+  vchat::emu::current_block()->warps[vchat::emu::tid() / vchat::emu::kWarp]->arrive_and_wait();
 }
-// One warp barrier per shuffle: alternate shuffles write alternate buffers, and a buffer is
-// rewritten two shuffles later, after a barrier every reader of it has passed.
-inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {
-  static thread_local unsigned calls = 0;
+// One warp barrier per shuffle: alternate shuffles (of any type) write alternate buffers,
+// and a buffer is rewritten two shuffles later, after a barrier every reader of it has
+// passed. Any value of up to 8 bytes (the kernels shuffle floats and int64 indices).
+template <class T>
+T __shfl_xor_sync(unsigned, T v, int lane_mask) {
+  static_assert(sizeof(T) <= sizeof(uint64_t) && std::is_trivially_copyable<T>::value, "a shuffle of up to 8 bytes");
   vchat::emu::Block& b = *vchat::emu::current_block();
-  std::vector<float>& buf = b.shfl[calls++ % 2];
-  buf[threadIdx.x] = v;
+  std::vector<uint64_t>& buf = b.shfl[vchat::emu::shuffles++ % 2];
+  const unsigned me = vchat::emu::tid();
+  std::memcpy(&buf[me], &v, sizeof(T));
   __syncwarp();
-  const unsigned base = threadIdx.x / vchat::emu::kWarp * vchat::emu::kWarp;
-  return buf[base + ((threadIdx.x % vchat::emu::kWarp) ^ static_cast<unsigned>(lane_mask))];
+  const unsigned base = me / vchat::emu::kWarp * vchat::emu::kWarp;
+  T r;
+  std::memcpy(&r, &buf[base + ((me % vchat::emu::kWarp) ^ static_cast<unsigned>(lane_mask))], sizeof(T));
+  return r;
 }
 
 struct __nv_bfloat16 {
@@ -226,7 +241,7 @@ inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const 
 }
 inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ld, layout_t l) {
   __syncwarp();
-  if (threadIdx.x % vchat::emu::kWarp == 0 && vchat::emu::tile_ok(p, ld, 4, "f32 store"))
+  if (vchat::emu::tid() % vchat::emu::kWarp == 0 && vchat::emu::tile_ok(p, ld, 4, "f32 store"))
     for (int r = 0; r < 16; ++r)
       for (int c = 0; c < 16; ++c) (l == mem_row_major ? p[r * ld + c] : p[c * ld + r]) = f.x[r][c];
   __syncwarp();
@@ -249,13 +264,19 @@ void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix
 namespace vchat::emu {
 
 // Runs `kernel()` (a lambda calling the __global__ function with its arguments) for every
-// block of `grid`, `threads` per block, with `smem` bytes of dynamic shared memory.
+// block of `grid`, `block_dim` threads per block (whole warps), with `smem` bytes of dynamic
+// shared memory.
 template <class Kernel>
-void launch(Dim3 grid, unsigned threads, size_t smem, Kernel kernel) {
+void launch(Dim3 grid, Dim3 block_dim, size_t smem, Kernel kernel) {
+  const unsigned threads = block_dim.x * block_dim.y * block_dim.z;
+  if (threads == 0 || threads % kWarp != 0) {
+    report("a block of " + std::to_string(threads) + " threads: the emulator runs whole warps");
+    return;
+  }
   constexpr size_t kGuard = 65536;
   constexpr unsigned char kGuardByte = 0xa5;
   gridDim = grid;
-  blockDim = {threads, 1, 1};
+  blockDim = block_dim;
   std::vector<unsigned char> arena(kGuard + smem + kGuard + 128);
   // 128-byte aligned start of the block's memory, guards on both sides.
   const auto raw = reinterpret_cast<uintptr_t>(arena.data()) + kGuard;
@@ -273,7 +294,7 @@ void launch(Dim3 grid, unsigned threads, size_t smem, Kernel kernel) {
         ts.reserve(threads);
         for (unsigned t = 0; t < threads; ++t)
           ts.emplace_back([&, t] {
-            threadIdx = {t, 0, 0};
+            threadIdx = {t % block_dim.x, t / block_dim.x % block_dim.y, t / (block_dim.x * block_dim.y)};
             blockIdx = {x, y, z};
             kernel();
           });
@@ -286,6 +307,11 @@ void launch(Dim3 grid, unsigned threads, size_t smem, Kernel kernel) {
           report("block (" + std::to_string(x) + "," + std::to_string(y) + "," + std::to_string(z) +
                  ") wrote outside its " + std::to_string(smem) + " bytes of shared memory");
       }
+}
+
+template <class Kernel>
+void launch(Dim3 grid, unsigned threads, size_t smem, Kernel kernel) {
+  launch(grid, Dim3{threads, 1, 1}, smem, kernel);
 }
 
 }  // namespace vchat::emu
