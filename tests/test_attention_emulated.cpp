@@ -109,6 +109,7 @@ TEST(AttentionEmulated, CudaCoreKernelsMatchTheCpuOpInFp32AndBf16) {
       {AttnMode::mmca, 1, 192, 1, 1, 32, {5, 40}, true, 0, "mmca, text over whole tiles", 150},
       {AttnMode::causal, 1, 70, 2, 2, 128, {10}, true, 5, "causal, hd 128, pad"},
       {AttnMode::full, 1, 65, 4, 1, 24, {1}, false, 0, "full (ViT), L 65, GQA 4/1, hd 24"},
+      {AttnMode::mmca, 1, 40, 2, 1, 32, {3}, true, 2, "mmca, L 40 within one tile, GQA 2/1"},
   };
   for (const FlashCase& c : cases)
     for (const Prec& pr : kPrecisions) check_flash(c, pr, rng);

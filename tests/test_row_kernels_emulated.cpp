@@ -243,7 +243,7 @@ TEST(RowKernelsEmulated, NanRowsAndArgmaxTiesFollowTheCpuOps) {
   std::uniform_real_distribution<float> u(-3.f, 3.f);
   for (float& e : v) e = u(rng);
   v[0 * V + 300] = NAN;                  // row 0: a NaN alone in its thread's slice (its max stays -inf)
-  v[1 * V + 5] = v[1 * V + 513] = 9.f;   // row 1: a tie, in different warps' slices
+  v[1 * V + 520] = v[1 * V + 40] = 9.f;  // row 1: a tie across warps (threads 8 and 40): 40 wins
   v[2 * V + 100] = v[2 * V + 37] = NAN;  // row 2: two NaNs: the first index wins
   for (int64_t c = 0; c < V; ++c) v[3 * V + c] = -INFINITY;  // row 3: all -inf
   const Tensor logits = Tensor::from_vector(v, {4, V});
@@ -282,7 +282,7 @@ TEST(RowKernelsEmulated, NanRowsAndArgmaxTiesFollowTheCpuOps) {
   ops::argmax(test::kCpu, logits, idx, val);
   const std::vector<int32_t> want_idx(idx.data<int32_t>(), idx.data<int32_t>() + 4);
   EXPECT_EQ(std::vector<int32_t>(IDX.data<int32_t>(), IDX.data<int32_t>() + 4), want_idx);
-  EXPECT_EQ(want_idx[1], 5) << "a tie goes to the first index";
+  EXPECT_EQ(want_idx[1], 40) << "a tie goes to the first index";
   EXPECT_EQ(want_idx[2], 37) << "NaN wins, the first NaN";
   for (int64_t r = 0; r < 4; ++r) {
     const float g = VAL.to_vector_f32()[r], w = val.data<float>()[r];
@@ -359,11 +359,15 @@ TEST(RowKernelsEmulated, SumOfSquaresClipAndAdamWMatchTheCpuOps) {
   expect_close(P, p, 1e-6, "adamw param");
   expect_close(M, m, 1e-6, "adamw m");
   expect_close(Vt, v, 1e-6, "adamw v");
-  expect_close(W, emu::as_storage(p, DType::bf16), 0, "adamw bf16 working copy = the new param, rounded");
-  const std::vector<float> before = P.to_vector_f32();
+  expect_close(W, emu::as_storage(P, DType::bf16), 0, "adamw bf16 working copy = the new param, rounded");
+  const std::vector<float> before = P.to_vector_f32(), m_before = M.to_vector_f32(), v_before = Vt.to_vector_f32(),
+                           w_before = W.to_vector_f32();
   const Tensor nan = Tensor::from_vector(std::vector<float>{NAN}, {1});
   adamw(nan.data<float>());
   EXPECT_EQ(P.to_vector_f32(), before) << "a non-finite clip coefficient changes nothing";
+  EXPECT_EQ(M.to_vector_f32(), m_before) << "nor m";
+  EXPECT_EQ(Vt.to_vector_f32(), v_before) << "nor v";
+  EXPECT_EQ(W.to_vector_f32(), w_before) << "nor the working copy";
   for (const std::string& e : emu::errors()) ADD_FAILURE() << e;
 }
 

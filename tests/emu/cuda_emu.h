@@ -1,14 +1,15 @@
 // CUDA on the CPU, for the kernel headers of src/cuda/ (a test includes this, then one or
 // more of attention_tc_kernels.cuh, attention_kernels.cuh, attention_decode_kernels.cuh,
-// norm_kernels.cuh, loss_kernels.cuh): enough of the language for those kernels to compile
-// as C++ and run, so that CI checks them where no GPU is.
+// norm_kernels.cuh, loss_kernels.cuh, optim_kernels.cuh): enough of the language for those
+// kernels to compile as C++ and run, so that CI checks them where no GPU is.
 //
 // A block is its threads as std::threads (blocks one after another, 1-D or 2-D, whole
 // warps); __syncthreads and __syncwarp are real barriers over the block's or the warp's
-// threads, so a missing barrier shows as a wrong or NaN result, not as silence; a shuffle
-// exchanges through per-warp buffers. A static __shared__ array becomes a static local: one
-// per kernel, which is the running block's since blocks never overlap (it is zeroed once,
-// not poisoned). The dynamic shared memory is poisoned with NaN bytes before each block and
+// threads, so a missing barrier usually shows as a wrong or NaN result (a race that
+// happens not to strike on the CPU's schedule does not); a shuffle exchanges through
+// per-warp buffers. A static __shared__ array becomes a static local: one per kernel,
+// which is the running block's since blocks never overlap (it is zeroed once, not
+// poisoned). The dynamic shared memory is poisoned with NaN bytes before each block and
 // fenced by guard bytes checked after it. WMMA is emulated by its definition: a fragment
 // holds its whole 16x16 tile, loads and stores check the alignment and leading dimension
 // the hardware requires and that the tile lies inside the launch's dynamic shared memory,
