@@ -31,12 +31,8 @@ namespace {
 
 using ops::AttnMode;
 
-struct Prec {
-  DType dt;
-  double tol, grad_tol;  // the GPU suite's: fp32 1e-5; bf16 1e-2, gradients 2e-2
-  const char* name;
-};
-const Prec kPrecisions[] = {{DType::f32, 1e-5, 1e-5, "fp32"}, {DType::bf16, 1e-2, 2e-2, "bf16"}};
+using test::kPrecisions;
+using test::Precision;
 
 using FlashCase = test::AttnLayout;
 
@@ -64,7 +60,7 @@ void run_flash(const FlashCase& c, const Tensor& m, const Tensor& Q, const Tenso
               [&] { flash_dq<T>(c.mode, g, p(Q), p(K), p(V), mp, p(DOUT), lp, dp, p(DQ)); });
 }
 
-void check_flash(const FlashCase& c, const Prec& pr, std::mt19937& rng) {
+void check_flash(const FlashCase& c, const Precision& pr, std::mt19937& rng) {
   SCOPED_TRACE(std::string(c.what) + ", " + pr.name);
   const Tensor q = emu::rand_values({c.B, c.L, c.H, c.hd}, pr.dt, rng, -2.f, 2.f);
   const Tensor k = emu::rand_values({c.B, c.L, c.KV, c.hd}, pr.dt, rng, -2.f, 2.f);
@@ -112,7 +108,7 @@ TEST(AttentionEmulated, CudaCoreKernelsMatchTheCpuOpInFp32AndBf16) {
       {AttnMode::mmca, 1, 40, 2, 1, 32, {3}, true, 2, "mmca, L 40 within one tile, GQA 2/1"},
   };
   for (const FlashCase& c : cases)
-    for (const Prec& pr : kPrecisions) check_flash(c, pr, rng);
+    for (const Precision& pr : kPrecisions) check_flash(c, pr, rng);
 }
 
 // The decode kernel: n new queries at the end of Lk keys (one token, a few, a whole
@@ -134,7 +130,7 @@ TEST(AttentionEmulated, DecodeKernelMatchesTheCpuOpInFp32AndBf16) {
   };
   for (const Case& c : cases)
     for (const int64_t n : {int64_t{1}, int64_t{5}, c.Lk})
-      for (const Prec& pr : kPrecisions) {
+      for (const Precision& pr : kPrecisions) {
         SCOPED_TRACE(std::string(c.what) + ", " + std::to_string(n) + " queries, " + pr.name);
         const int64_t pos = c.Lk - n;
         const Tensor q = emu::rand_values({n, c.H, c.hd}, pr.dt, rng, -2.f, 2.f);

@@ -83,17 +83,13 @@ Tensor poison(const Shape& s, DType dt) {
   return d;
 }
 
-struct Prec {
-  DType dt;
-  double tol;
-  const char* name;
-};
-const Prec kPrecisions[] = {{DType::f32, 1e-5, "f32"}, {DType::bf16, 1e-2, "bf16"}};
+using test::kPrecisions;
+using test::Precision;
 
 // ---- GEMM -------------------------------------------------------------------------------
 
 TEST_F(CudaOps, GemmAllTransposesStridesAndScales) {
-  for (const Prec& p : kPrecisions)
+  for (const Precision& p : kPrecisions)
     for (bool ta : {false, true})
       for (bool tb : {false, true})
         for (int64_t pad : {0, 7})
@@ -143,7 +139,7 @@ TEST_F(CudaOps, GemmEmptyInnerDimensionScalesC) {
 }
 
 TEST_F(CudaOps, LinearWithBiasEpilogueAndItsGradients) {
-  for (const Prec& p : kPrecisions) {
+  for (const Precision& p : kPrecisions) {
     const int64_t N = 45, in = 33, out = 29;
     const Tensor x = host_rand({N, in}, p.dt, rng), W = host_rand({out, in}, p.dt, rng), b = host_rand({out}, p.dt, rng);
     const Tensor y = Tensor::empty({N, out});
@@ -229,7 +225,7 @@ TEST_F(CudaOps, RejectsOperandsNamingThem) {
 // ---- Elementwise ------------------------------------------------------------------------
 
 TEST_F(CudaOps, ElementwiseAddAxpyScale) {
-  for (const Prec& p : kPrecisions) {
+  for (const Precision& p : kPrecisions) {
     const Shape s = {13, 77};
     const Tensor a = host_rand(s, p.dt, rng), b = host_rand(s, p.dt, rng);
     const Tensor want = Tensor::empty(s), got = poison(s, p.dt);
@@ -242,6 +238,10 @@ TEST_F(CudaOps, ElementwiseAddAxpyScale) {
     ops::scale(gpu(), y, -1.25f);
     ops::scale(gpu(), Y, -1.25f);
     expect_close(Y, y, p.tol, std::string("axpy+scale ") + p.name);
+    const Tensor f = Tensor::empty(s), F = poison(s, p.dt);
+    ops::fill(gpu(), f, 0.375f);
+    ops::fill(gpu(), F, 0.375f);
+    expect_close(F, f, 0, std::string("fill ") + p.name);
   }
 }
 
@@ -257,7 +257,7 @@ TEST_F(CudaOps, CastBetweenF32AndBf16MatchesTheCpu) {
 }
 
 TEST_F(CudaOps, SwigluAndGeluForwardBackward) {
-  for (const Prec& p : kPrecisions)
+  for (const Precision& p : kPrecisions)
     for (int64_t n : {1, 7, 4096, 100003}) {
       const std::string what = std::string(p.name) + " n=" + std::to_string(n);
       const Tensor g = host_rand({n}, p.dt, rng, -8.f, 8.f), u = host_rand({n}, p.dt, rng, -2.f, 2.f);
@@ -286,7 +286,7 @@ TEST_F(CudaOps, SwigluAndGeluForwardBackward) {
 // ---- Norms ------------------------------------------------------------------------------
 
 TEST_F(CudaOps, RmsNormAndLayerNormForwardBackward) {
-  for (const Prec& p : kPrecisions)
+  for (const Precision& p : kPrecisions)
     for (auto [N, D] : {std::pair<int64_t, int64_t>{3, 8}, {257, 96}, {600, 1000}}) {
       const std::string what = std::string(p.name) + " " + std::to_string(N) + "x" + std::to_string(D);
       const Tensor x = host_rand({N, D}, p.dt, rng, -2.f, 2.f), w = host_rand({D}, p.dt, rng, 0.5f, 1.5f);
@@ -326,7 +326,7 @@ TEST_F(CudaOps, RmsNormAndLayerNormForwardBackward) {
 // ---- Rotary -----------------------------------------------------------------------------
 
 TEST_F(CudaOps, RotaryWithPositionOffsetBothDirections) {
-  for (const Prec& p : kPrecisions)
+  for (const Precision& p : kPrecisions)
     for (int64_t offset : {0, 37})
       for (bool inverse : {false, true}) {
         const Tensor x = host_rand({2, 19, 3, 64}, p.dt, rng);
@@ -340,7 +340,7 @@ TEST_F(CudaOps, RotaryWithPositionOffsetBothDirections) {
 // ---- Rows -------------------------------------------------------------------------------
 
 TEST_F(CudaOps, EmbeddingForwardAndDeterministicBackward) {
-  for (const Prec& p : kPrecisions) {
+  for (const Precision& p : kPrecisions) {
     const int64_t V = 50, D = 24, N = 300;
     std::vector<int32_t> ids(N);
     for (auto& i : ids) i = static_cast<int32_t>(rng() % (V + 8)) - 8;  // some -1.. sentinels (< 0)
@@ -372,11 +372,16 @@ TEST_F(CudaOps, EmbeddingForwardAndDeterministicBackward) {
     for (int64_t r = 0; r < N; ++r)
       for (int64_t c = 0; c < D; ++c)
         ASSERT_EQ(got[r * D + c], ids[r] >= 20 && ids[r] < 40 ? full[r * D + c] : 0.f) << "row " << r;
+    // ... and its backward adds only those ids' rows, into its slice of the table.
+    const Tensor ds = dt0.slice(0, 20, 40).clone(), DS = dev(ds, DType::f32);
+    ops::embedding_bwd_slice(gpu(), dy, ids_h, g, 20, ds);
+    ops::embedding_bwd_slice(gpu(), dev(dy, p.dt), IDS, G, 20, DS);
+    expect_close(DS, ds, p.dt == DType::f32 ? 0 : 1e-3, std::string("embedding_bwd_slice ") + p.name);
   }
 }
 
 TEST_F(CudaOps, ScatterGatherPatchifyVitEmbed) {
-  for (const Prec& p : kPrecisions) {
+  for (const Precision& p : kPrecisions) {
     const int64_t rows = 40, D = 17, m = 11;
     std::vector<int32_t> idx(m);
     for (int64_t i = 0; i < m; ++i) idx[i] = static_cast<int32_t>(3 * i + 1);
@@ -416,7 +421,7 @@ TEST_F(CudaOps, ScatterGatherPatchifyVitEmbed) {
 // ---- Loss -------------------------------------------------------------------------------
 
 TEST_F(CudaOps, CrossEntropyForwardBackwardAndArgmax) {
-  for (const Prec& p : kPrecisions)
+  for (const Precision& p : kPrecisions)
     for (int64_t V : {7, 1000, 32000}) {
       const std::string what = std::string(p.name) + " V=" + std::to_string(V);
       const int64_t N = 37;
@@ -513,7 +518,7 @@ TEST_F(CudaOps, BiasGradientOverSeventeenMillionRows) {
 // A NaN logit makes its row's loss NaN, as on the CPU, also where it is all one thread's
 // slice of the row holds (V=7: a logit per thread), so a diverging model's loss line says so.
 TEST_F(CudaOps, CrossEntropyOfARowHoldingANanIsNan) {
-  for (const Prec& p : kPrecisions) {
+  for (const Precision& p : kPrecisions) {
     const int64_t N = 2, V = 7;
     const Tensor logits = host_rand({N, V}, p.dt, rng, -2.f, 2.f);
     logits.data<float>()[3] = NAN;  // row 0, not its target
@@ -536,7 +541,7 @@ TEST_F(CudaOps, CrossEntropyOfARowHoldingANanIsNan) {
 using AttnCase = test::AttnLayout;
 
 void check_attention(const AttnCase& a, std::mt19937& rng) {
-  for (const Prec& p : kPrecisions) {
+  for (const Precision& p : kPrecisions) {
     const std::string what = std::string(a.what) + " " + p.name;
     const Tensor q = host_rand({a.B, a.L, a.H, a.hd}, p.dt, rng, -2.f, 2.f);
     const Tensor k = host_rand({a.B, a.L, a.KV, a.hd}, p.dt, rng, -2.f, 2.f);
@@ -632,7 +637,7 @@ TEST_F(CudaOps, DecodeAttentionOverTheCacheAgainstTheCpu) {
   };
   for (const Case& c : cases)
     for (const int64_t n : {int64_t{1}, int64_t{7}, c.Lk})
-      for (const Prec& p : kPrecisions) {
+      for (const Precision& p : kPrecisions) {
         const std::string what = std::string(c.what) + ", " + std::to_string(n) + " queries, " + p.name;
         const int64_t pos = c.Lk - n;
         const Tensor q = host_rand({n, c.H, c.hd}, p.dt, rng, -2.f, 2.f);
@@ -714,7 +719,7 @@ TEST_F(CudaOps, MultiTensorSumOfSquaresAndFusedAdamW) {
 // an accumulator, the sum of squares and the clip coefficient are computed there.
 TEST_F(CudaOps, StepScalarsStayOnTheDevice) {
   // Loss accumulation through the op dispatch, twice (two micro-batches), f32 and bf16.
-  for (const Prec& p : kPrecisions) {
+  for (const Precision& p : kPrecisions) {
     const int64_t N = 301, V = 999;
     std::vector<int32_t> tg(N);
     for (auto& t : tg) t = rng() % 4 == 0 ? -1 : static_cast<int32_t>(rng() % V);

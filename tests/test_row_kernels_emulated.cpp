@@ -21,6 +21,7 @@
 
 // clang-format off
 #include "emu/cuda_emu.h"
+#include "emu/emu_launches.h"
 #include "emu/emu_tensors.h"
 #include "cuda/norm_kernels.cuh"
 #include "cuda/loss_kernels.cuh"
@@ -32,23 +33,8 @@ namespace {
 
 using test::expect_close;
 
-struct Prec {
-  DType dt;
-  double tol;  // the GPU suite's: fp32 1e-5, bf16 1e-2
-  const char* name;
-};
-const Prec kPrecisions[] = {{DType::f32, 1e-5, "fp32"}, {DType::bf16, 1e-2, "bf16"}};
-
-// The column sums as kernels.cuh's column_sums launches them: out[c] += Σ_r value(r, c).
-template <class F>
-void emu_column_sums(int64_t rows, int64_t cols, float* out, F value) {
-  const int64_t chunks = (rows + cuda::kColRows - 1) / cuda::kColRows;
-  std::vector<float> partial(static_cast<size_t>(chunks * cols), NAN);
-  emu::launch({static_cast<unsigned>(chunks), static_cast<unsigned>((cols + 31) / 32), 1}, emu::Dim3{32, 8, 1}, 0,
-              [&] { cuda::colsum_partial(value, rows, cols, partial.data()); });
-  emu::launch({static_cast<unsigned>((cols + 255) / 256), 1, 1}, 256, 0,
-              [&] { cuda::colsum_finish(partial.data(), chunks, cols, out); });
-}
+using test::kPrecisions;
+using test::Precision;
 
 template <class T>
 void run_norms(int64_t n, int64_t d, float eps, const Tensor& X, const Tensor& W, const Tensor& Bias, const Tensor& DY,
@@ -59,12 +45,12 @@ void run_norms(int64_t n, int64_t d, float eps, const Tensor& X, const Tensor& W
   const auto f = [](const Tensor& t) { return emu::kp<float>(t); };
   const unsigned rows = static_cast<unsigned>(n);
   emu::launch({rows, 1, 1}, kNormThreads, 0, [&] { rmsnorm_fwd_kernel(p(X), p(W), eps, p(Y), f(RSTD), d); });
-  emu_column_sums(n, d, f(DW), RmsNormDw<T>{p(DY), p(X), f(RSTD), d});
+  emu::column_sums(n, d, f(DW), RmsNormDw<T>{p(DY), p(X), f(RSTD), d});
   emu::launch({rows, 1, 1}, kNormThreads, 0, [&] { rmsnorm_bwd_kernel(p(DY), p(X), p(W), f(RSTD), p(DX), d); });
   emu::launch({rows, 1, 1}, kNormThreads, 0,
               [&] { layernorm_fwd_kernel(p(X), p(W), p(Bias), eps, p(Y2), f(MEAN), f(RSTD2), d); });
-  emu_column_sums(n, d, f(DW2), LayerNormDw<T>{p(DY), p(X), f(MEAN), f(RSTD2), d});
-  emu_column_sums(n, d, f(DB), LayerNormDb<T>{p(DY), d});
+  emu::column_sums(n, d, f(DW2), LayerNormDw<T>{p(DY), p(X), f(MEAN), f(RSTD2), d});
+  emu::column_sums(n, d, f(DB), LayerNormDb<T>{p(DY), d});
   emu::launch({rows, 1, 1}, kNormThreads, 0,
               [&] { layernorm_bwd_kernel(p(DY), p(X), p(W), f(MEAN), f(RSTD2), p(DX2), d); });
 }
@@ -72,7 +58,7 @@ void run_norms(int64_t n, int64_t d, float eps, const Tensor& X, const Tensor& W
 // Rows of a width that is not a multiple of the 256-thread block (one block per row).
 TEST(RowKernelsEmulated, NormsForwardAndBackwardMatchTheCpuOps) {
   std::mt19937 rng(20261207);
-  for (const Prec& pr : kPrecisions) {
+  for (const Precision& pr : kPrecisions) {
     SCOPED_TRACE(pr.name);
     const int64_t n = 5, d = 300;
     const float eps = 1e-5f;
@@ -104,17 +90,17 @@ TEST(RowKernelsEmulated, NormsForwardAndBackwardMatchTheCpuOps) {
       run_norms<cuda::bf16>(n, d, eps, X, W, B, DY, Y, RSTD, DX, DW, Y2, MEAN, RSTD2, DX2, DW2, DB);
     for (const std::string& e : emu::errors()) ADD_FAILURE() << e;
     // Statistics are fp32 whatever the storage; weight gradients accumulate in fp32.
-    const double grad_tol = pr.dt == DType::f32 ? 1e-5 : 1e-3;
+    const double weight_grad_tol = pr.dt == DType::f32 ? 1e-5 : 1e-3;
     expect_close(Y, y, pr.tol, "rmsnorm y");
     expect_close(RSTD, rstd, 1e-5, "rmsnorm rstd");
     expect_close(DX, dx, pr.tol, "rmsnorm dx");
-    expect_close(DW, dw, grad_tol, "rmsnorm dw");
+    expect_close(DW, dw, weight_grad_tol, "rmsnorm dw");
     expect_close(Y2, y2, pr.tol, "layernorm y");
     expect_close(MEAN, mean, 1e-5, "layernorm mean");
     expect_close(RSTD2, rstd2, 1e-5, "layernorm rstd");
     expect_close(DX2, dx2, pr.tol, "layernorm dx");
-    expect_close(DW2, dw2, grad_tol, "layernorm dw");
-    expect_close(DB, db, grad_tol, "layernorm db");
+    expect_close(DW2, dw2, weight_grad_tol, "layernorm dw");
+    expect_close(DB, db, weight_grad_tol, "layernorm db");
   }
 }
 
@@ -138,9 +124,10 @@ TEST(RowKernelsEmulated, ColumnSumsOverTwoRowChunksMatchTheCpuOps) {
   const Tensor DW = dw0.clone(), DW2 = dw0.clone(), DB = dw0.clone();
   const float *g = dy.data<float>(), *xp = x.data<float>();
   emu::errors().clear();
-  emu_column_sums(n, d, DW.data<float>(), cuda::RmsNormDw<float>{g, xp, rstd.data<float>(), d});
-  emu_column_sums(n, d, DW2.data<float>(), cuda::LayerNormDw<float>{g, xp, mean.data<float>(), rstd2.data<float>(), d});
-  emu_column_sums(n, d, DB.data<float>(), cuda::LayerNormDb<float>{g, d});
+  emu::column_sums(n, d, DW.data<float>(), cuda::RmsNormDw<float>{g, xp, rstd.data<float>(), d});
+  emu::column_sums(n, d, DW2.data<float>(),
+                   cuda::LayerNormDw<float>{g, xp, mean.data<float>(), rstd2.data<float>(), d});
+  emu::column_sums(n, d, DB.data<float>(), cuda::LayerNormDb<float>{g, d});
   for (const std::string& e : emu::errors()) ADD_FAILURE() << e;
   expect_close(DW, dw, 1e-5, "rmsnorm dw");
   expect_close(DW2, dw2, 1e-5, "layernorm dw");
@@ -155,7 +142,7 @@ TEST(RowKernelsEmulated, CrossEntropyAndItsVocabParallelPiecesMatchTheCpuOps) {
   const int64_t N = 6, V = 1000, split = 600;
   const std::vector<int32_t> tv = {3, -1, 999, 0, 600, 599};
   const Tensor targets = Tensor::from_vector(tv, {N});
-  for (const Prec& pr : kPrecisions) {
+  for (const Precision& pr : kPrecisions) {
     SCOPED_TRACE(pr.name);
     const Tensor logits = emu::rand_values({N, V}, pr.dt, rng, -6.f, 6.f);
     const Tensor L = emu::as_storage(logits, pr.dt);

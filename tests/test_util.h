@@ -29,6 +29,15 @@ namespace vchat::test {
 // The CPU execution context, for ops and layers called directly on host tensors.
 inline const ExecContext kCpu{};
 
+// The GPU suite's tolerances for a kernel against its CPU op (norm-relative, expect_close):
+// fp32 1e-5; bf16 1e-2, and 2e-2 for gradients through a bf16 backward.
+struct Precision {
+  DType dt;
+  double tol, grad_tol;
+  const char* name;
+};
+inline const Precision kPrecisions[] = {{DType::f32, 1e-5, 1e-5, "fp32"}, {DType::bf16, 1e-2, 2e-2, "bf16"}};
+
 // bf16 on the host: the bits of f rounded to nearest even (NaN stays NaN), and back.
 inline uint16_t bf16_bits(float f) {
   uint32_t u;

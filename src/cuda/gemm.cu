@@ -11,6 +11,7 @@
 #include <optional>
 #include <tuple>
 
+#include "cuda/elementwise_kernels.cuh"
 #include "cuda/kernels.cuh"
 
 namespace vchat::cuda {
@@ -64,31 +65,18 @@ std::map<Key, std::optional<cublasLtMatmulAlgo_t>>& algo_cache() {
   return cache;
 }
 
-// C = beta * C + bias (each row), over C's row stride (C may be a column slice): the
-// epilogue where cuBLASLt did not do it. beta == 0 writes zeros, so stale NaNs do not
-// survive, like a GEMM; bias may be null.
-template <class T>
-__global__ void epilogue_matrix(T* c, const T* bias, int64_t rows, int64_t cols, int64_t ld, float beta) {
-  const int64_t n = rows * cols, step = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step) {
-    T* p = c + (i / cols) * ld + i % cols;
-    float v = beta == 0.f ? 0.f : beta == 1.f ? static_cast<float>(*p) : static_cast<float>(*p) * beta;
-    if (bias) v += static_cast<float>(bias[i % cols]);
-    *p = T(v);
-  }
-}
-// For k == 0 (beta, bias), where cuBLAS' behaviour is not documented (BLAS would leave C
-// untouched), and for a bias that could not be fused (beta 1).
+// C = beta * C + bias where cuBLASLt did not do it (elementwise_kernels.cuh's
+// GemmEpilogueEach): for k == 0 (beta, bias), where cuBLAS' behaviour is not documented (BLAS
+// would leave C untouched), and for a bias that could not be fused (beta 1).
 void epilogue_c(const Context& ctx, const Tensor& C, DType dt, float beta, const Tensor& bias) {
   if (beta == 1.f && !bias.defined()) return;
   const int64_t rows = C.size(0), cols = C.size(1), ld = C.stride(0);
   // clang-format off
   VCHAT_DISPATCH(dt, T,
-    epilogue_matrix<<<grid_for(rows * cols, 256), 256, 0, stream_of(ctx)>>>(
-        ptr<T>(C), bias.defined() ? ptr<T>(bias) : nullptr, rows, cols, ld, beta);
+    launch_each(ctx, rows * cols,
+                GemmEpilogueEach<T>{ptr<T>(C), bias.defined() ? ptr<T>(bias) : nullptr, cols, ld, beta});
   );
   // clang-format on
-  CUDA_CHECK_LAUNCH();
 }
 
 }  // namespace

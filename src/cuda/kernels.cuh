@@ -15,6 +15,7 @@
 #include "cuda/cuda_check.h"
 #include "cuda/device_reduce.cuh"
 #include "cuda/device_storage.cuh"
+#include "cuda/grid_stride.cuh"
 
 namespace vchat::cuda {
 
@@ -45,11 +46,6 @@ inline int grid_for(int64_t work, int threads) {
 }
 
 // f(i) for i in [0, n), one element per thread, grid-stride: the elementwise and row kernels.
-template <class F>
-__global__ void each_kernel(int64_t n, F f) {
-  const int64_t step = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step) f(i);
-}
 template <class F>
 void launch_each(const Context& c, int64_t n, F f) {
   if (n == 0) return;
@@ -101,7 +97,7 @@ inline void expect_f32(const char* op, std::initializer_list<Arg> args) {
 }
 
 // Runs the statements with T = float or bf16 after the compute dtype. A macro, not a generic
-// lambda: nvcc does not allow __device__ lambdas inside generic lambdas.
+// lambda, so that the statements are the entry point's own (its locals, nested dispatch).
 #define VCHAT_DISPATCH(dtype, T, ...)           \
   do {                                          \
     if ((dtype) == ::vchat::DType::f32) {       \

@@ -1,37 +1,9 @@
-// Rotary embedding (HF rotate-half), in place. Angles are computed once per call in double
-// precision and rounded to fp32, as the CPU op does, then applied to every (batch, head).
-#include <cmath>
-
+// Rotary embedding (HF rotate-half), in place: operand checks and the two launches of
+// rope_kernels.cuh (the fp32 angle table, then the rotation of every row).
 #include "cuda/kernels.cuh"
+#include "cuda/rope_kernels.cuh"
 
 namespace vchat::cuda {
-
-namespace {
-
-__global__ void rope_table(int64_t L, int64_t half, int64_t hd, double theta, int64_t offset, float sign,
-                           float* table /* [L][2][half] */) {
-  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= L * half) return;
-  const int64_t l = i / half, k = i % half;
-  const double a = static_cast<double>(offset + l) * pow(theta, -2.0 * k / hd);
-  table[l * 2 * half + k] = static_cast<float>(cos(a));
-  table[l * 2 * half + half + k] = static_cast<float>(sin(a)) * sign;
-}
-
-template <class T>
-__global__ void rope_apply(T* x, const float* table, int64_t rows /* B*L*H */, int64_t L, int64_t H, int64_t half) {
-  const int64_t step = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < rows * half; i += step) {
-    const int64_t row = i / half, k = i % half, l = (row / H) % L;
-    T* v = x + row * 2 * half;
-    const float c = table[l * 2 * half + k], s = table[l * 2 * half + half + k];
-    const float x1 = ld(v, k), x2 = ld(v, k + half);
-    st(v, k, x1 * c - x2 * s);
-    st(v, k + half, x2 * c + x1 * s);
-  }
-}
-
-}  // namespace
 
 void rope_(const Context& c, const Tensor& x, double theta, bool inverse, int64_t position_offset) {
   const char* op = "cuda::rope_";
@@ -42,13 +14,15 @@ void rope_(const Context& c, const Tensor& x, double theta, bool inverse, int64_
   VCHAT_CHECK(position_offset >= 0, op << ": position offset " << position_offset << " is negative");
   if (x.numel() == 0) return;
   Tensor table = Tensor::empty({L, 2 * half}, DType::f32, Device::cuda);
-  rope_table<<<static_cast<unsigned>((L * half + 255) / 256), 256, 0, stream_of(c)>>>(
+  rope_table<<<static_cast<unsigned>((L * half + kRopeThreads - 1) / kRopeThreads), kRopeThreads, 0, stream_of(c)>>>(
       L, half, hd, theta, position_offset, inverse ? -1.f : 1.f, ptr<float>(table));
   CUDA_CHECK_LAUNCH();
+  // clang-format off
   VCHAT_DISPATCH(dt, T,
-    rope_apply<<<grid_for(B * L * H * half, 256), 256, 0, stream_of(c)>>>(ptr<T>(x), ptr<float>(table), B * L * H, L,
-                                                                          H, half);
+    rope_apply<<<grid_for(B * L * H * half, kRopeThreads), kRopeThreads, 0, stream_of(c)>>>(
+        ptr<T>(x), ptr<float>(table), B * L * H, L, H, half);
   );
+  // clang-format on
   CUDA_CHECK_LAUNCH();
 }
 

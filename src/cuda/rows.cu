@@ -1,6 +1,8 @@
 // Row movement: embedding lookup and its deterministic backward, scatter/gather of image
-// rows, ViT patch extraction and embeddings. Memory-bound copies, one thread per element.
+// rows, ViT patch extraction and embeddings: operand checks and launches. The per-element
+// bodies are the functors of rows_kernels.cuh, run by kernels.cuh's launch_each.
 #include "cuda/kernels.cuh"
+#include "cuda/rows_kernels.cuh"
 
 namespace vchat::cuda {
 
@@ -10,8 +12,7 @@ void expect_index(const char* op, const char* name, const Tensor& t) { expect(op
 
 }  // namespace
 
-// Out-of-range ids are the data path's to reject (Batch::validate); here they give 0 rows,
-// which is also how another rank's vocabulary slice and image positions (-1) look.
+// clang-format off
 void embedding_fwd(const Context& c, const Tensor& ids, const Tensor& table, const Tensor& out, int64_t vocab_begin) {
   const char* op = "cuda::embedding_fwd";
   const DType dt = expect_compute(op, {{"table", table}, {"out", out}});
@@ -19,18 +20,10 @@ void embedding_fwd(const Context& c, const Tensor& ids, const Tensor& table, con
   const int64_t n = ids.numel(), V = table.size(0), D = table.size(1);
   VCHAT_CHECK(out.numel() == n * D, op << ": out " << shape_str(out.shape()) << " for " << n << " ids of width " << D);
   VCHAT_DISPATCH(dt, T,
-    const int32_t* id = ptr<int32_t>(ids);
-    const T* t = ptr<T>(table);
-    T* o = ptr<T>(out);
-    launch_each(c, n * D, [=] __device__(int64_t i) {
-      const int64_t r = i / D, col = i % D, row = int64_t(id[r]) - vocab_begin;
-      o[i] = row >= 0 && row < V ? t[row * D + col] : T(0.f);
-    });
+    launch_each(c, n * D, EmbeddingFwdEach<T>{ptr<int32_t>(ids), ptr<T>(table), ptr<T>(out), V, D, vocab_begin});
   );
 }
 
-// One thread per (group, column): sums the group's rows in position order into the table
-// row. Groups are distinct ids, so no two threads touch one table element.
 void embedding_bwd(const Context& c, const Tensor& dout, const ops::TokenGroups& g, const Tensor& dtable,
                    int64_t vocab_begin) {
   const char* op = "cuda::embedding_bwd";
@@ -43,17 +36,8 @@ void embedding_bwd(const Context& c, const Tensor& dout, const ops::TokenGroups&
                                                   << g.offsets.numel());
   VCHAT_CHECK(dout.size(-1) == D, op << ": dout " << shape_str(dout.shape()) << " for a table of width " << D);
   VCHAT_DISPATCH(dout.dtype(), T,
-    const T* dy = ptr<T>(dout);
-    const int32_t *order = ptr<int32_t>(g.order), *off = ptr<int32_t>(g.offsets), *gid = ptr<int32_t>(g.ids);
-    float* dt = ptr<float>(dtable);
-    launch_each(c, groups * D, [=] __device__(int64_t i) {
-      const int64_t k = i / D, col = i % D, row = int64_t(gid[k]) - vocab_begin;
-      if (row < 0 || row >= V) return;
-      // Added one by one onto the table's value, in position order: the CPU's exact sum.
-      float s = dt[row * D + col];
-      for (int32_t j = off[k]; j < off[k + 1]; ++j) s += ld(dy, int64_t(order[j]) * D + col);
-      dt[row * D + col] = s;
-    });
+    launch_each(c, groups * D, EmbeddingBwdEach<T>{ptr<T>(dout), ptr<int32_t>(g.order), ptr<int32_t>(g.offsets),
+                                                  ptr<int32_t>(g.ids), ptr<float>(dtable), V, D, vocab_begin});
   );
 }
 
@@ -64,13 +48,7 @@ void scatter_rows(const Context& c, const Tensor& src, const Tensor& index, cons
   const int64_t m = index.numel(), D = dst.size(-1), rows = dst.numel() / std::max<int64_t>(D, 1);
   VCHAT_CHECK(src.numel() == m * D, op << ": src " << shape_str(src.shape()) << " for " << m << " rows of " << D);
   VCHAT_DISPATCH(dt, T,
-    const T* s = ptr<T>(src);
-    T* d = ptr<T>(dst);
-    const int32_t* idx = ptr<int32_t>(index);
-    launch_each(c, m * D, [=] __device__(int64_t i) {
-      const int64_t r = idx[i / D];
-      if (r >= 0 && r < rows) d[r * D + i % D] = s[i];
-    });
+    launch_each(c, m * D, ScatterRowsEach<T>{ptr<T>(src), ptr<int32_t>(index), ptr<T>(dst), rows, D});
   );
 }
 
@@ -81,13 +59,7 @@ void gather_rows(const Context& c, const Tensor& src, const Tensor& index, const
   const int64_t m = index.numel(), D = src.size(-1), rows = src.numel() / std::max<int64_t>(D, 1);
   VCHAT_CHECK(dst.numel() == m * D, op << ": dst " << shape_str(dst.shape()) << " for " << m << " rows of " << D);
   VCHAT_DISPATCH(dt, T,
-    const T* s = ptr<T>(src);
-    T* d = ptr<T>(dst);
-    const int32_t* idx = ptr<int32_t>(index);
-    launch_each(c, m * D, [=] __device__(int64_t i) {
-      const int64_t r = idx[i / D];
-      d[i] = r >= 0 && r < rows ? s[r * D + i % D] : T(0.f);
-    });
+    launch_each(c, m * D, GatherRowsEach<T>{ptr<T>(src), ptr<int32_t>(index), ptr<T>(dst), rows, D});
   );
 }
 
@@ -103,13 +75,7 @@ void patchify(const Context& c, const Tensor& pixels, int64_t P, const Tensor& p
   VCHAT_CHECK(patches.numel() == N * g * g * K, op << ": patches " << shape_str(patches.shape()) << ", expected ["
                                                    << N * g * g << ", " << K << "]");
   VCHAT_DISPATCH(patches.dtype(), T,
-    const float* px = ptr<float>(pixels);
-    T* out = ptr<T>(patches);
-    launch_each(c, N * g * g * K, [=] __device__(int64_t i) {
-      const int64_t patch = i / K, k = i % K, n = patch / (g * g), pr = (patch / g) % g, pc = patch % g;
-      const int64_t ch = k / (P * P), kh = (k / P) % P, kw = k % P;
-      st(out, i, px[((n * 3 + ch) * S + pr * P + kh) * S + pc * P + kw]);
-    });
+    launch_each(c, N * g * g * K, PatchifyEach<T>{ptr<float>(pixels), ptr<T>(patches), P, S, g});
   );
 }
 
@@ -122,13 +88,7 @@ void vit_embed_fwd(const Context& c, const Tensor& patch_emb, const Tensor& cls,
               op << ": patch_emb " << shape_str(patch_emb.shape()) << " cls " << shape_str(cls.shape()) << " pos "
                  << shape_str(pos.shape()) << " for out " << shape_str(out.shape()));
   VCHAT_DISPATCH(dt, T,
-    const T *pe = ptr<T>(patch_emb), *cl = ptr<T>(cls), *ps = ptr<T>(pos);
-    T* o = ptr<T>(out);
-    launch_each(c, N * T_ * W, [=] __device__(int64_t i) {
-      const int64_t n = i / (T_ * W), t = (i / W) % T_, w = i % W;
-      const float src = t == 0 ? ld(cl, w) : ld(pe, (n * (T_ - 1) + t - 1) * W + w);
-      st(o, i, src + ld(ps, t * W + w));
-    });
+    launch_each(c, N * T_ * W, VitEmbedFwdEach<T>{ptr<T>(patch_emb), ptr<T>(cls), ptr<T>(pos), ptr<T>(out), T_, W});
   );
 }
 
@@ -151,32 +111,13 @@ void vit_embed_bwd(const Context& c, const Tensor& dout, const Tensor& dpatch_em
     VCHAT_CHECK(dpos.numel() == T_ * W, op << ": dpos " << shape_str(dpos.shape()));
   }
   VCHAT_DISPATCH(dout.dtype(), T,
-    const T* g = ptr<T>(dout);
-    if (dpatch_emb.defined()) {
-      T* d = ptr<T>(dpatch_emb);
-      launch_each(c, N * (T_ - 1) * W, [=] __device__(int64_t i) {
-        const int64_t n = i / ((T_ - 1) * W), t = (i / W) % (T_ - 1) + 1, w = i % W;
-        d[i] = g[(n * T_ + t) * W + w];
-      });
-    }
-    // Image order is the summation order, one thread per element: deterministic.
-    if (dpos.defined()) {
-      float* d = ptr<float>(dpos);
-      launch_each(c, T_ * W, [=] __device__(int64_t i) {
-        float s = 0.f;
-        for (int64_t n = 0; n < N; ++n) s += ld(g, n * T_ * W + i);
-        d[i] += s;
-      });
-    }
-    if (dcls.defined()) {
-      float* d = ptr<float>(dcls);
-      launch_each(c, W, [=] __device__(int64_t w) {
-        float s = 0.f;
-        for (int64_t n = 0; n < N; ++n) s += ld(g, n * T_ * W + w);
-        d[w] += s;
-      });
-    }
+    if (dpatch_emb.defined())
+      launch_each(c, N * (T_ - 1) * W, VitEmbedBwdPatchEach<T>{ptr<T>(dout), ptr<T>(dpatch_emb), T_, W});
+    if (dpos.defined()) launch_each(c, T_ * W, VitEmbedBwdSumEach<T>{ptr<T>(dout), ptr<float>(dpos), N, T_, W});
+    if (dcls.defined()) launch_each(c, W, VitEmbedBwdSumEach<T>{ptr<T>(dout), ptr<float>(dcls), N, T_, W});
   );
 }
+
+// clang-format on
 
 }  // namespace vchat::cuda

@@ -1,7 +1,7 @@
 // CUDA on the CPU, for the kernel headers of src/cuda/ (a test includes this, then one or
-// more of attention_tc_kernels.cuh, attention_kernels.cuh, attention_decode_kernels.cuh,
-// norm_kernels.cuh, loss_kernels.cuh, optim_kernels.cuh): enough of the language for those
-// kernels to compile as C++ and run, so that CI checks them where no GPU is.
+// more of the *_kernels.cuh: attention_tc, attention, attention_decode, norm, loss, optim,
+// elementwise, rows, rope): enough of the language for those kernels to compile as C++ and
+// run, so that CI checks them where no GPU is.
 //
 // A block is its threads as std::threads (blocks one after another, 1-D or 2-D, whole
 // warps); __syncthreads and __syncwarp are real barriers over the block's or the warp's
