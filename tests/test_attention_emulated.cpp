@@ -79,7 +79,7 @@ void check_flash(const FlashCase& c, const Precision& pr, std::mt19937& rng) {
     run_flash<float>(c, m, Q, K, V, DOUT, OUT, lse, DQ, DK, DV);
   else
     run_flash<cuda::bf16>(c, m, Q, K, V, DOUT, OUT, lse, DQ, DK, DV);
-  for (const std::string& e : emu::errors()) ADD_FAILURE() << e;
+  emu::expect_no_errors();
 
   // The CPU op on the same inputs. The kernels' backward read their own output (in bf16,
   // rounded), as on the GPU: hence the looser gradient tolerance there.
@@ -157,7 +157,7 @@ TEST(AttentionEmulated, DecodeKernelMatchesTheCpuOpInFp32AndBf16) {
             cuda::decode_kernel<bf16>(c.mode, g, emu::kp<bf16>(Q), emu::kp<bf16>(K), emu::kp<bf16>(V), mp,
                                       emu::kp<bf16>(OUT));
           });
-        for (const std::string& e : emu::errors()) ADD_FAILURE() << e;
+        emu::expect_no_errors();
         test::expect_close(OUT, out, pr.tol, "decode out");
       }
 }

@@ -74,7 +74,7 @@ void check(const TcCase& c, std::mt19937& rng) {
     flash_dq_tc<false>(c.mode, g, bp(Q), bp(K), bp(V), mp, bp(OUT), bp(DOUT), lse.data<float>(), delta.data<float>(),
                        bp(DQ));
   });
-  for (const std::string& e : emu::errors()) ADD_FAILURE() << e;
+  emu::expect_no_errors();
   test::expect_close(OUT, out, 1e-2, "out");
   // The backward read the kernel's own bf16 output, as on the GPU: dq within 2e-2 as there.
   test::expect_close(DQ, dq, 2e-2, "dq");

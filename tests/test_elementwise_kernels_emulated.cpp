@@ -49,11 +49,6 @@ void dispatch(DType dt, Body body) {
     body(cuda::bf16{});
 }
 
-void expect_no_emulator_errors() {
-  for (const std::string& e : emu::errors()) ADD_FAILURE() << e;
-  emu::errors().clear();
-}
-
 // 1100 elements: more than the two emulated blocks of 256 threads cover, so each thread
 // takes two or three elements of the grid-stride loop.
 TEST(ElementwiseKernelsEmulated, ArithmeticCastAndBiasMatchTheCpuOps) {
@@ -102,7 +97,7 @@ TEST(ElementwiseKernelsEmulated, ArithmeticCastAndBiasMatchTheCpuOps) {
       emu::column_sums(rows, cols, kp<float>(DB), BiasGradTerm<T>{kp<T>(A), cols});
       expect_close(DB, db, 1e-5, "bias_grad");  // fp32 sums of the same bf16-valued inputs
     });
-    expect_no_emulator_errors();
+    emu::expect_no_errors();
   }
   // cast: f32 -> bf16 rounds to nearest even (a tie each way, and a value whose rounding
   // carries into the exponent), bf16 -> f32 and the same-type copies are exact.
@@ -124,7 +119,7 @@ TEST(ElementwiseKernelsEmulated, ArithmeticCastAndBiasMatchTheCpuOps) {
   emu::each(n, cuda::CastEach<cuda::bf16, float>{kp<cuda::bf16>(GOT16), kp<float>(GOT32)});
   emu::each(n, cuda::CastEach<cuda::bf16, cuda::bf16>{kp<cuda::bf16>(GOT16), kp<cuda::bf16>(COPY16)});
   emu::each(n, cuda::CastEach<float, float>{kp<float>(src), kp<float>(COPY32)});
-  expect_no_emulator_errors();
+  emu::expect_no_errors();
   EXPECT_EQ(0, std::memcmp(GOT16.raw(), want16.raw(), n * 2)) << "f32 -> bf16 bits differ from the CPU cast's";
   EXPECT_EQ(test::bf16_bits(1.f), GOT16.data<uint16_t>()[0]);
   EXPECT_EQ(test::bf16_bits(1.f + 4.f / 256), GOT16.data<uint16_t>()[1]);
@@ -175,7 +170,7 @@ TEST(ElementwiseKernelsEmulated, SwigluAndGeluForwardAndBackwardMatchTheCpuOps) 
         expect_close(DX, dx, pr.grad_tol, name + " bwd");
       }
     });
-    expect_no_emulator_errors();
+    emu::expect_no_errors();
   }
 }
 
@@ -227,7 +222,7 @@ TEST(ElementwiseKernelsEmulated, EmbeddingForwardAndBackwardMatchTheCpuOpsOnVoca
         EXPECT_EQ(0, std::memcmp(SD.raw(), sd.raw(), Vl * D * 4)) << "embedding_bwd_slice differs";
       }
     });
-    expect_no_emulator_errors();
+    emu::expect_no_errors();
   }
 }
 
@@ -272,7 +267,7 @@ TEST(ElementwiseKernelsEmulated, RowScatterAndGatherMatchTheCpuOps) {
         ASSERT_EQ(g3[2 * D + c], b[3 * D + c]) << "gather of row 3, col " << c;
       }
     });
-    expect_no_emulator_errors();
+    emu::expect_no_errors();
   }
 }
 
@@ -314,7 +309,7 @@ TEST(ElementwiseKernelsEmulated, PatchifyAndVitEmbeddingsMatchTheCpuOps) {
       expect_close(DPOS, dpos, 1e-6, "vit_embed_bwd dpos");
       expect_close(DCLS, dcls, 1e-6, "vit_embed_bwd dcls");
     });
-    expect_no_emulator_errors();
+    emu::expect_no_errors();
   }
 }
 
@@ -347,7 +342,7 @@ TEST(ElementwiseKernelsEmulated, GemmEpilogueScalesAndAddsTheBiasWithinItsSlice)
           emu::each(rows * cols,
                     cuda::GemmEpilogueEach<T>{kp<T>(C), with_bias ? kp<T>(BIAS) : nullptr, cols, ldc, beta});
         });
-        expect_no_emulator_errors();
+        emu::expect_no_errors();
         const std::vector<float> all = C.to_vector_f32(), before = c.to_vector_f32();
         std::vector<float> slice;
         for (int64_t r = 0; r < rows; ++r) slice.insert(slice.end(), &all[r * ldc], &all[r * ldc + cols]);
@@ -383,7 +378,7 @@ TEST(ElementwiseKernelsEmulated, RopeMatchesTheCpuOpAtAnOffsetAndInverse) {
           emu::launch({2, 1, 1}, cuda::kRopeThreads, 0,
                       [&] { cuda::rope_apply(kp<T>(X), kp<float>(table), B * L * H, L, H, half); });
         });
-        expect_no_emulator_errors();
+        emu::expect_no_errors();
         expect_close(X, want, pr.tol, "rope");
       }
   }

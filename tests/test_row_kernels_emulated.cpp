@@ -88,7 +88,7 @@ TEST(RowKernelsEmulated, NormsForwardAndBackwardMatchTheCpuOps) {
       run_norms<float>(n, d, eps, X, W, B, DY, Y, RSTD, DX, DW, Y2, MEAN, RSTD2, DX2, DW2, DB);
     else
       run_norms<cuda::bf16>(n, d, eps, X, W, B, DY, Y, RSTD, DX, DW, Y2, MEAN, RSTD2, DX2, DW2, DB);
-    for (const std::string& e : emu::errors()) ADD_FAILURE() << e;
+    emu::expect_no_errors();
     // Statistics are fp32 whatever the storage; weight gradients accumulate in fp32.
     const double weight_grad_tol = pr.dt == DType::f32 ? 1e-5 : 1e-3;
     expect_close(Y, y, pr.tol, "rmsnorm y");
@@ -128,7 +128,7 @@ TEST(RowKernelsEmulated, ColumnSumsOverTwoRowChunksMatchTheCpuOps) {
   emu::column_sums(n, d, DW2.data<float>(),
                    cuda::LayerNormDw<float>{g, xp, mean.data<float>(), rstd2.data<float>(), d});
   emu::column_sums(n, d, DB.data<float>(), cuda::LayerNormDb<float>{g, d});
-  for (const std::string& e : emu::errors()) ADD_FAILURE() << e;
+  emu::expect_no_errors();
   expect_close(DW, dw, 1e-5, "rmsnorm dw");
   expect_close(DW2, dw2, 1e-5, "layernorm dw");
   expect_close(DB, db, 1e-5, "layernorm db");
@@ -217,7 +217,7 @@ TEST(RowKernelsEmulated, CrossEntropyAndItsVocabParallelPiecesMatchTheCpuOps) {
       run(float{});
     else
       run(cuda::bf16{});
-    for (const std::string& e : emu::errors()) ADD_FAILURE() << e;
+    emu::expect_no_errors();
   }
 }
 
@@ -246,7 +246,7 @@ TEST(RowKernelsEmulated, NanRowsAndArgmaxTiesFollowTheCpuOps) {
                VAL = emu::poisoned({4}, DType::f32);
   emu::launch({4, 1, 1}, cuda::kLossThreads, 0,
               [&] { cuda::argmax_kernel(logits.data<float>(), V, IDX.data<int32_t>(), emu::kp<float>(VAL)); });
-  for (const std::string& e : emu::errors()) ADD_FAILURE() << e;
+  emu::expect_no_errors();
 
   // Each row through the CPU op on its own. A row holding a NaN, and a row of -inf (whose
   // log-sum-exp the CPU leaves NaN and the kernel -inf), both carry a NaN loss: the step
@@ -355,7 +355,7 @@ TEST(RowKernelsEmulated, SumOfSquaresClipAndAdamWMatchTheCpuOps) {
   EXPECT_EQ(M.to_vector_f32(), m_before) << "nor m";
   EXPECT_EQ(Vt.to_vector_f32(), v_before) << "nor v";
   EXPECT_EQ(W.to_vector_f32(), w_before) << "nor the working copy";
-  for (const std::string& e : emu::errors()) ADD_FAILURE() << e;
+  emu::expect_no_errors();
 }
 
 }  // namespace

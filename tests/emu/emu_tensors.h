@@ -1,6 +1,6 @@
 // Host tensors for kernels run under tests/emu/cuda_emu.h (include that first): operands in
 // the kernel's storage type and poisoned outputs (test::expect_close compares them with the
-// CPU op, as the GPU suite does).
+// CPU op, as the GPU suite does); and the emulator's recorded problems as test failures.
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -42,6 +42,11 @@ inline Tensor poisoned(const Shape& s, DType dt) {
       t.data<float>()[i] = NAN;
   }
   return t;
+}
+// Each problem the emulator recorded (errors()) as a test failure; then clears them.
+inline void expect_no_errors() {
+  for (const std::string& e : errors()) ADD_FAILURE() << e;
+  errors().clear();
 }
 // The tensor's memory as the kernel's pointer type T (float or cuda::bf16).
 template <class T>
