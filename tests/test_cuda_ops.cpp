@@ -436,7 +436,8 @@ TEST_F(CudaOps, CrossEntropyForwardBackwardAndArgmax) {
       double got = 0;
       for (float r : ROWS.to_vector_f32()) got += r;
       EXPECT_NEAR(got, loss, 1e-5 * std::abs(loss)) << "loss " << what;
-      expect_close(LSE, lse, 1e-6, "lse " + what);
+      // fp32's 1e-5: a log-sum-exp over 32000 logits summed in another order differs by ~3e-6.
+      expect_close(LSE, lse, 1e-5, "lse " + what);
       const Tensor d = Tensor::empty({N, V});
       ops::cross_entropy_bwd(gpu(), logits, targets, lse, 0.25f, d);
       ops::cross_entropy_bwd(gpu(), LOGITS, TG, LSE, 0.25f, LOGITS);  // in place, as the model does

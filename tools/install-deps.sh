@@ -13,6 +13,7 @@ PACKAGES=(
   hdf5-tools python3-h5py             # h5dump and h5py read checkpoints back (tests)
   libssl-dev                          # SHA-256 (OpenSSL libcrypto) for shard and tokenizer hashes
   libboost-program-options-dev        # command line + INI configs
+  libboost-context-dev                # the CUDA emulator's threads as fibers (tests/emu/cuda_emu.h)
   nlohmann-json3-dev                  # manifests, model configs
   libsentencepiece-dev sentencepiece  # tokenizer
   libopencv-dev                       # image decoding in vchat-prep and vchat-chat

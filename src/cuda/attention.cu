@@ -60,11 +60,10 @@ void attention_fwd(const Context& c, ops::AttnMode mode, const Tensor& q, const 
   // clang-format off
   VCHAT_DISPATCH(dt, T,
     allow_dynamic_smem<flash_fwd<T>>(smem, op);
-    flash_fwd<T><<<grid, kThreads, smem, stream_of(c)>>>(mode, g, ptr<T>(q), ptr<T>(k), ptr<T>(v), m, ptr<T>(out),
-                                                         ptr<float>(lse));
+    launch(c, flash_fwd<T>, grid, kThreads, smem, mode, g, ptr<T>(q), ptr<T>(k), ptr<T>(v), m, ptr<T>(out),
+           ptr<float>(lse));
   );
   // clang-format on
-  CUDA_CHECK_LAUNCH();
 }
 
 void attention_bwd(const Context& c, ops::AttnMode mode, const Tensor& dout, const Tensor& q, const Tensor& k,
@@ -98,18 +97,14 @@ void attention_bwd(const Context& c, ops::AttnMode mode, const Tensor& dout, con
     allow_dynamic_smem<flash_delta<T>>(s_delta, op);
     allow_dynamic_smem<flash_dkv<T>>(s_dkv, op);
     allow_dynamic_smem<flash_dq<T>>(s_dq, op);
-    flash_delta<T><<<dim3(tiles, g.H, g.B), kThreads, s_delta, stream_of(c)>>>(
-        mode, g, ptr<T>(q), ptr<T>(k), ptr<T>(v), m, ptr<T>(out), ptr<T>(dout), ptr<float>(lse), ptr<float>(delta));
-    CUDA_CHECK_LAUNCH();
-    flash_dkv<T><<<dim3(tiles, g.KV, g.B), kThreads, s_dkv, stream_of(c)>>>(
-        mode, g, ptr<T>(q), ptr<T>(k), ptr<T>(v), m, ptr<T>(dout), ptr<float>(lse), ptr<float>(delta), ptr<T>(dk),
-        ptr<T>(dv));
-    CUDA_CHECK_LAUNCH();
-    flash_dq<T><<<dim3(tiles, g.H, g.B), kThreads, s_dq, stream_of(c)>>>(
-        mode, g, ptr<T>(q), ptr<T>(k), ptr<T>(v), m, ptr<T>(dout), ptr<float>(lse), ptr<float>(delta), ptr<T>(dq));
+    launch(c, flash_delta<T>, dim3(tiles, g.H, g.B), kThreads, s_delta, mode, g, ptr<T>(q), ptr<T>(k), ptr<T>(v), m,
+           ptr<T>(out), ptr<T>(dout), ptr<float>(lse), ptr<float>(delta));
+    launch(c, flash_dkv<T>, dim3(tiles, g.KV, g.B), kThreads, s_dkv, mode, g, ptr<T>(q), ptr<T>(k), ptr<T>(v), m,
+           ptr<T>(dout), ptr<float>(lse), ptr<float>(delta), ptr<T>(dk), ptr<T>(dv));
+    launch(c, flash_dq<T>, dim3(tiles, g.H, g.B), kThreads, s_dq, mode, g, ptr<T>(q), ptr<T>(k), ptr<T>(v), m,
+           ptr<T>(dout), ptr<float>(lse), ptr<float>(delta), ptr<T>(dq));
   );
   // clang-format on
-  CUDA_CHECK_LAUNCH();
 }
 
 }  // namespace vchat::cuda

@@ -33,11 +33,9 @@ void attention_decode(const Context& c, ops::AttnMode mode, const Tensor& q, con
   const dim3 grid(static_cast<unsigned>(g.n), static_cast<unsigned>(g.H));
   // clang-format off
   VCHAT_DISPATCH(dt, T,
-    decode_kernel<T><<<grid, kDecodeWarps * 32, 0, stream_of(c)>>>(mode, g, ptr<T>(q), ptr<T>(k), ptr<T>(v), m,
-                                                                    ptr<T>(out));
+    launch(c, decode_kernel<T>, grid, kDecodeWarps * 32, 0, mode, g, ptr<T>(q), ptr<T>(k), ptr<T>(v), m, ptr<T>(out));
   );
   // clang-format on
-  CUDA_CHECK_LAUNCH();
 }
 
 }  // namespace vchat::cuda

@@ -32,10 +32,8 @@ void attention_fwd_tc(const Context& c, ops::AttnMode mode, const Tensor& q, con
   const size_t smem = TcLayout(static_cast<int>(g.hd)).total;
   allow_dynamic_smem<flash_fwd_tc>(smem, "cuda::attention_fwd (tensor cores)");
   const dim3 grid(static_cast<unsigned>((g.L + kTc - 1) / kTc), static_cast<unsigned>(g.H), static_cast<unsigned>(g.B));
-  flash_fwd_tc<<<grid, kTcThreads, smem, stream_of(c)>>>(
-      mode, g, ptr<bf16>(q), ptr<bf16>(k), ptr<bf16>(v), mode == AttnMode::full ? nullptr : ptr<uint8_t>(modality),
-      ptr<bf16>(out), ptr<float>(lse));
-  CUDA_CHECK_LAUNCH();
+  launch(c, flash_fwd_tc, grid, kTcThreads, smem, mode, g, ptr<bf16>(q), ptr<bf16>(k), ptr<bf16>(v),
+         mode == AttnMode::full ? nullptr : ptr<uint8_t>(modality), ptr<bf16>(out), ptr<float>(lse));
 }
 
 bool attention_bwd_tc_eligible(DType dtype, int64_t head_dim) {
@@ -57,18 +55,12 @@ void attention_bwd_tc(const Context& c, ops::AttnMode mode, const Tensor& dout, 
   allow_dynamic_smem<flash_dkv_tc>(smem, op);
   const unsigned tiles = static_cast<unsigned>((g.L + kTc - 1) / kTc);
   const uint8_t* m = mode == AttnMode::full ? nullptr : ptr<uint8_t>(modality);
-  flash_dq_tc<true><<<dim3(tiles, g.H, g.B), kTcThreads, smem_dq, stream_of(c)>>>(
-      mode, g, ptr<bf16>(q), ptr<bf16>(k), ptr<bf16>(v), m, ptr<bf16>(out), ptr<bf16>(dout), ptr<float>(lse),
-      ptr<float>(delta), nullptr);
-  CUDA_CHECK_LAUNCH();
-  flash_dkv_tc<<<dim3(tiles, g.KV, g.B), kTcThreads, smem, stream_of(c)>>>(
-      mode, g, ptr<bf16>(q), ptr<bf16>(k), ptr<bf16>(v), m, ptr<bf16>(dout), ptr<float>(lse), ptr<float>(delta),
-      ptr<bf16>(dk), ptr<bf16>(dv));
-  CUDA_CHECK_LAUNCH();
-  flash_dq_tc<false><<<dim3(tiles, g.H, g.B), kTcThreads, smem_dq, stream_of(c)>>>(
-      mode, g, ptr<bf16>(q), ptr<bf16>(k), ptr<bf16>(v), m, ptr<bf16>(out), ptr<bf16>(dout), ptr<float>(lse),
-      ptr<float>(delta), ptr<bf16>(dq));
-  CUDA_CHECK_LAUNCH();
+  launch(c, flash_dq_tc<true>, dim3(tiles, g.H, g.B), kTcThreads, smem_dq, mode, g, ptr<bf16>(q), ptr<bf16>(k),
+         ptr<bf16>(v), m, ptr<bf16>(out), ptr<bf16>(dout), ptr<float>(lse), ptr<float>(delta), nullptr);
+  launch(c, flash_dkv_tc, dim3(tiles, g.KV, g.B), kTcThreads, smem, mode, g, ptr<bf16>(q), ptr<bf16>(k), ptr<bf16>(v),
+         m, ptr<bf16>(dout), ptr<float>(lse), ptr<float>(delta), ptr<bf16>(dk), ptr<bf16>(dv));
+  launch(c, flash_dq_tc<false>, dim3(tiles, g.H, g.B), kTcThreads, smem_dq, mode, g, ptr<bf16>(q), ptr<bf16>(k),
+         ptr<bf16>(v), m, ptr<bf16>(out), ptr<bf16>(dout), ptr<float>(lse), ptr<float>(delta), ptr<bf16>(dq));
 }
 
 }  // namespace vchat::cuda

@@ -45,12 +45,25 @@ inline int grid_for(int64_t work, int threads) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(needed, int64_t(sms) * 8)));
 }
 
+// kernel<<<grid, block, smem, c's stream>>>(args...), then the launch checked: every kernel
+// of src/cuda/ starts here, so that the same entry points also run on the CPU emulator
+// (tests/emu/sdk/: a block's threads as fibers, host memory as device memory), where
+// the call runs the kernel's blocks before it returns.
+template <class... Params, class... Args>
+void launch(const Context& c, void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, Args... args) {
+#ifdef VCHAT_CUDA_EMULATION
+  emu::launch_kernel(reinterpret_cast<const void*>(kernel), grid, block, smem, [&] { kernel(args...); });
+#else
+  kernel<<<grid, block, smem, stream_of(c)> > >(args...);
+#endif
+  CUDA_CHECK_LAUNCH();
+}
+
 // f(i) for i in [0, n), one element per thread, grid-stride: the elementwise and row kernels.
 template <class F>
 void launch_each(const Context& c, int64_t n, F f) {
   if (n == 0) return;
-  each_kernel<<<grid_for(n, 256), 256, 0, stream_of(c)>>>(n, f);
-  CUDA_CHECK_LAUNCH();
+  launch(c, each_kernel<F>, grid_for(n, 256), 256, 0, n, f);
 }
 
 template <class F>
@@ -60,11 +73,9 @@ void column_sums(const Context& c, int64_t rows, int64_t cols, float* out, F val
   Tensor partial = Tensor::empty({chunks, cols}, DType::f32, Device::cuda);  // freed stream-ordered
   VCHAT_CHECK((cols + 31) / 32 <= 65535, "column sums over " << cols << " columns: at most 65535 x 32");
   const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>((cols + 31) / 32));
-  colsum_partial<<<grid, dim3(32, 8), 0, stream_of(c)>>>(value, rows, cols, static_cast<float*>(partial.raw()));
-  CUDA_CHECK_LAUNCH();
-  colsum_finish<<<static_cast<unsigned>((cols + 255) / 256), 256, 0, stream_of(c)>>>(
-      static_cast<const float*>(partial.raw()), chunks, cols, out);
-  CUDA_CHECK_LAUNCH();
+  launch(c, colsum_partial<F>, grid, dim3(32, 8), 0, value, rows, cols, static_cast<float*>(partial.raw()));
+  launch(c, colsum_finish<>, static_cast<unsigned>((cols + 255) / 256), 256, 0,
+         static_cast<const float*>(partial.raw()), chunks, cols, out);
 }
 
 // Operand checks: every entry point names the op and the operand that is wrong.

@@ -39,11 +39,10 @@ void cross_entropy_fwd(const Context& c, const Tensor& logits, const Tensor& tar
   if (N == 0) return;
   // clang-format off
   VCHAT_DISPATCH(dt, T,
-    ce_fwd_kernel<<<static_cast<unsigned>(N), kLossThreads, 0, stream_of(c)>>>(
-        ptr<T>(logits), ptr<int32_t>(targets), V, ptr<float>(lse), ptr<float>(row_loss));
+    launch(c, ce_fwd_kernel<T>, static_cast<unsigned>(N), kLossThreads, 0, ptr<T>(logits), ptr<int32_t>(targets), V,
+           ptr<float>(lse), ptr<float>(row_loss));
   );
   // clang-format on
-  CUDA_CHECK_LAUNCH();
 }
 
 void cross_entropy_bwd(const Context& c, const Tensor& logits, const Tensor& targets, const Tensor& lse, float scale,
@@ -57,11 +56,10 @@ void cross_entropy_bwd(const Context& c, const Tensor& logits, const Tensor& tar
   if (N == 0) return;
   // clang-format off
   VCHAT_DISPATCH(dt, T,
-    ce_bwd_kernel<<<static_cast<unsigned>(N), kLossThreads, 0, stream_of(c)>>>(
-        ptr<T>(logits), ptr<int32_t>(targets), ptr<float>(lse), scale, ptr<T>(dlogits), V, vocab_begin);
+    launch(c, ce_bwd_kernel<T>, static_cast<unsigned>(N), kLossThreads, 0, ptr<T>(logits), ptr<int32_t>(targets),
+           ptr<float>(lse), scale, ptr<T>(dlogits), V, vocab_begin);
   );
   // clang-format on
-  CUDA_CHECK_LAUNCH();
 }
 
 void ce_row_max(const Context& c, const Tensor& logits, const Tensor& targets, const Tensor& row_max) {
@@ -72,11 +70,10 @@ void ce_row_max(const Context& c, const Tensor& logits, const Tensor& targets, c
   if (N == 0) return;
   // clang-format off
   VCHAT_DISPATCH(dt, T,
-    ce_max_kernel<<<static_cast<unsigned>(N), kLossThreads, 0, stream_of(c)>>>(
-        ptr<T>(logits), ptr<int32_t>(targets), V, ptr<float>(row_max));
+    launch(c, ce_max_kernel<T>, static_cast<unsigned>(N), kLossThreads, 0, ptr<T>(logits), ptr<int32_t>(targets), V,
+           ptr<float>(row_max));
   );
   // clang-format on
-  CUDA_CHECK_LAUNCH();
 }
 
 void ce_row_sumexp(const Context& c, const Tensor& logits, const Tensor& targets, const Tensor& row_max,
@@ -88,12 +85,10 @@ void ce_row_sumexp(const Context& c, const Tensor& logits, const Tensor& targets
   if (N == 0) return;
   // clang-format off
   VCHAT_DISPATCH(dt, T,
-    ce_sumexp_kernel<<<static_cast<unsigned>(N), kLossThreads, 0, stream_of(c)>>>(
-        ptr<T>(logits), ptr<int32_t>(targets), ptr<float>(row_max), V, vocab_begin, ptr<float>(sumexp),
-        ptr<float>(target_logit));
+    launch(c, ce_sumexp_kernel<T>, static_cast<unsigned>(N), kLossThreads, 0, ptr<T>(logits), ptr<int32_t>(targets),
+           ptr<float>(row_max), V, vocab_begin, ptr<float>(sumexp), ptr<float>(target_logit));
   );
   // clang-format on
-  CUDA_CHECK_LAUNCH();
 }
 
 void ce_finish(const Context& c, const Tensor& row_max, const Tensor& sumexp, const Tensor& target_logit,
@@ -105,10 +100,8 @@ void ce_finish(const Context& c, const Tensor& row_max, const Tensor& sumexp, co
                 {"row_loss", row_loss}},
            N);
   if (N == 0) return;
-  ce_finish_kernel<<<static_cast<unsigned>((N + 255) / 256), 256, 0, stream_of(c)>>>(
-      ptr<float>(row_max), ptr<float>(sumexp), ptr<float>(target_logit), ptr<int32_t>(targets), N, ptr<float>(lse),
-      ptr<float>(row_loss));
-  CUDA_CHECK_LAUNCH();
+  launch(c, ce_finish_kernel, static_cast<unsigned>((N + 255) / 256), 256, 0, ptr<float>(row_max), ptr<float>(sumexp),
+         ptr<float>(target_logit), ptr<int32_t>(targets), N, ptr<float>(lse), ptr<float>(row_loss));
 }
 
 void argmax(const Context& c, const Tensor& logits, const Tensor& index, const Tensor& value) {
@@ -122,11 +115,10 @@ void argmax(const Context& c, const Tensor& logits, const Tensor& index, const T
   if (N == 0) return;
   // clang-format off
   VCHAT_DISPATCH(dt, T,
-    argmax_kernel<<<static_cast<unsigned>(N), kLossThreads, 0, stream_of(c)>>>(
-        ptr<T>(logits), V, ptr<int32_t>(index), ptr<float>(value));
+    launch(c, argmax_kernel<T>, static_cast<unsigned>(N), kLossThreads, 0, ptr<T>(logits), V, ptr<int32_t>(index),
+           ptr<float>(value));
   );
   // clang-format on
-  CUDA_CHECK_LAUNCH();
 }
 
 }  // namespace vchat::cuda

@@ -36,11 +36,10 @@ void rmsnorm_fwd(const Context& c, const Tensor& x, const Tensor& w, float eps, 
   if (n == 0) return;
   // clang-format off
   VCHAT_DISPATCH(dt, T,
-    rmsnorm_fwd_kernel<<<static_cast<unsigned>(n), kNormThreads, 0, stream_of(c)>>>(
-        ptr<T>(x), ptr<T>(w), eps, ptr<T>(y), ptr<float>(rstd), d);
+    launch(c, rmsnorm_fwd_kernel<T>, static_cast<unsigned>(n), kNormThreads, 0, ptr<T>(x), ptr<T>(w), eps, ptr<T>(y),
+           ptr<float>(rstd), d);
   );
   // clang-format on
-  CUDA_CHECK_LAUNCH();
 }
 
 void rmsnorm_bwd(const Context& c, const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd,
@@ -66,11 +65,9 @@ void rmsnorm_bwd(const Context& c, const Tensor& dy, const Tensor& x, const Tens
     if (dw.defined())  // before dx: dx may alias dy
       column_sums(c, n, d, ptr<float>(dw), RmsNormDw<T>{g, xp, rs, d});
     if (dx.defined())
-      rmsnorm_bwd_kernel<<<static_cast<unsigned>(n), kNormThreads, 0, stream_of(c)>>>(
-          g, xp, ptr<T>(w), rs, ptr<T>(dx), d);
+      launch(c, rmsnorm_bwd_kernel<T>, static_cast<unsigned>(n), kNormThreads, 0, g, xp, ptr<T>(w), rs, ptr<T>(dx), d);
   );
   // clang-format on
-  CUDA_CHECK_LAUNCH();
 }
 
 void layernorm_fwd(const Context& c, const Tensor& x, const Tensor& w, const Tensor& b, float eps, const Tensor& y,
@@ -88,11 +85,10 @@ void layernorm_fwd(const Context& c, const Tensor& x, const Tensor& w, const Ten
   if (n == 0) return;
   // clang-format off
   VCHAT_DISPATCH(dt, T,
-    layernorm_fwd_kernel<<<static_cast<unsigned>(n), kNormThreads, 0, stream_of(c)>>>(
-        ptr<T>(x), ptr<T>(w), b.defined() ? ptr<T>(b) : nullptr, eps, ptr<T>(y), ptr<float>(mean), ptr<float>(rstd), d);
+    launch(c, layernorm_fwd_kernel<T>, static_cast<unsigned>(n), kNormThreads, 0, ptr<T>(x), ptr<T>(w),
+           b.defined() ? ptr<T>(b) : nullptr, eps, ptr<T>(y), ptr<float>(mean), ptr<float>(rstd), d);
   );
   // clang-format on
-  CUDA_CHECK_LAUNCH();
 }
 
 void layernorm_bwd(const Context& c, const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& mean,
@@ -122,11 +118,10 @@ void layernorm_bwd(const Context& c, const Tensor& dy, const Tensor& x, const Te
     if (db.defined())
       column_sums(c, n, d, ptr<float>(db), LayerNormDb<T>{g, d});
     if (dx.defined())
-      layernorm_bwd_kernel<<<static_cast<unsigned>(n), kNormThreads, 0, stream_of(c)>>>(g, xp, ptr<T>(w), mu, rs,
-                                                                                  ptr<T>(dx), d);
+      launch(c, layernorm_bwd_kernel<T>, static_cast<unsigned>(n), kNormThreads, 0, g, xp, ptr<T>(w), mu, rs,
+             ptr<T>(dx), d);
   );
   // clang-format on
-  CUDA_CHECK_LAUNCH();
 }
 
 }  // namespace vchat::cuda

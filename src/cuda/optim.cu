@@ -21,27 +21,23 @@ void sum_squares(const Context& c, const std::vector<Tensor>& xs, const Tensor& 
   Tensor partial = Tensor::zeros({std::max<int64_t>(1, plan.partials)}, DType::f32, Device::cuda);
   for (size_t l = 0; l < plan.launches.size(); ++l) {
     const Chunk& ch = plan.launches[l];
-    sumsq_partial<<<ch.first[ch.count], kOptimThreads, 0, stream_of(c)>>>(ch, ptr<float>(partial) + plan.at[l]);
-    CUDA_CHECK_LAUNCH();
+    launch(c, sumsq_partial, ch.first[ch.count], kOptimThreads, 0, ch, ptr<float>(partial) + plan.at[l]);
   }
-  sumsq_finish<<<1, kOptimThreads, 0, stream_of(c)>>>(ptr<float>(partial), partial.numel(), ptr<float>(out));
-  CUDA_CHECK_LAUNCH();
+  launch(c, sumsq_finish, 1, kOptimThreads, 0, ptr<float>(partial), partial.numel(), ptr<float>(out));
 }
 
 void sum_into(const Context& c, const Tensor& x, const Tensor& acc) {
   const char* op = "cuda::sum_into";
   expect_f32(op, {{"x", x}, {"acc", acc}});
   VCHAT_CHECK(acc.numel() == 1, op << ": acc must hold one value, got " << shape_str(acc.shape()));
-  sum_into_kernel<<<1, kOptimThreads, 0, stream_of(c)>>>(ptr<float>(x), x.numel(), ptr<float>(acc));
-  CUDA_CHECK_LAUNCH();
+  launch(c, sum_into_kernel, 1, kOptimThreads, 0, ptr<float>(x), x.numel(), ptr<float>(acc));
 }
 
 void clip_scale(const Context& c, const Tensor& grad_sq, float max_norm, const Tensor& scale) {
   const char* op = "cuda::clip_scale";
   expect_f32(op, {{"grad_sq", grad_sq}, {"scale", scale}});
   VCHAT_CHECK(grad_sq.numel() == 1 && scale.numel() == 1, op << ": grad_sq and scale must hold one value each");
-  clip_scale_kernel<<<1, 1, 0, stream_of(c)>>>(ptr<float>(grad_sq), max_norm, ptr<float>(scale));
-  CUDA_CHECK_LAUNCH();
+  launch(c, clip_scale_kernel, 1, 1, 0, ptr<float>(grad_sq), max_norm, ptr<float>(scale));
 }
 
 void adamw_step(const Context& c, const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,
@@ -57,11 +53,9 @@ void adamw_step(const Context& c, const Tensor& param, const Tensor& grad, const
   }
   if (n == 0) return;
   const AdamBiasCorrection bc(a);
-  adamw_kernel<<<grid_for(n, kOptimThreads), kOptimThreads, 0, stream_of(c)>>>(
-      ptr<float>(param), ptr<float>(grad), ptr<float>(m), ptr<float>(v),
-      working.defined() ? ptr<bf16>(working) : nullptr, n, a.lr, a.beta1, a.beta2, a.eps, a.weight_decay, bc.bc1,
-      bc.bc2, grad_scale);
-  CUDA_CHECK_LAUNCH();
+  launch(c, adamw_kernel, grid_for(n, kOptimThreads), kOptimThreads, 0, ptr<float>(param), ptr<float>(grad),
+         ptr<float>(m), ptr<float>(v), working.defined() ? ptr<bf16>(working) : nullptr, n, a.lr, a.beta1, a.beta2,
+         a.eps, a.weight_decay, bc.bc1, bc.bc2, grad_scale);
 }
 
 }  // namespace vchat::cuda

@@ -14,16 +14,14 @@ void rope_(const Context& c, const Tensor& x, double theta, bool inverse, int64_
   VCHAT_CHECK(position_offset >= 0, op << ": position offset " << position_offset << " is negative");
   if (x.numel() == 0) return;
   Tensor table = Tensor::empty({L, 2 * half}, DType::f32, Device::cuda);
-  rope_table<<<static_cast<unsigned>((L * half + kRopeThreads - 1) / kRopeThreads), kRopeThreads, 0, stream_of(c)>>>(
-      L, half, hd, theta, position_offset, inverse ? -1.f : 1.f, ptr<float>(table));
-  CUDA_CHECK_LAUNCH();
+  launch(c, rope_table, static_cast<unsigned>((L * half + kRopeThreads - 1) / kRopeThreads), kRopeThreads, 0, L, half,
+         hd, theta, position_offset, inverse ? -1.f : 1.f, ptr<float>(table));
   // clang-format off
   VCHAT_DISPATCH(dt, T,
-    rope_apply<<<grid_for(B * L * H * half, kRopeThreads), kRopeThreads, 0, stream_of(c)>>>(
-        ptr<T>(x), ptr<float>(table), B * L * H, L, H, half);
+    launch(c, rope_apply<T>, grid_for(B * L * H * half, kRopeThreads), kRopeThreads, 0, ptr<T>(x), ptr<float>(table),
+           B * L * H, L, H, half);
   );
   // clang-format on
-  CUDA_CHECK_LAUNCH();
 }
 
 }  // namespace vchat::cuda

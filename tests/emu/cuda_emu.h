@@ -3,19 +3,25 @@
 // elementwise, rows, rope): enough of the language for those kernels to compile as C++ and
 // run, so that CI checks them where no GPU is.
 //
-// A block is its threads as std::threads (blocks one after another, 1-D or 2-D, whole
-// warps); __syncthreads and __syncwarp are real barriers over the block's or the warp's
-// threads, so a missing barrier usually shows as a wrong or NaN result (a race that
-// happens not to strike on the CPU's schedule does not); a shuffle exchanges through
-// per-warp buffers. A static __shared__ array becomes a static local: one per kernel,
-// which is the running block's since blocks never overlap (it is zeroed once, not
-// poisoned). The dynamic shared memory is poisoned with NaN bytes before each block and
-// fenced by guard bytes checked after it. WMMA is emulated by its definition: a fragment
-// holds its whole 16x16 tile, loads and stores check the alignment and leading dimension
-// the hardware requires and that the tile lies inside the launch's dynamic shared memory,
-// and an MMA multiplies in fp32 (the hardware's accumulation order differs: results agree
-// to rounding). Problems are recorded (errors()) rather than thrown, since they happen on
-// worker threads; the failing access is skipped.
+// A block is its threads as fibers on the launching thread (Boost.Context: switching costs
+// nanoseconds, where an OS thread per emulated thread cost milliseconds to start), blocks one
+// after another, 1-D or 2-D, whole warps and a partial last one. Each fiber runs until it
+// meets a barrier (__syncthreads, __syncwarp, a shuffle) and yields; a barrier opens when
+// the last of its threads arrives. The scheduler runs one warp as far ahead as it can go
+// (until its lanes wait for other warps at a block barrier) before the next, in thread
+// order on one pass and in reverse order on the next (the other way round in odd blocks),
+// so a missing barrier shows as a wrong or NaN result whichever way its race goes; threads
+// that wait at a barrier the others never reach (some returned early) are reported as a
+// deadlock instead of hanging. A shuffle exchanges through per-warp buffers. A static
+// __shared__ array becomes a static local: one per kernel, which is the running block's
+// since blocks never overlap (it is zeroed once, not poisoned). The dynamic shared memory
+// is poisoned with NaN bytes before each block and fenced by guard bytes checked after it.
+// WMMA is emulated by its definition: a fragment holds its whole 16x16 tile, loads and
+// stores check the alignment and leading dimension the hardware requires and that the tile
+// lies inside the launch's dynamic shared memory, and an MMA multiplies in fp32 (the
+// hardware's accumulation order differs: results agree to rounding). Problems are recorded
+// (errors()) rather than thrown, since they happen inside fibers; the failing access is
+// skipped.
 //
 // Not emulated: the hardware's fragment-to-lane mapping (the kernels never index fragment
 // elements), bank conflicts, occupancy, timing.
@@ -25,14 +31,13 @@
 #include <math.h>  // the math functions in the global namespace, as device code calls them
 
 #include <algorithm>
-#include <condition_variable>
+#include <boost/context/fiber.hpp>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <mutex>
 #include <string>
-#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -50,25 +55,48 @@ struct Dim3 {
   unsigned x = 1, y = 1, z = 1;
 };
 
-// A reusable barrier for a fixed number of threads (std::barrier is C++20).
+// One emulated thread: its fiber, where it yields to (the block's scheduler), its index and
+// the counters that CUDA keeps per thread.
+struct Thread {
+  boost::context::fiber fiber;      // while suspended: where the scheduler resumes it
+  boost::context::fiber scheduler;  // while running: where yield() returns
+  Dim3 idx;
+  bool done = false;
+  unsigned shuffles = 0;  // shuffles so far, of whatever type
+  unsigned or_calls = 0;  // __syncthreads_or calls so far
+};
+inline Thread*& current_thread() {
+  static thread_local Thread* t = nullptr;
+  return t;
+}
+// Barrier arrivals and finished threads: a scheduler pass that changes neither is a deadlock.
+inline uint64_t& progress() {
+  static thread_local uint64_t p = 0;
+  return p;
+}
+// Back to the scheduler; resumed at its next pass.
+inline void yield() {
+  Thread* t = current_thread();
+  t->scheduler = std::move(t->scheduler).resume();
+  current_thread() = t;
+}
+
+// A reusable barrier for a fixed number of threads: the last to arrive opens it for the others.
 class Barrier {
  public:
   explicit Barrier(int n) : n_(n) {}
   void arrive_and_wait() {
-    std::unique_lock<std::mutex> lock(m_);
     const uint64_t gen = gen_;
+    ++progress();
     if (++count_ == n_) {
       count_ = 0;
       ++gen_;
-      cv_.notify_all();
-    } else {
-      cv_.wait(lock, [&] { return gen_ != gen; });
+      return;
     }
+    while (gen_ == gen) yield();
   }
 
  private:
-  std::mutex m_;
-  std::condition_variable cv_;
   const int n_;
   int count_ = 0;
   uint64_t gen_ = 0;
@@ -78,23 +106,65 @@ constexpr int kWarp = 32;
 
 // What the threads of the running block share.
 struct Block {
-  explicit Block(int threads) : all(threads), shfl{std::vector<uint64_t>(threads), std::vector<uint64_t>(threads)} {
-    for (int w = 0; w < threads / kWarp; ++w) warps.push_back(std::make_unique<Barrier>(kWarp));
+  explicit Block(int threads)
+      : all(threads), shfl{std::vector<uint64_t>(lanes(threads)), std::vector<uint64_t>(lanes(threads))} {
+    // Whole warps, and a last partial one (a block of one thread: the clip coefficient).
+    for (int w = 0; w * kWarp < threads; ++w)
+      warps.push_back(std::make_unique<Barrier>(std::min(kWarp, threads - w * kWarp)));
   }
+  static size_t lanes(int threads) { return (threads + kWarp - 1) / kWarp * kWarp; }
   Barrier all;
   std::vector<std::unique_ptr<Barrier>> warps;
   std::vector<uint64_t> shfl[2];  // alternate shuffles use alternate buffers
-  int or_flag[3] = {};         // __syncthreads_or calls cycle through three flags
-  std::mutex or_mutex;
+  int or_flag[3] = {};            // __syncthreads_or calls cycle through three flags
   unsigned char* smem = nullptr;
   size_t smem_bytes = 0;
 };
 
 inline Block*& current_block() {
-  static Block* b = nullptr;
+  static thread_local Block* b = nullptr;
   return b;
 }
 inline unsigned char* dynamic_smem() { return current_block()->smem; }
+
+// Fiber stacks, kept for the next block (allocating them anew for every emulated thread
+// of every block would cost more than the kernels). 256 KiB: a thread's WMMA fragments are
+// whole tiles here (1 KiB each).
+class StackPool {
+ public:
+  static constexpr size_t kBytes = size_t{256} << 10;
+  boost::context::stack_context allocate() {
+    void* p;
+    if (free_.empty()) {
+      p = std::malloc(kBytes);
+      if (!p) throw std::bad_alloc();
+    } else {
+      p = free_.back();
+      free_.pop_back();
+    }
+    boost::context::stack_context sc;
+    sc.size = kBytes;
+    sc.sp = static_cast<char*>(p) + kBytes;
+    return sc;
+  }
+  void deallocate(boost::context::stack_context& sc) { free_.push_back(static_cast<char*>(sc.sp) - kBytes); }
+  ~StackPool() {
+    for (void* p : free_) std::free(p);
+  }
+
+ private:
+  std::vector<void*> free_;
+};
+// What boost::context::fiber takes: a copyable handle on the launching thread's pool.
+struct PooledStack {
+  StackPool* pool;
+  boost::context::stack_context allocate() { return pool->allocate(); }
+  void deallocate(boost::context::stack_context& sc) { pool->deallocate(sc); }
+};
+inline StackPool& stack_pool() {
+  static thread_local StackPool p;
+  return p;
+}
 
 // Problems found while kernels ran: out-of-range or misaligned tiles, overwritten guards.
 inline std::vector<std::string>& errors() {
@@ -102,21 +172,18 @@ inline std::vector<std::string>& errors() {
   return e;
 }
 inline void report(const std::string& what) {
-  static std::mutex m;
-  std::lock_guard<std::mutex> lock(m);
   if (errors().size() < 20) errors().push_back(what);
 }
 
 }  // namespace vchat::emu
 
+// The running fiber's indices: set by the scheduler before it resumes one.
 inline thread_local vchat::emu::Dim3 threadIdx, blockIdx;
-inline vchat::emu::Dim3 blockDim, gridDim;
+inline thread_local vchat::emu::Dim3 blockDim, gridDim;
 
 namespace vchat::emu {
 // The thread's linear index in its block (x fastest), which decides its warp and lane.
 inline unsigned tid() { return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z); }
-// This thread's shuffles so far, of whatever type (a fresh count in every emulated thread).
-inline thread_local unsigned shuffles = 0;
 }  // namespace vchat::emu
 
 inline void __syncthreads() { vchat::emu::current_block()->all.arrive_and_wait(); }
@@ -124,20 +191,12 @@ inline void __syncthreads() { vchat::emu::current_block()->all.arrive_and_wait()
 // (n + 2) % 3, which was last read in call n - 1 (before this barrier) and is next set in
 // call n + 2 (after the next barrier, which thread 0 reaches only after clearing it).
 inline int __syncthreads_or(int predicate) {
-  static thread_local unsigned calls = 0;  // a fresh count in every emulated thread
   vchat::emu::Block& b = *vchat::emu::current_block();
-  const unsigned n = calls++;
-  if (predicate) {
-    std::lock_guard<std::mutex> lock(b.or_mutex);
-    b.or_flag[n % 3] = 1;
-  }
+  const unsigned n = vchat::emu::current_thread()->or_calls++;
+  if (predicate) b.or_flag[n % 3] = 1;
   b.all.arrive_and_wait();
-  int r;
-  {
-    std::lock_guard<std::mutex> lock(b.or_mutex);
-    r = b.or_flag[n % 3];
-    if (vchat::emu::tid() == 0) b.or_flag[(n + 2) % 3] = 0;
-  }
+  const int r = b.or_flag[n % 3];
+  if (vchat::emu::tid() == 0) b.or_flag[(n + 2) % 3] = 0;
   return r;
 }
 inline void __syncwarp(unsigned = 0xffffffffu) {
@@ -150,7 +209,7 @@ template <class T>
 T __shfl_xor_sync(unsigned, T v, int lane_mask) {
   static_assert(sizeof(T) <= sizeof(uint64_t) && std::is_trivially_copyable<T>::value, "a shuffle of up to 8 bytes");
   vchat::emu::Block& b = *vchat::emu::current_block();
-  std::vector<uint64_t>& buf = b.shfl[vchat::emu::shuffles++ % 2];
+  std::vector<uint64_t>& buf = b.shfl[vchat::emu::current_thread()->shuffles++ % 2];
   const unsigned me = vchat::emu::tid();
   std::memcpy(&buf[me], &v, sizeof(T));
   __syncwarp();
@@ -264,14 +323,64 @@ void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix
 
 namespace vchat::emu {
 
+// Runs the block's threads as fibers until all have returned (see the top of the file), or
+// reports a deadlock: a pass over the waiting threads in which none moved.
+template <class Kernel>
+void run_block(Block& block, unsigned threads, Dim3 block_dim, Dim3 block_idx, Kernel& kernel) {
+  std::vector<Thread> ts(threads);
+  for (unsigned t = 0; t < threads; ++t) {
+    ts[t].idx = {t % block_dim.x, t / block_dim.x % block_dim.y, t / (block_dim.x * block_dim.y)};
+    ts[t].fiber = boost::context::fiber(std::allocator_arg, PooledStack{&stack_pool()},
+                                        [&, t](boost::context::fiber&& scheduler) {
+                                          ts[t].scheduler = std::move(scheduler);
+                                          current_thread() = &ts[t];
+                                          kernel();
+                                          ts[t].done = true;
+                                          ++progress();
+                                          return std::move(ts[t].scheduler);
+                                        });
+  }
+  blockIdx = block_idx;
+  const unsigned parity = block_idx.x + block_idx.y + block_idx.z;
+  const unsigned warps = (threads + kWarp - 1) / kWarp;
+  unsigned left = threads;
+  for (unsigned pass = 0; left > 0; ++pass) {
+    const uint64_t before = progress();
+    const bool reverse = (pass + parity) % 2 == 1;
+    // Warp by warp, each as far ahead as it can go (until all its lanes wait for other warps
+    // at a block barrier, or return): what a fast warp may do on the GPU.
+    for (unsigned wi = 0; wi < warps; ++wi) {
+      const unsigned w = reverse ? warps - 1 - wi : wi;
+      const unsigned lo = w * kWarp, n = std::min<unsigned>(kWarp, threads - lo);
+      for (uint64_t moved = progress() + 1; moved != progress();) {
+        moved = progress();
+        for (unsigned i = 0; i < n; ++i) {
+          Thread& t = ts[lo + (reverse ? n - 1 - i : i)];
+          if (t.done) continue;
+          threadIdx = t.idx;
+          t.fiber = std::move(t.fiber).resume();
+          if (t.done) --left;
+        }
+      }
+    }
+    current_thread() = nullptr;
+    if (left > 0 && progress() == before) {
+      report("block (" + std::to_string(block_idx.x) + "," + std::to_string(block_idx.y) + "," +
+             std::to_string(block_idx.z) + "): " + std::to_string(left) + " of " + std::to_string(threads) +
+             " threads wait at a barrier the others never reach");
+      break;  // the suspended fibers are unwound as `ts` goes
+    }
+  }
+}
+
 // Runs `kernel()` (a lambda calling the __global__ function with its arguments) for every
-// block of `grid`, `block_dim` threads per block (whole warps), with `smem` bytes of dynamic
+// block of `grid`, `block_dim` threads per block, with `smem` bytes of dynamic
 // shared memory.
 template <class Kernel>
 void launch(Dim3 grid, Dim3 block_dim, size_t smem, Kernel kernel) {
   const unsigned threads = block_dim.x * block_dim.y * block_dim.z;
-  if (threads == 0 || threads % kWarp != 0) {
-    report("a block of " + std::to_string(threads) + " threads: the emulator runs whole warps");
+  if (threads == 0) {
+    report("a block of no threads");
     return;
   }
   constexpr size_t kGuard = 65536;
@@ -291,15 +400,7 @@ void launch(Dim3 grid, Dim3 block_dim, size_t smem, Kernel kernel) {
         block.smem = mem;
         block.smem_bytes = smem;
         current_block() = &block;
-        std::vector<std::thread> ts;
-        ts.reserve(threads);
-        for (unsigned t = 0; t < threads; ++t)
-          ts.emplace_back([&, t] {
-            threadIdx = {t % block_dim.x, t / block_dim.x % block_dim.y, t / (block_dim.x * block_dim.y)};
-            blockIdx = {x, y, z};
-            kernel();
-          });
-        for (auto& t : ts) t.join();
+        run_block(block, threads, block_dim, Dim3{x, y, z}, kernel);
         current_block() = nullptr;
         const bool before_ok = std::all_of(arena.data(), mem, [&](unsigned char c) { return c == kGuardByte; });
         const bool after_ok =

@@ -1,0 +1,223 @@
+// The emulated cuBLASLt (cublasLt.h): descriptors as plain records, the matmul by its
+// column-major definition.
+#include "cublasLt.h"
+
+#include <cstring>
+#include <vector>
+
+struct cublasLtContext {};
+struct cublasLtMatmulDescOpaque_t {
+  cublasComputeType_t compute;
+  cudaDataType_t scale;
+  int32_t transa = CUBLAS_OP_N, transb = CUBLAS_OP_N;
+  uint32_t epilogue = CUBLASLT_EPILOGUE_DEFAULT;
+  const void* bias = nullptr;
+  int32_t bias_type = -1;  // unset: D's type
+};
+struct cublasLtMatrixLayoutOpaque_t {
+  cudaDataType_t type;
+  uint64_t rows, cols;
+  int64_t ld;
+};
+struct cublasLtMatmulPreferenceOpaque_t {
+  uint64_t workspace = 0;
+};
+
+namespace {
+
+constexpr uint64_t kAlgo = 0x656d756c61746564ull;  // the one algorithm there is
+
+bool known_type(int t) { return t == CUDA_R_32F || t == CUDA_R_16BF; }
+size_t type_bytes(int t) { return t == CUDA_R_32F ? 4 : 2; }
+float load(int t, const void* p, int64_t i) {
+  if (t == CUDA_R_32F) return static_cast<const float*>(p)[i];
+  return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+}
+void store(int t, void* p, int64_t i, float v) {
+  if (t == CUDA_R_32F)
+    static_cast<float*>(p)[i] = v;
+  else
+    static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v);
+}
+// The bytes a column-major layout spans.
+size_t span(const cublasLtMatrixLayoutOpaque_t& l) {
+  if (l.rows == 0 || l.cols == 0) return 0;
+  return ((l.cols - 1) * static_cast<uint64_t>(l.ld) + l.rows) * type_bytes(l.type);
+}
+
+struct Problem {
+  uint64_t m, n, k;
+};
+// The checks cuBLASLt makes of a matmul's description, and its m, n, k.
+cublasStatus_t check(const cublasLtMatmulDescOpaque_t* op, const cublasLtMatrixLayoutOpaque_t* a,
+                     const cublasLtMatrixLayoutOpaque_t* b, const cublasLtMatrixLayoutOpaque_t* c,
+                     const cublasLtMatrixLayoutOpaque_t* d, Problem* p) {
+  if (!op || !a || !b || !c || !d) return CUBLAS_STATUS_INVALID_VALUE;
+  if (op->compute != CUBLAS_COMPUTE_32F || op->scale != CUDA_R_32F) return CUBLAS_STATUS_NOT_SUPPORTED;
+  for (const auto* l : {a, b, c, d})
+    if (l->ld < static_cast<int64_t>(std::max<uint64_t>(l->rows, 1))) return CUBLAS_STATUS_INVALID_VALUE;
+  if (a->type != b->type || c->type != d->type) return CUBLAS_STATUS_NOT_SUPPORTED;
+  if (a->type == CUDA_R_32F && d->type != CUDA_R_32F) return CUBLAS_STATUS_NOT_SUPPORTED;
+  const uint64_t m = op->transa == CUBLAS_OP_N ? a->rows : a->cols, k = op->transa == CUBLAS_OP_N ? a->cols : a->rows;
+  const uint64_t kb = op->transb == CUBLAS_OP_N ? b->rows : b->cols, n = op->transb == CUBLAS_OP_N ? b->cols : b->rows;
+  if (k != kb || c->rows != m || c->cols != n || d->rows != m || d->cols != n) return CUBLAS_STATUS_INVALID_VALUE;
+  if (op->epilogue == CUBLASLT_EPILOGUE_BIAS) {
+    if (!op->bias) return CUBLAS_STATUS_INVALID_VALUE;
+    if (op->bias_type != -1 && op->bias_type != d->type) return CUBLAS_STATUS_NOT_SUPPORTED;
+  } else if (op->epilogue != CUBLASLT_EPILOGUE_DEFAULT) {
+    return CUBLAS_STATUS_NOT_SUPPORTED;
+  }
+  *p = {m, n, k};
+  return CUBLAS_STATUS_SUCCESS;
+}
+
+template <class T>
+cublasStatus_t set(T* field, const void* buf, size_t bytes) {
+  if (!buf || bytes != sizeof(T)) return CUBLAS_STATUS_INVALID_VALUE;
+  std::memcpy(field, buf, sizeof(T));
+  return CUBLAS_STATUS_SUCCESS;
+}
+
+}  // namespace
+
+const char* cublasGetStatusString(cublasStatus_t st) {
+  switch (st) {
+    case CUBLAS_STATUS_SUCCESS:
+      return "CUBLAS_STATUS_SUCCESS";
+    case CUBLAS_STATUS_NOT_INITIALIZED:
+      return "CUBLAS_STATUS_NOT_INITIALIZED";
+    case CUBLAS_STATUS_ALLOC_FAILED:
+      return "CUBLAS_STATUS_ALLOC_FAILED";
+    case CUBLAS_STATUS_INVALID_VALUE:
+      return "CUBLAS_STATUS_INVALID_VALUE";
+    case CUBLAS_STATUS_EXECUTION_FAILED:
+      return "CUBLAS_STATUS_EXECUTION_FAILED";
+    case CUBLAS_STATUS_INTERNAL_ERROR:
+      return "CUBLAS_STATUS_INTERNAL_ERROR";
+    case CUBLAS_STATUS_NOT_SUPPORTED:
+      return "CUBLAS_STATUS_NOT_SUPPORTED";
+  }
+  return "CUBLAS_STATUS_UNKNOWN";
+}
+
+cublasStatus_t cublasLtCreate(cublasLtHandle_t* h) {
+  *h = new cublasLtContext;
+  return CUBLAS_STATUS_SUCCESS;
+}
+cublasStatus_t cublasLtDestroy(cublasLtHandle_t h) {
+  delete h;
+  return CUBLAS_STATUS_SUCCESS;
+}
+cublasStatus_t cublasLtMatmulDescCreate(cublasLtMatmulDesc_t* d, cublasComputeType_t compute, cudaDataType_t scale) {
+  *d = new cublasLtMatmulDescOpaque_t{compute, scale};
+  return CUBLAS_STATUS_SUCCESS;
+}
+cublasStatus_t cublasLtMatmulDescDestroy(cublasLtMatmulDesc_t d) {
+  delete d;
+  return CUBLAS_STATUS_SUCCESS;
+}
+cublasStatus_t cublasLtMatmulDescSetAttribute(cublasLtMatmulDesc_t d, cublasLtMatmulDescAttributes_t attr,
+                                              const void* buf, size_t bytes) {
+  if (!d) return CUBLAS_STATUS_NOT_INITIALIZED;
+  switch (attr) {
+    case CUBLASLT_MATMUL_DESC_TRANSA:
+      return set(&d->transa, buf, bytes);
+    case CUBLASLT_MATMUL_DESC_TRANSB:
+      return set(&d->transb, buf, bytes);
+    case CUBLASLT_MATMUL_DESC_EPILOGUE:
+      return set(&d->epilogue, buf, bytes);
+    case CUBLASLT_MATMUL_DESC_BIAS_POINTER:
+      return set(&d->bias, buf, bytes);
+    case CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE:
+      return set(&d->bias_type, buf, bytes);
+  }
+  return CUBLAS_STATUS_INVALID_VALUE;
+}
+cublasStatus_t cublasLtMatrixLayoutCreate(cublasLtMatrixLayout_t* l, cudaDataType_t type, uint64_t rows, uint64_t cols,
+                                          int64_t ld) {
+  if (!known_type(type)) return CUBLAS_STATUS_NOT_SUPPORTED;
+  *l = new cublasLtMatrixLayoutOpaque_t{type, rows, cols, ld};
+  return CUBLAS_STATUS_SUCCESS;
+}
+cublasStatus_t cublasLtMatrixLayoutDestroy(cublasLtMatrixLayout_t l) {
+  delete l;
+  return CUBLAS_STATUS_SUCCESS;
+}
+cublasStatus_t cublasLtMatmulPreferenceCreate(cublasLtMatmulPreference_t* p) {
+  *p = new cublasLtMatmulPreferenceOpaque_t;
+  return CUBLAS_STATUS_SUCCESS;
+}
+cublasStatus_t cublasLtMatmulPreferenceDestroy(cublasLtMatmulPreference_t p) {
+  delete p;
+  return CUBLAS_STATUS_SUCCESS;
+}
+cublasStatus_t cublasLtMatmulPreferenceSetAttribute(cublasLtMatmulPreference_t p,
+                                                    cublasLtMatmulPreferenceAttributes_t attr, const void* buf,
+                                                    size_t bytes) {
+  if (!p) return CUBLAS_STATUS_NOT_INITIALIZED;
+  uint32_t alignment = 0;
+  switch (attr) {
+    case CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES:
+      return set(&p->workspace, buf, bytes);
+    case CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES:
+    case CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES:
+    case CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES:
+    case CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES:
+      return set(&alignment, buf, bytes);
+  }
+  return CUBLAS_STATUS_INVALID_VALUE;
+}
+
+cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t h, cublasLtMatmulDesc_t op, cublasLtMatrixLayout_t a,
+                                              cublasLtMatrixLayout_t b, cublasLtMatrixLayout_t c,
+                                              cublasLtMatrixLayout_t d, cublasLtMatmulPreference_t pref, int requested,
+                                              cublasLtMatmulHeuristicResult_t* results, int* found) {
+  if (!h || !pref) return CUBLAS_STATUS_NOT_INITIALIZED;
+  if (requested < 1 || !results || !found) return CUBLAS_STATUS_INVALID_VALUE;
+  Problem p;
+  if (const cublasStatus_t st = check(op, a, b, c, d, &p); st != CUBLAS_STATUS_SUCCESS) return st;
+  results[0] = {};
+  results[0].algo.data[0] = kAlgo;
+  results[0].state = CUBLAS_STATUS_SUCCESS;
+  results[0].wavesCount = 1.f;
+  *found = 1;
+  return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasLtMatmul(cublasLtHandle_t h, cublasLtMatmulDesc_t op, const void* alpha, const void* A,
+                              cublasLtMatrixLayout_t a, const void* B, cublasLtMatrixLayout_t b, const void* beta,
+                              const void* C, cublasLtMatrixLayout_t c, void* D, cublasLtMatrixLayout_t d,
+                              const cublasLtMatmulAlgo_t* algo, void* workspace, size_t workspace_bytes,
+                              cudaStream_t stream) {
+  if (!h) return CUBLAS_STATUS_NOT_INITIALIZED;
+  Problem p;
+  if (const cublasStatus_t st = check(op, a, b, c, d, &p); st != CUBLAS_STATUS_SUCCESS) return st;
+  if (algo && algo->data[0] != kAlgo) return CUBLAS_STATUS_INVALID_VALUE;
+  const float al = *static_cast<const float*>(alpha), be = *static_cast<const float*>(beta);
+  using vchat::emu::Space;
+  using vchat::emu::space_of;
+  const bool c_read = be != 0.f;
+  if (space_of(A, span(*a)) != Space::device || space_of(B, span(*b)) != Space::device ||
+      (c_read && space_of(C, span(*c)) != Space::device) || space_of(D, span(*d)) != Space::device)
+    return CUBLAS_STATUS_INVALID_VALUE;  // an operand outside device memory: a fault on the GPU
+  const bool bias = op->epilogue == CUBLASLT_EPILOGUE_BIAS;
+  if (bias && space_of(op->bias, p.m * type_bytes(d->type)) != Space::device) return CUBLAS_STATUS_INVALID_VALUE;
+  // op(X)(i, j) of a column-major layout.
+  auto at = [](const cublasLtMatrixLayoutOpaque_t& l, const void* x, bool trans, uint64_t i, uint64_t j) {
+    return trans ? load(l.type, x, int64_t(j + i * l.ld)) : load(l.type, x, int64_t(i + j * l.ld));
+  };
+  const bool ta = op->transa != CUBLAS_OP_N, tb = op->transb != CUBLAS_OP_N;
+  std::vector<float> out(p.m * p.n);  // all of D computed before any of it is stored: C may be D
+  for (uint64_t j = 0; j < p.n; ++j)
+    for (uint64_t i = 0; i < p.m; ++i) {
+      float s = 0.f;
+      for (uint64_t q = 0; q < p.k; ++q) s += at(*a, A, ta, i, q) * at(*b, B, tb, q, j);
+      float v = al * s;
+      if (c_read) v += be * load(c->type, C, int64_t(i + j * c->ld));
+      if (bias) v += load(d->type, op->bias, int64_t(i));
+      out[j * p.m + i] = v;
+    }
+  for (uint64_t j = 0; j < p.n; ++j)
+    for (uint64_t i = 0; i < p.m; ++i) store(d->type, D, int64_t(i + j * d->ld), out[j * p.m + i]);
+  return CUBLAS_STATUS_SUCCESS;
+}
