@@ -54,7 +54,10 @@ void launch(const Context& c, void (*kernel)(Params...), dim3 grid, dim3 block, 
 #ifdef VCHAT_CUDA_EMULATION
   emu::launch_kernel(reinterpret_cast<const void*>(kernel), grid, block, smem, [&] { kernel(args...); });
 #else
-  kernel<<<grid, block, smem, stream_of(c)> > >(args...);
+  // (clang-format would split the launch's >>>)
+  // clang-format off
+  kernel<<<grid, block, smem, stream_of(c)>>>(args...);
+  // clang-format on
 #endif
   CUDA_CHECK_LAUNCH();
 }

@@ -6,8 +6,8 @@
 //   op(A) m x k, op(B) k x n, C and D m x n, element (i, j) of a layout at p[i + j * ld];
 // C is not read when beta is 0. Refused as cuBLASLt refuses them: a leading dimension below
 // the rows, shapes that do not chain, mixed input types, an attribute of the wrong size, an
-// operand outside device memory. The products accumulate in fp32 in k order (cuBLAS' order
-// differs: results agree to rounding).
+// operand outside device memory. The products are OpenBLAS' sgemm in fp32 (cuBLAS' order of
+// accumulation differs: results agree to rounding).
 #pragma once
 #include <cstddef>
 #include <cstdint>

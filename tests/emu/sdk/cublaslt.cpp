@@ -2,6 +2,8 @@
 // column-major definition.
 #include "cublasLt.h"
 
+#include <cblas.h>
+
 #include <cstring>
 #include <vector>
 
@@ -202,22 +204,23 @@ cublasStatus_t cublasLtMatmul(cublasLtHandle_t h, cublasLtMatmulDesc_t op, const
     return CUBLAS_STATUS_INVALID_VALUE;  // an operand outside device memory: a fault on the GPU
   const bool bias = op->epilogue == CUBLASLT_EPILOGUE_BIAS;
   if (bias && space_of(op->bias, p.m * type_bytes(d->type)) != Space::device) return CUBLAS_STATUS_INVALID_VALUE;
-  // op(X)(i, j) of a column-major layout.
-  auto at = [](const cublasLtMatrixLayoutOpaque_t& l, const void* x, bool trans, uint64_t i, uint64_t j) {
-    return trans ? load(l.type, x, int64_t(j + i * l.ld)) : load(l.type, x, int64_t(i + j * l.ld));
-  };
+  // op(A) [m, k] and op(B) [k, n] gathered row-major in fp32 from their column-major layouts
+  // (element (i, j) at x[i + j * ld]), multiplied by OpenBLAS, then alpha, C, the bias.
   const bool ta = op->transa != CUBLAS_OP_N, tb = op->transb != CUBLAS_OP_N;
-  std::vector<float> out(p.m * p.n);  // all of D computed before any of it is stored: C may be D
-  for (uint64_t j = 0; j < p.n; ++j)
-    for (uint64_t i = 0; i < p.m; ++i) {
-      float s = 0.f;
-      for (uint64_t q = 0; q < p.k; ++q) s += at(*a, A, ta, i, q) * at(*b, B, tb, q, j);
-      float v = al * s;
-      if (c_read) v += be * load(c->type, C, int64_t(i + j * c->ld));
+  const uint64_t m = p.m, n = p.n, k = p.k;
+  std::vector<float> af(m * k), bf(k * n), prod(m * n);
+  for (uint64_t i = 0; i < m; ++i)
+    for (uint64_t q = 0; q < k; ++q) af[i * k + q] = load(a->type, A, int64_t(ta ? q + i * a->ld : i + q * a->ld));
+  for (uint64_t q = 0; q < k; ++q)
+    for (uint64_t j = 0; j < n; ++j) bf[q * n + j] = load(b->type, B, int64_t(tb ? j + q * b->ld : q + j * b->ld));
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(m), int(n), int(k), 1.f, af.data(), int(k), bf.data(),
+              int(n), 0.f, prod.data(), int(n));
+  for (uint64_t j = 0; j < n; ++j)
+    for (uint64_t i = 0; i < m; ++i) {
+      float v = al * prod[i * n + j];
+      if (c_read) v += be * load(c->type, C, int64_t(i + j * c->ld));  // read before D's store: C may be D
       if (bias) v += load(d->type, op->bias, int64_t(i));
-      out[j * p.m + i] = v;
+      store(d->type, D, int64_t(i + j * d->ld), v);
     }
-  for (uint64_t j = 0; j < p.n; ++j)
-    for (uint64_t i = 0; i < p.m; ++i) store(d->type, D, int64_t(i + j * d->ld), out[j * p.m + i]);
   return CUBLAS_STATUS_SUCCESS;
 }
