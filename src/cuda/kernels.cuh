@@ -52,7 +52,8 @@ inline int grid_for(int64_t work, int threads) {
 template <class... Params, class... Args>
 void launch(const Context& c, void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, Args... args) {
 #ifdef VCHAT_CUDA_EMULATION
-  emu::launch_kernel(reinterpret_cast<const void*>(kernel), grid, block, smem, [&] { kernel(args...); });
+  emu::launch_kernel(
+      reinterpret_cast<const void*>(kernel), grid, block, smem, [&] { kernel(args...); }, args...);
 #else
   // (clang-format would split the launch's >>>)
   // clang-format off

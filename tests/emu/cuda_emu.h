@@ -9,8 +9,9 @@
 // meets a barrier (__syncthreads, __syncwarp, a shuffle) and yields; a barrier opens when
 // the last of its threads arrives. The scheduler runs one warp as far ahead as it can go
 // (until its lanes wait for other warps at a block barrier) before the next, in thread
-// order on one pass and in reverse order on the next (the other way round in odd blocks),
-// so a missing barrier shows as a wrong or NaN result whichever way its race goes; threads
+// order on one pass and in reverse order on the next (starting the other way round in
+// every other block and launch), so a missing barrier shows as a wrong or NaN result
+// whichever way its race goes; a shuffle from a lane the block lacks is reported; threads
 // that wait at a barrier the others never reach (some returned early) are reported as a
 // deadlock instead of hanging. A shuffle exchanges through per-warp buffers. A static
 // __shared__ array becomes a static local: one per kernel, which is the running block's
@@ -29,6 +30,7 @@
 #define VCHAT_CUDA_EMULATION 1
 
 #include <math.h>  // the math functions in the global namespace, as device code calls them
+#include <sys/mman.h>
 
 #include <algorithm>
 #include <boost/context/fiber.hpp>
@@ -129,15 +131,16 @@ inline unsigned char* dynamic_smem() { return current_block()->smem; }
 
 // Fiber stacks, kept for the next block (allocating them anew for every emulated thread
 // of every block would cost more than the kernels). 256 KiB: a thread's WMMA fragments are
-// whole tiles here (1 KiB each).
+// whole tiles here (1 KiB each). The lowest page is made inaccessible: a stack that
+// overflows faults there instead of overwriting its neighbour.
 class StackPool {
  public:
-  static constexpr size_t kBytes = size_t{256} << 10;
+  static constexpr size_t kBytes = size_t{256} << 10, kGuard = 4096;
   boost::context::stack_context allocate() {
     void* p;
     if (free_.empty()) {
-      p = std::malloc(kBytes);
-      if (!p) throw std::bad_alloc();
+      p = std::aligned_alloc(kGuard, kBytes);
+      if (!p || mprotect(p, kGuard, PROT_NONE) != 0) throw std::bad_alloc();
     } else {
       p = free_.back();
       free_.pop_back();
@@ -149,7 +152,10 @@ class StackPool {
   }
   void deallocate(boost::context::stack_context& sc) { free_.push_back(static_cast<char*>(sc.sp) - kBytes); }
   ~StackPool() {
-    for (void* p : free_) std::free(p);
+    for (void* p : free_) {
+      mprotect(p, kGuard, PROT_READ | PROT_WRITE);
+      std::free(p);
+    }
   }
 
  private:
@@ -184,6 +190,7 @@ inline thread_local vchat::emu::Dim3 blockDim, gridDim;
 namespace vchat::emu {
 // The thread's linear index in its block (x fastest), which decides its warp and lane.
 inline unsigned tid() { return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z); }
+inline unsigned block_threads() { return blockDim.x * blockDim.y * blockDim.z; }
 }  // namespace vchat::emu
 
 inline void __syncthreads() { vchat::emu::current_block()->all.arrive_and_wait(); }
@@ -214,8 +221,12 @@ T __shfl_xor_sync(unsigned, T v, int lane_mask) {
   std::memcpy(&buf[me], &v, sizeof(T));
   __syncwarp();
   const unsigned base = me / vchat::emu::kWarp * vchat::emu::kWarp;
-  T r;
-  std::memcpy(&r, &buf[base + ((me % vchat::emu::kWarp) ^ static_cast<unsigned>(lane_mask))], sizeof(T));
+  const unsigned src = base + ((me % vchat::emu::kWarp) ^ static_cast<unsigned>(lane_mask));
+  T r{};
+  if (lane_mask < 0 || lane_mask >= vchat::emu::kWarp || src >= vchat::emu::block_threads())
+    vchat::emu::report("a shuffle from thread " + std::to_string(src) + ", which the block does not have");
+  else
+    std::memcpy(&r, &buf[src], sizeof(T));
   return r;
 }
 
@@ -341,7 +352,10 @@ void run_block(Block& block, unsigned threads, Dim3 block_dim, Dim3 block_idx, K
                                         });
   }
   blockIdx = block_idx;
-  const unsigned parity = block_idx.x + block_idx.y + block_idx.z;
+  // Which way the first pass goes: alternating over blocks and over launches (a one-block
+  // kernel too sees both orders across its calls).
+  static thread_local unsigned launches = 0;
+  const unsigned parity = block_idx.x + block_idx.y + block_idx.z + launches++;
   const unsigned warps = (threads + kWarp - 1) / kWarp;
   unsigned left = threads;
   for (unsigned pass = 0; left > 0; ++pass) {

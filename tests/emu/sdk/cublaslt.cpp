@@ -202,6 +202,13 @@ cublasStatus_t cublasLtMatmul(cublasLtHandle_t h, cublasLtMatmulDesc_t op, const
   if (space_of(A, span(*a)) != Space::device || space_of(B, span(*b)) != Space::device ||
       (c_read && space_of(C, span(*c)) != Space::device) || space_of(D, span(*d)) != Space::device)
     return CUBLAS_STATUS_INVALID_VALUE;  // an operand outside device memory: a fault on the GPU
+  // D written over A or B would race on a GPU (tiles read while others are stored).
+  auto overlap = [](const void* x, size_t xb, const void* y, size_t yb) {
+    const auto a0 = reinterpret_cast<uintptr_t>(x), b0 = reinterpret_cast<uintptr_t>(y);
+    return xb && yb && a0 < b0 + yb && b0 < a0 + xb;
+  };
+  if (overlap(D, span(*d), A, span(*a)) || overlap(D, span(*d), B, span(*b))) return CUBLAS_STATUS_INVALID_VALUE;
+  if (c_read && C == D && (c->ld != d->ld || c->type != d->type)) return CUBLAS_STATUS_INVALID_VALUE;
   const bool bias = op->epilogue == CUBLASLT_EPILOGUE_BIAS;
   if (bias && space_of(op->bias, p.m * type_bytes(d->type)) != Space::device) return CUBLAS_STATUS_INVALID_VALUE;
   // op(A) [m, k] and op(B) [k, n] gathered row-major in fp32 from their column-major layouts

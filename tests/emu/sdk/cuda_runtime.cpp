@@ -202,6 +202,9 @@ cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpy
   if (!ok)
     return fail(cudaErrorInvalidValue, "copy kind " + std::to_string(int(kind)) + " for a " + (sd ? "device" : "host") +
                                            " source and a " + (dd ? "device" : "host") + " destination");
+  const auto d = reinterpret_cast<uintptr_t>(dst), sp = reinterpret_cast<uintptr_t>(src);
+  if (d != sp && d < sp + bytes && sp < d + bytes)
+    return fail(cudaErrorInvalidValue, "a copy of " + std::to_string(bytes) + " bytes onto itself, shifted");
   std::memmove(dst, src, bytes);
   return cudaSuccess;
 }
@@ -363,6 +366,12 @@ bool launch_allowed(const void* kernel, dim3 grid, dim3 block, size_t smem) {
                                            std::to_string(allowed) + " (cudaFuncSetAttribute)"),
            false;
   return true;
+}
+
+bool device_pointer_argument(const void* p, int index) {
+  if (!p || space_of(p, 1) == Space::device) return true;
+  fail(cudaErrorIllegalAddress, "kernel argument " + std::to_string(index) + " points to host memory");
+  return false;
 }
 
 void take_emulator_reports() {

@@ -4,8 +4,9 @@
 // kernels run by tests/emu/cuda_emu.h. Only what vchat calls, with the rules the real runtime
 // enforces where a mistake would fail on a GPU:
 //   - device memory (cudaMalloc, cudaMallocAsync) is tracked by range: copies, memsets and
-//     the kernels' launch checks know a device pointer from a host one, a copy whose kind
-//     does not match its pointers, or that runs past an allocation, fails as it would;
+//     launches know a device pointer from a host one (a kernel's pointer arguments, not
+//     those inside its struct arguments, must be device memory), a copy whose kind does not
+//     match its pointers, or that runs past an allocation or partly overlaps itself, fails;
 //     new device memory is filled with NaN bytes, as stale pool memory may hold anything;
 //   - a launch checks its block (at most 1024 threads), its grid (y, z at most 65535) and
 //     its dynamic shared memory against 48 KiB or what cudaFuncSetAttribute granted the
@@ -20,6 +21,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
 #include "../cuda_emu.h"
 #include "library_types.h"
@@ -142,9 +144,20 @@ Space space_of(const void* p, size_t bytes);
 bool launch_allowed(const void* kernel, dim3 grid, dim3 block, size_t smem);
 void take_emulator_reports();
 
-template <class Body>
-void launch_kernel(const void* kernel, dim3 grid, dim3 block, size_t smem, Body body) {
+// A kernel's pointer arguments (not those inside a struct argument) must be null or device
+// memory: on a GPU a host pointer faults.
+bool device_pointer_argument(const void* p, int index);
+template <class A>
+bool argument_ok(const A& a, int index) {
+  if constexpr (std::is_pointer<A>::value) return device_pointer_argument(a, index);
+  return true;
+}
+
+template <class Body, class... Args>
+void launch_kernel(const void* kernel, dim3 grid, dim3 block, size_t smem, Body body, const Args&... args) {
   if (!launch_allowed(kernel, grid, block, smem)) return;
+  int index = 0;
+  if (!(argument_ok(args, index++) && ...)) return;
   launch(Dim3{grid.x, grid.y, grid.z}, Dim3{block.x, block.y, block.z}, smem, body);
   take_emulator_reports();
 }

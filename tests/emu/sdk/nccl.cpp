@@ -2,6 +2,7 @@
 // paired at ncclGroupEnd.
 #include "nccl.h"
 
+#include <cstdint>
 #include <cstring>
 #include <random>
 #include <string>
@@ -61,6 +62,8 @@ ncclResult_t call(ncclComm_t comm, ncclDataType_t t, cudaStream_t stream, F body
 }
 ncclResult_t copy(const void* send, void* recv, size_t bytes) {
   if (!on_device(send, bytes) || !on_device(recv, bytes)) return ncclInvalidArgument;
+  const auto r = reinterpret_cast<uintptr_t>(recv), s = reinterpret_cast<uintptr_t>(send);
+  if (r != s && r < s + bytes && s < r + bytes) return ncclInvalidArgument;  // in place, or apart
   if (send != recv && bytes) std::memmove(recv, send, bytes);
   return ncclSuccess;
 }

@@ -1,0 +1,169 @@
+// The emulated CUDA SDK (tests/emu/sdk/) refuses what a GPU would refuse, so that the GPU
+// suite passing on it means something: copies of the wrong kind or past an allocation,
+// launches past the hardware's limits or with a host pointer, shared memory not granted,
+// what the kernel emulator reports (a shuffle from a missing thread, a deadlock at a barrier),
+// cuBLASLt layouts and aliasing it does not allow, NCCL beyond one rank or on host memory.
+// And cuBLASLt computes its column-major definition. Only in vchat_cuda_emulated_tests.
+#include <cublasLt.h>
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+#include <nccl.h>
+
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <vector>
+
+namespace {
+
+using vchat::emu::launch_kernel;
+
+// A device buffer of n floats holding `v` (or NaN), freed at scope exit.
+struct DeviceFloats {
+  explicit DeviceFloats(size_t n, const std::vector<float>& v = {}) : n(n) {
+    EXPECT_EQ(cudaMalloc(reinterpret_cast<void**>(&p), n * sizeof(float)), cudaSuccess);
+    if (!v.empty()) {
+      EXPECT_EQ(cudaMemcpy(p, v.data(), n * sizeof(float), cudaMemcpyHostToDevice), cudaSuccess);
+    }
+  }
+  ~DeviceFloats() { cudaFree(p); }
+  std::vector<float> host() const {
+    std::vector<float> h(n);
+    EXPECT_EQ(cudaMemcpy(h.data(), p, n * sizeof(float), cudaMemcpyDeviceToHost), cudaSuccess);
+    return h;
+  }
+  float* p = nullptr;
+  size_t n;
+};
+
+// The last error, and that its words name `what`.
+void expect_error(cudaError_t want, const std::string& what) {
+  const cudaError_t got = cudaGetLastError();
+  EXPECT_EQ(got, want) << what;
+  EXPECT_NE(std::string(cudaGetErrorString(got)).find(what), std::string::npos) << cudaGetErrorString(got);
+}
+
+void write_index(float* out) { out[threadIdx.x] = static_cast<float>(threadIdx.x); }
+void shuffle_sum(float* out) { out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.f, 16); }
+void early_return(float* out) {
+  if (threadIdx.x % 2) return;  // half the block never reaches the barrier
+  __syncthreads();
+  out[threadIdx.x] = 1.f;
+}
+
+TEST(EmulatedSdk, CopiesCheckTheirKindTheirRangeAndOverlap) {
+  DeviceFloats d(8);
+  std::vector<float> h(8, 1.f);
+  EXPECT_EQ(cudaMemcpy(d.p, h.data(), 32, cudaMemcpyHostToDevice), cudaSuccess);
+  EXPECT_EQ(cudaMemcpy(h.data(), d.p, 32, cudaMemcpyHostToDevice), cudaErrorInvalidValue);  // kind backwards
+  expect_error(cudaErrorInvalidValue, "copy kind 1 for a device source and a host destination");
+  EXPECT_EQ(cudaMemcpy(d.p + 4, h.data(), 32, cudaMemcpyHostToDevice), cudaErrorInvalidValue);
+  expect_error(cudaErrorInvalidValue, "runs past a device allocation");
+  EXPECT_EQ(cudaMemcpy(d.p + 1, d.p, 16, cudaMemcpyDeviceToDevice), cudaErrorInvalidValue);
+  expect_error(cudaErrorInvalidValue, "onto itself, shifted");
+  EXPECT_EQ(cudaMemsetAsync(h.data(), 0, 32), cudaErrorInvalidValue);
+  expect_error(cudaErrorInvalidValue, "outside device memory");
+  EXPECT_TRUE(std::isnan(DeviceFloats(3).host()[2])) << "new device memory is NaN";
+}
+
+TEST(EmulatedSdk, LaunchesCheckGeometrySharedMemoryAndPointers) {
+  DeviceFloats d(64);
+  auto run = [&](dim3 grid, dim3 block, size_t smem, float* out) {
+    launch_kernel(
+        reinterpret_cast<const void*>(&write_index), grid, block, smem, [&] { write_index(out); }, out);
+  };
+  run(1, 64, 0, d.p);
+  EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+  EXPECT_EQ(d.host()[63], 63.f);
+  run(1, 2048, 0, d.p);
+  expect_error(cudaErrorInvalidConfiguration, "a block of 2048 x 1 x 1 threads");
+  run(dim3(1, 70000), 32, 0, d.p);
+  expect_error(cudaErrorInvalidConfiguration, "a grid of 1 x 70000 x 1 blocks");
+  run(1, 32, 64 << 10, d.p);
+  expect_error(cudaErrorInvalidValue, "the kernel is granted 49152");
+  ASSERT_EQ(cudaFuncSetAttribute(&write_index, cudaFuncAttributeMaxDynamicSharedMemorySize, 64 << 10), cudaSuccess);
+  run(1, 32, 64 << 10, d.p);
+  EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+  EXPECT_EQ(cudaFuncSetAttribute(&write_index, cudaFuncAttributeMaxDynamicSharedMemorySize, 300 << 10),
+            cudaErrorInvalidValue);
+  (void)cudaGetLastError();
+  std::vector<float> host(64);
+  run(1, 64, 0, host.data());
+  expect_error(cudaErrorIllegalAddress, "kernel argument 0 points to host memory");
+}
+
+TEST(EmulatedSdk, EmulatorReportsBecomeLaunchErrorsAndDeadlocksDoNotHang) {
+  DeviceFloats d(64);
+  float* out = d.p;
+  // 40 threads: the second warp's lanes 0-7 (threads 32-39) shuffle with lanes 16-23, which
+  // would be threads 48-55.
+  launch_kernel(
+      reinterpret_cast<const void*>(&shuffle_sum), 1, 40, 0, [&] { shuffle_sum(out); }, out);
+  expect_error(cudaErrorIllegalAddress, "a shuffle from thread 48, which the block does not have");
+  launch_kernel(
+      reinterpret_cast<const void*>(&early_return), 1, 64, 0, [&] { early_return(out); }, out);
+  expect_error(cudaErrorIllegalAddress, "32 of 64 threads wait at a barrier the others never reach");
+}
+
+// cuBLASLt's column-major definition, D = alpha op(A) op(B) + beta C + bias per row, with its
+// layout and aliasing rules.
+TEST(EmulatedSdk, CublasLtComputesItsColumnMajorDefinitionAndRefusesBadLayouts) {
+  // op(A) = A^T with A stored 3 x 2 (col-major, ld 4): op(A) is 2 x 3; B 3 x 2 (ld 3); D 2 x 2.
+  const std::vector<float> a = {1, 2, 3, 0, 4, 5, 6, 0}, b = {1, 0, 2, -1, 1, 0}, c = {10, 20, 30, 40};
+  DeviceFloats A(8, a), B(6, b), C(4, c), bias(2, {0.5f, -0.5f});
+  cublasLtHandle_t h;
+  cublasLtMatmulDesc_t op;
+  cublasLtMatrixLayout_t la, lb, lc;
+  ASSERT_EQ(cublasLtCreate(&h), CUBLAS_STATUS_SUCCESS);
+  ASSERT_EQ(cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F), CUBLAS_STATUS_SUCCESS);
+  const int32_t t = CUBLAS_OP_T;
+  const uint32_t epi = CUBLASLT_EPILOGUE_BIAS;
+  const void* bp = bias.p;
+  ASSERT_EQ(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &t, sizeof t), CUBLAS_STATUS_SUCCESS);
+  ASSERT_EQ(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof epi), CUBLAS_STATUS_SUCCESS);
+  ASSERT_EQ(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bp, sizeof bp),
+            CUBLAS_STATUS_SUCCESS);
+  EXPECT_EQ(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &t, 8), CUBLAS_STATUS_INVALID_VALUE)
+      << "an attribute of the wrong size";
+  ASSERT_EQ(cublasLtMatrixLayoutCreate(&la, CUDA_R_32F, 3, 2, 4), CUBLAS_STATUS_SUCCESS);
+  ASSERT_EQ(cublasLtMatrixLayoutCreate(&lb, CUDA_R_32F, 3, 2, 3), CUBLAS_STATUS_SUCCESS);
+  ASSERT_EQ(cublasLtMatrixLayoutCreate(&lc, CUDA_R_32F, 2, 2, 2), CUBLAS_STATUS_SUCCESS);
+  const float alpha = 2.f, beta = 1.f;
+  ASSERT_EQ(cublasLtMatmul(h, op, &alpha, A.p, la, B.p, lb, &beta, C.p, lc, C.p, lc, nullptr, nullptr, 0, nullptr),
+            CUBLAS_STATUS_SUCCESS);
+  // op(A) = [[1 2 3], [4 5 6]], B = [[1 -1], [0 1], [2 0]]: op(A) B = [[7 1], [16 1]].
+  const std::vector<float> d = C.host();  // column-major: (0,0) (1,0) (0,1) (1,1)
+  EXPECT_EQ(d, std::vector<float>({10 + 14 + 0.5f, 20 + 32 - 0.5f, 30 + 2 + 0.5f, 40 + 2 - 0.5f}));
+  // D over A, and a leading dimension below the rows.
+  EXPECT_EQ(cublasLtMatmul(h, op, &alpha, A.p, la, B.p, lb, &beta, C.p, lc, A.p, lc, nullptr, nullptr, 0, nullptr),
+            CUBLAS_STATUS_INVALID_VALUE);
+  cublasLtMatrixLayout_t short_ld;
+  ASSERT_EQ(cublasLtMatrixLayoutCreate(&short_ld, CUDA_R_32F, 3, 2, 2), CUBLAS_STATUS_SUCCESS);
+  EXPECT_EQ(
+      cublasLtMatmul(h, op, &alpha, A.p, short_ld, B.p, lb, &beta, C.p, lc, C.p, lc, nullptr, nullptr, 0, nullptr),
+      CUBLAS_STATUS_INVALID_VALUE);
+  for (auto l : {la, lb, lc, short_ld}) cublasLtMatrixLayoutDestroy(l);
+  cublasLtMatmulDescDestroy(op);
+  cublasLtDestroy(h);
+}
+
+TEST(EmulatedSdk, NcclIsOneRankOnDeviceMemory) {
+  ncclUniqueId id;
+  ncclGetUniqueId(&id);
+  ncclComm_t comm;
+  EXPECT_EQ(ncclCommInitRank(&comm, 2, id, 0), ncclInvalidUsage);
+  ASSERT_EQ(ncclCommInitRank(&comm, 1, id, 0), ncclSuccess);
+  DeviceFloats x(4, {1, 2, 3, 4}), y(4);
+  std::vector<float> host(4);
+  EXPECT_EQ(ncclAllReduce(x.p, y.p, 4, ncclFloat32, ncclSum, comm, nullptr), ncclSuccess);
+  EXPECT_EQ(y.host(), std::vector<float>({1, 2, 3, 4}));
+  EXPECT_EQ(ncclAllReduce(host.data(), y.p, 4, ncclFloat32, ncclSum, comm, nullptr), ncclInvalidArgument);
+  EXPECT_EQ(ncclBroadcast(x.p, y.p, 4, ncclFloat32, 1, comm, nullptr), ncclInvalidArgument) << "root 1 of 1";
+  EXPECT_EQ(ncclSend(x.p, 4, ncclFloat32, 0, comm, nullptr), ncclInvalidUsage) << "a send to oneself outside a group";
+  ncclGroupStart();
+  ncclSend(x.p, 4, ncclFloat32, 0, comm, nullptr);
+  EXPECT_EQ(ncclGroupEnd(), ncclInvalidUsage) << "a send without its receive";
+  ncclCommDestroy(comm);
+}
+
+}  // namespace
