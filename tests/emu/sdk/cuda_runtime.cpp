@@ -338,9 +338,10 @@ namespace vchat::emu {
 Space space_of(const void* p, size_t bytes) {
   Runtime& r = rt();
   std::lock_guard<std::mutex> lock(r.mu);
-  auto it = find(r, p, bytes);
-  if (it != r.allocations.end()) return it->second.device ? Space::device : Space::host;
-  return find(r, p, 0) != r.allocations.end() && find(r, p, 0)->second.device ? Space::straddles : Space::host;
+  // The allocation p starts in; the range is device memory only if it ends there too.
+  auto it = find(r, p, 0);
+  if (it == r.allocations.end() || !it->second.device) return Space::host;
+  return find(r, p, bytes) == it ? Space::device : Space::straddles;
 }
 
 bool launch_allowed(const void* kernel, dim3 grid, dim3 block, size_t smem) {
