@@ -2,6 +2,8 @@
 // suite passing on it means something: copies of the wrong kind or past an allocation,
 // launches past the hardware's limits or with a host pointer, shared memory not granted,
 // what the kernel emulator reports (a shuffle from a missing thread, a deadlock at a barrier),
+// work of one stream not ordered after another's, host reads before the copy ran, memory
+// used after its stream-ordered free,
 // cuBLASLt layouts and aliasing it does not allow, NCCL beyond one rank or on host memory.
 // And cuBLASLt computes its column-major definition. Only in vchat_cuda_emulated_tests.
 #include <cublasLt.h>
@@ -70,7 +72,7 @@ TEST(EmulatedSdk, LaunchesCheckGeometrySharedMemoryAndPointers) {
   DeviceFloats d(64);
   auto run = [&](dim3 grid, dim3 block, size_t smem, float* out) {
     launch_kernel(
-        reinterpret_cast<const void*>(&write_index), grid, block, smem, [&] { write_index(out); }, out);
+        reinterpret_cast<const void*>(&write_index), grid, block, smem, nullptr, [=] { write_index(out); }, out);
   };
   run(1, 64, 0, d.p);
   EXPECT_EQ(cudaGetLastError(), cudaSuccess);
@@ -92,17 +94,176 @@ TEST(EmulatedSdk, LaunchesCheckGeometrySharedMemoryAndPointers) {
   expect_error(cudaErrorIllegalAddress, "kernel argument 0 points to host memory");
 }
 
-TEST(EmulatedSdk, EmulatorReportsBecomeLaunchErrorsAndDeadlocksDoNotHang) {
+// As on a GPU, a kernel's fault is asynchronous: the launch succeeds, the call that waits for
+// the kernel returns the fault.
+TEST(EmulatedSdk, EmulatorReportsBecomeAsynchronousFaultsAndDeadlocksDoNotHang) {
   DeviceFloats d(64);
   float* out = d.p;
+  cudaStream_t s;
+  ASSERT_EQ(cudaStreamCreate(&s), cudaSuccess);
   // 40 threads: the second warp's lanes 0-7 (threads 32-39) shuffle with lanes 16-23, which
   // would be threads 48-55.
   launch_kernel(
-      reinterpret_cast<const void*>(&shuffle_sum), 1, 40, 0, [&] { shuffle_sum(out); }, out);
+      reinterpret_cast<const void*>(&shuffle_sum), 1, 40, 0, s, [=] { shuffle_sum(out); }, out);
+  EXPECT_EQ(cudaGetLastError(), cudaSuccess) << "the kernel has not run yet";
+  EXPECT_EQ(cudaStreamSynchronize(s), cudaErrorIllegalAddress);
   expect_error(cudaErrorIllegalAddress, "a shuffle from thread 48, which the block does not have");
   launch_kernel(
-      reinterpret_cast<const void*>(&early_return), 1, 64, 0, [&] { early_return(out); }, out);
+      reinterpret_cast<const void*>(&early_return), 1, 64, 0, s, [=] { early_return(out); }, out);
+  EXPECT_EQ(cudaDeviceSynchronize(), cudaErrorIllegalAddress);
   expect_error(cudaErrorIllegalAddress, "32 of 64 threads wait at a barrier the others never reach");
+  EXPECT_EQ(cudaStreamDestroy(s), cudaSuccess);
+}
+
+// A kernel writing out[i] = i on stream s.
+void write_index_on(cudaStream_t s, float* out, unsigned n) {
+  launch_kernel(
+      reinterpret_cast<const void*>(&write_index), 1, n, 0, s, [=] { write_index(out); }, out);
+}
+
+// Pins the emulated runtime's schedule for a scope; the default (alternate) after.
+struct PinnedSchedule {
+  explicit PinnedSchedule(vchat::emu::Schedule s) { vchat::emu::set_schedule(s); }
+  ~PinnedSchedule() { vchat::emu::set_schedule(vchat::emu::Schedule::alternate); }
+};
+
+// Streams are queues that run when the host waits for them, and (on the late schedule) only
+// what that wait needs: a stream that should have waited for another's event, or a host that
+// reads a copy's destination (or rewrites its source) before waiting, sees memory the work
+// did not touch.
+TEST(EmulatedSdk, StreamsRunWhenWaitedForAndOnlyWhatTheWaitNeeds) {
+  const PinnedSchedule late(vchat::emu::Schedule::late);
+  cudaStream_t a, b;
+  ASSERT_EQ(cudaStreamCreate(&a), cudaSuccess);
+  ASSERT_EQ(cudaStreamCreateWithFlags(&b, cudaStreamNonBlocking), cudaSuccess);
+  cudaEvent_t e;
+  ASSERT_EQ(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), cudaSuccess);
+  DeviceFloats y(64);
+  float* pinned = nullptr;
+  ASSERT_EQ(cudaHostAlloc(reinterpret_cast<void**>(&pinned), 64 * sizeof(float), cudaHostAllocDefault), cudaSuccess);
+  // b copies what a writes, without waiting for it: a's kernel has not run.
+  write_index_on(a, y.p, 64);
+  ASSERT_EQ(cudaMemcpyAsync(pinned, y.p, 256, cudaMemcpyDeviceToHost, b), cudaSuccess);
+  ASSERT_EQ(cudaStreamSynchronize(b), cudaSuccess);
+  EXPECT_TRUE(std::isnan(pinned[63])) << "b ran a's kernel without an event between them";
+  // With the event, b's copy comes after a's kernel.
+  ASSERT_EQ(cudaEventRecord(e, a), cudaSuccess);
+  ASSERT_EQ(cudaStreamWaitEvent(b, e, 0), cudaSuccess);
+  ASSERT_EQ(cudaMemcpyAsync(pinned, y.p, 256, cudaMemcpyDeviceToHost, b), cudaSuccess);
+  ASSERT_EQ(cudaStreamSynchronize(b), cudaSuccess);
+  EXPECT_EQ(pinned[63], 63.f);
+  // A copy into pinned memory is done only once the host waits.
+  pinned[5] = -1.f;
+  ASSERT_EQ(cudaMemsetAsync(y.p, 0, 256, a), cudaSuccess);
+  ASSERT_EQ(cudaMemcpyAsync(pinned, y.p, 256, cudaMemcpyDeviceToHost, a), cudaSuccess);
+  EXPECT_EQ(pinned[5], -1.f) << "read before waiting";
+  ASSERT_EQ(cudaStreamSynchronize(a), cudaSuccess);
+  EXPECT_EQ(pinned[5], 0.f);
+  // From pinned memory the copy reads the source when it runs; from pageable memory, at the call.
+  std::vector<float> pageable(64, 7.f);
+  pinned[5] = 7.f;
+  ASSERT_EQ(cudaMemcpyAsync(y.p, pinned, 256, cudaMemcpyHostToDevice, a), cudaSuccess);
+  pinned[5] = 8.f;  // rewritten before the copy ran
+  EXPECT_EQ(y.host()[5], 8.f) << "the legacy stream's cudaMemcpy waits for a (a blocking stream)";
+  ASSERT_EQ(cudaMemcpyAsync(y.p, pageable.data(), 256, cudaMemcpyHostToDevice, a), cudaSuccess);
+  pageable[5] = 8.f;
+  EXPECT_EQ(y.host()[5], 7.f);
+  // The legacy default stream does not wait for a non-blocking stream.
+  ASSERT_EQ(cudaMemsetAsync(y.p, 0, 256, b), cudaSuccess);
+  EXPECT_EQ(y.host()[5], 7.f);
+  // A query that finds work pending answers "not ready" (the work then runs); the next finds it done.
+  ASSERT_EQ(cudaEventRecord(e, b), cudaSuccess);
+  EXPECT_EQ(cudaEventQuery(e), cudaErrorNotReady);
+  EXPECT_EQ(cudaEventQuery(e), cudaSuccess);
+  EXPECT_EQ(y.host()[5], 0.f);
+  EXPECT_EQ(cudaStreamQuery(b), cudaSuccess);
+  EXPECT_EQ(cudaFreeHost(pinned), cudaSuccess);
+  EXPECT_EQ(cudaEventDestroy(e), cudaSuccess);
+  EXPECT_EQ(cudaStreamDestroy(a), cudaSuccess);
+  EXPECT_EQ(cudaStreamDestroy(b), cudaSuccess);
+}
+
+// The early schedule: when the host waits for one stream, the others first run all they can,
+// so work that should have waited for the stream's event runs before it. Here b's copy of
+// what a's kernel writes, with no event between them, runs before the kernel and copies NaN
+// (as a GPU may run it); with the event, b stops at its wait and copies the kernel's output.
+TEST(EmulatedSdk, TheEarlyScheduleRunsOtherStreamsFirst) {
+  const PinnedSchedule early(vchat::emu::Schedule::early);
+  cudaStream_t a, b;
+  ASSERT_EQ(cudaStreamCreate(&a), cudaSuccess);
+  ASSERT_EQ(cudaStreamCreateWithFlags(&b, cudaStreamNonBlocking), cudaSuccess);
+  DeviceFloats y(64), z(64);
+  write_index_on(a, y.p, 64);
+  ASSERT_EQ(cudaMemcpyAsync(z.p, y.p, 256, cudaMemcpyDeviceToDevice, b), cudaSuccess);
+  ASSERT_EQ(cudaStreamSynchronize(a), cudaSuccess);  // b runs all it can first: the copy reads NaN
+  EXPECT_TRUE(std::isnan(z.host()[63])) << "b's copy ran before a's kernel, as nothing ordered them";
+  cudaEvent_t e;
+  ASSERT_EQ(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), cudaSuccess);
+  write_index_on(a, y.p, 64);
+  ASSERT_EQ(cudaEventRecord(e, a), cudaSuccess);
+  ASSERT_EQ(cudaStreamWaitEvent(b, e, 0), cudaSuccess);
+  ASSERT_EQ(cudaMemcpyAsync(z.p, y.p, 256, cudaMemcpyDeviceToDevice, b), cudaSuccess);
+  ASSERT_EQ(cudaStreamSynchronize(a), cudaSuccess);  // b stops at its wait until a's record ran
+  ASSERT_EQ(cudaStreamSynchronize(b), cudaSuccess);
+  EXPECT_EQ(z.host()[63], 63.f);
+  EXPECT_EQ(cudaEventDestroy(e), cudaSuccess);
+  EXPECT_EQ(cudaStreamDestroy(a), cudaSuccess);
+  EXPECT_EQ(cudaStreamDestroy(b), cudaSuccess);
+}
+
+// The default schedule alternates late and early turns with each wait of the host that can
+// tell them apart, and only those: waits where no other stream has work (the synchronous
+// copies and the waits for one stream alone, below) take no turn.
+TEST(EmulatedSdk, TheDefaultScheduleAlternatesAtTheWaitsThatCanTell) {
+  vchat::emu::set_schedule(vchat::emu::Schedule::alternate);  // the next wait that can tell is late
+  cudaStream_t a, b;
+  ASSERT_EQ(cudaStreamCreate(&a), cudaSuccess);
+  ASSERT_EQ(cudaStreamCreateWithFlags(&b, cudaStreamNonBlocking), cudaSuccess);
+  DeviceFloats y(64), z(64), w(64);
+  for (int round = 0; round < 4; ++round) {
+    ASSERT_EQ(cudaMemsetAsync(y.p, 0, 256, nullptr), cudaSuccess);  // the legacy stream: at once
+    write_index_on(a, w.p, 64);
+    ASSERT_EQ(cudaStreamSynchronize(a), cudaSuccess);  // only a has work: no turn
+    write_index_on(a, y.p, 64);
+    ASSERT_EQ(cudaMemcpyAsync(z.p, y.p, 256, cudaMemcpyDeviceToDevice, b), cudaSuccess);  // no event
+    ASSERT_EQ(cudaStreamSynchronize(a), cudaSuccess);  // the turn: b's copy runs after a (late) or before
+    ASSERT_EQ(cudaStreamSynchronize(b), cudaSuccess);
+    EXPECT_EQ(z.host()[63], round % 2 == 0 ? 63.f : 0.f) << "round " << round;
+  }
+  EXPECT_EQ(cudaStreamDestroy(a), cudaSuccess);
+  EXPECT_EQ(cudaStreamDestroy(b), cudaSuccess);
+}
+
+// A stream-ordered free: what is enqueued after it may not use the memory, and work queued on
+// another stream that the free was not ordered after faults when it runs after the free.
+TEST(EmulatedSdk, StreamOrderedFreesFaultWorkNotOrderedBeforeThem) {
+  const PinnedSchedule late(vchat::emu::Schedule::late);
+  cudaStream_t a, b;
+  ASSERT_EQ(cudaStreamCreate(&a), cudaSuccess);
+  ASSERT_EQ(cudaStreamCreateWithFlags(&b, cudaStreamNonBlocking), cudaSuccess);
+  float* x = nullptr;
+  ASSERT_EQ(cudaMallocAsync(reinterpret_cast<void**>(&x), 256, a), cudaSuccess);
+  write_index_on(b, x, 64);  // b never waits for a: the free below may run first
+  ASSERT_EQ(cudaFreeAsync(x, a), cudaSuccess);
+  EXPECT_EQ(cudaFreeAsync(x, a), cudaErrorInvalidValue);
+  expect_error(cudaErrorInvalidValue, "already freed");
+  write_index_on(a, x, 64);
+  expect_error(cudaErrorIllegalAddress, "kernel argument 0 points to device memory already freed");
+  ASSERT_EQ(cudaStreamSynchronize(a), cudaSuccess);
+  EXPECT_EQ(cudaStreamSynchronize(b), cudaErrorIllegalAddress);
+  expect_error(cudaErrorIllegalAddress, "kernel argument 0 was freed before the work using it ran");
+  // Ordered by an event, the same work is fine.
+  cudaEvent_t used;
+  ASSERT_EQ(cudaEventCreateWithFlags(&used, cudaEventDisableTiming), cudaSuccess);
+  ASSERT_EQ(cudaMallocAsync(reinterpret_cast<void**>(&x), 256, a), cudaSuccess);
+  write_index_on(b, x, 64);
+  ASSERT_EQ(cudaEventRecord(used, b), cudaSuccess);
+  ASSERT_EQ(cudaStreamWaitEvent(a, used, 0), cudaSuccess);
+  ASSERT_EQ(cudaFreeAsync(x, a), cudaSuccess);
+  EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  EXPECT_EQ(cudaEventDestroy(used), cudaSuccess);
+  EXPECT_EQ(cudaStreamDestroy(a), cudaSuccess);
+  EXPECT_EQ(cudaStreamDestroy(b), cudaSuccess);
 }
 
 // cuBLASLt's column-major definition, D = alpha op(A) op(B) + beta C + bias per row, with its

@@ -48,12 +48,13 @@ inline int grid_for(int64_t work, int threads) {
 // kernel<<<grid, block, smem, c's stream>>>(args...), then the launch checked: every kernel
 // of src/cuda/ starts here, so that the same entry points also run on the CPU emulator
 // (tests/emu/sdk/: a block's threads as fibers, host memory as device memory), where
-// the call runs the kernel's blocks before it returns.
+// the kernel and a copy of its arguments wait in the stream's queue, as on a GPU.
 template <class... Params, class... Args>
 void launch(const Context& c, void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, Args... args) {
 #ifdef VCHAT_CUDA_EMULATION
   emu::launch_kernel(
-      reinterpret_cast<const void*>(kernel), grid, block, smem, [&] { kernel(args...); }, args...);
+      reinterpret_cast<const void*>(kernel), grid, block, smem, stream_of(c), [kernel, args...] { kernel(args...); },
+      args...);
 #else
   // (clang-format would split the launch's >>>)
   // clang-format off

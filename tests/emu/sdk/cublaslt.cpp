@@ -212,22 +212,34 @@ cublasStatus_t cublasLtMatmul(cublasLtHandle_t h, cublasLtMatmulDesc_t op, const
   const bool bias = op->epilogue == CUBLASLT_EPILOGUE_BIAS;
   if (bias && space_of(op->bias, p.m * type_bytes(d->type)) != Space::device) return CUBLAS_STATUS_INVALID_VALUE;
   // op(A) [m, k] and op(B) [k, n] gathered row-major in fp32 from their column-major layouts
-  // (element (i, j) at x[i + j * ld]), multiplied by OpenBLAS, then alpha, C, the bias.
+  // (element (i, j) at x[i + j * ld]), multiplied by OpenBLAS, then alpha, C, the bias; queued
+  // on the stream with the operands' descriptions copied (the caller may destroy them).
   const bool ta = op->transa != CUBLAS_OP_N, tb = op->transb != CUBLAS_OP_N;
   const uint64_t m = p.m, n = p.n, k = p.k;
-  std::vector<float> af(m * k), bf(k * n), prod(m * n);
-  for (uint64_t i = 0; i < m; ++i)
-    for (uint64_t q = 0; q < k; ++q) af[i * k + q] = load(a->type, A, int64_t(ta ? q + i * a->ld : i + q * a->ld));
-  for (uint64_t q = 0; q < k; ++q)
-    for (uint64_t j = 0; j < n; ++j) bf[q * n + j] = load(b->type, B, int64_t(tb ? j + q * b->ld : q + j * b->ld));
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(m), int(n), int(k), 1.f, af.data(), int(k), bf.data(),
-              int(n), 0.f, prod.data(), int(n));
-  for (uint64_t j = 0; j < n; ++j)
-    for (uint64_t i = 0; i < m; ++i) {
-      float v = al * prod[i * n + j];
-      if (c_read) v += be * load(c->type, C, int64_t(i + j * c->ld));  // read before D's store: C may be D
-      if (bias) v += load(d->type, op->bias, int64_t(i));
-      store(d->type, D, int64_t(i + j * d->ld), v);
-    }
+  const cublasLtMatrixLayoutOpaque_t la = *a, lb = *b, lc = *c, ld = *d;
+  const void* bias_ptr = op->bias;
+  const auto work = [=] {
+    using vchat::emu::still_device;
+    if (!still_device(A, span(la), "cublasLtMatmul's A") || !still_device(B, span(lb), "cublasLtMatmul's B") ||
+        (c_read && !still_device(C, span(lc), "cublasLtMatmul's C")) ||
+        !still_device(D, span(ld), "cublasLtMatmul's D") ||
+        (bias && !still_device(bias_ptr, m * type_bytes(ld.type), "cublasLtMatmul's bias")))
+      return;
+    std::vector<float> af(m * k), bf(k * n), prod(m * n);
+    for (uint64_t i = 0; i < m; ++i)
+      for (uint64_t q = 0; q < k; ++q) af[i * k + q] = load(la.type, A, int64_t(ta ? q + i * la.ld : i + q * la.ld));
+    for (uint64_t q = 0; q < k; ++q)
+      for (uint64_t j = 0; j < n; ++j) bf[q * n + j] = load(lb.type, B, int64_t(tb ? j + q * lb.ld : q + j * lb.ld));
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(m), int(n), int(k), 1.f, af.data(), int(k), bf.data(),
+                int(n), 0.f, prod.data(), int(n));
+    for (uint64_t j = 0; j < n; ++j)
+      for (uint64_t i = 0; i < m; ++i) {
+        float v = al * prod[i * n + j];
+        if (c_read) v += be * load(lc.type, C, int64_t(i + j * lc.ld));  // read before D's store: C may be D
+        if (bias) v += load(ld.type, bias_ptr, int64_t(i));
+        store(ld.type, D, int64_t(i + j * ld.ld), v);
+      }
+  };
+  if (vchat::emu::enqueue(stream, work, "cublasLtMatmul") != cudaSuccess) return CUBLAS_STATUS_EXECUTION_FAILED;
   return CUBLAS_STATUS_SUCCESS;
 }

@@ -1,14 +1,17 @@
 // The emulated CUDA runtime (cuda_runtime.h): host memory as device memory, tracked by range;
-// streams and events that are done when recorded; the launch rules.
+// streams as queues that run when the host synchronizes with them; the launch rules.
 #include "cuda_runtime.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <map>
+#include <memory>
 #include <mutex>
-#include <set>
 #include <string>
+#include <vector>
 
 namespace {
 
@@ -18,17 +21,58 @@ constexpr int kSmemDefault = 48 << 10, kSmemOptin = 232448;  // an H100/H200's 2
 
 struct Allocation {
   size_t bytes;
-  bool device;  // else pinned host memory (cudaHostAlloc)
+  bool device;               // else pinned host memory (cudaHostAlloc)
+  bool free_queued = false;  // a cudaFreeAsync of it waits in a stream's queue
 };
 
+}  // namespace
+
+// An event: how many records were enqueued, how many ran, and the stream holding each that
+// is still queued. Held by shared_ptr: queued records and waits keep a destroyed event's
+// state, as the runtime releases it only once the device is done with it.
+struct CUevent_st {
+  unsigned flags = 0;
+  uint64_t recorded = 0, completed = 0;
+  std::map<uint64_t, CUstream_st*> queued;
+  std::chrono::steady_clock::time_point at;
+};
+
+namespace {
+
+// One queued operation: first wait for an event's record (`wait` up to `wait_gen`), then
+// `work`, then mark an event's record (`record`, number `gen`) as run.
+struct Op {
+  std::shared_ptr<CUevent_st> wait;
+  uint64_t wait_gen = 0;
+  std::function<void()> work;
+  std::shared_ptr<CUevent_st> record;
+  uint64_t gen = 0;
+};
+
+}  // namespace
+
+struct CUstream_st {
+  unsigned flags = 0;
+  std::deque<Op> queue;
+};
+struct CUmemPoolHandle_st {};
+
+namespace {
+
+// The whole device under one (recursive) lock: allocations, streams, events and the queued
+// work, which runs in whichever host thread needs it done (a watchdog's query included).
 struct Runtime {
-  std::mutex mu;
+  std::recursive_mutex mu;
   std::map<uintptr_t, Allocation> allocations;  // by start address
   size_t device_in_use = 0;
   uint64_t release_threshold = 0;
   std::map<const void*, int> smem_granted;  // kernel -> bytes of dynamic shared memory allowed
-  std::set<CUstream_st*> streams;
-  std::set<CUevent_st*> events;
+  std::vector<CUstream_st*> streams;        // in creation order
+  std::map<CUevent_st*, std::shared_ptr<CUevent_st>> events;
+  std::vector<void*> quarantine;  // freed device memory, back to the host once no work is queued
+  std::string faults;             // asynchronous faults not yet reported
+  uint64_t host_waits = 0;        // the schedule alternates with each that can tell (host_wait)
+  vchat::emu::Schedule schedule = vchat::emu::Schedule::alternate;
 };
 // Never destroyed: the backend's own statics (its compute stream, the buffers they hold)
 // are released at exit after this file's statics might be.
@@ -36,6 +80,7 @@ Runtime& rt() {
   static Runtime* r = new Runtime;
   return *r;
 }
+using Lock = std::lock_guard<std::recursive_mutex>;
 
 // The last error, and the words that go with it (the emulator's report, a broken rule).
 thread_local cudaError_t last_error = cudaSuccess;
@@ -72,6 +117,16 @@ const char* name_of(cudaError_t e) {
   return "unknown error";
 }
 
+// The asynchronous faults found so far, as this call's error (and the thread's last error).
+cudaError_t report_faults() {
+  Runtime& r = rt();
+  Lock lock(r.mu);
+  if (r.faults.empty()) return cudaSuccess;
+  const std::string what = std::move(r.faults);
+  r.faults.clear();
+  return fail(cudaErrorIllegalAddress, what);
+}
+
 // The allocation holding [p, p + bytes), or end().
 std::map<uintptr_t, Allocation>::iterator find(Runtime& r, const void* p, size_t bytes) {
   const auto a = reinterpret_cast<uintptr_t>(p);
@@ -85,7 +140,7 @@ std::map<uintptr_t, Allocation>::iterator find(Runtime& r, const void* p, size_t
 cudaError_t allocate(void** p, size_t bytes, bool device) {
   if (!p) return fail(cudaErrorInvalidValue, "null result pointer");
   Runtime& r = rt();
-  std::lock_guard<std::mutex> lock(r.mu);
+  Lock lock(r.mu);
   if (device && r.device_in_use + bytes > kDeviceBytes)
     return fail(cudaErrorMemoryAllocation,
                 std::to_string(bytes) + " bytes past the device's " + std::to_string(kDeviceBytes));
@@ -99,44 +154,166 @@ cudaError_t allocate(void** p, size_t bytes, bool device) {
   return cudaSuccess;
 }
 
-cudaError_t release(void* p, bool device, const char* who) {
-  if (!p) return cudaSuccess;
-  Runtime& r = rt();
-  std::lock_guard<std::mutex> lock(r.mu);
+// The allocation starting at p, of the kind asked for, whose free is not already queued.
+std::map<uintptr_t, Allocation>::iterator own_allocation(Runtime& r, void* p, bool device) {
   auto it = r.allocations.find(reinterpret_cast<uintptr_t>(p));
-  if (it == r.allocations.end() || it->second.device != device)
-    return fail(cudaErrorInvalidValue, std::string(who) + " of a pointer it did not allocate");
-  if (device) r.device_in_use -= it->second.bytes;
+  if (it == r.allocations.end() || it->second.device != device || it->second.free_queued) return r.allocations.end();
+  return it;
+}
+
+// Takes p out of the allocations; device memory waits in quarantine (see rt()).
+void take_out(Runtime& r, std::map<uintptr_t, Allocation>::iterator it) {
+  void* p = reinterpret_cast<void*>(it->first);
+  if (it->second.device) {
+    r.device_in_use -= it->second.bytes;
+    r.quarantine.push_back(p);
+  } else {
+    std::free(p);
+  }
   r.allocations.erase(it);
-  std::free(p);
+}
+
+void run_front(Runtime& r, CUstream_st* s);
+
+// Runs queued work until event e's record number `gen` has run.
+void complete(Runtime& r, CUevent_st& e, uint64_t gen) {
+  while (e.completed < gen) {
+    auto it = e.queued.begin();        // the oldest record still queued: ours or one before it
+    if (it == e.queued.end()) return;  // (cannot happen: every record is queued until it runs)
+    run_front(r, it->second);
+  }
+}
+
+// Runs the first operation queued on s.
+void run_front(Runtime& r, CUstream_st* s) {
+  Op op = std::move(s->queue.front());
+  s->queue.pop_front();
+  if (op.wait) complete(r, *op.wait, op.wait_gen);
+  if (op.work) op.work();
+  if (op.record) {
+    op.record->queued.erase(op.gen);
+    op.record->completed = std::max(op.record->completed, op.gen);
+    op.record->at = std::chrono::steady_clock::now();
+  }
+}
+
+// With nothing queued anywhere, no queued work can name quarantined memory: free it.
+void release_quarantine(Runtime& r) {
+  for (CUstream_st* s : r.streams)
+    if (!s->queue.empty()) return;
+  for (void* p : r.quarantine) std::free(p);
+  r.quarantine.clear();
+}
+
+// Runs what the streams other than `target` can run without waiting for an event not yet
+// reached, until none can go on.
+void run_others_ready(Runtime& r, CUstream_st* target) {
+  for (bool progress = true; progress;) {
+    progress = false;
+    for (CUstream_st* s : r.streams) {
+      if (s == target) continue;
+      while (!s->queue.empty()) {
+        const Op& op = s->queue.front();
+        if (op.wait && op.wait->completed < op.wait_gen) break;
+        run_front(r, s);
+        progress = true;
+      }
+    }
+  }
+}
+
+// The host waits for `target`'s queued work (null: for every stream's). Work of two streams
+// with no event between them may run in either order on a GPU, and a missing event shows
+// only in one of them; so the schedule alternates with each wait of the host. On one turn
+// only the work the wait needs runs (the target's, and what its event waits name), late as
+// it may be; on the other, every other stream first runs all it can, early as it may be.
+// A wait where the turns cannot differ (no stream but the target has work queued) takes
+// no turn: otherwise a program whose waits come in pairs, such as a copy to the host and
+// the synchronize after it, would meet the same turn at every interesting wait.
+// Returns whether this was an early turn.
+bool host_wait(Runtime& r, CUstream_st* target) {
+  using vchat::emu::Schedule;
+  int others = 0;  // streams other than the target with work queued
+  for (CUstream_st* s : r.streams) others += s != target && !s->queue.empty();
+  if (others == 0 || (target == nullptr && others == 1)) return false;
+  const bool early = r.schedule == Schedule::early || (r.schedule == Schedule::alternate && (r.host_waits++ & 1));
+  if (early) run_others_ready(r, target);
+  return early;
+}
+
+void drain(Runtime& r, CUstream_st* s) {
+  host_wait(r, s);
+  while (!s->queue.empty()) run_front(r, s);
+  release_quarantine(r);
+}
+
+// Every stream's queued work (blocking_only: the streams the legacy default stream orders
+// behind, those made without cudaStreamNonBlocking), in creation order on one turn and the
+// reverse on the other.
+void drain_all(Runtime& r, bool blocking_only) {
+  const bool early = host_wait(r, nullptr);
+  auto run = [&](CUstream_st* s) {
+    if (!blocking_only || !(s->flags & cudaStreamNonBlocking))
+      while (!s->queue.empty()) run_front(r, s);
+  };
+  if (early)
+    std::for_each(r.streams.rbegin(), r.streams.rend(), run);
+  else
+    std::for_each(r.streams.begin(), r.streams.end(), run);
+  release_quarantine(r);
+}
+
+// The host waits for event e's latest record.
+void wait_event(Runtime& r, CUevent_st& e) {
+  if (e.completed >= e.recorded) return;
+  auto last = e.queued.find(e.recorded);
+  host_wait(r, last == e.queued.end() ? nullptr : last->second);
+  complete(r, e, e.recorded);
+  release_quarantine(r);
+}
+
+bool known_stream(Runtime& r, cudaStream_t s) {
+  return !s || std::find(r.streams.begin(), r.streams.end(), s) != r.streams.end();
+}
+
+std::shared_ptr<CUevent_st> known_event(Runtime& r, cudaEvent_t e) {
+  auto it = r.events.find(e);
+  return it == r.events.end() ? nullptr : it->second;
+}
+
+// Queues op on s; on the legacy default stream (null), runs it now, behind the blocking
+// streams' queued work.
+cudaError_t push(cudaStream_t s, Op op, const char* what) {
+  Runtime& r = rt();
+  Lock lock(r.mu);
+  if (!known_stream(r, s)) return fail(cudaErrorInvalidResourceHandle, std::string(what) + " on a destroyed stream");
+  if (op.record) op.record->queued[op.gen] = s;  // (null: runs below before anyone looks)
+  if (s) {
+    s->queue.push_back(std::move(op));
+    return cudaSuccess;
+  }
+  drain_all(r, true);
+  CUstream_st legacy;
+  legacy.queue.push_back(std::move(op));
+  run_front(r, &legacy);
   return cudaSuccess;
 }
 
-bool known_stream(cudaStream_t s) {
-  if (!s) return true;  // the legacy default stream
-  Runtime& r = rt();
-  std::lock_guard<std::mutex> lock(r.mu);
-  return r.streams.count(s) != 0;
-}
+// A synchronizing call's answer: a fault found by the work it ran, or success.
+cudaError_t synchronized() { return report_faults(); }
 
 }  // namespace
 
-struct CUstream_st {
-  unsigned flags = 0;
-};
-struct CUevent_st {
-  unsigned flags = 0;
-  bool recorded = false;
-  std::chrono::steady_clock::time_point at;
-};
-struct CUmemPoolHandle_st {};
-
 cudaError_t cudaGetLastError() {
+  if (last_error == cudaSuccess) report_faults();  // faults are sticky on a GPU: any call may return them
   const cudaError_t e = last_error;
   last_error = cudaSuccess;
   return e;
 }
-cudaError_t cudaPeekAtLastError() { return last_error; }
+cudaError_t cudaPeekAtLastError() {
+  if (last_error == cudaSuccess) report_faults();
+  return last_error;
+}
 const char* cudaGetErrorString(cudaError_t e) {
   // The detailed words of the error just raised, while it is the one asked about.
   if (e != cudaSuccess && !last_detail.empty() && last_detail.rfind(name_of(e), 0) == 0) return last_detail.c_str();
@@ -154,7 +331,12 @@ cudaError_t cudaGetDevice(int* d) {
 cudaError_t cudaSetDevice(int d) {
   return d == 0 ? cudaSuccess : fail(cudaErrorInvalidDevice, "device " + std::to_string(d) + " of 1");
 }
-cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
+cudaError_t cudaDeviceSynchronize() {
+  Runtime& r = rt();
+  Lock lock(r.mu);
+  drain_all(r, false);
+  return synchronized();
+}
 cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
   if (device != 0) return fail(cudaErrorInvalidDevice, "device " + std::to_string(device) + " of 1");
   switch (attr) {
@@ -169,32 +351,73 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) 
 }
 cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total_bytes) {
   Runtime& r = rt();
-  std::lock_guard<std::mutex> lock(r.mu);
+  Lock lock(r.mu);
   *total_bytes = kDeviceBytes;
   *free_bytes = kDeviceBytes - r.device_in_use;
   return cudaSuccess;
 }
 
 cudaError_t cudaMalloc(void** p, size_t bytes) { return allocate(p, bytes, true); }
-cudaError_t cudaFree(void* p) { return release(p, true, "cudaFree"); }
+// cudaFree and cudaFreeHost synchronize the device first, as the real ones do.
+cudaError_t cudaFree(void* p) {
+  if (!p) return cudaSuccess;
+  Runtime& r = rt();
+  Lock lock(r.mu);
+  drain_all(r, false);
+  auto it = own_allocation(r, p, true);
+  if (it == r.allocations.end()) return fail(cudaErrorInvalidValue, "cudaFree of a pointer it did not allocate");
+  take_out(r, it);
+  release_quarantine(r);
+  return synchronized();
+}
+cudaError_t cudaFreeHost(void* p) {
+  if (!p) return cudaSuccess;
+  Runtime& r = rt();
+  Lock lock(r.mu);
+  drain_all(r, false);
+  auto it = own_allocation(r, p, false);
+  if (it == r.allocations.end()) return fail(cudaErrorInvalidValue, "cudaFreeHost of a pointer it did not allocate");
+  take_out(r, it);
+  return synchronized();
+}
 cudaError_t cudaMallocAsync(void** p, size_t bytes, cudaStream_t s) {
-  if (!known_stream(s)) return fail(cudaErrorInvalidResourceHandle, "cudaMallocAsync on a destroyed stream");
+  {
+    Runtime& r = rt();
+    Lock lock(r.mu);
+    if (!known_stream(r, s)) return fail(cudaErrorInvalidResourceHandle, "cudaMallocAsync on a destroyed stream");
+  }
   return allocate(p, bytes, true);
 }
 cudaError_t cudaFreeAsync(void* p, cudaStream_t s) {
-  if (!known_stream(s)) return fail(cudaErrorInvalidResourceHandle, "cudaFreeAsync on a destroyed stream");
-  return release(p, true, "cudaFreeAsync");
+  if (!p) return cudaSuccess;
+  Runtime& r = rt();
+  Lock lock(r.mu);
+  auto it = own_allocation(r, p, true);
+  if (it == r.allocations.end())
+    return fail(cudaErrorInvalidValue, "cudaFreeAsync of a pointer it did not allocate, or already freed");
+  it->second.free_queued = true;
+  Op op;
+  op.work = [p] {
+    Runtime& rr = rt();
+    take_out(rr, rr.allocations.find(reinterpret_cast<uintptr_t>(p)));
+  };
+  const cudaError_t e = push(s, std::move(op), "cudaFreeAsync");
+  if (e != cudaSuccess) it->second.free_queued = false;
+  return e;
 }
 cudaError_t cudaHostAlloc(void** p, size_t bytes, unsigned) { return allocate(p, bytes, false); }
-cudaError_t cudaFreeHost(void* p) { return release(p, false, "cudaFreeHost"); }
 
 cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind, cudaStream_t s) {
-  if (!known_stream(s)) return fail(cudaErrorInvalidResourceHandle, "cudaMemcpyAsync on a destroyed stream");
-  if (bytes == 0) return cudaSuccess;
   using vchat::emu::Space;
+  Runtime& r = rt();
+  Lock lock(r.mu);
+  if (!known_stream(r, s)) return fail(cudaErrorInvalidResourceHandle, "cudaMemcpyAsync on a destroyed stream");
+  if (bytes == 0) return cudaSuccess;
   const Space ds = vchat::emu::space_of(dst, bytes), ss = vchat::emu::space_of(src, bytes);
   if (ds == Space::straddles || ss == Space::straddles)
     return fail(cudaErrorInvalidValue, "a copy of " + std::to_string(bytes) + " bytes runs past a device allocation");
+  if (ds == Space::freed || ss == Space::freed)
+    return fail(cudaErrorInvalidValue, "a copy of " + std::to_string(bytes) + " bytes from or to freed device memory");
   const bool dd = ds == Space::device, sd = ss == Space::device;
   const bool ok = kind == cudaMemcpyDefault || (kind == cudaMemcpyHostToHost && !dd && !sd) ||
                   (kind == cudaMemcpyHostToDevice && dd && !sd) || (kind == cudaMemcpyDeviceToHost && !dd && sd) ||
@@ -205,23 +428,55 @@ cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpy
   const auto d = reinterpret_cast<uintptr_t>(dst), sp = reinterpret_cast<uintptr_t>(src);
   if (d != sp && d < sp + bytes && sp < d + bytes)
     return fail(cudaErrorInvalidValue, "a copy of " + std::to_string(bytes) + " bytes onto itself, shifted");
-  std::memmove(dst, src, bytes);
+  if (!dd && !sd) {  // host to host: synchronous
+    std::memmove(dst, src, bytes);
+    return cudaSuccess;
+  }
+  auto pinned = [&](const void* p) {
+    auto it = find(r, p, bytes);
+    return it != r.allocations.end() && !it->second.device;
+  };
+  Op op;
+  if (!sd && !pinned(src)) {
+    // From pageable memory: the source is taken now (the runtime stages it), written later.
+    auto staged =
+        std::make_shared<std::vector<char>>(static_cast<const char*>(src), static_cast<const char*>(src) + bytes);
+    op.work = [dst, staged, bytes] {
+      if (vchat::emu::still_device(dst, bytes, "a copy's destination")) std::memcpy(dst, staged->data(), bytes);
+    };
+    return push(s, std::move(op), "cudaMemcpyAsync");
+  }
+  op.work = [dst, src, bytes, dd, sd] {
+    if (dd && !vchat::emu::still_device(dst, bytes, "a copy's destination")) return;
+    if (sd && !vchat::emu::still_device(src, bytes, "a copy's source")) return;
+    std::memmove(dst, src, bytes);
+  };
+  if (const cudaError_t e = push(s, std::move(op), "cudaMemcpyAsync"); e != cudaSuccess) return e;
+  // To pageable memory: complete on return.
+  if (!dd && !pinned(dst) && s) drain(r, s);
   return cudaSuccess;
 }
+// On the legacy default stream, which runs at once: complete on return.
 cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind) {
-  return cudaMemcpyAsync(dst, src, bytes, kind, nullptr);
+  const cudaError_t e = cudaMemcpyAsync(dst, src, bytes, kind, nullptr);
+  return e != cudaSuccess ? e : synchronized();
 }
 cudaError_t cudaMemsetAsync(void* p, int value, size_t bytes, cudaStream_t s) {
-  if (!known_stream(s)) return fail(cudaErrorInvalidResourceHandle, "cudaMemsetAsync on a destroyed stream");
+  Runtime& r = rt();
+  Lock lock(r.mu);
+  if (!known_stream(r, s)) return fail(cudaErrorInvalidResourceHandle, "cudaMemsetAsync on a destroyed stream");
   if (bytes == 0) return cudaSuccess;
   if (vchat::emu::space_of(p, bytes) != vchat::emu::Space::device)
     return fail(cudaErrorInvalidValue, "a memset of " + std::to_string(bytes) + " bytes outside device memory");
-  std::memset(p, value, bytes);
-  return cudaSuccess;
+  Op op;
+  op.work = [p, value, bytes] {
+    if (vchat::emu::still_device(p, bytes, "a memset's destination")) std::memset(p, value, bytes);
+  };
+  return push(s, std::move(op), "cudaMemsetAsync");
 }
 cudaError_t cudaPointerGetAttributes(cudaPointerAttributes* a, const void* p) {
   Runtime& r = rt();
-  std::lock_guard<std::mutex> lock(r.mu);
+  Lock lock(r.mu);
   auto it = find(r, p, 0);
   *a = {};
   a->device = -1;
@@ -242,15 +497,15 @@ cudaError_t cudaDeviceGetDefaultMemPool(cudaMemPool_t* pool, int device) {
   *pool = &the_pool;
   return cudaSuccess;
 }
-// The pool caches nothing here: freed memory goes back at once, so what it holds is what is in use.
+// The pool caches nothing here: freed memory goes back once its free ran, so what it holds is what is in use.
 cudaError_t cudaMemPoolSetAttribute(cudaMemPool_t, cudaMemPoolAttr attr, void* value) {
   if (attr != cudaMemPoolAttrReleaseThreshold) return fail(cudaErrorInvalidValue, "pool attribute not settable");
-  std::lock_guard<std::mutex> lock(rt().mu);
+  Lock lock(rt().mu);
   std::memcpy(&rt().release_threshold, value, sizeof(uint64_t));
   return cudaSuccess;
 }
 cudaError_t cudaMemPoolGetAttribute(cudaMemPool_t, cudaMemPoolAttr attr, void* value) {
-  std::lock_guard<std::mutex> lock(rt().mu);
+  Lock lock(rt().mu);
   const uint64_t v = attr == cudaMemPoolAttrReleaseThreshold ? rt().release_threshold : rt().device_in_use;
   std::memcpy(value, &v, sizeof v);
   return cudaSuccess;
@@ -261,65 +516,110 @@ cudaError_t cudaStreamCreate(cudaStream_t* s) { return cudaStreamCreateWithFlags
 cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned flags) {
   *s = new CUstream_st;
   (*s)->flags = flags;
-  std::lock_guard<std::mutex> lock(rt().mu);
-  rt().streams.insert(*s);
+  Lock lock(rt().mu);
+  rt().streams.push_back(*s);
   return cudaSuccess;
 }
+// The stream's queued work still runs (the real call returns at once and lets it finish).
 cudaError_t cudaStreamDestroy(cudaStream_t s) {
-  std::lock_guard<std::mutex> lock(rt().mu);
-  if (!rt().streams.erase(s)) return fail(cudaErrorInvalidResourceHandle, "cudaStreamDestroy of an unknown stream");
+  Runtime& r = rt();
+  Lock lock(r.mu);
+  if (!s || !known_stream(r, s)) return fail(cudaErrorInvalidResourceHandle, "cudaStreamDestroy of an unknown stream");
+  drain(r, s);
+  r.streams.erase(std::find(r.streams.begin(), r.streams.end(), s));
   delete s;
   return cudaSuccess;
 }
 cudaError_t cudaStreamSynchronize(cudaStream_t s) {
-  return known_stream(s) ? cudaSuccess : fail(cudaErrorInvalidResourceHandle, "cudaStreamSynchronize");
+  Runtime& r = rt();
+  Lock lock(r.mu);
+  if (!known_stream(r, s)) return fail(cudaErrorInvalidResourceHandle, "cudaStreamSynchronize of an unknown stream");
+  if (s)
+    drain(r, s);
+  else
+    drain_all(r, true);
+  return synchronized();
 }
+// Pending work is run, but reported as not ready: it finished just after the query looked.
 cudaError_t cudaStreamQuery(cudaStream_t s) {
-  return known_stream(s) ? cudaSuccess : fail(cudaErrorInvalidResourceHandle, "cudaStreamQuery");
+  Runtime& r = rt();
+  Lock lock(r.mu);
+  if (!known_stream(r, s)) return fail(cudaErrorInvalidResourceHandle, "cudaStreamQuery of an unknown stream");
+  if (const cudaError_t e = synchronized(); e != cudaSuccess) return e;
+  if (!s || s->queue.empty()) return cudaSuccess;
+  drain(r, s);
+  return cudaErrorNotReady;
 }
 cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned) {
-  if (!known_stream(s)) return fail(cudaErrorInvalidResourceHandle, "cudaStreamWaitEvent on an unknown stream");
-  std::lock_guard<std::mutex> lock(rt().mu);
-  return rt().events.count(e) ? cudaSuccess
-                              : fail(cudaErrorInvalidResourceHandle, "cudaStreamWaitEvent on an unknown event");
+  Runtime& r = rt();
+  Lock lock(r.mu);
+  if (!known_stream(r, s)) return fail(cudaErrorInvalidResourceHandle, "cudaStreamWaitEvent on an unknown stream");
+  std::shared_ptr<CUevent_st> ev = known_event(r, e);
+  if (!ev) return fail(cudaErrorInvalidResourceHandle, "cudaStreamWaitEvent on an unknown event");
+  if (ev->recorded == 0) return cudaSuccess;  // never recorded: nothing to wait for
+  Op op;
+  op.wait = ev;
+  op.wait_gen = ev->recorded;  // the record most recent at this call, not a later one
+  return push(s, std::move(op), "cudaStreamWaitEvent");
 }
 
 cudaError_t cudaEventCreate(cudaEvent_t* e) { return cudaEventCreateWithFlags(e, cudaEventDefault); }
 cudaError_t cudaEventCreateWithFlags(cudaEvent_t* e, unsigned flags) {
-  *e = new CUevent_st;
-  (*e)->flags = flags;
-  std::lock_guard<std::mutex> lock(rt().mu);
-  rt().events.insert(*e);
+  auto ev = std::make_shared<CUevent_st>();
+  ev->flags = flags;
+  *e = ev.get();
+  Lock lock(rt().mu);
+  rt().events[*e] = std::move(ev);
   return cudaSuccess;
 }
+// Queued records and waits keep what they need of it.
 cudaError_t cudaEventDestroy(cudaEvent_t e) {
-  std::lock_guard<std::mutex> lock(rt().mu);
+  Lock lock(rt().mu);
   if (!rt().events.erase(e)) return fail(cudaErrorInvalidResourceHandle, "cudaEventDestroy of an unknown event");
-  delete e;
   return cudaSuccess;
 }
 cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s) {
-  if (!known_stream(s)) return fail(cudaErrorInvalidResourceHandle, "cudaEventRecord on an unknown stream");
-  std::lock_guard<std::mutex> lock(rt().mu);
-  if (!rt().events.count(e)) return fail(cudaErrorInvalidResourceHandle, "cudaEventRecord of an unknown event");
-  e->recorded = true;
-  e->at = std::chrono::steady_clock::now();
-  return cudaSuccess;
+  Runtime& r = rt();
+  Lock lock(r.mu);
+  std::shared_ptr<CUevent_st> ev = known_event(r, e);
+  if (!ev) return fail(cudaErrorInvalidResourceHandle, "cudaEventRecord of an unknown event");
+  if (!known_stream(r, s)) return fail(cudaErrorInvalidResourceHandle, "cudaEventRecord on an unknown stream");
+  Op op;
+  op.record = ev;
+  op.gen = ++ev->recorded;
+  return push(s, std::move(op), "cudaEventRecord");
 }
+// As cudaStreamQuery: work the event waits for is run, but reported as not ready.
 cudaError_t cudaEventQuery(cudaEvent_t e) {
-  std::lock_guard<std::mutex> lock(rt().mu);
-  return rt().events.count(e) ? cudaSuccess : fail(cudaErrorInvalidResourceHandle, "cudaEventQuery");
+  Runtime& r = rt();
+  Lock lock(r.mu);
+  std::shared_ptr<CUevent_st> ev = known_event(r, e);
+  if (!ev) return fail(cudaErrorInvalidResourceHandle, "cudaEventQuery of an unknown event");
+  if (const cudaError_t err = synchronized(); err != cudaSuccess) return err;
+  if (ev->completed >= ev->recorded) return cudaSuccess;
+  wait_event(r, *ev);
+  return cudaErrorNotReady;
 }
-cudaError_t cudaEventSynchronize(cudaEvent_t e) { return cudaEventQuery(e); }
+cudaError_t cudaEventSynchronize(cudaEvent_t e) {
+  Runtime& r = rt();
+  Lock lock(r.mu);
+  std::shared_ptr<CUevent_st> ev = known_event(r, e);
+  if (!ev) return fail(cudaErrorInvalidResourceHandle, "cudaEventSynchronize of an unknown event");
+  wait_event(r, *ev);
+  return synchronized();
+}
 cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t start, cudaEvent_t end) {
-  std::lock_guard<std::mutex> lock(rt().mu);
-  if (!rt().events.count(start) || !rt().events.count(end))
-    return fail(cudaErrorInvalidResourceHandle, "cudaEventElapsedTime of an unknown event");
-  if ((start->flags | end->flags) & cudaEventDisableTiming)
+  Runtime& r = rt();
+  Lock lock(r.mu);
+  std::shared_ptr<CUevent_st> a = known_event(r, start), b = known_event(r, end);
+  if (!a || !b) return fail(cudaErrorInvalidResourceHandle, "cudaEventElapsedTime of an unknown event");
+  if ((a->flags | b->flags) & cudaEventDisableTiming)
     return fail(cudaErrorInvalidResourceHandle, "cudaEventElapsedTime of an event made without timing");
-  if (!start->recorded || !end->recorded)
+  if (!a->recorded || !b->recorded)
     return fail(cudaErrorInvalidResourceHandle, "cudaEventElapsedTime of an event never recorded");
-  *ms = std::chrono::duration<float, std::milli>(end->at - start->at).count();
+  if (a->completed < a->recorded || b->completed < b->recorded)
+    return fail(cudaErrorNotReady, "cudaEventElapsedTime of an event whose record has not run");
+  *ms = std::chrono::duration<float, std::milli>(b->at - a->at).count();
   return cudaSuccess;
 }
 
@@ -328,7 +628,7 @@ cudaError_t cudaFuncSetAttribute(const void* kernel, cudaFuncAttribute attr, int
   if (value < 0 || value > kSmemOptin)
     return fail(cudaErrorInvalidValue, std::to_string(value) + " bytes of dynamic shared memory, past the " +
                                            std::to_string(kSmemOptin) + " a block may opt in to");
-  std::lock_guard<std::mutex> lock(rt().mu);
+  Lock lock(rt().mu);
   rt().smem_granted[kernel] = value;
   return cudaSuccess;
 }
@@ -337,11 +637,39 @@ namespace vchat::emu {
 
 Space space_of(const void* p, size_t bytes) {
   Runtime& r = rt();
-  std::lock_guard<std::mutex> lock(r.mu);
+  Lock lock(r.mu);
   // The allocation p starts in; the range is device memory only if it ends there too.
   auto it = find(r, p, 0);
   if (it == r.allocations.end() || !it->second.device) return Space::host;
-  return find(r, p, bytes) == it ? Space::device : Space::straddles;
+  if (find(r, p, bytes) != it) return Space::straddles;
+  return it->second.free_queued ? Space::freed : Space::device;
+}
+
+void set_schedule(Schedule s) {
+  Lock lock(rt().mu);
+  rt().schedule = s;
+  rt().host_waits = 0;  // the next turn is late
+}
+
+cudaError_t enqueue(cudaStream_t s, std::function<void()> work, const char* what) {
+  Op op;
+  op.work = std::move(work);
+  return push(s, std::move(op), what);
+}
+
+void async_fault(const std::string& what) {
+  Runtime& r = rt();
+  Lock lock(r.mu);
+  if (r.faults.size() < 4000) r.faults += (r.faults.empty() ? "" : "; ") + what;
+}
+
+bool still_device(const void* p, size_t bytes, const std::string& what) {
+  Runtime& r = rt();
+  Lock lock(r.mu);
+  auto it = find(r, p, bytes);
+  if (it != r.allocations.end() && it->second.device) return true;
+  async_fault(what + " was freed before the work using it ran (a stream-ordered free not ordered after it)");
+  return false;
 }
 
 bool launch_allowed(const void* kernel, dim3 grid, dim3 block, size_t smem) {
@@ -357,7 +685,7 @@ bool launch_allowed(const void* kernel, dim3 grid, dim3 block, size_t smem) {
            false;
   int allowed = kSmemDefault;
   {
-    std::lock_guard<std::mutex> lock(rt().mu);
+    Lock lock(rt().mu);
     auto it = rt().smem_granted.find(kernel);
     if (it != rt().smem_granted.end()) allowed = std::max(allowed, it->second);
   }
@@ -370,17 +698,21 @@ bool launch_allowed(const void* kernel, dim3 grid, dim3 block, size_t smem) {
 }
 
 bool device_pointer_argument(const void* p, int index) {
-  if (!p || space_of(p, 1) == Space::device) return true;
-  fail(cudaErrorIllegalAddress, "kernel argument " + std::to_string(index) + " points to host memory");
+  if (!p) return true;
+  const Space s = space_of(p, 1);
+  if (s == Space::device) return true;
+  fail(cudaErrorIllegalAddress,
+       "kernel argument " + std::to_string(index) +
+           (s == Space::freed ? " points to device memory already freed (cudaFreeAsync)" : " points to host memory"));
   return false;
 }
 
-void take_emulator_reports() {
+void take_emulator_reports(const void*) {
   if (errors().empty()) return;
   std::string all;
   for (const std::string& e : errors()) all += (all.empty() ? "" : "; ") + e;
   errors().clear();
-  fail(cudaErrorIllegalAddress, "kernel emulator: " + all);
+  async_fault("kernel emulator: " + all);
 }
 
 }  // namespace vchat::emu

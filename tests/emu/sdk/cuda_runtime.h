@@ -14,12 +14,37 @@
 //   - what the kernel emulator reports (a tile outside shared memory, a write past the
 //     shared memory's guards) becomes the launch's error, as a fault would;
 //   - one device (ordinal 0), two SMs: grid-stride kernels run on few blocks.
-// Not emulated: asynchrony. Every stream operation is done when its call returns, so a
-// missing event between streams goes unseen here (the GPU suite's to find), as do reads of
-// device memory by host code (both are host memory here).
+//   - asynchrony: each stream is a queue. Work enqueued on a stream (kernels, async copies
+//     and memsets, stream-ordered frees, cuBLASLt matmuls, NCCL calls) runs only when the
+//     host synchronizes with it (cudaStreamSynchronize, cudaEventSynchronize,
+//     cudaDeviceSynchronize, a query, a synchronous copy), and only what that needs: the
+//     stream up to that point and, through cudaStreamWaitEvent, the work of other streams
+//     its waits name. So work on a stream that should have waited for another's event runs
+//     before that work, and reads NaN or stale memory; a host that reads a pinned copy's
+//     destination, or rewrites its source, before waiting sees that too. The legacy default
+//     stream (null) runs at once, after the queued work of every blocking stream, as it
+//     orders behind them. Work of two streams with no event between them may run in either
+//     order on a GPU, so the schedule alternates with each wait of the host: on one turn only
+//     what the wait needs runs (late), on the next every other stream first runs all it can
+//     without an event it waits for (early); a missing event shows in one order or the
+//     other. A wait where the two cannot differ (no other stream has work) takes no turn,
+//     so that waits in pairs do not always meet the same one. cudaMemcpyAsync keeps the rules for pageable host memory:
+//     a copy from it takes the source at the call, a copy to it completes before returning. A query that finds work
+//     pending runs it and answers cudaErrorNotReady (the work ran just after the query looked), so the next query finds
+//     it done;
+//   - stream-ordered frees: a queued cudaFreeAsync makes the memory unusable to what is
+//     enqueued after it; when it runs, the memory leaves the device, and any queued work
+//     that still names it (another stream's, not ordered behind the free) faults when it
+//     runs. Freed memory goes back to the host only once no work is queued, so an address
+//     is never reused while such work is pending;
+//   - faults found when queued work runs (a freed operand, what the kernel emulator reports)
+//     are asynchronous, as on a GPU: the next synchronizing call (or cudaGetLastError)
+//     returns cudaErrorIllegalAddress naming them. Unlike a GPU, the context survives.
+// Not emulated: reads of device memory by host code (both are host memory here), and timing.
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <type_traits>
 
@@ -135,14 +160,30 @@ cudaError_t cudaFuncSetAttribute(Kernel* kernel, cudaFuncAttribute attr, int val
 
 namespace vchat::emu {
 
-// What the runtime knows of [p, p + bytes): inside one device allocation, or not device memory.
-enum class Space { device, host, straddles };
+// What the runtime knows of [p, p + bytes): inside one device allocation, inside one whose
+// stream-ordered free is queued, or not device memory.
+enum class Space { device, host, straddles, freed };
 Space space_of(const void* p, size_t bytes);
 
-// The launch rules above, then the kernel's blocks (`body` calls the kernel with its
-// arguments); a broken rule or an emulator report becomes the runtime's last error.
+// The order in which queued work of streams with no event between them runs when the host
+// waits (see the header comment): alternating with each wait (the default), or pinned to
+// late or early, for tests of the emulation itself. Alternation restarts with a late turn.
+enum class Schedule { alternate, late, early };
+void set_schedule(Schedule s);
+
+// Queues `work` on stream s, to run in stream order (see the header comment); the legacy
+// default stream (null) runs it at once. Fails, naming `what`, on a destroyed stream.
+cudaError_t enqueue(cudaStream_t s, std::function<void()> work, const char* what);
+// From inside queued work: a fault it found, reported by the next synchronizing call.
+void async_fault(const std::string& what);
+// From inside queued work: whether [p, p + bytes) is still device memory; a fault naming
+// `what` if not (the memory was freed, or its free ran, before this work).
+bool still_device(const void* p, size_t bytes, const std::string& what);
+
+// The launch rules above; a broken rule becomes the runtime's last error.
 bool launch_allowed(const void* kernel, dim3 grid, dim3 block, size_t smem);
-void take_emulator_reports();
+// After a queued kernel ran: what the kernel emulator reported becomes an asynchronous fault.
+void take_emulator_reports(const void* kernel);
 
 // A kernel's pointer arguments (not those inside a struct argument) must be null or device
 // memory: on a GPU a host pointer faults.
@@ -152,14 +193,31 @@ bool argument_ok(const A& a, int index) {
   if constexpr (std::is_pointer<A>::value) return device_pointer_argument(a, index);
   return true;
 }
+template <class A>
+bool argument_live(const A& a, int index) {
+  if constexpr (std::is_pointer<A>::value) return !a || still_device(a, 1, "kernel argument " + std::to_string(index));
+  return true;
+}
 
+// kernel<<<grid, block, smem, stream>>>(args...): the rules and the pointer arguments
+// checked now; the blocks (`body` calls the kernel with its arguments, held by value) run
+// when the stream is drained, after the pointers are checked again.
 template <class Body, class... Args>
-void launch_kernel(const void* kernel, dim3 grid, dim3 block, size_t smem, Body body, const Args&... args) {
+void launch_kernel(const void* kernel, dim3 grid, dim3 block, size_t smem, cudaStream_t stream, Body body,
+                   const Args&... args) {
   if (!launch_allowed(kernel, grid, block, smem)) return;
   int index = 0;
   if (!(argument_ok(args, index++) && ...)) return;
-  launch(Dim3{grid.x, grid.y, grid.z}, Dim3{block.x, block.y, block.z}, smem, body);
-  take_emulator_reports();
+  const Dim3 g{grid.x, grid.y, grid.z}, b{block.x, block.y, block.z};
+  enqueue(
+      stream,
+      [=] {
+        int i = 0;
+        if (!(argument_live(args, i++) && ...)) return;
+        launch(g, b, smem, body);
+        take_emulator_reports(kernel);
+      },
+      "a kernel launch");
 }
 
 }  // namespace vchat::emu

@@ -1,5 +1,5 @@
-// The emulated NCCL (nccl.h): one rank, collectives as copies, a group's sends and receives
-// paired at ncclGroupEnd.
+// The emulated NCCL (nccl.h): one rank, collectives as copies queued on their streams, a
+// group's sends and receives paired at ncclGroupEnd.
 #include "nccl.h"
 
 #include <cstdint>
@@ -38,6 +38,7 @@ struct Transfer {
   const void* send;
   void* recv;
   size_t bytes;
+  cudaStream_t stream;
 };
 thread_local int group_depth = 0;
 thread_local std::vector<Transfer> sends, recvs;  // queued inside a group, in call order
@@ -48,7 +49,7 @@ bool on_device(const void* p, size_t bytes) {
 }
 // The checks every call makes, then `body`; inside a group a failure fails the group too.
 template <class F>
-ncclResult_t call(ncclComm_t comm, ncclDataType_t t, cudaStream_t stream, F body) {
+ncclResult_t call(ncclComm_t comm, ncclDataType_t t, F body) {
   ncclResult_t r = ncclSuccess;
   if (!comm || comm->aborted)
     r = ncclInvalidArgument;
@@ -56,16 +57,24 @@ ncclResult_t call(ncclComm_t comm, ncclDataType_t t, cudaStream_t stream, F body
     r = ncclInvalidArgument;
   else
     r = body(type_bytes(t));
-  (void)stream;
   if (r != ncclSuccess && group_depth > 0) group_failed = true;
   return r;
 }
-ncclResult_t copy(const void* send, void* recv, size_t bytes) {
+// The checks now; the copy queued on the stream, as NCCL's kernel would be.
+ncclResult_t copy(const void* send, void* recv, size_t bytes, cudaStream_t stream) {
   if (!on_device(send, bytes) || !on_device(recv, bytes)) return ncclInvalidArgument;
   const auto r = reinterpret_cast<uintptr_t>(recv), s = reinterpret_cast<uintptr_t>(send);
   if (r != s && r < s + bytes && s < r + bytes) return ncclInvalidArgument;  // in place, or apart
-  if (send != recv && bytes) std::memmove(recv, send, bytes);
-  return ncclSuccess;
+  if (send == recv || bytes == 0) return ncclSuccess;
+  const cudaError_t e = vchat::emu::enqueue(
+      stream,
+      [send, recv, bytes] {
+        if (vchat::emu::still_device(send, bytes, "an NCCL send buffer") &&
+            vchat::emu::still_device(recv, bytes, "an NCCL receive buffer"))
+          std::memmove(recv, send, bytes);
+      },
+      "an NCCL call");
+  return e == cudaSuccess ? ncclSuccess : ncclUnhandledCudaError;
 }
 
 }  // namespace
@@ -131,7 +140,8 @@ ncclResult_t ncclGroupEnd() {
   ncclResult_t r = group_failed ? ncclInvalidArgument : ncclSuccess;
   if (r == ncclSuccess && sends.size() != recvs.size()) r = ncclInvalidUsage;  // one would wait forever
   for (size_t i = 0; r == ncclSuccess && i < sends.size(); ++i)
-    r = sends[i].bytes == recvs[i].bytes ? copy(sends[i].send, recvs[i].recv, sends[i].bytes) : ncclInvalidUsage;
+    r = sends[i].bytes == recvs[i].bytes ? copy(sends[i].send, recvs[i].recv, sends[i].bytes, recvs[i].stream)
+                                         : ncclInvalidUsage;
   sends.clear();
   recvs.clear();
   return r;
@@ -139,43 +149,44 @@ ncclResult_t ncclGroupEnd() {
 
 ncclResult_t ncclAllReduce(const void* send, void* recv, size_t count, ncclDataType_t type, ncclRedOp_t op,
                            ncclComm_t comm, cudaStream_t stream) {
-  return call(comm, type, stream,
-              [&](size_t es) { return op > ncclAvg ? ncclInvalidArgument : copy(send, recv, count * es); });
+  return call(comm, type,
+              [&](size_t es) { return op > ncclAvg ? ncclInvalidArgument : copy(send, recv, count * es, stream); });
 }
 ncclResult_t ncclBroadcast(const void* send, void* recv, size_t count, ncclDataType_t type, int root, ncclComm_t comm,
                            cudaStream_t stream) {
-  return call(comm, type, stream,
-              [&](size_t es) { return root != 0 ? ncclInvalidArgument : copy(send, recv, count * es); });
+  return call(comm, type,
+              [&](size_t es) { return root != 0 ? ncclInvalidArgument : copy(send, recv, count * es, stream); });
 }
 ncclResult_t ncclReduce(const void* send, void* recv, size_t count, ncclDataType_t type, ncclRedOp_t op, int root,
                         ncclComm_t comm, cudaStream_t stream) {
-  return call(comm, type, stream, [&](size_t es) {
-    return root != 0 || op > ncclAvg ? ncclInvalidArgument : copy(send, recv, count * es);
+  return call(comm, type, [&](size_t es) {
+    return root != 0 || op > ncclAvg ? ncclInvalidArgument : copy(send, recv, count * es, stream);
   });
 }
 ncclResult_t ncclReduceScatter(const void* send, void* recv, size_t recv_count, ncclDataType_t type, ncclRedOp_t op,
                                ncclComm_t comm, cudaStream_t stream) {
-  return call(comm, type, stream,
-              [&](size_t es) { return op > ncclAvg ? ncclInvalidArgument : copy(send, recv, recv_count * es); });
+  return call(comm, type, [&](size_t es) {
+    return op > ncclAvg ? ncclInvalidArgument : copy(send, recv, recv_count * es, stream);
+  });
 }
 ncclResult_t ncclAllGather(const void* send, void* recv, size_t send_count, ncclDataType_t type, ncclComm_t comm,
                            cudaStream_t stream) {
-  return call(comm, type, stream, [&](size_t es) { return copy(send, recv, send_count * es); });
+  return call(comm, type, [&](size_t es) { return copy(send, recv, send_count * es, stream); });
 }
 ncclResult_t ncclSend(const void* send, size_t count, ncclDataType_t type, int peer, ncclComm_t comm,
                       cudaStream_t stream) {
-  return call(comm, type, stream, [&](size_t es) {
+  return call(comm, type, [&](size_t es) {
     if (peer != 0 || !on_device(send, count * es)) return ncclInvalidArgument;
     if (group_depth == 0) return ncclInvalidUsage;  // a send to oneself outside a group never completes
-    sends.push_back({send, nullptr, count * es});
+    sends.push_back({send, nullptr, count * es, stream});
     return ncclSuccess;
   });
 }
 ncclResult_t ncclRecv(void* recv, size_t count, ncclDataType_t type, int peer, ncclComm_t comm, cudaStream_t stream) {
-  return call(comm, type, stream, [&](size_t es) {
+  return call(comm, type, [&](size_t es) {
     if (peer != 0 || !on_device(recv, count * es)) return ncclInvalidArgument;
     if (group_depth == 0) return ncclInvalidUsage;
-    recvs.push_back({nullptr, recv, count * es});
+    recvs.push_back({nullptr, recv, count * es, stream});
     return ncclSuccess;
   });
 }
