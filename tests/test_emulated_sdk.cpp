@@ -13,7 +13,9 @@
 
 #include <cmath>
 #include <cstring>
+#include <chrono>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace {
@@ -232,6 +234,66 @@ TEST(EmulatedSdk, TheDefaultScheduleAlternatesAtTheWaitsThatCanTell) {
   }
   EXPECT_EQ(cudaStreamDestroy(a), cudaSuccess);
   EXPECT_EQ(cudaStreamDestroy(b), cudaSuccess);
+}
+
+// cudaStreamWaitEvent waits for the event's record most recent at the call, even when a
+// later record on another stream runs first.
+TEST(EmulatedSdk, AWaitIsForTheRecordMostRecentAtTheCall) {
+  const PinnedSchedule late(vchat::emu::Schedule::late);
+  cudaStream_t a, b, c;
+  ASSERT_EQ(cudaStreamCreate(&a), cudaSuccess);
+  ASSERT_EQ(cudaStreamCreate(&b), cudaSuccess);
+  ASSERT_EQ(cudaStreamCreate(&c), cudaSuccess);
+  cudaEvent_t e;
+  ASSERT_EQ(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), cudaSuccess);
+  DeviceFloats y(64), z(64);
+  write_index_on(a, y.p, 64);
+  ASSERT_EQ(cudaEventRecord(e, a), cudaSuccess);
+  ASSERT_EQ(cudaStreamWaitEvent(b, e, 0), cudaSuccess);
+  ASSERT_EQ(cudaMemcpyAsync(z.p, y.p, 256, cudaMemcpyDeviceToDevice, b), cudaSuccess);
+  ASSERT_EQ(cudaEventRecord(e, c), cudaSuccess);  // c is empty: this record runs at once below
+  ASSERT_EQ(cudaStreamSynchronize(c), cudaSuccess);
+  EXPECT_EQ(cudaEventQuery(e), cudaSuccess) << "the event's latest record ran";
+  ASSERT_EQ(cudaStreamSynchronize(b), cudaSuccess);
+  EXPECT_EQ(z.host()[63], 63.f) << "b's copy ran before a's kernel, which its wait was for";
+  EXPECT_EQ(cudaEventDestroy(e), cudaSuccess);
+  for (cudaStream_t s : {a, b, c}) EXPECT_EQ(cudaStreamDestroy(s), cudaSuccess);
+}
+
+// A thread that only polls (not the one enqueuing the work, like the NCCL watchdog) runs no
+// work with its queries and leaves faults to the enqueuing thread, unless that thread has
+// been idle for a while (it may be blocked waiting for the poller).
+TEST(EmulatedSdk, AnotherThreadsQueriesLookUnlessTheEnqueuingThreadIsIdle) {
+  DeviceFloats y(64);
+  cudaStream_t a;
+  ASSERT_EQ(cudaStreamCreate(&a), cudaSuccess);
+  auto query_from_another_thread = [&] {
+    cudaError_t e = cudaSuccess;
+    std::thread([&] { e = cudaStreamQuery(a); }).join();
+    return e;
+  };
+  write_index_on(a, y.p, 64);
+  EXPECT_EQ(query_from_another_thread(), cudaErrorNotReady);
+  EXPECT_EQ(query_from_another_thread(), cudaErrorNotReady) << "still queued: the poller only looks";
+  EXPECT_TRUE(std::isnan(y.p[63])) << "the kernel ran in the poller's query";  // (device memory is host memory)
+  std::this_thread::sleep_for(std::chrono::milliseconds(1200));                // this thread idle
+  EXPECT_EQ(query_from_another_thread(), cudaErrorNotReady) << "found the work pending, and ran it";
+  EXPECT_EQ(y.p[63], 63.f);
+  EXPECT_EQ(query_from_another_thread(), cudaSuccess);
+  // A fault: the poller sees it, and so does the enqueuing thread after it.
+  DeviceFloats d(64);
+  float* out = d.p;
+  launch_kernel(
+      reinterpret_cast<const void*>(&early_return), 1, 64, 0, a, [=] { early_return(out); }, out);
+  ASSERT_EQ(cudaStreamSynchronize(a), cudaErrorIllegalAddress);  // ran; the fault is reported once
+  launch_kernel(
+      reinterpret_cast<const void*>(&early_return), 1, 64, 0, a, [=] { early_return(out); }, out);
+  std::this_thread::sleep_for(std::chrono::milliseconds(1200));
+  EXPECT_EQ(query_from_another_thread(), cudaErrorNotReady) << "ran the faulting kernel";
+  EXPECT_EQ(query_from_another_thread(), cudaErrorIllegalAddress);
+  EXPECT_EQ(cudaStreamQuery(a), cudaErrorIllegalAddress) << "the poller left the fault to this thread";
+  EXPECT_EQ(cudaStreamQuery(a), cudaSuccess);
+  EXPECT_EQ(cudaStreamDestroy(a), cudaSuccess);
 }
 
 // A stream-ordered free: what is enqueued after it may not use the memory, and work queued on

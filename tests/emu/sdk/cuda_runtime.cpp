@@ -11,6 +11,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace {
@@ -27,12 +28,14 @@ struct Allocation {
 
 }  // namespace
 
-// An event: how many records were enqueued, how many ran, and the stream holding each that
-// is still queued. Held by shared_ptr: queued records and waits keep a destroyed event's
-// state, as the runtime releases it only once the device is done with it.
+// An event: how many records were enqueued, the stream holding each record still queued
+// (one event may be recorded on several streams, whose records run in any order), and when
+// the latest record that ran did. Held by shared_ptr: queued records and waits keep a
+// destroyed event's state, as the runtime releases it only once the device is done with it.
 struct CUevent_st {
   unsigned flags = 0;
-  uint64_t recorded = 0, completed = 0;
+  uint64_t recorded = 0;
+  uint64_t latest_run = 0;  // the highest record number that ran, whose time `at` is
   std::map<uint64_t, CUstream_st*> queued;
   std::chrono::steady_clock::time_point at;
 };
@@ -60,7 +63,7 @@ struct CUmemPoolHandle_st {};
 namespace {
 
 // The whole device under one (recursive) lock: allocations, streams, events and the queued
-// work, which runs in whichever host thread needs it done (a watchdog's query included).
+// work, which runs in the host thread that waits for it (see may_run for other threads).
 struct Runtime {
   std::recursive_mutex mu;
   std::map<uintptr_t, Allocation> allocations;  // by start address
@@ -73,6 +76,8 @@ struct Runtime {
   std::string faults;             // asynchronous faults not yet reported
   uint64_t host_waits = 0;        // the schedule alternates with each that can tell (host_wait)
   vchat::emu::Schedule schedule = vchat::emu::Schedule::alternate;
+  std::thread::id driver;                             // the thread that last enqueued work
+  std::chrono::steady_clock::time_point driver_seen;  // its last enqueue or wait
 };
 // Never destroyed: the backend's own statics (its compute stream, the buffers they hold)
 // are released at exit after this file's statics might be.
@@ -118,13 +123,32 @@ const char* name_of(cudaError_t e) {
 }
 
 // The asynchronous faults found so far, as this call's error (and the thread's last error).
-cudaError_t report_faults() {
+// Reported once (the emulated context survives them), except to a query from a thread other
+// than the one that drives the work (may_run): it sees them but leaves them to that thread.
+cudaError_t report_faults(bool keep = false) {
   Runtime& r = rt();
   Lock lock(r.mu);
   if (r.faults.empty()) return cudaSuccess;
-  const std::string what = std::move(r.faults);
-  r.faults.clear();
-  return fail(cudaErrorIllegalAddress, what);
+  std::string what = r.faults;
+  if (!keep) r.faults.clear();
+  return fail(cudaErrorIllegalAddress, std::move(what));
+}
+
+// Whether the calling thread's query may run queued work. Work runs when a host thread waits
+// for it; the thread that enqueues it decides when, so that the order of work follows the
+// program and the schedule, not thread timing. Another thread that polls on a clock of its
+// own (the NCCL watchdog) only looks: were its queries to run work, they would run it at
+// moments set by the OS scheduler, while the enqueuing thread holds the lock through work
+// that should have overlapped it. Unless the enqueuing thread has made no call for a while:
+// it may be blocked waiting for the poller (a communicator's destructor waits for its
+// watchdog), and a GPU would have finished the work meanwhile.
+bool driving(const Runtime& r) { return std::this_thread::get_id() == r.driver; }
+bool may_run(const Runtime& r) {
+  using namespace std::chrono_literals;
+  return driving(r) || std::chrono::steady_clock::now() - r.driver_seen > 1s;
+}
+void saw_driver(Runtime& r) {
+  if (driving(r)) r.driver_seen = std::chrono::steady_clock::now();
 }
 
 // The allocation holding [p, p + bytes), or end().
@@ -175,13 +199,12 @@ void take_out(Runtime& r, std::map<uintptr_t, Allocation>::iterator it) {
 
 void run_front(Runtime& r, CUstream_st* s);
 
-// Runs queued work until event e's record number `gen` has run.
+// Whether event e's record number `gen` has run (number 0: never recorded, nothing to wait for).
+bool ran(const CUevent_st& e, uint64_t gen) { return e.queued.find(gen) == e.queued.end(); }
+
+// Runs queued work until event e's record number `gen` has run: its stream up to it.
 void complete(Runtime& r, CUevent_st& e, uint64_t gen) {
-  while (e.completed < gen) {
-    auto it = e.queued.begin();        // the oldest record still queued: ours or one before it
-    if (it == e.queued.end()) return;  // (cannot happen: every record is queued until it runs)
-    run_front(r, it->second);
-  }
+  for (auto it = e.queued.find(gen); it != e.queued.end(); it = e.queued.find(gen)) run_front(r, it->second);
 }
 
 // Runs the first operation queued on s.
@@ -192,8 +215,10 @@ void run_front(Runtime& r, CUstream_st* s) {
   if (op.work) op.work();
   if (op.record) {
     op.record->queued.erase(op.gen);
-    op.record->completed = std::max(op.record->completed, op.gen);
-    op.record->at = std::chrono::steady_clock::now();
+    if (op.gen > op.record->latest_run) {
+      op.record->latest_run = op.gen;
+      op.record->at = std::chrono::steady_clock::now();
+    }
   }
 }
 
@@ -214,7 +239,7 @@ void run_others_ready(Runtime& r, CUstream_st* target) {
       if (s == target) continue;
       while (!s->queue.empty()) {
         const Op& op = s->queue.front();
-        if (op.wait && op.wait->completed < op.wait_gen) break;
+        if (op.wait && !ran(*op.wait, op.wait_gen)) break;
         run_front(r, s);
         progress = true;
       }
@@ -245,6 +270,7 @@ void drain(Runtime& r, CUstream_st* s) {
   host_wait(r, s);
   while (!s->queue.empty()) run_front(r, s);
   release_quarantine(r);
+  saw_driver(r);
 }
 
 // Every stream's queued work (blocking_only: the streams the legacy default stream orders
@@ -261,15 +287,17 @@ void drain_all(Runtime& r, bool blocking_only) {
   else
     std::for_each(r.streams.begin(), r.streams.end(), run);
   release_quarantine(r);
+  saw_driver(r);
 }
 
 // The host waits for event e's latest record.
 void wait_event(Runtime& r, CUevent_st& e) {
-  if (e.completed >= e.recorded) return;
   auto last = e.queued.find(e.recorded);
-  host_wait(r, last == e.queued.end() ? nullptr : last->second);
+  if (last == e.queued.end()) return;
+  host_wait(r, last->second);
   complete(r, e, e.recorded);
   release_quarantine(r);
+  saw_driver(r);
 }
 
 bool known_stream(Runtime& r, cudaStream_t s) {
@@ -288,6 +316,8 @@ cudaError_t push(cudaStream_t s, Op op, const char* what) {
   Lock lock(r.mu);
   if (!known_stream(r, s)) return fail(cudaErrorInvalidResourceHandle, std::string(what) + " on a destroyed stream");
   if (op.record) op.record->queued[op.gen] = s;  // (null: runs below before anyone looks)
+  r.driver = std::this_thread::get_id();
+  r.driver_seen = std::chrono::steady_clock::now();
   if (s) {
     s->queue.push_back(std::move(op));
     return cudaSuccess;
@@ -541,13 +571,15 @@ cudaError_t cudaStreamSynchronize(cudaStream_t s) {
   return synchronized();
 }
 // Pending work is run, but reported as not ready: it finished just after the query looked.
+// (From a thread that only looks, see may_run: not run.)
 cudaError_t cudaStreamQuery(cudaStream_t s) {
   Runtime& r = rt();
   Lock lock(r.mu);
   if (!known_stream(r, s)) return fail(cudaErrorInvalidResourceHandle, "cudaStreamQuery of an unknown stream");
-  if (const cudaError_t e = synchronized(); e != cudaSuccess) return e;
+  const bool run = may_run(r);
+  if (const cudaError_t e = report_faults(!driving(r)); e != cudaSuccess) return e;
   if (!s || s->queue.empty()) return cudaSuccess;
-  drain(r, s);
+  if (run) drain(r, s);
   return cudaErrorNotReady;
 }
 cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned) {
@@ -589,15 +621,16 @@ cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s) {
   op.gen = ++ev->recorded;
   return push(s, std::move(op), "cudaEventRecord");
 }
-// As cudaStreamQuery: work the event waits for is run, but reported as not ready.
+// As cudaStreamQuery: the work before the event's latest record is run, but reported as not ready.
 cudaError_t cudaEventQuery(cudaEvent_t e) {
   Runtime& r = rt();
   Lock lock(r.mu);
   std::shared_ptr<CUevent_st> ev = known_event(r, e);
   if (!ev) return fail(cudaErrorInvalidResourceHandle, "cudaEventQuery of an unknown event");
-  if (const cudaError_t err = synchronized(); err != cudaSuccess) return err;
-  if (ev->completed >= ev->recorded) return cudaSuccess;
-  wait_event(r, *ev);
+  const bool run = may_run(r);
+  if (const cudaError_t err = report_faults(!driving(r)); err != cudaSuccess) return err;
+  if (ran(*ev, ev->recorded)) return cudaSuccess;
+  if (run) wait_event(r, *ev);
   return cudaErrorNotReady;
 }
 cudaError_t cudaEventSynchronize(cudaEvent_t e) {
@@ -617,7 +650,7 @@ cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t start, cudaEvent_t end) 
     return fail(cudaErrorInvalidResourceHandle, "cudaEventElapsedTime of an event made without timing");
   if (!a->recorded || !b->recorded)
     return fail(cudaErrorInvalidResourceHandle, "cudaEventElapsedTime of an event never recorded");
-  if (a->completed < a->recorded || b->completed < b->recorded)
+  if (!ran(*a, a->recorded) || !ran(*b, b->recorded))
     return fail(cudaErrorNotReady, "cudaEventElapsedTime of an event whose record has not run");
   *ms = std::chrono::duration<float, std::milli>(b->at - a->at).count();
   return cudaSuccess;

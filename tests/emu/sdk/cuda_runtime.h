@@ -11,35 +11,41 @@
 //   - a launch checks its block (at most 1024 threads), its grid (y, z at most 65535) and
 //     its dynamic shared memory against 48 KiB or what cudaFuncSetAttribute granted the
 //     kernel, up to the 227 KiB of an H100/H200;
-//   - what the kernel emulator reports (a tile outside shared memory, a write past the
-//     shared memory's guards) becomes the launch's error, as a fault would;
 //   - one device (ordinal 0), two SMs: grid-stride kernels run on few blocks.
-//   - asynchrony: each stream is a queue. Work enqueued on a stream (kernels, async copies
-//     and memsets, stream-ordered frees, cuBLASLt matmuls, NCCL calls) runs only when the
-//     host synchronizes with it (cudaStreamSynchronize, cudaEventSynchronize,
-//     cudaDeviceSynchronize, a query, a synchronous copy), and only what that needs: the
-//     stream up to that point and, through cudaStreamWaitEvent, the work of other streams
-//     its waits name. So work on a stream that should have waited for another's event runs
-//     before that work, and reads NaN or stale memory; a host that reads a pinned copy's
-//     destination, or rewrites its source, before waiting sees that too. The legacy default
-//     stream (null) runs at once, after the queued work of every blocking stream, as it
-//     orders behind them. Work of two streams with no event between them may run in either
-//     order on a GPU, so the schedule alternates with each wait of the host: on one turn only
-//     what the wait needs runs (late), on the next every other stream first runs all it can
-//     without an event it waits for (early); a missing event shows in one order or the
-//     other. A wait where the two cannot differ (no other stream has work) takes no turn,
-//     so that waits in pairs do not always meet the same one. cudaMemcpyAsync keeps the rules for pageable host memory:
-//     a copy from it takes the source at the call, a copy to it completes before returning. A query that finds work
-//     pending runs it and answers cudaErrorNotReady (the work ran just after the query looked), so the next query finds
-//     it done;
+//   - asynchrony: each stream is a queue. Work enqueued on a stream (kernels with a copy of
+//     their arguments, async copies and memsets, stream-ordered frees, cuBLASLt matmuls,
+//     NCCL calls) runs only when the host waits for it: cudaStreamSynchronize,
+//     cudaEventSynchronize, cudaDeviceSynchronize, a query, a synchronous copy, and the
+//     calls that wait by CUDA's rules (cudaFree and cudaFreeHost wait for the device, work
+//     on the legacy default stream (null) runs at once behind every blocking stream's);
+//     cudaStreamDestroy runs its stream's work (a GPU finishes it later). On a late turn only what the wait needs runs:
+//     the stream up to that point and, through cudaStreamWaitEvent, the work of other
+//     streams its waits name (the record most recent at the cudaStreamWaitEvent call). So
+//     work on a stream that should have waited for another's event runs before that work,
+//     and reads NaN or stale memory; a host that reads a pinned copy's destination, or
+//     rewrites its source, before waiting sees that too. Work of two streams with no event
+//     between them may run in either order on a GPU, so the host's waits alternate with an
+//     early turn, where every other stream first runs all it can up to an event it still
+//     waits for; a missing event shows in one order or the other. A wait where the turns
+//     cannot differ (no stream but the target has work; for a device-wide wait, at most
+//     one) takes no turn, so that waits in pairs do not always meet the same one.
+//     cudaMemcpyAsync keeps the rules for pageable host memory: a copy from it takes the
+//     source at the call, a copy to it completes before returning. A query that finds work
+//     pending runs it and answers cudaErrorNotReady (the work ran just after the query
+//     looked), so the next query finds it done; but a query from another thread than the
+//     one enqueuing work (a watchdog's) only looks, unless that thread has been idle for a
+//     while, so that thread timing does not decide the order of work;
 //   - stream-ordered frees: a queued cudaFreeAsync makes the memory unusable to what is
 //     enqueued after it; when it runs, the memory leaves the device, and any queued work
 //     that still names it (another stream's, not ordered behind the free) faults when it
 //     runs. Freed memory goes back to the host only once no work is queued, so an address
 //     is never reused while such work is pending;
-//   - faults found when queued work runs (a freed operand, what the kernel emulator reports)
-//     are asynchronous, as on a GPU: the next synchronizing call (or cudaGetLastError)
-//     returns cudaErrorIllegalAddress naming them. Unlike a GPU, the context survives.
+//   - faults found when queued work runs (a freed operand, what the kernel emulator reports:
+//     a tile outside shared memory, a shuffle from a missing thread, a deadlock at a
+//     barrier) are asynchronous, as on a GPU: a later call that reports errors (a
+//     synchronize, a query, cudaGetLastError, a launch's check) returns
+//     cudaErrorIllegalAddress naming them, once to the enqueuing thread (another thread's
+//     query sees them and leaves them). Unlike a GPU, the context survives.
 // Not emulated: reads of device memory by host code (both are host memory here), and timing.
 #pragma once
 #include <cstddef>

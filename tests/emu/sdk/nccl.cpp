@@ -65,12 +65,13 @@ ncclResult_t copy(const void* send, void* recv, size_t bytes, cudaStream_t strea
   if (!on_device(send, bytes) || !on_device(recv, bytes)) return ncclInvalidArgument;
   const auto r = reinterpret_cast<uintptr_t>(recv), s = reinterpret_cast<uintptr_t>(send);
   if (r != s && r < s + bytes && s < r + bytes) return ncclInvalidArgument;  // in place, or apart
-  if (send == recv || bytes == 0) return ncclSuccess;
+  if (bytes == 0) return ncclSuccess;
+  // In place at one rank the data stay as they are, but the buffer must still be there.
   const cudaError_t e = vchat::emu::enqueue(
       stream,
       [send, recv, bytes] {
         if (vchat::emu::still_device(send, bytes, "an NCCL send buffer") &&
-            vchat::emu::still_device(recv, bytes, "an NCCL receive buffer"))
+            vchat::emu::still_device(recv, bytes, "an NCCL receive buffer") && send != recv)
           std::memmove(recv, send, bytes);
       },
       "an NCCL call");
@@ -93,7 +94,8 @@ const char* ncclGetErrorString(ncclResult_t r) {
       return "invalid argument (emulated NCCL: a buffer outside device memory, a root or peer other than "
              "rank 0, or a bad type)";
     case ncclInvalidUsage:
-      return "invalid usage (emulated NCCL: one rank only; a send or receive without its pair)";
+      return "invalid usage (emulated NCCL: one rank only; a send or receive without its pair, or on another "
+             "stream)";
     case ncclRemoteError:
       return "remote process exited or there was a network error";
     case ncclInProgress:
@@ -139,9 +141,13 @@ ncclResult_t ncclGroupEnd() {
   if (--group_depth > 0) return ncclSuccess;
   ncclResult_t r = group_failed ? ncclInvalidArgument : ncclSuccess;
   if (r == ncclSuccess && sends.size() != recvs.size()) r = ncclInvalidUsage;  // one would wait forever
+  // Each pair moves on its one stream. (NCCL joins a group's streams; vchat puts a group's
+  // sends and receives on one, and the emulation, which would have to order one copy after
+  // two streams, refuses anything else.)
   for (size_t i = 0; r == ncclSuccess && i < sends.size(); ++i)
-    r = sends[i].bytes == recvs[i].bytes ? copy(sends[i].send, recvs[i].recv, sends[i].bytes, recvs[i].stream)
-                                         : ncclInvalidUsage;
+    r = sends[i].bytes == recvs[i].bytes && sends[i].stream == recvs[i].stream
+            ? copy(sends[i].send, recvs[i].recv, sends[i].bytes, recvs[i].stream)
+            : ncclInvalidUsage;
   sends.clear();
   recvs.clear();
   return r;
