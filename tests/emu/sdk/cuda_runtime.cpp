@@ -388,28 +388,23 @@ cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total_bytes) {
 }
 
 cudaError_t cudaMalloc(void** p, size_t bytes) { return allocate(p, bytes, true); }
+namespace {
 // cudaFree and cudaFreeHost synchronize the device first, as the real ones do.
-cudaError_t cudaFree(void* p) {
+cudaError_t free_synchronized(void* p, bool device, const char* call) {
   if (!p) return cudaSuccess;
   Runtime& r = rt();
   Lock lock(r.mu);
   drain_all(r, false);
-  auto it = own_allocation(r, p, true);
-  if (it == r.allocations.end()) return fail(cudaErrorInvalidValue, "cudaFree of a pointer it did not allocate");
+  auto it = own_allocation(r, p, device);
+  if (it == r.allocations.end())
+    return fail(cudaErrorInvalidValue, std::string(call) + " of a pointer it did not allocate");
   take_out(r, it);
   release_quarantine(r);
   return synchronized();
 }
-cudaError_t cudaFreeHost(void* p) {
-  if (!p) return cudaSuccess;
-  Runtime& r = rt();
-  Lock lock(r.mu);
-  drain_all(r, false);
-  auto it = own_allocation(r, p, false);
-  if (it == r.allocations.end()) return fail(cudaErrorInvalidValue, "cudaFreeHost of a pointer it did not allocate");
-  take_out(r, it);
-  return synchronized();
-}
+}  // namespace
+cudaError_t cudaFree(void* p) { return free_synchronized(p, true, "cudaFree"); }
+cudaError_t cudaFreeHost(void* p) { return free_synchronized(p, false, "cudaFreeHost"); }
 cudaError_t cudaMallocAsync(void** p, size_t bytes, cudaStream_t s) {
   {
     Runtime& r = rt();
