@@ -17,6 +17,9 @@
 
 #include "cuda/cuda_backend.h"
 #include "ops.h"
+#ifdef VCHAT_EMULATED_DEVICE
+#include <cuda_runtime.h>  // the emulated runtime's schedule
+#endif
 #include "profile.h"
 #include "tensor.h"
 #include "test_util.h"
@@ -764,35 +767,46 @@ TEST_F(CudaOps, StepScalarsStayOnTheDevice) {
 // begin() is what keeps the second set's staging (the same pinned chunks) from overwriting
 // the first set's while its copies may still be queued.
 TEST_F(CudaOps, UploaderGroupsArriveWholeAcrossReusedStaging) {
-  cuda::Uploader up(ctx());
-  const auto f32 = [](std::vector<float> v) { return Tensor::from_vector(v, {static_cast<int64_t>(v.size())}); };
-  const auto i32 = [](std::vector<int32_t> v) { return Tensor::from_vector(v, {static_cast<int64_t>(v.size())}); };
-  std::vector<Tensor> a, b, c;
-  up.begin();
-  const int ga = up.upload({f32({1.f, 2.f, 3.f, 4.f}), Tensor(), i32({7, -8, 9})}, a);
-  const int gb = up.upload({f32({-1.f, 0.5f})}, b);
-  EXPECT_EQ(ga, 0);
-  EXPECT_EQ(gb, 1);
-  up.ready(ga);
-  up.ready(gb);
-  ops::scale(gpu(), a[0], 2.f);  // queued behind the copies, before anything waits
-  ops::scale(gpu(), b[0], 3.f);
-  up.begin();  // reuses group 0's staging for new data
-  const int gc = up.upload({f32({100.f, 200.f, 300.f, 400.f}), Tensor(), i32({0, 0, 0})}, c);
-  EXPECT_EQ(gc, 0);
-  EXPECT_THROW(up.ready(1), std::out_of_range) << "group 1 was not uploaded since the last begin()";
-  up.ready(gc);
-  ASSERT_EQ(a.size(), 3u);
-  EXPECT_FALSE(a[1].defined());
-  EXPECT_EQ(a[0].device(), Device::cuda);
-  EXPECT_EQ(a[2].dtype(), DType::i32);
-  EXPECT_EQ(a[2].shape(), (Shape{3}));
-  EXPECT_EQ(a[0].to_vector_f32(), (std::vector<float>{2.f, 4.f, 6.f, 8.f}));
-  EXPECT_EQ(b[0].to_vector_f32(), (std::vector<float>{-3.f, 1.5f}));
-  EXPECT_EQ(c[0].to_vector_f32(), (std::vector<float>{100.f, 200.f, 300.f, 400.f}));
-  const Tensor a2 = a[2].to(Device::cpu), c2 = c[2].to(Device::cpu);
-  EXPECT_EQ((std::vector<int32_t>(a2.data<int32_t>(), a2.data<int32_t>() + 3)), (std::vector<int32_t>{7, -8, 9}));
-  EXPECT_EQ((std::vector<int32_t>(c2.data<int32_t>(), c2.data<int32_t>() + 3)), (std::vector<int32_t>{0, 0, 0}));
+  // Twice: on the emulated device, once with other streams' work as late as it may run and
+  // once as early (a copy stream not ordered after the allocations, or the compute stream
+  // not ordered after the copies, fails in one of them).
+  for (int round = 0; round < 2; ++round) {
+#ifdef VCHAT_EMULATED_DEVICE
+    vchat::emu::set_schedule(round ? vchat::emu::Schedule::early : vchat::emu::Schedule::late);
+#endif
+    cuda::Uploader up(ctx());
+    const auto f32 = [](std::vector<float> v) { return Tensor::from_vector(v, {static_cast<int64_t>(v.size())}); };
+    const auto i32 = [](std::vector<int32_t> v) { return Tensor::from_vector(v, {static_cast<int64_t>(v.size())}); };
+    std::vector<Tensor> a, b, c;
+    up.begin();
+    const int ga = up.upload({f32({1.f, 2.f, 3.f, 4.f}), Tensor(), i32({7, -8, 9})}, a);
+    const int gb = up.upload({f32({-1.f, 0.5f})}, b);
+    EXPECT_EQ(ga, 0);
+    EXPECT_EQ(gb, 1);
+    up.ready(ga);
+    up.ready(gb);
+    ops::scale(gpu(), a[0], 2.f);  // queued behind the copies, before anything waits
+    ops::scale(gpu(), b[0], 3.f);
+    up.begin();  // reuses group 0's staging for new data
+    const int gc = up.upload({f32({100.f, 200.f, 300.f, 400.f}), Tensor(), i32({0, 0, 0})}, c);
+    EXPECT_EQ(gc, 0);
+    EXPECT_THROW(up.ready(1), std::out_of_range) << "group 1 was not uploaded since the last begin()";
+    up.ready(gc);
+    ASSERT_EQ(a.size(), 3u);
+    EXPECT_FALSE(a[1].defined());
+    EXPECT_EQ(a[0].device(), Device::cuda);
+    EXPECT_EQ(a[2].dtype(), DType::i32);
+    EXPECT_EQ(a[2].shape(), (Shape{3}));
+    EXPECT_EQ(a[0].to_vector_f32(), (std::vector<float>{2.f, 4.f, 6.f, 8.f}));
+    EXPECT_EQ(b[0].to_vector_f32(), (std::vector<float>{-3.f, 1.5f}));
+    EXPECT_EQ(c[0].to_vector_f32(), (std::vector<float>{100.f, 200.f, 300.f, 400.f}));
+    const Tensor a2 = a[2].to(Device::cpu), c2 = c[2].to(Device::cpu);
+    EXPECT_EQ((std::vector<int32_t>(a2.data<int32_t>(), a2.data<int32_t>() + 3)), (std::vector<int32_t>{7, -8, 9}));
+    EXPECT_EQ((std::vector<int32_t>(c2.data<int32_t>(), c2.data<int32_t>() + 3)), (std::vector<int32_t>{0, 0, 0}));
+  }
+#ifdef VCHAT_EMULATED_DEVICE
+  vchat::emu::set_schedule(vchat::emu::Schedule::alternate);
+#endif
 }
 
 // The op profiler (profile.h) on the device: a CUDA op is timed by events on its stream, so

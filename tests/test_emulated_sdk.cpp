@@ -296,6 +296,41 @@ TEST(EmulatedSdk, AnotherThreadsQueriesLookUnlessTheEnqueuingThreadIsIdle) {
   EXPECT_EQ(cudaStreamDestroy(a), cudaSuccess);
 }
 
+// A stream-ordered allocation is the stream's from its point in the queue: another stream's
+// work not ordered after that point faults when it runs first (here, on the early schedule,
+// it does); ordered by an event, it is fine.
+TEST(EmulatedSdk, StreamOrderedAllocationsFaultWorkNotOrderedAfterThem) {
+  const PinnedSchedule early(vchat::emu::Schedule::early);
+  cudaStream_t a, b;
+  ASSERT_EQ(cudaStreamCreate(&a), cudaSuccess);
+  ASSERT_EQ(cudaStreamCreateWithFlags(&b, cudaStreamNonBlocking), cudaSuccess);
+  DeviceFloats y(64);
+  write_index_on(a, y.p, 64);  // a has work queued before the allocation
+  float* x = nullptr;
+  ASSERT_EQ(cudaMallocAsync(reinterpret_cast<void**>(&x), 256, a), cudaSuccess);
+  write_index_on(b, x, 64);
+  EXPECT_EQ(cudaStreamSynchronize(a), cudaErrorIllegalAddress) << "b ran first, before a reached the allocation";
+  expect_error(cudaErrorIllegalAddress, "kernel argument 0 was used before its stream-ordered allocation ran");
+  ASSERT_EQ(cudaStreamSynchronize(b), cudaSuccess);
+  EXPECT_EQ(cudaFreeAsync(x, a), cudaSuccess);
+  cudaEvent_t allocated;
+  ASSERT_EQ(cudaEventCreateWithFlags(&allocated, cudaEventDisableTiming), cudaSuccess);
+  write_index_on(a, y.p, 64);
+  ASSERT_EQ(cudaMallocAsync(reinterpret_cast<void**>(&x), 256, a), cudaSuccess);
+  ASSERT_EQ(cudaEventRecord(allocated, a), cudaSuccess);
+  ASSERT_EQ(cudaStreamWaitEvent(b, allocated, 0), cudaSuccess);
+  write_index_on(b, x, 64);
+  EXPECT_EQ(cudaStreamSynchronize(a), cudaSuccess);
+  EXPECT_EQ(cudaStreamSynchronize(b), cudaSuccess);
+  std::vector<float> h(64);
+  ASSERT_EQ(cudaMemcpy(h.data(), x, 256, cudaMemcpyDeviceToHost), cudaSuccess);
+  EXPECT_EQ(h[63], 63.f);
+  EXPECT_EQ(cudaFreeAsync(x, a), cudaSuccess);
+  EXPECT_EQ(cudaEventDestroy(allocated), cudaSuccess);
+  EXPECT_EQ(cudaStreamDestroy(a), cudaSuccess);
+  EXPECT_EQ(cudaStreamDestroy(b), cudaSuccess);
+}
+
 // A stream-ordered free: what is enqueued after it may not use the memory, and work queued on
 // another stream that the free was not ordered after faults when it runs after the free.
 TEST(EmulatedSdk, StreamOrderedFreesFaultWorkNotOrderedBeforeThem) {

@@ -24,6 +24,7 @@ struct Allocation {
   size_t bytes;
   bool device;               // else pinned host memory (cudaHostAlloc)
   bool free_queued = false;  // a cudaFreeAsync of it waits in a stream's queue
+  bool arrived = true;       // false until its stream-ordered allocation (cudaMallocAsync) ran
 };
 
 }  // namespace
@@ -405,13 +406,22 @@ cudaError_t free_synchronized(void* p, bool device, const char* call) {
 }  // namespace
 cudaError_t cudaFree(void* p) { return free_synchronized(p, true, "cudaFree"); }
 cudaError_t cudaFreeHost(void* p) { return free_synchronized(p, false, "cudaFreeHost"); }
+// The memory is the stream's from the point of the call in its queue: work of another stream
+// that is not ordered after that point may run before the allocation and faults if it does
+// (on a GPU it could write memory the pool still lends to earlier work).
 cudaError_t cudaMallocAsync(void** p, size_t bytes, cudaStream_t s) {
-  {
-    Runtime& r = rt();
-    Lock lock(r.mu);
-    if (!known_stream(r, s)) return fail(cudaErrorInvalidResourceHandle, "cudaMallocAsync on a destroyed stream");
-  }
-  return allocate(p, bytes, true);
+  Runtime& r = rt();
+  Lock lock(r.mu);
+  if (!known_stream(r, s)) return fail(cudaErrorInvalidResourceHandle, "cudaMallocAsync on a destroyed stream");
+  if (const cudaError_t e = allocate(p, bytes, true); e != cudaSuccess) return e;
+  const uintptr_t q = reinterpret_cast<uintptr_t>(*p);
+  r.allocations[q].arrived = false;
+  Op op;
+  op.work = [q] {  // (quarantine keeps the address this allocation's, or none's)
+    auto it = rt().allocations.find(q);
+    if (it != rt().allocations.end()) it->second.arrived = true;
+  };
+  return push(s, std::move(op), "cudaMallocAsync");
 }
 cudaError_t cudaFreeAsync(void* p, cudaStream_t s) {
   if (!p) return cudaSuccess;
@@ -424,7 +434,10 @@ cudaError_t cudaFreeAsync(void* p, cudaStream_t s) {
   Op op;
   op.work = [p] {
     Runtime& rr = rt();
-    take_out(rr, rr.allocations.find(reinterpret_cast<uintptr_t>(p)));
+    auto a = rr.allocations.find(reinterpret_cast<uintptr_t>(p));
+    if (!a->second.arrived)
+      vchat::emu::async_fault("a cudaFreeAsync ran before the stream-ordered allocation it frees");
+    take_out(rr, a);
   };
   const cudaError_t e = push(s, std::move(op), "cudaFreeAsync");
   if (e != cudaSuccess) it->second.free_queued = false;
@@ -695,9 +708,17 @@ bool still_device(const void* p, size_t bytes, const std::string& what) {
   Runtime& r = rt();
   Lock lock(r.mu);
   auto it = find(r, p, bytes);
-  if (it != r.allocations.end() && it->second.device) return true;
-  async_fault(what + " was freed before the work using it ran (a stream-ordered free not ordered after it)");
-  return false;
+  if (it == r.allocations.end() || !it->second.device) {
+    async_fault(what + " was freed before the work using it ran (a stream-ordered free not ordered after it)");
+    return false;
+  }
+  if (!it->second.arrived) {
+    async_fault(what +
+                " was used before its stream-ordered allocation ran (cudaMallocAsync on a stream this "
+                "work was not ordered after)");
+    return false;
+  }
+  return true;
 }
 
 bool launch_allowed(const void* kernel, dim3 grid, dim3 block, size_t smem) {

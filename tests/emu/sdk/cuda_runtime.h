@@ -35,6 +35,10 @@
 //     looked), so the next query finds it done; but a query from another thread than the
 //     one enqueuing work (a watchdog's) only looks, unless that thread has been idle for a
 //     while, so that thread timing does not decide the order of work;
+//   - stream-ordered allocations: memory from cudaMallocAsync on stream s is s's from the
+//     call's point in its queue; another stream's work that runs before s reached that point
+//     (not ordered after it by an event) faults, as it could overwrite what the pool still
+//     lends to s's earlier work;
 //   - stream-ordered frees: a queued cudaFreeAsync makes the memory unusable to what is
 //     enqueued after it; when it runs, the memory leaves the device, and any queued work
 //     that still names it (another stream's, not ordered behind the free) faults when it
