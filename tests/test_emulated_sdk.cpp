@@ -41,6 +41,16 @@ struct DeviceFloats {
 };
 
 // The last error, and that its words name `what`.
+// A stream, destroyed (its queued work run, as cudaStreamDestroy does here) at scope exit.
+struct Stream {
+  explicit Stream(unsigned flags = cudaStreamDefault) { EXPECT_EQ(cudaStreamCreateWithFlags(&s, flags), cudaSuccess); }
+  ~Stream() { EXPECT_EQ(cudaStreamDestroy(s), cudaSuccess); }
+  Stream(const Stream&) = delete;
+  Stream& operator=(const Stream&) = delete;
+  operator cudaStream_t() const { return s; }
+  cudaStream_t s = nullptr;
+};
+
 void expect_error(cudaError_t want, const std::string& what) {
   const cudaError_t got = cudaGetLastError();
   EXPECT_EQ(got, want) << what;
@@ -101,8 +111,7 @@ TEST(EmulatedSdk, LaunchesCheckGeometrySharedMemoryAndPointers) {
 TEST(EmulatedSdk, EmulatorReportsBecomeAsynchronousFaultsAndDeadlocksDoNotHang) {
   DeviceFloats d(64);
   float* out = d.p;
-  cudaStream_t s;
-  ASSERT_EQ(cudaStreamCreate(&s), cudaSuccess);
+  Stream s;
   // 40 threads: the second warp's lanes 0-7 (threads 32-39) shuffle with lanes 16-23, which
   // would be threads 48-55.
   launch_kernel(
@@ -114,7 +123,6 @@ TEST(EmulatedSdk, EmulatorReportsBecomeAsynchronousFaultsAndDeadlocksDoNotHang) 
       reinterpret_cast<const void*>(&early_return), 1, 64, 0, s, [=] { early_return(out); }, out);
   EXPECT_EQ(cudaDeviceSynchronize(), cudaErrorIllegalAddress);
   expect_error(cudaErrorIllegalAddress, "32 of 64 threads wait at a barrier the others never reach");
-  EXPECT_EQ(cudaStreamDestroy(s), cudaSuccess);
 }
 
 // A kernel writing out[i] = i on stream s.
@@ -135,9 +143,7 @@ struct PinnedSchedule {
 // did not touch.
 TEST(EmulatedSdk, StreamsRunWhenWaitedForAndOnlyWhatTheWaitNeeds) {
   const PinnedSchedule late(vchat::emu::Schedule::late);
-  cudaStream_t a, b;
-  ASSERT_EQ(cudaStreamCreate(&a), cudaSuccess);
-  ASSERT_EQ(cudaStreamCreateWithFlags(&b, cudaStreamNonBlocking), cudaSuccess);
+  Stream a, b(cudaStreamNonBlocking);
   cudaEvent_t e;
   ASSERT_EQ(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), cudaSuccess);
   DeviceFloats y(64);
@@ -181,8 +187,6 @@ TEST(EmulatedSdk, StreamsRunWhenWaitedForAndOnlyWhatTheWaitNeeds) {
   EXPECT_EQ(cudaStreamQuery(b), cudaSuccess);
   EXPECT_EQ(cudaFreeHost(pinned), cudaSuccess);
   EXPECT_EQ(cudaEventDestroy(e), cudaSuccess);
-  EXPECT_EQ(cudaStreamDestroy(a), cudaSuccess);
-  EXPECT_EQ(cudaStreamDestroy(b), cudaSuccess);
 }
 
 // The early schedule: when the host waits for one stream, the others first run all they can,
@@ -191,9 +195,7 @@ TEST(EmulatedSdk, StreamsRunWhenWaitedForAndOnlyWhatTheWaitNeeds) {
 // (as a GPU may run it); with the event, b stops at its wait and copies the kernel's output.
 TEST(EmulatedSdk, TheEarlyScheduleRunsOtherStreamsFirst) {
   const PinnedSchedule early(vchat::emu::Schedule::early);
-  cudaStream_t a, b;
-  ASSERT_EQ(cudaStreamCreate(&a), cudaSuccess);
-  ASSERT_EQ(cudaStreamCreateWithFlags(&b, cudaStreamNonBlocking), cudaSuccess);
+  Stream a, b(cudaStreamNonBlocking);
   DeviceFloats y(64), z(64);
   write_index_on(a, y.p, 64);
   ASSERT_EQ(cudaMemcpyAsync(z.p, y.p, 256, cudaMemcpyDeviceToDevice, b), cudaSuccess);
@@ -209,8 +211,6 @@ TEST(EmulatedSdk, TheEarlyScheduleRunsOtherStreamsFirst) {
   ASSERT_EQ(cudaStreamSynchronize(b), cudaSuccess);
   EXPECT_EQ(z.host()[63], 63.f);
   EXPECT_EQ(cudaEventDestroy(e), cudaSuccess);
-  EXPECT_EQ(cudaStreamDestroy(a), cudaSuccess);
-  EXPECT_EQ(cudaStreamDestroy(b), cudaSuccess);
 }
 
 // The default schedule alternates late and early turns with each wait of the host that can
@@ -218,9 +218,7 @@ TEST(EmulatedSdk, TheEarlyScheduleRunsOtherStreamsFirst) {
 // copies and the waits for one stream alone, below) take no turn.
 TEST(EmulatedSdk, TheDefaultScheduleAlternatesAtTheWaitsThatCanTell) {
   vchat::emu::set_schedule(vchat::emu::Schedule::alternate);  // the next wait that can tell is late
-  cudaStream_t a, b;
-  ASSERT_EQ(cudaStreamCreate(&a), cudaSuccess);
-  ASSERT_EQ(cudaStreamCreateWithFlags(&b, cudaStreamNonBlocking), cudaSuccess);
+  Stream a, b(cudaStreamNonBlocking);
   DeviceFloats y(64), z(64), w(64);
   for (int round = 0; round < 4; ++round) {
     ASSERT_EQ(cudaMemsetAsync(y.p, 0, 256, nullptr), cudaSuccess);  // the legacy stream: at once
@@ -232,18 +230,13 @@ TEST(EmulatedSdk, TheDefaultScheduleAlternatesAtTheWaitsThatCanTell) {
     ASSERT_EQ(cudaStreamSynchronize(b), cudaSuccess);
     EXPECT_EQ(z.host()[63], round % 2 == 0 ? 63.f : 0.f) << "round " << round;
   }
-  EXPECT_EQ(cudaStreamDestroy(a), cudaSuccess);
-  EXPECT_EQ(cudaStreamDestroy(b), cudaSuccess);
 }
 
 // cudaStreamWaitEvent waits for the event's record most recent at the call, even when a
 // later record on another stream runs first.
 TEST(EmulatedSdk, AWaitIsForTheRecordMostRecentAtTheCall) {
   const PinnedSchedule late(vchat::emu::Schedule::late);
-  cudaStream_t a, b, c;
-  ASSERT_EQ(cudaStreamCreate(&a), cudaSuccess);
-  ASSERT_EQ(cudaStreamCreate(&b), cudaSuccess);
-  ASSERT_EQ(cudaStreamCreate(&c), cudaSuccess);
+  Stream a, b, c;
   cudaEvent_t e;
   ASSERT_EQ(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), cudaSuccess);
   DeviceFloats y(64), z(64);
@@ -257,7 +250,6 @@ TEST(EmulatedSdk, AWaitIsForTheRecordMostRecentAtTheCall) {
   ASSERT_EQ(cudaStreamSynchronize(b), cudaSuccess);
   EXPECT_EQ(z.host()[63], 63.f) << "b's copy ran before a's kernel, which its wait was for";
   EXPECT_EQ(cudaEventDestroy(e), cudaSuccess);
-  for (cudaStream_t s : {a, b, c}) EXPECT_EQ(cudaStreamDestroy(s), cudaSuccess);
 }
 
 // A thread that only polls (not the one enqueuing the work, like the NCCL watchdog) runs no
@@ -265,8 +257,7 @@ TEST(EmulatedSdk, AWaitIsForTheRecordMostRecentAtTheCall) {
 // been idle for a while (it may be blocked waiting for the poller).
 TEST(EmulatedSdk, AnotherThreadsQueriesLookUnlessTheEnqueuingThreadIsIdle) {
   DeviceFloats y(64);
-  cudaStream_t a;
-  ASSERT_EQ(cudaStreamCreate(&a), cudaSuccess);
+  Stream a;
   auto query_from_another_thread = [&] {
     cudaError_t e = cudaSuccess;
     std::thread([&] { e = cudaStreamQuery(a); }).join();
@@ -293,7 +284,6 @@ TEST(EmulatedSdk, AnotherThreadsQueriesLookUnlessTheEnqueuingThreadIsIdle) {
   EXPECT_EQ(query_from_another_thread(), cudaErrorIllegalAddress);
   EXPECT_EQ(cudaStreamQuery(a), cudaErrorIllegalAddress) << "the poller left the fault to this thread";
   EXPECT_EQ(cudaStreamQuery(a), cudaSuccess);
-  EXPECT_EQ(cudaStreamDestroy(a), cudaSuccess);
 }
 
 // A stream-ordered allocation is the stream's from its point in the queue: another stream's
@@ -301,9 +291,7 @@ TEST(EmulatedSdk, AnotherThreadsQueriesLookUnlessTheEnqueuingThreadIsIdle) {
 // it does); ordered by an event, it is fine.
 TEST(EmulatedSdk, StreamOrderedAllocationsFaultWorkNotOrderedAfterThem) {
   const PinnedSchedule early(vchat::emu::Schedule::early);
-  cudaStream_t a, b;
-  ASSERT_EQ(cudaStreamCreate(&a), cudaSuccess);
-  ASSERT_EQ(cudaStreamCreateWithFlags(&b, cudaStreamNonBlocking), cudaSuccess);
+  Stream a, b(cudaStreamNonBlocking);
   DeviceFloats y(64);
   write_index_on(a, y.p, 64);  // a has work queued before the allocation
   float* x = nullptr;
@@ -327,17 +315,13 @@ TEST(EmulatedSdk, StreamOrderedAllocationsFaultWorkNotOrderedAfterThem) {
   EXPECT_EQ(h[63], 63.f);
   EXPECT_EQ(cudaFreeAsync(x, a), cudaSuccess);
   EXPECT_EQ(cudaEventDestroy(allocated), cudaSuccess);
-  EXPECT_EQ(cudaStreamDestroy(a), cudaSuccess);
-  EXPECT_EQ(cudaStreamDestroy(b), cudaSuccess);
 }
 
 // A stream-ordered free: what is enqueued after it may not use the memory, and work queued on
 // another stream that the free was not ordered after faults when it runs after the free.
 TEST(EmulatedSdk, StreamOrderedFreesFaultWorkNotOrderedBeforeThem) {
   const PinnedSchedule late(vchat::emu::Schedule::late);
-  cudaStream_t a, b;
-  ASSERT_EQ(cudaStreamCreate(&a), cudaSuccess);
-  ASSERT_EQ(cudaStreamCreateWithFlags(&b, cudaStreamNonBlocking), cudaSuccess);
+  Stream a, b(cudaStreamNonBlocking);
   float* x = nullptr;
   ASSERT_EQ(cudaMallocAsync(reinterpret_cast<void**>(&x), 256, a), cudaSuccess);
   write_index_on(b, x, 64);  // b never waits for a: the free below may run first
@@ -359,8 +343,6 @@ TEST(EmulatedSdk, StreamOrderedFreesFaultWorkNotOrderedBeforeThem) {
   ASSERT_EQ(cudaFreeAsync(x, a), cudaSuccess);
   EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   EXPECT_EQ(cudaEventDestroy(used), cudaSuccess);
-  EXPECT_EQ(cudaStreamDestroy(a), cudaSuccess);
-  EXPECT_EQ(cudaStreamDestroy(b), cudaSuccess);
 }
 
 // cuBLASLt's column-major definition, D = alpha op(A) op(B) + beta C + bias per row, with its

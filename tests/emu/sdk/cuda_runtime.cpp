@@ -267,11 +267,17 @@ bool host_wait(Runtime& r, CUstream_st* target) {
   return early;
 }
 
+// After the host's wait: freed memory no queued work can name goes back; the waiting thread,
+// if it drives the work, was seen now (may_run).
+void waited(Runtime& r) {
+  release_quarantine(r);
+  saw_driver(r);
+}
+
 void drain(Runtime& r, CUstream_st* s) {
   host_wait(r, s);
   while (!s->queue.empty()) run_front(r, s);
-  release_quarantine(r);
-  saw_driver(r);
+  waited(r);
 }
 
 // Every stream's queued work (blocking_only: the streams the legacy default stream orders
@@ -287,8 +293,7 @@ void drain_all(Runtime& r, bool blocking_only) {
     std::for_each(r.streams.rbegin(), r.streams.rend(), run);
   else
     std::for_each(r.streams.begin(), r.streams.end(), run);
-  release_quarantine(r);
-  saw_driver(r);
+  waited(r);
 }
 
 // The host waits for event e's latest record.
@@ -297,8 +302,7 @@ void wait_event(Runtime& r, CUevent_st& e) {
   if (last == e.queued.end()) return;
   host_wait(r, last->second);
   complete(r, e, e.recorded);
-  release_quarantine(r);
-  saw_driver(r);
+  waited(r);
 }
 
 bool known_stream(Runtime& r, cudaStream_t s) {
@@ -756,7 +760,7 @@ bool device_pointer_argument(const void* p, int index) {
   return false;
 }
 
-void take_emulator_reports(const void*) {
+void take_emulator_reports() {
   if (errors().empty()) return;
   std::string all;
   for (const std::string& e : errors()) all += (all.empty() ? "" : "; ") + e;

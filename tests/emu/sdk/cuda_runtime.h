@@ -18,9 +18,10 @@
 //     cudaEventSynchronize, cudaDeviceSynchronize, a query, a synchronous copy, and the
 //     calls that wait by CUDA's rules (cudaFree and cudaFreeHost wait for the device, work
 //     on the legacy default stream (null) runs at once behind every blocking stream's);
-//     cudaStreamDestroy runs its stream's work (a GPU finishes it later). On a late turn only what the wait needs runs:
-//     the stream up to that point and, through cudaStreamWaitEvent, the work of other
-//     streams its waits name (the record most recent at the cudaStreamWaitEvent call). So
+//     cudaStreamDestroy runs its stream's work (a GPU finishes it later). On a late turn
+//     only what the wait needs runs: the stream up to that point and, through
+//     cudaStreamWaitEvent, the work of other streams its waits name (the record most
+//     recent at the cudaStreamWaitEvent call). So
 //     work on a stream that should have waited for another's event runs before that work,
 //     and reads NaN or stale memory; a host that reads a pinned copy's destination, or
 //     rewrites its source, before waiting sees that too. Work of two streams with no event
@@ -50,7 +51,9 @@
 //     synchronize, a query, cudaGetLastError, a launch's check) returns
 //     cudaErrorIllegalAddress naming them, once to the enqueuing thread (another thread's
 //     query sees them and leaves them). Unlike a GPU, the context survives.
-// Not emulated: reads of device memory by host code (both are host memory here), and timing.
+// Not emulated: reads of device memory by host code (both are host memory here), real
+// concurrency between streams, and the GPU's own timing (events take the host's clock when
+// their record runs).
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -193,7 +196,7 @@ bool still_device(const void* p, size_t bytes, const std::string& what);
 // The launch rules above; a broken rule becomes the runtime's last error.
 bool launch_allowed(const void* kernel, dim3 grid, dim3 block, size_t smem);
 // After a queued kernel ran: what the kernel emulator reported becomes an asynchronous fault.
-void take_emulator_reports(const void* kernel);
+void take_emulator_reports();
 
 // A kernel's pointer arguments (not those inside a struct argument) must be null or device
 // memory: on a GPU a host pointer faults.
@@ -225,7 +228,7 @@ void launch_kernel(const void* kernel, dim3 grid, dim3 block, size_t smem, cudaS
         int i = 0;
         if (!(argument_live(args, i++) && ...)) return;
         launch(g, b, smem, body);
-        take_emulator_reports(kernel);
+        take_emulator_reports();
       },
       "a kernel launch");
 }
