@@ -1,7 +1,8 @@
 // The NCCL Comm through every operation at one rank (part of the GPU suite): device
 // buffers, and host buffers of collectives staged through the device (run ids). At one rank
 // each collective is the identity, so results are known exactly. (Point-to-point needs a
-// peer, so a second GPU: NCCL refuses two ranks on one device.)
+// peer, so a second GPU: NCCL refuses two ranks on one device. Several ranks run on the
+// emulated device: tests/mpi_nccl_emulated_main.cpp.)
 #include <gtest/gtest.h>
 
 #include <algorithm>

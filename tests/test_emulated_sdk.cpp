@@ -11,6 +11,7 @@
 #include <gtest/gtest.h>
 #include <nccl.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <chrono>
@@ -286,6 +287,49 @@ TEST(EmulatedSdk, AnotherThreadsQueriesLookUnlessTheEnqueuingThreadIsIdle) {
   EXPECT_EQ(cudaStreamQuery(a), cudaSuccess);
 }
 
+// Work that waits for another process (the emulated NCCL's peers: enqueue_when) holds back
+// only what is behind it on its stream. A query does not wait for it; a host wait that
+// needs it runs what other streams can meanwhile (a peer may wait on that in turn) and
+// sleeps with the runtime's lock released, so another thread's queries still answer, and
+// returns once the condition holds.
+TEST(EmulatedSdk, WorkWaitingForAnotherProcessHoldsOnlyWhatIsBehindIt) {
+  const PinnedSchedule late(vchat::emu::Schedule::late);  // so only the stall runs b's work
+  Stream a(cudaStreamNonBlocking), b(cudaStreamNonBlocking);
+  DeviceFloats x(64), y(64);
+  std::atomic<bool> peer{false};
+  bool ran = false;
+  ASSERT_EQ(vchat::emu::enqueue_when(
+                a, [&] { return peer.load(); }, [&] { ran = true; }, "a peer's part"),
+            cudaSuccess);
+  write_index_on(a, x.p, 64);  // behind it
+  write_index_on(b, y.p, 64);  // on another stream
+  EXPECT_EQ(cudaStreamQuery(a), cudaErrorNotReady);
+  EXPECT_EQ(cudaStreamQuery(a), cudaErrorNotReady) << "a query does not wait for the peer";
+  EXPECT_FALSE(ran);
+  EXPECT_TRUE(std::isnan(x.p[63])) << "work behind the waiting part ran";  // (device memory is host memory)
+  EXPECT_EQ(y.p[63], 63.f) << "the other stream's work did not run while a waited";
+  // The peer comes 300 ms later, while this thread waits; meanwhile another thread's query answers.
+  cudaError_t polled = cudaSuccess;
+  std::thread peer_thread([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    polled = cudaStreamQuery(a);
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    peer = true;
+  });
+  const auto start = std::chrono::steady_clock::now();
+  EXPECT_EQ(cudaStreamSynchronize(a), cudaSuccess);
+  const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  peer_thread.join();
+  EXPECT_EQ(polled, cudaErrorNotReady) << "another thread's query, answered during the wait";
+  EXPECT_GE(waited, 0.25);
+  EXPECT_TRUE(ran);
+  EXPECT_EQ(x.p[63], 63.f);
+  EXPECT_EQ(vchat::emu::enqueue_when(
+                nullptr, [] { return true; }, [] {}, "a peer's part"),
+            cudaErrorInvalidResourceHandle)
+      << "not on the legacy stream, which would block the host at once";
+}
+
 // A stream-ordered allocation is the stream's from its point in the queue: another stream's
 // work not ordered after that point faults when it runs first (here, on the early schedule,
 // it does); ordered by an event, it is fine.
@@ -387,11 +431,12 @@ TEST(EmulatedSdk, CublasLtComputesItsColumnMajorDefinitionAndRefusesBadLayouts) 
   cublasLtDestroy(h);
 }
 
-TEST(EmulatedSdk, NcclIsOneRankOnDeviceMemory) {
+TEST(EmulatedSdk, NcclOfOneRankCopiesOnDeviceMemory) {
   ncclUniqueId id;
   ncclGetUniqueId(&id);
   ncclComm_t comm;
-  EXPECT_EQ(ncclCommInitRank(&comm, 2, id, 0), ncclInvalidUsage);
+  EXPECT_EQ(ncclCommInitRank(&comm, 2, id, 2), ncclInvalidArgument) << "rank 2 of 2";
+  EXPECT_EQ(ncclCommInitRank(&comm, 65, id, 0), ncclInvalidArgument) << "past the emulation's 64 ranks";
   ASSERT_EQ(ncclCommInitRank(&comm, 1, id, 0), ncclSuccess);
   DeviceFloats x(4, {1, 2, 3, 4}), y(4);
   std::vector<float> host(4);

@@ -700,17 +700,19 @@ class NcclComm final : public Comm {
     if (comm_) (void)ncclCommAbort(comm_.release());
   }
 
-  // One line naming the operation, then the job ends. The communicator is aborted first, so
-  // the GPU is not left spinning on a peer and a host blocked on the compute stream is
-  // released. (Called from the watchdog thread too: MPI_Abort from a thread other than the
-  // one that initialised MPI is outside MPI_THREAD_FUNNELED, but ends the job in Open MPI,
-  // and std::abort follows regardless.)
+  // One line naming the operation, then the job ends. The communicator is NOT aborted
+  // first: ncclCommAbort completes the hung operation without its result, and a host
+  // thread blocked behind it on the compute stream would go on with that data (take an
+  // optimizer step, save a checkpoint) until MPI_Abort's kill reached it; seen on the
+  // emulated device (tests/nccl_probe_emulated.cpp). Killed, the process's kernels go with
+  // its context. (Called from the watchdog thread too: MPI_Abort from a thread other than
+  // the one that initialised MPI is outside MPI_THREAD_FUNNELED, but ends the job in Open
+  // MPI; std::abort follows regardless.)
   [[noreturn]] void abort_job(const std::string& what, const std::string& why) {
     const bool timed_out = why.rfind("did not complete", 0) == 0;
     std::fprintf(stderr, "vchat: comm %s: %s %s%s; aborting\n", timed_out ? "timeout" : "failure", what.c_str(),
                  timed_out ? "" : "failed: ", why.c_str());
     std::fflush(stderr);
-    abort_comm();
     int mpi_up = 0, finalized = 0;
     MPI_Initialized(&mpi_up);
     MPI_Finalized(&finalized);

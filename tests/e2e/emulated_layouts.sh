@@ -4,7 +4,8 @@
 # runtime, cuBLASLt and NCCL), so each rank holds its parameters, gradients, optimizer
 # state and ZeRO buffers in emulated device memory, as on one shared GPU. Every layout
 # through the staged MPI path against one rank in fp32 (within 1e-5), then the bf16 ZeRO
-# pairs and resumes bit for bit: what the GPU stage asks, before a GPU is lent.
+# pairs and resumes bit for bit: what the GPU stage asks, before a GPU is lent. With
+# COMM=nccl, the same over the emulated NCCL, one process and emulated GPU per rank.
 # Usage: emulated_layouts.sh BUILD_DIR SOURCE_DIR
 set -euo pipefail
 BUILD=$1
@@ -25,6 +26,9 @@ vchat_gpu_env() {
 EOF
 cd "$SRC"
 export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
+# COMM=nccl: the emulated NCCL's ranks meet through files; here, not in /dev/shm, so that a
+# failed run leaves nothing behind.
+export VCHAT_EMU_NCCL_DIR="$W/nccl"
 if ! DEVICE=cuda LAYOUT_TIMEOUT_S=${LAYOUT_TIMEOUT_S:-600} PACK="$W/pack" bash tools/gpu/layouts.sh "$W/out"; then
   for f in "$W"/out/layout-*.log; do echo "== $f"; tail -n 15 "$f"; done
   exit 1

@@ -13,6 +13,9 @@
 # Run by check.sh on a lent machine (needs the pack's environment: env.sh's MPIRUN, $BIN).
 #   layouts.sh OUTDIR
 # DEVICE=cpu rehearses the script itself on a machine without a GPU (tools/gpu/rehearse.sh).
+# COMM=nccl runs the layouts over NCCL instead, one GPU per rank: on the emulated device
+# (tests/e2e/emulated_layouts.sh), whose NCCL carries several ranks; a real NCCL refuses
+# two ranks on one GPU.
 set -uo pipefail
 OUTDIR=$1
 source "${PACK:?run from check.sh or rehearse.sh}/tools/env.sh"
@@ -22,7 +25,7 @@ DEVICE=${DEVICE:-cuda}
 RUNS=$(mktemp -d)
 PY=python3  # with numpy (the lent machine's has it; Debian's /usr/bin/python3 here)
 $PY -c "import numpy" 2>/dev/null || PY=/usr/bin/python3
-COMMON=(--device "$DEVICE" --comm mpi --model inputs/models/tiny.json --train full --steps 5
+COMMON=(--device "$DEVICE" --comm "${COMM:-mpi}" --model inputs/models/tiny.json --train full --steps 5
         --micro-batch-size 2 --global-batch 8 --seq-len 128 --lr 1e-3 --adam-eps 1e-6 --warmup 2
         --weight-decay 0.1 --comm-timeout 120 --threads 1)
 # Each layout gets LAYOUT_TIMEOUT_S (default 60 s on a GPU): one that hangs fails alone

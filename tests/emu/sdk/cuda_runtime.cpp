@@ -43,11 +43,13 @@ struct CUevent_st {
 
 namespace {
 
-// One queued operation: first wait for an event's record (`wait` up to `wait_gen`), then
-// `work`, then mark an event's record (`record`, number `gen`) as run.
+// One queued operation: first wait for an event's record (`wait` up to `wait_gen`) and for
+// `ready` (a condition outside this process: an NCCL peer's part, vchat::emu::enqueue_when),
+// then `work`, then mark an event's record (`record`, number `gen`) as run.
 struct Op {
   std::shared_ptr<CUevent_st> wait;
   uint64_t wait_gen = 0;
+  std::function<bool()> ready;
   std::function<void()> work;
   std::shared_ptr<CUevent_st> record;
   uint64_t gen = 0;
@@ -79,6 +81,7 @@ struct Runtime {
   vchat::emu::Schedule schedule = vchat::emu::Schedule::alternate;
   std::thread::id driver;                             // the thread that last enqueued work
   std::chrono::steady_clock::time_point driver_seen;  // its last enqueue or wait
+  uint64_t ran_ops = 0;                               // operations run so far (stall)
 };
 // Never destroyed: the backend's own statics (its compute stream, the buffers they hold)
 // are released at exit after this file's statics might be.
@@ -86,7 +89,25 @@ Runtime& rt() {
   static Runtime* r = new Runtime;
   return *r;
 }
-using Lock = std::lock_guard<std::recursive_mutex>;
+// The runtime's lock, counting how deep the calling thread holds it: a host wait blocked on
+// another process (stall) lets go of it entirely while it sleeps.
+thread_local int lock_depth = 0;
+class Lock {
+ public:
+  explicit Lock(std::recursive_mutex& m) : m_(m) {
+    m_.lock();
+    ++lock_depth;
+  }
+  ~Lock() {
+    --lock_depth;
+    m_.unlock();
+  }
+  Lock(const Lock&) = delete;
+  Lock& operator=(const Lock&) = delete;
+
+ private:
+  std::recursive_mutex& m_;
+};
 
 // The last error, and the words that go with it (the emulator's report, a broken rule).
 thread_local cudaError_t last_error = cudaSuccess;
@@ -198,21 +219,27 @@ void take_out(Runtime& r, std::map<uintptr_t, Allocation>::iterator it) {
   r.allocations.erase(it);
 }
 
-void run_front(Runtime& r, CUstream_st* s);
+bool try_front(Runtime& r, CUstream_st* s);
 
 // Whether event e's record number `gen` has run (number 0: never recorded, nothing to wait for).
 bool ran(const CUevent_st& e, uint64_t gen) { return e.queued.find(gen) == e.queued.end(); }
 
-// Runs queued work until event e's record number `gen` has run: its stream up to it.
-void complete(Runtime& r, CUevent_st& e, uint64_t gen) {
-  for (auto it = e.queued.find(gen); it != e.queued.end(); it = e.queued.find(gen)) run_front(r, it->second);
+// Runs queued work until event e's record number `gen` has run (its stream up to it), or
+// until an operation on the way cannot run yet (false).
+bool try_complete(Runtime& r, CUevent_st& e, uint64_t gen) {
+  for (auto it = e.queued.find(gen); it != e.queued.end(); it = e.queued.find(gen))
+    if (!try_front(r, it->second)) return false;
+  return true;
 }
 
-// Runs the first operation queued on s.
-void run_front(Runtime& r, CUstream_st* s) {
+// Runs the first operation queued on s, or returns false if it cannot run yet: an operation
+// it waits for cannot, or its condition outside this process (Op::ready) does not hold.
+bool try_front(Runtime& r, CUstream_st* s) {
+  if (const Op& front = s->queue.front(); front.wait && !try_complete(r, *front.wait, front.wait_gen)) return false;
+  if (const Op& front = s->queue.front(); front.ready && !front.ready()) return false;  // (s's queue is as it was)
   Op op = std::move(s->queue.front());
   s->queue.pop_front();
-  if (op.wait) complete(r, *op.wait, op.wait_gen);
+  ++r.ran_ops;
   if (op.work) op.work();
   if (op.record) {
     op.record->queued.erase(op.gen);
@@ -221,6 +248,7 @@ void run_front(Runtime& r, CUstream_st* s) {
       op.record->at = std::chrono::steady_clock::now();
     }
   }
+  return true;
 }
 
 // With nothing queued anywhere, no queued work can name quarantined memory: free it.
@@ -241,7 +269,7 @@ void run_others_ready(Runtime& r, CUstream_st* target) {
       while (!s->queue.empty()) {
         const Op& op = s->queue.front();
         if (op.wait && !ran(*op.wait, op.wait_gen)) break;
-        run_front(r, s);
+        if (!try_front(r, s)) break;
         progress = true;
       }
     }
@@ -274,9 +302,43 @@ void waited(Runtime& r) {
   saw_driver(r);
 }
 
+// A host wait whose work cannot run yet: it waits for another process (an NCCL peer's part,
+// which a GPU would take whenever it came). What other streams can run, runs, as it would
+// on a GPU meanwhile (a peer may be waiting for it in turn); if nothing could, the thread
+// sleeps a moment with the runtime's lock released, so that a watchdog's queries still
+// answer (and can time the wait out) while the peer comes.
+void stall(Runtime& r, CUstream_st* target) {
+  const uint64_t before = r.ran_ops;
+  run_others_ready(r, target);
+  saw_driver(r);  // a waiting driver is not idle: the watchdog only looks
+  if (r.ran_ops != before) return;
+  const int depth = lock_depth;
+  for (int i = 0; i < depth; ++i) r.mu.unlock();
+  std::this_thread::sleep_for(std::chrono::microseconds(200));
+  for (int i = 0; i < depth; ++i) r.mu.lock();
+}
+
+// Runs s's queued work, stalling while it waits for another process.
+void run_stream(Runtime& r, CUstream_st* s) {
+  while (!s->queue.empty())
+    if (!try_front(r, s)) stall(r, s);
+}
+
 void drain(Runtime& r, CUstream_st* s) {
   host_wait(r, s);
-  while (!s->queue.empty()) run_front(r, s);
+  run_stream(r, s);
+  waited(r);
+}
+
+// A query's share of a wait: what of s's work can run now runs (and, if s's next operation
+// waits for another process, what the other streams can run), but nothing waits.
+void progress(Runtime& r, CUstream_st* s) {
+  host_wait(r, s);
+  while (!s->queue.empty())
+    if (!try_front(r, s)) {
+      run_others_ready(r, s);
+      break;
+    }
   waited(r);
 }
 
@@ -286,8 +348,7 @@ void drain(Runtime& r, CUstream_st* s) {
 void drain_all(Runtime& r, bool blocking_only) {
   const bool early = host_wait(r, nullptr);
   auto run = [&](CUstream_st* s) {
-    if (!blocking_only || !(s->flags & cudaStreamNonBlocking))
-      while (!s->queue.empty()) run_front(r, s);
+    if (!blocking_only || !(s->flags & cudaStreamNonBlocking)) run_stream(r, s);
   };
   if (early)
     std::for_each(r.streams.rbegin(), r.streams.rend(), run);
@@ -296,12 +357,20 @@ void drain_all(Runtime& r, bool blocking_only) {
   waited(r);
 }
 
-// The host waits for event e's latest record.
-void wait_event(Runtime& r, CUevent_st& e) {
+// The host waits for event e's latest record; a query (`block` false) runs what it can of
+// the work before it, and waits for nothing outside this process.
+void wait_event(Runtime& r, CUevent_st& e, bool block = true) {
   auto last = e.queued.find(e.recorded);
   if (last == e.queued.end()) return;
-  host_wait(r, last->second);
-  complete(r, e, e.recorded);
+  CUstream_st* const s = last->second;
+  host_wait(r, s);
+  while (!try_complete(r, e, e.recorded)) {
+    if (!block) {
+      run_others_ready(r, s);
+      break;
+    }
+    stall(r, s);
+  }
   waited(r);
 }
 
@@ -330,7 +399,7 @@ cudaError_t push(cudaStream_t s, Op op, const char* what) {
   drain_all(r, true);
   CUstream_st legacy;
   legacy.queue.push_back(std::move(op));
-  run_front(r, &legacy);
+  run_stream(r, &legacy);
   return cudaSuccess;
 }
 
@@ -591,7 +660,7 @@ cudaError_t cudaStreamQuery(cudaStream_t s) {
   const bool run = may_run(r);
   if (const cudaError_t e = report_faults(!driving(r)); e != cudaSuccess) return e;
   if (!s || s->queue.empty()) return cudaSuccess;
-  if (run) drain(r, s);
+  if (run) progress(r, s);
   return cudaErrorNotReady;
 }
 cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned) {
@@ -642,7 +711,7 @@ cudaError_t cudaEventQuery(cudaEvent_t e) {
   const bool run = may_run(r);
   if (const cudaError_t err = report_faults(!driving(r)); err != cudaSuccess) return err;
   if (ran(*ev, ev->recorded)) return cudaSuccess;
-  if (run) wait_event(r, *ev);
+  if (run) wait_event(r, *ev, /*block=*/false);
   return cudaErrorNotReady;
 }
 cudaError_t cudaEventSynchronize(cudaEvent_t e) {
@@ -698,6 +767,14 @@ void set_schedule(Schedule s) {
 
 cudaError_t enqueue(cudaStream_t s, std::function<void()> work, const char* what) {
   Op op;
+  op.work = std::move(work);
+  return push(s, std::move(op), what);
+}
+
+cudaError_t enqueue_when(cudaStream_t s, std::function<bool()> ready, std::function<void()> work, const char* what) {
+  if (!s) return fail(cudaErrorInvalidResourceHandle, std::string(what) + " on the legacy default stream");
+  Op op;
+  op.ready = std::move(ready);
   op.work = std::move(work);
   return push(s, std::move(op), what);
 }

@@ -1,8 +1,27 @@
-// NCCL on the CPU, for the emulated build (see cuda_runtime.h): one rank. A communicator of
-// more ranks is refused (ncclInvalidUsage: the staged MPI path is what carries several ranks
-// on one machine); at one rank every collective is a copy, and a send and a receive of the
-// same group to rank 0 meet at ncclGroupEnd. As NCCL requires, every buffer must be device
-// memory, and a root or peer must be a rank of the communicator.
+// NCCL on the CPU, for the emulated build (see cuda_runtime.h). As NCCL requires, every
+// buffer must be device memory, and a root or peer must be a rank of the communicator.
+//
+// One rank: every collective is a copy queued on its stream, and a send and a receive of
+// the same group to rank 0 meet at ncclGroupEnd.
+//
+// Several ranks, one per process (mpirun; each process has its own emulated device): the
+// ranks of a communicator meet through files in a directory named by the unique id
+// ($VCHAT_EMU_NCCL_DIR, else /dev/shm; the last rank to destroy its communicator removes
+// it). An operation is queued on its stream in parts: a post, which writes this rank's
+// part (a header naming the collective, and its data) when the stream reaches it, and a
+// finish (cuda_runtime.h: vchat::emu::enqueue_when) that runs once every part it needs is
+// there and computes this rank's result from them in rank order, so every rank gets the
+// same bits (bf16 sums rounded at each addition, as NCCL's are). A message is taken by its
+// receiver (read and deleted); the send completes only then, as NCCL's rendezvous does, so
+// two ranks that each send before receiving, outside a group, deadlock here as there. A
+// group posts all its parts before any finish. Until its parts come, the stream's later
+// work waits, and a host wait that needs it runs what the other streams can meanwhile.
+// Stricter than NCCL, where NCCL's behaviour is undefined: ranks that called different
+// collectives (kind, count, type, op, root) or a receive of another size than its send set
+// the asynchronous error (ncclCommGetAsyncError; one line on stderr says what differs) and
+// the operation never completes, as a hung NCCL kernel; a communicator's operations must
+// all be on one stream, not the legacy one (vchat's are on the Comm's own stream).
+// ncclCommAbort completes what is queued, doing nothing. Up to 64 ranks.
 #pragma once
 #include <cstddef>
 

@@ -1,0 +1,45 @@
+// vchat_nccl_probe_emulated: the NCCL backend's failure paths with several ranks, on the
+// emulated device (tests/emu/sdk/): the job must abort with one line naming the operation,
+// the group and the rank, instead of hanging or going on with wrong data. Run by
+// tests/mpi/run.sh --expect-abort under 2 ranks; argv[1] picks the case:
+//   all_reduce  rank 1 joins a device all_reduce 10 s late; rank 0, blocked reading the
+//               result, is released by the watchdog at the 1 s timeout;
+//   recv        rank 0 waits for a device message rank 1 sends 10 s late;
+//   mismatch    rank 1 reduces 8 elements where rank 0 reduces 4: NCCL's asynchronous
+//               error (the emulated NCCL detects what a real one would hang or corrupt on),
+//               which the watchdog turns into the abort.
+// Should nothing abort, every rank prints "probe: no timeout", which the test rejects.
+#include <chrono>
+#include <cstdio>
+#include <string>
+#include <thread>
+
+#include "cuda/cuda_backend.h"
+#include "parallel/comm.h"
+#include "parallel/comm_nccl.h"
+#include "tensor.h"
+
+int main(int argc, char** argv) {
+  vchat::MpiSession mpi(&argc, &argv);
+  vchat::cuda::init_backend(0);
+  auto world = mpi.world();
+  auto host_group = world->split(0, world->rank(), "probe-host");
+  auto group = vchat::cuda::make_nccl_comm(*host_group, "probe-group", vchat::cuda::device_context());
+  group->set_timeout(1.0);
+  const std::string op = argc > 1 ? argv[1] : "all_reduce";
+  const int me = group->rank(), peer = 1 - me;
+  if (op != "mismatch" && me == 1) std::this_thread::sleep_for(std::chrono::seconds(10));
+  const int64_t count = op == "mismatch" && me == 1 ? 8 : 4;
+  vchat::Tensor x = vchat::Tensor::from_vector(std::vector<float>(count, 1.0f), {count}).to(vchat::Device::cuda);
+  if (op == "recv") {
+    if (me == 0)
+      group->recv(x.raw(), 16, peer);
+    else
+      group->send(x.raw(), 16, peer);
+  } else {
+    group->all_reduce(x.raw(), count, vchat::DType::f32, vchat::ReduceOp::sum);
+  }
+  const std::vector<float> v = x.to_vector_f32();  // behind the operation on the compute stream
+  std::printf("probe: no timeout (rank %d, x[0] %g)\n", me, v[0]);
+  return 0;
+}
