@@ -288,42 +288,73 @@ TEST(EmulatedSdk, AnotherThreadsQueriesLookUnlessTheEnqueuingThreadIsIdle) {
 }
 
 // Work that waits for another process (the emulated NCCL's peers: enqueue_when) holds back
-// only what is behind it on its stream. A query does not wait for it; a host wait that
-// needs it runs what other streams can meanwhile (a peer may wait on that in turn) and
-// sleeps with the runtime's lock released, so another thread's queries still answer, and
-// returns once the condition holds.
+// only what is behind it on its stream. A query does not wait for it. A host wait that
+// needs it runs, meanwhile, what another process may be waiting for (other streams up to
+// their last part for other processes, and no further: the turn stays late), and sleeps
+// with the runtime's lock released, so another thread's queries answer; it returns once
+// the condition holds.
 TEST(EmulatedSdk, WorkWaitingForAnotherProcessHoldsOnlyWhatIsBehindIt) {
-  const PinnedSchedule late(vchat::emu::Schedule::late);  // so only the stall runs b's work
-  Stream a(cudaStreamNonBlocking), b(cudaStreamNonBlocking);
-  DeviceFloats x(64), y(64);
+  const PinnedSchedule late(vchat::emu::Schedule::late);
+  Stream a(cudaStreamNonBlocking), b(cudaStreamNonBlocking), c(cudaStreamNonBlocking);
+  DeviceFloats x(64), y(64), z(64), w(64);
   std::atomic<bool> peer{false};
-  bool ran = false;
+  bool ran = false, posted = false;
   ASSERT_EQ(vchat::emu::enqueue_when(
                 a, [&] { return peer.load(); }, [&] { ran = true; }, "a peer's part"),
             cudaSuccess);
   write_index_on(a, x.p, 64);  // behind it
-  write_index_on(b, y.p, 64);  // on another stream
+  write_index_on(b, y.p, 64);  // before b's part for another process, which needs it
+  ASSERT_EQ(vchat::emu::enqueue_when(
+                b, [] { return true; }, [&] { posted = true; }, "this rank's part"),
+            cudaSuccess);
+  write_index_on(b, z.p, 64);  // after it: nobody waits for this
+  write_index_on(c, w.p, 64);  // a stream with no part for another process
   EXPECT_EQ(cudaStreamQuery(a), cudaErrorNotReady);
   EXPECT_EQ(cudaStreamQuery(a), cudaErrorNotReady) << "a query does not wait for the peer";
   EXPECT_FALSE(ran);
   EXPECT_TRUE(std::isnan(x.p[63])) << "work behind the waiting part ran";  // (device memory is host memory)
-  EXPECT_EQ(y.p[63], 63.f) << "the other stream's work did not run while a waited";
-  // The peer comes 300 ms later, while this thread waits; meanwhile another thread's query answers.
+  EXPECT_TRUE(posted) << "the part another process may wait for did not run";
+  EXPECT_EQ(y.p[63], 63.f) << "nor what it needs";
+  EXPECT_TRUE(std::isnan(z.p[63])) << "work after the part ran: the turn is late";
+  EXPECT_TRUE(std::isnan(w.p[63])) << "a stream without such parts ran: the turn is late";
+  // Once more inside a blocking wait, for which the peer comes 300 ms later; meanwhile another
+  // thread's query answers (the waiting thread let go of the lock), and the part queued on b
+  // since runs though nothing else does.
+  std::atomic<bool> posted_again{false};
+  ASSERT_EQ(vchat::emu::enqueue_when(
+                b, [] { return true; }, [&] { posted_again = true; }, "this rank's part"),
+            cudaSuccess);
   cudaError_t polled = cudaSuccess;
+  bool posted_before_the_peer = false;
+  double answered_after = 0;
+  std::atomic<bool> done{false};
+  const auto start = std::chrono::steady_clock::now();
   std::thread peer_thread([&] {
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
-    polled = cudaStreamQuery(a);
+    polled = cudaStreamQuery(c);
+    answered_after = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    posted_before_the_peer = posted_again.load();
     peer = true;
   });
-  const auto start = std::chrono::steady_clock::now();
+  // Were the lock kept through the wait, the query above could not answer and the peer
+  // would never come: this comes instead after 3 s, and the answer's time fails the test.
+  std::thread fallback([&] {
+    for (int i = 0; i < 30 && !done; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    peer = true;
+  });
   EXPECT_EQ(cudaStreamSynchronize(a), cudaSuccess);
   const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  done = true;
   peer_thread.join();
+  fallback.join();
   EXPECT_EQ(polled, cudaErrorNotReady) << "another thread's query, answered during the wait";
+  EXPECT_LT(answered_after, 2.0) << "the query waited for the lock: the waiting thread kept it";
+  EXPECT_TRUE(posted_before_the_peer) << "the stall did not run the part another process may wait for";
   EXPECT_GE(waited, 0.25);
   EXPECT_TRUE(ran);
   EXPECT_EQ(x.p[63], 63.f);
+  EXPECT_TRUE(std::isnan(w.p[63])) << "the late turn ran a stream nothing waited for";
   EXPECT_EQ(vchat::emu::enqueue_when(
                 nullptr, [] { return true; }, [] {}, "a peer's part"),
             cudaErrorInvalidResourceHandle)

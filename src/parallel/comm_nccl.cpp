@@ -705,7 +705,8 @@ class NcclComm final : public Comm {
   // thread blocked behind it on the compute stream would go on with that data (take an
   // optimizer step, save a checkpoint) until MPI_Abort's kill reached it; seen on the
   // emulated device (tests/nccl_probe_emulated.cpp). Killed, the process's kernels go with
-  // its context. (Called from the watchdog thread too: MPI_Abort from a thread other than
+  // its context; Open MPI's MPI_Abort ends it by _exit, so no exit handler runs into the
+  // hung stream. (Called from the watchdog thread too: MPI_Abort from a thread other than
   // the one that initialised MPI is outside MPI_THREAD_FUNNELED, but ends the job in Open
   // MPI; std::abort follows regardless.)
   [[noreturn]] void abort_job(const std::string& what, const std::string& why) {

@@ -50,6 +50,7 @@ struct Op {
   std::shared_ptr<CUevent_st> wait;
   uint64_t wait_gen = 0;
   std::function<bool()> ready;
+  bool for_peers = false;  // a part of an operation between processes (enqueue_when)
   std::function<void()> work;
   std::shared_ptr<CUevent_st> record;
   uint64_t gen = 0;
@@ -60,6 +61,7 @@ struct Op {
 struct CUstream_st {
   unsigned flags = 0;
   std::deque<Op> queue;
+  int for_peers = 0;  // queued parts of operations between processes (Op::for_peers)
 };
 struct CUmemPoolHandle_st {};
 
@@ -74,6 +76,7 @@ struct Runtime {
   uint64_t release_threshold = 0;
   std::map<const void*, int> smem_granted;  // kernel -> bytes of dynamic shared memory allowed
   std::vector<CUstream_st*> streams;        // in creation order
+  CUstream_st legacy;                       // the legacy default stream's one operation at a time (push)
   std::map<CUevent_st*, std::shared_ptr<CUevent_st>> events;
   std::vector<void*> quarantine;  // freed device memory, back to the host once no work is queued
   std::string faults;             // asynchronous faults not yet reported
@@ -239,6 +242,7 @@ bool try_front(Runtime& r, CUstream_st* s) {
   if (const Op& front = s->queue.front(); front.ready && !front.ready()) return false;  // (s's queue is as it was)
   Op op = std::move(s->queue.front());
   s->queue.pop_front();
+  if (op.for_peers) --s->for_peers;
   ++r.ran_ops;
   if (op.work) op.work();
   if (op.record) {
@@ -253,6 +257,7 @@ bool try_front(Runtime& r, CUstream_st* s) {
 
 // With nothing queued anywhere, no queued work can name quarantined memory: free it.
 void release_quarantine(Runtime& r) {
+  if (!r.legacy.queue.empty()) return;
   for (CUstream_st* s : r.streams)
     if (!s->queue.empty()) return;
   for (void* p : r.quarantine) std::free(p);
@@ -302,26 +307,51 @@ void waited(Runtime& r) {
   saw_driver(r);
 }
 
-// A host wait whose work cannot run yet: it waits for another process (an NCCL peer's part,
-// which a GPU would take whenever it came). What other streams can run, runs, as it would
-// on a GPU meanwhile (a peer may be waiting for it in turn); if nothing could, the thread
-// sleeps a moment with the runtime's lock released, so that a watchdog's queries still
-// answer (and can time the wait out) while the peer comes.
-void stall(Runtime& r, CUstream_st* target) {
+// What other streams must run because another process may be waiting for it: each stream
+// holding parts for other processes (Op::ready, the emulated NCCL's) runs up to its last
+// such part, and no further; through its event waits, only what those need (a late turn).
+// Were a host wait blocked on a peer to run nothing else, two processes could each wait for
+// the other's part behind it, where a GPU runs both streams. Returns whether anything ran.
+bool run_for_peers(Runtime& r, CUstream_st* target) {
   const uint64_t before = r.ran_ops;
-  run_others_ready(r, target);
+  for (bool progress = true; progress;) {
+    progress = false;
+    for (CUstream_st* s : std::vector<CUstream_st*>(r.streams))  // (a copy: running work creates none)
+      if (s != target)
+        while (s->for_peers > 0 && try_front(r, s)) progress = true;
+  }
+  return r.ran_ops != before;
+}
+
+// How long a host wait blocked on another process sleeps between tries: from 20 µs, doubling
+// to 1 ms (many ranks share few cores in the tests; a sleeping rank frees one).
+struct Nap {
+  std::chrono::microseconds next{20};
+};
+
+// A host wait whose work cannot run yet: it waits for another process (an NCCL peer's part,
+// which a GPU would take whenever it came). What other processes may be waiting for runs
+// (run_for_peers); if nothing did, the thread sleeps a moment with the runtime's lock
+// released, so that a watchdog's queries still answer (and can time the wait out).
+void stall(Runtime& r, CUstream_st* target, Nap& nap) {
   saw_driver(r);  // a waiting driver is not idle: the watchdog only looks
-  if (r.ran_ops != before) return;
+  if (run_for_peers(r, target)) {
+    nap = Nap();
+    return;
+  }
   const int depth = lock_depth;
   for (int i = 0; i < depth; ++i) r.mu.unlock();
-  std::this_thread::sleep_for(std::chrono::microseconds(200));
+  std::this_thread::sleep_for(nap.next);
+  nap.next = std::min(nap.next * 2, std::chrono::microseconds(1000));
   for (int i = 0; i < depth; ++i) r.mu.lock();
 }
 
-// Runs s's queued work, stalling while it waits for another process.
+// Runs s's queued work, stalling while it waits for another process. Only the thread that
+// owns a stream destroys it, so s outlives the stalls of a wait on it.
 void run_stream(Runtime& r, CUstream_st* s) {
+  Nap nap;
   while (!s->queue.empty())
-    if (!try_front(r, s)) stall(r, s);
+    if (!try_front(r, s)) stall(r, s, nap);
 }
 
 void drain(Runtime& r, CUstream_st* s) {
@@ -331,12 +361,13 @@ void drain(Runtime& r, CUstream_st* s) {
 }
 
 // A query's share of a wait: what of s's work can run now runs (and, if s's next operation
-// waits for another process, what the other streams can run), but nothing waits.
+// waits for another process, what other processes may wait for: run_for_peers), but
+// nothing waits.
 void progress(Runtime& r, CUstream_st* s) {
   host_wait(r, s);
   while (!s->queue.empty())
     if (!try_front(r, s)) {
-      run_others_ready(r, s);
+      run_for_peers(r, s);
       break;
     }
   waited(r);
@@ -347,13 +378,15 @@ void progress(Runtime& r, CUstream_st* s) {
 // reverse on the other.
 void drain_all(Runtime& r, bool blocking_only) {
   const bool early = host_wait(r, nullptr);
+  // A copy of the list: a stall lets go of the lock, and another thread may make a stream.
+  const std::vector<CUstream_st*> streams = r.streams;
   auto run = [&](CUstream_st* s) {
     if (!blocking_only || !(s->flags & cudaStreamNonBlocking)) run_stream(r, s);
   };
   if (early)
-    std::for_each(r.streams.rbegin(), r.streams.rend(), run);
+    std::for_each(streams.rbegin(), streams.rend(), run);
   else
-    std::for_each(r.streams.begin(), r.streams.end(), run);
+    std::for_each(streams.begin(), streams.end(), run);
   waited(r);
 }
 
@@ -364,12 +397,13 @@ void wait_event(Runtime& r, CUevent_st& e, bool block = true) {
   if (last == e.queued.end()) return;
   CUstream_st* const s = last->second;
   host_wait(r, s);
+  Nap nap;
   while (!try_complete(r, e, e.recorded)) {
     if (!block) {
-      run_others_ready(r, s);
+      run_for_peers(r, s);
       break;
     }
-    stall(r, s);
+    stall(r, s, nap);
   }
   waited(r);
 }
@@ -384,22 +418,30 @@ std::shared_ptr<CUevent_st> known_event(Runtime& r, cudaEvent_t e) {
 }
 
 // Queues op on s; on the legacy default stream (null), runs it now, behind the blocking
-// streams' queued work.
+// streams' queued work. (It waits in r.legacy meanwhile, so that an event recorded there
+// names a stream while a stall lets go of the lock: until the blocking streams are empty,
+// it cannot run, from whichever thread.)
 cudaError_t push(cudaStream_t s, Op op, const char* what) {
   Runtime& r = rt();
   Lock lock(r.mu);
   if (!known_stream(r, s)) return fail(cudaErrorInvalidResourceHandle, std::string(what) + " on a destroyed stream");
-  if (op.record) op.record->queued[op.gen] = s;  // (null: runs below before anyone looks)
+  CUstream_st* const into = s ? s : &r.legacy;
+  if (op.record) op.record->queued[op.gen] = into;
   r.driver = std::this_thread::get_id();
   r.driver_seen = std::chrono::steady_clock::now();
+  if (op.for_peers) ++into->for_peers;
   if (s) {
     s->queue.push_back(std::move(op));
     return cudaSuccess;
   }
+  op.ready = [&r] {  // (enqueue_when refuses the legacy stream: no condition of its own)
+    for (CUstream_st* b : r.streams)
+      if (!(b->flags & cudaStreamNonBlocking) && !b->queue.empty()) return false;
+    return true;
+  };
+  r.legacy.queue.push_back(std::move(op));
   drain_all(r, true);
-  CUstream_st legacy;
-  legacy.queue.push_back(std::move(op));
-  run_stream(r, &legacy);
+  run_stream(r, &r.legacy);
   return cudaSuccess;
 }
 
@@ -775,6 +817,7 @@ cudaError_t enqueue_when(cudaStream_t s, std::function<bool()> ready, std::funct
   if (!s) return fail(cudaErrorInvalidResourceHandle, std::string(what) + " on the legacy default stream");
   Op op;
   op.ready = std::move(ready);
+  op.for_peers = true;
   op.work = std::move(work);
   return push(s, std::move(op), what);
 }

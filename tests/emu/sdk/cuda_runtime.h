@@ -38,10 +38,12 @@
 //     second, so that thread timing does not decide the order of work;
 //   - work that waits for another process (vchat::emu::enqueue_when: the emulated NCCL's
 //     peers) holds back what is behind it on its stream; a query does not wait for it; a
-//     host wait that needs it first runs what other streams can, then sleeps a moment with
-//     the runtime's lock released (a watchdog's queries answer, and can time it out), and
-//     tries again. A host blocked outside the runtime (in MPI) runs none of its queued work,
-//     which a peer may be waiting for: its watchdog's query runs it after that second;
+//     host wait that needs it first runs what a peer may be waiting for (every other
+//     stream up to its last such part of its own, and only what that needs: the turn stays
+//     late), then sleeps a moment with the runtime's lock released (a watchdog's queries
+//     answer, and can time it out), and tries again. A host blocked outside the runtime (in
+//     MPI) runs none of its queued work, which a peer may be waiting for: its watchdog's
+//     query runs it after that second;
 //   - stream-ordered allocations: memory from cudaMallocAsync on stream s is s's from the
 //     call's point in its queue; another stream's work that runs before s reached that point
 //     (not ordered after it by an event) faults, as it could overwrite what the pool still
@@ -195,9 +197,10 @@ void set_schedule(Schedule s);
 cudaError_t enqueue(cudaStream_t s, std::function<void()> work, const char* what);
 // As enqueue, but `work` runs only once `ready()` also holds: a condition outside this
 // process (the emulated NCCL's peers). Until then the stream's later work waits behind it; a
-// host wait that needs it runs what other streams can and then sleeps, the runtime's lock
-// released; a query does not wait. `ready` is called from the runtime, under its lock, any
-// number of times, and must be quick. Not on the legacy default stream.
+// host wait that needs it runs the other streams' such parts (and what they need), and
+// sleeps, the runtime's lock released; a query does not wait. `ready` is called from the
+// runtime, under its lock, any number of times, and must be quick. Not on the legacy
+// default stream.
 cudaError_t enqueue_when(cudaStream_t s, std::function<bool()> ready, std::function<void()> work, const char* what);
 // From inside queued work: a fault it found, reported by the next synchronizing call.
 void async_fault(const std::string& what);

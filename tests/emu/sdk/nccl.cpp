@@ -82,7 +82,6 @@ struct Peers {
 }  // namespace
 
 struct ncclComm {
-  bool aborted = false;
   std::shared_ptr<Peers> peers;  // null: one rank
 };
 
@@ -138,7 +137,7 @@ bool overlap(const void* a, size_t a_bytes, const void* b, size_t b_bytes) {
 template <class F>
 ncclResult_t call(ncclComm_t comm, ncclDataType_t t, F body) {
   ncclResult_t r = ncclSuccess;
-  if (!comm || comm->aborted || (comm->peers && comm->peers->stopped))
+  if (!comm || (comm->peers && comm->peers->stopped))
     r = ncclInvalidArgument;
   else if (type_bytes(t) == 0)
     r = ncclInvalidArgument;

@@ -15,7 +15,8 @@
 // receiver (read and deleted); the send completes only then, as NCCL's rendezvous does, so
 // two ranks that each send before receiving, outside a group, deadlock here as there. A
 // group posts all its parts before any finish. Until its parts come, the stream's later
-// work waits, and a host wait that needs it runs what the other streams can meanwhile.
+// work waits, and a host wait that needs it runs meanwhile the parts of other operations
+// (on other streams) that peers may be waiting for.
 // Stricter than NCCL, where NCCL's behaviour is undefined: ranks that called different
 // collectives (kind, count, type, op, root) or a receive of another size than its send set
 // the asynchronous error (ncclCommGetAsyncError; one line on stderr says what differs) and
