@@ -267,10 +267,10 @@ TEST(EmulatedSdk, AnotherThreadsQueriesLookUnlessTheEnqueuingThreadIsIdle) {
   write_index_on(a, y.p, 64);
   EXPECT_EQ(query_from_another_thread(), cudaErrorNotReady);
   EXPECT_EQ(query_from_another_thread(), cudaErrorNotReady) << "still queued: the poller only looks";
-  EXPECT_TRUE(std::isnan(y.p[63])) << "the kernel ran in the poller's query";  // (device memory is host memory)
+  EXPECT_TRUE(std::isnan(vchat::emu::peek(y.p + 63))) << "the kernel ran in the poller's query";
   std::this_thread::sleep_for(std::chrono::milliseconds(1200));                // this thread idle
   EXPECT_EQ(query_from_another_thread(), cudaErrorNotReady) << "found the work pending, and ran it";
-  EXPECT_EQ(y.p[63], 63.f);
+  EXPECT_EQ(vchat::emu::peek(y.p + 63), 63.f);
   EXPECT_EQ(query_from_another_thread(), cudaSuccess);
   // A fault: the poller sees it, and so does the enqueuing thread after it.
   DeviceFloats d(64);
@@ -285,6 +285,24 @@ TEST(EmulatedSdk, AnotherThreadsQueriesLookUnlessTheEnqueuingThreadIsIdle) {
   EXPECT_EQ(query_from_another_thread(), cudaErrorIllegalAddress);
   EXPECT_EQ(cudaStreamQuery(a), cudaErrorIllegalAddress) << "the poller left the fault to this thread";
   EXPECT_EQ(cudaStreamQuery(a), cudaSuccess);
+}
+
+// Host code cannot touch device memory: on a GPU that faults, and here too, with a line
+// naming it, so host code reading a device tensor (Tensor::data of a CUDA tensor) fails the
+// emulated suite instead of the first GPU run. Queued work and the runtime's peek() can.
+TEST(EmulatedSdkDeathTest, HostCodeTouchingDeviceMemoryFaults) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  DeviceFloats x(64, {});
+  write_index_on(nullptr, x.p, 64);  // queued work writes it (the legacy stream: at once)
+  EXPECT_EQ(vchat::emu::peek(x.p + 5), 5.f);
+  EXPECT_EQ(x.host()[63], 63.f);
+  EXPECT_DEATH((void)*static_cast<volatile float*>(x.p + 1), "host code touched device memory");
+  EXPECT_DEATH(*static_cast<volatile float*>(x.p + 60) = 0.f, "host code touched device memory");
+  float* pinned = nullptr;
+  ASSERT_EQ(cudaHostAlloc(reinterpret_cast<void**>(&pinned), 64, cudaHostAllocDefault), cudaSuccess);
+  pinned[3] = 1.f;  // pinned host memory is host memory
+  EXPECT_EQ(pinned[3], 1.f);
+  cudaFreeHost(pinned);
 }
 
 // Work that waits for another process (the emulated NCCL's peers: enqueue_when) holds back
@@ -312,11 +330,11 @@ TEST(EmulatedSdk, WorkWaitingForAnotherProcessHoldsOnlyWhatIsBehindIt) {
   EXPECT_EQ(cudaStreamQuery(a), cudaErrorNotReady);
   EXPECT_EQ(cudaStreamQuery(a), cudaErrorNotReady) << "a query does not wait for the peer";
   EXPECT_FALSE(ran);
-  EXPECT_TRUE(std::isnan(x.p[63])) << "work behind the waiting part ran";  // (device memory is host memory)
+  EXPECT_TRUE(std::isnan(vchat::emu::peek(x.p + 63))) << "work behind the waiting part ran";
   EXPECT_TRUE(posted) << "the part another process may wait for did not run";
-  EXPECT_EQ(y.p[63], 63.f) << "nor what it needs";
-  EXPECT_TRUE(std::isnan(z.p[63])) << "work after the part ran: the turn is late";
-  EXPECT_TRUE(std::isnan(w.p[63])) << "a stream without such parts ran: the turn is late";
+  EXPECT_EQ(vchat::emu::peek(y.p + 63), 63.f) << "nor what it needs";
+  EXPECT_TRUE(std::isnan(vchat::emu::peek(z.p + 63))) << "work after the part ran: the turn is late";
+  EXPECT_TRUE(std::isnan(vchat::emu::peek(w.p + 63))) << "a stream without such parts ran: the turn is late";
   // Once more inside a blocking wait, for which the peer comes 300 ms later; meanwhile another
   // thread's query answers (the waiting thread let go of the lock), and the part queued on b
   // since runs though nothing else does.
@@ -353,8 +371,8 @@ TEST(EmulatedSdk, WorkWaitingForAnotherProcessHoldsOnlyWhatIsBehindIt) {
   EXPECT_TRUE(posted_before_the_peer) << "the stall did not run the part another process may wait for";
   EXPECT_GE(waited, 0.25);
   EXPECT_TRUE(ran);
-  EXPECT_EQ(x.p[63], 63.f);
-  EXPECT_TRUE(std::isnan(w.p[63])) << "the late turn ran a stream nothing waited for";
+  EXPECT_EQ(vchat::emu::peek(x.p + 63), 63.f);
+  EXPECT_TRUE(std::isnan(vchat::emu::peek(w.p + 63))) << "the late turn ran a stream nothing waited for";
   EXPECT_EQ(vchat::emu::enqueue_when(
                 nullptr, [] { return true; }, [] {}, "a peer's part"),
             cudaErrorInvalidResourceHandle)

@@ -2,8 +2,13 @@
 // streams as queues that run when the host synchronizes with them; the launch rules.
 #include "cuda_runtime.h"
 
+#include <signal.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <deque>
@@ -19,6 +24,8 @@ namespace {
 constexpr size_t kDeviceBytes = size_t{16} << 30;            // what cudaMemGetInfo reports
 constexpr int kSms = 2;                                      // few blocks for the grid-stride kernels
 constexpr int kSmemDefault = 48 << 10, kSmemOptin = 232448;  // an H100/H200's 227 KiB
+constexpr size_t kArenaBytes = size_t{1} << 40;              // address space for device memory, never reused
+constexpr size_t kPage = 4096;
 
 struct Allocation {
   size_t bytes;
@@ -78,7 +85,14 @@ struct Runtime {
   std::vector<CUstream_st*> streams;        // in creation order
   CUstream_st legacy;                       // the legacy default stream's one operation at a time (push)
   std::map<CUevent_st*, std::shared_ptr<CUevent_st>> events;
-  std::vector<void*> quarantine;  // freed device memory, back to the host once no work is queued
+  // Device memory: pages of one reserved range of address space, handed out in order and
+  // never reused; inaccessible (PROT_NONE) whenever no thread is inside the runtime, so
+  // that host code touching device memory faults as on a GPU (on_segv names it). Queued
+  // work opens it (open_arena); the last lock released closes it.
+  char* arena = nullptr;
+  size_t arena_top = 0;  // bytes handed out
+  bool arena_open = false;
+  std::vector<std::pair<void*, size_t>> quarantine;  // freed device pages, released once no work is queued
   std::string faults;             // asynchronous faults not yet reported
   uint64_t host_waits = 0;        // the schedule alternates with each that can tell (host_wait)
   vchat::emu::Schedule schedule = vchat::emu::Schedule::alternate;
@@ -88,12 +102,60 @@ struct Runtime {
 };
 // Never destroyed: the backend's own statics (its compute stream, the buffers they hold)
 // are released at exit after this file's statics might be.
+Runtime* the_runtime = nullptr;  // for the signal handler
+struct sigaction previous_segv;
+
+// A fault inside the arena is host code touching device memory: say so, then fault again
+// under the previous handler (the default ends the process; a death test's sees it).
+void on_segv(int, siginfo_t* info, void*) {
+  const char* a = static_cast<const char*>(info->si_addr);
+  const Runtime* r = the_runtime;
+  if (r && a >= r->arena && a < r->arena + kArenaBytes) {
+    char msg[320];
+    const int n = std::snprintf(msg, sizeof msg,
+                                "emulated CUDA runtime: host code touched device memory at %p, %zu bytes into the "
+                                "device's memory (on a GPU this faults; copy it to the host first)\n",
+                                static_cast<const void*>(a), static_cast<size_t>(a - r->arena));
+    if (n > 0) (void)!::write(2, msg, static_cast<size_t>(n));
+  }
+  sigaction(SIGSEGV, &previous_segv, nullptr);
+}
+
 Runtime& rt() {
-  static Runtime* r = new Runtime;
+  static Runtime* r = [] {
+    auto* made = new Runtime;
+    void* a = ::mmap(nullptr, kArenaBytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (a == MAP_FAILED) {
+      std::perror("emulated CUDA runtime: reserving the device's address space");
+      std::abort();
+    }
+    made->arena = static_cast<char*>(a);
+    the_runtime = made;
+    struct sigaction sa {};
+    sa.sa_sigaction = on_segv;
+    sa.sa_flags = SA_SIGINFO;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGSEGV, &sa, &previous_segv);
+    return made;
+  }();
   return *r;
 }
+
+// Device memory becomes accessible for the runtime's own use (queued work, new memory's
+// fill), until the calling thread leaves the runtime.
+void open_arena(Runtime& r) {
+  if (r.arena_open || r.arena_top == 0) return;
+  ::mprotect(r.arena, r.arena_top, PROT_READ | PROT_WRITE);
+  r.arena_open = true;
+}
+void close_arena(Runtime& r) {
+  if (!r.arena_open) return;
+  ::mprotect(r.arena, r.arena_top, PROT_NONE);
+  r.arena_open = false;
+}
 // The runtime's lock, counting how deep the calling thread holds it: a host wait blocked on
-// another process (stall) lets go of it entirely while it sleeps.
+// another process (stall) lets go of it entirely while it sleeps. The thread's last release
+// closes device memory to host code again.
 thread_local int lock_depth = 0;
 class Lock {
  public:
@@ -102,7 +164,7 @@ class Lock {
     ++lock_depth;
   }
   ~Lock() {
-    --lock_depth;
+    if (--lock_depth == 0) close_arena(rt());
     m_.unlock();
   }
   Lock(const Lock&) = delete;
@@ -193,10 +255,20 @@ cudaError_t allocate(void** p, size_t bytes, bool device) {
   if (device && r.device_in_use + bytes > kDeviceBytes)
     return fail(cudaErrorMemoryAllocation,
                 std::to_string(bytes) + " bytes past the device's " + std::to_string(kDeviceBytes));
-  const size_t rounded = (std::max<size_t>(bytes, 1) + 255) / 256 * 256;
-  void* q = std::aligned_alloc(256, rounded);
-  if (!q) return fail(cudaErrorMemoryAllocation, "host allocation of " + std::to_string(bytes) + " bytes");
-  if (device) std::memset(q, 0xff, rounded);  // NaN in every float and bf16 a kernel reads before writing
+  void* q = nullptr;
+  if (device) {  // the arena's next pages
+    const size_t rounded = (std::max<size_t>(bytes, 1) + kPage - 1) / kPage * kPage;
+    if (r.arena_top + rounded > kArenaBytes)
+      return fail(cudaErrorMemoryAllocation, "the emulated device's address space is used up");
+    q = r.arena + r.arena_top;
+    r.arena_top += rounded;
+    ::mprotect(q, rounded, PROT_READ | PROT_WRITE);
+    std::memset(q, 0xff, rounded);  // NaN in every float and bf16 a kernel reads before writing
+    if (!r.arena_open) ::mprotect(q, rounded, PROT_NONE);
+  } else {
+    q = std::aligned_alloc(256, (std::max<size_t>(bytes, 1) + 255) / 256 * 256);
+    if (!q) return fail(cudaErrorMemoryAllocation, "host allocation of " + std::to_string(bytes) + " bytes");
+  }
   r.allocations[reinterpret_cast<uintptr_t>(q)] = {bytes, device};
   if (device) r.device_in_use += bytes;
   *p = q;
@@ -215,7 +287,7 @@ void take_out(Runtime& r, std::map<uintptr_t, Allocation>::iterator it) {
   void* p = reinterpret_cast<void*>(it->first);
   if (it->second.device) {
     r.device_in_use -= it->second.bytes;
-    r.quarantine.push_back(p);
+    r.quarantine.emplace_back(p, (std::max<size_t>(it->second.bytes, 1) + kPage - 1) / kPage * kPage);
   } else {
     std::free(p);
   }
@@ -244,6 +316,7 @@ bool try_front(Runtime& r, CUstream_st* s) {
   s->queue.pop_front();
   if (op.for_peers) --s->for_peers;
   ++r.ran_ops;
+  open_arena(r);
   if (op.work) op.work();
   if (op.record) {
     op.record->queued.erase(op.gen);
@@ -260,7 +333,7 @@ void release_quarantine(Runtime& r) {
   if (!r.legacy.queue.empty()) return;
   for (CUstream_st* s : r.streams)
     if (!s->queue.empty()) return;
-  for (void* p : r.quarantine) std::free(p);
+  for (const auto& [p, bytes] : r.quarantine) ::madvise(p, bytes, MADV_DONTNEED);  // (never handed out again)
   r.quarantine.clear();
 }
 
@@ -811,6 +884,13 @@ cudaError_t enqueue(cudaStream_t s, std::function<void()> work, const char* what
   Op op;
   op.work = std::move(work);
   return push(s, std::move(op), what);
+}
+
+void peek(void* dst, const void* p, size_t bytes) {
+  Runtime& r = rt();
+  Lock lock(r.mu);
+  open_arena(r);
+  std::memcpy(dst, p, bytes);
 }
 
 cudaError_t enqueue_when(cudaStream_t s, std::function<bool()> ready, std::function<void()> work, const char* what) {

@@ -59,9 +59,14 @@
 //     synchronize, a query, cudaGetLastError, a launch's check) returns
 //     cudaErrorIllegalAddress naming them, once to the enqueuing thread (another thread's
 //     query sees them and leaves them). Unlike a GPU, the context survives.
-// Not emulated: reads of device memory by host code (both are host memory here), real
-// concurrency between streams, and the GPU's own timing (events take the host's clock when
-// their record runs).
+//   - device memory is inaccessible to host code: it lives in one reserved range of address
+//     space (pages handed out in order, never reused) that is open only while the runtime
+//     runs queued work or fills new memory, and closed again when the thread leaves the
+//     runtime. Host code that reads or writes it faults (SIGSEGV, with a line saying it
+//     touched device memory), as on a GPU; tests of the runtime itself look with peek().
+//     (While one thread runs queued work, another thread's host code goes unseen.)
+// Not emulated: real concurrency between streams, and the GPU's own timing (events take
+// the host's clock when their record runs).
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -195,6 +200,15 @@ void set_schedule(Schedule s);
 // Queues `work` on stream s, to run in stream order (see the header comment); the legacy
 // default stream (null) runs it at once. Fails, naming `what`, on a destroyed stream.
 cudaError_t enqueue(cudaStream_t s, std::function<void()> work, const char* what);
+// For tests of the runtime itself: copies `bytes` at device address p to dst as they are now,
+// without running queued work (host code cannot read device memory: see above).
+void peek(void* dst, const void* p, size_t bytes);
+template <class T>
+T peek(const T* p) {
+  T v;
+  peek(&v, p, sizeof v);
+  return v;
+}
 // As enqueue, but `work` runs only once `ready()` also holds: a condition outside this
 // process (the emulated NCCL's peers). Until then the stream's later work waits behind it; a
 // host wait that needs it runs the other streams' such parts (and what they need), and
