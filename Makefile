@@ -40,14 +40,17 @@ endif
 # The CUDA variant compiles at the lowest priority while the CPU tests run: it takes only
 # the cycles they leave (serial end-to-end tests, waits on Slurm's timers), so it costs
 # `make test` little wall time; a failed CUDA build still fails the target (its log is shown).
+# Last, every kernel the emulated suite launched is checked against the CUDA build's ptxas
+# report: its block's registers and its shared memory must fit an SM (tools/gpu/launch_resources.py).
 test: build
-	@rm -f $(abspath $(BUILD_CUDA)).log $(abspath $(BUILD_CUDA)).rc
+	@rm -f $(abspath $(BUILD_CUDA)).log $(abspath $(BUILD_CUDA)).rc $(abspath $(BUILD))/emulated-launches.log
 	@( nice -n 19 $(MAKE) --no-print-directory build-cuda > $(abspath $(BUILD_CUDA)).log 2>&1; echo $$? > $(abspath $(BUILD_CUDA)).rc ) & \
 	cd $(BUILD) && ctest --output-on-failure -j $(JOBS) --timeout 900; tests=$$?; \
 	wait; cuda=$$(cat $(abspath $(BUILD_CUDA)).rc 2>/dev/null || echo 1); \
 	tail -n 3 $(abspath $(BUILD_CUDA)).log; \
 	if [ "$$cuda" != 0 ]; then echo "make test: the CUDA variant did not build (exit $$cuda): $(abspath $(BUILD_CUDA)).log" >&2; tail -n 40 $(abspath $(BUILD_CUDA)).log >&2; fi; \
-	if [ "$$tests" != 0 ] || [ "$$cuda" != 0 ]; then exit 1; fi; echo "make test: all tests passed, CUDA variant built"
+	launch=0; if [ "$$cuda" = 0 ]; then python3 $(CURDIR)/tools/gpu/launch_resources.py $(abspath $(BUILD))/emulated-launches.log $(abspath $(BUILD_CUDA)) || launch=1; fi; \
+	if [ "$$tests" != 0 ] || [ "$$cuda" != 0 ] || [ "$$launch" != 0 ]; then exit 1; fi; echo "make test: all tests passed, CUDA variant built, every kernel launch fits an SM"
 
 # GPU checks (docs/GPU.md). Here: build the CUDA variant, pack its binaries with the Debian
 # libraries they load into .gpu-pack/, and rehearse starting them from the pack alone.

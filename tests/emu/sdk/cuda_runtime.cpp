@@ -2,8 +2,11 @@
 // streams as queues that run when the host synchronizes with them; the launch rules.
 #include "cuda_runtime.h"
 
+#include <dlfcn.h>
+#include <fcntl.h>
 #include <signal.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -82,6 +85,7 @@ struct Runtime {
   size_t device_in_use = 0;
   uint64_t release_threshold = 0;
   std::map<const void*, int> smem_granted;  // kernel -> bytes of dynamic shared memory allowed
+  std::map<const void*, std::pair<uint64_t, size_t>> launched;  // kernel -> largest block, dynamic smem
   std::vector<CUstream_st*> streams;        // in creation order
   CUstream_st legacy;                       // the legacy default stream's one operation at a time (push)
   std::map<CUevent_st*, std::shared_ptr<CUevent_st>> events;
@@ -862,6 +866,49 @@ cudaError_t cudaFuncSetAttribute(const void* kernel, cudaFuncAttribute attr, int
   return cudaSuccess;
 }
 
+namespace {
+
+// VCHAT_EMU_LAUNCH_LOG=FILE: at exit, one line per kernel this process launched is appended
+// to FILE: the executable, its modification time, the kernel's offset in it, the largest
+// block (threads) and dynamic shared memory it was launched with. tools/gpu/launch_resources.py
+// names the kernels (nm) and checks each launch against ptxas's registers and shared memory
+// in the CUDA build: what a GPU would refuse as "too many resources requested for launch".
+void write_launch_log() {
+  const char* path = std::getenv("VCHAT_EMU_LAUNCH_LOG");
+  Runtime& r = rt();
+  Lock lock(r.mu);
+  char exe[4096];
+  const ssize_t n = ::readlink("/proc/self/exe", exe, sizeof exe - 1);
+  struct stat st;
+  if (!path || n <= 0 || r.launched.empty()) return;
+  exe[n] = 0;
+  if (::stat(exe, &st) != 0) return;
+  std::string out;
+  for (const auto& [kernel, most] : r.launched) {
+    Dl_info info;
+    if (!::dladdr(kernel, &info) || !info.dli_fbase) continue;
+    char line[4400];
+    std::snprintf(line, sizeof line, "%s %lld %zx %llu %zu\n", exe, static_cast<long long>(st.st_mtime),
+                  static_cast<size_t>(static_cast<const char*>(kernel) - static_cast<const char*>(info.dli_fbase)),
+                  static_cast<unsigned long long>(most.first), most.second);
+    out += line;
+  }
+  const int fd = ::open(path, O_WRONLY | O_CREAT | O_APPEND, 0644);
+  if (fd < 0) return;
+  (void)!::write(fd, out.data(), out.size());  // one append: processes ending at once do not interleave
+  ::close(fd);
+}
+
+void record_launch(Runtime& r, const void* kernel, uint64_t threads, size_t smem) {
+  static const bool logging = std::getenv("VCHAT_EMU_LAUNCH_LOG") && std::atexit(write_launch_log) == 0;
+  if (!logging) return;
+  auto& most = r.launched[kernel];
+  most.first = std::max(most.first, threads);
+  most.second = std::max(most.second, smem);
+}
+
+}  // namespace
+
 namespace vchat::emu {
 
 Space space_of(const void* p, size_t bytes) {
@@ -941,6 +988,7 @@ bool launch_allowed(const void* kernel, dim3 grid, dim3 block, size_t smem) {
     Lock lock(rt().mu);
     auto it = rt().smem_granted.find(kernel);
     if (it != rt().smem_granted.end()) allowed = std::max(allowed, it->second);
+    record_launch(rt(), kernel, threads, smem);
   }
   if (smem > static_cast<size_t>(allowed))
     return fail(cudaErrorInvalidValue, std::to_string(smem) +
