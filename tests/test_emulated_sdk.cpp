@@ -305,6 +305,34 @@ TEST(EmulatedSdkDeathTest, HostCodeTouchingDeviceMemoryFaults) {
   cudaFreeHost(pinned);
 }
 
+// Device work cannot touch memory past an allocation's end: a guard page follows every
+// allocation's last 256-byte block, as compute-sanitizer (or, beyond the mapping, the GPU)
+// would report an out-of-bounds access. A kernel writing one float past 64 faults, naming it;
+// within the allocation it runs; 65 floats fit (the allocation rounds up to 256 bytes).
+TEST(EmulatedSdkDeathTest, DeviceWorkPastAnAllocationsEndFaults) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  DeviceFloats x(64);
+  write_index_on(nullptr, x.p, 64);
+  EXPECT_EQ(x.host()[63], 63.f);
+  EXPECT_DEATH(write_index_on(nullptr, x.p + 1, 64),
+               "device work touched device memory .* outside every live allocation");
+  DeviceFloats y(65);
+  write_index_on(nullptr, y.p + 1, 64);  // 65 floats: within the allocation
+  EXPECT_EQ(y.host()[64], 63.f);
+  float* gone = nullptr;
+  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&gone), 256), cudaSuccess);
+  ASSERT_EQ(cudaFree(gone), cudaSuccess);
+  // A freed allocation is closed to device work too (here reached through a struct, which the
+  // launch's pointer checks do not see).
+  struct Out {
+    float* p;
+  };
+  const Out out{gone};
+  EXPECT_DEATH(launch_kernel(
+                   reinterpret_cast<const void*>(&write_index), 1, 64, 0, nullptr, [=] { write_index(out.p); }, out),
+               "outside every live allocation");
+}
+
 // Work that waits for another process (the emulated NCCL's peers: enqueue_when) holds back
 // only what is behind it on its stream. A query does not wait for it. A host wait that
 // needs it runs, meanwhile, what another process may be waiting for (other streams up to

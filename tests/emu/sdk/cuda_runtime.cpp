@@ -92,7 +92,9 @@ struct Runtime {
   // Device memory: pages of one reserved range of address space, handed out in order and
   // never reused; inaccessible (PROT_NONE) whenever no thread is inside the runtime, so
   // that host code touching device memory faults as on a GPU (on_segv names it). Queued
-  // work opens it (open_arena); the last lock released closes it.
+  // work opens the live allocations' pages (open_arena); the last lock released closes
+  // them. Each allocation ends where its pages end, and a page that is never opened
+  // follows it: work that reads or writes past an allocation's end faults too.
   char* arena = nullptr;
   size_t arena_top = 0;  // bytes handed out
   bool arena_open = false;
@@ -116,10 +118,18 @@ void on_segv(int, siginfo_t* info, void*) {
   const Runtime* r = the_runtime;
   if (r && a >= r->arena && a < r->arena + kArenaBytes) {
     char msg[320];
-    const int n = std::snprintf(msg, sizeof msg,
-                                "emulated CUDA runtime: host code touched device memory at %p, %zu bytes into the "
-                                "device's memory (on a GPU this faults; copy it to the host first)\n",
-                                static_cast<const void*>(a), static_cast<size_t>(a - r->arena));
+    // Open, the arena faults only outside every live allocation: past one's end (its guard
+    // page) or in freed memory. Closed, it is host code's touch.
+    const int n =
+        r->arena_open
+            ? std::snprintf(msg, sizeof msg,
+                            "emulated CUDA runtime: device work touched device memory at %p outside every live "
+                            "allocation (past one's end, or freed); on a GPU an illegal address\n",
+                            static_cast<const void*>(a))
+            : std::snprintf(msg, sizeof msg,
+                            "emulated CUDA runtime: host code touched device memory at %p, %zu bytes into the "
+                            "device's memory (on a GPU this faults; copy it to the host first)\n",
+                            static_cast<const void*>(a), static_cast<size_t>(a - r->arena));
     if (n > 0) (void)!::write(2, msg, static_cast<size_t>(n));
   }
   sigaction(SIGSEGV, &previous_segv, nullptr);
@@ -145,16 +155,29 @@ Runtime& rt() {
   return *r;
 }
 
+// A device allocation of `bytes` in the arena: its data (a multiple of 256 bytes, so that
+// it starts 256-aligned as cudaMalloc's do) ends at the end of its pages.
+size_t data_bytes(size_t bytes) { return (std::max<size_t>(bytes, 1) + 255) / 256 * 256; }
+size_t pages_bytes(size_t bytes) { return (data_bytes(bytes) + kPage - 1) / kPage * kPage; }
+char* pages_of(uintptr_t p, size_t bytes) {
+  return reinterpret_cast<char*>(p) + data_bytes(bytes) - pages_bytes(bytes);
+}
+
 // Device memory becomes accessible for the runtime's own use (queued work, new memory's
-// fill), until the calling thread leaves the runtime.
+// fill), until the calling thread leaves the runtime: each live allocation's pages, not the
+// guard pages between them.
+void protect_allocations(Runtime& r, int prot) {
+  for (const auto& [p, a] : r.allocations)
+    if (a.device) ::mprotect(pages_of(p, a.bytes), pages_bytes(a.bytes), prot);
+}
 void open_arena(Runtime& r) {
-  if (r.arena_open || r.arena_top == 0) return;
-  ::mprotect(r.arena, r.arena_top, PROT_READ | PROT_WRITE);
+  if (r.arena_open) return;
+  protect_allocations(r, PROT_READ | PROT_WRITE);
   r.arena_open = true;
 }
 void close_arena(Runtime& r) {
   if (!r.arena_open) return;
-  ::mprotect(r.arena, r.arena_top, PROT_NONE);
+  protect_allocations(r, PROT_NONE);
   r.arena_open = false;
 }
 // The runtime's lock, counting how deep the calling thread holds it: a host wait blocked on
@@ -260,15 +283,16 @@ cudaError_t allocate(void** p, size_t bytes, bool device) {
     return fail(cudaErrorMemoryAllocation,
                 std::to_string(bytes) + " bytes past the device's " + std::to_string(kDeviceBytes));
   void* q = nullptr;
-  if (device) {  // the arena's next pages
-    const size_t rounded = (std::max<size_t>(bytes, 1) + kPage - 1) / kPage * kPage;
-    if (r.arena_top + rounded > kArenaBytes)
+  if (device) {  // the arena's next pages, then a guard page
+    const size_t span = pages_bytes(bytes);
+    if (r.arena_top + span + kPage > kArenaBytes)
       return fail(cudaErrorMemoryAllocation, "the emulated device's address space is used up");
-    q = r.arena + r.arena_top;
-    r.arena_top += rounded;
-    ::mprotect(q, rounded, PROT_READ | PROT_WRITE);
-    std::memset(q, 0xff, rounded);  // NaN in every float and bf16 a kernel reads before writing
-    if (!r.arena_open) ::mprotect(q, rounded, PROT_NONE);
+    char* pages = r.arena + r.arena_top;
+    r.arena_top += span + kPage;
+    q = pages + span - data_bytes(bytes);
+    ::mprotect(pages, span, PROT_READ | PROT_WRITE);
+    std::memset(pages, 0xff, span);  // NaN in every float and bf16 a kernel reads before writing
+    if (!r.arena_open) ::mprotect(pages, span, PROT_NONE);
   } else {
     q = std::aligned_alloc(256, (std::max<size_t>(bytes, 1) + 255) / 256 * 256);
     if (!q) return fail(cudaErrorMemoryAllocation, "host allocation of " + std::to_string(bytes) + " bytes");
@@ -291,7 +315,9 @@ void take_out(Runtime& r, std::map<uintptr_t, Allocation>::iterator it) {
   void* p = reinterpret_cast<void*>(it->first);
   if (it->second.device) {
     r.device_in_use -= it->second.bytes;
-    r.quarantine.emplace_back(p, (std::max<size_t>(it->second.bytes, 1) + kPage - 1) / kPage * kPage);
+    char* pages = pages_of(it->first, it->second.bytes);
+    ::mprotect(pages, pages_bytes(it->second.bytes), PROT_NONE);  // closed from now on, even to queued work
+    r.quarantine.emplace_back(pages, pages_bytes(it->second.bytes));
   } else {
     std::free(p);
   }

@@ -60,11 +60,15 @@
 //     cudaErrorIllegalAddress naming them, once to the enqueuing thread (another thread's
 //     query sees them and leaves them). Unlike a GPU, the context survives.
 //   - device memory is inaccessible to host code: it lives in one reserved range of address
-//     space (pages handed out in order, never reused) that is open only while the runtime
-//     runs queued work or fills new memory, and closed again when the thread leaves the
-//     runtime. Host code that reads or writes it faults (SIGSEGV, with a line saying it
-//     touched device memory), as on a GPU; tests of the runtime itself look with peek().
-//     (While one thread runs queued work, another thread's host code goes unseen.)
+//     space (pages handed out in order, never reused) whose live allocations are open only
+//     while the runtime runs queued work or fills new memory, and closed again when the
+//     thread leaves the runtime. Host code that reads or writes it faults (SIGSEGV, with a
+//     line saying it touched device memory), as on a GPU; tests of the runtime itself look
+//     with peek(). (While one thread runs queued work, another thread's host code goes
+//     unseen.) Each allocation ends at the end of its pages (its size rounded up to 256
+//     bytes, so it starts 256-aligned) and a page that is never opened follows it, and freed
+//     memory is closed at once: device work past an allocation's end, or in freed memory,
+//     faults too ("outside every live allocation");
 // Not emulated: real concurrency between streams, and the GPU's own timing (events take
 // the host's clock when their record runs).
 #pragma once
