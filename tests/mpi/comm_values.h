@@ -12,23 +12,11 @@
 #include <vector>
 
 #include "parallel/comm.h"
+#include "../test_util.h"  // bf16_bits, bf16_value
 
 namespace vchat::comm_test {
 
 // ---- host values of each dtype, as doubles ----
-
-inline uint16_t to_bf16(float f) {  // round to nearest even, as the backend does
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  u += 0x7FFF + ((u >> 16) & 1);
-  return static_cast<uint16_t>(u >> 16);
-}
-inline float from_bf16(uint16_t b) {
-  const uint32_t u = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
 
 inline void store(DType t, void* base, int64_t i, double v) {
   switch (t) {
@@ -36,7 +24,7 @@ inline void store(DType t, void* base, int64_t i, double v) {
       static_cast<float*>(base)[i] = static_cast<float>(v);
       break;
     case DType::bf16:
-      static_cast<uint16_t*>(base)[i] = to_bf16(static_cast<float>(v));
+      static_cast<uint16_t*>(base)[i] = test::bf16_bits(static_cast<float>(v));
       break;
     case DType::i32:
       static_cast<int32_t*>(base)[i] = static_cast<int32_t>(v);
@@ -51,7 +39,7 @@ inline double load(DType t, const void* base, int64_t i) {
     case DType::f32:
       return static_cast<const float*>(base)[i];
     case DType::bf16:
-      return from_bf16(static_cast<const uint16_t*>(base)[i]);
+      return test::bf16_value(static_cast<const uint16_t*>(base)[i]);
     case DType::i32:
       return static_cast<const int32_t*>(base)[i];
     case DType::u8:

@@ -96,19 +96,21 @@ def launches(log):
         names = dict(zip(wanted, demangle([symbols[o] for o in wanted])))
         for off, threads, smem in recs:
             name = normalize(names.get(off, ""))
-            if not short(name, 10**6).startswith("vchat::cuda::"):
+            if not qualified(name).startswith("vchat::cuda::"):
                 continue  # the emulator's own test kernels
             t, s = found.get(name, (0, 0))
             found[name] = (max(t, threads), max(s, smem))
     return found
 
 
-def short(name, width=70):
+def qualified(name):
     """The qualified name without return type, anonymous namespaces or parameters."""
     base = name.replace("(anonymous namespace)::", "").split("(")[0]
-    base = base[5:] if base.startswith("void ") else base
-    if width < 10**6:
-        base = base.replace("vchat::cuda::", "")
+    return base[5:] if base.startswith("void ") else base
+
+
+def short(name, width=70):
+    base = qualified(name).replace("vchat::cuda::", "")
     return base if len(base) <= width else base[: width - 3] + "..."
 
 

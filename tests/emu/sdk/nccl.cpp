@@ -87,24 +87,37 @@ struct ncclComm {
 
 namespace {
 
-size_t type_bytes(ncclDataType_t t) {
+// f(T()) with T the element type of t (fp16, which nothing here reduces, is refused when called).
+template <class F>
+void with_type(ncclDataType_t t, F&& f) {
   switch (t) {
     case ncclInt8:
+      return f(int8_t());
     case ncclUint8:
-      return 1;
-    case ncclFloat16:
-    case ncclBfloat16:
-      return 2;
+      return f(uint8_t());
     case ncclInt32:
+      return f(int32_t());
     case ncclUint32:
-    case ncclFloat32:
-      return 4;
+      return f(uint32_t());
     case ncclInt64:
+      return f(int64_t());
     case ncclUint64:
+      return f(uint64_t());
+    case ncclFloat32:
+      return f(float());
     case ncclFloat64:
-      return 8;
+      return f(double());
+    case ncclBfloat16:
+      return f(__nv_bfloat16());
+    case ncclFloat16:
+      return;
   }
-  return 0;
+}
+size_t type_bytes(ncclDataType_t t) {
+  if (t == ncclFloat16) return 2;  // moved, never reduced
+  size_t n = 0;                    // 0: not a type
+  with_type(t, [&](auto x) { n = sizeof x; });
+  return n;
 }
 
 struct Transfer {
@@ -261,32 +274,6 @@ T divided(T a, int n) {
 }
 __nv_bfloat16 divided(__nv_bfloat16 a, int n) { return __float2bfloat16_rn(__bfloat162float(a) / n); }
 
-// f(T()) with T the element type of t (fp16, which nothing here reduces, is refused when called).
-template <class F>
-void with_type(ncclDataType_t t, F&& f) {
-  switch (t) {
-    case ncclInt8:
-      return f(int8_t());
-    case ncclUint8:
-      return f(uint8_t());
-    case ncclInt32:
-      return f(int32_t());
-    case ncclUint32:
-      return f(uint32_t());
-    case ncclInt64:
-      return f(int64_t());
-    case ncclUint64:
-      return f(uint64_t());
-    case ncclFloat32:
-      return f(float());
-    case ncclFloat64:
-      return f(double());
-    case ncclBfloat16:
-      return f(__nv_bfloat16());
-    case ncclFloat16:
-      return;
-  }
-}
 // acc op= x, elementwise.
 void reduce_into(void* acc, const void* x, size_t count, ncclDataType_t t, ncclRedOp_t op) {
   with_type(t, [&](auto type) {
