@@ -40,12 +40,12 @@ def read_batch(path):
 
 
 class VitLayer(nn.Module):
-    def __init__(self, w, heads, inter, eps):
+    def __init__(self, w, heads, inter, eps, act):
         super().__init__()
         self.ln1, self.ln2 = nn.LayerNorm(w, eps=eps), nn.LayerNorm(w, eps=eps)
         self.qkv, self.o = nn.Linear(w, 3 * w), nn.Linear(w, w)
         self.fc1, self.fc2 = nn.Linear(w, inter), nn.Linear(inter, w)
-        self.heads = heads
+        self.heads, self.quick_gelu = heads, act == "quick_gelu"
 
     def forward(self, x):
         n, t, w = x.shape
@@ -53,19 +53,27 @@ class VitLayer(nn.Module):
         a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, t, w)
         x = x + self.o(a)
         h = self.fc1(self.ln2(x))
-        return x + self.fc2(h * torch.sigmoid(1.702 * h))
+        return x + self.fc2(h * torch.sigmoid(1.702 * h) if self.quick_gelu else F.gelu(h))
 
 
 class Vision(nn.Module):
     def __init__(self, c):
         super().__init__()
         w, p = c["width"], c["patch_size"]
+        if c["act"] not in ("quick_gelu", "gelu") or c["feature_select"] not in ("all", "patch"):
+            raise ValueError(f"vision act {c['act']!r} / feature_select {c['feature_select']!r}: not what vchat runs")
         self.p, self.g = p, c["image_size"] // p
         self.patch = nn.Linear(3 * p * p, w, bias=False)
         self.cls = nn.Parameter(torch.randn(w) * 0.02)
         self.pos = nn.Parameter(torch.randn(self.g * self.g + 1, w) * 0.02)
         self.pre = nn.LayerNorm(w, eps=c["ln_eps"])
-        self.layers = nn.ModuleList(VitLayer(w, c["n_heads"], c["intermediate"], c["ln_eps"]) for _ in range(c["n_layers"]))
+        # The features are hidden_states[feature_layer] (0 = after pre_layrnorm, -1 = the last
+        # layer's output): the layers after it cannot change them, so vchat does not run
+        # them, and neither does this model.
+        fl = c["feature_layer"]
+        n_run = fl + c["n_layers"] + 1 if fl < 0 else fl
+        self.layers = nn.ModuleList(VitLayer(w, c["n_heads"], c["intermediate"], c["ln_eps"], c["act"]) for _ in range(n_run))
+        self.drop_cls = c["feature_select"] == "patch"
 
     def forward(self, px):
         n = px.shape[0]
@@ -75,13 +83,17 @@ class Vision(nn.Module):
         x = self.pre(x)
         for layer in self.layers:
             x = layer(x)
-        return x.reshape(-1, x.shape[-1])  # feature_select "all": every token, CLS included
+        if self.drop_cls:  # feature_select "patch"; "all" keeps every token, CLS included
+            x = x[:, 1:]
+        return x.reshape(-1, x.shape[-1])
 
 
 def rope(x, pos, theta):  # x [B, H, L, D]
+    # Angles in float64 whatever the working dtype, as vchat computes them (docs/MODEL.md):
+    # long positions keep their precision. The tables are [L, D/2], cheap at any dtype.
     d = x.shape[-1]
-    inv = theta ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)
-    ang = pos[:, None].float() * inv[None]
+    inv = theta ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float64) / d)
+    ang = pos[:, None].double() * inv[None]
     cos, sin = torch.cat([ang.cos()] * 2, -1).to(x.dtype), torch.cat([ang.sin()] * 2, -1).to(x.dtype)
     x1, x2 = x[..., : d // 2], x[..., d // 2:]
     return x * cos + torch.cat([-x2, x1], -1) * sin
@@ -166,8 +178,17 @@ class Model(nn.Module):
         return self.loss(x, targets)
 
     def loss(self, x, targets):
-        logits = self.head(self.norm(x)).float()
+        logits = self.head(self.norm(x))
+        if logits.dtype in (torch.bfloat16, torch.float16):  # the loss in fp32 (a float64 parity run stays float64)
+            logits = logits.float()
         return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1).long(), ignore_index=-1)
+
+
+def set_trainable(model, train):
+    """vchat's train sets: full = everything but the ViT; default (the paper's) = the
+    projection and the input embedding. The ViT is frozen in both."""
+    for n, p in model.named_parameters():
+        p.requires_grad_(not n.startswith("vision.") and (train == "full" or n.startswith(("proj", "embed"))))
 
 
 def main():
@@ -188,11 +209,7 @@ def main():
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     torch.manual_seed(0)
     model = Model(cfg).to(dev)
-    for p in model.vision.parameters():
-        p.requires_grad_(False)
-    if a.train == "default":  # the paper's set: projection and input embedding
-        for n, p in model.named_parameters():
-            p.requires_grad_(n.startswith(("proj", "embed")))
+    set_trainable(model, a.train)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
     tokens, modality = t["input.tokens"].to(dev), t["input.modality"].to(dev)

@@ -66,7 +66,7 @@ stage() {  # stage NAME TIMEOUT_S CMD...: runs, logs to $LOGS/NAME.log, records 
   # finding about the stage, only that the earlier ones took the time: rerun with ONLY).
   (( rc == 124 || rc == 137 )) && result="FAIL(timeout ${limit} s)"
   (( (rc == 124 || rc == 137) && cut )) && result="FAIL(cut at ${limit} s by the ${HARD_S} s budget)"
-  detail="$((SECONDS - t0)) s; $(grep -E 'FAILED TESTS|PASSED|ERROR SUMMARY|_ms ' "$LOGS/$name.log" | tail -n 1 | cut -c1-100)"
+  detail="$((SECONDS - t0)) s; $(grep -E 'FAILED TESTS|PASSED|ERROR SUMMARY|_ms |torch_parity: ' "$LOGS/$name.log" | tail -n 1 | cut -c1-100)"
   echo "== $name: rc $rc in $((SECONDS - t0)) s"; tail -n 25 "$LOGS/$name.log"
   record "$name" "$result" "$detail"
 }
@@ -126,6 +126,9 @@ stage layouts-staged 180 bash tools/gpu/layouts.sh "$LOGS"
 # 2. Benchmarks: vchat and PyTorch side by side on this GPU (bench/RESULTS.md takes the
 #    figures). PyTorch runs with the machine's own library path, not the pack's.
 TORCH=(env LD_LIBRARY_PATH="$ORIG_LD" python3)
+# The PyTorch model computes vchat's (loss and gradients against the oracle, float64 on the
+# CPU, this machine's PyTorch): seconds, and the ratios below compare the same model.
+stage torch-parity 60 "${TORCH[@]}" tools/gpu/torch_parity.py
 for L in 2048 4096; do
   stage "attn-vchat-$L" 60 "$BIN/vchat-bench-attn" --seq-len $L --batch 4 --heads 16 --kv-heads 16 --head-dim 128 --image-frac 0.3
   stage "attn-vchat-cc-$L" 60 "$BIN/vchat-bench-attn" --kernel cuda-cores --seq-len $L --batch 4 --heads 16 --kv-heads 16 --head-dim 128 --image-frac 0.3

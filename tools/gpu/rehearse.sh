@@ -70,15 +70,19 @@ if DEVICE=cpu LAYOUT_TIMEOUT_S=900 PACK=$WORK/pack bash "$ROOT/tools/gpu/layouts
 else
   echo "rehearse: tools/gpu/layouts.sh failed on the CPU:"; tail -20 "$WORK/layouts.txt"; bad=1
 fi
-# The PyTorch references, on the CPU at small shapes, where a PyTorch with what they use
-# (SDPA's enable_gqa and sdpa_kernel, nn.RMSNorm: 2.5 or later) is given as TORCH_PY, e.g.
-# a venv with `pip install torch`: Debian's 1.13 has none of it. The packed vchat-bench-step
-# writes the batch both sides train on, as check.sh does with the 1B config.
+# The PyTorch references, on the CPU at small shapes, with the lent machine's PyTorch
+# version (tools/gpu/torch_venv.sh makes .venv-torch; TORCH_PY names another python):
+# Debian's 1.13 has none of what they use. First the benchmark model's parity with the test
+# oracle (the same loss and gradients: an MFU ratio compares the same model), then each
+# reference as check.sh starts it. The packed vchat-bench-step writes the batch both sides
+# train on, as check.sh does with the 1B config.
+TORCH_PY=${TORCH_PY:-$(bash "$ROOT/tools/gpu/torch_venv.sh" || true)}
 if [[ -n ${TORCH_PY:-} ]]; then
   tb=$WORK/torch-batch.safetensors
   torch_ok=1
+  env -u LD_LIBRARY_PATH "$TORCH_PY" tools/gpu/torch_parity.py > "$WORK/torch.txt" 2>&1 || torch_ok=0
   "$WORK/pack/bin/vchat-bench-step" --device cpu --model inputs/models/tiny-deep.json --train full --batch 2 \
-      --seq-len 256 --images 2 --warmup 0 --iters 1 --batch-out "$tb" > "$WORK/torch.txt" 2>&1 || torch_ok=0
+      --seq-len 256 --images 2 --warmup 0 --iters 1 --batch-out "$tb" >> "$WORK/torch.txt" 2>&1 || torch_ok=0
   flops=$(sed -n 's/.*model_flops=\([0-9.e+-]*\).*/\1/p' "$WORK/torch.txt")
   for args in "--mode eager --attention mmca" "--mode compile --attention mmca" "--mode eager --attention causal --train default"; do
     (( torch_ok )) || break
@@ -94,7 +98,7 @@ if [[ -n ${TORCH_PY:-} ]]; then
     echo "rehearse: a PyTorch reference failed:"; tail -20 "$WORK/torch.txt"; bad=1
   fi
 else
-  echo "rehearse: PyTorch references not rehearsed (set TORCH_PY to a python with torch >= 2.5)"
+  echo "rehearse: PyTorch references NOT rehearsed: tools/gpu/torch_venv.sh could not install torch (no PyPI?); set TORCH_PY to a python with torch >= 2.5"
 fi
 echo "rehearse: pack $((size >> 20)) MiB"
 exit $bad
