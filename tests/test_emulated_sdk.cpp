@@ -306,9 +306,11 @@ TEST(EmulatedSdkDeathTest, HostCodeTouchingDeviceMemoryFaults) {
 }
 
 // Device work cannot touch memory past an allocation's end: a guard page follows every
-// allocation's last 256-byte block, as compute-sanitizer (or, beyond the mapping, the GPU)
+// allocation's last byte, as compute-sanitizer's memcheck (or, beyond the mapping, the GPU)
 // would report an out-of-bounds access. A kernel writing one float past 64 faults, naming it;
-// within the allocation it runs; 65 floats fit (the allocation rounds up to 256 bytes).
+// so does one writing 64 floats into 63 (one element past a size that is no multiple of
+// 256 bytes, which cudaMalloc's rounding would hide on a GPU, but memcheck reports); within
+// the allocation it runs.
 TEST(EmulatedSdkDeathTest, DeviceWorkPastAnAllocationsEndFaults) {
   GTEST_FLAG_SET(death_test_style, "threadsafe");
   DeviceFloats x(64);
@@ -316,6 +318,8 @@ TEST(EmulatedSdkDeathTest, DeviceWorkPastAnAllocationsEndFaults) {
   EXPECT_EQ(x.host()[63], 63.f);
   EXPECT_DEATH(write_index_on(nullptr, x.p + 1, 64),
                "device work touched device memory .* outside every live allocation");
+  DeviceFloats odd(63);
+  EXPECT_DEATH(write_index_on(nullptr, odd.p, 64), "outside every live allocation");
   DeviceFloats y(65);
   write_index_on(nullptr, y.p + 1, 64);  // 65 floats: within the allocation
   EXPECT_EQ(y.host()[64], 63.f);
