@@ -21,6 +21,7 @@ PACKAGES=(
   python3 python3-torch python3-numpy # PyTorch reference for tests/ and bench/
   python3-venv python3-pip            # the project's venv (tools/setup-venv.sh)
   python3-matplotlib                  # tools/plot_metrics.py
+  xz-utils                            # tar -J: the GPU pack (tools/gpu/pack.sh) and its check's test
 )
 
 missing=()

@@ -66,15 +66,24 @@ stage() {  # stage NAME TIMEOUT_S CMD...: runs, logs to $LOGS/NAME.log, records 
   # finding about the stage, only that the earlier ones took the time: rerun with ONLY).
   (( rc == 124 || rc == 137 )) && result="FAIL(timeout ${limit} s)"
   (( (rc == 124 || rc == 137) && cut )) && result="FAIL(cut at ${limit} s by the ${HARD_S} s budget)"
-  detail="$((SECONDS - t0)) s; $(grep -E 'FAILED TESTS|PASSED|ERROR SUMMARY|_ms |torch_parity: ' "$LOGS/$name.log" | tail -n 1 | cut -c1-100)"
+  # The log's last summary line (gtest's " N FAILED TEST(S)", a figure, ...), and the first
+  # failed test's name.
+  local first
+  first=$(sed -n '/^\[  FAILED  \] .* listed below:$/{n;s/^\[  FAILED  \] //p;q}' "$LOGS/$name.log")
+  detail="$((SECONDS - t0)) s; $(grep -E 'FAILED TESTS?$|PASSED|ERROR SUMMARY|_ms |torch_parity: ' "$LOGS/$name.log" | tail -n 1 | cut -c1-100)${first:+ (first: ${first:0:80})}"
   echo "== $name: rc $rc in $((SECONDS - t0)) s"; tail -n 25 "$LOGS/$name.log"
   record "$name" "$result" "$detail"
+}
+# A PyTorch reference with no vchat batch and FLOP count to run on: its row says why.
+no_ref() {
+  if [[ $1 =~ $ONLY ]]; then record "$1" skipped "no batch or model_flops from $2 (see its row)"
+  else record "$1" "not selected" "not matched by ONLY"; fi
 }
 value() { sed -n "s/.*$2=\([0-9.e+-]*\).*/\1/p" "$LOGS/$1.log" 2>/dev/null | tail -n 1; }
 
 # Unpack: tar's xz filter needs the xz program, which a minimal image may lack; Python's
 # tarfile reads xz itself.
-PACK_TAR=$ROOT/.gpu-pack/pack.tar.xz
+PACK_TAR=${VCHAT_GPU_PACK:-$ROOT/.gpu-pack/pack.tar.xz}  # (another pack: tests/e2e/gpu_check_plumbing.sh)
 [[ -f $PACK_TAR ]] || { record unpack FAIL "no .gpu-pack/pack.tar.xz (run make gpu-pack here first and carry .gpu-pack)"; exit 1; }
 if ! tar -C "$WORK" -xJf "$PACK_TAR" 2> "$LOGS/unpack.log"; then
   python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' "$PACK_TAR" "$WORK" >> "$LOGS/unpack.log" 2>&1 ||
@@ -146,6 +155,9 @@ if [[ -n $FLOPS && -f $BATCH ]]; then
         --peak-tflops "$PEAK" --mode eager --train full --attention mmca
   stage step-torch-compile 150 "${TORCH[@]}" bench/gpu_torch_step.py --batch-file "$BATCH" --flops "$FLOPS" \
         --peak-tflops "$PEAK" --mode compile --train full --attention mmca
+else
+  no_ref step-torch-eager step-vchat
+  no_ref step-torch-compile step-vchat
 fi
 record figures - "attn L2048 fwd+bwd: vchat $(value attn-vchat-2048 fwd_bwd) ms, torch flash $(value attn-torch-2048 fwd_bwd) ms; L4096: vchat $(value attn-vchat-4096 fwd_bwd) ms, torch $(value attn-torch-4096 fwd_bwd) ms; 1B step MFU: vchat $(value step-vchat mfu), torch eager $(value step-torch-eager mfu), compile $(value step-torch-compile mfu)"
 
@@ -179,6 +191,8 @@ for m in tiny small; do
   if [[ -n $F && -f $MB ]]; then
     stage "step-$m-torch-eager" 90 "${TORCH[@]}" bench/gpu_torch_step.py --batch-file "$MB" --flops "$F" \
           --peak-tflops "$PEAK" --mode eager --train default --attention mmca --iters 10
+  else
+    no_ref "step-$m-torch-eager" "step-$m-vchat"
   fi
 done
 stage comm-nccl-1 60 "${MPIRUN[@]}" -np 1 "$BIN/vchat-bench-comm" --backend nccl --max-mib 64
