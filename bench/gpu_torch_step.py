@@ -88,13 +88,18 @@ class Vision(nn.Module):
         return x.reshape(-1, x.shape[-1])
 
 
-def rope(x, pos, theta):  # x [B, H, L, D]
-    # Angles in float64 whatever the working dtype, as vchat computes them (docs/MODEL.md):
-    # long positions keep their precision. The tables are [L, D/2], cheap at any dtype.
+def rope_tables(length, d, theta, device):
+    """cos and sin [L, D] of the rotate-half rope, made once per forward (as Hugging Face's
+    LLaMA does) and shared by every layer. Angles in float64 whatever the working dtype, as
+    vchat computes them (docs/MODEL.md): long positions keep their precision."""
+    inv = theta ** (-torch.arange(0, d, 2, device=device, dtype=torch.float64) / d)
+    ang = torch.arange(length, device=device, dtype=torch.float64)[:, None] * inv[None]
+    return torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+
+
+def rope(x, cos, sin):  # x [B, H, L, D]
     d = x.shape[-1]
-    inv = theta ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float64) / d)
-    ang = pos[:, None].double() * inv[None]
-    cos, sin = torch.cat([ang.cos()] * 2, -1).to(x.dtype), torch.cat([ang.sin()] * 2, -1).to(x.dtype)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     x1, x2 = x[..., : d // 2], x[..., d // 2:]
     return x * cos + torch.cat([-x2, x1], -1) * sin
 
@@ -109,14 +114,12 @@ class Block(nn.Module):
         self.gate, self.up = nn.Linear(h, c["intermediate"], bias=False), nn.Linear(h, c["intermediate"], bias=False)
         self.down = nn.Linear(c["intermediate"], h, bias=False)
         self.n1, self.n2 = nn.RMSNorm(h, eps=c["rms_eps"]), nn.RMSNorm(h, eps=c["rms_eps"])
-        self.theta = c["rope_theta"]
 
-    def forward(self, x, att):
+    def forward(self, x, att, cos, sin):
         b, l, h = x.shape
         y = self.n1(x)
-        pos = torch.arange(l, device=x.device)
-        q = rope(self.q(y).view(b, l, self.nh, self.hd).transpose(1, 2), pos, self.theta)
-        k = rope(self.k(y).view(b, l, self.nkv, self.hd).transpose(1, 2), pos, self.theta)
+        q = rope(self.q(y).view(b, l, self.nh, self.hd).transpose(1, 2), cos, sin)
+        k = rope(self.k(y).view(b, l, self.nkv, self.hd).transpose(1, 2), cos, sin)
         v = self.v(y).view(b, l, self.nkv, self.hd).transpose(1, 2)
         x = x + self.o(att(q, k, v).transpose(1, 2).reshape(b, l, h))
         y = self.n2(x)
@@ -163,6 +166,7 @@ class Model(nn.Module):
         self.proj_ln = nn.LayerNorm(lc["hidden"], eps=cfg["projection"]["ln_eps"])
         self.embed = nn.Embedding(lc["vocab_size"], lc["hidden"])
         self.blocks = nn.ModuleList(Block(lc) for _ in range(lc["n_layers"]))
+        self.theta, self.head_dim = lc["rope_theta"], lc["hidden"] // lc["n_heads"]
         self.norm = nn.RMSNorm(lc["hidden"], eps=lc["rms_eps"])
         self.head = nn.Linear(lc["hidden"], lc["vocab_size"], bias=False)
 
@@ -173,8 +177,9 @@ class Model(nn.Module):
         x = self.embed(tokens.long().clamp(min=0))
         b, l, h = x.shape
         x = x.reshape(b * l, h).index_copy(0, image_rows, img.to(x.dtype)).view(b, l, h)
+        cos, sin = rope_tables(l, self.head_dim, self.theta, x.device)
         for blk in self.blocks:
-            x = blk(x, att)
+            x = blk(x, att, cos, sin)
         return self.loss(x, targets)
 
     def loss(self, x, targets):
