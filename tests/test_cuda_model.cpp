@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <random>
@@ -115,6 +116,11 @@ TEST_F(CudaModel, RecomputedBlocksGiveTheSameGradientsOnTheDevice) {
 }
 
 // 50 steps of the paper's setting on synthetic data: the bf16 GPU curve tracks the fp32 CPU curve.
+// On one batch, every step: on fresh batches of synthetic tokens the paper's trainable set
+// learns nearly nothing in 50 steps (small's fp32 curve stays at 9.09 +- 0.07, tiny's at 6.24,
+// ln V), so a device that gave uniform logits would track within 2% and pass. Fitting one
+// batch, the curve falls (tiny 6.26 -> 5.36, small 9.09 -> 5.26 on the CPU) and a device
+// that does not learn as the CPU does falls behind it.
 void expect_curves_track(const std::string& model, int64_t seq_len) {
   auto curve = [&](Device d, Precision p) {
     TrainConfig c;
@@ -123,6 +129,7 @@ void expect_curves_track(const std::string& model, int64_t seq_len) {
     c.data.batch_size = 2;
     c.data.seq_len = seq_len;
     c.steps = 50;
+    c.fixed_batch = true;
     c.lr = LrSchedule{1e-3f, 1e-4f, 5, 50};
     c.device = d;
     c.precision = p;
@@ -132,9 +139,16 @@ void expect_curves_track(const std::string& model, int64_t seq_len) {
     return losses;
   };
   const std::vector<double> cpu = curve(Device::cpu, Precision::fp32), gpu = curve(Device::cuda, Precision::bf16);
-  for (size_t i = 0; i < cpu.size(); ++i)
+  size_t worst = 0;
+  for (size_t i = 0; i < cpu.size(); ++i) {
     EXPECT_NEAR(gpu[i], cpu[i], 0.02 * cpu[i]) << model << " step " << i + 1;
-  EXPECT_LT(gpu.back(), gpu.front()) << model << ": it learns";
+    if (std::abs(gpu[i] / cpu[i] - 1) > std::abs(gpu[worst] / cpu[worst] - 1)) worst = i;
+  }
+  EXPECT_LT(gpu.back(), 0.9 * gpu.front()) << model << ": it learns (the last loss 10% under the first at least)";
+  // The margin, for the record (a GPU run's log shows how close to 2% it came).
+  std::printf("[ curve    ] %s: fp32 CPU %.4f -> %.4f, bf16 device %.4f -> %.4f; largest gap %.3f%% at step %zu\n",
+              model.c_str(), cpu.front(), cpu.back(), gpu.front(), gpu.back(),
+              100 * std::abs(gpu[worst] / cpu[worst] - 1), worst + 1);
 }
 
 // Chat on the GPU (vchat-chat --device cuda): the KV cache lives on the device in the compute

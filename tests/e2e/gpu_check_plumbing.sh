@@ -4,7 +4,7 @@
 # packed binaries, nvidia-smi, compute-sanitizer, mpirun and PyTorch's python3, printing
 # what the real ones print) and must
 #   run A: record every selected stage (pass, a failure, "not selected"), take the figures
-#          out of the logs into the figures rows, not fail the check for a PyTorch
+#          and the loss curves' margins out of the logs into their rows, not fail the check for a PyTorch
 #          reference's failure, pack every log into logs.tar.gz, print the table last, exit 0;
 #   run B: fail the check for a vchat stage's failure, cut a stage that outlives the time
 #          budget (HARD_S) at what was left and say so, skip the stages after it, and flag
@@ -26,6 +26,9 @@ stub() {  # stub FILE BODY: an executable bash script
 stub "$T/pack/bin/vchat_cuda_tests" 'case "$*" in
   *CudaComm*) printf "[  FAILED  ] CudaComm.Broken (3 ms)\n[  PASSED  ] 6 tests.\n[  FAILED  ] 1 test, listed below:\n"
               printf "[  FAILED  ] CudaComm.Broken\n\n 1 FAILED TEST\n"; exit 1 ;;
+  *CudaModel*) echo "[ curve    ] tiny: fp32 CPU 6.3 -> 4.1, bf16 device 6.3 -> 4.1; largest gap 0.40% at step 7"
+               echo "[ curve    ] small: fp32 CPU 9.1 -> 6.0, bf16 device 9.1 -> 6.1; largest gap 1.10% at step 31"
+               echo "[  PASSED  ] 7 tests." ;;
   *) echo "[  PASSED  ] 7 tests." ;;
 esac'
 stub "$T/pack/bin/vchat-bench-attn" 'case "$*" in
@@ -92,6 +95,7 @@ expect_row A machine - "H100 80GB HBM3, 580.159.04"
 expect_row A pack-sources pass
 expect_row A ops pass "PASSED"
 expect_row A comm 'FAIL\(1\)' "1 FAILED TEST \(first: CudaComm.Broken\)"
+expect_row A curves - "tiny: .*largest gap 0.40% at step 7;small: .*largest gap 1.10% at step 31 \|"
 expect_row A layouts-staged "not selected"
 expect_row A torch-parity pass "gradients agree"
 expect_row A step-torch-compile 'FAIL\(1\)'

@@ -130,6 +130,9 @@ missing=$(ldd "$BIN/vchat_cuda_tests" 2>&1 | tee "$LOGS/ldd.log" | grep "not fou
 stage ops 150 "$BIN/vchat_cuda_tests" --gtest_color=no --gtest_filter='CudaOps.*'
 stage comm 60 "$BIN/vchat_cuda_tests" --gtest_color=no --gtest_filter='CudaComm.*'
 stage model 200 "$BIN/vchat_cuda_tests" --gtest_color=no --gtest_filter='CudaModel.*'
+# The loss curves' margins (bf16 on the GPU against fp32 on the CPU; the test allows 2%).
+curves=$(sed -n 's/^\[ curve    \] //p' "$LOGS/model.log" 2>/dev/null | paste -sd ';' -)
+[[ -n $curves ]] && record curves - "$curves"
 stage layouts-staged 180 bash tools/gpu/layouts.sh "$LOGS"
 
 # 2. Benchmarks: vchat and PyTorch side by side on this GPU (bench/RESULTS.md takes the
