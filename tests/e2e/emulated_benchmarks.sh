@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The device check's benchmark stages (tools/gpu/check.sh) on the emulated CUDA device, with
+# the same options at small shapes: vchat-bench-attn (both kernel sets), vchat-bench-step
+# (bf16, --profile, --batch-out) and vchat-bench-comm (NCCL at one rank, the staged MPI path
+# with two ranks, one emulated device each). Each must run and print the line check.sh reads
+# its figures from; the step's batch file must hold what bench/gpu_torch_step.py reads. The
+# figures themselves mean nothing here.
+# Usage: emulated_benchmarks.sh BUILD_DIR SOURCE_DIR
+set -uo pipefail
+BUILD=$1
+SRC=$2
+W=$(mktemp -d)
+trap 'rm -rf "$W"' EXIT
+cd "$SRC" || exit 1
+export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+export VCHAT_EMU_NCCL_DIR="$W/nccl"
+bad=0
+expect() {  # expect NAME REGEX CMD...: runs CMD, which must exit 0 and print a line matching REGEX
+  local name=$1 re=$2; shift 2
+  if "$@" > "$W/$name.log" 2>&1 && grep -qE "$re" "$W/$name.log"; then
+    echo "emulated_benchmarks: $name: $(grep -E "$re" "$W/$name.log" | tail -n 1 | cut -c1-110)"
+  else
+    echo "emulated_benchmarks: FAIL: $name (exit or no line /$re/):"; tail -n 20 "$W/$name.log"; bad=1
+  fi
+}
+T=$BUILD/tests
+NUM='[0-9]+\.[0-9]+'
+for kernel in auto cuda-cores; do
+  expect "attn-$kernel" "^vchat_attn_ms fwd=$NUM fwd_bwd=$NUM$" "$T/vchat-bench-attn-emulated" --kernel $kernel \
+    --seq-len 96 --batch 1 --heads 2 --kv-heads 1 --head-dim 128 --image-frac 0.3 --image-tokens 17 --iters 1
+done
+expect step "^vchat_step_ms median=$NUM .*model_flops=[0-9.e+]+ mfu=$NUM peak_tflops=$NUM$" \
+  "$T/vchat-bench-step-emulated" --device cuda --precision bf16 --model inputs/models/tiny.json --train full --batch 2 \
+  --seq-len 128 --images 2 --warmup 1 --iters 1 --threads 1 --profile --batch-out "$W/batch.safetensors"
+# An image in the batch (the ViT runs), and --profile's table of ops timed on their stream:
+# the attention and the ViT's patchify among them.
+grep -qE "^# model=tiny .* images=[1-9]" "$W/step.log" || { echo "emulated_benchmarks: FAIL: the step's batch has no image"; bad=1; }
+for op in attention_bwd patchify; do
+  grep -qE "^#   $op +cuda" "$W/step.log" || { echo "emulated_benchmarks: FAIL: step --profile did not time $op on the device"; bad=1; }
+done
+python3 - "$W/batch.safetensors" <<'PY' || bad=1
+import json, struct, sys
+with open(sys.argv[1], "rb") as f:
+    header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+need = {"input.tokens", "input.modality", "input.targets", "input.pixels"}
+missing = need - set(header)
+cfg = json.loads(header.get("__metadata__", {}).get("config", "{}"))
+if missing or "llm" not in cfg:
+    sys.exit(f"emulated_benchmarks: FAIL: the step's batch file lacks {sorted(missing) or 'the model config'}")
+print(f"emulated_benchmarks: batch file holds {sorted(need)} and the config of {cfg.get('name')}")
+PY
+expect comm-nccl-1 "^\| nccl \| device \| 1 \|" mpirun --oversubscribe -np 1 -x VCHAT_EMU_NCCL_DIR \
+  "$T/vchat-bench-comm-emulated" --backend nccl --max-mib 1 --iters 2
+expect comm-mpi-staged-2 "^\| mpi \| device \| 2 \| sendrecv" mpirun --oversubscribe -np 2 \
+  "$T/vchat-bench-comm-emulated" --backend mpi --buffers device --max-mib 1 --iters 2
+exit $bad
