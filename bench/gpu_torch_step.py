@@ -72,6 +72,8 @@ class Vision(nn.Module):
         # them, and neither does this model.
         fl = c["feature_layer"]
         n_run = fl + c["n_layers"] + 1 if fl < 0 else fl
+        if not 0 <= n_run <= c["n_layers"]:
+            raise ValueError(f"vision feature_layer {fl} out of range for {c['n_layers']} layers")
         self.layers = nn.ModuleList(VitLayer(w, c["n_heads"], c["intermediate"], c["ln_eps"], c["act"]) for _ in range(n_run))
         self.drop_cls = c["feature_select"] == "patch"
 
@@ -88,18 +90,17 @@ class Vision(nn.Module):
         return x.reshape(-1, x.shape[-1])
 
 
-def rope_tables(length, d, theta, device):
-    """cos and sin [L, D] of the rotate-half rope, made once per forward (as Hugging Face's
-    LLaMA does) and shared by every layer. Angles in float64 whatever the working dtype, as
-    vchat computes them (docs/MODEL.md): long positions keep their precision."""
+def rope_tables(length, d, theta, device, dtype):
+    """cos and sin [L, D] of the rotate-half rope in the working dtype, made once per forward
+    (as Hugging Face's LLaMA does) and shared by every layer. Angles in float64 whatever the
+    working dtype, as vchat computes them (docs/MODEL.md): long positions keep their precision."""
     inv = theta ** (-torch.arange(0, d, 2, device=device, dtype=torch.float64) / d)
     ang = torch.arange(length, device=device, dtype=torch.float64)[:, None] * inv[None]
-    return torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+    return torch.cat([ang.cos()] * 2, -1).to(dtype), torch.cat([ang.sin()] * 2, -1).to(dtype)
 
 
-def rope(x, cos, sin):  # x [B, H, L, D]
+def rope(x, cos, sin):  # x [B, H, L, D]; cos, sin [L, D] in x's dtype
     d = x.shape[-1]
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     x1, x2 = x[..., : d // 2], x[..., d // 2:]
     return x * cos + torch.cat([-x2, x1], -1) * sin
 
@@ -177,7 +178,10 @@ class Model(nn.Module):
         x = self.embed(tokens.long().clamp(min=0))
         b, l, h = x.shape
         x = x.reshape(b * l, h).index_copy(0, image_rows, img.to(x.dtype)).view(b, l, h)
-        cos, sin = rope_tables(l, self.head_dim, self.theta, x.device)
+        # The dtype q and k come out of their Linear in: autocast's, else the model's.
+        dev = x.device.type
+        work = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        cos, sin = rope_tables(l, self.head_dim, self.theta, x.device, work)
         for blk in self.blocks:
             x = blk(x, att, cos, sin)
         return self.loss(x, targets)

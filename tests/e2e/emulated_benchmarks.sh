@@ -38,16 +38,31 @@ grep -qE "^# model=tiny .* images=[1-9]" "$W/step.log" || { echo "emulated_bench
 for op in attention_bwd patchify; do
   grep -qE "^#   $op +cuda" "$W/step.log" || { echo "emulated_benchmarks: FAIL: step --profile did not time $op on the device"; bad=1; }
 done
-python3 - "$W/batch.safetensors" <<'PY' || bad=1
-import json, struct, sys
-with open(sys.argv[1], "rb") as f:
-    header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
-need = {"input.tokens", "input.modality", "input.targets", "input.pixels"}
-missing = need - set(header)
-cfg = json.loads(header.get("__metadata__", {}).get("config", "{}"))
-if missing or "llm" not in cfg:
-    sys.exit(f"emulated_benchmarks: FAIL: the step's batch file lacks {sorted(missing) or 'the model config'}")
-print(f"emulated_benchmarks: batch file holds {sorted(need)} and the config of {cfg.get('name')}")
+# The batch file as bench/gpu_torch_step.py reads it (its own reader, under Debian's torch):
+# dtypes, shapes, and the images' rows against the modality.
+/usr/bin/python3 - "$SRC/bench" "$W/batch.safetensors" <<'PY' || bad=1
+import json, sys
+sys.dont_write_bytecode = True
+sys.path.insert(0, sys.argv[1])
+import torch
+from gpu_torch_step import read_batch
+t, meta = read_batch(sys.argv[2])
+cfg = json.loads(meta["config"])
+tok, mod, tgt, px = (t[k] for k in ("input.tokens", "input.modality", "input.targets", "input.pixels"))
+v = cfg["vision"]
+S, P = v["image_size"], v["patch_size"]
+T = (S // P) ** 2 + (1 if v["feature_select"] == "all" else 0)
+bad = []
+if (tok.dtype, mod.dtype, tgt.dtype, px.dtype) != (torch.int32, torch.uint8, torch.int32, torch.float32):
+    bad.append(f"dtypes {tok.dtype} {mod.dtype} {tgt.dtype} {px.dtype}")
+if tok.dim() != 2 or tok.shape != mod.shape or tok.shape != tgt.shape:
+    bad.append(f"shapes {list(tok.shape)} {list(mod.shape)} {list(tgt.shape)}")
+if px.dim() != 4 or tuple(px.shape[1:]) != (3, S, S) or int((mod == 2).sum()) != px.shape[0] * T:
+    bad.append(f"pixels {list(px.shape)} for {int((mod == 2).sum())} image positions of {T} tokens each")
+if bad:
+    sys.exit("emulated_benchmarks: FAIL: the step's batch file as gpu_torch_step.py reads it: " + "; ".join(bad))
+print(f"emulated_benchmarks: batch file read by gpu_torch_step.read_batch: {list(tok.shape)} tokens, "
+      f"{px.shape[0]} image(s), config {cfg.get('name')}")
 PY
 expect comm-nccl-1 "^\| nccl \| device \| 1 \|" mpirun --oversubscribe -np 1 -x VCHAT_EMU_NCCL_DIR \
   "$T/vchat-bench-comm-emulated" --backend nccl --max-mib 1 --iters 2

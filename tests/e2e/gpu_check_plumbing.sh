@@ -5,7 +5,7 @@
 # what the real ones print) and must
 #   run A: record every selected stage (pass, a failure, "not selected"), take the figures
 #          and the loss curves' margins out of the logs into their rows, not fail the check for a PyTorch
-#          reference's failure, pack every log into logs.tar.gz, print the table last, exit 0;
+#          reference's failure (but fail it for the parity check's), pack every log into logs.tar.gz, print the table last, exit 0;
 #   run B: fail the check for a vchat stage's failure, cut a stage that outlives the time
 #          budget (HARD_S) at what was left and say so, skip the stages after it, and flag
 #          a pack built from sources other than the tree's.
@@ -53,7 +53,12 @@ stub "$T/path/compute-sanitizer" 'while [[ $1 == --* ]]; do shift 2; done; exec 
 # PyTorch's python3: the references print their figures; torch.compile's fails. A script
 # on stdin (env.sh asking for the nvidia-* wheels' folders) prints nothing.
 stub "$T/path/python3" 'case "$*" in
-  *torch_parity.py*) echo "torch_parity: tiny-deep full: loss 6.2, 43 gradients agree" ;;
+  *torch_parity.py*) if [[ -n ${STUB_PARITY_FAIL:-} ]]; then
+                       echo "torch_parity: tiny default loss: the benchmark model differs from the oracle by 3e-03"
+                       echo "torch_parity: FAIL: tiny default (above)"; exit 1
+                     fi
+                     echo "torch_parity: tiny-deep full: loss 6.2, 43 gradients agree"
+                     echo "torch_parity: all 3 configs agree" ;;
   *gpu_torch_attn.py*"--seq-len 2048"*) echo "torch_attn_ms fwd=1.100 fwd_bwd=4.000" ;;
   *gpu_torch_attn.py*) echo "torch_attn_ms fwd=4.400 fwd_bwd=15.000" ;;
   *gpu_torch_step.py*"--mode compile"*) echo "Traceback: inductor failed" >&2; exit 1 ;;
@@ -68,7 +73,7 @@ echo 2.17 > "$T/pack/GLIBC_NEEDED"
 # The sources the pack "was built from": the tree's, as pack.sh lists them.
 (cd "$SRC" && git ls-files -co --exclude-standard -- tools/gpu bench | LC_ALL=C sort | xargs -d '\n' sha256sum) \
   > "$T/pack/SOURCES.sha256" || fail "could not list the tree's sources (not a git checkout?)"
-tar -C "$T" -cJf "$T/pack.tar.xz" pack
+tar -C "$T" -cJf "$T/pack.tar.xz" pack || fail "tar -cJ (xz) could not pack the stand-ins"
 
 check() {  # check NAME [VAR=VALUE...]: runs check.sh with the stand-ins, OUT=$T/NAME
   local name=$1; shift
@@ -91,30 +96,40 @@ expect_row() {  # expect_row RUN STAGE RESULT-REGEX [DETAIL-REGEX]
 # --- run A: every stage but the layouts (they run vchat-train; tools/gpu/rehearse.sh runs them)
 check A ONLY='^(ops|comm|model|torch-parity|attn-.*|step-.*|memcheck|racecheck|comm-nccl-1|comm-mpi-staged-2)$'
 [[ $(cat "$T/A/rc") == 1 ]] || fail "run A: exit $(cat "$T/A/rc") with the comm stage failed, expected 1"
+others=$(grep -E '^\| [^|]+ \| FAIL' "$T/A/summary.md" | grep -vE '^\| (comm|[a-z0-9-]*-torch-[a-z0-9-]*) \|')
+[[ -z $others ]] || fail "run A: stages failed that should have passed: $others"
 expect_row A machine - "H100 80GB HBM3, 580.159.04"
 expect_row A pack-sources pass
 expect_row A ops pass "PASSED"
 expect_row A comm 'FAIL\(1\)' "1 FAILED TEST \(first: CudaComm.Broken\)"
 expect_row A curves - "tiny: .*largest gap 0.40% at step 7;small: .*largest gap 1.10% at step 31 \|"
 expect_row A layouts-staged "not selected"
-expect_row A torch-parity pass "gradients agree"
+expect_row A torch-parity pass "all 3 configs agree"
 expect_row A step-torch-compile 'FAIL\(1\)'
 expect_row A memcheck pass
 expect_row A comm-mpi-staged-2 pass
 expect_row A figures - "attn L2048 fwd\+bwd: vchat 3.500 ms, torch flash 4.000 ms; L4096: vchat 13.250 ms, torch 15.000 ms; 1B step MFU: vchat 0.5100, torch eager 0.3060, compile +\|"
 expect_row A figures-paper - "tiny vchat 11.50 ms, torch eager 14.00 ms; small vchat 21.50 ms, torch eager 14.00 ms"
-tail -n 1 "$T/A/stdout" | grep -qE '^\| figures-paper \| - \|' || fail "run A: the table is not printed last: $(tail -n 2 "$T/A/stdout")"
-tar -tzf "$T/A/logs.tar.gz" | grep -q '\./ops\.log' || fail "run A: logs.tar.gz holds no ops.log"
-tar -tzf "$T/A/logs.tar.gz" | grep -q '\./step-torch-compile\.log' || fail "run A: logs.tar.gz holds no step-torch-compile.log"
+[[ $(tail -n 1 "$T/A/stdout") =~ ^\|\ figures-paper\ \|\ -\ \| ]] || fail "run A: the table is not printed last: $(tail -n 2 "$T/A/stdout")"
+logs=$(tar -tzf "$T/A/logs.tar.gz") || fail "run A: logs.tar.gz does not read"
+for f in ops step-torch-compile; do  # (grep -q on tar's pipe would cut it short: SIGPIPE under pipefail)
+  grep -qx "\./$f\.log" <<< "$logs" || fail "run A: logs.tar.gz holds no $f.log"
+done
 
 # The same without the failing vchat stage: a PyTorch reference's failure alone passes.
 check A2 ONLY='^(ops|torch-parity|step-vchat|step-torch-.*)$'
 [[ $(cat "$T/A2/rc") == 0 ]] || fail "run A2: exit $(cat "$T/A2/rc") with only torch.compile's reference failed, expected 0: $(cat "$T/A2/summary.md")"
 expect_row A2 step-torch-compile 'FAIL\(1\)'
 
+# A parity failure fails the check (the PyTorch figures would compare another model), and
+# its row names what differed.
+check A3 STUB_PARITY_FAIL=1 ONLY='^(torch-parity)$'
+[[ $(cat "$T/A3/rc") == 1 ]] || fail "run A3: exit $(cat "$T/A3/rc") with torch-parity failed, expected 1"
+expect_row A3 torch-parity 'FAIL\(1\)' "torch_parity: FAIL: tiny default"
+
 # --- run B: the 1B step hangs past the budget; a source file differs from the pack's list.
 sed -i '1s/^[0-9a-f]\{8\}/00000000/' "$T/pack/SOURCES.sha256"
-tar -C "$T" -cJf "$T/pack.tar.xz" pack
+tar -C "$T" -cJf "$T/pack.tar.xz" pack || fail "tar -cJ (xz) could not pack the stand-ins"
 SECONDS=0
 check B HARD_S=40 STUB_HANG=1 ONLY='^(ops|step-vchat|step-torch-eager|comm-nccl-1)$'
 (( SECONDS < 75 )) || fail "run B took ${SECONDS} s: the 40 s budget did not hold"
@@ -125,4 +140,4 @@ expect_row B step-vchat 'FAIL\(cut at [0-9]+ s by the 40 s budget\)'
 expect_row B step-torch-eager skipped "no batch or model_flops from step-vchat"
 expect_row B step-torch-compile "not selected"
 expect_row B comm-nccl-1 skipped "over the 40 s budget"
-echo "gpu_check_plumbing: check.sh records, cuts, skips and summarizes as it should (runs A, A2, B)"
+echo "gpu_check_plumbing: check.sh records, cuts, skips and summarizes as it should (runs A, A2, A3, B)"

@@ -40,7 +40,8 @@ finish() {  # at any exit: the logs packed into $OUT, the table printed last
   echo "| --- | --- | --- |"
   for i in "${!NAMES[@]}"; do
     echo "| ${NAMES[$i]} | ${RESULTS[$i]} | ${DETAILS[$i]} |"
-    # PyTorch's references and stages not run do not fail the check; everything else must pass.
+    # PyTorch's references (*-torch-*) and stages not run do not fail the check; everything
+    # else must pass, torch-parity included: without it the PyTorch figures compare nothing.
     case ${RESULTS[$i]} in pass|-|skipped|"not selected"|unavailable*) ;; *) [[ ${NAMES[$i]} == *-torch-* ]] || fail=1 ;; esac
   done
   (( rc != 0 )) && fail=1
@@ -84,7 +85,7 @@ value() { sed -n "s/.*$2=\([0-9.e+-]*\).*/\1/p" "$LOGS/$1.log" 2>/dev/null | tai
 # Unpack: tar's xz filter needs the xz program, which a minimal image may lack; Python's
 # tarfile reads xz itself.
 PACK_TAR=${VCHAT_GPU_PACK:-$ROOT/.gpu-pack/pack.tar.xz}  # (another pack: tests/e2e/gpu_check_plumbing.sh)
-[[ -f $PACK_TAR ]] || { record unpack FAIL "no .gpu-pack/pack.tar.xz (run make gpu-pack here first and carry .gpu-pack)"; exit 1; }
+[[ -f $PACK_TAR ]] || { record unpack FAIL "no $PACK_TAR (run make gpu-pack here first and carry .gpu-pack)"; exit 1; }
 if ! tar -C "$WORK" -xJf "$PACK_TAR" 2> "$LOGS/unpack.log"; then
   python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' "$PACK_TAR" "$WORK" >> "$LOGS/unpack.log" 2>&1 ||
     { record unpack FAIL "neither tar -xJ nor Python could unpack the pack: $(tail -n 1 "$LOGS/unpack.log")"; exit 1; }
@@ -115,8 +116,10 @@ if [[ -n $glibc && -n $need && $(printf '%s\n%s\n' "$need" "$glibc" | sort -V | 
 fi
 # NCCL (not part of the toolkit) and cuBLAS come from the nvidia-* Python wheels when the
 # toolkit lacks them (env.sh); a Python elsewhere than on PATH hides those: search for them.
+# (ldd's output is read whole: `ldd | grep -q` under pipefail fails when grep's early exit
+# cuts ldd off, and the search would be skipped.)
 for lib in libnccl.so.2 libcublasLt.so.13 libcublas.so.13 libcudart.so.13; do
-  ldd "$BIN/vchat_cuda_tests" 2>/dev/null | grep -q "$lib => not found" || continue
+  [[ $(ldd "$BIN/vchat_cuda_tests" 2>/dev/null) == *"$lib => not found"* ]] || continue
   found=$(find /opt /usr /root /home -name "$lib" -path '*nvidia*' 2>/dev/null | head -n 1)
   [[ -n $found ]] && LD_LIBRARY_PATH=$LD_LIBRARY_PATH:$(dirname "$found") && echo "== found $found"
 done

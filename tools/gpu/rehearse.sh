@@ -22,7 +22,7 @@ bad=0
 # A packed library that imports glibc's private symbols loads only with the very glibc it
 # was built with: it belongs to glibc and must come from the machine (pack.sh SYSTEM_RE).
 for f in "$WORK"/pack/lib/*; do
-  if objdump -T "$f" 2>/dev/null | grep -q GLIBC_PRIVATE; then
+  if [[ $(objdump -T "$f" 2>/dev/null) == *GLIBC_PRIVATE* ]]; then  # (not | grep -q: SIGPIPE under pipefail)
     echo "rehearse: $(basename "$f") imports GLIBC_PRIVATE symbols: a part of glibc, it must not be packed"; bad=1
   fi
 done
@@ -95,7 +95,7 @@ if [[ -n ${TORCH_PY:-} ]]; then
     echo "rehearse: the PyTorch references run ($("$TORCH_PY" -c 'import torch; print(torch.__version__)' 2>/dev/null)):"
     grep -E "^(# torch|torch_)" "$WORK/torch.txt" | sed 's/^/  /'
   else
-    echo "rehearse: a PyTorch reference failed:"; tail -20 "$WORK/torch.txt"; bad=1
+    echo "rehearse: a PyTorch reference failed:"; grep "^torch_parity: " "$WORK/torch.txt"; tail -20 "$WORK/torch.txt"; bad=1
   fi
 else
   echo "rehearse: PyTorch references NOT rehearsed: tools/gpu/torch_venv.sh could not install torch (no PyPI?); set TORCH_PY to a python with torch >= 2.5"

@@ -121,6 +121,10 @@ def run(cfg_json, train, label):
               f"oracle only {sorted(trained - set(ours))}")
         return False
     for n in sorted(ours):
+        if ours[n].grad is None:
+            print(f"torch_parity: {label}: the benchmark model gave {n} no gradient")
+            ok = False
+            continue
         want_grad = torch.cat([prm[o].grad if prm[o].grad is not None else torch.zeros_like(prm[o]) for o in names[n]])
         ok = check(f"{label} grad {n}", ours[n].grad, want_grad) and ok
     print(f"torch_parity: {label}: loss {got.item():.6f}, {len(ours)} gradients {'agree' if ok else 'DIFFER'}")
@@ -132,12 +136,13 @@ def main():
     deep = json.load(open(os.path.join(ROOT, "inputs", "models", "tiny-deep.json")))  # GQA 4:1
     other = json.loads(json.dumps(base))
     other["vision"].update(feature_layer=-2, feature_select="patch", act="gelu")
-    ok = True
-    for cfg, train, label in ((deep, "full", "tiny-deep full"), (base, "default", "tiny default"),
-                              (other, "full", "tiny, ViT layer -2, patch, gelu")):
-        ok = run(cfg, train, label) and ok
+    failed = [label for cfg, train, label in ((deep, "full", "tiny-deep full"), (base, "default", "tiny default"),
+                                              (other, "full", "tiny, ViT layer -2, patch, gelu"))
+              if not run(cfg, train, label)]
     print(f"# torch {torch.__version__}")
-    return 0 if ok else 1
+    # The verdict last (the device check's row shows the last torch_parity line).
+    print(f"torch_parity: FAIL: {'; '.join(failed)} (above)" if failed else "torch_parity: all 3 configs agree")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ have() { [[ -x $VENV/bin/python ]] && [[ $("$VENV/bin/python" -c 'import numpy, 
 if ! have; then
   echo "[torch-venv] installing torch==$VERSION and numpy into $VENV (about 5 GB)" >&2
   [[ -x $VENV/bin/python ]] || python3 -m venv "$VENV" >&2
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check "torch==$VERSION" numpy >&2
+  # (PyPI's wheel: download.pytorch.org's CPU wheels could not be reached from here.)
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check --retries 1 --timeout 30 "torch==$VERSION" numpy >&2
   have || { echo "[torch-venv] $VENV: torch $VERSION does not import after installing" >&2; exit 1; }
 fi
 echo "$VENV/bin/python"

@@ -65,10 +65,11 @@
 //     thread leaves the runtime. Host code that reads or writes it faults (SIGSEGV, with a
 //     line saying it touched device memory), as on a GPU; tests of the runtime itself look
 //     with peek(). (While one thread runs queued work, another thread's host code goes
-//     unseen.) Each allocation ends at the end of its pages (its size rounded up to 256
-//     bytes, so it starts 256-aligned) and a page that is never opened follows it, and freed
-//     memory is closed at once: device work past an allocation's end, or in freed memory,
-//     faults too ("outside every live allocation");
+//     unseen.) Each allocation's last byte is the last byte of its pages (so it starts only
+//     as aligned as its size is, not 256-aligned as cudaMalloc's) and a page that is never
+//     opened follows it, and freed memory is closed at once: device work even one element
+//     past an allocation's end, or in freed memory, faults too ("outside every live
+//     allocation");
 // Not emulated: real concurrency between streams, and the GPU's own timing (events take
 // the host's clock when their record runs).
 #pragma once
