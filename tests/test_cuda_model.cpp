@@ -139,16 +139,16 @@ void expect_curves_track(const std::string& model, int64_t seq_len) {
     return losses;
   };
   const std::vector<double> cpu = curve(Device::cpu, Precision::fp32), gpu = curve(Device::cuda, Precision::bf16);
+  auto gap = [&](size_t i) { return std::abs(gpu[i] / cpu[i] - 1); };
   size_t worst = 0;
   for (size_t i = 0; i < cpu.size(); ++i) {
     EXPECT_NEAR(gpu[i], cpu[i], 0.02 * cpu[i]) << model << " step " << i + 1;
-    if (std::abs(gpu[i] / cpu[i] - 1) > std::abs(gpu[worst] / cpu[worst] - 1)) worst = i;
+    if (gap(i) > gap(worst)) worst = i;
   }
   EXPECT_LT(gpu.back(), 0.9 * gpu.front()) << model << ": it learns (the last loss 10% under the first at least)";
   // The margin, for the record (a GPU run's log shows how close to 2% it came).
   std::printf("[ curve    ] %s: fp32 CPU %.4f -> %.4f, bf16 device %.4f -> %.4f; largest gap %.3f%% at step %zu\n",
-              model.c_str(), cpu.front(), cpu.back(), gpu.front(), gpu.back(),
-              100 * std::abs(gpu[worst] / cpu[worst] - 1), worst + 1);
+              model.c_str(), cpu.front(), cpu.back(), gpu.front(), gpu.back(), 100 * gap(worst), worst + 1);
 }
 
 // Chat on the GPU (vchat-chat --device cuda): the KV cache lives on the device in the compute

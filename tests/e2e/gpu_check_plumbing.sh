@@ -18,12 +18,12 @@ fail() { echo "gpu_check_plumbing: FAIL: $*" >&2; exit 1; }
 
 # --- the stand-ins
 mkdir -p "$T/pack/bin" "$T/pack/tools" "$T/pack/mpi/usr/bin" "$T/path"
-stub() {  # stub FILE BODY: an executable bash script
+standin() {  # standin FILE BODY: an executable bash script
   printf '#!/usr/bin/env bash\n%s\n' "$2" > "$1"
   chmod +x "$1"
 }
 # The GPU suite: CudaComm fails (its filter names it), everything else passes.
-stub "$T/pack/bin/vchat_cuda_tests" 'case "$*" in
+standin "$T/pack/bin/vchat_cuda_tests" 'case "$*" in
   *CudaComm*) printf "[  FAILED  ] CudaComm.Broken (3 ms)\n[  PASSED  ] 6 tests.\n[  FAILED  ] 1 test, listed below:\n"
               printf "[  FAILED  ] CudaComm.Broken\n\n 1 FAILED TEST\n"; exit 1 ;;
   *CudaModel*) echo "[ curve    ] tiny: fp32 CPU 6.3 -> 4.1, bf16 device 6.3 -> 4.1; largest gap 0.40% at step 7"
@@ -31,13 +31,13 @@ stub "$T/pack/bin/vchat_cuda_tests" 'case "$*" in
                echo "[  PASSED  ] 7 tests." ;;
   *) echo "[  PASSED  ] 7 tests." ;;
 esac'
-stub "$T/pack/bin/vchat-bench-attn" 'case "$*" in
+standin "$T/pack/bin/vchat-bench-attn" 'case "$*" in
   *cuda-cores*) echo "vchat_attn_ms fwd=2.000 fwd_bwd=9.000" ;;
   *"--seq-len 2048"*) echo "vchat_attn_ms fwd=1.000 fwd_bwd=3.500" ;;
   *) echo "vchat_attn_ms fwd=4.000 fwd_bwd=13.250" ;;
 esac'
 # The step: writes the batch it was asked for; the 1B one hangs when STUB_HANG is set.
-stub "$T/pack/bin/vchat-bench-step" 'out=""; prev=""
+standin "$T/pack/bin/vchat-bench-step" 'out=""; prev=""
 for a in "$@"; do [[ $prev == --batch-out ]] && out=$a; prev=$a; done
 [[ -n ${STUB_HANG:-} && "$*" == *llama-1b* ]] && sleep 600
 [[ -n $out ]] && echo batch > "$out"
@@ -46,13 +46,13 @@ case "$*" in
   *small.json*) echo "vchat_step_ms median=21.50 min=21.00 iters=10 model_flops=3.000000e+13 mfu=0.2000 peak_tflops=989.4" ;;
   *) echo "vchat_step_ms median=900.00 min=899.00 iters=3 model_flops=4.500000e+17 mfu=0.5100 peak_tflops=989.4" ;;
 esac'
-stub "$T/pack/bin/vchat-bench-comm" 'echo "| nccl | device | 1 | all_reduce | 64 | 1.0 |"'
-stub "$T/pack/mpi/usr/bin/mpirun" 'while [[ $# -gt 0 && $1 != */bin/vchat* ]]; do shift; done; exec "$@"'
-stub "$T/path/nvidia-smi" 'echo "NVIDIA H100 80GB HBM3, 580.159.04, 81559 MiB"'
-stub "$T/path/compute-sanitizer" 'while [[ $1 == --* ]]; do shift 2; done; exec "$@"'
+standin "$T/pack/bin/vchat-bench-comm" 'echo "| nccl | device | 1 | all_reduce | 64 | 1.0 |"'
+standin "$T/pack/mpi/usr/bin/mpirun" 'while [[ $# -gt 0 && $1 != */bin/vchat* ]]; do shift; done; exec "$@"'
+standin "$T/path/nvidia-smi" 'echo "NVIDIA H100 80GB HBM3, 580.159.04, 81559 MiB"'
+standin "$T/path/compute-sanitizer" 'while [[ $1 == --* ]]; do shift 2; done; exec "$@"'
 # PyTorch's python3: the references print their figures; torch.compile's fails. A script
 # on stdin (env.sh asking for the nvidia-* wheels' folders) prints nothing.
-stub "$T/path/python3" 'case "$*" in
+standin "$T/path/python3" 'case "$*" in
   *torch_parity.py*) if [[ -n ${STUB_PARITY_FAIL:-} ]]; then
                        echo "torch_parity: tiny default loss: the benchmark model differs from the oracle by 3e-03"
                        echo "torch_parity: FAIL: tiny default (above)"; exit 1
@@ -65,7 +65,7 @@ stub "$T/path/python3" 'case "$*" in
   *gpu_torch_step.py*"--train default"*) echo "torch_step_ms median=14.00 min=13.00 mode=eager mfu=0.0800" ;;
   *gpu_torch_step.py*) echo "torch_step_ms median=1500.00 min=1490.00 mode=eager mfu=0.3060" ;;
   -) cat > /dev/null ;;
-  *) echo "stub python3: unexpected $*" >&2; exit 2 ;;
+  *) echo "stand-in python3: unexpected $*" >&2; exit 2 ;;
 esac'
 cp "$SRC"/tools/gpu/*.sh "$T/pack/tools/"
 echo plumbing-test > "$T/pack/COMMIT"

@@ -51,9 +51,14 @@ finish() {  # at any exit: the logs packed into $OUT, the table printed last
 trap finish EXIT
 trap 'record check interrupted "signal at ${SECONDS} s"; exit 1' TERM INT
 
+selected() {  # selected NAME: whether ONLY picks the stage; if not, its row says so
+  [[ $1 =~ $ONLY ]] && return 0
+  record "$1" "not selected" "not matched by ONLY"
+  return 1
+}
 stage() {  # stage NAME TIMEOUT_S CMD...: runs, logs to $LOGS/NAME.log, records pass/fail
   local name=$1 limit=$2; shift 2
-  if ! [[ $name =~ $ONLY ]]; then record "$name" "not selected" "not matched by ONLY"; return 0; fi
+  selected "$name" || return 0
   local left=$((HARD_S - SECONDS - 10))
   if (( left < 15 )); then record "$name" skipped "over the ${HARD_S} s budget"; return 0; fi
   local cut=0
@@ -76,10 +81,7 @@ stage() {  # stage NAME TIMEOUT_S CMD...: runs, logs to $LOGS/NAME.log, records 
   record "$name" "$result" "$detail"
 }
 # A PyTorch reference with no vchat batch and FLOP count to run on: its row says why.
-no_ref() {
-  if [[ $1 =~ $ONLY ]]; then record "$1" skipped "no batch or model_flops from $2 (see its row)"
-  else record "$1" "not selected" "not matched by ONLY"; fi
-}
+no_ref() { selected "$1" && record "$1" skipped "no batch or model_flops from $2 (see its row)"; }
 value() { sed -n "s/.*$2=\([0-9.e+-]*\).*/\1/p" "$LOGS/$1.log" 2>/dev/null | tail -n 1; }
 
 # Unpack: tar's xz filter needs the xz program, which a minimal image may lack; Python's
