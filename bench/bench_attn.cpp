@@ -36,11 +36,18 @@ static int run(int argc, char** argv) {
     std::cerr << "vchat-bench-attn: " << e.what() << "\n" << o;
     return 2;
   }
+  if (kernel != "auto" && kernel != "cuda-cores" && kernel != "tensor-cores" && kernel != "wmma") {
+    std::cerr << "vchat-bench-attn: --kernel " << kernel << ": expected auto, cuda-cores, tensor-cores or wmma\n";
+    return 2;
+  }
   select_gpu(0);
   const ExecContext ex = ExecContext::of(Device::cuda);  // every op below runs on the device's stream
 #ifdef VCHAT_WITH_CUDA
+  // tensor-cores: the forward with its tiles in registers; wmma: the WMMA forward (both with
+  // the WMMA backward; cuda/cuda_backend.h).
   cuda::set_attention_kernel(kernel == "cuda-cores"     ? cuda::AttentionKernel::cuda_cores
                              : kernel == "tensor-cores" ? cuda::AttentionKernel::tensor_cores
+                             : kernel == "wmma"         ? cuda::AttentionKernel::wmma
                                                         : cuda::AttentionKernel::automatic);
 #endif
   const ops::AttnMode m = mode == "causal" ? ops::AttnMode::causal : ops::AttnMode::mmca;

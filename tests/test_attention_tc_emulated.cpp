@@ -19,6 +19,7 @@
 // clang-format off
 #include "emu/cuda_emu.h"
 #include "emu/emu_tensors.h"
+#include "cuda/attention_mma_kernels.cuh"
 #include "cuda/attention_tc_kernels.cuh"
 // clang-format on
 
@@ -29,8 +30,34 @@ using ops::AttnMode;
 
 using TcCase = test::AttnLayout;
 
-void check(const TcCase& c, std::mt19937& rng) {
-  SCOPED_TRACE(c.what);
+// Which tensor-core kernels run: WMMA's (attention_tc_kernels.cuh), or those with their
+// tiles in registers (attention_mma_kernels.cuh), each launched as attention_tc.cu does.
+enum class Kernels { wmma, registers };
+
+// The register kernels for head dim HD: forward, then delta, dK/dV and dQ.
+template <int HD>
+void launch_register_kernels(const TcCase& c, const cuda::bf16* q, const cuda::bf16* k, const cuda::bf16* v,
+                             const uint8_t* m, cuda::bf16* out, const cuda::bf16* dout, float* lse, float* delta,
+                             cuda::bf16* dq, cuda::bf16* dk, cuda::bf16* dv) {
+  using namespace cuda;
+  const float scale = 1.f / std::sqrt(static_cast<float>(HD));
+  const MmaGeometry g{c.B, c.L, c.H, c.KV, scale, 1.4426950408889634f * scale};
+  const unsigned tiles = static_cast<unsigned>((c.L + kMmaTile - 1) / kMmaTile), H = c.H, KV = c.KV, B = c.B;
+  const size_t smem = MmaLayout<HD>::total, smem_bwd = MmaBwdLayout<HD>::total;
+  if (c.mode == AttnMode::mmca)
+    emu::launch({tiles, H, B}, kMmaThreads, smem, [&] { flash_fwd_mma<HD, true>(c.mode, g, q, k, v, m, out, lse); });
+  else
+    emu::launch({tiles, H, B}, kMmaThreads, smem, [&] { flash_fwd_mma<HD, false>(c.mode, g, q, k, v, m, out, lse); });
+  emu::launch({tiles, H, B}, kMmaThreads, smem_bwd,
+              [&] { flash_dq_mma<HD, true>(c.mode, g, q, k, v, m, out, dout, lse, delta, nullptr); });
+  emu::launch({tiles, KV, B}, kMmaThreads, smem_bwd,
+              [&] { flash_dkv_mma<HD>(c.mode, g, q, k, v, m, dout, lse, delta, dk, dv); });
+  emu::launch({tiles, H, B}, kMmaThreads, smem_bwd,
+              [&] { flash_dq_mma<HD, false>(c.mode, g, q, k, v, m, out, dout, lse, delta, dq); });
+}
+
+void check(const TcCase& c, std::mt19937& rng, Kernels kernels) {
+  SCOPED_TRACE(std::string(c.what) + (kernels == Kernels::wmma ? ", WMMA kernels" : ", register kernels"));
   const Tensor q = emu::rand_values({c.B, c.L, c.H, c.hd}, DType::bf16, rng, -2.f, 2.f);
   const Tensor k = emu::rand_values({c.B, c.L, c.KV, c.hd}, DType::bf16, rng, -2.f, 2.f);
   const Tensor v = emu::rand_values({c.B, c.L, c.KV, c.hd}, DType::bf16, rng, -1.f, 1.f);
@@ -60,20 +87,37 @@ void check(const TcCase& c, std::mt19937& rng) {
   const unsigned tiles = static_cast<unsigned>((c.L + kTc - 1) / kTc), H = c.H, KV = c.KV, B = c.B;
   const int hd = static_cast<int>(c.hd);
   emu::errors().clear();
-  emu::launch({tiles, H, B}, kTcThreads, TcLayout(hd).total,
-              [&] { flash_fwd_tc(c.mode, g, bp(Q), bp(K), bp(V), mp, bp(OUT), lse.data<float>()); });
-  const size_t smem_dq = TcBwdLayout(hd, kDqPass).total, smem = TcBwdLayout(hd, kDkvPass).total;
-  emu::launch({tiles, H, B}, kTcThreads, smem_dq, [&] {
-    flash_dq_tc<true>(c.mode, g, bp(Q), bp(K), bp(V), mp, bp(OUT), bp(DOUT), lse.data<float>(), delta.data<float>(),
-                      nullptr);
-  });
-  emu::launch({tiles, KV, B}, kTcThreads, smem, [&] {
-    flash_dkv_tc(c.mode, g, bp(Q), bp(K), bp(V), mp, bp(DOUT), lse.data<float>(), delta.data<float>(), bp(DK), bp(DV));
-  });
-  emu::launch({tiles, H, B}, kTcThreads, smem_dq, [&] {
-    flash_dq_tc<false>(c.mode, g, bp(Q), bp(K), bp(V), mp, bp(OUT), bp(DOUT), lse.data<float>(), delta.data<float>(),
-                       bp(DQ));
-  });
+  if (kernels == Kernels::registers) {
+    switch (hd) {
+#define VCHAT_MMA_HD(HD)                                                                                               \
+  case HD:                                                                                                             \
+    launch_register_kernels<HD>(c, bp(Q), bp(K), bp(V), mp, bp(OUT), bp(DOUT), lse.data<float>(), delta.data<float>(), \
+                                bp(DQ), bp(DK), bp(DV));                                                               \
+    break;
+      VCHAT_MMA_HD(16)
+          VCHAT_MMA_HD(32) VCHAT_MMA_HD(48) VCHAT_MMA_HD(64) VCHAT_MMA_HD(128)
+#undef VCHAT_MMA_HD
+              default : FAIL()
+                        << "no register kernels instantiated here for head dim "
+                        << hd;
+    }
+  } else {
+    emu::launch({tiles, H, B}, kTcThreads, TcLayout(hd).total,
+                [&] { flash_fwd_tc(c.mode, g, bp(Q), bp(K), bp(V), mp, bp(OUT), lse.data<float>()); });
+    const size_t smem_dq = TcBwdLayout(hd, kDqPass).total, smem = TcBwdLayout(hd, kDkvPass).total;
+    emu::launch({tiles, H, B}, kTcThreads, smem_dq, [&] {
+      flash_dq_tc<true>(c.mode, g, bp(Q), bp(K), bp(V), mp, bp(OUT), bp(DOUT), lse.data<float>(), delta.data<float>(),
+                        nullptr);
+    });
+    emu::launch({tiles, KV, B}, kTcThreads, smem, [&] {
+      flash_dkv_tc(c.mode, g, bp(Q), bp(K), bp(V), mp, bp(DOUT), lse.data<float>(), delta.data<float>(), bp(DK),
+                   bp(DV));
+    });
+    emu::launch({tiles, H, B}, kTcThreads, smem_dq, [&] {
+      flash_dq_tc<false>(c.mode, g, bp(Q), bp(K), bp(V), mp, bp(OUT), bp(DOUT), lse.data<float>(), delta.data<float>(),
+                         bp(DQ));
+    });
+  }
   emu::expect_no_errors();
   test::expect_close(OUT, out, 1e-2, "out");
   // The backward read the kernel's own bf16 output, as on the GPU: dq within 2e-2 as there.
@@ -97,7 +141,23 @@ TEST(AttentionTcEmulated, KernelsMatchTheCpuOpOnEdgeLayouts) {
       {AttnMode::causal, 1, 128, 3, 1, 48, {10}, true, 5, "causal, 2 tiles, GQA 3/1, hd 48, pad"},
       {AttnMode::full, 1, 129, 2, 2, 64, {1}, false, 0, "full (ViT), L 129"},
   };
-  for (const TcCase& c : cases) check(c, rng);
+  for (const TcCase& c : cases) check(c, rng, Kernels::wmma);
+}
+
+// The kernels with their tiles in registers (mma.sync, ldmatrix and cp.async by their PTX
+// definitions, tests/emu/cuda_emu.h) on the same edges, forward and the three backward passes.
+TEST(AttentionTcEmulated, RegisterKernelsMatchTheCpuOpOnEdgeLayouts) {
+  std::mt19937 rng(20261207);
+  const std::vector<TcCase> cases = {
+      {AttnMode::mmca, 2, 77, 4, 2, 16, {1, 5, 1}, true, 6, "mmca, text first, runs of 1, GQA 4/2, pad, L 77"},
+      {AttnMode::mmca, 1, 130, 2, 2, 64, {7, 30, 3, 1}, false, 0, "mmca, image first, many images, L 130"},
+      {AttnMode::mmca, 1, 200, 2, 1, 128, {150}, true, 3, "mmca, 150 image tokens over whole tiles, hd 128"},
+      {AttnMode::mmca, 1, 192, 2, 1, 64, {5, 40}, true, 0, "mmca, text over whole tiles, GQA 2/1", 150},
+      {AttnMode::mmca, 1, 40, 4, 1, 32, {3}, true, 2, "mmca, L 40 within one tile, GQA 4/1"},
+      {AttnMode::causal, 1, 128, 3, 1, 48, {10}, true, 5, "causal, 2 tiles, GQA 3/1, hd 48, pad"},
+      {AttnMode::full, 1, 129, 2, 2, 64, {1}, false, 0, "full (ViT), L 129"},
+  };
+  for (const TcCase& c : cases) check(c, rng, Kernels::registers);
 }
 
 }  // namespace

@@ -48,7 +48,7 @@ void attention_fwd(const Context& c, ops::AttnMode mode, const Tensor& q, const 
   if (q.numel() == 0) return;
   const AttentionKernel want = g_kernel.load();
   if (want != AttentionKernel::cuda_cores && attention_fwd_tc_eligible(dt, g.hd))
-    return attention_fwd_tc(c, mode, q, k, v, modality, out, lse);
+    return attention_fwd_tc(c, mode, q, k, v, modality, out, lse, want != AttentionKernel::wmma);
   VCHAT_CHECK(want != AttentionKernel::tensor_cores,
               op << ": the tensor-core kernel needs bf16, a head dim that is a multiple of 16 up to 128, and "
                     "~152 KiB of shared memory per block at head dim 128 (got "
@@ -82,7 +82,7 @@ void attention_bwd(const Context& c, ops::AttnMode mode, const Tensor& dout, con
   if (q.numel() == 0) return;
   const AttentionKernel want = g_kernel.load();
   if (want != AttentionKernel::cuda_cores && attention_bwd_tc_eligible(dt, g.hd))
-    return attention_bwd_tc(c, mode, dout, q, k, v, modality, out, lse, dq, dk, dv);
+    return attention_bwd_tc(c, mode, dout, q, k, v, modality, out, lse, dq, dk, dv, want != AttentionKernel::wmma);
   VCHAT_CHECK(want != AttentionKernel::tensor_cores,
               op << ": the tensor-core kernel needs bf16, a head dim that is a multiple of 16 up to 128, and the "
                     "shared memory of an H100/H200 at head dim 128 (got "

@@ -24,4 +24,12 @@ __device__ __forceinline__ bool attn_attends(ops::AttnMode mode, uint8_t mq) {
   return mode == ops::AttnMode::full || (mode == ops::AttnMode::causal ? mq != ops::kPad : mq == ops::kText);
 }
 
+// The modality of position idx of sequence b as the kernels see it: pad past L, text in
+// full attention (which has no modality tensor).
+__device__ __forceinline__ uint8_t modality_at(ops::AttnMode mode, const uint8_t* modality, int64_t L, int64_t b,
+                                               int64_t idx) {
+  if (idx >= L) return ops::kPad;
+  return mode == ops::AttnMode::full ? uint8_t(ops::kText) : modality[b * L + idx];
+}
+
 }  // namespace vchat::cuda

@@ -1,5 +1,7 @@
 // Flash attention on tensor cores: the entry points, which check eligibility and launch the
-// kernels of attention_tc_kernels.cuh (forward; backward as three passes: delta, dK/dV, dQ).
+// kernels of attention_mma_kernels.cuh (the forward with its tiles in registers) and of
+// attention_tc_kernels.cuh (WMMA: a forward, and the backward as three passes: delta, dK/dV, dQ).
+#include "cuda/attention_mma_kernels.cuh"
 #include "cuda/attention_tc_kernels.cuh"
 
 #include <cmath>
@@ -19,6 +21,46 @@ bool fits_shared(size_t bytes) {
   CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, bind_device()));
   return bytes <= static_cast<size_t>(optin);
 }
+
+// The register-tile forward for head dim HD (a template parameter: its tiles are register arrays).
+template <int HD>
+void launch_fwd_mma(const Context& c, AttnMode mode, const MmaGeometry& g, const Tensor& q, const Tensor& k,
+                    const Tensor& v, const uint8_t* modality, const Tensor& out, const Tensor& lse) {
+  const char* op = "cuda::attention_fwd (tensor cores, registers)";
+  const size_t smem = MmaLayout<HD>::total;
+  const dim3 grid(static_cast<unsigned>((g.L + kMmaTile - 1) / kMmaTile), static_cast<unsigned>(g.H),
+                  static_cast<unsigned>(g.B));
+  const auto kernel = mode == AttnMode::mmca ? flash_fwd_mma<HD, true> : flash_fwd_mma<HD, false>;
+  allow_dynamic_smem<flash_fwd_mma<HD, true>>(smem, op);
+  allow_dynamic_smem<flash_fwd_mma<HD, false>>(smem, op);
+  launch(c, kernel, grid, kMmaThreads, smem, mode, g, ptr<bf16>(q), ptr<bf16>(k), ptr<bf16>(v), modality,
+         ptr<bf16>(out), ptr<float>(lse));
+}
+
+// The register-tile backward for head dim HD: delta, dK/dV, dQ.
+template <int HD>
+void launch_bwd_mma(const Context& c, AttnMode mode, const MmaGeometry& g, const Tensor& q, const Tensor& k,
+                    const Tensor& v, const uint8_t* m, const Tensor& out, const Tensor& dout, const Tensor& lse,
+                    const Tensor& delta, const Tensor& dq, const Tensor& dk, const Tensor& dv) {
+  const char* op = "cuda::attention_bwd (tensor cores, registers)";
+  const size_t smem = MmaBwdLayout<HD>::total;
+  allow_dynamic_smem<flash_dq_mma<HD, true>>(smem, op);
+  allow_dynamic_smem<flash_dq_mma<HD, false>>(smem, op);
+  allow_dynamic_smem<flash_dkv_mma<HD>>(smem, op);
+  const unsigned tiles = static_cast<unsigned>((g.L + kMmaTile - 1) / kMmaTile);
+  const unsigned H = static_cast<unsigned>(g.H), KV = static_cast<unsigned>(g.KV), B = static_cast<unsigned>(g.B);
+  launch(c, flash_dq_mma<HD, true>, dim3(tiles, H, B), kMmaThreads, smem, mode, g, ptr<bf16>(q), ptr<bf16>(k),
+         ptr<bf16>(v), m, ptr<bf16>(out), ptr<bf16>(dout), ptr<float>(lse), ptr<float>(delta), nullptr);
+  launch(c, flash_dkv_mma<HD>, dim3(tiles, KV, B), kMmaThreads, smem, mode, g, ptr<bf16>(q), ptr<bf16>(k), ptr<bf16>(v),
+         m, ptr<bf16>(dout), ptr<float>(lse), ptr<float>(delta), ptr<bf16>(dk), ptr<bf16>(dv));
+  launch(c, flash_dq_mma<HD, false>, dim3(tiles, H, B), kMmaThreads, smem, mode, g, ptr<bf16>(q), ptr<bf16>(k),
+         ptr<bf16>(v), m, ptr<bf16>(out), ptr<bf16>(dout), ptr<float>(lse), ptr<float>(delta), ptr<bf16>(dq));
+}
+
+// cp.async moves 16 bytes at a time: every row of q, k, v (hd a multiple of 16 elements) is
+// 16-byte aligned when the tensor's start is.
+bool aligned16(const Tensor& t) { return reinterpret_cast<uintptr_t>(t.raw()) % 16 == 0; }
+
 }  // namespace
 
 bool attention_fwd_tc_eligible(DType dtype, int64_t head_dim) {
@@ -27,8 +69,21 @@ bool attention_fwd_tc_eligible(DType dtype, int64_t head_dim) {
 }
 
 void attention_fwd_tc(const Context& c, ops::AttnMode mode, const Tensor& q, const Tensor& k, const Tensor& v,
-                      const Tensor& modality, const Tensor& out, const Tensor& lse) {
+                      const Tensor& modality, const Tensor& out, const Tensor& lse, bool registers) {
   const TcGeometry g{q.size(0), q.size(1), q.size(2), k.size(2), q.size(3), 1.f / sqrtf(static_cast<float>(q.size(3)))};
+  if (registers && aligned16(q) && aligned16(k) && aligned16(v)) {
+    const MmaGeometry mg{g.B, g.L, g.H, g.KV, g.scale, 1.4426950408889634f * g.scale};
+    const uint8_t* m = mode == AttnMode::full ? nullptr : ptr<uint8_t>(modality);
+    switch (g.hd) {
+#define VCHAT_MMA_HD(HD) \
+  case HD:               \
+    return launch_fwd_mma<HD>(c, mode, mg, q, k, v, m, out, lse);
+      VCHAT_MMA_HD(16)
+      VCHAT_MMA_HD(32) VCHAT_MMA_HD(48) VCHAT_MMA_HD(64) VCHAT_MMA_HD(80) VCHAT_MMA_HD(96) VCHAT_MMA_HD(112)
+          VCHAT_MMA_HD(128)
+#undef VCHAT_MMA_HD
+    }
+  }
   const size_t smem = TcLayout(static_cast<int>(g.hd)).total;
   allow_dynamic_smem<flash_fwd_tc>(smem, "cuda::attention_fwd (tensor cores)");
   const dim3 grid(static_cast<unsigned>((g.L + kTc - 1) / kTc), static_cast<unsigned>(g.H), static_cast<unsigned>(g.B));
@@ -44,9 +99,22 @@ bool attention_bwd_tc_eligible(DType dtype, int64_t head_dim) {
 
 void attention_bwd_tc(const Context& c, ops::AttnMode mode, const Tensor& dout, const Tensor& q, const Tensor& k,
                       const Tensor& v, const Tensor& modality, const Tensor& out, const Tensor& lse, const Tensor& dq,
-                      const Tensor& dk, const Tensor& dv) {
+                      const Tensor& dk, const Tensor& dv, bool registers) {
   const TcGeometry g{q.size(0), q.size(1), q.size(2), k.size(2), q.size(3), 1.f / sqrtf(static_cast<float>(q.size(3)))};
   const Tensor delta = Tensor::empty({g.B, g.H, g.L, 2}, DType::f32, Device::cuda);
+  if (registers && aligned16(q) && aligned16(k) && aligned16(v) && aligned16(dout)) {
+    const MmaGeometry mg{g.B, g.L, g.H, g.KV, g.scale, 1.4426950408889634f * g.scale};
+    const uint8_t* m = mode == AttnMode::full ? nullptr : ptr<uint8_t>(modality);
+    switch (g.hd) {
+#define VCHAT_MMA_HD(HD) \
+  case HD:               \
+    return launch_bwd_mma<HD>(c, mode, mg, q, k, v, m, out, dout, lse, delta, dq, dk, dv);
+      VCHAT_MMA_HD(16)
+      VCHAT_MMA_HD(32) VCHAT_MMA_HD(48) VCHAT_MMA_HD(64) VCHAT_MMA_HD(80) VCHAT_MMA_HD(96) VCHAT_MMA_HD(112)
+          VCHAT_MMA_HD(128)
+#undef VCHAT_MMA_HD
+    }
+  }
   const size_t smem_dq = TcBwdLayout(static_cast<int>(g.hd), kDqPass).total;
   const size_t smem = TcBwdLayout(static_cast<int>(g.hd), kDkvPass).total;
   const char* op = "cuda::attention_bwd (tensor cores)";

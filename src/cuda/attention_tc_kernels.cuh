@@ -241,8 +241,7 @@ __global__ void __launch_bounds__(kTcThreads)
 // The modality of position idx as the kernels see it: pad past L, text in full attention.
 __device__ __forceinline__ uint8_t tc_modality(AttnMode mode, const uint8_t* modality, const TcGeometry& g, int64_t b,
                                                int64_t idx) {
-  if (idx >= g.L) return ops::kPad;
-  return mode == AttnMode::full ? uint8_t(ops::kText) : modality[b * g.L + idx];
+  return modality_at(mode, modality, g.L, b, idx);
 }
 
 // Dynamic shared memory of the backward kernels (128-byte aligned parts). The dK/dV pass

@@ -154,17 +154,21 @@ void attention_fwd(const Context& c, ops::AttnMode mode, const Tensor& q, const 
 // Which kernels bf16 attention uses, forward and backward: tensor cores (attention_tc.cu; head
 // dim a multiple of 16 up to 128; the backward also needs the shared memory an H100/H200 has
 // at head dim 128) or CUDA cores (attention.cu; any head dim up to 128, and every fp32 call).
-// automatic: tensor cores where eligible. Process-wide; tests and benchmarks compare both.
-enum class AttentionKernel { automatic, cuda_cores, tensor_cores };
+// The tensor-core kernels keep their tiles in registers (mma.sync, attention_mma_kernels.cuh;
+// q, k, v (and dout) 16-byte aligned, else WMMA). automatic: tensor cores where eligible,
+// else CUDA cores; wmma: the same with the WMMA kernels (attention_tc_kernels.cuh; the first
+// tensor-core ones, kept to compare). Process-wide; tests and benchmarks compare them.
+enum class AttentionKernel { automatic, cuda_cores, tensor_cores, wmma };
 void set_attention_kernel(AttentionKernel k);
 // Both on the current device: each also checks that the device grants the kernels' shared memory.
 bool attention_fwd_tc_eligible(DType dtype, int64_t head_dim);
 bool attention_bwd_tc_eligible(DType dtype, int64_t head_dim);
+// registers: the kernels with their tiles in registers where the operands allow it, else WMMA.
 void attention_fwd_tc(const Context& c, ops::AttnMode mode, const Tensor& q, const Tensor& k, const Tensor& v,
-                      const Tensor& modality, const Tensor& out, const Tensor& lse);
+                      const Tensor& modality, const Tensor& out, const Tensor& lse, bool registers = true);
 void attention_bwd_tc(const Context& c, ops::AttnMode mode, const Tensor& dout, const Tensor& q, const Tensor& k,
                       const Tensor& v, const Tensor& modality, const Tensor& out, const Tensor& lse, const Tensor& dq,
-                      const Tensor& dk, const Tensor& dv);
+                      const Tensor& dk, const Tensor& dv, bool registers = true);
 // Generation with the KV cache (ops::attention_decode): q [n, H, hd] at positions
 // position .. position+n-1, k/v [position+n, KV, hd] (T), modality u8 [position+n]
 // (undefined for full), out [n, H, hd] T. Forward only; deterministic.

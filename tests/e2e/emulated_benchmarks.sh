@@ -25,7 +25,7 @@ expect() {  # expect NAME REGEX CMD...: runs CMD, which must exit 0 and print a 
 }
 T=$BUILD/tests
 NUM='[0-9]+\.[0-9]+'
-for kernel in auto cuda-cores; do
+for kernel in auto wmma cuda-cores; do
   expect "attn-$kernel" "^vchat_attn_ms fwd=$NUM fwd_bwd=$NUM$" "$T/vchat-bench-attn-emulated" --kernel $kernel \
     --seq-len 96 --batch 1 --heads 2 --kv-heads 1 --head-dim 128 --image-frac 0.3 --image-tokens 17 --iters 1
 done

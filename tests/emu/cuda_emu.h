@@ -24,7 +24,12 @@
 // (errors()) rather than thrown, since they happen inside fibers; the failing access is
 // skipped.
 //
-// Not emulated: the hardware's fragment-to-lane mapping (the kernels never index fragment
+// mma.sync m16n8k16, ldmatrix and cp.async (src/cuda/mma.cuh) are emulated by their PTX
+// definitions, lane by lane: a warp's lanes exchange their registers (so a fragment here is
+// the hardware's lane mapping), ldmatrix checks each lane's row address, and a cp.async copy
+// lands at its issue in some blocks and at its wait in others (Block::cp_eager).
+//
+// Not emulated: WMMA's fragment-to-lane mapping (the WMMA kernels never index fragment
 // elements), bank conflicts, occupancy, timing.
 #pragma once
 #define VCHAT_CUDA_EMULATION 1
@@ -66,6 +71,16 @@ struct Thread {
   bool done = false;
   unsigned shuffles = 0;  // shuffles so far, of whatever type
   unsigned or_calls = 0;  // __syncthreads_or calls so far
+  unsigned exchanges = 0;  // warp exchanges (ldmatrix, mma.sync) so far
+  // cp.async: copies issued since the last commit, and the committed groups not yet waited for.
+  struct Copy {
+    void* dst;
+    const void* src;
+    bool valid;
+    bool landed;  // copied at issue (Block::cp_eager)
+  };
+  std::vector<Copy> cp_open;
+  std::vector<std::vector<Copy>> cp_groups;
 };
 inline Thread*& current_thread() {
   static thread_local Thread* t = nullptr;
@@ -109,7 +124,10 @@ constexpr int kWarp = 32;
 // What the threads of the running block share.
 struct Block {
   explicit Block(int threads)
-      : all(threads), shfl{std::vector<uint64_t>(lanes(threads)), std::vector<uint64_t>(lanes(threads))} {
+      : all(threads),
+        shfl{std::vector<uint64_t>(lanes(threads)), std::vector<uint64_t>(lanes(threads))},
+        xchg{std::vector<uint32_t>(lanes(threads) * kExchangeWords),
+             std::vector<uint32_t>(lanes(threads) * kExchangeWords)} {
     // Whole warps, and a last partial one (a block of one thread: the clip coefficient).
     for (int w = 0; w * kWarp < threads; ++w)
       warps.push_back(std::make_unique<Barrier>(std::min(kWarp, threads - w * kWarp)));
@@ -118,7 +136,10 @@ struct Block {
   Barrier all;
   std::vector<std::unique_ptr<Barrier>> warps;
   std::vector<uint64_t> shfl[2];  // alternate shuffles use alternate buffers
+  static constexpr int kExchangeWords = 8;
+  std::vector<uint32_t> xchg[2];  // alternate warp exchanges likewise: kExchangeWords per thread
   int or_flag[3] = {};            // __syncthreads_or calls cycle through three flags
+  bool cp_eager = false;          // cp.async copies land at issue (else when waited for)
   unsigned char* smem = nullptr;
   size_t smem_bytes = 0;
 };
@@ -334,6 +355,149 @@ void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix
 
 namespace vchat::emu {
 
+// One warp-wide exchange, the basis of the register-level tensor-core instructions below:
+// this lane publishes up to Block::kExchangeWords words, the warp meets, and the result
+// points at the warp's lane 0 (lane l's words at [l * kExchangeWords]). Alternate exchanges
+// use alternate buffers, rewritten two exchanges later, after a warp barrier every reader
+// of the older one has passed (the shuffles' argument). Null for a partial warp (reported):
+// these instructions need all 32 lanes.
+inline const uint32_t* warp_exchange(const uint32_t* words, int n) {
+  Block& b = *current_block();
+  std::vector<uint32_t>& buf = b.xchg[current_thread()->exchanges++ % 2];
+  const unsigned me = tid(), base = me / kWarp * kWarp;
+  std::memcpy(&buf[size_t(me) * Block::kExchangeWords], words, sizeof(uint32_t) * n);
+  __syncwarp();
+  if (base + kWarp > block_threads()) {
+    report("a warp-wide tensor-core instruction in a warp of fewer than 32 threads");
+    return nullptr;
+  }
+  return &buf[size_t(base) * Block::kExchangeWords];
+}
+
+// Whether [p, p + bytes) lies in the block's dynamic shared memory and p is `align`-aligned;
+// reported (and false) when not.
+inline bool smem_ok(const void* p, size_t bytes, size_t align, const char* what) {
+  const Block* b = current_block();
+  const auto a = reinterpret_cast<uintptr_t>(p), lo = reinterpret_cast<uintptr_t>(b->smem);
+  std::string bad;
+  if (a % align != 0) bad = "not " + std::to_string(align) + "-byte aligned";
+  if (a < lo || a + bytes > lo + b->smem_bytes)
+    bad = "outside the dynamic shared memory (offset " + std::to_string(int64_t(a - lo)) + ", " +
+          std::to_string(b->smem_bytes) + " bytes)";
+  if (bad.empty()) return true;
+  report(std::string(what) + ": " + bad);
+  return false;
+}
+
+inline uint16_t bf16_bits(uint32_t word, int half) { return static_cast<uint16_t>(half ? word >> 16 : word & 0xffffu); }
+inline float bf16_word(uint32_t word, int half) { return __bfloat162float(__nv_bfloat16{bf16_bits(word, half)}); }
+
+// ldmatrix .x4 by its definition (src/cuda/mma.cuh): each lane's row address is checked
+// (16 bytes inside the dynamic shared memory, 16-byte aligned) and exchanged.
+inline void ldmatrix(uint32_t (&r)[4], const __nv_bfloat16* row, bool trans) {
+  const bool ok = smem_ok(row, 16, 16, trans ? "ldmatrix.trans" : "ldmatrix");
+  const auto a = reinterpret_cast<uintptr_t>(row);
+  const uint32_t mine[3] = {static_cast<uint32_t>(a), static_cast<uint32_t>(a >> 32), ok ? 1u : 0u};
+  const uint32_t* all = warp_exchange(mine, 3);
+  const unsigned l = tid() % kWarp;
+  // Element `col` of the row whose address lane `src` gave (0 where that address was bad).
+  const auto at = [&](unsigned src, unsigned col) -> uint16_t {
+    const uint32_t* w = all + src * Block::kExchangeWords;
+    if (!w[2]) return 0;
+    const auto* p = reinterpret_cast<const __nv_bfloat16*>(uintptr_t(w[0]) | uintptr_t(w[1]) << 32);
+    return p[col].bits;
+  };
+  for (unsigned i = 0; i < 4; ++i) {
+    uint16_t lo = 0, hi = 0;
+    if (all && !trans) {
+      lo = at(8 * i + l / 4, 2 * (l % 4));
+      hi = at(8 * i + l / 4, 2 * (l % 4) + 1);
+    } else if (all) {
+      lo = at(8 * i + 2 * (l % 4), l / 4);
+      hi = at(8 * i + 2 * (l % 4) + 1, l / 4);
+    }
+    r[i] = uint32_t(lo) | uint32_t(hi) << 16;
+  }
+}
+
+}  // namespace vchat::emu
+
+// src/cuda/mma.cuh's primitives, by the definitions written there.
+namespace vchat::cuda::ptx {
+
+inline void ldmatrix_x4(uint32_t (&r)[4], const __nv_bfloat16* row) { emu::ldmatrix(r, row, false); }
+inline void ldmatrix_x4_trans(uint32_t (&r)[4], const __nv_bfloat16* row) { emu::ldmatrix(r, row, true); }
+
+// D += A B (16x8x16): the lane's four outputs from the A rows and B columns its warp holds.
+inline void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  const uint32_t mine[6] = {a[0], a[1], a[2], a[3], b0, b1};
+  const uint32_t* all = emu::warp_exchange(mine, 6);
+  if (!all) return;
+  const unsigned l = emu::tid() % emu::kWarp, g = l / 4, t = l % 4;
+  const auto A = [&](unsigned row, unsigned col) {  // lane 4·(row % 8) + (col % 8) / 2 holds it
+    const uint32_t* w = all + (4 * (row % 8) + (col % 8) / 2) * emu::Block::kExchangeWords;
+    return emu::bf16_word(w[row / 8 + 2 * (col / 8)], col % 2);
+  };
+  const auto B = [&](unsigned k, unsigned n) {  // lane 4·n + (k % 8) / 2 holds it
+    const uint32_t* w = all + (4 * n + (k % 8) / 2) * emu::Block::kExchangeWords;
+    return emu::bf16_word(w[4 + k / 8], k % 2);
+  };
+  for (unsigned e = 0; e < 4; ++e) {
+    const unsigned row = g + 8 * (e / 2), col = 2 * t + e % 2;
+    float s = d[e];
+    for (unsigned k = 0; k < 16; ++k) s += A(row, k) * B(k, col);
+    d[e] = s;
+  }
+}
+
+// cp.async: recorded at issue (the addresses checked) and copied either then, the earliest
+// the hardware may (so an overwrite of a buffer other warps still read shows), or when
+// waited for, the latest (so a read of the destination before its wait sees the poison or
+// the previous tile): Block::cp_eager, which alternates over blocks.
+inline void cp_async_16(void* dst, const void* src, bool valid) {
+  const bool ok = emu::smem_ok(dst, 16, 16, "cp.async destination");
+  if (valid && reinterpret_cast<uintptr_t>(src) % 16 != 0) {
+    emu::report("cp.async source not 16-byte aligned");
+    return;
+  }
+  if (!ok) return;
+  const bool eager = emu::current_block()->cp_eager;
+  if (eager) {
+    if (valid)
+      std::memcpy(dst, src, 16);
+    else
+      std::memset(dst, 0, 16);
+  }
+  emu::current_thread()->cp_open.push_back({dst, src, valid, eager});
+}
+inline void cp_async_commit() {
+  emu::Thread& t = *emu::current_thread();
+  t.cp_groups.push_back(std::move(t.cp_open));
+  t.cp_open.clear();
+}
+template <int N>
+void cp_async_wait() {
+  emu::Thread& t = *emu::current_thread();
+  while (t.cp_groups.size() > size_t(N)) {
+    for (const emu::Thread::Copy& c : t.cp_groups.front()) {
+      if (c.landed) continue;
+      if (c.valid)
+        std::memcpy(c.dst, c.src, 16);
+      else
+        std::memset(c.dst, 0, 16);
+    }
+    t.cp_groups.erase(t.cp_groups.begin());
+  }
+}
+
+inline uint32_t pack_bf16x2(float lo, float hi) {
+  return uint32_t(__float2bfloat16_rn(lo).bits) | uint32_t(__float2bfloat16_rn(hi).bits) << 16;
+}
+
+}  // namespace vchat::cuda::ptx
+
+namespace vchat::emu {
+
 // Runs the block's threads as fibers until all have returned (see the top of the file), or
 // reports a deadlock: a pass over the waiting threads in which none moved.
 template <class Kernel>
@@ -346,6 +510,9 @@ void run_block(Block& block, unsigned threads, Dim3 block_dim, Dim3 block_idx, K
                                           ts[t].scheduler = std::move(scheduler);
                                           current_thread() = &ts[t];
                                           kernel();
+                                          if (!ts[t].cp_open.empty() || !ts[t].cp_groups.empty())
+                                            report("thread " + std::to_string(t) +
+                                                   " returned with cp.async copies it never waited for");
                                           ts[t].done = true;
                                           ++progress();
                                           return std::move(ts[t].scheduler);
@@ -356,6 +523,10 @@ void run_block(Block& block, unsigned threads, Dim3 block_dim, Dim3 block_idx, K
   // kernel too sees both orders across its calls).
   static thread_local unsigned launches = 0;
   const unsigned parity = block_idx.x + block_idx.y + block_idx.z + launches++;
+  // When cp.async copies land: at their issue in every other pair of blocks, the earliest the
+  // hardware may write them, else at their wait, the latest. Over four blocks in a row, each
+  // with each scheduling order.
+  block.cp_eager = (parity >> 1) & 1;
   const unsigned warps = (threads + kWarp - 1) / kWarp;
   unsigned left = threads;
   for (unsigned pass = 0; left > 0; ++pass) {

@@ -1,0 +1,601 @@
+// Flash attention forward with its tiles in registers (the FlashAttention-2 scheme), bf16
+// in, fp32 accumulate, head dim HD a multiple of 16 up to 128: the same semantics and saved
+// state as attention_tc_kernels.cuh's WMMA forward (DESIGN.md §3.2; two online-softmax
+// states for MMCA, lse [B, H, L, 2]), without its trips through shared memory.
+//
+// A block is four warps and 64 queries, 16 rows per warp. Per 64-key tile:
+//   - K and V arrive by cp.async into one of two buffers while the other is computed on
+//     (one barrier per tile);
+//   - S = Q Kᵀ by mma.sync m16n8k16 into registers (this warp's 16 x 64 scores: 32 floats
+//     per lane), Q and K fragments by ldmatrix;
+//   - the softmax runs on those registers: a row's 64 scores are spread over the 4 lanes of
+//     a quad, so its max takes two shuffles; per branch (text and image keys under MMCA)
+//     a running max and sum, in log2 units (exp2);
+//   - P, rounded to bf16, is already the A fragment of O += P V (the accumulator layout of
+//     two 8-key tiles is the A layout of one 16-key step), V fragments by ldmatrix.trans;
+//     under MMCA the image branch's P V runs only on tiles that hold image keys.
+// O stays in registers (HD/2 floats per lane per branch). Key tiles above the diagonal are
+// never loaded; query tiles are scheduled heaviest (latest) first.
+//
+// Device code only, launched by attention_tc.cu; under VCHAT_CUDA_EMULATION the primitives
+// of mma.cuh come from tests/emu/cuda_emu.h, which runs this kernel on the CPU
+// (tests/test_attention_tc_emulated.cpp).
+#pragma once
+#include <cmath>
+#include <cstdint>
+
+#include "cuda/attention_rule.cuh"
+#include "cuda/device_storage.cuh"
+#include "cuda/mma.cuh"
+#include "ops.h"
+
+namespace vchat::cuda {
+
+namespace {
+
+constexpr int kMmaTile = 64;  // queries per block, keys per tile
+constexpr int kMmaThreads = 128;
+
+struct MmaGeometry {
+  int64_t B, L, H, KV;
+  float scale;       // 1 / sqrt(hd)
+  float scale_log2;  // log2(e) / sqrt(hd): scores in log2 units
+};
+
+// Dynamic shared memory: Q, then K and V twice each (double buffer), then the keys'
+// modalities twice. A row stride of HD + 8 bf16 (16 bytes over) puts the 8 rows of an
+// ldmatrix on 32 distinct banks for every HD here.
+template <int HD>
+struct MmaLayout {
+  static constexpr int kLd = HD + 8;
+  static constexpr size_t kTileBytes = size_t(kMmaTile) * kLd * 2;  // a multiple of 128
+  static constexpr size_t q = 0, k = kTileBytes, v = 3 * kTileBytes, mk = 5 * kTileBytes;
+  static constexpr size_t total = mk + 2 * kMmaTile;
+};
+
+// Rows [first, first + 64) of head `head` of x ([B, L, heads, HD]) into a tile, by cp.async;
+// rows past L become zeros (a NaN there would survive a zero probability in P V).
+template <int HD>
+__device__ __forceinline__ void mma_tile_async(bf16* s, const bf16* x, int64_t b, int64_t first, int64_t L,
+                                               int64_t heads, int64_t head) {
+  constexpr int kChunks = HD / 8;  // 16-byte pieces per row
+  static_assert(kMmaTile * kChunks % kMmaThreads == 0, "whole rounds of 16-byte copies");
+#pragma unroll
+  for (int round = 0; round < kMmaTile * kChunks / kMmaThreads; ++round) {
+    const int e = round * kMmaThreads + threadIdx.x, r = e / kChunks, c = e % kChunks;
+    const int64_t i = first + r;
+    const bool in = i < L;
+    ptx::cp_async_16(s + r * MmaLayout<HD>::kLd + c * 8, x + ((b * L + (in ? i : 0)) * heads + head) * HD + c * 8, in);
+  }
+}
+
+// S (16 x N, this warp's rows) += A Bᵀ: A's rows [16·warp, +16) against the first N rows of
+// B, both [.][HD + 8] bf16 tiles in shared memory. Per 16-dim step, ldmatrix x4 gives A's
+// fragment, and B's fragments for two 8-row tiles.
+template <int HD, int N = kMmaTile>
+__device__ __forceinline__ void mma_abt(float (&S)[N / 8][4], const bf16* A, const bf16* B, int warp, int lane) {
+  constexpr int kLd = MmaLayout<HD>::kLd;
+#pragma unroll
+  for (int ks = 0; ks < HD / 16; ++ks) {
+    uint32_t a[4];
+    ptx::ldmatrix_x4(a, A + (warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * kLd + ks * 16 + (lane >> 4) * 8);
+#pragma unroll
+    for (int np = 0; np < N / 16; ++np) {
+      uint32_t b[4];
+      ptx::ldmatrix_x4(b, B + (np * 16 + (lane & 7) + (lane >> 4) * 8) * kLd + ks * 16 + ((lane >> 3) & 1) * 8);
+      ptx::mma_bf16_16816(S[2 * np], a, b[0], b[1]);
+      ptx::mma_bf16_16816(S[2 * np + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// The A fragment of 16 columns [16·kk, +16) of a 16-row accumulator tile x, rounded to
+// bf16: the accumulator layout of two 8-column tiles is the A layout of one 16-wide step.
+template <int K>
+__device__ __forceinline__ void mma_a_from_acc(uint32_t (&a)[4], const float (&x)[K / 8][4], int kk) {
+  a[0] = ptx::pack_bf16x2(x[2 * kk][0], x[2 * kk][1]);          // row quad, columns 2t, 2t+1
+  a[1] = ptx::pack_bf16x2(x[2 * kk][2], x[2 * kk][3]);          // row quad + 8
+  a[2] = ptx::pack_bf16x2(x[2 * kk + 1][0], x[2 * kk + 1][1]);  // row quad, columns 8 + 2t, ...
+  a[3] = ptx::pack_bf16x2(x[2 * kk + 1][2], x[2 * kk + 1][3]);
+}
+
+// acc (16 x HD, this warp's rows) += x X: x a 16 x K accumulator tile (bf16-rounded here),
+// X a [K][HD + 8] bf16 tile whose rows are x's columns, read by ldmatrix.trans.
+template <int HD, int K = kMmaTile>
+__device__ __forceinline__ void mma_ax(float (&acc)[HD / 8][4], const float (&x)[K / 8][4], const bf16* X, int lane) {
+  constexpr int kLd = MmaLayout<HD>::kLd;
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) {
+    uint32_t a[4];
+    mma_a_from_acc<K>(a, x, kk);
+#pragma unroll
+    for (int np = 0; np < HD / 16; ++np) {
+      uint32_t b[4];
+      ptx::ldmatrix_x4_trans(b, X + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * kLd + np * 16 + (lane >> 4) * 8);
+      ptx::mma_bf16_16816(acc[2 * np], a, b[0], b[1]);
+      ptx::mma_bf16_16816(acc[2 * np + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+template <int HD, bool kMmca>
+__global__ void __launch_bounds__(kMmaThreads)
+    flash_fwd_mma(ops::AttnMode mode, MmaGeometry g, const bf16* q, const bf16* k, const bf16* v,
+                  const uint8_t* modality, bf16* out, float* lse) {
+  using Lay = MmaLayout<HD>;
+  constexpr int kLd = Lay::kLd, kNt = HD / 8;  // 8-wide output tiles per row
+  constexpr int kBr = kMmca ? 2 : 1;           // accumulators: text (or single) and image
+  VCHAT_DYNAMIC_SMEM(smem);
+  bf16* Qs = reinterpret_cast<bf16*>(smem + Lay::q);
+  bf16* Ks = reinterpret_cast<bf16*>(smem + Lay::k);
+  bf16* Vs = reinterpret_cast<bf16*>(smem + Lay::v);
+  uint8_t* mk_s = smem + Lay::mk;
+
+  // Heaviest first: under the causal rule a later query tile has more key tiles.
+  const int64_t q0 = int64_t(gridDim.x - 1 - blockIdx.x) * kMmaTile;
+  const int64_t b = blockIdx.z, h = blockIdx.y, kh = h / (g.H / g.KV);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, quad = lane / 4, tq = lane % 4;
+
+  // This lane's two query rows (s = 0, 1): 16·warp + quad and 8 below.
+  int64_t qi[2];
+  uint8_t mq[2];
+  bool live[2];
+#pragma unroll
+  for (int s = 0; s < 2; ++s) {
+    qi[s] = q0 + warp * 16 + quad + 8 * s;
+    mq[s] = modality_at(mode, modality, g.L, b, qi[s]);
+    live[s] = qi[s] < g.L && attn_attends(mode, mq[s]);
+  }
+  const bool any_live = __syncthreads_or(live[0] || live[1]);  // block-uniform, as the loop must be
+
+  float acc[kBr][kNt][4];
+#pragma unroll
+  for (int br = 0; br < kBr; ++br)
+#pragma unroll
+    for (int n = 0; n < kNt; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[br][n][e] = 0.f;
+  // Running max (log2 units) and this lane's share of the running sum, [branch][row].
+  float m[2][2] = {{-INFINITY, -INFINITY}, {-INFINITY, -INFINITY}}, l[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
+
+  const int64_t last = mode == ops::AttnMode::full ? g.L : (g.L < q0 + kMmaTile ? g.L : q0 + kMmaTile);
+  const int n_tiles = any_live ? static_cast<int>((last + kMmaTile - 1) / kMmaTile) : 0;
+  if (n_tiles > 0) {
+    mma_tile_async<HD>(Qs, q, b, q0, g.L, g.H, h);
+    mma_tile_async<HD>(Ks, k, b, 0, g.L, g.KV, kh);
+    mma_tile_async<HD>(Vs, v, b, 0, g.L, g.KV, kh);
+    ptx::cp_async_commit();
+  }
+  uint8_t mk_next = threadIdx.x < kMmaTile ? modality_at(mode, modality, g.L, b, threadIdx.x) : uint8_t(ops::kPad);
+
+  for (int t = 0; t < n_tiles; ++t) {
+    const int buf = t & 1;
+    const int64_t k0 = int64_t(t) * kMmaTile;
+    if (threadIdx.x < kMmaTile) mk_s[buf * kMmaTile + threadIdx.x] = mk_next;
+    ptx::cp_async_wait<0>();
+    // Tile t (and Q) are in for every thread, and every thread is done with tile t - 1,
+    // whose buffers the copies below overwrite. Whether the tile holds an image key.
+    const bool tile_image = __syncthreads_or(kMmca && threadIdx.x < kMmaTile && mk_next == uint8_t(ops::kImage)) != 0;
+    if (t + 1 < n_tiles) {
+      mma_tile_async<HD>(Ks + (buf ^ 1) * kMmaTile * kLd, k, b, k0 + kMmaTile, g.L, g.KV, kh);
+      mma_tile_async<HD>(Vs + (buf ^ 1) * kMmaTile * kLd, v, b, k0 + kMmaTile, g.L, g.KV, kh);
+      ptx::cp_async_commit();
+      if (threadIdx.x < kMmaTile) mk_next = modality_at(mode, modality, g.L, b, k0 + kMmaTile + threadIdx.x);
+    }
+    const bf16* Kt = Ks + buf * kMmaTile * kLd;
+    const bf16* Vt = Vs + buf * kMmaTile * kLd;
+    const uint8_t* mkt = mk_s + buf * kMmaTile;
+
+    // S = Q Kᵀ: 8 tiles of 8 keys.
+    float S[8][4] = {};
+    mma_abt<HD>(S, Qs, Kt, warp, lane);
+
+    // Scores in log2 units, -inf where the query does not see the key; each branch's max
+    // over the tile per row (the quad's four lanes hold a row's 64 scores).
+    float tmax[2][2] = {{-INFINITY, -INFINITY}, {-INFINITY, -INFINITY}};
+#pragma unroll
+    for (int n = 0; n < 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int s = e >> 1, c = n * 8 + 2 * tq + (e & 1);
+        const int br = live[s] && k0 + c < g.L ? attn_branch(mode, qi[s], k0 + c, mq[s], mkt[c]) : 0;
+        const float x = br ? S[n][e] * g.scale_log2 : -INFINITY;
+        S[n][e] = x;
+        if (br == 2)
+          tmax[1][s] = fmaxf(tmax[1][s], x);
+        else
+          tmax[0][s] = fmaxf(tmax[0][s], x);
+      }
+    float alpha[2][2];
+#pragma unroll
+    for (int br = 0; br < kBr; ++br)
+#pragma unroll
+      for (int s = 0; s < 2; ++s) {
+        float x = tmax[br][s];
+        x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+        x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+        const float mn = fmaxf(m[br][s], x);
+        alpha[br][s] = mn == -INFINITY ? 1.f : exp2f(m[br][s] - mn);
+        m[br][s] = mn;
+        l[br][s] *= alpha[br][s];
+      }
+#pragma unroll
+    for (int br = 0; br < kBr; ++br)
+#pragma unroll
+      for (int n = 0; n < kNt; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[br][n][e] *= alpha[br][e >> 1];
+
+          // O += P V, 16 keys per step: P's A fragment from two 8-key score tiles, per branch.
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      uint32_t pa[2][4];
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int n = 2 * kk + half;
+        float p[2][4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int s = e >> 1, c = n * 8 + 2 * tq + (e & 1);
+          const bool img = kMmca && mkt[c] == uint8_t(ops::kImage);
+          const float x = S[n][e];
+          const float pe = x == -INFINITY ? 0.f : exp2f(x - (img ? m[1][s] : m[0][s]));
+          p[0][e] = img ? 0.f : pe;
+          p[1][e] = img ? pe : 0.f;
+          if (img)
+            l[1][s] += pe;
+          else
+            l[0][s] += pe;
+        }
+#pragma unroll
+        for (int br = 0; br < kBr; ++br) {
+          pa[br][2 * half] = ptx::pack_bf16x2(p[br][0], p[br][1]);      // row quad
+          pa[br][2 * half + 1] = ptx::pack_bf16x2(p[br][2], p[br][3]);  // row quad + 8
+        }
+      }
+#pragma unroll
+      for (int np = 0; np < HD / 16; ++np) {
+        uint32_t vb[4];
+        ptx::ldmatrix_x4_trans(vb,
+                               Vt + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * kLd + np * 16 + (lane >> 4) * 8);
+        ptx::mma_bf16_16816(acc[0][2 * np], pa[0], vb[0], vb[1]);
+        ptx::mma_bf16_16816(acc[0][2 * np + 1], pa[0], vb[2], vb[3]);
+        if constexpr (kMmca) {
+          if (tile_image) {
+            ptx::mma_bf16_16816(acc[kBr - 1][2 * np], pa[kBr - 1], vb[0], vb[1]);
+            ptx::mma_bf16_16816(acc[kBr - 1][2 * np + 1], pa[kBr - 1], vb[2], vb[3]);
+          }
+        }
+      }
+    }
+  }
+
+  // Each row's sums: the quad's four shares (every lane takes part in the shuffles).
+#pragma unroll
+  for (int br = 0; br < 2; ++br)
+#pragma unroll
+    for (int s = 0; s < 2; ++s) {
+      l[br][s] += __shfl_xor_sync(0xffffffffu, l[br][s], 1);
+      l[br][s] += __shfl_xor_sync(0xffffffffu, l[br][s], 2);
+    }
+  constexpr float kLn2 = 0.693147180559945309f;
+#pragma unroll
+  for (int s = 0; s < 2; ++s) {
+    if (qi[s] >= g.L) continue;
+    bf16* o = out + ((b * g.L + qi[s]) * g.H + h) * HD;
+    if (live[s]) {
+      const float inv0 = l[0][s] > 0.f ? 1.f / l[0][s] : 0.f, inv1 = l[1][s] > 0.f ? 1.f / l[1][s] : 0.f;
+#pragma unroll
+      for (int n = 0; n < kNt; ++n) {
+        float x0 = acc[0][n][2 * s] * inv0, x1 = acc[0][n][2 * s + 1] * inv0;
+        if constexpr (kMmca) {
+          x0 += acc[kBr - 1][n][2 * s] * inv1;
+          x1 += acc[kBr - 1][n][2 * s + 1] * inv1;
+        }
+        o[n * 8 + 2 * tq] = __float2bfloat16(x0);
+        o[n * 8 + 2 * tq + 1] = __float2bfloat16(x1);
+      }
+    } else {  // an MMCA image query is its own v; a pad query is 0
+      const bool image = kMmca && mq[s] == uint8_t(ops::kImage);
+      const bf16* vr = v + ((b * g.L + qi[s]) * g.KV + kh) * HD;
+#pragma unroll
+      for (int n = 0; n < kNt; ++n)
+#pragma unroll
+        for (int d = n * 8 + 2 * tq; d < n * 8 + 2 * tq + 2; ++d) o[d] = image ? vr[d] : __float2bfloat16(0.f);
+    }
+    if (tq == 0) {
+      float* ls = lse + ((b * g.H + h) * g.L + qi[s]) * 2;
+#pragma unroll
+      for (int br = 0; br < 2; ++br) ls[br] = l[br][s] > 0.f ? (m[br][s] + log2f(l[br][s])) * kLn2 : -INFINITY;
+    }
+  }
+}
+
+// ---- backward in registers ----------------------------------------------------------------
+// The three passes of attention.cu (delta, dK/dV, dQ) and the same saved state, each a loop
+// over 64-row tiles double-buffered by cp.async, every L x L product on mma.sync with the
+// tiles in registers: S = Q Kᵀ and dP = dO Vᵀ (or, in the dK/dV pass, Sᵀ = K Qᵀ and
+// dPᵀ = V dOᵀ: keys are the warp's rows there), then per element P = 2^(S·scale·log2e −
+// lse_branch·log2e) and dS = P (dP − D_branch), rounded to bf16 as the A operand of
+// dV += Pᵀ dO, dK += dSᵀ Q and dQ += dS K (the products' B operands by ldmatrix.trans).
+// Deterministic: the dK/dV block loops over the GQA group's heads and the query tiles in a
+// fixed order; no atomics.
+
+// Dynamic shared memory of the backward kernels: the block's own two tiles (dQ pass: Q, dO;
+// dK/dV pass: K, V), the two swept tiles twice each (dQ: K, V; dK/dV: Q, dO), per swept
+// row four floats (dK/dV: the two lse and two deltas of each query, log2 units for the lse)
+// twice, and the swept rows' modalities twice.
+template <int HD>
+struct MmaBwdLayout {
+  static constexpr int kLd = MmaLayout<HD>::kLd;
+  static constexpr size_t kTileBytes = MmaLayout<HD>::kTileBytes;
+  static constexpr size_t own0 = 0, own1 = kTileBytes, loop0 = 2 * kTileBytes, loop1 = 4 * kTileBytes;
+  static constexpr size_t stats = 6 * kTileBytes, mod = stats + 2 * kMmaTile * 4 * sizeof(float);
+  static constexpr size_t total = mod + 2 * kMmaTile;
+};
+
+// Passes 1 and 3, per query tile and head: kDelta computes D_image (the image branch's
+// Σ_j P_ij dP_ij, over key tiles holding image keys) and D_text = dO · out − D_image; the
+// other instance computes dQ over every key tile at or below the diagonal.
+template <int HD, bool kDelta>
+__global__ void __launch_bounds__(kMmaThreads)
+    flash_dq_mma(ops::AttnMode mode, MmaGeometry g, const bf16* q, const bf16* k, const bf16* v,
+                 const uint8_t* modality, const bf16* out, const bf16* dout, const float* lse, float* delta, bf16* dq) {
+  using Lay = MmaBwdLayout<HD>;
+  constexpr int kLd = Lay::kLd, kNt = HD / 8;
+  constexpr float kLog2e = 1.4426950408889634f;
+  VCHAT_DYNAMIC_SMEM(smem);
+  bf16* Qs = reinterpret_cast<bf16*>(smem + Lay::own0);
+  bf16* dOs = reinterpret_cast<bf16*>(smem + Lay::own1);
+  bf16* Ks = reinterpret_cast<bf16*>(smem + Lay::loop0);
+  bf16* Vs = reinterpret_cast<bf16*>(smem + Lay::loop1);
+  uint8_t* mk_s = smem + Lay::mod;
+
+  const int64_t q0 = int64_t(gridDim.x - 1 - blockIdx.x) * kMmaTile;  // heaviest first
+  const int64_t b = blockIdx.z, h = blockIdx.y, kh = h / (g.H / g.KV);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, quad = lane / 4, tq = lane % 4;
+
+  int64_t qi[2];
+  uint8_t mq[2];
+  bool live[2];
+  float lse2[2][2], D[2][2];  // [row][branch]
+#pragma unroll
+  for (int s = 0; s < 2; ++s) {
+    qi[s] = q0 + warp * 16 + quad + 8 * s;
+    mq[s] = modality_at(mode, modality, g.L, b, qi[s]);
+    live[s] = qi[s] < g.L && attn_attends(mode, mq[s]);
+    const int64_t li = ((b * g.H + h) * g.L + (live[s] ? qi[s] : 0)) * 2;
+#pragma unroll
+    for (int br = 0; br < 2; ++br) {
+      lse2[s][br] = live[s] ? lse[li + br] * kLog2e : 0.f;
+      D[s][br] = !kDelta && live[s] ? delta[li + br] : 0.f;
+    }
+  }
+  const bool any_live = __syncthreads_or(live[0] || live[1]);
+  const bool sweep = any_live && (!kDelta || mode == ops::AttnMode::mmca);  // D_image is 0 without MMCA
+  const int64_t last = mode == ops::AttnMode::full ? g.L : (g.L < q0 + kMmaTile ? g.L : q0 + kMmaTile);
+  const int n_tiles = sweep ? static_cast<int>((last + kMmaTile - 1) / kMmaTile) : 0;
+  if (n_tiles > 0) {
+    mma_tile_async<HD>(Qs, q, b, q0, g.L, g.H, h);
+    mma_tile_async<HD>(dOs, dout, b, q0, g.L, g.H, h);
+    mma_tile_async<HD>(Ks, k, b, 0, g.L, g.KV, kh);
+    mma_tile_async<HD>(Vs, v, b, 0, g.L, g.KV, kh);
+    ptx::cp_async_commit();
+  }
+  uint8_t mk_next = threadIdx.x < kMmaTile ? modality_at(mode, modality, g.L, b, threadIdx.x) : uint8_t(ops::kPad);
+
+  float acc[kNt][4];  // dQ (this warp's 16 rows)
+#pragma unroll
+  for (int n = 0; n < kNt; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
+  float d2[2] = {0.f, 0.f};  // kDelta: this lane's share of each row's D_image
+
+  for (int t = 0; t < n_tiles; ++t) {
+    const int buf = t & 1;
+    const int64_t k0 = int64_t(t) * kMmaTile;
+    if (threadIdx.x < kMmaTile) mk_s[buf * kMmaTile + threadIdx.x] = mk_next;
+    ptx::cp_async_wait<0>();
+    // Tile t in for every thread, every thread done with tile t - 1; whether it holds an image key.
+    const bool tile_image = __syncthreads_or(threadIdx.x < kMmaTile && mk_next == uint8_t(ops::kImage)) != 0;
+    if (t + 1 < n_tiles) {
+      mma_tile_async<HD>(Ks + (buf ^ 1) * kMmaTile * kLd, k, b, k0 + kMmaTile, g.L, g.KV, kh);
+      mma_tile_async<HD>(Vs + (buf ^ 1) * kMmaTile * kLd, v, b, k0 + kMmaTile, g.L, g.KV, kh);
+      ptx::cp_async_commit();
+      if (threadIdx.x < kMmaTile) mk_next = modality_at(mode, modality, g.L, b, k0 + kMmaTile + threadIdx.x);
+    }
+    if (kDelta && !tile_image) continue;  // block-uniform: no image key, nothing for D_image
+    const bf16* Kt = Ks + buf * kMmaTile * kLd;
+    const bf16* Vt = Vs + buf * kMmaTile * kLd;
+    const uint8_t* mkt = mk_s + buf * kMmaTile;
+
+    float S[8][4] = {}, dP[8][4] = {};
+    mma_abt<HD>(S, Qs, Kt, warp, lane);    // S  = Q Kᵀ
+    mma_abt<HD>(dP, dOs, Vt, warp, lane);  // dP = dO Vᵀ
+#pragma unroll
+    for (int n = 0; n < 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int s = e >> 1, c = n * 8 + 2 * tq + (e & 1);
+        const int br = live[s] && k0 + c < g.L ? attn_branch(mode, qi[s], k0 + c, mq[s], mkt[c]) : 0;
+        const float p = br ? exp2f(S[n][e] * g.scale_log2 - (br == 2 ? lse2[s][1] : lse2[s][0])) : 0.f;
+        if (kDelta) {
+          if (br == 2) d2[s] += p * dP[n][e];
+        } else {
+          S[n][e] = p * (dP[n][e] - (br == 2 ? D[s][1] : D[s][0]));  // dS
+        }
+      }
+    if (!kDelta) mma_ax<HD>(acc, S, Kt, lane);  // dQ += dS K
+  }
+
+  // Every lane takes part in the shuffles, rows past L included.
+#pragma unroll
+  for (int s = 0; s < 2; ++s) {
+    const int64_t o = ((b * g.L + (qi[s] < g.L ? qi[s] : 0)) * g.H + h) * HD;
+    if (kDelta) {
+      float total = 0.f;  // dO · out over this lane's columns
+      if (qi[s] < g.L)
+#pragma unroll
+        for (int n = 0; n < kNt; ++n)
+#pragma unroll
+          for (int d = n * 8 + 2 * tq; d < n * 8 + 2 * tq + 2; ++d)
+            total += __bfloat162float(dout[o + d]) * __bfloat162float(out[o + d]);
+      total += __shfl_xor_sync(0xffffffffu, total, 1);
+      total += __shfl_xor_sync(0xffffffffu, total, 2);
+      float di = d2[s];
+      di += __shfl_xor_sync(0xffffffffu, di, 1);
+      di += __shfl_xor_sync(0xffffffffu, di, 2);
+      if (qi[s] < g.L && tq == 0) {
+        float* dl = delta + ((b * g.H + h) * g.L + qi[s]) * 2;
+        dl[0] = live[s] ? total - di : 0.f;
+        dl[1] = live[s] ? di : 0.f;
+      }
+    } else if (qi[s] < g.L) {
+#pragma unroll
+      for (int n = 0; n < kNt; ++n) {
+        dq[o + n * 8 + 2 * tq] = __float2bfloat16(acc[n][2 * s] * g.scale);
+        dq[o + n * 8 + 2 * tq + 1] = __float2bfloat16(acc[n][2 * s + 1] * g.scale);
+      }
+    }
+  }
+}
+
+// Pass 2, per key tile and KV head: dK and dV of 64 keys (16 per warp), over every query
+// head of the GQA group and the query tiles at or after the diagonal, as one sequence of
+// swept tiles (Q and dO, with their queries' lse, deltas and modalities).
+template <int HD>
+__global__ void __launch_bounds__(kMmaThreads)
+    flash_dkv_mma(ops::AttnMode mode, MmaGeometry g, const bf16* q, const bf16* k, const bf16* v,
+                  const uint8_t* modality, const bf16* dout, const float* lse, const float* delta, bf16* dk, bf16* dv) {
+  using Lay = MmaBwdLayout<HD>;
+  constexpr int kLd = Lay::kLd, kNt = HD / 8;
+  constexpr float kLog2e = 1.4426950408889634f;
+  VCHAT_DYNAMIC_SMEM(smem);
+  bf16* Ks = reinterpret_cast<bf16*>(smem + Lay::own0);
+  bf16* Vs = reinterpret_cast<bf16*>(smem + Lay::own1);
+  bf16* Qs = reinterpret_cast<bf16*>(smem + Lay::loop0);
+  bf16* dOs = reinterpret_cast<bf16*>(smem + Lay::loop1);
+  float* st_s = reinterpret_cast<float*>(smem + Lay::stats);  // [2][64][4]: lse text, lse image, D text, D image
+  uint8_t* mq_s = smem + Lay::mod;                            // [2][64]
+
+  // Key tile 0 first: under the causal rule an earlier key tile meets more query tiles.
+  const int64_t k0 = int64_t(blockIdx.x) * kMmaTile, b = blockIdx.z, kh = blockIdx.y;
+  const int64_t group = g.H / g.KV;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, quad = lane / 4, tq = lane % 4;
+  int64_t kj[2];
+  uint8_t mk[2];
+#pragma unroll
+  for (int s = 0; s < 2; ++s) {
+    kj[s] = k0 + warp * 16 + quad + 8 * s;
+    mk[s] = modality_at(mode, modality, g.L, b, kj[s]);
+  }
+
+  // The swept tiles: for each head of the group, the query tiles from the diagonal on.
+  const int64_t first_q = mode == ops::AttnMode::full ? 0 : k0;
+  const int nq = static_cast<int>((g.L - first_q + kMmaTile - 1) / kMmaTile);
+  const int n_it = static_cast<int>(group) * nq;
+  // What thread x < 64 loads for query x of a swept tile: its modality, whether it attends,
+  // and its four statistics; held in registers until the tile's turn.
+  uint8_t m_next = uint8_t(ops::kPad);
+  bool live_next = false;
+  float st_next[4] = {0.f, 0.f, 0.f, 0.f};
+  const auto fetch = [&](int it) {
+    const int64_t h = kh * group + it / nq, i = first_q + int64_t(it % nq) * kMmaTile + threadIdx.x;
+    m_next = modality_at(mode, modality, g.L, b, i);
+    live_next = i < g.L && attn_attends(mode, m_next);
+    const int64_t li = ((b * g.H + h) * g.L + (live_next ? i : 0)) * 2;
+    st_next[0] = live_next ? lse[li] * kLog2e : 0.f;
+    st_next[1] = live_next ? lse[li + 1] * kLog2e : 0.f;
+    st_next[2] = live_next ? delta[li] : 0.f;
+    st_next[3] = live_next ? delta[li + 1] : 0.f;
+  };
+  const auto sweep_async = [&](int it, int buf) {
+    const int64_t h = kh * group + it / nq, i0 = first_q + int64_t(it % nq) * kMmaTile;
+    mma_tile_async<HD>(Qs + buf * kMmaTile * kLd, q, b, i0, g.L, g.H, h);
+    mma_tile_async<HD>(dOs + buf * kMmaTile * kLd, dout, b, i0, g.L, g.H, h);
+  };
+  mma_tile_async<HD>(Ks, k, b, k0, g.L, g.KV, kh);
+  mma_tile_async<HD>(Vs, v, b, k0, g.L, g.KV, kh);
+  if (n_it > 0) sweep_async(0, 0);
+  ptx::cp_async_commit();
+  if (n_it > 0 && threadIdx.x < kMmaTile) fetch(0);
+
+  float dK[kNt][4], dV[kNt][4];
+#pragma unroll
+  for (int n = 0; n < kNt; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dK[n][e] = dV[n][e] = 0.f;
+
+  for (int it = 0; it < n_it; ++it) {
+    const int buf = it & 1;
+    const int64_t q0 = first_q + int64_t(it % nq) * kMmaTile;
+    if (threadIdx.x < kMmaTile) {
+      mq_s[buf * kMmaTile + threadIdx.x] = m_next;
+#pragma unroll
+      for (int f = 0; f < 4; ++f) st_s[(buf * kMmaTile + threadIdx.x) * 4 + f] = st_next[f];
+    }
+    ptx::cp_async_wait<0>();
+    // The tile is in for every thread, every thread done with the previous one; does any
+    // of its queries attend?
+    const bool any_live = __syncthreads_or(threadIdx.x < kMmaTile && live_next) != 0;
+    if (it + 1 < n_it) {
+      sweep_async(it + 1, buf ^ 1);
+      ptx::cp_async_commit();
+      if (threadIdx.x < kMmaTile) fetch(it + 1);
+    }
+    if (!any_live) continue;  // block-uniform
+    const bf16* Qt = Qs + buf * kMmaTile * kLd;
+    const bf16* dOt = dOs + buf * kMmaTile * kLd;
+    const float* stt = st_s + buf * kMmaTile * 4;
+    const uint8_t* mqt = mq_s + buf * kMmaTile;
+
+    // In two halves of 32 queries: Sᵀ and dPᵀ of all 64 beside dK and dV would not fit the
+    // registers at head dim 128 (K's and V's fragments are loaded twice instead).
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      constexpr int kHalf = kMmaTile / 2;
+      float St[kHalf / 8][4] = {}, dPt[kHalf / 8][4] = {};
+      mma_abt<HD, kHalf>(St, Ks, Qt + half * kHalf * kLd, warp, lane);    // Sᵀ  = K Qᵀ  (keys are the rows)
+      mma_abt<HD, kHalf>(dPt, Vs, dOt + half * kHalf * kLd, warp, lane);  // dPᵀ = V dOᵀ
+#pragma unroll
+      for (int n = 0; n < kHalf / 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int s = e >> 1, c = half * kHalf + n * 8 + 2 * tq + (e & 1);
+          const int64_t i = q0 + c;
+          const int br = kj[s] < g.L && i < g.L ? attn_branch(mode, i, kj[s], mqt[c], mk[s]) : 0;
+          const float* sq = stt + c * 4;
+          const float p = br ? exp2f(St[n][e] * g.scale_log2 - (br == 2 ? sq[1] : sq[0])) : 0.f;
+          St[n][e] = p;
+          dPt[n][e] = p * (dPt[n][e] - (br == 2 ? sq[3] : sq[2]));  // dSᵀ
+        }
+      mma_ax<HD, kHalf>(dV, St, dOt + half * kHalf * kLd, lane);  // dV += Pᵀ dO
+      mma_ax<HD, kHalf>(dK, dPt, Qt + half * kHalf * kLd, lane);  // dK += dSᵀ Q (scaled at the end)
+    }
+  }
+  if (n_it == 0) ptx::cp_async_wait<0>();  // the own tiles' copies, never waited for otherwise
+
+#pragma unroll
+  for (int s = 0; s < 2; ++s) {
+    if (kj[s] >= g.L) continue;
+    // An MMCA image key is its own query's output: dV_j += dO_j for each head of the group.
+    const bool image = mode == ops::AttnMode::mmca && mk[s] == uint8_t(ops::kImage);
+    const int64_t o = ((b * g.L + kj[s]) * g.KV + kh) * HD;
+#pragma unroll
+    for (int n = 0; n < kNt; ++n)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int d = n * 8 + 2 * tq + e;
+        float gv = dV[n][2 * s + e];
+        if (image)
+          for (int64_t h = kh * group; h < (kh + 1) * group; ++h)
+            gv += __bfloat162float(dout[((b * g.L + kj[s]) * g.H + h) * HD + d]);
+        dk[o + d] = __float2bfloat16(dK[n][2 * s + e] * g.scale);
+        dv[o + d] = __float2bfloat16(gv);
+      }
+  }
+}
+
+}  // namespace
+
+}  // namespace vchat::cuda
