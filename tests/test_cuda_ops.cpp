@@ -624,44 +624,57 @@ TEST_F(CudaOps, FlashMmcaAgainstTheCpuOnRandomLayouts) {
   EXPECT_FALSE(cuda::attention_fwd_tc_eligible(DType::f32, 64));
 }
 
-// The register kernels move 16 bytes at a time (cp.async): operands whose start is not
-// 16-byte aligned (here views one element into a larger buffer) take the WMMA kernels
-// instead, and still match the CPU (on the emulated device a misaligned cp.async is an
-// error; on a GPU, a fault).
-TEST_F(CudaOps, FlashAttentionOnUnalignedOperandsMatchesTheCpu) {
+// Small cases, short enough for compute-sanitizer (tools/gpu/check.sh runs memcheck and
+// racecheck on them; FlashMmcaAgainstTheCpuOnRandomLayouts is too long there): the register
+// kernels on aligned operands, and the WMMA fallback on operands that do not start on a
+// 16-byte boundary (the register kernels move 16 bytes at a time by cp.async; views one or
+// two elements into a larger buffer). Both against the CPU. On the emulated device a
+// misaligned cp.async is an error; on a GPU, a fault.
+TEST_F(CudaOps, FlashAttentionSmallCasesOnAlignedAndUnalignedOperands) {
   using ops::AttnMode;
-  const AttnCase a{AttnMode::mmca, 1, 70, 2, 1, 64, {20}, true, 3, "unaligned"};
-  const Tensor q = host_rand({a.B, a.L, a.H, a.hd}, DType::bf16, rng, -2.f, 2.f);
-  const Tensor k = host_rand({a.B, a.L, a.KV, a.hd}, DType::bf16, rng, -2.f, 2.f);
-  const Tensor v = host_rand({a.B, a.L, a.KV, a.hd}, DType::bf16, rng);
-  const Tensor dout = host_rand({a.B, a.L, a.H, a.hd}, DType::bf16, rng);
-  const Tensor m = test::layout_modalities(a, rng);
-  const Tensor M = m.to(Device::cuda);
-  const Tensor out = Tensor::empty(q.shape());
-  const Tensor saved = ops::attention_fwd(gpu(), a.mode, q, k, v, m, out);
-  const Tensor dq = Tensor::empty(q.shape()), dk = Tensor::empty(k.shape()), dv = Tensor::empty(v.shape());
-  ops::attention_bwd(gpu(), a.mode, dout, q, k, v, m, out, saved, dq, dk, dv);
-  // x on the device as a view that starts off a 16-byte boundary (one or two bf16 elements
-  // into a larger buffer, whichever misses it).
-  const auto unaligned = [](const Tensor& x) {
+  const std::vector<AttnCase> cases = {
+      {AttnMode::mmca, 1, 70, 2, 1, 64, {20}, true, 3, "mmca, GQA 2/1, hd 64, L 70"},
+      {AttnMode::causal, 1, 100, 2, 2, 128, {1}, true, 4, "causal, hd 128, L 100"},
+      {AttnMode::full, 2, 50, 2, 2, 32, {1}, false, 0, "full, hd 32, L 50"},
+  };
+  // x on the device, 16-byte aligned or as a view one or two elements off a 16-byte boundary.
+  const auto device = [](const Tensor& x, bool aligned) {
     const Tensor flat = dev(x.reshape({x.numel()}), DType::bf16);
+    if (aligned) return flat.reshape(x.shape());
     const Tensor big = Tensor::empty({x.numel() + 2}, DType::bf16, Device::cuda);
     const int64_t off = (reinterpret_cast<uintptr_t>(big.raw()) + 2) % 16 == 0 ? 2 : 1;
     const Tensor view = big.slice(0, off, off + x.numel());
     view.copy_from(flat);
-    EXPECT_NE(reinterpret_cast<uintptr_t>(view.raw()) % 16, 0u);
     return view.reshape(x.shape());
   };
-  const Tensor Q = unaligned(q), K = unaligned(k), V = unaligned(v), DOUT = unaligned(dout);
-  const Tensor OUT = poison(q.shape(), DType::bf16);
-  const Tensor SAVED = ops::attention_fwd(gpu(), a.mode, Q, K, V, M, OUT);
-  expect_close(OUT, out, 1e-2, "attention out, unaligned operands");
-  const Tensor DQ = poison(q.shape(), DType::bf16), DK = poison(k.shape(), DType::bf16),
-               DV = poison(v.shape(), DType::bf16);
-  ops::attention_bwd(gpu(), a.mode, DOUT, Q, K, V, M, OUT, SAVED, DQ, DK, DV);
-  expect_close(DQ, dq, 2e-2, "attention dq, unaligned operands");
-  expect_close(DK, dk, 2e-2, "attention dk, unaligned operands");
-  expect_close(DV, dv, 2e-2, "attention dv, unaligned operands");
+  for (const AttnCase& a : cases) {
+    const Tensor q = host_rand({a.B, a.L, a.H, a.hd}, DType::bf16, rng, -2.f, 2.f);
+    const Tensor k = host_rand({a.B, a.L, a.KV, a.hd}, DType::bf16, rng, -2.f, 2.f);
+    const Tensor v = host_rand({a.B, a.L, a.KV, a.hd}, DType::bf16, rng);
+    const Tensor dout = host_rand({a.B, a.L, a.H, a.hd}, DType::bf16, rng);
+    const Tensor m = test::layout_modalities(a, rng);
+    const Tensor mod = a.mode == AttnMode::full ? Tensor() : m;
+    const Tensor M = a.mode == AttnMode::full ? Tensor() : m.to(Device::cuda);
+    const Tensor out = Tensor::empty(q.shape());
+    const Tensor saved = ops::attention_fwd(gpu(), a.mode, q, k, v, mod, out);
+    const Tensor dq = Tensor::empty(q.shape()), dk = Tensor::empty(k.shape()), dv = Tensor::empty(v.shape());
+    ops::attention_bwd(gpu(), a.mode, dout, q, k, v, mod, out, saved, dq, dk, dv);
+    for (const bool aligned : {true, false}) {
+      const std::string what = std::string(a.what) + (aligned ? ", aligned" : ", unaligned");
+      const Tensor Q = device(q, aligned), K = device(k, aligned), V = device(v, aligned), DOUT = device(dout, aligned);
+      EXPECT_EQ(reinterpret_cast<uintptr_t>(Q.raw()) % 16 == 0, aligned) << what;
+      const Tensor OUT = poison(q.shape(), DType::bf16);
+      const Tensor SAVED = ops::attention_fwd(gpu(), a.mode, Q, K, V, M, OUT);
+      expect_close(OUT, out, 1e-2, "attention out " + what);
+      const Tensor DQ = poison(q.shape(), DType::bf16), DK = poison(k.shape(), DType::bf16),
+                   DV = poison(v.shape(), DType::bf16);
+      ops::attention_bwd(gpu(), a.mode, DOUT, Q, K, V, M, OUT, SAVED, DQ, DK, DV);
+      const double zero = 1e-2 * test::norm(dout);
+      expect_close(DQ, dq, 2e-2, "attention dq " + what, zero);
+      expect_close(DK, dk, 2e-2, "attention dk " + what, zero);
+      expect_close(DV, dv, 2e-2, "attention dv " + what);
+    }
+  }
 }
 
 // Generation's attention over a KV cache (vchat-chat): n new queries at the end of a
