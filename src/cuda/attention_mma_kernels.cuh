@@ -42,15 +42,15 @@ struct MmaGeometry {
   float scale_log2;  // log2(e) / sqrt(hd): scores in log2 units
 };
 
-// Dynamic shared memory: Q, then K and V twice each (double buffer), then the keys'
-// modalities twice. A row stride of HD + 8 bf16 (16 bytes over) puts the 8 rows of an
+// Dynamic shared memory: Q, then K and V twice each (double buffer), then the keys' bit
+// masks twice (image keys, dead keys: 2 words each). A row stride of HD + 8 bf16 (16 bytes over) puts the 8 rows of an
 // ldmatrix on 32 distinct banks for every HD here.
 template <int HD>
 struct MmaLayout {
   static constexpr int kLd = HD + 8;
   static constexpr size_t kTileBytes = size_t(kMmaTile) * kLd * 2;  // a multiple of 128
-  static constexpr size_t q = 0, k = kTileBytes, v = 3 * kTileBytes, mk = 5 * kTileBytes;
-  static constexpr size_t total = mk + 2 * kMmaTile;
+  static constexpr size_t q = 0, k = kTileBytes, v = 3 * kTileBytes, bits = 5 * kTileBytes;
+  static constexpr size_t total = bits + 2 * 4 * sizeof(uint32_t);
 };
 
 // Rows [first, first + 64) of head `head` of x ([B, L, heads, HD]) into a tile, by cp.async;
@@ -67,6 +67,38 @@ __device__ __forceinline__ void mma_tile_async(bf16* s, const bf16* x, int64_t b
     const bool in = i < L;
     ptx::cp_async_16(s + r * MmaLayout<HD>::kLd + c * 8, x + ((b * L + (in ? i : 0)) * heads + head) * HD + c * 8, in);
   }
+}
+
+// Per-row flags of a 64-row tile as a bit mask (bit r: row r): threads 0..63, the whole of
+// warps 0 and 1, vote, and lane 0 of each stores its word (2 words); read after a barrier.
+__device__ __forceinline__ void tile_vote(uint32_t* words, bool flag) {
+  if (threadIdx.x < kMmaTile) {
+    const uint32_t w = __ballot_sync(0xffffffffu, flag);
+    if (threadIdx.x % 32 == 0) words[threadIdx.x / 32] = w;
+  }
+}
+__device__ __forceinline__ uint64_t tile_bits(const uint32_t* words) {
+  return uint64_t(words[0]) | uint64_t(words[1]) << 32;
+}
+
+// DESIGN.md §3.2's masks for a whole tile at once (attn_branch's rule, as bits), so that the
+// softmax tests one bit per score instead of comparing positions and modalities.
+// The keys of the tile at k0 that query i sees (bit c: key k0 + c); `dead`: the tile's keys
+// no query sees (pad, or past L). A query that does not attend (live false) sees none.
+__device__ __forceinline__ uint64_t keys_seen(ops::AttnMode mode, bool live, int64_t i, int64_t k0, uint64_t dead) {
+  if (!live) return 0;
+  if (mode == ops::AttnMode::full) return ~dead;
+  const int64_t last = i - k0;  // no key after the query
+  return ~dead & (last >= 63 ? ~uint64_t(0) : last < 0 ? uint64_t(0) : (uint64_t(2) << last) - 1);
+}
+// The queries of the tile at q0 that see key j (bit c: query q0 + c); `live`: the tile's
+// queries that attend; a dead key (pad, past L) is seen by none.
+__device__ __forceinline__ uint64_t queries_seeing(ops::AttnMode mode, bool dead, int64_t j, int64_t q0,
+                                                   uint64_t live) {
+  if (dead) return 0;
+  if (mode == ops::AttnMode::full) return live;
+  const int64_t first = j - q0;  // no query before the key
+  return live & (first <= 0 ? ~uint64_t(0) : first > 63 ? uint64_t(0) : ~((uint64_t(1) << first) - 1));
 }
 
 // S (16 x N, this warp's rows) += A Bᵀ: A's rows [16·warp, +16) against the first N rows of
@@ -129,7 +161,7 @@ __global__ void __launch_bounds__(kMmaThreads)
   bf16* Qs = reinterpret_cast<bf16*>(smem + Lay::q);
   bf16* Ks = reinterpret_cast<bf16*>(smem + Lay::k);
   bf16* Vs = reinterpret_cast<bf16*>(smem + Lay::v);
-  uint8_t* mk_s = smem + Lay::mk;
+  uint32_t* bits_s = reinterpret_cast<uint32_t*>(smem + Lay::bits);  // [2][4]: image keys, dead keys
 
   // Heaviest first: under the causal rule a later query tile has more key tiles.
   const int64_t q0 = int64_t(gridDim.x - 1 - blockIdx.x) * kMmaTile;
@@ -171,11 +203,15 @@ __global__ void __launch_bounds__(kMmaThreads)
   for (int t = 0; t < n_tiles; ++t) {
     const int buf = t & 1;
     const int64_t k0 = int64_t(t) * kMmaTile;
-    if (threadIdx.x < kMmaTile) mk_s[buf * kMmaTile + threadIdx.x] = mk_next;
+    uint32_t* bits = bits_s + buf * 4;
+    tile_vote(bits, mk_next == uint8_t(ops::kImage));
+    tile_vote(bits + 2, mk_next == uint8_t(ops::kPad));
     ptx::cp_async_wait<0>();
-    // Tile t (and Q) are in for every thread, and every thread is done with tile t - 1,
-    // whose buffers the copies below overwrite. Whether the tile holds an image key.
-    const bool tile_image = __syncthreads_or(kMmca && threadIdx.x < kMmaTile && mk_next == uint8_t(ops::kImage)) != 0;
+    // Tile t (and Q) and its key masks are in for every thread, and every thread is done
+    // with tile t - 1, whose buffers the copies below overwrite.
+    __syncthreads();
+    const uint64_t image_keys = kMmca ? tile_bits(bits) : 0, dead_keys = tile_bits(bits + 2);
+    const bool tile_image = image_keys != 0;
     if (t + 1 < n_tiles) {
       mma_tile_async<HD>(Ks + (buf ^ 1) * kMmaTile * kLd, k, b, k0 + kMmaTile, g.L, g.KV, kh);
       mma_tile_async<HD>(Vs + (buf ^ 1) * kMmaTile * kLd, v, b, k0 + kMmaTile, g.L, g.KV, kh);
@@ -184,7 +220,10 @@ __global__ void __launch_bounds__(kMmaThreads)
     }
     const bf16* Kt = Ks + buf * kMmaTile * kLd;
     const bf16* Vt = Vs + buf * kMmaTile * kLd;
-    const uint8_t* mkt = mk_s + buf * kMmaTile;
+    // This lane's columns of the masks: bit n·8 + e of `seen[s] >> 2t` is column n·8 + 2t + e.
+    const uint64_t seen[2] = {keys_seen(mode, live[0], qi[0], k0, dead_keys) >> (2 * tq),
+                              keys_seen(mode, live[1], qi[1], k0, dead_keys) >> (2 * tq)};
+    const uint64_t image = image_keys >> (2 * tq);
 
     // S = Q Kᵀ: 8 tiles of 8 keys.
     float S[8][4] = {};
@@ -197,11 +236,10 @@ __global__ void __launch_bounds__(kMmaThreads)
     for (int n = 0; n < 8; ++n)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int s = e >> 1, c = n * 8 + 2 * tq + (e & 1);
-        const int br = live[s] && k0 + c < g.L ? attn_branch(mode, qi[s], k0 + c, mq[s], mkt[c]) : 0;
-        const float x = br ? S[n][e] * g.scale_log2 : -INFINITY;
+        const int s = e >> 1, bit = n * 8 + (e & 1);
+        const float x = (seen[s] >> bit) & 1 ? S[n][e] * g.scale_log2 : -INFINITY;
         S[n][e] = x;
-        if (br == 2)
+        if ((image >> bit) & 1)
           tmax[1][s] = fmaxf(tmax[1][s], x);
         else
           tmax[0][s] = fmaxf(tmax[0][s], x);
@@ -236,8 +274,8 @@ __global__ void __launch_bounds__(kMmaThreads)
         float p[2][4];
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int s = e >> 1, c = n * 8 + 2 * tq + (e & 1);
-          const bool img = kMmca && mkt[c] == uint8_t(ops::kImage);
+          const int s = e >> 1;
+          const bool img = (image >> (n * 8 + (e & 1))) & 1;
           const float x = S[n][e];
           const float pe = x == -INFINITY ? 0.f : exp2f(x - (img ? m[1][s] : m[0][s]));
           p[0][e] = img ? 0.f : pe;
@@ -324,14 +362,15 @@ __global__ void __launch_bounds__(kMmaThreads)
 // Dynamic shared memory of the backward kernels: the block's own two tiles (dQ pass: Q, dO;
 // dK/dV pass: K, V), the two swept tiles twice each (dQ: K, V; dK/dV: Q, dO), per swept
 // row four floats (dK/dV: the two lse and two deltas of each query, log2 units for the lse)
-// twice, and the swept rows' modalities twice.
+// twice, and the swept rows' bit masks twice (dQ: image keys, dead keys; dK/dV: the
+// queries that attend; 2 words each).
 template <int HD>
 struct MmaBwdLayout {
   static constexpr int kLd = MmaLayout<HD>::kLd;
   static constexpr size_t kTileBytes = MmaLayout<HD>::kTileBytes;
   static constexpr size_t own0 = 0, own1 = kTileBytes, loop0 = 2 * kTileBytes, loop1 = 4 * kTileBytes;
-  static constexpr size_t stats = 6 * kTileBytes, mod = stats + 2 * kMmaTile * 4 * sizeof(float);
-  static constexpr size_t total = mod + 2 * kMmaTile;
+  static constexpr size_t stats = 6 * kTileBytes, bits = stats + 2 * kMmaTile * 4 * sizeof(float);
+  static constexpr size_t total = bits + 2 * 4 * sizeof(uint32_t);
 };
 
 // Passes 1 and 3, per query tile and head: kDelta computes D_image (the image branch's
@@ -349,7 +388,7 @@ __global__ void __launch_bounds__(kMmaThreads)
   bf16* dOs = reinterpret_cast<bf16*>(smem + Lay::own1);
   bf16* Ks = reinterpret_cast<bf16*>(smem + Lay::loop0);
   bf16* Vs = reinterpret_cast<bf16*>(smem + Lay::loop1);
-  uint8_t* mk_s = smem + Lay::mod;
+  uint32_t* bits_s = reinterpret_cast<uint32_t*>(smem + Lay::bits);  // [2][4]: image keys, dead keys
 
   const int64_t q0 = int64_t(gridDim.x - 1 - blockIdx.x) * kMmaTile;  // heaviest first
   const int64_t b = blockIdx.z, h = blockIdx.y, kh = h / (g.H / g.KV);
@@ -394,10 +433,14 @@ __global__ void __launch_bounds__(kMmaThreads)
   for (int t = 0; t < n_tiles; ++t) {
     const int buf = t & 1;
     const int64_t k0 = int64_t(t) * kMmaTile;
-    if (threadIdx.x < kMmaTile) mk_s[buf * kMmaTile + threadIdx.x] = mk_next;
+    uint32_t* bits = bits_s + buf * 4;
+    tile_vote(bits, mk_next == uint8_t(ops::kImage));
+    tile_vote(bits + 2, mk_next == uint8_t(ops::kPad));
     ptx::cp_async_wait<0>();
-    // Tile t in for every thread, every thread done with tile t - 1; whether it holds an image key.
-    const bool tile_image = __syncthreads_or(threadIdx.x < kMmaTile && mk_next == uint8_t(ops::kImage)) != 0;
+    // Tile t and its key masks in for every thread, every thread done with tile t - 1.
+    __syncthreads();
+    const uint64_t image_keys = mode == ops::AttnMode::mmca ? tile_bits(bits) : 0, dead_keys = tile_bits(bits + 2);
+    const bool tile_image = image_keys != 0;
     if (t + 1 < n_tiles) {
       mma_tile_async<HD>(Ks + (buf ^ 1) * kMmaTile * kLd, k, b, k0 + kMmaTile, g.L, g.KV, kh);
       mma_tile_async<HD>(Vs + (buf ^ 1) * kMmaTile * kLd, v, b, k0 + kMmaTile, g.L, g.KV, kh);
@@ -407,7 +450,9 @@ __global__ void __launch_bounds__(kMmaThreads)
     if (kDelta && !tile_image) continue;  // block-uniform: no image key, nothing for D_image
     const bf16* Kt = Ks + buf * kMmaTile * kLd;
     const bf16* Vt = Vs + buf * kMmaTile * kLd;
-    const uint8_t* mkt = mk_s + buf * kMmaTile;
+    const uint64_t seen[2] = {keys_seen(mode, live[0], qi[0], k0, dead_keys) >> (2 * tq),
+                              keys_seen(mode, live[1], qi[1], k0, dead_keys) >> (2 * tq)};
+    const uint64_t image = image_keys >> (2 * tq);
 
     float S[8][4] = {}, dP[8][4] = {};
     mma_abt<HD>(S, Qs, Kt, warp, lane);    // S  = Q Kᵀ
@@ -416,8 +461,8 @@ __global__ void __launch_bounds__(kMmaThreads)
     for (int n = 0; n < 8; ++n)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int s = e >> 1, c = n * 8 + 2 * tq + (e & 1);
-        const int br = live[s] && k0 + c < g.L ? attn_branch(mode, qi[s], k0 + c, mq[s], mkt[c]) : 0;
+        const int s = e >> 1, bit = n * 8 + (e & 1);
+        const int br = (seen[s] >> bit) & 1 ? ((image >> bit) & 1 ? 2 : 1) : 0;
         const float p = br ? exp2f(S[n][e] * g.scale_log2 - (br == 2 ? lse2[s][1] : lse2[s][0])) : 0.f;
         if (kDelta) {
           if (br == 2) d2[s] += p * dP[n][e];
@@ -460,65 +505,73 @@ __global__ void __launch_bounds__(kMmaThreads)
   }
 }
 
+// Whether query i of head h attends, and (if so) its saved statistics for the dK/dV pass:
+// st = {lse text, lse image} in log2 units, then {D text, D image}; zeros if it does not.
+__device__ __forceinline__ bool mma_query_stats(ops::AttnMode mode, const MmaGeometry& g, const uint8_t* modality,
+                                                const float* lse, const float* delta, int64_t b, int64_t h, int64_t i,
+                                                float (&st)[4]) {
+  constexpr float kLog2e = 1.4426950408889634f;
+  const bool live = i < g.L && attn_attends(mode, modality_at(mode, modality, g.L, b, i));
+  const int64_t li = ((b * g.H + h) * g.L + (live ? i : 0)) * 2;
+  st[0] = live ? lse[li] * kLog2e : 0.f;
+  st[1] = live ? lse[li + 1] * kLog2e : 0.f;
+  st[2] = live ? delta[li] : 0.f;
+  st[3] = live ? delta[li + 1] : 0.f;
+  return live;
+}
+
 // Pass 2, per key tile and KV head: dK and dV of 64 keys (16 per warp), over every query
 // head of the GQA group and the query tiles at or after the diagonal, as one sequence of
-// swept tiles (Q and dO, with their queries' lse, deltas and modalities).
+// swept tiles (Q and dO, with their queries' lse and deltas, and which of them attend).
 template <int HD>
 __global__ void __launch_bounds__(kMmaThreads)
     flash_dkv_mma(ops::AttnMode mode, MmaGeometry g, const bf16* q, const bf16* k, const bf16* v,
                   const uint8_t* modality, const bf16* dout, const float* lse, const float* delta, bf16* dk, bf16* dv) {
   using Lay = MmaBwdLayout<HD>;
   constexpr int kLd = Lay::kLd, kNt = HD / 8;
-  constexpr float kLog2e = 1.4426950408889634f;
   VCHAT_DYNAMIC_SMEM(smem);
   bf16* Ks = reinterpret_cast<bf16*>(smem + Lay::own0);
   bf16* Vs = reinterpret_cast<bf16*>(smem + Lay::own1);
   bf16* Qs = reinterpret_cast<bf16*>(smem + Lay::loop0);
   bf16* dOs = reinterpret_cast<bf16*>(smem + Lay::loop1);
   float* st_s = reinterpret_cast<float*>(smem + Lay::stats);  // [2][64][4]: lse text, lse image, D text, D image
-  uint8_t* mq_s = smem + Lay::mod;                            // [2][64]
+  uint32_t* bits_s = reinterpret_cast<uint32_t*>(smem + Lay::bits);  // [2][4]: the queries that attend
 
   // Key tile 0 first: under the causal rule an earlier key tile meets more query tiles.
   const int64_t k0 = int64_t(blockIdx.x) * kMmaTile, b = blockIdx.z, kh = blockIdx.y;
   const int64_t group = g.H / g.KV;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, quad = lane / 4, tq = lane % 4;
+  // This lane's two key rows: who may see them, and through which branch (a key's
+  // modality decides it, the same for every query that sees the key).
   int64_t kj[2];
   uint8_t mk[2];
+  bool dead[2], image_key[2];
 #pragma unroll
   for (int s = 0; s < 2; ++s) {
     kj[s] = k0 + warp * 16 + quad + 8 * s;
     mk[s] = modality_at(mode, modality, g.L, b, kj[s]);
+    dead[s] = mk[s] == uint8_t(ops::kPad);  // pad, or past L
+    image_key[s] = mode == ops::AttnMode::mmca && mk[s] == uint8_t(ops::kImage);
   }
 
   // The swept tiles: for each head of the group, the query tiles from the diagonal on.
   const int64_t first_q = mode == ops::AttnMode::full ? 0 : k0;
   const int nq = static_cast<int>((g.L - first_q + kMmaTile - 1) / kMmaTile);
   const int n_it = static_cast<int>(group) * nq;
-  // What thread x < 64 loads for query x of a swept tile: its modality, whether it attends,
-  // and its four statistics; held in registers until the tile's turn.
-  uint8_t m_next = uint8_t(ops::kPad);
+  // Swept tile `it`: head kh·group + it / nq, queries from first_q + (it % nq)·64.
+  // What thread x < 64 loads for query x of a swept tile, held in registers until the
+  // tile's turn: whether it attends, and its lse (log2 units) and deltas.
   bool live_next = false;
   float st_next[4] = {0.f, 0.f, 0.f, 0.f};
-  const auto fetch = [&](int it) {
-    const int64_t h = kh * group + it / nq, i = first_q + int64_t(it % nq) * kMmaTile + threadIdx.x;
-    m_next = modality_at(mode, modality, g.L, b, i);
-    live_next = i < g.L && attn_attends(mode, m_next);
-    const int64_t li = ((b * g.H + h) * g.L + (live_next ? i : 0)) * 2;
-    st_next[0] = live_next ? lse[li] * kLog2e : 0.f;
-    st_next[1] = live_next ? lse[li + 1] * kLog2e : 0.f;
-    st_next[2] = live_next ? delta[li] : 0.f;
-    st_next[3] = live_next ? delta[li + 1] : 0.f;
-  };
-  const auto sweep_async = [&](int it, int buf) {
-    const int64_t h = kh * group + it / nq, i0 = first_q + int64_t(it % nq) * kMmaTile;
-    mma_tile_async<HD>(Qs + buf * kMmaTile * kLd, q, b, i0, g.L, g.H, h);
-    mma_tile_async<HD>(dOs + buf * kMmaTile * kLd, dout, b, i0, g.L, g.H, h);
-  };
   mma_tile_async<HD>(Ks, k, b, k0, g.L, g.KV, kh);
   mma_tile_async<HD>(Vs, v, b, k0, g.L, g.KV, kh);
-  if (n_it > 0) sweep_async(0, 0);
+  if (n_it > 0) {  // the first swept tile; the loop below fetches each next one
+    mma_tile_async<HD>(Qs, q, b, first_q, g.L, g.H, kh * group);
+    mma_tile_async<HD>(dOs, dout, b, first_q, g.L, g.H, kh * group);
+    if (threadIdx.x < kMmaTile)
+      live_next = mma_query_stats(mode, g, modality, lse, delta, b, kh * group, first_q + threadIdx.x, st_next);
+  }
   ptx::cp_async_commit();
-  if (n_it > 0 && threadIdx.x < kMmaTile) fetch(0);
 
   float dK[kNt][4], dV[kNt][4];
 #pragma unroll
@@ -529,25 +582,31 @@ __global__ void __launch_bounds__(kMmaThreads)
   for (int it = 0; it < n_it; ++it) {
     const int buf = it & 1;
     const int64_t q0 = first_q + int64_t(it % nq) * kMmaTile;
-    if (threadIdx.x < kMmaTile) {
-      mq_s[buf * kMmaTile + threadIdx.x] = m_next;
+    uint32_t* bits = bits_s + buf * 4;
+    if (threadIdx.x < kMmaTile)
 #pragma unroll
       for (int f = 0; f < 4; ++f) st_s[(buf * kMmaTile + threadIdx.x) * 4 + f] = st_next[f];
-    }
+    tile_vote(bits, live_next);
     ptx::cp_async_wait<0>();
-    // The tile is in for every thread, every thread done with the previous one; does any
-    // of its queries attend?
-    const bool any_live = __syncthreads_or(threadIdx.x < kMmaTile && live_next) != 0;
+    // The tile, its statistics and mask are in for every thread, every thread done with the
+    // previous one.
+    __syncthreads();
+    const uint64_t live_queries = tile_bits(bits);
     if (it + 1 < n_it) {
-      sweep_async(it + 1, buf ^ 1);
+      const int64_t h = kh * group + (it + 1) / nq, i0 = first_q + int64_t((it + 1) % nq) * kMmaTile;
+      mma_tile_async<HD>(Qs + (buf ^ 1) * kMmaTile * kLd, q, b, i0, g.L, g.H, h);
+      mma_tile_async<HD>(dOs + (buf ^ 1) * kMmaTile * kLd, dout, b, i0, g.L, g.H, h);
       ptx::cp_async_commit();
-      if (threadIdx.x < kMmaTile) fetch(it + 1);
+      if (threadIdx.x < kMmaTile)
+        live_next = mma_query_stats(mode, g, modality, lse, delta, b, h, i0 + threadIdx.x, st_next);
     }
-    if (!any_live) continue;  // block-uniform
+    if (live_queries == 0) continue;  // block-uniform: no query of the tile attends
     const bf16* Qt = Qs + buf * kMmaTile * kLd;
     const bf16* dOt = dOs + buf * kMmaTile * kLd;
     const float* stt = st_s + buf * kMmaTile * 4;
-    const uint8_t* mqt = mq_s + buf * kMmaTile;
+    // This lane's columns: bit n·8 + e of `seen[s] >> 2t` is query column n·8 + 2t + e.
+    const uint64_t seen[2] = {queries_seeing(mode, dead[0], kj[0], q0, live_queries) >> (2 * tq),
+                              queries_seeing(mode, dead[1], kj[1], q0, live_queries) >> (2 * tq)};
 
     // In two halves of 32 queries: Sᵀ and dPᵀ of all 64 beside dK and dV would not fit the
     // registers at head dim 128 (K's and V's fragments are loaded twice instead).
@@ -561,13 +620,11 @@ __global__ void __launch_bounds__(kMmaThreads)
       for (int n = 0; n < kHalf / 8; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int s = e >> 1, c = half * kHalf + n * 8 + 2 * tq + (e & 1);
-          const int64_t i = q0 + c;
-          const int br = kj[s] < g.L && i < g.L ? attn_branch(mode, i, kj[s], mqt[c], mk[s]) : 0;
-          const float* sq = stt + c * 4;
-          const float p = br ? exp2f(St[n][e] * g.scale_log2 - (br == 2 ? sq[1] : sq[0])) : 0.f;
+          const int s = e >> 1, bit = half * kHalf + n * 8 + (e & 1);
+          const float* sq = stt + (bit + 2 * tq) * 4 + (image_key[s] ? 1 : 0);  // this branch's lse; D two on
+          const float p = (seen[s] >> bit) & 1 ? exp2f(St[n][e] * g.scale_log2 - sq[0]) : 0.f;
           St[n][e] = p;
-          dPt[n][e] = p * (dPt[n][e] - (br == 2 ? sq[3] : sq[2]));  // dSᵀ
+          dPt[n][e] = p * (dPt[n][e] - sq[2]);  // dSᵀ
         }
       mma_ax<HD, kHalf>(dV, St, dOt + half * kHalf * kLd, lane);  // dV += Pᵀ dO
       mma_ax<HD, kHalf>(dK, dPt, Qt + half * kHalf * kLd, lane);  // dK += dSᵀ Q (scaled at the end)
@@ -579,7 +636,7 @@ __global__ void __launch_bounds__(kMmaThreads)
   for (int s = 0; s < 2; ++s) {
     if (kj[s] >= g.L) continue;
     // An MMCA image key is its own query's output: dV_j += dO_j for each head of the group.
-    const bool image = mode == ops::AttnMode::mmca && mk[s] == uint8_t(ops::kImage);
+    const bool image = image_key[s];
     const int64_t o = ((b * g.L + kj[s]) * g.KV + kh) * HD;
 #pragma unroll
     for (int n = 0; n < kNt; ++n)

@@ -24,8 +24,8 @@
 // (errors()) rather than thrown, since they happen inside fibers; the failing access is
 // skipped.
 //
-// mma.sync m16n8k16, ldmatrix and cp.async (src/cuda/mma.cuh) are emulated by their PTX
-// definitions, lane by lane: a warp's lanes exchange their registers (so a fragment here is
+// mma.sync m16n8k16, ldmatrix and cp.async (src/cuda/mma.cuh), and __ballot_sync, are
+// emulated by their definitions, lane by lane: a warp's lanes exchange their registers (so a fragment here is
 // the hardware's lane mapping), ldmatrix checks each lane's row address, and a cp.async copy
 // lands at its issue in some blocks and at its wait in others (Block::cp_eager).
 //
@@ -368,7 +368,7 @@ inline const uint32_t* warp_exchange(const uint32_t* words, int n) {
   std::memcpy(&buf[size_t(me) * Block::kExchangeWords], words, sizeof(uint32_t) * n);
   __syncwarp();
   if (base + kWarp > block_threads()) {
-    report("a warp-wide tensor-core instruction in a warp of fewer than 32 threads");
+    report("a warp-wide exchange (ldmatrix, mma.sync, __ballot_sync) in a warp of fewer than 32 threads");
     return nullptr;
   }
   return &buf[size_t(base) * Block::kExchangeWords];
@@ -421,6 +421,16 @@ inline void ldmatrix(uint32_t (&r)[4], const __nv_bfloat16* row, bool trans) {
 }
 
 }  // namespace vchat::emu
+
+// Bit l: lane l's predicate (the warp's 32 lanes, as the kernels call it).
+inline unsigned __ballot_sync(unsigned, int predicate) {
+  const uint32_t mine = predicate ? 1u : 0u;
+  const uint32_t* all = vchat::emu::warp_exchange(&mine, 1);
+  unsigned r = 0;
+  for (unsigned l = 0; all && l < unsigned(vchat::emu::kWarp); ++l)
+    if (all[l * vchat::emu::Block::kExchangeWords]) r |= 1u << l;
+  return r;
+}
 
 // src/cuda/mma.cuh's primitives, by the definitions written there.
 namespace vchat::cuda::ptx {
