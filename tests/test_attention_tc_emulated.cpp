@@ -42,7 +42,7 @@ void launch_register_kernels(const TcCase& c, const cuda::bf16* q, const cuda::b
   using namespace cuda;
   const float scale = 1.f / std::sqrt(static_cast<float>(HD));
   const MmaGeometry g{c.B, c.L, c.H, c.KV, scale, 1.4426950408889634f * scale};
-  const unsigned tiles = static_cast<unsigned>((c.L + kMmaTile - 1) / kMmaTile), H = c.H, KV = c.KV, B = c.B;
+  const unsigned tiles = static_cast<unsigned>((c.L + kMmaRows - 1) / kMmaRows), H = c.H, KV = c.KV, B = c.B;
   const size_t smem = MmaLayout<HD>::total, smem_bwd = MmaBwdLayout<HD>::total;
   if (c.mode == AttnMode::mmca)
     emu::launch({tiles, H, B}, kMmaThreads, smem, [&] { flash_fwd_mma<HD, true>(c.mode, g, q, k, v, m, out, lse); });

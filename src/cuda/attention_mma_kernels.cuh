@@ -1,9 +1,10 @@
-// Flash attention forward with its tiles in registers (the FlashAttention-2 scheme), bf16
-// in, fp32 accumulate, head dim HD a multiple of 16 up to 128: the same semantics and saved
-// state as attention_tc_kernels.cuh's WMMA forward (DESIGN.md §3.2; two online-softmax
-// states for MMCA, lse [B, H, L, 2]), without its trips through shared memory.
+// Flash attention with its tiles in registers (the FlashAttention-2 scheme), forward and
+// backward, bf16 in, fp32 accumulate, head dim HD a multiple of 16 up to 128: the same
+// semantics and saved state as attention_tc_kernels.cuh's WMMA kernels (DESIGN.md §3.2; two
+// online-softmax states for MMCA, lse [B, H, L, 2]), without their trips through shared
+// memory. The masks are bit sets per tile (keys_seen, queries_seeing): one bit test per score.
 //
-// A block is four warps and 64 queries, 16 rows per warp. Per 64-key tile:
+// Forward: a block is eight warps and 128 queries, 16 rows per warp. Per 64-key tile:
 //   - K and V arrive by cp.async into one of two buffers while the other is computed on
 //     (one barrier per tile);
 //   - S = Q Kᵀ by mma.sync m16n8k16 into registers (this warp's 16 x 64 scores: 32 floats
@@ -33,8 +34,13 @@ namespace vchat::cuda {
 
 namespace {
 
-constexpr int kMmaTile = 64;  // queries per block, keys per tile
-constexpr int kMmaThreads = 128;
+// A block is 8 warps of 16 rows each: 128 queries (forward, dQ) or keys (dK/dV), which sweep
+// tiles of 64 keys (or queries). 128 rows per block halve the swept tiles' traffic from L2
+// against 64; a warp's registers are the same either way (at most 255 each: 8 warps fit
+// an SM's 64K registers).
+constexpr int kMmaRows = 128;
+constexpr int kMmaTile = 64;
+constexpr int kMmaThreads = kMmaRows / 16 * 32;
 
 struct MmaGeometry {
   int64_t B, L, H, KV;
@@ -42,27 +48,29 @@ struct MmaGeometry {
   float scale_log2;  // log2(e) / sqrt(hd): scores in log2 units
 };
 
-// Dynamic shared memory: Q, then K and V twice each (double buffer), then the keys' bit
-// masks twice (image keys, dead keys: 2 words each). A row stride of HD + 8 bf16 (16 bytes over) puts the 8 rows of an
-// ldmatrix on 32 distinct banks for every HD here.
+// Dynamic shared memory of the forward: Q (128 rows), then K and V (64 rows) twice each
+// (double buffer), then the keys' bit masks twice (image keys, dead keys: 2 words each). A
+// row stride of HD + 8 bf16 (16 bytes over) puts the 8 rows of an ldmatrix on 32 distinct
+// banks for every HD here.
 template <int HD>
 struct MmaLayout {
   static constexpr int kLd = HD + 8;
   static constexpr size_t kTileBytes = size_t(kMmaTile) * kLd * 2;  // a multiple of 128
-  static constexpr size_t q = 0, k = kTileBytes, v = 3 * kTileBytes, bits = 5 * kTileBytes;
+  static constexpr size_t kRowsBytes = size_t(kMmaRows) * kLd * 2;
+  static constexpr size_t q = 0, k = kRowsBytes, v = k + 2 * kTileBytes, bits = v + 2 * kTileBytes;
   static constexpr size_t total = bits + 2 * 4 * sizeof(uint32_t);
 };
 
-// Rows [first, first + 64) of head `head` of x ([B, L, heads, HD]) into a tile, by cp.async;
-// rows past L become zeros (a NaN there would survive a zero probability in P V).
-template <int HD>
+// Rows [first, first + ROWS) of head `head` of x ([B, L, heads, HD]) into a tile, by
+// cp.async; rows past L become zeros (a NaN there would survive a zero probability in P V).
+template <int HD, int ROWS = kMmaTile>
 __device__ __forceinline__ void mma_tile_async(bf16* s, const bf16* x, int64_t b, int64_t first, int64_t L,
                                                int64_t heads, int64_t head) {
-  constexpr int kChunks = HD / 8;  // 16-byte pieces per row
-  static_assert(kMmaTile * kChunks % kMmaThreads == 0, "whole rounds of 16-byte copies");
+  constexpr int kChunks = HD / 8, kCopies = ROWS * kChunks;  // 16-byte pieces per row, per tile
 #pragma unroll
-  for (int round = 0; round < kMmaTile * kChunks / kMmaThreads; ++round) {
+  for (int round = 0; round < (kCopies + kMmaThreads - 1) / kMmaThreads; ++round) {
     const int e = round * kMmaThreads + threadIdx.x, r = e / kChunks, c = e % kChunks;
+    if (kCopies % kMmaThreads != 0 && e >= kCopies) break;
     const int64_t i = first + r;
     const bool in = i < L;
     ptx::cp_async_16(s + r * MmaLayout<HD>::kLd + c * 8, x + ((b * L + (in ? i : 0)) * heads + head) * HD + c * 8, in);
@@ -164,7 +172,7 @@ __global__ void __launch_bounds__(kMmaThreads)
   uint32_t* bits_s = reinterpret_cast<uint32_t*>(smem + Lay::bits);  // [2][4]: image keys, dead keys
 
   // Heaviest first: under the causal rule a later query tile has more key tiles.
-  const int64_t q0 = int64_t(gridDim.x - 1 - blockIdx.x) * kMmaTile;
+  const int64_t q0 = int64_t(gridDim.x - 1 - blockIdx.x) * kMmaRows;
   const int64_t b = blockIdx.z, h = blockIdx.y, kh = h / (g.H / g.KV);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, quad = lane / 4, tq = lane % 4;
 
@@ -190,10 +198,10 @@ __global__ void __launch_bounds__(kMmaThreads)
   // Running max (log2 units) and this lane's share of the running sum, [branch][row].
   float m[2][2] = {{-INFINITY, -INFINITY}, {-INFINITY, -INFINITY}}, l[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
 
-  const int64_t last = mode == ops::AttnMode::full ? g.L : (g.L < q0 + kMmaTile ? g.L : q0 + kMmaTile);
+  const int64_t last = mode == ops::AttnMode::full ? g.L : (g.L < q0 + kMmaRows ? g.L : q0 + kMmaRows);
   const int n_tiles = any_live ? static_cast<int>((last + kMmaTile - 1) / kMmaTile) : 0;
   if (n_tiles > 0) {
-    mma_tile_async<HD>(Qs, q, b, q0, g.L, g.H, h);
+    mma_tile_async<HD, kMmaRows>(Qs, q, b, q0, g.L, g.H, h);
     mma_tile_async<HD>(Ks, k, b, 0, g.L, g.KV, kh);
     mma_tile_async<HD>(Vs, v, b, 0, g.L, g.KV, kh);
     ptx::cp_async_commit();
@@ -367,9 +375,9 @@ __global__ void __launch_bounds__(kMmaThreads)
 template <int HD>
 struct MmaBwdLayout {
   static constexpr int kLd = MmaLayout<HD>::kLd;
-  static constexpr size_t kTileBytes = MmaLayout<HD>::kTileBytes;
-  static constexpr size_t own0 = 0, own1 = kTileBytes, loop0 = 2 * kTileBytes, loop1 = 4 * kTileBytes;
-  static constexpr size_t stats = 6 * kTileBytes, bits = stats + 2 * kMmaTile * 4 * sizeof(float);
+  static constexpr size_t kTileBytes = MmaLayout<HD>::kTileBytes, kRowsBytes = MmaLayout<HD>::kRowsBytes;
+  static constexpr size_t own0 = 0, own1 = kRowsBytes, loop0 = 2 * kRowsBytes, loop1 = loop0 + 2 * kTileBytes;
+  static constexpr size_t stats = loop1 + 2 * kTileBytes, bits = stats + 2 * kMmaTile * 4 * sizeof(float);
   static constexpr size_t total = bits + 2 * 4 * sizeof(uint32_t);
 };
 
@@ -390,7 +398,7 @@ __global__ void __launch_bounds__(kMmaThreads)
   bf16* Vs = reinterpret_cast<bf16*>(smem + Lay::loop1);
   uint32_t* bits_s = reinterpret_cast<uint32_t*>(smem + Lay::bits);  // [2][4]: image keys, dead keys
 
-  const int64_t q0 = int64_t(gridDim.x - 1 - blockIdx.x) * kMmaTile;  // heaviest first
+  const int64_t q0 = int64_t(gridDim.x - 1 - blockIdx.x) * kMmaRows;  // heaviest first
   const int64_t b = blockIdx.z, h = blockIdx.y, kh = h / (g.H / g.KV);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, quad = lane / 4, tq = lane % 4;
 
@@ -412,11 +420,11 @@ __global__ void __launch_bounds__(kMmaThreads)
   }
   const bool any_live = __syncthreads_or(live[0] || live[1]);
   const bool sweep = any_live && (!kDelta || mode == ops::AttnMode::mmca);  // D_image is 0 without MMCA
-  const int64_t last = mode == ops::AttnMode::full ? g.L : (g.L < q0 + kMmaTile ? g.L : q0 + kMmaTile);
+  const int64_t last = mode == ops::AttnMode::full ? g.L : (g.L < q0 + kMmaRows ? g.L : q0 + kMmaRows);
   const int n_tiles = sweep ? static_cast<int>((last + kMmaTile - 1) / kMmaTile) : 0;
   if (n_tiles > 0) {
-    mma_tile_async<HD>(Qs, q, b, q0, g.L, g.H, h);
-    mma_tile_async<HD>(dOs, dout, b, q0, g.L, g.H, h);
+    mma_tile_async<HD, kMmaRows>(Qs, q, b, q0, g.L, g.H, h);
+    mma_tile_async<HD, kMmaRows>(dOs, dout, b, q0, g.L, g.H, h);
     mma_tile_async<HD>(Ks, k, b, 0, g.L, g.KV, kh);
     mma_tile_async<HD>(Vs, v, b, 0, g.L, g.KV, kh);
     ptx::cp_async_commit();
@@ -520,7 +528,7 @@ __device__ __forceinline__ bool mma_query_stats(ops::AttnMode mode, const MmaGeo
   return live;
 }
 
-// Pass 2, per key tile and KV head: dK and dV of 64 keys (16 per warp), over every query
+// Pass 2, per 128 keys and KV head: dK and dV of the keys (16 per warp), over every query
 // head of the GQA group and the query tiles at or after the diagonal, as one sequence of
 // swept tiles (Q and dO, with their queries' lse and deltas, and which of them attend).
 template <int HD>
@@ -538,7 +546,7 @@ __global__ void __launch_bounds__(kMmaThreads)
   uint32_t* bits_s = reinterpret_cast<uint32_t*>(smem + Lay::bits);  // [2][4]: the queries that attend
 
   // Key tile 0 first: under the causal rule an earlier key tile meets more query tiles.
-  const int64_t k0 = int64_t(blockIdx.x) * kMmaTile, b = blockIdx.z, kh = blockIdx.y;
+  const int64_t k0 = int64_t(blockIdx.x) * kMmaRows, b = blockIdx.z, kh = blockIdx.y;
   const int64_t group = g.H / g.KV;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, quad = lane / 4, tq = lane % 4;
   // This lane's two key rows: who may see them, and through which branch (a key's
@@ -563,8 +571,8 @@ __global__ void __launch_bounds__(kMmaThreads)
   // tile's turn: whether it attends, and its lse (log2 units) and deltas.
   bool live_next = false;
   float st_next[4] = {0.f, 0.f, 0.f, 0.f};
-  mma_tile_async<HD>(Ks, k, b, k0, g.L, g.KV, kh);
-  mma_tile_async<HD>(Vs, v, b, k0, g.L, g.KV, kh);
+  mma_tile_async<HD, kMmaRows>(Ks, k, b, k0, g.L, g.KV, kh);
+  mma_tile_async<HD, kMmaRows>(Vs, v, b, k0, g.L, g.KV, kh);
   if (n_it > 0) {  // the first swept tile; the loop below fetches each next one
     mma_tile_async<HD>(Qs, q, b, first_q, g.L, g.H, kh * group);
     mma_tile_async<HD>(dOs, dout, b, first_q, g.L, g.H, kh * group);

@@ -28,7 +28,7 @@ void launch_fwd_mma(const Context& c, AttnMode mode, const MmaGeometry& g, const
                     const Tensor& v, const uint8_t* modality, const Tensor& out, const Tensor& lse) {
   const char* op = "cuda::attention_fwd (tensor cores, registers)";
   const size_t smem = MmaLayout<HD>::total;
-  const dim3 grid(static_cast<unsigned>((g.L + kMmaTile - 1) / kMmaTile), static_cast<unsigned>(g.H),
+  const dim3 grid(static_cast<unsigned>((g.L + kMmaRows - 1) / kMmaRows), static_cast<unsigned>(g.H),
                   static_cast<unsigned>(g.B));
   const auto kernel = mode == AttnMode::mmca ? flash_fwd_mma<HD, true> : flash_fwd_mma<HD, false>;
   allow_dynamic_smem<flash_fwd_mma<HD, true>>(smem, op);
@@ -47,7 +47,7 @@ void launch_bwd_mma(const Context& c, AttnMode mode, const MmaGeometry& g, const
   allow_dynamic_smem<flash_dq_mma<HD, true>>(smem, op);
   allow_dynamic_smem<flash_dq_mma<HD, false>>(smem, op);
   allow_dynamic_smem<flash_dkv_mma<HD>>(smem, op);
-  const unsigned tiles = static_cast<unsigned>((g.L + kMmaTile - 1) / kMmaTile);
+  const unsigned tiles = static_cast<unsigned>((g.L + kMmaRows - 1) / kMmaRows);  // blocks of 128 queries or keys
   const unsigned H = static_cast<unsigned>(g.H), KV = static_cast<unsigned>(g.KV), B = static_cast<unsigned>(g.B);
   launch(c, flash_dq_mma<HD, true>, dim3(tiles, H, B), kMmaThreads, smem, mode, g, ptr<bf16>(q), ptr<bf16>(k),
          ptr<bf16>(v), m, ptr<bf16>(out), ptr<bf16>(dout), ptr<float>(lse), ptr<float>(delta), nullptr);
