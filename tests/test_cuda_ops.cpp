@@ -602,9 +602,8 @@ TEST_F(CudaOps, FlashMmcaAgainstTheCpuOnRandomLayouts) {
       {AttnMode::causal, 1, 128, 3, 1, 48, {10}, true, 0, "causal, L 128 = 2 tiles, GQA 3/1, hd 48"},
       {AttnMode::full, 2, 257, 4, 4, 104, {1}, false, 0, "head dim 104 (not a multiple of 16: CUDA cores)"},
   };
-  // Every kernel set: CUDA cores, and tensor cores where eligible (bf16, head dim % 16; the
-  // backward also needs the shared memory of an H100/H200 at head dim 128), whose forward
-  // keeps its tiles in registers (automatic) or is the WMMA one.
+  // Every kernel set: CUDA cores, and tensor cores where eligible (bf16, head dim % 16, and
+  // the kernels' shared memory), with their tiles in registers (automatic) or WMMA.
   for (cuda::AttentionKernel kern :
        {cuda::AttentionKernel::cuda_cores, cuda::AttentionKernel::automatic, cuda::AttentionKernel::wmma}) {
     cuda::set_attention_kernel(kern);
@@ -618,6 +617,8 @@ TEST_F(CudaOps, FlashMmcaAgainstTheCpuOnRandomLayouts) {
   cuda::set_attention_kernel(cuda::AttentionKernel::automatic);
   EXPECT_TRUE(cuda::attention_fwd_tc_eligible(DType::bf16, 128));
   EXPECT_TRUE(cuda::attention_bwd_tc_eligible(DType::bf16, 64));
+  EXPECT_TRUE(cuda::attention_bwd_tc_eligible(DType::bf16, 128, /*registers=*/true));  // ~138 KiB
+  EXPECT_TRUE(cuda::attention_fwd_tc_eligible(DType::bf16, 64, /*registers=*/false));
   EXPECT_FALSE(cuda::attention_bwd_tc_eligible(DType::bf16, 40));
   EXPECT_FALSE(cuda::attention_bwd_tc_eligible(DType::f32, 64));
   EXPECT_FALSE(cuda::attention_fwd_tc_eligible(DType::bf16, 6));

@@ -47,11 +47,12 @@ void attention_fwd(const Context& c, ops::AttnMode mode, const Tensor& q, const 
   VCHAT_CHECK(lse.shape() == Shape({g.B, g.H, g.L, 2}), op << ": lse " << shape_str(lse.shape()));
   if (q.numel() == 0) return;
   const AttentionKernel want = g_kernel.load();
-  if (want != AttentionKernel::cuda_cores && attention_fwd_tc_eligible(dt, g.hd))
-    return attention_fwd_tc(c, mode, q, k, v, modality, out, lse, want != AttentionKernel::wmma);
+  const bool registers = want != AttentionKernel::wmma && attention_tc_registers_ok({&q, &k, &v});
+  if (want != AttentionKernel::cuda_cores && attention_fwd_tc_eligible(dt, g.hd, registers))
+    return attention_fwd_tc(c, mode, q, k, v, modality, out, lse, registers);
   VCHAT_CHECK(want != AttentionKernel::tensor_cores,
-              op << ": the tensor-core kernel needs bf16, a head dim that is a multiple of 16 up to 128, and "
-                    "~152 KiB of shared memory per block at head dim 128 (got "
+              op << ": the tensor-core kernels need bf16, a head dim that is a multiple of 16 up to 128, and "
+                    "the shared memory of an A100 or H100 at head dim 128 (got "
                  << dtype_name(dt) << ", " << g.hd << ")");
   const dim3 grid(static_cast<unsigned>((g.L + kTile - 1) / kTile), static_cast<unsigned>(g.H),
                   static_cast<unsigned>(g.B));
@@ -81,11 +82,12 @@ void attention_bwd(const Context& c, ops::AttnMode mode, const Tensor& dout, con
   VCHAT_CHECK(lse.shape() == Shape({g.B, g.H, g.L, 2}), op << ": lse " << shape_str(lse.shape()));
   if (q.numel() == 0) return;
   const AttentionKernel want = g_kernel.load();
-  if (want != AttentionKernel::cuda_cores && attention_bwd_tc_eligible(dt, g.hd))
-    return attention_bwd_tc(c, mode, dout, q, k, v, modality, out, lse, dq, dk, dv, want != AttentionKernel::wmma);
+  const bool registers = want != AttentionKernel::wmma && attention_tc_registers_ok({&q, &k, &v, &dout});
+  if (want != AttentionKernel::cuda_cores && attention_bwd_tc_eligible(dt, g.hd, registers))
+    return attention_bwd_tc(c, mode, dout, q, k, v, modality, out, lse, dq, dk, dv, registers);
   VCHAT_CHECK(want != AttentionKernel::tensor_cores,
-              op << ": the tensor-core kernel needs bf16, a head dim that is a multiple of 16 up to 128, and the "
-                    "shared memory of an H100/H200 at head dim 128 (got "
+              op << ": the tensor-core kernels need bf16, a head dim that is a multiple of 16 up to 128, and the "
+                    "shared memory of an A100 or H100 at head dim 128 (the WMMA kernels: an H100/H200) (got "
                  << dtype_name(dt) << ", " << g.hd << ")");
   const Tensor delta = Tensor::empty({g.B, g.H, g.L, 2}, DType::f32, Device::cuda);
   const unsigned tiles = static_cast<unsigned>((g.L + kTile - 1) / kTile);

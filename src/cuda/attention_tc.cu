@@ -1,10 +1,11 @@
 // Flash attention on tensor cores: the entry points, which check eligibility and launch the
-// kernels of attention_mma_kernels.cuh (the forward with its tiles in registers) and of
-// attention_tc_kernels.cuh (WMMA: a forward, and the backward as three passes: delta, dK/dV, dQ).
+// kernels of attention_mma_kernels.cuh (tiles in registers) or of attention_tc_kernels.cuh
+// (WMMA): a forward, and the backward as three passes (delta, dK/dV, dQ).
 #include "cuda/attention_mma_kernels.cuh"
 #include "cuda/attention_tc_kernels.cuh"
 
 #include <cmath>
+#include <type_traits>
 
 #include "cuda/kernels.cuh"
 
@@ -22,7 +23,32 @@ bool fits_shared(size_t bytes) {
   return bytes <= static_cast<size_t>(optin);
 }
 
-// The register-tile forward for head dim HD (a template parameter: its tiles are register arrays).
+// f(std::integral_constant<int, HD>) for the head dim: the register kernels are templates
+// on it (their tiles are register arrays), one instance per multiple of 16 up to 128.
+template <class F>
+auto with_head_dim(int64_t hd, F&& f) {
+  switch (hd) {
+    case 16:
+      return f(std::integral_constant<int, 16>{});
+    case 32:
+      return f(std::integral_constant<int, 32>{});
+    case 48:
+      return f(std::integral_constant<int, 48>{});
+    case 64:
+      return f(std::integral_constant<int, 64>{});
+    case 80:
+      return f(std::integral_constant<int, 80>{});
+    case 96:
+      return f(std::integral_constant<int, 96>{});
+    case 112:
+      return f(std::integral_constant<int, 112>{});
+    default:
+      VCHAT_CHECK(hd == 128, "cuda::attention (tensor cores): head dim " << hd << " has no register kernels");
+      return f(std::integral_constant<int, 128>{});
+  }
+}
+
+// The register-tile forward for head dim HD.
 template <int HD>
 void launch_fwd_mma(const Context& c, AttnMode mode, const MmaGeometry& g, const Tensor& q, const Tensor& k,
                     const Tensor& v, const uint8_t* modality, const Tensor& out, const Tensor& lse) {
@@ -57,32 +83,32 @@ void launch_bwd_mma(const Context& c, AttnMode mode, const MmaGeometry& g, const
          ptr<bf16>(v), m, ptr<bf16>(out), ptr<bf16>(dout), ptr<float>(lse), ptr<float>(delta), ptr<bf16>(dq));
 }
 
-// cp.async moves 16 bytes at a time: every row of q, k, v (hd a multiple of 16 elements) is
-// 16-byte aligned when the tensor's start is.
-bool aligned16(const Tensor& t) { return reinterpret_cast<uintptr_t>(t.raw()) % 16 == 0; }
-
 }  // namespace
 
-bool attention_fwd_tc_eligible(DType dtype, int64_t head_dim) {
-  // ~152 KiB at head dim 128: fits an H100/H200 (227 KiB) and an A100 (163 KiB).
-  return tc_shape_ok(dtype, head_dim) && fits_shared(TcLayout(static_cast<int>(head_dim)).total);
+bool attention_tc_registers_ok(std::initializer_list<const Tensor*> operands) {
+  for (const Tensor* t : operands)
+    if (reinterpret_cast<uintptr_t>(t->raw()) % 16 != 0) return false;
+  return true;
+}
+
+bool attention_fwd_tc_eligible(DType dtype, int64_t head_dim, bool registers) {
+  // At head dim 128: registers ~102 KiB, WMMA ~152 KiB; both fit an H100/H200 (227 KiB)
+  // and an A100 (163 KiB).
+  if (!tc_shape_ok(dtype, head_dim)) return false;
+  const size_t smem = registers ? with_head_dim(head_dim, [](auto hd) { return MmaLayout<decltype(hd)::value>::total; })
+                                : TcLayout(static_cast<int>(head_dim)).total;
+  return fits_shared(smem);
 }
 
 void attention_fwd_tc(const Context& c, ops::AttnMode mode, const Tensor& q, const Tensor& k, const Tensor& v,
                       const Tensor& modality, const Tensor& out, const Tensor& lse, bool registers) {
   const TcGeometry g{q.size(0), q.size(1), q.size(2), k.size(2), q.size(3), 1.f / sqrtf(static_cast<float>(q.size(3)))};
-  if (registers && aligned16(q) && aligned16(k) && aligned16(v)) {
+  if (registers) {
+    VCHAT_CHECK(attention_tc_registers_ok({&q, &k, &v}), "cuda::attention_fwd: q, k, v must start 16-byte aligned");
     const MmaGeometry mg{g.B, g.L, g.H, g.KV, g.scale, 1.4426950408889634f * g.scale};
     const uint8_t* m = mode == AttnMode::full ? nullptr : ptr<uint8_t>(modality);
-    switch (g.hd) {
-#define VCHAT_MMA_HD(HD) \
-  case HD:               \
-    return launch_fwd_mma<HD>(c, mode, mg, q, k, v, m, out, lse);
-      VCHAT_MMA_HD(16)
-      VCHAT_MMA_HD(32) VCHAT_MMA_HD(48) VCHAT_MMA_HD(64) VCHAT_MMA_HD(80) VCHAT_MMA_HD(96) VCHAT_MMA_HD(112)
-          VCHAT_MMA_HD(128)
-#undef VCHAT_MMA_HD
-    }
+    return with_head_dim(g.hd,
+                         [&](auto hd) { launch_fwd_mma<decltype(hd)::value>(c, mode, mg, q, k, v, m, out, lse); });
   }
   const size_t smem = TcLayout(static_cast<int>(g.hd)).total;
   allow_dynamic_smem<flash_fwd_tc>(smem, "cuda::attention_fwd (tensor cores)");
@@ -91,10 +117,15 @@ void attention_fwd_tc(const Context& c, ops::AttnMode mode, const Tensor& q, con
          mode == AttnMode::full ? nullptr : ptr<uint8_t>(modality), ptr<bf16>(out), ptr<float>(lse));
 }
 
-bool attention_bwd_tc_eligible(DType dtype, int64_t head_dim) {
-  // The dK/dV pass holds four bf16 tiles, two fp32 score tiles and two fp32 accumulators:
-  // ~187 KiB at head dim 128, which fits an H100/H200 (227 KiB) but not an A100 (163 KiB).
-  return tc_shape_ok(dtype, head_dim) && fits_shared(TcBwdLayout(static_cast<int>(head_dim), kDkvPass).total);
+bool attention_bwd_tc_eligible(DType dtype, int64_t head_dim, bool registers) {
+  // At head dim 128: registers ~138 KiB, which fits an H100/H200 (227 KiB) and an A100 (163
+  // KiB); WMMA's dK/dV pass (four bf16 tiles, two fp32 score tiles and two fp32
+  // accumulators) ~187 KiB, which fits an H100/H200 but not an A100.
+  if (!tc_shape_ok(dtype, head_dim)) return false;
+  const size_t smem = registers
+                          ? with_head_dim(head_dim, [](auto hd) { return MmaBwdLayout<decltype(hd)::value>::total; })
+                          : TcBwdLayout(static_cast<int>(head_dim), kDkvPass).total;
+  return fits_shared(smem);
 }
 
 void attention_bwd_tc(const Context& c, ops::AttnMode mode, const Tensor& dout, const Tensor& q, const Tensor& k,
@@ -102,18 +133,14 @@ void attention_bwd_tc(const Context& c, ops::AttnMode mode, const Tensor& dout, 
                       const Tensor& dk, const Tensor& dv, bool registers) {
   const TcGeometry g{q.size(0), q.size(1), q.size(2), k.size(2), q.size(3), 1.f / sqrtf(static_cast<float>(q.size(3)))};
   const Tensor delta = Tensor::empty({g.B, g.H, g.L, 2}, DType::f32, Device::cuda);
-  if (registers && aligned16(q) && aligned16(k) && aligned16(v) && aligned16(dout)) {
+  if (registers) {
+    VCHAT_CHECK(attention_tc_registers_ok({&q, &k, &v, &dout}),
+                "cuda::attention_bwd: q, k, v, dout must start 16-byte aligned");
     const MmaGeometry mg{g.B, g.L, g.H, g.KV, g.scale, 1.4426950408889634f * g.scale};
     const uint8_t* m = mode == AttnMode::full ? nullptr : ptr<uint8_t>(modality);
-    switch (g.hd) {
-#define VCHAT_MMA_HD(HD) \
-  case HD:               \
-    return launch_bwd_mma<HD>(c, mode, mg, q, k, v, m, out, dout, lse, delta, dq, dk, dv);
-      VCHAT_MMA_HD(16)
-      VCHAT_MMA_HD(32) VCHAT_MMA_HD(48) VCHAT_MMA_HD(64) VCHAT_MMA_HD(80) VCHAT_MMA_HD(96) VCHAT_MMA_HD(112)
-          VCHAT_MMA_HD(128)
-#undef VCHAT_MMA_HD
-    }
+    return with_head_dim(g.hd, [&](auto hd) {
+      launch_bwd_mma<decltype(hd)::value>(c, mode, mg, q, k, v, m, out, dout, lse, delta, dq, dk, dv);
+    });
   }
   const size_t smem_dq = TcBwdLayout(static_cast<int>(g.hd), kDqPass).total;
   const size_t smem = TcBwdLayout(static_cast<int>(g.hd), kDkvPass).total;

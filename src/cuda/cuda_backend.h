@@ -13,6 +13,7 @@
 #pragma once
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 #include <memory>
 #include <vector>
 
@@ -152,23 +153,27 @@ void vit_embed_bwd(const Context& c, const Tensor& dout, const Tensor& dpatch_em
 void attention_fwd(const Context& c, ops::AttnMode mode, const Tensor& q, const Tensor& k, const Tensor& v,
                    const Tensor& modality, const Tensor& out, const Tensor& lse);
 // Which kernels bf16 attention uses, forward and backward: tensor cores (attention_tc.cu; head
-// dim a multiple of 16 up to 128; the backward also needs the shared memory an H100/H200 has
-// at head dim 128) or CUDA cores (attention.cu; any head dim up to 128, and every fp32 call).
-// The tensor-core kernels keep their tiles in registers (mma.sync, attention_mma_kernels.cuh;
-// q, k, v (and dout) 16-byte aligned, else WMMA). automatic: tensor cores where eligible,
-// else CUDA cores; wmma: the same with the WMMA kernels (attention_tc_kernels.cuh; the first
-// tensor-core ones, kept to compare). Process-wide; tests and benchmarks compare them.
+// dim a multiple of 16 up to 128, and the shared memory the kernels need) or CUDA cores
+// (attention.cu; any head dim up to 128, and every fp32 call). The tensor-core kernels keep
+// their tiles in registers (mma.sync, attention_mma_kernels.cuh) where q, k, v (and dout)
+// start 16-byte aligned, else they are the WMMA ones (attention_tc_kernels.cuh). automatic:
+// tensor cores where eligible, else CUDA cores; wmma: the same with the WMMA kernels (the
+// first tensor-core ones, kept to compare). Process-wide; tests and benchmarks compare them.
 enum class AttentionKernel { automatic, cuda_cores, tensor_cores, wmma };
 void set_attention_kernel(AttentionKernel k);
-// Both on the current device: each also checks that the device grants the kernels' shared memory.
-bool attention_fwd_tc_eligible(DType dtype, int64_t head_dim);
-bool attention_bwd_tc_eligible(DType dtype, int64_t head_dim);
-// registers: the kernels with their tiles in registers where the operands allow it, else WMMA.
+// Whether the register kernels can take these operands (each starts 16-byte aligned: they
+// move 16 bytes at a time by cp.async).
+bool attention_tc_registers_ok(std::initializer_list<const Tensor*> operands);
+// Both on the current device: the kernels' shapes, and whether the device grants the shared
+// memory of the register kernels (registers) or of the WMMA ones.
+bool attention_fwd_tc_eligible(DType dtype, int64_t head_dim, bool registers = true);
+bool attention_bwd_tc_eligible(DType dtype, int64_t head_dim, bool registers = true);
+// registers: the register kernels (their operands attention_tc_registers_ok), else WMMA.
 void attention_fwd_tc(const Context& c, ops::AttnMode mode, const Tensor& q, const Tensor& k, const Tensor& v,
-                      const Tensor& modality, const Tensor& out, const Tensor& lse, bool registers = true);
+                      const Tensor& modality, const Tensor& out, const Tensor& lse, bool registers);
 void attention_bwd_tc(const Context& c, ops::AttnMode mode, const Tensor& dout, const Tensor& q, const Tensor& k,
                       const Tensor& v, const Tensor& modality, const Tensor& out, const Tensor& lse, const Tensor& dq,
-                      const Tensor& dk, const Tensor& dv, bool registers = true);
+                      const Tensor& dk, const Tensor& dv, bool registers);
 // Generation with the KV cache (ops::attention_decode): q [n, H, hd] at positions
 // position .. position+n-1, k/v [position+n, KV, hd] (T), modality u8 [position+n]
 // (undefined for full), out [n, H, hd] T. Forward only; deterministic.
