@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "ops.h"
@@ -88,18 +89,39 @@ void check(const TcCase& c, std::mt19937& rng, Kernels kernels) {
   const int hd = static_cast<int>(c.hd);
   emu::errors().clear();
   if (kernels == Kernels::registers) {
+    const auto run = [&](auto head_dim) {
+      launch_register_kernels<decltype(head_dim)::value>(c, bp(Q), bp(K), bp(V), mp, bp(OUT), bp(DOUT),
+                                                         lse.data<float>(), delta.data<float>(), bp(DQ), bp(DK),
+                                                         bp(DV));
+    };
+    // Every head dim attention_tc.cu instantiates the register kernels for.
     switch (hd) {
-#define VCHAT_MMA_HD(HD)                                                                                               \
-  case HD:                                                                                                             \
-    launch_register_kernels<HD>(c, bp(Q), bp(K), bp(V), mp, bp(OUT), bp(DOUT), lse.data<float>(), delta.data<float>(), \
-                                bp(DQ), bp(DK), bp(DV));                                                               \
-    break;
-      VCHAT_MMA_HD(16)
-          VCHAT_MMA_HD(32) VCHAT_MMA_HD(48) VCHAT_MMA_HD(64) VCHAT_MMA_HD(128)
-#undef VCHAT_MMA_HD
-              default : FAIL()
-                        << "no register kernels instantiated here for head dim "
-                        << hd;
+      case 16:
+        run(std::integral_constant<int, 16>{});
+        break;
+      case 32:
+        run(std::integral_constant<int, 32>{});
+        break;
+      case 48:
+        run(std::integral_constant<int, 48>{});
+        break;
+      case 64:
+        run(std::integral_constant<int, 64>{});
+        break;
+      case 80:
+        run(std::integral_constant<int, 80>{});
+        break;
+      case 96:
+        run(std::integral_constant<int, 96>{});
+        break;
+      case 112:
+        run(std::integral_constant<int, 112>{});
+        break;
+      case 128:
+        run(std::integral_constant<int, 128>{});
+        break;
+      default:
+        FAIL() << "the register kernels have no instance for head dim " << hd;
     }
   } else {
     emu::launch({tiles, H, B}, kTcThreads, TcLayout(hd).total,
@@ -156,6 +178,10 @@ TEST(AttentionTcEmulated, RegisterKernelsMatchTheCpuOpOnEdgeLayouts) {
       {AttnMode::mmca, 1, 40, 4, 1, 32, {3}, true, 2, "mmca, L 40 within one tile, GQA 4/1"},
       {AttnMode::causal, 1, 128, 3, 1, 48, {10}, true, 5, "causal, 2 tiles, GQA 3/1, hd 48, pad"},
       {AttnMode::full, 1, 129, 2, 2, 64, {1}, false, 0, "full (ViT), L 129"},
+      // The other head dims the register kernels are instantiated for.
+      {AttnMode::mmca, 1, 150, 2, 1, 80, {30}, true, 4, "mmca, hd 80, GQA 2/1, pad"},
+      {AttnMode::causal, 1, 100, 2, 2, 96, {1}, true, 0, "causal, hd 96"},
+      {AttnMode::mmca, 1, 140, 2, 2, 112, {9, 20}, false, 2, "mmca, hd 112, image first"},
   };
   for (const TcCase& c : cases) check(c, rng, Kernels::registers);
 }

@@ -381,7 +381,7 @@ struct MmaBwdLayout {
   static constexpr size_t total = bits + 2 * 4 * sizeof(uint32_t);
 };
 
-// Passes 1 and 3, per query tile and head: kDelta computes D_image (the image branch's
+// Passes 1 and 3, per 128 queries and head: kDelta computes D_image (the image branch's
 // Σ_j P_ij dP_ij, over key tiles holding image keys) and D_text = dO · out − D_image; the
 // other instance computes dQ over every key tile at or below the diagonal.
 template <int HD, bool kDelta>

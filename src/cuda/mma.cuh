@@ -51,15 +51,17 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const bf16* 
 // 16 bytes from global src to shared dst, asynchronously; zeros instead when !valid (src
 // must still be a mapped address: no byte of it is read).
 __device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_address(dst)), "l"(src),
-               "r"(valid ? 16 : 0));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_address(dst)),
+               "l"(__cvta_generic_to_global(src)), "r"(valid ? 16 : 0));
 }
 // Closes the group of this thread's copies issued since the last commit.
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-// Waits until at most N of this thread's committed groups are still in flight.
+// Waits until at most N of this thread's committed groups are still in flight. A memory
+// clobber: no load of a destination may be moved above it (today every read of one is an
+// ldmatrix after a __syncthreads, but a plain C++ read would not be).
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
 // Two floats as bf16 (round to nearest even) in one register, lo in the low half.
