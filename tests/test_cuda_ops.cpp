@@ -610,7 +610,7 @@ TEST_F(CudaOps, FlashMmcaAgainstTheCpuOnRandomLayouts) {
     for (const AttnCase& c : cases) {
       SCOPED_TRACE(kern == cuda::AttentionKernel::cuda_cores ? "cuda-core kernels"
                    : kern == cuda::AttentionKernel::wmma     ? "WMMA tensor-core forward and backward (bf16)"
-                                                         : "tensor-core forward in registers, WMMA backward (bf16)");
+                                                             : "tensor-core kernels in registers (bf16)");
       check_attention(c, rng);
     }
   }
