@@ -94,35 +94,7 @@ void check(const TcCase& c, std::mt19937& rng, Kernels kernels) {
                                                          lse.data<float>(), delta.data<float>(), bp(DQ), bp(DK),
                                                          bp(DV));
     };
-    // Every head dim attention_tc.cu instantiates the register kernels for.
-    switch (hd) {
-      case 16:
-        run(std::integral_constant<int, 16>{});
-        break;
-      case 32:
-        run(std::integral_constant<int, 32>{});
-        break;
-      case 48:
-        run(std::integral_constant<int, 48>{});
-        break;
-      case 64:
-        run(std::integral_constant<int, 64>{});
-        break;
-      case 80:
-        run(std::integral_constant<int, 80>{});
-        break;
-      case 96:
-        run(std::integral_constant<int, 96>{});
-        break;
-      case 112:
-        run(std::integral_constant<int, 112>{});
-        break;
-      case 128:
-        run(std::integral_constant<int, 128>{});
-        break;
-      default:
-        FAIL() << "the register kernels have no instance for head dim " << hd;
-    }
+    with_head_dim(hd, run);  // throws for a head dim without an instance
   } else {
     emu::launch({tiles, H, B}, kTcThreads, TcLayout(hd).total,
                 [&] { flash_fwd_tc(c.mode, g, bp(Q), bp(K), bp(V), mp, bp(OUT), lse.data<float>()); });

@@ -24,7 +24,9 @@
 #pragma once
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
+#include "check.h"
 #include "cuda/attention_rule.cuh"
 #include "cuda/device_storage.cuh"
 #include "cuda/mma.cuh"
@@ -74,6 +76,32 @@ __device__ __forceinline__ void mma_tile_async(bf16* s, const bf16* x, int64_t b
     const int64_t i = first + r;
     const bool in = i < L;
     ptx::cp_async_16(s + r * MmaLayout<HD>::kLd + c * 8, x + ((b * L + (in ? i : 0)) * heads + head) * HD + c * 8, in);
+  }
+}
+
+// f(std::integral_constant<int, HD>) for the head dim (host code): the kernels here are
+// templates on it (their tiles are register arrays), one instance per multiple of 16 up to
+// 128; the launchers (attention_tc.cu) and the emulated test dispatch through this.
+template <class F>
+auto with_head_dim(int64_t hd, F&& f) {
+  switch (hd) {
+    case 16:
+      return f(std::integral_constant<int, 16>{});
+    case 32:
+      return f(std::integral_constant<int, 32>{});
+    case 48:
+      return f(std::integral_constant<int, 48>{});
+    case 64:
+      return f(std::integral_constant<int, 64>{});
+    case 80:
+      return f(std::integral_constant<int, 80>{});
+    case 96:
+      return f(std::integral_constant<int, 96>{});
+    case 112:
+      return f(std::integral_constant<int, 112>{});
+    default:
+      VCHAT_CHECK(hd == 128, "cuda::attention (tensor cores): head dim " << hd << " has no register kernels");
+      return f(std::integral_constant<int, 128>{});
   }
 }
 
@@ -158,6 +186,38 @@ __device__ __forceinline__ void mma_ax(float (&acc)[HD / 8][4], const float (&x)
   }
 }
 
+// One step of the key-tile pipeline of the query-row kernels (forward, delta and dQ), at
+// key tile t of n_tiles in buffer t % 2: vote the tile's image and dead keys (mk: the
+// modality of key x, held by thread x < 64), wait for its K and V, meet (after which every
+// thread is also done with tile t - 1), then issue tile t + 1's copies into the other
+// buffer and fetch its keys' modalities into mk. Returns the tile's masks; image keys only
+// under MMCA.
+struct KeyMasks {
+  uint64_t image, dead;
+};
+template <int HD>
+__device__ __forceinline__ KeyMasks next_key_tile(int t, int n_tiles, uint32_t* bits_s, uint8_t& mk, bf16* Ks, bf16* Vs,
+                                                  const bf16* k, const bf16* v, ops::AttnMode mode,
+                                                  const uint8_t* modality, const MmaGeometry& g, int64_t b,
+                                                  int64_t kh) {
+  constexpr int kLd = MmaLayout<HD>::kLd;
+  const int buf = t & 1;
+  const int64_t k0 = int64_t(t) * kMmaTile;
+  uint32_t* bits = bits_s + buf * 4;
+  tile_vote(bits, mk == uint8_t(ops::kImage));
+  tile_vote(bits + 2, mk == uint8_t(ops::kPad));
+  ptx::cp_async_wait<0>();
+  __syncthreads();
+  const KeyMasks masks{mode == ops::AttnMode::mmca ? tile_bits(bits) : 0, tile_bits(bits + 2)};
+  if (t + 1 < n_tiles) {
+    mma_tile_async<HD>(Ks + (buf ^ 1) * kMmaTile * kLd, k, b, k0 + kMmaTile, g.L, g.KV, kh);
+    mma_tile_async<HD>(Vs + (buf ^ 1) * kMmaTile * kLd, v, b, k0 + kMmaTile, g.L, g.KV, kh);
+    ptx::cp_async_commit();
+    if (threadIdx.x < kMmaTile) mk = modality_at(mode, modality, g.L, b, k0 + kMmaTile + threadIdx.x);
+  }
+  return masks;
+}
+
 template <int HD, bool kMmca>
 __global__ void __launch_bounds__(kMmaThreads)
     flash_fwd_mma(ops::AttnMode mode, MmaGeometry g, const bf16* q, const bf16* k, const bf16* v,
@@ -211,21 +271,10 @@ __global__ void __launch_bounds__(kMmaThreads)
   for (int t = 0; t < n_tiles; ++t) {
     const int buf = t & 1;
     const int64_t k0 = int64_t(t) * kMmaTile;
-    uint32_t* bits = bits_s + buf * 4;
-    tile_vote(bits, mk_next == uint8_t(ops::kImage));
-    tile_vote(bits + 2, mk_next == uint8_t(ops::kPad));
-    ptx::cp_async_wait<0>();
-    // Tile t (and Q) and its key masks are in for every thread, and every thread is done
-    // with tile t - 1, whose buffers the copies below overwrite.
-    __syncthreads();
-    const uint64_t image_keys = kMmca ? tile_bits(bits) : 0, dead_keys = tile_bits(bits + 2);
+    // Tile t (and, at t = 0, Q) in for every thread; tile t + 1 on its way.
+    const KeyMasks keys = next_key_tile<HD>(t, n_tiles, bits_s, mk_next, Ks, Vs, k, v, mode, modality, g, b, kh);
+    const uint64_t image_keys = kMmca ? keys.image : 0, dead_keys = keys.dead;
     const bool tile_image = image_keys != 0;
-    if (t + 1 < n_tiles) {
-      mma_tile_async<HD>(Ks + (buf ^ 1) * kMmaTile * kLd, k, b, k0 + kMmaTile, g.L, g.KV, kh);
-      mma_tile_async<HD>(Vs + (buf ^ 1) * kMmaTile * kLd, v, b, k0 + kMmaTile, g.L, g.KV, kh);
-      ptx::cp_async_commit();
-      if (threadIdx.x < kMmaTile) mk_next = modality_at(mode, modality, g.L, b, k0 + kMmaTile + threadIdx.x);
-    }
     const bf16* Kt = Ks + buf * kMmaTile * kLd;
     const bf16* Vt = Vs + buf * kMmaTile * kLd;
     // This lane's columns of the masks: bit n·8 + e of `seen[s] >> 2t` is column n·8 + 2t + e.
@@ -441,20 +490,10 @@ __global__ void __launch_bounds__(kMmaThreads)
   for (int t = 0; t < n_tiles; ++t) {
     const int buf = t & 1;
     const int64_t k0 = int64_t(t) * kMmaTile;
-    uint32_t* bits = bits_s + buf * 4;
-    tile_vote(bits, mk_next == uint8_t(ops::kImage));
-    tile_vote(bits + 2, mk_next == uint8_t(ops::kPad));
-    ptx::cp_async_wait<0>();
-    // Tile t and its key masks in for every thread, every thread done with tile t - 1.
-    __syncthreads();
-    const uint64_t image_keys = mode == ops::AttnMode::mmca ? tile_bits(bits) : 0, dead_keys = tile_bits(bits + 2);
+    // Tile t (and, at t = 0, Q and dO) in for every thread; tile t + 1 on its way.
+    const KeyMasks keys = next_key_tile<HD>(t, n_tiles, bits_s, mk_next, Ks, Vs, k, v, mode, modality, g, b, kh);
+    const uint64_t image_keys = keys.image, dead_keys = keys.dead;
     const bool tile_image = image_keys != 0;
-    if (t + 1 < n_tiles) {
-      mma_tile_async<HD>(Ks + (buf ^ 1) * kMmaTile * kLd, k, b, k0 + kMmaTile, g.L, g.KV, kh);
-      mma_tile_async<HD>(Vs + (buf ^ 1) * kMmaTile * kLd, v, b, k0 + kMmaTile, g.L, g.KV, kh);
-      ptx::cp_async_commit();
-      if (threadIdx.x < kMmaTile) mk_next = modality_at(mode, modality, g.L, b, k0 + kMmaTile + threadIdx.x);
-    }
     if (kDelta && !tile_image) continue;  // block-uniform: no image key, nothing for D_image
     const bf16* Kt = Ks + buf * kMmaTile * kLd;
     const bf16* Vt = Vs + buf * kMmaTile * kLd;
@@ -638,7 +677,6 @@ __global__ void __launch_bounds__(kMmaThreads)
       mma_ax<HD, kHalf>(dK, dPt, Qt + half * kHalf * kLd, lane);  // dK += dSᵀ Q (scaled at the end)
     }
   }
-  if (n_it == 0) ptx::cp_async_wait<0>();  // the own tiles' copies, never waited for otherwise
 
 #pragma unroll
   for (int s = 0; s < 2; ++s) {

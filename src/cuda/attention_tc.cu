@@ -5,7 +5,6 @@
 #include "cuda/attention_tc_kernels.cuh"
 
 #include <cmath>
-#include <type_traits>
 
 #include "cuda/kernels.cuh"
 
@@ -21,31 +20,6 @@ bool fits_shared(size_t bytes) {
   int optin = 0;
   CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, bind_device()));
   return bytes <= static_cast<size_t>(optin);
-}
-
-// f(std::integral_constant<int, HD>) for the head dim: the register kernels are templates
-// on it (their tiles are register arrays), one instance per multiple of 16 up to 128.
-template <class F>
-auto with_head_dim(int64_t hd, F&& f) {
-  switch (hd) {
-    case 16:
-      return f(std::integral_constant<int, 16>{});
-    case 32:
-      return f(std::integral_constant<int, 32>{});
-    case 48:
-      return f(std::integral_constant<int, 48>{});
-    case 64:
-      return f(std::integral_constant<int, 64>{});
-    case 80:
-      return f(std::integral_constant<int, 80>{});
-    case 96:
-      return f(std::integral_constant<int, 96>{});
-    case 112:
-      return f(std::integral_constant<int, 112>{});
-    default:
-      VCHAT_CHECK(hd == 128, "cuda::attention (tensor cores): head dim " << hd << " has no register kernels");
-      return f(std::integral_constant<int, 128>{});
-  }
 }
 
 // The register-tile forward for head dim HD.
