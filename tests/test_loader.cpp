@@ -7,8 +7,9 @@
 
 #include <filesystem>
 #include <random>
-#include <unistd.h>
+#include <memory>
 #include <set>
+#include <vector>
 
 #include "data/collate.h"
 #include "data/loader.h"
@@ -16,6 +17,7 @@
 #include "data/shard.h"
 #include "model/config.h"
 #include "ops.h"
+#include "test_util.h"
 
 using namespace vchat;
 using namespace vchat::data;
@@ -45,12 +47,13 @@ Sample make_sample(int64_t i) {
 }
 
 // A prepared dataset of n samples in shards of `per_shard`, id offset `base` (so two
-// datasets have different contents).
+// datasets have different contents), in a fresh directory of its own (ctest runs tests of
+// this file in parallel processes) that is removed when the process exits: tests share the
+// datasets through statics, so no test's scope owns them.
 std::string make_dataset(const std::string& name, int64_t n, int64_t per_shard, int64_t base) {
-  // Per process: ctest runs tests of this file in parallel processes.
-  const fs::path dir = fs::temp_directory_path() / ("vchat_loader_" + name + "_" + std::to_string(getpid()));
-  fs::remove_all(dir);
-  fs::create_directories(dir);
+  static std::vector<std::unique_ptr<test::TempDir>> datasets;
+  datasets.push_back(std::make_unique<test::TempDir>("vchat_loader_" + name));
+  const fs::path dir = datasets.back()->path;
   ShardAttrs a;
   a.tokenizer_sha256 = "feed";
   a.image_size = kS;
@@ -267,5 +270,4 @@ TEST(Loader, AReadErrorOnThePrefetchThreadReachesTheCaller) {
   } catch (const std::exception& e) {
     FAIL() << "expected a DataError naming the shard, got: " << e.what();
   }
-  fs::remove_all(dir);
 }
