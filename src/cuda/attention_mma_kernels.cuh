@@ -274,7 +274,9 @@ __global__ void __launch_bounds__(kMmaThreads)
     // Tile t (and, at t = 0, Q) in for every thread; tile t + 1 on its way.
     const KeyMasks keys = next_key_tile<HD>(t, n_tiles, bits_s, mk_next, Ks, Vs, k, v, mode, modality, g, b, kh);
     const uint64_t image_keys = kMmca ? keys.image : 0, dead_keys = keys.dead;
-    const bool tile_image = image_keys != 0;
+    // Which branches this tile feeds (block-uniform): a branch with no key here keeps its
+    // state as it is, so its rescale and its P V (a product with P = 0) are skipped.
+    const bool tile_image = image_keys != 0, tile_text = !kMmca || (~image_keys & ~dead_keys) != 0;
     const bf16* Kt = Ks + buf * kMmaTile * kLd;
     const bf16* Vt = Vs + buf * kMmaTile * kLd;
     // This lane's columns of the masks: bit n·8 + e of `seen[s] >> 2t` is column n·8 + 2t + e.
@@ -353,8 +355,10 @@ __global__ void __launch_bounds__(kMmaThreads)
         uint32_t vb[4];
         ptx::ldmatrix_x4_trans(vb,
                                Vt + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * kLd + np * 16 + (lane >> 4) * 8);
-        ptx::mma_bf16_16816(acc[0][2 * np], pa[0], vb[0], vb[1]);
-        ptx::mma_bf16_16816(acc[0][2 * np + 1], pa[0], vb[2], vb[3]);
+        if (tile_text) {
+          ptx::mma_bf16_16816(acc[0][2 * np], pa[0], vb[0], vb[1]);
+          ptx::mma_bf16_16816(acc[0][2 * np + 1], pa[0], vb[2], vb[3]);
+        }
         if constexpr (kMmca) {
           if (tile_image) {
             ptx::mma_bf16_16816(acc[kBr - 1][2 * np], pa[kBr - 1], vb[0], vb[1]);
