@@ -218,8 +218,129 @@ __device__ __forceinline__ KeyMasks next_key_tile(int t, int n_tiles, uint32_t* 
   return masks;
 }
 
+// The forward's O += P V over one 64-key tile for the branches chosen at compile time
+// (kText: acc0 += P0 V; kImage: acc1 += P1 V): P's A fragments pa[kk] (16 keys each), V's B
+// fragments by ldmatrix.trans, shared by the two branches.
+template <int HD, bool kText, bool kImage>
+__device__ __forceinline__ void mma_pv(float (&acc0)[HD / 8][4], float (&acc1)[HD / 8][4], const uint32_t (&pa0)[4][4],
+                                       const uint32_t (&pa1)[4][4], const bf16* V, int lane) {
+  constexpr int kLd = MmaLayout<HD>::kLd;
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+    for (int np = 0; np < HD / 16; ++np) {
+      uint32_t vb[4];
+      ptx::ldmatrix_x4_trans(vb, V + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * kLd + np * 16 + (lane >> 4) * 8);
+      if constexpr (kText) {
+        ptx::mma_bf16_16816(acc0[2 * np], pa0[kk], vb[0], vb[1]);
+        ptx::mma_bf16_16816(acc0[2 * np + 1], pa0[kk], vb[2], vb[3]);
+      }
+      if constexpr (kImage) {
+        ptx::mma_bf16_16816(acc1[2 * np], pa1[kk], vb[0], vb[1]);
+        ptx::mma_bf16_16816(acc1[2 * np + 1], pa1[kk], vb[2], vb[3]);
+      }
+    }
+}
+
+// One key tile of the forward for this warp's 16 query rows: S = Q Kᵀ, the online softmax
+// and O += P V. kTwo: the tile holds image keys (MMCA), so its scores feed two branches (bit
+// c of `image`: column c is an image key; `text`: whether any text key is here), each with
+// its own running max m[br], sum l[br] and accumulator (acc0: text, acc1: image); otherwise
+// every score it sees goes to branch 0 (text, or causal/full attention's one branch) and
+// branch 1's state is left as it is. seen[s]: the columns row s sees, shifted as `image`
+// (bit n·8 + e: column n·8 + 2t + e).
+template <int HD, bool kTwo>
+__device__ __forceinline__ void fwd_tile(float (&acc0)[HD / 8][4], float (&acc1)[HD / 8][4], float (&m)[2][2],
+                                         float (&l)[2][2], const bf16* Qs, const bf16* Kt, const bf16* Vt,
+                                         const uint64_t (&seen)[2], uint64_t image, bool text, float scale_log2,
+                                         int warp, int lane) {
+  constexpr int kNt = HD / 8, kBr = kTwo ? 2 : 1;
+  // S = Q Kᵀ: 8 tiles of 8 keys.
+  float S[8][4] = {};
+  mma_abt<HD>(S, Qs, Kt, warp, lane);
+
+  // Scores (unscaled), -inf where the query does not see the key; each branch's max over
+  // the tile per row (the quad's four lanes hold a row's 64 scores).
+  float tmax[2][2] = {{-INFINITY, -INFINITY}, {-INFINITY, -INFINITY}};
+#pragma unroll
+  for (int n = 0; n < 8; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int s = e >> 1, bit = n * 8 + (e & 1);
+      const float x = (seen[s] >> bit) & 1 ? S[n][e] : -INFINITY;
+      S[n][e] = x;
+      if (kTwo && (image >> bit) & 1)
+        tmax[1][s] = fmaxf(tmax[1][s], x);
+      else
+        tmax[0][s] = fmaxf(tmax[0][s], x);
+    }
+  // New running maxima (log2 units; the scale is positive, so the max of the scaled scores
+  // is the scaled max), and mb, the max each weight is taken against: 0 while a branch has
+  // seen no key, so that 2^(x·scale - mb) is 0 for an unseen key (x = -inf) and no
+  // -inf - -inf makes a NaN.
+  float alpha[2][2], mb[2][2] = {};
+#pragma unroll
+  for (int br = 0; br < kBr; ++br)
+#pragma unroll
+    for (int s = 0; s < 2; ++s) {
+      float x = tmax[br][s];
+      x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+      x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+      const float mn = fmaxf(m[br][s], x * scale_log2);
+      mb[br][s] = mn == -INFINITY ? 0.f : mn;
+      alpha[br][s] = ptx::exp2_approx(m[br][s] - mb[br][s]);  // 0 for a first key: acc and l are 0
+      m[br][s] = mn;
+      l[br][s] *= alpha[br][s];
+    }
+#pragma unroll
+  for (int n = 0; n < kNt; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      acc0[n][e] *= alpha[0][e >> 1];
+      if constexpr (kTwo) acc1[n][e] *= alpha[1][e >> 1];
+    }
+
+  // P, rounded to bf16 as the A fragments of O += P V (16 keys per step, two 8-key score
+  // tiles each), one set per branch; each branch's row sums.
+  uint32_t pa[kBr][4][4];
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int n = 2 * kk + half;
+      float p[2][4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int s = e >> 1;
+        const bool img = kTwo && (image >> (n * 8 + (e & 1))) & 1;
+        const float pe = ptx::exp2_approx(fmaf(S[n][e], scale_log2, -(img ? mb[1][s] : mb[0][s])));
+        p[0][e] = img ? 0.f : pe;
+        p[1][e] = img ? pe : 0.f;
+        if (img)
+          l[1][s] += pe;
+        else
+          l[0][s] += pe;
+      }
+#pragma unroll
+      for (int br = 0; br < kBr; ++br) {
+        pa[br][kk][2 * half] = ptx::pack_bf16x2(p[br][0], p[br][1]);      // row quad
+        pa[br][kk][2 * half + 1] = ptx::pack_bf16x2(p[br][2], p[br][3]);  // row quad + 8
+      }
+    }
+  // The products, each branch only where the tile holds keys of its modality: one
+  // block-uniform choice, so that every mma.sync inside runs unconditionally.
+  if constexpr (kTwo) {
+    if (text)
+      mma_pv<HD, true, true>(acc0, acc1, pa[0], pa[1], Vt, lane);
+    else
+      mma_pv<HD, false, true>(acc0, acc1, pa[0], pa[1], Vt, lane);
+  } else {
+    mma_pv<HD, true, false>(acc0, acc0, pa[0], pa[0], Vt, lane);
+  }
+}
+
 template <int HD, bool kMmca>
-__global__ void __launch_bounds__(kMmaThreads)
+__global__ void __launch_bounds__(kMmaThreads, 1)
     flash_fwd_mma(ops::AttnMode mode, MmaGeometry g, const bf16* q, const bf16* k, const bf16* v,
                   const uint8_t* modality, bf16* out, float* lse) {
   using Lay = MmaLayout<HD>;
@@ -274,98 +395,19 @@ __global__ void __launch_bounds__(kMmaThreads)
     // Tile t (and, at t = 0, Q) in for every thread; tile t + 1 on its way.
     const KeyMasks keys = next_key_tile<HD>(t, n_tiles, bits_s, mk_next, Ks, Vs, k, v, mode, modality, g, b, kh);
     const uint64_t image_keys = kMmca ? keys.image : 0, dead_keys = keys.dead;
-    // Which branches this tile feeds (block-uniform): a branch with no key here keeps its
-    // state as it is, so its rescale and its P V (a product with P = 0) are skipped.
-    const bool tile_image = image_keys != 0, tile_text = !kMmca || (~image_keys & ~dead_keys) != 0;
     const bf16* Kt = Ks + buf * kMmaTile * kLd;
     const bf16* Vt = Vs + buf * kMmaTile * kLd;
     // This lane's columns of the masks: bit n·8 + e of `seen[s] >> 2t` is column n·8 + 2t + e.
     const uint64_t seen[2] = {keys_seen(mode, live[0], qi[0], k0, dead_keys) >> (2 * tq),
                               keys_seen(mode, live[1], qi[1], k0, dead_keys) >> (2 * tq)};
-    const uint64_t image = image_keys >> (2 * tq);
-
-    // S = Q Kᵀ: 8 tiles of 8 keys.
-    float S[8][4] = {};
-    mma_abt<HD>(S, Qs, Kt, warp, lane);
-
-    // Scores in log2 units, -inf where the query does not see the key; each branch's max
-    // over the tile per row (the quad's four lanes hold a row's 64 scores).
-    float tmax[2][2] = {{-INFINITY, -INFINITY}, {-INFINITY, -INFINITY}};
-#pragma unroll
-    for (int n = 0; n < 8; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int s = e >> 1, bit = n * 8 + (e & 1);
-        const float x = (seen[s] >> bit) & 1 ? S[n][e] * g.scale_log2 : -INFINITY;
-        S[n][e] = x;
-        if ((image >> bit) & 1)
-          tmax[1][s] = fmaxf(tmax[1][s], x);
-        else
-          tmax[0][s] = fmaxf(tmax[0][s], x);
-      }
-    float alpha[2][2];
-#pragma unroll
-    for (int br = 0; br < kBr; ++br)
-#pragma unroll
-      for (int s = 0; s < 2; ++s) {
-        float x = tmax[br][s];
-        x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
-        x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
-        const float mn = fmaxf(m[br][s], x);
-        alpha[br][s] = mn == -INFINITY ? 1.f : exp2f(m[br][s] - mn);
-        m[br][s] = mn;
-        l[br][s] *= alpha[br][s];
-      }
-#pragma unroll
-    for (int br = 0; br < kBr; ++br)
-#pragma unroll
-      for (int n = 0; n < kNt; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc[br][n][e] *= alpha[br][e >> 1];
-
-          // O += P V, 16 keys per step: P's A fragment from two 8-key score tiles, per branch.
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      uint32_t pa[2][4];
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int n = 2 * kk + half;
-        float p[2][4];
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int s = e >> 1;
-          const bool img = (image >> (n * 8 + (e & 1))) & 1;
-          const float x = S[n][e];
-          const float pe = x == -INFINITY ? 0.f : exp2f(x - (img ? m[1][s] : m[0][s]));
-          p[0][e] = img ? 0.f : pe;
-          p[1][e] = img ? pe : 0.f;
-          if (img)
-            l[1][s] += pe;
-          else
-            l[0][s] += pe;
-        }
-#pragma unroll
-        for (int br = 0; br < kBr; ++br) {
-          pa[br][2 * half] = ptx::pack_bf16x2(p[br][0], p[br][1]);      // row quad
-          pa[br][2 * half + 1] = ptx::pack_bf16x2(p[br][2], p[br][3]);  // row quad + 8
-        }
-      }
-#pragma unroll
-      for (int np = 0; np < HD / 16; ++np) {
-        uint32_t vb[4];
-        ptx::ldmatrix_x4_trans(vb,
-                               Vt + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * kLd + np * 16 + (lane >> 4) * 8);
-        if (tile_text) {
-          ptx::mma_bf16_16816(acc[0][2 * np], pa[0], vb[0], vb[1]);
-          ptx::mma_bf16_16816(acc[0][2 * np + 1], pa[0], vb[2], vb[3]);
-        }
-        if constexpr (kMmca) {
-          if (tile_image) {
-            ptx::mma_bf16_16816(acc[kBr - 1][2 * np], pa[kBr - 1], vb[0], vb[1]);
-            ptx::mma_bf16_16816(acc[kBr - 1][2 * np + 1], pa[kBr - 1], vb[2], vb[3]);
-          }
-        }
-      }
+    // A tile without image keys (most of them) feeds the text branch alone and runs the
+    // one-branch body, as causal attention does; the choice is block-uniform.
+    if (kMmca && image_keys != 0) {
+      const bool tile_text = (~image_keys & ~dead_keys) != 0;
+      fwd_tile<HD, true>(acc[0], acc[kBr - 1], m, l, Qs, Kt, Vt, seen, image_keys >> (2 * tq), tile_text, g.scale_log2,
+                         warp, lane);
+    } else {
+      fwd_tile<HD, false>(acc[0], acc[0], m, l, Qs, Kt, Vt, seen, 0, true, g.scale_log2, warp, lane);
     }
   }
 
@@ -438,7 +480,7 @@ struct MmaBwdLayout {
 // Σ_j P_ij dP_ij, over key tiles holding image keys) and D_text = dO · out − D_image; the
 // other instance computes dQ over every key tile at or below the diagonal.
 template <int HD, bool kDelta>
-__global__ void __launch_bounds__(kMmaThreads)
+__global__ void __launch_bounds__(kMmaThreads, 1)
     flash_dq_mma(ops::AttnMode mode, MmaGeometry g, const bf16* q, const bf16* k, const bf16* v,
                  const uint8_t* modality, const bf16* out, const bf16* dout, const float* lse, float* delta, bf16* dq) {
   using Lay = MmaBwdLayout<HD>;
@@ -514,7 +556,7 @@ __global__ void __launch_bounds__(kMmaThreads)
       for (int e = 0; e < 4; ++e) {
         const int s = e >> 1, bit = n * 8 + (e & 1);
         const int br = (seen[s] >> bit) & 1 ? ((image >> bit) & 1 ? 2 : 1) : 0;
-        const float p = br ? exp2f(S[n][e] * g.scale_log2 - (br == 2 ? lse2[s][1] : lse2[s][0])) : 0.f;
+        const float p = br ? ptx::exp2_approx(fmaf(S[n][e], g.scale_log2, -(br == 2 ? lse2[s][1] : lse2[s][0]))) : 0.f;
         if (kDelta) {
           if (br == 2) d2[s] += p * dP[n][e];
         } else {
@@ -575,7 +617,7 @@ __device__ __forceinline__ bool mma_query_stats(ops::AttnMode mode, const MmaGeo
 // head of the GQA group and the query tiles at or after the diagonal, as one sequence of
 // swept tiles (Q and dO, with their queries' lse and deltas, and which of them attend).
 template <int HD>
-__global__ void __launch_bounds__(kMmaThreads)
+__global__ void __launch_bounds__(kMmaThreads, 1)
     flash_dkv_mma(ops::AttnMode mode, MmaGeometry g, const bf16* q, const bf16* k, const bf16* v,
                   const uint8_t* modality, const bf16* dout, const float* lse, const float* delta, bf16* dk, bf16* dv) {
   using Lay = MmaBwdLayout<HD>;
@@ -673,7 +715,7 @@ __global__ void __launch_bounds__(kMmaThreads)
         for (int e = 0; e < 4; ++e) {
           const int s = e >> 1, bit = half * kHalf + n * 8 + (e & 1);
           const float* sq = stt + (bit + 2 * tq) * 4 + (image_key[s] ? 1 : 0);  // this branch's lse; D two on
-          const float p = (seen[s] >> bit) & 1 ? exp2f(St[n][e] * g.scale_log2 - sq[0]) : 0.f;
+          const float p = (seen[s] >> bit) & 1 ? ptx::exp2_approx(fmaf(St[n][e], g.scale_log2, -sq[0])) : 0.f;
           St[n][e] = p;
           dPt[n][e] = p * (dPt[n][e] - sq[2]);  // dSᵀ
         }

@@ -1,7 +1,8 @@
 // Warp-level tensor-core primitives for kernels that keep their tiles in registers (the
 // FlashAttention-2 way), where WMMA's opaque fragments would send every score through shared
 // memory: mma.sync m16n8k16 (bf16 in, fp32 accumulate), ldmatrix (x4, plain and transposed)
-// and cp.async (16 bytes, zero-filled past the source's end). Each is one PTX instruction.
+// and cp.async (16 bytes, zero-filled past the source's end), and the softmax's ex2.approx.
+// Each is one PTX instruction.
 //
 // Fragment layouts (PTX ISA, "Matrix Fragments for mma.m16n8k16"), lane = 4·g + t:
 //   A 16x16 (row-major), 4 registers of two bf16 (low half = lower column):
@@ -62,6 +63,16 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// 2^x in one MUFU.EX2 (ex2.approx.ftz.f32: about 2 ulp; 2^-inf = +0; results under 2^-126
+// flushed to +0). exp2f without fast-math wraps each in a subnormal range check and two
+// multiplies, four more instructions per score in loops that issue, not multiply, at their
+// limit; a softmax weight under 2^-126 is 0 to every bf16 product and fp32 sum it enters.
+__device__ __forceinline__ float exp2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
 }
 
 // Two floats as bf16 (round to nearest even) in one register, lo in the low half.

@@ -52,7 +52,7 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __launch_bounds__(n)
+#define __launch_bounds__(...)
 #define __shared__ static
 #define VCHAT_DYNAMIC_SMEM(name) unsigned char* name = ::vchat::emu::dynamic_smem()
 
@@ -498,6 +498,14 @@ void cp_async_wait() {
     }
     t.cp_groups.erase(t.cp_groups.begin());
   }
+}
+
+// ex2.approx.ftz.f32: subnormal input and output flushed to zero (the hardware's few ulp of
+// approximation are not modelled: the kernels' tolerances are bf16's).
+inline float exp2_approx(float x) {
+  if (std::fpclassify(x) == FP_SUBNORMAL) x = 0.f;
+  const float y = std::exp2(x);
+  return std::fpclassify(y) == FP_SUBNORMAL ? 0.f : y;
 }
 
 inline uint32_t pack_bf16x2(float lo, float hi) {
