@@ -242,19 +242,25 @@ __device__ __forceinline__ void mma_pv(float (&acc0)[HD / 8][4], float (&acc1)[H
     }
 }
 
+// The branches a key tile feeds, as bits (a block-uniform choice: the forward runs one body
+// per choice, so that every mma.sync in it runs unconditionally): text (also causal and full
+// attention's one branch), image, or both (MMCA, a tile with keys of each modality).
+constexpr int kFeedText = 1, kFeedImage = 2, kFeedBoth = 3;
+
 // One key tile of the forward for this warp's 16 query rows: S = Q Kᵀ, the online softmax
-// and O += P V. kTwo: the tile holds image keys (MMCA), so its scores feed two branches (bit
-// c of `image`: column c is an image key; `text`: whether any text key is here), each with
-// its own running max m[br], sum l[br] and accumulator (acc0: text, acc1: image); otherwise
-// every score it sees goes to branch 0 (text, or causal/full attention's one branch) and
-// branch 1's state is left as it is. seen[s]: the columns row s sees, shifted as `image`
-// (bit n·8 + e: column n·8 + 2t + e).
-template <int HD, bool kTwo>
+// and O += P V, into the running max m[br], sum l[br] and accumulator (acc0: text, acc1:
+// image) of each branch fed; a branch not fed keeps its state. seen[s]: the columns row s
+// sees, `image`: the image keys, both shifted to this lane (bit n·8 + e: column n·8 + 2t + e;
+// read only when both branches are fed: otherwise every key seen is the fed branch's).
+template <int HD, int kFeed>
 __device__ __forceinline__ void fwd_tile(float (&acc0)[HD / 8][4], float (&acc1)[HD / 8][4], float (&m)[2][2],
                                          float (&l)[2][2], const bf16* Qs, const bf16* Kt, const bf16* Vt,
-                                         const uint64_t (&seen)[2], uint64_t image, bool text, float scale_log2,
-                                         int warp, int lane) {
-  constexpr int kNt = HD / 8, kBr = kTwo ? 2 : 1;
+                                         const uint64_t (&seen)[2], uint64_t image, float scale_log2, int warp,
+                                         int lane) {
+  constexpr int kNt = HD / 8;
+  constexpr bool kText = kFeed & kFeedText, kImage = kFeed & kFeedImage;
+  // The branch of column bit `bit` (1: image).
+  const auto image_at = [&](int bit) { return kFeed == kFeedBoth ? ((image >> bit) & 1) != 0 : kImage; };
   // S = Q Kᵀ: 8 tiles of 8 keys.
   float S[8][4] = {};
   mma_abt<HD>(S, Qs, Kt, warp, lane);
@@ -269,7 +275,7 @@ __device__ __forceinline__ void fwd_tile(float (&acc0)[HD / 8][4], float (&acc1)
       const int s = e >> 1, bit = n * 8 + (e & 1);
       const float x = (seen[s] >> bit) & 1 ? S[n][e] : -INFINITY;
       S[n][e] = x;
-      if (kTwo && (image >> bit) & 1)
+      if (image_at(bit))
         tmax[1][s] = fmaxf(tmax[1][s], x);
       else
         tmax[0][s] = fmaxf(tmax[0][s], x);
@@ -280,7 +286,8 @@ __device__ __forceinline__ void fwd_tile(float (&acc0)[HD / 8][4], float (&acc1)
   // -inf - -inf makes a NaN.
   float alpha[2][2], mb[2][2] = {};
 #pragma unroll
-  for (int br = 0; br < kBr; ++br)
+  for (int br = 0; br < 2; ++br) {
+    if (!(kFeed & (1 << br))) continue;
 #pragma unroll
     for (int s = 0; s < 2; ++s) {
       float x = tmax[br][s];
@@ -292,17 +299,18 @@ __device__ __forceinline__ void fwd_tile(float (&acc0)[HD / 8][4], float (&acc1)
       m[br][s] = mn;
       l[br][s] *= alpha[br][s];
     }
+  }
 #pragma unroll
   for (int n = 0; n < kNt; ++n)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      acc0[n][e] *= alpha[0][e >> 1];
-      if constexpr (kTwo) acc1[n][e] *= alpha[1][e >> 1];
+      if constexpr (kText) acc0[n][e] *= alpha[0][e >> 1];
+      if constexpr (kImage) acc1[n][e] *= alpha[1][e >> 1];
     }
 
   // P, rounded to bf16 as the A fragments of O += P V (16 keys per step, two 8-key score
-  // tiles each), one set per branch; each branch's row sums.
-  uint32_t pa[kBr][4][4];
+  // tiles each), one set per branch fed; each branch's row sums.
+  uint32_t pa[2][4][4];
 #pragma unroll
   for (int kk = 0; kk < 4; ++kk)
 #pragma unroll
@@ -312,7 +320,7 @@ __device__ __forceinline__ void fwd_tile(float (&acc0)[HD / 8][4], float (&acc1)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int s = e >> 1;
-        const bool img = kTwo && (image >> (n * 8 + (e & 1))) & 1;
+        const bool img = image_at(n * 8 + (e & 1));
         const float pe = ptx::exp2_approx(fmaf(S[n][e], scale_log2, -(img ? mb[1][s] : mb[0][s])));
         p[0][e] = img ? 0.f : pe;
         p[1][e] = img ? pe : 0.f;
@@ -322,21 +330,12 @@ __device__ __forceinline__ void fwd_tile(float (&acc0)[HD / 8][4], float (&acc1)
           l[0][s] += pe;
       }
 #pragma unroll
-      for (int br = 0; br < kBr; ++br) {
+      for (int br = 0; br < 2; ++br) {
         pa[br][kk][2 * half] = ptx::pack_bf16x2(p[br][0], p[br][1]);      // row quad
         pa[br][kk][2 * half + 1] = ptx::pack_bf16x2(p[br][2], p[br][3]);  // row quad + 8
       }
     }
-  // The products, each branch only where the tile holds keys of its modality: one
-  // block-uniform choice, so that every mma.sync inside runs unconditionally.
-  if constexpr (kTwo) {
-    if (text)
-      mma_pv<HD, true, true>(acc0, acc1, pa[0], pa[1], Vt, lane);
-    else
-      mma_pv<HD, false, true>(acc0, acc1, pa[0], pa[1], Vt, lane);
-  } else {
-    mma_pv<HD, true, false>(acc0, acc0, pa[0], pa[0], Vt, lane);
-  }
+  mma_pv<HD, kText, kImage>(acc0, acc1, pa[0], pa[1], Vt, lane);
 }
 
 template <int HD, bool kMmca>
@@ -400,15 +399,15 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
     // This lane's columns of the masks: bit n·8 + e of `seen[s] >> 2t` is column n·8 + 2t + e.
     const uint64_t seen[2] = {keys_seen(mode, live[0], qi[0], k0, dead_keys) >> (2 * tq),
                               keys_seen(mode, live[1], qi[1], k0, dead_keys) >> (2 * tq)};
-    // A tile without image keys (most of them) feeds the text branch alone and runs the
-    // one-branch body, as causal attention does; the choice is block-uniform.
-    if (kMmca && image_keys != 0) {
-      const bool tile_text = (~image_keys & ~dead_keys) != 0;
-      fwd_tile<HD, true>(acc[0], acc[kBr - 1], m, l, Qs, Kt, Vt, seen, image_keys >> (2 * tq), tile_text, g.scale_log2,
-                         warp, lane);
-    } else {
-      fwd_tile<HD, false>(acc[0], acc[0], m, l, Qs, Kt, Vt, seen, 0, true, g.scale_log2, warp, lane);
-    }
+    // Most tiles hold no image key and feed the text branch alone, with the body causal
+    // attention runs; a tile of image keys alone feeds the image branch the same way.
+    const uint64_t image = image_keys >> (2 * tq);
+    if (!kMmca || image_keys == 0)
+      fwd_tile<HD, kFeedText>(acc[0], acc[kBr - 1], m, l, Qs, Kt, Vt, seen, image, g.scale_log2, warp, lane);
+    else if ((~image_keys & ~dead_keys) == 0)
+      fwd_tile<HD, kFeedImage>(acc[0], acc[kBr - 1], m, l, Qs, Kt, Vt, seen, image, g.scale_log2, warp, lane);
+    else
+      fwd_tile<HD, kFeedBoth>(acc[0], acc[kBr - 1], m, l, Qs, Kt, Vt, seen, image, g.scale_log2, warp, lane);
   }
 
   // Each row's sums: the quad's four shares (every lane takes part in the shuffles).
