@@ -478,6 +478,30 @@ struct MmaBwdLayout {
 // Passes 1 and 3, per 128 queries and head: kDelta computes D_image (the image branch's
 // Σ_j P_ij dP_ij, over key tiles holding image keys) and D_text = dO · out − D_image; the
 // other instance computes dQ over every key tile at or below the diagonal.
+// One key tile's scores in the delta and dQ passes, this lane's 32: P = 2^(S·scale − lse)
+// of the key's branch (0 where the query does not see it), then dS = P (dP − D_branch) into S
+// (dQ pass), or P dP summed into d2 for image keys (delta pass: D_image). kFeed: the branches
+// the tile's keys belong to (as in the forward; `image` read only for both).
+template <int kFeed, bool kDelta>
+__device__ __forceinline__ void dq_scores(float (&S)[8][4], const float (&dP)[8][4], const uint64_t (&seen)[2],
+                                          uint64_t image, const float (&lse2)[2][2], const float (&D)[2][2],
+                                          float (&d2)[2], float scale_log2) {
+#pragma unroll
+  for (int n = 0; n < 8; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int s = e >> 1, bit = n * 8 + (e & 1);
+      const bool img = kFeed == kFeedBoth ? ((image >> bit) & 1) != 0 : kFeed == kFeedImage;
+      const float p =
+          (seen[s] >> bit) & 1 ? ptx::exp2_approx(fmaf(S[n][e], scale_log2, -(img ? lse2[s][1] : lse2[s][0]))) : 0.f;
+      if (kDelta) {
+        if (img) d2[s] += p * dP[n][e];
+      } else {
+        S[n][e] = p * (dP[n][e] - (img ? D[s][1] : D[s][0]));  // dS
+      }
+    }
+}
+
 template <int HD, bool kDelta>
 __global__ void __launch_bounds__(kMmaThreads, 1)
     flash_dq_mma(ops::AttnMode mode, MmaGeometry g, const bf16* q, const bf16* k, const bf16* v,
@@ -549,19 +573,14 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
     float S[8][4] = {}, dP[8][4] = {};
     mma_abt<HD>(S, Qs, Kt, warp, lane);    // S  = Q Kᵀ
     mma_abt<HD>(dP, dOs, Vt, warp, lane);  // dP = dO Vᵀ
-#pragma unroll
-    for (int n = 0; n < 8; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int s = e >> 1, bit = n * 8 + (e & 1);
-        const int br = (seen[s] >> bit) & 1 ? ((image >> bit) & 1 ? 2 : 1) : 0;
-        const float p = br ? ptx::exp2_approx(fmaf(S[n][e], g.scale_log2, -(br == 2 ? lse2[s][1] : lse2[s][0]))) : 0.f;
-        if (kDelta) {
-          if (br == 2) d2[s] += p * dP[n][e];
-        } else {
-          S[n][e] = p * (dP[n][e] - (br == 2 ? D[s][1] : D[s][0]));  // dS
-        }
-      }
+    // P and dS (or D_image's terms) per score, with the tile's kind chosen block-uniformly as
+    // in the forward: most tiles hold keys of one branch, and need no per-score choice.
+    if (!tile_image)
+      dq_scores<kFeedText, kDelta>(S, dP, seen, image, lse2, D, d2, g.scale_log2);
+    else if ((~image_keys & ~dead_keys) == 0)
+      dq_scores<kFeedImage, kDelta>(S, dP, seen, image, lse2, D, d2, g.scale_log2);
+    else
+      dq_scores<kFeedBoth, kDelta>(S, dP, seen, image, lse2, D, d2, g.scale_log2);
     if (!kDelta) mma_ax<HD>(acc, S, Kt, lane);  // dQ += dS K
   }
 

@@ -55,6 +55,14 @@ class SassLoops(unittest.TestCase):
         self.assertIn("HMMA 2", lines[2])
         self.assertEqual(lines[3], "  local memory in the loop: 1 accesses at 0x60")
 
+    def test_forks_report_the_longest_iteration_through_each_side(self):
+        sys.path.insert(0, os.path.dirname(TOOL))
+        import sass_loops
+        code = sass_loops.functions(DUMP)["_Z6kernelv"]
+        # The branch at 0x30: not taken, 8 instructions; taken, 5. BRA.DIV is no fork.
+        self.assertEqual(sass_loops.forks(code, 0x20, 0x90, threshold=2), [(0x30, 8, 5)])
+        self.assertEqual(sass_loops.forks(code, 0x20, 0x90, threshold=4), [])
+
     def test_a_function_without_tensor_core_instructions(self):
         r = run("plain")
         self.assertEqual(r.returncode, 0, r.stderr)

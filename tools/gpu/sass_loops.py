@@ -11,7 +11,10 @@ mangled name matches a pattern, the main loop is the smallest backward-branch ra
 holds every HMMA of the function. Each path through one iteration (branch taken or not at
 each predicated BRA; BRA.DIV, the compiler's divergence fallback, taken as not diverging) is
 counted: instructions issued and HMMA among them, grouped by HMMA count, with the opcodes
-of the longest path of each group. Local-memory accesses (spills) inside the loop are listed.
+of the longest path of each group; then the forks, conditional branches whose two sides lead
+to iterations of different length (a kernel's per-tile choice: tile kind, prefetch, skip),
+with the longest iteration through each side. Local-memory accesses (spills) inside the loop
+are listed.
 
   sass_loops.py DUMP.sass PATTERN...    e.g. 'flash_fwd_mmaILi128ELb1'
 """
@@ -67,6 +70,48 @@ def main_loop(code):
     return best
 
 
+def next_instructions(code, index, i):
+    """Indices that may follow instruction i within an iteration (fall-through first)."""
+    a, t = code[i]
+    if opcode(t) == "EXIT" and not t.startswith("@"):
+        return []
+    b = branch(t)
+    if not b:
+        return [i + 1]
+    target, conditional, divergence = b
+    if divergence or target <= a:  # divergence fallback; inner back edge: not taken
+        return [i + 1]
+    return [i + 1, index[target]] if conditional else [index[target]]
+
+
+def forks(code, first, last, threshold=64):
+    """The conditional branches whose two sides lead to iterations of different length:
+    [(address, longest iteration not taking it, longest taking it)] where they differ by at
+    least `threshold` instructions (a kernel's per-tile choices, not its small conditions)."""
+    index = {a: i for i, (a, _) in enumerate(code)}
+    start, end = index[first], index[last]
+    into = {start: 1}  # longest path from the loop head to i, i included
+    for i in range(start, end + 1):
+        if i in into:
+            for j in next_instructions(code, index, i):
+                if start <= j <= end:
+                    into[j] = max(into.get(j, 0), into[i] + 1)
+    out = {end: 1}  # longest path from i to the back edge, i included
+    for i in range(end - 1, start - 1, -1):
+        tails = [out[j] for j in next_instructions(code, index, i) if start <= j <= end and j in out]
+        if tails:
+            out[i] = 1 + max(tails)
+    found = []
+    for i in range(start, end):
+        nxt = next_instructions(code, index, i)
+        if i not in into or len(nxt) != 2 or not all(start <= j <= end and j in out for j in nxt):
+            continue
+        fall, taken = (into[i] + out[j] for j in nxt)
+        if abs(fall - taken) >= threshold:
+            found.append((code[i][0], fall, taken))
+    return found
+
+
 def iteration_paths(code, first, last):
     """The paths of one iteration from `first` to the back edge at `last`, summarized.
 
@@ -77,17 +122,7 @@ def iteration_paths(code, first, last):
     index = {a: i for i, (a, _) in enumerate(code)}
     start, end = index[first], index[last]
 
-    def successors(i):
-        a, t = code[i]
-        if opcode(t) == "EXIT" and not t.startswith("@"):
-            return []
-        b = branch(t)
-        if not b:
-            return [i + 1]
-        target, conditional, divergence = b
-        if divergence or target <= a:  # divergence fallback; inner back edge: not taken
-            return [i + 1]
-        return [i + 1, index[target]] if conditional else [index[target]]
+    successors = lambda i: next_instructions(code, index, i)
 
     # table[i]: {HMMA count from i on: [paths, shortest, longest, next index on a longest]}
     def hmma(i):
@@ -135,6 +170,8 @@ def report(name, code):
         ops = collections.Counter(opcode(code[i][1]) for i in path)
         lines.append(f"  {h} HMMA: {short}..{long_} instructions ({count} paths); longest: " +
                      ", ".join(f"{k} {v}" for k, v in ops.most_common(12)))
+    for a, fall, taken in forks(code, first, last):
+        lines.append(f"  fork at {a:#x}: longest iteration {fall} instructions not taking it, {taken} taking it")
     spills = [a for a, t in code if first <= a <= last and re.match(r"(LDL|STL)", opcode(t))]
     if spills:
         lines.append(f"  local memory in the loop: {len(spills)} accesses at " + ", ".join(f"{a:#x}" for a in spills))
