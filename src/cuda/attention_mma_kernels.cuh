@@ -65,17 +65,35 @@ struct MmaLayout {
 
 // Rows [first, first + ROWS) of head `head` of x ([B, L, heads, HD]) into a tile, by
 // cp.async; rows past L become zeros (a NaN there would survive a zero probability in P V).
+// Where the block's threads cover whole rows (HD / 8 pieces of 16 bytes each divides 256),
+// a thread's pieces lie kStep rows apart: one 64-bit product per call, then a pointer step
+// per piece (this runs per tile in loops that issue at their limit).
 template <int HD, int ROWS = kMmaTile>
 __device__ __forceinline__ void mma_tile_async(bf16* s, const bf16* x, int64_t b, int64_t first, int64_t L,
                                                int64_t heads, int64_t head) {
-  constexpr int kChunks = HD / 8, kCopies = ROWS * kChunks;  // 16-byte pieces per row, per tile
+  constexpr int kLd = MmaLayout<HD>::kLd, kChunks = HD / 8, kCopies = ROWS * kChunks;  // 16-byte pieces
+  if constexpr (kMmaThreads % kChunks == 0) {
+    constexpr int kStep = kMmaThreads / kChunks;
+    const int r0 = threadIdx.x / kChunks, c = threadIdx.x % kChunks;
+    const int64_t stride = heads * HD;
+    const bf16* src = x + ((b * L + first + r0) * heads + head) * HD + c * 8;
+    const int64_t left = L - first - r0;  // rows of this thread's pieces still in x
 #pragma unroll
-  for (int round = 0; round < (kCopies + kMmaThreads - 1) / kMmaThreads; ++round) {
-    const int e = round * kMmaThreads + threadIdx.x, r = e / kChunks, c = e % kChunks;
-    if (kCopies % kMmaThreads != 0 && e >= kCopies) break;
-    const int64_t i = first + r;
-    const bool in = i < L;
-    ptx::cp_async_16(s + r * MmaLayout<HD>::kLd + c * 8, x + ((b * L + (in ? i : 0)) * heads + head) * HD + c * 8, in);
+    for (int round = 0; round < (ROWS + kStep - 1) / kStep; ++round) {
+      if (ROWS % kStep != 0 && r0 + round * kStep >= ROWS) break;  // head dim 16: 128 rows a round
+      const bool in = round * kStep < left;
+      ptx::cp_async_16(s + (r0 + round * kStep) * kLd + c * 8, in ? src : x, in);
+      src += kStep * stride;
+    }
+  } else {
+#pragma unroll
+    for (int round = 0; round < (kCopies + kMmaThreads - 1) / kMmaThreads; ++round) {
+      const int e = round * kMmaThreads + threadIdx.x, r = e / kChunks, c = e % kChunks;
+      if (kCopies % kMmaThreads != 0 && e >= kCopies) break;
+      const int64_t i = first + r;
+      const bool in = i < L;
+      ptx::cp_async_16(s + r * kLd + c * 8, x + ((b * L + (in ? i : 0)) * heads + head) * HD + c * 8, in);
+    }
   }
 }
 
@@ -463,8 +481,8 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
 
 // Dynamic shared memory of the backward kernels: the block's own two tiles (dQ pass: Q, dO;
 // dK/dV pass: K, V), the two swept tiles twice each (dQ: K, V; dK/dV: Q, dO), per swept
-// row four floats (dK/dV: the two lse and two deltas of each query, log2 units for the lse)
-// twice, and the swept rows' bit masks twice (dQ: image keys, dead keys; dK/dV: the
+// row four floats (dK/dV: each query's lse, log2 units, and delta, per branch: [branch][64]
+// [2]) twice, and the swept rows' bit masks twice (dQ: image keys, dead keys; dK/dV: the
 // queries that attend; 2 words each).
 template <int HD>
 struct MmaBwdLayout {
@@ -617,7 +635,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
 }
 
 // Whether query i of head h attends, and (if so) its saved statistics for the dK/dV pass:
-// st = {lse text, lse image} in log2 units, then {D text, D image}; zeros if it does not.
+// st = {lse text, D text, lse image, D image}, lse in log2 units; zeros if it does not.
 __device__ __forceinline__ bool mma_query_stats(ops::AttnMode mode, const MmaGeometry& g, const uint8_t* modality,
                                                 const float* lse, const float* delta, int64_t b, int64_t h, int64_t i,
                                                 float (&st)[4]) {
@@ -625,11 +643,17 @@ __device__ __forceinline__ bool mma_query_stats(ops::AttnMode mode, const MmaGeo
   const bool live = i < g.L && attn_attends(mode, modality_at(mode, modality, g.L, b, i));
   const int64_t li = ((b * g.H + h) * g.L + (live ? i : 0)) * 2;
   st[0] = live ? lse[li] * kLog2e : 0.f;
-  st[1] = live ? lse[li + 1] * kLog2e : 0.f;
-  st[2] = live ? delta[li] : 0.f;
+  st[1] = live ? delta[li] : 0.f;
+  st[2] = live ? lse[li + 1] * kLog2e : 0.f;
   st[3] = live ? delta[li + 1] : 0.f;
   return live;
 }
+
+// A query's (lse, D) of one branch in the dK/dV pass's statistics: one 8-byte shared-memory
+// load per score.
+struct alignas(8) QueryStats {
+  float lse, d;
+};
 
 // Pass 2, per 128 keys and KV head: dK and dV of the keys (16 per warp), over every query
 // head of the GQA group and the query tiles at or after the diagonal, as one sequence of
@@ -645,7 +669,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
   bf16* Vs = reinterpret_cast<bf16*>(smem + Lay::own1);
   bf16* Qs = reinterpret_cast<bf16*>(smem + Lay::loop0);
   bf16* dOs = reinterpret_cast<bf16*>(smem + Lay::loop1);
-  float* st_s = reinterpret_cast<float*>(smem + Lay::stats);  // [2][64][4]: lse text, lse image, D text, D image
+  float* st_s = reinterpret_cast<float*>(smem + Lay::stats);         // [2][branch][64][2]: lse, D
   uint32_t* bits_s = reinterpret_cast<uint32_t*>(smem + Lay::bits);  // [2][4]: the queries that attend
 
   // Key tile 0 first: under the causal rule an earlier key tile meets more query tiles.
@@ -690,13 +714,17 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
 #pragma unroll
     for (int e = 0; e < 4; ++e) dK[n][e] = dV[n][e] = 0.f;
 
+  int qt = 0, qh = 0;  // swept tile `it` as (query tile, head of the group), stepped, not divided
   for (int it = 0; it < n_it; ++it) {
     const int buf = it & 1;
-    const int64_t q0 = first_q + int64_t(it % nq) * kMmaTile;
+    const int64_t q0 = first_q + int64_t(qt) * kMmaTile;
+    if (++qt == nq) qt = 0, ++qh;  // now the next tile's
     uint32_t* bits = bits_s + buf * 4;
     if (threadIdx.x < kMmaTile)
 #pragma unroll
-      for (int f = 0; f < 4; ++f) st_s[(buf * kMmaTile + threadIdx.x) * 4 + f] = st_next[f];
+      for (int br = 0; br < 2; ++br)
+#pragma unroll
+        for (int f = 0; f < 2; ++f) st_s[((buf * 2 + br) * kMmaTile + threadIdx.x) * 2 + f] = st_next[2 * br + f];
     tile_vote(bits, live_next);
     ptx::cp_async_wait<0>();
     // The tile, its statistics and mask are in for every thread, every thread done with the
@@ -704,7 +732,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
     __syncthreads();
     const uint64_t live_queries = tile_bits(bits);
     if (it + 1 < n_it) {
-      const int64_t h = kh * group + (it + 1) / nq, i0 = first_q + int64_t((it + 1) % nq) * kMmaTile;
+      const int64_t h = kh * group + qh, i0 = first_q + int64_t(qt) * kMmaTile;
       mma_tile_async<HD>(Qs + (buf ^ 1) * kMmaTile * kLd, q, b, i0, g.L, g.H, h);
       mma_tile_async<HD>(dOs + (buf ^ 1) * kMmaTile * kLd, dout, b, i0, g.L, g.H, h);
       ptx::cp_async_commit();
@@ -714,7 +742,9 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
     if (live_queries == 0) continue;  // block-uniform: no query of the tile attends
     const bf16* Qt = Qs + buf * kMmaTile * kLd;
     const bf16* dOt = dOs + buf * kMmaTile * kLd;
-    const float* stt = st_s + buf * kMmaTile * 4;
+    // Each of this lane's key rows reads its own branch's statistics.
+    const float* stb[2] = {st_s + ((buf * 2 + (image_key[0] ? 1 : 0)) * kMmaTile) * 2,
+                           st_s + ((buf * 2 + (image_key[1] ? 1 : 0)) * kMmaTile) * 2};
     // This lane's columns: bit n·8 + e of `seen[s] >> 2t` is query column n·8 + 2t + e.
     const uint64_t seen[2] = {queries_seeing(mode, dead[0], kj[0], q0, live_queries) >> (2 * tq),
                               queries_seeing(mode, dead[1], kj[1], q0, live_queries) >> (2 * tq)};
@@ -732,10 +762,10 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int s = e >> 1, bit = half * kHalf + n * 8 + (e & 1);
-          const float* sq = stt + (bit + 2 * tq) * 4 + (image_key[s] ? 1 : 0);  // this branch's lse; D two on
-          const float p = (seen[s] >> bit) & 1 ? ptx::exp2_approx(fmaf(St[n][e], g.scale_log2, -sq[0])) : 0.f;
+          const QueryStats sq = *reinterpret_cast<const QueryStats*>(stb[s] + (bit + 2 * tq) * 2);
+          const float p = (seen[s] >> bit) & 1 ? ptx::exp2_approx(fmaf(St[n][e], g.scale_log2, -sq.lse)) : 0.f;
           St[n][e] = p;
-          dPt[n][e] = p * (dPt[n][e] - sq[2]);  // dSᵀ
+          dPt[n][e] = p * (dPt[n][e] - sq.d);  // dSᵀ
         }
       mma_ax<HD, kHalf>(dV, St, dOt + half * kHalf * kLd, lane);  // dV += Pᵀ dO
       mma_ax<HD, kHalf>(dK, dPt, Qt + half * kHalf * kLd, lane);  // dK += dSᵀ Q (scaled at the end)
