@@ -493,9 +493,6 @@ struct MmaBwdLayout {
   static constexpr size_t total = bits + 2 * 4 * sizeof(uint32_t);
 };
 
-// Passes 1 and 3, per 128 queries and head: kDelta computes D_image (the image branch's
-// Σ_j P_ij dP_ij, over key tiles holding image keys) and D_text = dO · out − D_image; the
-// other instance computes dQ over every key tile at or below the diagonal.
 // One key tile's scores in the delta and dQ passes, this lane's 32: P = 2^(S·scale − lse)
 // of the key's branch (0 where the query does not see it), then dS = P (dP − D_branch) into S
 // (dQ pass), or P dP summed into d2 for image keys (delta pass: D_image). kFeed: the branches
@@ -520,6 +517,9 @@ __device__ __forceinline__ void dq_scores(float (&S)[8][4], const float (&dP)[8]
     }
 }
 
+// Passes 1 and 3, per 128 queries and head: kDelta computes D_image (the image branch's
+// Σ_j P_ij dP_ij, over key tiles holding image keys) and D_text = dO · out − D_image; the
+// other instance computes dQ over every key tile at or below the diagonal.
 template <int HD, bool kDelta>
 __global__ void __launch_bounds__(kMmaThreads, 1)
     flash_dq_mma(ops::AttnMode mode, MmaGeometry g, const bf16* q, const bf16* k, const bf16* v,
