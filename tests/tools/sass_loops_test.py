@@ -63,6 +63,15 @@ class SassLoops(unittest.TestCase):
         self.assertEqual(sass_loops.forks(code, 0x20, 0x90, threshold=2), [(0x30, 8, 5)])
         self.assertEqual(sass_loops.forks(code, 0x20, 0x90, threshold=4), [])
 
+    def test_branch_forms(self):
+        sys.path.insert(0, os.path.dirname(TOOL))
+        import sass_loops
+        self.assertEqual(sass_loops.branch("@!P2 BRA 0x70"), (0x70, True, False))
+        self.assertEqual(sass_loops.branch("BRA.U !UP0, 0x70"), (0x70, True, False))
+        self.assertEqual(sass_loops.branch("BRA 0x80"), (0x80, False, False))
+        self.assertEqual(sass_loops.branch("BRA.DIV UR4, 0x70"), (0x70, False, True))
+        self.assertIsNone(sass_loops.branch("HMMA.16816.F32.BF16 R4, R8, R12, R4"))
+
     def test_a_function_without_tensor_core_instructions(self):
         r = run("plain")
         self.assertEqual(r.returncode, 0, r.stderr)

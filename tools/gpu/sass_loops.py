@@ -53,7 +53,9 @@ def branch(ins):
     t = re.search(r"0x([0-9a-f]+)\s*$", m.group(3))
     if not t:
         return None
-    return int(t.group(1), 16), m.group(1) is not None, ".DIV" in m.group(2)
+    # Conditional: a guard predicate (@P0 BRA) or a predicate operand (BRA.U !UP0, target).
+    conditional = m.group(1) is not None or re.match(r"!?U?P\w+\s*,", m.group(3)) is not None
+    return int(t.group(1), 16), conditional, ".DIV" in m.group(2)
 
 
 def main_loop(code):
