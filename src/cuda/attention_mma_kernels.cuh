@@ -573,6 +573,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
   float d2[2] = {0.f, 0.f};  // kDelta: this lane's share of each row's D_image
+  const float scale_log2 = ptx::in_register(g.scale_log2);
 
   for (int t = 0; t < n_tiles; ++t) {
     const int buf = t & 1;
@@ -594,11 +595,11 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
     // P and dS (or D_image's terms) per score, with the tile's kind chosen block-uniformly as
     // in the forward: most tiles hold keys of one branch, and need no per-score choice.
     if (!tile_image)
-      dq_scores<kFeedText, kDelta>(S, dP, seen, image, lse2, D, d2, g.scale_log2);
+      dq_scores<kFeedText, kDelta>(S, dP, seen, image, lse2, D, d2, scale_log2);
     else if ((~image_keys & ~dead_keys) == 0)
-      dq_scores<kFeedImage, kDelta>(S, dP, seen, image, lse2, D, d2, g.scale_log2);
+      dq_scores<kFeedImage, kDelta>(S, dP, seen, image, lse2, D, d2, scale_log2);
     else
-      dq_scores<kFeedBoth, kDelta>(S, dP, seen, image, lse2, D, d2, g.scale_log2);
+      dq_scores<kFeedBoth, kDelta>(S, dP, seen, image, lse2, D, d2, scale_log2);
     if (!kDelta) mma_ax<HD>(acc, S, Kt, lane);  // dQ += dS K
   }
 
@@ -715,6 +716,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
     for (int e = 0; e < 4; ++e) dK[n][e] = dV[n][e] = 0.f;
 
   int qt = 0, qh = 0;  // swept tile `it` as (query tile, head of the group), stepped, not divided
+  const float scale_log2 = ptx::in_register(g.scale_log2);
   for (int it = 0; it < n_it; ++it) {
     const int buf = it & 1;
     const int64_t q0 = first_q + int64_t(qt) * kMmaTile;
@@ -763,7 +765,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
         for (int e = 0; e < 4; ++e) {
           const int s = e >> 1, bit = half * kHalf + n * 8 + (e & 1);
           const QueryStats sq = *reinterpret_cast<const QueryStats*>(stb[s] + (bit + 2 * tq) * 2);
-          const float p = (seen[s] >> bit) & 1 ? ptx::exp2_approx(fmaf(St[n][e], g.scale_log2, -sq.lse)) : 0.f;
+          const float p = (seen[s] >> bit) & 1 ? ptx::exp2_approx(fmaf(St[n][e], scale_log2, -sq.lse)) : 0.f;
           St[n][e] = p;
           dPt[n][e] = p * (dPt[n][e] - sq.d);  // dSᵀ
         }

@@ -75,6 +75,17 @@ __device__ __forceinline__ float exp2_approx(float x) {
   return y;
 }
 
+// x, held in a register from here on. Given a kernel parameter, ptxas otherwise reloads it
+// from the constant bank (LDC) before each predicated use: in the backward passes, one more
+// instruction per score where the softmax scale meets a selected lse. x + 0 is an
+// instruction ptxas may not fold (-0 + 0 is +0) nor rematerialize from the parameter; an
+// empty asm or a shuffle of the uniform value it sees through.
+__device__ __forceinline__ float in_register(float x) {
+  float y;
+  asm volatile("add.f32 %0, %1, 0f00000000;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // Two floats as bf16 (round to nearest even) in one register, lo in the low half.
 __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
   const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);

@@ -508,6 +508,8 @@ inline float exp2_approx(float x) {
   return std::fpclassify(y) == FP_SUBNORMAL ? 0.f : y;
 }
 
+inline float in_register(float x) { return x; }
+
 inline uint32_t pack_bf16x2(float lo, float hi) {
   return uint32_t(__float2bfloat16_rn(lo).bits) | uint32_t(__float2bfloat16_rn(hi).bits) << 16;
 }
