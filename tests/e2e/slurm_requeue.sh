@@ -9,7 +9,8 @@
 #   3. the requeued job resumes (--resume auto) and finishes the run.
 # The losses of the two runs together must equal an uninterrupted run's, step for step, bit
 # for bit (same layout). Slurm checks limits and warnings every 30 s, so the warning comes
-# 0-30 s into the job: the run is made long enough (~60 s) to be interrupted whenever it comes.
+# 0-30 s into the job: the run is made long enough (~60 s at this machine's measured rate) to be
+# interrupted whenever it comes.
 # Usage: slurm_requeue.sh BUILD_DIR
 set -euo pipefail
 BUILD=$1
@@ -32,16 +33,31 @@ fail() {
 
 cd "$SRC"
 
-# The run: tiny model, synthetic data, 2 ranks (dp 2, ZeRO 1 from the job's INI).
-STEPS=3000
-RUN=(--model inputs/models/tiny.json --steps "$STEPS" --seq-len 128 --micro-batch-size 2 --global-batch 4
-     --val-fraction 0 --val-every 0 --log-every 500 --lr 1e-3 --comm-timeout 120)
+MPIRUN=(mpirun -np 2 --bind-to none)
+[ "$(id -u)" -ne 0 ] || MPIRUN+=(--allow-run-as-root)
+
+# The run: tiny model, synthetic data, 2 ranks (dp 2, ZeRO 1 from the job's INI). Its length
+# is measured, not fixed: the warning may come as late as 30 s into the job, so the run must
+# outlast that on any machine. (A fixed 3000 steps is ~17 s alone at 88k tok/s; it passed
+# while the warning came early and failed in CI when it came late.) A short run of the same
+# layout gives this machine's rate, and the run is made ~60 s long at that rate, twice the
+# latest warning; the job, sharing the cores with the reference below, is slower still.
+RUN_BASE=(--model inputs/models/tiny.json --seq-len 128 --micro-batch-size 2 --global-batch 4
+          --val-fraction 0 --val-every 0 --lr 1e-3 --comm-timeout 120)
+TOKENS_PER_STEP=$((4 * 128))
+OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 "${MPIRUN[@]}" "$BUILD"/vchat-train --config inputs/train/dp_small.ini \
+  "${RUN_BASE[@]}" --steps 1000 --log-every 1000 --threads 1 < /dev/null > "$W/rate.log" 2>&1 ||
+  { cat "$W/rate.log"; fail "the rate-measuring run failed"; }
+tok_s=$(sed -n 's/^step  *1000\/1000 .*| \([0-9][0-9]*\) tok\/s .*/\1/p' "$W/rate.log")
+[ -n "$tok_s" ] || { cat "$W/rate.log"; fail "no tok/s in the rate-measuring run's step line"; }
+STEPS=$(( (tok_s * 60 / TOKENS_PER_STEP + 999) / 1000 * 1000 ))
+[ "$STEPS" -ge 3000 ] || STEPS=3000
+echo "this machine: $tok_s tok/s at 2 ranks; the run is $STEPS steps"
+RUN=("${RUN_BASE[@]}" --steps "$STEPS" --log-every $((STEPS / 6)))
 
 # The reference: the same run uninterrupted, under mpirun. It runs in the background while
 # Slurm starts and the job runs (most of this test is waiting on Slurm's timers); sharing
 # the cores only makes the job slower, so its warning comes even earlier in the run.
-MPIRUN=(mpirun -np 2 --bind-to none)
-[ "$(id -u)" -ne 0 ] || MPIRUN+=(--allow-run-as-root)
 OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 "${MPIRUN[@]}" "$BUILD"/vchat-train --config inputs/train/dp_small.ini \
   "${RUN[@]}" --threads 1 --metrics "$W/ref.jsonl" < /dev/null > "$W/ref.log" 2>&1 &
 ref_pid=$!
@@ -51,7 +67,7 @@ export SLURM_CONF=$W/slurm/slurm.conf
 
 # The job, as a user submits it (sbatch options override the script's #SBATCH lines).
 # OMPI_MCA_* : Open MPI under srun as root needs nothing else on one node.
-job=$(VCHAT_SAVE_DIR="$W/ck" VCHAT_SAVE_EVERY=1000 sbatch --parsable --nodes=1 --ntasks=2 --ntasks-per-node=2 \
+job=$(VCHAT_SAVE_DIR="$W/ck" VCHAT_SAVE_EVERY=$((STEPS / 3)) sbatch --parsable --nodes=1 --ntasks=2 --ntasks-per-node=2 \
       --cpus-per-task=1 --time=1 --signal=USR1@30 --output="$W/job.out" --job-name=vchat-requeue-test \
       jobs/slurm/train_dp.sbatch "${RUN[@]}") || fail "sbatch refused the job"
 echo "submitted job $job"
