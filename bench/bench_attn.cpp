@@ -2,6 +2,8 @@
 // shape, bf16, with a given fraction of image tokens in runs of one image each. The PyTorch
 // side of the comparison (flash SDPA, causal, same shape) is bench/gpu_torch_attn.py.
 //   vchat-bench-attn --seq-len 2048 --heads 16 --kv-heads 16 --head-dim 128 --batch 4 --image-frac 0.3
+// --backward atomic-dq: the register backward with dQ added up in the dK/dV pass
+// (FlashAttention-2's two passes; cuda/cuda_backend.h) instead of the deterministic three.
 #include <algorithm>
 #include <boost/program_options.hpp>
 #include <chrono>
@@ -22,12 +24,12 @@ namespace po = boost::program_options;
 static int run(int argc, char** argv) {
   int64_t L = 2048, H = 16, KV = 16, hd = 128, B = 4, image_tokens = 257, iters = 10;
   double frac = 0.3;
-  std::string mode = "mmca", kernel = "auto";
+  std::string mode = "mmca", kernel = "auto", backward = "deterministic";
   po::options_description o("vchat-bench-attn");
   o.add_options()("seq-len", po::value(&L))("heads", po::value(&H))("kv-heads", po::value(&KV))(
       "head-dim", po::value(&hd))("batch", po::value(&B))("image-frac", po::value(&frac))(
       "image-tokens", po::value(&image_tokens))("iters", po::value(&iters))("mode", po::value(&mode))(
-      "kernel", po::value(&kernel));
+      "kernel", po::value(&kernel))("backward", po::value(&backward));
   po::variables_map vm;
   try {
     po::store(po::parse_command_line(argc, argv, o), vm);
@@ -40,15 +42,21 @@ static int run(int argc, char** argv) {
     std::cerr << "vchat-bench-attn: --kernel " << kernel << ": expected auto, cuda-cores, tensor-cores or wmma\n";
     return 2;
   }
+  if (backward != "deterministic" && backward != "atomic-dq") {
+    std::cerr << "vchat-bench-attn: --backward " << backward << ": expected deterministic or atomic-dq\n";
+    return 2;
+  }
   select_gpu(0);
   const ExecContext ex = ExecContext::of(Device::cuda);  // every op below runs on the device's stream
 #ifdef VCHAT_WITH_CUDA
-  // tensor-cores: the forward with its tiles in registers; wmma: the WMMA forward (both with
-  // the WMMA backward; cuda/cuda_backend.h).
+  // tensor-cores (or auto): the forward and backward with their tiles in registers; wmma: the
+  // WMMA ones (cuda/cuda_backend.h). --backward applies to the register backward only.
   cuda::set_attention_kernel(kernel == "cuda-cores"     ? cuda::AttentionKernel::cuda_cores
                              : kernel == "tensor-cores" ? cuda::AttentionKernel::tensor_cores
                              : kernel == "wmma"         ? cuda::AttentionKernel::wmma
                                                         : cuda::AttentionKernel::automatic);
+  cuda::set_attention_backward(backward == "atomic-dq" ? cuda::AttentionBackward::atomic_dq
+                                                       : cuda::AttentionBackward::deterministic);
 #endif
   const ops::AttnMode m = mode == "causal" ? ops::AttnMode::causal : ops::AttnMode::mmca;
   // Layout: text, then images of `image_tokens` each separated by text, until frac of L is image.
@@ -92,8 +100,9 @@ static int run(int argc, char** argv) {
   }
   std::sort(fwd.begin(), fwd.end());
   std::sort(total.begin(), total.end());
-  std::printf("# kernel=%s mode=%s B=%lld L=%lld H=%lld KV=%lld hd=%lld image_frac=%.2f\n", kernel.c_str(), mode.c_str(), (long long)B,
-              (long long)L, (long long)H, (long long)KV, (long long)hd, frac);
+  std::printf("# kernel=%s backward=%s mode=%s B=%lld L=%lld H=%lld KV=%lld hd=%lld image_frac=%.2f\n", kernel.c_str(),
+              backward.c_str(), mode.c_str(), (long long)B, (long long)L, (long long)H, (long long)KV, (long long)hd,
+              frac);
   std::printf("vchat_attn_ms fwd=%.3f fwd_bwd=%.3f\n", fwd[fwd.size() / 2], total[total.size() / 2]);
   return 0;
 }

@@ -33,13 +33,15 @@ using TcCase = test::AttnLayout;
 
 // Which tensor-core kernels run: WMMA's (attention_tc_kernels.cuh), or those with their
 // tiles in registers (attention_mma_kernels.cuh), each launched as attention_tc.cu does.
-enum class Kernels { wmma, registers };
+// registers_atomic_dq: the same with dQ added up in the dK/dV pass (set_attention_backward).
+enum class Kernels { wmma, registers, registers_atomic_dq };
 
-// The register kernels for head dim HD: forward, then delta, dK/dV and dQ.
+// The register kernels for head dim HD: forward, then delta, dK/dV and dQ (or delta, then
+// dK/dV with dQ's atomic shares, then dQ's finish).
 template <int HD>
 void launch_register_kernels(const TcCase& c, const cuda::bf16* q, const cuda::bf16* k, const cuda::bf16* v,
                              const uint8_t* m, cuda::bf16* out, const cuda::bf16* dout, float* lse, float* delta,
-                             cuda::bf16* dq, cuda::bf16* dk, cuda::bf16* dv) {
+                             cuda::bf16* dq, cuda::bf16* dk, cuda::bf16* dv, bool atomic_dq) {
   using namespace cuda;
   const float scale = 1.f / std::sqrt(static_cast<float>(HD));
   const MmaGeometry g{c.B, c.L, c.H, c.KV, scale, 1.4426950408889634f * scale};
@@ -51,14 +53,27 @@ void launch_register_kernels(const TcCase& c, const cuda::bf16* q, const cuda::b
     emu::launch({tiles, H, B}, kMmaThreads, smem, [&] { flash_fwd_mma<HD, false>(c.mode, g, q, k, v, m, out, lse); });
   emu::launch({tiles, H, B}, kMmaThreads, smem_bwd,
               [&] { flash_dq_mma<HD, true>(c.mode, g, q, k, v, m, out, dout, lse, delta, nullptr); });
+  if (atomic_dq) {
+    // The fp32 buffer the shares add into, zeroed as attention_tc.cu zeroes it.
+    std::vector<float> acc(static_cast<size_t>(c.B * c.L * c.H * HD), 0.f);
+    emu::launch({tiles, KV, B}, kMmaThreads, MmaBwdLayout<HD>::total_atomic_dq,
+                [&] { flash_dkv_mma<HD, true>(c.mode, g, q, k, v, m, dout, lse, delta, dk, dv, acc.data()); });
+    const int64_t n = static_cast<int64_t>(acc.size());
+    // Fewer blocks than elements / 512: the grid-stride loop takes several steps.
+    const unsigned blocks = static_cast<unsigned>(std::max<int64_t>(1, n / 2048));
+    emu::launch({blocks}, 256, 0, [&] { flash_dq_finish(acc.data(), dq, n, scale); });
+    return;
+  }
   emu::launch({tiles, KV, B}, kMmaThreads, smem_bwd,
-              [&] { flash_dkv_mma<HD>(c.mode, g, q, k, v, m, dout, lse, delta, dk, dv); });
+              [&] { flash_dkv_mma<HD, false>(c.mode, g, q, k, v, m, dout, lse, delta, dk, dv, nullptr); });
   emu::launch({tiles, H, B}, kMmaThreads, smem_bwd,
               [&] { flash_dq_mma<HD, false>(c.mode, g, q, k, v, m, out, dout, lse, delta, dq); });
 }
 
 void check(const TcCase& c, std::mt19937& rng, Kernels kernels) {
-  SCOPED_TRACE(std::string(c.what) + (kernels == Kernels::wmma ? ", WMMA kernels" : ", register kernels"));
+  SCOPED_TRACE(std::string(c.what) + (kernels == Kernels::wmma        ? ", WMMA kernels"
+                                      : kernels == Kernels::registers ? ", register kernels"
+                                                                      : ", register kernels, dQ by atomic adds"));
   const Tensor q = emu::rand_values({c.B, c.L, c.H, c.hd}, DType::bf16, rng, -2.f, 2.f);
   const Tensor k = emu::rand_values({c.B, c.L, c.KV, c.hd}, DType::bf16, rng, -2.f, 2.f);
   const Tensor v = emu::rand_values({c.B, c.L, c.KV, c.hd}, DType::bf16, rng, -1.f, 1.f);
@@ -88,11 +103,11 @@ void check(const TcCase& c, std::mt19937& rng, Kernels kernels) {
   const unsigned tiles = static_cast<unsigned>((c.L + kTc - 1) / kTc), H = c.H, KV = c.KV, B = c.B;
   const int hd = static_cast<int>(c.hd);
   emu::errors().clear();
-  if (kernels == Kernels::registers) {
+  if (kernels != Kernels::wmma) {
     const auto run = [&](auto head_dim) {
       launch_register_kernels<decltype(head_dim)::value>(c, bp(Q), bp(K), bp(V), mp, bp(OUT), bp(DOUT),
-                                                         lse.data<float>(), delta.data<float>(), bp(DQ), bp(DK),
-                                                         bp(DV));
+                                                         lse.data<float>(), delta.data<float>(), bp(DQ), bp(DK), bp(DV),
+                                                         kernels == Kernels::registers_atomic_dq);
     };
     with_head_dim(hd, run);  // throws for a head dim without an instance
   } else {
@@ -156,6 +171,25 @@ TEST(AttentionTcEmulated, RegisterKernelsMatchTheCpuOpOnEdgeLayouts) {
       {AttnMode::mmca, 1, 140, 2, 2, 112, {9, 20}, false, 2, "mmca, hd 112, image first"},
   };
   for (const TcCase& c : cases) check(c, rng, Kernels::registers);
+}
+
+// The register backward with dQ added up in the dK/dV pass (FlashAttention-2's two passes),
+// on the same edges: each dK/dV block's share of dQ, over its 128 keys and the GQA group's
+// heads, lands on the right rows and columns, and no query that attends nothing gets one.
+TEST(AttentionTcEmulated, RegisterKernelsWithAtomicDqMatchTheCpuOpOnEdgeLayouts) {
+  std::mt19937 rng(20261208);
+  const std::vector<TcCase> cases = {
+      {AttnMode::mmca, 2, 77, 4, 2, 16, {1, 5, 1}, true, 6, "mmca, text first, runs of 1, GQA 4/2, pad, L 77"},
+      {AttnMode::mmca, 1, 130, 2, 2, 64, {7, 30, 3, 1}, false, 0, "mmca, image first, many images, L 130"},
+      {AttnMode::mmca, 1, 200, 2, 1, 128, {150}, true, 3, "mmca, 150 image tokens over whole tiles, hd 128"},
+      {AttnMode::mmca, 1, 192, 2, 1, 64, {5, 40}, true, 0, "mmca, text over whole tiles, GQA 2/1", 150},
+      {AttnMode::causal, 1, 128, 3, 1, 48, {10}, true, 5, "causal, 2 tiles, GQA 3/1, hd 48, pad"},
+      {AttnMode::full, 1, 129, 2, 2, 64, {1}, false, 0, "full (ViT), L 129"},
+      {AttnMode::mmca, 1, 150, 2, 1, 80, {30}, true, 4, "mmca, hd 80, GQA 2/1, pad"},
+      {AttnMode::causal, 1, 100, 2, 2, 96, {1}, true, 0, "causal, hd 96"},
+      {AttnMode::mmca, 1, 140, 2, 2, 112, {9, 20}, false, 2, "mmca, hd 112, image first"},
+  };
+  for (const TcCase& c : cases) check(c, rng, Kernels::registers_atomic_dq);
 }
 
 }  // namespace

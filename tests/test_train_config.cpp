@@ -118,4 +118,7 @@ TEST(TrainConfigErrors, DevicePrecisionAndRecomputeOptions) {
   expect_error(run_train("--precision bf16 --steps 1"), "--precision=bf16 needs --device cuda");
   expect_error(run_train("--device tpu --steps 1"), "--device=tpu is not one of");
   expect_error(run_train("--recompute all --steps 1"), "--recompute=all is not one of");
+  expect_error(run_train("--attention-backward fast --steps 1"), "--attention-backward=fast is not one of");
+  expect_error(run_train("--device cpu --attention-backward atomic-dq --steps 1"),
+               "--attention-backward=atomic-dq needs --device cuda");
 }

@@ -32,10 +32,12 @@ Geometry check_attention(const char* op, AttnMode mode, const Tensor& q, const T
 }
 
 std::atomic<AttentionKernel> g_kernel{AttentionKernel::automatic};
+std::atomic<AttentionBackward> g_backward{AttentionBackward::deterministic};
 
 }  // namespace
 
 void set_attention_kernel(AttentionKernel k) { g_kernel.store(k); }
+void set_attention_backward(AttentionBackward b) { g_backward.store(b); }
 
 void attention_fwd(const Context& c, ops::AttnMode mode, const Tensor& q, const Tensor& k, const Tensor& v,
                    const Tensor& modality, const Tensor& out, const Tensor& lse) {
@@ -83,8 +85,9 @@ void attention_bwd(const Context& c, ops::AttnMode mode, const Tensor& dout, con
   if (q.numel() == 0) return;
   const AttentionKernel want = g_kernel.load();
   const bool registers = want != AttentionKernel::wmma && attention_tc_registers_ok({&q, &k, &v, &dout});
-  if (want != AttentionKernel::cuda_cores && attention_bwd_tc_eligible(dt, g.hd, registers))
-    return attention_bwd_tc(c, mode, dout, q, k, v, modality, out, lse, dq, dk, dv, registers);
+  const bool atomic_dq = registers && g_backward.load() == AttentionBackward::atomic_dq;
+  if (want != AttentionKernel::cuda_cores && attention_bwd_tc_eligible(dt, g.hd, registers, atomic_dq))
+    return attention_bwd_tc(c, mode, dout, q, k, v, modality, out, lse, dq, dk, dv, registers, atomic_dq);
   VCHAT_CHECK(want != AttentionKernel::tensor_cores,
               op << ": the tensor-core kernels need bf16, a head dim that is a multiple of 16 up to 128, and the "
                     "shared memory of an A100 or H100 at head dim 128 (the WMMA kernels: an H100/H200) (got "

@@ -476,8 +476,11 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
 // dPᵀ = V dOᵀ: keys are the warp's rows there), then per element P = 2^(S·scale·log2e −
 // lse_branch·log2e) and dS = P (dP − D_branch), rounded to bf16 as the A operand of
 // dV += Pᵀ dO, dK += dSᵀ Q and dQ += dS K (the products' B operands by ldmatrix.trans).
-// Deterministic: the dK/dV block loops over the GQA group's heads and the query tiles in a
-// fixed order; no atomics.
+// Deterministic by default: the dK/dV block loops over the GQA group's heads and the query
+// tiles in a fixed order, and dQ is a pass of its own; no atomics. The other backward
+// (FlashAttention-2's) computes dQ in the dK/dV pass too and adds each block's share into an
+// fp32 buffer by atomic reductions: two passes over the L x L tiles instead of three, five
+// tile products per tile pair instead of seven, and dQ's last bits vary from run to run.
 
 // Dynamic shared memory of the backward kernels: the block's own two tiles (dQ pass: Q, dO;
 // dK/dV pass: K, V), the two swept tiles twice each (dQ: K, V; dK/dV: Q, dO), per swept
@@ -491,6 +494,11 @@ struct MmaBwdLayout {
   static constexpr size_t own0 = 0, own1 = kRowsBytes, loop0 = 2 * kRowsBytes, loop1 = loop0 + 2 * kTileBytes;
   static constexpr size_t stats = loop1 + 2 * kTileBytes, bits = stats + 2 * kMmaTile * 4 * sizeof(float);
   static constexpr size_t total = bits + 2 * 4 * sizeof(uint32_t);
+  // The atomic-dQ dK/dV pass adds dSᵀ of each half tile (128 keys x 32 queries, bf16) for
+  // the block's dQ product, one buffer per half: a row stride of 40 elements (80 bytes) puts
+  // an ldmatrix's 8 rows, and a warp's 4-byte stores, on distinct banks.
+  static constexpr int kLdDs = kMmaTile / 2 + 8;
+  static constexpr size_t ds = total, total_atomic_dq = ds + 2 * size_t(kMmaRows) * kLdDs * 2;
 };
 
 // One key tile's scores in the delta and dQ passes, this lane's 32: P = 2^(S·scale − lse)
@@ -656,13 +664,58 @@ struct alignas(8) QueryStats {
   float lse, d;
 };
 
+// The atomic dQ's share of one half tile in the dK/dV pass: dQ[32 queries] += dS K over the
+// block's 128 keys, from dSᵀ in shared memory (ldmatrix.trans gives dS's A fragments) and K
+// (its B fragments, as V's in P V), added into dq_acc ([B, L, H, HD] fp32, unscaled) by
+// red.global.add.v2. Warp w takes the 16 queries (w & 1) and the 16-column groups w / 2,
+// w / 2 + 4, ...; a query that attends no key (pad, an MMCA image query, past L) adds nothing.
+template <int HD>
+__device__ __forceinline__ void dq_share(float* dq_acc, const bf16* dSt, const bf16* Ks, const MmaGeometry& g,
+                                         int64_t b, int64_t h, int64_t i0, uint32_t live, int warp, int lane) {
+  constexpr int kLd = MmaLayout<HD>::kLd, kLdDs = MmaBwdLayout<HD>::kLdDs;
+  constexpr int kPairs = HD / 16, kPer = (kPairs + 3) / 4;  // 16-column groups: all, and per warp
+  const int r = warp & 1, pg = warp >> 1, quad = lane / 4, tq = lane % 4;
+  float acc[kPer][2][4] = {};
+#pragma unroll
+  for (int kk = 0; kk < kMmaRows / 16; ++kk) {
+    uint32_t a[4];  // dS[16 queries][16 keys]: matrices (q 0-7, k 0-7), (q 8-15, k 0-7), (q 0-7, k 8-15), ...
+    ptx::ldmatrix_x4_trans(
+        a, dSt + (kk * 16 + ((lane >> 4) & 1) * 8 + (lane & 7)) * kLdDs + r * 16 + ((lane >> 3) & 1) * 8);
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      const int p = pg + 4 * i;
+      if (kPairs % 4 != 0 && p >= kPairs) continue;  // warp-uniform
+      uint32_t bb[4];
+      ptx::ldmatrix_x4_trans(bb, Ks + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * kLd + p * 16 + (lane >> 4) * 8);
+      ptx::mma_bf16_16816(acc[i][0], a, bb[0], bb[1]);
+      ptx::mma_bf16_16816(acc[i][1], a, bb[2], bb[3]);
+    }
+  }
+#pragma unroll
+  for (int s = 0; s < 2; ++s) {
+    const int row = r * 16 + quad + 8 * s;  // of the half tile's 32 queries
+    if (!((live >> row) & 1)) continue;
+    float* dst = dq_acc + ((b * g.L + i0 + row) * g.H + h) * HD + 2 * tq;
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      const int p = pg + 4 * i;
+      if (kPairs % 4 != 0 && p >= kPairs) continue;
+#pragma unroll
+      for (int j = 0; j < 2; ++j) ptx::red_add_f32x2(dst + (2 * p + j) * 8, acc[i][j][2 * s], acc[i][j][2 * s + 1]);
+    }
+  }
+}
+
 // Pass 2, per 128 keys and KV head: dK and dV of the keys (16 per warp), over every query
 // head of the GQA group and the query tiles at or after the diagonal, as one sequence of
 // swept tiles (Q and dO, with their queries' lse and deltas, and which of them attend).
-template <int HD>
+// kAtomicDq: also each tile's dQ share (dq_share; dq_acc zeroed before), which makes the
+// dQ pass unnecessary.
+template <int HD, bool kAtomicDq>
 __global__ void __launch_bounds__(kMmaThreads, 1)
     flash_dkv_mma(ops::AttnMode mode, MmaGeometry g, const bf16* q, const bf16* k, const bf16* v,
-                  const uint8_t* modality, const bf16* dout, const float* lse, const float* delta, bf16* dk, bf16* dv) {
+                  const uint8_t* modality, const bf16* dout, const float* lse, const float* delta, bf16* dk, bf16* dv,
+                  float* dq_acc) {
   using Lay = MmaBwdLayout<HD>;
   constexpr int kLd = Lay::kLd, kNt = HD / 8;
   VCHAT_DYNAMIC_SMEM(smem);
@@ -672,6 +725,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
   bf16* dOs = reinterpret_cast<bf16*>(smem + Lay::loop1);
   float* st_s = reinterpret_cast<float*>(smem + Lay::stats);         // [2][branch][64][2]: lse, D
   uint32_t* bits_s = reinterpret_cast<uint32_t*>(smem + Lay::bits);  // [2][4]: the queries that attend
+  bf16* dSt_s = reinterpret_cast<bf16*>(smem + Lay::ds);             // kAtomicDq: [half][128 keys][kLdDs]
 
   // Key tile 0 first: under the causal rule an earlier key tile meets more query tiles.
   const int64_t k0 = int64_t(blockIdx.x) * kMmaRows, b = blockIdx.z, kh = blockIdx.y;
@@ -719,7 +773,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
   const float scale_log2 = ptx::in_register(g.scale_log2);
   for (int it = 0; it < n_it; ++it) {
     const int buf = it & 1;
-    const int64_t q0 = first_q + int64_t(qt) * kMmaTile;
+    const int64_t q0 = first_q + int64_t(qt) * kMmaTile, h_now = kh * group + qh;
     if (++qt == nq) qt = 0, ++qh;  // now the next tile's
     uint32_t* bits = bits_s + buf * 4;
     if (threadIdx.x < kMmaTile)
@@ -769,8 +823,23 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
           St[n][e] = p;
           dPt[n][e] = p * (dPt[n][e] - sq.d);  // dSᵀ
         }
+      bf16* dSt = dSt_s + half * kMmaRows * Lay::kLdDs;
+      if (kAtomicDq)  // this warp's 16 key rows of dSᵀ, bf16 as in dK's product
+#pragma unroll
+        for (int n = 0; n < kHalf / 8; ++n)
+#pragma unroll
+          for (int s = 0; s < 2; ++s)
+            *reinterpret_cast<uint32_t*>(dSt + (warp * 16 + quad + 8 * s) * Lay::kLdDs + n * 8 + 2 * tq) =
+                ptx::pack_bf16x2(dPt[n][2 * s], dPt[n][2 * s + 1]);
       mma_ax<HD, kHalf>(dV, St, dOt + half * kHalf * kLd, lane);  // dV += Pᵀ dO
       mma_ax<HD, kHalf>(dK, dPt, Qt + half * kHalf * kLd, lane);  // dK += dSᵀ Q (scaled at the end)
+      if (kAtomicDq) {
+        // Every warp's rows of dSᵀ in. The next write of this buffer comes after the next
+        // tile's barrier, which every warp reaches only once done reading it here.
+        __syncthreads();
+        dq_share<HD>(dq_acc, dSt, Ks, g, b, h_now, q0 + half * kHalf, uint32_t(live_queries >> (half * kHalf)), warp,
+                     lane);
+      }
     }
   }
 
@@ -793,6 +862,14 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
         dv[o + d] = __float2bfloat16(gv);
       }
   }
+}
+
+// The atomic dQ's last step: dq = bf16(dq_acc · scale), two elements a thread per step (n
+// is even: HD is a multiple of 16). Memory-bound and small beside the passes before it.
+__global__ void flash_dq_finish(const float* dq_acc, bf16* dq, int64_t n, float scale) {
+  for (int64_t i = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * 2; i < n;
+       i += int64_t(gridDim.x) * blockDim.x * 2)
+    *reinterpret_cast<uint32_t*>(dq + i) = ptx::pack_bf16x2(dq_acc[i] * scale, dq_acc[i + 1] * scale);
 }
 
 }  // namespace

@@ -1,9 +1,11 @@
 // Flash attention on tensor cores: the entry points, which check eligibility and launch the
 // kernels of attention_mma_kernels.cuh (tiles in registers) or of attention_tc_kernels.cuh
-// (WMMA): a forward, and the backward as three passes (delta, dK/dV, dQ).
+// (WMMA): a forward, and the backward as three passes (delta, dK/dV, dQ), or for the register
+// kernels optionally two (delta, then dK/dV with dQ by atomic adds; cuda_backend.h).
 #include "cuda/attention_mma_kernels.cuh"
 #include "cuda/attention_tc_kernels.cuh"
 
+#include <algorithm>
 #include <cmath>
 
 #include "cuda/kernels.cuh"
@@ -37,22 +39,34 @@ void launch_fwd_mma(const Context& c, AttnMode mode, const MmaGeometry& g, const
          ptr<bf16>(out), ptr<float>(lse));
 }
 
-// The register-tile backward for head dim HD: delta, dK/dV, dQ.
+// The register-tile backward for head dim HD: delta, dK/dV, dQ; or, atomic_dq, delta, then
+// dK/dV adding dQ's shares into an fp32 buffer, then that buffer scaled and rounded into dq.
 template <int HD>
 void launch_bwd_mma(const Context& c, AttnMode mode, const MmaGeometry& g, const Tensor& q, const Tensor& k,
                     const Tensor& v, const uint8_t* m, const Tensor& out, const Tensor& dout, const Tensor& lse,
-                    const Tensor& delta, const Tensor& dq, const Tensor& dk, const Tensor& dv) {
+                    const Tensor& delta, const Tensor& dq, const Tensor& dk, const Tensor& dv, bool atomic_dq) {
   const char* op = "cuda::attention_bwd (tensor cores, registers)";
-  const size_t smem = MmaBwdLayout<HD>::total;
+  const size_t smem = MmaBwdLayout<HD>::total, smem_atomic = MmaBwdLayout<HD>::total_atomic_dq;
   allow_dynamic_smem<flash_dq_mma<HD, true>>(smem, op);
   allow_dynamic_smem<flash_dq_mma<HD, false>>(smem, op);
-  allow_dynamic_smem<flash_dkv_mma<HD>>(smem, op);
+  allow_dynamic_smem<flash_dkv_mma<HD, false>>(smem, op);
+  allow_dynamic_smem<flash_dkv_mma<HD, true>>(smem_atomic, op);
   const unsigned tiles = static_cast<unsigned>((g.L + kMmaRows - 1) / kMmaRows);  // blocks of 128 queries or keys
   const unsigned H = static_cast<unsigned>(g.H), KV = static_cast<unsigned>(g.KV), B = static_cast<unsigned>(g.B);
   launch(c, flash_dq_mma<HD, true>, dim3(tiles, H, B), kMmaThreads, smem, mode, g, ptr<bf16>(q), ptr<bf16>(k),
          ptr<bf16>(v), m, ptr<bf16>(out), ptr<bf16>(dout), ptr<float>(lse), ptr<float>(delta), nullptr);
-  launch(c, flash_dkv_mma<HD>, dim3(tiles, KV, B), kMmaThreads, smem, mode, g, ptr<bf16>(q), ptr<bf16>(k), ptr<bf16>(v),
-         m, ptr<bf16>(dout), ptr<float>(lse), ptr<float>(delta), ptr<bf16>(dk), ptr<bf16>(dv));
+  if (atomic_dq) {
+    const Tensor acc = Tensor::zeros(q.shape(), DType::f32, Device::cuda);  // dQ unscaled, [B, L, H, HD]
+    launch(c, flash_dkv_mma<HD, true>, dim3(tiles, KV, B), kMmaThreads, smem_atomic, mode, g, ptr<bf16>(q),
+           ptr<bf16>(k), ptr<bf16>(v), m, ptr<bf16>(dout), ptr<float>(lse), ptr<float>(delta), ptr<bf16>(dk),
+           ptr<bf16>(dv), ptr<float>(acc));
+    const int64_t n = acc.numel();
+    const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((n / 2 + 255) / 256, 65536));
+    launch(c, flash_dq_finish, dim3(blocks), 256, 0, ptr<float>(acc), ptr<bf16>(dq), n, g.scale);
+    return;
+  }
+  launch(c, flash_dkv_mma<HD, false>, dim3(tiles, KV, B), kMmaThreads, smem, mode, g, ptr<bf16>(q), ptr<bf16>(k),
+         ptr<bf16>(v), m, ptr<bf16>(dout), ptr<float>(lse), ptr<float>(delta), ptr<bf16>(dk), ptr<bf16>(dv), nullptr);
   launch(c, flash_dq_mma<HD, false>, dim3(tiles, H, B), kMmaThreads, smem, mode, g, ptr<bf16>(q), ptr<bf16>(k),
          ptr<bf16>(v), m, ptr<bf16>(out), ptr<bf16>(dout), ptr<float>(lse), ptr<float>(delta), ptr<bf16>(dq));
 }
@@ -91,20 +105,24 @@ void attention_fwd_tc(const Context& c, ops::AttnMode mode, const Tensor& q, con
          mode == AttnMode::full ? nullptr : ptr<uint8_t>(modality), ptr<bf16>(out), ptr<float>(lse));
 }
 
-bool attention_bwd_tc_eligible(DType dtype, int64_t head_dim, bool registers) {
-  // At head dim 128: registers ~138 KiB, which fits an H100/H200 (227 KiB) and an A100 (163
-  // KiB); WMMA's dK/dV pass (four bf16 tiles, two fp32 score tiles and two fp32
-  // accumulators) ~187 KiB, which fits an H100/H200 but not an A100.
+bool attention_bwd_tc_eligible(DType dtype, int64_t head_dim, bool registers, bool atomic_dq) {
+  // At head dim 128: registers ~138 KiB (~158 KiB with the atomic dQ's dSᵀ buffers), which
+  // fits an H100/H200 (227 KiB) and an A100 (163 KiB); WMMA's dK/dV pass (four bf16 tiles,
+  // two fp32 score tiles and two fp32 accumulators) ~187 KiB, which fits an H100/H200 but
+  // not an A100.
   if (!tc_shape_ok(dtype, head_dim)) return false;
-  const size_t smem = registers
-                          ? with_head_dim(head_dim, [](auto hd) { return MmaBwdLayout<decltype(hd)::value>::total; })
-                          : TcBwdLayout(static_cast<int>(head_dim), kDkvPass).total;
+  const size_t smem = registers ? with_head_dim(head_dim,
+                                                [&](auto hd) {
+                                                  using Lay = MmaBwdLayout<decltype(hd)::value>;
+                                                  return atomic_dq ? Lay::total_atomic_dq : Lay::total;
+                                                })
+                                : TcBwdLayout(static_cast<int>(head_dim), kDkvPass).total;
   return fits_shared(smem);
 }
 
 void attention_bwd_tc(const Context& c, ops::AttnMode mode, const Tensor& dout, const Tensor& q, const Tensor& k,
                       const Tensor& v, const Tensor& modality, const Tensor& out, const Tensor& lse, const Tensor& dq,
-                      const Tensor& dk, const Tensor& dv, bool registers) {
+                      const Tensor& dk, const Tensor& dv, bool registers, bool atomic_dq) {
   const TcGeometry g{q.size(0), q.size(1), q.size(2), k.size(2), q.size(3), 1.f / sqrtf(static_cast<float>(q.size(3)))};
   const Tensor delta = Tensor::empty({g.B, g.H, g.L, 2}, DType::f32, Device::cuda);
   if (registers) {
@@ -113,7 +131,7 @@ void attention_bwd_tc(const Context& c, ops::AttnMode mode, const Tensor& dout, 
     const MmaGeometry mg{g.B, g.L, g.H, g.KV, g.scale, 1.4426950408889634f * g.scale};
     const uint8_t* m = mode == AttnMode::full ? nullptr : ptr<uint8_t>(modality);
     return with_head_dim(g.hd, [&](auto hd) {
-      launch_bwd_mma<decltype(hd)::value>(c, mode, mg, q, k, v, m, out, dout, lse, delta, dq, dk, dv);
+      launch_bwd_mma<decltype(hd)::value>(c, mode, mg, q, k, v, m, out, dout, lse, delta, dq, dk, dv, atomic_dq);
     });
   }
   const size_t smem_dq = TcBwdLayout(static_cast<int>(g.hd), kDqPass).total;

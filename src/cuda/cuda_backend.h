@@ -161,25 +161,33 @@ void attention_fwd(const Context& c, ops::AttnMode mode, const Tensor& q, const 
 // first tensor-core ones, kept to compare). Process-wide; tests and benchmarks compare them.
 enum class AttentionKernel { automatic, cuda_cores, tensor_cores, wmma };
 void set_attention_kernel(AttentionKernel k);
+// How the register kernels' backward computes dQ. deterministic (the default): a pass of its
+// own after dK/dV, so two runs give the same bits, as every other op here. atomic_dq:
+// FlashAttention-2's way, each dK/dV block adding its share of dQ into an fp32 buffer by
+// atomic reductions; one pass fewer over the L x L tiles (five tile products per tile pair
+// instead of seven), and dQ's last bits vary from run to run. Process-wide; the other
+// kernel sets are deterministic either way.
+enum class AttentionBackward { deterministic, atomic_dq };
+void set_attention_backward(AttentionBackward b);
 // Whether the register kernels can take these operands (each starts 16-byte aligned: they
 // move 16 bytes at a time by cp.async).
 bool attention_tc_registers_ok(std::initializer_list<const Tensor*> operands);
 // Both on the current device: the kernels' shapes, and whether the device grants the shared
 // memory of the register kernels (registers) or of the WMMA ones.
 bool attention_fwd_tc_eligible(DType dtype, int64_t head_dim, bool registers = true);
-bool attention_bwd_tc_eligible(DType dtype, int64_t head_dim, bool registers = true);
+bool attention_bwd_tc_eligible(DType dtype, int64_t head_dim, bool registers = true, bool atomic_dq = false);
 // registers: the register kernels (their operands attention_tc_registers_ok), else WMMA.
 void attention_fwd_tc(const Context& c, ops::AttnMode mode, const Tensor& q, const Tensor& k, const Tensor& v,
                       const Tensor& modality, const Tensor& out, const Tensor& lse, bool registers);
 void attention_bwd_tc(const Context& c, ops::AttnMode mode, const Tensor& dout, const Tensor& q, const Tensor& k,
                       const Tensor& v, const Tensor& modality, const Tensor& out, const Tensor& lse, const Tensor& dq,
-                      const Tensor& dk, const Tensor& dv, bool registers);
+                      const Tensor& dk, const Tensor& dv, bool registers, bool atomic_dq = false);
 // Generation with the KV cache (ops::attention_decode): q [n, H, hd] at positions
 // position .. position+n-1, k/v [position+n, KV, hd] (T), modality u8 [position+n]
 // (undefined for full), out [n, H, hd] T. Forward only; deterministic.
 void attention_decode(const Context& c, ops::AttnMode mode, const Tensor& q, const Tensor& k, const Tensor& v,
                       const Tensor& modality, int64_t position, const Tensor& out);
-// dq, dk, dv (T) overwritten; deterministic.
+// dq, dk, dv (T) overwritten; deterministic unless set_attention_backward(atomic_dq).
 void attention_bwd(const Context& c, ops::AttnMode mode, const Tensor& dout, const Tensor& q, const Tensor& k,
                    const Tensor& v, const Tensor& modality, const Tensor& out, const Tensor& lse, const Tensor& dq,
                    const Tensor& dk, const Tensor& dv);

@@ -1,8 +1,8 @@
 // Warp-level tensor-core primitives for kernels that keep their tiles in registers (the
 // FlashAttention-2 way), where WMMA's opaque fragments would send every score through shared
 // memory: mma.sync m16n8k16 (bf16 in, fp32 accumulate), ldmatrix (x4, plain and transposed)
-// and cp.async (16 bytes, zero-filled past the source's end), and the softmax's ex2.approx.
-// Each is one PTX instruction.
+// and cp.async (16 bytes, zero-filled past the source's end), the softmax's ex2.approx, and
+// the vector reduction into global memory of the atomic dQ. Each is one PTX instruction.
 //
 // Fragment layouts (PTX ISA, "Matrix Fragments for mma.m16n8k16"), lane = 4·g + t:
 //   A 16x16 (row-major), 4 registers of two bf16 (low half = lower column):
@@ -84,6 +84,14 @@ __device__ __forceinline__ float in_register(float x) {
   float y;
   asm volatile("add.f32 %0, %1, 0f00000000;\n" : "=f"(y) : "f"(x));
   return y;
+}
+
+// p[0] += a, p[1] += b in global memory, atomically, nothing returned (red.global.add.v2.f32,
+// sm_90: one REDG.E.ADD.F32x2 where two atomicAdd calls issue two). p 8-byte aligned. The
+// order in which lanes' and blocks' additions land is the hardware's: fp32 sums built this
+// way differ in their last bits from run to run.
+__device__ __forceinline__ void red_add_f32x2(float* p, float a, float b) {
+  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(__cvta_generic_to_global(p)), "f"(a), "f"(b) : "memory");
 }
 
 // Two floats as bf16 (round to nearest even) in one register, lo in the low half.

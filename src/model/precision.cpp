@@ -52,6 +52,15 @@ int select_gpu(int fallback_rank) {
 #endif
 }
 
+void set_deterministic_attention(bool deterministic) {
+#ifdef VCHAT_WITH_CUDA
+  cuda::set_attention_backward(deterministic ? cuda::AttentionBackward::deterministic
+                                             : cuda::AttentionBackward::atomic_dq);
+#else
+  if (!deterministic) throw ConfigError("--attention-backward=atomic-dq: this build has no CUDA backend");
+#endif
+}
+
 bool each_rank_has_a_gpu() {
   int local_size = 1;
   for (const char* var : {"OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE", "LOCAL_WORLD_SIZE"})

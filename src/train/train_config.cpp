@@ -40,7 +40,8 @@ void require_positive(const char* opt, T v) {
 }  // namespace
 
 bool parse_train_config(int argc, const char* const argv[], TrainConfig& c) {
-  std::string train = "default", attention = "mmca", recompute = "none", device = "auto", precision = "auto";
+  std::string train = "default", attention = "mmca", recompute = "none", device = "auto", precision = "auto",
+              attention_backward = "deterministic";
   po::options_description general("vchat-train options");
   // clang-format off
   general.add_options()
@@ -54,6 +55,7 @@ bool parse_train_config(int argc, const char* const argv[], TrainConfig& c) {
     ("device", po::value(&device)->default_value("auto"), "where the step runs: cpu, cuda (one GPU per rank), or auto (cuda when this build has CUDA and a GPU is visible)")
     ("precision", po::value(&precision)->default_value("auto"), "compute precision on cuda: bf16 (fp32 master weights, gradients, Adam state) or fp32; auto: bf16 on cuda, fp32 on cpu")
     ("comm", po::value(&c.comm)->default_value("auto"), "collectives of a --device cuda run: nccl (one GPU per rank), mpi (device buffers staged through the host: any layout, several ranks may share a GPU), or auto (nccl when every rank on a node has its own GPU)")
+    ("attention-backward", po::value(&attention_backward)->default_value("deterministic"), "bf16 flash attention's backward on cuda: deterministic (dQ in a pass of its own; the same bits every run) or atomic-dq (dQ added up by atomics in the dK/dV pass, as FlashAttention-2 does: one pass fewer over the L x L tiles; dQ's last bits vary from run to run)")
     ("recompute", po::value(&recompute)->default_value("none"), "decoder activations: none (keep all for backward) or block (keep each block's input, recompute the rest in backward: less memory, one more forward)")
     ("steps", po::value(&c.steps)->default_value(10), "optimizer steps")
     ("micro-batch-size", po::value(&c.data.batch_size)->default_value(2), "samples per micro-batch")
@@ -133,6 +135,11 @@ bool parse_train_config(int argc, const char* const argv[], TrainConfig& c) {
   if (c.comm != "auto" && c.comm != "mpi" && c.comm != "nccl")
     throw ConfigError("--comm=" + c.comm + " is not one of: auto, mpi, nccl");
   if (c.comm == "nccl" && c.device != Device::cuda) throw ConfigError("--comm=nccl needs --device cuda");
+  if (attention_backward != "deterministic" && attention_backward != "atomic-dq")
+    throw ConfigError("--attention-backward=" + attention_backward + " is not one of: deterministic, atomic-dq");
+  if (attention_backward == "atomic-dq" && c.device != Device::cuda)
+    throw ConfigError("--attention-backward=atomic-dq needs --device cuda (the CPU's attention backward has one form)");
+  c.deterministic_attention = attention_backward == "deterministic";
   require_positive("steps", c.steps);
   require_positive("micro-batch-size", c.data.batch_size);
   require_positive("micro-batches", c.micro_batches);

@@ -36,6 +36,7 @@ struct TrainConfig {
   Device device = Device::cpu;          // --device (auto resolved at parse time)
   Precision precision = Precision::fp32;  // --precision (model/precision.h)
   std::string comm = "auto";             // --comm: auto, mpi (device buffers staged through the host), nccl
+  bool deterministic_attention = true;   // --attention-backward: deterministic, or atomic-dq (cuda only)
 
   // Real data (docs/DATA.md). Without --data the synthetic source is used.
   std::vector<std::string> data_sources;  // --data name=path[:weight], repeatable

@@ -38,7 +38,10 @@ Trainer::Trainer(const TrainConfig& cfg, Grid* grid) : cfg_(cfg) {
                                              ModelParallel{&g.tp(), g.coord().pp, g.shape().pp});
   init_params(model_->params(), cfg.seed);
   // The grid's communicators carry device buffers (NCCL, or MPI staging them: the app chose).
-  if (cfg.device == Device::cuda) select_gpu(g.world().rank());
+  if (cfg.device == Device::cuda) {
+    select_gpu(g.world().rank());
+    set_deterministic_attention(cfg.deterministic_attention);
+  }
   // How every op of the run is issued (on cuda: the device's compute stream and handles),
   // handed to the model, the optimizer and the batch uploads.
   const ExecContext ex = ExecContext::of(cfg.device);

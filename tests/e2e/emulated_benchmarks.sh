@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The device check's benchmark stages (tools/gpu/check.sh) on the emulated CUDA device, with
-# the same options at small shapes: vchat-bench-attn (both kernel sets), vchat-bench-step
-# (bf16, --profile, --batch-out) and vchat-bench-comm (NCCL at one rank, the staged MPI path
-# with two ranks, one emulated device each). Each must run and print the line check.sh reads
+# the same options at small shapes: vchat-bench-attn (every kernel set, and the atomic dQ),
+# vchat-bench-step (bf16, --profile, --batch-out) and vchat-bench-comm (NCCL at one rank, the
+# staged MPI path with two ranks, one emulated device each). Each must run and print the line check.sh reads
 # its figures from; the step's batch file must hold what bench/gpu_torch_step.py reads. The
 # figures themselves mean nothing here.
 # Usage: emulated_benchmarks.sh BUILD_DIR SOURCE_DIR
@@ -29,6 +29,8 @@ for kernel in auto wmma cuda-cores; do
   expect "attn-$kernel" "^vchat_attn_ms fwd=$NUM fwd_bwd=$NUM$" "$T/vchat-bench-attn-emulated" --kernel $kernel \
     --seq-len 96 --batch 1 --heads 2 --kv-heads 1 --head-dim 128 --image-frac 0.3 --image-tokens 17 --iters 1
 done
+expect "attn-atomic-dq" "^vchat_attn_ms fwd=$NUM fwd_bwd=$NUM$" "$T/vchat-bench-attn-emulated" --backward atomic-dq \
+  --seq-len 96 --batch 1 --heads 2 --kv-heads 1 --head-dim 128 --image-frac 0.3 --image-tokens 17 --iters 1
 expect step "^vchat_step_ms median=$NUM .*model_flops=[0-9.e+]+ mfu=$NUM peak_tflops=$NUM$" \
   "$T/vchat-bench-step-emulated" --device cuda --precision bf16 --model inputs/models/tiny.json --train full --batch 2 \
   --seq-len 128 --images 2 --warmup 1 --iters 1 --threads 1 --profile --batch-out "$W/batch.safetensors"

@@ -34,6 +34,8 @@ esac'
 standin "$T/pack/bin/vchat-bench-attn" 'case "$*" in
   *cuda-cores*) echo "vchat_attn_ms fwd=2.000 fwd_bwd=9.000" ;;
   *wmma*) echo "vchat_attn_ms fwd=1.500 fwd_bwd=4.000" ;;
+  *atomic-dq*"--seq-len 2048"*) echo "vchat_attn_ms fwd=1.000 fwd_bwd=3.000" ;;
+  *atomic-dq*) echo "vchat_attn_ms fwd=4.000 fwd_bwd=11.500" ;;
   *"--seq-len 2048"*) echo "vchat_attn_ms fwd=1.000 fwd_bwd=3.500" ;;
   *) echo "vchat_attn_ms fwd=4.000 fwd_bwd=13.250" ;;
 esac'
@@ -109,7 +111,7 @@ expect_row A torch-parity pass "all 3 configs agree"
 expect_row A step-torch-compile 'FAIL\(1\)'
 expect_row A memcheck pass
 expect_row A comm-mpi-staged-2 pass
-expect_row A figures - "attn L2048 fwd\+bwd: vchat 3.500 ms \(fwd 1.000, WMMA fwd 1.500\), torch flash 4.000 ms; L4096: vchat 13.250 ms, torch 15.000 ms; 1B step MFU: vchat 0.5100, torch eager 0.3060, compile +\|"
+expect_row A figures - "attn L2048 fwd\+bwd: vchat 3.500 ms \(atomic dQ 3.000; fwd 1.000, WMMA fwd 1.500\), torch flash 4.000 ms; L4096: vchat 13.250 ms \(atomic dQ 11.500\), torch 15.000 ms; 1B step MFU: vchat 0.5100, torch eager 0.3060, compile +\|"
 expect_row A figures-paper - "tiny vchat 11.50 ms, torch eager 14.00 ms; small vchat 21.50 ms, torch eager 14.00 ms"
 [[ $(tail -n 1 "$T/A/stdout") =~ ^\|\ figures-paper\ \|\ -\ \| ]] || fail "run A: the table is not printed last: $(tail -n 2 "$T/A/stdout")"
 logs=$(tar -tzf "$T/A/logs.tar.gz") || fail "run A: logs.tar.gz does not read"

@@ -510,6 +510,17 @@ inline float exp2_approx(float x) {
 
 inline float in_register(float x) { return x; }
 
+// red.global.add.v2.f32: blocks run one after another on one thread here, so a plain add is
+// atomic; the address must be 8-byte aligned and outside shared memory, as the hardware needs.
+inline void red_add_f32x2(float* p, float x, float y) {
+  if (reinterpret_cast<uintptr_t>(p) % 8 != 0) return emu::report("red.global.add.v2.f32 address not 8-byte aligned");
+  const emu::Block* blk = emu::current_block();
+  const auto at = reinterpret_cast<uintptr_t>(p), lo = reinterpret_cast<uintptr_t>(blk->smem);
+  if (at >= lo && at < lo + blk->smem_bytes) return emu::report("red.global.add.v2.f32 on shared memory");
+  p[0] += x;
+  p[1] += y;
+}
+
 inline uint32_t pack_bf16x2(float lo, float hi) {
   return uint32_t(__float2bfloat16_rn(lo).bits) | uint32_t(__float2bfloat16_rn(hi).bits) << 16;
 }

@@ -148,6 +148,7 @@ TORCH=(env LD_LIBRARY_PATH="$ORIG_LD" python3)
 stage torch-parity 60 "${TORCH[@]}" tools/gpu/torch_parity.py
 for L in 2048 4096; do
   stage "attn-vchat-$L" 60 "$BIN/vchat-bench-attn" --seq-len $L --batch 4 --heads 16 --kv-heads 16 --head-dim 128 --image-frac 0.3
+  stage "attn-vchat-atomic-$L" 60 "$BIN/vchat-bench-attn" --backward atomic-dq --seq-len $L --batch 4 --heads 16 --kv-heads 16 --head-dim 128 --image-frac 0.3
   stage "attn-vchat-wmma-$L" 60 "$BIN/vchat-bench-attn" --kernel wmma --seq-len $L --batch 4 --heads 16 --kv-heads 16 --head-dim 128 --image-frac 0.3
   stage "attn-vchat-cc-$L" 60 "$BIN/vchat-bench-attn" --kernel cuda-cores --seq-len $L --batch 4 --heads 16 --kv-heads 16 --head-dim 128 --image-frac 0.3
   stage "attn-torch-$L" 60 "${TORCH[@]}" bench/gpu_torch_attn.py --seq-len $L --batch 4 --heads 16 --head-dim 128
@@ -168,7 +169,7 @@ else
   no_ref step-torch-eager step-vchat
   no_ref step-torch-compile step-vchat
 fi
-record figures - "attn L2048 fwd+bwd: vchat $(value attn-vchat-2048 fwd_bwd) ms (fwd $(value attn-vchat-2048 fwd), WMMA fwd $(value attn-vchat-wmma-2048 fwd)), torch flash $(value attn-torch-2048 fwd_bwd) ms; L4096: vchat $(value attn-vchat-4096 fwd_bwd) ms, torch $(value attn-torch-4096 fwd_bwd) ms; 1B step MFU: vchat $(value step-vchat mfu), torch eager $(value step-torch-eager mfu), compile $(value step-torch-compile mfu)"
+record figures - "attn L2048 fwd+bwd: vchat $(value attn-vchat-2048 fwd_bwd) ms (atomic dQ $(value attn-vchat-atomic-2048 fwd_bwd); fwd $(value attn-vchat-2048 fwd), WMMA fwd $(value attn-vchat-wmma-2048 fwd)), torch flash $(value attn-torch-2048 fwd_bwd) ms; L4096: vchat $(value attn-vchat-4096 fwd_bwd) ms (atomic dQ $(value attn-vchat-atomic-4096 fwd_bwd)), torch $(value attn-torch-4096 fwd_bwd) ms; 1B step MFU: vchat $(value step-vchat mfu), torch eager $(value step-torch-eager mfu), compile $(value step-torch-compile mfu)"
 
 # 3. compute-sanitizer on the ops. It slows kernels 10-100x: the small op cases (no
 #    32000-wide vocabulary, no 600-token run, no 17M-row column sum). Some runtimes (gVisor)

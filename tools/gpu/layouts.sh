@@ -9,7 +9,8 @@
 # ZeRO-2 resumed from its step-3 checkpoint against the straight run (bit for bit); ZeRO-1
 # in bf16 (only its shard of the fp32 masters, the bf16 copies gathered) against ZeRO-0 in
 # bf16 with clipping off (two ranks sum alike in any order: bit for bit), and ZeRO-1
-# resumed from its step-3 checkpoint (master shards) against the straight run.
+# resumed from its step-3 checkpoint (master shards) against the straight run. On a GPU,
+# last, ZeRO-0 in bf16 with the atomic dQ against the same with the deterministic one.
 # Run by check.sh on a lent machine (needs the pack's environment: env.sh's MPIRUN, $BIN).
 #   layouts.sh OUTDIR
 # DEVICE=cpu rehearses the script itself on a machine without a GPU (tools/gpu/rehearse.sh).
@@ -74,6 +75,16 @@ if PREC=$PAIR run "${PAIR}z0" 2 --zero 0 --clip-grad 0 && PREC=$PAIR run "${PAIR
   fi
 else
   fail=1
+fi
+# The atomic dQ (--attention-backward atomic-dq: dQ added up in the dK/dV pass, its fp32
+# sums in the hardware's order) trains as the deterministic backward does: the same bf16 run
+# within bf16's rounding (a GPU only: the CPU's backward has one form).
+if [[ $DEVICE == cuda ]]; then
+  if PREC=bf16 run bf16z0atomic 2 --zero 0 --clip-grad 0 --attention-backward atomic-dq; then
+    $PY tools/gpu/compare_runs.py "$RUNS/bf16z0" "$RUNS/bf16z0atomic" --tol 1e-2 || fail=1
+  else
+    fail=1
+  fi
 fi
 rm -rf "$RUNS"
 exit $fail
