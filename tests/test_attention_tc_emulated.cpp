@@ -183,6 +183,7 @@ TEST(AttentionTcEmulated, RegisterKernelsWithAtomicDqMatchTheCpuOpOnEdgeLayouts)
       {AttnMode::mmca, 1, 130, 2, 2, 64, {7, 30, 3, 1}, false, 0, "mmca, image first, many images, L 130"},
       {AttnMode::mmca, 1, 200, 2, 1, 128, {150}, true, 3, "mmca, 150 image tokens over whole tiles, hd 128"},
       {AttnMode::mmca, 1, 192, 2, 1, 64, {5, 40}, true, 0, "mmca, text over whole tiles, GQA 2/1", 150},
+      {AttnMode::mmca, 1, 40, 4, 1, 32, {3}, true, 2, "mmca, L 40 within one tile, GQA 4/1"},
       {AttnMode::causal, 1, 128, 3, 1, 48, {10}, true, 5, "causal, 2 tiles, GQA 3/1, hd 48, pad"},
       {AttnMode::full, 1, 129, 2, 2, 64, {1}, false, 0, "full (ViT), L 129"},
       {AttnMode::mmca, 1, 150, 2, 1, 80, {30}, true, 4, "mmca, hd 80, GQA 2/1, pad"},
