@@ -6,7 +6,8 @@
 //   vchat-bench-step --device cuda --precision bf16 --model inputs/models/llama-1b-clip-l14-224.json
 //                    --train full --batch 4 --seq-len 2048 --images 4 --recompute none [--profile]
 // --profile: one more step after the timed ones with the op profiler on (src/profile.h), its
-// table of time per op printed as '#' lines after the result line.
+// table of time per op printed as '#' lines after the result line. --attention-backward
+// atomic-dq: as vchat-train's (cuda: dQ added up in the dK/dV pass).
 #include <cblas.h>
 #include <omp.h>
 
@@ -32,7 +33,7 @@ namespace po = boost::program_options;
 
 static int run(int argc, char** argv) {
   std::string model_file = "inputs/models/small.json", train = "default", attention = "mmca", batch_out;
-  std::string device = "cpu", precision = "auto", recompute = "none";
+  std::string device = "cpu", precision = "auto", recompute = "none", attention_backward = "deterministic";
   double peak_tflops = 0;
   int64_t batch = 2, seq = 512, images = 4, warmup = 1, iters = 3;
   int threads = 2;
@@ -43,7 +44,7 @@ static int run(int argc, char** argv) {
       "threads", po::value(&threads))("warmup", po::value(&warmup))("iters", po::value(&iters))(
       "batch-out", po::value(&batch_out))("device", po::value(&device))("precision", po::value(&precision))(
       "recompute", po::value(&recompute))("peak-tflops", po::value(&peak_tflops))(
-      "profile", po::bool_switch(&profile_ops));
+      "profile", po::bool_switch(&profile_ops))("attention-backward", po::value(&attention_backward));
   po::variables_map vm;
   try {
     po::store(po::parse_command_line(argc, argv, o), vm);
@@ -61,7 +62,14 @@ static int run(int argc, char** argv) {
   opt.recompute = parse_recompute(recompute);
   const Device dev = resolve_device(device, built_with_cuda(), device == "cpu" ? 0 : visible_gpus());
   const Precision prec = resolve_precision(precision, dev);
-  if (dev == Device::cuda) select_gpu(0);
+  if (attention_backward != "deterministic" && attention_backward != "atomic-dq")
+    throw ConfigError("--attention-backward=" + attention_backward + " is not one of: deterministic, atomic-dq");
+  if (attention_backward == "atomic-dq" && dev != Device::cuda)
+    throw ConfigError("--attention-backward=atomic-dq needs --device cuda");
+  if (dev == Device::cuda) {
+    select_gpu(0);
+    set_deterministic_attention(attention_backward == "deterministic");
+  }
   VisualChatModel model(cfg, opt);
   init_params(model.params(), 0);
   if (dev == Device::cuda) model.to(ExecContext::of(dev), PrecisionPolicy::of(prec));
@@ -105,9 +113,10 @@ static int run(int argc, char** argv) {
   // Model FLOPs of the step (src/train/flops.cpp), over the device's peak: MFU.
   const double flops = step_flops(cfg, opt, batch * b.seq_len(), b.seq_len(), b.n_images()).total();
   const double peak = peak_tflops > 0 ? peak_tflops * 1e12 : dev == Device::cuda ? gpu_peak_flops(prec) : measured_sgemm_peak();
-  std::printf("# model=%s train=%s attention=%s batch=%lld seq=%lld images=%lld tokens=%lld threads=%d\n",
-              cfg.name.c_str(), train.c_str(), attention.c_str(), (long long)batch, (long long)seq,
-              (long long)b.n_images(), (long long)b.non_pad_count(), threads);
+  std::printf(
+      "# model=%s train=%s attention=%s batch=%lld seq=%lld images=%lld tokens=%lld threads=%d attention_backward=%s\n",
+      cfg.name.c_str(), train.c_str(), attention.c_str(), (long long)batch, (long long)seq, (long long)b.n_images(),
+      (long long)b.non_pad_count(), threads, attention_backward.c_str());
   std::printf("vchat_step_ms median=%.2f min=%.2f iters=%lld threads=%d device=%s precision=%s model_flops=%.6e "
               "mfu=%.4f peak_tflops=%.1f\n",
               ms[ms.size() / 2], ms[0], (long long)iters, threads, device_name(dev), precision_name(prec), flops,

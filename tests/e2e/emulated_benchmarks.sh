@@ -34,6 +34,10 @@ expect "attn-atomic-dq" "^vchat_attn_ms fwd=$NUM fwd_bwd=$NUM$" "$T/vchat-bench-
 expect step "^vchat_step_ms median=$NUM .*model_flops=[0-9.e+]+ mfu=$NUM peak_tflops=$NUM$" \
   "$T/vchat-bench-step-emulated" --device cuda --precision bf16 --model inputs/models/tiny.json --train full --batch 2 \
   --seq-len 128 --images 2 --warmup 1 --iters 1 --threads 1 --profile --batch-out "$W/batch.safetensors"
+# The step with the atomic dQ (--attention-backward atomic-dq), as the device check may run it.
+expect step-atomic-dq "^# model=tiny .* attention_backward=atomic-dq$" "$T/vchat-bench-step-emulated" --device cuda \
+  --precision bf16 --model inputs/models/tiny.json --train full --batch 2 --seq-len 128 --images 2 --warmup 1 --iters 1 \
+  --threads 1 --attention-backward atomic-dq
 # An image in the batch (the ViT runs), and --profile's table of ops timed on their stream:
 # the attention and the ViT's patchify among them.
 grep -qE "^# model=tiny .* images=[1-9]" "$W/step.log" || { echo "emulated_benchmarks: FAIL: the step's batch has no image"; bad=1; }
