@@ -50,7 +50,8 @@ void launch_bwd_mma(const Context& c, AttnMode mode, const MmaGeometry& g, const
   allow_dynamic_smem<flash_dq_mma<HD, true>>(smem, op);
   allow_dynamic_smem<flash_dq_mma<HD, false>>(smem, op);
   allow_dynamic_smem<flash_dkv_mma<HD, false>>(smem, op);
-  allow_dynamic_smem<flash_dkv_mma<HD, true>>(smem_atomic, op);
+  // (Asked only when it runs: its eligibility was checked against the larger layout.)
+  if (atomic_dq) allow_dynamic_smem<flash_dkv_mma<HD, true>>(smem_atomic, op);
   const unsigned tiles = static_cast<unsigned>((g.L + kMmaRows - 1) / kMmaRows);  // blocks of 128 queries or keys
   const unsigned H = static_cast<unsigned>(g.H), KV = static_cast<unsigned>(g.KV), B = static_cast<unsigned>(g.B);
   launch(c, flash_dq_mma<HD, true>, dim3(tiles, H, B), kMmaThreads, smem, mode, g, ptr<bf16>(q), ptr<bf16>(k),

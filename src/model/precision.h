@@ -38,7 +38,7 @@ int visible_gpus();
 int select_gpu(int fallback_rank);
 // How bf16 flash attention's backward computes dQ on the bound GPU (cuda/cuda_backend.h
 // AttentionBackward): deterministic, or by atomic adds in the dK/dV pass. Process-wide;
-// throws without the CUDA backend.
+// asking for the atomic one throws without the CUDA backend.
 void set_deterministic_attention(bool deterministic);
 // Whether every rank on this node gets a GPU of its own (the node-local rank count, from
 // Open MPI or Slurm, is at most the visible GPUs): then NCCL can carry the collectives.
