@@ -62,13 +62,10 @@ static int run(int argc, char** argv) {
   opt.recompute = parse_recompute(recompute);
   const Device dev = resolve_device(device, built_with_cuda(), device == "cpu" ? 0 : visible_gpus());
   const Precision prec = resolve_precision(precision, dev);
-  if (attention_backward != "deterministic" && attention_backward != "atomic-dq")
-    throw ConfigError("--attention-backward=" + attention_backward + " is not one of: deterministic, atomic-dq");
-  if (attention_backward == "atomic-dq" && dev != Device::cuda)
-    throw ConfigError("--attention-backward=atomic-dq needs --device cuda");
+  const bool deterministic_attention = resolve_deterministic_attention(attention_backward, dev);
   if (dev == Device::cuda) {
     select_gpu(0);
-    set_deterministic_attention(attention_backward == "deterministic");
+    set_deterministic_attention(deterministic_attention);
   }
   VisualChatModel model(cfg, opt);
   init_params(model.params(), 0);

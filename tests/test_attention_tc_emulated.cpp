@@ -153,11 +153,10 @@ TEST(AttentionTcEmulated, KernelsMatchTheCpuOpOnEdgeLayouts) {
   for (const TcCase& c : cases) check(c, rng, Kernels::wmma);
 }
 
-// The kernels with their tiles in registers (mma.sync, ldmatrix and cp.async by their PTX
-// definitions, tests/emu/cuda_emu.h) on the same edges, forward and the three backward passes.
-TEST(AttentionTcEmulated, RegisterKernelsMatchTheCpuOpOnEdgeLayouts) {
-  std::mt19937 rng(20261207);
-  const std::vector<TcCase> cases = {
+// The edges for the kernels with their tiles in registers: those above, and the other head
+// dims the register kernels are instantiated for.
+const std::vector<TcCase>& register_edge_cases() {
+  static const std::vector<TcCase> cases = {
       {AttnMode::mmca, 2, 77, 4, 2, 16, {1, 5, 1}, true, 6, "mmca, text first, runs of 1, GQA 4/2, pad, L 77"},
       {AttnMode::mmca, 1, 130, 2, 2, 64, {7, 30, 3, 1}, false, 0, "mmca, image first, many images, L 130"},
       {AttnMode::mmca, 1, 200, 2, 1, 128, {150}, true, 3, "mmca, 150 image tokens over whole tiles, hd 128"},
@@ -165,12 +164,18 @@ TEST(AttentionTcEmulated, RegisterKernelsMatchTheCpuOpOnEdgeLayouts) {
       {AttnMode::mmca, 1, 40, 4, 1, 32, {3}, true, 2, "mmca, L 40 within one tile, GQA 4/1"},
       {AttnMode::causal, 1, 128, 3, 1, 48, {10}, true, 5, "causal, 2 tiles, GQA 3/1, hd 48, pad"},
       {AttnMode::full, 1, 129, 2, 2, 64, {1}, false, 0, "full (ViT), L 129"},
-      // The other head dims the register kernels are instantiated for.
       {AttnMode::mmca, 1, 150, 2, 1, 80, {30}, true, 4, "mmca, hd 80, GQA 2/1, pad"},
       {AttnMode::causal, 1, 100, 2, 2, 96, {1}, true, 0, "causal, hd 96"},
       {AttnMode::mmca, 1, 140, 2, 2, 112, {9, 20}, false, 2, "mmca, hd 112, image first"},
   };
-  for (const TcCase& c : cases) check(c, rng, Kernels::registers);
+  return cases;
+}
+
+// The kernels with their tiles in registers (mma.sync, ldmatrix and cp.async by their PTX
+// definitions, tests/emu/cuda_emu.h) on those edges, forward and the three backward passes.
+TEST(AttentionTcEmulated, RegisterKernelsMatchTheCpuOpOnEdgeLayouts) {
+  std::mt19937 rng(20261207);
+  for (const TcCase& c : register_edge_cases()) check(c, rng, Kernels::registers);
 }
 
 // The register backward with dQ added up in the dK/dV pass (FlashAttention-2's two passes),
@@ -178,19 +183,7 @@ TEST(AttentionTcEmulated, RegisterKernelsMatchTheCpuOpOnEdgeLayouts) {
 // heads, lands on the right rows and columns, and no query that attends nothing gets one.
 TEST(AttentionTcEmulated, RegisterKernelsWithAtomicDqMatchTheCpuOpOnEdgeLayouts) {
   std::mt19937 rng(20261208);
-  const std::vector<TcCase> cases = {
-      {AttnMode::mmca, 2, 77, 4, 2, 16, {1, 5, 1}, true, 6, "mmca, text first, runs of 1, GQA 4/2, pad, L 77"},
-      {AttnMode::mmca, 1, 130, 2, 2, 64, {7, 30, 3, 1}, false, 0, "mmca, image first, many images, L 130"},
-      {AttnMode::mmca, 1, 200, 2, 1, 128, {150}, true, 3, "mmca, 150 image tokens over whole tiles, hd 128"},
-      {AttnMode::mmca, 1, 192, 2, 1, 64, {5, 40}, true, 0, "mmca, text over whole tiles, GQA 2/1", 150},
-      {AttnMode::mmca, 1, 40, 4, 1, 32, {3}, true, 2, "mmca, L 40 within one tile, GQA 4/1"},
-      {AttnMode::causal, 1, 128, 3, 1, 48, {10}, true, 5, "causal, 2 tiles, GQA 3/1, hd 48, pad"},
-      {AttnMode::full, 1, 129, 2, 2, 64, {1}, false, 0, "full (ViT), L 129"},
-      {AttnMode::mmca, 1, 150, 2, 1, 80, {30}, true, 4, "mmca, hd 80, GQA 2/1, pad"},
-      {AttnMode::causal, 1, 100, 2, 2, 96, {1}, true, 0, "causal, hd 96"},
-      {AttnMode::mmca, 1, 140, 2, 2, 112, {9, 20}, false, 2, "mmca, hd 112, image first"},
-  };
-  for (const TcCase& c : cases) check(c, rng, Kernels::registers_atomic_dq);
+  for (const TcCase& c : register_edge_cases()) check(c, rng, Kernels::registers_atomic_dq);
 }
 
 }  // namespace

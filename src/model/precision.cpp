@@ -109,4 +109,12 @@ Precision resolve_precision(const std::string& o, Device d) {
   return Precision::bf16;
 }
 
+bool resolve_deterministic_attention(const std::string& o, Device d) {
+  if (o == "deterministic") return true;
+  if (o != "atomic-dq") throw ConfigError("--attention-backward=" + o + " is not one of: deterministic, atomic-dq");
+  if (d != Device::cuda)
+    throw ConfigError("--attention-backward=atomic-dq needs --device cuda (the CPU's attention backward has one form)");
+  return false;
+}
+
 }  // namespace vchat

@@ -30,6 +30,9 @@ Device resolve_device(const std::string& option, bool built_with_cuda, int visib
 // --precision: "fp32", "bf16", or "auto" (bf16 on cuda, fp32 on cpu). The CPU path is fp32
 // only: bf16 there is a ConfigError.
 Precision resolve_precision(const std::string& option, Device device);
+// --attention-backward: "deterministic" (true) or "atomic-dq" (false: cuda only). Throws
+// ConfigError naming the option otherwise.
+bool resolve_deterministic_attention(const std::string& option, Device device);
 // What this process has: the CUDA backend compiled in, GPUs visible (0 without either).
 bool built_with_cuda();
 int visible_gpus();

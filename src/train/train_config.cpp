@@ -135,11 +135,7 @@ bool parse_train_config(int argc, const char* const argv[], TrainConfig& c) {
   if (c.comm != "auto" && c.comm != "mpi" && c.comm != "nccl")
     throw ConfigError("--comm=" + c.comm + " is not one of: auto, mpi, nccl");
   if (c.comm == "nccl" && c.device != Device::cuda) throw ConfigError("--comm=nccl needs --device cuda");
-  if (attention_backward != "deterministic" && attention_backward != "atomic-dq")
-    throw ConfigError("--attention-backward=" + attention_backward + " is not one of: deterministic, atomic-dq");
-  if (attention_backward == "atomic-dq" && c.device != Device::cuda)
-    throw ConfigError("--attention-backward=atomic-dq needs --device cuda (the CPU's attention backward has one form)");
-  c.deterministic_attention = attention_backward == "deterministic";
+  c.deterministic_attention = resolve_deterministic_attention(attention_backward, c.device);
   require_positive("steps", c.steps);
   require_positive("micro-batch-size", c.data.batch_size);
   require_positive("micro-batches", c.micro_batches);
