@@ -60,6 +60,14 @@ void expect_error(cudaError_t want, const std::string& what) {
 
 void write_index(float* out) { out[threadIdx.x] = static_cast<float>(threadIdx.x); }
 void shuffle_sum(float* out) { out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.f, 16); }
+// Blocks 0 and 2 write one float past the end of their 64 bytes of dynamic shared memory,
+// block 1 one float before its start; block 3 stays inside.
+void smem_overrun(float* out) {
+  VCHAT_DYNAMIC_SMEM(raw);
+  float* smem = reinterpret_cast<float*>(raw);
+  if (threadIdx.x == 0 && blockIdx.x != 3) smem[blockIdx.x == 1 ? -1 : 16] = 1.f;
+  out[blockIdx.x] = 0.f;
+}
 void early_return(float* out) {
   if (threadIdx.x % 2) return;  // half the block never reaches the barrier
   __syncthreads();
@@ -124,6 +132,22 @@ TEST(EmulatedSdk, EmulatorReportsBecomeAsynchronousFaultsAndDeadlocksDoNotHang) 
       reinterpret_cast<const void*>(&early_return), 1, 64, 0, s, [=] { early_return(out); }, out);
   EXPECT_EQ(cudaDeviceSynchronize(), cudaErrorIllegalAddress);
   expect_error(cudaErrorIllegalAddress, "32 of 64 threads wait at a barrier the others never reach");
+}
+
+// The guards around a block's dynamic shared memory catch a write past either end, in every
+// block: the guard a block breaks is mended before the next block runs, so block 2's overrun
+// is found after block 0's, and block 3, which stays inside, is not blamed.
+TEST(EmulatedSdk, SharedMemoryOverrunsAreFoundInEveryBlock) {
+  DeviceFloats d(4);
+  float* out = d.p;
+  launch_kernel(
+      reinterpret_cast<const void*>(&smem_overrun), 4, 32, 64, nullptr, [=] { smem_overrun(out); }, out);
+  EXPECT_EQ(cudaDeviceSynchronize(), cudaErrorIllegalAddress);
+  const std::string what = cudaGetErrorString(cudaGetLastError());
+  for (const char* block : {"block (0,0,0)", "block (1,0,0)", "block (2,0,0)"})
+    EXPECT_NE(what.find(std::string(block) + " wrote outside its 64 bytes of shared memory"), std::string::npos)
+        << block << ": " << what;
+  EXPECT_EQ(what.find("block (3,0,0)"), std::string::npos) << what;
 }
 
 // A kernel writing out[i] = i on stream s.
