@@ -44,64 +44,69 @@ void run_norms(int64_t n, int64_t d, float eps, const Tensor& X, const Tensor& W
   const auto p = [](const Tensor& t) { return emu::kp<T>(t); };
   const auto f = [](const Tensor& t) { return emu::kp<float>(t); };
   const unsigned rows = static_cast<unsigned>(n);
-  emu::launch({rows, 1, 1}, kNormThreads, 0, [&] { rmsnorm_fwd_kernel(p(X), p(W), eps, p(Y), f(RSTD), d); });
+  emu::launch({rows, 1, 1}, norm_threads(d), 0, [&] { rmsnorm_fwd_kernel(p(X), p(W), eps, p(Y), f(RSTD), d); });
   emu::column_sums(n, d, f(DW), RmsNormDw<T>{p(DY), p(X), f(RSTD), d});
-  emu::launch({rows, 1, 1}, kNormThreads, 0, [&] { rmsnorm_bwd_kernel(p(DY), p(X), p(W), f(RSTD), p(DX), d); });
-  emu::launch({rows, 1, 1}, kNormThreads, 0,
+  emu::launch({rows, 1, 1}, norm_threads(d), 0, [&] { rmsnorm_bwd_kernel(p(DY), p(X), p(W), f(RSTD), p(DX), d); });
+  emu::launch({rows, 1, 1}, norm_threads(d), 0,
               [&] { layernorm_fwd_kernel(p(X), p(W), p(Bias), eps, p(Y2), f(MEAN), f(RSTD2), d); });
   emu::column_sums(n, d, f(DW2), LayerNormDw<T>{p(DY), p(X), f(MEAN), f(RSTD2), d});
   emu::column_sums(n, d, f(DB), LayerNormDb<T>{p(DY), d});
-  emu::launch({rows, 1, 1}, kNormThreads, 0,
+  emu::launch({rows, 1, 1}, norm_threads(d), 0,
               [&] { layernorm_bwd_kernel(p(DY), p(X), p(W), f(MEAN), f(RSTD2), p(DX2), d); });
 }
 
-// Rows of a width that is not a multiple of the 256-thread block (one block per row).
+// One block per row, of norm_threads(d): widths of one warp (40), of three (300, not a
+// multiple of the block) and of the largest block with more than four elements a thread.
 TEST(RowKernelsEmulated, NormsForwardAndBackwardMatchTheCpuOps) {
   std::mt19937 rng(20261207);
-  for (const Precision& pr : kPrecisions) {
-    SCOPED_TRACE(pr.name);
-    const int64_t n = 5, d = 300;
-    const float eps = 1e-5f;
-    const Tensor x = emu::rand_values({n, d}, pr.dt, rng, -2.f, 2.f);
-    const Tensor w = emu::rand_values({d}, pr.dt, rng, 0.5f, 1.5f);
-    const Tensor b = emu::rand_values({d}, pr.dt, rng, -0.5f, 0.5f);
-    const Tensor dy = emu::rand_values({n, d}, pr.dt, rng, -1.f, 1.f);
-    const Tensor dw0 = emu::rand_values({d}, DType::f32, rng, -1.f, 1.f);  // gradients accumulate
-    // The CPU ops.
-    const Tensor y = Tensor::empty({n, d}), rstd = Tensor::empty({n}), dx = Tensor::empty({n, d}), dw = dw0.clone();
-    ops::rmsnorm_fwd(test::kCpu, x, w, eps, y, rstd);
-    ops::rmsnorm_bwd(test::kCpu, dy, x, w, rstd, dx, dw);
-    const Tensor y2 = Tensor::empty({n, d}), mean = Tensor::empty({n}), rstd2 = Tensor::empty({n}),
-                 dx2 = Tensor::empty({n, d}), dw2 = dw0.clone(), db = dw0.clone();
-    ops::layernorm_fwd(test::kCpu, x, w, b, eps, y2, mean, rstd2);
-    ops::layernorm_bwd(test::kCpu, dy, x, w, mean, rstd2, dx2, dw2, db);
-    // The kernels, on poisoned outputs.
-    const Tensor X = emu::as_storage(x, pr.dt), W = emu::as_storage(w, pr.dt), B = emu::as_storage(b, pr.dt),
-                 DY = emu::as_storage(dy, pr.dt);
-    const Tensor Y = emu::poisoned({n, d}, pr.dt), DX = emu::poisoned({n, d}, pr.dt), Y2 = emu::poisoned({n, d}, pr.dt),
-                 DX2 = emu::poisoned({n, d}, pr.dt);
-    const Tensor RSTD = emu::poisoned({n}, DType::f32), RSTD2 = emu::poisoned({n}, DType::f32),
-                 MEAN = emu::poisoned({n}, DType::f32);
-    const Tensor DW = dw0.clone(), DW2 = dw0.clone(), DB = dw0.clone();
-    emu::errors().clear();
-    if (pr.dt == DType::f32)
-      run_norms<float>(n, d, eps, X, W, B, DY, Y, RSTD, DX, DW, Y2, MEAN, RSTD2, DX2, DW2, DB);
-    else
-      run_norms<cuda::bf16>(n, d, eps, X, W, B, DY, Y, RSTD, DX, DW, Y2, MEAN, RSTD2, DX2, DW2, DB);
-    emu::expect_no_errors();
-    // Statistics are fp32 whatever the storage; weight gradients accumulate in fp32.
-    const double weight_grad_tol = pr.dt == DType::f32 ? 1e-5 : 1e-3;
-    expect_close(Y, y, pr.tol, "rmsnorm y");
-    expect_close(RSTD, rstd, 1e-5, "rmsnorm rstd");
-    expect_close(DX, dx, pr.tol, "rmsnorm dx");
-    expect_close(DW, dw, weight_grad_tol, "rmsnorm dw");
-    expect_close(Y2, y2, pr.tol, "layernorm y");
-    expect_close(MEAN, mean, 1e-5, "layernorm mean");
-    expect_close(RSTD2, rstd2, 1e-5, "layernorm rstd");
-    expect_close(DX2, dx2, pr.tol, "layernorm dx");
-    expect_close(DW2, dw2, weight_grad_tol, "layernorm dw");
-    expect_close(DB, db, weight_grad_tol, "layernorm db");
-  }
+  EXPECT_EQ(cuda::norm_threads(40), 32u);
+  EXPECT_EQ(cuda::norm_threads(300), 96u);
+  EXPECT_EQ(cuda::norm_threads(1100), unsigned(cuda::kNormThreads));
+  for (const int64_t d : {40, 300, 1100})
+    for (const Precision& pr : kPrecisions) {
+      SCOPED_TRACE(std::string(pr.name) + " width " + std::to_string(d));
+      const int64_t n = 5;
+      const float eps = 1e-5f;
+      const Tensor x = emu::rand_values({n, d}, pr.dt, rng, -2.f, 2.f);
+      const Tensor w = emu::rand_values({d}, pr.dt, rng, 0.5f, 1.5f);
+      const Tensor b = emu::rand_values({d}, pr.dt, rng, -0.5f, 0.5f);
+      const Tensor dy = emu::rand_values({n, d}, pr.dt, rng, -1.f, 1.f);
+      const Tensor dw0 = emu::rand_values({d}, DType::f32, rng, -1.f, 1.f);  // gradients accumulate
+      // The CPU ops.
+      const Tensor y = Tensor::empty({n, d}), rstd = Tensor::empty({n}), dx = Tensor::empty({n, d}), dw = dw0.clone();
+      ops::rmsnorm_fwd(test::kCpu, x, w, eps, y, rstd);
+      ops::rmsnorm_bwd(test::kCpu, dy, x, w, rstd, dx, dw);
+      const Tensor y2 = Tensor::empty({n, d}), mean = Tensor::empty({n}), rstd2 = Tensor::empty({n}),
+                   dx2 = Tensor::empty({n, d}), dw2 = dw0.clone(), db = dw0.clone();
+      ops::layernorm_fwd(test::kCpu, x, w, b, eps, y2, mean, rstd2);
+      ops::layernorm_bwd(test::kCpu, dy, x, w, mean, rstd2, dx2, dw2, db);
+      // The kernels, on poisoned outputs.
+      const Tensor X = emu::as_storage(x, pr.dt), W = emu::as_storage(w, pr.dt), B = emu::as_storage(b, pr.dt),
+                   DY = emu::as_storage(dy, pr.dt);
+      const Tensor Y = emu::poisoned({n, d}, pr.dt), DX = emu::poisoned({n, d}, pr.dt),
+                   Y2 = emu::poisoned({n, d}, pr.dt), DX2 = emu::poisoned({n, d}, pr.dt);
+      const Tensor RSTD = emu::poisoned({n}, DType::f32), RSTD2 = emu::poisoned({n}, DType::f32),
+                   MEAN = emu::poisoned({n}, DType::f32);
+      const Tensor DW = dw0.clone(), DW2 = dw0.clone(), DB = dw0.clone();
+      emu::errors().clear();
+      if (pr.dt == DType::f32)
+        run_norms<float>(n, d, eps, X, W, B, DY, Y, RSTD, DX, DW, Y2, MEAN, RSTD2, DX2, DW2, DB);
+      else
+        run_norms<cuda::bf16>(n, d, eps, X, W, B, DY, Y, RSTD, DX, DW, Y2, MEAN, RSTD2, DX2, DW2, DB);
+      emu::expect_no_errors();
+      // Statistics are fp32 whatever the storage; weight gradients accumulate in fp32.
+      const double weight_grad_tol = pr.dt == DType::f32 ? 1e-5 : 1e-3;
+      expect_close(Y, y, pr.tol, "rmsnorm y");
+      expect_close(RSTD, rstd, 1e-5, "rmsnorm rstd");
+      expect_close(DX, dx, pr.tol, "rmsnorm dx");
+      expect_close(DW, dw, weight_grad_tol, "rmsnorm dw");
+      expect_close(Y2, y2, pr.tol, "layernorm y");
+      expect_close(MEAN, mean, 1e-5, "layernorm mean");
+      expect_close(RSTD2, rstd2, 1e-5, "layernorm rstd");
+      expect_close(DX2, dx2, pr.tol, "layernorm dx");
+      expect_close(DW2, dw2, weight_grad_tol, "layernorm dw");
+      expect_close(DB, db, weight_grad_tol, "layernorm db");
+    }
 }
 
 // The weight and bias gradients' column sums over a tall shape: two chunks of kColRows = 256

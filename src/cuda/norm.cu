@@ -36,7 +36,7 @@ void rmsnorm_fwd(const Context& c, const Tensor& x, const Tensor& w, float eps, 
   if (n == 0) return;
   // clang-format off
   VCHAT_DISPATCH(dt, T,
-    launch(c, rmsnorm_fwd_kernel<T>, static_cast<unsigned>(n), kNormThreads, 0, ptr<T>(x), ptr<T>(w), eps, ptr<T>(y),
+    launch(c, rmsnorm_fwd_kernel<T>, static_cast<unsigned>(n), norm_threads(d), 0, ptr<T>(x), ptr<T>(w), eps, ptr<T>(y),
            ptr<float>(rstd), d);
   );
   // clang-format on
@@ -65,7 +65,7 @@ void rmsnorm_bwd(const Context& c, const Tensor& dy, const Tensor& x, const Tens
     if (dw.defined())  // before dx: dx may alias dy
       column_sums(c, n, d, ptr<float>(dw), RmsNormDw<T>{g, xp, rs, d});
     if (dx.defined())
-      launch(c, rmsnorm_bwd_kernel<T>, static_cast<unsigned>(n), kNormThreads, 0, g, xp, ptr<T>(w), rs, ptr<T>(dx), d);
+      launch(c, rmsnorm_bwd_kernel<T>, static_cast<unsigned>(n), norm_threads(d), 0, g, xp, ptr<T>(w), rs, ptr<T>(dx), d);
   );
   // clang-format on
 }
@@ -85,7 +85,7 @@ void layernorm_fwd(const Context& c, const Tensor& x, const Tensor& w, const Ten
   if (n == 0) return;
   // clang-format off
   VCHAT_DISPATCH(dt, T,
-    launch(c, layernorm_fwd_kernel<T>, static_cast<unsigned>(n), kNormThreads, 0, ptr<T>(x), ptr<T>(w),
+    launch(c, layernorm_fwd_kernel<T>, static_cast<unsigned>(n), norm_threads(d), 0, ptr<T>(x), ptr<T>(w),
            b.defined() ? ptr<T>(b) : nullptr, eps, ptr<T>(y), ptr<float>(mean), ptr<float>(rstd), d);
   );
   // clang-format on
@@ -118,7 +118,7 @@ void layernorm_bwd(const Context& c, const Tensor& dy, const Tensor& x, const Te
     if (db.defined())
       column_sums(c, n, d, ptr<float>(db), LayerNormDb<T>{g, d});
     if (dx.defined())
-      launch(c, layernorm_bwd_kernel<T>, static_cast<unsigned>(n), kNormThreads, 0, g, xp, ptr<T>(w), mu, rs,
+      launch(c, layernorm_bwd_kernel<T>, static_cast<unsigned>(n), norm_threads(d), 0, g, xp, ptr<T>(w), mu, rs,
              ptr<T>(dx), d);
   );
   // clang-format on

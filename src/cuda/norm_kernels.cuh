@@ -1,11 +1,12 @@
 // RMSNorm and LayerNorm over the last dim, forward and input gradient: one block of
-// kNormThreads per row, statistics in fp32 (the precision policy), reductions in a fixed
+// norm_threads(d) per row, statistics in fp32 (the precision policy), reductions in a fixed
 // order (deterministic). The weight and bias gradients are column sums (device_reduce.cuh)
 // of the per-element terms below.
 //
 // Device code only, launched by norm.cu; a header so that tests/test_row_kernels_emulated.cpp
 // runs these very kernels on the CPU where no GPU is (tests/emu/cuda_emu.h).
 #pragma once
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
@@ -17,6 +18,13 @@ namespace vchat::cuda {
 namespace {
 
 constexpr int kNormThreads = 256;
+// Threads per row: whole warps, four or more elements each, at most kNormThreads (reached
+// at width 897; every LLM and ViT width from 1024 up gets 256). A narrow row (a test
+// model's 64) then takes one warp instead of eight mostly idle ones doing the reductions.
+inline unsigned norm_threads(int64_t d) {
+  const int64_t warps = (d + 4 * 32 - 1) / (4 * 32);
+  return static_cast<unsigned>(std::min<int64_t>(kNormThreads, std::max<int64_t>(warps, 1) * 32));
+}
 
 template <class T>
 __global__ void rmsnorm_fwd_kernel(const T* x, const T* w, float eps, T* y, float* rstd, int64_t d) {
