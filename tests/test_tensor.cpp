@@ -1,7 +1,9 @@
+#include <gtest/gtest-spi.h>
 #include <gtest/gtest.h>
 
 #include "ops.h"
 #include "tensor.h"
+#include "test_util.h"
 
 using namespace vchat;
 
@@ -60,3 +62,22 @@ TEST(Ops, GemmAllTransposesMatchLoops) {
   EXPECT_FLOAT_EQ(Cn.data<float>()[1], 2 * (4 + 10 + 18));
   EXPECT_THROW(ops::gemm(ExecContext::cpu(), A, false, A, false, Cn), std::invalid_argument);
 }
+
+namespace {
+// The GPU suite's comparison (test::expect_close) passes what is within its tolerance and,
+// on a failure, names where the result is off: the count of wrong elements and the first by
+// multi-index, which is what a kernel's first run on a GPU needs to be read.
+TEST(TestUtil, ExpectCloseNamesTheElementsThatAreOff) {
+  std::vector<float> want(2 * 3 * 4);
+  for (size_t i = 0; i < want.size(); ++i) want[i] = 1.f + 0.1f * static_cast<float>(i);
+  std::vector<float> near = want, off = want;
+  near[5] += 1e-4f;
+  off[1 * 12 + 2 * 4 + 3] += 5.f;  // element [1,2,3]
+  const Tensor w = Tensor::from_vector(want, {2, 3, 4});
+  test::expect_close(Tensor::from_vector(near, {2, 3, 4}), w, 1e-3, "near");
+  EXPECT_NONFATAL_FAILURE(test::expect_close(Tensor::from_vector(off, {2, 3, 4}), w, 1e-3, "off"),
+                          "1 of 24 elements off by more than");
+  EXPECT_NONFATAL_FAILURE(test::expect_close(Tensor::from_vector(off, {2, 3, 4}), w, 1e-3, "off"),
+                          "[1,2,3] got 8.3, want 3.3");
+}
+}  // namespace
