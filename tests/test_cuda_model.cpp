@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <random>
 #include <string>
 #include <vector>
@@ -19,6 +20,9 @@
 #include "train/device_batches.h"
 #include "train/synthetic.h"
 #include "train/trainer.h"
+#ifdef VCHAT_EMULATED_DEVICE
+#include "cuda_runtime.h"  // the emulated runtime (tests/emu/sdk): vchat::emu::host_waits
+#endif
 
 namespace vchat {
 namespace {
@@ -230,6 +234,44 @@ TEST_F(CudaModel, BatchesArriveThroughTheCopyStream) {
     }
   }
 }
+
+#ifdef VCHAT_EMULATED_DEVICE
+// The host waits for the device three times a step, all at its ends: for the copy stream's
+// last copies before it stages the next batch (Uploader::begin), for the one copy back of
+// the loss and the gradient norm, and for the whole device to close the step's time. Any
+// other wait in a step (a tensor read back mid-model, a cudaFree, work on the legacy
+// stream) would make the host wait out the GPU's queue there instead of running ahead of it.
+// The emulated runtime sees every such call, which a GPU does not count: so this test runs
+// only here. fp32 and bf16, two micro-batches, decoder blocks stored or recomputed.
+TEST_F(CudaModel, ATrainingStepWaitsForTheDeviceOnlyAtItsEnds) {
+  for (Precision p : {Precision::fp32, Precision::bf16})
+    for (Recompute recompute : {Recompute::none, Recompute::block}) {
+      const std::string what = std::string(precision_name(p)) + (recompute == Recompute::block ? ", recompute" : "");
+      TrainConfig c;
+      c.model = config("tiny");
+      c.model_options.train = TrainSet::full;
+      c.model_options.recompute = recompute;
+      c.data.batch_size = 2;
+      c.data.seq_len = 64;
+      c.micro_batches = 2;
+      c.fixed_batch = true;  // the same staging every step (a larger batch regrows it: cudaFreeHost)
+      c.steps = 4;
+      c.device = Device::cuda;
+      c.precision = p;
+      Trainer t(c);
+      t.step();  // the first allocates: staging, the optimizer's state
+      vchat::emu::reset_host_waits();
+      constexpr uint64_t kSteps = 3;
+      for (uint64_t i = 0; i < kSteps; ++i) t.step();
+      const std::map<std::string, uint64_t> want = {
+          {"cudaStreamSynchronize", 2 * kSteps},           // the copy stream; the copy back
+          {"cudaMemcpyAsync to pageable memory", kSteps},  // the loss and the gradient norm
+          {"cudaDeviceSynchronize", kSteps},               // the step's end
+      };
+      EXPECT_EQ(vchat::emu::host_waits(), want) << what;
+    }
+}
+#endif
 
 TEST_F(CudaModel, TinyBf16LossCurveTracksTheCpuFp32Curve) { expect_curves_track("tiny", 160); }
 TEST_F(CudaModel, SmallBf16LossCurveTracksTheCpuFp32Curve) { expect_curves_track("small", 320); }

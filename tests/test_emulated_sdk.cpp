@@ -14,6 +14,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <map>
 #include <chrono>
 #include <string>
 #include <thread>
@@ -154,6 +155,46 @@ TEST(EmulatedSdk, SharedMemoryOverrunsAreFoundInEveryBlock) {
 void write_index_on(cudaStream_t s, float* out, unsigned n) {
   launch_kernel(
       reinterpret_cast<const void*>(&write_index), 1, n, 0, s, [=] { write_index(out); }, out);
+}
+
+// Each call that makes the host wait for device work is counted under its name (what
+// CudaModel.ATrainingStepWaitsForTheDeviceOnlyAtItsEnds holds a step to); queuing work,
+// queries, events and pinned allocations are not waits.
+TEST(EmulatedSdk, HostWaitsAreCountedByCall) {
+  vchat::emu::reset_host_waits();
+  {
+    DeviceFloats d(8);
+    float* out = d.p;
+    Stream s;
+    std::vector<float> h(8);
+    float* pinned = nullptr;
+    ASSERT_EQ(cudaHostAlloc(reinterpret_cast<void**>(&pinned), 32, cudaHostAllocDefault), cudaSuccess);
+    cudaEvent_t e;
+    ASSERT_EQ(cudaEventCreate(&e), cudaSuccess);
+    write_index_on(s, out, 8);
+    ASSERT_EQ(cudaMemcpyAsync(pinned, out, 32, cudaMemcpyDeviceToHost, s), cudaSuccess);  // pinned: no wait
+    ASSERT_EQ(cudaEventRecord(e, s), cudaSuccess);
+    (void)cudaEventQuery(e);
+    (void)cudaStreamQuery(s);
+    EXPECT_TRUE(vchat::emu::host_waits().empty()) << "queued work, queries and events are not waits";
+    ASSERT_EQ(cudaEventSynchronize(e), cudaSuccess);
+    ASSERT_EQ(cudaMemcpyAsync(h.data(), out, 32, cudaMemcpyDeviceToHost, s), cudaSuccess);  // pageable: waits
+    EXPECT_EQ(h[7], 7.f);
+    ASSERT_EQ(cudaStreamSynchronize(s), cudaSuccess);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    ASSERT_EQ(cudaMemcpy(out, h.data(), 32, cudaMemcpyHostToDevice), cudaSuccess);  // the legacy stream
+    ASSERT_EQ(cudaEventDestroy(e), cudaSuccess);
+    ASSERT_EQ(cudaFreeHost(pinned), cudaSuccess);
+  }  // cudaStreamDestroy, cudaFree
+  const std::map<std::string, uint64_t> want = {{"cudaEventSynchronize", 1},
+                                                {"cudaMemcpyAsync to pageable memory", 1},
+                                                {"cudaStreamSynchronize", 1},
+                                                {"cudaDeviceSynchronize", 1},
+                                                {"cudaMemcpyAsync on the legacy stream", 1},
+                                                {"cudaFreeHost", 1},
+                                                {"cudaStreamDestroy", 1},
+                                                {"cudaFree", 1}};
+  EXPECT_EQ(vchat::emu::host_waits(), want);
 }
 
 // Pins the emulated runtime's schedule for a scope; the default (alternate) after.

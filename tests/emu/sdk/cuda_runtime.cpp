@@ -105,6 +105,7 @@ struct Runtime {
   std::thread::id driver;                             // the thread that last enqueued work
   std::chrono::steady_clock::time_point driver_seen;  // its last enqueue or wait
   uint64_t ran_ops = 0;                               // operations run so far (stall)
+  std::map<std::string, uint64_t> waits;              // host waits by call (host_waits)
 };
 // Never destroyed: the backend's own statics (its compute stream, the buffers they hold)
 // are released at exit after this file's statics might be.
@@ -547,6 +548,7 @@ cudaError_t push(cudaStream_t s, Op op, const char* what) {
     return true;
   };
   r.legacy.queue.push_back(std::move(op));
+  ++r.waits[std::string(what) + " on the legacy stream"];
   drain_all(r, true);
   run_stream(r, &r.legacy);
   return cudaSuccess;
@@ -587,6 +589,7 @@ cudaError_t cudaSetDevice(int d) {
 cudaError_t cudaDeviceSynchronize() {
   Runtime& r = rt();
   Lock lock(r.mu);
+  ++r.waits["cudaDeviceSynchronize"];
   drain_all(r, false);
   return synchronized();
 }
@@ -617,6 +620,7 @@ cudaError_t free_synchronized(void* p, bool device, const char* call) {
   if (!p) return cudaSuccess;
   Runtime& r = rt();
   Lock lock(r.mu);
+  ++r.waits[call];
   drain_all(r, false);
   auto it = own_allocation(r, p, device);
   if (it == r.allocations.end())
@@ -713,7 +717,10 @@ cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpy
   };
   if (const cudaError_t e = push(s, std::move(op), "cudaMemcpyAsync"); e != cudaSuccess) return e;
   // To pageable memory: complete on return.
-  if (!dd && !pinned(dst) && s) drain(r, s);
+  if (!dd && !pinned(dst) && s) {
+    ++r.waits["cudaMemcpyAsync to pageable memory"];
+    drain(r, s);
+  }
   return cudaSuccess;
 }
 // On the legacy default stream, which runs at once: complete on return.
@@ -785,6 +792,7 @@ cudaError_t cudaStreamDestroy(cudaStream_t s) {
   Runtime& r = rt();
   Lock lock(r.mu);
   if (!s || !known_stream(r, s)) return fail(cudaErrorInvalidResourceHandle, "cudaStreamDestroy of an unknown stream");
+  ++r.waits["cudaStreamDestroy"];
   drain(r, s);
   r.streams.erase(std::find(r.streams.begin(), r.streams.end(), s));
   delete s;
@@ -794,6 +802,7 @@ cudaError_t cudaStreamSynchronize(cudaStream_t s) {
   Runtime& r = rt();
   Lock lock(r.mu);
   if (!known_stream(r, s)) return fail(cudaErrorInvalidResourceHandle, "cudaStreamSynchronize of an unknown stream");
+  ++r.waits["cudaStreamSynchronize"];
   if (s)
     drain(r, s);
   else
@@ -868,6 +877,7 @@ cudaError_t cudaEventSynchronize(cudaEvent_t e) {
   Lock lock(r.mu);
   std::shared_ptr<CUevent_st> ev = known_event(r, e);
   if (!ev) return fail(cudaErrorInvalidResourceHandle, "cudaEventSynchronize of an unknown event");
+  ++r.waits["cudaEventSynchronize"];
   wait_event(r, *ev);
   return synchronized();
 }
@@ -949,6 +959,15 @@ Space space_of(const void* p, size_t bytes) {
   if (it == r.allocations.end() || !it->second.device) return Space::host;
   if (find(r, p, bytes) != it) return Space::straddles;
   return it->second.free_queued ? Space::freed : Space::device;
+}
+
+std::map<std::string, uint64_t> host_waits() {
+  Lock lock(rt().mu);
+  return rt().waits;
+}
+void reset_host_waits() {
+  Lock lock(rt().mu);
+  rt().waits.clear();
 }
 
 void set_schedule(Schedule s) {

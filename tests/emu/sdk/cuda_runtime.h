@@ -76,6 +76,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <string>
 #include <type_traits>
 
@@ -201,6 +202,14 @@ Space space_of(const void* p, size_t bytes);
 // late or early, for tests of the emulation itself. Alternation restarts with a late turn.
 enum class Schedule { alternate, late, early };
 void set_schedule(Schedule s);
+
+// The calls that made the host wait for device work, by name, since the last reset (or the
+// start): cudaDeviceSynchronize, cudaStreamSynchronize, cudaEventSynchronize, cudaFree and
+// cudaFreeHost (they synchronize the device), cudaStreamDestroy, a copy to pageable memory,
+// and work on the legacy default stream ("... on the legacy stream"). What a GPU step's host
+// waits for is what lets it run ahead of the GPU, or not: a test counts them per step.
+std::map<std::string, uint64_t> host_waits();
+void reset_host_waits();
 
 // Queues `work` on stream s, to run in stream order (see the header comment); the legacy
 // default stream (null) runs it at once. Fails, naming `what`, on a destroyed stream.
