@@ -239,8 +239,8 @@ TEST_F(CudaModel, BatchesArriveThroughTheCopyStream) {
 // The host waits for the device three times a step, all at its ends: for the copy stream's
 // last copies before it stages the next batch (Uploader::begin), for the one copy back of
 // the loss and the gradient norm, and for the whole device to close the step's time. Any
-// other wait in a step (a tensor read back mid-model, a cudaFree, work on the legacy
-// stream) would make the host wait out the GPU's queue there instead of running ahead of it.
+// other wait in a step (a tensor read back mid-model, a cudaFree, a synchronous cudaMemcpy)
+// would make the host wait out the GPU's queue there instead of running ahead of it.
 // The emulated runtime sees every such call, which a GPU does not count: so this test runs
 // only here. fp32 and bf16, two micro-batches, decoder blocks stored or recomputed.
 TEST_F(CudaModel, ATrainingStepWaitsForTheDeviceOnlyAtItsEnds) {

@@ -206,8 +206,10 @@ void set_schedule(Schedule s);
 // The calls that made the host wait for device work, by name, since the last reset (or the
 // start): cudaDeviceSynchronize, cudaStreamSynchronize, cudaEventSynchronize, cudaFree and
 // cudaFreeHost (they synchronize the device), cudaStreamDestroy, a copy to pageable memory,
-// and work on the legacy default stream ("... on the legacy stream"). What a GPU step's host
-// waits for is what lets it run ahead of the GPU, or not: a test counts them per step.
+// and work on the legacy default stream ("... on the legacy stream": a synchronous cudaMemcpy
+// waits on a GPU too; a kernel there does not, but waits for every blocking stream's work,
+// which this runtime does by running it at once). Whether a step's host runs ahead of the
+// GPU depends on these: a test counts them per step.
 std::map<std::string, uint64_t> host_waits();
 void reset_host_waits();
 
