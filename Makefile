@@ -19,18 +19,21 @@ build: deps
 	cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release
 	cmake --build $(BUILD) -j $(JOBS)
 
-# The CUDA variant (cuBLAS, NCCL, sm_90) must always compile, even with no GPU here. It
+# The CUDA variant (cuBLAS, NCCL; for the GPUs of CUDA_ARCHS, by default A100 and H100/H200:
+# CMakeLists.txt VCHAT_CUDA_ARCHS) must always compile, even with no GPU here. It
 # builds what runs on a GPU machine (the library with its kernels, the apps, the GPU suite,
 # the benchmarks), not the CPU test binaries again: those test the same sources in build/,
 # and compiling them twice was half of this build's time on CI's 2 cores. The one CPU test
 # line that depends on the variant (test_precision: built_with_cuda) has a GPU-suite twin.
 # `make build-cuda CUDA_TARGETS=all` builds everything.
+CUDA_ARCHS ?= 80;90
 CUDA_TARGETS ?= vchat-train vchat-ckpt vchat-chat vchat-prep vchat-synth vchat_cuda_tests \
                 vchat-bench-step vchat-bench-attn vchat-bench-comm vchat-bench-ckpt-io \
                 vchat-bench-chat vchat-bench-loader
 build-cuda: deps
 ifneq ($(NVCC),)
-	cmake -S . -B $(BUILD_CUDA) -DCMAKE_BUILD_TYPE=Release -DVCHAT_CUDA=ON -DCMAKE_CUDA_COMPILER=$(NVCC)
+	cmake -S . -B $(BUILD_CUDA) -DCMAKE_BUILD_TYPE=Release -DVCHAT_CUDA=ON -DCMAKE_CUDA_COMPILER=$(NVCC) \
+	      -DVCHAT_CUDA_ARCHS="$(CUDA_ARCHS)"
 	cmake --build $(BUILD_CUDA) -j $(JOBS) $(if $(filter all,$(CUDA_TARGETS)),,--target $(CUDA_TARGETS))
 else
 	@echo "build-cuda: no nvcc found (expected /usr/local/cuda/bin/nvcc); the CUDA variant was NOT built" >&2

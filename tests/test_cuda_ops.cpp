@@ -641,6 +641,37 @@ TEST_F(CudaOps, FlashMmcaAgainstTheCpuOnRandomLayouts) {
   EXPECT_FALSE(cuda::attention_fwd_tc_eligible(DType::f32, 64));
 }
 
+#ifdef VCHAT_EMULATED_DEVICE
+// An A100 grants a block 163 KiB of shared memory where an H100 grants 227 KiB: at head dim
+// 128 the WMMA dK/dV pass (~187 KiB) does not fit, and the dispatch must fall back to the
+// CUDA-core backward rather than ask for it (allow_dynamic_smem would throw); the register
+// kernels, the atomic dQ's too (~158 KiB), and the WMMA forward (~152 KiB) fit and run.
+// Emulated only, in a process that is an A100 from its start (ctest GpuSuiteEmulatedA100:
+// VCHAT_EMU_GPU=80, whose launches tools/gpu/launch_resources.py checks against sm_80);
+// a real A100 runs the whole suite instead.
+TEST_F(CudaOps, OnAnA100AttentionPicksKernelsThatFitItsSharedMemory) {
+  ASSERT_EQ(vchat::emu::emulated_compute_capability(), 80) << "run with VCHAT_EMU_GPU=80";
+  EXPECT_EQ(cuda::compute_capability(), 80);
+  EXPECT_TRUE(cuda::attention_fwd_tc_eligible(DType::bf16, 128, /*registers=*/true));
+  EXPECT_TRUE(cuda::attention_fwd_tc_eligible(DType::bf16, 128, /*registers=*/false));
+  EXPECT_TRUE(cuda::attention_bwd_tc_eligible(DType::bf16, 128, /*registers=*/true));
+  EXPECT_TRUE(cuda::attention_bwd_tc_eligible(DType::bf16, 128, /*registers=*/true, /*atomic_dq=*/true));
+  EXPECT_FALSE(cuda::attention_bwd_tc_eligible(DType::bf16, 128, /*registers=*/false)) << "WMMA dK/dV: ~187 KiB";
+  EXPECT_TRUE(cuda::attention_bwd_tc_eligible(DType::bf16, 64, /*registers=*/false));
+  const AttnCase a{ops::AttnMode::mmca, 1, 90, 2, 1, 128, {30}, true, 3, "mmca, GQA 2/1, hd 128, L 90"};
+  for (cuda::AttentionKernel kern : {cuda::AttentionKernel::automatic, cuda::AttentionKernel::wmma}) {
+    SCOPED_TRACE(kern == cuda::AttentionKernel::wmma ? "WMMA (backward on CUDA cores)" : "registers");
+    cuda::set_attention_kernel(kern);
+    check_attention(a, rng);
+  }
+  cuda::set_attention_kernel(cuda::AttentionKernel::automatic);
+  cuda::set_attention_backward(cuda::AttentionBackward::atomic_dq);
+  SCOPED_TRACE("registers, dQ by atomic adds");
+  check_attention(a, rng, /*dq_deterministic=*/false);
+  cuda::set_attention_backward(cuda::AttentionBackward::deterministic);
+}
+#endif
+
 // Small cases, short enough for compute-sanitizer (tools/gpu/check.sh runs memcheck and
 // racecheck on them; FlashMmcaAgainstTheCpuOnRandomLayouts is too long there): the register
 // kernels on aligned operands, and the WMMA fallback on operands that do not start on a

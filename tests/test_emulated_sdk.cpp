@@ -116,6 +116,43 @@ TEST(EmulatedSdk, LaunchesCheckGeometrySharedMemoryAndPointers) {
   expect_error(cudaErrorIllegalAddress, "kernel argument 0 points to host memory");
 }
 
+// The device plays the GPU it is told to be (vchat::emu::emulate_gpu; VCHAT_EMU_GPU for a
+// process): its compute capability through the attributes and the properties, the shared
+// memory a block may opt in to on it, and whether the build has code for it.
+TEST(EmulatedSdk, PlaysTheGpuItIsToldToBe) {
+  const int was = vchat::emu::emulated_compute_capability();
+  struct Expect {
+    int cc, optin;
+  };
+  for (const Expect e : {Expect{80, 166912}, Expect{86, 101376}, Expect{90, 232448}}) {
+    vchat::emu::emulate_gpu(e.cc);
+    int major = 0, minor = 0, optin = 0;
+    ASSERT_EQ(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0), cudaSuccess);
+    ASSERT_EQ(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, 0), cudaSuccess);
+    ASSERT_EQ(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, 0), cudaSuccess);
+    EXPECT_EQ(10 * major + minor, e.cc);
+    EXPECT_EQ(optin, e.optin) << e.cc;
+    cudaDeviceProp prop{};
+    ASSERT_EQ(cudaGetDeviceProperties(&prop, 0), cudaSuccess);
+    EXPECT_EQ(10 * prop.major + prop.minor, e.cc);
+    EXPECT_STREQ(prop.name, "vchat emulated GPU");
+    // Past the opt-in limit a grant is refused; up to it, given.
+    EXPECT_EQ(cudaFuncSetAttribute(&write_index, cudaFuncAttributeMaxDynamicSharedMemorySize, e.optin + 1),
+              cudaErrorInvalidValue);
+    (void)cudaGetLastError();
+    EXPECT_EQ(cudaFuncSetAttribute(&write_index, cudaFuncAttributeMaxDynamicSharedMemorySize, e.optin), cudaSuccess);
+    cudaFuncAttributes attr{};
+    ASSERT_EQ(cudaFuncGetAttributes(&attr, &write_index), cudaSuccess);
+    EXPECT_EQ(attr.binaryVersion, e.cc);
+  }
+  vchat::emu::emulate_gpu(80, /*has_code=*/false);
+  cudaFuncAttributes attr{};
+  EXPECT_EQ(cudaFuncGetAttributes(&attr, &write_index), cudaErrorNoKernelImageForDevice);
+  expect_error(cudaErrorNoKernelImageForDevice, "no code for compute capability 8.0");
+  vchat::emu::emulate_gpu(was);
+  EXPECT_EQ(cudaFuncGetAttributes(&attr, &write_index), cudaSuccess);
+}
+
 // As on a GPU, a kernel's fault is asynchronous: the launch succeeds, the call that waits for
 // the kernel returns the fault.
 TEST(EmulatedSdk, EmulatorReportsBecomeAsynchronousFaultsAndDeadlocksDoNotHang) {

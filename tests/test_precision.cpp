@@ -76,6 +76,17 @@ TEST(Precision, ThisBuildReportsItsBackend) {
 }
 
 // The working copy's rounding: f32 -> bf16 to nearest, ties to even; bf16 -> f32 exact.
+// MFU's peak is the data sheet's for the chip's generation, not one chip's scaled by SMs
+// (an A100 scaled from an H100 would claim 809 bf16 TFLOP/s, 2.6x its 312).
+TEST(Precision, GpuPeakIsTheDataSheetsDenseFigureOfTheArchitecture) {
+  EXPECT_NEAR(gpu_peak_flops_of(80, 108, Precision::bf16), 312e12, 1e9) << "A100 SXM";
+  EXPECT_NEAR(gpu_peak_flops_of(80, 108, Precision::fp32), 19.5e12, 1e9) << "A100 SXM";
+  EXPECT_NEAR(gpu_peak_flops_of(90, 132, Precision::bf16), 989.4e12, 1e9) << "H100/H200 SXM";
+  EXPECT_NEAR(gpu_peak_flops_of(90, 132, Precision::fp32), 66.9e12, 1e9) << "H100/H200 SXM";
+  EXPECT_NEAR(gpu_peak_flops_of(90, 114, Precision::bf16), 989.4e12 * 114 / 132, 1e9) << "H100 PCIe: fewer SMs";
+  EXPECT_NEAR(gpu_peak_flops_of(80, 54, Precision::bf16), 156e12, 1e9) << "half an A100's SMs (a MIG slice)";
+}
+
 TEST(Precision, CastRoundsToNearestEvenAndBack) {
   const float h = 1.f / 256;  // half a bf16 step at 1.0 (steps of 2^-7)
   const std::vector<float> in = {1.f, 1.f + h, 1.f + 3 * h, 1.f + 1.1f * h, -2.5f, 0.f, 3.0e38f,

@@ -13,6 +13,7 @@
 // is reused only once that use is done. A buffer keeps the stream alive and is freed
 // there. Work on another stream that touches a buffer is ordered by events (the NCCL Comm,
 // the batch uploads), or the host waits for it first.
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <memory>
@@ -127,6 +128,41 @@ const Context& memory_context() {
   return b.compute;
 }
 
+// Does nothing: cudaFuncGetAttributes of it says whether this build holds code the device
+// can run (machine code of its architecture, or PTX older than it, compiled at load).
+__global__ void probe_kernel() {}
+
+#ifndef VCHAT_CUDA_ARCHS_BUILT
+#error "VCHAT_CUDA_ARCHS_BUILT (CMakeLists.txt: the CUDA architectures this build holds code for) is not defined"
+#endif
+
+// Refuses a GPU this build cannot run, before anything is allocated on it: one older than
+// sm_80 (the kernels need bf16 tensor cores), or one whose architecture the build left out,
+// where the first kernel would otherwise fail with "no kernel image is available".
+void check_build_runs_on(int device) {
+  cudaDeviceProp prop{};
+  CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
+  const std::string cc = std::to_string(prop.major) + "." + std::to_string(prop.minor);
+  const std::string gpu =
+      "CUDA device " + std::to_string(device) + " (" + prop.name + ", compute capability " + cc + ")";
+  if (prop.major < 8)
+    throw std::runtime_error(gpu +
+                             " has no bf16 tensor cores: vchat's CUDA backend needs compute capability 8.0 or newer "
+                             "(A100, H100, H200, ...); run with --device cpu");
+  cudaFuncAttributes attr{};
+  const cudaError_t e = cudaFuncGetAttributes(&attr, probe_kernel);
+  if (e == cudaErrorNoKernelImageForDevice || e == cudaErrorInvalidDeviceFunction) {
+    (void)cudaGetLastError();
+    std::string built = VCHAT_CUDA_ARCHS_BUILT;  // CMake's list, its ';' written as ','
+    std::replace(built.begin(), built.end(), ',', ';');
+    throw std::runtime_error("this vchat build has no code for " + gpu + ": it was compiled for CUDA architectures " +
+                             built + " (VCHAT_CUDA_ARCHS). Rebuild with cmake -DVCHAT_CUDA_ARCHS=\"" + built + ";" +
+                             std::to_string(prop.major * 10 + prop.minor) +
+                             "\" (or native, on a machine with this GPU), or run with --device cpu");
+  }
+  CUDA_CHECK(e);
+}
+
 }  // namespace
 
 int device_count() {
@@ -151,6 +187,7 @@ void init_backend(int device_ordinal) {
     throw std::runtime_error("vchat::cuda::init_backend: device " + std::to_string(device_ordinal) + " requested but " +
                              std::to_string(count) + " CUDA device(s) visible");
   CUDA_CHECK(cudaSetDevice(device_ordinal));
+  check_build_runs_on(device_ordinal);
   // By default the pool hands unused memory back to the driver at every synchronization
   // (each device->host copy is one), which would make the cache useless; keep it instead,
   // all but the headroom that memory outside the pool (NCCL's) needs: pool_release_threshold.
@@ -179,6 +216,14 @@ int multiprocessor_count() {
   int sms = 0;
   CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, bind_device()));
   return sms;
+}
+
+int compute_capability() {
+  const int device = bind_device();
+  int major = 0, minor = 0;
+  CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  return 10 * major + minor;
 }
 
 PoolState pool_state() {

@@ -28,8 +28,10 @@ namespace vchat::cuda {
 int device_count();
 
 // Selects the device and registers the CUDA allocator and the host<->device memcpy with
-// the core. Idempotent for the same ordinal; asking for a different ordinal later throws
-// std::logic_error, since existing device tensors would silently belong to the old one.
+// the core. Throws std::runtime_error, naming the GPU and what to do, for a GPU older than
+// sm_80 or one this build has no code for (VCHAT_CUDA_ARCHS). Idempotent for the same
+// ordinal; asking for a different ordinal later throws std::logic_error, since existing
+// device tensors would silently belong to the old one.
 void init_backend(int device_ordinal = 0);
 
 // The bound device's compute context, made once by init_backend: the stream the device's
@@ -47,6 +49,8 @@ int bind_device();
 void synchronize();
 // Streaming multiprocessors of the bound device.
 int multiprocessor_count();
+// The bound device's compute capability, 10·major + minor (80: A100, 90: H100/H200).
+int compute_capability();
 
 // ---- Device memory ----------------------------------------------------------------------
 // The stream-ordered pool keeps freed blocks for reuse, up to this many bytes on a device of

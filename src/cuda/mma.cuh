@@ -89,9 +89,15 @@ __device__ __forceinline__ float in_register(float x) {
 // p[0] += a, p[1] += b in global memory, atomically, nothing returned (red.global.add.v2.f32,
 // sm_90: one REDG.E.ADD.F32x2 where two atomicAdd calls issue two). p 8-byte aligned. The
 // order in which lanes' and blocks' additions land is the hardware's: fp32 sums built this
-// way differ in their last bits from run to run.
+// way differ in their last bits from run to run. The vector form is sm_90's; an A100 (sm_80)
+// build adds the two floats one by one (two REDs: the same sums, twice the instructions).
 __device__ __forceinline__ void red_add_f32x2(float* p, float a, float b) {
+#if __CUDA_ARCH__ >= 900
   asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(__cvta_generic_to_global(p)), "f"(a), "f"(b) : "memory");
+#else
+  asm volatile("red.global.add.f32 [%0], %1;\n" ::"l"(__cvta_generic_to_global(p)), "f"(a) : "memory");
+  asm volatile("red.global.add.f32 [%0], %1;\n" ::"l"(__cvta_generic_to_global(p + 1)), "f"(b) : "memory");
+#endif
 }
 
 // Two floats as bf16 (round to nearest even) in one register, lo in the low half.

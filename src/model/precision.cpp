@@ -71,12 +71,20 @@ bool each_rank_has_a_gpu() {
   return local_size <= visible_gpus();
 }
 
+double gpu_peak_flops_of(int compute_capability, int sms, Precision p) {
+  // Per SM at the data sheet's clock, dense: tensor-core bf16 and plain fp32 (vchat's fp32
+  // GEMMs do not use TF32). A100 SXM: 312 and 19.5 TFLOP/s over 108 SMs; H100/H200 SXM:
+  // 989.4 and 66.9 over 132 (Hopper doubled the tensor cores' rate per SM and clock).
+  const bool bf16 = p == Precision::bf16;
+  const double per_sm = compute_capability < 90 ? (bf16 ? 312e12 : 19.5e12) / 108 : (bf16 ? 989.4e12 : 66.9e12) / 132;
+  return per_sm * sms;
+}
+
 double gpu_peak_flops(Precision p) {
-  const double sm90 = p == Precision::bf16 ? 989.4e12 : 66.9e12;  // H100/H200 SXM, 132 SMs, dense
 #ifdef VCHAT_WITH_CUDA
-  return sm90 * cuda::multiprocessor_count() / 132.0;
+  return gpu_peak_flops_of(cuda::compute_capability(), cuda::multiprocessor_count(), p);
 #else
-  return sm90;
+  return gpu_peak_flops_of(90, 132, p);
 #endif
 }
 

@@ -46,8 +46,13 @@ void set_deterministic_attention(bool deterministic);
 // Whether every rank on this node gets a GPU of its own (the node-local rank count, from
 // Open MPI or Slurm, is at most the visible GPUs): then NCCL can carry the collectives.
 bool each_rank_has_a_gpu();
-// The dense peak FLOP/s of the bound GPU at `precision` (for MFU): H100/H200 (sm_90) bf16
-// 989 TFLOP/s, fp32 67 TFLOP/s; other chips their SM count scaled from these.
+// The dense peak FLOP/s, for MFU, of a GPU of compute capability `compute_capability`
+// (10·major + minor) with `sms` SMs at `precision`: the data-center part's figure per SM
+// times the SMs, A100's for sm_8x (bf16 312 TFLOP/s, fp32 19.5 at 108 SMs), H100/H200's for
+// sm_90 and newer (989.4 and 66.9 at 132). Other parts (workstation Ampere/Ada, Blackwell)
+// differ per SM: give them --peak-tflops.
+double gpu_peak_flops_of(int compute_capability, int sms, Precision precision);
+// The same for the bound GPU.
 double gpu_peak_flops(Precision precision);
 // Waits until the device has finished its queued work (no-op on the CPU): step timings.
 void synchronize(Device device);

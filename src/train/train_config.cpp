@@ -77,7 +77,7 @@ bool parse_train_config(int argc, const char* const argv[], TrainConfig& c) {
     ("log-every", po::value(&c.log_every)->default_value(1), "print a step line every N steps")
     ("metrics", po::value(&c.metrics_file), "append one JSON line per step to this file")
     ("tensorboard", po::value(&c.tensorboard_dir), "write TensorBoard event files (loss, lr, grad norm, throughput, MFU, validation) into this directory")
-    ("peak-tflops", po::value(&c.peak_tflops)->default_value(0.0), "peak TFLOP/s of one rank's device, for MFU (0: measure the CPU's fp32 GEMM at start)")
+    ("peak-tflops", po::value(&c.peak_tflops)->default_value(0.0), "peak TFLOP/s of one rank's device, for MFU (0: on cuda the data sheet's dense figure of an A100 or H100 per SM times the GPU's SMs; on cpu the fp32 GEMM measured at start)")
     ("data", po::value(&c.data_sources)->composing(), "prepared dataset name=path[:weight]; repeatable (blended by weight)")
     ("global-batch", po::value(&c.global_batch)->default_value(0), "samples per step over all ranks (0: micro-batch-size x micro-batches x dp)")
     ("val-fraction", po::value(&c.val_fraction)->default_value(0.0), "fraction of each dataset held out for validation")

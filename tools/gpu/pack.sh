@@ -65,7 +65,9 @@ git -C "$ROOT" rev-parse HEAD > "$stage/pack/COMMIT" 2>/dev/null || echo unknown
 for f in "$stage"/pack/bin/* "$stage"/pack/lib/*; do objdump -T "$f" 2>/dev/null | grep -oE 'GLIBC_2\.[0-9]+'; done |
   sed 's/GLIBC_//' | sort -V | tail -n 1 > "$stage/pack/GLIBC_NEEDED"
 mkdir -p "$OUTDIR"
-tar -C "$stage" -cJf "$OUTDIR/pack.tar.xz.tmp" pack
+# xz -9: its 64 MiB window spans the binaries, which each carry the same kernels for every
+# arch built (sm_80 and sm_90): about half the size of the default -6 (8 MiB window).
+tar -C "$stage" -cf - pack | xz -9 -T2 > "$OUTDIR/pack.tar.xz.tmp"
 mv "$OUTDIR/pack.tar.xz.tmp" "$OUTDIR/pack.tar.xz"
 echo "pack: $(du -h "$OUTDIR/pack.tar.xz" | cut -f1) in $OUTDIR/pack.tar.xz ($(ls "$stage/pack/lib" | wc -l) libraries," \
      "$(du -sh "$stage/pack" | cut -f1) unpacked)"

@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -26,9 +27,40 @@ namespace {
 
 constexpr size_t kDeviceBytes = size_t{16} << 30;            // what cudaMemGetInfo reports
 constexpr int kSms = 2;                                      // few blocks for the grid-stride kernels
-constexpr int kSmemDefault = 48 << 10, kSmemOptin = 232448;  // an H100/H200's 227 KiB
+constexpr int kSmemDefault = 48 << 10;                       // without opting in, on every GPU
 constexpr size_t kArenaBytes = size_t{1} << 40;              // address space for device memory, never reused
 constexpr size_t kPage = 4096;
+
+// The emulated GPU (vchat::emu::emulate_gpu): its compute capability and whether the build
+// has code for it; from VCHAT_EMU_GPU ("CC" or "CC,nocode") at the first use, else an H100.
+struct EmulatedGpu {
+  std::atomic<int> cc{90};
+  std::atomic<bool> has_code{true};
+};
+EmulatedGpu& gpu() {
+  static EmulatedGpu* g = [] {
+    auto* made = new EmulatedGpu;
+    if (const char* v = std::getenv("VCHAT_EMU_GPU"); v && *v) {
+      made->cc = std::atoi(v);
+      made->has_code = std::strstr(v, ",nocode") == nullptr;
+    }
+    return made;
+  }();
+  return *g;
+}
+// The shared memory a block may opt in to on the emulated GPU.
+int smem_optin() {
+  switch (gpu().cc.load()) {
+    case 80:
+    case 87:
+      return 166912;  // A100: 163 KiB
+    case 86:
+    case 89:
+      return 101376;  // GA10x, AD10x: 99 KiB
+    default:
+      return 232448;  // H100/H200: 227 KiB
+  }
+}
 
 struct Allocation {
   size_t bytes;
@@ -85,7 +117,8 @@ struct Runtime {
   size_t device_in_use = 0;
   uint64_t release_threshold = 0;
   std::map<const void*, int> smem_granted;  // kernel -> bytes of dynamic shared memory allowed
-  std::map<const void*, std::pair<uint64_t, size_t>> launched;  // kernel -> largest block, dynamic smem
+  // (kernel, emulated GPU's compute capability) -> largest block, dynamic smem
+  std::map<std::pair<const void*, int>, std::pair<uint64_t, size_t>> launched;
   std::vector<CUstream_st*> streams;        // in creation order
   CUstream_st legacy;                       // the legacy default stream's one operation at a time (push)
   std::map<CUevent_st*, std::shared_ptr<CUevent_st>> events;
@@ -225,6 +258,10 @@ const char* name_of(cudaError_t e) {
       return "out of memory";
     case cudaErrorInvalidConfiguration:
       return "invalid configuration argument";
+    case cudaErrorInvalidDeviceFunction:
+      return "invalid device function";
+    case cudaErrorNoKernelImageForDevice:
+      return "no kernel image is available for execution on the device";
     case cudaErrorInvalidDevice:
       return "invalid device ordinal";
     case cudaErrorInvalidResourceHandle:
@@ -599,11 +636,26 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) 
     case cudaDevAttrMultiProcessorCount:
       *value = kSms;
       return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMajor:
+      *value = gpu().cc / 10;
+      return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMinor:
+      *value = gpu().cc % 10;
+      return cudaSuccess;
     case cudaDevAttrMaxSharedMemoryPerBlockOptin:
-      *value = kSmemOptin;
+      *value = smem_optin();
       return cudaSuccess;
   }
   return fail(cudaErrorInvalidValue, "device attribute " + std::to_string(int(attr)));
+}
+cudaError_t cudaGetDeviceProperties(cudaDeviceProp* prop, int device) {
+  if (device != 0) return fail(cudaErrorInvalidDevice, "device " + std::to_string(device) + " of 1");
+  *prop = cudaDeviceProp{};
+  std::snprintf(prop->name, sizeof prop->name, "vchat emulated GPU");
+  prop->major = gpu().cc / 10;
+  prop->minor = gpu().cc % 10;
+  prop->multiProcessorCount = kSms;
+  return cudaSuccess;
 }
 cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total_bytes) {
   Runtime& r = rt();
@@ -896,11 +948,22 @@ cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t start, cudaEvent_t end) 
   return cudaSuccess;
 }
 
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, const void* kernel) {
+  if (!kernel) return fail(cudaErrorInvalidDeviceFunction, "cudaFuncGetAttributes of a null kernel");
+  if (!gpu().has_code)
+    return fail(cudaErrorNoKernelImageForDevice, "the build has no code for compute capability " +
+                                                     std::to_string(gpu().cc / 10) + "." +
+                                                     std::to_string(gpu().cc % 10) + " (VCHAT_EMU_GPU)");
+  *attr = cudaFuncAttributes{};
+  attr->binaryVersion = attr->ptxVersion = gpu().cc;
+  return cudaSuccess;
+}
+
 cudaError_t cudaFuncSetAttribute(const void* kernel, cudaFuncAttribute attr, int value) {
   if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return fail(cudaErrorInvalidValue, "function attribute");
-  if (value < 0 || value > kSmemOptin)
+  if (value < 0 || value > smem_optin())
     return fail(cudaErrorInvalidValue, std::to_string(value) + " bytes of dynamic shared memory, past the " +
-                                           std::to_string(kSmemOptin) + " a block may opt in to");
+                                           std::to_string(smem_optin()) + " a block may opt in to");
   Lock lock(rt().mu);
   rt().smem_granted[kernel] = value;
   return cudaSuccess;
@@ -924,13 +987,14 @@ void write_launch_log() {
   exe[n] = 0;
   if (::stat(exe, &st) != 0) return;
   std::string out;
-  for (const auto& [kernel, most] : r.launched) {
+  for (const auto& [key, most] : r.launched) {
+    const void* kernel = key.first;
     Dl_info info;
     if (!::dladdr(kernel, &info) || !info.dli_fbase) continue;
     char line[4400];
-    std::snprintf(line, sizeof line, "%s %lld %zx %llu %zu\n", exe, static_cast<long long>(st.st_mtime),
+    std::snprintf(line, sizeof line, "%s %lld %zx %llu %zu %d\n", exe, static_cast<long long>(st.st_mtime),
                   static_cast<size_t>(static_cast<const char*>(kernel) - static_cast<const char*>(info.dli_fbase)),
-                  static_cast<unsigned long long>(most.first), most.second);
+                  static_cast<unsigned long long>(most.first), most.second, key.second);
     out += line;
   }
   const int fd = ::open(path, O_WRONLY | O_CREAT | O_APPEND, 0644);
@@ -942,7 +1006,7 @@ void write_launch_log() {
 void record_launch(Runtime& r, const void* kernel, uint64_t threads, size_t smem) {
   static const bool logging = std::getenv("VCHAT_EMU_LAUNCH_LOG") && std::atexit(write_launch_log) == 0;
   if (!logging) return;
-  auto& most = r.launched[kernel];
+  auto& most = r.launched[{kernel, gpu().cc.load()}];
   most.first = std::max(most.first, threads);
   most.second = std::max(most.second, smem);
 }
@@ -969,6 +1033,12 @@ void reset_host_waits() {
   Lock lock(rt().mu);
   rt().waits.clear();
 }
+
+void emulate_gpu(int compute_capability, bool has_code) {
+  gpu().cc = compute_capability;
+  gpu().has_code = has_code;
+}
+int emulated_compute_capability() { return gpu().cc; }
 
 void set_schedule(Schedule s) {
   Lock lock(rt().mu);

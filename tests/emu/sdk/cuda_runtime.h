@@ -88,7 +88,9 @@ enum cudaError_t {
   cudaErrorInvalidValue = 1,
   cudaErrorMemoryAllocation = 2,
   cudaErrorInvalidConfiguration = 9,
+  cudaErrorInvalidDeviceFunction = 98,
   cudaErrorInvalidDevice = 101,
+  cudaErrorNoKernelImageForDevice = 209,
   cudaErrorInvalidResourceHandle = 400,
   cudaErrorNotReady = 600,
   cudaErrorIllegalAddress = 700,
@@ -116,7 +118,20 @@ struct cudaPointerAttributes {
 };
 enum cudaDeviceAttr {
   cudaDevAttrMultiProcessorCount = 16,
+  cudaDevAttrComputeCapabilityMajor = 75,
+  cudaDevAttrComputeCapabilityMinor = 76,
   cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
+};
+// The fields of the real structs that vchat reads.
+struct cudaDeviceProp {
+  char name[256];
+  int major, minor;
+  int multiProcessorCount;
+};
+struct cudaFuncAttributes {
+  int binaryVersion;  // the architecture of the machine code the device runs, 10·major + minor
+  int ptxVersion;
+  int numRegs;
 };
 enum cudaFuncAttribute {
   cudaFuncAttributeMaxDynamicSharedMemorySize = 8,
@@ -151,6 +166,7 @@ cudaError_t cudaGetDevice(int* d);
 cudaError_t cudaSetDevice(int d);
 cudaError_t cudaDeviceSynchronize();
 cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device);
+cudaError_t cudaGetDeviceProperties(cudaDeviceProp* prop, int device);
 cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total_bytes);
 
 cudaError_t cudaMalloc(void** p, size_t bytes);
@@ -189,6 +205,13 @@ template <class Kernel>
 cudaError_t cudaFuncSetAttribute(Kernel* kernel, cudaFuncAttribute attr, int value) {
   return cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel), attr, value);
 }
+// The device's code of a kernel: cudaErrorNoKernelImageForDevice where the build has none
+// for the emulated GPU (vchat::emu::emulate_gpu).
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, const void* kernel);
+template <class Kernel>
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, Kernel* kernel) {
+  return cudaFuncGetAttributes(attr, reinterpret_cast<const void*>(kernel));
+}
 
 namespace vchat::emu {
 
@@ -212,6 +235,15 @@ void set_schedule(Schedule s);
 // GPU depends on these: a test counts them per step.
 std::map<std::string, uint64_t> host_waits();
 void reset_host_waits();
+
+// Which GPU the device is: its compute capability (10·major + minor) and so the shared
+// memory a block may opt in to (80: an A100's 163 KiB; 86, 89: 99 KiB; else an H100/H200's
+// 227 KiB), and whether the running build has code for it (has_code false: a build for other
+// architectures, cudaFuncGetAttributes answers cudaErrorNoKernelImageForDevice). At start
+// an H100 with code, or what VCHAT_EMU_GPU says: "CC" or "CC,nocode" (e.g. "80", "90,nocode"),
+// for a process a test starts.
+void emulate_gpu(int compute_capability, bool has_code = true);
+int emulated_compute_capability();
 
 // Queues `work` on stream s, to run in stream order (see the header comment); the legacy
 // default stream (null) runs it at once. Fails, naming `what`, on a destroyed stream.

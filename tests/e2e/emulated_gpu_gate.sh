@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# vchat-train refuses, before touching the GPU, one it cannot run on, and says what to do:
+# a GPU older than sm_80 (no bf16 tensor cores), and one whose architecture the build left
+# out (VCHAT_CUDA_ARCHS; on a GPU the first kernel would fail with "no kernel image is
+# available"), under --device cuda and --device auto alike (auto does not fall back to the
+# CPU behind a visible GPU's back). An A100 (compute capability 8.0) trains. The emulated
+# device plays each GPU (VCHAT_EMU_GPU). Usage: emulated_gpu_gate.sh BUILD_DIR SOURCE_DIR
+set -uo pipefail
+BUILD=$1
+cd "$2"
+export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
+W=$(mktemp -d)
+trap 'rm -rf "$W"' EXIT
+ARGS=(--model inputs/models/tiny.json --train full --steps 2 --micro-batch-size 2 --global-batch 2 --seq-len 128
+      --threads 1)
+fail=0
+refused() {  # refused GPU DEVICE WORDS...: exits non-zero, and the error holds each of WORDS
+  local gpu=$1 device=$2; shift 2
+  VCHAT_EMU_GPU=$gpu timeout 120 "$BUILD/tests/vchat-train-emulated" --device "$device" "${ARGS[@]}" > "$W/out" 2>&1
+  local rc=$?
+  if [ $rc -eq 0 ] || [ $rc -eq 124 ]; then
+    echo "FAIL: VCHAT_EMU_GPU=$gpu --device $device: exit $rc, expected a refusal"; cat "$W/out"; fail=1; return
+  fi
+  for w in "$@"; do
+    grep -qF -- "$w" "$W/out" || { echo "FAIL: VCHAT_EMU_GPU=$gpu --device $device: no '$w' in:"; cat "$W/out"; fail=1; }
+  done
+  grep -q "^step " "$W/out" && { echo "FAIL: VCHAT_EMU_GPU=$gpu: a step ran"; fail=1; }
+}
+for device in cuda auto; do
+  refused 75 $device "compute capability 7.5" "needs compute capability 8.0 or newer" "--device cpu"
+  refused 86,nocode $device "has no code for CUDA device 0" "compute capability 8.6" \
+          "compiled for CUDA architectures" '-DVCHAT_CUDA_ARCHS="80;90;86"' "--device cpu"
+done
+VCHAT_EMU_GPU=80 timeout 300 "$BUILD/tests/vchat-train-emulated" --device cuda --precision bf16 "${ARGS[@]}" \
+  > "$W/out" 2>&1 || { echo "FAIL: an A100 (8.0) did not train"; cat "$W/out"; fail=1; }
+grep -q "^step     2/2" "$W/out" || { echo "FAIL: no step 2 on an A100"; cat "$W/out"; fail=1; }
+[ $fail -eq 0 ] && echo "vchat-train: refuses sm_75 and a GPU outside the build, naming what to do; an A100 trains"
+exit $fail
