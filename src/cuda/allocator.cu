@@ -23,6 +23,8 @@
 
 #include "cuda/cuda_backend.h"
 #include "cuda/cuda_check.h"
+#include "cuda/elementwise_kernels.cuh"
+#include "cuda/grid_stride.cuh"
 
 namespace vchat::cuda {
 
@@ -128,10 +130,6 @@ const Context& memory_context() {
   return b.compute;
 }
 
-// Does nothing: cudaFuncGetAttributes of it says whether this build holds code the device
-// can run (machine code of its architecture, or PTX older than it, compiled at load).
-__global__ void probe_kernel() {}
-
 #ifndef VCHAT_CUDA_ARCHS_BUILT
 #error "VCHAT_CUDA_ARCHS_BUILT (CMakeLists.txt: the CUDA architectures this build holds code for) is not defined"
 #endif
@@ -149,8 +147,11 @@ void check_build_runs_on(int device) {
     throw std::runtime_error(gpu +
                              " has no bf16 tensor cores: vchat's CUDA backend needs compute capability 8.0 or newer "
                              "(A100, H100, H200, ...); run with --device cpu");
+  // Whether the build holds code the device can run (machine code of its architecture, or
+  // PTX older than it, compiled at load), asked of the runtime for one kernel, the fill's:
+  // every kernel is compiled for the same architectures.
   cudaFuncAttributes attr{};
-  const cudaError_t e = cudaFuncGetAttributes(&attr, probe_kernel);
+  const cudaError_t e = cudaFuncGetAttributes(&attr, each_kernel<FillEach<float>>);
   if (e == cudaErrorNoKernelImageForDevice || e == cudaErrorInvalidDeviceFunction) {
     (void)cudaGetLastError();
     std::string built = VCHAT_CUDA_ARCHS_BUILT;  // CMake's list, its ';' written as ','
