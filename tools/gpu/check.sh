@@ -157,8 +157,8 @@ M=inputs/models/llama-1b-clip-l14-224.json
 BATCH=$WORK/batch.safetensors
 stage step-vchat 120 "$BIN/vchat-bench-step" --device cuda --precision bf16 --model $M --train full --batch 2 \
       --seq-len 2048 --images 4 --warmup 1 --iters 3 --profile --batch-out "$BATCH"
-# The PyTorch MFU over the same peak vchat's used (gpu_peak_flops: the H100/H200 SXM's 989.4
-# dense bf16 TFLOP/s over 132 SMs, times this GPU's SMs).
+# The PyTorch MFU over the same peak vchat's used (gpu_peak_flops_of: the data sheet's dense
+# bf16 figure per SM of this GPU's generation, A100's or H100/H200's, times its SMs).
 FLOPS=$(value step-vchat model_flops); PEAK=$(value step-vchat peak_tflops); PEAK=${PEAK:-989.4}
 if [[ -n $FLOPS && -f $BATCH ]]; then
   stage step-torch-eager 120 "${TORCH[@]}" bench/gpu_torch_step.py --batch-file "$BATCH" --flops "$FLOPS" \
