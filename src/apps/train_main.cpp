@@ -54,7 +54,8 @@ int main(int argc, char** argv) {
 #endif
       }
       if (root)
-        std::printf("vchat-train | device cuda, %s, collectives over %s\n", vchat::precision_name(cfg.precision),
+        std::printf("vchat-train | device %s, %s, collectives over %s\n", vchat::gpu_description().c_str(),
+                    vchat::precision_name(cfg.precision),
                     device_world ? "NCCL" : "MPI (device buffers staged through the host)");
     }
   } catch (const vchat::ConfigError& e) {

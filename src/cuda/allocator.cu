@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstdio>
 #include <memory>
 #include <mutex>
 #include <stdexcept>
@@ -225,6 +226,18 @@ int compute_capability() {
   CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
   CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
   return 10 * major + minor;
+}
+
+std::string device_description() {
+  const int device = bind_device();
+  cudaDeviceProp prop{};
+  CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
+  size_t free_bytes = 0, total_bytes = 0;
+  CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
+  char text[512];
+  std::snprintf(text, sizeof text, "cuda:%d (%s, compute capability %d.%d, %d SMs, %.1f GiB)", device, prop.name,
+                prop.major, prop.minor, prop.multiProcessorCount, static_cast<double>(total_bytes) / (1 << 30));
+  return text;
 }
 
 PoolState pool_state() {

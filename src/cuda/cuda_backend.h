@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <initializer_list>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "cuda/context.h"
@@ -51,6 +52,9 @@ void synchronize();
 int multiprocessor_count();
 // The bound device's compute capability, 10·major + minor (80: A100, 90: H100/H200).
 int compute_capability();
+// The bound device for a log line: "cuda:0 (NVIDIA H100 80GB HBM3, compute capability 9.0,
+// 132 SMs, 79.1 GiB)".
+std::string device_description();
 
 // ---- Device memory ----------------------------------------------------------------------
 // The stream-ordered pool keeps freed blocks for reuse, up to this many bytes on a device of

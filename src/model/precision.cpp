@@ -52,6 +52,14 @@ int select_gpu(int fallback_rank) {
 #endif
 }
 
+std::string gpu_description() {
+#ifdef VCHAT_WITH_CUDA
+  return cuda::device_description();
+#else
+  return "cuda";
+#endif
+}
+
 void set_deterministic_attention(bool deterministic) {
 #ifdef VCHAT_WITH_CUDA
   cuda::set_attention_backward(deterministic ? cuda::AttentionBackward::deterministic

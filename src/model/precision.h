@@ -39,6 +39,9 @@ int visible_gpus();
 // Binds this process to its GPU: the node-local rank (Open MPI's or Slurm's, else
 // `fallback_rank`) modulo the visible GPUs. Throws without the CUDA backend or a GPU.
 int select_gpu(int fallback_rank);
+// The GPU select_gpu bound, for a log line (its ordinal, name, compute capability, SMs and
+// memory); "cuda" without the CUDA backend.
+std::string gpu_description();
 // How bf16 flash attention's backward computes dQ on the bound GPU (cuda/cuda_backend.h
 // AttentionBackward): deterministic, or by atomic adds in the dK/dV pass. Process-wide;
 // asking for the atomic one throws without the CUDA backend.

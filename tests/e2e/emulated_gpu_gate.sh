@@ -3,8 +3,9 @@
 # a GPU older than sm_80 (no bf16 tensor cores), and one whose architecture the build left
 # out (VCHAT_CUDA_ARCHS; on a GPU the first kernel would fail with "no kernel image is
 # available"), under --device cuda and --device auto alike (auto does not fall back to the
-# CPU behind a visible GPU's back). An A100 (compute capability 8.0) trains. The emulated
-# device plays each GPU (VCHAT_EMU_GPU). Usage: emulated_gpu_gate.sh BUILD_DIR SOURCE_DIR
+# CPU behind a visible GPU's back). An A100 (compute capability 8.0) trains, and the log
+# names it. The emulated device plays each GPU (VCHAT_EMU_GPU).
+# Usage: emulated_gpu_gate.sh BUILD_DIR SOURCE_DIR
 set -uo pipefail
 BUILD=$1
 cd "$2"
@@ -34,5 +35,8 @@ done
 VCHAT_EMU_GPU=80 timeout 300 "$BUILD/tests/vchat-train-emulated" --device cuda --precision bf16 "${ARGS[@]}" \
   > "$W/out" 2>&1 || { echo "FAIL: an A100 (8.0) did not train"; cat "$W/out"; fail=1; }
 grep -q "^step     2/2" "$W/out" || { echo "FAIL: no step 2 on an A100"; cat "$W/out"; fail=1; }
-[ $fail -eq 0 ] && echo "vchat-train: refuses sm_75 and a GPU outside the build, naming what to do; an A100 trains"
+# The log names the GPU it runs on.
+grep -qF "device cuda:0 (vchat emulated GPU, compute capability 8.0, 2 SMs, 16.0 GiB), bf16" "$W/out" ||
+  { echo "FAIL: the log does not name the GPU"; cat "$W/out"; fail=1; }
+[ $fail -eq 0 ] && echo "vchat-train: refuses sm_75 and a GPU outside the build, naming what to do; an A100 trains, named in the log"
 exit $fail
