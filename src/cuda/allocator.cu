@@ -135,15 +135,19 @@ const Context& memory_context() {
 #error "VCHAT_CUDA_ARCHS_BUILT (CMakeLists.txt: the CUDA architectures this build holds code for) is not defined"
 #endif
 
+// How an error or a log line names a GPU: "NVIDIA A100-SXM4-80GB, compute capability 8.0".
+std::string gpu_words(const cudaDeviceProp& prop) {
+  return std::string(prop.name) + ", compute capability " + std::to_string(prop.major) + "." +
+         std::to_string(prop.minor);
+}
+
 // Refuses a GPU this build cannot run, before anything is allocated on it: one older than
 // sm_80 (the kernels need bf16 tensor cores), or one whose architecture the build left out,
 // where the first kernel would otherwise fail with "no kernel image is available".
 void check_build_runs_on(int device) {
   cudaDeviceProp prop{};
   CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
-  const std::string cc = std::to_string(prop.major) + "." + std::to_string(prop.minor);
-  const std::string gpu =
-      "CUDA device " + std::to_string(device) + " (" + prop.name + ", compute capability " + cc + ")";
+  const std::string gpu = "CUDA device " + std::to_string(device) + " (" + gpu_words(prop) + ")";
   if (prop.major < 8)
     throw std::runtime_error(gpu +
                              " has no bf16 tensor cores: vchat's CUDA backend needs compute capability 8.0 or newer "
@@ -234,10 +238,10 @@ std::string device_description() {
   CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
   size_t free_bytes = 0, total_bytes = 0;
   CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
-  char text[512];
-  std::snprintf(text, sizeof text, "cuda:%d (%s, compute capability %d.%d, %d SMs, %.1f GiB)", device, prop.name,
-                prop.major, prop.minor, prop.multiProcessorCount, static_cast<double>(total_bytes) / (1 << 30));
-  return text;
+  char sms_memory[64];
+  std::snprintf(sms_memory, sizeof sms_memory, ", %d SMs, %.1f GiB)", prop.multiProcessorCount,
+                static_cast<double>(total_bytes) / (1 << 30));
+  return "cuda:" + std::to_string(device) + " (" + gpu_words(prop) + sms_memory;
 }
 
 PoolState pool_state() {
