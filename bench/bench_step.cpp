@@ -6,8 +6,12 @@
 //   vchat-bench-step --device cuda --precision bf16 --model inputs/models/llama-1b-clip-l14-224.json
 //                    --train full --batch 4 --seq-len 2048 --images 4 --recompute none [--profile]
 // --profile: one more step after the timed ones with the op profiler on (src/profile.h), its
-// table of time per op printed as '#' lines after the result line. --attention-backward
-// atomic-dq: as vchat-train's (cuda: dQ added up in the dK/dV pass).
+// table of time per op printed as '#' lines after the result line (on a GPU with each op's
+// roofline). --attention-backward atomic-dq: as vchat-train's (cuda: dQ added up in the dK/dV
+// pass). --micro-batches K: each step accumulates the gradients of K forward and backward
+// passes over the batch before its one update, as training with --grad-accum does: the
+// update's memory traffic (AdamW reads and writes ~30 bytes a trainable weight) spread over
+// K times the tokens; model_flops counts all K.
 #include <cblas.h>
 #include <omp.h>
 
@@ -35,7 +39,7 @@ static int run(int argc, char** argv) {
   std::string model_file = "inputs/models/small.json", train = "default", attention = "mmca", batch_out;
   std::string device = "cpu", precision = "auto", recompute = "none", attention_backward = "deterministic";
   double peak_tflops = 0;
-  int64_t batch = 2, seq = 512, images = 4, warmup = 1, iters = 3;
+  int64_t batch = 2, seq = 512, images = 4, warmup = 1, iters = 3, micro_batches = 1;
   int threads = 2;
   bool profile_ops = false;
   po::options_description o("vchat-bench-step");
@@ -44,13 +48,18 @@ static int run(int argc, char** argv) {
       "threads", po::value(&threads))("warmup", po::value(&warmup))("iters", po::value(&iters))(
       "batch-out", po::value(&batch_out))("device", po::value(&device))("precision", po::value(&precision))(
       "recompute", po::value(&recompute))("peak-tflops", po::value(&peak_tflops))(
-      "profile", po::bool_switch(&profile_ops))("attention-backward", po::value(&attention_backward));
+      "profile", po::bool_switch(&profile_ops))("attention-backward", po::value(&attention_backward))(
+      "micro-batches", po::value(&micro_batches));
   po::variables_map vm;
   try {
     po::store(po::parse_command_line(argc, argv, o), vm);
     po::notify(vm);
   } catch (const std::exception& e) {
     std::cerr << "vchat-bench-step: " << e.what() << "\n" << o;
+    return 2;
+  }
+  if (micro_batches < 1) {
+    std::cerr << "vchat-bench-step: --micro-batches must be >= 1, got " << micro_batches << "\n";
     return 2;
   }
   omp_set_num_threads(threads);
@@ -87,13 +96,16 @@ static int run(int argc, char** argv) {
   // loss sums into a device scalar (no copy between forward and backward), the update
   // writes the gradient's sum of squares beside it, and both come back in one copy.
   const Tensor scalars = Tensor::zeros({2}, DType::f32, dev);  // [loss sum, gradient sum of squares]
-  const float loss_scale = 1.f / static_cast<float>(std::max<int64_t>(1, host_batch.supervised_count()));
+  const float loss_scale =
+      1.f / static_cast<float>(micro_batches * std::max<int64_t>(1, host_batch.supervised_count()));
   auto step_ms = [&] {
     const auto t0 = std::chrono::steady_clock::now();
     adam.zero_grads();
     scalars.zero_();
-    model.stage_forward(0, b, Tensor(), /*backward_follows=*/true, nullptr, false, scalars.slice(0, 0, 1));
-    model.stage_backward(0, b, Tensor(), loss_scale);
+    for (int64_t m = 0; m < micro_batches; ++m) {
+      model.stage_forward(0, b, Tensor(), /*backward_follows=*/true, nullptr, false, scalars.slice(0, 0, 1));
+      model.stage_backward(0, b, Tensor(), loss_scale);
+    }
     adam.update(1e-4f, scalars.slice(0, 1, 2));
     const std::vector<float> back = scalars.to_vector_f32();  // waits for the step's device work
     if (!std::isfinite(back[0]) || !std::isfinite(back[1]))
@@ -108,12 +120,14 @@ static int run(int argc, char** argv) {
   }
   std::sort(ms.begin(), ms.end());
   // Model FLOPs of the step (src/train/flops.cpp), over the device's peak: MFU.
-  const double flops = step_flops(cfg, opt, batch * b.seq_len(), b.seq_len(), b.n_images()).total();
+  const double flops =
+      static_cast<double>(micro_batches) * step_flops(cfg, opt, batch * b.seq_len(), b.seq_len(), b.n_images()).total();
   const double peak = peak_tflops > 0 ? peak_tflops * 1e12 : dev == Device::cuda ? gpu_peak_flops(prec) : measured_sgemm_peak();
   std::printf(
-      "# model=%s train=%s attention=%s batch=%lld seq=%lld images=%lld tokens=%lld threads=%d attention_backward=%s\n",
+      "# model=%s train=%s attention=%s batch=%lld seq=%lld images=%lld tokens=%lld threads=%d attention_backward=%s "
+      "micro_batches=%lld\n",
       cfg.name.c_str(), train.c_str(), attention.c_str(), (long long)batch, (long long)seq, (long long)b.n_images(),
-      (long long)b.non_pad_count(), threads, attention_backward.c_str());
+      (long long)b.non_pad_count(), threads, attention_backward.c_str(), (long long)micro_batches);
   std::printf("vchat_step_ms median=%.2f min=%.2f iters=%lld threads=%d device=%s precision=%s model_flops=%.6e "
               "mfu=%.4f peak_tflops=%.1f\n",
               ms[ms.size() / 2], ms[0], (long long)iters, threads, device_name(dev), precision_name(prec), flops,
@@ -124,8 +138,13 @@ static int run(int argc, char** argv) {
     profile::enable(true);
     const double t = step_ms();
     profile::enable(false);
-    const std::string table = profile::format(profile::report());
-    std::printf("# op profile of one step (%.2f ms with the profiler on; CUDA ops: GPU time):\n", t);
+    // On a GPU, each op against its roofline: the MFU peak above and the memory's bandwidth.
+    const profile::Peaks peaks{peak, dev == Device::cuda ? gpu_memory_bandwidth() : 0.0};
+    const std::string table = profile::format(profile::report(), peaks);
+    std::printf("# op profile of one step (%.2f ms with the profiler on; CUDA ops: GPU time", t);
+    if (peaks.bytes_per_s > 0)
+      std::printf("; roofline at %.1f TFLOP/s and %.0f GB/s", peaks.flops_per_s / 1e12, peaks.bytes_per_s / 1e9);
+    std::printf("):\n");
     size_t at = 0;
     while (at < table.size()) {
       const size_t nl = table.find('\n', at);

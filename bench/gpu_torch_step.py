@@ -2,12 +2,13 @@
 """PyTorch reference of one vchat training step on a GPU, for MFU comparisons (bench/RESULTS.md).
 
     python3 bench/gpu_torch_step.py --batch-file BATCH.safetensors --flops F --peak-tflops P \
-        [--mode eager|compile] [--attention mmca|causal] [--train full|default] [--iters 5]
+        [--mode eager|compile] [--attention mmca|causal] [--train full|default] [--iters 5] [--micro-batches K]
 
 BATCH is written by `vchat-bench-step --batch-out` (tokens, modality, targets, pixels and the
 model config in its metadata), so both sides train the same model shape on the same batch.
 F is vchat's model-FLOP count of that step (its `model_flops=` output), so both MFUs share a
-numerator. The model is the usual PyTorch way of writing it: parameters fp32, compute under
+numerator; K as vchat's --micro-batches (each step accumulates K forward and backward passes
+over the batch before its one update; F counts all K). The model is the usual PyTorch way of writing it: parameters fp32, compute under
 torch.autocast(bf16), fused AdamW; the ViT is frozen (no grad), as in every vchat train set.
 Attention: causal is SDPA with is_causal (flash); MMCA is what PyTorch must do without a
 kernel of its own: two SDPA calls with boolean masks (text keys, image keys), each its own
@@ -210,6 +211,7 @@ def main():
     ap.add_argument("--train", choices=("full", "default"), default="full")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--micro-batches", type=int, default=1)
     ap.add_argument("--device", default="cuda", help="cpu: a rehearsal of this script here (tools/gpu/rehearse.sh)")
     a = ap.parse_args()
     t, meta = read_batch(a.batch_file)
@@ -236,9 +238,10 @@ def main():
 
     def step():
         opt.zero_grad(set_to_none=True)
-        with torch.autocast(dev.type, dtype=torch.bfloat16):
-            loss = fwd(tokens, modality, targets, pixels, att, image_rows)
-        loss.backward()
+        for _ in range(a.micro_batches):
+            with torch.autocast(dev.type, dtype=torch.bfloat16):
+                loss = fwd(tokens, modality, targets, pixels, att, image_rows)
+            (loss / a.micro_batches).backward()
         opt.step()
         return loss
 
@@ -251,7 +254,8 @@ def main():
         if i >= a.warmup:
             ms.append((time.perf_counter() - t0) * 1e3)
     med = statistics.median(ms)
-    print(f"# torch {torch.__version__} mode={a.mode} attention={a.attention} train={a.train} loss={loss.item():.4f} "
+    print(f"# torch {torch.__version__} mode={a.mode} attention={a.attention} train={a.train} "
+          f"micro_batches={a.micro_batches} loss={loss.item():.4f} "
           f"peak_mem_gib={torch.cuda.max_memory_allocated() / 2**30 if dev.type == 'cuda' else 0:.1f}")
     print(f"torch_step_ms median={med:.2f} min={min(ms):.2f} mode={a.mode} mfu={a.flops / (med * 1e-3 * a.peak_tflops * 1e12):.4f}")
 

@@ -22,6 +22,7 @@ struct Record {
   void* start = nullptr;  // CUDA: events, read at report()
   void* end = nullptr;
   double ms = 0;          // CPU: measured at once
+  Work work;
 };
 
 std::atomic<bool> g_on{false};
@@ -44,6 +45,19 @@ void clear_locked() {
   g_records.clear();
 }
 
+// amount / seconds with an SI prefix in 8 columns ("612.3 T"), or "-" where there is no rate
+// to give (no work of that kind, or no time measured).
+std::string rate(double amount, double ms) {
+  if (!(amount > 0) || !(ms > 0)) return "       -";
+  double v = amount / (ms * 1e-3);
+  const char* prefix = " kMGTPE";
+  int p = 0;
+  while (v >= 1000 && p < 6) v /= 1000, ++p;
+  char s[32];
+  std::snprintf(s, sizeof s, "%6.1f %c", v, prefix[p]);
+  return s;
+}
+
 }  // namespace
 
 void enable(bool on) {
@@ -54,27 +68,29 @@ void enable(bool on) {
 
 bool enabled() { return g_on.load(std::memory_order_relaxed); }
 
-Scope::Scope(const char* op) {
+Scope::Scope(const char* op, Work work) {
   if (!enabled()) return;
   op_ = op;
+  work_ = work;
   t0_ns_ = now_ns();
 }
 
-Scope::Scope(const char* op, const cuda::Context& gpu) {
+Scope::Scope(const char* op, const cuda::Context& gpu, Work work) {
   if (!enabled()) return;
 #ifdef VCHAT_WITH_CUDA
   op_ = op;
+  work_ = work;
   device_ = Device::cuda;
   gpu_ = &gpu;
   start_ = cuda::timing_event_record(gpu);
 #else
-  (void)op, (void)gpu;  // no CUDA work to time in this build
+  (void)op, (void)gpu, (void)work;  // no CUDA work to time in this build
 #endif
 }
 
 Scope::~Scope() {
   if (!op_) return;
-  Record r{op_, device_};
+  Record r{op_, device_, nullptr, nullptr, 0, work_};
 #ifdef VCHAT_WITH_CUDA
   if (device_ == Device::cuda) {
     r.start = start_;
@@ -108,6 +124,8 @@ std::vector<Row> report() {
     row.device = r.device;
     row.calls += 1;
     row.ms += r.ms;
+    row.flops += r.work.flops;
+    row.bytes += r.work.bytes;
   }
   g_records.clear();
   std::vector<Row> rows;
@@ -116,18 +134,33 @@ std::vector<Row> report() {
   return rows;
 }
 
-std::string format(const std::vector<Row>& rows) {
-  double total = 0;
-  for (const Row& r : rows) total += r.ms;
-  std::string out = "op                    device  calls        ms       %\n";
-  char line[160];
+std::string format(const std::vector<Row>& rows, Peaks peaks) {
+  const bool roof = peaks.flops_per_s > 0 && peaks.bytes_per_s > 0;
+  // The roofline's ms for `flops` and `bytes`, and the columns giving it beside `ms`.
+  auto bound_ms = [&](double flops, double bytes) {
+    return roof ? 1e3 * std::max(flops / peaks.flops_per_s, bytes / peaks.bytes_per_s) : 0.0;
+  };
+  auto bound_columns = [&](double bound, double ms) -> std::string {
+    if (!roof) return "";
+    char s[48];
+    std::snprintf(s, sizeof s, " %9.3f %7.1f%%", bound, ms > 0 ? 100 * bound / ms : 0.0);
+    return s;
+  };
+  double total = 0, flops = 0, bytes = 0, bound_total = 0;
+  for (const Row& r : rows)
+    total += r.ms, flops += r.flops, bytes += r.bytes, bound_total += bound_ms(r.flops, r.bytes);
+  std::string out = "op                    device  calls        ms       %   FLOP/s  bytes/s";
+  out += roof ? "  bound ms  of bound\n" : "\n";
+  char line[200];
   for (const Row& r : rows) {
-    std::snprintf(line, sizeof line, "%-21s %-6s %6lld %9.3f %6.1f%%\n", r.op.c_str(), device_name(r.device),
-                  static_cast<long long>(r.calls), r.ms, total > 0 ? 100 * r.ms / total : 0.0);
-    out += line;
+    std::snprintf(line, sizeof line, "%-21s %-6s %6lld %9.3f %6.1f%% %s %s", r.op.c_str(), device_name(r.device),
+                  static_cast<long long>(r.calls), r.ms, total > 0 ? 100 * r.ms / total : 0.0,
+                  rate(r.flops, r.ms).c_str(), rate(r.bytes, r.ms).c_str());
+    out += line + bound_columns(bound_ms(r.flops, r.bytes), r.ms) + "\n";
   }
-  std::snprintf(line, sizeof line, "%-21s %-6s %6s %9.3f %6.1f%%\n", "total (ops)", "", "", total, 100.0);
-  return out + line;
+  std::snprintf(line, sizeof line, "%-21s %-6s %6s %9.3f %6.1f%% %s %s", "total (ops)", "", "", total, 100.0,
+                rate(flops, total).c_str(), rate(bytes, total).c_str());
+  return out + line + bound_columns(bound_total, total) + "\n";
 }
 
 }  // namespace vchat::profile

@@ -918,7 +918,7 @@ TEST_F(CudaOps, UploaderGroupsArriveWholeAcrossReusedStaging) {
 
 // The op profiler (profile.h) on the device: a CUDA op is timed by events on its stream, so
 // it shows under its name, on cuda, with GPU time (a 1024^3 GEMM takes well over a
-// microsecond and far less than a second on any GPU).
+// microsecond and far less than a second on any GPU), and the work it states.
 TEST_F(CudaOps, ProfilerTimesCudaOpsOnTheirStream) {
   const Tensor a = dev(host_rand({1024, 1024}, DType::bf16, rng), DType::bf16);
   const Tensor b = dev(host_rand({1024, 1024}, DType::bf16, rng), DType::bf16);
@@ -937,6 +937,26 @@ TEST_F(CudaOps, ProfilerTimesCudaOpsOnTheirStream) {
   EXPECT_LT(rows[0].ms, 1e3);
   EXPECT_EQ(rows[1].op, "scale");
   EXPECT_EQ(rows[1].calls, 1);
+  // The work each states, in the compute dtype's bytes: the rates the table gives.
+  const double n = 1024, bf16 = 2;
+  EXPECT_EQ(rows[0].flops, 2 * (2 * n * n * n));
+  EXPECT_EQ(rows[0].bytes, 2 * (3 * n * n * bf16));
+  EXPECT_EQ(rows[1].bytes, 2 * n * n * bf16);
+}
+
+// The roofline's bandwidth (cuda::memory_bandwidth, the profile's "bound" columns) is the
+// driver's memory clock and bus width at two transfers a clock: on a GPU, within the range of
+// the data-center parts vchat runs on (A100 40GB's 1.55 TB/s to a B200's 8); under
+// emulation, an H100 SXM's 3.35 TB/s.
+TEST_F(CudaOps, MemoryBandwidthIsTheDriversClockTimesItsBusWidth) {
+  const double bw = cuda::memory_bandwidth();
+#ifdef VCHAT_EMULATED_DEVICE
+  EXPECT_DOUBLE_EQ(bw, 2.0 * 2619e6 * 5120 / 8);
+#else
+  EXPECT_GT(bw, 1.2e12);
+  EXPECT_LT(bw, 10e12);
+#endif
+  std::printf("[ bandwidth ] %.0f GB/s\n", bw / 1e9);
 }
 
 // The memory pool caches freed blocks only up to its release threshold: filled past it and

@@ -118,20 +118,25 @@ TEST(EmulatedSdk, LaunchesCheckGeometrySharedMemoryAndPointers) {
 
 // The device plays the GPU it is told to be (vchat::emu::emulate_gpu; VCHAT_EMU_GPU for a
 // process): its compute capability through the attributes and the properties, the shared
-// memory a block may opt in to on it, and whether the build has code for it.
+// memory a block may opt in to on it, its memory (an A100 80GB's below sm_90, an H100 SXM's
+// from it), and whether the build has code for it.
 TEST(EmulatedSdk, PlaysTheGpuItIsToldToBe) {
   const int was = vchat::emu::emulated_compute_capability();
   struct Expect {
-    int cc, optin;
+    int cc, optin, memory_khz;
   };
-  for (const Expect e : {Expect{80, 166912}, Expect{86, 101376}, Expect{90, 232448}}) {
+  for (const Expect e : {Expect{80, 166912, 1593000}, Expect{86, 101376, 1593000}, Expect{90, 232448, 2619000}}) {
     vchat::emu::emulate_gpu(e.cc);
-    int major = 0, minor = 0, optin = 0;
+    int major = 0, minor = 0, optin = 0, khz = 0, bits = 0;
     ASSERT_EQ(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0), cudaSuccess);
     ASSERT_EQ(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, 0), cudaSuccess);
     ASSERT_EQ(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, 0), cudaSuccess);
+    ASSERT_EQ(cudaDeviceGetAttribute(&khz, cudaDevAttrMemoryClockRate, 0), cudaSuccess);
+    ASSERT_EQ(cudaDeviceGetAttribute(&bits, cudaDevAttrGlobalMemoryBusWidth, 0), cudaSuccess);
     EXPECT_EQ(10 * major + minor, e.cc);
     EXPECT_EQ(optin, e.optin) << e.cc;
+    EXPECT_EQ(khz, e.memory_khz) << e.cc;
+    EXPECT_EQ(bits, 5120) << e.cc;
     cudaDeviceProp prop{};
     ASSERT_EQ(cudaGetDeviceProperties(&prop, 0), cudaSuccess);
     EXPECT_EQ(10 * prop.major + prop.minor, e.cc);

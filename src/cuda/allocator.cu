@@ -232,6 +232,14 @@ int compute_capability() {
   return 10 * major + minor;
 }
 
+double memory_bandwidth() {
+  const int device = bind_device();
+  int khz = 0, bits = 0;
+  CUDA_CHECK(cudaDeviceGetAttribute(&khz, cudaDevAttrMemoryClockRate, device));
+  CUDA_CHECK(cudaDeviceGetAttribute(&bits, cudaDevAttrGlobalMemoryBusWidth, device));
+  return 2.0 * khz * 1e3 * bits / 8;
+}
+
 std::string device_description() {
   const int device = bind_device();
   cudaDeviceProp prop{};

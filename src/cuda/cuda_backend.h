@@ -52,6 +52,10 @@ void synchronize();
 int multiprocessor_count();
 // The bound device's compute capability, 10·major + minor (80: A100, 90: H100/H200).
 int compute_capability();
+// The bound device's peak memory bandwidth in bytes/s, from what the driver reports: two
+// transfers a clock (DDR) at the memory clock over the bus width (H100 SXM: 2619 MHz x 5120
+// bits = 3.35 TB/s; A100 80GB: 1593 MHz = 2.04 TB/s).
+double memory_bandwidth();
 // The bound device for a log line: "cuda:0 (NVIDIA H100 80GB HBM3, compute capability 9.0,
 // 132 SMs, 79.1 GiB)".
 std::string device_description();

@@ -96,6 +96,14 @@ double gpu_peak_flops(Precision p) {
 #endif
 }
 
+double gpu_memory_bandwidth() {
+#ifdef VCHAT_WITH_CUDA
+  return cuda::memory_bandwidth();
+#else
+  return 0;
+#endif
+}
+
 void synchronize(Device d) {
 #ifdef VCHAT_WITH_CUDA
   if (d == Device::cuda) cuda::synchronize();

@@ -57,6 +57,9 @@ bool each_rank_has_a_gpu();
 double gpu_peak_flops_of(int compute_capability, int sms, Precision precision);
 // The same for the bound GPU.
 double gpu_peak_flops(Precision precision);
+// The bound GPU's peak memory bandwidth in bytes/s (the driver's memory clock and bus
+// width); 0 without the CUDA backend.
+double gpu_memory_bandwidth();
 // Waits until the device has finished its queued work (no-op on the CPU): step timings.
 void synchronize(Device device);
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The device check's benchmark stages (tools/gpu/check.sh) on the emulated CUDA device, with
 # the same options at small shapes: vchat-bench-attn (every kernel set, and the atomic dQ),
-# vchat-bench-step (bf16, --profile, --batch-out) and vchat-bench-comm (NCCL at one rank, the
+# vchat-bench-step (bf16, --profile, --batch-out, --micro-batches) and vchat-bench-comm (NCCL at one rank, the
 # staged MPI path with two ranks, one emulated device each). Each must run and print the line check.sh reads
 # its figures from; the step's batch file must hold what bench/gpu_torch_step.py reads. The
 # figures themselves mean nothing here.
@@ -34,16 +34,27 @@ expect "attn-atomic-dq" "^vchat_attn_ms fwd=$NUM fwd_bwd=$NUM$" "$T/vchat-bench-
 expect step "^vchat_step_ms median=$NUM .*model_flops=[0-9.e+]+ mfu=$NUM peak_tflops=$NUM$" \
   "$T/vchat-bench-step-emulated" --device cuda --precision bf16 --model inputs/models/tiny.json --train full --batch 2 \
   --seq-len 128 --images 2 --warmup 1 --iters 1 --threads 1 --profile --batch-out "$W/batch.safetensors"
-# The step with the atomic dQ (--attention-backward atomic-dq), as the device check may run it.
-expect step-atomic-dq "^# model=tiny .* attention_backward=atomic-dq$" "$T/vchat-bench-step-emulated" --device cuda \
-  --precision bf16 --model inputs/models/tiny.json --train full --batch 2 --seq-len 128 --images 2 --warmup 1 --iters 1 \
-  --threads 1 --attention-backward atomic-dq
+# The step with the atomic dQ (--attention-backward atomic-dq), as the device check may run it,
+# accumulating two micro-batches (--micro-batches): twice the model FLOPs of the same batch.
+expect step-atomic-dq "^# model=tiny .* attention_backward=atomic-dq micro_batches=2$" "$T/vchat-bench-step-emulated" \
+  --device cuda --precision bf16 --model inputs/models/tiny.json --train full --batch 2 --seq-len 128 --images 2 \
+  --warmup 1 --iters 1 --threads 1 --attention-backward atomic-dq --micro-batches 2
+flops() { sed -n 's/.*model_flops=\([0-9.e+]*\).*/\1/p' "$W/$1.log"; }
+python3 -c 'import sys; a, b = map(float, sys.argv[1:]); sys.exit(0 if abs(b - 2 * a) <= 1e-6 * b else 1)' \
+  "$(flops step)" "$(flops step-atomic-dq)" ||
+  { echo "emulated_benchmarks: FAIL: two micro-batches count $(flops step-atomic-dq) model FLOPs, one $(flops step)"; bad=1; }
 # An image in the batch (the ViT runs), and --profile's table of ops timed on their stream:
 # the attention and the ViT's patchify among them.
 grep -qE "^# model=tiny .* images=[1-9]" "$W/step.log" || { echo "emulated_benchmarks: FAIL: the step's batch has no image"; bad=1; }
 for op in attention_bwd patchify; do
   grep -qE "^#   $op +cuda" "$W/step.log" || { echo "emulated_benchmarks: FAIL: step --profile did not time $op on the device"; bad=1; }
 done
+# Each op against its roofline (the MFU peak and the memory's bandwidth): a GEMM's FLOP/s
+# and bytes/s, and the columns of the bound, on the device's figures.
+grep -qE "roofline at $NUM TFLOP/s and [0-9]+ GB/s" "$W/step.log" ||
+  { echo "emulated_benchmarks: FAIL: step --profile names no roofline"; bad=1; }
+grep -qE "^#   gemm +cuda +[0-9]+ +$NUM +$NUM% +$NUM [kMGT] +$NUM [kMGT] +$NUM +$NUM%$" "$W/step.log" ||
+  { echo "emulated_benchmarks: FAIL: step --profile gives the GEMMs no rates or bound"; bad=1; }
 # The batch file as bench/gpu_torch_step.py reads it (its own reader, under Debian's torch):
 # dtypes, shapes, and the images' rows against the modality.
 /usr/bin/python3 - "$SRC/bench" "$W/batch.safetensors" <<'PY' || bad=1

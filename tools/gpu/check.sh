@@ -155,16 +155,22 @@ for L in 2048 4096; do
 done
 M=inputs/models/llama-1b-clip-l14-224.json
 BATCH=$WORK/batch.safetensors
+# Four micro-batches of 2 x 2048 tokens a step (16 K tokens an update), both sides: at one,
+# AdamW's and the gradient norm's memory traffic (~34 bytes a weight, 1.1 B weights) would be
+# a fifth of the step's roofline (docs/GPU.md, "Roofline of the 1B step"), a cost any
+# framework pays once per update, which training spreads over its accumulated micro-batches.
+# The profiled step's table shows the update's ms beside the micro-batches' ops.
+MB=4
 stage step-vchat 120 "$BIN/vchat-bench-step" --device cuda --precision bf16 --model $M --train full --batch 2 \
-      --seq-len 2048 --images 4 --warmup 1 --iters 3 --profile --batch-out "$BATCH"
+      --seq-len 2048 --images 4 --warmup 1 --iters 3 --micro-batches $MB --profile --batch-out "$BATCH"
 # The PyTorch MFU over the same peak vchat's used (gpu_peak_flops_of: the data sheet's dense
 # bf16 figure per SM of this GPU's generation, A100's or H100/H200's, times its SMs).
 FLOPS=$(value step-vchat model_flops); PEAK=$(value step-vchat peak_tflops); PEAK=${PEAK:-989.4}
 if [[ -n $FLOPS && -f $BATCH ]]; then
   stage step-torch-eager 120 "${TORCH[@]}" bench/gpu_torch_step.py --batch-file "$BATCH" --flops "$FLOPS" \
-        --peak-tflops "$PEAK" --mode eager --train full --attention mmca
+        --peak-tflops "$PEAK" --mode eager --train full --attention mmca --micro-batches $MB
   stage step-torch-compile 150 "${TORCH[@]}" bench/gpu_torch_step.py --batch-file "$BATCH" --flops "$FLOPS" \
-        --peak-tflops "$PEAK" --mode compile --train full --attention mmca
+        --peak-tflops "$PEAK" --mode compile --train full --attention mmca --micro-batches $MB
 else
   no_ref step-torch-eager step-vchat
   no_ref step-torch-compile step-vchat

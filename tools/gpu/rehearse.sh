@@ -84,7 +84,7 @@ if [[ -n ${TORCH_PY:-} ]]; then
   "$WORK/pack/bin/vchat-bench-step" --device cpu --model inputs/models/tiny-deep.json --train full --batch 2 \
       --seq-len 256 --images 2 --warmup 0 --iters 1 --batch-out "$tb" >> "$WORK/torch.txt" 2>&1 || torch_ok=0
   flops=$(sed -n 's/.*model_flops=\([0-9.e+-]*\).*/\1/p' "$WORK/torch.txt")
-  for args in "--mode eager --attention mmca" "--mode compile --attention mmca" "--mode eager --attention causal --train default"; do
+  for args in "--mode eager --attention mmca --micro-batches 2" "--mode compile --attention mmca" "--mode eager --attention causal --train default"; do
     (( torch_ok )) || break
     env -u LD_LIBRARY_PATH "$TORCH_PY" bench/gpu_torch_step.py --device cpu --batch-file "$tb" --flops "${flops:-1}" \
         --peak-tflops 1 --warmup 1 --iters 1 $args >> "$WORK/torch.txt" 2>&1 && grep -q "^torch_step_ms .*mfu=" "$WORK/torch.txt" || torch_ok=0

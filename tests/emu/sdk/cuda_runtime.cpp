@@ -645,6 +645,12 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) 
     case cudaDevAttrMaxSharedMemoryPerBlockOptin:
       *value = smem_optin();
       return cudaSuccess;
+    case cudaDevAttrMemoryClockRate:  // kHz: an H100 SXM's HBM3 from sm_90 on, an A100 80GB's HBM2e below
+      *value = gpu().cc >= 90 ? 2619000 : 1593000;
+      return cudaSuccess;
+    case cudaDevAttrGlobalMemoryBusWidth:
+      *value = 5120;
+      return cudaSuccess;
   }
   return fail(cudaErrorInvalidValue, "device attribute " + std::to_string(int(attr)));
 }
