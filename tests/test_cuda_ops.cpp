@@ -977,5 +977,29 @@ TEST_F(CudaOps, PoolGivesBackWhatItCachesPastItsThresholdAtSynchronization) {
   EXPECT_LE(cuda::pool_state().reserved_bytes, start.release_threshold) << filled << " blocks of 256 MiB freed";
 }
 
+// The GPU memory of the step line and the metrics (cuda::pool_peak_in_use): the most the
+// pool's tensors have held at once. While a new tensor lives it is at least what was in use
+// plus the tensor, and no less than before (under emulation, whose pool rounds nothing,
+// exactly the larger of the two); freeing it leaves the peak where it was.
+TEST_F(CudaOps, PoolPeakInUseIsTheMostItsTensorsHeldAtOnce) {
+  cuda::synchronize();
+  const uint64_t before = cuda::pool_peak_in_use(), in_use = cuda::pool_state().used_bytes;
+  ASSERT_GE(before, in_use);
+  const uint64_t bytes = uint64_t{64} << 20;
+  uint64_t during = 0;
+  {
+    const Tensor t = Tensor::empty({static_cast<int64_t>(bytes)}, DType::u8, Device::cuda);
+    during = cuda::pool_peak_in_use();
+  }
+  cuda::synchronize();
+  EXPECT_GE(during, in_use + bytes);
+  EXPECT_GE(during, before);
+#ifdef VCHAT_EMULATED_DEVICE
+  EXPECT_EQ(during, std::max(before, in_use + bytes));
+#endif
+  EXPECT_EQ(cuda::pool_peak_in_use(), during) << "a free lowers no peak";
+  EXPECT_LE(during, cuda::pool_state().device_bytes);
+}
+
 }  // namespace
 }  // namespace vchat

@@ -53,6 +53,7 @@ TEST(Telemetry, TensorBoardEventFilesReadBackWithTheTensorboardPackage) {
   ASSERT_EQ(rc, 0) << cmd << "\n" << out;
   EXPECT_NE(out.find("| MFU "), std::string::npos) << "the step line shows MFU";
   EXPECT_NE(out.find(" GB | eta"), std::string::npos) << "and peak memory";
+  EXPECT_EQ(out.find(" GB GPU"), std::string::npos) << "a CPU run names no GPU memory";
   const std::string script = tmp.file("read.py");
   std::ofstream(script) << R"PY(
 import json, sys
@@ -90,6 +91,7 @@ print(json.dumps(out))
   EXPECT_GT(mfu, 0);
   EXPECT_LT(mfu, 1) << "no run beats the measured peak";
   EXPECT_GT(double(m.steps.back()["peak_memory_bytes"]), 1e6);
+  EXPECT_FALSE(m.steps.back().contains("peak_gpu_memory_bytes")) << "a CPU run has no GPU memory to report";
 }
 
 TEST(Telemetry, PlotMetricsDrawsPngCurvesAndNamesABadLine) {
@@ -97,8 +99,14 @@ TEST(Telemetry, PlotMetricsDrawsPngCurvesAndNamesABadLine) {
   {
     std::ofstream m(tmp.file("m.jsonl"));
     for (int s = 1; s <= 5; ++s)
-      m << nlohmann::json{{"step", s}, {"loss", 5.0 / s}, {"lr", 1e-3}, {"grad_norm", 1.0}, {"tokens_per_second", 1e4},
-                          {"mfu", 0.3}, {"peak_memory_bytes", 1e8}}
+      m << nlohmann::json{{"step", s},
+                          {"loss", 5.0 / s},
+                          {"lr", 1e-3},
+                          {"grad_norm", 1.0},
+                          {"tokens_per_second", 1e4},
+                          {"mfu", 0.3},
+                          {"peak_memory_bytes", 1e8},
+                          {"peak_gpu_memory_bytes", 4e9}}
                .dump()
         << "\n";
     m << nlohmann::json{{"validation", "final"}, {"step", 5}, {"loss", 1.5}}.dump() << "\n";
@@ -107,7 +115,8 @@ TEST(Telemetry, PlotMetricsDrawsPngCurvesAndNamesABadLine) {
   int rc = 0;
   std::string out = test::sh(plot + tmp.file("m.jsonl") + " --out " + tmp.file("png"), &rc);
   ASSERT_EQ(rc, 0) << out;
-  for (const char* f : {"loss.png", "lr.png", "grad_norm.png", "throughput.png", "mfu.png", "memory.png"}) {
+  for (const char* f :
+       {"loss.png", "lr.png", "grad_norm.png", "throughput.png", "mfu.png", "memory.png", "gpu_memory.png"}) {
     std::ifstream in(tmp.file("png") + "/" + f, std::ios::binary);
     char magic[8] = {};
     in.read(magic, 8);

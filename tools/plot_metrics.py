@@ -27,6 +27,7 @@ CURVES = [
     ("tokens_per_second", "throughput", "tokens / s", "throughput.png"),
     ("mfu", "model FLOPs utilisation", "MFU", "mfu.png"),
     ("peak_memory_bytes", "peak memory (largest rank)", "bytes", "memory.png"),
+    ("peak_gpu_memory_bytes", "peak GPU memory in tensors (largest rank; GPU runs)", "bytes", "gpu_memory.png"),
 ]
 
 

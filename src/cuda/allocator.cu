@@ -262,7 +262,16 @@ PoolState pool_state() {
   st.device_bytes = total_bytes;
   CUDA_CHECK(cudaMemPoolGetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &st.release_threshold));
   CUDA_CHECK(cudaMemPoolGetAttribute(pool, cudaMemPoolAttrReservedMemCurrent, &st.reserved_bytes));
+  CUDA_CHECK(cudaMemPoolGetAttribute(pool, cudaMemPoolAttrUsedMemCurrent, &st.used_bytes));
   return st;
+}
+
+uint64_t pool_peak_in_use() {
+  cudaMemPool_t pool;
+  CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool, bind_device()));
+  uint64_t high = 0;
+  CUDA_CHECK(cudaMemPoolGetAttribute(pool, cudaMemPoolAttrUsedMemHigh, &high));
+  return high;
 }
 
 int bind_device() {

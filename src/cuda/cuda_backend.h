@@ -75,8 +75,13 @@ struct PoolState {
   uint64_t device_bytes = 0;       // the bound device's memory
   uint64_t release_threshold = 0;  // the pool's, as set by init_backend
   uint64_t reserved_bytes = 0;     // what the pool holds now, in use or cached
+  uint64_t used_bytes = 0;         // what of it is in use now
 };
 PoolState pool_state();
+// The most device memory the pool has had in use at once since the process began (bytes):
+// every tensor, nothing the driver, cuBLAS or NCCL allocate outside it (PyTorch's
+// max_memory_allocated). Reads a pool attribute: no wait for the device.
+uint64_t pool_peak_in_use();
 
 // Timing events for the op profiler (profile.h): a new event recorded on c's stream; the
 // milliseconds between two (waits for `end`); destroying one (never throws).

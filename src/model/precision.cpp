@@ -96,6 +96,14 @@ double gpu_peak_flops(Precision p) {
 #endif
 }
 
+double gpu_memory_peak_in_use() {
+#ifdef VCHAT_WITH_CUDA
+  return static_cast<double>(cuda::pool_peak_in_use());
+#else
+  return 0;
+#endif
+}
+
 double gpu_memory_bandwidth() {
 #ifdef VCHAT_WITH_CUDA
   return cuda::memory_bandwidth();

@@ -57,6 +57,9 @@ bool each_rank_has_a_gpu();
 double gpu_peak_flops_of(int compute_capability, int sms, Precision precision);
 // The same for the bound GPU.
 double gpu_peak_flops(Precision precision);
+// The most device memory in use at once by this process's tensors so far (bytes; the
+// pool's high-water mark, no wait for the device); 0 without the CUDA backend or a GPU bound.
+double gpu_memory_peak_in_use();
 // The bound GPU's peak memory bandwidth in bytes/s (the driver's memory clock and bus
 // width); 0 without the CUDA backend.
 double gpu_memory_bandwidth();

@@ -422,11 +422,16 @@ Trainer::Agreement Trainer::agree() {
                            cfg_.exit_after_minutes * 60;
   const bool enough = cfg_.exit_after_steps > 0 && step_ - first_step_ >= cfg_.exit_after_steps;
   const bool writing = saver_ && saver_->in_flight() && saver_->local_status() == ckpt::CheckpointSaver::writing;
-  double flags[4] = {static_cast<double>(StopSignals::requested()), time_up ? 1.0 : enough ? 2.0 : 0.0,
-                     writing ? 1.0 : 0.0, peak_rss_bytes()};
-  grid_->world().all_reduce_f64(flags, 4, ReduceOp::max);
+  double flags[5] = {static_cast<double>(StopSignals::requested()),
+                     time_up  ? 1.0
+                     : enough ? 2.0
+                              : 0.0,
+                     writing ? 1.0 : 0.0, peak_rss_bytes(),
+                     cfg_.device == Device::cuda ? gpu_memory_peak_in_use() : 0.0};
+  grid_->world().all_reduce_f64(flags, 5, ReduceOp::max);
   Agreement a;
   a.peak_memory = flags[3];
+  a.peak_gpu_memory = flags[4];
   if (flags[0] > 0) {
     a.stop = true;
     a.why = StopSignals::name(static_cast<int>(flags[0]));
@@ -533,12 +538,18 @@ void Trainer::run() {
       if (s.comm_device_seconds + s.pp_device_seconds > 0)
         std::snprintf(gpu_comm, sizeof gpu_comm, " [on GPU streams: comm %.0f, p2p %.0f]", s.comm_device_seconds * 1e3,
                       s.pp_device_seconds * 1e3);
+      // On a GPU, its memory beside the host's: the one a run runs out of.
+      char mem[96];
+      if (cfg_.device == Device::cuda)
+        std::snprintf(mem, sizeof mem, "%.2f GB host, %.2f GB GPU", a.peak_memory / 1e9, a.peak_gpu_memory / 1e9);
+      else
+        std::snprintf(mem, sizeof mem, "%.2f GB", a.peak_memory / 1e9);
       std::printf(
           "step %5lld/%lld | loss %.4f | lr %.3e | grad norm %.4f | %.0f tok/s | MFU %.1f%% | %.0f ms (compute %.0f, "
-          "comm %.0f, bubble %.0f)%s | mem %.2f GB | eta %.0fs%s\n",
+          "comm %.0f, bubble %.0f)%s | mem %s | eta %.0fs%s\n",
           static_cast<long long>(s.step), static_cast<long long>(cfg_.steps), s.loss, s.lr, s.grad_norm,
           s.tokens / s.seconds, s.mfu * 100, s.seconds * 1e3, (s.seconds - s.comm_seconds - s.bubble_seconds) * 1e3,
-          s.comm_seconds * 1e3, s.bubble_seconds * 1e3, gpu_comm, a.peak_memory / 1e9, eta,
+          s.comm_seconds * 1e3, s.bubble_seconds * 1e3, gpu_comm, mem, eta,
           s.supervised == 0 ? " | no supervised token in this step (answers cut off by --seq-len?): no update" : "");
       std::fflush(stdout);
     }
@@ -570,6 +581,7 @@ void Trainer::run() {
                           {"mem_frozen", mem.frozen},
                           {"mem_grads", mem.grads},
                           {"mem_optimizer", mem.optimizer}};
+      if (cfg_.device == Device::cuda) j["peak_gpu_memory_bytes"] = a.peak_gpu_memory;
       metrics_ << j.dump() << "\n" << std::flush;
     }
     if (tensorboard_) {
@@ -579,6 +591,8 @@ void Trainer::run() {
       tensorboard_->scalar("train/tokens_per_second", s.tokens / s.seconds, s.step);
       tensorboard_->scalar("train/mfu", s.mfu, s.step);
       tensorboard_->scalar("train/peak_memory_gb", a.peak_memory / 1e9, s.step);
+      if (cfg_.device == Device::cuda)
+        tensorboard_->scalar("train/peak_gpu_memory_gb", a.peak_gpu_memory / 1e9, s.step);
       tensorboard_->flush();
     }
     if (a.save_ready) report_saved(finish_save());

@@ -82,6 +82,7 @@ class Trainer {
     std::string why;     // "SIGUSR1", "--exit-after-minutes", ...
     bool save_ready = false;  // every rank wrote its file of the save in flight
     double peak_memory = 0;   // the largest resident set of any rank so far (bytes)
+    double peak_gpu_memory = 0;  // on cuda: the most GPU memory any rank's tensors held at once (bytes)
   };
   Agreement agree();
   std::string save_now();  // a blocking checkpoint (collective); returns its directory

@@ -33,10 +33,24 @@ for device in cuda auto; do
           "compiled for CUDA architectures" '-DVCHAT_CUDA_ARCHS="80;90;86"' "--device cpu"
 done
 VCHAT_EMU_GPU=80 timeout 300 "$BUILD/tests/vchat-train-emulated" --device cuda --precision bf16 "${ARGS[@]}" \
-  > "$W/out" 2>&1 || { echo "FAIL: an A100 (8.0) did not train"; cat "$W/out"; fail=1; }
+  --metrics "$W/m.jsonl" --tensorboard "$W/tb" > "$W/out" 2>&1 || { echo "FAIL: an A100 (8.0) did not train"; cat "$W/out"; fail=1; }
 grep -q "^step     2/2" "$W/out" || { echo "FAIL: no step 2 on an A100"; cat "$W/out"; fail=1; }
+# The step line gives the GPU's memory beside the host's, and so do the metrics (at least the
+# fp32 master, gradient and both Adam moments of every trained weight: 4 x trained_bytes)
+# and TensorBoard.
+grep -qE "^step .* \| mem [0-9.]+ GB host, [0-9.]+ GB GPU \| eta" "$W/out" ||
+  { echo "FAIL: the step line gives no GPU memory"; cat "$W/out"; fail=1; }
+python3 - "$W/m.jsonl" <<'PY' || fail=1
+import json, sys
+last = [json.loads(l) for l in open(sys.argv[1]) if '"validation"' not in l][-1]
+gpu, trained = last.get("peak_gpu_memory_bytes", 0), last["trained_bytes"]
+if not gpu >= 4 * trained:
+    sys.exit(f"FAIL: peak_gpu_memory_bytes {gpu} is under 4 x trained_bytes {trained}")
+PY
+grep -aqF "train/peak_gpu_memory_gb" "$W"/tb/events.out.tfevents.* ||
+  { echo "FAIL: no train/peak_gpu_memory_gb in the TensorBoard events"; fail=1; }
 # The log names the GPU it runs on.
 grep -qF "device cuda:0 (vchat emulated GPU, compute capability 8.0, 2 SMs, 16.0 GiB), bf16" "$W/out" ||
   { echo "FAIL: the log does not name the GPU"; cat "$W/out"; fail=1; }
-[ $fail -eq 0 ] && echo "vchat-train: refuses sm_75 and a GPU outside the build, naming what to do; an A100 trains, named in the log"
+[ $fail -eq 0 ] && echo "vchat-train: refuses sm_75 and a GPU outside the build, naming what to do; an A100 trains, named in the log, with its memory reported"
 exit $fail

@@ -115,6 +115,7 @@ struct Runtime {
   std::recursive_mutex mu;
   std::map<uintptr_t, Allocation> allocations;  // by start address
   size_t device_in_use = 0;
+  size_t device_in_use_high = 0;  // the most device_in_use has been
   uint64_t release_threshold = 0;
   std::map<const void*, int> smem_granted;  // kernel -> bytes of dynamic shared memory allowed
   // (kernel, emulated GPU's compute capability) -> largest block, dynamic smem
@@ -341,6 +342,7 @@ cudaError_t allocate(void** p, size_t bytes, bool device) {
   }
   r.allocations[reinterpret_cast<uintptr_t>(q)] = {bytes, device};
   if (device) r.device_in_use += bytes;
+  r.device_in_use_high = std::max(r.device_in_use_high, r.device_in_use);
   *p = q;
   return cudaSuccess;
 }
@@ -831,7 +833,21 @@ cudaError_t cudaMemPoolSetAttribute(cudaMemPool_t, cudaMemPoolAttr attr, void* v
 }
 cudaError_t cudaMemPoolGetAttribute(cudaMemPool_t, cudaMemPoolAttr attr, void* value) {
   Lock lock(rt().mu);
-  const uint64_t v = attr == cudaMemPoolAttrReleaseThreshold ? rt().release_threshold : rt().device_in_use;
+  uint64_t v = 0;
+  switch (attr) {
+    case cudaMemPoolAttrReleaseThreshold:
+      v = rt().release_threshold;
+      break;
+    case cudaMemPoolAttrReservedMemCurrent:  // nothing cached: what it holds is in use
+    case cudaMemPoolAttrUsedMemCurrent:
+      v = rt().device_in_use;
+      break;
+    case cudaMemPoolAttrUsedMemHigh:
+      v = rt().device_in_use_high;
+      break;
+    default:
+      return fail(cudaErrorInvalidValue, "pool attribute " + std::to_string(int(attr)));
+  }
   std::memcpy(value, &v, sizeof v);
   return cudaSuccess;
 }
