@@ -123,11 +123,16 @@ static int run(int argc, char** argv) {
   const double flops =
       static_cast<double>(micro_batches) * step_flops(cfg, opt, batch * b.seq_len(), b.seq_len(), b.n_images()).total();
   const double peak = peak_tflops > 0 ? peak_tflops * 1e12 : dev == Device::cuda ? gpu_peak_flops(prec) : measured_sgemm_peak();
+  // On a GPU, the most memory its tensors held at once (as PyTorch's max_memory_allocated,
+  // which bench/gpu_torch_step.py prints as peak_mem_gib).
+  char gpu_mem[48] = "";
+  if (dev == Device::cuda)
+    std::snprintf(gpu_mem, sizeof gpu_mem, " peak_gpu_mem_gib=%.2f", gpu_memory_peak_in_use() / double(1 << 30));
   std::printf(
       "# model=%s train=%s attention=%s batch=%lld seq=%lld images=%lld tokens=%lld threads=%d attention_backward=%s "
-      "micro_batches=%lld\n",
+      "micro_batches=%lld%s\n",
       cfg.name.c_str(), train.c_str(), attention.c_str(), (long long)batch, (long long)seq, (long long)b.n_images(),
-      (long long)b.non_pad_count(), threads, attention_backward.c_str(), (long long)micro_batches);
+      (long long)b.non_pad_count(), threads, attention_backward.c_str(), (long long)micro_batches, gpu_mem);
   std::printf("vchat_step_ms median=%.2f min=%.2f iters=%lld threads=%d device=%s precision=%s model_flops=%.6e "
               "mfu=%.4f peak_tflops=%.1f\n",
               ms[ms.size() / 2], ms[0], (long long)iters, threads, device_name(dev), precision_name(prec), flops,

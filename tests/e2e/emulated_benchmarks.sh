@@ -36,7 +36,8 @@ expect step "^vchat_step_ms median=$NUM .*model_flops=[0-9.e+]+ mfu=$NUM peak_tf
   --seq-len 128 --images 2 --warmup 1 --iters 1 --threads 1 --profile --batch-out "$W/batch.safetensors"
 # The step with the atomic dQ (--attention-backward atomic-dq), as the device check may run it,
 # accumulating two micro-batches (--micro-batches): twice the model FLOPs of the same batch.
-expect step-atomic-dq "^# model=tiny .* attention_backward=atomic-dq micro_batches=2$" "$T/vchat-bench-step-emulated" \
+expect step-atomic-dq "^# model=tiny .* attention_backward=atomic-dq micro_batches=2 peak_gpu_mem_gib=0\.[0-9]{2}$" \
+  "$T/vchat-bench-step-emulated" \
   --device cuda --precision bf16 --model inputs/models/tiny.json --train full --batch 2 --seq-len 128 --images 2 \
   --warmup 1 --iters 1 --threads 1 --attention-backward atomic-dq --micro-batches 2
 flops() { sed -n 's/.*model_flops=\([0-9.e+]*\).*/\1/p' "$W/$1.log"; }

@@ -47,7 +47,8 @@ for a in "$@"; do [[ $prev == --batch-out ]] && out=$a; prev=$a; done
 case "$*" in
   *tiny.json*) echo "vchat_step_ms median=11.50 min=11.00 iters=10 model_flops=2.000000e+12 mfu=0.1000 peak_tflops=989.4" ;;
   *small.json*) echo "vchat_step_ms median=21.50 min=21.00 iters=10 model_flops=3.000000e+13 mfu=0.2000 peak_tflops=989.4" ;;
-  *) echo "vchat_step_ms median=900.00 min=899.00 iters=3 model_flops=4.500000e+17 mfu=0.5100 peak_tflops=989.4" ;;
+  *) echo "# model=llama-1b-clip-l14-224 attention_backward=deterministic micro_batches=4 peak_gpu_mem_gib=41.25"
+     echo "vchat_step_ms median=900.00 min=899.00 iters=3 model_flops=4.500000e+17 mfu=0.5100 peak_tflops=989.4" ;;
 esac'
 standin "$T/pack/bin/vchat-bench-comm" 'echo "| nccl | device | 1 | all_reduce | 64 | 1.0 |"'
 standin "$T/pack/mpi/usr/bin/mpirun" 'while [[ $# -gt 0 && $1 != */bin/vchat* ]]; do shift; done; exec "$@"'
@@ -66,7 +67,8 @@ standin "$T/path/python3" 'case "$*" in
   *gpu_torch_attn.py*) echo "torch_attn_ms fwd=4.400 fwd_bwd=15.000" ;;
   *gpu_torch_step.py*"--mode compile"*) echo "Traceback: inductor failed" >&2; exit 1 ;;
   *gpu_torch_step.py*"--train default"*) echo "torch_step_ms median=14.00 min=13.00 mode=eager mfu=0.0800" ;;
-  *gpu_torch_step.py*) echo "torch_step_ms median=1500.00 min=1490.00 mode=eager mfu=0.3060" ;;
+  *gpu_torch_step.py*) echo "# torch 2.11.0 mode=eager micro_batches=4 loss=6.4 peak_mem_gib=52.5"
+                       echo "torch_step_ms median=1500.00 min=1490.00 mode=eager mfu=0.3060" ;;
   -) cat > /dev/null ;;
   *) echo "stand-in python3: unexpected $*" >&2; exit 2 ;;
 esac'
@@ -111,7 +113,7 @@ expect_row A torch-parity pass "all 3 configs agree"
 expect_row A step-torch-compile 'FAIL\(1\)'
 expect_row A memcheck pass
 expect_row A comm-mpi-staged-2 pass
-expect_row A figures - "attn L2048 fwd\+bwd: vchat 3.500 ms \(atomic dQ 3.000; fwd 1.000, WMMA fwd 1.500\), torch flash 4.000 ms; L4096: vchat 13.250 ms \(atomic dQ 11.500\), torch 15.000 ms; 1B step MFU: vchat 0.5100, torch eager 0.3060, compile +\|"
+expect_row A figures - "attn L2048 fwd\+bwd: vchat 3.500 ms \(atomic dQ 3.000; fwd 1.000, WMMA fwd 1.500\), torch flash 4.000 ms; L4096: vchat 13.250 ms \(atomic dQ 11.500\), torch 15.000 ms; 1B step MFU: vchat 0.5100, torch eager 0.3060, compile ; peak GPU memory GiB: vchat 41.25, torch eager 52.5, compile +\|"
 expect_row A figures-paper - "tiny vchat 11.50 ms, torch eager 14.00 ms; small vchat 21.50 ms, torch eager 14.00 ms"
 [[ $(tail -n 1 "$T/A/stdout") =~ ^\|\ figures-paper\ \|\ -\ \| ]] || fail "run A: the table is not printed last: $(tail -n 2 "$T/A/stdout")"
 logs=$(tar -tzf "$T/A/logs.tar.gz") || fail "run A: logs.tar.gz does not read"

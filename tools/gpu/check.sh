@@ -175,7 +175,7 @@ else
   no_ref step-torch-eager step-vchat
   no_ref step-torch-compile step-vchat
 fi
-record figures - "attn L2048 fwd+bwd: vchat $(value attn-vchat-2048 fwd_bwd) ms (atomic dQ $(value attn-vchat-atomic-2048 fwd_bwd); fwd $(value attn-vchat-2048 fwd), WMMA fwd $(value attn-vchat-wmma-2048 fwd)), torch flash $(value attn-torch-2048 fwd_bwd) ms; L4096: vchat $(value attn-vchat-4096 fwd_bwd) ms (atomic dQ $(value attn-vchat-atomic-4096 fwd_bwd)), torch $(value attn-torch-4096 fwd_bwd) ms; 1B step MFU: vchat $(value step-vchat mfu), torch eager $(value step-torch-eager mfu), compile $(value step-torch-compile mfu)"
+record figures - "attn L2048 fwd+bwd: vchat $(value attn-vchat-2048 fwd_bwd) ms (atomic dQ $(value attn-vchat-atomic-2048 fwd_bwd); fwd $(value attn-vchat-2048 fwd), WMMA fwd $(value attn-vchat-wmma-2048 fwd)), torch flash $(value attn-torch-2048 fwd_bwd) ms; L4096: vchat $(value attn-vchat-4096 fwd_bwd) ms (atomic dQ $(value attn-vchat-atomic-4096 fwd_bwd)), torch $(value attn-torch-4096 fwd_bwd) ms; 1B step MFU: vchat $(value step-vchat mfu), torch eager $(value step-torch-eager mfu), compile $(value step-torch-compile mfu); peak GPU memory GiB: vchat $(value step-vchat peak_gpu_mem_gib), torch eager $(value step-torch-eager peak_mem_gib), compile $(value step-torch-compile peak_mem_gib)"
 
 # 3. compute-sanitizer on the ops. It slows kernels 10-100x: the small op cases (no
 #    32000-wide vocabulary, no 600-token run, no 17M-row column sum). Some runtimes (gVisor)
