@@ -124,7 +124,9 @@ profile::Work decode_work(const Tensor& q, const Tensor& k, const Tensor& v, con
 }  // namespace
 
 // CPU(work, call, args): cpu::call(args) as an expression, timed under the call's name when
-// the op profiler is on (profile.h), with `work` (evaluated only then) as its Work.
+// the op profiler is on (profile.h), with `work` (evaluated only then) as its Work. An op
+// whose two paths do the same work states it once, first thing, as `const auto work = [&]
+// { ... };`, and passes work().
 #define CPU(work, op, ...) \
   (profile::Scope(#op, profile::enabled() ? profile::Work(work) : profile::Work{}), cpu::op(__VA_ARGS__))
 
@@ -144,10 +146,10 @@ profile::Work decode_work(const Tensor& q, const Tensor& k, const Tensor& v, con
 
 void gemm(const ExecContext& ex, const Tensor& A, bool ta, const Tensor& B, bool tb, const Tensor& C, float alpha,
           float beta) {
-  if (where("gemm", {{"C", C}, {"A", A}, {"B", B}}) == Device::cuda)
-    CUDA(gemm_work(A, ta, B, C, beta), gemm, A, ta, B, tb, C, alpha, beta);
+  const auto work = [&] { return gemm_work(A, ta, B, C, beta); };
+  if (where("gemm", {{"C", C}, {"A", A}, {"B", B}}) == Device::cuda) CUDA(work(), gemm, A, ta, B, tb, C, alpha, beta);
   cpu_f32("gemm", {{"A", A}, {"B", B}, {"C", C}});
-  CPU(gemm_work(A, ta, B, C, beta), gemm, A, ta, B, tb, C, alpha, beta);
+  CPU(work(), gemm, A, ta, B, tb, C, alpha, beta);
 }
 
 void linear_fwd(const ExecContext& ex, const Tensor& x, const Tensor& W, const Tensor& b, const Tensor& y) {
@@ -166,99 +168,113 @@ void linear_bwd_input(const ExecContext& ex, const Tensor& dy, const Tensor& W, 
 }
 
 void linear_bwd_weight(const ExecContext& ex, const Tensor& dy, const Tensor& x, const Tensor& dW, const Tensor& db) {
+  const auto work = [&] { return moves({dy, db}, {db}); };
   if (dW.defined()) gemm(ex, dy, true, x, false, dW, 1.f, 1.f);
   if (!db.defined()) return;
-  if (where("bias_grad", {{"db", db}, {"dy", dy}}) == Device::cuda) CUDA(moves({dy, db}, {db}), bias_grad, dy, db);
+  if (where("bias_grad", {{"db", db}, {"dy", dy}}) == Device::cuda) CUDA(work(), bias_grad, dy, db);
   cpu_f32("bias_grad", {{"dy", dy}, {"db", db}});
-  CPU(moves({dy, db}, {db}), bias_grad, dy, db);
+  CPU(work(), bias_grad, dy, db);
 }
 
 void add(const ExecContext& ex, const Tensor& a, const Tensor& b, const Tensor& out) {
-  if (where("add", {{"out", out}, {"a", a}, {"b", b}}) == Device::cuda) CUDA(moves({a, b}, {out}), add, a, b, out);
+  const auto work = [&] { return moves({a, b}, {out}); };
+  if (where("add", {{"out", out}, {"a", a}, {"b", b}}) == Device::cuda) CUDA(work(), add, a, b, out);
   cpu_f32("add", {{"a", a}, {"b", b}, {"out", out}});
-  CPU(moves({a, b}, {out}), add, a, b, out);
+  CPU(work(), add, a, b, out);
 }
 void axpy(const ExecContext& ex, float alpha, const Tensor& x, const Tensor& y) {
-  if (where("axpy", {{"y", y}, {"x", x}}) == Device::cuda) CUDA(moves({x, y}, {y}), axpy, alpha, x, y);
+  const auto work = [&] { return moves({x, y}, {y}); };
+  if (where("axpy", {{"y", y}, {"x", x}}) == Device::cuda) CUDA(work(), axpy, alpha, x, y);
   cpu_f32("axpy", {{"x", x}, {"y", y}});
-  CPU(moves({x, y}, {y}), axpy, alpha, x, y);
+  CPU(work(), axpy, alpha, x, y);
 }
 void scale(const ExecContext& ex, const Tensor& x, float alpha) {
-  if (where("scale", {{"x", x}}) == Device::cuda) CUDA(moves({x}, {x}), scale, x, alpha);
+  const auto work = [&] { return moves({x}, {x}); };
+  if (where("scale", {{"x", x}}) == Device::cuda) CUDA(work(), scale, x, alpha);
   cpu_f32("scale", {{"x", x}});
-  CPU(moves({x}, {x}), scale, x, alpha);
+  CPU(work(), scale, x, alpha);
 }
 void fill(const ExecContext& ex, const Tensor& x, float value) {
-  if (where("fill", {{"x", x}}) == Device::cuda) CUDA(moves({}, {x}), fill, x, value);
+  const auto work = [&] { return moves({}, {x}); };
+  if (where("fill", {{"x", x}}) == Device::cuda) CUDA(work(), fill, x, value);
   cpu_f32("fill", {{"x", x}});
-  CPU(moves({}, {x}), fill, x, value);
+  CPU(work(), fill, x, value);
 }
 
 void cast(const ExecContext& ex, const Tensor& src, const Tensor& dst) {
-  if (where("cast", {{"dst", dst}, {"src", src}}) == Device::cuda) CUDA(moves({src}, {dst}), cast, src, dst);
-  CPU(moves({src}, {dst}), cast, src, dst);
+  const auto work = [&] { return moves({src}, {dst}); };
+  if (where("cast", {{"dst", dst}, {"src", src}}) == Device::cuda) CUDA(work(), cast, src, dst);
+  CPU(work(), cast, src, dst);
 }
 
 void rmsnorm_fwd(const ExecContext& ex, const Tensor& x, const Tensor& w, float eps, const Tensor& y,
                  const Tensor& rstd) {
+  const auto work = [&] { return moves({x, w}, {y, rstd}); };
   if (where("rmsnorm_fwd", {{"x", x}, {"w", w}, {"y", y}, {"rstd", rstd}}) == Device::cuda)
-    CUDA(moves({x, w}, {y, rstd}), rmsnorm_fwd, x, w, eps, y, rstd);
+    CUDA(work(), rmsnorm_fwd, x, w, eps, y, rstd);
   cpu_f32("rmsnorm_fwd", {{"x", x}, {"w", w}, {"y", y}, {"rstd", rstd}});
-  CPU(moves({x, w}, {y, rstd}), rmsnorm_fwd, x, w, eps, y, rstd);
+  CPU(work(), rmsnorm_fwd, x, w, eps, y, rstd);
 }
 void rmsnorm_bwd(const ExecContext& ex, const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd,
                  const Tensor& dx, const Tensor& dw) {
+  const auto work = [&] { return moves({dy, x, w, rstd, dw}, {dx, dw}); };
   if (where("rmsnorm_bwd", {{"x", x}, {"dy", dy}, {"w", w}, {"rstd", rstd}, {"dx", dx}, {"dw", dw}}) == Device::cuda)
-    CUDA(moves({dy, x, w, rstd, dw}, {dx, dw}), rmsnorm_bwd, dy, x, w, rstd, dx, dw);
+    CUDA(work(), rmsnorm_bwd, dy, x, w, rstd, dx, dw);
   cpu_f32("rmsnorm_bwd", {{"dy", dy}, {"x", x}, {"w", w}, {"rstd", rstd}, {"dx", dx}, {"dw", dw}});
-  CPU(moves({dy, x, w, rstd, dw}, {dx, dw}), rmsnorm_bwd, dy, x, w, rstd, dx, dw);
+  CPU(work(), rmsnorm_bwd, dy, x, w, rstd, dx, dw);
 }
 void layernorm_fwd(const ExecContext& ex, const Tensor& x, const Tensor& w, const Tensor& b, float eps, const Tensor& y,
                    const Tensor& mean, const Tensor& rstd) {
+  const auto work = [&] { return moves({x, w, b}, {y, mean, rstd}); };
   if (where("layernorm_fwd", {{"x", x}, {"w", w}, {"b", b}, {"y", y}, {"mean", mean}, {"rstd", rstd}}) == Device::cuda)
-    CUDA(moves({x, w, b}, {y, mean, rstd}), layernorm_fwd, x, w, b, eps, y, mean, rstd);
+    CUDA(work(), layernorm_fwd, x, w, b, eps, y, mean, rstd);
   cpu_f32("layernorm_fwd", {{"x", x}, {"w", w}, {"b", b}, {"y", y}, {"mean", mean}, {"rstd", rstd}});
-  CPU(moves({x, w, b}, {y, mean, rstd}), layernorm_fwd, x, w, b, eps, y, mean, rstd);
+  CPU(work(), layernorm_fwd, x, w, b, eps, y, mean, rstd);
 }
 void layernorm_bwd(const ExecContext& ex, const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& mean,
                    const Tensor& rstd, const Tensor& dx, const Tensor& dw, const Tensor& db) {
+  const auto work = [&] { return moves({dy, x, w, mean, rstd, dw, db}, {dx, dw, db}); };
   if (where("layernorm_bwd", {{"x", x}, {"dy", dy}, {"w", w}, {"mean", mean}, {"rstd", rstd}, {"dx", dx}, {"dw", dw},
                               {"db", db}}) == Device::cuda)
-    CUDA(moves({dy, x, w, mean, rstd, dw, db}, {dx, dw, db}), layernorm_bwd, dy, x, w, mean, rstd, dx, dw, db);
+    CUDA(work(), layernorm_bwd, dy, x, w, mean, rstd, dx, dw, db);
   cpu_f32("layernorm_bwd",
           {{"dy", dy}, {"x", x}, {"w", w}, {"mean", mean}, {"rstd", rstd}, {"dx", dx}, {"dw", dw}, {"db", db}});
-  CPU(moves({dy, x, w, mean, rstd, dw, db}, {dx, dw, db}), layernorm_bwd, dy, x, w, mean, rstd, dx, dw, db);
+  CPU(work(), layernorm_bwd, dy, x, w, mean, rstd, dx, dw, db);
 }
 
 void rope_(const ExecContext& ex, const Tensor& x, double theta, bool inverse, int64_t position_offset) {
-  if (where("rope", {{"x", x}}) == Device::cuda) CUDA(moves({x}, {x}), rope_, x, theta, inverse, position_offset);
+  const auto work = [&] { return moves({x}, {x}); };
+  if (where("rope", {{"x", x}}) == Device::cuda) CUDA(work(), rope_, x, theta, inverse, position_offset);
   cpu_f32("rope", {{"x", x}});
-  CPU(moves({x}, {x}), rope_, x, theta, inverse, position_offset);
+  CPU(work(), rope_, x, theta, inverse, position_offset);
 }
 
 void swiglu_fwd(const ExecContext& ex, const Tensor& gate, const Tensor& up, const Tensor& out) {
+  const auto work = [&] { return moves({gate, up}, {out}); };
   if (where("swiglu_fwd", {{"out", out}, {"gate", gate}, {"up", up}}) == Device::cuda)
-    CUDA(moves({gate, up}, {out}), swiglu_fwd, gate, up, out);
+    CUDA(work(), swiglu_fwd, gate, up, out);
   cpu_f32("swiglu_fwd", {{"gate", gate}, {"up", up}, {"out", out}});
-  CPU(moves({gate, up}, {out}), swiglu_fwd, gate, up, out);
+  CPU(work(), swiglu_fwd, gate, up, out);
 }
 void swiglu_bwd(const ExecContext& ex, const Tensor& dout, const Tensor& gate, const Tensor& up, const Tensor& dgate,
                 const Tensor& dup) {
+  const auto work = [&] { return moves({dout, gate, up}, {dgate, dup}); };
   if (where("swiglu_bwd", {{"gate", gate}, {"dout", dout}, {"up", up}, {"dgate", dgate}, {"dup", dup}}) == Device::cuda)
-    CUDA(moves({dout, gate, up}, {dgate, dup}), swiglu_bwd, dout, gate, up, dgate, dup);
+    CUDA(work(), swiglu_bwd, dout, gate, up, dgate, dup);
   cpu_f32("swiglu_bwd", {{"dout", dout}, {"gate", gate}, {"up", up}, {"dgate", dgate}, {"dup", dup}});
-  CPU(moves({dout, gate, up}, {dgate, dup}), swiglu_bwd, dout, gate, up, dgate, dup);
+  CPU(work(), swiglu_bwd, dout, gate, up, dgate, dup);
 }
 void gelu_fwd(const ExecContext& ex, Activation act, const Tensor& x, const Tensor& y) {
-  if (where("gelu_fwd", {{"x", x}, {"y", y}}) == Device::cuda) CUDA(moves({x}, {y}), gelu_fwd, act, x, y);
+  const auto work = [&] { return moves({x}, {y}); };
+  if (where("gelu_fwd", {{"x", x}, {"y", y}}) == Device::cuda) CUDA(work(), gelu_fwd, act, x, y);
   cpu_f32("gelu_fwd", {{"x", x}, {"y", y}});
-  CPU(moves({x}, {y}), gelu_fwd, act, x, y);
+  CPU(work(), gelu_fwd, act, x, y);
 }
 void gelu_bwd(const ExecContext& ex, Activation act, const Tensor& dy, const Tensor& x, const Tensor& dx) {
-  if (where("gelu_bwd", {{"x", x}, {"dy", dy}, {"dx", dx}}) == Device::cuda)
-    CUDA(moves({dy, x}, {dx}), gelu_bwd, act, dy, x, dx);
+  const auto work = [&] { return moves({dy, x}, {dx}); };
+  if (where("gelu_bwd", {{"x", x}, {"dy", dy}, {"dx", dx}}) == Device::cuda) CUDA(work(), gelu_bwd, act, dy, x, dx);
   cpu_f32("gelu_bwd", {{"dy", dy}, {"x", x}, {"dx", dx}});
-  CPU(moves({dy, x}, {dx}), gelu_bwd, act, dy, x, dx);
+  CPU(work(), gelu_bwd, act, dy, x, dx);
 }
 
 Tensor attention_fwd(const ExecContext& ex, AttnMode mode, const Tensor& q, const Tensor& k, const Tensor& v,
@@ -285,11 +301,12 @@ Tensor attention_fwd(const ExecContext& ex, AttnMode mode, const Tensor& q, cons
 }
 void attention_decode(const ExecContext& ex, AttnMode mode, const Tensor& q, const Tensor& k, const Tensor& v,
                       const Tensor& modality, int64_t position, const Tensor& out) {
+  const auto work = [&] { return decode_work(q, k, v, modality, position, out); };
   if (mode != AttnMode::full) expect_dtype("attention_decode", {"modality", modality}, DType::u8);
   if (where("attention_decode", {{"q", q}, {"k", k}, {"v", v}, {"modality", modality}, {"out", out}}) == Device::cuda)
-    CUDA(decode_work(q, k, v, modality, position, out), attention_decode, mode, q, k, v, modality, position, out);
+    CUDA(work(), attention_decode, mode, q, k, v, modality, position, out);
   cpu_f32("attention_decode", {{"q", q}, {"k", k}, {"v", v}, {"out", out}});
-  CPU(decode_work(q, k, v, modality, position, out), attention_decode, mode, q, k, v, modality, position, out);
+  CPU(work(), attention_decode, mode, q, k, v, modality, position, out);
 }
 
 void attention_bwd(const ExecContext& ex, AttnMode mode, const Tensor& dout, const Tensor& q, const Tensor& k,
@@ -308,13 +325,14 @@ void attention_bwd(const ExecContext& ex, AttnMode mode, const Tensor& dout, con
 }
 
 void embedding_fwd(const ExecContext& ex, const Tensor& ids, const Tensor& table, const Tensor& out) {
+  const auto work = [&] { return moves({ids, out}, {out}); };
   expect_dtype("embedding_fwd", {"ids", ids}, DType::i32);
   // Work: the table rows it gathers are counted once per position (as out's bytes), here
   // and in the other row ops (the backward: each read and written back).
   if (where("embedding_fwd", {{"table", table}, {"ids", ids}, {"out", out}}) == Device::cuda)
-    CUDA(moves({ids, out}, {out}), embedding_fwd, ids, table, out, 0);
+    CUDA(work(), embedding_fwd, ids, table, out, 0);
   cpu_f32("embedding_fwd", {{"table", table}, {"out", out}});
-  CPU(moves({ids, out}, {out}), embedding_fwd, ids, table, out);
+  CPU(work(), embedding_fwd, ids, table, out);
 }
 void embedding_bwd(const ExecContext& ex, const Tensor& dout, const Tensor& ids, const TokenGroups& groups,
                    const Tensor& dtable) {
@@ -326,40 +344,45 @@ void embedding_bwd(const ExecContext& ex, const Tensor& dout, const Tensor& ids,
   CPU(moves({dout, ids, dout}, {dout}), embedding_bwd, dout, ids, dtable);
 }
 void scatter_rows(const ExecContext& ex, const Tensor& src, const Tensor& index, const Tensor& dst) {
+  const auto work = [&] { return moves({src, index}, {src}); };
   expect_dtype("scatter_rows", {"index", index}, DType::i32);
   if (where("scatter_rows", {{"dst", dst}, {"src", src}, {"index", index}}) == Device::cuda)
-    CUDA(moves({src, index}, {src}), scatter_rows, src, index, dst);
+    CUDA(work(), scatter_rows, src, index, dst);
   cpu_f32("scatter_rows", {{"src", src}, {"dst", dst}});
-  CPU(moves({src, index}, {src}), scatter_rows, src, index, dst);
+  CPU(work(), scatter_rows, src, index, dst);
 }
 void gather_rows(const ExecContext& ex, const Tensor& src, const Tensor& index, const Tensor& dst) {
+  const auto work = [&] { return moves({dst, index}, {dst}); };
   expect_dtype("gather_rows", {"index", index}, DType::i32);
   if (where("gather_rows", {{"dst", dst}, {"src", src}, {"index", index}}) == Device::cuda)
-    CUDA(moves({dst, index}, {dst}), gather_rows, src, index, dst);
+    CUDA(work(), gather_rows, src, index, dst);
   cpu_f32("gather_rows", {{"src", src}, {"dst", dst}});
-  CPU(moves({dst, index}, {dst}), gather_rows, src, index, dst);
+  CPU(work(), gather_rows, src, index, dst);
 }
 void patchify(const ExecContext& ex, const Tensor& pixels, int64_t patch, const Tensor& patches) {
+  const auto work = [&] { return moves({pixels}, {patches}); };
   if (where("patchify", {{"pixels", pixels}, {"patches", patches}}) == Device::cuda)
-    CUDA(moves({pixels}, {patches}), patchify, pixels, patch, patches);
+    CUDA(work(), patchify, pixels, patch, patches);
   cpu_f32("patchify", {{"pixels", pixels}, {"patches", patches}});
-  CPU(moves({pixels}, {patches}), patchify, pixels, patch, patches);
+  CPU(work(), patchify, pixels, patch, patches);
 }
 
 void vit_embed_fwd(const ExecContext& ex, const Tensor& patch_emb, const Tensor& cls, const Tensor& pos,
                    const Tensor& out) {
+  const auto work = [&] { return moves({patch_emb, cls, pos}, {out}); };
   if (where("vit_embed_fwd", {{"out", out}, {"patch_emb", patch_emb}, {"cls", cls}, {"pos", pos}}) == Device::cuda)
-    CUDA(moves({patch_emb, cls, pos}, {out}), vit_embed_fwd, patch_emb, cls, pos, out);
+    CUDA(work(), vit_embed_fwd, patch_emb, cls, pos, out);
   cpu_f32("vit_embed_fwd", {{"patch_emb", patch_emb}, {"cls", cls}, {"pos", pos}, {"out", out}});
-  CPU(moves({patch_emb, cls, pos}, {out}), vit_embed_fwd, patch_emb, cls, pos, out);
+  CPU(work(), vit_embed_fwd, patch_emb, cls, pos, out);
 }
 void vit_embed_bwd(const ExecContext& ex, const Tensor& dout, const Tensor& dpatch_emb, const Tensor& dcls,
                    const Tensor& dpos) {
+  const auto work = [&] { return moves({dout, dcls, dpos}, {dpatch_emb, dcls, dpos}); };
   if (where("vit_embed_bwd", {{"dout", dout}, {"dpatch_emb", dpatch_emb}, {"dcls", dcls}, {"dpos", dpos}}) ==
       Device::cuda)
-    CUDA(moves({dout, dcls, dpos}, {dpatch_emb, dcls, dpos}), vit_embed_bwd, dout, dpatch_emb, dcls, dpos);
+    CUDA(work(), vit_embed_bwd, dout, dpatch_emb, dcls, dpos);
   cpu_f32("vit_embed_bwd", {{"dout", dout}, {"dpatch_emb", dpatch_emb}, {"dcls", dcls}, {"dpos", dpos}});
-  CPU(moves({dout, dcls, dpos}, {dpatch_emb, dcls, dpos}), vit_embed_bwd, dout, dpatch_emb, dcls, dpos);
+  CPU(work(), vit_embed_bwd, dout, dpatch_emb, dcls, dpos);
 }
 
 void cross_entropy_fwd(const ExecContext& ex, const Tensor& logits, const Tensor& targets, const Tensor& lse,
@@ -397,22 +420,23 @@ double cross_entropy_fwd(const ExecContext& ex, const Tensor& logits, const Tens
 }
 void cross_entropy_bwd(const ExecContext& ex, const Tensor& logits, const Tensor& targets, const Tensor& lse,
                        float scale, const Tensor& dlogits, int64_t vocab_begin) {
+  const auto work = [&] { return moves({logits, targets, lse}, {dlogits}); };
   expect_dtype("cross_entropy_bwd", {"targets", targets}, DType::i32);
   if (where("cross_entropy_bwd", {{"logits", logits}, {"targets", targets}, {"lse", lse}, {"dlogits", dlogits}}) ==
       Device::cuda)
-    CUDA(moves({logits, targets, lse}, {dlogits}), cross_entropy_bwd, logits, targets, lse, scale, dlogits,
-         vocab_begin);
+    CUDA(work(), cross_entropy_bwd, logits, targets, lse, scale, dlogits, vocab_begin);
   cpu_f32("cross_entropy_bwd", {{"logits", logits}, {"lse", lse}, {"dlogits", dlogits}});
-  CPU(moves({logits, targets, lse}, {dlogits}), cross_entropy_bwd, logits, targets, lse, scale, dlogits, vocab_begin);
+  CPU(work(), cross_entropy_bwd, logits, targets, lse, scale, dlogits, vocab_begin);
 }
 
 void embedding_fwd_slice(const ExecContext& ex, const Tensor& ids, const Tensor& table, int64_t vocab_begin,
                          const Tensor& out) {
+  const auto work = [&] { return moves({ids, out}, {out}); };
   expect_dtype("embedding_fwd_slice", {"ids", ids}, DType::i32);
   if (where("embedding_fwd_slice", {{"table", table}, {"ids", ids}, {"out", out}}) == Device::cuda)
-    CUDA(moves({ids, out}, {out}), embedding_fwd, ids, table, out, vocab_begin);
+    CUDA(work(), embedding_fwd, ids, table, out, vocab_begin);
   cpu_f32("embedding_fwd_slice", {{"table", table}, {"out", out}});
-  CPU(moves({ids, out}, {out}), embedding_fwd_slice, ids, table, vocab_begin, out);
+  CPU(work(), embedding_fwd_slice, ids, table, vocab_begin, out);
 }
 void embedding_bwd_slice(const ExecContext& ex, const Tensor& dout, const Tensor& ids, const TokenGroups& groups,
                          int64_t vocab_begin, const Tensor& dtable) {
@@ -424,22 +448,22 @@ void embedding_bwd_slice(const ExecContext& ex, const Tensor& dout, const Tensor
   CPU(moves({dout, ids, dout}, {dout}), embedding_bwd_slice, dout, ids, vocab_begin, dtable);
 }
 void ce_row_max(const ExecContext& ex, const Tensor& logits, const Tensor& targets, const Tensor& row_max) {
+  const auto work = [&] { return moves({logits, targets}, {row_max}); };
   expect_dtype("ce_row_max", {"targets", targets}, DType::i32);
   if (where("ce_row_max", {{"logits", logits}, {"targets", targets}, {"row_max", row_max}}) == Device::cuda)
-    CUDA(moves({logits, targets}, {row_max}), ce_row_max, logits, targets, row_max);
+    CUDA(work(), ce_row_max, logits, targets, row_max);
   cpu_f32("ce_row_max", {{"logits", logits}, {"row_max", row_max}});
-  CPU(moves({logits, targets}, {row_max}), ce_row_max, logits, targets, row_max);
+  CPU(work(), ce_row_max, logits, targets, row_max);
 }
 void ce_row_sumexp(const ExecContext& ex, const Tensor& logits, const Tensor& targets, const Tensor& row_max,
                    int64_t vocab_begin, const Tensor& sumexp, const Tensor& target_logit) {
+  const auto work = [&] { return moves({logits, targets, row_max}, {sumexp, target_logit}); };
   expect_dtype("ce_row_sumexp", {"targets", targets}, DType::i32);
   if (where("ce_row_sumexp", {{"logits", logits}, {"targets", targets}, {"row_max", row_max}, {"sumexp", sumexp},
                               {"target_logit", target_logit}}) == Device::cuda)
-    CUDA(moves({logits, targets, row_max}, {sumexp, target_logit}), ce_row_sumexp, logits, targets, row_max,
-         vocab_begin, sumexp, target_logit);
+    CUDA(work(), ce_row_sumexp, logits, targets, row_max, vocab_begin, sumexp, target_logit);
   cpu_f32("ce_row_sumexp", {{"logits", logits}, {"row_max", row_max}, {"sumexp", sumexp}, {"target_logit", target_logit}});
-  CPU(moves({logits, targets, row_max}, {sumexp, target_logit}), ce_row_sumexp, logits, targets, row_max, vocab_begin,
-      sumexp, target_logit);
+  CPU(work(), ce_row_sumexp, logits, targets, row_max, vocab_begin, sumexp, target_logit);
 }
 void ce_finish(const ExecContext& ex, const Tensor& row_max, const Tensor& sumexp, const Tensor& target_logit,
                const Tensor& targets, const Tensor& lse, const Tensor& loss_acc) {
@@ -464,11 +488,12 @@ void ce_finish(const ExecContext& ex, const Tensor& row_max, const Tensor& sumex
                                                       ce_finish, row_max, sumexp, target_logit, targets, lse));
 }
 void argmax(const ExecContext& ex, const Tensor& logits, const Tensor& index, const Tensor& value) {
+  const auto work = [&] { return moves({logits}, {index, value}); };
   expect_dtype("argmax", {"index", index}, DType::i32);
   if (where("argmax", {{"logits", logits}, {"index", index}, {"value", value}}) == Device::cuda)
-    CUDA(moves({logits}, {index, value}), argmax, logits, index, value);
+    CUDA(work(), argmax, logits, index, value);
   cpu_f32("argmax", {{"logits", logits}, {"value", value}});
-  CPU(moves({logits}, {index, value}), argmax, logits, index, value);
+  CPU(work(), argmax, logits, index, value);
 }
 
 void sum_squares(const ExecContext& ex, const std::vector<Tensor>& xs, const Tensor& out) {
@@ -493,13 +518,14 @@ double sum_squares(const ExecContext& ex, const Tensor& x) {
   return out.to_vector_f32()[0];
 }
 void clip_scale(const ExecContext& ex, const Tensor& grad_sq, float max_norm, const Tensor& scale) {
+  const auto work = [&] { return moves({grad_sq}, {scale}); };
   expect_dtype("clip_scale", {"grad_sq", grad_sq}, DType::f32);
   expect_dtype("clip_scale", {"scale", scale}, DType::f32);
   check_scalar("clip_scale", {"grad_sq", grad_sq});
   check_scalar("clip_scale", {"scale", scale});
   if (where("clip_scale", {{"grad_sq", grad_sq}, {"scale", scale}}) == Device::cuda)
-    CUDA(moves({grad_sq}, {scale}), clip_scale, grad_sq, max_norm, scale);
-  scale.data<float>()[0] = CPU(moves({grad_sq}, {scale}), clip_scale, grad_sq.data<float>()[0], max_norm);
+    CUDA(work(), clip_scale, grad_sq, max_norm, scale);
+  scale.data<float>()[0] = CPU(work(), clip_scale, grad_sq.data<float>()[0], max_norm);
 }
 void adamw_step(const ExecContext& ex, const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,
                 const AdamWParams& p, const Tensor& working, const Tensor& grad_scale) {
