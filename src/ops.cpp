@@ -83,6 +83,15 @@ double bytes(Tensors ts) {
   return b;
 }
 profile::Work moves(Tensors reads, Tensors writes) { return {0, bytes(reads) + bytes(writes)}; }
+// A row op's traffic in its table: `rows` rows of `table` [V, W], each read and written back.
+double table_rows(const Tensor& table, int64_t rows) {
+  return 2.0 * static_cast<double>(rows) * static_cast<double>(table.size(1)) * dtype_size(table.dtype());
+}
+// f()'s Work while the op profiler records, else none: no work is counted for an op nobody times.
+template <class F>
+profile::Work if_profiling(F f) {
+  return profile::enabled() ? profile::Work(f()) : profile::Work{};
+}
 
 // C = op(A) op(B) (+ C): 2mnk FLOPs; C read as well when beta accumulates into it.
 profile::Work gemm_work(const Tensor& A, bool ta, const Tensor& B, const Tensor& C, float beta,
@@ -127,18 +136,17 @@ profile::Work decode_work(const Tensor& q, const Tensor& k, const Tensor& v, con
 // the op profiler is on (profile.h), with `work` (evaluated only then) as its Work. An op
 // whose two paths do the same work states it once, first thing, as `const auto work = [&]
 // { ... };`, and passes work().
-#define CPU(work, op, ...) \
-  (profile::Scope(#op, profile::enabled() ? profile::Work(work) : profile::Work{}), cpu::op(__VA_ARGS__))
+#define CPU(work, op, ...) (profile::Scope(#op, if_profiling([&] { return work; })), cpu::op(__VA_ARGS__))
 
 // CUDA(work, call): on a CUDA build, run cuda::call with the op's execution context `ex` (its
 // GPU context; a CPU one is refused naming the op) and return; timed under the call's name,
 // with `work`, when the op profiler is on (profile.h).
 #ifdef VCHAT_WITH_CUDA
-#define CUDA(work, op, ...)                                                                             \
-  do {                                                                                                  \
-    const cuda::Context& gpu_ = ex.cuda("ops::" #op);                                                   \
-    const profile::Scope timed_(#op, gpu_, profile::enabled() ? profile::Work(work) : profile::Work{}); \
-    return cuda::op(gpu_, __VA_ARGS__);                                                                 \
+#define CUDA(work, op, ...)                                                     \
+  do {                                                                          \
+    const cuda::Context& gpu_ = ex.cuda("ops::" #op);                           \
+    const profile::Scope timed_(#op, gpu_, if_profiling([&] { return work; })); \
+    return cuda::op(gpu_, __VA_ARGS__);                                         \
   } while (0)
 #else
 #define CUDA(work, op, ...) no_cuda(ex, #op)
@@ -285,8 +293,10 @@ Tensor attention_fwd(const ExecContext& ex, AttnMode mode, const Tensor& q, cons
 #ifdef VCHAT_WITH_CUDA
     const cuda::Context& c = ex.cuda("ops::attention_fwd");
     const Tensor lse = Tensor::empty({B, H, L, 2}, DType::f32, Device::cuda);
-    const profile::Scope timed("attention_fwd", c,
-                               {attention_flops(mode, q, 4), bytes({q, k, v, modality}) + bytes({out, lse})});
+    const profile::Scope timed(
+        "attention_fwd", c, if_profiling([&] {
+          return profile::Work{attention_flops(mode, q, 4), bytes({q, k, v, modality}) + bytes({out, lse})};
+        }));
     cuda::attention_fwd(c, mode, q, k, v, modality, out, lse);
     return lse;
 #else
@@ -328,7 +338,7 @@ void embedding_fwd(const ExecContext& ex, const Tensor& ids, const Tensor& table
   const auto work = [&] { return moves({ids, out}, {out}); };
   expect_dtype("embedding_fwd", {"ids", ids}, DType::i32);
   // Work: the table rows it gathers are counted once per position (as out's bytes), here
-  // and in the other row ops (the backward: each read and written back).
+  // and in the other row ops (the backward: each row of the table read and written back).
   if (where("embedding_fwd", {{"table", table}, {"ids", ids}, {"out", out}}) == Device::cuda)
     CUDA(work(), embedding_fwd, ids, table, out, 0);
   cpu_f32("embedding_fwd", {{"table", table}, {"out", out}});
@@ -339,9 +349,10 @@ void embedding_bwd(const ExecContext& ex, const Tensor& dout, const Tensor& ids,
   expect_dtype("embedding_bwd", {"ids", ids}, DType::i32);
   if (where("embedding_bwd", {{"dtable", dtable}, {"dout", dout}, {"ids", ids}, {"groups.order", groups.order}}) ==
       Device::cuda)
-    CUDA(moves({dout, groups.order, dout}, {dout}), embedding_bwd, dout, groups, dtable, 0);
+    CUDA((profile::Work{0, bytes({dout, groups.order}) + table_rows(dtable, groups.order.numel())}), embedding_bwd,
+         dout, groups, dtable, 0);
   cpu_f32("embedding_bwd", {{"dout", dout}, {"dtable", dtable}});
-  CPU(moves({dout, ids, dout}, {dout}), embedding_bwd, dout, ids, dtable);
+  CPU((profile::Work{0, bytes({dout, ids}) + table_rows(dtable, dout.size(0))}), embedding_bwd, dout, ids, dtable);
 }
 void scatter_rows(const ExecContext& ex, const Tensor& src, const Tensor& index, const Tensor& dst) {
   const auto work = [&] { return moves({src, index}, {src}); };
@@ -395,7 +406,9 @@ void cross_entropy_fwd(const ExecContext& ex, const Tensor& logits, const Tensor
 #ifdef VCHAT_WITH_CUDA
     const cuda::Context& c = ex.cuda("ops::cross_entropy_fwd");
     const Tensor rows = Tensor::empty({logits.size(0)}, DType::f32, Device::cuda);
-    const profile::Scope timed("cross_entropy_fwd", c, moves({logits, targets}, {lse, loss_acc}));
+    const profile::Scope timed("cross_entropy_fwd", c, if_profiling([&] {
+                                 return moves({logits, targets}, {lse, loss_acc});
+                               }));
     cuda::cross_entropy_fwd(c, logits, targets, lse, rows);
     cuda::sum_into(c, rows, loss_acc);
     return;
@@ -443,9 +456,11 @@ void embedding_bwd_slice(const ExecContext& ex, const Tensor& dout, const Tensor
   expect_dtype("embedding_bwd_slice", {"ids", ids}, DType::i32);
   if (where("embedding_bwd_slice",
             {{"dtable", dtable}, {"dout", dout}, {"ids", ids}, {"groups.order", groups.order}}) == Device::cuda)
-    CUDA(moves({dout, groups.order, dout}, {dout}), embedding_bwd, dout, groups, dtable, vocab_begin);
+    CUDA((profile::Work{0, bytes({dout, groups.order}) + table_rows(dtable, groups.order.numel())}), embedding_bwd,
+         dout, groups, dtable, vocab_begin);
   cpu_f32("embedding_bwd_slice", {{"dout", dout}, {"dtable", dtable}});
-  CPU(moves({dout, ids, dout}, {dout}), embedding_bwd_slice, dout, ids, vocab_begin, dtable);
+  CPU((profile::Work{0, bytes({dout, ids}) + table_rows(dtable, dout.size(0))}), embedding_bwd_slice, dout, ids,
+      vocab_begin, dtable);
 }
 void ce_row_max(const ExecContext& ex, const Tensor& logits, const Tensor& targets, const Tensor& row_max) {
   const auto work = [&] { return moves({logits, targets}, {row_max}); };
@@ -475,7 +490,9 @@ void ce_finish(const ExecContext& ex, const Tensor& row_max, const Tensor& sumex
 #ifdef VCHAT_WITH_CUDA
     const cuda::Context& c = ex.cuda("ops::ce_finish");
     const Tensor rows = Tensor::empty({targets.numel()}, DType::f32, Device::cuda);
-    const profile::Scope timed("ce_finish", c, moves({row_max, sumexp, target_logit, targets}, {lse, loss_acc}));
+    const profile::Scope timed("ce_finish", c, if_profiling([&] {
+                                 return moves({row_max, sumexp, target_logit, targets}, {lse, loss_acc});
+                               }));
     cuda::ce_finish(c, row_max, sumexp, target_logit, targets, lse, rows);
     cuda::sum_into(c, rows, loss_acc);
     return;

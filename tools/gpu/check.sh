@@ -157,7 +157,7 @@ M=inputs/models/llama-1b-clip-l14-224.json
 BATCH=$WORK/batch.safetensors
 # Four micro-batches of 2 x 2048 tokens a step (16 K tokens an update), both sides: at one,
 # AdamW's and the gradient norm's memory traffic (~34 bytes a weight, 1.1 B weights) would be
-# a fifth of the step's roofline (docs/GPU.md, "Roofline of the 1B step"), a cost any
+# about a quarter of the step's roofline (docs/GPU.md, "Roofline of the 1B step"), a cost any
 # framework pays once per update, which training spreads over its accumulated micro-batches.
 # The profiled step's table shows the update's ms beside the micro-batches' ops.
 MB=4

@@ -67,6 +67,7 @@ struct Allocation {
   bool device;               // else pinned host memory (cudaHostAlloc)
   bool free_queued = false;  // a cudaFreeAsync of it waits in a stream's queue
   bool arrived = true;       // false until its stream-ordered allocation (cudaMallocAsync) ran
+  bool pooled = false;       // from the pool (cudaMallocAsync), not cudaMalloc
 };
 
 }  // namespace
@@ -115,7 +116,7 @@ struct Runtime {
   std::recursive_mutex mu;
   std::map<uintptr_t, Allocation> allocations;  // by start address
   size_t device_in_use = 0;
-  size_t device_in_use_high = 0;  // the most device_in_use has been
+  size_t pool_in_use = 0, pool_in_use_high = 0;  // of it, cudaMallocAsync's now, and the most ever
   uint64_t release_threshold = 0;
   std::map<const void*, int> smem_granted;  // kernel -> bytes of dynamic shared memory allowed
   // (kernel, emulated GPU's compute capability) -> largest block, dynamic smem
@@ -342,7 +343,6 @@ cudaError_t allocate(void** p, size_t bytes, bool device) {
   }
   r.allocations[reinterpret_cast<uintptr_t>(q)] = {bytes, device};
   if (device) r.device_in_use += bytes;
-  r.device_in_use_high = std::max(r.device_in_use_high, r.device_in_use);
   *p = q;
   return cudaSuccess;
 }
@@ -359,6 +359,7 @@ void take_out(Runtime& r, std::map<uintptr_t, Allocation>::iterator it) {
   void* p = reinterpret_cast<void*>(it->first);
   if (it->second.device) {
     r.device_in_use -= it->second.bytes;
+    if (it->second.pooled) r.pool_in_use -= it->second.bytes;
     char* pages = pages_of(it->first, it->second.bytes);
     ::mprotect(pages, pages_bytes(it->second.bytes), PROT_NONE);  // closed from now on, even to queued work
     r.quarantine.emplace_back(pages, pages_bytes(it->second.bytes));
@@ -702,6 +703,9 @@ cudaError_t cudaMallocAsync(void** p, size_t bytes, cudaStream_t s) {
   if (const cudaError_t e = allocate(p, bytes, true); e != cudaSuccess) return e;
   const uintptr_t q = reinterpret_cast<uintptr_t>(*p);
   r.allocations[q].arrived = false;
+  r.allocations[q].pooled = true;
+  r.pool_in_use += bytes;
+  r.pool_in_use_high = std::max(r.pool_in_use_high, r.pool_in_use);
   Op op;
   op.work = [q] {  // (quarantine keeps the address this allocation's, or none's)
     auto it = rt().allocations.find(q);
@@ -824,7 +828,8 @@ cudaError_t cudaDeviceGetDefaultMemPool(cudaMemPool_t* pool, int device) {
   *pool = &the_pool;
   return cudaSuccess;
 }
-// The pool caches nothing here: freed memory goes back once its free ran, so what it holds is what is in use.
+// The pool (cudaMallocAsync's memory; cudaMalloc's lies outside it, as on a GPU) caches nothing here: freed
+// memory goes back once its free ran, so what it holds is what is in use.
 cudaError_t cudaMemPoolSetAttribute(cudaMemPool_t, cudaMemPoolAttr attr, void* value) {
   if (attr != cudaMemPoolAttrReleaseThreshold) return fail(cudaErrorInvalidValue, "pool attribute not settable");
   Lock lock(rt().mu);
@@ -840,10 +845,10 @@ cudaError_t cudaMemPoolGetAttribute(cudaMemPool_t, cudaMemPoolAttr attr, void* v
       break;
     case cudaMemPoolAttrReservedMemCurrent:  // nothing cached: what it holds is in use
     case cudaMemPoolAttrUsedMemCurrent:
-      v = rt().device_in_use;
+      v = rt().pool_in_use;
       break;
     case cudaMemPoolAttrUsedMemHigh:
-      v = rt().device_in_use_high;
+      v = rt().pool_in_use_high;
       break;
     default:
       return fail(cudaErrorInvalidValue, "pool attribute " + std::to_string(int(attr)));
