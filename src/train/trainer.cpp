@@ -422,11 +422,8 @@ Trainer::Agreement Trainer::agree() {
                            cfg_.exit_after_minutes * 60;
   const bool enough = cfg_.exit_after_steps > 0 && step_ - first_step_ >= cfg_.exit_after_steps;
   const bool writing = saver_ && saver_->in_flight() && saver_->local_status() == ckpt::CheckpointSaver::writing;
-  double flags[5] = {static_cast<double>(StopSignals::requested()),
-                     time_up  ? 1.0
-                     : enough ? 2.0
-                              : 0.0,
-                     writing ? 1.0 : 0.0, peak_rss_bytes(),
+  const double limit = time_up ? 1.0 : enough ? 2.0 : 0.0;
+  double flags[5] = {static_cast<double>(StopSignals::requested()), limit, writing ? 1.0 : 0.0, peak_rss_bytes(),
                      cfg_.device == Device::cuda ? gpu_memory_peak_in_use() : 0.0};
   grid_->world().all_reduce_f64(flags, 5, ReduceOp::max);
   Agreement a;
