@@ -24,6 +24,9 @@ struct Arg {
   const char* name;
   const Tensor& t;
 };
+// An op's operands by name, for where() and cpu_f32() both (a named list keeps its
+// array alive for the list's scope, as a reference bound to a temporary would).
+using Args = std::initializer_list<Arg>;
 
 // The device of the op: that of its first defined operand; every other defined operand
 // must be there too.
@@ -223,13 +226,25 @@ void rmsnorm_fwd(const ExecContext& ex, const Tensor& x, const Tensor& w, float 
   cpu_f32("rmsnorm_fwd", {{"x", x}, {"w", w}, {"y", y}, {"rstd", rstd}});
   CPU(work(), rmsnorm_fwd, x, w, eps, y, rstd);
 }
+void add_rmsnorm_fwd(const ExecContext& ex, const Tensor& x, const Tensor& residual, const Tensor& sum, const Tensor& w,
+                     float eps, const Tensor& y, const Tensor& rstd) {
+  const auto work = [&] { return moves({x, residual, w}, {sum, y, rstd}); };
+  const Args operands = {{"x", x}, {"residual", residual}, {"sum", sum}, {"w", w}, {"y", y}, {"rstd", rstd}};
+  if (where("add_rmsnorm_fwd", operands) == Device::cuda)
+    CUDA(work(), add_rmsnorm_fwd, x, residual, sum, w, eps, y, rstd);
+  cpu_f32("add_rmsnorm_fwd", operands);
+  CPU(work(), add_rmsnorm_fwd, x, residual, sum, w, eps, y, rstd);
+}
 void rmsnorm_bwd(const ExecContext& ex, const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd,
-                 const Tensor& dx, const Tensor& dw) {
-  const auto work = [&] { return moves({dy, x, w, rstd, dw}, {dx, dw}); };
-  if (where("rmsnorm_bwd", {{"x", x}, {"dy", dy}, {"w", w}, {"rstd", rstd}, {"dx", dx}, {"dw", dw}}) == Device::cuda)
-    CUDA(work(), rmsnorm_bwd, dy, x, w, rstd, dx, dw);
-  cpu_f32("rmsnorm_bwd", {{"dy", dy}, {"x", x}, {"w", w}, {"rstd", rstd}, {"dx", dx}, {"dw", dw}});
-  CPU(work(), rmsnorm_bwd, dy, x, w, rstd, dx, dw);
+                 const Tensor& dx, const Tensor& dw, const Tensor& residual_grad) {
+  const auto work = [&] { return moves({dy, x, w, rstd, dw, residual_grad}, {dx, dw}); };
+  const Args operands = {
+      {"x", x}, {"dy", dy}, {"w", w}, {"rstd", rstd}, {"dx", dx}, {"dw", dw}, {"residual_grad", residual_grad}};
+  if (residual_grad.defined() && !dx.defined())
+    throw std::invalid_argument("ops::rmsnorm_bwd: residual_grad is added to dx, which is not given");
+  if (where("rmsnorm_bwd", operands) == Device::cuda) CUDA(work(), rmsnorm_bwd, dy, x, w, rstd, dx, dw, residual_grad);
+  cpu_f32("rmsnorm_bwd", operands);
+  CPU(work(), rmsnorm_bwd, dy, x, w, rstd, dx, dw, residual_grad);
 }
 void layernorm_fwd(const ExecContext& ex, const Tensor& x, const Tensor& w, const Tensor& b, float eps, const Tensor& y,
                    const Tensor& mean, const Tensor& rstd) {

@@ -44,8 +44,16 @@ void cast(const ExecContext& ex, const Tensor& src, const Tensor& dst);
 // RMSNorm over the last dim: y = x * w / sqrt(mean(x^2) + eps); rstd [N] saved for backward.
 void rmsnorm_fwd(const ExecContext& ex, const Tensor& x, const Tensor& w, float eps, const Tensor& y,
                  const Tensor& rstd);
+// A pre-norm block's residual add and the norm that follows it, in one pass over the rows:
+// sum = x + residual (in sum's dtype; sum may alias x or residual), then rmsnorm_fwd of sum.
+// Unfused, the add reads two rows and writes one, and the norm reads that one back.
+void add_rmsnorm_fwd(const ExecContext& ex, const Tensor& x, const Tensor& residual, const Tensor& sum, const Tensor& w,
+                     float eps, const Tensor& y, const Tensor& rstd);
+// dx = the input gradient; dw += the weight gradient (dw may be undefined). With
+// residual_grad, dx = that input gradient + residual_grad (which may alias dx): the
+// gradient the residual branch carries past the norm, added in the same pass.
 void rmsnorm_bwd(const ExecContext& ex, const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd,
-                 const Tensor& dx, const Tensor& dw);
+                 const Tensor& dx, const Tensor& dw, const Tensor& residual_grad = Tensor());
 // LayerNorm over the last dim (biased variance); mean, rstd [N] saved for backward.
 void layernorm_fwd(const ExecContext& ex, const Tensor& x, const Tensor& w, const Tensor& b, float eps, const Tensor& y,
                    const Tensor& mean, const Tensor& rstd);

@@ -308,6 +308,24 @@ TEST_F(CudaOps, RmsNormAndLayerNormForwardBackward) {
       ops::rmsnorm_bwd(gpu(), DY, X, W, dev(rstd, DType::f32), DX, DW);  // the same rstd on both sides
       expect_close(DX, dx, p.tol, "rmsnorm_bwd dx " + what);
       expect_close(DW, dw, p.dt == DType::f32 ? 1e-5 : 1e-3, "rmsnorm_bwd dw " + what);
+      // The decoder block's fused residual steps, aliased as it aliases them: the sum over x,
+      // dx over the residual's gradient. (In bf16 the kernel normalizes the rounded sum, so
+      // the CPU is given that.)
+      const Tensor r = host_rand({N, D}, p.dt, rng, -2.f, 2.f), dr = host_rand({N, D}, p.dt, rng);
+      const Tensor sum = Tensor::empty({N, D});
+      ops::add(gpu(), x, r, sum);
+      const Tensor SUM = dev(x, p.dt), Y3 = poison({N, D}, p.dt), RSTD3 = poison({N}, DType::f32);
+      ops::add_rmsnorm_fwd(gpu(), SUM, dev(r, p.dt), SUM, W, 1e-5f, Y3, RSTD3);
+      expect_close(SUM, sum, p.tol, "add_rmsnorm_fwd sum " + what);
+      const Tensor sum_stored = Tensor::from_vector(SUM.to_vector_f32(), {N, D});
+      ops::rmsnorm_fwd(gpu(), sum_stored, w, 1e-5f, y, rstd);
+      expect_close(Y3, y, p.tol, "add_rmsnorm_fwd y " + what);
+      expect_close(RSTD3, rstd, 1e-5, "add_rmsnorm_fwd rstd " + what);
+      const Tensor dw3 = dw0.clone(), DW3 = dev(dw0, DType::f32), DX3 = dev(dr, p.dt);
+      ops::rmsnorm_bwd(gpu(), dy, sum_stored, w, rstd, dx, dw3, dr);
+      ops::rmsnorm_bwd(gpu(), DY, SUM, W, dev(rstd, DType::f32), DX3, DW3, DX3);
+      expect_close(DX3, dx, p.tol, "rmsnorm_bwd dx + residual_grad " + what);
+      expect_close(DW3, dw3, p.dt == DType::f32 ? 1e-5 : 1e-3, "rmsnorm_bwd with residual_grad dw " + what);
       // LayerNorm
       const Tensor mean = Tensor::empty({N}), MEAN = poison({N}, DType::f32), RSTD2 = poison({N}, DType::f32);
       const Tensor Y2 = poison({N, D}, p.dt);

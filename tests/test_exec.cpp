@@ -137,8 +137,18 @@ TEST(ExecContext, EveryOpNamesTheOperandOnTheWrongDevice) {
        "cast: operand src is on cpu but dst is on cuda"},
       {"rmsnorm_fwd", [&] { ops::rmsnorm_fwd(cpu, m, D({4}), 1e-5f, m, H({2})); },
        "rmsnorm_fwd: operand rstd is on cpu but x is on cuda"},
+      {"add_rmsnorm_fwd",
+       [&] {
+         ops::add_rmsnorm_fwd(cpu, m, H({2, 4}), m, D({4}), 1e-5f, m, D({2}));
+       },
+       "add_rmsnorm_fwd: operand residual is on cpu but x is on cuda"},
       {"rmsnorm_bwd", [&] { ops::rmsnorm_bwd(cpu, m, m, D({4}), D({2}), m, H({4})); },
        "rmsnorm_bwd: operand dw is on cpu but x is on cuda"},
+      {"rmsnorm_bwd residual_grad",
+       [&] {
+         ops::rmsnorm_bwd(cpu, m, m, D({4}), D({2}), m, D({4}), H({2, 4}));
+       },
+       "rmsnorm_bwd: operand residual_grad is on cpu but x is on cuda"},
       {"layernorm_fwd", [&] { ops::layernorm_fwd(cpu, m, D({4}), D({4}), 1e-5f, m, D({2}), H({2})); },
        "layernorm_fwd: operand rstd is on cpu but x is on cuda"},
       {"layernorm_bwd", [&] { ops::layernorm_bwd(cpu, m, m, D({4}), D({2}), D({2}), m, D({4}), H({4})); },

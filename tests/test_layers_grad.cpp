@@ -1,7 +1,9 @@
 // Backward of every layer against central finite differences (test_util.h).
 #include <gtest/gtest.h>
 
+#include <cstring>
 #include <functional>
+#include <tuple>
 
 #include "nn/linear.h"
 #include "model/llama.h"
@@ -113,6 +115,34 @@ TEST(LayerGrad, RMSNorm) {
                     n.backward(kCpu, dy, c, dx);
                   },
                   vars, 13);
+}
+
+// The decoder block's fused residual steps compute on the CPU exactly what the add and the
+// norm did apart (so the PyTorch twin's agreement is unchanged): forward, the sum written over
+// x; backward, the norm's input gradient plus the residual's, written over the residual's.
+TEST(LayerGrad, FusedResidualNormIsTheAddAndTheNormToTheBit) {
+  std::mt19937_64 rng(31);
+  const Tensor x = randn({6, 40}, rng), r = randn({6, 40}, rng), w = randn({40}, rng, 0.5f);
+  const Tensor dy = randn({6, 40}, rng), dr = randn({6, 40}, rng);
+  const Tensor sum = Tensor::empty({6, 40}), y = Tensor::empty({6, 40}), rstd = Tensor::empty({6});
+  ops::add(kCpu, x, r, sum);
+  ops::rmsnorm_fwd(kCpu, sum, w, 1e-5f, y, rstd);
+  const Tensor dx = Tensor::empty({6, 40}), dw = Tensor::zeros({40});
+  ops::rmsnorm_bwd(kCpu, dy, sum, w, rstd, dx, dw);
+  ops::add(kCpu, dx, dr, dx);
+
+  const Tensor fused_sum = x.clone(), fused_y = Tensor::empty({6, 40}), fused_rstd = Tensor::empty({6});
+  ops::add_rmsnorm_fwd(kCpu, fused_sum, r, fused_sum, w, 1e-5f, fused_y, fused_rstd);
+  const Tensor fused_dx = dr.clone(), fused_dw = Tensor::zeros({40});
+  ops::rmsnorm_bwd(kCpu, dy, fused_sum, w, fused_rstd, fused_dx, fused_dw, fused_dx);
+  for (auto [what, a, b] : {std::tuple{"sum", fused_sum, sum},
+                            {"y", fused_y, y},
+                            {"rstd", fused_rstd, rstd},
+                            {"dx", fused_dx, dx},
+                            {"dw", fused_dw, dw}})
+    EXPECT_EQ(0, std::memcmp(a.raw(), b.raw(), a.numel() * sizeof(float))) << what;
+  expect_invalid_argument([&] { ops::rmsnorm_bwd(kCpu, dy, sum, w, rstd, Tensor(), dw, dr); },
+                          "ops::rmsnorm_bwd: residual_grad is added to dx, which is not given");
 }
 
 TEST(LayerGrad, LayerNorm) {

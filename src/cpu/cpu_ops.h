@@ -18,8 +18,10 @@ void cast(const Tensor& src, const Tensor& dst);
 void add_bias(const Tensor& y, const Tensor& b);
 
 void rmsnorm_fwd(const Tensor& x, const Tensor& w, float eps, const Tensor& y, const Tensor& rstd);
+void add_rmsnorm_fwd(const Tensor& x, const Tensor& residual, const Tensor& sum, const Tensor& w, float eps,
+                     const Tensor& y, const Tensor& rstd);
 void rmsnorm_bwd(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd, const Tensor& dx,
-                 const Tensor& dw);
+                 const Tensor& dw, const Tensor& residual_grad);
 void layernorm_fwd(const Tensor& x, const Tensor& w, const Tensor& b, float eps, const Tensor& y,
                    const Tensor& mean, const Tensor& rstd);
 void layernorm_bwd(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& mean, const Tensor& rstd,

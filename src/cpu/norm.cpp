@@ -33,29 +33,52 @@ void reduce_partials(const std::vector<float>& part, int threads, int64_t d, std
 }
 }  // namespace
 
+// One row of RMSNorm: y = x rs w; returns rs.
+inline float rmsnorm_row(const float* xr, const float* wp, int64_t d, float eps, float* yr) {
+  float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t c = 0; c < d; ++c) ss += xr[c] * xr[c];
+  const float rs = 1.f / std::sqrt(ss / d + eps);
+#pragma omp simd
+  for (int64_t c = 0; c < d; ++c) yr[c] = xr[c] * rs * wp[c];
+  return rs;
+}
+
 void rmsnorm_fwd(const Tensor& x, const Tensor& w, float eps, const Tensor& y, const Tensor& rstd) {
   const auto [n, d] = rows_of(x, w);
   const float *xp = x.data<float>(), *wp = w.data<float>();
   float *yp = y.data<float>(), *rp = rstd.data<float>();
 #pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < n; ++r) rp[r] = rmsnorm_row(xp + r * d, wp, d, eps, yp + r * d);
+}
+
+// The same rows as add then rmsnorm_fwd: the sum's row is normalized while in cache.
+void add_rmsnorm_fwd(const Tensor& x, const Tensor& residual, const Tensor& sum, const Tensor& w, float eps,
+                     const Tensor& y, const Tensor& rstd) {
+  const auto [n, d] = rows_of(x, w);
+  VCHAT_CHECK(residual.is_contiguous() && sum.is_contiguous() && residual.numel() == n * d && sum.numel() == n * d,
+              "residual " << shape_str(residual.shape()) << " and sum " << shape_str(sum.shape()) << " for input "
+                          << shape_str(x.shape()) << ": contiguous, of its size");
+  const float *xp = x.data<float>(), *res = residual.data<float>(), *wp = w.data<float>();
+  float *sp = sum.data<float>(), *yp = y.data<float>(), *rp = rstd.data<float>();
+#pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < n; ++r) {
-    const float* xr = xp + r * d;
-    float ss = 0.f;
-#pragma omp simd reduction(+ : ss)
-    for (int64_t c = 0; c < d; ++c) ss += xr[c] * xr[c];
-    const float rs = 1.f / std::sqrt(ss / d + eps);
-    rp[r] = rs;
-    float* yr = yp + r * d;
+    float* sr = sp + r * d;
 #pragma omp simd
-    for (int64_t c = 0; c < d; ++c) yr[c] = xr[c] * rs * wp[c];
+    for (int64_t c = 0; c < d; ++c) sr[c] = xp[r * d + c] + res[r * d + c];
+    rp[r] = rmsnorm_row(sr, wp, d, eps, yp + r * d);
   }
 }
 
 // dx = rs*(dy*w) - rs^3/d * x * sum(dy*w*x);  dw += sum_rows dy * x * rs.
+// With residual_grad, dx += it in the same pass (residual_grad may alias dx).
 void rmsnorm_bwd(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd, const Tensor& dx,
-                 const Tensor& dw) {
+                 const Tensor& dw, const Tensor& residual_grad) {
   const auto [n, d] = rows_of(x, w);
   const float *g = dy.data<float>(), *xp = x.data<float>(), *wp = w.data<float>(), *rp = rstd.data<float>();
+  const float* res = residual_grad.defined() ? residual_grad.data<float>() : nullptr;
+  VCHAT_CHECK(!res || (residual_grad.is_contiguous() && residual_grad.numel() == n * d),
+              "residual_grad " << shape_str(residual_grad.shape()) << " for input " << shape_str(x.shape()));
   float* dxp = dx.data<float>();
   const bool want_dw = dw.defined();
   const int threads = omp_get_max_threads();
@@ -72,8 +95,17 @@ void rmsnorm_bwd(const Tensor& dy, const Tensor& x, const Tensor& w, const Tenso
       for (int64_t c = 0; c < d; ++c) dot += gr[c] * wp[c] * xr[c];
       const float k = rs * rs * rs * dot / d;
       float* o = dxp + r * d;
+      if (res) {  // read each residual element before the dx element it may share memory with is written
+        const float* rr = res + r * d;
 #pragma omp simd
-      for (int64_t c = 0; c < d; ++c) o[c] = rs * gr[c] * wp[c] - k * xr[c];
+        for (int64_t c = 0; c < d; ++c) {
+          const float v = rs * gr[c] * wp[c] - k * xr[c];
+          o[c] = v + rr[c];
+        }
+      } else {
+#pragma omp simd
+        for (int64_t c = 0; c < d; ++c) o[c] = rs * gr[c] * wp[c] - k * xr[c];
+      }
       if (my)
 #pragma omp simd
         for (int64_t c = 0; c < d; ++c) my[c] += gr[c] * xr[c] * rs;

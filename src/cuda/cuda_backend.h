@@ -138,8 +138,10 @@ void gelu_bwd(const Context& c, ops::Activation act, const Tensor& dy, const Ten
 
 // ---- Norms: statistics (rstd, mean) f32; dw, db f32 accumulate, deterministic ---------------
 void rmsnorm_fwd(const Context& c, const Tensor& x, const Tensor& w, float eps, const Tensor& y, const Tensor& rstd);
+void add_rmsnorm_fwd(const Context& c, const Tensor& x, const Tensor& residual, const Tensor& sum, const Tensor& w,
+                     float eps, const Tensor& y, const Tensor& rstd);
 void rmsnorm_bwd(const Context& c, const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd,
-                 const Tensor& dx, const Tensor& dw);
+                 const Tensor& dx, const Tensor& dw, const Tensor& residual_grad);
 void layernorm_fwd(const Context& c, const Tensor& x, const Tensor& w, const Tensor& b, float eps, const Tensor& y,
                    const Tensor& mean, const Tensor& rstd);
 void layernorm_bwd(const Context& c, const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& mean,

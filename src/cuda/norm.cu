@@ -42,16 +42,39 @@ void rmsnorm_fwd(const Context& c, const Tensor& x, const Tensor& w, float eps, 
   // clang-format on
 }
 
+void add_rmsnorm_fwd(const Context& c, const Tensor& x, const Tensor& residual, const Tensor& sum, const Tensor& w,
+                     float eps, const Tensor& y, const Tensor& rstd) {
+  const char* op = "cuda::add_rmsnorm_fwd";
+  const DType dt = expect_compute(op, {{"x", x}, {"residual", residual}, {"sum", sum}, {"w", w}, {"y", y}});
+  expect_f32(op, {{"rstd", rstd}});
+  const RowsCols shape = norm_shape(op, x, w);
+  const int64_t n = shape.rows, d = shape.cols;
+  expect_rows(op, "residual", residual, n * d);
+  expect_rows(op, "sum", sum, n * d);
+  expect_rows(op, "y", y, n * d);
+  expect_rows(op, "rstd", rstd, n);
+  if (n == 0) return;
+  // clang-format off
+  VCHAT_DISPATCH(dt, T,
+    launch(c, add_rmsnorm_fwd_kernel<T>, static_cast<unsigned>(n), norm_threads(d), 0, ptr<T>(x), ptr<T>(residual),
+           ptr<T>(sum), ptr<T>(w), eps, ptr<T>(y), ptr<float>(rstd), d);
+  );
+  // clang-format on
+}
+
 void rmsnorm_bwd(const Context& c, const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd,
-                 const Tensor& dx, const Tensor& dw) {
+                 const Tensor& dx, const Tensor& dw, const Tensor& residual_grad) {
   const char* op = "cuda::rmsnorm_bwd";
   const DType dt = expect_compute(op, {{"dy", dy}, {"x", x}, {"w", w}});
   if (dx.defined()) expect_compute(op, {{"dy", dy}, {"dx", dx}});  // undefined: not wanted
+  VCHAT_CHECK(dx.defined() || !residual_grad.defined(), op << ": residual_grad is added to dx, which is not given");
+  if (residual_grad.defined()) expect_compute(op, {{"dy", dy}, {"residual_grad", residual_grad}});
   expect_f32(op, {{"rstd", rstd}});
   const RowsCols shape = norm_shape(op, x, w);
   const int64_t n = shape.rows, d = shape.cols;
   expect_rows(op, "dy", dy, n * d);
   if (dx.defined()) expect_rows(op, "dx", dx, n * d);
+  if (residual_grad.defined()) expect_rows(op, "residual_grad", residual_grad, n * d);
   expect_rows(op, "rstd", rstd, n);
   if (dw.defined()) {
     expect_f32(op, {{"dw", dw}});
@@ -65,7 +88,8 @@ void rmsnorm_bwd(const Context& c, const Tensor& dy, const Tensor& x, const Tens
     if (dw.defined())  // before dx: dx may alias dy
       column_sums(c, n, d, ptr<float>(dw), RmsNormDw<T>{g, xp, rs, d});
     if (dx.defined())
-      launch(c, rmsnorm_bwd_kernel<T>, static_cast<unsigned>(n), norm_threads(d), 0, g, xp, ptr<T>(w), rs, ptr<T>(dx), d);
+      launch(c, rmsnorm_bwd_kernel<T>, static_cast<unsigned>(n), norm_threads(d), 0, g, xp, ptr<T>(w), rs,
+             residual_grad.defined() ? ptr<T>(residual_grad) : nullptr, ptr<T>(dx), d);
   );
   // clang-format on
 }

@@ -41,16 +41,43 @@ __global__ void rmsnorm_fwd_kernel(const T* x, const T* w, float eps, T* y, floa
   for (int64_t c = threadIdx.x; c < d; c += blockDim.x) st(y + r * d, c, ld(xr, c) * rs * ld(w, c));
 }
 
-// dx = rs*(dy*w) - rs^3/d * x * sum(dy*w*x)
+// sum = x + residual, rounded to T, then rmsnorm_fwd_kernel of sum. The second sweep reads
+// back the thread's own elements of the row it just wrote (from cache), so the statistics
+// are those of the stored, rounded sum, which the backward sees as its x. sum may alias x
+// or residual: each element is read and written by the same thread.
 template <class T>
-__global__ void rmsnorm_bwd_kernel(const T* dy, const T* x, const T* w, const float* rstd, T* dx, int64_t d) {
+__global__ void add_rmsnorm_fwd_kernel(const T* x, const T* residual, T* sum, const T* w, float eps, T* y, float* rstd,
+                                       int64_t d) {
+  const int64_t r = blockIdx.x;
+  const T *xr = x + r * d, *rr = residual + r * d;
+  T* sr = sum + r * d;
+  float ss = 0.f;
+  for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
+    st(sr, c, ld(xr, c) + ld(rr, c));
+    const float v = ld(sr, c);
+    ss += v * v;
+  }
+  ss = block_sum(ss);
+  const float rs = 1.f / sqrtf(ss / d + eps);
+  if (threadIdx.x == 0) rstd[r] = rs;
+  for (int64_t c = threadIdx.x; c < d; c += blockDim.x) st(y + r * d, c, ld(sr, c) * rs * ld(w, c));
+}
+
+// dx = rs*(dy*w) - rs^3/d * x * sum(dy*w*x), plus residual_grad where given (it may alias
+// dx: the same thread reads an element of it, then writes that element of dx).
+template <class T>
+__global__ void rmsnorm_bwd_kernel(const T* dy, const T* x, const T* w, const float* rstd, const T* residual_grad,
+                                   T* dx, int64_t d) {
   const int64_t r = blockIdx.x;
   const T *g = dy + r * d, *xr = x + r * d;
   float dot = 0.f;
   for (int64_t c = threadIdx.x; c < d; c += blockDim.x) dot += ld(g, c) * ld(w, c) * ld(xr, c);
   dot = block_sum(dot);
   const float rs = rstd[r], k = rs * rs * rs / d * dot;
-  for (int64_t c = threadIdx.x; c < d; c += blockDim.x) st(dx + r * d, c, rs * ld(g, c) * ld(w, c) - k * ld(xr, c));
+  for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
+    const float v = rs * ld(g, c) * ld(w, c) - k * ld(xr, c);
+    st(dx + r * d, c, residual_grad ? v + ld(residual_grad + r * d, c) : v);
+  }
 }
 
 template <class T>

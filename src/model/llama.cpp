@@ -149,8 +149,7 @@ Tensor LlamaBlock::forward(const ExecContext& ex, const Tensor& x, const Tensor&
     return y;
   }
   Tensor h = attn_.forward(ex, norm1_.forward(ex, x, c.norm1), modality, mode, B, L, c.attn);
-  ops::add(ex, h, x, h);
-  Tensor y = mlp_.forward(ex, norm2_.forward(ex, h, c.norm2), c.mlp);
+  Tensor y = mlp_.forward(ex, norm2_.add_forward(ex, h, x, c.norm2), c.mlp);  // h += x, then norm2(h)
   ops::add(ex, y, h, y);
   return y;
 }
@@ -160,8 +159,7 @@ Tensor LlamaBlock::decode(const ExecContext& ex, const Tensor& x, KvCache::Layer
   NormCache n1, n2;
   MlpCache mc;
   Tensor h = attn_.decode(ex, norm1_.forward(ex, x, n1), kv, modality, mode, position);
-  ops::add(ex, h, x, h);
-  Tensor y = mlp_.forward(ex, norm2_.forward(ex, h, n2), mc);
+  Tensor y = mlp_.forward(ex, norm2_.add_forward(ex, h, x, n2), mc);
   ops::add(ex, y, h, y);
   return y;
 }
@@ -175,16 +173,14 @@ Tensor LlamaBlock::backward(const ExecContext& ex, const Tensor& dy, const Tenso
     forward(ex, x, modality, mode, B, L, c);
   }
   Tensor tmp = Tensor::empty(dy.shape(), dy.dtype(), dy.device());
-  // y = h + mlp(norm2(h)):  dh = dy + norm2ᵀ(mlpᵀ(dy))
+  // y = h + mlp(norm2(h)):  dh = dy + norm2ᵀ(mlpᵀ(dy)), the residual's dy added by the norm
   mlp_.backward(ex, dy, c.mlp, tmp);
   Tensor dh = Tensor::empty(dy.shape(), dy.dtype(), dy.device());
-  norm2_.backward(ex, tmp, c.norm2, dh);
-  ops::add(ex, dh, dy, dh);
+  norm2_.backward(ex, tmp, c.norm2, dh, dy);
   // h = x + attn(norm1(x)):  dx = dh + norm1ᵀ(attnᵀ(dh))
   attn_.backward(ex, dh, modality, mode, c.attn, tmp);
   Tensor dx = Tensor::empty(dy.shape(), dy.dtype(), dy.device());
-  norm1_.backward(ex, tmp, c.norm1, dx);
-  ops::add(ex, dx, dh, dx);
+  norm1_.backward(ex, tmp, c.norm1, dx, dh);
   c = LlamaBlockCache();  // activations of this micro-batch are no longer needed
   return dx;
 }

@@ -17,8 +17,17 @@ Tensor RMSNorm::forward(const ExecContext& ex, const Tensor& x, NormCache& c) co
   return y;
 }
 
-void RMSNorm::backward(const ExecContext& ex, const Tensor& dy, const NormCache& c, const Tensor& dx) const {
-  ops::rmsnorm_bwd(ex, dy, c.x, w_->compute(), c.rstd, dx, w_->trainable ? w_->grad : Tensor());
+Tensor RMSNorm::add_forward(const ExecContext& ex, const Tensor& x, const Tensor& residual, NormCache& c) const {
+  Tensor y = Tensor::empty(x.shape(), x.dtype(), x.device());
+  c.x = x;
+  c.rstd = per_row(x);
+  ops::add_rmsnorm_fwd(ex, x, residual, x, w_->compute(), eps_, y, c.rstd);
+  return y;
+}
+
+void RMSNorm::backward(const ExecContext& ex, const Tensor& dy, const NormCache& c, const Tensor& dx,
+                       const Tensor& residual_grad) const {
+  ops::rmsnorm_bwd(ex, dy, c.x, w_->compute(), c.rstd, dx, w_->trainable ? w_->grad : Tensor(), residual_grad);
 }
 
 LayerNorm::LayerNorm(ParamStore& store, const std::string& name, int64_t dim, float eps)
