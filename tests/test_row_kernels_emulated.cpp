@@ -44,7 +44,9 @@ void run_norms(int64_t n, int64_t d, float eps, const Tensor& X, const Tensor& W
   const auto p = [](const Tensor& t) { return emu::kp<T>(t); };
   const auto f = [](const Tensor& t) { return emu::kp<float>(t); };
   const unsigned rows = static_cast<unsigned>(n);
-  emu::launch({rows, 1, 1}, norm_threads(d), 0, [&] { rmsnorm_fwd_kernel(p(X), p(W), eps, p(Y), f(RSTD), d); });
+  emu::launch({rows, 1, 1}, norm_threads(d), 0, [&] {
+    rmsnorm_fwd_kernel(p(X), static_cast<const T*>(nullptr), static_cast<T*>(nullptr), p(W), eps, p(Y), f(RSTD), d);
+  });
   emu::column_sums(n, d, f(DW), RmsNormDw<T>{p(DY), p(X), f(RSTD), d});
   emu::launch({rows, 1, 1}, norm_threads(d), 0,
               [&] { rmsnorm_bwd_kernel(p(DY), p(X), p(W), f(RSTD), static_cast<const T*>(nullptr), p(DX), d); });
@@ -119,14 +121,14 @@ void run_residual_norms(int64_t n, int64_t d, float eps, const Tensor& X, const 
   const unsigned rows = static_cast<unsigned>(n);
   // The sum written over x, as the decoder block writes it over its attention output.
   emu::launch({rows, 1, 1}, norm_threads(d), 0,
-              [&] { add_rmsnorm_fwd_kernel(p(X), p(R), p(X), p(W), eps, p(Y), f(RSTD), d); });
+              [&] { rmsnorm_fwd_kernel(p(X), p(R), p(X), p(W), eps, p(Y), f(RSTD), d); });
   // The residual's gradient DR is also dx's storage: dx = norm's gradient + DR, in place.
   emu::launch({rows, 1, 1}, norm_threads(d), 0,
               [&] { rmsnorm_bwd_kernel(p(DY), p(X), p(W), f(RSTD), p(DR), p(DX), d); });
 }
 
-// The decoder block's fused residual steps (add_rmsnorm_fwd_kernel; rmsnorm_bwd_kernel with a
-// residual gradient) against the CPU ops they replace: add then rmsnorm_fwd, and rmsnorm_bwd
+// The decoder block's fused residual steps (rmsnorm_fwd_kernel with a residual;
+// rmsnorm_bwd_kernel with a residual gradient) against the CPU ops they replace: add then rmsnorm_fwd, and rmsnorm_bwd
 // then add, with the sum over x and dx over the residual gradient as the block aliases them.
 TEST(RowKernelsEmulated, FusedResidualNormsMatchTheAddAndTheNormOnTheCpu) {
   std::mt19937 rng(20261208);

@@ -36,8 +36,8 @@ void rmsnorm_fwd(const Context& c, const Tensor& x, const Tensor& w, float eps, 
   if (n == 0) return;
   // clang-format off
   VCHAT_DISPATCH(dt, T,
-    launch(c, rmsnorm_fwd_kernel<T>, static_cast<unsigned>(n), norm_threads(d), 0, ptr<T>(x), ptr<T>(w), eps, ptr<T>(y),
-           ptr<float>(rstd), d);
+    launch(c, rmsnorm_fwd_kernel<T>, static_cast<unsigned>(n), norm_threads(d), 0, ptr<T>(x),
+           static_cast<const T*>(nullptr), static_cast<T*>(nullptr), ptr<T>(w), eps, ptr<T>(y), ptr<float>(rstd), d);
   );
   // clang-format on
 }
@@ -56,7 +56,7 @@ void add_rmsnorm_fwd(const Context& c, const Tensor& x, const Tensor& residual, 
   if (n == 0) return;
   // clang-format off
   VCHAT_DISPATCH(dt, T,
-    launch(c, add_rmsnorm_fwd_kernel<T>, static_cast<unsigned>(n), norm_threads(d), 0, ptr<T>(x), ptr<T>(residual),
+    launch(c, rmsnorm_fwd_kernel<T>, static_cast<unsigned>(n), norm_threads(d), 0, ptr<T>(x), ptr<T>(residual),
            ptr<T>(sum), ptr<T>(w), eps, ptr<T>(y), ptr<float>(rstd), d);
   );
   // clang-format on

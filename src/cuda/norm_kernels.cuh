@@ -26,10 +26,22 @@ inline unsigned norm_threads(int64_t d) {
   return static_cast<unsigned>(std::min<int64_t>(kNormThreads, std::max<int64_t>(warps, 1) * 32));
 }
 
+// y = x rs w, rs = 1/sqrt(mean(x²) + eps). With a residual, the row normalized is the sum
+// x + residual, first stored into sum (rounded to T): the statistics are those of the stored
+// sum, which the backward sees as its x. The second and third sweeps read the thread's own
+// elements of the row back (from cache). sum may alias x or residual: each element is read
+// and written by the same thread.
 template <class T>
-__global__ void rmsnorm_fwd_kernel(const T* x, const T* w, float eps, T* y, float* rstd, int64_t d) {
+__global__ void rmsnorm_fwd_kernel(const T* x, const T* residual, T* sum, const T* w, float eps, T* y, float* rstd,
+                                   int64_t d) {
   const int64_t r = blockIdx.x;
   const T* xr = x + r * d;
+  if (residual) {
+    const T* rr = residual + r * d;
+    T* sr = sum + r * d;
+    for (int64_t c = threadIdx.x; c < d; c += blockDim.x) st(sr, c, ld(xr, c) + ld(rr, c));
+    xr = sr;
+  }
   float ss = 0.f;
   for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
     const float v = ld(xr, c);
@@ -39,28 +51,6 @@ __global__ void rmsnorm_fwd_kernel(const T* x, const T* w, float eps, T* y, floa
   const float rs = 1.f / sqrtf(ss / d + eps);
   if (threadIdx.x == 0) rstd[r] = rs;
   for (int64_t c = threadIdx.x; c < d; c += blockDim.x) st(y + r * d, c, ld(xr, c) * rs * ld(w, c));
-}
-
-// sum = x + residual, rounded to T, then rmsnorm_fwd_kernel of sum. The second sweep reads
-// back the thread's own elements of the row it just wrote (from cache), so the statistics
-// are those of the stored, rounded sum, which the backward sees as its x. sum may alias x
-// or residual: each element is read and written by the same thread.
-template <class T>
-__global__ void add_rmsnorm_fwd_kernel(const T* x, const T* residual, T* sum, const T* w, float eps, T* y, float* rstd,
-                                       int64_t d) {
-  const int64_t r = blockIdx.x;
-  const T *xr = x + r * d, *rr = residual + r * d;
-  T* sr = sum + r * d;
-  float ss = 0.f;
-  for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
-    st(sr, c, ld(xr, c) + ld(rr, c));
-    const float v = ld(sr, c);
-    ss += v * v;
-  }
-  ss = block_sum(ss);
-  const float rs = 1.f / sqrtf(ss / d + eps);
-  if (threadIdx.x == 0) rstd[r] = rs;
-  for (int64_t c = threadIdx.x; c < d; c += blockDim.x) st(y + r * d, c, ld(sr, c) * rs * ld(w, c));
 }
 
 // dx = rs*(dy*w) - rs^3/d * x * sum(dy*w*x), plus residual_grad where given (it may alias
