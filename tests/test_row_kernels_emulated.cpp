@@ -114,7 +114,7 @@ TEST(RowKernelsEmulated, NormsForwardAndBackwardMatchTheCpuOps) {
 
 template <class T>
 void run_residual_norms(int64_t n, int64_t d, float eps, const Tensor& X, const Tensor& R, const Tensor& W,
-                        const Tensor& Y, const Tensor& RSTD, const Tensor& DY, const Tensor& DX, const Tensor& DR) {
+                        const Tensor& Y, const Tensor& RSTD, const Tensor& DY, const Tensor& DR) {
   using namespace cuda;
   const auto p = [](const Tensor& t) { return emu::kp<T>(t); };
   const auto f = [](const Tensor& t) { return emu::kp<float>(t); };
@@ -124,12 +124,13 @@ void run_residual_norms(int64_t n, int64_t d, float eps, const Tensor& X, const 
               [&] { rmsnorm_fwd_kernel(p(X), p(R), p(X), p(W), eps, p(Y), f(RSTD), d); });
   // The residual's gradient DR is also dx's storage: dx = norm's gradient + DR, in place.
   emu::launch({rows, 1, 1}, norm_threads(d), 0,
-              [&] { rmsnorm_bwd_kernel(p(DY), p(X), p(W), f(RSTD), p(DR), p(DX), d); });
+              [&] { rmsnorm_bwd_kernel(p(DY), p(X), p(W), f(RSTD), p(DR), p(DR), d); });
 }
 
-// The decoder block's fused residual steps (rmsnorm_fwd_kernel with a residual;
-// rmsnorm_bwd_kernel with a residual gradient) against the CPU ops they replace: add then rmsnorm_fwd, and rmsnorm_bwd
-// then add, with the sum over x and dx over the residual gradient as the block aliases them.
+// The decoder block's fused residual steps (rmsnorm_fwd_kernel with a residual,
+// rmsnorm_bwd_kernel with a residual gradient) against the CPU ops they replace: add then
+// rmsnorm_fwd, and rmsnorm_bwd then add; the sum over x and dx over the residual gradient,
+// as the block aliases them.
 TEST(RowKernelsEmulated, FusedResidualNormsMatchTheAddAndTheNormOnTheCpu) {
   std::mt19937 rng(20261208);
   for (const int64_t d : {40, 300, 1100})
@@ -142,28 +143,25 @@ TEST(RowKernelsEmulated, FusedResidualNormsMatchTheAddAndTheNormOnTheCpu) {
       const Tensor w = emu::rand_values({d}, pr.dt, rng, 0.5f, 1.5f);
       const Tensor dy = emu::rand_values({n, d}, pr.dt, rng, -1.f, 1.f);
       const Tensor dr = emu::rand_values({n, d}, pr.dt, rng, -1.f, 1.f);
-      // The CPU ops, unfused; in bf16 the kernel normalizes the sum rounded to bf16 (what
-      // the backward saves), so the reference does too.
-      const Tensor sum = Tensor::empty({n, d}), y = Tensor::empty({n, d}), rstd = Tensor::empty({n});
-      ops::add(test::kCpu, x, r, sum);
-      const Tensor sum_read = sum.clone();
-      if (pr.dt == DType::bf16)
-        for (int64_t i = 0; i < sum.numel(); ++i)
-          sum_read.data<float>()[i] = test::bf16_value(test::bf16_bits(sum.data<float>()[i]));
-      ops::rmsnorm_fwd(test::kCpu, sum_read, w, eps, y, rstd);
-      const Tensor dx = Tensor::empty({n, d});
-      ops::rmsnorm_bwd(test::kCpu, dy, sum_read, w, rstd, dx, Tensor());
-      ops::add(test::kCpu, dx, dr, dx);
       // The kernels.
       const Tensor X = emu::as_storage(x, pr.dt), R = emu::as_storage(r, pr.dt), W = emu::as_storage(w, pr.dt),
                    DY = emu::as_storage(dy, pr.dt), DR = emu::as_storage(dr, pr.dt);
       const Tensor Y = emu::poisoned({n, d}, pr.dt), RSTD = emu::poisoned({n}, DType::f32);
       emu::errors().clear();
       if (pr.dt == DType::f32)
-        run_residual_norms<float>(n, d, eps, X, R, W, Y, RSTD, DY, DR, DR);
+        run_residual_norms<float>(n, d, eps, X, R, W, Y, RSTD, DY, DR);
       else
-        run_residual_norms<cuda::bf16>(n, d, eps, X, R, W, Y, RSTD, DY, DR, DR);
+        run_residual_norms<cuda::bf16>(n, d, eps, X, R, W, Y, RSTD, DY, DR);
       emu::expect_no_errors();
+      // The CPU ops, unfused. The kernel normalizes the sum as stored (in bf16, rounded: what
+      // the backward saves), so the norm's reference is given the stored sum, as in the GPU suite.
+      const Tensor sum = Tensor::empty({n, d}), y = Tensor::empty({n, d}), rstd = Tensor::empty({n});
+      ops::add(test::kCpu, x, r, sum);
+      const Tensor sum_stored = Tensor::from_vector(X.to_vector_f32(), {n, d});
+      ops::rmsnorm_fwd(test::kCpu, sum_stored, w, eps, y, rstd);
+      const Tensor dx = Tensor::empty({n, d});
+      ops::rmsnorm_bwd(test::kCpu, dy, sum_stored, w, rstd, dx, Tensor());
+      ops::add(test::kCpu, dx, dr, dx);
       expect_close(X, sum, pr.tol, "sum written over x");
       expect_close(Y, y, pr.tol, "add_rmsnorm y");
       expect_close(RSTD, rstd, 1e-5, "add_rmsnorm rstd");
