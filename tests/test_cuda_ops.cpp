@@ -18,6 +18,7 @@
 #include "cuda/cuda_backend.h"
 #include "ops.h"
 #ifdef VCHAT_EMULATED_DEVICE
+#include <cublasLt.h>      // the emulated cuBLASLt's refusals and call counts
 #include <cuda_runtime.h>  // the emulated runtime's schedule
 #endif
 #include "profile.h"
@@ -122,6 +123,80 @@ TEST_F(CudaOps, GemmBf16InputsAccumulateIntoF32) {
   ops::gemm(gpu(), dev(a, DType::bf16), true, dev(b, DType::bf16), false, C, 1.f, 1.f);
   expect_close(C, want, 1e-5, "bf16 x bf16 -> f32");  // exact products, fp32 sums
 }
+
+// A bf16 output is one rounding of the fp32 sum over all of k, even where cuBLASLt splits k:
+// its partial sums must not be rounded to bf16 first (gemm.cu's reduction-scheme mask). Rows
+// of ones times columns of 1.5 and 256 in the first half of k, -256 in the second, zeros
+// elsewhere: 1.5, where bf16 partials would give bf16(257.5) - 256 = 2 (every value and
+// partial sum here is exact in bf16 or fp32).
+TEST_F(CudaOps, GemmBf16OutputIsOneRoundingOfTheFp32Sum) {
+  for (const int64_t k : {64, 4096}) {
+    const int64_t m = 16, n = 24;
+    Tensor a = Tensor::empty({m, k}), b = Tensor::zeros({k, n});
+    for (int64_t i = 0; i < a.numel(); ++i) a.data<float>()[i] = 1.f;
+    for (int64_t j = 0; j < n; ++j) {
+      b.data<float>()[0 * n + j] = 1.5f;
+      b.data<float>()[1 * n + j] = 256.f;
+      b.data<float>()[(k / 2) * n + j] = -256.f;
+    }
+    const Tensor C = poison({m, n}, DType::bf16);
+    ops::gemm(gpu(), dev(a, DType::bf16), false, dev(b, DType::bf16), false, C);
+    for (const float v : C.to_vector_f32()) ASSERT_EQ(v, 1.5f) << "k " << k;
+  }
+}
+
+// The BIAS epilogue with the same shape and biases of every alignment from 256 bytes down:
+// an algorithm the heuristic chose for one bias pointer assumes its alignment (gemm.cu keys
+// its cache on it), so each equals the CPU and none faults.
+TEST_F(CudaOps, LinearBiasOfEveryAlignmentWithOneShape) {
+  for (const Precision& p : kPrecisions) {
+    const int64_t N = 24, in = 32, out = 64, elem = p.dt == DType::f32 ? 4 : 2;
+    const Tensor x = host_rand({N, in}, p.dt, rng), W = host_rand({out, in}, p.dt, rng);
+    const Tensor bw = host_rand({out + 256 / elem}, p.dt, rng), B = dev(bw, p.dt);
+    for (const int64_t bytes : {0, 128, 64, 32, 16, 8, 4, 256}) {
+      if (bytes % elem) continue;
+      const int64_t at = bytes / elem;
+      const Tensor y = Tensor::empty({N, out});
+      ops::linear_fwd(gpu(), x, W, bw.slice(0, at, at + out).clone(), y);
+      const Tensor Y = poison({N, out}, p.dt);
+      ops::linear_fwd(gpu(), dev(x, p.dt), dev(W, p.dt), B.slice(0, at, at + out), Y);
+      expect_close(Y, y, p.tol, std::string("linear_fwd, bias ") + std::to_string(bytes) + " bytes on, " + p.name);
+    }
+  }
+}
+
+#ifdef VCHAT_EMULATED_DEVICE
+// Every way cuBLASLt has refused the BIAS epilogue (the heuristic: NOT_SUPPORTED,
+// INVALID_VALUE, no algorithm; the matmul: NOT_SUPPORTED, EXECUTION_FAILED) ends in the plain
+// GEMM and the bias added after, equal to the CPU, with no error left behind for the next
+// kernel; and the refusal is remembered: the same problem does not ask for the epilogue again.
+TEST_F(CudaOps, GemmFallsBackWhereCublasLtRefusesTheBiasEpilogue) {
+  using emu::BiasRefusal;
+  int64_t rows = 11;  // a new problem each time: gemm.cu remembers each one's answer
+  for (const BiasRefusal how :
+       {BiasRefusal::heuristic_not_supported, BiasRefusal::heuristic_invalid_value, BiasRefusal::heuristic_none_found,
+        BiasRefusal::matmul_not_supported, BiasRefusal::matmul_execution_failed}) {
+    const int64_t N = rows++, in = 24, out = 16;
+    const Tensor x = host_rand({N, in}, DType::f32, rng), W = host_rand({out, in}, DType::f32, rng);
+    const Tensor b = host_rand({out}, DType::f32, rng), y = Tensor::empty({N, out});
+    ops::linear_fwd(gpu(), x, W, b, y);
+    emu::cublaslt_refuse_bias(how);
+    const emu::CublasLtCalls before = emu::cublaslt_calls();
+    for (int call = 0; call < 2; ++call) {
+      const Tensor Y = poison({N, out}, DType::f32);
+      ops::linear_fwd(gpu(), dev(x, DType::f32), dev(W, DType::f32), dev(b, DType::f32), Y);
+      expect_close(Y, y, 1e-5, "refusal " + std::to_string(static_cast<int>(how)) + ", call " + std::to_string(call));
+    }
+    const emu::CublasLtCalls after = emu::cublaslt_calls();
+    emu::cublaslt_refuse_bias(BiasRefusal::none);
+    EXPECT_EQ(after.heuristic_bias - before.heuristic_bias, 1u) << "asked once for the epilogue";
+    const bool heuristic_refused = how < BiasRefusal::matmul_not_supported;
+    EXPECT_EQ(after.matmul_bias - before.matmul_bias, heuristic_refused ? 0u : 1u) << "tried once at most";
+    EXPECT_EQ(after.matmul - before.matmul, heuristic_refused ? 2u : 3u) << "one plain GEMM a call";
+    EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+  }
+}
+#endif
 
 TEST_F(CudaOps, GemmBetaZeroIgnoresNanInC) {
   const Tensor a = host_rand({4, 3}, DType::f32, rng), b = host_rand({3, 2}, DType::f32, rng);

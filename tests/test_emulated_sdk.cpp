@@ -619,6 +619,110 @@ TEST(EmulatedSdk, CublasLtComputesItsColumnMajorDefinitionAndRefusesBadLayouts) 
   cublasLtDestroy(h);
 }
 
+// What the heuristic's algorithm assumed holds at the matmul, as on a GPU: pointers as
+// aligned as the preferences said (256 bytes unsaid) and the bias as aligned as when it was
+// asked, or the matmul faults; and a bf16 D under a reduction mask that allows the output
+// type gets a split-K algorithm whose partial sums are rounded to bf16.
+TEST(EmulatedSdk, CublasLtAlgorithmsHoldWhatTheHeuristicAssumed) {
+  // 64 floats: 256 bytes, so 256-byte aligned (an allocation ends at its page's end).
+  DeviceFloats A(64, std::vector<float>(64, 1.f)), B(64, std::vector<float>(64, 2.f)), D(64), bias(64, {});
+  cublasLtHandle_t h;
+  cublasLtMatmulDesc_t op;
+  cublasLtMatrixLayout_t l;  // 4 x 4, ld 4: every operand
+  cublasLtMatmulPreference_t pref;
+  ASSERT_EQ(cublasLtCreate(&h), CUBLAS_STATUS_SUCCESS);
+  ASSERT_EQ(cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F), CUBLAS_STATUS_SUCCESS);
+  ASSERT_EQ(cublasLtMatrixLayoutCreate(&l, CUDA_R_32F, 4, 4, 4), CUBLAS_STATUS_SUCCESS);
+  ASSERT_EQ(cublasLtMatmulPreferenceCreate(&pref), CUBLAS_STATUS_SUCCESS);
+  const float alpha = 1.f, beta = 0.f;
+  auto heuristic = [&] {
+    cublasLtMatmulHeuristicResult_t r{};
+    int found = 0;
+    EXPECT_EQ(cublasLtMatmulAlgoGetHeuristic(h, op, l, l, l, l, pref, 1, &r, &found), CUBLAS_STATUS_SUCCESS);
+    EXPECT_EQ(found, 1);
+    return r.algo;
+  };
+  auto matmul = [&](const cublasLtMatmulAlgo_t& algo, const float* a) {
+    return cublasLtMatmul(h, op, &alpha, a, l, B.p, l, &beta, D.p, l, D.p, l, &algo, nullptr, 0, nullptr);
+  };
+  const cublasLtMatmulAlgo_t aligned = heuristic();
+  ASSERT_EQ(matmul(aligned, A.p), CUBLAS_STATUS_SUCCESS);
+  EXPECT_EQ(D.host()[0], 8.f);
+  ASSERT_EQ(matmul(aligned, A.p + 1), CUBLAS_STATUS_SUCCESS) << "a kernel's fault is asynchronous";
+  EXPECT_EQ(cudaDeviceSynchronize(), cudaErrorIllegalAddress);
+  expect_error(cudaErrorIllegalAddress,
+               "misaligned address: cublasLtMatmul's A is 4-byte aligned, its algorithm "
+               "assumes 256");
+  const uint32_t four = 4;
+  ASSERT_EQ(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &four, sizeof four),
+            CUBLAS_STATUS_SUCCESS);
+  ASSERT_EQ(matmul(heuristic(), A.p + 1), CUBLAS_STATUS_SUCCESS);
+  EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess) << "asked for 4-byte alignment";
+
+  // The bias: its pointer when the heuristic was asked is what the algorithm assumes.
+  const uint32_t epi = CUBLASLT_EPILOGUE_BIAS;
+  const void* bp = bias.p;
+  ASSERT_EQ(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof epi), CUBLAS_STATUS_SUCCESS);
+  ASSERT_EQ(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bp, sizeof bp),
+            CUBLAS_STATUS_SUCCESS);
+  const cublasLtMatmulAlgo_t with_bias = heuristic();
+  bp = bias.p + 4;  // 16 bytes on
+  ASSERT_EQ(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bp, sizeof bp),
+            CUBLAS_STATUS_SUCCESS);
+  ASSERT_EQ(matmul(with_bias, A.p + 1), CUBLAS_STATUS_SUCCESS);
+  EXPECT_EQ(cudaDeviceSynchronize(), cudaErrorIllegalAddress);
+  expect_error(cudaErrorIllegalAddress, "cublasLtMatmul's bias is 16-byte aligned, its algorithm assumes 256");
+  ASSERT_EQ(matmul(heuristic(), A.p + 1), CUBLAS_STATUS_SUCCESS);
+  EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess) << "asked with the bias where it is";
+
+  // Split-K in bf16: 1 x 64 ones times 64 x 1 whose halves sum to 257.5 and -256. One
+  // rounding of the fp32 sum gives 1.5; bf16 partials give bf16(257.5) - 256 = 2.
+  std::vector<__nv_bfloat16> ones(64, __float2bfloat16_rn(1.f)), b(64, __float2bfloat16_rn(-8.f));
+  for (int i = 0; i < 32; ++i) b[i] = __float2bfloat16_rn(i == 0 ? 9.5f : 8.f);
+  __nv_bfloat16 *xa = nullptr, *xb = nullptr, *xd = nullptr;
+  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&xa), 128), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&xb), 128), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&xd), 2), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(xa, ones.data(), 128, cudaMemcpyHostToDevice), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(xb, b.data(), 128, cudaMemcpyHostToDevice), cudaSuccess);
+  cublasLtMatmulDesc_t plain;
+  cublasLtMatrixLayout_t la, lb, ld;
+  ASSERT_EQ(cublasLtMatmulDescCreate(&plain, CUBLAS_COMPUTE_32F, CUDA_R_32F), CUBLAS_STATUS_SUCCESS);
+  ASSERT_EQ(cublasLtMatrixLayoutCreate(&la, CUDA_R_16BF, 1, 64, 1), CUBLAS_STATUS_SUCCESS);
+  ASSERT_EQ(cublasLtMatrixLayoutCreate(&lb, CUDA_R_16BF, 64, 1, 64), CUBLAS_STATUS_SUCCESS);
+  ASSERT_EQ(cublasLtMatrixLayoutCreate(&ld, CUDA_R_16BF, 1, 1, 1), CUBLAS_STATUS_SUCCESS);
+  auto product = [&](const uint32_t* mask) {
+    cublasLtMatmulPreference_t p;
+    EXPECT_EQ(cublasLtMatmulPreferenceCreate(&p), CUBLAS_STATUS_SUCCESS);
+    const uint32_t none = 1;  // every operand is at least 2-byte aligned; say 1 to assume nothing
+    for (auto attr : {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+                      CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES})
+      EXPECT_EQ(cublasLtMatmulPreferenceSetAttribute(p, attr, &none, sizeof none), CUBLAS_STATUS_SUCCESS);
+    if (mask) {
+      EXPECT_EQ(cublasLtMatmulPreferenceSetAttribute(p, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, mask, sizeof *mask),
+                CUBLAS_STATUS_SUCCESS);
+    }
+    cublasLtMatmulHeuristicResult_t r{};
+    int found = 0;
+    EXPECT_EQ(cublasLtMatmulAlgoGetHeuristic(h, plain, la, lb, ld, ld, p, 1, &r, &found), CUBLAS_STATUS_SUCCESS);
+    EXPECT_EQ(cublasLtMatmul(h, plain, &alpha, xa, la, xb, lb, &beta, xd, ld, xd, ld, &r.algo, nullptr, 0, nullptr),
+              CUBLAS_STATUS_SUCCESS);
+    cublasLtMatmulPreferenceDestroy(p);
+    __nv_bfloat16 out;
+    EXPECT_EQ(cudaMemcpy(&out, xd, 2, cudaMemcpyDeviceToHost), cudaSuccess);
+    return __bfloat162float(out);
+  };
+  EXPECT_EQ(product(nullptr), 2.f) << "the default mask allows partial sums in bf16";
+  const uint32_t fp32_partials = CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE;
+  EXPECT_EQ(product(&fp32_partials), 1.5f);
+  for (auto x : {la, lb, ld, l}) cublasLtMatrixLayoutDestroy(x);
+  for (void* x : {static_cast<void*>(xa), static_cast<void*>(xb), static_cast<void*>(xd)}) cudaFree(x);
+  cublasLtMatmulPreferenceDestroy(pref);
+  cublasLtMatmulDescDestroy(plain);
+  cublasLtMatmulDescDestroy(op);
+  cublasLtDestroy(h);
+}
+
 TEST(EmulatedSdk, NcclOfOneRankCopiesOnDeviceMemory) {
   ncclUniqueId id;
   ncclGetUniqueId(&id);

@@ -48,8 +48,10 @@ struct Desc {
 
 // The heuristic's first choice per problem (or that it has none), found once: the query
 // costs more than a small GEMM.
-using Key = std::tuple<int, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool, bool, bool, DType, DType, uint32_t,
-                       uint32_t, uint32_t, size_t>;
+// The alignments are part of the problem: the heuristic picks kernels that assume them, the
+// bias pointer's too (cuBLASLt reads its value for that, 0 here without the epilogue).
+using Key = std::tuple<int, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool, bool, bool, DType, DType,
+                       uint32_t, uint32_t, uint32_t, uint32_t, size_t>;
 
 // The largest power of two up to 256 that divides the address: cuBLASLt's heuristic assumes
 // 256-byte alignment unless told otherwise, and a view into a flat parameter buffer (a
@@ -140,10 +142,20 @@ void gemm(const Context& ctx, const Tensor& A, bool trans_a, const Tensor& B, bo
   // Operands swapped (top of the file): cuBLASLt's A is B's buffer, its B is A's.
   const uint32_t al_a = alignment(b.ptr), al_b = alignment(a.ptr), al_c = alignment(C.raw());
 
+  const uint32_t al_bias = bias.defined() ? alignment(bias.raw()) : 0;
+  // A split-K algorithm reduces its partial products in fp32 (COMPUTE_TYPE) or not at all:
+  // cuBLASLt's default also allows reducing them in D's type (INPLACE, OUTPUT_TYPE), which
+  // for a bf16 output rounds every partial sum to bf16 before they are added, where the
+  // precision policy promises one rounding of an fp32 accumulation.
+  const uint32_t reductions = CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE;
+
   // The heuristic's algorithm for this problem with or without the BIAS epilogue, asked
-  // once; nullptr when it has none (remembered too).
+  // once; nullptr when it has none (remembered too). With the epilogue, a refusal of any
+  // kind means "not fused" (the plain GEMM below reports a real error again): cuBLASLt has
+  // answered INVALID_VALUE, not NOT_SUPPORTED, for BIAS on some shapes.
   auto key = [&](bool fused) {
-    return Key{device, m, n, k, a.ld, b.ld, c.ld, trans_a, trans_b, fused, dt, ct, al_a, al_b, al_c, ws};
+    return Key{
+        device, m, n, k, a.ld, b.ld, c.ld, trans_a, trans_b, fused, dt, ct, al_a, al_b, al_c, fused ? al_bias : 0, ws};
   };
   auto algorithm = [&](bool fused) -> const cublasLtMatmulAlgo_t* {
     auto& cache = algo_cache();
@@ -158,13 +170,16 @@ void gemm(const Context& ctx, const Tensor& A, bool trans_a, const Tensor& B, bo
                                      std::pair{CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al_c},
                                      std::pair{CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_c}})
         CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(p.pref, attr, al, sizeof *al));
+      CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(p.pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, &reductions,
+                                                        sizeof reductions));
       cublasLtMatmulHeuristicResult_t result{};
       int found = 0;
       const cublasStatus_t st =
           cublasLtMatmulAlgoGetHeuristic(lt, d.op, d.a, d.b, d.c, d.c, p.pref, 1, &result, &found);
-      if (st != CUBLAS_STATUS_NOT_SUPPORTED) CUBLAS_CHECK(st);
+      if (!fused && st != CUBLAS_STATUS_NOT_SUPPORTED) CUBLAS_CHECK(st);
       std::optional<cublasLtMatmulAlgo_t> algo;
-      if (st == CUBLAS_STATUS_SUCCESS && found > 0) algo = result.algo;
+      // A result's fields hold only where its own state says success.
+      if (st == CUBLAS_STATUS_SUCCESS && found > 0 && result.state == CUBLAS_STATUS_SUCCESS) algo = result.algo;
       it = cache.emplace(key(fused), algo).first;
     }
     return it->second ? &*it->second : nullptr;
@@ -186,10 +201,10 @@ void gemm(const Context& ctx, const Tensor& A, bool trans_a, const Tensor& B, bo
     if (const cublasLtMatmulAlgo_t* algo = algorithm(true)) {
       const cublasStatus_t st = matmul(algo);
       if (st == CUBLAS_STATUS_SUCCESS) return;
-      if (st != CUBLAS_STATUS_NOT_SUPPORTED && st != CUBLAS_STATUS_EXECUTION_FAILED) CUBLAS_CHECK(st);
-      // Not for this shape after all: forget the fused algorithm, fall back below. A launch
-      // that failed may have left its error as the runtime's last one, which the next
-      // kernel's launch check would report as its own: clear it (a sticky fault persists).
+      // Not for this shape after all, whatever the status says: forget the fused algorithm,
+      // fall back below (where a real error is reported again). A launch that failed may
+      // have left its error as the runtime's last one, which the next kernel's launch check
+      // would report as its own: clear it (a sticky fault persists, and the next call says so).
       if (st == CUBLAS_STATUS_EXECUTION_FAILED) (void)cudaGetLastError();
       algo_cache()[key(true)] = std::nullopt;
     }

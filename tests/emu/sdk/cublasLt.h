@@ -8,6 +8,16 @@
 // the rows, shapes that do not chain, mixed input types, an attribute of the wrong size, an
 // operand outside device memory. The products are OpenBLAS' sgemm in fp32 (cuBLAS' order of
 // accumulation differs: results agree to rounding).
+//
+// What the heuristic's answer assumes, as on a GPU: the algorithm it returns is for operands
+// as aligned as the preferences said (256 bytes where they say nothing) and a bias pointer as
+// aligned as the one in the description when it was asked; a matmul whose pointers are less
+// aligned faults (asynchronously, "misaligned address"). And for a bf16 D whose preference
+// allows a reduction in the output type (the default mask does), it returns a split-K
+// algorithm for k >= 32 (the GPU's heuristic may: which shapes it picks one for is not
+// documented) that sums the two halves of k in bf16: each partial product is rounded to
+// bf16 before they are added. Tests can make the heuristic or the matmul refuse the BIAS
+// epilogue (vchat::emu::cublaslt_refuse_bias) the ways cuBLASLt has.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -46,8 +56,16 @@ enum cublasLtMatmulDescAttributes_t {
   CUBLASLT_MATMUL_DESC_BIAS_POINTER = 8,
   CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE = 26,
 };
+enum cublasLtReductionScheme_t {
+  CUBLASLT_REDUCTION_SCHEME_NONE = 0,
+  CUBLASLT_REDUCTION_SCHEME_INPLACE = 1,
+  CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE = 2,
+  CUBLASLT_REDUCTION_SCHEME_OUTPUT_TYPE = 4,
+  CUBLASLT_REDUCTION_SCHEME_MASK = 0x7,
+};
 enum cublasLtMatmulPreferenceAttributes_t {
   CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES = 1,
+  CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK = 3,
   CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES = 5,
   CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES = 6,
   CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES = 7,
@@ -77,3 +95,26 @@ cublasStatus_t cublasLtMatmul(cublasLtHandle_t h, cublasLtMatmulDesc_t op, const
                               const void* C, cublasLtMatrixLayout_t c, void* D, cublasLtMatrixLayout_t d,
                               const cublasLtMatmulAlgo_t* algo, void* workspace, size_t workspace_bytes,
                               cudaStream_t stream);
+
+namespace vchat::emu {
+
+// How the next calls refuse the BIAS epilogue, until set back to none: the heuristic answers
+// NOT_SUPPORTED, INVALID_VALUE (as cuBLASLt has for some shapes) or no algorithm, or the
+// heuristic finds one and the matmul then answers NOT_SUPPORTED or EXECUTION_FAILED (as it
+// has for a very tall GEMM on an A100). The plain GEMM is never refused.
+enum class BiasRefusal {
+  none,
+  heuristic_not_supported,
+  heuristic_invalid_value,
+  heuristic_none_found,
+  matmul_not_supported,
+  matmul_execution_failed
+};
+void cublaslt_refuse_bias(BiasRefusal how);
+// The calls so far: heuristic queries and matmuls, and of those the ones with the BIAS epilogue.
+struct CublasLtCalls {
+  uint64_t heuristic = 0, heuristic_bias = 0, matmul = 0, matmul_bias = 0;
+};
+CublasLtCalls cublaslt_calls();
+
+}  // namespace vchat::emu

@@ -4,7 +4,10 @@
 
 #include <cblas.h>
 
+#include <atomic>
 #include <cstring>
+#include <mutex>
+#include <string>
 #include <vector>
 
 struct cublasLtContext {};
@@ -23,11 +26,34 @@ struct cublasLtMatrixLayoutOpaque_t {
 };
 struct cublasLtMatmulPreferenceOpaque_t {
   uint64_t workspace = 0;
+  uint32_t alignment[4] = {256, 256, 256, 256};  // A, B, C, D: cuBLASLt's default assumption
+  uint32_t reductions = CUBLASLT_REDUCTION_SCHEME_MASK;
 };
 
 namespace {
 
-constexpr uint64_t kAlgo = 0x656d756c61746564ull;  // the one algorithm there is
+// An algorithm is kAlgo in data[0], then what it assumes: the minimum alignments of A, B, C,
+// D and the bias (0: no bias), and whether it splits k with partial sums in D's type.
+constexpr uint64_t kAlgo = 0x656d756c61746564ull;
+enum AlgoField { kTag, kAlignA, kAlignB, kAlignC, kAlignD, kAlignBias, kSplitInOutputType };
+constexpr uint64_t kSplitMinK = 32;
+
+// The largest power of two up to 256 that divides the address.
+uint32_t alignment(const void* p) {
+  const auto a = reinterpret_cast<uintptr_t>(p);
+  uint32_t al = 256;
+  while (al > 1 && a % al != 0) al /= 2;
+  return al;
+}
+
+std::mutex calls_mutex;
+vchat::emu::CublasLtCalls calls;
+std::atomic<vchat::emu::BiasRefusal> bias_refusal{vchat::emu::BiasRefusal::none};
+void count(uint64_t vchat::emu::CublasLtCalls::*what, bool bias, uint64_t vchat::emu::CublasLtCalls::*what_bias) {
+  std::lock_guard<std::mutex> lock(calls_mutex);
+  ++(calls.*what);
+  if (bias) ++(calls.*what_bias);
+}
 
 bool known_type(int t) { return t == CUDA_R_32F || t == CUDA_R_16BF; }
 size_t type_bytes(int t) { return t == CUDA_R_32F ? 4 : 2; }
@@ -157,15 +183,19 @@ cublasStatus_t cublasLtMatmulPreferenceSetAttribute(cublasLtMatmulPreference_t p
                                                     cublasLtMatmulPreferenceAttributes_t attr, const void* buf,
                                                     size_t bytes) {
   if (!p) return CUBLAS_STATUS_NOT_INITIALIZED;
-  uint32_t alignment = 0;
   switch (attr) {
     case CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES:
       return set(&p->workspace, buf, bytes);
+    case CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK:
+      return set(&p->reductions, buf, bytes);
     case CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES:
+      return set(&p->alignment[0], buf, bytes);
     case CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES:
+      return set(&p->alignment[1], buf, bytes);
     case CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES:
+      return set(&p->alignment[2], buf, bytes);
     case CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES:
-      return set(&alignment, buf, bytes);
+      return set(&p->alignment[3], buf, bytes);
   }
   return CUBLAS_STATUS_INVALID_VALUE;
 }
@@ -178,8 +208,27 @@ cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t h, cublasLtMatmul
   if (requested < 1 || !results || !found) return CUBLAS_STATUS_INVALID_VALUE;
   Problem p;
   if (const cublasStatus_t st = check(op, a, b, c, d, &p); st != CUBLAS_STATUS_SUCCESS) return st;
+  const bool bias = op->epilogue == CUBLASLT_EPILOGUE_BIAS;
+  count(&vchat::emu::CublasLtCalls::heuristic, bias, &vchat::emu::CublasLtCalls::heuristic_bias);
+  using vchat::emu::BiasRefusal;
+  *found = 0;
+  if (bias) switch (bias_refusal.load()) {
+      case BiasRefusal::heuristic_not_supported:
+        return CUBLAS_STATUS_NOT_SUPPORTED;
+      case BiasRefusal::heuristic_invalid_value:
+        return CUBLAS_STATUS_INVALID_VALUE;
+      case BiasRefusal::heuristic_none_found:
+        return CUBLAS_STATUS_SUCCESS;
+      default:
+        break;
+    }
   results[0] = {};
-  results[0].algo.data[0] = kAlgo;
+  uint64_t* algo = results[0].algo.data;
+  algo[kTag] = kAlgo;
+  for (int i = 0; i < 4; ++i) algo[kAlignA + i] = pref->alignment[i];
+  algo[kAlignBias] = bias ? alignment(op->bias) : 0;
+  const uint32_t in_output_type = CUBLASLT_REDUCTION_SCHEME_INPLACE | CUBLASLT_REDUCTION_SCHEME_OUTPUT_TYPE;
+  algo[kSplitInOutputType] = d->type == CUDA_R_16BF && (pref->reductions & in_output_type) && p.k >= kSplitMinK;
   results[0].state = CUBLAS_STATUS_SUCCESS;
   results[0].wavesCount = 1.f;
   *found = 1;
@@ -194,7 +243,12 @@ cublasStatus_t cublasLtMatmul(cublasLtHandle_t h, cublasLtMatmulDesc_t op, const
   if (!h) return CUBLAS_STATUS_NOT_INITIALIZED;
   Problem p;
   if (const cublasStatus_t st = check(op, a, b, c, d, &p); st != CUBLAS_STATUS_SUCCESS) return st;
-  if (algo && algo->data[0] != kAlgo) return CUBLAS_STATUS_INVALID_VALUE;
+  if (algo && algo->data[kTag] != kAlgo) return CUBLAS_STATUS_INVALID_VALUE;
+  const bool bias = op->epilogue == CUBLASLT_EPILOGUE_BIAS;
+  count(&vchat::emu::CublasLtCalls::matmul, bias, &vchat::emu::CublasLtCalls::matmul_bias);
+  if (bias && bias_refusal.load() == vchat::emu::BiasRefusal::matmul_not_supported) return CUBLAS_STATUS_NOT_SUPPORTED;
+  if (bias && bias_refusal.load() == vchat::emu::BiasRefusal::matmul_execution_failed)
+    return CUBLAS_STATUS_EXECUTION_FAILED;
   const float al = *static_cast<const float*>(alpha), be = *static_cast<const float*>(beta);
   using vchat::emu::Space;
   using vchat::emu::space_of;
@@ -209,7 +263,6 @@ cublasStatus_t cublasLtMatmul(cublasLtHandle_t h, cublasLtMatmulDesc_t op, const
   };
   if (overlap(D, span(*d), A, span(*a)) || overlap(D, span(*d), B, span(*b))) return CUBLAS_STATUS_INVALID_VALUE;
   if (c_read && C == D && (c->ld != d->ld || c->type != d->type)) return CUBLAS_STATUS_INVALID_VALUE;
-  const bool bias = op->epilogue == CUBLASLT_EPILOGUE_BIAS;
   if (bias && space_of(op->bias, p.m * type_bytes(d->type)) != Space::device) return CUBLAS_STATUS_INVALID_VALUE;
   // op(A) [m, k] and op(B) [k, n] gathered row-major in fp32 from their column-major layouts
   // (element (i, j) at x[i + j * ld]), multiplied by OpenBLAS, then alpha, C, the bias; queued
@@ -218,6 +271,20 @@ cublasStatus_t cublasLtMatmul(cublasLtHandle_t h, cublasLtMatmulDesc_t op, const
   const uint64_t m = p.m, n = p.n, k = p.k;
   const cublasLtMatrixLayoutOpaque_t la = *a, lb = *b, lc = *c, ld = *d;
   const void* bias_ptr = op->bias;
+  // What the algorithm assumed of the pointers (none for cuBLASLt's own choice, algo null).
+  struct Assumed {
+    const char* what;
+    const void* ptr;
+    uint64_t alignment;
+  };
+  std::vector<Assumed> assumed;
+  if (algo) {
+    const uint64_t* x = algo->data;
+    assumed = {{"A", A, x[kAlignA]}, {"B", B, x[kAlignB]}, {"D", D, x[kAlignD]}};
+    if (c_read) assumed.push_back({"C", C, x[kAlignC]});
+    if (bias) assumed.push_back({"bias", bias_ptr, x[kAlignBias]});
+  }
+  const bool split = algo && algo->data[kSplitInOutputType] && ld.type == CUDA_R_16BF;
   const auto work = [=] {
     using vchat::emu::still_device;
     if (!still_device(A, span(la), "cublasLtMatmul's A") || !still_device(B, span(lb), "cublasLtMatmul's B") ||
@@ -225,16 +292,31 @@ cublasStatus_t cublasLtMatmul(cublasLtHandle_t h, cublasLtMatmulDesc_t op, const
         !still_device(D, span(ld), "cublasLtMatmul's D") ||
         (bias && !still_device(bias_ptr, m * type_bytes(ld.type), "cublasLtMatmul's bias")))
       return;
-    std::vector<float> af(m * k), bf(k * n), prod(m * n);
+    for (const Assumed& x : assumed)
+      if (alignment(x.ptr) < x.alignment) {
+        vchat::emu::async_fault("misaligned address: cublasLtMatmul's " + std::string(x.what) + " is " +
+                                std::to_string(alignment(x.ptr)) + "-byte aligned, its algorithm assumes " +
+                                std::to_string(x.alignment) + " (the heuristic's preferences or bias pointer)");
+        return;
+      }
+    std::vector<float> af(m * k), bf(k * n), prod(m * n), prod2;
     for (uint64_t i = 0; i < m; ++i)
       for (uint64_t q = 0; q < k; ++q) af[i * k + q] = load(la.type, A, int64_t(ta ? q + i * la.ld : i + q * la.ld));
     for (uint64_t q = 0; q < k; ++q)
       for (uint64_t j = 0; j < n; ++j) bf[q * n + j] = load(lb.type, B, int64_t(tb ? j + q * lb.ld : q + j * lb.ld));
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(m), int(n), int(k), 1.f, af.data(), int(k), bf.data(),
+    // Split-K in D's type: the halves of k multiplied apart, each partial rounded to bf16.
+    const uint64_t k1 = split ? k / 2 : k;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(m), int(n), int(k1), 1.f, af.data(), int(k), bf.data(),
                 int(n), 0.f, prod.data(), int(n));
+    if (split) {
+      prod2.resize(m * n);
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(m), int(n), int(k - k1), 1.f, af.data() + k1, int(k),
+                  bf.data() + k1 * n, int(n), 0.f, prod2.data(), int(n));
+    }
+    auto to_bf16 = [](float v) { return __bfloat162float(__float2bfloat16_rn(v)); };
     for (uint64_t j = 0; j < n; ++j)
       for (uint64_t i = 0; i < m; ++i) {
-        float v = al * prod[i * n + j];
+        float v = split ? to_bf16(al * prod[i * n + j]) + to_bf16(al * prod2[i * n + j]) : al * prod[i * n + j];
         if (c_read) v += be * load(lc.type, C, int64_t(i + j * lc.ld));  // read before D's store: C may be D
         if (bias) v += load(ld.type, bias_ptr, int64_t(i));
         store(ld.type, D, int64_t(i + j * ld.ld), v);
@@ -243,3 +325,11 @@ cublasStatus_t cublasLtMatmul(cublasLtHandle_t h, cublasLtMatmulDesc_t op, const
   if (vchat::emu::enqueue(stream, work, "cublasLtMatmul") != cudaSuccess) return CUBLAS_STATUS_EXECUTION_FAILED;
   return CUBLAS_STATUS_SUCCESS;
 }
+
+namespace vchat::emu {
+void cublaslt_refuse_bias(BiasRefusal how) { bias_refusal.store(how); }
+CublasLtCalls cublaslt_calls() {
+  std::lock_guard<std::mutex> lock(calls_mutex);
+  return calls;
+}
+}  // namespace vchat::emu
