@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "parallel/comm.h"
+#include "parallel/device_sharing.h"
 #include "mpi/comm_values.h"
 #include "mpi_test_main.h"
 
@@ -50,6 +51,21 @@ TEST(CommMpi, AllReduceEveryDtypeAndOp) {
         }
         expect_same_on_all_ranks(*w, buf);
       }
+}
+
+// The NCCL-or-MPI choice: every rank learns the same first pair of ranks that drive one GPU,
+// or that there is none.
+TEST(CommMpi, SharedDeviceIsFoundByEveryRankAlike) {
+  auto w = test_world();
+  const int n = w->size(), r = w->rank();
+  EXPECT_EQ(shared_device(*w, "node-a 0000:" + std::to_string(10 + r) + ":00.0"), "");
+  // The last two ranks on one GPU.
+  const int gpu = r == n - 1 ? n - 2 : r;
+  EXPECT_EQ(shared_device(*w, "node-a 0000:" + std::to_string(10 + gpu) + ":00.0"),
+            "ranks " + std::to_string(n - 2) + " and " + std::to_string(n - 1) +
+                " share GPU node-a 0000:" + std::to_string(10 + n - 2) + ":00.0");
+  // The same bus id on different hosts is not shared.
+  EXPECT_EQ(shared_device(*w, "node-" + std::to_string(r) + " 0000:01:00.0"), "");
 }
 
 TEST(CommMpi, AllReduceTensorOverload) {

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <vector>
 
 #include "cuda/cuda_backend.h"
@@ -15,6 +16,7 @@
 #include "ops.h"
 #include "parallel/comm.h"
 #include "parallel/comm_nccl.h"
+#include "test_util.h"
 #ifdef VCHAT_EMULATED_DEVICE
 #include <cuda_runtime.h>  // the emulated runtime's schedule
 #endif
@@ -35,6 +37,22 @@ class CudaComm : public ::testing::Test {
 
 Tensor dev(const std::vector<float>& v) {
   return Tensor::from_vector(v, {static_cast<int64_t>(v.size())}).to(Device::cuda);
+}
+
+// NCCL_COMM_BLOCKING=0 would make every NCCL call answer ncclInProgress: refused up front,
+// naming it. And the communicators' launches keep the program's order on the GPU
+// (NCCL_LAUNCH_ORDER_IMPLICIT=1, SetUp made one), unless the user chose otherwise.
+TEST_F(CudaComm, RefusesNonBlockingCommunicatorsAndKeepsLaunchOrder) {
+  ASSERT_NE(std::getenv("NCCL_LAUNCH_ORDER_IMPLICIT"), nullptr);
+  EXPECT_STREQ(std::getenv("NCCL_LAUNCH_ORDER_IMPLICIT"), "1");
+  setenv("NCCL_LAUNCH_ORDER_IMPLICIT", "0", 1);
+  setenv("NCCL_COMM_BLOCKING", "0", 1);
+  test::expect_runtime_error([&] { cuda::make_nccl_comm(self, "nccl-nonblocking", cuda::device_context()); },
+                             "NCCL_COMM_BLOCKING=0 is set");
+  unsetenv("NCCL_COMM_BLOCKING");
+  auto again = cuda::make_nccl_comm(self, "nccl-again", cuda::device_context());
+  EXPECT_STREQ(std::getenv("NCCL_LAUNCH_ORDER_IMPLICIT"), "0") << "the user's value is kept";
+  unsetenv("NCCL_LAUNCH_ORDER_IMPLICIT");
 }
 
 TEST_F(CudaComm, EveryOperationAtOneRankOnDeviceAndHostBuffers) {

@@ -178,6 +178,16 @@ inline void expect_invalid_argument(const std::function<void()>& f, const std::s
   }
 }
 
+// f() must throw std::runtime_error whose message contains `needle`.
+inline void expect_runtime_error(const std::function<void()>& f, const std::string& needle) {
+  try {
+    f();
+    ADD_FAILURE() << "accepted; expected: " << needle;
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+  }
+}
+
 inline Tensor randn(Shape shape, std::mt19937_64& rng, float stddev = 1.f) {
   Tensor t = Tensor::empty(std::move(shape));
   std::normal_distribution<float> g(0.f, stddev);

@@ -12,6 +12,7 @@
 #include "exec.h"
 #include "model/precision.h"
 #include "parallel/comm.h"
+#include "parallel/device_sharing.h"
 #include "model/grid_rules.h"
 #include "parallel/grid.h"
 #ifdef VCHAT_WITH_CUDA
@@ -45,7 +46,14 @@ int main(int argc, char** argv) {
   try {
     if (cfg.device == vchat::Device::cuda) {
       vchat::select_gpu(mpi.rank());
-      const bool nccl = cfg.comm == "nccl" || (cfg.comm == "auto" && vchat::each_rank_has_a_gpu());
+      // NCCL only where no two ranks drive one GPU (NCCL refuses that), found by all ranks
+      // together so that all of them take the same path.
+      const std::string shared = vchat::shared_device(*world, vchat::gpu_identity());
+      if (cfg.comm == "nccl" && !shared.empty())
+        throw vchat::ConfigError("--comm nccl: " + shared +
+                                 ", and NCCL needs a GPU per rank: run one rank per GPU, or use --comm mpi "
+                                 "(device buffers staged through the host) or --comm auto");
+      const bool nccl = cfg.comm == "nccl" || (cfg.comm == "auto" && shared.empty());
       if (nccl) {
 #ifdef VCHAT_WITH_CUDA
         // Ordered against the device's compute stream, the one the trainer's ops run on.
@@ -53,10 +61,12 @@ int main(int argc, char** argv) {
         device_world = vchat::cuda::make_nccl_comm(*world, "world", gpu.cuda("vchat-train"));
 #endif
       }
+      const std::string path =
+          device_world ? "NCCL"
+                       : "MPI (device buffers staged through the host" + (shared.empty() ? "" : ": " + shared) + ")";
       if (root)
         std::printf("vchat-train | device %s, %s, collectives over %s\n", vchat::gpu_description().c_str(),
-                    vchat::precision_name(cfg.precision),
-                    device_world ? "NCCL" : "MPI (device buffers staged through the host)");
+                    vchat::precision_name(cfg.precision), path.c_str());
     }
   } catch (const vchat::ConfigError& e) {
     if (root) std::fprintf(stderr, "vchat-train: error: %s\n", e.what());

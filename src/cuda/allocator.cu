@@ -173,11 +173,25 @@ void check_build_runs_on(int device) {
 
 int device_count() {
   int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return 0;
-  }
-  return n;
+  const cudaError_t e = cudaGetDeviceCount(&n);
+  if (e == cudaSuccess) return n;
+  (void)cudaGetLastError();
+  int driver = 0, runtime = 0;
+  (void)cudaDriverGetVersion(&driver);  // 0 where no NVIDIA driver is installed
+  (void)cudaRuntimeGetVersion(&runtime);
+  // A machine without GPUs (no device, or no driver at all): none, and --device auto means
+  // the CPU. Any other answer is a GPU machine whose GPUs CUDA cannot use (a driver older
+  // than the runtime, a driver/library mismatch, GPUs taken in exclusive mode): saying "no
+  // GPU" there would send --device auto to the CPU behind the user's back.
+  if (e == cudaErrorNoDevice || (e == cudaErrorInsufficientDriver && driver == 0)) return 0;
+  auto version = [](int v) { return std::to_string(v / 1000) + "." + std::to_string(v % 1000 / 10); };
+  std::string what = "CUDA cannot use this machine's GPUs: " + std::string(cudaGetErrorString(e)) +
+                     " (the NVIDIA driver supports CUDA " + version(driver) + ", this build's runtime is CUDA " +
+                     version(runtime) + "): ";
+  what += e == cudaErrorInsufficientDriver
+              ? "update the NVIDIA driver to one for CUDA " + version(runtime) + " or newer, or run with --device cpu"
+              : "check nvidia-smi, or run with --device cpu";
+  throw std::runtime_error(what);
 }
 
 void init_backend(int device_ordinal) {
@@ -250,6 +264,13 @@ std::string device_description() {
   std::snprintf(sms_memory, sizeof sms_memory, ", %d SMs, %.1f GiB)", prop.multiProcessorCount,
                 static_cast<double>(total_bytes) / (1 << 30));
   return "cuda:" + std::to_string(device) + " (" + gpu_words(prop) + sms_memory;
+}
+
+std::string device_pci_bus_id() {
+  const int device = bind_device();
+  char id[32] = {};
+  CUDA_CHECK(cudaDeviceGetPCIBusId(id, sizeof id, device));
+  return id;
 }
 
 PoolState pool_state() {

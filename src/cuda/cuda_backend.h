@@ -24,8 +24,10 @@
 
 namespace vchat::cuda {
 
-// Number of visible CUDA devices; 0 (not an exception) when there is no driver or GPU,
-// so callers and tests can decide to stay on the CPU.
+// Number of visible CUDA devices; 0 (not an exception) when the machine has no GPU or no
+// NVIDIA driver, so callers can decide to stay on the CPU. Throws std::runtime_error, with
+// the driver's and the runtime's CUDA versions and what to do, where GPUs are there but
+// CUDA cannot use them (e.g. a driver older than the runtime).
 int device_count();
 
 // Selects the device and registers the CUDA allocator and the host<->device memcpy with
@@ -59,6 +61,9 @@ double memory_bandwidth();
 // The bound device for a log line: "cuda:0 (NVIDIA H100 80GB HBM3, compute capability 9.0,
 // 132 SMs, 79.1 GiB)".
 std::string device_description();
+// The bound GPU's PCI bus id ("0000:41:00.0"): the same for every process driving that GPU
+// on one host, whatever CUDA_VISIBLE_DEVICES numbered it.
+std::string device_pci_bus_id();
 
 // ---- Device memory ----------------------------------------------------------------------
 // The stream-ordered pool keeps freed blocks for reuse, up to this many bytes on a device of

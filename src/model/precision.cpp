@@ -1,6 +1,10 @@
 #include "model/precision.h"
 
+#include <unistd.h>
+
+#include <cstdio>
 #include <cstdlib>
+#include <stdexcept>
 
 #include "model/config.h"
 #ifdef VCHAT_WITH_CUDA
@@ -28,7 +32,11 @@ bool built_with_cuda() {
 
 int visible_gpus() {
 #ifdef VCHAT_WITH_CUDA
-  return cuda::device_count();
+  try {
+    return cuda::device_count();
+  } catch (const std::runtime_error& e) {
+    throw ConfigError(e.what());  // the apps' start-up errors: one line, exit 2
+  }
 #else
   return 0;
 #endif
@@ -42,7 +50,7 @@ int select_gpu(int fallback_rank) {
       break;
     }
 #ifdef VCHAT_WITH_CUDA
-  const int n = cuda::device_count();
+  const int n = visible_gpus();
   if (n <= 0) throw ConfigError("--device cuda: no CUDA device is visible to this process");
   cuda::init_backend(local % n);
   return local % n;
@@ -69,14 +77,14 @@ void set_deterministic_attention(bool deterministic) {
 #endif
 }
 
-bool each_rank_has_a_gpu() {
-  int local_size = 1;
-  for (const char* var : {"OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE", "LOCAL_WORLD_SIZE"})
-    if (const char* v = std::getenv(var)) {
-      local_size = std::atoi(v);
-      break;
-    }
-  return local_size <= visible_gpus();
+std::string gpu_identity() {
+  char host[256] = {};
+  if (gethostname(host, sizeof host - 1) != 0) std::snprintf(host, sizeof host, "unknown-host");
+#ifdef VCHAT_WITH_CUDA
+  return std::string(host) + " " + cuda::device_pci_bus_id();
+#else
+  throw ConfigError("--device cuda: this build has no CUDA backend");
+#endif
 }
 
 double gpu_peak_flops_of(int compute_capability, int sms, Precision p) {

@@ -46,9 +46,10 @@ std::string gpu_description();
 // AttentionBackward): deterministic, or by atomic adds in the dK/dV pass. Process-wide;
 // asking for the atomic one throws without the CUDA backend.
 void set_deterministic_attention(bool deterministic);
-// Whether every rank on this node gets a GPU of its own (the node-local rank count, from
-// Open MPI or Slurm, is at most the visible GPUs): then NCCL can carry the collectives.
-bool each_rank_has_a_gpu();
+// The GPU select_gpu bound, as one string per physical GPU: "host 0000:41:00.0" (host name
+// and PCI bus id). Two ranks with the same identity share a GPU (parallel/device_sharing.h),
+// and then NCCL cannot carry their collectives.
+std::string gpu_identity();
 // The dense peak FLOP/s, for MFU, of a GPU of compute capability `compute_capability`
 // (10·major + minor) with `sms` SMs at `precision`: the data-center part's figure per SM
 // times the SMs, A100's for sm_8x (bf16 312 TFLOP/s, fp32 19.5 at 108 SMs), H100/H200's for

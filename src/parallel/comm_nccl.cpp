@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <atomic>
 #include <deque>
+#include <memory>
 #include <mutex>
 #include <vector>
 #include <chrono>
@@ -41,6 +42,29 @@ namespace vchat::cuda {
 namespace {
 
 using Clock = std::chrono::steady_clock;
+
+// A host call that may block on peers (NCCL's initialization, an operation that connects
+// first), watched while it runs: the watchdog ends the job, naming it, if it outlives the
+// timeout; once it returned (or threw), the next poll drops it.
+class WatchedCall {
+ public:
+  WatchedCall(Watchdog& dog, std::string what, double timeout_s) : returned_(std::make_shared<std::atomic<bool>>()) {
+    dog.watch({std::move(what),
+               timeout_s,
+               [r = returned_] {
+                 Watchdog::Poll p;
+                 p.done = r->load();
+                 return p;
+               },
+               {}});
+  }
+  ~WatchedCall() { returned_->store(true); }
+  WatchedCall(const WatchedCall&) = delete;
+  WatchedCall& operator=(const WatchedCall&) = delete;
+
+ private:
+  std::shared_ptr<std::atomic<bool>> returned_;
+};
 
 // RAII for the raw handles. Deleters run in destructors, so they must not throw; a failure
 // there (typically the runtime tearing down at exit) can only leak.
@@ -214,21 +238,26 @@ class NcclComm final : public Comm {
     cudaStream_t s = nullptr;
     CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
     stream_.reset(s);
-    ncclUniqueId id{};
-    if (host_->rank() == 0) NCCL_CHECK(ncclGetUniqueId(&id));
-    host_->broadcast(&id, sizeof id, 0);
-    ncclComm_t c = nullptr;
-    NCCL_CHECK(ncclCommInitRank(&c, host_->size(), id, host_->rank()));
-    comm_.reset(c);
-    device_ = bind_device();
     int mpi_up = 0, finalized = 0;
     MPI_Initialized(&mpi_up);
     MPI_Finalized(&finalized);
     if (mpi_up && !finalized) MPI_Comm_rank(MPI_COMM_WORLD, &world_rank_);
-    events_ = std::make_shared<EventPool>(device_);
-    timer_ = std::make_unique<StreamTimer>(device_);
+    // Before the communicator: ncclCommInitRank blocks until every rank has joined, and a
+    // rank that never does must end the job under --comm-timeout like any operation.
     watchdog_ =
         std::make_unique<Watchdog>([this](const std::string& what, const std::string& why) { abort_job(what, why); });
+    ncclUniqueId id{};
+    if (host_->rank() == 0) NCCL_CHECK(ncclGetUniqueId(&id));
+    host_->broadcast(&id, sizeof id, 0);
+    ncclComm_t c = nullptr;
+    {
+      const WatchedCall call(*watchdog_, describe("ncclCommInitRank"), timeout());
+      NCCL_CHECK(ncclCommInitRank(&c, host_->size(), id, host_->rank()));
+    }
+    comm_.reset(c);
+    device_ = bind_device();
+    events_ = std::make_shared<EventPool>(device_);
+    timer_ = std::make_unique<StreamTimer>(device_);
   }
   // The members' deleters run after this body: make the device current for them.
   ~NcclComm() override {
@@ -601,7 +630,11 @@ class NcclComm final : public Comm {
     }
     if (st != cudaErrorNotReady) {
       (void)cudaGetLastError();
-      p.error = std::string("CUDA: ") + cudaGetErrorString(st);
+      // A kernel fault is sticky: every later query on the device returns it, so the first
+      // operation polled reports a fault that any kernel may have made.
+      p.error = std::string("CUDA: ") + cudaGetErrorString(st) +
+                " (a fault of any kernel on this GPU is reported here, not necessarily this operation's: rerun "
+                "with CUDA_LAUNCH_BLOCKING=1 or under compute-sanitizer to find it)";
       return p;
     }
     ncclResult_t async = ncclSuccess;
@@ -650,6 +683,11 @@ class NcclComm final : public Comm {
     add_device_seconds(timer_->collect());  // keeps the timer's pending pairs to those in flight
     const cudaEvent_t start = timer_->begin(stream_.get());
     try {
+      // Not only an enqueue: the first operation of a kind on a communicator connects to its
+      // peers inside the call, as does a first send or receive to each peer (NCCL's runtime
+      // connection, NCCL_RUNTIME_CONNECT=1 since 2.22), blocking the host until they answer,
+      // before any event exists to poll. So the call itself is watched too.
+      const WatchedCall call(*watchdog_, describe(op), timeout());
       NCCL_CHECK(enqueue());
     } catch (...) {
       timer_->cancel(start);
@@ -741,6 +779,19 @@ class NcclComm final : public Comm {
 
 std::unique_ptr<Comm> make_nccl_comm(const Comm& bootstrap, const std::string& name, const Context& compute) {
   if (!compute.valid()) throw std::invalid_argument("make_nccl_comm(" + name + "): the compute context is empty");
+  // Non-blocking communicators answer ncclInProgress to every call, which this Comm would
+  // take for a failure (it polls the asynchronous error itself, with the watchdog).
+  if (const char* b = std::getenv("NCCL_COMM_BLOCKING"); b && std::string(b) == "0")
+    throw std::runtime_error("make_nccl_comm(" + name +
+                             "): NCCL_COMM_BLOCKING=0 is set; vchat's NCCL communicators are blocking (the "
+                             "watchdog enforces --comm-timeout): unset it");
+  // The groups' communicators (tp, dp, pp, ...) run collectives on streams of their own that
+  // may overlap (the ZeRO-3 prefetch beside a TP all-reduce). NCCL warns that kernels of two
+  // communicators launched in different orders on two ranks can deadlock on the GPU; every
+  // rank here issues them in one program order, which NCCL_LAUNCH_ORDER_IMPLICIT=1 (NCCL
+  // 2.26+; ignored before) makes NCCL keep on the GPU: with CUDA 12.3+ it orders the launches
+  // only, not their execution, so the overlap stays. A value the user set is kept.
+  setenv("NCCL_LAUNCH_ORDER_IMPLICIT", "1", /*overwrite=*/0);
   // A private split, not `bootstrap` itself: it is const here (its stats stay the caller's),
   // and the NCCL Comm keeps it to split its own groups later. Same ranks, same order.
   std::unique_ptr<Comm> host = bootstrap.split(0, bootstrap.rank(), name + ".host");

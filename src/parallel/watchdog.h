@@ -2,8 +2,10 @@
 // deadline or fails (DESIGN.md §5, --comm-timeout). An asynchronous collective returns to
 // its caller as soon as it is enqueued, so no caller is left to notice a peer that never
 // joins: the watchdog polls each operation instead, and when one is past its deadline (or
-// reports an error) calls `expire` with a line naming it. In the trainer `expire` aborts
-// the job (the NCCL Comm aborts its communicator first, so no kernel spins on a dead peer).
+// reports an error) calls `expire` with a line naming it. In the trainer `expire` ends the
+// job (MPI_Abort; the NCCL Comm deliberately does not abort its communicator first: see
+// abort_job in comm_nccl.cpp). The NCCL Comm also watches host calls that may block on peers
+// (its initialization, an operation's first connection), polled by a flag set on return.
 //
 // Operations are polled in the order they were watched; the thread sleeps while none is in
 // flight. Knows no communicator: what an operation is and how to poll it come from the

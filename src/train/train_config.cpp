@@ -54,7 +54,7 @@ bool parse_train_config(int argc, const char* const argv[], TrainConfig& c) {
     ("attention", po::value(&attention)->default_value("mmca"), "mmca (multi-modal causal) or causal (baseline)")
     ("device", po::value(&device)->default_value("auto"), "where the step runs: cpu, cuda (one GPU per rank), or auto (cuda when this build has CUDA and a GPU is visible)")
     ("precision", po::value(&precision)->default_value("auto"), "compute precision on cuda: bf16 (fp32 master weights, gradients, Adam state) or fp32; auto: bf16 on cuda, fp32 on cpu")
-    ("comm", po::value(&c.comm)->default_value("auto"), "collectives of a --device cuda run: nccl (one GPU per rank), mpi (device buffers staged through the host: any layout, several ranks may share a GPU), or auto (nccl when every rank on a node has its own GPU)")
+    ("comm", po::value(&c.comm)->default_value("auto"), "collectives of a --device cuda run: nccl (one GPU per rank), mpi (device buffers staged through the host: any layout, several ranks may share a GPU), or auto (nccl unless two ranks share a GPU)")
     ("attention-backward", po::value(&attention_backward)->default_value("deterministic"), "bf16 flash attention's backward on cuda: deterministic (dQ in a pass of its own; the same bits every run) or atomic-dq (dQ added up by atomics in the dK/dV pass, as FlashAttention-2 does: one pass fewer over the L x L tiles; dQ's last bits vary from run to run)")
     ("recompute", po::value(&recompute)->default_value("none"), "decoder activations: none (keep all for backward) or block (keep each block's input, recompute the rest in backward: less memory, one more forward)")
     ("steps", po::value(&c.steps)->default_value(10), "optimizer steps")

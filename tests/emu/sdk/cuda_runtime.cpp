@@ -33,16 +33,30 @@ constexpr size_t kPage = 4096;
 
 // The emulated GPU (vchat::emu::emulate_gpu): its compute capability and whether the build
 // has code for it; from VCHAT_EMU_GPU ("CC" or "CC,nocode") at the first use, else an H100.
+// Or no usable GPU, as cudaGetDeviceCount then answers: VCHAT_EMU_GPU=none (a machine
+// without GPUs: no device), nodriver (no NVIDIA driver installed: driver version 0) or
+// olddriver (a driver for CUDA 12.4, older than the runtime's 13.0).
+constexpr int kRuntimeVersion = 13000;
 struct EmulatedGpu {
   std::atomic<int> cc{90};
   std::atomic<bool> has_code{true};
+  cudaError_t count_error = cudaSuccess;  // what cudaGetDeviceCount answers
+  int driver_version = kRuntimeVersion;
 };
 EmulatedGpu& gpu() {
   static EmulatedGpu* g = [] {
     auto* made = new EmulatedGpu;
     if (const char* v = std::getenv("VCHAT_EMU_GPU"); v && *v) {
-      made->cc = std::atoi(v);
-      made->has_code = std::strstr(v, ",nocode") == nullptr;
+      const std::string s = v;
+      if (s == "none") {
+        made->count_error = cudaErrorNoDevice;
+      } else if (s == "nodriver" || s == "olddriver") {
+        made->count_error = cudaErrorInsufficientDriver;
+        made->driver_version = s == "nodriver" ? 0 : 12040;
+      } else {
+        made->cc = std::atoi(v);
+        made->has_code = std::strstr(v, ",nocode") == nullptr;
+      }
     }
     return made;
   }();
@@ -262,6 +276,10 @@ const char* name_of(cudaError_t e) {
       return "invalid configuration argument";
     case cudaErrorInvalidDeviceFunction:
       return "invalid device function";
+    case cudaErrorInsufficientDriver:
+      return "CUDA driver version is insufficient for CUDA runtime version";
+    case cudaErrorNoDevice:
+      return "no CUDA-capable device is detected";
     case cudaErrorNoKernelImageForDevice:
       return "no kernel image is available for execution on the device";
     case cudaErrorInvalidDevice:
@@ -616,7 +634,28 @@ const char* cudaGetErrorString(cudaError_t e) {
 }
 
 cudaError_t cudaGetDeviceCount(int* n) {
+  *n = 0;
+  if (const cudaError_t e = gpu().count_error; e != cudaSuccess) return fail(e, name_of(e));
   *n = 1;
+  return cudaSuccess;
+}
+// Each process has a GPU of its own (its bus number from the process id), unless
+// VCHAT_EMU_GPU_BUS names the bus: processes given the same one share a GPU.
+cudaError_t cudaDeviceGetPCIBusId(char* id, int len, int device) {
+  if (device != 0) return fail(cudaErrorInvalidDevice, "device " + std::to_string(device) + " of 1");
+  const char* bus = std::getenv("VCHAT_EMU_GPU_BUS");
+  const std::string s = "0000:" + (bus && *bus ? std::string(bus) : std::to_string(::getpid())) + ":00.0";
+  if (len < static_cast<int>(s.size()) + 1)
+    return fail(cudaErrorInvalidValue, "cudaDeviceGetPCIBusId: buffer too short");
+  std::memcpy(id, s.c_str(), s.size() + 1);
+  return cudaSuccess;
+}
+cudaError_t cudaDriverGetVersion(int* v) {
+  *v = gpu().driver_version;
+  return cudaSuccess;
+}
+cudaError_t cudaRuntimeGetVersion(int* v) {
+  *v = kRuntimeVersion;
   return cudaSuccess;
 }
 cudaError_t cudaGetDevice(int* d) {

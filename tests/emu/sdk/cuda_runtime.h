@@ -88,7 +88,9 @@ enum cudaError_t {
   cudaErrorInvalidValue = 1,
   cudaErrorMemoryAllocation = 2,
   cudaErrorInvalidConfiguration = 9,
+  cudaErrorInsufficientDriver = 35,
   cudaErrorInvalidDeviceFunction = 98,
+  cudaErrorNoDevice = 100,
   cudaErrorInvalidDevice = 101,
   cudaErrorNoKernelImageForDevice = 209,
   cudaErrorInvalidResourceHandle = 400,
@@ -166,6 +168,9 @@ cudaError_t cudaPeekAtLastError();
 const char* cudaGetErrorString(cudaError_t e);
 
 cudaError_t cudaGetDeviceCount(int* n);
+cudaError_t cudaDriverGetVersion(int* v);
+cudaError_t cudaDeviceGetPCIBusId(char* id, int len, int device);
+cudaError_t cudaRuntimeGetVersion(int* v);
 cudaError_t cudaGetDevice(int* d);
 cudaError_t cudaSetDevice(int d);
 cudaError_t cudaDeviceSynchronize();

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cerrno>
 #include <cstdint>
 #include <cstdio>
@@ -19,7 +20,9 @@
 #include <map>
 #include <memory>
 #include <random>
+#include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace {
@@ -30,8 +33,14 @@ constexpr int kMaxRanks = 64;
 struct Control {
   std::atomic<uint64_t> finished[kMaxRanks];  // how many collectives each rank has finished
   std::atomic<int> left;                      // ranks that destroyed (or aborted) their communicator
+  std::atomic<uint8_t> joined[kMaxRanks];     // ranks inside ncclCommInitRank (it returns once all are)
+  // NCCL's connections, made when first needed (connect() below): the ranks that reached
+  // their first collective, and [a][b]: rank a reached its first send or receive with b.
+  std::atomic<uint8_t> collective_connect[kMaxRanks];
+  std::atomic<uint8_t> p2p_connect[kMaxRanks][kMaxRanks];
 };
-static_assert(std::atomic<uint64_t>::is_always_lock_free && std::atomic<int>::is_always_lock_free,
+static_assert(std::atomic<uint64_t>::is_always_lock_free && std::atomic<int>::is_always_lock_free &&
+                  std::atomic<uint8_t>::is_always_lock_free,
               "the control block is shared between processes");
 
 // The part of a communicator of several ranks, held by its queued operations too.
@@ -46,6 +55,8 @@ struct Peers {
   bool has_stream = false;
   uint64_t collectives = 0;
   std::map<int, uint64_t> sent, received;  // by peer
+  bool collectives_connected = false;
+  std::set<int> p2p_connected;  // peers
   // Running side (under the runtime's lock): own collective files not yet deleted start here.
   uint64_t kept_from = 0;
 
@@ -138,6 +149,46 @@ thread_local std::vector<Transfer> sends, recvs;  // one rank: queued inside a g
 // then waits for its sends to be taken, so that no rank waits for a part a peer has yet to post.
 thread_local std::vector<Step> posts, finishes, acks;
 thread_local bool group_failed = false;
+// Inside a group: the connections its operations need, made at its end (as NCCL does).
+thread_local std::vector<std::pair<std::shared_ptr<Peers>, int>> connects;
+
+// NCCL connects a communicator's ranks when an operation first needs them, on the calling
+// host thread, which blocks until the peers take part: at the first collective every rank
+// (its rings and trees), at the first send or receive between two ranks both (NCCL's
+// runtime connection, NCCL_RUNTIME_CONNECT=1, the default since 2.22). So a rank that never
+// comes blocks its peers' host inside the call, not only their stream: a caller's watchdog
+// must cover the call itself. `needed` holds (communicator, peer) pairs, peer -1 for the
+// collectives; all are announced before any is waited for, so a group's order cannot
+// deadlock. Ends early once a communicator is destroyed or aborted.
+void connect(const std::vector<std::pair<std::shared_ptr<Peers>, int>>& needed) {
+  for (const auto& [p, peer] : needed) {
+    if (peer < 0)
+      p->ctl->collective_connect[p->rank].store(1);
+    else
+      p->ctl->p2p_connect[p->rank][peer].store(1);
+  }
+  for (const auto& [p, peer] : needed) {
+    auto there = [p = p.get(), peer = peer] {
+      if (peer >= 0) return p->ctl->p2p_connect[peer][p->rank].load() != 0;
+      for (int j = 0; j < p->nranks; ++j)
+        if (!p->ctl->collective_connect[j].load()) return false;
+      return true;
+    };
+    while (!there() && !p->stopped) std::this_thread::sleep_for(std::chrono::microseconds(200));
+    if (peer < 0)
+      p->collectives_connected = true;
+    else
+      p->p2p_connected.insert(peer);
+  }
+}
+// An operation's connection: made now, or at the group's end inside a group.
+void connect_for(const std::shared_ptr<Peers>& p, int peer) {
+  if (peer < 0 ? p->collectives_connected : p->p2p_connected.count(peer) > 0) return;
+  if (group_depth > 0)
+    connects.emplace_back(p, peer);
+  else
+    connect({{p, peer}});
+}
 
 bool on_device(const void* p, size_t bytes) {
   return bytes == 0 || vchat::emu::space_of(p, bytes) == vchat::emu::Space::device;
@@ -348,6 +399,7 @@ ncclResult_t collective(Kind kind, const void* send, void* recv, size_t count, n
   if (!in_place && overlap(send, send_bytes, recv, recv_bytes)) return ncclInvalidArgument;
   if (const ncclResult_t e = one_stream(p, stream); e != ncclSuccess) return e;
   if (count == 0) return ncclSuccess;  // NCCL returns at once, on every rank alike
+  connect_for(peers, -1);
   const uint64_t seq = p.collectives++;
   Header h;
   h.kind = kind;
@@ -446,13 +498,15 @@ ncclResult_t message(bool sending, void* buf, size_t bytes, int peer, ncclComm_t
   Peers& p = *peers;
   if (peer < 0 || peer >= p.nranks || peer == p.rank || !on_device(buf, bytes)) return ncclInvalidArgument;
   if (const ncclResult_t e = one_stream(p, stream); e != ncclSuccess) return e;
-  if (bytes == 0) return ncclSuccess;
+  // Unlike a collective of no elements, a message of none is still matched with its peer's
+  // (NCCL queues zero-byte sends and receives), and needs the connection like any other.
+  connect_for(peers, peer);
   const uint64_t nth = sending ? p.sent[peer]++ : p.received[peer]++;
   const std::string file = sending ? p.message_file(p.rank, peer, nth) : p.message_file(peer, p.rank, nth);
   if (sending) {
     Step post{stream, nullptr, [peers, file, buf, bytes] {
                 Peers& q = *peers;
-                if (q.dead() || !vchat::emu::still_device(buf, bytes, "an NCCL send buffer")) return;
+                if (q.dead() || (bytes && !vchat::emu::still_device(buf, bytes, "an NCCL send buffer"))) return;
                 Header h;
                 h.count = h.bytes = bytes;
                 if (!write_part(file, h, buf))
@@ -480,7 +534,8 @@ ncclResult_t message(bool sending, void* buf, size_t bytes, int peer, ncclComm_t
               Peers& q = *peers;
               if (q.dead()) return;
               Header h;
-              if (vchat::emu::still_device(buf, bytes, "an NCCL receive buffer") && !read_part(file, &h, 0, buf, bytes))
+              if (bytes && vchat::emu::still_device(buf, bytes, "an NCCL receive buffer") &&
+                  !read_part(file, &h, 0, buf, bytes))
                 return q.fail(ncclSystemError, "cannot read " + file + " (short)");
               ::unlink(file.c_str());
             }};
@@ -559,6 +614,13 @@ ncclResult_t ncclCommInitRank(ncclComm_t* comm, int nranks, ncclUniqueId id, int
     ::close(fd);
     if (m == MAP_FAILED) return ncclSystemError;
     p->ctl = static_cast<Control*>(m);
+    // ncclCommInitRank returns once every rank has called it. (For tests of a caller's
+    // timeout: VCHAT_EMU_NCCL_LATE_INIT=R makes rank R join 10 s late.)
+    if (const char* late = std::getenv("VCHAT_EMU_NCCL_LATE_INIT"); late && *late && std::atoi(late) == rank)
+      std::this_thread::sleep_for(std::chrono::seconds(10));
+    p->ctl->joined[rank].store(1);
+    for (int j = 0; j < nranks; ++j)
+      while (!p->ctl->joined[j].load()) std::this_thread::sleep_for(std::chrono::microseconds(200));
     c->peers = std::move(p);
   }
   *comm = c.release();
@@ -583,6 +645,7 @@ ncclResult_t ncclGroupStart() {
     posts.clear();
     finishes.clear();
     acks.clear();
+    connects.clear();
     group_failed = false;
   }
   return ncclSuccess;
@@ -601,6 +664,8 @@ ncclResult_t ncclGroupEnd() {
             : ncclInvalidUsage;
   // Several ranks: every post of the group, then the finishes, then the sends' acks.
   std::vector<Step> p = std::move(posts), f = std::move(finishes), a = std::move(acks);
+  if (r == ncclSuccess) connect(connects);
+  connects.clear();
   if (r == ncclSuccess) r = queue_steps(std::move(p), std::move(f), std::move(a));
   sends.clear();
   recvs.clear();
