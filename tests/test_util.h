@@ -168,24 +168,21 @@ inline std::string sh(const std::string& cmd, int* code = nullptr) {
   return out;
 }
 
-// f() must throw std::invalid_argument whose message contains `needle`.
-inline void expect_invalid_argument(const std::function<void()>& f, const std::string& needle) {
+// f() must throw an E whose message contains `needle`.
+template <class E>
+void expect_throw_naming(const std::function<void()>& f, const std::string& needle) {
   try {
     f();
     ADD_FAILURE() << "accepted; expected: " << needle;
-  } catch (const std::invalid_argument& e) {
+  } catch (const E& e) {
     EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
   }
 }
-
-// f() must throw std::runtime_error whose message contains `needle`.
+inline void expect_invalid_argument(const std::function<void()>& f, const std::string& needle) {
+  expect_throw_naming<std::invalid_argument>(f, needle);
+}
 inline void expect_runtime_error(const std::function<void()>& f, const std::string& needle) {
-  try {
-    f();
-    ADD_FAILURE() << "accepted; expected: " << needle;
-  } catch (const std::runtime_error& e) {
-    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
-  }
+  expect_throw_naming<std::runtime_error>(f, needle);
 }
 
 inline Tensor randn(Shape shape, std::mt19937_64& rng, float stddev = 1.f) {
