@@ -196,6 +196,40 @@ TEST_F(CudaOps, GemmFallsBackWhereCublasLtRefusesTheBiasEpilogue) {
     EXPECT_EQ(cudaGetLastError(), cudaSuccess);
   }
 }
+
+// Where cuBLASLt's heuristic finds no algorithm (it may: its documentation says so), the GEMM
+// is cuBLAS' cublasGemmEx on the same column-major view: every transpose, both precisions,
+// beta, a row stride wider than the columns, and a bias added after, equal the CPU.
+TEST_F(CudaOps, GemmFallsBackToCublasWhereCublasLtFindsNoAlgorithm) {
+  emu::cublaslt_find_no_plain_algorithm(true);
+  const emu::CublasLtCalls before = emu::cublaslt_calls();
+  int calls = 0;
+  for (const Precision& p : kPrecisions)
+    for (bool ta : {false, true})
+      for (bool tb : {false, true}) {
+        const int64_t m = 19, n = 43, k = 57, pad = 3;  // a problem no other test asks for
+        const int64_t ar = ta ? k : m, ac = ta ? m : k, br = tb ? n : k, bc = tb ? k : n;
+        const Tensor a = host_rand({ar, ac + pad}, p.dt, rng), b = host_rand({br, bc}, p.dt, rng);
+        const Tensor c0 = host_rand({m, n + pad}, p.dt, rng), bias = host_rand({n + 1}, p.dt, rng);
+        const Tensor want = c0.clone();
+        ops::gemm(gpu(), a.slice(1, 0, ac), ta, b, tb, want.slice(1, 0, n), 1.5f, -0.5f);
+        const Tensor C = dev(c0, p.dt);
+        ops::gemm(gpu(), dev(a, p.dt).slice(1, 0, ac), ta, dev(b, p.dt), tb, C.slice(1, 0, n), 1.5f, -0.5f);
+        ++calls;
+        expect_close(C, want, p.tol,
+                     std::string("cublasGemmEx ") + p.name + " ta=" + std::to_string(ta) + " tb=" + std::to_string(tb));
+        if (ta || tb) continue;
+        // A Linear's bias, 4 bytes off its allocation: not fused, added after.
+        const Tensor x = a.slice(1, 0, k), W = host_rand({n, k}, p.dt, rng), y = Tensor::empty({m, n});
+        ops::linear_fwd(gpu(), x.clone(), W, bias.slice(0, 1, n + 1).clone(), y);
+        const Tensor Y = poison({m, n}, p.dt);
+        ops::linear_fwd(gpu(), dev(x.clone(), p.dt), dev(W, p.dt), dev(bias, p.dt).slice(0, 1, n + 1), Y);
+        ++calls;
+        expect_close(Y, y, p.tol, std::string("cublasGemmEx with a bias ") + p.name);
+      }
+  emu::cublaslt_find_no_plain_algorithm(false);
+  EXPECT_EQ(emu::cublaslt_calls().gemm_ex - before.gemm_ex, static_cast<uint64_t>(calls));
+}
 #endif
 
 TEST_F(CudaOps, GemmBetaZeroIgnoresNanInC) {

@@ -1,9 +1,13 @@
 #include "cuda/context.h"
 
 #include <cublasLt.h>
+#include <cublas_v2.h>
 #include <cuda_runtime.h>
 
 #include "cuda/cuda_check.h"
+
+#include <mutex>
+#include <utility>
 
 namespace vchat::cuda {
 
@@ -15,9 +19,12 @@ struct Context::Impl {
   cublasLtHandle_t lt = nullptr;
   void* workspace = nullptr;
   size_t workspace_bytes = 0;
+  std::once_flag blas_made;
+  cublasHandle_t blas = nullptr;
   ~Impl() {
     if (device < 0) return;
     (void)cudaSetDevice(device);
+    if (blas) (void)cublasDestroy(blas);
     if (workspace) (void)cudaFree(workspace);
     if (lt) (void)cublasLtDestroy(lt);
     if (stream) (void)cudaStreamDestroy(stream);
@@ -43,6 +50,25 @@ Context Context::create(int device, size_t workspace_bytes) {
 
 void* Context::stream() const { return impl_ ? impl_->stream : nullptr; }
 void* Context::lt() const { return impl_ ? impl_->lt : nullptr; }
+void* Context::blas() const {
+  if (!impl_) return nullptr;
+  Impl& i = *impl_;
+  std::call_once(i.blas_made, [&i] {
+    CUDA_CHECK(cudaSetDevice(i.device));
+    struct Made {  // destroyed again if setting it up fails
+      cublasHandle_t h = nullptr;
+      ~Made() {
+        if (h) (void)cublasDestroy(h);
+      }
+    } made;
+    CUBLAS_CHECK(cublasCreate(&made.h));
+    CUBLAS_CHECK(cublasSetStream(made.h, i.stream));
+    // One stream, so one workspace serves cuBLASLt and cuBLAS alike: their calls run in turn.
+    if (i.workspace) CUBLAS_CHECK(cublasSetWorkspace(made.h, i.workspace, i.workspace_bytes));
+    i.blas = std::exchange(made.h, nullptr);
+  });
+  return i.blas;
+}
 void* Context::workspace() const { return impl_ ? impl_->workspace : nullptr; }
 size_t Context::workspace_bytes() const { return impl_ ? impl_->workspace_bytes : 0; }
 int Context::device() const { return impl_ ? impl_->device : -1; }

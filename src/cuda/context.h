@@ -22,6 +22,9 @@ class Context {
 
   void* stream() const;  // cudaStream_t
   void* lt() const;      // cublasLtHandle_t
+  // A cuBLAS handle on the same stream and workspace, made at the first call: only the GEMM
+  // a cuBLASLt heuristic finds no algorithm for needs it (gemm.cu).
+  void* blas() const;  // cublasHandle_t
   void* workspace() const;
   size_t workspace_bytes() const;
   int device() const;

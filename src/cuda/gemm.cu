@@ -5,8 +5,11 @@
 // a Linear (one value per output feature = per row of the column-major C^T) is cuBLASLt's
 // BIAS epilogue, fused into the GEMM's store.
 #include <cublasLt.h>
+#include <cublas_v2.h>
 
+#include <algorithm>
 #include <cstring>
+#include <limits>
 #include <map>
 #include <optional>
 #include <tuple>
@@ -211,10 +214,19 @@ void gemm(const Context& ctx, const Tensor& A, bool trans_a, const Tensor& B, bo
     const cublasLtEpilogue_t none = CUBLASLT_EPILOGUE_DEFAULT;
     CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_EPILOGUE, &none, sizeof none));
   }
-  const cublasLtMatmulAlgo_t* algo = algorithm(false);
-  VCHAT_CHECK(algo, op << ": cuBLASLt has no algorithm for [" << m << " x " << k << "] x [" << k << " x " << n << "] "
-                       << dtype_name(dt));
-  CUBLAS_CHECK(matmul(algo));
+  if (const cublasLtMatmulAlgo_t* algo = algorithm(false)) {
+    CUBLAS_CHECK(matmul(algo));
+  } else {
+    // No cuBLASLt algorithm for this problem (cuBLASLt documents that its heuristic may find
+    // none): cuBLAS' GEMM, which has no alignment requirements, on the same column-major view.
+    VCHAT_CHECK(std::max({m, n, k, a.ld, b.ld, c.ld}) <= std::numeric_limits<int>::max(),
+                op << ": [" << m << " x " << k << "] x [" << k << " x " << n
+                   << "] has no cuBLASLt algorithm and is too large for cuBLAS' 32-bit GEMM");
+    const cublasHandle_t blas = static_cast<cublasHandle_t>(ctx.blas());
+    CUBLAS_CHECK(cublasGemmEx(blas, opx, opy, static_cast<int>(n), static_cast<int>(m), static_cast<int>(k), &alpha,
+                              b.ptr, type, static_cast<int>(b.ld), a.ptr, type, static_cast<int>(a.ld), &beta, C.raw(),
+                              ctype, static_cast<int>(c.ld), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  }
   if (bias.defined()) epilogue_c(ctx, C, ct, 1.f, bias);
 }
 

@@ -17,7 +17,8 @@
 // algorithm for k >= 32 (the GPU's heuristic may: which shapes it picks one for is not
 // documented) that sums the two halves of k in bf16: each partial product is rounded to
 // bf16 before they are added. Tests can make the heuristic or the matmul refuse the BIAS
-// epilogue (vchat::emu::cublaslt_refuse_bias) the ways cuBLASLt has.
+// epilogue (vchat::emu::cublaslt_refuse_bias) the ways cuBLASLt has, or find no algorithm
+// for a plain GEMM. cublas_v2.h's cublasGemmEx is the same matmul (cublaslt.cpp).
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -111,9 +112,13 @@ enum class BiasRefusal {
   matmul_execution_failed
 };
 void cublaslt_refuse_bias(BiasRefusal how);
-// The calls so far: heuristic queries and matmuls, and of those the ones with the BIAS epilogue.
+// While set, the heuristic finds no algorithm for a GEMM without epilogue (cuBLASLt
+// documents that it may find none).
+void cublaslt_find_no_plain_algorithm(bool none);
+// The calls so far: heuristic queries and matmuls, and of those the ones with the BIAS
+// epilogue; and cuBLAS' cublasGemmEx.
 struct CublasLtCalls {
-  uint64_t heuristic = 0, heuristic_bias = 0, matmul = 0, matmul_bias = 0;
+  uint64_t heuristic = 0, heuristic_bias = 0, matmul = 0, matmul_bias = 0, gemm_ex = 0;
 };
 CublasLtCalls cublaslt_calls();
 

@@ -49,6 +49,7 @@ uint32_t alignment(const void* p) {
 std::mutex calls_mutex;
 vchat::emu::CublasLtCalls calls;
 std::atomic<vchat::emu::BiasRefusal> bias_refusal{vchat::emu::BiasRefusal::none};
+std::atomic<bool> plain_refused{false};
 void count(uint64_t vchat::emu::CublasLtCalls::*what, bool bias, uint64_t vchat::emu::CublasLtCalls::*what_bias) {
   std::lock_guard<std::mutex> lock(calls_mutex);
   ++(calls.*what);
@@ -212,6 +213,7 @@ cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t h, cublasLtMatmul
   count(&vchat::emu::CublasLtCalls::heuristic, bias, &vchat::emu::CublasLtCalls::heuristic_bias);
   using vchat::emu::BiasRefusal;
   *found = 0;
+  if (!bias && plain_refused.load()) return CUBLAS_STATUS_SUCCESS;  // no algorithm
   if (bias) switch (bias_refusal.load()) {
       case BiasRefusal::heuristic_not_supported:
         return CUBLAS_STATUS_NOT_SUPPORTED;
@@ -235,20 +237,18 @@ cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t h, cublasLtMatmul
   return CUBLAS_STATUS_SUCCESS;
 }
 
-cublasStatus_t cublasLtMatmul(cublasLtHandle_t h, cublasLtMatmulDesc_t op, const void* alpha, const void* A,
-                              cublasLtMatrixLayout_t a, const void* B, cublasLtMatrixLayout_t b, const void* beta,
-                              const void* C, cublasLtMatrixLayout_t c, void* D, cublasLtMatrixLayout_t d,
-                              const cublasLtMatmulAlgo_t* algo, void* workspace, size_t workspace_bytes,
-                              cudaStream_t stream) {
-  if (!h) return CUBLAS_STATUS_NOT_INITIALIZED;
+namespace {
+
+// The matmul both libraries run (cuBLASLt's, and cuBLAS' GEMM through the same definition);
+// `who` names the call in faults.
+cublasStatus_t matmul(const char* who, cublasLtMatmulDesc_t op, const void* alpha, const void* A,
+                      cublasLtMatrixLayout_t a, const void* B, cublasLtMatrixLayout_t b, const void* beta,
+                      const void* C, cublasLtMatrixLayout_t c, void* D, cublasLtMatrixLayout_t d,
+                      const cublasLtMatmulAlgo_t* algo, cudaStream_t stream) {
   Problem p;
   if (const cublasStatus_t st = check(op, a, b, c, d, &p); st != CUBLAS_STATUS_SUCCESS) return st;
   if (algo && algo->data[kTag] != kAlgo) return CUBLAS_STATUS_INVALID_VALUE;
   const bool bias = op->epilogue == CUBLASLT_EPILOGUE_BIAS;
-  count(&vchat::emu::CublasLtCalls::matmul, bias, &vchat::emu::CublasLtCalls::matmul_bias);
-  if (bias && bias_refusal.load() == vchat::emu::BiasRefusal::matmul_not_supported) return CUBLAS_STATUS_NOT_SUPPORTED;
-  if (bias && bias_refusal.load() == vchat::emu::BiasRefusal::matmul_execution_failed)
-    return CUBLAS_STATUS_EXECUTION_FAILED;
   const float al = *static_cast<const float*>(alpha), be = *static_cast<const float*>(beta);
   using vchat::emu::Space;
   using vchat::emu::space_of;
@@ -287,14 +287,15 @@ cublasStatus_t cublasLtMatmul(cublasLtHandle_t h, cublasLtMatmulDesc_t op, const
   const bool split = algo && algo->data[kSplitInOutputType] && ld.type == CUDA_R_16BF;
   const auto work = [=] {
     using vchat::emu::still_device;
-    if (!still_device(A, span(la), "cublasLtMatmul's A") || !still_device(B, span(lb), "cublasLtMatmul's B") ||
-        (c_read && !still_device(C, span(lc), "cublasLtMatmul's C")) ||
-        !still_device(D, span(ld), "cublasLtMatmul's D") ||
-        (bias && !still_device(bias_ptr, m * type_bytes(ld.type), "cublasLtMatmul's bias")))
+    if (!still_device(A, span(la), std::string(who) + "'s A") ||
+        !still_device(B, span(lb), std::string(who) + "'s B") ||
+        (c_read && !still_device(C, span(lc), std::string(who) + "'s C")) ||
+        !still_device(D, span(ld), std::string(who) + "'s D") ||
+        (bias && !still_device(bias_ptr, m * type_bytes(ld.type), std::string(who) + "'s bias")))
       return;
     for (const Assumed& x : assumed)
       if (alignment(x.ptr) < x.alignment) {
-        vchat::emu::async_fault("misaligned address: cublasLtMatmul's " + std::string(x.what) + " is " +
+        vchat::emu::async_fault("misaligned address: " + std::string(who) + "'s " + x.what + " is " +
                                 std::to_string(alignment(x.ptr)) + "-byte aligned, its algorithm assumes " +
                                 std::to_string(x.alignment) + " (the heuristic's preferences or bias pointer)");
         return;
@@ -322,12 +323,74 @@ cublasStatus_t cublasLtMatmul(cublasLtHandle_t h, cublasLtMatmulDesc_t op, const
         store(ld.type, D, int64_t(i + j * ld.ld), v);
       }
   };
-  if (vchat::emu::enqueue(stream, work, "cublasLtMatmul") != cudaSuccess) return CUBLAS_STATUS_EXECUTION_FAILED;
+  if (vchat::emu::enqueue(stream, work, who) != cudaSuccess) return CUBLAS_STATUS_EXECUTION_FAILED;
   return CUBLAS_STATUS_SUCCESS;
+}
+
+}  // namespace
+
+cublasStatus_t cublasLtMatmul(cublasLtHandle_t h, cublasLtMatmulDesc_t op, const void* alpha, const void* A,
+                              cublasLtMatrixLayout_t a, const void* B, cublasLtMatrixLayout_t b, const void* beta,
+                              const void* C, cublasLtMatrixLayout_t c, void* D, cublasLtMatrixLayout_t d,
+                              const cublasLtMatmulAlgo_t* algo, void* workspace, size_t workspace_bytes,
+                              cudaStream_t stream) {
+  if (!h) return CUBLAS_STATUS_NOT_INITIALIZED;
+  if (!op) return CUBLAS_STATUS_INVALID_VALUE;
+  const bool bias = op->epilogue == CUBLASLT_EPILOGUE_BIAS;
+  count(&vchat::emu::CublasLtCalls::matmul, bias, &vchat::emu::CublasLtCalls::matmul_bias);
+  if (bias && bias_refusal.load() == vchat::emu::BiasRefusal::matmul_not_supported) return CUBLAS_STATUS_NOT_SUPPORTED;
+  if (bias && bias_refusal.load() == vchat::emu::BiasRefusal::matmul_execution_failed)
+    return CUBLAS_STATUS_EXECUTION_FAILED;
+  return matmul("cublasLtMatmul", op, alpha, A, a, B, b, beta, C, c, D, d, algo, stream);
+}
+
+// cuBLAS: a handle holds its stream; the GEMM is the same column-major definition with
+// cuBLAS' rule for the leading dimensions (lda >= rows of A as stored, and so on).
+struct cublasContext {
+  cudaStream_t stream = nullptr;
+};
+cublasStatus_t cublasCreate(cublasHandle_t* h) {
+  *h = new cublasContext;
+  return CUBLAS_STATUS_SUCCESS;
+}
+cublasStatus_t cublasDestroy(cublasHandle_t h) {
+  delete h;
+  return CUBLAS_STATUS_SUCCESS;
+}
+cublasStatus_t cublasSetStream(cublasHandle_t h, cudaStream_t s) {
+  if (!h) return CUBLAS_STATUS_NOT_INITIALIZED;
+  h->stream = s;
+  return CUBLAS_STATUS_SUCCESS;
+}
+cublasStatus_t cublasSetWorkspace(cublasHandle_t h, void* workspace, size_t bytes) {
+  if (!h) return CUBLAS_STATUS_NOT_INITIALIZED;
+  if (bytes && vchat::emu::space_of(workspace, bytes) != vchat::emu::Space::device) return CUBLAS_STATUS_INVALID_VALUE;
+  return CUBLAS_STATUS_SUCCESS;
+}
+cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t transa, cublasOperation_t transb, int m, int n, int k,
+                            const void* alpha, const void* A, cudaDataType_t Atype, int lda, const void* B,
+                            cudaDataType_t Btype, int ldb, const void* beta, void* C, cudaDataType_t Ctype, int ldc,
+                            cublasComputeType_t compute, cublasGemmAlgo_t) {
+  if (!h) return CUBLAS_STATUS_NOT_INITIALIZED;
+  if (m < 0 || n < 0 || k < 0) return CUBLAS_STATUS_INVALID_VALUE;
+  if (!known_type(Atype) || !known_type(Btype) || !known_type(Ctype)) return CUBLAS_STATUS_NOT_SUPPORTED;
+  {
+    std::lock_guard<std::mutex> lock(calls_mutex);
+    ++calls.gemm_ex;
+  }
+  const bool ta = transa != CUBLAS_OP_N, tb = transb != CUBLAS_OP_N;
+  cublasLtMatmulDescOpaque_t op{compute, CUDA_R_32F};
+  op.transa = transa;
+  op.transb = transb;
+  cublasLtMatrixLayoutOpaque_t a{Atype, uint64_t(ta ? k : m), uint64_t(ta ? m : k), lda};
+  cublasLtMatrixLayoutOpaque_t b{Btype, uint64_t(tb ? n : k), uint64_t(tb ? k : n), ldb};
+  cublasLtMatrixLayoutOpaque_t c{Ctype, uint64_t(m), uint64_t(n), ldc};
+  return matmul("cublasGemmEx", &op, alpha, A, &a, B, &b, beta, C, &c, C, &c, nullptr, h->stream);
 }
 
 namespace vchat::emu {
 void cublaslt_refuse_bias(BiasRefusal how) { bias_refusal.store(how); }
+void cublaslt_find_no_plain_algorithm(bool none) { plain_refused.store(none); }
 CublasLtCalls cublaslt_calls() {
   std::lock_guard<std::mutex> lock(calls_mutex);
   return calls;
