@@ -16,7 +16,10 @@
 #include <memory>
 #include <string>
 
+#include "model/config.h"
+#include "model/precision.h"
 #include "parallel/comm.h"
+#include "parallel/device_sharing.h"
 #include "tensor.h"
 #ifdef VCHAT_WITH_CUDA
 #include "parallel/comm_nccl.h"
@@ -60,18 +63,20 @@ int main(int argc, char** argv) {
   std::function<void()> sync = [] {};  // the host waits for the device's work
 #ifdef VCHAT_WITH_CUDA
   if (dev == Device::cuda) {
-    // One GPU per rank where there are enough (the node-local rank picks it: Open MPI,
-    // Slurm); MPI's staged path lets ranks share one.
-    const char* local = std::getenv("OMPI_COMM_WORLD_LOCAL_RANK");
-    if (!local) local = std::getenv("SLURM_LOCALID");
-    const int gpus = cuda::device_count();
-    if (gpus == 0) return fail("--buffers device: no GPU is visible");
-    const int local_rank = local ? std::atoi(local) : 0;
-    if (backend == "nccl" && local_rank >= gpus)
-      return fail("--backend nccl needs one GPU per rank: local rank " + std::to_string(local_rank) +
-                  " of a node with " + std::to_string(gpus) +
-                  " visible GPUs (use --backend mpi --buffers device to share one)");
-    cuda::init_backend(local_rank % gpus);
+    // The trainer's GPU choice (the node-local rank modulo the visible GPUs) and its test
+    // for NCCL: no two ranks on one GPU, decided by all ranks together (device_sharing.h);
+    // MPI's staged path lets ranks share one.
+    try {
+      select_gpu(world->rank());
+      if (backend == "nccl") {
+        const std::string shared = shared_device(*world, gpu_identity());
+        if (!shared.empty())
+          return fail("--backend nccl needs one GPU per rank, but " + shared +
+                      " (use --backend mpi --buffers device to share one)");
+      }
+    } catch (const ConfigError& e) {
+      return fail(std::string("--buffers device: ") + e.what());
+    }
     sync = [] { cuda::synchronize(); };
   }
 #else

@@ -86,4 +86,16 @@ expect comm-nccl-1 "^\| nccl \| device \| 1 \|" mpirun --oversubscribe -np 1 -x 
   "$T/vchat-bench-comm-emulated" --backend nccl --max-mib 1 --iters 2
 expect comm-mpi-staged-2 "^\| mpi \| device \| 2 \| sendrecv" mpirun --oversubscribe -np 2 \
   "$T/vchat-bench-comm-emulated" --backend mpi --buffers device --max-mib 1 --iters 2
+# NCCL with two ranks: over two GPUs it runs; on one (VCHAT_EMU_GPU_BUS) it is refused, as the
+# trainer refuses it, naming the ranks.
+expect comm-nccl-2 "^\| nccl \| device \| 2 \| sendrecv" mpirun --oversubscribe -np 2 -x VCHAT_EMU_NCCL_DIR \
+  "$T/vchat-bench-comm-emulated" --backend nccl --max-mib 1 --iters 2
+if VCHAT_EMU_GPU_BUS=01 mpirun --oversubscribe -np 2 -x VCHAT_EMU_GPU_BUS -x VCHAT_EMU_NCCL_DIR \
+     "$T/vchat-bench-comm-emulated" --backend nccl --max-mib 1 --iters 2 > "$W/comm-nccl-shared.log" 2>&1 ||
+   ! grep -qF "needs one GPU per rank, but ranks 0 and 1 share GPU" "$W/comm-nccl-shared.log"; then
+  echo "emulated_benchmarks: FAIL: NCCL with two ranks on one GPU was not refused naming them:"
+  tail -n 20 "$W/comm-nccl-shared.log"; bad=1
+else
+  echo "emulated_benchmarks: comm-nccl-shared: refused, $(grep -F "share GPU" "$W/comm-nccl-shared.log" | head -n 1)"
+fi
 exit $bad
