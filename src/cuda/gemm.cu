@@ -3,7 +3,8 @@
 // of C = op(A) op(B) we ask for C^T = op(B)^T op(A)^T: same buffers, operands swapped,
 // transpose flags unchanged, and no copies even for column slices (ld > cols). The bias of
 // a Linear (one value per output feature = per row of the column-major C^T) is cuBLASLt's
-// BIAS epilogue, fused into the GEMM's store.
+// BIAS epilogue, fused into the GEMM's store where cuBLASLt takes it, else added after. A
+// problem cuBLASLt's heuristic has no algorithm for runs on cuBLAS' cublasGemmEx instead.
 #include <cublasLt.h>
 #include <cublas_v2.h>
 
