@@ -16,8 +16,9 @@ cd "$2"
 export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 W=$(mktemp -d)
 trap 'rm -rf "$W"' EXIT
-ARGS=(--model inputs/models/tiny.json --train full --steps 2 --micro-batch-size 2 --global-batch 2 --seq-len 128
-      --threads 1)
+# One rank's run; two ranks (dp 2) take the same with twice the global batch.
+BASE=(--model inputs/models/tiny.json --train full --steps 2 --micro-batch-size 2 --seq-len 128 --threads 1)
+ARGS=("${BASE[@]}" --global-batch 2)
 fail=0
 refused() {  # refused GPU DEVICE WORDS...: exits non-zero, and the error holds each of WORDS
   local gpu=$1 device=$2; shift 2
@@ -55,8 +56,7 @@ done
 MPIRUN=(mpirun --oversubscribe --bind-to none -np 2 -x OMP_NUM_THREADS -x OPENBLAS_NUM_THREADS)
 two_ranks() {  # two_ranks BUS COMM: 2 ranks of the emulated trainer into $W/out
   VCHAT_EMU_GPU_BUS=$1 timeout 300 "${MPIRUN[@]}" -x VCHAT_EMU_GPU_BUS "$BUILD/tests/vchat-train-emulated" \
-    --device cuda --comm "$2" --model inputs/models/tiny.json --train full --steps 2 --micro-batch-size 2 \
-    --global-batch 4 --seq-len 128 --threads 1 < /dev/null > "$W/out" 2>&1
+    --device cuda --comm "$2" "${BASE[@]}" --global-batch 4 < /dev/null > "$W/out" 2>&1
 }
 two_ranks 01 nccl
 rc=$?
