@@ -37,6 +37,13 @@ PY
   mkdir -p "$m/hwloc-plugins"
   export HWLOC_PLUGINS_PATH=$m/hwloc-plugins
   export PATH=$m/usr/bin:$PATH OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+  # Under gVisor (one lent kind has run under it: its kernel reports 4.4.0), process_vm_readv
+  # may be missing, and vader's single-copy path (CMA) then fails a large message with "Read
+  # -1, expected N, errno = 38": there messages go through the shared segment instead.
+  # (VCHAT_GPU_NO_CMA=1 forces it, to rehearse here.)
+  if [[ ${VCHAT_GPU_NO_CMA-} == 1 || $(uname -r) == 4.4.0* ]]; then
+    export OMPI_MCA_btl_vader_single_copy_mechanism=none
+  fi
   # mpirun as the GPU checks launch it: every rank gets the relocation above.
   # ob1 over shared memory: the same transport here and there, whatever UCX or libfabric
   # would find (or probe for, slowly) on the lent machine.
