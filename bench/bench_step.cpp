@@ -95,11 +95,18 @@ static int run(int argc, char** argv) {
   // One training step as the trainer runs it, timed until the device has finished it: the
   // loss sums into a device scalar (no copy between forward and backward), the update
   // writes the gradient's sum of squares beside it, and both come back in one copy.
+  // On a GPU also the host's part: the time until the step's work is enqueued (the host
+  // first waits at the copy back), and the kernels and GEMMs enqueued. Where host_ms comes
+  // near the step's time, the GPU waits for launches, not the host for the GPU.
+  const bool gpu = dev == Device::cuda;
+  double host_ms = 0;
+  uint64_t launches = 0;
   const Tensor scalars = Tensor::zeros({2}, DType::f32, dev);  // [loss sum, gradient sum of squares]
   const float loss_scale =
       1.f / static_cast<float>(micro_batches * std::max<int64_t>(1, host_batch.supervised_count()));
   auto step_ms = [&] {
     const auto t0 = std::chrono::steady_clock::now();
+    const uint64_t launches0 = gpu ? gpu_launches() : 0;
     adam.zero_grads();
     scalars.zero_();
     for (int64_t m = 0; m < micro_batches; ++m) {
@@ -107,18 +114,21 @@ static int run(int argc, char** argv) {
       model.stage_backward(0, b, Tensor(), loss_scale);
     }
     adam.update(1e-4f, scalars.slice(0, 1, 2));
+    host_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    launches = gpu ? gpu_launches() - launches0 : 0;
     const std::vector<float> back = scalars.to_vector_f32();  // waits for the step's device work
     if (!std::isfinite(back[0]) || !std::isfinite(back[1]))
       throw std::runtime_error("vchat-bench-step: the step's loss or gradient norm is not finite");
     synchronize(dev);
     return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   };
-  std::vector<double> ms;
+  std::vector<double> ms, host;
   for (int64_t i = 0; i < warmup + iters; ++i) {
     const double t = step_ms();
-    if (i >= warmup) ms.push_back(t);
+    if (i >= warmup) ms.push_back(t), host.push_back(host_ms);
   }
   std::sort(ms.begin(), ms.end());
+  std::sort(host.begin(), host.end());
   // Model FLOPs of the step (src/train/flops.cpp), over the device's peak: MFU.
   const double flops =
       static_cast<double>(micro_batches) * step_flops(cfg, opt, batch * b.seq_len(), b.seq_len(), b.n_images()).total();
@@ -133,6 +143,10 @@ static int run(int argc, char** argv) {
       "micro_batches=%lld%s\n",
       cfg.name.c_str(), train.c_str(), attention.c_str(), (long long)batch, (long long)seq, (long long)b.n_images(),
       (long long)b.non_pad_count(), threads, attention_backward.c_str(), (long long)micro_batches, gpu_mem);
+  if (gpu)  // (a line of its own: the result line below is what scripts parse)
+    std::printf("# host: %.2f ms to enqueue a step (median), %llu launches a step (kernels and GEMMs), %.1f us each\n",
+                host[host.size() / 2], (unsigned long long)launches,
+                host[host.size() / 2] * 1e3 / std::max<uint64_t>(1, launches));
   std::printf("vchat_step_ms median=%.2f min=%.2f iters=%lld threads=%d device=%s precision=%s model_flops=%.6e "
               "mfu=%.4f peak_tflops=%.1f\n",
               ms[ms.size() / 2], ms[0], (long long)iters, threads, device_name(dev), precision_name(prec), flops,

@@ -1071,6 +1071,26 @@ TEST_F(CudaOps, ProfilerTimesCudaOpsOnTheirStream) {
   EXPECT_EQ(rows[1].bytes, 2 * n * n * bf16);
 }
 
+// The compute context counts what it enqueues (vchat-bench-step's launches a step, beside the
+// host's time to enqueue them): one for each kernel and each GEMM, nothing for a copy.
+TEST_F(CudaOps, ContextCountsTheKernelsAndGemmsItEnqueues) {
+  const ExecContext ex = gpu();
+  const cuda::Context& c = ex.cuda("ContextCountsTheKernelsAndGemmsItEnqueues");
+  const Tensor a = dev(host_rand({64, 32}, DType::bf16, rng), DType::bf16);
+  const Tensor b = dev(host_rand({48, 32}, DType::bf16, rng), DType::bf16);
+  const Tensor out = Tensor::empty({64, 48}, DType::bf16, Device::cuda);
+  const uint64_t n0 = c.launches();
+  ops::gemm(ex, a, false, b, true, out);
+  EXPECT_EQ(c.launches(), n0 + 1);
+  ops::scale(ex, out, 0.5f);
+  EXPECT_EQ(c.launches(), n0 + 2);
+  ops::add(ex, out, out, out);
+  EXPECT_EQ(c.launches(), n0 + 3);
+  const Tensor back = out.to(Device::cpu);  // a copy (and the wait for it): no launch
+  EXPECT_EQ(c.launches(), n0 + 3);
+  EXPECT_EQ(back.numel(), 64 * 48);
+}
+
 // The roofline's bandwidth (cuda::memory_bandwidth, the profile's "bound" columns) is the
 // driver's memory clock and bus width at two transfers a clock: on a GPU, within the range of
 // the data-center parts vchat runs on (A100 40GB's 1.55 TB/s to a B200's 8); under

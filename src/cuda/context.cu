@@ -6,6 +6,7 @@
 
 #include "cuda/cuda_check.h"
 
+#include <atomic>
 #include <mutex>
 #include <utility>
 
@@ -21,6 +22,7 @@ struct Context::Impl {
   size_t workspace_bytes = 0;
   std::once_flag blas_made;
   cublasHandle_t blas = nullptr;
+  std::atomic<uint64_t> launches{0};
   ~Impl() {
     if (device < 0) return;
     (void)cudaSetDevice(device);
@@ -72,6 +74,10 @@ void* Context::blas() const {
 void* Context::workspace() const { return impl_ ? impl_->workspace : nullptr; }
 size_t Context::workspace_bytes() const { return impl_ ? impl_->workspace_bytes : 0; }
 int Context::device() const { return impl_ ? impl_->device : -1; }
+uint64_t Context::launches() const { return impl_ ? impl_->launches.load(std::memory_order_relaxed) : 0; }
+void Context::count_launch() const {
+  if (impl_) impl_->launches.fetch_add(1, std::memory_order_relaxed);
+}
 void Context::synchronize() const {
   if (impl_) CUDA_CHECK(cudaStreamSynchronize(impl_->stream));
 }

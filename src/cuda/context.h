@@ -4,6 +4,7 @@
 // Plain C++: the CUDA types stay behind the pointer (kernels.cuh unwraps them).
 #pragma once
 #include <cstddef>
+#include <cstdint>
 #include <memory>
 
 namespace vchat::cuda {
@@ -30,6 +31,11 @@ class Context {
   int device() const;
   bool valid() const { return impl_ != nullptr; }
   void synchronize() const;  // waits for the stream
+  // The kernels and library GEMMs enqueued on this stream so far (launch() and gemm.cu count
+  // them). With the host's time to enqueue a step, the host's cost per launch: whether the
+  // GPU waits for the host (vchat-bench-step's host_ms and launches).
+  uint64_t launches() const;
+  void count_launch() const;
 
   struct Impl;
 

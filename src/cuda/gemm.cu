@@ -204,7 +204,10 @@ void gemm(const Context& ctx, const Tensor& A, bool trans_a, const Tensor& B, bo
     CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &ctype, sizeof ctype));
     if (const cublasLtMatmulAlgo_t* algo = algorithm(true)) {
       const cublasStatus_t st = matmul(algo);
-      if (st == CUBLAS_STATUS_SUCCESS) return;
+      if (st == CUBLAS_STATUS_SUCCESS) {
+        ctx.count_launch();
+        return;
+      }
       // Not for this shape after all, whatever the status says: forget the fused algorithm,
       // fall back below (where a real error is reported again). A launch that failed may
       // have left its error as the runtime's last one, which the next kernel's launch check
@@ -217,6 +220,7 @@ void gemm(const Context& ctx, const Tensor& A, bool trans_a, const Tensor& B, bo
   }
   if (const cublasLtMatmulAlgo_t* algo = algorithm(false)) {
     CUBLAS_CHECK(matmul(algo));
+    ctx.count_launch();
   } else {
     // No cuBLASLt algorithm for this problem (cuBLASLt documents that its heuristic may find
     // none): cuBLAS' GEMM, which has no alignment requirements, on the same column-major view.
@@ -227,6 +231,7 @@ void gemm(const Context& ctx, const Tensor& A, bool trans_a, const Tensor& B, bo
     CUBLAS_CHECK(cublasGemmEx(blas, opx, opy, static_cast<int>(n), static_cast<int>(m), static_cast<int>(k), &alpha,
                               b.ptr, type, static_cast<int>(b.ld), a.ptr, type, static_cast<int>(a.ld), &beta, C.raw(),
                               ctype, static_cast<int>(c.ld), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    ctx.count_launch();
   }
   if (bias.defined()) epilogue_c(ctx, C, ct, 1.f, bias);
 }

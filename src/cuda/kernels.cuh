@@ -62,6 +62,7 @@ void launch(const Context& c, void (*kernel)(Params...), dim3 grid, dim3 block, 
   // clang-format on
 #endif
   CUDA_CHECK_LAUNCH();
+  c.count_launch();
 }
 
 // f(i) for i in [0, n), one element per thread, grid-stride: the elementwise and row kernels.

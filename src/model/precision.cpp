@@ -120,6 +120,14 @@ double gpu_memory_bandwidth() {
 #endif
 }
 
+uint64_t gpu_launches() {
+#ifdef VCHAT_WITH_CUDA
+  return cuda::device_context().launches();
+#else
+  return 0;
+#endif
+}
+
 void synchronize(Device d) {
 #ifdef VCHAT_WITH_CUDA
   if (d == Device::cuda) cuda::synchronize();

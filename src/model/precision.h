@@ -2,6 +2,7 @@
 // (docs/DECISIONS.md "Precision"). One table, so the model, the optimizer and the
 // checkpoint agree: bf16 is a compute format only; everything that accumulates is fp32.
 #pragma once
+#include <cstdint>
 #include <string>
 
 #include "tensor.h"
@@ -64,6 +65,9 @@ double gpu_memory_peak_in_use();
 // The bound GPU's peak memory bandwidth in bytes/s (the driver's memory clock and bus
 // width); 0 without the CUDA backend.
 double gpu_memory_bandwidth();
+// The kernels and GEMMs enqueued on the bound GPU's compute stream so far
+// (cuda::Context::launches); 0 without the CUDA backend.
+uint64_t gpu_launches();
 // Waits until the device has finished its queued work (no-op on the CPU): step timings.
 void synchronize(Device device);
 

@@ -44,6 +44,10 @@ flops() { sed -n 's/.*model_flops=\([0-9.e+]*\).*/\1/p' "$W/$1.log"; }
 python3 -c 'import sys; a, b = map(float, sys.argv[1:]); sys.exit(0 if abs(b - 2 * a) <= 1e-6 * b else 1)' \
   "$(flops step)" "$(flops step-atomic-dq)" ||
   { echo "emulated_benchmarks: FAIL: two micro-batches count $(flops step-atomic-dq) model FLOPs, one $(flops step)"; bad=1; }
+# The host's side of the step (check.sh's step-*-host rows): its time to enqueue the step and
+# the kernels and GEMMs it enqueued, at least one per op of every layer.
+grep -qE "^# host: $NUM ms to enqueue a step \(median\), [1-9][0-9]{2,} launches a step \(kernels and GEMMs\), $NUM us each$" "$W/step.log" ||
+  { echo "emulated_benchmarks: FAIL: the step names no host time and launches: $(grep '^# host' "$W/step.log")"; bad=1; }
 # An image in the batch (the ViT runs), and --profile's table of ops timed on their stream:
 # the attention and the ViT's patchify among them.
 grep -qE "^# model=tiny .* images=[1-9]" "$W/step.log" || { echo "emulated_benchmarks: FAIL: the step's batch has no image"; bad=1; }

@@ -3,8 +3,8 @@
 # bug in it: tools/gpu/check.sh runs against a pack of stand-ins (scripts named as the
 # packed binaries, nvidia-smi, compute-sanitizer, mpirun and PyTorch's python3, printing
 # what the real ones print) and must
-#   run A: record every selected stage (pass, a failure, "not selected"), take the figures
-#          and the loss curves' margins out of the logs into their rows, not fail the check for a PyTorch
+#   run A: record every selected stage (pass, a failure, "not selected"), take the figures,
+#          the loss curves' margins and the steps' host lines out of the logs into their rows, not fail the check for a PyTorch
 #          reference's failure (but fail it for the parity check's), pack every log into logs.tar.gz, print the table last, exit 0;
 #   run B: fail the check for a vchat stage's failure, cut a stage that outlives the time
 #          budget (HARD_S) at what was left and say so, skip the stages after it, and flag
@@ -45,9 +45,11 @@ for a in "$@"; do [[ $prev == --batch-out ]] && out=$a; prev=$a; done
 [[ -n ${STUB_HANG:-} && "$*" == *llama-1b* ]] && sleep 600
 [[ -n $out ]] && echo batch > "$out"
 case "$*" in
-  *tiny.json*) echo "vchat_step_ms median=11.50 min=11.00 iters=10 model_flops=2.000000e+12 mfu=0.1000 peak_tflops=989.4" ;;
+  *tiny.json*) echo "# host: 9.80 ms to enqueue a step (median), 700 launches a step (kernels and GEMMs), 14.0 us each"
+               echo "vchat_step_ms median=11.50 min=11.00 iters=10 model_flops=2.000000e+12 mfu=0.1000 peak_tflops=989.4" ;;
   *small.json*) echo "vchat_step_ms median=21.50 min=21.00 iters=10 model_flops=3.000000e+13 mfu=0.2000 peak_tflops=989.4" ;;
   *) echo "# model=llama-1b-clip-l14-224 attention_backward=deterministic micro_batches=4 peak_gpu_mem_gib=41.25"
+     echo "# host: 120.00 ms to enqueue a step (median), 9000 launches a step (kernels and GEMMs), 13.3 us each"
      echo "vchat_step_ms median=900.00 min=899.00 iters=3 model_flops=4.500000e+17 mfu=0.5100 peak_tflops=989.4" ;;
 esac'
 standin "$T/pack/bin/vchat-bench-comm" 'echo "| nccl | device | 1 | all_reduce | 64 | 1.0 |"'
@@ -114,6 +116,10 @@ expect_row A step-torch-compile 'FAIL\(1\)'
 expect_row A memcheck pass
 expect_row A comm-mpi-staged-2 pass
 expect_row A figures - "attn L2048 fwd\+bwd: vchat 3.500 ms \(atomic dQ 3.000; fwd 1.000, WMMA fwd 1.500\), torch flash 4.000 ms; L4096: vchat 13.250 ms \(atomic dQ 11.500\), torch 15.000 ms; 1B step MFU: vchat 0.5100, torch eager 0.3060, compile ; peak GPU memory GiB: vchat 41.25, torch eager 52.5, compile +\|"
+# The steps' host lines as rows of their own (small's stand-in prints none: no row).
+expect_row A step-vchat-host - "120.00 ms to enqueue a step \(median\), 9000 launches a step \(kernels and GEMMs\), 13.3 us each \|"
+expect_row A step-tiny-vchat-host - "9.80 ms to enqueue a step \(median\), 700 launches"
+[[ -z $(row A step-small-vchat-host) ]] || fail "run A: a host row for small, whose step printed no host line"
 expect_row A figures-paper - "tiny vchat 11.50 ms, torch eager 14.00 ms; small vchat 21.50 ms, torch eager 14.00 ms"
 [[ $(tail -n 1 "$T/A/stdout") =~ ^\|\ figures-paper\ \|\ -\ \| ]] || fail "run A: the table is not printed last: $(tail -n 2 "$T/A/stdout")"
 logs=$(tar -tzf "$T/A/logs.tar.gz") || fail "run A: logs.tar.gz does not read"

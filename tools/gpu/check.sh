@@ -82,6 +82,14 @@ stage() {  # stage NAME TIMEOUT_S CMD...: runs, logs to $LOGS/NAME.log, records 
 }
 # A PyTorch reference with no vchat batch and FLOP count to run on: its row says why.
 no_ref() { selected "$1" && record "$1" skipped "no batch or model_flops from $2 (see its row)"; }
+# A step benchmark's host line (vchat-bench-step: the time to enqueue a step, its launches)
+# as a row of its own: near the step's time, the GPU waited for the host.
+host_line() {
+  local h
+  h=$(sed -n 's/^# host: //p' "$LOGS/$1.log" 2>/dev/null | tail -n 1)
+  [[ -n $h ]] && record "$1-host" - "$h"
+  return 0
+}
 value() { sed -n "s/.*$2=\([0-9.e+-]*\).*/\1/p" "$LOGS/$1.log" 2>/dev/null | tail -n 1; }
 
 # Unpack: tar's xz filter needs the xz program, which a minimal image may lack; Python's
@@ -163,6 +171,7 @@ BATCH=$WORK/batch.safetensors
 MB=4
 stage step-vchat 120 "$BIN/vchat-bench-step" --device cuda --precision bf16 --model $M --train full --batch 2 \
       --seq-len 2048 --images 4 --warmup 1 --iters 3 --micro-batches $MB --profile --batch-out "$BATCH"
+host_line "step-vchat"
 # The PyTorch MFU over the same peak vchat's used (gpu_peak_flops_of: the data sheet's dense
 # bf16 figure per SM of this GPU's generation, A100's or H100/H200's, times its SMs).
 FLOPS=$(value step-vchat model_flops); PEAK=$(value step-vchat peak_tflops); PEAK=${PEAK:-989.4}
@@ -203,6 +212,7 @@ for m in tiny small; do
   MB=$WORK/batch-$m.safetensors
   stage "step-$m-vchat" 60 "$BIN/vchat-bench-step" --device cuda --precision bf16 --model inputs/models/$m.json \
         --train default --batch 8 --seq-len 1024 --images 4 --warmup 2 --iters 10 --batch-out "$MB"
+  host_line "step-$m-vchat"
   F=$(value "step-$m-vchat" model_flops)
   if [[ -n $F && -f $MB ]]; then
     stage "step-$m-torch-eager" 90 "${TORCH[@]}" bench/gpu_torch_step.py --batch-file "$MB" --flops "$F" \
