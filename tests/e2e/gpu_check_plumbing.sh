@@ -8,7 +8,8 @@
 #          reference's failure (but fail it for the parity check's), pack every log into logs.tar.gz, print the table last, exit 0;
 #   run B: fail the check for a vchat stage's failure, cut a stage that outlives the time
 #          budget (HARD_S) at what was left and say so, skip the stages after it, and flag
-#          a pack built from sources other than the tree's.
+#          a pack built from sources other than the tree's;
+# and env.sh must turn Open MPI's CMA path off under gVisor (or when asked) and only there.
 # Usage: gpu_check_plumbing.sh SOURCE_DIR
 set -uo pipefail
 SRC=$(cd "${1:?usage: gpu_check_plumbing.sh SOURCE_DIR}" && pwd)
@@ -151,4 +152,14 @@ expect_row B step-vchat 'FAIL\(cut at [0-9]+ s by the 40 s budget\)'
 expect_row B step-torch-eager skipped "no batch or model_flops from step-vchat"
 expect_row B step-torch-compile "not selected"
 expect_row B comm-nccl-1 skipped "over the 40 s budget"
-echo "gpu_check_plumbing: check.sh records, cuts, skips and summarizes as it should (runs A, A2, A3, B)"
+# --- env.sh's MPI transport: under gVisor (a kernel that reports 4.4.0) or VCHAT_GPU_NO_CMA=1,
+# vader's single-copy path (CMA, process_vm_readv) is off; elsewhere Open MPI's default stays.
+mkdir -p "$T/gvisor"
+standin "$T/gvisor/uname" 'echo 4.4.0'
+cma() {  # cma [VAR=VALUE...]: what env.sh leaves in OMPI_MCA_btl_vader_single_copy_mechanism
+  env "$@" bash -c 'source "$1/tools/env.sh"; vchat_gpu_env "$1"; echo "${OMPI_MCA_btl_vader_single_copy_mechanism-default}"' _ "$T/pack"
+}
+[[ $(cma PATH="$T/gvisor:$PATH") == none ]] || fail "env.sh under a 4.4.0 kernel (gVisor) leaves CMA on"
+[[ $(cma VCHAT_GPU_NO_CMA=1) == none ]] || fail "env.sh with VCHAT_GPU_NO_CMA=1 leaves CMA on"
+[[ $(uname -r) == 4.4.0* || $(cma) == default ]] || fail "env.sh turns CMA off on kernel $(uname -r)"
+echo "gpu_check_plumbing: check.sh records, cuts, skips and summarizes as it should (runs A, A2, A3, B); env.sh turns CMA off under gVisor only"
